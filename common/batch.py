@@ -1,0 +1,152 @@
+"""The one batch description for every forward kind.
+
+Prefill with a cached prefix (chunked prefill), decode, EAGLE verify over a token tree, and draft
+steps all become the same thing: B sequences, each contributing q_b new query tokens.
+
+Per sequence b:
+- its KV lives in *logical* slots 0 .. seq_len_b-1, mapped to physical pages by page_table[b]
+  (physical flat slot = page * page_size + offset; page 0 is never handed out and serves as the
+  dummy page for padding);
+- slots [0, prefix_len_b) are fully visible to every one of its queries;
+- its q_b query tokens write their K/V to the *last* q_b logical slots, seq_len_b - q_b + i;
+- visibility of the slots [prefix_len_b, seq_len_b) is causal (query i sees slot
+  seq_len_b - q_b + j for j <= i) unless `mask` is given, in which case sequence b owns a
+  row-major block of q_b x (seq_len_b - prefix_len_b) booleans (row = query, column = slot
+  prefix_len_b + c).
+
+`positions` are RoPE positions and are independent of slots: a verify tree node at depth d sits
+at position L + d while its KV slot is L + node_index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """Host-side description of one sequence's part of a forward (builder input)."""
+
+    input_ids: Sequence[int]  # q_b new tokens
+    positions: Sequence[int]  # q_b RoPE positions
+    seq_len: int  # logical KV length after this forward (includes the q_b new tokens)
+    pages: Sequence[int]  # physical pages covering logical slots [0, seq_len)
+    prefix_len: int | None = None  # fully visible slots; default seq_len - q_b
+    mask: torch.Tensor | None = None  # [q_b, seq_len - prefix_len] bool, None = causal
+    logit_rows: Sequence[int] | None = None  # indices into this sequence's queries; default: last
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    query_start: torch.Tensor  # [B+1] int32, cumulative q_b
+    prefix_lens: torch.Tensor  # [B] int32
+    seq_lens: torch.Tensor  # [B] int32
+    page_table: torch.Tensor  # [B, max_pages] int32 (padded with 0 = dummy page)
+    out_slots: torch.Tensor  # [T] int64 physical flat slot each query token writes its K/V to
+    logit_rows: torch.Tensor  # [R] int64 flat token rows whose logits are wanted
+    page_size: int
+    mask: torch.Tensor | None = None  # [sum_b q_b * (seq_len_b - prefix_len_b)] bool
+    mask_start: torch.Tensor | None = None  # [B+1] int64 offsets of each sequence's mask block
+    # host copies for kernels that need launch-time sizes and for the CPU reference
+    query_lens_host: tuple[int, ...] = ()
+    prefix_lens_host: tuple[int, ...] = ()
+    seq_lens_host: tuple[int, ...] = ()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_host, default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host, default=0)
+
+    @property
+    def is_decode(self) -> bool:
+        """One causal query per sequence (plain decode step)."""
+        return self.mask is None and all(q == 1 for q in self.query_lens_host)
+
+    @classmethod
+    def build(cls, seqs: Sequence[SeqSpec], page_size: int, device: torch.device | str = "cpu") -> "ForwardBatch":
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qstart = [0]
+        prefix: list[int] = []
+        seqlen: list[int] = []
+        rows: list[int] = []
+        masks: list[torch.Tensor] = []
+        mstart = [0]
+        any_mask = any(s.mask is not None for s in seqs)
+        max_pages = max((len(s.pages) for s in seqs), default=1) or 1
+        table = torch.zeros((len(seqs), max_pages), dtype=torch.int32)
+        for b, s in enumerate(seqs):
+            q = len(s.input_ids)
+            if len(s.positions) != q:
+                raise ValueError(f"sequence {b}: {q} input ids but {len(s.positions)} positions")
+            if q == 0:
+                raise ValueError(f"sequence {b}: no query tokens")
+            if s.seq_len < q:
+                raise ValueError(f"sequence {b}: seq_len {s.seq_len} < query length {q}")
+            need_pages = -(-s.seq_len // page_size)
+            if len(s.pages) < need_pages:
+                raise ValueError(f"sequence {b}: {len(s.pages)} pages cannot hold {s.seq_len} slots")
+            p = s.seq_len - q if s.prefix_len is None else s.prefix_len
+            if not 0 <= p <= s.seq_len - q:
+                raise ValueError(f"sequence {b}: prefix_len {p} must be in [0, seq_len - q]")
+            base = len(ids)
+            ids.extend(int(t) for t in s.input_ids)
+            pos.extend(int(x) for x in s.positions)
+            for i in range(q):
+                logical = s.seq_len - q + i
+                slots.append(int(s.pages[logical // page_size]) * page_size + logical % page_size)
+            table[b, : len(s.pages)] = torch.tensor(list(s.pages), dtype=torch.int32)
+            qstart.append(qstart[-1] + q)
+            prefix.append(p)
+            seqlen.append(s.seq_len)
+            for r in (s.logit_rows if s.logit_rows is not None else (q - 1,)):
+                if not 0 <= r < q:
+                    raise ValueError(f"sequence {b}: logit row {r} outside its {q} queries")
+                rows.append(base + int(r))
+            if any_mask:
+                cols = s.seq_len - p
+                if s.mask is None:
+                    # causal over the visible window
+                    qi = torch.arange(q).unsqueeze(1)
+                    cj = torch.arange(cols).unsqueeze(0)
+                    m = cj <= (cols - q) + qi
+                else:
+                    m = s.mask.to(torch.bool).cpu()
+                    if tuple(m.shape) != (q, cols):
+                        raise ValueError(f"sequence {b}: mask shape {tuple(m.shape)} != ({q}, {cols})")
+                masks.append(m.reshape(-1))
+                mstart.append(mstart[-1] + q * cols)
+        dev = torch.device(device)
+        return cls(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            query_start=torch.tensor(qstart, dtype=torch.int32, device=dev),
+            prefix_lens=torch.tensor(prefix, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seqlen, dtype=torch.int32, device=dev),
+            page_table=table.to(dev),
+            out_slots=torch.tensor(slots, dtype=torch.int64, device=dev),
+            logit_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
+            page_size=page_size,
+            mask=torch.cat(masks).to(dev) if any_mask else None,
+            mask_start=torch.tensor(mstart, dtype=torch.int64, device=dev) if any_mask else None,
+            query_lens_host=tuple(qstart[i + 1] - qstart[i] for i in range(len(seqs))),
+            prefix_lens_host=tuple(prefix),
+            seq_lens_host=tuple(seqlen),
+        )
