@@ -1,0 +1,129 @@
+"""Custom ops with backend dispatch: the torch reference everywhere, Triton twins on CUDA.
+
+Every op has the signature pinned in docs/CONTRACTS.md. On CUDA tensors the Triton twin from
+`common/ops/triton_*.py` is used when that module imports (lazily, once) and defines the op;
+otherwise, and always on CPU or inside `use_reference()`, the pure-torch twin in `reference.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+import torch
+
+from common.ops import reference
+
+BACKENDS = ("auto", "reference")
+
+# op name -> the Triton module expected to define it
+_TRITON_MODULE = {
+    "rms_norm": "triton_norm",
+    "fused_add_rms_norm": "triton_norm",
+    "qk_norm_rope": "triton_norm",
+    "grouped_topk": "triton_moe",
+    "fused_moe": "triton_moe",
+    "store_kv": "triton_kv",
+}
+
+_backend = "auto"
+_modules: dict[str, ModuleType | None] = {}
+
+
+def set_backend(name: str) -> None:
+    """"auto": Triton on CUDA when available; "reference": the torch twins always."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextmanager
+def use_reference() -> Iterator[None]:
+    """Run the ops in this scope with the torch reference (restores the previous backend)."""
+    previous = _backend
+    set_backend("reference")
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _triton_module(name: str) -> ModuleType | None:
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"common.ops.{name}")
+        except ImportError:
+            _modules[name] = None
+    return _modules[name]
+
+
+def resolve(op: str, device: torch.device) -> Callable[..., Any]:
+    """The implementation of `op` that a call on `device` would run."""
+    if _backend == "auto" and device.type == "cuda":
+        module = _triton_module(_TRITON_MODULE[op])
+        fn = getattr(module, op, None) if module is not None else None
+        if fn is not None:
+            return fn
+    return getattr(reference, op)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return resolve("rms_norm", x.device)(x, w, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("fused_add_rms_norm", x.device)(x, residual, w, eps)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    rotary_dim: int,
+    q_norm_w: torch.Tensor | None,
+    k_norm_w: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("qk_norm_rope", q.device)(q, k, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps)
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("grouped_topk", router_logits.device)(
+        router_logits, correction_bias, top_k, n_group, topk_group, renormalize, scaling
+    )
+
+
+def fused_moe(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    return resolve("fused_moe", x.device)(x, w13, w2, weights, ids)
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    resolve("store_kv", k.device)(k_cache, v_cache, k, v, slots)
+
+
+__all__ = [
+    "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope", "resolve",
+    "rms_norm", "set_backend", "store_kv", "use_reference",
+]

@@ -1,0 +1,130 @@
+"""Pure-torch twins of every custom op: they run anywhere and are the spec the Triton kernels match.
+
+Signatures are pinned in docs/CONTRACTS.md. Numerics follow specs/glm4_moe.md §2 and the cast order
+of the transformers eager path (the numerics reference), so fp32 results agree to rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x[T,H] normalised over the last dim in fp32, cast back to x.dtype, then scaled by w[H]."""
+    xf = x.float()
+    u = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return w.to(x.dtype) * u.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [T,H]
+    residual: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual); the sum is taken in the activation dtype."""
+    new_residual = x + residual
+    return rms_norm(new_residual, w, eps), new_residual
+
+
+def _rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE on the first rotary_dim dims of each head; x[T,h,D], cos/sin[T,1,rot/2]."""
+    half = rotary_dim // 2
+    x1 = x[..., :half]
+    x2 = x[..., half:rotary_dim]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,  # [T,Hq,D]
+    k: torch.Tensor,  # [T,Hk,D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin: torch.Tensor,  # [max_pos, rot] fp32: concat(cos, sin)
+    rotary_dim: int,
+    q_norm_w: torch.Tensor | None,  # [D]
+    k_norm_w: torch.Tensor | None,  # [D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm over D (when weights are given), then NeoX partial RoPE on q and k.
+
+    cos/sin are looked up in fp32 and cast to the activation dtype before multiplying, as the
+    numerics reference does.
+    """
+    if q_norm_w is not None:
+        q = rms_norm(q, q_norm_w, eps)
+    if k_norm_w is not None:
+        k = rms_norm(k, k_norm_w, eps)
+    half = rotary_dim // 2
+    cs = cos_sin.index_select(0, positions.long())  # [T, rot]
+    cos = cs[:, None, :half].to(q.dtype)  # [T,1,rot/2]
+    sin = cs[:, None, half:rotary_dim].to(q.dtype)  # [T,1,rot/2]
+    return _rope_neox(q, cos, sin, rotary_dim), _rope_neox(k, cos, sin, rotary_dim)
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,  # [T,E] fp32
+    correction_bias: torch.Tensor,  # [E] fp32
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores; bias-corrected group-limited selection; weights from the unbiased scores.
+
+    Returns (weights[T,k] fp32, ids[T,k] int32). Excluded groups are filled with -inf.
+    """
+    num_tokens, num_experts = router_logits.shape
+    scores = router_logits.float().sigmoid()  # [T,E]
+    choice = scores + correction_bias.float()  # [T,E], selection only
+    if n_group > 1:
+        grouped = choice.view(num_tokens, n_group, num_experts // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T,G]
+        keep = group_scores.topk(topk_group, dim=-1, sorted=False).indices  # [T,g]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, num_experts)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False).indices  # [T,k]
+    weights = scores.gather(1, ids)  # [T,k]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * scaling
+    return weights, ids.to(torch.int32)
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T,H]
+    w13: torch.Tensor,  # [E,2I,H]: gate rows then up rows
+    w2: torch.Tensor,  # [E,H,I]
+    weights: torch.Tensor,  # [T,k] fp32
+    ids: torch.Tensor,  # [T,k] int32
+) -> torch.Tensor:
+    """sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x) over e = ids[t,j]; fp32 accumulation."""
+    inter = w2.shape[-1]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T,H]
+    flat_ids = ids.long().reshape(-1)  # [T*k]
+    flat_tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])  # [T*k]
+    flat_w = weights.float().reshape(-1)  # [T*k]
+    for e in torch.unique(flat_ids).tolist():
+        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
+        tok = flat_tok[sel]
+        gate_up = F.linear(x[tok], w13[e])  # [n,2I]
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [n,I]
+        y = F.linear(act, w2[e])  # [n,H]
+        out.index_add_(0, tok, y.float() * flat_w[sel, None])
+    return out.to(x.dtype)
+
+
+def store_kv(
+    k_cache: torch.Tensor,  # [P,S,Hk,D]
+    v_cache: torch.Tensor,  # [P,S,Hk,D]
+    k: torch.Tensor,  # [T,Hk,D]
+    v: torch.Tensor,  # [T,Hk,D]
+    slots: torch.Tensor,  # [T] int64 physical flat slots (page * S + offset)
+) -> None:
+    """Write each token's K/V to its flat slot, in place."""
+    num_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
