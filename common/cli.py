@@ -1,0 +1,95 @@
+"""`glmserve` console command: one entry, one subcommand per process role.
+
+Each subcommand imports its package lazily, so `glmserve gateway` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+DEFAULT_TINY_DIR = "~/.cache/glmserve/tiny-glm45"
+
+
+def _gateway(argv: Sequence[str]) -> int:
+    from gateway.__main__ import main
+
+    return main(list(argv))
+
+
+def _prefill(argv: Sequence[str]) -> int:
+    from prefill_worker.__main__ import main
+
+    return main(list(argv))
+
+
+def _decode(argv: Sequence[str]) -> int:
+    from decode_worker.__main__ import main
+
+    return main(list(argv))
+
+
+def _local(argv: Sequence[str]) -> int:
+    from common.launch import main
+
+    return main(list(argv))
+
+
+def _make_tiny_model(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="glmserve make-tiny-model",
+                                description="Write a complete tiny HF-format GLM-4 MoE model directory.")
+    p.add_argument("dir", help="output directory")
+    p.add_argument("--template", choices=("glm45", "glm47"), default="glm45",
+                   help="chat template format (GLM-4.5/4.6 or GLM-4.7)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-layers", type=int, default=3, help="main decoder layers (MTP layer extra)")
+    p.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
+    args = p.parse_args(argv)
+    from common.tiny_model import make_tiny_model
+
+    out = make_tiny_model(args.dir, template=args.template, seed=args.seed,
+                          num_layers=args.num_layers, shards=args.shards)
+    print(f"wrote tiny {args.template} model to {out}")
+    return 0
+
+
+def _generate(argv: Sequence[str]) -> int:
+    from common.generate import main
+
+    return main(list(argv))
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "gateway": (_gateway, "public gRPC gateway (chat template, tokenizer, parsers, routing)"),
+    "prefill": (_prefill, "prefill worker (prompt KV + first token, streams KV to decode)"),
+    "decode": (_decode, "decode worker (continuous batching, EAGLE, streams tokens)"),
+    "local": (_local, "gateway + prefill + decode processes on this machine"),
+    "make-tiny-model": (_make_tiny_model, "write the built-in tiny test model"),
+    "generate": (_generate, "single-process reference generation (no servers)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-4.5/4.6/4.7 MoE models over gRPC.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        build_parser().print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        build_parser().print_usage(sys.stderr)
+        print(f"glmserve: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    return int(COMMANDS[name][0](rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
