@@ -1,0 +1,92 @@
+"""Prometheus metrics of every glmserve process, defined in this one place.
+
+Metrics are created on first use through get-or-create on the default registry, so several roles
+in one process (tests) share them instead of failing with "Duplicated timeseries".
+
+    from common import metrics
+    metrics.requests_total().labels(status="OK").inc()
+    metrics.start_metrics_server(9100)
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Sequence, TypeVar
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+_ACCEPT_BUCKETS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+
+_lock = threading.Lock()
+_created: dict[str, object] = {}
+
+
+def _get_or_create(cls: Callable[..., M], name: str, doc: str, labels: Sequence[str] = (),
+                   registry: CollectorRegistry = REGISTRY, **kwargs: object) -> M:
+    with _lock:
+        key = f"{id(registry)}:{name}"
+        found = _created.get(key)
+        if found is None:
+            # Someone else may have registered it on this registry without us (another import path).
+            existing = getattr(registry, "_names_to_collectors", {}).get(name)
+            found = existing if existing is not None else cls(name, doc, labelnames=tuple(labels),
+                                                               registry=registry, **kwargs)
+            _created[key] = found
+        return found  # type: ignore[return-value]
+
+
+def requests_total() -> Counter:
+    """Finished requests by final gRPC status name ("OK", "INVALID_ARGUMENT", ...)."""
+    return _get_or_create(Counter, "glmserve_requests_total", "Finished requests by status", ["status"])
+
+
+def ttft_seconds() -> Histogram:
+    return _get_or_create(Histogram, "glmserve_ttft_seconds", "Time to first token",
+                          buckets=_LATENCY_BUCKETS)
+
+
+def inter_token_latency_seconds() -> Histogram:
+    return _get_or_create(Histogram, "glmserve_inter_token_latency_seconds",
+                          "Time between streamed token chunks divided by the tokens they carry",
+                          buckets=_ITL_BUCKETS)
+
+
+def queue_depth() -> Gauge:
+    """Requests waiting, by queue name (e.g. "prefill", "decode_waiting_for_kv", "gateway_inflight")."""
+    return _get_or_create(Gauge, "glmserve_queue_depth", "Requests in a queue", ["queue"])
+
+
+def kv_pages() -> Gauge:
+    return _get_or_create(Gauge, "glmserve_kv_pages", "KV cache pages by state", ["state"])
+
+
+def kv_transfer_bytes_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_kv_transfer_bytes_total", "KV bytes moved prefill -> decode")
+
+
+def kv_transfer_seconds() -> Histogram:
+    return _get_or_create(Histogram, "glmserve_kv_transfer_seconds", "KV transfer latency per request",
+                          buckets=_LATENCY_BUCKETS)
+
+
+def errors_total() -> Counter:
+    """Errors by gRPC status name."""
+    return _get_or_create(Counter, "glmserve_errors_total", "Errors by gRPC status code", ["code"])
+
+
+def spec_accept_length() -> Histogram:
+    return _get_or_create(Histogram, "glmserve_spec_accept_length",
+                          "Tokens produced per speculative verify step (per request)",
+                          buckets=_ACCEPT_BUCKETS)
+
+
+def start_metrics_server(port: int | None, addr: str = "0.0.0.0") -> int | None:
+    """Serve /metrics over HTTP on `port` (None = off; 0 = any free port). Returns the port."""
+    if port is None:
+        return None
+    server, _thread = start_http_server(port, addr=addr)
+    return int(server.server_port)

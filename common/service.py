@@ -1,0 +1,146 @@
+"""Torch-free grpc.aio helpers shared by the gateway and the workers.
+
+make_server   grpc.aio server with message-size limits and keepalive pings accepted
+add_health    grpc.health.v1 (aio): "" = liveness, each full service name = readiness
+add_reflection
+serve_until_signal   SIGTERM/SIGINT -> readiness NOT_SERVING -> drain callback -> stop(grace)
+install_uvloop / run
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Awaitable, Callable, Coroutine, Iterable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+def client_channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Channel options for calls between our processes: a dead peer is noticed within seconds."""
+    return message_size_options(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", 5_000),
+        ("grpc.keepalive_timeout_ms", 3_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),  # the gateway retries itself, on another worker pair
+    ]
+
+
+def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    """A grpc.aio server. Requests above `max_message_bytes` are refused with RESOURCE_EXHAUSTED
+    by gRPC itself; client keepalive pings (client_channel_options) are accepted."""
+    options = message_size_options(max_message_bytes) + [
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+    return grpc.aio.server(options=options)
+
+
+class Health:
+    """grpc.health.v1 state of one process.
+
+    Liveness (service "") is SERVING from the start until the server stops. Readiness (each full
+    service name) is NOT_SERVING until `set_ready()` (loading) and again after `set_draining()`.
+    """
+
+    def __init__(self, servicer: health.aio.HealthServicer, services: Iterable[str]) -> None:
+        self.servicer = servicer
+        self.services = tuple(services)
+        self.draining = False
+
+    async def set_ready(self, ready: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready and not self.draining \
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.services:
+            await self.servicer.set(name, status)
+
+    async def set_draining(self) -> None:
+        self.draining = True
+        await self.set_ready(False)
+
+    async def set_stopped(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def add_health(server: grpc.aio.Server, services: Iterable[str]) -> Health:
+    """Register grpc.health.v1 on `server`; readiness starts NOT_SERVING (call set_ready)."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    h = Health(servicer, services)
+    await h.set_ready(False)
+    return h
+
+
+def add_reflection(server: grpc.aio.Server, services: Iterable[str]) -> None:
+    """Server reflection for `services` plus health and reflection themselves (grpcurl list)."""
+    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+
+
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    health_state: Health,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
+    grace: float = 10.0,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Wait for SIGTERM/SIGINT (or `stop_event`), then shut down in order: readiness NOT_SERVING,
+    `on_drain()` (e.g. finish or fail in-flight work), `server.stop(grace)`."""
+    loop = asyncio.get_running_loop()
+    stop = stop_event or asyncio.Event()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread / platform
+            pass
+    try:
+        waiter = asyncio.ensure_future(stop.wait())
+        terminated = asyncio.ensure_future(server.wait_for_termination())
+        await asyncio.wait({waiter, terminated}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (waiter, terminated):
+            t.cancel()
+        log.info("shutting down: readiness NOT_SERVING, draining, then stop(grace=%.1fs)", grace)
+        await health_state.set_draining()
+        if on_drain is not None:
+            await on_drain()
+        await health_state.set_stopped()
+        await server.stop(grace)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def install_uvloop() -> bool:
+    """Make uvloop the event loop policy when it is installed; returns whether it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run(main: Coroutine[object, object, T]) -> T:
+    """asyncio.run on uvloop when available."""
+    install_uvloop()
+    return asyncio.run(main)
