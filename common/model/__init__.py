@@ -1,0 +1,40 @@
+"""The GLM-4 MoE model: `build_model` (random/uninitialised, any device incl. meta) and `load_model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.config import ModelConfig
+from common.model.glm4_moe import Glm4MoeForCausalLM
+from common.model.layers import default_dtype
+from common.model.loader import LoadError, load_weights
+from common.model.mtp import Glm4MoeMTP
+
+
+def build_model(
+    config: ModelConfig, device: torch.device | str, dtype: torch.dtype, with_mtp: bool = False
+) -> Glm4MoeForCausalLM:
+    """The module tree with uninitialised parameters in `dtype` (router weight and bias fp32) on
+    `device`; "meta" allocates nothing and is what the loader starts from."""
+    if with_mtp and not config.has_mtp:
+        raise LoadError("with_mtp requested but config field 'num_nextn_predict_layers' is 0")
+    with torch.device(device), default_dtype(dtype):
+        model = Glm4MoeForCausalLM(config)
+        if with_mtp:
+            model.mtp = Glm4MoeMTP(config, model.model.embed_tokens)
+    return model.eval()
+
+
+def load_model(
+    path: str | Path, device: torch.device | str, dtype: torch.dtype, with_mtp: bool = False
+) -> Glm4MoeForCausalLM:
+    """Config and weights from an HF model directory, materialised straight onto `device`."""
+    config = ModelConfig.from_hf(path)
+    model = build_model(config, "meta", dtype, with_mtp)
+    load_weights(model, config, path, device)
+    return model
+
+
+__all__ = ["Glm4MoeForCausalLM", "Glm4MoeMTP", "LoadError", "build_model", "load_model"]

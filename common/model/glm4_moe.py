@@ -1,0 +1,120 @@
+"""GLM-4.5 / 4.6 / 4.7 MoE (`Glm4MoeForCausalLM`), the math of specs/glm4_moe.md §2.
+
+Read top-down: attention -> decoder layer -> model -> causal LM. Batch metadata (slots, pages,
+masks) never appears here: the paged attention layer reads it from the forward context.
+Tensors are flattened over the batch: T tokens, hidden size H.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from common import ops
+from common.config import ModelConfig
+from common.model.layers import Embedding, GatedMLP, Linear, MergedLinear, PagedAttention, RMSNorm, rope_cos_sin
+from common.model.moe import MoE
+
+if TYPE_CHECKING:
+    from common.model.mtp import Glm4MoeMTP
+
+
+class Glm4MoeAttention(nn.Module):
+    """q/k/v projections with bias, optional per-head QK-norm, partial NeoX RoPE, GQA, o_proj."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rotary_dim = config.rotary_dim
+        self.rope_theta = config.rope_theta
+        self.max_positions = config.max_position_embeddings
+        self.eps = config.rms_norm_eps
+        self.qkv_proj = MergedLinear(
+            config.hidden_size,
+            {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
+            bias=config.attention_bias,
+        )
+        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
+        self.attn = PagedAttention(layer_id, scale=config.head_dim**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # positions [T] int64, x [T,H] -> [T,H]
+        q, k, v = self.qkv_proj.forward_parts(x)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T,Hq,D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
+        cos_sin = rope_cos_sin(self.rotary_dim, self.rope_theta, self.max_positions, x.device)
+        q, k = ops.qk_norm_rope(
+            q, k, positions, cos_sin, self.rotary_dim,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.eps,
+        )
+        o = self.attn(q, k, v)  # [T,Hq,D]
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+
+
+class Glm4MoeDecoderLayer(nn.Module):
+    """x += Attention(norm1(x)); x += MLP(norm2(x)), MLP dense or MoE.
+
+    The residual stream is carried separately so the add fuses into the next norm: the layer
+    takes (delta, residual) and returns (delta, residual), with x = delta + residual.
+    """
+
+    def __init__(self, config: ModelConfig, layer_id: int, moe: bool) -> None:
+        super().__init__()
+        self.self_attn = Glm4MoeAttention(config, layer_id)
+        self.mlp = MoE(config) if moe else GatedMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(positions, h)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
+
+
+class Glm4MoeModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Glm4MoeDecoderLayer(config, i, moe=config.is_moe_layer(i)) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids [T], positions [T] -> post-final-norm hidden [T,H]
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        return self.norm.add_and_norm(x, residual)[0]
+
+
+class Glm4MoeForCausalLM(nn.Module):
+    """The target model; `mtp` (the NextN draft layer) is attached by build_model when wanted."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Glm4MoeModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp: Glm4MoeMTP | None = None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)  # [T,H], post final norm
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [R,V] fp32

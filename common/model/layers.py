@@ -1,0 +1,135 @@
+"""Building blocks of the GLM-4 MoE model: norms, linears, RoPE table, gated MLP, paged attention.
+
+Parameters are created in the ambient default dtype and device (see `default_dtype`), so a model
+can be built on `meta` and materialised tensor by tensor by the loader. Single-device for now:
+tensor-parallel sharding, when it comes, lives here and only here.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import ops
+from common.attention import paged_attention
+from common.context import get_forward_context
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create floating-point parameters in `dtype` inside this scope."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)  # [size]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)"""
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)  # [V,H]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)  # [T,H]
+
+
+class Linear(nn.Linear):
+    """y = x W^T (+ b), W [out, in]; inference-only parameters."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def reset_parameters(self) -> None:  # weights come from the checkpoint
+        pass
+
+
+class MergedLinear(Linear):
+    """Several linears on the same input stacked along the output dim (e.g. q|k|v, gate|up).
+
+    `parts` maps a part name to its output width, in row order; `rows(part)` is its row slice,
+    which is where the loader writes that part's checkpoint tensor.
+    """
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(parts.values()), bias)
+        self.parts = dict(parts)
+
+    def rows(self, part: str) -> slice:
+        start = 0
+        for name, width in self.parts.items():
+            if name == part:
+                return slice(start, start + width)
+            start += width
+        raise KeyError(f"{part!r} is not a part of this merged linear ({list(self.parts)})")
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self(x).split(list(self.parts.values()), dim=-1))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate x) * up x); the dense MLP of the first layers and the MoE shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, {"gate_proj": intermediate_size,
+                                                       "up_proj": intermediate_size}, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.forward_parts(x)  # [T,I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+@functools.lru_cache(maxsize=8)
+def rope_cos_sin(rotary_dim: int, theta: float, max_positions: int, device: torch.device) -> torch.Tensor:
+    """[max_positions, rotary_dim] fp32 table: row p = concat(cos(p * inv_freq), sin(p * inv_freq)),
+    inv_freq_j = theta^(-2j / rotary_dim). Shared by every layer on a device."""
+    # computed on the CPU so that every device sees bit-identical values
+    exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (theta**exponent)  # [rot/2]
+    angles = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(device)
+
+
+class PagedAttention(nn.Module):
+    """Stores this layer's new K/V in the pool and attends over the batch's paged KV.
+
+    The batch description and pool come from the forward context; `layer_id` selects the pool
+    layer (the MTP layer uses index num_hidden_layers).
+    """
+
+    def __init__(self, layer_id: int, scale: float) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [T,Hq,D], k/v [T,Hk,D] -> [T,Hq,D]
+        ctx = get_forward_context()
+        k_cache, v_cache = ctx.kv_pool.k[self.layer_id], ctx.kv_pool.v[self.layer_id]
+        ops.store_kv(k_cache, v_cache, k, v, ctx.batch.out_slots)
+        return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale)

@@ -1,0 +1,230 @@
+"""Load a Hugging Face GLM-4 MoE checkpoint (safetensors, single file or sharded) into a model
+built on the meta device, materialising each parameter directly on the target device.
+
+Checkpoint names (spec §3.1) map to our parameters as follows:
+- `...self_attn.{q,k,v}_proj.*` -> rows of `self_attn.qkv_proj.*`;
+- `...{gate,up}_proj.weight` of dense MLPs and shared experts -> rows of `gate_up_proj.weight`;
+- `...mlp.experts.{e}.{gate,up}_proj.weight` -> `mlp.experts.w13[e, rows]`; `down_proj` -> `w2[e]`;
+- MTP layer `model.layers.{L}.*`: enorm / hnorm / eh_proj / shared_head.norm -> `mtp.*`, the rest ->
+  `mtp.decoder.*`; its `shared_head.head` and `embed_tokens` copies are skipped (the target's are
+  used). Without MTP every `model.layers.{>= L}.*` tensor is skipped.
+FP8 weights (compressed-tensors channel-wise `weight_scale` [out,1], or block `weight_scale_inv`)
+are dequantised to the parameter dtype on load. The router weight and correction bias stay fp32.
+Anything missing, unexpected, mis-shaped or truncated raises LoadError naming file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from common.config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_SCALE_SUFFIXES = ("_scale", "_scale_inv")  # appended to "<linear>.weight"
+_DEFAULT_FP8_BLOCK = (128, 128)
+_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+class LoadError(RuntimeError):
+    """A checkpoint that does not match the model; the message names the file and the tensor."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a checkpoint tensor goes: parameter `param`, region `index` (() = the whole tensor)."""
+
+    param: str
+    index: tuple[int | slice, ...] = ()
+
+
+# ------------------------------------------------------------------------------------ layout
+def checkpoint_layout(model: nn.Module, config: ModelConfig) -> dict[str, Target]:
+    """Every checkpoint tensor name the model needs, mapped to its destination."""
+    layout = {
+        "model.embed_tokens.weight": Target("model.embed_tokens.weight"),
+        "model.norm.weight": Target("model.norm.weight"),
+        "lm_head.weight": Target("lm_head.weight"),
+    }
+    for i in range(config.num_hidden_layers):
+        layout.update(_layer_layout(model, config, f"model.layers.{i}.", f"model.layers.{i}.", config.is_moe_layer(i)))
+    if getattr(model, "mtp", None) is not None:
+        ckpt = f"model.layers.{config.mtp_layer_index}."
+        for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
+            layout[ckpt + name] = Target("mtp." + name)
+        layout[ckpt + "shared_head.norm.weight"] = Target("mtp.shared_head_norm.weight")
+        layout.update(_layer_layout(model, config, ckpt, "mtp.decoder.", moe=True))
+    return layout
+
+
+def _layer_layout(model: nn.Module, config: ModelConfig, ckpt: str, ours: str, moe: bool) -> dict[str, Target]:
+    out: dict[str, Target] = {}
+    qkv = model.get_submodule(ours + "self_attn.qkv_proj")
+    for part in ("q_proj", "k_proj", "v_proj"):
+        out[f"{ckpt}self_attn.{part}.weight"] = Target(ours + "self_attn.qkv_proj.weight", (qkv.rows(part),))
+        if config.attention_bias:
+            out[f"{ckpt}self_attn.{part}.bias"] = Target(ours + "self_attn.qkv_proj.bias", (qkv.rows(part),))
+    out[ckpt + "self_attn.o_proj.weight"] = Target(ours + "self_attn.o_proj.weight")
+    if config.use_qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            out[f"{ckpt}self_attn.{norm}.weight"] = Target(f"{ours}self_attn.{norm}.weight")
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"{ckpt}{norm}.weight"] = Target(f"{ours}{norm}.weight")
+    if not moe:
+        out.update(_mlp_layout(model, ckpt + "mlp.", ours + "mlp."))
+        return out
+    out[ckpt + "mlp.gate.weight"] = Target(ours + "mlp.gate.weight")
+    out[ckpt + "mlp.gate.e_score_correction_bias"] = Target(ours + "mlp.gate.e_score_correction_bias")
+    experts = model.get_submodule(ours + "mlp.experts")
+    for e in range(config.n_routed_experts):
+        for part in ("gate_proj", "up_proj"):
+            out[f"{ckpt}mlp.experts.{e}.{part}.weight"] = Target(ours + "mlp.experts.w13", (e, experts.rows(part)))
+        out[f"{ckpt}mlp.experts.{e}.down_proj.weight"] = Target(ours + "mlp.experts.w2", (e,))
+    out.update(_mlp_layout(model, ckpt + "mlp.shared_experts.", ours + "mlp.shared_experts."))
+    return out
+
+
+def _mlp_layout(model: nn.Module, ckpt: str, ours: str) -> dict[str, Target]:
+    gate_up = model.get_submodule(ours + "gate_up_proj")
+    return {
+        ckpt + "gate_proj.weight": Target(ours + "gate_up_proj.weight", (gate_up.rows("gate_proj"),)),
+        ckpt + "up_proj.weight": Target(ours + "gate_up_proj.weight", (gate_up.rows("up_proj"),)),
+        ckpt + "down_proj.weight": Target(ours + "down_proj.weight"),
+    }
+
+
+def _skipped(name: str, config: ModelConfig, with_mtp: bool) -> bool:
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    if m is None or int(m.group(1)) < config.num_hidden_layers:
+        return False
+    if not with_mtp:
+        return True  # the MTP layer (or beyond) when only the target is loaded
+    rest = m.group(2)
+    return int(m.group(1)) == config.mtp_layer_index and rest in ("shared_head.head.weight", "embed_tokens.weight")
+
+
+# ------------------------------------------------------------------------------------ files
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> file, from the index when sharded, else from the single file's header."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: not a safetensors index ({e})") from None
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.exists():
+                raise LoadError(f"{index}: lists file {path.name}, which does not exist")
+        return files
+    single = model_dir / SINGLE_FILE
+    if not single.exists():
+        raise LoadError(f"{model_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+    return {name: single for name in _read_header(single)}
+
+
+def _read_header(path: Path) -> dict[str, Any]:
+    """The safetensors header of `path`, after checking that every tensor's bytes are in the file."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise LoadError(f"{path}: truncated before the safetensors header")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if 8 + header_len > size:
+            raise LoadError(f"{path}: truncated inside the safetensors header")
+        try:
+            header = json.loads(f.read(header_len))
+        except json.JSONDecodeError as e:
+            raise LoadError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        end = info["data_offsets"][1]
+        if end > data_size:
+            raise LoadError(f"{path}: truncated: tensor '{name}' needs bytes up to {end} of the data "
+                            f"section but the file holds only {data_size}")
+    return header
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, device: torch.device | str) -> None:
+    """Fill every parameter of `model` (built on meta) from the checkpoint in `model_dir`."""
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    with_mtp = getattr(model, "mtp", None) is not None
+    layout = checkpoint_layout(model, config)
+    where = checkpoint_files(model_dir)
+    headers = {path: _read_header(path) for path in sorted(set(where.values()))}
+    for name, path in where.items():
+        if name not in headers[path]:
+            raise LoadError(f"{path}: tensor '{name}' is listed in {INDEX_FILE} but not in the file")
+    handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in headers}
+    block = tuple(config.quant.weight_block_size or _DEFAULT_FP8_BLOCK) if config.quant else _DEFAULT_FP8_BLOCK
+
+    loaded: set[str] = set()
+    for name, path in where.items():
+        if name.endswith((".weight_scale", ".weight_scale_inv")) or _skipped(name, config, with_mtp):
+            continue
+        target = layout.get(name)
+        if target is None:
+            raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {config.architecture})")
+        tensor = handles[path].get_tensor(name)
+        dest = _materialize(model, target.param, device)[target.index]
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                            f"expected {tuple(dest.shape)}")
+        if tensor.dtype in _FP8_DTYPES:
+            tensor = _dequantize(name, tensor, where, handles, block)
+        dest.copy_(tensor)
+        loaded.add(name)
+
+    for name in layout:
+        if name not in loaded:
+            source = where.get(name) or (model_dir / (INDEX_FILE if (model_dir / INDEX_FILE).exists() else SINGLE_FILE))
+            raise LoadError(f"{source}: missing tensor '{name}'")
+    for pname, p in model.named_parameters():
+        if p.is_meta:
+            raise LoadError(f"{model_dir}: parameter {pname} received no checkpoint tensor")
+
+
+def _materialize(model: nn.Module, param_name: str, device: torch.device) -> torch.Tensor:
+    """The parameter `param_name`, replacing a meta placeholder by real storage on `device`."""
+    module_name, _, attr = param_name.rpartition(".")
+    module = model.get_submodule(module_name)
+    param = getattr(module, attr)
+    if param.is_meta:
+        param = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+        setattr(module, attr, param)
+    return param.data
+
+
+def _dequantize(
+    name: str, weight: torch.Tensor, where: dict[str, Path], handles: dict[Path, Any], block: tuple[int, int]
+) -> torch.Tensor:
+    """FP8 [out,in] -> fp32 times its scale: channel-wise `weight_scale` [out,1] (or a scalar), or
+    block `weight_scale_inv` [ceil(out/b0), ceil(in/b1)] broadcast over b0 x b1 blocks."""
+    scale_name = next((name + s for s in _SCALE_SUFFIXES if name + s in where), None)
+    if scale_name is None:
+        raise LoadError(f"{where[name]}: FP8 tensor '{name}' has no '{name}_scale' or '{name}_scale_inv'")
+    scale = handles[where[scale_name]].get_tensor(scale_name).float()
+    w = weight.float()
+    out_f, in_f = w.shape
+    if scale.numel() == 1:
+        return w * scale.reshape(())
+    if tuple(scale.shape) == (out_f, 1):
+        return w * scale
+    b0, b1 = block
+    if tuple(scale.shape) != (-(-out_f // b0), -(-in_f // b1)):
+        raise LoadError(f"{where[scale_name]}: scale '{scale_name}' has shape {tuple(scale.shape)}, which is "
+                        f"neither per-channel nor {b0}x{b1} blocks of weight {tuple(w.shape)}")
+    return w * scale.repeat_interleave(b0, 0)[:out_f].repeat_interleave(b1, 1)[:, :in_f]
