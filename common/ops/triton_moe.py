@@ -1,0 +1,358 @@
+"""Triton fused MoE: router top-k, expert alignment, grouped gate_up+SiLU GEMM, down GEMM, combine.
+
+Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
+1. align: the T*k (token, slot) assignments are bucketed by expert, each expert's bucket padded to
+   a multiple of BLOCK_M. `sorted_ids[max_padded]` holds flat assignment indices t*k+j (sentinel
+   T*k in padding) and `block_expert[max_blocks]` the expert of each BLOCK_M rows (-1: unused).
+   One kernel when T*k is small (decode); a count kernel plus the scatter kernel otherwise.
+2. gate_up: rows x[t] of each block times w13[e]^T, both halves in one program, epilogue
+   silu(gate)*up -> act[T*k, I] (row = flat assignment index).
+3. down: act rows times w2[e]^T, scaled by the routing weight -> y[T*k, H].
+4. combine: out[t] = sum_j y[t*k+j] in fp32, cast once (deterministic; no atomics).
+Grid sizes depend only on host-known shapes (T, k, E, config), never on routing, so the whole
+pipeline is CUDA-graph safe. Block configs come from moe_configs/*.json (written by
+benchmarks/tune_moe.py) with a heuristic fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+CONFIG_DIR = Path(__file__).with_name("moe_configs")
+_SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
+
+
+@triton.jit
+def _grouped_topk_kernel(
+    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
+    EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
+    RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+):
+    """BT tokens per program: sigmoid scores, bias-corrected group-limited top-k, weights from
+    the unbiased scores (renormalised, scaled)."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
+    e = tl.arange(0, E_PAD)  # [E_PAD]
+    tm = t < T
+    em = e < E
+    z = tl.load(logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :], mask=tm[:, None] & em[None, :], other=0.0)
+    s = tl.sigmoid(z.to(tl.float32))  # [BT,E_PAD]
+    c = s + tl.load(bias_ptr + e, mask=em, other=0.0)[None, :]
+    c = tl.where(em[None, :], c, float("-inf"))
+    if N_GROUP > 1:
+        g = tl.arange(0, G_PAD)  # [G_PAD]
+        in_g = (e // EPG)[None, :] == g[:, None]  # [G_PAD,E_PAD]
+        cg = tl.where(in_g[None, :, :], c[:, None, :], float("-inf"))  # [BT,G_PAD,E_PAD]
+        first = tl.argmax(cg, axis=2)  # [BT,G_PAD]
+        m1 = tl.max(cg, axis=2)
+        m2 = tl.max(tl.where(e[None, None, :] == first[:, :, None], float("-inf"), cg), axis=2)
+        gs = tl.where((g < N_GROUP)[None, :], m1 + m2, float("-inf"))  # [BT,G_PAD]
+        keep = tl.zeros((BT, G_PAD), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            best = tl.argmax(gs, axis=1)  # [BT]
+            hit = g[None, :] == best[:, None]
+            keep = keep | hit
+            gs = tl.where(hit, float("-inf"), gs)
+        allowed = tl.max((in_g[None, :, :] & keep[:, :, None]).to(tl.int32), axis=1)  # [BT,E_PAD]
+        c = tl.where(allowed > 0, c, float("-inf"))
+    kk = tl.arange(0, K_PAD)  # [K_PAD]
+    ids = tl.zeros((BT, K_PAD), dtype=tl.int32)
+    ws = tl.zeros((BT, K_PAD), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        best = tl.argmax(c, axis=1)  # [BT]
+        hit = e[None, :] == best[:, None]
+        wj = tl.sum(tl.where(hit, s, 0.0), axis=1)  # [BT]
+        ids = tl.where(kk[None, :] == j, best[:, None], ids)
+        ws = tl.where(kk[None, :] == j, wj[:, None], ws)
+        c = tl.where(hit, float("-inf"), c)
+    if RENORM:
+        ws = ws / (tl.sum(ws, axis=1)[:, None] + 1e-20)
+    out = t[:, None] * TOPK + kk[None, :]
+    om = tm[:, None] & (kk < TOPK)[None, :]
+    tl.store(w_ptr + out, ws * scaling, mask=om)
+    tl.store(id_ptr + out, ids, mask=om)
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,  # [T,E] fp32
+    correction_bias: torch.Tensor,  # [E] fp32
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights[T,k] fp32, ids[T,k] int32); ids in descending score order."""
+    n_tok, n_exp = router_logits.shape
+    weights = torch.empty((n_tok, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((n_tok, top_k), dtype=torch.int32, device=router_logits.device)
+    if n_tok == 0:
+        return weights, ids
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    bt = 1 if n_group > 1 else 4
+    _grouped_topk_kernel[(triton.cdiv(n_tok, bt),)](
+        logits, correction_bias.float().contiguous(), weights, ids, n_tok, n_exp, logits.stride(0),
+        float(scaling), EPG=n_exp // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
+        RENORM=renormalize, BT=bt, E_PAD=triton.next_power_of_2(n_exp),
+        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(top_k), num_warps=4,
+    )
+    return weights, ids
+
+
+@triton.jit
+def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr, SUB: tl.constexpr):
+    """grid (NC,): count_ptr[pid, e] = how many of assignments [pid*CHUNK, +CHUNK) go to e."""
+    pid = tl.program_id(0)
+    acc = tl.zeros((E_PAD,), dtype=tl.int32)
+    for s in range(0, CHUNK, SUB):
+        i = pid * CHUNK + s + tl.arange(0, SUB)
+        m = (i < NUMEL) & (s + tl.arange(0, SUB) < CHUNK)
+        acc += tl.histogram(tl.load(id_ptr + i, mask=m, other=0), E_PAD, mask=m)
+    tl.store(count_ptr + pid * E_PAD + tl.arange(0, E_PAD), acc)
+
+
+@triton.jit
+def _align_scatter_kernel(
+    id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS,
+    NC: tl.constexpr, NC_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr,
+    SUB: tl.constexpr, BB: tl.constexpr,
+):
+    """grid (NC,). Every program derives the padded expert offsets from the counts (NC == 1:
+    counts itself), then places its own chunk's assignments (rank by one-hot cumsum), fills the
+    padding of experts e % NC == pid with the sentinel NUMEL, and writes its share of
+    block_expert."""
+    pid = tl.program_id(0)
+    e = tl.arange(0, E_PAD)
+    if NC == 1:
+        before = tl.zeros((E_PAD,), dtype=tl.int32)
+        tot = tl.zeros((E_PAD,), dtype=tl.int32)
+        for s in range(0, NUMEL, SUB):
+            i = s + tl.arange(0, SUB)
+            tot += tl.histogram(tl.load(id_ptr + i, mask=i < NUMEL, other=0), E_PAD, mask=i < NUMEL)
+    else:
+        r = tl.arange(0, NC_PAD)
+        cnt = tl.load(count_ptr + r[:, None] * E_PAD + e[None, :], mask=(r < NC)[:, None], other=0)
+        tot = tl.sum(cnt, axis=0)  # [E_PAD]
+        before = tl.sum(tl.where((r < pid)[:, None], cnt, 0), axis=0)
+    padded = (tot + BM - 1) // BM * BM
+    end = tl.cumsum(padded, axis=0)  # [E_PAD] inclusive
+    start = end - padded
+    base = start + before  # where this chunk's rows of expert e begin
+    # place this chunk's assignments
+    for s in range(0, CHUNK, SUB):
+        j = s + tl.arange(0, SUB)
+        i = pid * CHUNK + j
+        m = (i < NUMEL) & (j < CHUNK)
+        ex = tl.load(id_ptr + i, mask=m, other=E_PAD)  # masked rows match no expert
+        oh = (ex[:, None] == e[None, :]).to(tl.int32)  # [SUB,E_PAD]
+        rank = tl.sum(oh * (tl.cumsum(oh, axis=0) - 1), axis=1)
+        pos = tl.sum(oh * base[None, :], axis=1) + rank
+        tl.store(sorted_ptr + pos, i, mask=m)
+        base += tl.sum(oh, axis=0)
+    # sentinel in the padding rows of the experts this program owns
+    c = tl.arange(0, BM)
+    pm = ((e % NC) == pid)[:, None] & (c[None, :] < (padded - tot)[:, None])
+    tl.store(sorted_ptr + (start + tot)[:, None] + c[None, :], NUMEL, mask=pm)
+    # expert of each block: number of experts whose padded range ends at or before the block
+    total = tl.max(end, axis=0)
+    per = tl.cdiv(MAX_BLOCKS, NC)
+    for b0 in range(pid * per, tl.minimum(pid * per + per, MAX_BLOCKS), BB):
+        b = b0 + tl.arange(0, BB)
+        owner = tl.sum((end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(b * BM < total, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < tl.minimum(pid * per + per, MAX_BLOCKS))
+
+
+def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids[T,k] int32 -> (sorted_ids[max_blocks*BM] int32, block_expert[max_blocks] int32)."""
+    numel = ids.numel()
+    max_blocks = triton.cdiv(numel + min(numel, num_experts) * (block_m - 1), block_m)
+    dev = ids.device
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(num_experts)
+    nc = 1 if numel <= 1024 else min(64, triton.cdiv(numel, 512))
+    chunk = triton.cdiv(numel, nc)
+    flat = ids.reshape(-1)
+    counts = sorted_ids  # unused when nc == 1
+    if nc > 1:
+        counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
+        _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128)
+    _align_scatter_kernel[(nc,)](
+        flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks,
+        NC=nc, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,
+        num_warps=4 if nc == 1 else 8,
+    )
+    return sorted_ids, block_expert
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
+    NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
+    A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
+    Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
+    A row = sorted assignment // A_DIV (token for gate_up, assignment for down)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    first_m = pid // in_group * GROUP_M
+    group = tl.minimum(MAX_BLOCKS - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group
+    pid_n = (pid % in_group) // group
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
+    rmask = rows < NUMEL
+    offs_n = (pid_n * BN + tl.arange(0, BN)) % N  # wrap: loads need no mask, the store does
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]  # [BM,BK]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK,BN]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            b = tl.load(w_ptrs)
+        else:
+            km = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=km[:, None], other=0.0)
+        acc = tl.dot(a, b, acc)
+        if GATED:
+            if EVEN_K:
+                b2 = tl.load(w_ptrs + N * stride_wn)
+            else:
+                b2 = tl.load(w_ptrs + N * stride_wn, mask=km[:, None], other=0.0)
+            acc2 = tl.dot(a, b2, acc2)
+        a_ptrs += BK
+        w_ptrs += BK
+    dt = out_ptr.dtype.element_ty
+    if GATED:
+        g = acc.to(dt).to(tl.float32)  # round like the reference's bf16 gate_up output
+        res = (g * tl.sigmoid(g)).to(dt) * acc2.to(dt)
+    else:
+        if MUL_W:
+            acc = acc * tl.load(topw_ptr + rows, mask=rmask, other=0.0)[:, None]
+        res = acc
+    cols = pid_n * BN + tl.arange(0, BN)
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(o_ptrs, res.to(dt), mask=rmask[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
+    """grid (T, cdiv(H, BH)): out[t] = sum_j y[t*TOPK + j] in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = h < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        acc += tl.load(y_ptr + (t * TOPK + j) * H + h, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------- configs
+_M_KEYS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
+
+
+def config_name(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
+    """File name of a tuned table; n = w13 rows (2*I), device_name as torch reports it."""
+    dt = str(dtype).replace("torch.", "")
+    return f"E={num_experts},N={n},H={hidden},dtype={dt},device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> dict | None:
+    exact = CONFIG_DIR / config_name(num_experts, n, hidden, dtype, device_name)
+    pattern = config_name(num_experts, n, hidden, dtype, "*")
+    for path in [exact, *sorted(CONFIG_DIR.glob(pattern))]:  # same shape from another device next
+        if path.is_file():
+            return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+    return None
+
+
+def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int) -> dict:
+    """Heuristic when no tuned table exists: small BM and narrow N tiles for decode (bandwidth:
+    many programs streaming weights), 64x128 wgmma-friendly tiles for prefill."""
+    per_expert = m * top_k / num_experts
+    inter = n // 2
+    if per_expert <= 4:
+        bn_up = 32 if inter <= 768 else 64
+        return {"BLOCK_M": 16,
+                "up": {"BLOCK_N": bn_up, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+                "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}}
+    if per_expert <= 32:
+        return {"BLOCK_M": 32,
+                "up": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4},
+                "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4}}
+    big = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 64, "up": dict(big), "down": dict(big)}
+
+
+def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
+               device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    table = _load_table(num_experts, n, hidden, dtype, name)
+    if table:
+        return table[min(table, key=lambda key: (abs(key - m), key))]
+    return default_config(m, num_experts, n, hidden, top_k)
+
+
+def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg):
+    max_blocks = block_expert.shape[0]
+    grid = (max_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _moe_gemm_kernel[grid](
+        a, w, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % cfg["BLOCK_K"] == 0, BM=block_m,
+        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T,H]
+    w13: torch.Tensor,  # [E,2I,H]
+    w2: torch.Tensor,  # [E,H,I]
+    weights: torch.Tensor,  # [T,k] fp32
+    ids: torch.Tensor,  # [T,k] int32
+    config: dict | None = None,  # benchmarks/tune_moe.py passes candidates; callers leave None
+) -> torch.Tensor:  # [T,H]
+    """sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j]."""
+    n_tok, hidden = x.shape
+    num_experts, n2, _ = w13.shape
+    inter = n2 // 2
+    top_k = ids.shape[1]
+    out = torch.empty((n_tok, hidden), dtype=x.dtype, device=x.device)
+    if n_tok == 0:
+        return out
+    for t in (w13, w2):
+        if t.stride(-1) != 1:
+            raise ValueError("fused_moe: expert weights need a contiguous last dim")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device)
+    bm = cfg["BLOCK_M"]
+    numel = n_tok * top_k
+    sorted_ids, block_expert = align_block_size(ids.to(torch.int32), num_experts, bm)
+    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
+    _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"])
+    y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
+    topw = weights.reshape(-1).float().contiguous()
+    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"])
+    bh = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, num_warps=4)
+    return out
+
+
+__all__ = ["align_block_size", "config_name", "default_config", "fused_moe", "get_config", "grouped_topk"]

@@ -1,0 +1,190 @@
+"""Triton twins of the norm ops in `reference.py`: rms_norm, fused_add_rms_norm, qk_norm_rope.
+
+Same signatures and the same cast order as the reference (fp32 statistics, cast to the activation
+dtype, then the weight multiply and the RoPE arithmetic in the activation dtype), so results agree
+to the last bit in most elements and to one ulp elsewhere. Every kernel is dtype-generic (the
+output dtype is read off the pointers); the CPU interpreter cannot do bf16 arithmetic, so the
+interpreter tests run fp16 and fp32 while the GPU tests run bf16.
+
+Invariants: the last dim of every tensor is contiguous (stride 1; the wrappers copy otherwise);
+rows may be strided (q/k may be views of a fused qkv projection). Outputs are new tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _row_warps(block: int) -> int:
+    # 16-byte vectors: 8 bf16 per thread per load; aim for ~4 vectors per thread
+    return max(1, min(16, block // 256))
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
+    H, stride_x, stride_r, stride_o, stride_ro, eps,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One row per program: out = w * (s / rms(s)) with s = x (+ residual, rounded to x's dtype)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0)
+        x = (x + r).to(res_out_ptr.dtype.element_ty)  # the sum is rounded like the reference's
+        tl.store(res_out_ptr + row * stride_ro + offs, x, mask=m)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    dt = out_ptr.dtype.element_ty
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(dt)
+    tl.store(out_ptr + row * stride_o + offs, (xf * inv).to(dt) * w, mask=m)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x[T,H] (any leading dims) normalised over H; returns a new [.., H] tensor in x.dtype."""
+    x2 = _rows(x)  # [T,H]
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    n, h = x2.shape
+    if n:
+        block = triton.next_power_of_2(h)
+        _rms_norm_kernel[(n,)](x2, x2, w, out, out, h, x2.stride(0), 0, out.stride(0), 0, eps,
+                               HAS_RES=False, BLOCK=block, num_warps=_row_warps(block))
+    return out.view(x.shape)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [T,H]
+    residual: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass; the inputs are not modified."""
+    x2, r2 = _rows(x), _rows(residual)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    new_res = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    n, h = x2.shape
+    if n:
+        block = triton.next_power_of_2(h)
+        _rms_norm_kernel[(n,)](x2, r2, w, out, new_res, h, x2.stride(0), r2.stride(0), out.stride(0),
+                               new_res.stride(0), eps, HAS_RES=True, BLOCK=block,
+                               num_warps=_row_warps(block))
+    return out.view(x.shape), new_res.view(x.shape)
+
+
+@triton.jit
+def _norm_rope_heads(
+    src, dst, w_ptr, heads, h0, stride_h, stride_dh, cos, sin, eps,
+    D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, HAS_W: tl.constexpr,
+    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr,
+):
+    """Heads [h0, h0+BH) of one token: optional per-head RMSNorm over D, then NeoX RoPE on the
+    first 2*HALF dims; dims [2*HALF, D) pass through (normed). src/dst point at the token row."""
+    hs = h0 + tl.arange(0, BH)  # [BH]
+    j = tl.arange(0, BHALF)  # [BHALF]
+    jr = tl.arange(0, BREST)  # [BREST]
+    mh = hs < heads
+    m1 = mh[:, None] & (j < HALF)[None, :]
+    mr = mh[:, None] & (jr < REST)[None, :]
+    p1 = src + hs[:, None] * stride_h + j[None, :]
+    pr = src + hs[:, None] * stride_h + 2 * HALF + jr[None, :]
+    x1 = tl.load(p1, mask=m1, other=0.0)  # [BH,BHALF]
+    x2 = tl.load(p1 + HALF, mask=m1, other=0.0)
+    xr = tl.load(pr, mask=mr, other=0.0)  # [BH,BREST]
+    dt = dst.dtype.element_ty
+    if HAS_W:
+        f1, f2, fr = x1.to(tl.float32), x2.to(tl.float32), xr.to(tl.float32)
+        ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1) + tl.sum(fr * fr, axis=1)
+        inv = tl.rsqrt(ss / D + eps)[:, None]  # [BH,1]
+        w1 = tl.load(w_ptr + j, mask=j < HALF, other=0.0).to(dt)[None, :]
+        w2 = tl.load(w_ptr + HALF + j, mask=j < HALF, other=0.0).to(dt)[None, :]
+        wr = tl.load(w_ptr + 2 * HALF + jr, mask=jr < REST, other=0.0).to(dt)[None, :]
+        x1 = (f1 * inv).to(dt) * w1
+        x2 = (f2 * inv).to(dt) * w2
+        xr = (fr * inv).to(dt) * wr
+    x1 = x1.to(dt)
+    x2 = x2.to(dt)
+    o1 = (x1 * cos).to(dt) - (x2 * sin).to(dt)
+    o2 = (x2 * cos).to(dt) + (x1 * sin).to(dt)
+    q1 = dst + hs[:, None] * stride_dh + j[None, :]
+    tl.store(q1, o1.to(dt), mask=m1)
+    tl.store(q1 + HALF, o2.to(dt), mask=m1)
+    tl.store(dst + hs[:, None] * stride_dh + 2 * HALF + jr[None, :], xr.to(dt), mask=mr)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
+    HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
+    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, eps,
+    D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
+    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr,
+):
+    """grid (T, cdiv(HQ,BH) + cdiv(HK,BH)): the first head blocks are q's, the rest k's."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, BHALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # fp32 [BHALF]
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
+    dt = qo_ptr.dtype.element_ty
+    cos = cos.to(dt)[None, :]
+    sin = sin.to(dt)[None, :]
+    nqb = tl.cdiv(HQ, BH)
+    if hb < nqb:
+        _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
+                         stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST)
+    else:
+        _norm_rope_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kw_ptr, HK, (hb - nqb) * BH,
+                         stride_kh, stride_koh, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,  # [T,Hq,D]
+    k: torch.Tensor,  # [T,Hk,D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin: torch.Tensor,  # [max_pos, rot] fp32
+    rotary_dim: int,
+    q_norm_w: torch.Tensor | None,  # [D]
+    k_norm_w: torch.Tensor | None,  # [D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm (when weights are given) then NeoX partial RoPE; returns new (q, k)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if cos_sin.stride(-1) != 1:
+        cos_sin = cos_sin.contiguous()
+    n_tok, hq, d = q.shape
+    hk = k.shape[1]
+    half = rotary_dim // 2
+    rest = d - rotary_dim
+    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
+    ko = torch.empty((n_tok, hk, d), dtype=k.dtype, device=k.device)
+    if n_tok == 0:
+        return qo, ko
+    bh = min(16, triton.next_power_of_2(max(hq, hk)))
+    grid = (n_tok, triton.cdiv(hq, bh) + triton.cdiv(hk, bh))
+    _qk_norm_rope_kernel[grid](
+        q, k, qo, ko, positions, cos_sin,
+        q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else k,
+        hq, hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_sin.stride(0), eps,
+        D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None,
+        BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
+        num_warps=4,
+    )
+    return qo, ko
+
+
+__all__ = ["fused_add_rms_norm", "qk_norm_rope", "rms_norm"]
