@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from common.batch import ForwardBatch
@@ -24,17 +24,25 @@ if TYPE_CHECKING:
 class ForwardContext:
     batch: ForwardBatch
     kv_pool: KVPool
+    # called with a layer index once that layer's K/V are written (the prefill worker streams
+    # finished layer groups while later layers compute)
+    layer_hook: Callable[[int], None] | None = None
+
+    def layer_done(self, layer: int) -> None:
+        if self.layer_hook is not None:
+            self.layer_hook(layer)
 
 
 _local = threading.local()
 
 
 @contextmanager
-def forward_context(batch: ForwardBatch, kv_pool: KVPool) -> Iterator[ForwardContext]:
+def forward_context(batch: ForwardBatch, kv_pool: KVPool,
+                    layer_hook: Callable[[int], None] | None = None) -> Iterator[ForwardContext]:
     current = getattr(_local, "ctx", None)
     if current is not None:
         raise RuntimeError("forward_context does not nest: a forward is already running on this thread")
-    ctx = ForwardContext(batch=batch, kv_pool=kv_pool)
+    ctx = ForwardContext(batch=batch, kv_pool=kv_pool, layer_hook=layer_hook)
     _local.ctx = ctx
     try:
         yield ctx

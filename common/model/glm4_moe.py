@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from common import ops
+from common.context import get_forward_context
 from common.config import ModelConfig
 from common.model.layers import Embedding, GatedMLP, Linear, MergedLinear, PagedAttention, RMSNorm, rope_cos_sin
 from common.model.moe import MoE
@@ -98,8 +99,10 @@ class Glm4MoeModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids [T], positions [T] -> post-final-norm hidden [T,H]
         x, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        ctx = get_forward_context()
+        for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual)
+            ctx.layer_done(i)
         return self.norm.add_and_norm(x, residual)[0]
 
 

@@ -7,6 +7,7 @@ logits of the batch's `logit_rows` and the hidden states of every token (the MTP
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,10 +42,13 @@ class ModelRunner:
         self.allocator = PageAllocator(num_pages)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target forward: (logits [R,V] fp32 of batch.logit_rows, hidden [T,H] post final norm)."""
+    def forward(self, batch: ForwardBatch,
+                layer_hook: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target forward: (logits [R,V] fp32 of batch.logit_rows, hidden [T,H] post final norm).
+
+        `layer_hook(i)` runs after layer i wrote its K/V (used to stream KV by layer group)."""
         self._check(batch)
-        with forward_context(batch, self.kv_pool):
+        with forward_context(batch, self.kv_pool, layer_hook):
             hidden = self.model(batch.input_ids, batch.positions)  # [T,H]
         return self.model.compute_logits(hidden[batch.logit_rows]), hidden
 

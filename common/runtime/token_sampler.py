@@ -1,0 +1,88 @@
+"""Logit processors + sampler for the rows of one forward, each row with its own history.
+
+Shared by the prefill worker (first token), the plain decode step and the EAGLE verify (where
+`target_probs` of every tree node is needed instead of one sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from common.sampling.logit_processors import RowContext, ThinkingBudget, apply_processors
+from common.sampling.params import SamplingParams
+from common.sampling.sampler import SamplingTensors, sample, target_probs
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the processors need, looked up from the tokenizer by text (never hard-coded)."""
+
+    think_start: int | None
+    think_end: int | None
+    newline: int | None
+    eos: tuple[int, ...]
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> "SpecialIds":
+        import json
+        from pathlib import Path
+
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        enc = tok.encode("\n", add_special_tokens=False).ids
+        eos: list[int] = []
+        for name in ("generation_config.json", "config.json"):
+            path = Path(model_dir) / name
+            if path.exists():
+                val = json.loads(path.read_text()).get("eos_token_id")
+                if val is not None:
+                    eos = list(val) if isinstance(val, list) else [val]
+                    break
+        return cls(tok.token_to_id("<think>"), tok.token_to_id("</think>"),
+                   enc[0] if len(enc) == 1 else None, tuple(int(x) for x in eos))
+
+    def thinking_budget(self) -> ThinkingBudget | None:
+        if None in (self.think_start, self.think_end, self.newline):
+            return None
+        return ThinkingBudget(self.think_start, self.think_end, self.newline)  # type: ignore[arg-type]
+
+
+@dataclass
+class SampledRow:
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+class TokenSampler:
+    def __init__(self, ids: SpecialIds, seed: int = 0) -> None:
+        self.ids = ids
+        self.budget = ids.thinking_budget()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def process(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
+        """Apply every row's processors in place; logits [R, V] fp32."""
+        needs_budget = any(r.params.thinking_budget is not None for r in rows)
+        return apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos)
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> list[SampledRow]:
+        """Process then sample one token per row (seeded rows use (seed, output position))."""
+        self.process(logits, rows)
+        params = [r.params for r in rows]
+        out = sample(logits, params, steps=[len(r.output_ids) for r in rows], generator=self.generator)
+        tokens = out.tokens.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else [None] * len(rows)
+        tops: list[list[tuple[int, float]]] = [[] for _ in rows]
+        if out.top_logprobs is not None:
+            ids, vals = (t.tolist() for t in out.top_logprobs)
+            tops = [list(zip(i[: p.top_logprobs], v[: p.top_logprobs])) for i, v, p in zip(ids, vals, params)]
+        return [SampledRow(int(t), lp, top) for t, lp, top in zip(tokens, lps, tops)]
+
+    def probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """Target distribution per (already processed) row: [R, V] fp32."""
+        st = SamplingTensors.from_params(params, logits.device)
+        return target_probs(logits, *st)

@@ -1,0 +1,151 @@
+"""Command-line flags shared by the prefill and decode workers (SGLang names), and their
+validation into frozen configs. Built once at the edge; nothing reads argv after this."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+from common.config import SpecConfig
+
+SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
+
+
+def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
+    p.add_argument("--model-path", required=True, help="HF-format model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC on")
+    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--advertise-host", default=None,
+                   help="address peers use to reach this worker (default: --host, or the hostname)")
+    p.add_argument("--worker-id", default=None, help="stable id of this worker (default: random)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
+                   help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--num-pages", type=int, default=0,
+                   help="KV pages (0: size the pool from --mem-fraction-static)")
+    p.add_argument("--mem-fraction-static", type=float, default=0.85,
+                   help="fraction of GPU memory for weights + KV pool (CUDA only)")
+    p.add_argument("--max-queued-requests", type=int, default=256)
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
+    p.add_argument("--transfer-timeout", type=float, default=60.0,
+                   help="seconds a KV transfer may stall before it is failed")
+    p.add_argument("--kv-backend", default="auto", choices=("auto", "gloo", "nccl", "cuda_ipc"),
+                   help="bulk KV channel (auto: gloo on CPU, CUDA IPC on one GPU, NCCL across GPUs)")
+    p.add_argument("--enable-custom-logit-processor", action="store_true",
+                   help="accept custom_logit_processor (only the GLM thinking budget is recognised)")
+    p.add_argument("--default-thinking-budget", type=int, default=None,
+                   help="thinking budget applied when a request sets none")
+    p.add_argument("--speculative-algorithm", default=None, type=str.upper,
+                   help="EAGLE (alias NEXTN): the checkpoint's MTP layer drafts")
+    p.add_argument("--speculative-num-steps", type=int, default=None)
+    p.add_argument("--speculative-eagle-topk", type=int, default=None)
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=None)
+    p.add_argument("--speculative-draft-model-path", default=None,
+                   help="draft checkpoint (default: the target's own MTP layer)")
+    p.add_argument("--log-level", default="INFO")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str
+    model_path: str
+    host: str
+    port: int
+    advertise_host: str
+    worker_id: str
+    device: str
+    dtype: str
+    tp_size: int
+    page_size: int
+    num_pages: int
+    mem_fraction_static: float
+    max_queued_requests: int
+    metrics_port: int
+    transfer_timeout: float
+    kv_backend: str
+    enable_custom_logit_processor: bool
+    default_thinking_budget: int | None
+    spec: SpecConfig
+    draft_model_path: str | None
+
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host}:{self.port}"
+
+
+def parse_spec(ns: argparse.Namespace) -> tuple[SpecConfig, list[str]]:
+    """SGLang's EAGLE rules; returns the config and warnings. Raises ValueError naming the flag."""
+    warnings: list[str] = []
+    given = [ns.speculative_num_steps, ns.speculative_eagle_topk, ns.speculative_num_draft_tokens]
+    if ns.speculative_algorithm is None:
+        if any(v is not None for v in given):
+            raise ValueError("--speculative-num-steps/--speculative-eagle-topk/--speculative-num-draft-tokens "
+                             "need --speculative-algorithm EAGLE")
+        return SpecConfig(algorithm=None), warnings
+    algo = SPEC_ALGORITHMS.get(ns.speculative_algorithm)
+    if algo is None:
+        raise ValueError(f"--speculative-algorithm {ns.speculative_algorithm!r} is not supported "
+                         f"(choose EAGLE or NEXTN)")
+    if all(v is None for v in given):
+        steps, topk, draft = 3, 1, 4  # SGLang's and Z.ai's recommended GLM setting
+    elif any(v is None for v in given):
+        raise ValueError("give all three of --speculative-num-steps, --speculative-eagle-topk and "
+                         "--speculative-num-draft-tokens, or none of them (default 3/1/4)")
+    else:
+        steps, topk, draft = given
+    if steps < 1:
+        raise ValueError(f"--speculative-num-steps must be >= 1, got {steps}")
+    if topk < 1:
+        raise ValueError(f"--speculative-eagle-topk must be >= 1, got {topk}")
+    if topk == 1 and draft != steps + 1:
+        warnings.append(f"--speculative-num-draft-tokens adjusted from {draft} to {steps + 1} "
+                        f"(= num_steps + 1) because --speculative-eagle-topk is 1")
+        draft = steps + 1
+    if draft < 2:
+        raise ValueError(f"--speculative-num-draft-tokens must be >= 2, got {draft}")
+    max_nodes = topk + (steps - 1) * topk * topk
+    if draft - 1 > max_nodes:
+        raise ValueError(f"--speculative-num-draft-tokens {draft} is too large: at most "
+                         f"topk + (steps-1)*topk^2 + 1 = {max_nodes + 1} for steps={steps}, topk={topk}")
+    return SpecConfig(algorithm=algo, num_steps=steps, eagle_topk=topk, num_draft_tokens=draft), warnings
+
+
+def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig, list[str]]:
+    spec, warnings = parse_spec(ns)
+    if ns.page_size < 1:
+        raise ValueError(f"--page-size must be >= 1, got {ns.page_size}")
+    if ns.tp_size != 1:
+        raise ValueError(f"--tp-size {ns.tp_size}: this build runs each worker on one device (tp 1); "
+                         "tensor parallelism is not implemented yet")
+    if not os.path.isdir(ns.model_path):
+        raise ValueError(f"--model-path {ns.model_path!r} is not a directory")
+    if ns.speculative_draft_model_path not in (None, ns.model_path):
+        raise ValueError("--speculative-draft-model-path: only the target's own MTP layer is supported "
+                         "(leave it unset or pass the target path)")
+    if ns.default_thinking_budget is not None and ns.default_thinking_budget < 0:
+        raise ValueError("--default-thinking-budget must be >= 0")
+    device = ns.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = ns.dtype
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    advertise = ns.advertise_host or (ns.host if ns.host not in ("0.0.0.0", "::") else socket.gethostname())
+    cfg = WorkerConfig(
+        role=role, model_path=ns.model_path, host=ns.host, port=ns.port, advertise_host=advertise,
+        worker_id=ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}", device=device, dtype=dtype,
+        tp_size=ns.tp_size, page_size=ns.page_size, num_pages=ns.num_pages,
+        mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
+        metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
+        enable_custom_logit_processor=ns.enable_custom_logit_processor,
+        default_thinking_budget=ns.default_thinking_budget, spec=spec,
+        draft_model_path=ns.speculative_draft_model_path,
+    )
+    return cfg, warnings

@@ -1,0 +1,58 @@
+"""The plain (non-speculative) decode step, and KV recompute for retracted requests.
+
+One step: every running request feeds its pending token at position kv_len, writes its K/V at
+logical slot kv_len, and samples the next token with its own processors and history.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.batch import ForwardBatch, SeqSpec
+from common.runtime.runner import ModelRunner
+from common.runtime.token_sampler import TokenSampler
+from common.sampling.logit_processors import RowContext
+from decode_worker.commit import StopRules, commit_tokens
+from decode_worker.scheduler import DecodeReq
+
+
+def record_logprob(req: DecodeReq, row) -> None:
+    if req.params.logprobs:
+        req.logprobs.append((row.token, row.logprob, row.top))
+
+
+def extend_kv(runner: ModelRunner, req: DecodeReq, tokens: list[int], chunk: int = 512) -> torch.Tensor:
+    """Recompute target KV of `tokens` (positions 0..n-1) into the request's pages.
+
+    Returns the post-norm hidden states [n, H] (the MTP draft's input)."""
+    hiddens = []
+    for start in range(0, len(tokens), chunk):
+        end = min(start + chunk, len(tokens))
+        spec = SeqSpec(tokens[start:end], range(start, end), seq_len=end, pages=req.pages, logit_rows=[])
+        _, hidden = runner.forward(ForwardBatch.build([spec], runner.page_size, runner.device))
+        hiddens.append(hidden)
+    return torch.cat(hiddens)
+
+
+class PlainStepper:
+    def __init__(self, runner: ModelRunner, sampler: TokenSampler, rules: StopRules) -> None:
+        self.runner = runner
+        self.sampler = sampler
+        self.rules = rules
+
+    def step(self, reqs: list[DecodeReq]) -> None:
+        seqs = [SeqSpec([r.pending], [r.kv_len], seq_len=r.kv_len + 1, pages=r.pages) for r in reqs]
+        logits, _ = self.runner.forward(ForwardBatch.build(seqs, self.runner.page_size, self.runner.device))
+        rows = self.sampler.sample(logits, [RowContext(r.params, r.prompt_ids, r.output_ids) for r in reqs])
+        for req, row in zip(reqs, rows):
+            req.kv_len += 1
+            commit_tokens(req, [row.token], self.rules)
+            record_logprob(req, row)
+
+    def on_kv_arrival(self, req: DecodeReq, aux: object) -> None:
+        pass
+
+    def recompute(self, req: DecodeReq) -> None:
+        history = req.prompt_ids + req.output_ids[:-1]
+        extend_kv(self.runner, req, history)
+        req.kv_len = len(history)

@@ -1,0 +1,238 @@
+"""The decode engine thread: THE hot loop.
+
+    inbox -> admit (reserve pages) -> batch -> grow/retract -> step (plain or EAGLE) -> emit
+
+Everything else (what a step does, how KV arrives, how a request is answered) lives in helpers.
+All scheduler state is owned by this thread; other threads talk to it through `inbox`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from common import metrics
+from decode_worker.commit import StopRules, commit_tokens
+from decode_worker.output import ErrorEvent, FinishEvent, TokenEvent
+from decode_worker.scheduler import DecodeReq, QueueFullError, ReqState, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Stepper(Protocol):
+    """Advances a batch of running requests by one engine step (plain decode or EAGLE)."""
+
+    def step(self, reqs: list[DecodeReq]) -> None: ...
+    def on_kv_arrival(self, req: DecodeReq, aux: Any) -> None: ...
+    def recompute(self, req: DecodeReq) -> None: ...
+
+
+class DecodeEngine:
+    def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules, worker_id: str = "decode") -> None:
+        self.sched = sched
+        self.stepper = stepper
+        self.rules = rules
+        self.worker_id = worker_id
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+        self._reserved: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.last_progress = time.monotonic()
+        self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
+
+    # ------------------------------------------------------------------ called from other threads
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        self.thread.join(timeout)
+
+    def submit(self, req: DecodeReq, admitted: asyncio.Future) -> None:
+        """`admitted` resolves to None, or to an exception (queue full, bad request)."""
+        self.inbox.put(("submit", (req, asyncio.get_running_loop(), admitted)))
+
+    def abort(self, request_id: str, code: str = "CANCELLED", message: str = "aborted") -> None:
+        self.inbox.put(("abort", (request_id, code, message)))
+
+    def kv_ready(self, transfer_id: int, aux: Any) -> None:
+        self.inbox.put(("kv_ready", (transfer_id, aux)))
+
+    def kv_failed(self, transfer_id: int, reason: str) -> None:
+        self.inbox.put(("kv_failed", (transfer_id, reason)))
+
+    async def wait_reserved(self, transfer_id: int, timeout: float) -> bool:
+        """Resolves True once the decode request with this transfer id holds its pages."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        with self._lock:
+            if transfer_id in self._reserved:
+                return True
+            self._waiters.setdefault(transfer_id, []).append((loop, fut))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                lst = self._waiters.get(transfer_id, [])
+                if (loop, fut) in lst:
+                    lst.remove((loop, fut))
+                if not lst:
+                    self._waiters.pop(transfer_id, None)
+
+    def is_reserved(self, transfer_id: int) -> bool:
+        with self._lock:
+            return transfer_id in self._reserved
+
+    def stalled(self, limit_s: float) -> bool:
+        busy = bool(self.sched.running or self.sched.ready)
+        return busy and time.monotonic() - self.last_progress > limit_s
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = not (self.sched.running or self.sched.ready)
+            self._drain_inbox(block=idle)
+            self._expire_deadlines()
+            for req in self.sched.admit():
+                self._mark_reserved(req, True)
+            batch = self.sched.next_batch()
+            if not batch:
+                self.last_progress = time.monotonic()
+                self._report()
+                continue
+            for req in self.sched.grow(batch):
+                log.warning("KV pool full: retracted %s (%d tokens kept, KV recomputed on resume)",
+                            req.request_id, len(req.output_ids))
+                metrics.errors_total().labels(code="RETRACTED").inc()
+            batch = [r for r in batch if r.state is ReqState.RUNNING]
+            try:
+                for req in batch:
+                    if req.needs_recompute:
+                        self.stepper.recompute(req)
+                        req.needs_recompute = False
+                if batch:
+                    self.stepper.step(batch)
+            except Exception as e:  # a failed step fails its batch, never the process
+                log.exception("decode step failed")
+                for req in batch:
+                    self._fail(req, "INTERNAL", f"decode step failed: {e}")
+                continue
+            for req in batch:
+                self._emit(req)
+            self.last_progress = time.monotonic()
+            self._report()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            getattr(self, f"_on_{kind}")(payload)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _on_wake(self, _: Any) -> None:
+        pass
+
+    def _on_submit(self, payload: tuple[DecodeReq, asyncio.AbstractEventLoop, asyncio.Future]) -> None:
+        req, loop, fut = payload
+        try:
+            self.sched.submit(req)
+            result: Any = None
+        except (QueueFullError, ValueError) as e:
+            result = e
+        loop.call_soon_threadsafe(_resolve, fut, result)
+
+    def _on_abort(self, payload: tuple[str, str, str]) -> None:
+        request_id, code, message = payload
+        req = self.sched.by_id.get(request_id)
+        if req is not None:
+            self._fail(req, code, message)
+
+    def _on_kv_ready(self, payload: tuple[int, Any]) -> None:
+        transfer_id, aux = payload
+        req = self.sched.waiting_kv.get(transfer_id)
+        if req is None:
+            log.warning("KV for unknown or aborted transfer %d dropped", transfer_id)
+            return
+        req.kv_len = req.prompt_len
+        self.stepper.on_kv_arrival(req, aux)
+        commit_tokens(req, [aux.first_token], self.rules)
+        if req.params.logprobs:
+            req.logprobs.append((aux.first_token, aux.first_logprob, []))
+        self.sched.kv_arrived(req)
+        if req.finish is not None:  # the first token already ended it (eos, max_tokens=1)
+            self._emit(req)
+
+    def _on_kv_failed(self, payload: tuple[int, str]) -> None:
+        transfer_id, reason = payload
+        req = self.sched.waiting_kv.get(transfer_id)
+        if req is not None:
+            self._fail(req, "UNAVAILABLE", f"KV transfer failed: {reason}")
+
+    # ------------------------------------------------------------------ helpers
+    def _mark_reserved(self, req: DecodeReq, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._reserved.add(req.transfer_id)
+            else:
+                self._reserved.discard(req.transfer_id)
+            waiters = self._waiters.pop(req.transfer_id, []) if ok else []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_resolve, fut, True)
+
+    def _expire_deadlines(self) -> None:
+        now = time.time()
+        for req in list(self.sched.by_id.values()):
+            if req.deadline is not None and now > req.deadline:
+                self._fail(req, "DEADLINE_EXCEEDED", "request deadline passed on the decode worker")
+
+    def _fail(self, req: DecodeReq, code: str, message: str) -> None:
+        self.sched.release(req)
+        self._mark_reserved(req, False)
+        req.channel.put(ErrorEvent(code, message))
+        metrics.errors_total().labels(code=code).inc()
+
+    def _emit(self, req: DecodeReq) -> None:
+        new = req.output_ids[req.emitted:]
+        if new:
+            lps = req.logprobs[req.emitted:] if req.params.logprobs else []
+            req.emitted = len(req.output_ids)
+            req.channel.put(TokenEvent(list(new), list(lps), len(req.output_ids),
+                                       req.verify_steps, req.accepted_drafts))
+        if req.finish is not None:
+            req.channel.put(req.finish)
+            self.sched.release(req)
+            self._mark_reserved(req, False)
+
+    def _report(self) -> None:
+        load = self.sched.load()
+        metrics.queue_depth().labels(queue="decode_waiting_memory").set(load["queued"])
+        metrics.queue_depth().labels(queue="decode_waiting_kv").set(load["waiting_for_kv"])
+        metrics.queue_depth().labels(queue="decode_running").set(load["running"])
+        metrics.kv_pages().labels(state="free").set(load["free_pages"])
+        metrics.kv_pages().labels(state="used").set(load["total_pages"] - load["free_pages"])
+
+
+def _resolve(fut: asyncio.Future, result: Any) -> None:
+    if fut.done():
+        return
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)
+
+
+FinishCallback = Callable[[DecodeReq, FinishEvent], None]
