@@ -218,6 +218,20 @@ class WorkerLoad(_message.Message):
     kv_transfer_gbps: float
     def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., waiting_for_kv: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_transfer_gbps: _Optional[float] = ...) -> None: ...
 
+class ReserveQuery(_message.Message):
+    __slots__ = ("transfer_id", "timeout_seconds")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: int
+    timeout_seconds: float
+    def __init__(self, transfer_id: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class ReserveReply(_message.Message):
+    __slots__ = ("reserved",)
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    reserved: bool
+    def __init__(self, reserved: _Optional[bool] = ...) -> None: ...
+
 class PairRequest(_message.Message):
     __slots__ = ("prefill",)
     PREFILL_FIELD_NUMBER: _ClassVar[int]

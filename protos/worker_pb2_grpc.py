@@ -261,6 +261,11 @@ class DecodeWorkerStub:
                 request_serializer=protos_dot_worker__pb2.PairRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.PairResponse.FromString,
                 _registered_method=True)
+        self.AwaitReserved = channel.unary_unary(
+                '/glmserve.worker.v1.DecodeWorker/AwaitReserved',
+                request_serializer=protos_dot_worker__pb2.ReserveQuery.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.ReserveReply.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer:
@@ -298,6 +303,12 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AwaitReserved(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -325,6 +336,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Pair,
                     request_deserializer=protos_dot_worker__pb2.PairRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.PairResponse.SerializeToString,
+            ),
+            'AwaitReserved': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitReserved,
+                    request_deserializer=protos_dot_worker__pb2.ReserveQuery.FromString,
+                    response_serializer=protos_dot_worker__pb2.ReserveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -462,6 +478,33 @@ class DecodeWorker:
             '/glmserve.worker.v1.DecodeWorker/Pair',
             protos_dot_worker__pb2.PairRequest.SerializeToString,
             protos_dot_worker__pb2.PairResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitReserved(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glmserve.worker.v1.DecodeWorker/AwaitReserved',
+            protos_dot_worker__pb2.ReserveQuery.SerializeToString,
+            protos_dot_worker__pb2.ReserveReply.FromString,
             options,
             channel_credentials,
             insecure,
