@@ -176,8 +176,15 @@ def paged_attention(
     v_cache: torch.Tensor,  # [P,S,Hk,D]
     batch: ForwardBatch,
     scale: float,
-    num_splits: int | None = None,  # tests force split-K; callers leave None
 ) -> torch.Tensor:  # [T,Hq,D]
+    """Attention of every query over its visible slots (see module docstring); kernel by batch shape."""
+    return paged_attention_splits(q, k_cache, v_cache, batch, scale, None)
+
+
+def paged_attention_splits(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
+    num_splits: int | None,  # None: plan(); tests and benchmarks force split-K counts
+) -> torch.Tensor:
     n_tok, hq, d = q.shape
     hk = k_cache.shape[2]
     if q.stride(-1) != 1:
@@ -218,4 +225,4 @@ def paged_attention(
     return out
 
 
-__all__ = ["paged_attention", "plan"]
+__all__ = ["paged_attention", "paged_attention_splits", "plan"]

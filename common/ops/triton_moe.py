@@ -327,9 +327,15 @@ def fused_moe(
     w2: torch.Tensor,  # [E,H,I]
     weights: torch.Tensor,  # [T,k] fp32
     ids: torch.Tensor,  # [T,k] int32
-    config: dict | None = None,  # benchmarks/tune_moe.py passes candidates; callers leave None
 ) -> torch.Tensor:  # [T,H]
-    """sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j]."""
+    """sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j]; tuned/heuristic config."""
+    return fused_moe_with_config(x, w13, w2, weights, ids, None)
+
+
+def fused_moe_with_config(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    config: dict | None,  # None: get_config(); benchmarks/tune_moe.py and tests pass candidates
+) -> torch.Tensor:
     n_tok, hidden = x.shape
     num_experts, n2, _ = w13.shape
     inter = n2 // 2
@@ -355,4 +361,5 @@ def fused_moe(
     return out
 
 
-__all__ = ["align_block_size", "config_name", "default_config", "fused_moe", "get_config", "grouped_topk"]
+__all__ = ["align_block_size", "config_name", "default_config", "fused_moe", "fused_moe_with_config", "get_config",
+           "grouped_topk"]

@@ -1,0 +1,219 @@
+"""Every Triton kernel on the CPU interpreter (TRITON_INTERPRET=1) against its torch twin.
+
+Each kernel group runs in its own subprocess with the interpreter switched on before Triton is
+imported, so nothing leaks into other tests. Inside the subprocess `torch.empty` is poisoned (NaN
+for floats, 1 for integers: a valid index that gives wrong answers if an internal buffer is read
+before it is written), inputs are fresh random data each run (the seed is printed), and results are
+compared by relative error of the norm against the reference run in float64. The interpreter
+cannot do bf16 arithmetic, so the kernels run in fp16 and fp32 here (bf16 runs in tests/gpu).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+GROUPS = ("norm", "kv", "moe", "attention")
+
+pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_interpret(group: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
+                          timeout=80, cwd=REPO)
+    assert proc.returncode == 0, f"{group} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert f"OK {group}" in proc.stdout
+
+
+# --------------------------------------------------------------------------- subprocess side
+def _setup() -> None:
+    import numpy as np
+    import torch
+    import triton.runtime.interpreter as interp
+
+    # numpy >= 2.4 refuses int() of 1-element arrays, which the 3.6 interpreter does for runtime
+    # loop bounds; index through the one element instead.
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):  # type: ignore[no-untyped-def]
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1)
+
+    torch.empty = poisoned_empty
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"seed {seed}")
+
+
+def _rel(out, ref) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    assert torch.isfinite(out).all(), "non-finite output (unwritten or NaN)"
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def _check(name: str, out, ref, dtype) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    err = _rel(out, ref)
+    print(f"{name:40s} {str(dtype):14s} rel {err:.2e}")
+    assert err < tol, f"{name}: rel error {err:.2e} >= {tol}"
+
+
+def _group_norm() -> None:
+    import torch
+
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    for dt in (torch.float16, torch.float32):
+        big = torch.randn(6, 200, dtype=dt)
+        x = big[1:6, :96]  # strided rows, H not a power of two
+        r, w = torch.randn(5, 96, dtype=dt), torch.randn(96, dtype=dt)
+        _check("rms_norm", tn.rms_norm(x, w, 1e-5), ref.rms_norm(x.double(), w.double(), 1e-5), dt)
+        out, res = tn.fused_add_rms_norm(x, r, w, 1e-6)
+        ro, rr = ref.fused_add_rms_norm(x, r, w, 1e-6)  # same-dtype sum, as the kernel does
+        _check("fused_add_rms_norm.out", out, ro, dt)
+        _check("fused_add_rms_norm.residual", res, rr, dt)
+        n, hq, hk, d, rot = 4, 6, 2, 48, 32
+        qkv = torch.randn(n, (hq + 2 * hk) * d, dtype=dt)
+        q, k = qkv[:, : hq * d].view(n, hq, d), qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
+        pos = torch.randint(0, 64, (n,))
+        inv = 10000.0 ** (-torch.arange(0, rot, 2).float() / rot)
+        ang = torch.arange(64).float()[:, None] * inv[None]
+        cos_sin = torch.cat((ang.cos(), ang.sin()), -1)
+        for qw, kw in ((torch.randn(d, dtype=dt), torch.randn(d, dtype=dt)), (None, None)):
+            a, b = tn.qk_norm_rope(q, k, pos, cos_sin, rot, qw, kw, 1e-6)
+            ra, rb = ref.qk_norm_rope(q, k, pos, cos_sin, rot, qw, kw, 1e-6)
+            tag = "weights" if qw is not None else "no-norm"
+            _check(f"qk_norm_rope.q ({tag})", a, ra, dt)
+            _check(f"qk_norm_rope.k ({tag})", b, rb, dt)
+
+
+def _group_kv() -> None:
+    import torch
+
+    from common.ops import reference as ref
+    from common.ops import triton_kv as tk
+
+    for dt in (torch.float16, torch.float32):
+        p, s, hk, d, n = 12, 4, 3, 24, 9
+        kc = torch.full((p, s, hk, d), float("nan"), dtype=dt)
+        vc = torch.full((p, s, hk, d), float("nan"), dtype=dt)
+        slots = torch.randperm(p * s)[:n]
+        kv = torch.randn(n, 2, hk, d, dtype=dt)  # strided k/v views
+        k, v = kv[:, 0], kv[:, 1]
+        rk, rv = kc.clone(), vc.clone()
+        ref.store_kv(rk, rv, k, v, slots)
+        tk.store_kv(kc, vc, k, v, slots)
+        assert torch.equal(kc.nan_to_num(7.0), rk.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), rv.nan_to_num(7.0))
+        print(f"store_kv {dt} exact")
+
+
+def _group_moe() -> None:
+    import torch
+
+    from common.ops import reference as ref
+    from common.ops import triton_moe as tm
+
+    for n, e, k, g, tg in ((5, 16, 4, 1, 1), (6, 32, 4, 4, 2), (7, 20, 3, 1, 1)):
+        logits, bias = torch.randn(n, e), torch.randn(e) * 0.1
+        w, i = tm.grouped_topk(logits, bias, k, g, tg, True, 2.5)
+        rw, ri = ref.grouped_topk(logits, bias, k, g, tg, True, 2.5)
+        si, oi = i.sort(1)
+        sr, orr = ri.sort(1)
+        assert torch.equal(si, sr), f"grouped_topk ids differ (E={e}, G={g})"
+        _check(f"grouped_topk E={e} G={g}", w.gather(1, oi), rw.gather(1, orr), torch.float32)
+    for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (200, 8, 24, 32)):  # last: multi-chunk path
+        ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
+        sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
+        flat, numel = ids.reshape(-1), n * k
+        placed = torch.zeros(numel, dtype=torch.int64)
+        for blk, ex in enumerate(block_expert.tolist()):
+            rows = sorted_ids[blk * bm : (blk + 1) * bm]
+            if ex < 0:
+                continue
+            real = rows[rows < numel].long()
+            assert (rows[rows >= numel] == numel).all(), "padding must hold the sentinel"
+            assert (flat[real] == ex).all(), "row placed under the wrong expert"
+            placed[real] += 1
+        assert (placed == 1).all(), "every assignment placed exactly once"
+        print(f"align_block_size T={n} k={k} E={e} BM={bm} ok")
+    big = {"BLOCK_M": 64, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
+           "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}
+    for dt in (torch.float16, torch.float32):
+        for n, e, k, h, inter, cfg in ((3, 8, 2, 64, 48, None), (20, 8, 4, 128, 128, None), (40, 6, 3, 64, 40, big)):
+            x = torch.randn(n, h, dtype=dt)
+            w13 = torch.randn(e, 2 * inter, h, dtype=dt) / h**0.5
+            w2 = torch.randn(e, h, inter, dtype=dt) / inter**0.5
+            w, i = ref.grouped_topk(torch.randn(n, e), torch.zeros(e), k, 1, 1, True, 1.5)
+            out = tm.fused_moe_with_config(x, w13, w2, w, i, cfg)
+            want = ref.fused_moe(x.double(), w13.double(), w2.double(), w, i)
+            _check(f"fused_moe T={n} E={e} k={k} H={h} I={inter}", out, want, dt)
+        assert tm.fused_moe(x, w13, w2, w, i).shape == x.shape
+
+
+def _group_attention() -> None:
+    import torch
+
+    from common.attention import torch_ref
+    from common.attention import triton_paged as tp
+    from common.batch import ForwardBatch, SeqSpec
+
+    def build(specs, page, pages_total, hk, hq, d, dt):  # type: ignore[no-untyped-def]
+        perm = (torch.randperm(pages_total - 1) + 1).tolist()  # page 0 stays the dummy page
+        seqs, used = [], 0
+        for q, seq_len, prefix, masked in specs:
+            prefix = seq_len - q if prefix is None else prefix
+            need = -(-seq_len // page)
+            mask = None
+            if masked:  # random tree-like block; every query sees its own slot
+                cols = seq_len - prefix
+                mask = torch.rand(q, cols) < 0.5
+                mask[torch.arange(q), cols - q + torch.arange(q)] = True
+            seqs.append(SeqSpec(input_ids=[1] * q, positions=list(range(q)), seq_len=seq_len,
+                                pages=perm[used : used + need], prefix_len=prefix, mask=mask))
+            used += need
+        batch = ForwardBatch.build(seqs, page)
+        kc = torch.randn(pages_total, page, hk, d).to(dt)
+        vc = torch.randn(pages_total, page, hk, d).to(dt)
+        return torch.randn(batch.num_tokens, hq, d).to(dt), kc, vc, batch
+
+    cases = [  # (name, [(q, seq_len, prefix|None, masked)], page, hk, hq, d, forced splits)
+        ("decode", [(1, 37, None, False), (1, 5, None, False)], 8, 2, 6, 32, None),
+        ("decode split-K=3", [(1, 100, None, False), (1, 70, None, False)], 8, 2, 6, 32, 3),
+        ("decode no split, G=1, D=24", [(1, 41, None, False)], 4, 4, 4, 24, 1),
+        ("extend with prefix (small)", [(7, 30, 10, False), (20, 20, 0, False)], 8, 2, 6, 32, None),
+        ("extend with prefix (BM=128)", [(30, 50, 5, False), (2, 9, None, False)], 4, 2, 6, 32, None),
+        ("verify mask", [(4, 40, 30, True), (3, 25, 12, True)], 8, 2, 6, 32, None),
+        ("verify mask split-K=4", [(4, 60, 30, True), (3, 25, 12, False)], 8, 2, 6, 32, 4),
+        ("extend mask (BM=128)", [(30, 50, 20, True), (1, 9, None, True)], 4, 2, 6, 32, None),
+    ]
+    for dt in (torch.float16, torch.float32):
+        for name, specs, page, hk, hq, d, splits in cases:
+            q, kc, vc, batch = build(specs, page, 48, hk, hq, d, dt)
+            out = tp.paged_attention_splits(q, kc, vc, batch, d**-0.5, splits)
+            want = torch_ref.paged_attention(q.double(), kc.double(), vc.double(), batch, d**-0.5)
+            _check(f"paged_attention {name}", out, want, dt)
+
+
+if __name__ == "__main__":
+    _setup()
+    group = sys.argv[1]
+    {"norm": _group_norm, "kv": _group_kv, "moe": _group_moe, "attention": _group_attention}[group]()
+    print(f"OK {group}")
