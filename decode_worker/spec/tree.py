@@ -75,7 +75,7 @@ class DraftFrontier:
         device = topk_p.device
         self.k = k
         self.level = 0  # frontier level; forwarded next at scratch columns [level*k, (level+1)*k)
-        self.scores = topk_p.float()  # [B, k] cumulative scores of the frontier
+        self.scores = _nan_to_neg_inf(topk_p.float())  # [B, k] cumulative scores of the frontier
         self.tokens = topk_idx.long()  # [B, k] frontier tokens (input ids of the next draft forward)
         self.flat = torch.arange(k, device=device).expand(b, k)  # [B, k] flat candidate index
         self._mask = torch.eye(k, dtype=torch.bool, device=device).expand(b, k, k)  # [B, k, (level+1)k]
@@ -98,7 +98,7 @@ class DraftFrontier:
         # child score <= parent score even after rounding: keeps the selected set ancestor-closed
         sigma = self.scores[:, :, None]
         scores = torch.minimum(sigma * child_p.float(), sigma).reshape(b, k * k)
-        scores = torch.nan_to_num(scores, nan=float("-inf"))
+        scores = _nan_to_neg_inf(scores)
         tokens = child_idx.long().reshape(b, k * k)
         base = k + self.level * k * k
         order = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # [B, k]
@@ -147,7 +147,7 @@ def select_tree(
     if not 1 <= n - 1 <= m:
         raise ValueError(f"num_draft_tokens - 1 = {n - 1} must be in [1, {m}] (number of candidates)")
     device = scores.device
-    clean = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    clean = _nan_to_neg_inf(scores.float())
     chosen = clean.sort(dim=-1, descending=True, stable=True).indices[:, : n - 1]
     chosen = chosen.sort(dim=-1).values  # [B, N-1] ascending flat index: parents before children
     parent_flat = parents.gather(1, chosen)
@@ -196,3 +196,7 @@ def child_links(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     later = same_parent & (idx[None, None, :] > idx[None, :, None])  # [B, node j, node j']
     next_sibling = torch.where(later.any(-1), later.int().argmax(-1), -1)
     return first_child, next_sibling
+
+
+def _nan_to_neg_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x), float("-inf"), x)
