@@ -143,7 +143,7 @@ def read_pickled_global(data: bytes) -> tuple[str, str]:
                 )
     except CustomProcessorError:
         raise
-    except Exception as exc:  # genops: truncated / malformed stream
+    except (ValueError, EOFError) as exc:  # genops: truncated / malformed stream
         raise CustomProcessorError(f"custom_logit_processor callable is not a valid pickle: {exc}") from None
     raise CustomProcessorError("custom_logit_processor pickle has no STOP opcode")
 

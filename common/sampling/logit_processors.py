@@ -22,8 +22,8 @@ Order inside `apply_processors` (each step only touches rows that use it):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -20,7 +20,8 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -73,7 +74,7 @@ def target_probs(
     `filtered`: whether any row uses top-k/top-p/min-p (None: decided from the tensors, which costs
     a device sync; pass it from host-side params on the hot path).
     """
-    num_rows, vocab = logits.shape
+    vocab = logits.shape[1]
     greedy = (temperature <= 0) | (top_k == 1)  # [R]
     temp = torch.where(greedy, torch.ones_like(temperature), temperature)
     probs = torch.softmax(logits.float() / temp[:, None], dim=-1)

@@ -188,7 +188,7 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:  # [B, N, N] bool
 
 def child_links(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(first_child [B, N], next_sibling [B, N]) from a parent array; -1 where none."""
-    b, n = parents.shape
+    n = parents.shape[1]
     idx = torch.arange(n, device=parents.device)
     is_child = parents[:, None, :] == idx[None, :, None]  # [B, parent p, node j]
     first_child = torch.where(is_child.any(-1), is_child.int().argmax(-1), -1)

@@ -98,7 +98,7 @@ def _walk(tree: VerifyTree, num_steps: int, acceptable) -> tuple[torch.Tensor, t
 
 
 def _result(tree: VerifyTree, path: torch.Tensor, bonus: torch.Tensor) -> VerifyResult:
-    b, width = path.shape
+    width = path.shape[1]
     num_accepted = (path >= 0).sum(dim=1) - 1
     drafts = tree.tokens.gather(1, path.clamp(min=0))  # [B, S+1]
     col = torch.arange(width, device=path.device)[None, :]

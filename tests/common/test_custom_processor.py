@@ -6,6 +6,8 @@ import sys
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.sampling.custom_processor import (
     BuiltinProcessor,
@@ -73,7 +75,7 @@ def test_disabled_rejects_everything_with_the_flag_name():
     assert resolve_custom_processor("", enabled=False) is None
 
 
-@pytest.mark.parametrize("protocol", range(0, pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_every_protocol_of_the_class_reference(fake_sglang_module, protocol):
     data = pickle.dumps(fake_sglang_module.Glm4MoeThinkingBudgetLogitProcessor, protocol=protocol)
     assert resolve_custom_processor(_to_str(data), enabled=True) is BuiltinProcessor.THINKING_BUDGET
@@ -155,3 +157,25 @@ def test_extra_global_on_the_stack_rejected():
 def test_malformed_values(value, message):
     with pytest.raises(CustomProcessorError, match=message):
         resolve_custom_processor(value, enabled=True)
+
+
+_GOOD = bytes.fromhex(json.loads(SGLANG_TO_STR)["callable"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("rid"), st.integers(0, len(_GOOD)), st.integers(0, 255)), max_size=4))
+def test_mutated_streams_only_resolve_or_raise_the_gate_error(edits):
+    data = bytearray(_GOOD)
+    for kind, pos, byte in edits:
+        pos = min(pos, len(data) - 1) if data else 0
+        if kind == "r" and data:
+            data[pos] = byte
+        elif kind == "i":
+            data.insert(pos, byte)
+        elif data:
+            del data[pos]
+    try:
+        got = resolve_custom_processor(_to_str(bytes(data)), enabled=True)
+    except CustomProcessorError:
+        return
+    assert got is BuiltinProcessor.THINKING_BUDGET

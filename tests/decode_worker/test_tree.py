@@ -189,7 +189,7 @@ def test_ancestor_mask_and_links_on_random_parent_arrays(raw):
     n = len(parents)
     p = torch.tensor([parents])
     mask = ancestor_mask(p)[0]
-    first, nxt = child_links(p)
+    first, _ = child_links(p)
     for j in range(n):
         anc, a = {j}, j
         while parents[a] >= 0:
