@@ -64,9 +64,13 @@ def make_tiny_model(
     seed: int = 0,
     num_layers: int = 3,
     shards: int = 1,
+    weight_dtype: torch.dtype = torch.float32,
     **overrides: Any,
 ) -> Path:
-    """Write the model directory and return its path. `overrides` replace config.json fields."""
+    """Write the model directory and return its path. `overrides` replace config.json fields.
+
+    `weight_dtype` (default fp32) is the stored dtype of every tensor except the correction bias,
+    which stays fp32 as in the real checkpoints; bf16 halves the size of large test models."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = write_tokenizer_files(out, template)
@@ -76,6 +80,8 @@ def make_tiny_model(
     config.update(vocab_size=vocab, eos_token_id=info.eos_token_ids, pad_token_id=info.pad_token_id)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = random_weights(config, seed)
+    if weight_dtype != torch.float32:
+        tensors = {n: t if n.endswith("e_score_correction_bias") else t.to(weight_dtype) for n, t in tensors.items()}
     _save(tensors, out, shards)
     return out
 
