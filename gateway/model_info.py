@@ -1,0 +1,66 @@
+"""What the gateway reads from the model directory besides the tokenizer: limits and defaults.
+
+config.json (optional for the gateway): vocab_size, max_position_embeddings.
+generation_config.json: eos_token_id (int or list) and sampling defaults (temperature, top_p,
+top_k, min_p, repetition_penalty) used when a request leaves them unset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0            # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    defaults: SamplingDefaults
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, tokenizer_vocab_size: int, tokenizer_eos_id: int | None,
+                 context_length: int | None = None) -> ModelInfo:
+        d = Path(path)
+        config = _read_json(d / "config.json")
+        gen = _read_json(d / "generation_config.json")
+        tok_cfg = _read_json(d / "tokenizer_config.json")
+        vocab = max(int(config.get("vocab_size") or 0), tokenizer_vocab_size)
+        ctx = context_length or config.get("max_position_embeddings") or tok_cfg.get("model_max_length")
+        if not ctx or int(ctx) <= 0:
+            raise ValueError(f"{d}: no max_position_embeddings in config.json and no model_max_length in "
+                             "tokenizer_config.json; pass --context-length")
+        eos = gen.get("eos_token_id", config.get("eos_token_id"))
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not eos_ids and tokenizer_eos_id is not None:
+            eos_ids = [tokenizer_eos_id]
+        base = SamplingDefaults()
+        defaults = SamplingDefaults(
+            temperature=float(gen.get("temperature", base.temperature)),
+            top_p=float(gen.get("top_p", base.top_p)),
+            top_k=max(int(gen.get("top_k", base.top_k)), 0),
+            min_p=float(gen.get("min_p", base.min_p)),
+            repetition_penalty=float(gen.get("repetition_penalty", base.repetition_penalty)),
+        )
+        return cls(path=str(d), vocab_size=vocab, context_length=int(ctx),
+                   eos_token_ids=tuple(int(i) for i in eos_ids), defaults=defaults)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}

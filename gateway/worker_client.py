@@ -1,0 +1,233 @@
+"""Channels and stubs of the workers, and the two legs of one request.
+
+`WorkerEndpoint` is one worker (address, stub, last known info/load, health flag).
+`Dispatch` runs one attempt of a request on a (prefill, decode) pair: the decode leg
+(DecodeWorker.Generate, server-stream) and the prefill leg (PrefillWorker.Prefill) are opened
+concurrently with the same transfer_id; decode chunks are yielded as they come. If either leg
+fails, the other is cancelled and both workers get Abort. If the consumer stops early (client
+cancelled, deadline, stop string) both calls are cancelled and both workers get Abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from common.service import client_channel_options
+from gateway.errors import GatewayError
+from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+Code = grpc.StatusCode
+
+# Worker statuses after which another (prefill, decode) pair may succeed, before the first token.
+RETRYABLE = {Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.ABORTED, Code.FAILED_PRECONDITION}
+# Statuses passed to the client unchanged (the worker's message says what to fix).
+PASSTHROUGH = {Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.ABORTED, Code.FAILED_PRECONDITION,
+               Code.OUT_OF_RANGE, Code.DEADLINE_EXCEEDED}
+
+
+class WorkerEndpoint:
+    """One worker: its channel and stub, and what the router last learned about it."""
+
+    def __init__(self, role: str, address: str, max_message_bytes: int) -> None:
+        assert role in ("prefill", "decode")
+        self.role = role
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=client_channel_options(max_message_bytes))
+        stub_cls = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
+        self.stub = stub_cls(self.channel)
+        self.healthy = False
+        self.info: worker_pb2.WorkerInfo | None = None
+        self.load: worker_pb2.WorkerLoad | None = None
+        self.dispatched_since_poll = 0  # requests sent since `load` was read
+        self.inflight = 0               # requests of this gateway currently on the worker
+
+    def __repr__(self) -> str:
+        return f"{self.role} worker {self.address}"
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id if self.info is not None else ""
+
+    @property
+    def score(self) -> int:
+        """Load used for least-loaded routing (lower is better)."""
+        l = self.load
+        base = (l.running + l.queued + l.waiting_for_kv) if l is not None else 0
+        return base + self.dispatched_since_poll
+
+    async def poll(self, timeout: float) -> bool:
+        """GetLoad (and GetInfo when unknown or after a recovery). Returns healthy."""
+        try:
+            if self.info is None or not self.healthy:
+                self.info = await self.stub.GetInfo(worker_pb2.InfoRequest(), timeout=timeout)
+            self.load = await self.stub.GetLoad(worker_pb2.LoadRequest(), timeout=timeout)
+            self.dispatched_since_poll = 0
+            if not self.healthy:
+                log.info("%s is up (worker_id=%s)", self, self.worker_id)
+            self.healthy = True
+        except grpc.aio.AioRpcError as e:
+            if self.healthy:
+                log.warning("%s is down: %s %s", self, e.code().name, e.details())
+            self.healthy = False
+        return self.healthy
+
+    def mark_failed(self, why: str) -> None:
+        if self.healthy:
+            log.warning("%s taken out of rotation: %s", self, why)
+        self.healthy = False
+
+    async def abort(self, request_id: str, transfer_id: int, timeout: float) -> bool:
+        try:
+            r = await self.stub.Abort(worker_pb2.AbortRequest(request_id=request_id, transfer_id=transfer_id),
+                                      timeout=timeout)
+            return r.found
+        except grpc.aio.AioRpcError as e:
+            log.debug("Abort(%s) on %s failed: %s", request_id, self, e.code().name)
+            return False
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class LegError(GatewayError):
+    """A worker call failed. `retryable`: another pair may succeed (only before the first token)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, worker: WorkerEndpoint, retryable: bool,
+                 worker_down: bool) -> None:
+        super().__init__(code, message)
+        self.worker = worker
+        self.retryable = retryable
+        self.worker_down = worker_down
+
+
+def leg_error(worker: WorkerEndpoint, e: grpc.aio.AioRpcError, deadline_s: float | None) -> LegError:
+    """Map a worker's status to the status the client gets."""
+    code, details = e.code(), e.details() or ""
+    if code == Code.DEADLINE_EXCEEDED:
+        budget = f" ({deadline_s:.1f}s)" if deadline_s is not None else ""
+        return LegError(code, f"request deadline{budget} passed while waiting for the {worker}", worker,
+                        retryable=False, worker_down=False)
+    if code in (Code.UNAVAILABLE, Code.CANCELLED):
+        # CANCELLED that we did not ask for: the worker went away (shutdown, crash) mid-call.
+        return LegError(Code.UNAVAILABLE, f"{worker} is unavailable: {details or code.name}", worker,
+                        retryable=True, worker_down=True)
+    if code in PASSTHROUGH:
+        return LegError(code, f"{worker}: {details}", worker, retryable=code in RETRYABLE, worker_down=False)
+    return LegError(Code.INTERNAL, f"{worker} failed ({code.name}): {details}", worker,
+                    retryable=False, worker_down=False)
+
+
+@dataclass
+class LegRequest:
+    request_id: str
+    transfer_id: int
+    input_ids: list[int]
+    sampling: worker_pb2.WorkerSampling
+    deadline: float | None  # time.monotonic() deadline, None = none
+
+
+class Dispatch:
+    """One attempt of one request on one (prefill, decode) pair."""
+
+    def __init__(self, prefill: WorkerEndpoint, decode: WorkerEndpoint, req: LegRequest,
+                 background: set[asyncio.Task], abort_timeout: float) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.req = req
+        self.prefill_result: worker_pb2.PrefillResult | None = None
+        self.chunks_received = 0
+        self._background = background
+        self._abort_timeout = abort_timeout
+        self._finished = False
+
+    def _timeout(self) -> tuple[float | None, float]:
+        if self.req.deadline is None:
+            return None, 0.0
+        remaining = max(self.req.deadline - time.monotonic(), 0.001)
+        return remaining, time.time() + remaining
+
+    async def chunks(self) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        r = self.req
+        timeout, deadline_unix = self._timeout()
+        decode_call = self.decode.stub.Generate(worker_pb2.DecodeRequest(
+            request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
+            prefill_worker_id=self.prefill.worker_id, deadline_unix=deadline_unix), timeout=timeout)
+        prefill_call = self.prefill.stub.Prefill(worker_pb2.PrefillRequest(
+            request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
+            decode_address=self.decode.address, decode_worker_id=self.decode.worker_id,
+            deadline_unix=deadline_unix), timeout=timeout)
+        prefill_task: asyncio.Future = asyncio.ensure_future(prefill_call)
+        prefill_task.add_done_callback(_consume_exception)
+        read_task: asyncio.Future | None = None
+        for w in (self.prefill, self.decode):
+            w.inflight += 1
+            w.dispatched_since_poll += 1
+        try:
+            while True:
+                read_task = asyncio.ensure_future(decode_call.read())
+                if not prefill_task.done():
+                    await asyncio.wait({read_task, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+                    if prefill_task.done():
+                        self._take_prefill_result(prefill_task, timeout)  # raises if the prefill leg failed
+                try:
+                    msg = await read_task
+                except grpc.aio.AioRpcError as e:
+                    raise leg_error(self.decode, e, timeout) from None
+                finally:
+                    read_task = None
+                if msg is grpc.aio.EOF:
+                    break
+                self.chunks_received += 1
+                if msg.HasField("finish"):
+                    self._finished = True
+                yield msg
+            if not prefill_task.done():  # decode finished first; the prefill result only adds usage
+                await asyncio.wait({prefill_task}, timeout=self._abort_timeout)
+            if prefill_task.done() and self.prefill_result is None:
+                try:
+                    self._take_prefill_result(prefill_task, timeout)
+                except LegError as e:  # the answer is complete; a late prefill error does not change it
+                    log.warning("request %s: prefill leg failed after decode finished: %s", r.request_id, e)
+            if not self._finished:
+                raise LegError(Code.INTERNAL, f"{self.decode} ended the stream without a finish", self.decode,
+                               retryable=False, worker_down=False)
+        finally:
+            if read_task is not None and not read_task.done():
+                read_task.cancel()
+            if not self._finished:  # failed, or the consumer stopped early: free both legs
+                decode_call.cancel()
+                prefill_call.cancel()
+                prefill_task.cancel()
+                self._abort(self.prefill, self.decode)
+            elif not prefill_task.done():
+                prefill_call.cancel()
+                prefill_task.cancel()
+                self._abort(self.prefill)
+            for w in (self.prefill, self.decode):
+                w.inflight -= 1
+
+    def _take_prefill_result(self, task: asyncio.Future, timeout: float | None) -> None:
+        try:
+            self.prefill_result = task.result()
+        except grpc.aio.AioRpcError as e:
+            raise leg_error(self.prefill, e, timeout) from None
+
+    def _abort(self, *workers: WorkerEndpoint) -> None:
+        """Send Abort in the background (survives the caller's cancellation)."""
+        for w in workers:
+            t = asyncio.get_running_loop().create_task(
+                w.abort(self.req.request_id, self.req.transfer_id, self._abort_timeout))
+            self._background.add(t)
+            t.add_done_callback(self._background.discard)
+
+
+def _consume_exception(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved here so an abandoned leg never logs "exception was never retrieved"
