@@ -1,0 +1,79 @@
+"""Gateway process assembly: servicer + health (aio) + reflection + metrics, and ordered shutdown.
+
+Readiness ("glmserve.v1.Gateway") is SERVING once the tokenizer and template are loaded and at
+least one prefill and one decode worker answer; it follows the router's view afterwards and turns
+NOT_SERVING first on SIGTERM, before in-flight requests get `shutdown_grace` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from common import metrics
+from common.service import Health, add_health, add_reflection, make_server, serve_until_signal
+from gateway.config import GatewayConfig
+from gateway.pipeline import Pipeline
+from gateway.router import Router
+from gateway.servicer import GatewayServicer
+from protos import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # "glmserve.v1.Gateway"
+
+
+@dataclass
+class GatewayServer:
+    config: GatewayConfig
+    server: grpc.aio.Server
+    health: Health
+    router: Router
+    pipeline: Pipeline
+    port: int
+    metrics_port: int | None
+
+    @classmethod
+    async def start(cls, config: GatewayConfig) -> GatewayServer:
+        """Load the model files, bind, start serving, connect to the workers."""
+        server = make_server(config.max_message_bytes)
+        health = await add_health(server, [SERVICE_NAME])
+        add_reflection(server, [SERVICE_NAME])
+
+        async def on_readiness(ready: bool) -> None:
+            await health.set_ready(ready)
+
+        router = Router(config.prefill, config.decode, rpc_timeout=config.worker_rpc_timeout,
+                        interval=config.health_check_interval, max_message_bytes=config.max_message_bytes,
+                        on_readiness=on_readiness)
+        pipeline = Pipeline.from_config(config, router)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline), server)
+        port = server.add_insecure_port(config.listen)
+        if port == 0:
+            raise RuntimeError(f"could not bind {config.listen}")
+        await server.start()
+        metrics_port = metrics.start_metrics_server(config.metrics_port)
+        await router.start()  # first health round; readiness follows it
+        log.info("gateway serving %s on port %d (%s), metrics %s, prefill %s, decode %s",
+                 config.model_name, port, "ready" if router.ready else "waiting for workers",
+                 metrics_port, list(config.prefill), list(config.decode))
+        return cls(config, server, health, router, pipeline, port, metrics_port)
+
+    async def drain(self) -> None:
+        await self.health.set_draining()
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.set_draining()
+        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+        await self.pipeline.close()
+        await self.router.close()
+
+
+async def serve(config: GatewayConfig) -> None:
+    gw = await GatewayServer.start(config)
+    try:
+        await serve_until_signal(gw.server, gw.health, grace=config.shutdown_grace)
+    finally:
+        await gw.pipeline.close()
+        await gw.router.close()
