@@ -7,7 +7,7 @@ before releasing anything, so a bad call (double free, foreign page) changes no 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 
 class PageAllocator:

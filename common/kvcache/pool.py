@@ -10,7 +10,7 @@ Slots: logical slot i of a sequence with page list `pages` is physical flat slot
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -13,9 +13,17 @@ import torch
 from torch import nn
 
 from common import ops
-from common.context import get_forward_context
 from common.config import ModelConfig
-from common.model.layers import Embedding, GatedMLP, Linear, MergedLinear, PagedAttention, RMSNorm, rope_cos_sin
+from common.context import get_forward_context
+from common.model.layers import (
+    Embedding,
+    GatedMLP,
+    Linear,
+    MergedLinear,
+    PagedAttention,
+    RMSNorm,
+    rope_cos_sin,
+)
 from common.model.moe import MoE
 
 if TYPE_CHECKING:

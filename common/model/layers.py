@@ -8,8 +8,8 @@ tensor-parallel sharding, when it comes, lives here and only here.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -8,9 +8,10 @@ otherwise, and always on CPU or inside `use_reference()`, the pure-torch twin in
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 

@@ -6,8 +6,8 @@ logits of the batch's `logit_rows` and the hidden states of every token (the MTP
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,6 +30,8 @@ class ModelRunner:
         with_mtp: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # compare equal to tensors' devices
         self.dtype = dtype
         self.page_size = page_size
         self.config = ModelConfig.from_hf(model_dir)

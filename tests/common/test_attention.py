@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.attention import paged_attention
-from common.attention import torch_ref
+from common.attention import paged_attention, torch_ref
 from common.batch import ForwardBatch, SeqSpec
 
 HQ, HK, D = 4, 2, 16
@@ -63,11 +62,11 @@ def _dense_reference(q, batch, dense, scale):
 
 
 CASES = {
-    "causal_prefill": [dict(seq_len=13, q=13)],
-    "prefix_then_chunk": [dict(seq_len=21, q=6)],
-    "decode_batch": [dict(seq_len=5, q=1), dict(seq_len=17, q=1), dict(seq_len=1, q=1)],
-    "mixed_batch": [dict(seq_len=9, q=9), dict(seq_len=12, q=1), dict(seq_len=30, q=7)],
-    "partial_prefix": [dict(seq_len=14, q=3, prefix=8)],  # window [8,14) causal for the last 3
+    "causal_prefill": [{"seq_len": 13, "q": 13}],
+    "prefix_then_chunk": [{"seq_len": 21, "q": 6}],
+    "decode_batch": [{"seq_len": 5, "q": 1}, {"seq_len": 17, "q": 1}, {"seq_len": 1, "q": 1}],
+    "mixed_batch": [{"seq_len": 9, "q": 9}, {"seq_len": 12, "q": 1}, {"seq_len": 30, "q": 7}],
+    "partial_prefix": [{"seq_len": 14, "q": 3, "prefix": 8}],  # window [8,14) causal for the last 3
 }
 
 
@@ -96,7 +95,7 @@ def _tree_mask() -> torch.Tensor:
 
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_tree_mask_with_prefix_and_causal_neighbour(page_size: int) -> None:
-    specs = [dict(seq_len=11, q=5, mask=_tree_mask()), dict(seq_len=8, q=2)]
+    specs = [{"seq_len": 11, "q": 5, "mask": _tree_mask()}, {"seq_len": 8, "q": 2}]
     q, kc, vc, batch, dense = _setup(specs, page_size, seed=1)
     assert batch.mask is not None  # the causal neighbour gets a causal block
     got = paged_attention(q, kc, vc, batch, 0.3)

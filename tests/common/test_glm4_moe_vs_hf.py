@@ -213,7 +213,7 @@ def test_routing_paths_are_exercised(tiny_model_dir: Path) -> None:
                                         c.num_experts_per_tok, c.n_group, c.topk_group, True, 1.0)
     _, no_groups = reference.grouped_topk(logits, gate.e_score_correction_bias, c.num_experts_per_tok, 1, 1,
                                           True, 1.0)
-    as_sets = lambda t: [frozenset(row) for row in t.tolist()]  # noqa: E731
+    as_sets = lambda t: [frozenset(row) for row in t.tolist()]
     assert as_sets(ids) != as_sets(no_bias)
     assert as_sets(ids) != as_sets(no_groups)
 

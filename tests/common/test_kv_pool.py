@@ -37,7 +37,7 @@ def test_gather_matches_store_kv_and_scatter_roundtrips() -> None:
     vs = torch.randn(pool.num_layers, n, 2, 8)
     for layer in range(pool.num_layers):
         reference.store_kv(pool.k[layer], pool.v[layer], ks[layer], vs[layer], slots)
-    got = pool.gather_tokens(range(0, 3), pages, n)
+    got = pool.gather_tokens(range(3), pages, n)
     assert got.shape == (3, 2, n, 2, 8)
     assert torch.equal(got[:, 0], ks) and torch.equal(got[:, 1], vs)
     # a sub-range of layers and tokens

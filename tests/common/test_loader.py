@@ -34,9 +34,9 @@ def test_single_and_sharded_load_identically(tmp_path: Path) -> None:
     sharded = load_model(sharded_dir, "cpu", torch.float32, with_mtp=True)
     a, b = dict(single.named_parameters()), dict(sharded.named_parameters())
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-        assert not a[name].is_meta and a[name].device.type == "cpu"
+    for name, param in a.items():
+        assert torch.equal(param, b[name]), name
+        assert not param.is_meta and param.device.type == "cpu"
 
 
 def test_tensors_land_where_the_spec_says(tiny_model_dir: Path) -> None:

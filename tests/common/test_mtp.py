@@ -3,6 +3,7 @@ tensors, vs transformers' MtpModel, and its own paged KV (draft extend, then cha
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ def _prefill_and_draft(r: ModelRunner, ids: list[int], split: int | None = None)
     snapshot = r.kv_pool.kv.clone()
     cuts = [0, n] if split is None else [0, split, n]
     outs, draft_logits = [], []
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         spec = SeqSpec(next_ids[a:b], list(range(a, b)), b, pages, logit_rows=list(range(b - a)))
         lg, out = r.draft_forward(ForwardBatch.build([spec], PAGE), hidden[a:b])
         outs.append(out)

@@ -18,12 +18,12 @@ from common.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.gpu
 
-AIR_2_LAYERS = dict(
-    hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408, num_attention_heads=96,
-    num_key_value_heads=8, head_dim=128, n_routed_experts=128, num_experts_per_tok=8, n_group=1,
-    topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0, use_qk_norm=False,
-    num_nextn_predict_layers=0, vocab_size=16384, max_position_embeddings=4096,
-)
+AIR_2_LAYERS = {
+    "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 128, "num_experts_per_tok": 8, "n_group": 1,
+    "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0, "use_qk_norm": False,
+    "num_nextn_predict_layers": 0, "vocab_size": 16384, "max_position_embeddings": 4096,
+}
 
 
 def _hf(model_dir: Path, dtype: torch.dtype):
