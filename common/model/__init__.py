@@ -8,7 +8,7 @@ import torch
 
 from common.config import ModelConfig
 from common.model.glm4_moe import Glm4MoeForCausalLM
-from common.model.layers import default_dtype
+from common.model.layers import cast_parameters
 from common.model.loader import LoadError, load_weights
 from common.model.mtp import Glm4MoeMTP
 
@@ -20,10 +20,13 @@ def build_model(
     `device`; "meta" allocates nothing and is what the loader starts from."""
     if with_mtp and not config.has_mtp:
         raise LoadError("with_mtp requested but config field 'num_nextn_predict_layers' is 0")
-    with torch.device(device), default_dtype(dtype):
+    with torch.device("meta"):
         model = Glm4MoeForCausalLM(config)
         if with_mtp:
             model.mtp = Glm4MoeMTP(config, model.model.embed_tokens)
+    cast_parameters(model, dtype)
+    if torch.device(device).type != "meta":
+        model.to_empty(device=device)
     return model.eval()
 
 

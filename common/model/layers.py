@@ -1,15 +1,13 @@
 """Building blocks of the GLM-4 MoE model: norms, linears, RoPE table, gated MLP, paged attention.
 
-Parameters are created in the ambient default dtype and device (see `default_dtype`), so a model
-can be built on `meta` and materialised tensor by tensor by the loader. Single-device for now:
+Modules are built on the meta device and given their dtype by `cast_parameters`; the loader then
+materialises them tensor by tensor on the target device. Single-device for now:
 tensor-parallel sharding, when it comes, lives here and only here.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +18,15 @@ from common.attention import paged_attention
 from common.context import get_forward_context
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Create floating-point parameters in `dtype` inside this scope."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give every floating parameter `dtype`, except those a module lists in `fp32_params`
+    (the router's), which stay fp32. Meant for a model on the meta device (no data moves)."""
+    for module in model.modules():
+        keep = getattr(module, "fp32_params", ())
+        for name, param in list(module.named_parameters(recurse=False)):
+            want = torch.float32 if name in keep else dtype
+            if param.is_floating_point() and param.dtype != want:
+                setattr(module, name, nn.Parameter(param.to(want), requires_grad=False))
 
 
 class RMSNorm(nn.Module):

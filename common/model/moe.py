@@ -15,6 +15,8 @@ from common.model.layers import GatedMLP
 class Router(nn.Module):
     """Router logits in fp32: weight [E,H] and the correction bias [E] are kept in fp32."""
 
+    fp32_params = ("weight", "e_score_correction_bias")  # whatever the model dtype
+
     def __init__(self, hidden_size: int, num_experts: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32),
