@@ -114,11 +114,7 @@ async def serve_until_signal(
         except (NotImplementedError, RuntimeError):  # not the main thread / platform
             pass
     try:
-        waiter = asyncio.ensure_future(stop.wait())
-        terminated = asyncio.ensure_future(server.wait_for_termination())
-        await asyncio.wait({waiter, terminated}, return_when=asyncio.FIRST_COMPLETED)
-        for t in (waiter, terminated):
-            t.cancel()
+        await stop.wait()
         log.info("shutting down: readiness NOT_SERVING, draining, then stop(grace=%.1fs)", grace)
         await health_state.set_draining()
         if on_drain is not None:
