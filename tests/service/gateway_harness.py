@@ -79,15 +79,17 @@ def base_config(model_dir: Path, prefill: list[str], decode: list[str]) -> Gatew
 async def gateway_with_fakes(model_dir: Path, script_for: Callable[[object], Script], *, n_prefill: int = 1,
                              n_decode: int = 1, extra_decode: list[str] = (), **overrides) -> AsyncIterator[Harness]:
     cluster = await FakeCluster.start(script_for, n_prefill, n_decode)
-    cfg = replace(base_config(model_dir, cluster.prefill_addrs, [*cluster.decode_addrs, *extra_decode]),
-                  **overrides)
-    gw = await GatewayServer.start(cfg)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
     try:
-        yield Harness(cluster, gw, channel, gateway_pb2_grpc.GatewayStub(channel))
+        cfg = replace(base_config(model_dir, cluster.prefill_addrs, [*cluster.decode_addrs, *extra_decode]),
+                      **overrides)
+        gw = await GatewayServer.start(cfg)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{gw.port}")
+        try:
+            yield Harness(cluster, gw, channel, gateway_pb2_grpc.GatewayStub(channel))
+        finally:
+            await channel.close()
+            await gw.stop(0)
     finally:
-        await channel.close()
-        await gw.stop(0)
         await cluster.stop()
 
 
