@@ -90,9 +90,14 @@ class Router:
                 if w.healthy and id(w) not in ex and not (w.load is not None and w.load.draining)]
 
     def _pick(self, role: str, workers: list[WorkerEndpoint], exclude: Iterable[WorkerEndpoint]) -> WorkerEndpoint:
+        exclude = list(exclude)
         candidates = self._available(workers, exclude)
         if not candidates:
-            states = ", ".join(f"{w.address} ({'draining' if w.healthy else 'down'})" for w in workers)
+            def state(w: WorkerEndpoint) -> str:
+                if not w.healthy:
+                    return "down"
+                return "failed this request" if any(w is x for x in exclude) else "draining"
+            states = ", ".join(f"{w.address} ({state(w)})" for w in workers)
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, f"no healthy {role} worker available [{states}]")
         best = min(w.score for w in candidates)
         tied = [w for w in candidates if w.score == best]

@@ -1,0 +1,131 @@
+"""Request conversion: presence-aware defaults and validation messages that name the field."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from gateway import convert
+from gateway.errors import GatewayError
+from gateway.model_info import ModelInfo, SamplingDefaults
+from protos import gateway_pb2
+
+MODEL = ModelInfo(path="/m", vocab_size=1000, context_length=100, eos_token_ids=(7, 8),
+                  defaults=SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20))
+LIMITS = convert.Limits(context_length=100, vocab_size=1000, max_tokens_limit=50)
+
+
+def resolve(prompt_len: int = 10, limits: convert.Limits = LIMITS, **fields):
+    return convert.resolve_sampling(gateway_pb2.SamplingParams(**fields), model=MODEL, limits=limits,
+                                    prompt_len=prompt_len)
+
+
+def error(fn, *a, **kw) -> GatewayError:
+    with pytest.raises(GatewayError) as ei:
+        fn(*a, **kw)
+    assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    return ei.value
+
+
+def test_temperature_zero_vs_unset() -> None:
+    assert resolve().temperature == pytest.approx(0.6)       # generation_config default
+    assert resolve(temperature=0.0).temperature == 0.0       # greedy, not "unset"
+    assert resolve(top_k=0).top_k == 0 and resolve().top_k == 20 and resolve(top_k=-1).top_k == 0
+
+
+def test_defaults_and_limits() -> None:
+    ws = resolve()
+    assert ws.max_tokens == 50                               # capped by --max-tokens-limit
+    assert resolve(prompt_len=80).max_tokens == 20           # ... and by the context
+    assert list(ws.stop_token_ids) == [7, 8] and not ws.HasField("seed") and not ws.HasField("thinking_budget")
+    ws = resolve(ignore_eos=True, stop_token_ids=[9, 7], seed=0)
+    assert list(ws.stop_token_ids) == [9, 7] and ws.ignore_eos and ws.HasField("seed") and ws.seed == 0
+    assert resolve(repetition_penalty=1.1).repetition_penalty == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("fields,prompt_len,message", [
+    (dict(top_p=0.0), 10, "sampling.top_p must be in (0, 1], got 0"),
+    (dict(top_p=1.01), 10, "sampling.top_p must be in (0, 1]"),
+    (dict(temperature=-0.1), 10, "sampling.temperature must be >= 0"),
+    (dict(temperature=float("nan")), 10, "sampling.temperature must be a finite number"),
+    (dict(top_k=-2), 10, "sampling.top_k must be >= 1, or 0 / -1 for off"),
+    (dict(min_p=1.5), 10, "sampling.min_p must be in [0, 1]"),
+    (dict(frequency_penalty=3), 10, "sampling.frequency_penalty must be in [-2, 2]"),
+    (dict(repetition_penalty=0), 10, "sampling.repetition_penalty must be > 0"),
+    (dict(max_tokens=51), 10, "sampling.max_tokens must be <= 50"),
+    (dict(max_tokens=30), 80, "sampling.max_tokens (30) + prompt length (80) exceeds the maximum context length 100"),
+    (dict(max_tokens=5, min_tokens=6), 10, "sampling.min_tokens must be in [0, max_tokens=5]"),
+    (dict(stop_token_ids=[1, 1000]), 10, "sampling.stop_token_ids[1] must be < vocab size 1000"),
+    (dict(logit_bias={5: 200.0}), 10, "sampling.logit_bias[5] must be in [-100, 100]"),
+])
+def test_validation_names_the_field(fields, prompt_len, message) -> None:
+    assert message in error(resolve, prompt_len, **fields).message
+
+
+def test_prompt_length_and_logprobs() -> None:
+    assert "messages is 100 tokens; the maximum context length is 100" in \
+        error(convert.check_prompt_length, 100, LIMITS, "messages").message
+    convert.check_prompt_length(99, LIMITS, "messages")
+    e = error(convert.resolve_sampling, gateway_pb2.SamplingParams(), model=MODEL, limits=LIMITS, prompt_len=1,
+              logprobs=True, top_logprobs=21)
+    assert e.message.startswith("top_logprobs must be in [0, 20]")
+    ws = convert.resolve_sampling(gateway_pb2.SamplingParams(), model=MODEL, limits=LIMITS, prompt_len=1,
+                                  logprobs=True, top_logprobs=5, thinking_budget=0)
+    assert ws.logprobs and ws.top_logprobs == 5 and ws.HasField("thinking_budget") and ws.thinking_budget == 0
+
+
+def _req(*messages: gateway_pb2.ChatMessage, **kw) -> gateway_pb2.ChatRequest:
+    return gateway_pb2.ChatRequest(messages=list(messages), **kw)
+
+
+def test_chat_messages_and_history_tool_calls() -> None:
+    call = gateway_pb2.ToolCall(id="c1", function=gateway_pb2.FunctionCall(name="f", arguments='{"a": 1}'))
+    req = _req(gateway_pb2.ChatMessage(role="User", content="hi"),
+               gateway_pb2.ChatMessage(role="assistant", reasoning_content="", tool_calls=[call]),
+               gateway_pb2.ChatMessage(role="tool", content="ok", tool_call_id="c1"))
+    msgs = convert.chat_messages(req)
+    assert msgs[0] == {"role": "user", "content": "hi"}
+    assert msgs[1]["reasoning_content"] == "" and "reasoning_content" not in msgs[0]  # presence kept
+    assert msgs[1]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"a": 1}}
+    assert msgs[2]["tool_call_id"] == "c1"
+    bad = gateway_pb2.ToolCall(function=gateway_pb2.FunctionCall(name="f", arguments="[1]"))
+    assert error(convert.chat_messages, _req(gateway_pb2.ChatMessage(role="assistant", tool_calls=[bad]))
+                 ).message == "messages[0].tool_calls[0].function.arguments must be a JSON object"
+    assert "messages[0].tool_calls are only allowed on assistant" in error(
+        convert.chat_messages, _req(gateway_pb2.ChatMessage(role="user", tool_calls=[call]))).message
+
+
+def test_tools_tool_choice_and_struct_numbers() -> None:
+    t1 = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="a"))
+    t1.function.parameters.update({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}})
+    t2 = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="b", description="B"))
+    msg = gateway_pb2.ChatMessage(role="user", content="x")
+    tools, parse = convert.chat_tools(_req(msg, tools=[t1, t2]))
+    assert parse and [t["function"]["name"] for t in tools] == ["a", "b"]
+    # Struct stores numbers as doubles; schema integers must render as 1, not 1.0
+    assert tools[0]["function"]["parameters"]["properties"]["n"]["minimum"] == 1
+    assert isinstance(tools[0]["function"]["parameters"]["properties"]["n"]["minimum"], int)
+    assert tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    none = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_NONE)
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none)) == (None, False)
+    named = gateway_pb2.ToolChoice(function=gateway_pb2.NamedFunction(name="b"))
+    tools, parse = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named))
+    assert [t["function"]["name"] for t in tools] == ["b"] and parse
+    assert convert.chat_tools(_req(msg)) == (None, False)
+    assert "tools[1].function.name 'a' is declared twice" in error(convert.chat_tools, _req(msg, tools=[t1, t1])).message
+
+
+def test_thinking_budget_resolution() -> None:
+    lim = convert.Limits(context_length=100, vocab_size=1000, enable_custom_logit_processor=True,
+                         default_thinking_budget=100)
+    params = gateway_pb2.ChatRequest().custom_params
+    params.update({"thinking_budget": 300})
+    assert convert.thinking_budget(None, None, None, LIMITS) is None
+    assert convert.thinking_budget(50, None, None, lim) == 50
+    assert convert.thinking_budget(None, "glm4_moe_thinking_budget", params, lim) == 100  # ceiling
+    assert convert.thinking_budget(None, None, None, lim) == 100
+    e = error(convert.thinking_budget, None, '{"callable": "80"}', None, lim)
+    assert "custom_logit_processor" in e.message
+    params.update({"thinking_budget": -1})
+    assert "custom_params.thinking_budget must be an integer >= 0" in error(
+        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, lim).message
