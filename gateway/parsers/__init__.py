@@ -8,7 +8,8 @@ gateway pipeline uses them.
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from gateway.parsers.base import (
     ChatDelta,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -50,8 +50,8 @@ class ToolCallArgs:
     fragment: str
 
 
-ToolEvent = Union[ContentDelta, ToolCallStart, ToolCallArgs]
-ChatDelta = Union[ReasoningDelta, ContentDelta, ToolCallStart, ToolCallArgs]
+ToolEvent = ContentDelta | ToolCallStart | ToolCallArgs
+ChatDelta = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgs
 
 
 class ParsedCall(NamedTuple):
@@ -106,7 +106,7 @@ class TrimmedText:
             self._pending += text
             return ""
         out = self._pending + body
-        self._pending = text[len(body):]
+        self._pending = text[len(body) :]
         return out
 
     def finish(self) -> None:

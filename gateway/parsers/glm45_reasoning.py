@@ -63,7 +63,7 @@ class Glm45ReasoningParser:
             if hit is not None:
                 pos, tag = hit
                 reasoning.append(self._buf[:pos])
-                self._buf = self._buf[pos + len(tag):] if tag == THINK_END else self._buf[pos:]
+                self._buf = self._buf[pos + len(tag) :] if tag == THINK_END else self._buf[pos:]
                 self._phase = _Phase.CONTENT
             else:
                 end = len(self._buf) - (0 if final else partial_tag_len(self._buf, _ENDS))
@@ -78,7 +78,7 @@ class Glm45ReasoningParser:
         while True:
             head = self._buf.lstrip()
             if head.startswith(THINK_START):
-                self._buf = head[len(THINK_START):]
+                self._buf = head[len(THINK_START) :]
                 self._in_reasoning = True
                 continue
             if not final and (not head or THINK_START.startswith(head)):

@@ -28,7 +28,8 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from gateway.parsers.base import (
     CALL_END,
@@ -110,7 +111,7 @@ class Glm45ToolParser:
             self._emit_content(rest)
         elif state is _State.NAME or not self._stream_args:
             logger.warning("unclosed tool call at end of output; returned as content")
-            self._emit_content(self._raw + rest)
+            self._emit_content("".join(self._raw) + rest)
         else:  # announced call left open: close it with what was seen
             if state is _State.VALUE:
                 self._value_text(rest)
@@ -134,13 +135,13 @@ class Glm45ToolParser:
     # -- state machine ------------------------------------------------------------------------
 
     def _new_call(self) -> None:
-        self._raw = ""  # raw text of the current call consumed so far
+        self._raw: list[str] = []  # raw text of the current call consumed so far
         self._name = ""
         self._index = -1
         self._args: dict[str, Any] = {}
         self._opened = False  # streamed "{" yet
         self._key = ""
-        self._value = ""
+        self._value: list[str] = []
         self._spec = ValueSpec()
 
     def _step(self) -> bool:
@@ -150,7 +151,7 @@ class Glm45ToolParser:
             self._emit_content(text)
             if tag:
                 self._new_call()
-                self._raw = CALL_START
+                self._raw = [CALL_START]
                 self._state = _State.NAME
             return tag is not None
         if self._state is _State.RAW:
@@ -172,9 +173,9 @@ class Glm45ToolParser:
             text, tag, self._buf = self._buf[:end], None, self._buf[end:]
         else:
             pos, tag = hit
-            text, self._buf = self._buf[:pos], self._buf[pos + len(tag):]
+            text, self._buf = self._buf[:pos], self._buf[pos + len(tag) :]
         if keep_raw:
-            self._raw += text + (tag or "")
+            self._raw += (text, tag or "")
         return text, tag
 
     def _step_name(self) -> bool:
@@ -194,7 +195,7 @@ class Glm45ToolParser:
             return True
         # <arg_key> and </tool_call> stay in the buffer: the argument states handle them.
         end = pos if tag in (KEY_START, CALL_END) else pos + len(tag)
-        self._raw += body[:end]
+        self._raw.append(body[:end])
         self._buf = body[end:]
         self._name = name
         self._state = _State.BETWEEN
@@ -204,7 +205,7 @@ class Glm45ToolParser:
 
     def _to_raw(self, name: str) -> None:
         logger.warning("model called undeclared tool %r; its text is returned as content", name.strip())
-        self._buf = self._raw + self._buf
+        self._buf = "".join(self._raw) + self._buf
         self._state = _State.RAW
 
     def _in_call(self, text: str, tag: str | None) -> bool:
@@ -235,18 +236,18 @@ class Glm45ToolParser:
     def _begin_value(self) -> None:
         self._key = self._key.strip()
         self._spec = self._schemas.spec(self._name, self._key)
-        self._value = ""
+        self._value = []
         self._state = _State.VALUE
         if self._stream_args and self._spec.is_plain_string:
             self._emit_args(self._arg_prefix() + '"')
 
     def _value_text(self, text: str) -> None:
-        self._value += text
+        self._value.append(text)
         if text and self._stream_args and self._spec.is_plain_string:
             self._emit_args(_dumps(text)[1:-1])
 
     def _end_value(self) -> None:
-        value = decode_value(self._value, self._spec)
+        value = decode_value("".join(self._value), self._spec)
         self._args[self._key] = value
         if self._stream_args:
             self._emit_args('"' if self._spec.is_plain_string else self._arg_prefix() + _dumps(value))

@@ -11,8 +11,9 @@ from the top-level `properties` merged with those of top-level `anyOf`/`oneOf`/`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
 
@@ -176,6 +177,6 @@ class ToolSchemas:
         """Whether `text` (the start of a call's name region) can still become a declared name."""
         head = text.lstrip()
         for name in self.names:
-            if name.startswith(head) or (head.startswith(name) and not head[len(name):].strip()):
+            if name.startswith(head) or (head.startswith(name) and not head[len(name) :].strip()):
                 return True
         return False

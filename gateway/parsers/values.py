@@ -38,9 +38,7 @@ def _reject_constant(text: str) -> Any:
 def loads_strict(text: str, *, strict: bool = True) -> Any:
     """`json.loads` that rejects NaN/Infinity; returns `_FAIL` instead of raising."""
     try:
-        return json.loads(
-            text, strict=strict, parse_float=_finite_float, parse_constant=_reject_constant
-        )
+        return json.loads(text, strict=strict, parse_float=_finite_float, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return _FAIL
 

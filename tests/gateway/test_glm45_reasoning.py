@@ -17,8 +17,15 @@ from gateway.parsers import (
     get_parsers,
 )
 
-W = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+W = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
 def feeds(parser: ReasoningParser, chunks: list[str]) -> list[tuple[str, str]]:
@@ -26,14 +33,22 @@ def feeds(parser: ReasoningParser, chunks: list[str]) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("force", [False, True])
-@pytest.mark.parametrize("text,expected", [
-    ("<think>Let me think about this step by step</think>The answer is 42.",
-     ("Let me think about this step by step", "The answer is 42.")),  # R1
-    ("<think>I need to think<tool_call>tool call data", ("I need to think", "<tool_call>tool call data")),  # R2
-    ("<think>This is incomplete", ("This is incomplete", "")),  # R4
-    ("\n<think>x</think>y", ("x", "y")),  # leading whitespace before <think> is dropped in both modes
-    ("<think><think>x</think>y</think>z", ("x", "y</think>z")),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (
+            "<think>Let me think about this step by step</think>The answer is 42.",
+            ("Let me think about this step by step", "The answer is 42."),
+        ),  # R1
+        (
+            "<think>I need to think<tool_call>tool call data",
+            ("I need to think", "<tool_call>tool call data"),
+        ),  # R2
+        ("<think>This is incomplete", ("This is incomplete", "")),  # R4
+        ("\n<think>x</think>y", ("x", "y")),  # leading whitespace before <think> is dropped in both modes
+        ("<think><think>x</think>y</think>z", ("x", "y</think>z")),
+    ],
+)
 def test_one_shot_vectors(text, expected, force):
     assert ReasoningParser("glm45", force).parse(text) == expected
 
@@ -53,17 +68,31 @@ def test_forced_reasoning_text_keeps_its_whitespace():
 
 def test_r13_stream():
     assert feeds(ReasoningParser("glm45", False), ["<think>", "thinking...", "</think>answer"]) == [
-        ("", ""), ("thinking...", ""), ("", "answer"), ("", "")]
+        ("", ""),
+        ("thinking...", ""),
+        ("", "answer"),
+        ("", ""),
+    ]
 
 
 def test_r17_partial_tags_are_held_back():
     assert feeds(ReasoningParser("glm45", False), ["<th", "ink>hel", "lo</th", "ink>wor", "ld"]) == [
-        ("", ""), ("hel", ""), ("lo", ""), ("", "wor"), ("", "ld"), ("", "")]
+        ("", ""),
+        ("hel", ""),
+        ("lo", ""),
+        ("", "wor"),
+        ("", "ld"),
+        ("", ""),
+    ]
 
 
 def test_r19_forced_stream():
     assert feeds(ReasoningParser("glm45", True), ["abc", "</think>", "def"]) == [
-        ("abc", ""), ("", ""), ("", "def"), ("", "")]
+        ("abc", ""),
+        ("", ""),
+        ("", "def"),
+        ("", ""),
+    ]
 
 
 def test_partial_end_tag_at_finish_is_released_as_reasoning():
@@ -73,7 +102,10 @@ def test_partial_end_tag_at_finish_is_released_as_reasoning():
 
 def test_tool_call_split_across_chunks_ends_reasoning():
     assert feeds(ReasoningParser("glm45", True), ["plan<to", "ol_call>f"]) == [
-        ("plan", ""), ("", "<tool_call>f"), ("", "")]
+        ("plan", ""),
+        ("", "<tool_call>f"),
+        ("", ""),
+    ]
 
 
 def test_unknown_reasoning_parser_lists_valid_names():
@@ -92,8 +124,14 @@ def run_chain(chain: StreamingChatParser, chunks: list[str]) -> tuple[list[list]
 
 
 def test_e2e_glm45_forced_reasoning_then_call():
-    chunks = ["<think>", "Need weather.", "</think>", "\n<tool_call>get_weather\n",
-              "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n", "</tool_call>"]
+    chunks = [
+        "<think>",
+        "Need weather.",
+        "</think>",
+        "\n<tool_call>get_weather\n",
+        "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n",
+        "</tool_call>",
+    ]
     tool, reasoning = get_parsers("glm45", "glm45", W, True, stream_arguments=True)
     per_feed, r, c, calls = run_chain(StreamingChatParser(tool, reasoning), chunks)
     assert (r, c, calls) == ("Need weather.", "", [("get_weather", {"city": "Paris"})])
@@ -101,8 +139,13 @@ def test_e2e_glm45_forced_reasoning_then_call():
 
 
 def test_e2e_glm47_forced_name_emitted_with_fourth_chunk_when_streaming_arguments():
-    chunks = ["Need weather.", "</think>", "<tool_call>get_weather",
-              "<arg_key>city</arg_key><arg_value>Paris</arg_value>", "</tool_call>"]
+    chunks = [
+        "Need weather.",
+        "</think>",
+        "<tool_call>get_weather",
+        "<arg_key>city</arg_key><arg_value>Paris</arg_value>",
+        "</tool_call>",
+    ]
     tool, reasoning = get_parsers("glm47", "glm45", W, True, stream_arguments=True)
     per_feed, r, c, calls = run_chain(StreamingChatParser(tool, reasoning), chunks)
     assert per_feed[2] == []
@@ -113,15 +156,22 @@ def test_e2e_glm47_forced_name_emitted_with_fourth_chunk_when_streaming_argument
 def test_e2e_glm47_answer_without_tools():
     chunks = ["Let me think", " about it.", "</th", "ink>The answer", " is 4."]
     per_feed, r, c, calls = run_chain(StreamingChatParser(*get_parsers("glm47", "glm45", [], True)), chunks)
-    assert per_feed[:5] == [[ReasoningDelta("Let me think")], [ReasoningDelta(" about it.")], [],
-                            [ContentDelta("The answer")], [ContentDelta(" is 4.")]]
+    assert per_feed[:5] == [
+        [ReasoningDelta("Let me think")],
+        [ReasoningDelta(" about it.")],
+        [],
+        [ContentDelta("The answer")],
+        [ContentDelta(" is 4.")],
+    ]
     assert (r, c, calls) == ("Let me think about it.", "The answer is 4.", [])
 
 
 @pytest.mark.parametrize("stream_arguments", [False, True])
 def test_e2e_glm47_call_without_end_of_thinking(stream_arguments):
-    chunks = ["Need weather.<tool_call>get_weather",
-              "<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>"]
+    chunks = [
+        "Need weather.<tool_call>get_weather",
+        "<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>",
+    ]
     chain = StreamingChatParser(*get_parsers("glm47", "glm45", W, True, stream_arguments=stream_arguments))
     _, r, c, calls = run_chain(chain, chunks)
     assert (r, c, calls) == ("Need weather.", "", [("get_weather", {"city": "Paris"})])

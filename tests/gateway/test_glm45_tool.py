@@ -9,20 +9,69 @@ import pytest
 
 from gateway.parsers import ContentDelta, ToolCallArgs, ToolCallParser, ToolCallStart
 
-W = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}, "date": {"type": "string"}}}}}]
-W2 = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object",
-    "properties": {"city": {"type": "string"}, "count": {"type": "number"}, "filters": {"type": "object"}}}}}]
+W = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "date": {"type": "string"}},
+            },
+        },
+    }
+]
+W2 = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "count": {"type": "number"},
+                    "filters": {"type": "object"},
+                },
+            },
+        },
+    }
+]
 NOOP = [{"type": "function", "function": {"name": "noop", "parameters": {}}}]
-SEARCH = [{"type": "function", "function": {"name": "search", "parameters": {
-    "type": "object", "properties": {"query": {"type": "string"}}}}}]
-TYPED = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-    "s": {"type": "string"}, "n": {"type": "number"}, "i": {"type": "integer"}, "b": {"type": "boolean"},
-    "o": {"type": "object"}, "a": {"type": "array"}, "sn": {"type": ["string", "null"]}}}}}]
+SEARCH = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+]
+TYPED = [
+    {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "s": {"type": "string"},
+                    "n": {"type": "number"},
+                    "i": {"type": "integer"},
+                    "b": {"type": "boolean"},
+                    "o": {"type": "object"},
+                    "a": {"type": "array"},
+                    "sn": {"type": ["string", "null"]},
+                },
+            },
+        },
+    }
+]
 
-T1 = ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
-      "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n</tool_call>")
+T1 = (
+    "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n"
+    "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n</tool_call>"
+)
 T1B = T1.replace("Beijing", "Shanghai").replace("2024-06-27", "2024-06-28")
 
 
@@ -57,7 +106,9 @@ def test_t2_two_calls():
     content, calls = ToolCallParser("glm45", W).parse(T1 + T1B)
     assert content == ""
     assert [c.arguments for c in calls] == [
-        '{"city": "Beijing", "date": "2024-06-27"}', '{"city": "Shanghai", "date": "2024-06-28"}']
+        '{"city": "Beijing", "date": "2024-06-27"}',
+        '{"city": "Shanghai", "date": "2024-06-28"}',
+    ]
 
 
 def test_t4_text_before_is_stripped_content():
@@ -77,20 +128,28 @@ def test_t8_zero_argument_call():
 
 
 def test_t9_typed_values_keep_non_ascii():
-    text = ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n<arg_key>count"
-            "</arg_key>\n<arg_value>42</arg_value>\n<arg_key>filters</arg_key>\n<arg_value>{\"a\": 1}"
-            "</arg_value>\n</tool_call>")
+    text = (
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>北京</arg_value>\n<arg_key>count"
+        '</arg_key>\n<arg_value>42</arg_value>\n<arg_key>filters</arg_key>\n<arg_value>{"a": 1}'
+        "</arg_value>\n</tool_call>"
+    )
     _, calls = ToolCallParser("glm45", W2).parse(text)
     assert calls[0].arguments == '{"city": "北京", "count": 42, "filters": {"a": 1}}'
 
 
 def test_t14_multiline_string_value():
-    text = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>line1\nline2</arg_value>\n</tool_call>"
+    text = (
+        "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>line1\nline2</arg_value>\n</tool_call>"
+    )
     assert one_shot(W, text) == ("", [("get_weather", {"city": "line1\nline2"})])
 
 
-S1 = ["<tool_call>get_weather\n", "<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n",
-      "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n", "</tool_call>"]
+S1 = [
+    "<tool_call>get_weather\n",
+    "<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n",
+    "<arg_key>date</arg_key>\n<arg_value>2024-06-27</arg_value>\n",
+    "</tool_call>",
+]
 
 
 def test_s1_default_mode_emits_call_at_close():
@@ -112,8 +171,13 @@ def test_s1_stream_arguments_mode_matches_sglang_fragments():
 
 @pytest.mark.parametrize("stream_arguments", [False, True])
 def test_s6_text_sharing_a_chunk_with_the_call_is_kept(stream_arguments):
-    chunks = ["Let me ", "check. <tool", "_call>get_weather\n<arg_key>ci", "ty</arg_key>\n<arg_value>To",
-              "kyo</arg_value>\n</tool_call>"]
+    chunks = [
+        "Let me ",
+        "check. <tool",
+        "_call>get_weather\n<arg_key>ci",
+        "ty</arg_key>\n<arg_value>To",
+        "kyo</arg_value>\n</tool_call>",
+    ]
     _, content, calls = stream(ToolCallParser("glm45", W, stream_arguments=stream_arguments), chunks)
     assert content == "Let me check."  # SGLang 0.5.23 loses "check. "
     assert calls == [("get_weather", {"city": "Tokyo"})]
@@ -121,8 +185,11 @@ def test_s6_text_sharing_a_chunk_with_the_call_is_kept(stream_arguments):
 
 @pytest.mark.parametrize("stream_arguments", [False, True])
 def test_s8_typed_values_stream_with_json_types(stream_arguments):
-    chunks = ["<tool_call>get_weather\n<arg_key>count</arg_key>\n<arg_value>4",
-              "2</arg_value>\n<arg_key>filters</arg_key>\n<arg_value>{\"a\":", " 1}</arg_value>\n</tool_call>"]
+    chunks = [
+        "<tool_call>get_weather\n<arg_key>count</arg_key>\n<arg_value>4",
+        '2</arg_value>\n<arg_key>filters</arg_key>\n<arg_value>{"a":',
+        " 1}</arg_value>\n</tool_call>",
+    ]
     _, _, calls = stream(ToolCallParser("glm45", W2, stream_arguments=stream_arguments), chunks)
     assert calls == [("get_weather", {"count": 42, "filters": {"a": 1}})]
 
@@ -147,7 +214,9 @@ def test_finish_drains_held_partial_tag_as_content():
 @pytest.mark.parametrize("stream_arguments", [False, True])
 def test_issue_33902_undeclared_tool_is_content_in_streaming(stream_arguments):
     text = "hi <tool_call>bogus\n<arg_key>q</arg_key>\n<arg_value>x</arg_value>\n</tool_call> there"
-    per_feed, content, calls = stream(ToolCallParser("glm45", W, stream_arguments=stream_arguments), list(text))
+    _per_feed, content, calls = stream(
+        ToolCallParser("glm45", W, stream_arguments=stream_arguments), list(text)
+    )
     assert calls == []
     assert content == text
     assert ToolCallParser("glm45", W).parse(text) == (text, [])
@@ -187,7 +256,9 @@ def test_partial_name_is_never_announced_in_stream_arguments_mode():
     assert parser.finish() == [ToolCallArgs(0, "{}")]
 
 
-@pytest.mark.parametrize("raw", ["123_456", "007", "true", "null", "1.5", '"quoted"', "{'k': 1}", "[1, 2]", " padded "])
+@pytest.mark.parametrize(
+    "raw", ["123_456", "007", "true", "null", "1.5", '"quoted"', "{'k': 1}", "[1, 2]", " padded "]
+)
 def test_declared_strings_are_never_coerced(raw):
     # T17 (0.5.23 gives "True"/"None") and #30644 (123_456 -> 123456) required fixed.
     text = f"<tool_call>f\n<arg_key>s</arg_key>\n<arg_value>{raw}</arg_value>\n</tool_call>"
@@ -196,21 +267,44 @@ def test_declared_strings_are_never_coerced(raw):
     assert calls == [("f", {"s": raw})]
 
 
-@pytest.mark.parametrize("key,raw,value", [
-    ("n", "42", 42), ("n", "-1.5e3", -1500.0), ("n", '"42"', 42), ("n", "123abc", "123abc"), ("n", "", ""),
-    ("n", "NaN", "NaN"), ("n", "1e999", "1e999"), ("i", "7", 7), ("b", "true", True), ("b", "True", "True"),
-    ("o", '{"k": [1, "二"]}', {"k": [1, "二"]}), ("a", r'[{\"id\": \"1\"}]', [{"id": "1"}]),
-    ("sn", "null", None), ("sn", "true", "true"), ("sn", "x", "x"),
-])
+@pytest.mark.parametrize(
+    "key,raw,value",
+    [
+        ("n", "42", 42),
+        ("n", "-1.5e3", -1500.0),
+        ("n", '"42"', 42),
+        ("n", "123abc", "123abc"),
+        ("n", "", ""),
+        ("n", "NaN", "NaN"),
+        ("n", "1e999", "1e999"),
+        ("i", "7", 7),
+        ("b", "true", True),
+        ("b", "True", "True"),
+        ("o", '{"k": [1, "二"]}', {"k": [1, "二"]}),
+        ("a", r"[{\"id\": \"1\"}]", [{"id": "1"}]),
+        ("sn", "null", None),
+        ("sn", "true", "true"),
+        ("sn", "x", "x"),
+    ],
+)
 def test_declared_non_strings_decode_from_json(key, raw, value):
     text = f"<tool_call>f\n<arg_key>{key}</arg_key>\n<arg_value>{raw}</arg_value>\n</tool_call>"
     assert one_shot(TYPED, text) == ("", [("f", {key: value})])
 
 
-@pytest.mark.parametrize("raw,value", [
-    ("7", 7), ("true", True), ('{"k": 1}', {"k": 1}), ('"q"', "q"), ("True", "True"), ("123_456", "123_456"),
-    ("{'k': 1}", "{'k': 1}"), ("abc", "abc"),
-])
+@pytest.mark.parametrize(
+    "raw,value",
+    [
+        ("7", 7),
+        ("true", True),
+        ('{"k": 1}', {"k": 1}),
+        ('"q"', "q"),
+        ("True", "True"),
+        ("123_456", "123_456"),
+        ("{'k': 1}", "{'k': 1}"),
+        ("abc", "abc"),
+    ],
+)
 def test_issue_35564_undeclared_values_keep_json_types_when_streamed(raw, value):
     text = f"<tool_call>f\n<arg_key>extra</arg_key>\n<arg_value>{raw}</arg_value>\n</tool_call>"
     assert one_shot(TYPED, text) == ("", [("f", {"extra": value})])
@@ -237,7 +331,7 @@ def test_non_string_value_is_held_until_value_end():
 
 def test_indices_count_only_real_calls_and_ids_differ():
     text = T1 + "<tool_call>bogus\n</tool_call>" + T1B
-    per_feed, content, calls = stream(ToolCallParser("glm45", W), [text])
+    per_feed, content, _calls = stream(ToolCallParser("glm45", W), [text])
     starts = [e for e in per_feed[0] if isinstance(e, ToolCallStart)]
     assert [s.index for s in starts] == [0, 1] and starts[0].id != starts[1].id
     assert content == "<tool_call>bogus\n</tool_call>"

@@ -16,8 +16,12 @@ def tool(name: str, properties: dict | None = None, **extra) -> dict:
 
 W = [tool("get_weather", {"city": {"type": "string"}, "date": {"type": "string"}})]
 TASK = [tool("create_task", {"title": {"type": "string"}, "location": {"type": "string"}})]
-TODOS = [tool("create_todos", {"priority": {"type": "number"}, "count": {"type": "integer"},
-                               "items": {"type": "array"}})]
+TODOS = [
+    tool(
+        "create_todos",
+        {"priority": {"type": "number"}, "count": {"type": "integer"}, "items": {"type": "array"}},
+    )
+]
 
 
 def stream(parser: ToolCallParser, chunks: list[str]) -> tuple[list[list], str, list[tuple[str, dict]]]:
@@ -38,31 +42,45 @@ def fragments(events: list) -> list[str]:
 
 
 def test_u1_single_call():
-    text = ("<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value><arg_key>date"
-            "</arg_key><arg_value>2024-06-27</arg_value></tool_call>")
+    text = (
+        "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Beijing</arg_value><arg_key>date"
+        "</arg_key><arg_value>2024-06-27</arg_value></tool_call>"
+    )
     assert ToolCallParser("glm47", W).parse(text) == (
-        "", [("get_weather", '{"city": "Beijing", "date": "2024-06-27"}')])
+        "",
+        [("get_weather", '{"city": "Beijing", "date": "2024-06-27"}')],
+    )
 
 
 def test_u2_zero_argument_call():
     tools = [tool("list_filenames")]
     assert ToolCallParser("glm47", tools).parse("<tool_call>list_filenames</tool_call>") == (
-        "", [("list_filenames", "{}")])
+        "",
+        [("list_filenames", "{}")],
+    )
 
 
 def test_u3_text_before_and_after_is_content():
     tools = [tool("action")]
     text = "First I'll do this.<tool_call>action</tool_call>Then I'll do that."
     assert ToolCallParser("glm47", tools).parse(text) == (
-        "First I'll do this.Then I'll do that.", [("action", "{}")])
+        "First I'll do this.Then I'll do that.",
+        [("action", "{}")],
+    )
 
 
-U10 = ["I'll create a task.", "<tool_call>create_ta", "sk<arg_key>title</arg_key><arg_value>Go to Bei",
-       "jing</arg_value>", "<arg_key>location</arg_key><arg_value>San Fran", "cisco</arg_value></tool_call>"]
+U10 = [
+    "I'll create a task.",
+    "<tool_call>create_ta",
+    "sk<arg_key>title</arg_key><arg_value>Go to Bei",
+    "jing</arg_value>",
+    "<arg_key>location</arg_key><arg_value>San Fran",
+    "cisco</arg_value></tool_call>",
+]
 
 
 def test_u10_stream_arguments_fragments():
-    per_feed, content, calls = stream(ToolCallParser("glm47", TASK, stream_arguments=True), U10)
+    per_feed, _content, calls = stream(ToolCallParser("glm47", TASK, stream_arguments=True), U10)
     assert per_feed[0] == [ContentDelta("I'll create a task.")]
     assert per_feed[1] == []
     assert isinstance(per_feed[2][0], ToolCallStart) and per_feed[2][0].name == "create_task"
@@ -81,23 +99,33 @@ def test_u10_default_mode_same_result_emitted_at_close():
 
 
 def test_u12_typed_values_stream_as_json():
-    chunks = ["<tool_call>create_todos", "<arg_key>priority</arg_key><arg_value>5.5</arg_value>",
-              "<arg_key>count</arg_key><arg_value>10</arg_value>", '<arg_key>items</arg_key><arg_value>[{"description',
-              '": "Test', 'Todo 1"}, {"description": "TestTodo 2"}]</arg_value></tool_call>']
+    chunks = [
+        "<tool_call>create_todos",
+        "<arg_key>priority</arg_key><arg_value>5.5</arg_value>",
+        "<arg_key>count</arg_key><arg_value>10</arg_value>",
+        '<arg_key>items</arg_key><arg_value>[{"description',
+        '": "Test',
+        'Todo 1"}, {"description": "TestTodo 2"}]</arg_value></tool_call>',
+    ]
     per_feed, _, calls = stream(ToolCallParser("glm47", TODOS, stream_arguments=True), chunks)
     assert fragments(per_feed[1]) == ['{"priority": 5.5']
     assert fragments(per_feed[2]) == [', "count": 10']
     assert fragments(per_feed[3]) == [] and fragments(per_feed[4]) == []  # array held until </arg_value>
-    expected = {"priority": 5.5, "count": 10,
-                "items": [{"description": "TestTodo 1"}, {"description": "TestTodo 2"}]}
+    expected = {
+        "priority": 5.5,
+        "count": 10,
+        "items": [{"description": "TestTodo 1"}, {"description": "TestTodo 2"}],
+    }
     assert calls == [("create_todos", expected)]
 
 
 @pytest.mark.parametrize("stream_arguments", [False, True])
 def test_several_calls_and_text_in_one_chunk_are_all_emitted(stream_arguments):
     tools = [tool("a", {"x": {"type": "integer"}}), tool("b")]
-    text = ("Before: <tool_call>a<arg_key>x</arg_key><arg_value>1</arg_value></tool_call> Between: "
-            "<tool_call>b</tool_call> After.")
+    text = (
+        "Before: <tool_call>a<arg_key>x</arg_key><arg_value>1</arg_value></tool_call> Between: "
+        "<tool_call>b</tool_call> After."
+    )
     parser = ToolCallParser("glm47", tools, stream_arguments=stream_arguments)
     events = parser.feed(text)
     assert [e.name for e in events if isinstance(e, ToolCallStart)] == ["a", "b"]
@@ -107,30 +135,33 @@ def test_several_calls_and_text_in_one_chunk_are_all_emitted(stream_arguments):
     assert ToolCallParser("glm47", tools).parse(text)[0] == "Before:  Between:  After."
 
 
-@pytest.mark.parametrize("schema,raw,value", [
-    ({"type": ["integer", "string"]}, "auto", "auto"),
-    ({"type": ["string", "integer"]}, "7", 7),
-    ({"enum": ["7", 8]}, "7", "7"),
-    ({"enum": ["7", 8]}, "8", 8),
-    ({"type": "string"}, "1e2", "1e2"),
-    ({"const": "null"}, "null", "null"),
-    ({}, "123_456", "123_456"),
-    ({"type": "integer"}, "1.25e2", 125.0),
-    ({"type": "integer"}, '"12"', 12),
-    ({"type": "integer"}, '"1.5"', "1.5"),
-    ({"type": "number"}, "123abc", "123abc"),
-    ({"type": "number"}, '"123"', 123),
-    ({"type": "number"}, r"\"123\"", 123),
-    ({"type": ["string", "null"]}, "null", None),
-    ({"anyOf": [{"type": "string"}, {"type": "null"}]}, "null", None),
-    ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "false", False),
-    ({"type": "string", "nullable": True}, "null", None),
-    ({"allOf": [{"type": "number"}, {"type": "integer"}]}, "3", 3),
-    ({"properties": {"k": {}}}, '{"k": 1}', {"k": 1}),
-    ({"items": {}}, "[1]", [1]),
-    ({"$ref": "#/$defs/a~1b"}, "5", 5),
-    ({"$ref": "#/$defs/loop"}, "true", True),  # a reference cycle admits anything
-])
+@pytest.mark.parametrize(
+    "schema,raw,value",
+    [
+        ({"type": ["integer", "string"]}, "auto", "auto"),
+        ({"type": ["string", "integer"]}, "7", 7),
+        ({"enum": ["7", 8]}, "7", "7"),
+        ({"enum": ["7", 8]}, "8", 8),
+        ({"type": "string"}, "1e2", "1e2"),
+        ({"const": "null"}, "null", "null"),
+        ({}, "123_456", "123_456"),
+        ({"type": "integer"}, "1.25e2", 125.0),
+        ({"type": "integer"}, '"12"', 12),
+        ({"type": "integer"}, '"1.5"', "1.5"),
+        ({"type": "number"}, "123abc", "123abc"),
+        ({"type": "number"}, '"123"', 123),
+        ({"type": "number"}, r"\"123\"", 123),
+        ({"type": ["string", "null"]}, "null", None),
+        ({"anyOf": [{"type": "string"}, {"type": "null"}]}, "null", None),
+        ({"anyOf": [{"type": "integer"}, {"type": "boolean"}]}, "false", False),
+        ({"type": "string", "nullable": True}, "null", None),
+        ({"allOf": [{"type": "number"}, {"type": "integer"}]}, "3", 3),
+        ({"properties": {"k": {}}}, '{"k": 1}', {"k": 1}),
+        ({"items": {}}, "[1]", [1]),
+        ({"$ref": "#/$defs/a~1b"}, "5", 5),
+        ({"$ref": "#/$defs/loop"}, "true", True),  # a reference cycle admits anything
+    ],
+)
 def test_schema_typing(schema, raw, value):
     defs = {"a/b": {"type": "integer"}, "loop": {"$ref": "#/$defs/loop"}}
     tools = [tool("f", {"v": schema}, **{"$defs": defs})]
@@ -141,10 +172,20 @@ def test_schema_typing(schema, raw, value):
 
 
 def test_properties_merged_from_root_combinators():
-    tools = [tool("f", None, anyOf=[{"properties": {"n": {"type": "integer"}}},
-                                    {"properties": {"n": {"type": "string"}, "m": {"type": "number"}}}])]
-    text = ("<tool_call>f<arg_key>n</arg_key><arg_value>5</arg_value><arg_key>m</arg_key>"
-            "<arg_value>2</arg_value></tool_call>")
+    tools = [
+        tool(
+            "f",
+            None,
+            anyOf=[
+                {"properties": {"n": {"type": "integer"}}},
+                {"properties": {"n": {"type": "string"}, "m": {"type": "number"}}},
+            ],
+        )
+    ]
+    text = (
+        "<tool_call>f<arg_key>n</arg_key><arg_value>5</arg_value><arg_key>m</arg_key>"
+        "<arg_value>2</arg_value></tool_call>"
+    )
     assert json.loads(ToolCallParser("glm47", tools).parse(text)[1][0].arguments) == {"n": 5, "m": 2}
 
 
