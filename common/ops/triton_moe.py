@@ -278,7 +278,7 @@ def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, devic
     pattern = config_name(num_experts, n, hidden, dtype, "*")
     for path in [exact, *sorted(CONFIG_DIR.glob(pattern))]:  # same shape from another device next
         if path.is_file():
-            return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+            return {int(m): cfg for m, cfg in json.loads(path.read_text()).items() if m.isdigit()}
     return None
 
 
@@ -300,10 +300,16 @@ def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int) ->
     return {"BLOCK_M": 64, "up": dict(big), "down": dict(big)}
 
 
+@functools.lru_cache(maxsize=8)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
                device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    table = _load_table(num_experts, n, hidden, dtype, name)
+    """The tuned entry nearest to m for this shape and device (any device's table for the shape
+    next), else default_config()."""
+    table = _load_table(num_experts, n, hidden, dtype, _device_name(device))
     if table:
         return table[min(table, key=lambda key: (abs(key - m), key))]
     return default_config(m, num_experts, n, hidden, top_k)

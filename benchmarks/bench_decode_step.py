@@ -1,0 +1,265 @@
+"""One decode step and one prefill of a 4-layer GLM-4.5-Air-shaped model: ours vs transformers.
+
+    python benchmarks/bench_decode_step.py [--batches 1,8,32,64] [--context 1024] [--prefill 2048]
+
+The model has Air's widths (H 4096, 96/8 heads of 128, 128 experts top-8 of I_e 1408, dense I
+10944, vocab 151552) and 4 layers: 1 dense + 3 MoE. transformers' Glm4MoeForCausalLM is built
+with random bf16 weights on the GPU (its default sdpa attention and grouped_mm experts), and the
+same weights are copied into common.model's Glm4MoeForCausalLM. Both prefill the same random
+prompts (context tokens per sequence); then one decode step is timed at each batch size
+(CUDA events, median; transformers' DynamicCache is cropped back after each step, outside the
+timed region). Ours runs eagerly and, with --graphs (default on CUDA), through GraphRunner.
+Roofline: bytes = weights the step touches (attention, dense MLP, shared experts, the expected
+number of distinct routed experts, router, lm_head) + KV read; FLOPs = 2 * weights used per token
+* tokens + attention. Logits of one decode step are compared with transformers' (bf16 both, so
+~1e-2 is expected; routing near-ties can flip an expert). With OUT set, writes
+$OUT/bench_decode_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from common.batch import ForwardBatch, SeqSpec  # noqa: E402
+from common.config import ModelConfig  # noqa: E402
+from common.context import forward_context  # noqa: E402
+from common.kvcache.pool import KVPool  # noqa: E402
+from common.model import build_model  # noqa: E402
+
+AIR_4 = dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+             num_hidden_layers=4, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
+             partial_rotary_factor=0.5, rope_theta=1e6, rms_norm_eps=1e-5, attention_bias=True, use_qk_norm=False,
+             n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1,
+             first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True, max_position_embeddings=16384,
+             num_nextn_predict_layers=0, tie_word_embeddings=False)
+TINY = dict(AIR_4, vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=16)
+PAGE = 16
+
+
+def hf_model(fields: dict, device: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    cfg = Glm4MoeConfig(**{k: v for k, v in fields.items() if k not in ("rope_theta", "partial_rotary_factor")},
+                        rope_parameters={"rope_type": "default", "rope_theta": fields["rope_theta"],
+                                         "partial_rotary_factor": fields["partial_rotary_factor"]})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters created (and initialised) straight in dtype
+    try:
+        with torch.device(device):
+            model = Glm4MoeForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    for layer in model.model.layers[fields["first_k_dense_replace"]:]:
+        layer.mlp.gate.e_score_correction_bias.data.normal_(0.0, 0.01)
+    return model.eval(), cfg
+
+
+def copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
+    """Our merged/stacked parameters from transformers' (4.x per-expert or 5.x fused experts)."""
+    src = dict(hf.state_dict())
+    done = set()
+
+    def take(*names: str) -> torch.Tensor:
+        done.update(names)
+        return torch.cat([src[n] for n in names]) if len(names) > 1 else src[names[0]]
+
+    for name, param in ours.state_dict().items():
+        p, leaf = name.rsplit(".", 1)  # p: the owning module
+        if ".qkv_proj." in name:
+            base = p.rsplit(".", 1)[0]
+            t = take(*(f"{base}.{x}_proj.{leaf}" for x in "qkv"))
+        elif ".gate_up_proj." in name:
+            base = p.rsplit(".", 1)[0]
+            t = take(f"{base}.gate_proj.weight", f"{base}.up_proj.weight")
+        elif name.endswith("experts.w13") or name.endswith("experts.w2"):
+            fused = f"{p}.gate_up_proj" if leaf == "w13" else f"{p}.down_proj"
+            if fused in src:
+                t = take(fused)
+            else:
+                n_exp = param.shape[0]
+                parts = ("gate_proj", "up_proj") if leaf == "w13" else ("down_proj",)
+                t = torch.stack([take(*(f"{p}.{e}.{x}.weight" for x in parts)) for e in range(n_exp)])
+        else:
+            t = take(name)
+        if t.shape != param.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} from transformers, ours {tuple(param.shape)}")
+        param.copy_(t.to(param.dtype))
+    missing = set(src) - done
+    if missing:
+        raise ValueError(f"transformers weights not copied: {sorted(missing)[:8]}")
+
+
+def crop(cache, length: int) -> None:  # type: ignore[no-untyped-def]
+    """Drop the tokens past `length` (a negative count works across transformers 4.4x-5.x)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def median_us(self, fn, reps: int, after=None) -> float:  # type: ignore[no-untyped-def]
+        """Median over reps of fn() alone; after() (untimed) runs between repetitions."""
+        times = []
+        for i in range(reps + 2):
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                e.synchronize()
+                t = s.elapsed_time(e) * 1e3
+            else:
+                t0 = time.perf_counter()
+                fn()
+                t = (time.perf_counter() - t0) * 1e6
+            if after is not None:
+                after()
+            if i >= 2:  # warm-up
+                times.append(t)
+        return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke run of this script)")
+    ap.add_argument("--no-graphs", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fields = TINY if args.tiny else AIR_4
+    batches = [int(b) for b in args.batches.split(",")]
+    ctx = args.context
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf, hf_cfg = hf_model(fields, str(device), dtype)
+    raw = {**hf_cfg.to_dict(), "architectures": ["Glm4MoeForCausalLM"]}
+    cfg = ModelConfig.from_dict(raw)
+    ours = build_model(cfg, device, dtype)
+    copy_weights(ours, hf)
+    pages_per_seq = -(-(ctx + 1) // PAGE)
+    num_pages = 1 + max(batches) * pages_per_seq + -(-args.prefill // PAGE)
+    pool = KVPool(cfg.num_hidden_layers, num_pages, PAGE, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+    timer = Timer(device)
+
+    def forward(batch: ForwardBatch) -> torch.Tensor:
+        with forward_context(batch, pool):
+            hidden = ours(batch.input_ids, batch.positions)
+        return ours.compute_logits(hidden[batch.logit_rows])
+
+    ceil = None
+    if device.type == "cuda":
+        import gpu_timing as gt
+
+        out = gt.out_dir()
+        ceil = gt.measure_ceilings(out / "ceilings.json" if out else None)
+        print(f"GPU {torch.cuda.get_device_name(0)}; ceilings {ceil}")
+    h, v, hq, hk, d = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    e, k, ie = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    attn_w = (h * (hq + 2 * hk) * d + hq * d * h) * cfg.num_hidden_layers
+    dense_w = 3 * h * cfg.intermediate_size * cfg.first_k_dense_replace
+    shared_w = 3 * h * ie * n_moe
+    expert_w = 3 * h * ie
+
+    def roofline(tokens: int, kv_tokens: int, pairs: int) -> tuple[float, float]:
+        distinct = e * (1 - (1 - 1 / e) ** (tokens * k))
+        weight_bytes = 2 * (attn_w + dense_w + shared_w + distinct * expert_w * n_moe + h * v) + 4 * e * h * n_moe
+        kv_bytes = kv_tokens * cfg.num_hidden_layers * hk * d * 2 * 2
+        flops = 2 * tokens * (attn_w + dense_w + shared_w + k * expert_w * n_moe) + 2 * h * v * (tokens if kv_tokens
+                                                                                                   else 1)
+        flops += 4 * pairs * hq * d * cfg.num_hidden_layers
+        return weight_bytes + kv_bytes, flops
+
+    rows = []
+    graphs = None
+    if device.type == "cuda" and not args.no_graphs:
+        from common.runtime.cuda_graphs import GraphRunner
+
+        graphs = GraphRunner(forward, batches, pages_per_seq, PAGE, device)
+    for b in batches:
+        prompts = torch.randint(0, v, (b, ctx), device=device)
+        nxt = torch.randint(0, v, (b, 1), device=device)
+        pages = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(b)]
+        for start in range(0, b, 8):  # our prefill in chunks of 8 sequences
+            seqs = [SeqSpec(prompts[i].tolist(), list(range(ctx)), ctx, pages[i]) for i in range(start, min(b, start + 8))]
+            forward(ForwardBatch.build(seqs, PAGE, device))
+        step = ForwardBatch.build([SeqSpec([int(nxt[i])], [ctx], ctx + 1, pages[i]) for i in range(b)], PAGE, device)
+        ours_logits = forward(step).float()
+        t_ours = timer.median_us(lambda: forward(step), args.reps)
+        t_graph = None
+        if graphs is not None:
+            if not graphs.graphs:
+                graphs.capture()
+            t_graph = timer.median_us(lambda: graphs.run(step), args.reps)
+            graph_err = float((graphs.run(step).float() - ours_logits).norm() / ours_logits.norm())
+        hf_out = hf(input_ids=prompts, use_cache=True, logits_to_keep=1)
+        cache = hf_out.past_key_values
+        hf_logits = hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        crop(cache, ctx)
+        t_hf = timer.median_us(lambda: hf(input_ids=nxt, past_key_values=cache, use_cache=True), args.reps,
+                               after=lambda: crop(cache, ctx))
+        err = float((ours_logits - hf_logits).norm() / hf_logits.norm())
+        del hf_out, cache
+        nbytes, flops = roofline(b, b * (ctx + 1), b * (ctx + 1))
+        rows.append((f"decode B={b} ctx={ctx}", t_ours, t_graph, t_hf, nbytes, flops, err))
+        note = f" graph-vs-eager {graph_err:.1e}" if t_graph is not None else ""
+        print(f"decode B={b}: ours {t_ours:.0f} us, graph {t_graph or float('nan'):.0f} us, transformers "
+              f"{t_hf:.0f} us, logits rel err vs transformers {err:.2e}{note}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    n = args.prefill
+    prompt = torch.randint(0, v, (1, n), device=device)
+    pre_pages = list(range(num_pages - -(-n // PAGE), num_pages))
+    batch = ForwardBatch.build([SeqSpec(prompt[0].tolist(), list(range(n)), n, pre_pages)], PAGE, device)
+    t_ours = timer.median_us(lambda: forward(batch), max(3, args.reps // 2))
+    t_hf = timer.median_us(lambda: hf(input_ids=prompt, use_cache=False, logits_to_keep=1), max(3, args.reps // 2))
+    want = hf(input_ids=prompt, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+    err = float((forward(batch).float() - want).norm() / want.norm())
+    nbytes, flops = roofline(n, 0, n * (n + 1) // 2)
+    rows.append((f"prefill 1x{n}", t_ours, None, t_hf, nbytes, flops, err))
+    report(rows, ceil, hf)
+    if graphs is not None:
+        graphs.close()
+
+
+def report(rows: list, ceil: dict | None, hf) -> None:  # type: ignore[no-untyped-def]
+    head = ("step", "ours_us", "ours_graph_us", "transformers_us", "speedup", "floor_us", "frac", "bytes_GB",
+            "GFLOP", "logits_rel_err")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, t, tg, th, nbytes, flops, err in rows:
+        best = min(t, tg) if tg else t
+        floor = max(nbytes / (ceil["read_gbs"] * 1e3), flops / (ceil["gemm_tflops"] * 1e6)) if ceil else float("nan")
+        lines.append(f"| {name} | {t:.0f} | {f'{tg:.0f}' if tg else '-'} | {th:.0f} | {th / best:.2f}x | "
+                     f"{floor:.0f} | {floor / best:.2f} | {nbytes / 1e9:.2f} | {flops / 1e9:.0f} | {err:.2e} |")
+    impl = getattr(hf.config, "_experts_implementation", None), getattr(hf.config, "_attn_implementation", None)
+    text = "\n".join(lines) + f"\n\ntransformers experts/attention implementation: {impl}\n"
+    print(text)
+    import os
+
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "bench_decode_step.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Shared measuring helpers for the GPU benchmarks (METHOD.md): device facts, measured ceilings,
+graph-replay timing with rotated input sets, and relative error by norm.
+
+Ceilings: device copy (bytes read + written over time), pure read (a Triton streaming-sum kernel),
+bf16 GEMM 8192^3 on random data. Kernel times: median of CUDA-event-timed replays of a CUDA graph
+that runs the call once per input set (no Python launch gaps; rotation defeats the 50 MB L2);
+torch references that sync the host are timed eagerly with triton.testing.do_bench (median).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def device_info() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - informational only
+        driver = "unknown"
+    return {"gpu": torch.cuda.get_device_name(0), "driver": driver, "sms": props.multi_processor_count,
+            "mem_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda}
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(ITERS):
+        offs = (pid * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+def measure_ceilings(cache: Path | None = None) -> dict:
+    """{copy_gbs, read_gbs, gemm_tflops}; reused from `cache` when it exists."""
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    n = 1 << 30  # 2 GiB of bf16
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    block, iters = 4096, 16
+    grid = triton.cdiv(n, block * iters)
+    partial = torch.empty(grid, device="cuda", dtype=torch.float32)
+    t_read = triton.testing.do_bench(lambda: _read_kernel[(grid,)](src, partial, n, BLOCK=block, ITERS=iters,
+                                                                   num_warps=8),
+                                     warmup=50, rep=300, return_mode="median")
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t_mm = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    out = {"copy_gbs": 2 * 2 * n / t_copy / 1e6, "read_gbs": 2 * n / t_read / 1e6,
+           "gemm_tflops": 2 * 8192**3 / t_mm / 1e9}
+    torch.cuda.empty_cache()
+    if cache is not None:
+        cache.write_text(json.dumps(out))
+    return out
+
+
+def rotations(bytes_per_call: float, l2_bytes: float = 50e6, cap: int = 32) -> int:
+    """Input sets to cycle through so that the working set is >= 4x L2."""
+    return max(1, min(cap, int(-(-4 * l2_bytes // max(bytes_per_call, 1)))))
+
+
+def time_graph(calls: Sequence[Callable[[], object]], reps: int = 30) -> float:
+    """Median microseconds per call: one graph runs every call once; replays timed by events."""
+    for call in calls:  # compile and fill caches outside the capture
+        call()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) * 1e3 / len(calls)
+
+
+def time_eager(call: Callable[[], object], rep_ms: int = 100) -> float:
+    """Median microseconds of an eager call (includes its host work)."""
+    return triton.testing.do_bench(call, warmup=10, rep=rep_ms, return_mode="median") * 1e3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def out_dir() -> Path | None:
+    out = os.environ.get("OUT")
+    if not out:
+        return None
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,147 @@
+"""Tune the fused-MoE block configs on this GPU and write common/ops/moe_configs/*.json.
+
+    python benchmarks/tune_moe.py                          # quick: Air + GLM-4.5 full width, 7 M values
+    python benchmarks/tune_moe.py --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
+
+For each shape (E, H, I_e / tp) and token count M, random routing (grouped_topk on random logits)
+and, for each BLOCK_M candidate, the gate_up and the down GEMM are timed separately (graph
+replays, median) over a candidate list chosen by the rows each expert gets; the entry is the
+BLOCK_M whose best gate_up + best down is fastest. Tables are merged into existing files (entries
+for other M kept) in --out-dir and copied to $OUT/moe_configs when OUT is set. A time budget
+stops starting new (shape, M) points; the heuristic in triton_moe.default_config covers the rest.
+Candidates that do not fit the GPU (shared memory) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import gpu_timing as gt
+import torch
+
+from common.ops import triton_moe as tm
+
+MODELS = {"air": (128, 4096, 1408), "glm45": (160, 5120, 1536)}  # E, H, I_e
+QUICK_M = (1, 4096, 64, 1024, 8, 256, 32)  # most telling first: a budget cut keeps them
+ALL_M = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
+TOP_K = 8
+
+
+def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[dict]]:
+    """(BLOCK_M values, gate_up candidates, down candidates), likely-best first."""
+    per_expert = m * TOP_K / num_experts
+
+    def grid(bns, bks, warps, stages, groups):  # type: ignore[no-untyped-def]
+        return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s}
+                for n, k, w, s, g in itertools.product(bns, bks, warps, stages, groups)]
+
+    if per_expert <= 4:
+        return ([16], grid((32, 16, 64), (128, 256), (4,), (4, 3), (1,)),
+                grid((64, 32, 128), (128, 256), (4,), (4, 3), (1,)))
+    if per_expert <= 48:
+        return ([32, 64], grid((64, 128), (128, 64), (4,), (4, 3), (4,)),
+                grid((64, 128), (128, 64), (4,), (4, 3), (4,)))
+    big = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+           for n, k, w, s in ((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
+                              (128, 128, 8, 3), (128, 64, 8, 4))]
+    return [64, 128], big, list(big)
+
+
+def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | None:
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    w13 = _weights.get((e, h, inter))
+    w2 = _weights.get((e, h, inter, "down"))
+    weights, ids = tm.grouped_topk(torch.randn(m, e, device="cuda"), torch.zeros(e, device="cuda"),
+                                   TOP_K, 1, 1, True, 1.0)
+    numel = m * TOP_K
+    act = torch.randn(numel, inter, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty(numel, h, device="cuda", dtype=torch.bfloat16)
+    topw = weights.reshape(-1).contiguous()
+    block_ms, ups, downs = candidates(m, e)
+    best: dict | None = None
+    for bm in block_ms:
+        sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
+        scores = {}
+        for part, cands in (("up", ups), ("down", downs)):
+            for cfg in cands:
+                if time.time() > deadline and part in scores:
+                    break
+                if part == "up":
+                    call = lambda c=cfg: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h,  # noqa: E731
+                                                  TOP_K, True, bm, c)
+                else:
+                    call = lambda c=cfg: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter,  # noqa: E731
+                                                  1, False, bm, c)
+                try:
+                    t = gt.time_graph([call], reps=10)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                    print(f"    skip {part} BM={bm} {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                if part not in scores or t < scores[part][0]:
+                    scores[part] = (t, cfg)
+        if "up" in scores and "down" in scores:
+            total = scores["up"][0] + scores["down"][0]
+            if best is None or total < best["us"]["total"]:
+                best = {"BLOCK_M": bm, "up": scores["up"][1], "down": scores["down"][1],
+                        "us": {"up": round(scores["up"][0], 2), "down": round(scores["down"][0], 2),
+                               "total": round(total, 2)}}
+    return best
+
+
+_weights: dict = {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="air,glm45")
+    ap.add_argument("--tp", default="1", help="comma list of TP degrees (I_e / tp)")
+    ap.add_argument("--m", default="quick", help="'quick', 'all' or a comma list")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--out-dir", type=Path, default=tm.CONFIG_DIR)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    ms = QUICK_M if args.m == "quick" else ALL_M if args.m == "all" else tuple(int(v) for v in args.m.split(","))
+    name = torch.cuda.get_device_name(0)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = gt.out_dir()
+    print(f"tuning on {name}; M = {ms}", flush=True)
+    for model in args.models.split(","):
+        e, h, full = MODELS[model]
+        for tp_deg in (int(v) for v in args.tp.split(",")):
+            inter = full // tp_deg
+            if time.time() > deadline:
+                break
+            _weights.clear()
+            torch.cuda.empty_cache()
+            _weights[(e, h, inter)] = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+            _weights[(e, h, inter, "down")] = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+            path = args.out_dir / tm.config_name(e, 2 * inter, h, torch.bfloat16, name)
+            table = json.loads(path.read_text()) if path.is_file() else {}
+            for m in ms:
+                if time.time() > deadline:
+                    print(f"  budget reached before {model} tp={tp_deg} M={m}", flush=True)
+                    break
+                t0 = time.time()
+                best = tune_point(e, h, inter, m, deadline)
+                if best is None:
+                    continue
+                table[str(m)] = best
+                heur = tm.default_config(m, e, 2 * inter, h, TOP_K)
+                print(f"  {model} tp={tp_deg} (E={e} H={h} I={inter}) M={m}: BM={best['BLOCK_M']} "
+                      f"up={best['up']} down={best['down']} {best['us']} (heuristic BM={heur['BLOCK_M']}) "
+                      f"[{time.time() - t0:.0f} s]", flush=True)
+                rows = sorted(table.items(), key=lambda kv: int(kv[0]))
+                path.write_text("{\n" + ",\n".join(f' "{k}": {json.dumps(v)}' for k, v in rows) + "\n}\n")
+                if out:
+                    (out / "moe_configs").mkdir(exist_ok=True)
+                    shutil.copy(path, out / "moe_configs" / path.name)
+    tm._load_table.cache_clear()
+
+
+if __name__ == "__main__":
+    main()

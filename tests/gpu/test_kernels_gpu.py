@@ -1,0 +1,251 @@
+"""Each Triton kernel against its torch twin at real GLM-4.5 / Air shapes on CUDA, in bf16.
+
+Inputs are fresh random bf16 each run; references run in fp32 on the same (upcast) inputs;
+errors are relative by norm (METHOD.md: bf16 operands land between 1e-3 and 1e-2). Outputs must
+be finite (unwritten elements of a NaN-poisoned buffer or NaNs fail).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BF16_TOL = 1e-2
+DEV = "cuda"
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "non-finite output"
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed() -> None:
+    torch.manual_seed(torch.seed())
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096])
+@pytest.mark.parametrize("h", [4096, 5120])
+def test_rms_norms(n: int, h: int) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    x, r = torch.randn(n, h, device=DEV, dtype=torch.bfloat16), torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(h, device=DEV)).bfloat16()
+    assert rel(tn.rms_norm(x, w, 1e-5), ref.rms_norm(x.float(), w.float(), 1e-5)) < BF16_TOL
+    out, res = tn.fused_add_rms_norm(x, r, w, 1e-5)
+    ro, rr = ref.fused_add_rms_norm(x, r, w, 1e-5)  # bf16 reference: same cast order, near-exact
+    assert torch.equal(res, rr)
+    assert rel(out, ro) < 2e-3
+
+
+@pytest.mark.parametrize("n", [1, 33, 2048])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_rope(n: int, qk_norm: bool) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    hq, hk, d, rot = 96, 8, 128, 64
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=DEV, dtype=torch.bfloat16)
+    q, k = qkv[:, : hq * d].view(n, hq, d), qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
+    inv = 1.0 / (1e6 ** (torch.arange(0, rot, 2).float() / rot))
+    ang = torch.arange(131072).float()[:, None] * inv[None]
+    cos_sin = torch.cat((ang.cos(), ang.sin()), -1).to(DEV)
+    pos = torch.randint(0, 131072, (n,), device=DEV)
+    qw = (1 + 0.1 * torch.randn(d, device=DEV)).bfloat16() if qk_norm else None
+    kw = (1 + 0.1 * torch.randn(d, device=DEV)).bfloat16() if qk_norm else None
+    a, b = tn.qk_norm_rope(q, k, pos, cos_sin, rot, qw, kw, 1e-5)
+    ra, rb = ref.qk_norm_rope(q, k, pos, cos_sin, rot, qw, kw, 1e-5)
+    assert rel(a, ra) < 2e-3 and rel(b, rb) < 2e-3
+
+
+@pytest.mark.parametrize("n", [1, 64, 2048])
+def test_store_kv(n: int) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_kv as tk
+
+    pages, page, hk, d = 512, 16, 8, 128
+    kc = torch.full((pages, page, hk, d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    vc = kc.clone()
+    kv = torch.randn(n, 2, hk, d, device=DEV, dtype=torch.bfloat16)
+    slots = torch.randperm(pages * page, device=DEV)[:n]
+    rk, rv = kc.clone(), vc.clone()
+    ref.store_kv(rk, rv, kv[:, 0], kv[:, 1], slots)
+    tk.store_kv(kc, vc, kv[:, 0], kv[:, 1], slots)
+    assert torch.equal(kc.nan_to_num(3.0), rk.nan_to_num(3.0)) and torch.equal(vc.nan_to_num(3.0), rv.nan_to_num(3.0))
+
+
+@pytest.mark.parametrize("n", [1, 64, 4096])
+@pytest.mark.parametrize("e,groups", [(160, 1), (128, 1), (128, 8)])
+def test_grouped_topk(n: int, e: int, groups: int) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_moe as tm
+
+    logits, bias = torch.randn(n, e, device=DEV), 0.1 * torch.randn(e, device=DEV)
+    w, i = tm.grouped_topk(logits, bias, 8, groups, min(groups, 4), True, 2.5)
+    rw, ri = ref.grouped_topk(logits, bias, 8, groups, min(groups, 4), True, 2.5)
+    si, oi = i.sort(1)
+    sr, orr = ri.sort(1)
+    assert torch.equal(si, sr)
+    assert rel(w.gather(1, oi), rw.gather(1, orr)) < 1e-6
+
+
+MOE_SHAPES = {"air": (128, 4096, 1408), "glm45": (160, 5120, 1536), "glm45-tp8": (160, 5120, 192),
+              "air-tp4": (128, 4096, 352)}
+
+
+@pytest.fixture(scope="module")
+def moe_weights() -> dict:
+    return {}
+
+
+@pytest.mark.parametrize("shape", list(MOE_SHAPES))
+@pytest.mark.parametrize("n", [1, 8, 64, 512, 2048])
+def test_fused_moe(shape: str, n: int, moe_weights: dict) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_moe as tm
+
+    e, h, inter = MOE_SHAPES[shape]
+    if shape not in moe_weights:
+        moe_weights.clear()  # one shape's weights on the GPU at a time
+        moe_weights[shape] = (torch.randn(e, 2 * inter, h, device=DEV, dtype=torch.bfloat16) / h**0.5,
+                              torch.randn(e, h, inter, device=DEV, dtype=torch.bfloat16) / inter**0.5)
+    w13, w2 = moe_weights[shape]
+    x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
+    weights, ids = ref.grouped_topk(torch.randn(n, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 2.5)
+    out = tm.fused_moe(x, w13, w2, weights, ids)
+    used, remap = torch.unique(ids.long(), return_inverse=True)  # fp32 copies of the touched experts only
+    want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())
+    assert rel(out, want) < BF16_TOL
+
+
+def _attn_batch(specs, hk=8, hq=96, d=128, page=16, dtype=torch.bfloat16):  # type: ignore[no-untyped-def]
+    from common.batch import ForwardBatch, SeqSpec
+
+    need = sum(-(-s // page) for _, s, _, _ in specs)
+    perm = (torch.randperm(need + 7)[: need] + 1).tolist()
+    seqs, used = [], 0
+    for q, seq_len, prefix, masked in specs:
+        prefix = seq_len - q if prefix is None else prefix
+        n_pages = -(-seq_len // page)
+        mask = None
+        if masked:
+            cols = seq_len - prefix
+            mask = torch.rand(q, cols) < 0.5
+            mask[torch.arange(q), cols - q + torch.arange(q)] = True
+        seqs.append(SeqSpec(input_ids=[1] * q, positions=list(range(q)), seq_len=seq_len,
+                            pages=perm[used : used + n_pages], prefix_len=prefix, mask=mask))
+        used += n_pages
+    batch = ForwardBatch.build(seqs, page, DEV)
+    kc = torch.randn(need + 8, page, hk, d, device=DEV, dtype=dtype)
+    vc = torch.randn(need + 8, page, hk, d, device=DEV, dtype=dtype)
+    return torch.randn(batch.num_tokens, hq, d, device=DEV, dtype=dtype), kc, vc, batch
+
+
+ATTN_CASES = {
+    "decode b1 8k": [(1, 8192, None, False)],
+    "decode b32 1k": [(1, 1024 - 7 * i, None, False) for i in range(32)],
+    "decode b4 mixed": [(1, 1, None, False), (1, 17, None, False), (1, 5000, None, False), (1, 300, None, False)],
+    "extend 1x2048": [(2048, 2048, 0, False)],
+    "extend prefix 1024 + 1000": [(1000, 2024, None, False)],
+    "chunked prefix + causal window": [(300, 2000, 1500, False), (64, 64, 0, False)],
+    "verify b4 q4 mask": [(4, 2000 + 37 * i, 1996 + 37 * i, True) for i in range(4)],
+    "verify b2 q16 mask": [(16, 900, 884, True), (16, 3000, 2984, True)],
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_paged_attention(case: str) -> None:
+    from common.attention import torch_ref
+    from common.attention import triton_paged as tp
+
+    q, kc, vc, batch = _attn_batch(ATTN_CASES[case])
+    out = tp.paged_attention(q, kc, vc, batch, 128**-0.5)
+    want = torch_ref.paged_attention(q.float(), kc.float(), vc.float(), batch, 128**-0.5)
+    assert rel(out, want) < BF16_TOL
+    if batch.max_query_len <= 5:  # forced split counts agree too
+        for splits in (1, 7):
+            assert rel(tp.paged_attention_splits(q, kc, vc, batch, 128**-0.5, splits), want) < BF16_TOL
+
+
+def test_decode_attention_graph_replay() -> None:
+    """Capture decode once, change sequence lengths and pages on the device, replay: still right."""
+    from common.attention import torch_ref
+    from common.attention import triton_paged as tp
+
+    q, kc, vc, batch = _attn_batch([(1, 4000, None, False), (1, 100, None, False)])
+    out = tp.paged_attention(q, kc, vc, batch, 0.088)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tp.paged_attention(q, kc, vc, batch, 0.088)
+    q2, _, _, batch2 = _attn_batch([(1, 130, None, False), (1, 3900, None, False)])
+    q.copy_(q2)
+    batch.seq_lens.copy_(batch2.seq_lens)
+    batch.prefix_lens.copy_(batch2.prefix_lens)
+    batch.page_table.zero_()
+    batch.page_table[:, : batch2.page_table.shape[1]].copy_(batch2.page_table)
+    graph.replay()
+    want = torch_ref.paged_attention(q.float(), kc.float(), vc.float(), batch2, 0.088)
+    assert rel(out, want) < BF16_TOL
+
+
+def test_moe_graph_replay() -> None:
+    """fused_moe reads no routing on the host: a captured graph stays right for new routing."""
+    from common.ops import reference as ref
+    from common.ops import triton_moe as tm
+
+    e, h, inter, n = 128, 1024, 256, 16
+    w13 = torch.randn(e, 2 * inter, h, device=DEV, dtype=torch.bfloat16) / h**0.5
+    w2 = torch.randn(e, h, inter, device=DEV, dtype=torch.bfloat16) / inter**0.5
+    x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
+    weights, ids = ref.grouped_topk(torch.randn(n, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 1.0)
+    tm.fused_moe(x, w13, w2, weights, ids)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tm.fused_moe(x, w13, w2, weights, ids)
+    w_new, i_new = ref.grouped_topk(torch.randn(n, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 1.0)
+    weights.copy_(w_new)
+    ids.copy_(i_new)
+    graph.replay()
+    assert rel(out, ref.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)) < BF16_TOL
+
+
+def test_graph_runner_decode_step() -> None:
+    """GraphRunner pads to a bucket with dummy rows on page 0 and returns the real rows' output."""
+    from common.attention import triton_paged as tp
+    from common.ops import triton_kv as tk
+    from common.runtime.cuda_graphs import GraphRunner
+
+    q, kc, vc, batch = _attn_batch([(1, 700, None, False), (1, 33, None, False), (1, 2100, None, False)])
+    k_new = torch.randn(3, 8, 128, device=DEV, dtype=torch.bfloat16)
+
+    def step(b):  # type: ignore[no-untyped-def]
+        tk.store_kv(kc, vc, k_new[: b.num_seqs].new_ones(b.num_seqs, 8, 128), k_new[: b.num_seqs].new_ones(b.num_seqs, 8, 128), b.out_slots)
+        return tp.paged_attention(q.new_ones(b.num_seqs, 96, 128), kc, vc, b, 0.088)
+
+    eager = step(batch).clone()
+    runner = GraphRunner(step, [1, 4, 8], max_pages_per_seq=256, page_size=16, device=DEV)
+    runner.capture()
+    assert runner.can_run(batch)
+    got = runner.run(batch)
+    assert got.shape == eager.shape and rel(got, eager) < 1e-6
+    runner.close()
+
+
+def test_moe_configs_load() -> None:
+    """Every shipped table parses and holds complete entries."""
+    import json
+
+    from common.ops import triton_moe as tm
+
+    for path in tm.CONFIG_DIR.glob("*.json"):
+        for m, cfg in json.loads(path.read_text()).items():
+            if m.isdigit():
+                assert {"BLOCK_M", "up", "down"} <= set(cfg)
+                for part in ("up", "down"):
+                    assert {"BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages"} <= set(cfg[part])
