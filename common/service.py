@@ -41,16 +41,23 @@ def client_channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -
     ]
 
 
-def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:
-    """A grpc.aio server. Requests above `max_message_bytes` are refused with RESOURCE_EXHAUSTED
-    by gRPC itself; client keepalive pings (client_channel_options) are accepted."""
-    options = message_size_options(max_message_bytes) + [
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Server options of every glmserve process. A default gRPC server answers pings more frequent
+    than every 5 minutes with GOAWAY "too_many_pings", which kills long silent calls (a queued
+    prefill); these accept the keepalive pings of client_channel_options."""
+    return message_size_options(max_message_bytes) + [
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),
-        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.http2.max_ping_strikes", 0),  # 0 = never GOAWAY for pings
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ]
-    return grpc.aio.server(options=options)
+
+
+def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:
+    """A grpc.aio server. Requests above `max_message_bytes` are refused with RESOURCE_EXHAUSTED
+    by gRPC itself; client keepalive pings (client_channel_options) are accepted. Workers must
+    build their servers with this (or server_options) too."""
+    return grpc.aio.server(options=server_options(max_message_bytes))
 
 
 class Health:

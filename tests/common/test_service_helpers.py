@@ -12,7 +12,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import ids, metrics
 from common.log import setup_logging
-from common.service import add_health, add_reflection, make_server, serve_until_signal
+from common.service import (
+    add_health,
+    add_reflection,
+    client_channel_options,
+    make_server,
+    serve_until_signal,
+    server_options,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -94,3 +101,14 @@ def test_log_prefix_names_role_and_rank(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(ValueError):
         setup_logging("x", level="LOUD")
     setup_logging("test", level="WARNING")
+
+
+
+def test_servers_accept_the_keepalive_pings_of_our_clients() -> None:
+    """A default gRPC server GOAWAYs ("too_many_pings") clients that ping more often than every
+    5 minutes, which kills long silent calls; our servers must accept our clients' pings."""
+    client, server = dict(client_channel_options()), dict(server_options())
+    assert server["grpc.http2.max_ping_strikes"] == 0
+    assert server["grpc.http2.min_recv_ping_interval_without_data_ms"] <= client["grpc.keepalive_time_ms"]
+    assert client["grpc.keepalive_timeout_ms"] < client["grpc.keepalive_time_ms"]
+    assert server["grpc.max_receive_message_length"] == client["grpc.max_receive_message_length"]

@@ -23,6 +23,7 @@ import grpc
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from common.service import make_server  # noqa: E402
 from protos import worker_pb2, worker_pb2_grpc  # noqa: E402
 
 
@@ -163,7 +164,7 @@ class FakeCluster:
         decodes = [FakeDecode(f"decode-{i}", script_for, handoff) for i in range(n_decode)]
         servers, p_addrs, d_addrs = [], [], []
         for w in [*prefills, *decodes]:
-            server = grpc.aio.server()
+            server = make_server()  # as the real workers: accepts the gateway's keepalive pings
             if isinstance(w, FakePrefill):
                 worker_pb2_grpc.add_PrefillWorkerServicer_to_server(w, server)
             else:
@@ -179,7 +180,7 @@ class FakeCluster:
 
 
 async def _serve_process(role: str, script: Script) -> None:
-    server = grpc.aio.server()
+    server = make_server()
     if role == "decode":
         worker_pb2_grpc.add_DecodeWorkerServicer_to_server(FakeDecode("decode-proc", lambda r: script, None), server)
     else:
