@@ -37,6 +37,23 @@ class AuxRecord:
     topk_idx: torch.Tensor  # [k] int64, their token ids
     hidden: torch.Tensor  # [H] draft input hidden state (bf16/fp16/fp32); [0] without speculation
 
+    @classmethod
+    def build(cls, *, transfer_id: int, first_token: int, first_logprob: float, prompt_len: int,
+              cached_tokens: int = 0, topk_p: torch.Tensor | None = None, topk_idx: torch.Tensor | None = None,
+              hidden: torch.Tensor | None = None) -> AuxRecord:
+        """From the prefill's results (tensors may live on the GPU; None = no speculation)."""
+        def cpu(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+            if t is None:
+                return torch.empty(0, dtype=dtype or torch.float32)
+            return t.detach().reshape(-1).to("cpu", dtype or t.dtype)
+
+        return cls(int(transfer_id), int(prompt_len), int(cached_tokens), int(first_token), float(first_logprob),
+                   cpu(topk_p, torch.float32), cpu(topk_idx, torch.int64), cpu(hidden, None))
+
+    @property
+    def has_draft(self) -> bool:
+        return self.topk_p.numel() > 0
+
     def pack(self) -> bytes:
         k = self.topk_p.numel()
         if self.topk_idx.numel() != k:
