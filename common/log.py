@@ -20,9 +20,10 @@ def setup_logging(role: str, rank: int | None = None, level: str | int | None = 
     tag = role if rank is None else f"{role}[{rank}]"
     level = level if level is not None else os.environ.get("GLMSERVE_LOG_LEVEL", "INFO")
     if isinstance(level, str):
-        level = logging.getLevelName(level.upper())
-        if not isinstance(level, int):
-            raise ValueError(f"unknown log level {level!r}")
+        names = logging.getLevelNamesMapping()
+        if level.upper() not in names:
+            raise ValueError(f"unknown log level {level!r} (choose from {', '.join(names)})")
+        level = names[level.upper()]
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_glmserve", False):

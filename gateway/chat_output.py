@@ -13,7 +13,7 @@ reasoning without counting.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from gateway.config import GatewayConfig
 from gateway.convert import ChatInput

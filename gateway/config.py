@@ -7,9 +7,9 @@ Flag names follow SGLang where the concept is the same (--model-path, --served-m
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from common.service import DEFAULT_MAX_MESSAGE_BYTES
 

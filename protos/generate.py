@@ -33,8 +33,8 @@ def expected_outputs(protos: list[Path]) -> list[str]:
 
 def generate(out_dir: Path) -> None:
     """Run protoc on every .proto into `out_dir`/protos and stamp the header."""
-    from grpc_tools import protoc  # dev dependency, imported only when generating
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency, imported only when generating
 
     well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
     protos = proto_files()

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_generated_stubs_are_current() -> None:
     r = subprocess.run([sys.executable, "protos/generate.py", "--check"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert "are current" in r.stdout
 

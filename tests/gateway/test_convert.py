@@ -44,19 +44,19 @@ def test_defaults_and_limits() -> None:
 
 
 @pytest.mark.parametrize("fields,prompt_len,message", [
-    (dict(top_p=0.0), 10, "sampling.top_p must be in (0, 1], got 0"),
-    (dict(top_p=1.01), 10, "sampling.top_p must be in (0, 1]"),
-    (dict(temperature=-0.1), 10, "sampling.temperature must be >= 0"),
-    (dict(temperature=float("nan")), 10, "sampling.temperature must be a finite number"),
-    (dict(top_k=-2), 10, "sampling.top_k must be >= 1, or 0 / -1 for off"),
-    (dict(min_p=1.5), 10, "sampling.min_p must be in [0, 1]"),
-    (dict(frequency_penalty=3), 10, "sampling.frequency_penalty must be in [-2, 2]"),
-    (dict(repetition_penalty=0), 10, "sampling.repetition_penalty must be > 0"),
-    (dict(max_tokens=51), 10, "sampling.max_tokens must be <= 50"),
-    (dict(max_tokens=30), 80, "sampling.max_tokens (30) + prompt length (80) exceeds the maximum context length 100"),
-    (dict(max_tokens=5, min_tokens=6), 10, "sampling.min_tokens must be in [0, max_tokens=5]"),
-    (dict(stop_token_ids=[1, 1000]), 10, "sampling.stop_token_ids[1] must be < vocab size 1000"),
-    (dict(logit_bias={5: 200.0}), 10, "sampling.logit_bias[5] must be in [-100, 100]"),
+    ({"top_p": 0.0}, 10, "sampling.top_p must be in (0, 1], got 0"),
+    ({"top_p": 1.01}, 10, "sampling.top_p must be in (0, 1]"),
+    ({"temperature": -0.1}, 10, "sampling.temperature must be >= 0"),
+    ({"temperature": float("nan")}, 10, "sampling.temperature must be a finite number"),
+    ({"top_k": -2}, 10, "sampling.top_k must be >= 1, or 0 / -1 for off"),
+    ({"min_p": 1.5}, 10, "sampling.min_p must be in [0, 1]"),
+    ({"frequency_penalty": 3}, 10, "sampling.frequency_penalty must be in [-2, 2]"),
+    ({"repetition_penalty": 0}, 10, "sampling.repetition_penalty must be > 0"),
+    ({"max_tokens": 51}, 10, "sampling.max_tokens must be <= 50"),
+    ({"max_tokens": 30}, 80, "sampling.max_tokens (30) + prompt length (80) exceeds the maximum context length 100"),
+    ({"max_tokens": 5, "min_tokens": 6}, 10, "sampling.min_tokens must be in [0, max_tokens=5]"),
+    ({"stop_token_ids": [1, 1000]}, 10, "sampling.stop_token_ids[1] must be < vocab size 1000"),
+    ({"logit_bias": {5: 200.0}}, 10, "sampling.logit_bias[5] must be in [-100, 100]"),
 ])
 def test_validation_names_the_field(fields, prompt_len, message) -> None:
     assert message in error(resolve, prompt_len, **fields).message

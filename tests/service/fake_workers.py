@@ -14,17 +14,17 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import grpc
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.service import make_server  # noqa: E402
-from protos import worker_pb2, worker_pb2_grpc  # noqa: E402
+from common.service import make_server
+from protos import worker_pb2, worker_pb2_grpc
 
 
 @dataclass
@@ -121,7 +121,7 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
         if self.handoff is not None:
             try:
                 await asyncio.wait_for(self.handoff.event(request.transfer_id).wait(), self.kv_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await context.abort(grpc.StatusCode.ABORTED, "KV never arrived")
         done = 0
         steps = 0

@@ -3,53 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator, Callable, Coroutine, TypeVar
+from typing import TypeVar
 
 import grpc
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_workers import FakeCluster, Script  # noqa: E402
+from fake_workers import FakeCluster, Script
 
-from gateway.config import GatewayConfig  # noqa: E402
-from gateway.server import GatewayServer  # noqa: E402
-from gateway.tokenizer import Tokenizer  # noqa: E402
-from protos import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from gateway.config import GatewayConfig
+from gateway.server import GatewayServer
+from protos import gateway_pb2, gateway_pb2_grpc
 
 T = TypeVar("T")
-GEN_TEMPERATURE = 0.6  # generation_config.json default written into the test model dir
-GEN_TOP_P = 0.95
 CONTEXT = 4096
+GEN_TEMPERATURE = 0.6  # generation_config.json defaults written by conftest.model_dir
+GEN_TOP_P = 0.95
 
 WEATHER_TOOL = gateway_pb2.Tool(type="function", function=gateway_pb2.FunctionDefinition(
     name="get_weather", description="Get the weather"))
 WEATHER_TOOL.function.parameters.update({
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
     "required": ["city"]})
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tokenizer + GLM-4.5 template + generation_config.json with sampling defaults (no weights)."""
-    from common.tiny_tokenizer import write_tokenizer_files
-
-    d = tmp_path_factory.mktemp("gateway_model")
-    write_tokenizer_files(d, "glm45")
-    gen = json.loads((d / "generation_config.json").read_text())
-    gen.update(temperature=GEN_TEMPERATURE, top_p=GEN_TOP_P)
-    (d / "generation_config.json").write_text(json.dumps(gen))
-    return d
-
-
-@pytest.fixture(scope="session")
-def tok(model_dir: Path) -> Tokenizer:
-    return Tokenizer.from_dir(model_dir)
 
 
 def run(coro: Coroutine[object, object, T], timeout: float = 30.0) -> T:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gateway_harness import (  # noqa: F401  (model_dir, tok are fixtures)
+from gateway_harness import (
     GEN_TEMPERATURE,
     WEATHER_TOOL,
     Script,
@@ -13,9 +13,7 @@ from gateway_harness import (  # noqa: F401  (model_dir, tok are fixtures)
     chunked,
     collect,
     gateway_with_fakes,
-    model_dir,
     run,
-    tok,
 )
 
 from protos import gateway_pb2

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from gateway_harness import (  # noqa: F401  (model_dir, tok are fixtures)
+from gateway_harness import (
     WEATHER_TOOL,
     Script,
     chat_request,
     collect,
     gateway_with_fakes,
-    model_dir,
     run,
-    tok,
 )
 
 from protos import gateway_pb2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from gateway_harness import Script, gateway_with_fakes, model_dir, run  # noqa: F401  (model_dir: fixture)
+from gateway_harness import Script, gateway_with_fakes, run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import worker_pb2_grpc

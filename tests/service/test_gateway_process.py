@@ -9,17 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from gateway_harness import (  # noqa: F401  (model_dir, tok are fixtures)
+import grpc
+from fake_workers import FakeCluster
+from gateway_harness import (
     Script,
     chat_request,
     collect,
-    model_dir,
     run,
-    tok,
 )
-from fake_workers import FakeCluster
 
-import grpc
 from protos import gateway_pb2, gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

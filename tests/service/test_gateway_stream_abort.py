@@ -11,15 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from gateway_harness import (  # noqa: F401  (model_dir, tok are fixtures)
+from gateway_harness import (
     Script,
     chat_request,
     chunked,
     collect,
     gateway_with_fakes,
-    model_dir,
     run,
-    tok,
 )
 
 from protos import gateway_pb2

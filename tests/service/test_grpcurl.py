@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from gateway_harness import Script, gateway_with_fakes, model_dir, run, tok  # noqa: F401  (fixtures)
+from gateway_harness import Script, gateway_with_fakes, run
 
 
 def _grpcurl() -> str | None:
