@@ -20,29 +20,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import warnings
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from common.batch import ForwardBatch, SeqSpec  # noqa: E402
-from common.config import ModelConfig  # noqa: E402
-from common.context import forward_context  # noqa: E402
-from common.kvcache.pool import KVPool  # noqa: E402
-from common.model import build_model  # noqa: E402
+from common.batch import ForwardBatch, SeqSpec
+from common.config import ModelConfig
+from common.context import forward_context
+from common.kvcache.pool import KVPool
+from common.model import build_model
 
-AIR_4 = dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
-             num_hidden_layers=4, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
-             partial_rotary_factor=0.5, rope_theta=1e6, rms_norm_eps=1e-5, attention_bias=True, use_qk_norm=False,
-             n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=8, n_group=1, topk_group=1,
-             first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True, max_position_embeddings=16384,
-             num_nextn_predict_layers=0, tie_word_embeddings=False)
+AIR_4 = {
+    "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 4, "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
+    "partial_rotary_factor": 0.5, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "attention_bias": True,
+    "use_qk_norm": False, "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1,
+    "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True,
+    "max_position_embeddings": 16384, "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
+}
 TINY = dict(AIR_4, vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
             num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=16)
 PAGE = 16
@@ -83,7 +85,7 @@ def copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
         elif ".gate_up_proj." in name:
             base = p.rsplit(".", 1)[0]
             t = take(f"{base}.gate_proj.weight", f"{base}.up_proj.weight")
-        elif name.endswith("experts.w13") or name.endswith("experts.w2"):
+        elif name.endswith(("experts.w13", "experts.w2")):
             fused = f"{p}.gate_up_proj" if leaf == "w13" else f"{p}.down_proj"
             if fused in src:
                 t = take(fused)
@@ -134,6 +136,90 @@ class Timer:
         return statistics.median(times)
 
 
+class Bench:
+    """Both models on the same weights, our KV pool, and the measurements of one run."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.hf, hf_cfg = hf_model(TINY if args.tiny else AIR_4, str(device), dtype)
+        self.cfg = cfg = ModelConfig.from_dict({**hf_cfg.to_dict(), "architectures": ["Glm4MoeForCausalLM"]})
+        self.ours = build_model(cfg, device, dtype)
+        copy_weights(self.ours, self.hf)
+        self.batches = [int(b) for b in args.batches.split(",")]
+        self.pages_per_seq = -(-(args.context + 1) // PAGE)
+        self.num_pages = 1 + max(self.batches) * self.pages_per_seq + -(-args.prefill // PAGE)
+        self.pool = KVPool(cfg.num_hidden_layers, self.num_pages, PAGE, cfg.num_key_value_heads, cfg.head_dim,
+                           dtype, device)
+        self.timer = Timer(device)
+        self.graphs = None
+        if device.type == "cuda" and not args.no_graphs:
+            from common.runtime.cuda_graphs import GraphRunner
+
+            self.graphs = GraphRunner(self.forward, self.batches, self.pages_per_seq, PAGE, device)
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        with forward_context(batch, self.pool):
+            hidden = self.ours(batch.input_ids, batch.positions)
+        return self.ours.compute_logits(hidden[batch.logit_rows])
+
+    def roofline(self, tokens: int, kv_tokens: int, pairs: int, all_logits: bool) -> tuple[float, float]:
+        """(bytes, flops) of one forward: weights touched + KV read; matmuls + attention."""
+        c = self.cfg
+        h, v, hq, hk, d = c.hidden_size, c.vocab_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        e, k, n_moe = c.n_routed_experts, c.num_experts_per_tok, c.num_hidden_layers - c.first_k_dense_replace
+        attn_w = (h * (hq + 2 * hk) * d + hq * d * h) * c.num_hidden_layers
+        dense_w = 3 * h * c.intermediate_size * c.first_k_dense_replace
+        shared_w, expert_w = 3 * h * c.moe_intermediate_size * n_moe, 3 * h * c.moe_intermediate_size
+        distinct = e * (1 - (1 - 1 / e) ** (tokens * k))  # expected distinct experts per layer
+        nbytes = 2 * (attn_w + dense_w + shared_w + distinct * expert_w * n_moe + h * v) + 4 * e * h * n_moe
+        nbytes += kv_tokens * c.num_hidden_layers * hk * d * 2 * 2
+        flops = 2 * tokens * (attn_w + dense_w + shared_w + k * expert_w * n_moe) + 2 * h * v * (tokens if all_logits
+                                                                                                 else 1)
+        return nbytes, flops + 4 * pairs * hq * d * c.num_hidden_layers
+
+    def decode(self, b: int) -> tuple:
+        ctx, v, dev, reps = self.args.context, self.cfg.vocab_size, self.device, self.args.reps
+        prompts = torch.randint(0, v, (b, ctx), device=dev)
+        nxt = torch.randint(0, v, (b, 1), device=dev)
+        pages = [list(range(1 + i * self.pages_per_seq, 1 + (i + 1) * self.pages_per_seq)) for i in range(b)]
+        for start in range(0, b, 8):  # our prefill in chunks of 8 sequences
+            self.forward(ForwardBatch.build([SeqSpec(prompts[i].tolist(), list(range(ctx)), ctx, pages[i])
+                                             for i in range(start, min(b, start + 8))], PAGE, dev))
+        step = ForwardBatch.build([SeqSpec([int(nxt[i])], [ctx], ctx + 1, pages[i]) for i in range(b)], PAGE, dev)
+        ours_logits = self.forward(step).float()
+        t_ours = self.timer.median_us(lambda: self.forward(step), reps)
+        t_graph, note = None, ""
+        if self.graphs is not None:
+            if not self.graphs.graphs:
+                self.graphs.capture()
+            t_graph = self.timer.median_us(lambda: self.graphs.run(step), reps)
+            note = f", graph vs eager {float((self.graphs.run(step).float() - ours_logits).norm() / ours_logits.norm()):.1e}"
+        cache = self.hf(input_ids=prompts, use_cache=True, logits_to_keep=1).past_key_values
+        hf_logits = self.hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        crop(cache, ctx)
+        t_hf = self.timer.median_us(lambda: self.hf(input_ids=nxt, past_key_values=cache, use_cache=True), reps,
+                                    after=lambda: crop(cache, ctx))
+        err = float((ours_logits - hf_logits).norm() / hf_logits.norm())
+        print(f"decode B={b}: ours {t_ours:.0f} us, graph {t_graph or float('nan'):.0f} us, transformers "
+              f"{t_hf:.0f} us, logits rel err vs transformers {err:.2e}{note}", flush=True)
+        nbytes, flops = self.roofline(b, b * (ctx + 1), b * (ctx + 1), True)
+        return f"decode B={b} ctx={ctx}", t_ours, t_graph, t_hf, nbytes, flops, err
+
+    def prefill(self, n: int) -> tuple:
+        dev, reps = self.device, max(3, self.args.reps // 2)
+        prompt = torch.randint(0, self.cfg.vocab_size, (1, n), device=dev)
+        pages = list(range(self.num_pages - -(-n // PAGE), self.num_pages))
+        batch = ForwardBatch.build([SeqSpec(prompt[0].tolist(), list(range(n)), n, pages)], PAGE, dev)
+        t_ours = self.timer.median_us(lambda: self.forward(batch), reps)
+        t_hf = self.timer.median_us(lambda: self.hf(input_ids=prompt, use_cache=False, logits_to_keep=1), reps)
+        want = self.hf(input_ids=prompt, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+        err = float((self.forward(batch).float() - want).norm() / want.norm())
+        print(f"prefill 1x{n}: ours {t_ours:.0f} us, transformers {t_hf:.0f} us, rel err {err:.2e}", flush=True)
+        nbytes, flops = self.roofline(n, 0, n * (n + 1) // 2, False)
+        return f"prefill 1x{n}", t_ours, None, t_hf, nbytes, flops, err
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,8,32,64")
@@ -144,102 +230,26 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    fields = TINY if args.tiny else AIR_4
-    batches = [int(b) for b in args.batches.split(",")]
-    ctx = args.context
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    hf, hf_cfg = hf_model(fields, str(device), dtype)
-    raw = {**hf_cfg.to_dict(), "architectures": ["Glm4MoeForCausalLM"]}
-    cfg = ModelConfig.from_dict(raw)
-    ours = build_model(cfg, device, dtype)
-    copy_weights(ours, hf)
-    pages_per_seq = -(-(ctx + 1) // PAGE)
-    num_pages = 1 + max(batches) * pages_per_seq + -(-args.prefill // PAGE)
-    pool = KVPool(cfg.num_hidden_layers, num_pages, PAGE, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-    timer = Timer(device)
-
-    def forward(batch: ForwardBatch) -> torch.Tensor:
-        with forward_context(batch, pool):
-            hidden = ours(batch.input_ids, batch.positions)
-        return ours.compute_logits(hidden[batch.logit_rows])
-
     ceil = None
     if device.type == "cuda":
         import gpu_timing as gt
 
         out = gt.out_dir()
         ceil = gt.measure_ceilings(out / "ceilings.json" if out else None)
-        print(f"GPU {torch.cuda.get_device_name(0)}; ceilings {ceil}")
-    h, v, hq, hk, d = cfg.hidden_size, cfg.vocab_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    e, k, ie = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
-    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
-    attn_w = (h * (hq + 2 * hk) * d + hq * d * h) * cfg.num_hidden_layers
-    dense_w = 3 * h * cfg.intermediate_size * cfg.first_k_dense_replace
-    shared_w = 3 * h * ie * n_moe
-    expert_w = 3 * h * ie
-
-    def roofline(tokens: int, kv_tokens: int, pairs: int) -> tuple[float, float]:
-        distinct = e * (1 - (1 - 1 / e) ** (tokens * k))
-        weight_bytes = 2 * (attn_w + dense_w + shared_w + distinct * expert_w * n_moe + h * v) + 4 * e * h * n_moe
-        kv_bytes = kv_tokens * cfg.num_hidden_layers * hk * d * 2 * 2
-        flops = 2 * tokens * (attn_w + dense_w + shared_w + k * expert_w * n_moe) + 2 * h * v * (tokens if kv_tokens
-                                                                                                   else 1)
-        flops += 4 * pairs * hq * d * cfg.num_hidden_layers
-        return weight_bytes + kv_bytes, flops
-
+        print(f"GPU {torch.cuda.get_device_name(0)}; ceilings {ceil}", flush=True)
+    bench = Bench(args, device)
     rows = []
-    graphs = None
-    if device.type == "cuda" and not args.no_graphs:
-        from common.runtime.cuda_graphs import GraphRunner
-
-        graphs = GraphRunner(forward, batches, pages_per_seq, PAGE, device)
-    for b in batches:
-        prompts = torch.randint(0, v, (b, ctx), device=device)
-        nxt = torch.randint(0, v, (b, 1), device=device)
-        pages = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(b)]
-        for start in range(0, b, 8):  # our prefill in chunks of 8 sequences
-            seqs = [SeqSpec(prompts[i].tolist(), list(range(ctx)), ctx, pages[i]) for i in range(start, min(b, start + 8))]
-            forward(ForwardBatch.build(seqs, PAGE, device))
-        step = ForwardBatch.build([SeqSpec([int(nxt[i])], [ctx], ctx + 1, pages[i]) for i in range(b)], PAGE, device)
-        ours_logits = forward(step).float()
-        t_ours = timer.median_us(lambda: forward(step), args.reps)
-        t_graph = None
-        if graphs is not None:
-            if not graphs.graphs:
-                graphs.capture()
-            t_graph = timer.median_us(lambda: graphs.run(step), args.reps)
-            graph_err = float((graphs.run(step).float() - ours_logits).norm() / ours_logits.norm())
-        hf_out = hf(input_ids=prompts, use_cache=True, logits_to_keep=1)
-        cache = hf_out.past_key_values
-        hf_logits = hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
-        crop(cache, ctx)
-        t_hf = timer.median_us(lambda: hf(input_ids=nxt, past_key_values=cache, use_cache=True), args.reps,
-                               after=lambda: crop(cache, ctx))
-        err = float((ours_logits - hf_logits).norm() / hf_logits.norm())
-        del hf_out, cache
-        nbytes, flops = roofline(b, b * (ctx + 1), b * (ctx + 1))
-        rows.append((f"decode B={b} ctx={ctx}", t_ours, t_graph, t_hf, nbytes, flops, err))
-        note = f" graph-vs-eager {graph_err:.1e}" if t_graph is not None else ""
-        print(f"decode B={b}: ours {t_ours:.0f} us, graph {t_graph or float('nan'):.0f} us, transformers "
-              f"{t_hf:.0f} us, logits rel err vs transformers {err:.2e}{note}", flush=True)
+    for b in bench.batches:
+        rows.append(bench.decode(b))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    n = args.prefill
-    prompt = torch.randint(0, v, (1, n), device=device)
-    pre_pages = list(range(num_pages - -(-n // PAGE), num_pages))
-    batch = ForwardBatch.build([SeqSpec(prompt[0].tolist(), list(range(n)), n, pre_pages)], PAGE, device)
-    t_ours = timer.median_us(lambda: forward(batch), max(3, args.reps // 2))
-    t_hf = timer.median_us(lambda: hf(input_ids=prompt, use_cache=False, logits_to_keep=1), max(3, args.reps // 2))
-    want = hf(input_ids=prompt, use_cache=False, logits_to_keep=1).logits[:, -1].float()
-    err = float((forward(batch).float() - want).norm() / want.norm())
-    nbytes, flops = roofline(n, 0, n * (n + 1) // 2)
-    rows.append((f"prefill 1x{n}", t_ours, None, t_hf, nbytes, flops, err))
-    report(rows, ceil, hf)
-    if graphs is not None:
-        graphs.close()
+    rows.append(bench.prefill(args.prefill))
+    report(rows, ceil, bench.hf)
+    if bench.graphs is not None:
+        bench.graphs.close()
 
 
 def report(rows: list, ceil: dict | None, hf) -> None:  # type: ignore[no-untyped-def]

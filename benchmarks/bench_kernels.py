@@ -81,42 +81,47 @@ def bench_moe(rep: Report) -> None:
     for model, (e, h, inter) in MOE_MODELS.items():
         if rep.over_budget():
             return
-        w13 = torch.randn(e, 2 * inter, h, device=DEV, dtype=BF) / h**0.5
-        w2 = torch.randn(e, h, inter, device=DEV, dtype=BF) / inter**0.5
-        for m in MOE_M:
-            if rep.over_budget():
-                break
-            shape = f"{model} E={e} H={h} I={inter} k=8 M={m}"
-            try:
-                xs, routes = [], []
-                for _ in range(2):
-                    xs.append(torch.randn(m, h, device=DEV, dtype=BF))
-                    routes.append(tm.grouped_topk(torch.randn(m, e, device=DEV), torch.zeros(e, device=DEV),
-                                                  8, 1, 1, True, 1.0))
-                calls = [lambda i=i: tm.fused_moe(xs[i], w13, w2, *routes[i]) for i in range(2)]
-                t = gt.time_graph(calls)
-                weights, ids = routes[0]
-                used, remap = torch.unique(ids.long(), return_inverse=True)
-                want = ref.fused_moe(xs[0].float(), w13[used].float(), w2[used].float(), weights, remap.int())
-                err = gt.rel_err(tm.fused_moe(xs[0], w13, w2, weights, ids), want)
-                del want
-                torch.cuda.empty_cache()
-                w_bytes = used.numel() * 3 * inter * h * 2
-                flops = 2 * m * 8 * 3 * inter * h
-                ref_t = gt.time_eager(lambda: ref.fused_moe(xs[0], w13, w2, weights, ids), rep_ms=60)
-                if m <= 64:
-                    frac = w_bytes / (t * 1e3) / rep.ceil["read_gbs"]
-                    target = f"weights {w_bytes / 1e6:.0f} MB: {frac:.0%} of read bw (>=90%)"
-                elif m >= 1024:
-                    frac = flops / (t * 1e6) / rep.ceil["gemm_tflops"]
-                    target = f"{flops / t / 1e6:.0f} TFLOP/s: {frac:.0%} of GEMM peak (>=65%)"
-                else:
-                    target = ""
-                rep.add("fused_moe", shape, t, w_bytes + 2 * m * h * 2, 0, flops, ref_t, err, target)
-            except Exception as exc:  # noqa: BLE001 - keep measuring the rest
-                rep.fail("fused_moe", shape, exc)
-        del w13, w2
+        _moe_model(rep, model, e, h, inter)
         torch.cuda.empty_cache()
+
+
+def _moe_model(rep: Report, model: str, e: int, h: int, inter: int) -> None:
+    w13 = torch.randn(e, 2 * inter, h, device=DEV, dtype=BF) / h**0.5
+    w2 = torch.randn(e, h, inter, device=DEV, dtype=BF) / inter**0.5
+    for m in MOE_M:
+        if rep.over_budget():
+            return
+        shape = f"{model} E={e} H={h} I={inter} k=8 M={m}"
+        try:
+            _moe_point(rep, shape, w13, w2, m)
+        except Exception as exc:  # noqa: BLE001 - keep measuring the rest
+            rep.fail("fused_moe", shape, exc)
+
+
+def _moe_point(rep: Report, shape: str, w13: torch.Tensor, w2: torch.Tensor, m: int) -> None:
+    e, n2, h = w13.shape
+    inter = n2 // 2
+    xs = [torch.randn(m, h, device=DEV, dtype=BF) for _ in range(2)]
+    routes = [tm.grouped_topk(torch.randn(m, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 1.0)
+              for _ in range(2)]
+    t = gt.time_graph([lambda i=i: tm.fused_moe(xs[i], w13, w2, *routes[i]) for i in range(2)])
+    x, (weights, ids) = xs[0], routes[0]
+    used, remap = torch.unique(ids.long(), return_inverse=True)  # fp32 copies of the touched experts only
+    want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())
+    err = gt.rel_err(tm.fused_moe(x, w13, w2, weights, ids), want)
+    del want
+    torch.cuda.empty_cache()
+    w_bytes = used.numel() * 3 * inter * h * 2
+    flops = 2 * m * 8 * 3 * inter * h
+    ref_t = gt.time_eager(lambda: ref.fused_moe(x, w13, w2, weights, ids), rep_ms=60)
+    target = ""
+    if m <= 64:
+        frac = w_bytes / (t * 1e3) / rep.ceil["read_gbs"]
+        target = f"weights {w_bytes / 1e6:.0f} MB: {frac:.0%} of read bw (>=90%)"
+    elif m >= 1024:
+        frac = flops / (t * 1e6) / rep.ceil["gemm_tflops"]
+        target = f"{flops / t / 1e6:.0f} TFLOP/s: {frac:.0%} of GEMM peak (>=65%)"
+    rep.add("fused_moe", shape, t, w_bytes + 2 * m * h * 2, 0, flops, ref_t, err, target)
 
 
 # ------------------------------------------------------------------------------ attention
@@ -157,37 +162,37 @@ ATTN_DIMS = {"hq": 96, "hk": 8, "d": 128, "page": 16}
 
 
 def bench_attention(rep: Report) -> None:
-    hq, hk, d, page = (ATTN_DIMS[k] for k in ("hq", "hk", "d", "page"))
     for name, specs in ATTN.items():
         if rep.over_budget():
             return
         try:
-            kv_bytes = sum(s for _, s, _, _ in specs) * hk * d * 2 * 2
-            n_q = sum(q for q, _, _, _ in specs)
-            sets = gt.rotations(kv_bytes)
-            kc, vc, inputs = _attn_sets(specs, sets, hk, hq, d, page)
-            calls = [lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, d**-0.5) for q, b in inputs]
-            t = gt.time_graph(calls)
-            q, batch = inputs[0]
-            want = torch_ref.paged_attention(q, kc, vc, batch, d**-0.5)
-            err = gt.rel_err(tp.paged_attention(q, kc, vc, batch, d**-0.5), want)
-            ref_t = gt.time_eager(lambda: torch_ref.paged_attention(q, kc, vc, batch, d**-0.5), rep_ms=60)
-            pairs = 0
-            for qn, s, p, masked in specs:
-                p = s - qn if p is None else p
-                pairs += qn * p + (qn * (s - p) // 2 if masked else qn * (s - p) - qn * (qn - 1) // 2)
-            flops = 4 * pairs * hq * d
-            target = ""
-            if name.startswith("decode"):
-                frac = kv_bytes / (t * 1e3) / rep.ceil["read_gbs"]
-                goal = "40%" if "b1 " in name else "80%"
-                target = f"KV {kv_bytes / 1e6:.0f} MB: {frac:.0%} of read bw (>={goal})"
-            rep.add("paged_attention", f"{name} (Hq{hq} Hk{hk} D{d}, page {page})", t, kv_bytes + n_q * hq * d * 2,
-                    n_q * hq * d * 2, flops, ref_t, err, target)
-            del kc, vc, inputs
-            torch.cuda.empty_cache()
+            _attn_case(rep, name, specs)
         except Exception as exc:  # noqa: BLE001
             rep.fail("paged_attention", name, exc)
+        torch.cuda.empty_cache()
+
+
+def _attn_case(rep: Report, name: str, specs: list) -> None:
+    hq, hk, d, page = (ATTN_DIMS[k] for k in ("hq", "hk", "d", "page"))
+    kv_bytes = sum(s for _, s, _, _ in specs) * hk * d * 2 * 2
+    n_q = sum(q for q, _, _, _ in specs)
+    kc, vc, inputs = _attn_sets(specs, gt.rotations(kv_bytes), hk, hq, d, page)
+    t = gt.time_graph([lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, d**-0.5) for q, b in inputs])
+    q, batch = inputs[0]
+    want = torch_ref.paged_attention(q, kc, vc, batch, d**-0.5)
+    err = gt.rel_err(tp.paged_attention(q, kc, vc, batch, d**-0.5), want)
+    ref_t = gt.time_eager(lambda: torch_ref.paged_attention(q, kc, vc, batch, d**-0.5), rep_ms=60)
+    pairs = 0
+    for qn, s, p, masked in specs:
+        p = s - qn if p is None else p
+        pairs += qn * p + (qn * (s - p) // 2 if masked else qn * (s - p) - qn * (qn - 1) // 2)
+    target = ""
+    if name.startswith("decode"):
+        frac = kv_bytes / (t * 1e3) / rep.ceil["read_gbs"]
+        goal = "40%" if "b1 " in name else "80%"
+        target = f"KV {kv_bytes / 1e6:.0f} MB: {frac:.0%} of read bw (>={goal})"
+    rep.add("paged_attention", f"{name} (Hq{hq} Hk{hk} D{d}, page {page})", t, kv_bytes + n_q * hq * d * 2,
+            n_q * hq * d * 2, 4 * pairs * hq * d, ref_t, err, target)
 
 
 # ------------------------------------------------------------------------------ small ops

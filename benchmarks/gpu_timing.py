@@ -14,23 +14,23 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 
 def device_info() -> dict:
     props = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+                                capture_output=True, text=True, timeout=20, check=False).stdout.strip().splitlines()[0]
     except Exception:  # noqa: BLE001 - informational only
         driver = "unknown"
     return {"gpu": torch.cuda.get_device_name(0), "driver": driver, "sms": props.multi_processor_count,
@@ -48,26 +48,34 @@ def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
-def measure_ceilings(cache: Path | None = None) -> dict:
-    """{copy_gbs, read_gbs, gemm_tflops}; reused from `cache` when it exists."""
-    if cache is not None and cache.is_file():
-        return json.loads(cache.read_text())
-    n = 1 << 30  # 2 GiB of bf16
+def _bandwidths(n: int) -> tuple[float, float]:
+    """(device copy GB/s counting read+write, pure read GB/s) over n bf16 elements."""
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     block, iters = 4096, 16
     grid = triton.cdiv(n, block * iters)
     partial = torch.empty(grid, device="cuda", dtype=torch.float32)
-    t_read = triton.testing.do_bench(lambda: _read_kernel[(grid,)](src, partial, n, BLOCK=block, ITERS=iters,
-                                                                   num_warps=8),
-                                     warmup=50, rep=300, return_mode="median")
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t_read = triton.testing.do_bench(
+        lambda: _read_kernel[(grid,)](src, partial, n, BLOCK=block, ITERS=iters, num_warps=8),
+        warmup=50, rep=300, return_mode="median")
+    return 2 * 2 * n / t_copy / 1e6, 2 * n / t_read / 1e6
+
+
+def _gemm_tflops(size: int = 8192) -> float:
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     t_mm = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
-    out = {"copy_gbs": 2 * 2 * n / t_copy / 1e6, "read_gbs": 2 * n / t_read / 1e6,
-           "gemm_tflops": 2 * 8192**3 / t_mm / 1e9}
+    return 2 * size**3 / t_mm / 1e9
+
+
+def measure_ceilings(cache: Path | None = None) -> dict:
+    """{copy_gbs, read_gbs, gemm_tflops}; reused from `cache` when it exists."""
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    copy_gbs, read_gbs = _bandwidths(1 << 30)  # 2 GiB of bf16
+    torch.cuda.empty_cache()
+    out = {"copy_gbs": copy_gbs, "read_gbs": read_gbs, "gemm_tflops": _gemm_tflops()}
     torch.cuda.empty_cache()
     if cache is not None:
         cache.write_text(json.dumps(out))

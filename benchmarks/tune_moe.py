@@ -52,6 +52,14 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
     return [64, 128], big, list(big)
 
 
+def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw):  # type: ignore[no-untyped-def]
+    numel, inter = act.shape
+    h = x.shape[1]
+    if part == "up":
+        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, TOP_K, True, bm, cfg)
+    return lambda: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg)
+
+
 def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | None:
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     w13 = _weights.get((e, h, inter))
@@ -71,12 +79,7 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
             for cfg in cands:
                 if time.time() > deadline and part in scores:
                     break
-                if part == "up":
-                    call = lambda c=cfg: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h,  # noqa: E731
-                                                  TOP_K, True, bm, c)
-                else:
-                    call = lambda c=cfg: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter,  # noqa: E731
-                                                  1, False, bm, c)
+                call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw)
                 try:
                     t = gt.time_graph([call], reps=10)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory

@@ -14,8 +14,8 @@ Destroy the runner (or drop it) before tearing down NCCL communicators.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ class GraphRunner:
         if not batch_sizes:
             raise ValueError("GraphRunner needs at least one batch size")
         self.step = step
-        self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
+        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
         self.max_pages = max_pages_per_seq
         self.page_size = page_size
         self.device = torch.device(device)

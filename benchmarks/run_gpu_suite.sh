@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One GPU run, < 8 minutes on an H100: kernel tests, a quick MoE tune, the kernel benchmarks and the
+# decode-step benchmark. Every stage has a hard timeout and writes under $OUT as it goes, so a slow
+# or failing stage still leaves the others' results. Run from the repository root:
+#     OUT=/some/dir bash benchmarks/run_gpu_suite.sh
+# Results: $OUT/SUMMARY.md (everything), $OUT/*.log, $OUT/bench_kernels.md, $OUT/bench_decode_step.md,
+# $OUT/moe_configs/*.json (copy into common/ops/moe_configs/ and commit).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/glmserve_gpu_suite}"
+mkdir -p "$OUT"
+export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+
+stage() {  # stage NAME TIMEOUT_S CMD...
+  local name="$1" limit="$2"
+  shift 2
+  local start
+  start=$(date +%s)
+  echo "=== $name (limit ${limit}s, at +$((start - T0))s)" | tee -a "$OUT/SUMMARY.md"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/SUMMARY.md"
+  tail -n 40 "$OUT/$name.log"
+  return 0
+}
+
+{
+  echo "# glmserve GPU suite"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  $PY -c "import transformers; print('transformers', transformers.__version__)" 2>&1
+} > "$OUT/SUMMARY.md" 2>&1
+cat "$OUT/SUMMARY.md"
+
+stage gpu_tests 95 $PY -m pytest tests/gpu/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE
+stage tune_moe 105 $PY benchmarks/tune_moe.py --budget-s 80
+stage bench_moe 105 $PY benchmarks/bench_kernels.py --sections moe --budget-s 80
+stage bench_attention 55 $PY benchmarks/bench_kernels.py --sections attention --budget-s 40
+stage bench_small 40 $PY benchmarks/bench_kernels.py --sections small --budget-s 28
+stage bench_decode_step 85 $PY benchmarks/bench_decode_step.py
+
+{
+  echo
+  echo "## gpu tests"
+  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 30
+  echo
+  echo "## tuned MoE configs"
+  grep -E "^  (air|glm45)|budget" "$OUT/tune_moe.log"
+  echo
+  echo "## kernels"
+  head -n 3 "$OUT/bench_moe.log" | grep -E "^(GPU|ceilings)"
+  cat "$OUT/bench_kernels.md" 2>/dev/null
+  echo
+  echo "## decode step (4-layer Air-shaped model)"
+  cat "$OUT/bench_decode_step.md" 2>/dev/null
+  echo
+  echo "total $(( $(date +%s) - T0 ))s"
+} >> "$OUT/SUMMARY.md"
+tail -n 80 "$OUT/SUMMARY.md"
