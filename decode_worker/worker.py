@@ -34,6 +34,7 @@ class Stepper(Protocol):
 class DecodeEngine:
     def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules, worker_id: str = "decode") -> None:
         self.sched = sched
+        self.sink: Any = None  # decode_worker.kv_receiver.PageSink: told of reservations
         self.stepper = stepper
         self.rules = rules
         self.worker_id = worker_id
@@ -102,7 +103,8 @@ class DecodeEngine:
             self._drain_inbox(block=idle)
             self._expire_deadlines()
             for req in self.sched.admit():
-                self._mark_reserved(req, True)
+                if not req.needs_recompute:  # a resumed request's KV is rebuilt locally
+                    self._mark_reserved(req, True)
             batch = self.sched.next_batch()
             if not batch:
                 self.last_progress = time.monotonic()
@@ -184,6 +186,11 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ helpers
     def _mark_reserved(self, req: DecodeReq, ok: bool) -> None:
+        if self.sink is not None:
+            if ok:
+                self.sink.expect(req.transfer_id, req.pages)
+            else:
+                self.sink.withdraw(req.transfer_id)
         with self._lock:
             if ok:
                 self._reserved.add(req.transfer_id)
@@ -200,8 +207,8 @@ class DecodeEngine:
                 self._fail(req, "DEADLINE_EXCEEDED", "request deadline passed on the decode worker")
 
     def _fail(self, req: DecodeReq, code: str, message: str) -> None:
+        self._mark_reserved(req, False)  # before the pages are freed: late chunks are dropped
         self.sched.release(req)
-        self._mark_reserved(req, False)
         req.channel.put(ErrorEvent(code, message))
         metrics.errors_total().labels(code=code).inc()
 
@@ -214,8 +221,8 @@ class DecodeEngine:
                                        req.verify_steps, req.accepted_drafts))
         if req.finish is not None:
             req.channel.put(req.finish)
-            self.sched.release(req)
             self._mark_reserved(req, False)
+            self.sched.release(req)
 
     def _report(self) -> None:
         load = self.sched.load()

@@ -28,7 +28,10 @@ class ModelRunner:
         page_size: int,
         num_pages: int,
         with_mtp: bool = False,
+        mem_fraction: float = 0.85,
     ) -> None:
+        """num_pages <= 0 sizes the KV pool: on CUDA from `mem_fraction` of the device memory
+        left after the weights; on CPU a fixed 2048 pages."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # compare equal to tensors' devices
@@ -39,6 +42,8 @@ class ModelRunner:
         self.with_mtp = with_mtp
         # pool layer num_hidden_layers is the MTP layer's own KV
         num_layers = self.config.num_hidden_layers + (1 if with_mtp else 0)
+        if num_pages <= 0:
+            num_pages = self.pages_that_fit(num_layers, mem_fraction)
         self.kv_pool = KVPool(num_layers, num_pages, page_size, self.config.num_key_value_heads,
                               self.config.head_dim, dtype, self.device)
         self.allocator = PageAllocator(num_pages)
@@ -66,6 +71,20 @@ class ModelRunner:
         with forward_context(batch, self.kv_pool):
             hidden = self.model.mtp(batch.input_ids, batch.positions, hidden_in)  # [T,H]
         return self.model.compute_logits(hidden[batch.logit_rows]), hidden
+
+    def pages_that_fit(self, num_layers: int, mem_fraction: float) -> int:
+        cfg = self.config
+        page_bytes = (num_layers * 2 * self.page_size * cfg.num_key_value_heads * cfg.head_dim
+                      * torch.tensor([], dtype=self.dtype).element_size())
+        if self.device.type != "cuda":
+            return 2048
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * mem_fraction) - (total - free)
+        pages = budget // page_bytes
+        if pages < 16:
+            raise RuntimeError(f"--mem-fraction-static {mem_fraction} leaves room for only {pages} KV pages "
+                               f"({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the weights)")
+        return int(pages)
 
     def _check(self, batch: ForwardBatch) -> None:
         if batch.page_size != self.page_size:

@@ -1,0 +1,82 @@
+"""Single-process reference generation: no servers, no batching, one request at a time.
+
+It is the oracle the disaggregated path must match token for token under greedy decoding (and the
+`glmserve generate` command). Deliberately plain: prompt forward, then one token per forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from common.batch import ForwardBatch, SeqSpec
+from common.runtime.runner import ModelRunner
+from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.sampling.logit_processors import RowContext
+from common.sampling.params import SamplingParams
+
+DEFAULT_TINY_DIR = Path(os.environ.get("GLMSERVE_TINY_DIR", "~/.cache/glmserve/tiny-glm45")).expanduser()
+
+
+def reference_generate(runner: ModelRunner, sampler: TokenSampler, prompt_ids: Sequence[int],
+                       params: SamplingParams) -> list[int]:
+    """Generate until a stop id, eos (unless ignore_eos) or max_tokens; returns output ids."""
+    max_tokens = params.max_tokens or 16
+    total = len(prompt_ids) + max_tokens
+    pages = runner.allocator.alloc(-(-total // runner.page_size))
+    if pages is None:
+        raise RuntimeError("reference_generate: KV pool too small for this request")
+    stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(sampler.ids.eos))
+    out: list[int] = []
+    try:
+        ids, start = list(prompt_ids), 0
+        while True:
+            spec = SeqSpec(ids[start:], range(start, len(ids)), seq_len=len(ids), pages=pages)
+            logits, _ = runner.forward(ForwardBatch.build([spec], runner.page_size, runner.device))
+            tok = sampler.sample(logits, [RowContext(params, list(prompt_ids), list(out))])[0].token
+            out.append(tok)
+            if tok in stops or len(out) >= max_tokens:
+                return out
+            start = len(ids)
+            ids.append(tok)
+    finally:
+        runner.allocator.free(pages)
+
+
+def ensure_tiny_model(path: Path = DEFAULT_TINY_DIR, template: str = "glm45") -> Path:
+    """The built-in default model: built once, then reused."""
+    if not (path / "config.json").exists():
+        from common.tiny_model import make_tiny_model
+
+        make_tiny_model(path, template=template)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="glmserve generate", description=__doc__)
+    p.add_argument("--model-path", default=None, help="model directory (default: the built-in tiny model)")
+    p.add_argument("--prompt", default="[gMASK]<sop><|user|>\nHello, who are you?<|assistant|>",
+                   help="raw prompt text (already in chat format)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    model_path = Path(args.model_path) if args.model_path else ensure_tiny_model()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    runner = ModelRunner(model_path, args.device, dtype, page_size=16, num_pages=256)
+    sampler = TokenSampler(SpecialIds.from_model_dir(str(model_path)))
+    ids = tok.encode(args.prompt, add_special_tokens=False).ids
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    out = reference_generate(runner, sampler, ids, params)
+    sys.stdout.write(tok.decode(out, skip_special_tokens=False) + "\n")
+    print(f"[{len(ids)} prompt tokens, {len(out)} generated: {out}]", file=sys.stderr)
+    return 0

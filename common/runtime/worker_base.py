@@ -1,0 +1,87 @@
+"""Pieces both worker roles share: building the runner from flags, describing the worker
+(WorkerInfo, pairing info) and choosing the KV backend."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.config import CacheConfig
+from common.runtime.runner import ModelRunner
+from common.runtime.worker_args import WorkerConfig
+from common.transport.base import TransportConfig
+from common.transport.handshake import PairingInfo
+from protos import worker_pb2
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_runner(cfg: WorkerConfig) -> ModelRunner:
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(cfg.device))
+        torch.backends.cuda.matmul.allow_tf32 = False  # router selections must not flip on near-ties
+    return ModelRunner(cfg.model_path, cfg.device, DTYPES[cfg.dtype], cfg.page_size, cfg.num_pages,
+                       with_mtp=cfg.spec.enabled, mem_fraction=cfg.mem_fraction_static)
+
+
+def kv_backend(cfg: WorkerConfig, runner: ModelRunner) -> str:
+    if runner.device.type != "cuda":
+        return "gloo"
+    return "nccl" if cfg.kv_backend in ("auto", "cuda_ipc") else cfg.kv_backend
+
+
+def device_uuid(runner: ModelRunner) -> str:
+    if runner.device.type != "cuda":
+        return ""
+    from common.transport.nccl import device_uuid as uuid_of
+
+    return uuid_of(runner.device)
+
+
+def model_fingerprint(model_path: str, runner: ModelRunner) -> str:
+    """Config hash plus a sample of every weight file (size, first and last 64 KiB): two
+    checkpoints with the same architecture but other weights get different fingerprints."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256(runner.config.fingerprint().encode())
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+            fh.seek(max(0, size - (1 << 16)))
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:20]
+
+
+def worker_info(cfg: WorkerConfig, runner: ModelRunner) -> worker_pb2.WorkerInfo:
+    spec = cfg.spec
+    layers = runner.config.num_hidden_layers + (1 if runner.with_mtp else 0)
+    return worker_pb2.WorkerInfo(
+        worker_id=cfg.worker_id, role=cfg.role, model_fingerprint=model_fingerprint(cfg.model_path, runner),
+        model_name=cfg.model_path, dtype=cfg.dtype, page_size=cfg.page_size, num_layers=layers,
+        tp_size=cfg.tp_size,
+        spec=worker_pb2.SpecLayout(algorithm=spec.algorithm or "", num_steps=spec.num_steps if spec.enabled else 0,
+                                   eagle_topk=spec.eagle_topk if spec.enabled else 0,
+                                   num_draft_tokens=spec.num_draft_tokens if spec.enabled else 0,
+                                   draft_kv=spec.enabled),
+        device_uuid=device_uuid(runner), host=cfg.advertise_host, kv_backend=kv_backend(cfg, runner),
+    )
+
+
+def pairing_info(info: worker_pb2.WorkerInfo) -> PairingInfo:
+    return PairingInfo.from_worker_info(info)
+
+
+def cache_config(cfg: WorkerConfig) -> CacheConfig:
+    return CacheConfig(page_size=cfg.page_size, num_pages=cfg.num_pages, dtype=cfg.dtype)
+
+
+def transport_config(cfg: WorkerConfig) -> TransportConfig:
+    """Bounded waits derived from --transfer-timeout (design rule 2)."""
+    op = max(1.0, min(30.0, cfg.transfer_timeout / 2))
+    return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout)

@@ -1,0 +1,144 @@
+"""Decode worker process: runner + engine + KV acceptor + gRPC server, in start-up order.
+
+Readiness stays NOT_SERVING until the weights, the KV pool and the engine thread are up, turns
+NOT_SERVING again while draining on SIGTERM, and also when the engine stalls with work pending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+from common import metrics
+from common.log import setup_logging
+from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.runtime.worker_args import WorkerConfig, add_worker_args, build_worker_config
+from common.runtime.worker_base import build_runner, pairing_info, transport_config, worker_info
+from common.service import add_health, add_reflection, make_server, serve_until_signal
+from common.transport.handshake import check_compatible, choose_bulk_backend
+from common.transport.receiver import PairAcceptor
+from decode_worker.commit import StopRules
+from decode_worker.kv_receiver import PageSink
+from decode_worker.scheduler import Scheduler
+from decode_worker.servicer import DecodeServicer
+from decode_worker.spec.eagle import EagleStepper
+from decode_worker.steps import PlainStepper
+from decode_worker.worker import DecodeEngine
+from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = "glmserve.worker.v1.DecodeWorker"
+STALL_LIMIT_S = 30.0
+
+
+class DecodeWorkerApp:
+    def __init__(self, cfg: WorkerConfig, max_running: int) -> None:
+        self.cfg = cfg
+        self.runner = build_runner(cfg)
+        self.config = self.runner.config
+        ids = SpecialIds.from_model_dir(cfg.model_path)
+        sampler = TokenSampler(ids)
+        rules = StopRules(ids.eos)
+        spec = cfg.spec
+        if spec.enabled:
+            step_slots = max(spec.num_draft_tokens, (spec.num_steps - 1) * spec.eagle_topk, spec.num_steps + 1)
+            stepper = EagleStepper(self.runner, sampler, rules, spec)
+        else:
+            step_slots, stepper = 1, PlainStepper(self.runner, sampler, rules)
+        sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
+        self.engine = DecodeEngine(sched, stepper, rules, cfg.worker_id)
+        self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout)
+        self.engine.sink = self.sink
+        device = self.runner.device if self.runner.device.type == "cuda" else None
+        self.acceptor = PairAcceptor(self.sink.table, transport_config(cfg), advertise_host=cfg.advertise_host,
+                                     device=device)
+        self._info = worker_info(cfg, self.runner)
+        self.draining = False
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        return self._info
+
+    def load(self) -> worker_pb2.WorkerLoad:
+        load = self.engine.sched.load()
+        return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
+                                     waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
+                                     total_pages=load["total_pages"], draining=self.draining)
+
+    async def pair(self, prefill: worker_pb2.WorkerInfo) -> worker_pb2.PairResponse:
+        check_compatible(pairing_info(prefill), pairing_info(self._info))
+        backend = choose_bulk_backend(prefill.kv_backend, prefill.device_uuid, self._info.kv_backend,
+                                      self._info.device_uuid)
+        ep = await asyncio.to_thread(self.acceptor.accept, prefill.worker_id, backend)
+        log.info("paired with prefill %s over %s (%s)", prefill.worker_id, backend, ep.group_name)
+        return worker_pb2.PairResponse(store_host=ep.store_host, store_port=ep.store_port,
+                                       group_name=ep.group_name, bulk_backend=ep.bulk_backend,
+                                       ipc_payload=ep.ipc_payload)
+
+    async def drain(self, grace: float) -> None:
+        """Finish in-flight requests (bounded by `grace`), then stop the engine and the transport."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.engine.sched.by_id and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rid in list(self.engine.sched.by_id):
+            self.engine.abort(rid, "UNAVAILABLE", "decode worker shut down before the request finished")
+        await asyncio.sleep(0.1)
+        self.engine.stop()
+        self.acceptor.close()
+
+
+async def serve(cfg: WorkerConfig, max_running: int, grace: float) -> None:
+    app = DecodeWorkerApp(cfg, max_running)
+    server = make_server()
+    worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
+    health = await add_health(server, [SERVICE])
+    add_reflection(server, [SERVICE])
+    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
+    if cfg.metrics_port:
+        metrics.start_metrics_server(cfg.metrics_port)
+    app.engine.start()
+    await server.start()
+    await health.set_ready(True)
+    log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s)", cfg.worker_id, cfg.host,
+             bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec)
+
+    async def watch_stall() -> None:
+        stalled = False
+        while True:
+            await asyncio.sleep(1.0)
+            now = app.engine.stalled(STALL_LIMIT_S)
+            if now != stalled and not app.draining:
+                stalled = now
+                log.error("decode engine stalled with work pending") if now else log.info("engine recovered")
+                await health.set_ready(not now)
+
+    watcher = asyncio.create_task(watch_stall())
+    try:
+        await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)
+    finally:
+        watcher.cancel()
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="glmserve decode", description="Decode worker: continuous batching + EAGLE.")
+    add_worker_args(p, default_port=30002)
+    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
+    ns = p.parse_args(argv)
+    setup_logging("decode", level=ns.log_level)
+    try:
+        cfg, warnings = build_worker_config("decode", ns)
+    except ValueError as e:
+        p.error(str(e))
+    if ns.max_running_requests < 1:
+        p.error("--max-running-requests must be >= 1")
+    for w in warnings:
+        log.warning(w)
+    from common.service import run
+
+    run(serve(cfg, ns.max_running_requests, ns.shutdown_grace))
+    return 0

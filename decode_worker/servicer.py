@@ -1,0 +1,130 @@
+"""DecodeWorker gRPC servicer: thin translation between worker.proto and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from common import metrics
+from common.sampling.wire import sampling_from_proto
+from decode_worker.output import ErrorEvent, FinishEvent, OutputChannel, TokenEvent
+from decode_worker.scheduler import DecodeReq, QueueFullError
+from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(self, worker) -> None:  # decode_worker.server.DecodeWorkerApp
+        self.w = worker
+
+    async def Generate(self, request: worker_pb2.DecodeRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        w = self.w
+        if w.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining; retry on another")
+        req = self._to_req(request)
+        if isinstance(req, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, req)
+        admitted = asyncio.get_running_loop().create_future()
+        w.engine.submit(req, admitted)
+        try:
+            await admitted
+        except QueueFullError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finished = False
+        started = time.monotonic()
+        last = None
+        try:
+            while True:
+                ev = await req.channel.get()
+                if isinstance(ev, TokenEvent):
+                    now = time.monotonic()
+                    if last is None:
+                        metrics.ttft_seconds().observe(now - started)
+                    else:
+                        metrics.inter_token_latency_seconds().observe((now - last) / max(1, len(ev.token_ids)))
+                    last = now
+                    yield _chunk(ev)
+                elif isinstance(ev, FinishEvent):
+                    finished = True
+                    fin = worker_pb2.Finish(reason=ev.reason)
+                    if ev.matched_token_id is not None:
+                        fin.token_id = ev.matched_token_id
+                    metrics.requests_total().labels(status="OK").inc()
+                    yield worker_pb2.DecodeChunk(finish=fin)
+                    return
+                else:
+                    assert isinstance(ev, ErrorEvent)
+                    finished = True
+                    await context.abort(getattr(grpc.StatusCode, ev.code), ev.message)
+        finally:
+            if not finished:  # client gone or deadline: free everything on this worker
+                w.engine.abort(req.request_id, "CANCELLED", "client cancelled")
+
+    def _to_req(self, request: worker_pb2.DecodeRequest) -> DecodeReq | str:
+        w = self.w
+        if not request.request_id:
+            return "request_id must be set"
+        if not request.input_ids:
+            return "input_ids must not be empty"
+        vocab = w.config.vocab_size
+        bad = next((t for t in request.input_ids if t >= vocab), None)
+        if bad is not None:
+            return f"input_ids contains {bad}, outside the vocabulary [0, {vocab})"
+        try:
+            params = sampling_from_proto(request.sampling, vocab_size=vocab,
+                                         default_thinking_budget=w.cfg.default_thinking_budget)
+        except ValueError as e:
+            return str(e)
+        limit = w.config.max_position_embeddings
+        if len(request.input_ids) + params.max_tokens > limit:
+            return (f"prompt ({len(request.input_ids)} tokens) + sampling.max_tokens ({params.max_tokens}) "
+                    f"exceeds the model context of {limit} tokens")
+        return DecodeReq(
+            request_id=request.request_id, transfer_id=request.transfer_id, prompt_ids=list(request.input_ids),
+            params=params, channel=OutputChannel(asyncio.get_running_loop()),
+            deadline=request.deadline_unix or None,
+        )
+
+    async def AwaitReserved(self, request: worker_pb2.ReserveQuery,
+                            context: grpc.aio.ServicerContext) -> worker_pb2.ReserveReply:
+        timeout = min(max(request.timeout_seconds, 0.0), 600.0) or self.w.cfg.transfer_timeout
+        if await self.w.engine.wait_reserved(request.transfer_id, timeout):
+            return worker_pb2.ReserveReply(reserved=True)
+        await context.abort(grpc.StatusCode.NOT_FOUND,
+                            f"transfer {request.transfer_id} has no KV reservation on this decode worker "
+                            f"after {timeout:.1f}s (request unknown, queued for memory, or aborted)")
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
+        found = request.request_id in self.w.engine.sched.by_id
+        self.w.engine.abort(request.request_id, "CANCELLED", "aborted by the gateway")
+        return worker_pb2.AbortResponse(found=found)
+
+    async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
+        return self.w.info()
+
+    async def GetLoad(self, request, context) -> worker_pb2.WorkerLoad:
+        return self.w.load()
+
+    async def Pair(self, request: worker_pb2.PairRequest, context) -> worker_pb2.PairResponse:
+        try:
+            return await self.w.pair(request.prefill)
+        except ValueError as e:  # PairingError included
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+
+def _chunk(ev: TokenEvent) -> worker_pb2.DecodeChunk:
+    chunk = worker_pb2.DecodeChunk(token_ids=ev.token_ids, completion_tokens=ev.completion_tokens,
+                                   spec_verify_steps=ev.spec_verify_steps,
+                                   spec_accepted_drafts=ev.spec_accepted_drafts)
+    for tok, lp, top in ev.logprobs:
+        chunk.logprobs.add(token_id=tok, logprob=lp if lp is not None else 0.0,
+                           top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
+    return chunk

@@ -1,0 +1,85 @@
+"""Where KV leaves the prefill worker: one KVSender per decode worker, paired lazily.
+
+Before the first transfer to a decode worker, its WorkerInfo is fetched and checked against ours
+(so an incompatible pair is refused with a message naming the difference before any compute).
+The sender thread then calls the decode worker's Pair RPC whenever it needs a (new) pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Callable
+
+import grpc
+import torch
+
+from common.service import client_channel_options
+from common.transport.base import PairEndpoint, TransferError, TransportConfig
+from common.transport.handshake import PairingError, check_compatible
+from common.transport.sender import KVSender
+from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DoneFn = Callable[[int, bool, "TransferError | None"], None]
+
+
+class SenderPool:
+    def __init__(self, info: worker_pb2.WorkerInfo, config: TransportConfig, device: torch.device | None,
+                 on_done: DoneFn, rpc_timeout: float = 10.0) -> None:
+        self.info = info
+        self.config = config
+        self.device = device
+        self.on_done = on_done
+        self.rpc_timeout = rpc_timeout
+        self._lock = threading.Lock()
+        self._senders: dict[str, KVSender] = {}
+        self._checked: dict[str, str] = {}  # address -> decode worker id that passed the pairing check
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> worker_pb2_grpc.DecodeWorkerStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=client_channel_options())
+        return worker_pb2_grpc.DecodeWorkerStub(ch)
+
+    async def get(self, address: str) -> KVSender:
+        """The sender for this decode worker; checks pairing compatibility on first use."""
+        if address not in self._checked:
+            from common.runtime.worker_base import pairing_info
+
+            decode = await self.stub(address).GetInfo(worker_pb2.InfoRequest(), timeout=self.rpc_timeout)
+            check_compatible(pairing_info(self.info), pairing_info(decode))  # PairingError names the field
+            self._checked[address] = decode.worker_id
+        with self._lock:
+            sender = self._senders.get(address)
+            if sender is None:
+                sender = KVSender(lambda: self._pair(address), self.on_done, self.config, device=self.device,
+                                  name=f"kv-sender-{address}")
+                self._senders[address] = sender
+            return sender
+
+    def _pair(self, address: str) -> PairEndpoint:
+        """Runs on the sender thread (blocking gRPC, bounded)."""
+        with grpc.insecure_channel(address, options=client_channel_options()) as ch:
+            try:
+                resp = worker_pb2_grpc.DecodeWorkerStub(ch).Pair(worker_pb2.PairRequest(prefill=self.info),
+                                                                 timeout=self.rpc_timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise PairingError(e.details()) from None
+                raise TransferError(f"Pair RPC to decode worker {address} failed: {e.code().name}: "
+                                    f"{e.details()}") from None
+        return PairEndpoint(resp.store_host, resp.store_port, resp.group_name, resp.bulk_backend,
+                            resp.ipc_payload)
+
+    async def close(self) -> None:
+        with self._lock:
+            senders = list(self._senders.values())
+            self._senders.clear()
+        for s in senders:
+            await asyncio.to_thread(s.close, 5.0)
+        for ch in self._channels.values():
+            await ch.close()

@@ -1,0 +1,115 @@
+"""Prefill worker process: runner + engine + KV senders + gRPC server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+from common import metrics
+from common.log import setup_logging
+from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.runtime.worker_args import WorkerConfig, add_worker_args, build_worker_config
+from common.runtime.worker_base import build_runner, transport_config, worker_info
+from common.service import add_health, add_reflection, make_server, serve_until_signal
+from common.transport.base import TransferError
+from prefill_worker.kv_sender import SenderPool
+from prefill_worker.scheduler import PrefillJob, PrefillScheduler
+from prefill_worker.servicer import PrefillServicer
+from prefill_worker.worker import PrefillEngine
+from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = "glmserve.worker.v1.PrefillWorker"
+
+
+class PrefillWorkerApp:
+    def __init__(self, cfg: WorkerConfig, chunk_tokens: int, layer_group: int) -> None:
+        self.cfg = cfg
+        self.runner = build_runner(cfg)
+        self.config = self.runner.config
+        sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests)
+        self.engine = PrefillEngine(self.runner, sched, TokenSampler(SpecialIds.from_model_dir(cfg.model_path)),
+                                    cfg.spec, layer_group)
+        self._info = worker_info(cfg, self.runner)
+        device = self.runner.device if self.runner.device.type == "cuda" else None
+        self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done)
+        self.jobs: dict[int, PrefillJob] = {}  # by transfer id
+        self.draining = False
+
+    def track(self, job: PrefillJob) -> None:
+        self.jobs[job.transfer_id] = job
+
+    def untrack(self, job: PrefillJob) -> None:
+        if self.jobs.get(job.transfer_id) is job:
+            del self.jobs[job.transfer_id]
+
+    def cancel(self, job: PrefillJob, reason: str) -> None:
+        self.engine.abort(job.request_id, reason)
+        job.sender.abort(job.transfer_id, reason)
+
+    def _transfer_done(self, transfer_id: int, ok: bool, error: TransferError | None) -> None:
+        job = self.jobs.get(transfer_id)
+        if job is not None:
+            if ok:
+                metrics.kv_transfer_bytes_total().inc(job.kv_bytes)
+            self.engine.transfer_done(job, None if ok else (error or TransferError("KV transfer failed")))
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        return self._info
+
+    def load(self) -> worker_pb2.WorkerLoad:
+        load = self.engine.sched.load()
+        return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
+                                     waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
+                                     total_pages=load["total_pages"], draining=self.draining)
+
+    async def drain(self, grace: float) -> None:
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.engine.stop()
+        await self.senders.close()
+
+
+async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: float) -> None:
+    app = PrefillWorkerApp(cfg, chunk_tokens, layer_group)
+    server = make_server()
+    worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(app), server)
+    health = await add_health(server, [SERVICE])
+    add_reflection(server, [SERVICE])
+    if server.add_insecure_port(f"{cfg.host}:{cfg.port}") == 0:
+        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
+    if cfg.metrics_port:
+        metrics.start_metrics_server(cfg.metrics_port)
+    app.engine.start()
+    await server.start()
+    await health.set_ready(True)
+    log.info("prefill worker %s serving on %s:%d (%d KV pages, chunk %d tokens, spec %s)", cfg.worker_id,
+             cfg.host, cfg.port, app.runner.allocator.num_total, chunk_tokens, cfg.spec)
+    await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="glmserve prefill", description="Prefill worker: prompt KV -> decode.")
+    add_worker_args(p, default_port=30001)
+    p.add_argument("--chunked-prefill-size", type=int, default=8192, help="token budget of one prefill forward")
+    p.add_argument("--disagg-layer-group-size", type=int, default=4,
+                   help="layers per KV chunk streamed while later layers compute")
+    p.add_argument("--shutdown-grace", type=float, default=30.0)
+    ns = p.parse_args(argv)
+    setup_logging("prefill", level=ns.log_level)
+    try:
+        cfg, warnings = build_worker_config("prefill", ns)
+    except ValueError as e:
+        p.error(str(e))
+    if ns.chunked_prefill_size < 1:
+        p.error("--chunked-prefill-size must be >= 1")
+    for w in warnings:
+        log.warning(w)
+    from common.service import run
+
+    run(serve(cfg, ns.chunked_prefill_size, ns.disagg_layer_group_size, ns.shutdown_grace))
+    return 0

@@ -1,0 +1,118 @@
+"""PrefillWorker gRPC servicer: validate, wait for decode's reservation, run, report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from common.sampling.wire import sampling_from_proto
+from common.transport.base import TransferError
+from common.transport.handshake import PairingError
+from prefill_worker.scheduler import PrefillJob
+from protos import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def status_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, PairingError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, TransferError):
+        return grpc.StatusCode.ABORTED
+    if isinstance(error, OverflowError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.INTERNAL
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(self, app) -> None:  # prefill_worker.server.PrefillWorkerApp
+        self.app = app
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest,
+                      context: grpc.aio.ServicerContext) -> worker_pb2.PrefillResult:
+        app = self.app
+        if app.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is draining; retry on another")
+        problem = self._validate(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            params = sampling_from_proto(request.sampling, vocab_size=app.config.vocab_size,
+                                         default_thinking_budget=app.cfg.default_thinking_budget)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            sender = await app.senders.get(request.decode_address)
+        except PairingError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except grpc.aio.AioRpcError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"decode worker {request.decode_address} unreachable: {e.details()}")
+        try:  # rule 1: no KV byte before the decode side holds the pages
+            await app.senders.stub(request.decode_address).AwaitReserved(
+                worker_pb2.ReserveQuery(transfer_id=request.transfer_id, timeout_seconds=app.cfg.transfer_timeout),
+                timeout=app.cfg.transfer_timeout + 5)
+        except grpc.aio.AioRpcError as e:
+            code = e.code() if e.code() != grpc.StatusCode.NOT_FOUND else grpc.StatusCode.ABORTED
+            await context.abort(code, f"decode worker did not reserve KV for transfer {request.transfer_id}: "
+                                      f"{e.details()}")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def on_done(job: PrefillJob, error: Exception | None) -> None:  # engine thread
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(error))
+
+        job = PrefillJob(request_id=request.request_id, transfer_id=request.transfer_id,
+                         prompt_ids=list(request.input_ids), params=params, sender=sender, on_done=on_done,
+                         deadline=request.deadline_unix or None)
+        app.track(job)
+        t0 = time.perf_counter()
+        app.engine.submit(job)
+        try:
+            error = await done
+        except asyncio.CancelledError:
+            app.cancel(job, "prefill call cancelled")
+            raise
+        finally:
+            app.untrack(job)
+        if error is not None:
+            app.cancel(job, str(error))
+            await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
+        return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
+                                        kv_bytes=job.kv_bytes, transfer_seconds=time.perf_counter() - t0,
+                                        compute_seconds=job.compute_seconds, cached_tokens=0)
+
+    def _validate(self, request: worker_pb2.PrefillRequest) -> str | None:
+        if not request.request_id:
+            return "request_id must be set"
+        if not request.input_ids:
+            return "input_ids must not be empty"
+        if not request.decode_address:
+            return "decode_address must be set"
+        vocab = self.app.config.vocab_size
+        bad = next((t for t in request.input_ids if t >= vocab), None)
+        if bad is not None:
+            return f"input_ids contains {bad}, outside the vocabulary [0, {vocab})"
+        if len(request.input_ids) >= self.app.config.max_position_embeddings:
+            return (f"prompt of {len(request.input_ids)} tokens does not fit the model context of "
+                    f"{self.app.config.max_position_embeddings}")
+        return None
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
+        job = self.app.jobs.get(request.transfer_id)
+        if job is not None:
+            self.app.cancel(job, "aborted by the gateway")
+        return worker_pb2.AbortResponse(found=job is not None)
+
+    async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
+        return self.app.info()
+
+    async def GetLoad(self, request, context) -> worker_pb2.WorkerLoad:
+        return self.app.load()

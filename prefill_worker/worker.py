@@ -1,0 +1,212 @@
+"""The prefill engine thread.
+
+    inbox -> plan chunks (token budget) -> target forward (finished layer groups stream out as
+    they are computed) -> first token -> MTP draft extend (its KV + top-k + hidden) -> aux
+
+KV of one chunk leaves in layer groups: after layer i of a group completes, the group's K/V of
+the chunk's tokens is gathered on the compute stream and handed to the pair's sender thread with
+a CUDA event, so sending overlaps the remaining layers. The last message of a transfer carries
+the aux record. Pages are freed when the sender reports the transfer confirmed (or failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+
+from common import metrics
+from common.batch import ForwardBatch, SeqSpec
+from common.config import SpecConfig
+from common.runtime.draft import draft_states
+from common.runtime.runner import ModelRunner
+from common.runtime.token_sampler import TokenSampler
+from common.sampling.logit_processors import RowContext
+from common.transport.aux import AuxRecord
+from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
+
+log = logging.getLogger(__name__)
+
+
+class PrefillEngine:
+    def __init__(self, runner: ModelRunner, sched: PrefillScheduler, sampler: TokenSampler, spec: SpecConfig,
+                 layer_group_size: int = 4) -> None:
+        self.runner = runner
+        self.sched = sched
+        self.sampler = sampler
+        self.spec = spec
+        self.num_layers = runner.config.num_hidden_layers
+        self.group = max(1, layer_group_size)
+        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self.last_progress = time.monotonic()
+        self.thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
+
+    # ------------------------------------------------------------------ other threads
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        self.thread.join(timeout)
+
+    def submit(self, job: PrefillJob) -> None:
+        self.inbox.put(("submit", job))
+
+    def abort(self, request_id: str, reason: str = "aborted") -> None:
+        self.inbox.put(("abort", (request_id, reason)))
+
+    def transfer_done(self, job: PrefillJob, error: Exception | None) -> None:
+        """Sender thread callback: the decode side confirmed (or the transfer failed)."""
+        self.inbox.put(("sent", (job, error)))
+
+    def stalled(self, limit_s: float) -> bool:
+        return bool(self.sched.active) and time.monotonic() - self.last_progress > limit_s
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            busy = any(j.state is JobState.PREFILLING for j in self.sched.active) or bool(self.sched.queue)
+            self._drain(block=not busy)
+            self._expire()
+            chunks = self.sched.plan()
+            if not chunks:
+                self._report()
+                continue
+            try:
+                self._step(chunks)
+            except Exception as e:  # fail the batch, never the process
+                log.exception("prefill step failed")
+                for c in chunks:
+                    self._finish(c.job, RuntimeError(f"prefill forward failed: {e}"))
+            self.last_progress = time.monotonic()
+            self._report()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "submit":
+                try:
+                    self.sched.submit(payload)
+                except (OverflowError, ValueError) as e:
+                    payload.on_done(payload, e)
+            elif kind == "abort":
+                job = self.sched.by_id.get(payload[0])
+                if job is not None:
+                    self._finish(job, RuntimeError(payload[1]))
+            elif kind == "sent":
+                job, error = payload
+                if job.state is not JobState.DONE:
+                    self._finish(job, error)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _expire(self) -> None:
+        now = time.time()
+        for job in list(self.sched.by_id.values()):
+            if job.deadline is not None and now > job.deadline:
+                self._finish(job, TimeoutError("request deadline passed on the prefill worker"))
+
+    def _finish(self, job: PrefillJob, error: Exception | None) -> None:
+        self.sched.release(job)
+        job.on_done(job, error)
+
+    # ------------------------------------------------------------------ one forward
+    def _step(self, chunks: list[Chunk]) -> None:
+        runner = self.runner
+        t0 = time.perf_counter()
+        seqs = [SeqSpec(c.job.prompt_ids[c.start:c.end], range(c.start, c.end), seq_len=c.end,
+                        pages=c.job.pages, logit_rows=[c.end - c.start - 1] if c.is_final else [])
+                for c in chunks]
+        batch = ForwardBatch.build(seqs, runner.page_size, runner.device)
+        # the final group of a final chunk waits for the aux record when there is no draft
+        hold_last = not self.spec.enabled
+        sent_upto = [0] * len(chunks)
+
+        def on_layer(i: int) -> None:
+            if (i + 1) % self.group and i + 1 != self.num_layers:
+                return
+            for n, c in enumerate(chunks):
+                if hold_last and c.is_final and i + 1 == self.num_layers:
+                    continue
+                self._send(c, range(sent_upto[n], i + 1))
+                sent_upto[n] = i + 1
+
+        logits, hidden = runner.forward(batch, layer_hook=on_layer)
+        finals = [c for c in chunks if c.is_final]
+        if finals:
+            rows = self.sampler.sample(logits, [RowContext(c.job.params, c.job.prompt_ids, []) for c in finals])
+            for c, row in zip(finals, rows):
+                c.job.first_token, c.job.first_logprob = row.token, (row.logprob or 0.0)
+        states = self._draft(chunks, batch, hidden) if self.spec.enabled else {}
+        for n, c in enumerate(chunks):
+            c.job.compute_seconds += time.perf_counter() - t0
+            self.sched.advance(c)
+            if self.spec.enabled:
+                aux = self._aux(c.job, states.get(id(c))) if c.is_final else None
+                self._send(c, range(self.num_layers, self.num_layers + 1), aux)
+            elif c.is_final:
+                self._send(c, range(sent_upto[n], self.num_layers), self._aux(c.job, None))
+
+    def _draft(self, chunks: list[Chunk], batch: ForwardBatch, hidden: torch.Tensor) -> dict[int, Any]:
+        """MTP draft extend over every chunk: slot p takes (h_p, t_{p+1}); a final chunk's last
+        next-token is the sampled first token."""
+        seqs = []
+        for c in chunks:
+            nxt = c.job.prompt_ids[c.start + 1:c.end] + ([c.job.first_token] if c.is_final else
+                                                          [c.job.prompt_ids[c.end]])
+            seqs.append(SeqSpec(nxt, range(c.start, c.end), seq_len=c.end, pages=c.job.pages,
+                                logit_rows=[c.end - c.start - 1] if c.is_final else []))
+        dbatch = ForwardBatch.build(seqs, self.runner.page_size, self.runner.device)
+        logits, h_out = self.runner.draft_forward(dbatch, hidden)
+        finals = [c for c in chunks if c.is_final]
+        if not finals:
+            return {}
+        last = torch.tensor([int(dbatch.query_start[i + 1]) - 1 for i, c in enumerate(chunks) if c.is_final],
+                            device=h_out.device)
+        states = draft_states(logits, h_out[last], self.spec.eagle_topk)
+        return {id(c): s for c, s in zip(finals, states)}
+
+    def _aux(self, job: PrefillJob, state: Any) -> AuxRecord:
+        empty = torch.zeros(0)
+        return AuxRecord(
+            transfer_id=job.transfer_id, prompt_len=job.prompt_len, cached_tokens=0,
+            first_token=job.first_token, first_logprob=job.first_logprob,
+            topk_p=state.topk_p.cpu() if state is not None else empty,
+            topk_idx=state.topk_idx.cpu() if state is not None else empty.long(),
+            hidden=state.hidden.cpu() if state is not None else empty,
+        )
+
+    def _send(self, c: Chunk, layers: range, aux: AuxRecord | None = None) -> None:
+        if len(layers) == 0 and aux is None:
+            return
+        pool = self.runner.kv_pool
+        data = pool.gather_tokens((layers.start, layers.stop), c.job.pages, c.end - c.start, token_start=c.start)
+        event = None
+        if data.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        last = aux is not None
+        seq = c.job.next_seq
+        c.job.next_seq += 1
+        c.job.kv_bytes += data.numel() * data.element_size()
+        c.job.sender.submit(c.job.transfer_id, seq, (layers.start, layers.stop), (c.start, c.end), data, last,
+                            aux.pack() if aux is not None else None, event)
+
+    def _report(self) -> None:
+        load = self.sched.load()
+        metrics.queue_depth().labels(queue="prefill_queued").set(load["queued"])
+        metrics.queue_depth().labels(queue="prefill_sending").set(load["waiting_for_kv"])
+        metrics.kv_pages().labels(state="free").set(load["free_pages"])
+        metrics.kv_pages().labels(state="used").set(load["total_pages"] - load["free_pages"])
