@@ -65,7 +65,16 @@ class GatewayConfig:
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> GatewayConfig:
-        a = build_arg_parser().parse_args(argv)
+        parser = build_arg_parser()
+        a = parser.parse_args(argv)
+        try:
+            return cls._from_namespace(a)
+        except ValueError as e:
+            parser.error(str(e))  # exits with status 2 and the usage line, like any bad flag
+            raise  # unreachable
+
+    @classmethod
+    def _from_namespace(cls, a: argparse.Namespace) -> GatewayConfig:
         return cls(
             model_path=a.model_path,
             prefill=tuple(a.prefill or ()),

@@ -1,8 +1,8 @@
 """What the gateway reads from the model directory besides the tokenizer: limits and defaults.
 
 config.json (optional for the gateway): vocab_size, max_position_embeddings.
-generation_config.json: eos_token_id (int or list) and sampling defaults (temperature, top_p,
-top_k, min_p, repetition_penalty) used when a request leaves them unset.
+generation_config.json: sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty)
+used when a request leaves them unset. The eos ids come from the Tokenizer, which reads them.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ class ModelInfo:
     defaults: SamplingDefaults
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, tokenizer_vocab_size: int, tokenizer_eos_id: int | None,
+    def from_dir(cls, path: str | Path, *, tokenizer_vocab_size: int, eos_token_ids: tuple[int, ...],
                  context_length: int | None = None) -> ModelInfo:
+        """`eos_token_ids` come from the tokenizer (generation_config.json first), read once there."""
         d = Path(path)
         config = _read_json(d / "config.json")
         gen = _read_json(d / "generation_config.json")
@@ -42,10 +43,6 @@ class ModelInfo:
         if not ctx or int(ctx) <= 0:
             raise ValueError(f"{d}: no max_position_embeddings in config.json and no model_max_length in "
                              "tokenizer_config.json; pass --context-length")
-        eos = gen.get("eos_token_id", config.get("eos_token_id"))
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if not eos_ids and tokenizer_eos_id is not None:
-            eos_ids = [tokenizer_eos_id]
         base = SamplingDefaults()
         defaults = SamplingDefaults(
             temperature=float(gen.get("temperature", base.temperature)),
@@ -55,7 +52,7 @@ class ModelInfo:
             repetition_penalty=float(gen.get("repetition_penalty", base.repetition_penalty)),
         )
         return cls(path=str(d), vocab_size=vocab, context_length=int(ctx),
-                   eos_token_ids=tuple(int(i) for i in eos_ids), defaults=defaults)
+                   eos_token_ids=tuple(eos_token_ids), defaults=defaults)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -63,8 +63,7 @@ class Pipeline:
         path = Path(config.model_path)
         tokenizer = Tokenizer.from_dir(path)
         model = ModelInfo.from_dir(path, tokenizer_vocab_size=tokenizer.vocab_size,
-                                   tokenizer_eos_id=tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None,
-                                   context_length=config.context_length)
+                                   eos_token_ids=tokenizer.eos_token_ids, context_length=config.context_length)
         return cls(config, router, tokenizer, ChatTemplate.from_dir(path), model)
 
     async def close(self) -> None:
