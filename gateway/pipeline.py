@@ -100,25 +100,19 @@ class Pipeline:
         async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
             for msg in out.messages(chunk):
                 if chat.stream:
-                    full = gateway_pb2.ChatResponse()
-                    full.CopyFrom(head)
-                    full.MergeFrom(msg)
-                    yield full
+                    yield _headed(head, msg)
                 else:
                     out.merge_into(collected, msg)
-        last = out.final_messages()
+        tail = out.final_messages()
         if not chat.stream:
-            for msg in last:
+            for msg in tail:
                 out.merge_into(collected, msg)
-            last = [collected]
-        final = last[-1] if last else gateway_pb2.ChatResponse()
-        apply_finish(final, out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
-        self._observe_finish(out, progress)
-        for msg in last[:-1] + [final]:
-            full = gateway_pb2.ChatResponse()
-            full.CopyFrom(head)
-            full.MergeFrom(msg)
-            yield full
+            tail = [collected]
+        tail = tail or [gateway_pb2.ChatResponse()]
+        apply_finish(tail[-1], out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
+        self._observe_finish(progress)
+        for msg in tail:
+            yield _headed(head, msg)
 
     async def generate(self, req: gateway_pb2.GenerateRequest, client_deadline: float | None
                        ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
@@ -162,7 +156,7 @@ class Pipeline:
         tail = out.flush()
         final.text += tail
         apply_finish(final, out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
-        self._observe_finish(out, progress)
+        self._observe_finish(progress)
         yield final
 
     def model_info(self) -> gateway_pb2.GetModelInfoResponse:
@@ -242,7 +236,15 @@ class Pipeline:
             metrics.inter_token_latency_seconds().observe((now - progress.last_chunk) / len(chunk.token_ids))
         progress.last_chunk = now
 
-    def _observe_finish(self, out: TextOutput, progress: _Progress) -> None:
+    def _observe_finish(self, progress: _Progress) -> None:
         last = progress.last
         if last is not None and last.spec_verify_steps:
             metrics.spec_accept_length().observe(1 + last.spec_accepted_drafts / last.spec_verify_steps)
+
+
+def _headed(head: gateway_pb2.ChatResponse, msg: gateway_pb2.ChatResponse) -> gateway_pb2.ChatResponse:
+    """`msg` with the response's id, model and created."""
+    full = gateway_pb2.ChatResponse()
+    full.CopyFrom(head)
+    full.MergeFrom(msg)
+    return full
