@@ -43,3 +43,14 @@ def test_check_detects_a_stale_stub(tmp_path: Path) -> None:
     victim = fresh / "worker_pb2.py"
     victim.write_bytes(victim.read_bytes() + b"\n# edited\n")
     assert generate.stale_files(fresh) == ["worker_pb2.py"]
+
+
+def test_grpc_stubs_accept_the_pyproject_grpcio_floor() -> None:
+    """grpcio-tools would demand its own version at import; the GPU machine has grpcio 1.84."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    floor = next(d.split(">=")[1] for d in deps if d.startswith("grpcio>="))
+    for name in ("gateway_pb2_grpc.py", "worker_pb2_grpc.py"):
+        text = (REPO / "protos" / name).read_text(encoding="utf-8")
+        assert f"GRPC_GENERATED_VERSION = '{floor}" in text, name
