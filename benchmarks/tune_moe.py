@@ -113,36 +113,32 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = gt.out_dir()
     print(f"tuning on {name}; M = {ms}", flush=True)
-    for model in args.models.split(","):
-        e, h, full = MODELS[model]
-        for tp_deg in (int(v) for v in args.tp.split(",")):
-            inter = full // tp_deg
+    shapes = [(model, tp_deg, *MODELS[model][:2], MODELS[model][2] // tp_deg)
+              for tp_deg in (int(v) for v in args.tp.split(",")) for model in args.models.split(",")]
+    for _, _, e, h, inter in shapes:  # every shape's weights stay resident (M-major order below)
+        _weights[(e, h, inter)] = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
+        _weights[(e, h, inter, "down")] = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    for m in ms:  # M-major, so a budget cut leaves every shape with its most telling points
+        for model, tp_deg, e, h, inter in shapes:
             if time.time() > deadline:
-                break
-            _weights.clear()
-            torch.cuda.empty_cache()
-            _weights[(e, h, inter)] = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
-            _weights[(e, h, inter, "down")] = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+                print(f"  budget reached before {model} tp={tp_deg} M={m}", flush=True)
+                return
+            t0 = time.time()
+            best = tune_point(e, h, inter, m, deadline)
+            if best is None:
+                continue
+            heur = tm.default_config(m, e, 2 * inter, h, TOP_K)
+            print(f"  {model} tp={tp_deg} (E={e} H={h} I={inter}) M={m}: BM={best['BLOCK_M']} "
+                  f"up={best['up']} down={best['down']} {best['us']} (heuristic BM={heur['BLOCK_M']}) "
+                  f"[{time.time() - t0:.0f} s]", flush=True)
             path = args.out_dir / tm.config_name(e, 2 * inter, h, torch.bfloat16, name)
             table = json.loads(path.read_text()) if path.is_file() else {}
-            for m in ms:
-                if time.time() > deadline:
-                    print(f"  budget reached before {model} tp={tp_deg} M={m}", flush=True)
-                    break
-                t0 = time.time()
-                best = tune_point(e, h, inter, m, deadline)
-                if best is None:
-                    continue
-                table[str(m)] = best
-                heur = tm.default_config(m, e, 2 * inter, h, TOP_K)
-                print(f"  {model} tp={tp_deg} (E={e} H={h} I={inter}) M={m}: BM={best['BLOCK_M']} "
-                      f"up={best['up']} down={best['down']} {best['us']} (heuristic BM={heur['BLOCK_M']}) "
-                      f"[{time.time() - t0:.0f} s]", flush=True)
-                rows = sorted(table.items(), key=lambda kv: int(kv[0]))
-                path.write_text("{\n" + ",\n".join(f' "{k}": {json.dumps(v)}' for k, v in rows) + "\n}\n")
-                if out:
-                    (out / "moe_configs").mkdir(exist_ok=True)
-                    shutil.copy(path, out / "moe_configs" / path.name)
+            table[str(m)] = best
+            rows = sorted(table.items(), key=lambda kv: int(kv[0]))
+            path.write_text("{\n" + ",\n".join(f' "{k}": {json.dumps(v)}' for k, v in rows) + "\n}\n")
+            if out:
+                (out / "moe_configs").mkdir(exist_ok=True)
+                shutil.copy(path, out / "moe_configs" / path.name)
     tm._load_table.cache_clear()
 
 

@@ -222,18 +222,19 @@ def test_graph_runner_decode_step() -> None:
     from common.runtime.cuda_graphs import GraphRunner
 
     q, kc, vc, batch = _attn_batch([(1, 700, None, False), (1, 33, None, False), (1, 2100, None, False)])
-    k_new = torch.randn(3, 8, 128, device=DEV, dtype=torch.bfloat16)
 
     def step(b):  # type: ignore[no-untyped-def]
-        tk.store_kv(kc, vc, k_new[: b.num_seqs].new_ones(b.num_seqs, 8, 128), k_new[: b.num_seqs].new_ones(b.num_seqs, 8, 128), b.out_slots)
-        return tp.paged_attention(q.new_ones(b.num_seqs, 96, 128), kc, vc, b, 0.088)
+        rows = torch.ones(b.num_seqs, 8, 128, device=DEV, dtype=torch.bfloat16)
+        tk.store_kv(kc, vc, rows, rows, b.out_slots)
+        return tp.paged_attention(q.new_ones(b.num_seqs, 96, 128) * 0.5, kc, vc, b, 0.088)
 
     eager = step(batch).clone()
     runner = GraphRunner(step, [1, 4, 8], max_pages_per_seq=256, page_size=16, device=DEV)
     runner.capture()
     assert runner.can_run(batch)
     got = runner.run(batch)
-    assert got.shape == eager.shape and rel(got, eager) < 1e-6
+    # a bucket of 4 plans its own split-K count, so agreement is to bf16 rounding, not bitwise
+    assert got.shape == eager.shape and rel(got, eager) < BF16_TOL
     runner.close()
 
 
