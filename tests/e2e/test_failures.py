@@ -1,0 +1,156 @@
+"""Failure behaviour of the disaggregated path with real processes: cancellation, deadlines, dead
+workers, refused pairs, full queues, and a soak that must leak no pages, threads or descriptors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from common.tiny_model import make_tiny_model
+from protos import gateway_pb2
+from tests.e2e.conftest import free_pages, gateway, generate, proc_stats, wait_pages_free
+
+
+def _stream(stub, ids, max_tokens, timeout=60.0):
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids))
+    req.sampling.max_tokens = max_tokens
+    req.sampling.temperature = 0.0
+    req.sampling.ignore_eos = True
+    return stub.Generate(req, timeout=timeout)
+
+
+def test_client_cancel_and_deadline_free_pages_on_both_workers(launch, tiny_model_dir):
+    cluster = launch(tiny_model_dir)
+    before = free_pages(cluster)
+    stub = gateway(cluster)
+    call = _stream(stub, list(range(10, 60)), max_tokens=800)
+    first = next(iter(call))  # generation is running
+    assert first.token_ids
+    call.cancel()
+    assert wait_pages_free(cluster, before) == before, "cancelled request kept KV pages"
+
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in _stream(stub, list(range(10, 60)), max_tokens=900, timeout=0.5):
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_pages_free(cluster, before) == before, "expired request kept KV pages"
+    # the workers still serve
+    assert generate(stub, [5, 6, 7], max_tokens=3, temperature=0.0, ignore_eos=True).finish == "length"
+
+
+def test_decode_killed_mid_stream_fails_fast_and_others_continue(launch, tiny_model_dir, reference):
+    cluster = launch(tiny_model_dir, prefill=1, decode=2)
+    stub = gateway(cluster)
+    calls = [_stream(stub, [7 + i, 8, 9, 10], max_tokens=900) for i in range(4)]
+    iters = [iter(c) for c in calls]
+    for it in iters:
+        next(it)  # every request is streaming
+    victim = cluster.procs["decode0"]
+    os.kill(victim.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    outcomes = []
+    for it, call in zip(iters, calls):
+        try:
+            for _ in it:
+                if time.monotonic() - t0 > 3.0:
+                    call.cancel()  # survivors are healthy; stop them
+        except grpc.RpcError as e:
+            outcomes.append((e.code(), time.monotonic() - t0))
+    unavailable = [t for code, t in outcomes if code == grpc.StatusCode.UNAVAILABLE]
+    assert unavailable, f"no request saw UNAVAILABLE: {outcomes}"
+    assert max(unavailable) < 10.0, "clients of the dead worker waited too long"
+    # new requests route around the dead worker and are still correct
+    for i in range(3):
+        ids = [20 + i, 21, 22]
+        assert generate(stub, ids, max_tokens=5, temperature=0.0, ignore_eos=True,
+                        timeout=30).tokens == reference.greedy(ids, 5)
+
+
+def test_prefill_killed_mid_transfer_frees_decode_pages(launch, tiny_model_dir):
+    # chunk of 1 token: a 400-token prompt streams its KV over ~400 forwards
+    cluster = launch(tiny_model_dir, prefill=1, decode=1, extra_prefill_args=["--chunked-prefill-size", "1"],
+                     extra_worker_args=["--transfer-timeout", "4"])
+    before = free_pages(cluster)
+    decode_before = {k: v for k, v in before.items() if k[0] == "decode"}
+    stub = gateway(cluster)
+    errors = []
+
+    def run() -> None:
+        try:
+            for _ in _stream(stub, [(5 * i) % 700 for i in range(400)], max_tokens=5, timeout=60):
+                pass
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(1.0)
+    os.kill(cluster.procs["prefill0"].pid, signal.SIGKILL)
+    t.join(60)
+    assert not t.is_alive(), "client hung after the prefill worker died"
+    assert errors and errors[0].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED), errors
+    assert wait_pages_free(cluster, decode_before, timeout=20) == decode_before, "decode kept the reserved pages"
+
+
+@pytest.mark.parametrize("mismatch", ["page_size", "model"])
+def test_incompatible_pair_is_refused_naming_the_difference(launch, tiny_model_dir, tmp_path, mismatch):
+    if mismatch == "page_size":
+        cluster = launch(tiny_model_dir, extra_prefill_args=["--page-size", "32"],
+                         extra_decode_args=["--page-size", "16"])
+        expect = "page_size"
+    else:
+        # prefill (and gateway) on another checkpoint of the same architecture; the decode
+        # worker's later --model-path wins
+        other = make_tiny_model(tmp_path / "other", seed=7)
+        cluster = launch(other, extra_decode_args=["--model-path", str(tiny_model_dir)])
+        expect = "model_fingerprint"
+    with pytest.raises(grpc.RpcError) as err:
+        generate(gateway(cluster), [5, 6, 7], max_tokens=3, temperature=0.0)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+    assert expect in err.value.details()
+
+
+def test_queue_full_is_resource_exhausted(launch, tiny_model_dir):
+    # 9 pages of 16 tokens: one 100-token request holds 7, the next waits, the third is refused
+    cluster = launch(tiny_model_dir, extra_decode_args=["--num-pages", "10", "--max-queued-requests", "1",
+                                                        "--max-running-requests", "1"])
+    stub = gateway(cluster)
+    holder = _stream(stub, list(range(1, 101)), max_tokens=800)
+    next(iter(holder))
+    waiting = _stream(stub, list(range(2, 102)), max_tokens=5)
+    time.sleep(0.5)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, list(range(3, 103)), max_tokens=5, temperature=0.0)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+    holder.cancel()
+    assert [r for r in waiting][-1].finish.finish_reason == "length"
+
+
+def test_soak_leaks_no_pages_threads_or_fds(launch, tiny_model_dir):
+    cluster = launch(tiny_model_dir, prefill=1, decode=1)
+    stub = gateway(cluster)
+    before = free_pages(cluster)
+
+    def one(i: int) -> str:
+        return generate(stub, [(i * 7 + j) % 700 for j in range(1 + i % 40)], max_tokens=1 + i % 6,
+                        temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True).finish
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(40)))  # warm-up: lazily created threads/channels exist now
+    warm = {n: proc_stats(p.pid) for n, p in cluster.procs.items()}
+    with ThreadPoolExecutor(16) as pool:
+        finishes = list(pool.map(one, range(300)))
+    assert finishes.count("length") == 300
+    assert wait_pages_free(cluster, before) == before, "pages leaked"
+    time.sleep(0.5)
+    after = {n: proc_stats(p.pid) for n, p in cluster.procs.items()}
+    for name in warm:
+        (t0, f0), (t1, f1) = warm[name], after[name]
+        assert t1 <= t0 + 2, f"{name}: threads grew {t0} -> {t1}"
+        assert f1 <= f0 + 4, f"{name}: file descriptors grew {f0} -> {f1}"
