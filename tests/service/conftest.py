@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from gateway_harness import GEN_TEMPERATURE, GEN_TOP_P
 
 from gateway.tokenizer import Tokenizer
+from tests.service.gateway_harness import GEN_TEMPERATURE, GEN_TOP_P
 
 
 @pytest.fixture(scope="session")

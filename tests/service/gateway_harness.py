@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -12,13 +11,10 @@ from typing import TypeVar
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fake_workers import FakeCluster, Script
-
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer
 from protos import gateway_pb2, gateway_pb2_grpc
+from tests.service.fake_workers import FakeCluster, Script
 
 T = TypeVar("T")
 CONTEXT = 4096

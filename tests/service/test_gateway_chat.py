@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from gateway_harness import (
+
+from protos import gateway_pb2
+from tests.service.gateway_harness import (
     GEN_TEMPERATURE,
     WEATHER_TOOL,
     Script,
@@ -15,8 +17,6 @@ from gateway_harness import (
     gateway_with_fakes,
     run,
 )
-
-from protos import gateway_pb2
 
 OUTPUT = ("<think>Need the weather tool.</think>\nLet me check.<tool_call>get_weather\n"
           "<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from gateway_harness import (
+
+from protos import gateway_pb2
+from tests.service.gateway_harness import (
     WEATHER_TOOL,
     Script,
     chat_request,
@@ -12,8 +14,6 @@ from gateway_harness import (
     gateway_with_fakes,
     run,
 )
-
-from protos import gateway_pb2
 
 Code = grpc.StatusCode
 

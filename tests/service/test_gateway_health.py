@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from gateway_harness import Script, gateway_with_fakes, run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import worker_pb2_grpc
+from tests.service.gateway_harness import Script, gateway_with_fakes, run
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

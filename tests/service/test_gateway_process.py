@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import grpc
-from fake_workers import FakeCluster
-from gateway_harness import (
+
+from protos import gateway_pb2, gateway_pb2_grpc
+from tests.service.fake_workers import FakeCluster
+from tests.service.gateway_harness import (
     Script,
     chat_request,
     collect,
     run,
 )
-
-from protos import gateway_pb2, gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from gateway_harness import (
+
+from protos import gateway_pb2
+from tests.service.gateway_harness import (
     Script,
     chat_request,
     chunked,
@@ -19,8 +21,6 @@ from gateway_harness import (
     gateway_with_fakes,
     run,
 )
-
-from protos import gateway_pb2
 
 NO_THINK = gateway_pb2.Thinking(enabled=False)
 

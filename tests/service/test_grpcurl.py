@@ -8,7 +8,8 @@ import os
 import shutil
 
 import pytest
-from gateway_harness import Script, gateway_with_fakes, run
+
+from tests.service.gateway_harness import Script, gateway_with_fakes, run
 
 
 def _grpcurl() -> str | None:
