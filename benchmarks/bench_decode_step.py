@@ -230,6 +230,8 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.tiny:
+        raise SystemExit("bench_decode_step needs a CUDA GPU (or --tiny for a CPU smoke run)")
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -45,7 +45,7 @@ stage bench_decode_step 85 $PY benchmarks/bench_decode_step.py
 {
   echo
   echo "## gpu tests"
-  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 30
+  grep -E "passed|failed|error|skipped|FAILED|ERROR" "$OUT/gpu_tests.log" | tail -n 30
   echo
   echo "## tuned MoE configs"
   grep -E "^  (air|glm45)|budget" "$OUT/tune_moe.log"

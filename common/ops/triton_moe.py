@@ -282,27 +282,36 @@ def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, devic
     return None
 
 
-def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int) -> dict:
-    """Heuristic when no tuned table exists: small BM and narrow N tiles for decode (bandwidth:
-    many programs streaming weights), 64x128 wgmma-friendly tiles for prefill."""
+def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, num_sms: int = 132) -> dict:
+    """Heuristic when no tuned table exists. Decode (few rows per expert) is a weight stream: BM 16
+    and the widest gate_up N tile that still gives ~2 programs per SM over the touched experts
+    (TP slices get narrow tiles, long K steps). Prefill: 64x128 tiles for wgmma."""
     per_expert = m * top_k / num_experts
     inter = n // 2
     if per_expert <= 4:
-        bn_up = 32 if inter <= 768 else 64
-        return {"BLOCK_M": 16,
-                "up": {"BLOCK_N": bn_up, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+        active = min(m * top_k, num_experts)
+        bn_up = next((bn for bn in (64, 32) if active * triton.cdiv(inter, bn) >= 2 * num_sms), 16)
+        up = {"BLOCK_N": bn_up, "BLOCK_K": 128 if bn_up == 64 else 256, "GROUP_M": 1, "num_warps": 4,
+              "num_stages": 4}
+        return {"BLOCK_M": 16, "up": up,
                 "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}}
     if per_expert <= 32:
         return {"BLOCK_M": 32,
                 "up": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4},
                 "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4}}
-    big = {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 64, "up": dict(big), "down": dict(big)}
+    return {"BLOCK_M": 64,
+            "up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+            "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}}
 
 
 @functools.lru_cache(maxsize=8)
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
@@ -312,7 +321,7 @@ def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype:
     table = _load_table(num_experts, n, hidden, dtype, _device_name(device))
     if table:
         return table[min(table, key=lambda key: (abs(key - m), key))]
-    return default_config(m, num_experts, n, hidden, top_k)
+    return default_config(m, num_experts, n, hidden, top_k, _num_sms(device))
 
 
 def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg):
