@@ -58,7 +58,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     if ev.matched_token_id is not None:
                         fin.token_id = ev.matched_token_id
                     metrics.requests_total().labels(status="OK").inc()
-                    yield worker_pb2.DecodeChunk(finish=fin)
+                    # counters are cumulative: the last chunk carries the final values
+                    yield worker_pb2.DecodeChunk(finish=fin, completion_tokens=len(req.output_ids),
+                                                 spec_verify_steps=req.verify_steps,
+                                                 spec_accepted_drafts=req.accepted_drafts)
                     return
                 else:
                     assert isinstance(ev, ErrorEvent)
