@@ -64,15 +64,16 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, tbl_ptr, n0, hi, kv_head, q_pos
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tb", "NUM_SPLITS"])
 def _paged_attn_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr, po_ptr, plse_ptr,
     qstart_ptr, prefix_ptr, seqlen_ptr, table_ptr, mask_ptr, mstart_ptr, scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch, stride_tb,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch, stride_tb, NUM_SPLITS,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):
-    """grid (row blocks, B, HK * NUM_SPLITS)."""
+    """grid (row blocks, B, HK * NUM_SPLITS). NUM_SPLITS is a runtime value (one compiled kernel for
+    every batch size); SPLIT = NUM_SPLITS > 1 selects the partial-output epilogue."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -104,7 +105,7 @@ def _paged_attn_kernel(
         full = q_off + pid_m * BM // G + 1
         mrow = i.to(tl.int64)
     lo = 0
-    if NUM_SPLITS > 1:
+    if SPLIT:
         span = tl.cdiv(tl.cdiv(hi, NUM_SPLITS), BN) * BN
         lo = split * span
         hi = tl.minimum(hi, lo + span)
@@ -123,7 +124,7 @@ def _paged_attn_kernel(
                                    PAGE, D, BD, BN, True, HAS_MASK)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         optr = o_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         tl.store(optr, out.to(o_ptr.dtype.element_ty), mask=qm)
     else:
@@ -134,9 +135,9 @@ def _paged_attn_kernel(
         tl.store(plse_ptr + part, lse, mask=rmask)
 
 
-@triton.jit
-def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh,
-                         NUM_SPLITS: tl.constexpr, NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
+def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_SPLITS,
+                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
     """grid (T, HQ): o = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -214,13 +215,13 @@ def paged_attention_splits(
         q, k_cache, v_cache, out, po, plse,
         batch.query_start, batch.prefix_lens, batch.seq_lens, batch.page_table, mask, mstart,
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), batch.page_table.stride(0),
-        G=group, PAGE=k_cache.shape[1], D=d, BD=bd, NUM_SPLITS=splits, HAS_MASK=has_mask,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), batch.page_table.stride(0), splits,
+        G=group, PAGE=k_cache.shape[1], D=d, BD=bd, SPLIT=splits > 1, HAS_MASK=has_mask,
         BM=bm, BN=bn, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(n_tok, hq)](po, plse, out, hq, out.stride(0), out.stride(1),
-                                          NUM_SPLITS=splits, NS_PAD=triton.next_power_of_2(splits), D=d,
+        _merge_splits_kernel[(n_tok, hq)](po, plse, out, hq, out.stride(0), out.stride(1), splits,
+                                          NS_PAD=triton.next_power_of_2(splits), D=d,
                                           BD=bd, num_warps=4)
     return out
 

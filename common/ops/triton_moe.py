@@ -10,7 +10,8 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 3. down: act rows times w2[e]^T, scaled by the routing weight -> y[T*k, H].
 4. combine: out[t] = sum_j y[t*k+j] in fp32, cast once (deterministic; no atomics).
 Grid sizes depend only on host-known shapes (T, k, E, config), never on routing, so the whole
-pipeline is CUDA-graph safe. Block configs come from moe_configs/*.json (written by
+pipeline is CUDA-graph safe; token-count-dependent ints are not specialised (no recompiles as T
+changes: one kernel per config). Block configs come from moe_configs/*.json (written by
 benchmarks/tune_moe.py) with a heuristic fallback.
 """
 
@@ -28,7 +29,7 @@ CONFIG_DIR = Path(__file__).with_name("moe_configs")
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _grouped_topk_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
     EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
@@ -105,7 +106,7 @@ def grouped_topk(
     return weights, ids
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUMEL", "CHUNK"])
 def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr, SUB: tl.constexpr):
     """grid (NC,): count_ptr[pid, e] = how many of assignments [pid*CHUNK, +CHUNK) go to e."""
     pid = tl.program_id(0)
@@ -117,10 +118,10 @@ def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr,
     tl.store(count_ptr + pid * E_PAD + tl.arange(0, E_PAD), acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUMEL", "CHUNK", "MAX_BLOCKS", "NC"])
 def _align_scatter_kernel(
-    id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS,
-    NC: tl.constexpr, NC_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr,
+    id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS, NC,
+    SINGLE: tl.constexpr, NC_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr,
     SUB: tl.constexpr, BB: tl.constexpr,
 ):
     """grid (NC,). Every program derives the padded expert offsets from the counts (NC == 1:
@@ -129,7 +130,7 @@ def _align_scatter_kernel(
     block_expert."""
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
-    if NC == 1:
+    if SINGLE:  # NC == 1
         before = tl.zeros((E_PAD,), dtype=tl.int32)
         tot = tl.zeros((E_PAD,), dtype=tl.int32)
         for s in range(0, NUMEL, SUB):
@@ -185,14 +186,14 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
         counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
         _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128)
     _align_scatter_kernel[(nc,)](
-        flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks,
-        NC=nc, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,
+        flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks, nc,
+        SINGLE=nc == 1, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,
         num_warps=4 if nc == 1 else 8,
     )
     return sorted_ids, block_expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
