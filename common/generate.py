@@ -23,6 +23,7 @@ from common.sampling.params import SamplingParams
 DEFAULT_TINY_DIR = Path(os.environ.get("GLMSERVE_TINY_DIR", "~/.cache/glmserve/tiny-glm45")).expanduser()
 
 
+@torch.inference_mode()
 def reference_generate(runner: ModelRunner, sampler: TokenSampler, prompt_ids: Sequence[int],
                        params: SamplingParams) -> list[int]:
     """Generate until a stop id, eos (unless ignore_eos) or max_tokens; returns output ids."""

@@ -114,13 +114,28 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
     for i, port in enumerate(cluster.prefill_ports):
         spawn(f"prefill{i}", ["prefill", *worker, "--port", str(port), "--worker-id", f"prefill{i}",
                               *(extra_prefill_args or [])])
-    gw = ["gateway", "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(cluster.gateway_port)]
+    gw = ["gateway", "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(cluster.gateway_port),
+          *default_parser_args(model_path, extra_gateway_args or [])]
     for port in cluster.prefill_ports:
         gw += ["--prefill", f"127.0.0.1:{port}"]
     for port in cluster.decode_ports:
         gw += ["--decode", f"127.0.0.1:{port}"]
     spawn("gateway", gw + list(extra_gateway_args or []))
     return cluster
+
+
+def default_parser_args(model_path: str | Path, given: list[str]) -> list[str]:
+    """--reasoning-parser glm45 and the tool parser matching the chat template (GLM-4.7's template
+    concatenates '<tool_call>' with the call name; GLM-4.5/4.6's puts a newline after it), unless given."""
+    args: list[str] = []
+    if "--reasoning-parser" not in given:
+        args += ["--reasoning-parser", "glm45"]
+    if "--tool-call-parser" not in given:
+        path = Path(model_path) / "chat_template.jinja"
+        text = path.read_text() if path.exists() else (Path(model_path) / "tokenizer_config.json").read_text()
+        glm47 = "'<tool_call>' ~ " in text or "'<tool_call>' + " in text
+        args += ["--tool-call-parser", "glm47" if glm47 else "glm45"]
+    return args
 
 
 def demo_chat(address: str, text: str, max_tokens: int) -> None:

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
+import torch
+
 from common import metrics
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.output import ErrorEvent, FinishEvent, TokenEvent
@@ -98,6 +100,10 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        with torch.inference_mode():  # logits are processed in place; no autograd state anywhere
+            self._run()
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             idle = not (self.sched.running or self.sched.ready)
             self._drain_inbox(block=idle)

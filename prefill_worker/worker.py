@@ -70,6 +70,10 @@ class PrefillEngine:
 
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
+        with torch.inference_mode():  # logits are processed in place; no autograd state anywhere
+            self._run()
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             busy = any(j.state is JobState.PREFILLING for j in self.sched.active) or bool(self.sched.queue)
             self._drain(block=not busy)
