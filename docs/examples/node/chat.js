@@ -1,7 +1,7 @@
 // Chat with the glmserve gateway from Node.js (@grpc/grpc-js + @grpc/proto-loader).
 //
 //   npm install @grpc/grpc-js @grpc/proto-loader      (anywhere on NODE_PATH)
-//   node examples/node/chat.js [host:port]            (default 127.0.0.1:30000)
+//   node docs/examples/node/chat.js [host:port]            (default 127.0.0.1:30000)
 //
 // Streams the answer: reasoning, content and tool-call fragments as they arrive, then the finish
 // reason and token usage. Set GLMSERVE_PROTO_ROOT if the script is moved out of the repository.
