@@ -35,12 +35,12 @@ stage() {  # stage NAME TIMEOUT_S CMD...
 } > "$OUT/SUMMARY.md" 2>&1
 cat "$OUT/SUMMARY.md"
 
-stage gpu_tests 95 $PY -m pytest tests/gpu/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE
-stage tune_moe 105 $PY benchmarks/tune_moe.py --budget-s 80
-stage bench_moe 105 $PY benchmarks/bench_kernels.py --sections moe --budget-s 80
-stage bench_attention 55 $PY benchmarks/bench_kernels.py --sections attention --budget-s 40
-stage bench_small 40 $PY benchmarks/bench_kernels.py --sections small --budget-s 28
-stage bench_decode_step 85 $PY benchmarks/bench_decode_step.py
+stage gpu_tests 90 $PY -m pytest tests/gpu/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE
+stage tune_moe 95 $PY benchmarks/tune_moe.py --budget-s 70
+stage bench_moe 100 $PY benchmarks/bench_kernels.py --sections moe --budget-s 75
+stage bench_attention 50 $PY benchmarks/bench_kernels.py --sections attention --budget-s 35
+stage bench_small 35 $PY benchmarks/bench_kernels.py --sections small --budget-s 25
+stage bench_decode_step 110 $PY benchmarks/bench_decode_step.py
 
 {
   echo
