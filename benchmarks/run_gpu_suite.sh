@@ -35,12 +35,12 @@ stage() {  # stage NAME TIMEOUT_S CMD...
 } > "$OUT/SUMMARY.md" 2>&1
 cat "$OUT/SUMMARY.md"
 
-stage gpu_tests 90 $PY -m pytest tests/gpu/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE
-stage tune_moe 95 $PY benchmarks/tune_moe.py --budget-s 70
+stage gpu_tests 120 $PY -m pytest tests/gpu/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE --durations=8
+stage tune_moe 80 $PY benchmarks/tune_moe.py --budget-s 60
 stage bench_moe 100 $PY benchmarks/bench_kernels.py --sections moe --budget-s 75
 stage bench_attention 50 $PY benchmarks/bench_kernels.py --sections attention --budget-s 35
 stage bench_small 35 $PY benchmarks/bench_kernels.py --sections small --budget-s 25
-stage bench_decode_step 110 $PY benchmarks/bench_decode_step.py
+stage bench_decode_step 100 $PY benchmarks/bench_decode_step.py
 
 {
   echo

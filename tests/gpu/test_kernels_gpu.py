@@ -103,7 +103,7 @@ def moe_weights() -> dict:
 
 
 @pytest.mark.parametrize("shape", list(MOE_SHAPES))
-@pytest.mark.parametrize("n", [1, 8, 64, 512, 2048])
+@pytest.mark.parametrize("n", [1, 64, 512, 2048])
 def test_fused_moe(shape: str, n: int, moe_weights: dict) -> None:
     from common.ops import reference as ref
     from common.ops import triton_moe as tm
