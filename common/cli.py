@@ -54,6 +54,12 @@ def _make_tiny_model(argv: Sequence[str]) -> int:
     return 0
 
 
+def _health(argv: Sequence[str]) -> int:
+    from common.healthcheck import main
+
+    return main(list(argv))
+
+
 def _generate(argv: Sequence[str]) -> int:
     from common.generate import main
 
@@ -67,6 +73,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "local": (_local, "gateway + prefill + decode processes on this machine"),
     "make-tiny-model": (_make_tiny_model, "write the built-in tiny test model"),
     "generate": (_generate, "single-process reference generation (no servers)"),
+    "health": (_health, "grpc.health.v1 check of a running process (exit 0 = SERVING)"),
 }
 
 

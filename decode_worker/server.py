@@ -123,11 +123,16 @@ async def serve(cfg: WorkerConfig, max_running: int, grace: float) -> None:
         watcher.cancel()
 
 
-def main(argv: list[str]) -> int:
+def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmserve decode", description="Decode worker: continuous batching + EAGLE.")
     add_worker_args(p, default_port=30002)
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    p = build_arg_parser()
     ns = p.parse_args(argv)
     setup_logging("decode", level=ns.log_level)
     try:

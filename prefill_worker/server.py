@@ -92,13 +92,18 @@ async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: f
     await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)
 
 
-def main(argv: list[str]) -> int:
+def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmserve prefill", description="Prefill worker: prompt KV -> decode.")
     add_worker_args(p, default_port=30001)
     p.add_argument("--chunked-prefill-size", type=int, default=8192, help="token budget of one prefill forward")
     p.add_argument("--disagg-layer-group-size", type=int, default=4,
                    help="layers per KV chunk streamed while later layers compute")
     p.add_argument("--shutdown-grace", type=float, default=30.0)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    p = build_arg_parser()
     ns = p.parse_args(argv)
     setup_logging("prefill", level=ns.log_level)
     try:

@@ -1,0 +1,28 @@
+"""`glmserve health HOST:PORT [SERVICE]`: exit 0 when grpc.health.v1 says SERVING (container
+health checks; torch-free)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="glmserve health", description=__doc__)
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("service", nargs="?", default="", help="full service name (readiness); empty = liveness")
+    p.add_argument("--timeout", type=float, default=3.0)
+    args = p.parse_args(argv)
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                         timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"{args.address}: {e.code().name}", file=sys.stderr)
+        return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address} {args.service or '(liveness)'}: {name}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
