@@ -139,7 +139,6 @@ def main() -> None:
             if out:
                 (out / "moe_configs").mkdir(exist_ok=True)
                 shutil.copy(path, out / "moe_configs" / path.name)
-    tm._load_table.cache_clear()
 
 
 if __name__ == "__main__":

@@ -11,21 +11,18 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 4. combine: out[t] = sum_j y[t*k+j] in fp32, cast once (deterministic; no atomics).
 Grid sizes depend only on host-known shapes (T, k, E, config), never on routing, so the whole
 pipeline is CUDA-graph safe; token-count-dependent ints are not specialised (no recompiles as T
-changes: one kernel per config). Block configs come from moe_configs/*.json (written by
-benchmarks/tune_moe.py) with a heuristic fallback.
+changes: one kernel per config). Block configs: common/ops/moe_configs (tuned tables written
+by benchmarks/tune_moe.py, heuristic fallback).
 """
 
 from __future__ import annotations
-
-import functools
-import json
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-CONFIG_DIR = Path(__file__).with_name("moe_configs")
+from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_config
+
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
 
 
@@ -263,68 +260,6 @@ def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# ---------------------------------------------------------------- configs
-_M_KEYS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
-
-
-def config_name(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
-    """File name of a tuned table; n = w13 rows (2*I), device_name as torch reports it."""
-    dt = str(dtype).replace("torch.", "")
-    return f"E={num_experts},N={n},H={hidden},dtype={dt},device={device_name.replace(' ', '_')}.json"
-
-
-@functools.lru_cache(maxsize=64)
-def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> dict | None:
-    exact = CONFIG_DIR / config_name(num_experts, n, hidden, dtype, device_name)
-    pattern = config_name(num_experts, n, hidden, dtype, "*")
-    for path in [exact, *sorted(CONFIG_DIR.glob(pattern))]:  # same shape from another device next
-        if path.is_file():
-            return {int(m): cfg for m, cfg in json.loads(path.read_text()).items() if m.isdigit()}
-    return None
-
-
-def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, num_sms: int = 132) -> dict:
-    """Heuristic when no tuned table exists. Decode (few rows per expert) is a weight stream: BM 16
-    and the widest gate_up N tile that still gives ~2 programs per SM over the touched experts
-    (TP slices get narrow tiles, long K steps). Prefill: 64x128 tiles for wgmma."""
-    per_expert = m * top_k / num_experts
-    inter = n // 2
-    if per_expert <= 4:
-        active = min(m * top_k, num_experts)
-        bn_up = next((bn for bn in (64, 32) if active * triton.cdiv(inter, bn) >= 2 * num_sms), 16)
-        up = {"BLOCK_N": bn_up, "BLOCK_K": 128 if bn_up == 64 else 256, "GROUP_M": 1, "num_warps": 4,
-              "num_stages": 4}
-        return {"BLOCK_M": 16, "up": up,
-                "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}}
-    if per_expert <= 32:
-        return {"BLOCK_M": 32,
-                "up": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4},
-                "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4}}
-    return {"BLOCK_M": 64,
-            "up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
-            "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}}
-
-
-@functools.lru_cache(maxsize=8)
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
-               device: torch.device) -> dict:
-    """The tuned entry nearest to m for this shape and device (any device's table for the shape
-    next), else default_config()."""
-    table = _load_table(num_experts, n, hidden, dtype, _device_name(device))
-    if table:
-        return table[min(table, key=lambda key: (abs(key - m), key))]
-    return default_config(m, num_experts, n, hidden, top_k, _num_sms(device))
-
-
 def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg):
     max_blocks = block_expert.shape[0]
     grid = (max_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -377,5 +312,5 @@ def fused_moe_with_config(
     return out
 
 
-__all__ = ["align_block_size", "config_name", "default_config", "fused_moe", "fused_moe_with_config", "get_config",
-           "grouped_topk"]
+__all__ = ["CONFIG_DIR", "align_block_size", "config_name", "default_config", "fused_moe", "fused_moe_with_config",
+           "get_config", "grouped_topk"]

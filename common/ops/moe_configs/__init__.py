@@ -1,0 +1,76 @@
+"""Fused-MoE block configs: tuned tables (the JSON files beside this module, written on the GPU
+by benchmarks/tune_moe.py; format in README.md) and the heuristic used where none exists.
+
+Torch-only (no Triton import), so tools can read and write the tables anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent
+
+
+def config_name(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
+    """File name of a tuned table; n = w13 rows (2*I), device_name as torch reports it."""
+    dt = str(dtype).replace("torch.", "")
+    return f"E={num_experts},N={n},H={hidden},dtype={dt},device={device_name.replace(' ', '_')}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> dict | None:
+    exact = CONFIG_DIR / config_name(num_experts, n, hidden, dtype, device_name)
+    pattern = config_name(num_experts, n, hidden, dtype, "*")
+    for path in [exact, *sorted(CONFIG_DIR.glob(pattern))]:  # same shape from another device next
+        if path.is_file():
+            return {int(m): cfg for m, cfg in json.loads(path.read_text()).items() if m.isdigit()}
+    return None
+
+
+def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, num_sms: int = 132) -> dict:
+    """Heuristic when no tuned table exists. Decode (few rows per expert) is a weight stream: BM 16
+    and the widest gate_up N tile that still gives ~2 programs per SM over the touched experts
+    (TP slices get narrow tiles, long K steps). Prefill: 64x128 tiles for wgmma."""
+    per_expert = m * top_k / num_experts
+    inter = n // 2
+    if per_expert <= 4:
+        active = min(m * top_k, num_experts)
+        bn_up = next((bn for bn in (64, 32) if active * -(-inter // bn) >= 2 * num_sms), 16)
+        up = {"BLOCK_N": bn_up, "BLOCK_K": 128 if bn_up == 64 else 256, "GROUP_M": 1, "num_warps": 4,
+              "num_stages": 4}
+        return {"BLOCK_M": 16, "up": up,
+                "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}}
+    if per_expert <= 32:
+        return {"BLOCK_M": 32,
+                "up": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4},
+                "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 4}}
+    return {"BLOCK_M": 64,
+            "up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+            "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}}
+
+
+@functools.lru_cache(maxsize=8)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
+               device: torch.device) -> dict:
+    """The tuned entry nearest to m for this shape and device (any device's table for the shape
+    next), else default_config()."""
+    table = _load_table(num_experts, n, hidden, dtype, _device_name(device))
+    if table:
+        return table[min(table, key=lambda key: (abs(key - m), key))]
+    return default_config(m, num_experts, n, hidden, top_k, _num_sms(device))
+
+
+__all__ = ["CONFIG_DIR", "config_name", "default_config", "get_config"]
