@@ -51,13 +51,13 @@ def _grouped_topk_kernel(
         m1 = tl.max(cg, axis=2)
         m2 = tl.max(tl.where(e[None, None, :] == first[:, :, None], float("-inf"), cg), axis=2)
         gs = tl.where((g < N_GROUP)[None, :], m1 + m2, float("-inf"))  # [BT,G_PAD]
-        keep = tl.zeros((BT, G_PAD), dtype=tl.int1)
+        keep = tl.zeros((BT, G_PAD), dtype=tl.int32)
         for _ in tl.static_range(TOPK_GROUP):
             best = tl.argmax(gs, axis=1)  # [BT]
             hit = g[None, :] == best[:, None]
-            keep = keep | hit
+            keep = tl.where(hit, 1, keep)
             gs = tl.where(hit, float("-inf"), gs)
-        allowed = tl.max((in_g[None, :, :] & keep[:, :, None]).to(tl.int32), axis=1)  # [BT,E_PAD]
+        allowed = tl.max((in_g[None, :, :] & (keep[:, :, None] > 0)).to(tl.int32), axis=1)  # [BT,E_PAD]
         c = tl.where(allowed > 0, c, float("-inf"))
     kk = tl.arange(0, K_PAD)  # [K_PAD]
     ids = tl.zeros((BT, K_PAD), dtype=tl.int32)
