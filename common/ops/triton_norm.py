@@ -69,8 +69,9 @@ def fused_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass; the inputs are not modified."""
     x2, r2 = _rows(x), _rows(residual)
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    new_res = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    dt = torch.promote_types(x.dtype, residual.dtype)  # as torch's x + residual
+    out = torch.empty(x2.shape, dtype=dt, device=x.device)
+    new_res = torch.empty(x2.shape, dtype=dt, device=x.device)
     n, h = x2.shape
     if n:
         block = triton.next_power_of_2(h)
