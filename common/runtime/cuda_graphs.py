@@ -21,14 +21,15 @@ import torch
 
 from common.batch import ForwardBatch
 
-StepFn = Callable[[ForwardBatch], torch.Tensor]  # static batch -> output [B, ...] (row i = sequence i)
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]
+StepFn = Callable[[ForwardBatch], Outputs]  # static batch -> output(s) [B, ...] (row i = sequence i)
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     batch: ForwardBatch  # static inputs
-    out: torch.Tensor  # static output [bucket, ...]
+    out: Outputs  # static output(s) [bucket, ...]
 
 
 class GraphRunner:
@@ -92,8 +93,8 @@ class GraphRunner:
                 and self.bucket(batch.num_seqs) in self.graphs)
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Replay for a decode batch (check can_run first); returns the first B output rows."""
+    def run(self, batch: ForwardBatch) -> Outputs:
+        """Replay for a decode batch (check can_run first); returns the first B rows of each output."""
         n = batch.num_seqs
         bs = self.bucket(n)
         if bs is None or bs not in self.graphs or not self.can_run(batch):
@@ -116,7 +117,7 @@ class GraphRunner:
             s.out_slots[n:].zero_()
             s.page_table[n:].zero_()
         g.graph.replay()
-        return g.out[:n]
+        return tuple(o[:n] for o in g.out) if isinstance(g.out, tuple) else g.out[:n]
 
     def close(self) -> None:
         """Release the graphs and their pool (call before NCCL teardown)."""
