@@ -149,16 +149,18 @@ def demo_chat(address: str, text: str, max_tokens: int) -> None:
         req.sampling.max_tokens = max_tokens
         req.sampling.temperature = 0.0
         print(f"user> {text}")
-        usage = None
+        usage, section = None, None
         for resp in stub.Chat(req, timeout=120):
-            if resp.delta.reasoning_content:
-                print(f"[reasoning] {resp.delta.reasoning_content!r}")
-            if resp.delta.content:
-                print(f"[content]   {resp.delta.content!r}")
+            for name, piece in (("reasoning", resp.delta.reasoning_content), ("content", resp.delta.content)):
+                if piece:
+                    if section != name:
+                        print(f"\n[{name}] ", end="")
+                        section = name
+                    print(piece, end="", flush=True)
             for tc in resp.delta.tool_calls:
-                print(f"[tool_call] {tc}")
+                print(f"\n[tool_call {tc.index}] {tc.name} {tc.arguments}", end="")
             if resp.HasField("finish"):
-                print(f"[finish]    {resp.finish.finish_reason}")
+                print(f"\n[finish] {resp.finish.finish_reason}")
             if resp.HasField("usage"):
                 usage = resp.usage
         if usage is not None:

@@ -14,7 +14,7 @@ import pytest
 
 from common.tiny_model import make_tiny_model
 from protos import gateway_pb2
-from tests.e2e.conftest import free_pages, gateway, generate, proc_stats, wait_pages_free
+from tests.e2e.conftest import free_pages, gateway, generate, load_of, proc_stats, wait_pages_free
 
 
 def _stream(stub, ids, max_tokens, timeout=60.0):
@@ -51,8 +51,10 @@ def test_decode_killed_mid_stream_fails_fast_and_others_continue(launch, tiny_mo
     iters = [iter(c) for c in calls]
     for it in iters:
         next(it)  # every request is streaming
-    victim = cluster.procs["decode0"]
-    os.kill(victim.pid, signal.SIGKILL)
+    running = {i: load_of(port, "decode").running for i, port in enumerate(cluster.decode_ports)}
+    victim = max(running, key=running.get)  # the worker serving most of the streams
+    assert running[victim] > 0, running
+    os.kill(cluster.procs[f"decode{victim}"].pid, signal.SIGKILL)
     t0 = time.monotonic()
     outcomes = []
     for it, call in zip(iters, calls):
