@@ -98,19 +98,20 @@ class _CheckingSink:
         self._secs[stats.transfer_id] = stats.seconds
 
     def on_last(self, tid: int, aux: bytes) -> None:
-        dest, seed = self._jobs.pop(tid)
+        dest, seed = self._jobs[tid]
         dev = dest.device
         equal = all(torch.equal(dest[layer].view(torch.uint8),
                                 layer_pattern(layer, dest.shape[2], seed, dev).view(torch.uint8))
                     for layer in range(dest.shape[0]))
         self._results.put(("decode", tid, True, equal, self._secs.pop(tid, 0.0), aux))
         with self._idle:
+            del self._jobs[tid]  # only now: the next transfer must not overlap this check
             self._idle.notify_all()
 
     def on_failed(self, tid: int, reason: str) -> None:
-        self._jobs.pop(tid, None)
         self._results.put(("decode", tid, False, False, 0.0, reason))
         with self._idle:
+            self._jobs.pop(tid, None)
             self._idle.notify_all()
 
 

@@ -280,25 +280,32 @@ class PairAcceptor:
         self.table, self.config, self.advertise_host, self.device = table, config, advertise_host, device
         self._lock = threading.Lock()
         self._receivers: dict[str, KVReceiver] = {}
+        self._rings: dict[str, Any] = {}  # peer -> IpcRing (cuda_ipc pairs only)
         self._gen = 0
         self._store = host_store(port, advertise_host, config.pair_timeout_s)
         self.port: int = self._store.port
 
     def accept(self, peer: str, bulk_backend: str) -> PairEndpoint:
+        """Blocking for at most heartbeat_s + 1 s (ending the peer's previous receiver): call it off
+        the event loop. A same-GPU peer keeps its IPC ring across generations: a ring whose
+        consumer died can never be freed (torch's IPC ref count stays up), so it is reused."""
+        with self._lock:
+            old = self._receivers.pop(peer, None)
+        if old is not None:
+            old.close(timeout_s=self.config.heartbeat_s + 1.0)
         ring = None
         if bulk_backend == "cuda_ipc":
             from common.transport.nccl import IpcRing  # lazy: CUDA only
 
-            ring = IpcRing(self.config.ipc_ring_bytes, self.device)
+            ring = self._rings.get(peer)
+            if ring is None or (old is not None and old.alive):
+                ring = self._rings[peer] = IpcRing(self.config.ipc_ring_bytes, self.device)
         with self._lock:
             self._gen += 1
             name = f"kv/{peer}/g{self._gen}"
-            old = self._receivers.pop(peer, None)
             ep = PairEndpoint(self.advertise_host, self.port, name, bulk_backend, ring.export() if ring else b"")
             r = KVReceiver(ep, self.table, self.config, device=self.device, ipc_ring=ring, on_closed=self._closed)
             self._receivers[peer] = r
-        if old is not None:
-            old.close(timeout_s=0)
         r.start()
         return ep
 

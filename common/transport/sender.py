@@ -347,10 +347,12 @@ class KVSender:
 
 
 def _wait_event(ev: Any, deadline: float) -> None:
-    """CPU-side bounded wait for the layer group's compute (the engine stream keeps running)."""
-    n = 0
+    """CPU-side bounded wait for the layer group's compute (the engine stream keeps running);
+    yield-spin 2 ms, then short naps (see nccl._poll)."""
+    start = time.monotonic()
     while not ev.query():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise TransferError("KV chunk not ready (compute event) before the deadline")
-        n += 1
-        time.sleep(0 if n < 200 else 0.0002)
+        waited = now - start
+        time.sleep(0 if waited < 0.002 else 0.00005 if waited < 0.02 else 0.0005)
