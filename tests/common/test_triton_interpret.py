@@ -40,13 +40,14 @@ def _setup() -> None:
 
     # numpy >= 2.4 refuses int() of 1-element arrays, which the 3.6 interpreter does for runtime
     # loop bounds; index through the one element instead.
-    original = interp._patch_lang_tensor
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is not None:  # later Triton versions may fix this themselves
 
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+        def patched(tensor, scope):  # type: ignore[no-untyped-def]
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
-    interp._patch_lang_tensor = patched
+        interp._patch_lang_tensor = patched
     empty = torch.empty
 
     def poisoned_empty(*args, **kwargs):  # type: ignore[no-untyped-def]
