@@ -16,7 +16,7 @@ from common.config import ModelConfig
 from common.context import forward_context
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.pool import KVPool
-from common.model import load_model
+from common.model import Glm4MoeForCausalLM, load_model
 
 
 class ModelRunner:
@@ -29,16 +29,22 @@ class ModelRunner:
         num_pages: int,
         with_mtp: bool = False,
         mem_fraction: float = 0.85,
+        *,
+        model: Glm4MoeForCausalLM | None = None,
     ) -> None:
         """num_pages <= 0 sizes the KV pool: on CUDA from `mem_fraction` of the device memory
-        left after the weights; on CPU a fixed 2048 pages."""
+        left after the weights; on CPU a fixed 2048 pages. `model` (benchmarks): an already built
+        model (its `.config` is used and `model_dir` is ignored)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # compare equal to tensors' devices
         self.dtype = dtype
         self.page_size = page_size
-        self.config = ModelConfig.from_hf(model_dir)
-        self.model = load_model(model_dir, self.device, dtype, with_mtp)
+        if model is not None:
+            self.config, self.model = model.config, model
+        else:
+            self.config = ModelConfig.from_hf(model_dir)
+            self.model = load_model(model_dir, self.device, dtype, with_mtp)
         self.with_mtp = with_mtp
         # pool layer num_hidden_layers is the MTP layer's own KV
         num_layers = self.config.num_hidden_layers + (1 if with_mtp else 0)

@@ -1,0 +1,138 @@
+"""End-to-end serving numbers: gateway + prefill + decode processes, real gRPC, real KV transport.
+
+    python benchmarks/bench_e2e.py [--device cuda:0] [--decode-device cuda:0] [--concurrency 1,8,32]
+
+Writes a model directory with GLM-4.5-Air layer widths (H 4096, 96/8 heads of 128 -> the same KV
+bytes per token and layer as Air; 4 layers; 16 routed experts of I_e 1408 top-8; the tiny
+tokenizer's vocabulary) and the MTP layer, starts the three processes (both workers on one GPU:
+the KV moves over CUDA IPC; on two GPUs: NCCL), checks that greedy output equals the in-process
+reference, then measures per concurrency level: TTFT (client side), inter-token latency, output
+tokens/s, and the KV transfer rate the decode worker recorded (bytes / first-to-last-chunk time,
+which includes waiting for the prefill's compute when layer groups stream). With OUT set, writes
+$OUT/bench_e2e.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpc
+import torch
+
+from common.launch import free_port, start_cluster
+from common.tiny_model import make_tiny_model
+from protos import gateway_pb2, gateway_pb2_grpc
+
+AIR_LAYERS = dict(num_layers=4, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+                  num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=16,
+                  num_experts_per_tok=8, n_group=1, topk_group=1, use_qk_norm=False, routed_scaling_factor=1.0,
+                  max_position_embeddings=40960)
+
+
+def stream(stub, ids: list[int], max_tokens: int) -> tuple[float, list[float], list[int]]:
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids))
+    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = max_tokens, 0.0, True
+    t0 = time.perf_counter()
+    stamps, toks = [], []
+    for r in stub.Generate(req, timeout=600):
+        if r.token_ids:
+            stamps += [time.perf_counter() - t0] * len(r.token_ids)
+            toks += list(r.token_ids)
+    return t0, stamps, toks
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for name in ("glmserve_kv_transfer_bytes_total", "glmserve_kv_transfer_seconds_sum",
+                 "glmserve_kv_transfer_seconds_count"):
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
+    mport = free_port()
+    cluster = start_cluster(model, prefill=1, decode=1, extra_worker_args=spec,
+                            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
+                            extra_decode_args=["--device", args.decode_device, "--metrics-port", str(mport),
+                                               "--max-running-requests", "64"],
+                            log_dir=Path(args.log_dir) / ("spec" if spec else "plain"))
+    rows = []
+    try:
+        cluster.wait_ready(300)
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
+        gen = torch.Generator().manual_seed(0)
+        prompt = lambda: torch.randint(0, 800, (args.prompt,), generator=gen).tolist()  # noqa: E731
+        stream(stub, prompt(), 4)  # warm-up: pairing, kernels
+        for conc in args.concurrency:
+            before = scrape(mport)
+            prompts = [prompt() for _ in range(conc)]
+            t_start = time.perf_counter()
+            with ThreadPoolExecutor(conc) as pool:
+                res = list(pool.map(lambda p: stream(stub, p, args.max_tokens), prompts))
+            wall = time.perf_counter() - t_start
+            after = scrape(mport)
+            ttft = [s[0] for _, s, _ in res]
+            itl = [(s[-1] - s[0]) / (len(s) - 1) for _, s, _ in res if len(s) > 1]
+            tokens = sum(len(t) for _, _, t in res)
+            nbytes = after["glmserve_kv_transfer_bytes_total"] - before["glmserve_kv_transfer_bytes_total"]
+            secs = after["glmserve_kv_transfer_seconds_sum"] - before["glmserve_kv_transfer_seconds_sum"]
+            row = (f"| {'EAGLE ' + ','.join(spec[3::2]) if spec else 'off'} | {conc} | {args.prompt} | "
+                   f"{statistics.median(ttft) * 1e3:.1f} | {max(ttft) * 1e3:.1f} | "
+                   f"{statistics.median(itl) * 1e3:.2f} | {tokens / wall:.0f} | "
+                   f"{nbytes / 2**20 / max(1, conc):.1f} | {nbytes / secs / 1e9 if secs else float('nan'):.1f} |")
+            print(row, flush=True)
+            rows.append(row)
+    finally:
+        cluster.stop()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda:0", help="prefill worker device")
+    ap.add_argument("--decode-device", default=None, help="decode worker device (default: --device)")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--model-dir", default=None, help="reuse a model directory (default: write one)")
+    ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_e2e"))
+    ap.add_argument("--no-spec", action="store_true")
+    args = ap.parse_args()
+    args.decode_device = args.decode_device or args.device
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / "glmserve_air_layers"
+    if not (model / "config.json").exists():
+        t0 = time.time()
+        make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+        print(f"wrote Air-layer model to {model} in {time.time() - t0:.0f}s", flush=True)
+    header = ["| spec | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | output tok/s | "
+              "KV MiB/request | KV transfer GB/s (decode side) |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    rows = run(args, model, [])
+    if not args.no_spec:
+        rows += run(args, model, ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3",
+                                  "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"])
+    text = "\n".join(header + rows)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "bench_e2e.md").write_text(
+            f"devices: prefill {args.device}, decode {args.decode_device}; "
+            f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

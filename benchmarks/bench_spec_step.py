@@ -1,0 +1,192 @@
+"""Cost of one EAGLE step against one plain decode step, GLM-4.5-Air-shaped layers.
+
+    python benchmarks/bench_spec_step.py [--batches 1,8,32] [--context 1024] [--spec 3,1,4]
+
+Model: Air widths (H 4096, 96/8 heads of 128, 128 experts top-8 of I_e 1408, dense I 10944,
+vocab 151552), 4 layers (1 dense + 3 MoE) plus the MTP layer, random bf16 weights. Each of B
+requests holds `context` tokens of KV (target and draft). Timed with CUDA events (median):
+
+- plain: one decode step as the decode worker runs it (PlainStepper: batch build, forward,
+  processors, sampling, commit) and its bare target forward;
+- spec: one EAGLE step (EagleStepper: S-1 draft forwards, verify of N tokens, accept, draft extend)
+  and its bare forwards (draft B*k tokens, verify B*N tokens, extend B*(a+1) tokens).
+
+The ratio spec/plain is what an accept length must beat: speedup ~ accept_length * plain / spec.
+Requests are reset to the same state before every repetition (KV of rejected tokens is scratch).
+With OUT set, writes $OUT/bench_spec_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch
+
+from common.batch import ForwardBatch, SeqSpec
+from common.config import ModelConfig, SpecConfig
+from common.model import build_model
+from common.runtime.draft import DraftState
+from common.runtime.runner import ModelRunner
+from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.sampling.params import SamplingParams
+from decode_worker.commit import StopRules
+from decode_worker.scheduler import DecodeReq, ReqState
+from decode_worker.spec.eagle import EagleStepper
+from decode_worker.steps import PlainStepper
+
+AIR = {
+    "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 4, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5, "rope_theta": 1e6,
+    "rms_norm_eps": 1e-5, "attention_bias": True, "use_qk_norm": False, "n_routed_experts": 128,
+    "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+    "routed_scaling_factor": 1.0, "norm_topk_prob": True, "max_position_embeddings": 16384,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
+}
+PAGE = 16
+
+
+def random_model(fields: dict, device: torch.device, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    config = ModelConfig.from_dict(fields)
+    model = build_model(config, device, dtype, with_mtp=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "norm" in name.split(".")[-2]:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5, generator=gen)
+    return model
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def median_us(self, fn, reps: int, before=None) -> float:  # type: ignore[no-untyped-def]
+        for _ in range(3):
+            if before:
+                before()
+            fn()
+        times = []
+        for _ in range(reps):
+            if before:
+                before()
+            torch.cuda.synchronize()
+            self.start.record()
+            fn()
+            self.end.record()
+            self.end.synchronize()
+            times.append(self.start.elapsed_time(self.end) * 1000)
+        return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--spec", default="3,1,4")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke test on CPU/GPU)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fields = dict(AIR)
+    if args.tiny:
+        fields.update(vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=16)
+    s, k, n = (int(x) for x in args.spec.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    ctx = args.context
+    step_slots = max(n, (s - 1) * k, s + 1)
+    pages_per_req = -(-(ctx + step_slots) // PAGE)
+    model = random_model(fields, device, dtype)
+    runner = ModelRunner("", device, dtype, PAGE, 1 + max(batches) * pages_per_req, with_mtp=True, model=model)
+    ids = SpecialIds(None, None, None, ())
+    sampler, rules = TokenSampler(ids), StopRules(())
+    plain = PlainStepper(runner, sampler, rules)
+    eagle = EagleStepper(runner, sampler, rules, SpecConfig("EAGLE", s, k, n))
+    timer = Timer() if device.type == "cuda" else None
+    hidden_size = fields["hidden_size"]
+    rows = []
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, spec (S,k,N)=({s},{k},{n}), "
+          f"context {ctx}", flush=True)
+    for b in batches:
+        params = SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True)
+        reqs = []
+        for i in range(b):
+            r = DecodeReq(f"r{i}", i, list(range(ctx)), params, channel=None, state=ReqState.RUNNING)
+            r.pages = list(range(1 + i * pages_per_req, 1 + (i + 1) * pages_per_req))
+            reqs.append(r)
+        # fill target + draft KV of every request once (random context)
+        for r in reqs:
+            spec = SeqSpec([int(t) % fields["vocab_size"] for t in r.prompt_ids], range(ctx), ctx, r.pages,
+                           logit_rows=[])
+            batch = ForwardBatch.build([spec], PAGE, device)
+            _, h = runner.forward(batch)
+            runner.draft_forward(batch, h)
+        topk = torch.softmax(torch.randn(b, fields["vocab_size"], device=device), -1).topk(k)
+
+        def reset() -> None:
+            for i, r in enumerate(reqs):
+                r.kv_len, r.output_ids, r.finish = ctx, [7], None
+                r.logprobs, r.verify_steps, r.accepted_drafts = [], 0, 0
+                r.draft = DraftState(topk.values[i], topk.indices[i],
+                                     torch.randn(hidden_size, device=device, dtype=dtype))
+
+        def plain_forward() -> None:
+            seqs = [SeqSpec([7], [ctx], ctx + 1, r.pages) for r in reqs]
+            runner.forward(ForwardBatch.build(seqs, PAGE, device))
+
+        def verify_forward() -> None:
+            mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            seqs = [SeqSpec([7] * n, range(ctx, ctx + n), ctx + n, r.pages, prefix_len=ctx, mask=mask,
+                            logit_rows=range(n)) for r in reqs]
+            runner.forward(ForwardBatch.build(seqs, PAGE, device))
+
+        hid = torch.randn(b * k, hidden_size, device=device, dtype=dtype)
+
+        def draft_forward() -> None:
+            seqs = [SeqSpec([7] * k, [ctx] * k, ctx + k, r.pages, prefix_len=ctx,
+                            mask=torch.eye(k, dtype=torch.bool), logit_rows=range(k)) for r in reqs]
+            runner.draft_forward(ForwardBatch.build(seqs, PAGE, device), hid)
+
+        if timer is None:
+            reset()
+            plain.step(reqs)
+            reset()
+            eagle.step(reqs)
+            print(f"B={b}: CPU smoke run ok", flush=True)
+            continue
+        t_plain = timer.median_us(lambda: plain.step(reqs), args.reps, before=reset)
+        t_spec = timer.median_us(lambda: eagle.step(reqs), args.reps, before=reset)
+        f_plain = timer.median_us(plain_forward, args.reps)
+        f_verify = timer.median_us(verify_forward, args.reps)
+        f_draft = timer.median_us(draft_forward, args.reps)
+        row = (b, t_plain, t_spec, t_spec / t_plain, f_plain, f_draft, f_verify)
+        rows.append(row)
+        print(f"B={b}: plain step {t_plain:.0f} us (forward {f_plain:.0f}), EAGLE step {t_spec:.0f} us "
+              f"= {t_spec / t_plain:.2f}x (draft fwd {f_draft:.0f} x{s - 1}, verify fwd {f_verify:.0f})", flush=True)
+    if rows:
+        lines = [f"| B | plain step (us) | EAGLE ({s},{k},{n}) step (us) | ratio | plain fwd | draft fwd | "
+                 f"verify fwd ({n} tok/req) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {tp:.0f} | {ts:.0f} | {r:.2f} | {fp:.0f} | {fd:.0f} | {fv:.0f} |"
+                  for b, tp, ts, r, fp, fd, fv in rows]
+        text = "\n".join(lines)
+        print(text)
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "bench_spec_step.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
