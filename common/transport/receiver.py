@@ -20,6 +20,7 @@ import enum
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from common.transport.base import (
     PairBroken,
     PairEndpoint,
     StatsHook,
+    TransferError,
     TransferStats,
     TransportConfig,
     safe_call,
@@ -40,6 +42,7 @@ from common.transport.pair import DECODE_RANK, PairChannels, host_store, open_pa
 from common.transport.wire import ChunkHeader, Kind
 
 log = logging.getLogger(__name__)
+_GONE = 1 << 16  # ended transfer ids remembered (late chunks drop at once; a re-reserve is refused)
 
 
 class Verdict(enum.Enum):
@@ -67,7 +70,9 @@ class ReservationTable:
         self.sink = sink
         self._timeout, self._on_stats = transfer_timeout_s, on_stats
         self._lock = threading.Lock()
+        self._reserved = threading.Condition(self._lock)
         self._entries: dict[int, _Entry] = {}
+        self._gone: OrderedDict[int, str] = OrderedDict()  # recently ended transfers -> how they ended
         self._stop = threading.Event()
         self._tick = tick_s
         self._watchdog = threading.Thread(target=self._watch, name="kv-reservations", daemon=True)
@@ -75,10 +80,16 @@ class ReservationTable:
 
     # ------------------------------------------------------------------ worker side
     def reserve(self, transfer_id: int, timeout_s: float | None = None) -> None:
+        """Before the transfer may start. Raises TransferError when the id is already known: still
+        reserved, or ended recently (e.g. its KV arrived before this call, waited reserve_grace_s
+        and was dropped) -- the request must fail rather than wait for bytes that will not come."""
         with self._lock:
             if transfer_id in self._entries:
-                raise ValueError(f"transfer {transfer_id} is already reserved")
+                raise TransferError(f"transfer {transfer_id} is already reserved")
+            if transfer_id in self._gone:
+                raise TransferError(f"transfer {transfer_id} already ended: {self._gone[transfer_id]}")
             self._entries[transfer_id] = _Entry(timeout_s or self._timeout, time.monotonic())
+            self._reserved.notify_all()
 
     def cancel(self, transfer_id: int, reason: str = "cancelled") -> bool:
         """Fail a reserved transfer (on_failed(tid, reason) follows, possibly after the chunk in
@@ -100,10 +111,16 @@ class ReservationTable:
         self._watchdog.join(1.0)
 
     # ------------------------------------------------------------------ receiver side
-    def begin(self, hdr: ChunkHeader, owner: Any) -> Verdict:
+    def begin(self, hdr: ChunkHeader, owner: Any, grace_s: float = 0.0) -> Verdict:
+        """Admit a chunk. A transfer never seen before gets grace_s to be reserved (parallel legs)."""
+        tid = hdr.transfer_id
         with self._lock:
-            e = self._entries.get(hdr.transfer_id)
+            if tid not in self._gone:
+                self._reserved.wait_for(lambda: tid in self._entries, timeout=grace_s)
+            e = self._entries.get(tid)
             if e is None:
+                if tid not in self._gone:
+                    self._bury(tid, f"its KV arrived and found no reservation within {grace_s}s; dropped")
                 return Verdict.UNKNOWN
             if e.owner is not None and e.owner is not owner:
                 reason = "chunks arrived from two different prefill pairs"
@@ -158,7 +175,14 @@ class ReservationTable:
         while not self._stop.wait(self._tick):
             self.sweep()
 
+    def _bury(self, tid: int, how: str) -> None:  # under the lock
+        self._gone[tid] = how
+        if len(self._gone) > _GONE:
+            self._gone.popitem(last=False)
+
     def _terminal(self, tid: int, e: _Entry, reason: str | None, aux: bytes | None) -> None:
+        with self._lock:
+            self._bury(tid, "completed" if reason is None else f"failed: {reason}")
         secs = time.monotonic() - e.t_first if e.t_first is not None else 0.0
         safe_call(self._on_stats, TransferStats(tid, reason is None, e.bytes, secs, e.chunks))
         if reason is None:
@@ -223,7 +247,7 @@ class KVReceiver:
             self._teardown(reason)
 
     def _on_data(self, hdr: ChunkHeader) -> None:
-        verdict = self._table.begin(hdr, self)
+        verdict = self._table.begin(hdr, self, self._cfg.reserve_grace_s)
         accepted = verdict is Verdict.ACCEPT
         error = None
         try:

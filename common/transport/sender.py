@@ -151,8 +151,6 @@ class SendBook:
         safe_call(self._on_done, tid, error is None, error)
 
 
-_STOP = object()
-
 
 class KVSender:
     def __init__(self, pair_fn: Callable[[], PairEndpoint], on_done: DoneHook,
@@ -184,12 +182,12 @@ class KVSender:
         if kv_tensor is not None and kv_tensor.is_cuda and ready_event is None:
             c.ready = torch.cuda.Event()
             c.ready.record()
-        self._q.put(c)
+        self._q.put((self._handle_chunk, c))
 
     def abort(self, transfer_id: int, reason: str = "aborted by prefill") -> bool:
         """Stop the transfer at the next chunk boundary; on_done(ok=False) follows. False if unknown."""
         if self._book.request_abort(transfer_id, reason):
-            self._q.put(("abort", transfer_id))
+            self._q.put((self._handle_abort, transfer_id))
             return True
         return False
 
@@ -207,7 +205,7 @@ class KVSender:
         """Fail what is pending, say BYE to decode, destroy the groups, stop the thread."""
         if not self._closed:
             self._closed = True
-            self._q.put(_STOP)
+            self._q.put((None, None))
         self._thread.join(timeout_s if timeout_s is not None else self._cfg.op_timeout_s + self._cfg.pair_timeout_s)
 
     # ------------------------------------------------------------------ sender thread
@@ -216,15 +214,16 @@ class KVSender:
             torch.cuda.set_device(self._device)
         while True:
             try:
-                item = self._q.get(timeout=self._cfg.heartbeat_s)
+                handler, arg = self._q.get(timeout=self._cfg.heartbeat_s)
             except queue.Empty:
-                item = None
-            if item is _STOP:
+                handler, arg = self._idle, None
+            if handler is None:
                 break
-            if isinstance(item, Chunk):
-                self._handle_chunk(item)
-            elif isinstance(item, tuple):
-                self._handle_abort(item[1])
+            try:
+                handler(arg)
+            except Exception as e:  # a bug must not silently kill the sender thread
+                log.exception("KV sender: unexpected error")
+                self._break(e, getattr(arg, "transfer_id", None))
             if self._pair is not None and time.monotonic() - self._last_send >= self._cfg.heartbeat_s:
                 self._send_control(Kind.HEARTBEAT, 0)
         for tid in list(self._book.tx):
@@ -232,6 +231,9 @@ class KVSender:
         if self._pair is not None:
             self._send_control(Kind.BYE, 0)
         self._drop_pair()
+
+    def _idle(self, _: None) -> None:
+        pass  # nothing queued for heartbeat_s: the check after every item sends the heartbeat
 
     def _handle_abort(self, tid: int) -> None:
         tx = self._book.tx.get(tid)

@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 import torch
 
-from common.transport.base import KVPoll, PairEndpoint, TransportConfig
+from common.transport.base import KVPoll, PairEndpoint, TransferError, TransportConfig
 from common.transport.pair import PREFILL_RANK, open_pair
 from common.transport.receiver import PairAcceptor, ReservationTable
 from common.transport.sender import KVSender
 from common.transport.wire import ChunkHeader
 
 CFG = TransportConfig(op_timeout_s=3.0, peer_timeout_s=6.0, heartbeat_s=0.3, transfer_timeout_s=8.0,
-                      pair_timeout_s=15.0, max_chunk_bytes=8192, bind_host="127.0.0.1")
+                      reserve_grace_s=0.5, pair_timeout_s=15.0, max_chunk_bytes=8192, bind_host="127.0.0.1")
 HEADS, DIM = 2, 16  # one layer-token of K and V = 2 * 2 * 16 * 2 B = 128 B
 BIG = (1 << 64) - 3  # a transfer id above int64: the uint64 bit pattern must survive
 
@@ -404,3 +404,18 @@ def test_pairing_failure_fails_only_that_transfer() -> None:
     finally:
         sender.close(5)
         table.close()
+
+
+def test_kv_arriving_just_before_its_reservation_waits_for_it(local: Local) -> None:
+    local.send(31)  # prefill is faster than decode's Generate: the pair holds the chunk briefly
+    time.sleep(0.1)
+    local.table.reserve(31)
+    local.sink.wait_terminal({31}, timeout=10)
+    assert [e[0] for e in local.sink.of(31)] == ["chunk", "chunk", "last"]
+
+    local.send(32)  # never reserved within reserve_grace_s: dropped, and a late reserve is refused
+    assert local.wait_done(32) == (True, None)
+    time.sleep(0.1)
+    with pytest.raises(TransferError, match="transfer 32 already ended: its KV arrived and found no reservation"):
+        local.table.reserve(32)
+    assert local.sink.of(32) == []

@@ -38,7 +38,7 @@ def test_cuda_ipc_same_gpu_payload_equal_and_bandwidth() -> None:
 
 # ---------------------------------------------------------------------------- failure and re-pair
 CFG = TransportConfig(op_timeout_s=5.0, peer_timeout_s=10.0, heartbeat_s=0.5, transfer_timeout_s=30.0,
-                      pair_timeout_s=60.0, ipc_ring_bytes=3 << 20, bind_host="127.0.0.1")
+                      pair_timeout_s=60.0, reserve_grace_s=1.0, ipc_ring_bytes=3 << 20, bind_host="127.0.0.1")
 SHAPE = (4, 2, 256, 8, 128)  # 4 layers x 256 tokens of Air-shaped bf16 KV: 1 MiB per layer
 
 

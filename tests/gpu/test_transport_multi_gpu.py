@@ -28,7 +28,7 @@ for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     os.environ.setdefault(_k, _v)
 
 CFG = TransportConfig(op_timeout_s=3.0, peer_timeout_s=8.0, heartbeat_s=0.5, transfer_timeout_s=30.0,
-                      pair_timeout_s=60.0, bind_host="127.0.0.1")
+                      reserve_grace_s=1.0, pair_timeout_s=60.0, bind_host="127.0.0.1")
 
 
 def test_nccl_gpu0_to_gpu1_payload_equal_and_bandwidth() -> None:
