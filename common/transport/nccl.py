@@ -255,7 +255,7 @@ class IpcSenderBulk(_CudaBulk):
         if need > self._size:
             raise TransferError(f"chunk of {n} B does not fit the {self._size} B IPC ring")
         while self._head + need - self._freed > self._size:
-            self._freed = self._store.add(self._key, 0)
+            self._freed = _issue(lambda: self._store.add(self._key, 0), "IPC credit read")
             if self._head + need - self._freed <= self._size:
                 break
             if time.monotonic() > deadline:
@@ -307,7 +307,7 @@ class IpcReceiverBulk(_CudaBulk):
     def release(self, header: ChunkHeader) -> None:
         if header.ring_advance:
             self.sync(time.monotonic() + self._op_timeout)  # the sink's copies out of the slot are done
-            self._store.add(self._key, header.ring_advance)
+            _issue(lambda: self._store.add(self._key, header.ring_advance), "IPC credit return")
 
     def warmup(self, deadline: float) -> None:
         pass

@@ -182,7 +182,11 @@ def open_pair(endpoint: PairEndpoint, rank: int, config: TransportConfig, device
     bulk channel's warm-up (NCCL creates its communicator there, not inside the first transfer).
     """
     deadline = time.monotonic() + config.pair_timeout_s
-    store = connect_store(endpoint.store_host, endpoint.store_port, config.pair_timeout_s)
+    try:
+        store = connect_store(endpoint.store_host, endpoint.store_port, config.pair_timeout_s)
+    except RuntimeError as e:
+        raise PairBroken(f"pair {endpoint.group_name}: store {endpoint.store_host}:{endpoint.store_port} "
+                         f"unreachable: {e}") from e
     key = endpoint.group_name + "/hello"
     if rank == PREFILL_RANK:
         store.set(key, hello_bytes())
