@@ -137,6 +137,20 @@ class KVSink(Protocol):
 DoneHook = Callable[[int, bool, "TransferError | None"], None]  # (transfer_id, ok, error)
 
 
+class KVSenderLike(Protocol):
+    """Prefill-side surface shared by sender.KVSender (real pair) and loopback.LoopbackSender."""
+
+    def submit(self, transfer_id: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
+               kv_tensor: torch.Tensor | None, is_last: bool, aux: bytes | None = None,
+               ready_event: Any = None) -> None: ...
+
+    def abort(self, transfer_id: int, reason: str = ...) -> bool: ...
+
+    def poll(self, transfer_id: int) -> KVPoll | None: ...
+
+    def close(self, timeout_s: float | None = None) -> None: ...
+
+
 def safe_call(fn: Callable[..., None] | None, *args: Any) -> None:
     """Run a user callback; a failing callback is logged and never kills a transport thread."""
     if fn is None:
