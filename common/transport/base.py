@@ -55,7 +55,8 @@ class TransportConfig:
     transfer_timeout_s: decode fails a reserved transfer that sees no chunk for this long.
     reserve_grace_s: a chunk of a transfer decode has not reserved (yet) waits this long for the
         reservation (both legs are dispatched in parallel) before it is drained and dropped; the
-        pair is held meanwhile, so it must stay below op_timeout_s.
+        pair is held meanwhile, so it must stay below op_timeout_s (None: min(5 s, op_timeout_s / 2);
+        read `grace_s`).
     pair_timeout_s: building a pair's groups (rendezvous, hello, NCCL warm-up).
     max_chunk_bytes: the sender splits larger chunks (bounds decode staging memory).
     ipc_ring_bytes: size of the decode-side staging ring for same-GPU (CUDA IPC) pairs.
@@ -66,7 +67,7 @@ class TransportConfig:
     peer_timeout_s: float = 60.0
     heartbeat_s: float = 2.0
     transfer_timeout_s: float = 300.0
-    reserve_grace_s: float = 5.0
+    reserve_grace_s: float | None = None
     pair_timeout_s: float = 60.0
     max_chunk_bytes: int = 256 << 20
     max_aux_bytes: int = 16 << 20
@@ -81,10 +82,15 @@ class TransportConfig:
             raise ValueError(
                 f"TransportConfig.peer_timeout_s ({self.peer_timeout_s}) must exceed op_timeout_s + "
                 f"heartbeat_s ({self.op_timeout_s + self.heartbeat_s})")
-        if not 0 <= self.reserve_grace_s < self.op_timeout_s:
+        if self.reserve_grace_s is not None and not 0 <= self.reserve_grace_s < self.op_timeout_s:
             raise ValueError(f"TransportConfig.reserve_grace_s ({self.reserve_grace_s}) must be in [0, op_timeout_s)")
         if self.max_chunk_bytes < 4096 or self.ipc_ring_bytes < 2 * 4096:
             raise ValueError("TransportConfig.max_chunk_bytes must be >= 4096 and ipc_ring_bytes >= 8192")
+
+
+    @property
+    def grace_s(self) -> float:
+        return self.reserve_grace_s if self.reserve_grace_s is not None else min(5.0, self.op_timeout_s / 2)
 
 
 @dataclass(frozen=True)

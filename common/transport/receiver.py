@@ -247,7 +247,7 @@ class KVReceiver:
             self._teardown(reason)
 
     def _on_data(self, hdr: ChunkHeader) -> None:
-        verdict = self._table.begin(hdr, self, self._cfg.reserve_grace_s)
+        verdict = self._table.begin(hdr, self, self._cfg.grace_s)
         accepted = verdict is Verdict.ACCEPT
         error = None
         try:
