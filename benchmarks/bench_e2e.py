@@ -64,11 +64,13 @@ def scrape(port: int) -> dict[str, float]:
 
 def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
     mport = free_port()
+    shared = args.device == args.decode_device  # two processes on one GPU split its memory
+    spec = spec + (["--mem-fraction-static", "0.4"] if shared else [])
     cluster = start_cluster(model, prefill=1, decode=1, extra_worker_args=spec,
                             extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
                             extra_decode_args=["--device", args.decode_device, "--metrics-port", str(mport),
                                                "--max-running-requests", "64"],
-                            log_dir=Path(args.log_dir) / ("spec" if spec else "plain"))
+                            log_dir=Path(args.log_dir) / ("spec" if "--speculative-algorithm" in spec else "plain"))
     rows = []
     try:
         cluster.wait_ready(300)
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
             tokens = sum(len(t) for _, _, t in res)
             nbytes = after["glmserve_kv_transfer_bytes_total"] - before["glmserve_kv_transfer_bytes_total"]
             secs = after["glmserve_kv_transfer_seconds_sum"] - before["glmserve_kv_transfer_seconds_sum"]
-            row = (f"| {'EAGLE ' + ','.join(spec[3::2]) if spec else 'off'} | {conc} | {args.prompt} | "
+            row = (f"| {'EAGLE 3,1,4' if '--speculative-algorithm' in spec else 'off'} | {conc} | {args.prompt} | "
                    f"{statistics.median(ttft) * 1e3:.1f} | {max(ttft) * 1e3:.1f} | "
                    f"{statistics.median(itl) * 1e3:.2f} | {tokens / wall:.0f} | "
                    f"{nbytes / 2**20 / max(1, conc):.1f} | {nbytes / secs / 1e9 if secs else float('nan'):.1f} |")
@@ -97,6 +99,11 @@ def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
             rows.append(row)
     finally:
         cluster.stop()
+        if os.environ.get("OUT"):  # one file of every process's log tail, for post-mortems
+            with open(Path(os.environ["OUT"], "e2e_workers.log"), "a") as out:
+                for f in sorted((Path(args.log_dir) / ("spec" if "--speculative-algorithm" in spec else "plain"))
+                                .glob("*.log")):
+                    out.write(f"===== {f}\n{f.read_text()[-6000:]}\n")
     return rows
 
 

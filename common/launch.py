@@ -53,9 +53,9 @@ class Cluster:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = health_pb2_grpc.HealthStub(ch)
                 while True:
-                    proc = self.procs[name]
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with code {proc.returncode} during startup")
+                    dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+                    if dead:
+                        raise RuntimeError(f"exited during startup: {dead}")
                     try:
                         # readiness of the whole process: every service it serves
                         reply = stub.Check(health_pb2.HealthCheckRequest(service=_service_of(name)), timeout=1.0)
