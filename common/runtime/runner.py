@@ -85,7 +85,9 @@ class ModelRunner:
         if self.device.type != "cuda":
             return 2048
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * mem_fraction) - (total - free)
+        # this process's share: fraction of the device minus what it already holds (weights), and
+        # never more than is free (another worker may share the GPU), keeping 2 GiB for activations
+        budget = min(int(total * mem_fraction) - torch.cuda.memory_reserved(self.device), free - (2 << 30))
         pages = budget // page_bytes
         if pages < 16:
             raise RuntimeError(f"--mem-fraction-static {mem_fraction} leaves room for only {pages} KV pages "
