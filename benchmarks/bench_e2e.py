@@ -57,7 +57,7 @@ def scrape(port: int) -> dict[str, float]:
     out = {}
     for name in ("glmserve_kv_transfer_bytes_total", "glmserve_kv_transfer_seconds_sum",
                  "glmserve_kv_transfer_seconds_count"):
-        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.MULTILINE)
         out[name] = float(m.group(1)) if m else 0.0
     return out
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
         cluster.wait_ready(300)
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
         gen = torch.Generator().manual_seed(0)
-        prompt = lambda: torch.randint(0, 800, (args.prompt,), generator=gen).tolist()  # noqa: E731
+        prompt = lambda: torch.randint(0, 800, (args.prompt,), generator=gen).tolist()
         stream(stub, prompt(), 4)  # warm-up: pairing, kernels
         for conc in args.concurrency:
             with ThreadPoolExecutor(conc) as pool:  # unmeasured round: kernels for these shapes compile here
@@ -103,9 +103,8 @@ def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
         cluster.stop()
         if os.environ.get("OUT"):  # one file of every process's log tail, for post-mortems
             with open(Path(os.environ["OUT"], "e2e_workers.log"), "a") as out:
-                for f in sorted((Path(args.log_dir) / ("spec" if "--speculative-algorithm" in spec else "plain"))
-                                .glob("*.log")):
-                    out.write(f"===== {f}\n{f.read_text()[-6000:]}\n")
+                out.writelines(f"===== {f}\n{f.read_text()[-6000:]}\n" for f in sorted((Path(args.log_dir) / ("spec" if "--speculative-algorithm" in spec else "plain"))
+                                .glob("*.log")))
     return rows
 
 

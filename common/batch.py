@@ -20,8 +20,8 @@ at position L + d while its KV slot is L + node_index.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -79,7 +79,46 @@ class ForwardBatch:
         return self.mask is None and all(q == 1 for q in self.query_lens_host)
 
     @classmethod
-    def build(cls, seqs: Sequence[SeqSpec], page_size: int, device: torch.device | str = "cpu") -> "ForwardBatch":
+    def decode(cls, tokens: Sequence[int], kv_lens: Sequence[int], pages: Sequence[Sequence[int]], page_size: int,
+               device: torch.device | str = "cpu") -> "ForwardBatch":
+        """A plain decode step without per-sequence tensors: sequence b feeds tokens[b] at RoPE position
+        and logical slot kv_lens[b] (seq_len kv_lens[b] + 1). Same batch as build() with
+        SeqSpec([t], [L], L + 1, pages[:L // page_size + 1]); the page table holds only the pages
+        the step reads. All fields travel in one host->device copy (pinned and non-blocking on CUDA)."""
+        n = len(tokens)
+        if n == 0 or len(kv_lens) != n or len(pages) != n:
+            raise ValueError(f"decode batch: {n} tokens, {len(kv_lens)} kv lengths, {len(pages)} page lists")
+        need = [kv // page_size + 1 for kv in kv_lens]
+        for b, (kv, k) in enumerate(zip(kv_lens, need)):
+            if kv < 0 or len(pages[b]) < k:
+                raise ValueError(f"sequence {b}: {len(pages[b])} pages cannot hold {kv + 1} slots")
+        width = max(need)
+        slots = [int(p[kv // page_size]) * page_size + kv % page_size for p, kv in zip(pages, kv_lens)]
+        table = [int(x) for p, k in zip(pages, need) for x in (*p[:k], *(0,) * (width - k))]
+        seq_lens = [kv + 1 for kv in kv_lens]
+        # layout: ids | positions (= prefix lens) | slots | query_start | seq_lens | logit_rows | table
+        host = torch.tensor([*tokens, *kv_lens, *slots, *range(n + 1), *seq_lens, *range(n), *table],
+                            dtype=torch.int64)
+        dev = torch.device(device)
+        flat = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        i32 = torch.int32
+        return cls(
+            input_ids=flat[:n],
+            positions=flat[n:2 * n],
+            query_start=flat[3 * n:4 * n + 1].to(i32),
+            prefix_lens=flat[n:2 * n].to(i32),
+            seq_lens=flat[4 * n + 1:5 * n + 1].to(i32),
+            page_table=flat[6 * n + 1:].view(n, width).to(i32),
+            out_slots=flat[2 * n:3 * n],
+            logit_rows=flat[5 * n + 1:6 * n + 1],
+            page_size=page_size,
+            query_lens_host=(1,) * n,
+            prefix_lens_host=tuple(int(kv) for kv in kv_lens),
+            seq_lens_host=tuple(seq_lens),
+        )
+
+    @classmethod
+    def build(cls, seqs: Sequence[SeqSpec], page_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []

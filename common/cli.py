@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_TINY_DIR = "~/.cache/glmserve/tiny-glm45"
 

@@ -6,7 +6,7 @@ prefill's first token). Everything after a finishing token is dropped.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from decode_worker.output import FinishEvent
 from decode_worker.scheduler import DecodeReq

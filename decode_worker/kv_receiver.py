@@ -27,7 +27,6 @@ class PageSink:
         self.engine = engine  # decode_worker.worker.DecodeEngine
         self._lock = threading.Lock()
         self._pages: dict[int, list[int]] = {}
-        self._bytes: dict[int, int] = {}
         # the transport's view of reservations: fails a reserved transfer that sees no chunk in time
         self.table = ReservationTable(self, transfer_timeout_s, on_stats=_record_stats)
 
@@ -35,13 +34,11 @@ class PageSink:
     def expect(self, transfer_id: int, pages: list[int]) -> None:
         with self._lock:
             self._pages[transfer_id] = pages
-            self._bytes[transfer_id] = 0
         self.table.reserve(transfer_id)
 
     def withdraw(self, transfer_id: int) -> None:
         with self._lock:
             known = self._pages.pop(transfer_id, None) is not None
-            self._bytes.pop(transfer_id, None)
         if known:
             self.table.cancel(transfer_id, "request finished or aborted on the decode worker")
 
@@ -58,11 +55,9 @@ class PageSink:
                 log.info("chunk %d of withdrawn transfer %d dropped", seq, transfer_id)
                 return
             self.pool.scatter_tokens(layers, pages, tokens[0], payload)
-            self._bytes[transfer_id] += payload.numel() * payload.element_size()
 
     def on_last(self, transfer_id: int, aux: bytes) -> None:
         with self._lock:
-            nbytes = self._bytes.pop(transfer_id, 0)
             known = self._pages.pop(transfer_id, None) is not None
         if not known:
             return

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterable
 
 from common.kvcache.allocator import PageAllocator
 from common.runtime.draft import DraftState

@@ -12,9 +12,8 @@ import logging
 import time
 
 from common import metrics
-from common.log import setup_logging
 from common.runtime.token_sampler import SpecialIds, TokenSampler
-from common.runtime.worker_args import WorkerConfig, add_worker_args, build_worker_config
+from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
 from common.runtime.worker_base import build_runner, pairing_info, transport_config, worker_info
 from common.service import add_health, add_reflection, make_server, serve_until_signal
 from common.transport.handshake import check_compatible, choose_bulk_backend
@@ -34,7 +33,8 @@ STALL_LIMIT_S = 30.0
 
 
 class DecodeWorkerApp:
-    def __init__(self, cfg: WorkerConfig, max_running: int) -> None:
+    def __init__(self, cfg: WorkerConfig, max_running: int, cuda_graph_bs: int = 0) -> None:
+        """cuda_graph_bs > 0: capture the plain decode step's CUDA graphs up to that batch size."""
         self.cfg = cfg
         self.runner = build_runner(cfg)
         self.config = self.runner.config
@@ -47,6 +47,8 @@ class DecodeWorkerApp:
             stepper = EagleStepper(self.runner, sampler, rules, spec)
         else:
             step_slots, stepper = 1, PlainStepper(self.runner, sampler, rules)
+        if cuda_graph_bs > 0 and not spec.enabled:  # EAGLE steps run eagerly
+            self._capture_graphs(cuda_graph_bs)
         sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
         self.engine = DecodeEngine(sched, stepper, rules, cfg.worker_id)
         self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout)
@@ -56,6 +58,17 @@ class DecodeWorkerApp:
                                      device=device)
         self._info = worker_info(cfg, self.runner)
         self.draining = False
+
+    def _capture_graphs(self, max_bs: int) -> None:
+        from common.runtime.cuda_graphs import graphs_supported
+
+        if not graphs_supported(self.runner.device):
+            log.info("CUDA graphs off: device %s has no graph-safe attention", self.runner.device)
+            return
+        start = time.monotonic()
+        self.runner.capture_decode_graphs(max_bs)
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s",
+                 self.runner.graphs.batch_sizes, time.monotonic() - start)
 
     def info(self) -> worker_pb2.WorkerInfo:
         return self._info
@@ -86,11 +99,12 @@ class DecodeWorkerApp:
             self.engine.abort(rid, "UNAVAILABLE", "decode worker shut down before the request finished")
         await asyncio.sleep(0.1)
         self.engine.stop()
+        self.runner.release_graphs()  # graphs go before the NCCL communicators
         self.acceptor.close()
 
 
-async def serve(cfg: WorkerConfig, max_running: int, grace: float) -> None:
-    app = DecodeWorkerApp(cfg, max_running)
+async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs: int = 0) -> None:
+    app = DecodeWorkerApp(cfg, max_running, cuda_graph_bs)
     server = make_server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
     health = await add_health(server, [SERVICE])
@@ -127,23 +141,21 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glmserve decode", description="Decode worker: continuous batching + EAGLE.")
     add_worker_args(p, default_port=30002)
     p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--cuda-graph-max-bs", type=int, default=64,
+                   help="capture CUDA graphs of the plain decode step up to this batch size "
+                        "(capped by --max-running-requests; CUDA only)")
+    p.add_argument("--disable-cuda-graph", action="store_true", help="run every decode step eagerly")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
     return p
 
 
-def main(argv: list[str]) -> int:
-    p = build_arg_parser()
-    ns = p.parse_args(argv)
-    setup_logging("decode", level=ns.log_level)
-    try:
-        cfg, warnings = build_worker_config("decode", ns)
-    except ValueError as e:
-        p.error(str(e))
-    if ns.max_running_requests < 1:
-        p.error("--max-running-requests must be >= 1")
-    for w in warnings:
-        log.warning(w)
-    from common.service import run
+def graph_batch_size(ns: argparse.Namespace) -> int:
+    """Largest decode batch to capture (0: no graphs)."""
+    return 0 if ns.disable_cuda_graph else max(0, min(ns.cuda_graph_max_bs, ns.max_running_requests))
 
-    run(serve(cfg, ns.max_running_requests, ns.shutdown_grace))
-    return 0
+
+def main(argv: list[str]) -> int:
+    return worker_main(build_arg_parser(), "decode", argv,
+                       lambda cfg, ns: serve(cfg, ns.max_running_requests, ns.shutdown_grace,
+                                             graph_batch_size(ns)),
+                       lambda ns: "--max-running-requests must be >= 1" if ns.max_running_requests < 1 else None)

@@ -41,8 +41,10 @@ class PlainStepper:
         self.rules = rules
 
     def step(self, reqs: list[DecodeReq]) -> None:
-        seqs = [SeqSpec([r.pending], [r.kv_len], seq_len=r.kv_len + 1, pages=r.pages) for r in reqs]
-        logits, _ = self.runner.forward(ForwardBatch.build(seqs, self.runner.page_size, self.runner.device))
+        runner = self.runner
+        batch = ForwardBatch.decode([r.pending for r in reqs], [r.kv_len for r in reqs], [r.pages for r in reqs],
+                                    runner.page_size, runner.device)
+        logits = runner.decode_logits(batch)  # a CUDA graph replay when one was captured
         rows = self.sampler.sample(logits, [RowContext(r.params, r.prompt_ids, r.output_ids) for r in reqs])
         for req, row in zip(reqs, rows):
             req.kv_len += 1

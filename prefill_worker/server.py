@@ -8,9 +8,8 @@ import logging
 import time
 
 from common import metrics
-from common.log import setup_logging
 from common.runtime.token_sampler import SpecialIds, TokenSampler
-from common.runtime.worker_args import WorkerConfig, add_worker_args, build_worker_config
+from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
 from common.runtime.worker_base import build_runner, transport_config, worker_info
 from common.service import add_health, add_reflection, make_server, serve_until_signal
 from common.transport.base import TransferError
@@ -103,18 +102,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    p = build_arg_parser()
-    ns = p.parse_args(argv)
-    setup_logging("prefill", level=ns.log_level)
-    try:
-        cfg, warnings = build_worker_config("prefill", ns)
-    except ValueError as e:
-        p.error(str(e))
-    if ns.chunked_prefill_size < 1:
-        p.error("--chunked-prefill-size must be >= 1")
-    for w in warnings:
-        log.warning(w)
-    from common.service import run
-
-    run(serve(cfg, ns.chunked_prefill_size, ns.disagg_layer_group_size, ns.shutdown_grace))
-    return 0
+    return worker_main(build_arg_parser(), "prefill", argv,
+                       lambda cfg, ns: serve(cfg, ns.chunked_prefill_size, ns.disagg_layer_group_size,
+                                             ns.shutdown_grace),
+                       lambda ns: "--chunked-prefill-size must be >= 1" if ns.chunked_prefill_size < 1 else None)

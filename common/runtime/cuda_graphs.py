@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from common.runtime.runner import ModelRunner
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 StepFn = Callable[[ForwardBatch], Outputs]  # static batch -> output(s) [B, ...] (row i = sequence i)
@@ -100,22 +104,7 @@ class GraphRunner:
         if bs is None or bs not in self.graphs or not self.can_run(batch):
             raise ValueError(f"no captured graph fits this batch ({n} sequences)")
         g = self.graphs[bs]
-        s = g.batch
-        width = batch.page_table.shape[1]
-        s.input_ids[:n].copy_(batch.input_ids)
-        s.positions[:n].copy_(batch.positions)
-        s.prefix_lens[:n].copy_(batch.prefix_lens)
-        s.seq_lens[:n].copy_(batch.seq_lens)
-        s.out_slots[:n].copy_(batch.out_slots)
-        s.page_table[:n, :width].copy_(batch.page_table)
-        s.page_table[:n, width:].zero_()
-        if n < bs:  # dummy requests on the dummy page
-            s.input_ids[n:].zero_()
-            s.positions[n:].zero_()
-            s.prefix_lens[n:].zero_()
-            s.seq_lens[n:].fill_(1)
-            s.out_slots[n:].zero_()
-            s.page_table[n:].zero_()
+        load_decode_batch(g.batch, batch)
         g.graph.replay()
         return tuple(o[:n] for o in g.out) if isinstance(g.out, tuple) else g.out[:n]
 
@@ -125,4 +114,59 @@ class GraphRunner:
         self.pool = None
 
 
-__all__ = ["GraphRunner"]
+def decode_buckets(max_bs: int) -> tuple[int, ...]:
+    """Captured batch sizes up to max_bs: 1, 2, 4, 8, then every 8 (SGLang's spacing), and max_bs."""
+    if max_bs < 1:
+        raise ValueError(f"max batch size for CUDA graphs must be >= 1, got {max_bs}")
+    sizes = {b for b in (1, 2, 4, 8) if b <= max_bs} | set(range(16, max_bs + 1, 8)) | {max_bs}
+    return tuple(sorted(sizes))
+
+
+def load_decode_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
+    """Copy a decode batch's B rows into a bucket's static batch; rows past B become dummy requests
+    on the dummy page 0 (token 0, position 0, seq_len 1, slot 0): they never touch a real page."""
+    n, bs = batch.num_seqs, static.num_seqs
+    width = batch.page_table.shape[1]
+    if n > bs or width > static.page_table.shape[1]:
+        raise ValueError(f"decode batch ({n} x {width} pages) does not fit the static batch "
+                         f"({bs} x {static.page_table.shape[1]})")
+    static.input_ids[:n].copy_(batch.input_ids)
+    static.positions[:n].copy_(batch.positions)
+    static.prefix_lens[:n].copy_(batch.prefix_lens)
+    static.seq_lens[:n].copy_(batch.seq_lens)
+    static.out_slots[:n].copy_(batch.out_slots)
+    static.page_table[:n, :width].copy_(batch.page_table)
+    static.page_table[:n, width:].zero_()
+    if n < bs:
+        static.input_ids[n:].zero_()
+        static.positions[n:].zero_()
+        static.prefix_lens[n:].zero_()
+        static.seq_lens[n:].fill_(1)
+        static.out_slots[n:].zero_()
+        static.page_table[n:].zero_()
+
+
+def graphs_supported(device: torch.device) -> bool:
+    """CUDA with the graph-safe Triton attention (the torch reference attention is not graph safe)."""
+    if device.type != "cuda":
+        return False
+    from common.attention import resolve, torch_ref
+
+    return resolve(device) is not torch_ref.paged_attention
+
+
+def capture_decode_graphs(runner: "ModelRunner", max_bs: int) -> GraphRunner:
+    """Graphs of the runner's plain decode forward (logits only) for every bucket up to max_bs.
+
+    The page table is as wide as the longest context the model allows (or the whole pool): a
+    longer request falls back to the eager forward."""
+    if not graphs_supported(runner.device):
+        raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {runner.device})")
+    page = runner.page_size
+    max_pages = min(runner.kv_pool.num_pages, -(-runner.config.max_position_embeddings // page) + 1)
+    graphs = GraphRunner(lambda b: runner.forward(b)[0], decode_buckets(max_bs), max_pages, page, runner.device)
+    graphs.capture()
+    return graphs
+
+
+__all__ = ["GraphRunner", "capture_decode_graphs", "decode_buckets", "graphs_supported", "load_decode_batch"]

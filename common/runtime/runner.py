@@ -53,6 +53,7 @@ class ModelRunner:
         self.kv_pool = KVPool(num_layers, num_pages, page_size, self.config.num_key_value_heads,
                               self.config.head_dim, dtype, self.device)
         self.allocator = PageAllocator(num_pages)
+        self.graphs = None  # common.runtime.cuda_graphs.GraphRunner of the plain decode forward (CUDA)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch,
@@ -64,6 +65,28 @@ class ModelRunner:
         with forward_context(batch, self.kv_pool, layer_hook):
             hidden = self.model(batch.input_ids, batch.positions)  # [T,H]
         return self.model.compute_logits(hidden[batch.logit_rows]), hidden
+
+    def capture_decode_graphs(self, max_bs: int) -> None:
+        """Capture the plain decode forward per batch-size bucket up to max_bs (CUDA only; after the
+        KV pool exists, before serving). `decode_logits` then replays them."""
+        from common.runtime.cuda_graphs import capture_decode_graphs
+
+        self.release_graphs()
+        self.graphs = capture_decode_graphs(self, max_bs)
+
+    def release_graphs(self) -> None:
+        """Drop the captured graphs (before NCCL teardown); later decode steps run eagerly."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+
+    def decode_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B,V] of a plain decode step: a captured graph replays when one fits the batch,
+        otherwise the eager forward. A replayed result is a view valid until the next replay."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(batch):
+            return graphs.run(batch)
+        return self.forward(batch)[0]
 
     @torch.inference_mode()
     def draft_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

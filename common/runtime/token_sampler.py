@@ -6,8 +6,8 @@ Shared by the prefill worker (first token), the plain decode step and the EAGLE 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ class SpecialIds:
     eos: tuple[int, ...]
 
     @classmethod
-    def from_model_dir(cls, model_dir: str) -> "SpecialIds":
+    def from_model_dir(cls, model_dir: str) -> SpecialIds:
         import json
         from pathlib import Path
 

@@ -7,9 +7,11 @@ import argparse
 import os
 import socket
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
-from common.config import SpecConfig
+from common.config import SpecConfig, validate_spec_config
 
 SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
 
@@ -98,20 +100,9 @@ def parse_spec(ns: argparse.Namespace) -> tuple[SpecConfig, list[str]]:
                          "--speculative-num-draft-tokens, or none of them (default 3/1/4)")
     else:
         steps, topk, draft = given
-    if steps < 1:
-        raise ValueError(f"--speculative-num-steps must be >= 1, got {steps}")
-    if topk < 1:
-        raise ValueError(f"--speculative-eagle-topk must be >= 1, got {topk}")
-    if topk == 1 and draft != steps + 1:
-        warnings.append(f"--speculative-num-draft-tokens adjusted from {draft} to {steps + 1} "
-                        f"(= num_steps + 1) because --speculative-eagle-topk is 1")
-        draft = steps + 1
-    if draft < 2:
-        raise ValueError(f"--speculative-num-draft-tokens must be >= 2, got {draft}")
-    max_nodes = topk + (steps - 1) * topk * topk
-    if draft - 1 > max_nodes:
-        raise ValueError(f"--speculative-num-draft-tokens {draft} is too large: at most "
-                         f"topk + (steps-1)*topk^2 + 1 = {max_nodes + 1} for steps={steps}, topk={topk}")
+    draft, warning = validate_spec_config(steps, topk, draft)  # ValueError names the setting
+    if warning:
+        warnings.append(warning)
     return SpecConfig(algorithm=algo, num_steps=steps, eagle_topk=topk, num_draft_tokens=draft), warnings
 
 
@@ -149,3 +140,27 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         draft_model_path=ns.speculative_draft_model_path,
     )
     return cfg, warnings
+
+
+def worker_main(parser: argparse.ArgumentParser, role: str, argv: list[str],
+                serve: Callable[[WorkerConfig, argparse.Namespace], Coroutine[Any, Any, None]],
+                check: Callable[[argparse.Namespace], str | None] | None = None) -> int:
+    """Parse flags, refuse bad ones with a message naming the flag, set up logging, serve."""
+    import logging
+
+    from common.log import setup_logging
+    from common.service import run
+
+    ns = parser.parse_args(argv)
+    setup_logging(role, level=ns.log_level)
+    try:
+        cfg, warnings = build_worker_config(role, ns)
+    except ValueError as e:
+        parser.error(str(e))
+    problem = check(ns) if check is not None else None
+    if problem:
+        parser.error(problem)
+    for w in warnings:
+        logging.getLogger(role).warning(w)
+    run(serve(cfg, ns))
+    return 0

@@ -28,7 +28,13 @@ from common.sampling.sampler import draw_uniforms
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, select_tree
-from decode_worker.spec.verify import AcceptStats, VerifyResult, accepted_kv_moves, verify_greedy, verify_sampling
+from decode_worker.spec.verify import (
+    AcceptStats,
+    VerifyResult,
+    accepted_kv_moves,
+    verify_greedy,
+    verify_sampling,
+)
 from decode_worker.steps import extend_kv
 
 

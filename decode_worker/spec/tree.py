@@ -31,33 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-
-def validate_spec_config(num_steps: int, topk: int, num_draft_tokens: int) -> tuple[int, str | None]:
-    """Check (S, k, N) as SGLang does; return (N to use, warning text or None). Raises ValueError."""
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"speculative_num_steps must be an integer >= 1 (got {num_steps!r})")
-    if not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"speculative_eagle_topk must be an integer >= 1 (got {topk!r})")
-    if not isinstance(num_draft_tokens, int) or num_draft_tokens < 2:
-        raise ValueError(
-            f"speculative_num_draft_tokens must be an integer >= 2, the root plus at least one draft "
-            f"(got {num_draft_tokens!r})"
-        )
-    if topk == 1:
-        if num_draft_tokens != num_steps + 1:
-            return num_steps + 1, (
-                f"speculative_num_draft_tokens is adjusted from {num_draft_tokens} to speculative_num_steps + 1 "
-                f"= {num_steps + 1} when speculative_eagle_topk == 1"
-            )
-        return num_draft_tokens, None
-    max_candidates = topk + (num_steps - 1) * topk * topk
-    if num_draft_tokens - 1 > max_candidates:
-        raise ValueError(
-            f"speculative_num_draft_tokens - 1 = {num_draft_tokens - 1} exceeds the {max_candidates} draft "
-            f"candidates of speculative_eagle_topk={topk}, speculative_num_steps={num_steps} "
-            f"(k + (S-1)*k^2); lower speculative_num_draft_tokens or raise the other two"
-        )
-    return num_draft_tokens, None
+from common.config import validate_spec_config  # noqa: F401  (re-exported: SGLang's (S, k, N) rules)
 
 
 class DraftFrontier:
