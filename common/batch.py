@@ -80,7 +80,7 @@ class ForwardBatch:
 
     @classmethod
     def decode(cls, tokens: Sequence[int], kv_lens: Sequence[int], pages: Sequence[Sequence[int]], page_size: int,
-               device: torch.device | str = "cpu") -> "ForwardBatch":
+               device: torch.device | str = "cpu") -> ForwardBatch:
         """A plain decode step without per-sequence tensors: sequence b feeds tokens[b] at RoPE position
         and logical slot kv_lens[b] (seq_len kv_lens[b] + 1). Same batch as build() with
         SeqSpec([t], [L], L + 1, pages[:L // page_size + 1]); the page table holds only the pages

@@ -155,7 +155,7 @@ def graphs_supported(device: torch.device) -> bool:
     return resolve(device) is not torch_ref.paged_attention
 
 
-def capture_decode_graphs(runner: "ModelRunner", max_bs: int) -> GraphRunner:
+def capture_decode_graphs(runner: ModelRunner, max_bs: int) -> GraphRunner:
     """Graphs of the runner's plain decode forward (logits only) for every bucket up to max_bs.
 
     The page table is as wide as the longest context the model allows (or the whole pool): a
