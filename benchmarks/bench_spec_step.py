@@ -7,7 +7,8 @@ vocab 151552), 4 layers (1 dense + 3 MoE) plus the MTP layer, random bf16 weight
 requests holds `context` tokens of KV (target and draft). Timed with CUDA events (median):
 
 - plain: one decode step as the decode worker runs it (PlainStepper: batch build, forward,
-  processors, sampling, commit) and its bare target forward;
+  processors, sampling, commit) and its bare target forward (runner.decode_logits), each eager and
+  replayed through the decode CUDA graphs the worker captures (runner.capture_decode_graphs);
 - spec: one EAGLE step (EagleStepper: S-1 draft forwards, verify of N tokens, accept, draft extend)
   and its bare forwards (draft B*k tokens, verify B*N tokens, extend B*(a+1) tokens).
 
@@ -22,6 +23,7 @@ import argparse
 import os
 import statistics
 import sys
+from math import nan
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--spec", default="3,1,4")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke test on CPU/GPU)")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph plain step")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -116,6 +119,10 @@ def main() -> None:
     plain = PlainStepper(runner, sampler, rules)
     eagle = EagleStepper(runner, sampler, rules, SpecConfig("EAGLE", s, k, n))
     timer = Timer() if device.type == "cuda" else None
+    graphs = None
+    if timer is not None and not args.no_graphs:  # the worker's capture, up to the largest batch here
+        runner.capture_decode_graphs(max(batches))
+        graphs, runner.graphs = runner.graphs, None  # eager unless a measurement switches them on
     hidden_size = fields["hidden_size"]
     rows = []
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, spec (S,k,N)=({s},{k},{n}), "
@@ -144,8 +151,16 @@ def main() -> None:
                                      torch.randn(hidden_size, device=device, dtype=dtype))
 
         def plain_forward() -> None:
-            seqs = [SeqSpec([7], [ctx], ctx + 1, r.pages) for r in reqs]
-            runner.forward(ForwardBatch.build(seqs, PAGE, device))
+            runner.decode_logits(ForwardBatch.decode([7] * b, [ctx] * b, [r.pages for r in reqs], PAGE, device))
+
+        def with_graphs(fn):  # type: ignore[no-untyped-def]
+            def run() -> None:
+                runner.graphs = graphs
+                try:
+                    fn()
+                finally:
+                    runner.graphs = None
+            return run
 
         def verify_forward() -> None:
             mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
@@ -170,21 +185,28 @@ def main() -> None:
         t_plain = timer.median_us(lambda: plain.step(reqs), args.reps, before=reset)
         t_spec = timer.median_us(lambda: eagle.step(reqs), args.reps, before=reset)
         f_plain = timer.median_us(plain_forward, args.reps)
+        g_plain = timer.median_us(with_graphs(lambda: plain.step(reqs)), args.reps, before=reset) if graphs else nan
+        gf_plain = timer.median_us(with_graphs(plain_forward), args.reps) if graphs else nan
         f_verify = timer.median_us(verify_forward, args.reps)
         f_draft = timer.median_us(draft_forward, args.reps)
-        row = (b, t_plain, t_spec, t_spec / t_plain, f_plain, f_draft, f_verify)
+        row = (b, t_plain, g_plain, t_spec, t_spec / t_plain, t_spec / g_plain, f_plain, gf_plain, f_draft, f_verify)
         rows.append(row)
-        print(f"B={b}: plain step {t_plain:.0f} us (forward {f_plain:.0f}), EAGLE step {t_spec:.0f} us "
-              f"= {t_spec / t_plain:.2f}x (draft fwd {f_draft:.0f} x{s - 1}, verify fwd {f_verify:.0f})", flush=True)
+        print(f"B={b}: plain step eager {t_plain:.0f} us (forward {f_plain:.0f}), graph {g_plain:.0f} us "
+              f"(forward {gf_plain:.0f}); EAGLE step (eager) {t_spec:.0f} us = {t_spec / t_plain:.2f}x eager plain, "
+              f"{t_spec / g_plain:.2f}x graph plain (draft fwd {f_draft:.0f} x{s - 1}, verify fwd {f_verify:.0f})",
+              flush=True)
     if rows:
-        lines = [f"| B | plain step (us) | EAGLE ({s},{k},{n}) step (us) | ratio | plain fwd | draft fwd | "
-                 f"verify fwd ({n} tok/req) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {b} | {tp:.0f} | {ts:.0f} | {r:.2f} | {fp:.0f} | {fd:.0f} | {fv:.0f} |"
-                  for b, tp, ts, r, fp, fd, fv in rows]
+        lines = [f"| B | plain step eager (us) | plain step graph (us) | EAGLE ({s},{k},{n}) step (us) | "
+                 f"ratio vs eager | ratio vs graph | plain fwd eager | plain fwd graph | draft fwd | "
+                 f"verify fwd ({n} tok/req) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {tp:.0f} | {gp:.0f} | {ts:.0f} | {r:.2f} | {rg:.2f} | {fp:.0f} | {gfp:.0f} | {fd:.0f} | "
+                  f"{fv:.0f} |" for b, tp, gp, ts, r, rg, fp, gfp, fd, fv in rows]
         text = "\n".join(lines)
         print(text)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "bench_spec_step.md").write_text(text + "\n")
+    if graphs is not None:
+        graphs.close()
 
 
 if __name__ == "__main__":
