@@ -20,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("norm", "kv", "moe", "attention")
 
-pytest.importorskip("triton")
+if not os.environ.get("CI"):  # in CI the dev extra installs triton: a missing one must fail
+    pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("group", GROUPS)
