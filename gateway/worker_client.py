@@ -115,9 +115,11 @@ def leg_error(worker: WorkerEndpoint, e: grpc.aio.AioRpcError, deadline_s: float
         return LegError(code, f"request deadline{budget} passed while waiting for the {worker}", worker,
                         retryable=False, worker_down=False)
     if code in (Code.UNAVAILABLE, Code.CANCELLED):
-        # CANCELLED that we did not ask for: the worker went away (shutdown, crash) mid-call.
+        # CANCELLED that we did not ask for: the worker went away (shutdown, crash) mid-call, or the
+        # call was torn down around a client's cancellation. Only UNAVAILABLE takes the worker out of
+        # rotation; a crashed worker also fails its health poll, a healthy one must not be benched.
         return LegError(Code.UNAVAILABLE, f"{worker} is unavailable: {details or code.name}", worker,
-                        retryable=True, worker_down=True)
+                        retryable=True, worker_down=code == Code.UNAVAILABLE)
     if code in PASSTHROUGH:
         return LegError(code, f"{worker}: {details}", worker, retryable=code in RETRYABLE, worker_down=False)
     return LegError(Code.INTERNAL, f"{worker} failed ({code.name}): {details}", worker,
