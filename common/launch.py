@@ -36,6 +36,7 @@ class Cluster:
     prefill_ports: list[int]
     decode_ports: list[int]
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    log_dir: Path | None = None  # each process's output, when start_cluster was given one
 
     @property
     def gateway_address(self) -> str:
@@ -93,7 +94,8 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
                   extra_decode_args: list[str] | None = None, extra_gateway_args: list[str] | None = None,
                   log_dir: str | Path | None = None, env: dict[str, str] | None = None) -> Cluster:
     """Start the processes (not waiting for readiness: call `wait_ready`)."""
-    cluster = Cluster(free_port(), [free_port() for _ in range(prefill)], [free_port() for _ in range(decode)])
+    cluster = Cluster(free_port(), [free_port() for _ in range(prefill)], [free_port() for _ in range(decode)],
+                      log_dir=Path(log_dir) if log_dir is not None else None)
     child_env = dict(os.environ, **NCCL_SAFE_ENV, **(env or {}))
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     exe = [sys.executable, "-m", "common.cli"]
