@@ -10,7 +10,9 @@ requests holds `context` tokens of KV (target and draft). Timed with CUDA events
   processors, sampling, commit) and its bare target forward (runner.decode_logits), each eager and
   replayed through the decode CUDA graphs the worker captures (runner.capture_decode_graphs);
 - spec: one EAGLE step (EagleStepper: S-1 draft forwards, verify of N tokens, accept, draft extend)
-  and its bare forwards (draft B*k tokens, verify B*N tokens, extend B*(a+1) tokens).
+  and its bare forwards (draft B*k tokens, verify B*N tokens), each eager and with the verify and
+  draft-step forwards replayed through the graphs the worker captures with EAGLE on
+  (runner.capture_spec_graphs; the draft extend stays eager).
 
 The ratio spec/plain is what an accept length must beat: speedup ~ accept_length * plain / spec.
 Requests are reset to the same state before every repetition (KV of rejected tokens is scratch).
@@ -99,7 +101,7 @@ def main() -> None:
     ap.add_argument("--spec", default="3,1,4")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="tiny widths (smoke test on CPU/GPU)")
-    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph plain step")
+    ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph plain and EAGLE steps")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -119,10 +121,12 @@ def main() -> None:
     plain = PlainStepper(runner, sampler, rules)
     eagle = EagleStepper(runner, sampler, rules, SpecConfig("EAGLE", s, k, n))
     timer = Timer() if device.type == "cuda" else None
-    graphs = None
-    if timer is not None and not args.no_graphs:  # the worker's capture, up to the largest batch here
+    graphs = spec_graphs = None
+    if timer is not None and not args.no_graphs:  # the worker's captures, up to the largest batch here
         runner.capture_decode_graphs(max(batches))
         graphs, runner.graphs = runner.graphs, None  # eager unless a measurement switches them on
+        runner.capture_spec_graphs(max(batches), s, k, n)
+        spec_graphs, runner.spec_graphs = runner.spec_graphs, None
     hidden_size = fields["hidden_size"]
     rows = []
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, spec (S,k,N)=({s},{k},{n}), "
@@ -155,25 +159,28 @@ def main() -> None:
 
         def with_graphs(fn):  # type: ignore[no-untyped-def]
             def run() -> None:
-                runner.graphs = graphs
+                runner.graphs, runner.spec_graphs = graphs, spec_graphs
                 try:
                     fn()
                 finally:
-                    runner.graphs = None
+                    runner.graphs = runner.spec_graphs = None
             return run
 
-        def verify_forward() -> None:
-            mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
-            seqs = [SeqSpec([7] * n, range(ctx, ctx + n), ctx + n, r.pages, prefix_len=ctx, mask=mask,
-                            logit_rows=range(n)) for r in reqs]
-            runner.forward(ForwardBatch.build(seqs, PAGE, device))
+        pages = [r.pages for r in reqs]
+        chain = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device)).expand(b, n, n)
+
+        def verify_forward() -> None:  # as EagleStepper builds it (tree on the device), graph when switched on
+            runner.verify_forward(ForwardBatch.tree(torch.full((b, n), 7, device=device),
+                                                    torch.arange(n, device=device).expand(b, n), chain, [ctx] * b,
+                                                    pages, PAGE))
 
         hid = torch.randn(b * k, hidden_size, device=device, dtype=dtype)
+        eye = torch.eye(k, dtype=torch.bool, device=device).expand(b, k, k)
 
-        def draft_forward() -> None:
-            seqs = [SeqSpec([7] * k, [ctx] * k, ctx + k, r.pages, prefix_len=ctx,
-                            mask=torch.eye(k, dtype=torch.bool), logit_rows=range(k)) for r in reqs]
-            runner.draft_forward(ForwardBatch.build(seqs, PAGE, device), hid)
+        def draft_forward() -> None:  # draft level 0
+            runner.draft_step_forward(ForwardBatch.tree(torch.full((b, k), 7, device=device),
+                                                        torch.zeros(b, k, dtype=torch.int64, device=device), eye,
+                                                        [ctx] * b, pages, PAGE), hid)
 
         if timer is None:
             reset()
@@ -187,26 +194,34 @@ def main() -> None:
         f_plain = timer.median_us(plain_forward, args.reps)
         g_plain = timer.median_us(with_graphs(lambda: plain.step(reqs)), args.reps, before=reset) if graphs else nan
         gf_plain = timer.median_us(with_graphs(plain_forward), args.reps) if graphs else nan
+        g_spec = timer.median_us(with_graphs(lambda: eagle.step(reqs)), args.reps, before=reset) if graphs else nan
         f_verify = timer.median_us(verify_forward, args.reps)
         f_draft = timer.median_us(draft_forward, args.reps)
-        row = (b, t_plain, g_plain, t_spec, t_spec / t_plain, t_spec / g_plain, f_plain, gf_plain, f_draft, f_verify)
+        gf_verify = timer.median_us(with_graphs(verify_forward), args.reps) if graphs else nan
+        gf_draft = timer.median_us(with_graphs(draft_forward), args.reps) if graphs else nan
+        row = (b, t_plain, g_plain, t_spec, g_spec, t_spec / t_plain, g_spec / g_plain, f_plain, gf_plain,
+               f_draft, gf_draft, f_verify, gf_verify)
         rows.append(row)
         print(f"B={b}: plain step eager {t_plain:.0f} us (forward {f_plain:.0f}), graph {g_plain:.0f} us "
-              f"(forward {gf_plain:.0f}); EAGLE step (eager) {t_spec:.0f} us = {t_spec / t_plain:.2f}x eager plain, "
-              f"{t_spec / g_plain:.2f}x graph plain (draft fwd {f_draft:.0f} x{s - 1}, verify fwd {f_verify:.0f})",
-              flush=True)
+              f"(forward {gf_plain:.0f}); EAGLE step eager {t_spec:.0f} us = {t_spec / t_plain:.2f}x eager plain, "
+              f"graph {g_spec:.0f} us = {g_spec / g_plain:.2f}x graph plain (draft fwd {f_draft:.0f} eager, "
+              f"{gf_draft:.0f} graph, x{s - 1}; verify fwd {f_verify:.0f} eager, {gf_verify:.0f} graph)", flush=True)
     if rows:
-        lines = [f"| B | plain step eager (us) | plain step graph (us) | EAGLE ({s},{k},{n}) step (us) | "
-                 f"ratio vs eager | ratio vs graph | plain fwd eager | plain fwd graph | draft fwd | "
-                 f"verify fwd ({n} tok/req) |", "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {b} | {tp:.0f} | {gp:.0f} | {ts:.0f} | {r:.2f} | {rg:.2f} | {fp:.0f} | {gfp:.0f} | {fd:.0f} | "
-                  f"{fv:.0f} |" for b, tp, gp, ts, r, rg, fp, gfp, fd, fv in rows]
+        lines = [f"| B | plain step eager (us) | plain step graph (us) | EAGLE ({s},{k},{n}) step eager (us) | "
+                 f"EAGLE step graph (us) | EAGLE/plain eager | EAGLE/plain graph | plain fwd eager | "
+                 f"plain fwd graph | draft fwd eager | draft fwd graph | verify fwd eager ({n} tok/req) | "
+                 f"verify fwd graph |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {tp:.0f} | {gp:.0f} | {ts:.0f} | {gs:.0f} | {r:.2f} | {rg:.2f} | {fp:.0f} | {gfp:.0f} | "
+                  f"{fd:.0f} | {gfd:.0f} | {fv:.0f} | {gfv:.0f} |"
+                  for b, tp, gp, ts, gs, r, rg, fp, gfp, fd, gfd, fv, gfv in rows]
         text = "\n".join(lines)
         print(text)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "bench_spec_step.md").write_text(text + "\n")
     if graphs is not None:
         graphs.close()
+    if spec_graphs is not None:
+        spec_graphs.close()
 
 
 if __name__ == "__main__":

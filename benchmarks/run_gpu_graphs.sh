@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 pkill -9 -f "[c]ommon[.]cli"  # stray servers from earlier runs hold GPU memory
-# Decode CUDA graphs on one GPU (< 6 minutes on an H100): graph-vs-eager GPU tests, the plain and
-# EAGLE step cost with and without the worker's decode graphs, and end-to-end serving (the decode
-# worker captures its graphs at start-up by default).
+# Decode CUDA graphs on one GPU (< 7 minutes on an H100): graph-vs-eager GPU tests (plain decode and
+# EAGLE), the plain and EAGLE step cost with and without the worker's graphs (decode graphs; EAGLE
+# verify + draft-step graphs), and end-to-end serving (the decode worker captures its graphs at
+# start-up by default: the decode step's, or with EAGLE on the verify and draft steps').
 #     OUT=/some/dir bash benchmarks/run_gpu_graphs.sh
 # Results (6 files): $OUT/GRAPHS.md (summary), gpu_tests.log, bench_spec_step.log, bench_spec_step.md,
 # bench_e2e.log, bench_e2e.md (+ e2e_workers.log: worker log tails).
@@ -28,9 +29,9 @@ stage() {  # stage NAME TIMEOUT_S CMD...
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 } >> "$OUT/GRAPHS.md" 2>&1
-stage gpu_tests 70 $PY -m pytest tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "graph" -m gpu -q \
+stage gpu_tests 100 $PY -m pytest tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_eagle_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "graph" -m gpu -q \
   -p no:cacheprovider -o addopts="" -rfE
-stage bench_spec_step 110 $PY benchmarks/bench_spec_step.py --batches 1,8,32 --context 1024
+stage bench_spec_step 150 $PY benchmarks/bench_spec_step.py --batches 1,8,32 --context 1024
 pkill -9 -f "[c]ommon[.]cli"
 E2E_LOGS="$(mktemp -d /tmp/glmserve_graphs_e2e.XXXXXX)"
 stage bench_e2e 170 $PY benchmarks/bench_e2e.py --device cuda:0 --concurrency 1,8,32 --prompt 1024 --max-tokens 64 \
@@ -47,8 +48,8 @@ pkill -9 -f "[c]ommon[.]cli"
   echo "## end to end (bench_e2e.md)"
   cat "$OUT/bench_e2e.md" 2>/dev/null || echo "(missing)"
   echo
-  echo "## decode graph capture (worker log)"
-  grep -rh "captured decode CUDA graphs\|CUDA graphs off" "$E2E_LOGS" 2>/dev/null | head -n 4
+  echo "## CUDA graph capture (worker logs: decode for plain, EAGLE verify/draft for spec)"
+  grep -rh "captured .* CUDA graphs\|CUDA graphs off" "$E2E_LOGS" 2>/dev/null | head -n 4
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/GRAPHS.md" 2>&1
 tail -n 60 "$OUT/GRAPHS.md"

@@ -118,6 +118,59 @@ class ForwardBatch:
         )
 
     @classmethod
+    def tree(cls, tokens: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor, prefix_lens: Sequence[int],
+             pages: Sequence[Sequence[int]], page_size: int) -> ForwardBatch:
+        """q masked queries per sequence over a window of w slots (EAGLE verify: q = w = N; draft level l:
+        q = k, w = (l+1)k), without a host copy of the device tensors.
+
+        tokens [B, q] int64, depth [B, q] int64 (RoPE position = prefix_lens[b] + depth), mask [B, q, w]
+        bool: all on the batch's device. Sequence b has prefix_len L_b = prefix_lens[b], seq_len L_b + w;
+        query i writes logical slot L_b + w - q + i; every query's logits are wanted. Same batch as build()
+        with SeqSpec(tokens[b], L_b + depth[b], L_b + w, pages[b][:need], prefix_len=L_b, mask=mask[b],
+        logit_rows=range(q)); the page table holds only the `need` pages the forward touches. Lengths
+        and page table travel in one host->device copy; slots are gathered on the device."""
+        n, q = tokens.shape
+        w = mask.shape[-1]
+        if tuple(depth.shape) != (n, q) or tuple(mask.shape) != (n, q, w) or q > w:
+            raise ValueError(f"tree batch: tokens {tuple(tokens.shape)}, depth {tuple(depth.shape)}, "
+                             f"mask {tuple(mask.shape)}")
+        if n == 0 or len(prefix_lens) != n or len(pages) != n:
+            raise ValueError(f"tree batch: {n} sequences, {len(prefix_lens)} prefix lengths, {len(pages)} page lists")
+        need = [-(-(p + w) // page_size) for p in prefix_lens]
+        for b, (p, k) in enumerate(zip(prefix_lens, need)):
+            if p < 0 or len(pages[b]) < k:
+                raise ValueError(f"sequence {b}: {len(pages[b])} pages cannot hold {p + w} slots")
+        width = max(need)
+        table = [int(x) for p, k in zip(pages, need) for x in (*p[:k], *(0,) * (width - k))]
+        seq_lens = [int(p) + w for p in prefix_lens]
+        # layout: prefix lens | seq lens | query_start | mask_start | table
+        host = torch.tensor([*prefix_lens, *seq_lens, *range(0, (n + 1) * q, q), *range(0, (n + 1) * q * w, q * w),
+                             *table], dtype=torch.int64)
+        dev = tokens.device
+        flat = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        prefix = flat[:n]
+        page_table = flat[4 * n + 2:].view(n, width)
+        logical = (prefix + (w - q))[:, None] + torch.arange(q, device=dev)  # [B, q]
+        slots = page_table.gather(1, logical // page_size) * page_size + logical % page_size
+        i32 = torch.int32
+        return cls(
+            input_ids=tokens.reshape(-1).long(),
+            positions=(prefix[:, None] + depth).reshape(-1),
+            query_start=flat[2 * n:3 * n + 1].to(i32),
+            prefix_lens=prefix.to(i32),
+            seq_lens=flat[n:2 * n].to(i32),
+            page_table=page_table.to(i32),
+            out_slots=slots.reshape(-1),
+            logit_rows=torch.arange(n * q, device=dev),
+            page_size=page_size,
+            mask=mask.reshape(-1).to(torch.bool),
+            mask_start=flat[3 * n + 1:4 * n + 2],
+            query_lens_host=(q,) * n,
+            prefix_lens_host=tuple(int(p) for p in prefix_lens),
+            seq_lens_host=tuple(seq_lens),
+        )
+
+    @classmethod
     def build(cls, seqs: Sequence[SeqSpec], page_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
         ids: list[int] = []
         pos: list[int] = []

@@ -47,7 +47,7 @@ class DecodeWorkerApp:
             stepper = EagleStepper(self.runner, sampler, rules, spec)
         else:
             step_slots, stepper = 1, PlainStepper(self.runner, sampler, rules)
-        if cuda_graph_bs > 0 and not spec.enabled:  # EAGLE steps run eagerly
+        if cuda_graph_bs > 0:  # plain decode graphs, or EAGLE's verify + draft-step graphs
             self._capture_graphs(cuda_graph_bs)
         sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
         self.engine = DecodeEngine(sched, stepper, rules, cfg.worker_id)
@@ -66,9 +66,14 @@ class DecodeWorkerApp:
             log.info("CUDA graphs off: device %s has no graph-safe attention", self.runner.device)
             return
         start = time.monotonic()
-        self.runner.capture_decode_graphs(max_bs)
-        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s",
-                 self.runner.graphs.batch_sizes, time.monotonic() - start)
+        spec = self.cfg.spec
+        if spec.enabled:  # EagleStepper never runs a plain decode step; its draft extend stays eager
+            self.runner.capture_spec_graphs(max_bs, spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
+            sizes, what = self.runner.spec_graphs.batch_sizes, "EAGLE verify/draft"
+        else:
+            self.runner.capture_decode_graphs(max_bs)
+            sizes, what = self.runner.graphs.batch_sizes, "decode"
+        log.info("captured %s CUDA graphs for batch sizes %s in %.1f s", what, sizes, time.monotonic() - start)
 
     def info(self) -> worker_pb2.WorkerInfo:
         return self._info
@@ -142,7 +147,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add_worker_args(p, default_port=30002)
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument("--cuda-graph-max-bs", type=int, default=64,
-                   help="capture CUDA graphs of the plain decode step up to this batch size "
+                   help="capture CUDA graphs of the decode step (with EAGLE: verify and draft steps) up to this "
+                        "batch size "
                         "(capped by --max-running-requests; CUDA only)")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every decode step eagerly")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")

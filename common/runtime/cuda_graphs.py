@@ -1,15 +1,20 @@
-"""GraphRunner: CUDA graphs of the decode step, one per batch-size bucket.
+"""GraphRunner: CUDA graphs of fixed-shape forwards, one per batch-size bucket.
 
-The only module that captures CUDA graphs. A plain decode step (one causal query per sequence)
-of B sequences replays the graph of the smallest captured bucket >= B: the real rows are copied
-into the bucket's static ForwardBatch, and padded rows become dummy requests that read and write
-only the dummy page 0 (seq_len 1, slot 0 of page 0, token 0). The kernels the step runs must not
-read per-step host values (the Triton attention plans from batch shape only; see
+The only module that captures CUDA graphs. Two shapes are graphed:
+- the plain decode step (one causal query per sequence);
+- masked EAGLE forwards of q queries per sequence over a window of w slots (`ForwardBatch.tree`):
+  the verify forward (q = w = N) and each draft step (q = k, w = (level+1)k, with a hidden input).
+A batch of B sequences replays the graph of the smallest captured bucket >= B: the real rows are
+copied into the bucket's static ForwardBatch (mask [bucket*q*w], positions, slots, page table,
+lengths, hidden input), and padded rows become dummy requests that read and write only the dummy
+page 0 (prefix 0, seq_len w (1 for decode), mask all visible, slots 0, token 0). The kernels the
+step runs must not read per-step host values (the Triton attention plans from batch shape only; see
 common/attention/triton_paged.py); the torch reference ops are not graph safe.
 
-Capture goes largest bucket first into one shared memory pool (the smaller graphs reuse its
-blocks). Outputs of `run` are views into static buffers, valid until the next `run`.
-Destroy the runner (or drop it) before tearing down NCCL communicators.
+Each GraphRunner captures largest bucket first into its own memory pool (the smaller graphs reuse
+its blocks), so outputs of one runner survive replays of another. Outputs of `run` are views into
+static buffers, valid until the same runner's next `run`.
+Destroy the runners (or drop them) before tearing down NCCL communicators.
 """
 
 from __future__ import annotations
@@ -26,46 +31,69 @@ if TYPE_CHECKING:
     from common.runtime.runner import ModelRunner
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
-StepFn = Callable[[ForwardBatch], Outputs]  # static batch -> output(s) [B, ...] (row i = sequence i)
+# static batch (and static hidden input [T,H] when the runner has one) -> output(s) [T, ...] (row = token)
+StepFn = Callable[..., Outputs]
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     batch: ForwardBatch  # static inputs
-    out: Outputs  # static output(s) [bucket, ...]
+    hidden: torch.Tensor | None  # static hidden input [bucket*q, H] (draft steps)
+    out: Outputs  # static output(s) [bucket*q, ...]
 
 
 class GraphRunner:
     def __init__(self, step: StepFn, batch_sizes: Sequence[int], max_pages_per_seq: int, page_size: int,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, *, queries: int = 1, window: int = 0, hidden_size: int = 0,
+                 hidden_dtype: torch.dtype = torch.bfloat16) -> None:
+        """window 0: plain decode (one causal query per sequence). window w > 0: `queries` masked queries
+        per sequence over w window slots (ForwardBatch.tree). hidden_size > 0: the step also takes a
+        static hidden input [T, hidden_size] (called as step(batch, hidden))."""
         if not batch_sizes:
             raise ValueError("GraphRunner needs at least one batch size")
+        if (window == 0 and queries != 1) or (window > 0 and not 1 <= queries <= window):
+            raise ValueError(f"GraphRunner: {queries} queries per sequence over a window of {window}")
         self.step = step
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
         self.max_pages = max_pages_per_seq
         self.page_size = page_size
         self.device = torch.device(device)
+        self.q, self.w = queries, window
+        self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
         self.graphs: dict[int, _Graph] = {}
         self.pool = None
 
     # ------------------------------------------------------------------ capture
     def _static_batch(self, bs: int) -> ForwardBatch:
+        """A bucket's static batch, every row a dummy request on page 0."""
         dev = self.device
         i32, i64 = torch.int32, torch.int64
+        q, w = self.q, self.w
+        seq_len = max(w, 1)
         return ForwardBatch(
-            input_ids=torch.zeros(bs, dtype=i64, device=dev),
-            positions=torch.zeros(bs, dtype=i64, device=dev),
-            query_start=torch.arange(bs + 1, dtype=i32, device=dev),
+            input_ids=torch.zeros(bs * q, dtype=i64, device=dev),
+            positions=torch.zeros(bs * q, dtype=i64, device=dev),
+            query_start=torch.arange(0, (bs + 1) * q, q, dtype=i32, device=dev),
             prefix_lens=torch.zeros(bs, dtype=i32, device=dev),
-            seq_lens=torch.ones(bs, dtype=i32, device=dev),
+            seq_lens=torch.full((bs,), seq_len, dtype=i32, device=dev),
             page_table=torch.zeros((bs, self.max_pages), dtype=i32, device=dev),
-            out_slots=torch.zeros(bs, dtype=i64, device=dev),
-            logit_rows=torch.arange(bs, dtype=i64, device=dev),
+            out_slots=torch.zeros(bs * q, dtype=i64, device=dev),
+            logit_rows=torch.arange(bs * q, dtype=i64, device=dev),
             page_size=self.page_size,
+            mask=torch.ones(bs * q * w, dtype=torch.bool, device=dev) if w else None,
+            mask_start=torch.arange(0, (bs + 1) * q * w, q * w, dtype=i64, device=dev) if w else None,
             # host lengths are placeholders: graph-safe kernels read only the shape
-            query_lens_host=(1,) * bs, prefix_lens_host=(0,) * bs, seq_lens_host=(1,) * bs,
+            query_lens_host=(q,) * bs, prefix_lens_host=(0,) * bs, seq_lens_host=(seq_len,) * bs,
         )
+
+    def _static_hidden(self, bs: int) -> torch.Tensor | None:
+        if not self.hidden_size:
+            return None
+        return torch.zeros((bs * self.q, self.hidden_size), dtype=self.hidden_dtype, device=self.device)
+
+    def _call(self, batch: ForwardBatch, hidden: torch.Tensor | None) -> Outputs:
+        return self.step(batch) if hidden is None else self.step(batch, hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -73,40 +101,54 @@ class GraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         for bs in sorted(self.batch_sizes, reverse=True):
-            batch = self._static_batch(bs)
+            batch, hidden = self._static_batch(bs), self._static_hidden(bs)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.step(batch)
+                    self._call(batch, hidden)
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.step(batch)
-            self.graphs[bs] = _Graph(graph, batch, out)
+                out = self._call(batch, hidden)
+            self.graphs[bs] = _Graph(graph, batch, hidden, out)
         torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ replay
     def bucket(self, num_seqs: int) -> int | None:
         return next((b for b in self.batch_sizes if b >= num_seqs), None)
 
+    def fits(self, batch: ForwardBatch) -> bool:
+        """The batch has this runner's shape (bookkeeping only: says nothing about captured buckets)."""
+        if batch.page_size != self.page_size or batch.page_table.shape[1] > self.max_pages:
+            return False
+        if self.w == 0:
+            return batch.is_decode and batch.logit_rows.shape[0] == batch.num_seqs
+        q, w = self.q, self.w
+        return (batch.mask is not None and batch.logit_rows.shape[0] == batch.num_tokens
+                and all(n == q for n in batch.query_lens_host)
+                and all(s - p == w for s, p in zip(batch.seq_lens_host, batch.prefix_lens_host)))
+
     def can_run(self, batch: ForwardBatch) -> bool:
-        return (batch.is_decode and batch.page_size == self.page_size
-                and batch.page_table.shape[1] <= self.max_pages
-                and batch.logit_rows.shape[0] == batch.num_seqs
-                and self.bucket(batch.num_seqs) in self.graphs)
+        return self.bucket(batch.num_seqs) in self.graphs and self.fits(batch)
 
     @torch.inference_mode()
-    def run(self, batch: ForwardBatch) -> Outputs:
-        """Replay for a decode batch (check can_run first); returns the first B rows of each output."""
+    def run(self, batch: ForwardBatch, hidden: torch.Tensor | None = None) -> Outputs:
+        """Replay for a batch of this runner's shape (check can_run first); returns the first B*q rows
+        of each output. `hidden` [B*q, H]: the hidden input of a runner built with hidden_size."""
         n = batch.num_seqs
         bs = self.bucket(n)
-        if bs is None or bs not in self.graphs or not self.can_run(batch):
+        if bs is None or bs not in self.graphs or not self.fits(batch):
             raise ValueError(f"no captured graph fits this batch ({n} sequences)")
+        if (hidden is None) != (self.hidden_size == 0):
+            raise ValueError("a hidden input goes with (and only with) a runner built with hidden_size")
         g = self.graphs[bs]
-        load_decode_batch(g.batch, batch)
+        load_batch(g.batch, batch)
+        if g.hidden is not None:
+            load_rows(g.hidden, hidden)
         g.graph.replay()
-        return tuple(o[:n] for o in g.out) if isinstance(g.out, tuple) else g.out[:n]
+        rows = n * self.q
+        return tuple(o[:rows] for o in g.out) if isinstance(g.out, tuple) else g.out[:rows]
 
     def close(self) -> None:
         """Release the graphs and their pool (call before NCCL teardown)."""
@@ -146,6 +188,56 @@ def load_decode_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
         static.page_table[n:].zero_()
 
 
+def load_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
+    """Copy a batch into a bucket's static batch of the same shape (decode or masked tree)."""
+    if static.mask is None:
+        load_decode_batch(static, batch)
+    else:
+        load_tree_batch(static, batch)
+
+
+def load_tree_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
+    """Copy a masked batch of B sequences x q queries over w window slots (ForwardBatch.tree layout)
+    into a bucket's static batch of the same q and w. Padded rows become dummy requests on page 0:
+    token 0, position 0, prefix 0, seq_len w, slots 0, every window slot visible, page table zeros."""
+    n, bs = batch.num_seqs, static.num_seqs
+    q = static.query_lens_host[0]
+    w = static.seq_lens_host[0] - static.prefix_lens_host[0]
+    width = batch.page_table.shape[1]
+    if n > bs or width > static.page_table.shape[1] or batch.mask is None:
+        raise ValueError(f"tree batch ({n} x {width} pages) does not fit the static batch "
+                         f"({bs} x {static.page_table.shape[1]})")
+    if batch.num_tokens != n * q or batch.mask.shape[0] != n * q * w:
+        raise ValueError(f"tree batch of {batch.num_tokens} tokens / {batch.mask.shape[0]} mask bits is not "
+                         f"{n} x {q} queries over {w} slots")
+    t = n * q
+    static.input_ids[:t].copy_(batch.input_ids)
+    static.positions[:t].copy_(batch.positions)
+    static.out_slots[:t].copy_(batch.out_slots)
+    static.prefix_lens[:n].copy_(batch.prefix_lens)
+    static.seq_lens[:n].copy_(batch.seq_lens)
+    static.page_table[:n, :width].copy_(batch.page_table)
+    static.page_table[:n, width:].zero_()
+    static.mask[:t * w].copy_(batch.mask)
+    if n < bs:
+        static.input_ids[t:].zero_()
+        static.positions[t:].zero_()
+        static.out_slots[t:].zero_()
+        static.prefix_lens[n:].zero_()
+        static.seq_lens[n:].fill_(w)
+        static.page_table[n:].zero_()
+        static.mask[t * w:].fill_(True)
+
+
+def load_rows(static: torch.Tensor, rows: torch.Tensor) -> None:
+    """static[:R] = rows; the padded rows past R are zeroed."""
+    r = rows.shape[0]
+    if r > static.shape[0] or rows.shape[1:] != static.shape[1:]:
+        raise ValueError(f"rows {tuple(rows.shape)} do not fit the static buffer {tuple(static.shape)}")
+    static[:r].copy_(rows)
+    static[r:].zero_()
+
+
 def graphs_supported(device: torch.device) -> bool:
     """CUDA with the graph-safe Triton attention (the torch reference attention is not graph safe)."""
     if device.type != "cuda":
@@ -169,4 +261,51 @@ def capture_decode_graphs(runner: ModelRunner, max_bs: int) -> GraphRunner:
     return graphs
 
 
-__all__ = ["GraphRunner", "capture_decode_graphs", "decode_buckets", "graphs_supported", "load_decode_batch"]
+class SpecGraphs:
+    """The EAGLE forwards' graphs: verify (N queries over N slots) and one runner per draft level
+    (k queries over (level+1)k slots, hidden input). Each runner has its own pool, so the verify
+    outputs survive the draft replays of the same step."""
+
+    def __init__(self, verify: GraphRunner, draft: Sequence[GraphRunner]) -> None:
+        self.verify = verify
+        self.draft = {g.w: g for g in draft}  # window (level+1)k -> runner
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return self.verify.batch_sizes
+
+    def draft_runner(self, batch: ForwardBatch) -> GraphRunner | None:
+        if batch.mask is None or not batch.num_seqs:
+            return None
+        g = self.draft.get(batch.seq_lens_host[0] - batch.prefix_lens_host[0])
+        return g if g is not None and g.can_run(batch) else None
+
+    def close(self) -> None:
+        self.verify.close()
+        for g in self.draft.values():
+            g.close()
+        self.draft.clear()
+
+
+def capture_spec_graphs(runner: ModelRunner, max_bs: int, num_steps: int, topk: int,
+                        num_draft_tokens: int) -> SpecGraphs:
+    """Graphs of the EAGLE verify forward (logits and hidden of all N rows) and of the S-1 draft step
+    forwards (logits and hidden of all k rows) for every bucket up to max_bs."""
+    if not graphs_supported(runner.device):
+        raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {runner.device})")
+    page, sizes = runner.page_size, decode_buckets(max_bs)
+    slots = runner.config.max_position_embeddings + max(num_draft_tokens, (num_steps - 1) * topk)
+    max_pages = min(runner.kv_pool.num_pages, -(-slots // page) + 1)
+    hidden = runner.config.hidden_size
+    verify = GraphRunner(runner.forward, sizes, max_pages, page, runner.device, queries=num_draft_tokens,
+                         window=num_draft_tokens)
+    draft = [GraphRunner(runner.draft_forward, sizes, max_pages, page, runner.device, queries=topk,
+                         window=(level + 1) * topk, hidden_size=hidden, hidden_dtype=runner.dtype)
+             for level in range(num_steps - 1)]
+    for g in (verify, *draft):
+        g.capture()
+    return SpecGraphs(verify, draft)
+
+
+__all__ = ["GraphRunner", "SpecGraphs", "capture_decode_graphs", "capture_spec_graphs", "decode_buckets",
+           "graphs_supported", "load_batch", "load_decode_batch", "load_rows", "load_tree_batch"]

@@ -54,6 +54,7 @@ class ModelRunner:
                               self.config.head_dim, dtype, self.device)
         self.allocator = PageAllocator(num_pages)
         self.graphs = None  # common.runtime.cuda_graphs.GraphRunner of the plain decode forward (CUDA)
+        self.spec_graphs = None  # common.runtime.cuda_graphs.SpecGraphs: EAGLE verify + draft steps (CUDA)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch,
@@ -74,11 +75,26 @@ class ModelRunner:
         self.release_graphs()
         self.graphs = capture_decode_graphs(self, max_bs)
 
+    def capture_spec_graphs(self, max_bs: int, num_steps: int, topk: int, num_draft_tokens: int) -> None:
+        """Capture the EAGLE verify forward and the S-1 draft step forwards per batch-size bucket up to
+        max_bs (CUDA only; needs with_mtp). `verify_forward` / `draft_step_forward` then replay them."""
+        from common.runtime.cuda_graphs import capture_spec_graphs
+
+        if self.model.mtp is None:
+            raise RuntimeError("EAGLE graphs need a runner built with with_mtp=True")
+        if self.spec_graphs is not None:
+            self.spec_graphs.close()
+            self.spec_graphs = None
+        self.spec_graphs = capture_spec_graphs(self, max_bs, num_steps, topk, num_draft_tokens)
+
     def release_graphs(self) -> None:
-        """Drop the captured graphs (before NCCL teardown); later decode steps run eagerly."""
+        """Drop the captured graphs (before NCCL teardown); later steps run eagerly."""
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
+        if self.spec_graphs is not None:
+            self.spec_graphs.close()
+            self.spec_graphs = None
 
     def decode_logits(self, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B,V] of a plain decode step: a captured graph replays when one fits the batch,
@@ -87,6 +103,25 @@ class ModelRunner:
         if graphs is not None and graphs.can_run(batch):
             return graphs.run(batch)
         return self.forward(batch)[0]
+
+    def verify_forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """EAGLE verify (ForwardBatch.tree, N queries over N slots): forward()'s (logits, hidden), from a
+        captured graph when one fits, else eager. Replayed results are views valid until the next
+        verify replay."""
+        graphs = self.spec_graphs
+        if graphs is not None and graphs.verify.can_run(batch):
+            return graphs.verify.run(batch)  # type: ignore[return-value]
+        return self.forward(batch)
+
+    def draft_step_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One EAGLE draft step (ForwardBatch.tree, k queries over (level+1)k slots): draft_forward()'s
+        (logits, hidden_out), from a captured graph when one fits, else eager. Replayed results are
+        views valid until that level's next replay."""
+        graphs = self.spec_graphs
+        g = graphs.draft_runner(batch) if graphs is not None else None
+        if g is not None:
+            return g.run(batch, hidden_in)  # type: ignore[return-value]
+        return self.draft_forward(batch, hidden_in)
 
     @torch.inference_mode()
     def draft_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

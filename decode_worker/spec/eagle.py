@@ -28,13 +28,7 @@ from common.sampling.sampler import draw_uniforms
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, select_tree
-from decode_worker.spec.verify import (
-    AcceptStats,
-    VerifyResult,
-    accepted_kv_moves,
-    verify_greedy,
-    verify_sampling,
-)
+from decode_worker.spec.verify import AcceptStats, VerifyResult, verify_greedy, verify_sampling
 from decode_worker.steps import extend_kv
 
 
@@ -59,7 +53,7 @@ class EagleStepper:
         history = req.prompt_ids + req.output_ids[:-1]
         hidden = extend_kv(self.runner, req, history)
         req.kv_len = len(history)
-        req.draft = self._draft_extend([req], [history[1:] + [req.pending]], [0], hidden_rows=[hidden])[0]
+        req.draft = self._draft_extend([req], [history[1:] + [req.pending]], [0], hidden)[0]
 
     # ------------------------------------------------------------------ the step
     def step(self, reqs: list[DecodeReq]) -> None:
@@ -67,11 +61,10 @@ class EagleStepper:
         tree = self._draft(reqs, L)
         logits, hidden = self._verify_forward(reqs, L, tree)
         result = self._accept(reqs, tree, logits)
-        self._compact_kv(reqs, L, result)
-        committed = result.committed_lists()
-        accept_idx = result.accept_index.tolist()
+        committed, accept_idx = self._read_result(result)
+        self._compact_kv(reqs, L, accept_idx)
         logprob_rows = torch.log_softmax(logits, -1) if any(r.params.logprobs for r in reqs) else None
-        extend_reqs, extend_tokens, extend_start, extend_hidden = [], [], [], []
+        extend_reqs, extend_tokens, extend_start, extend_rows = [], [], [], []
         for b, req in enumerate(reqs):
             a = len(committed[b]) - 1
             n = commit_tokens(req, committed[b], self.rules)
@@ -87,12 +80,12 @@ class EagleStepper:
                 extend_reqs.append(req)
                 extend_tokens.append(committed[b])
                 extend_start.append(L[b])
-                rows = torch.tensor([b * self.N + j for j in accept_idx[b][: a + 1]], device=hidden.device)
-                extend_hidden.append(hidden[rows])
+                extend_rows.extend(b * self.N + j for j in accept_idx[b][: a + 1])
         metrics.spec_accept_length().observe(self.stats.mean_accept_length)
         if extend_reqs:
+            rows = torch.tensor(extend_rows, device=hidden.device)
             for req, state in zip(extend_reqs, self._draft_extend(extend_reqs, extend_tokens, extend_start,
-                                                                   extend_hidden)):
+                                                                   hidden[rows])):
                 req.draft = state
 
     # ------------------------------------------------------------------ phases
@@ -101,31 +94,32 @@ class EagleStepper:
         frontier = DraftFrontier(torch.stack([r.draft.topk_p for r in reqs]),
                                  torch.stack([r.draft.topk_idx for r in reqs]))
         hidden = torch.stack([r.draft.hidden for r in reqs]).repeat_interleave(k, dim=0)  # [B*k, H]
+        B, pages = len(reqs), [r.pages for r in reqs]
         for level in range(self.S - 1):
-            mask = frontier.attention_mask().cpu()  # [B, k, (level+1)k]
-            tokens = frontier.tokens.tolist()
-            seqs = [SeqSpec(tokens[b], [L[b] + level] * k, seq_len=L[b] + (level + 1) * k, pages=r.pages,
-                            prefix_len=L[b], mask=mask[b], logit_rows=range(k)) for b, r in enumerate(reqs)]
-            logits, h_out = self.runner.draft_forward(ForwardBatch.build(seqs, self.runner.page_size, dev), hidden)
+            # frontier node j (position L + level) writes scratch slot L + level*k + j; no host copy
+            depth = torch.full((B, k), level, dtype=torch.int64, device=dev)
+            batch = ForwardBatch.tree(frontier.tokens, depth, frontier.attention_mask(), L, pages,
+                                      self.runner.page_size)
+            logits, h_out = self.runner.draft_step_forward(batch, hidden)  # a graph replay when one fits
             child_p, child_idx = torch.softmax(logits, -1).topk(k, dim=-1)  # [B*k, k]
-            B = len(reqs)
             parent_slot = frontier.expand(child_p.view(B, k, k), child_idx.view(B, k, k))  # [B, k]
             h = h_out.view(B, k, -1)
             hidden = h.gather(1, parent_slot[:, :, None].expand(B, k, h.shape[-1])).reshape(B * k, -1)
         scores, tokens, parents = frontier.candidates()
-        roots = torch.tensor([r.pending for r in reqs], device=dev)
-        return select_tree(scores, tokens, parents, self.N, roots, torch.tensor(L, device=dev))
+        roots_and_lens = torch.tensor([[r.pending for r in reqs], L], device=dev)  # one host->device copy
+        return select_tree(scores, tokens, parents, self.N, roots_and_lens[0], roots_and_lens[1])
 
     def _verify_forward(self, reqs: list[DecodeReq], L: list[int], tree: VerifyTree):
-        tokens, positions, mask = tree.tokens.tolist(), tree.positions.tolist(), tree.mask.cpu()
-        seqs = [SeqSpec(tokens[b], positions[b], seq_len=L[b] + self.N, pages=r.pages, prefix_len=L[b],
-                        mask=mask[b], logit_rows=range(self.N)) for b, r in enumerate(reqs)]
-        return self.runner.forward(ForwardBatch.build(seqs, self.runner.page_size, self.runner.device))
+        """Target forward over the N tree nodes (node j -> slot L+j, position L+depth(j)); the tree stays on
+        the device. Returns (logits [B*N, V], hidden [B*N, H]): a graph replay when one fits."""
+        batch = ForwardBatch.tree(tree.tokens, tree.depth, tree.mask, L, [r.pages for r in reqs],
+                                  self.runner.page_size)
+        return self.runner.verify_forward(batch)
 
     def _accept(self, reqs: list[DecodeReq], tree: VerifyTree, logits: torch.Tensor) -> VerifyResult:
         """Processors on every node row with its own history, then the acceptance rule."""
         B, N = len(reqs), self.N
-        parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+        parents, tokens = torch.stack((tree.parents, tree.tokens)).tolist()  # one device->host copy
         rows = []
         for b, req in enumerate(reqs):
             paths: list[list[int]] = []
@@ -142,28 +136,41 @@ class EagleStepper:
                           logits.device, self.sampler.generator)
         return verify_sampling(tree, probs, u, self.S)
 
-    def _compact_kv(self, reqs: list[DecodeReq], L: list[int], result: VerifyResult) -> None:
+    @staticmethod
+    def _read_result(result: VerifyResult) -> tuple[list[list[int]], list[list[int]]]:
+        """(committed tokens, accepted node path) per request, both a+1 long, in one device->host copy."""
+        width = result.committed.shape[1]
+        host = torch.cat((result.committed, result.accept_index, result.num_accepted[:, None]), dim=1).tolist()
+        return ([row[: row[-1] + 1] for row in host], [row[width: width + row[-1] + 1] for row in host])
+
+    def _compact_kv(self, reqs: list[DecodeReq], L: list[int], accept_idx: list[list[int]]) -> None:
+        """Move the accepted path's K/V to slots L..L+a: path node d (slot L + accept_idx[b][d]) goes to
+        slot L + d (decode_worker.spec.verify.accepted_kv_moves, from the host copy of the path)."""
         if self.k == 1:
             return  # a chain's accepted nodes already sit at L..L+a
-        moves = accepted_kv_moves(result.accept_index, result.num_accepted, torch.tensor(L))
-        if moves.request.numel() == 0:
+        page = self.runner.kv_pool.page_size
+        src, dst = [], []
+        for b, path in enumerate(accept_idx):
+            pages = reqs[b].pages
+            for d, j in enumerate(path):
+                if j != d:
+                    s, t = L[b] + j, L[b] + d
+                    src.append(pages[s // page] * page + s % page)
+                    dst.append(pages[t // page] * page + t % page)
+        if not src:
             return
         pool = self.runner.kv_pool
-        src, dst = [], []
-        for b, s, d in zip(moves.request.tolist(), moves.src.tolist(), moves.dst.tolist()):
-            pages = reqs[b].pages
-            src.append(pages[s // pool.page_size] * pool.page_size + s % pool.page_size)
-            dst.append(pages[d // pool.page_size] * pool.page_size + d % pool.page_size)
-        dev = pool.device
-        pool.copy_slots(torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
+        slots = torch.tensor([src, dst], device=pool.device)
+        pool.copy_slots(slots[0], slots[1])
 
     def _draft_extend(self, reqs: list[DecodeReq], tokens: list[list[int]], starts: list[int],
-                      hidden_rows: list[torch.Tensor]) -> list[DraftState]:
-        """MTP forward over each request's tokens at slots/positions start.. -> next DraftState."""
+                      hidden_in: torch.Tensor) -> list[DraftState]:
+        """MTP forward over each request's tokens at slots/positions start.. -> next DraftState.
+        hidden_in [sum of token counts, H]: the target hidden of each token, requests in order."""
         seqs = [SeqSpec(t, range(s, s + len(t)), seq_len=s + len(t), pages=r.pages)
                 for r, t, s in zip(reqs, tokens, starts)]
         batch = ForwardBatch.build(seqs, self.runner.page_size, self.runner.device)
-        logits, h_out = self.runner.draft_forward(batch, torch.cat(hidden_rows))
+        logits, h_out = self.runner.draft_forward(batch, hidden_in)
         last = batch.query_start[1:].long() - 1
         return draft_states(logits, h_out[last], self.k)
 
