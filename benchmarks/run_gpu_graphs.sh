@@ -7,28 +7,10 @@ pkill -9 -f "[c]ommon[.]cli"  # stray servers from earlier runs hold GPU memory
 #     OUT=/some/dir bash benchmarks/run_gpu_graphs.sh
 # Results (6 files): $OUT/GRAPHS.md (summary), gpu_tests.log, bench_spec_step.log, bench_spec_step.md,
 # bench_e2e.log, bench_e2e.md (+ e2e_workers.log: worker log tails).
-set -u
-cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/glmserve_gpu_graphs}"
-mkdir -p "$OUT"
-export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PY="${PYTHON:-python3}"
-T0=$(date +%s)
-stage() {  # stage NAME TIMEOUT_S CMD...
-  local name="$1" limit="$2"; shift 2
-  local start; start=$(date +%s)
-  echo "=== $name (limit ${limit}s, at +$((start - T0))s)" | tee -a "$OUT/GRAPHS.md"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name: rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/GRAPHS.md"
-  tail -n 25 "$OUT/$name.log"
-}
-{
-  echo "# glmserve decode CUDA graphs run"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
-} >> "$OUT/GRAPHS.md" 2>&1
+SUMMARY=GRAPHS.md
+source "$(dirname "$0")/gpu_run.sh"
+gpu_header "glmserve decode CUDA graphs run"
 stage gpu_tests 100 $PY -m pytest tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_eagle_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "graph" -m gpu -q \
   -p no:cacheprovider -o addopts="" -rfE
 stage bench_spec_step 150 $PY benchmarks/bench_spec_step.py --batches 1,8,32 --context 1024
@@ -51,5 +33,5 @@ pkill -9 -f "[c]ommon[.]cli"
   echo "## CUDA graph capture (worker logs: decode for plain, EAGLE verify/draft for spec)"
   grep -rh "captured .* CUDA graphs\|CUDA graphs off" "$E2E_LOGS" 2>/dev/null | head -n 4
   echo "total $(( $(date +%s) - T0 ))s"
-} >> "$OUT/GRAPHS.md" 2>&1
-tail -n 60 "$OUT/GRAPHS.md"
+} >> "$OUT/$SUMMARY" 2>&1
+tail -n 60 "$OUT/$SUMMARY"

@@ -5,35 +5,11 @@
 #     OUT=/some/dir bash benchmarks/run_gpu_suite.sh
 # Results: $OUT/SUMMARY.md (everything), $OUT/*.log, $OUT/bench_kernels.md, $OUT/bench_decode_step.md,
 # $OUT/moe_configs/*.json (copy into common/ops/moe_configs/ and commit).
-set -u
-cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/glmserve_gpu_suite}"
-mkdir -p "$OUT"
-export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
-T0=$(date +%s)
-
-stage() {  # stage NAME TIMEOUT_S CMD...
-  local name="$1" limit="$2"
-  shift 2
-  local start
-  start=$(date +%s)
-  echo "=== $name (limit ${limit}s, at +$((start - T0))s)" | tee -a "$OUT/SUMMARY.md"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "=== $name: rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/SUMMARY.md"
-  tail -n 40 "$OUT/$name.log"
-  return 0
-}
-
-{
-  echo "# glmserve GPU suite"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
-  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-  $PY -c "import transformers; print('transformers', transformers.__version__)" 2>&1
-} > "$OUT/SUMMARY.md" 2>&1
-cat "$OUT/SUMMARY.md"
+SUMMARY=SUMMARY.md
+source "$(dirname "$0")/gpu_run.sh"
+: > "$OUT/$SUMMARY"
+gpu_header "glmserve GPU suite"
 
 stage gpu_tests 120 $PY -m pytest tests/gpu/test_kernels_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE --durations=8
 stage tune_moe 80 $PY benchmarks/tune_moe.py --budget-s 60
@@ -58,5 +34,5 @@ stage bench_decode_step 100 $PY benchmarks/bench_decode_step.py
   cat "$OUT/bench_decode_step.md" 2>/dev/null
   echo
   echo "total $(( $(date +%s) - T0 ))s"
-} >> "$OUT/SUMMARY.md"
-tail -n 80 "$OUT/SUMMARY.md"
+} >> "$OUT/$SUMMARY"
+tail -n 80 "$OUT/$SUMMARY"

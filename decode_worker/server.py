@@ -14,7 +14,7 @@ import time
 from common import metrics
 from common.runtime.token_sampler import SpecialIds, TokenSampler
 from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
-from common.runtime.worker_base import build_runner, pairing_info, transport_config, worker_info
+from common.runtime.worker_base import build_runner, load_proto, pairing_info, transport_config, worker_info
 from common.service import add_health, add_reflection, make_server, serve_until_signal
 from common.transport.handshake import check_compatible, choose_bulk_backend
 from common.transport.receiver import PairAcceptor
@@ -79,10 +79,7 @@ class DecodeWorkerApp:
         return self._info
 
     def load(self) -> worker_pb2.WorkerLoad:
-        load = self.engine.sched.load()
-        return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
-                                     waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
-                                     total_pages=load["total_pages"], draining=self.draining)
+        return load_proto(self.engine.sched.load(), self.draining)
 
     async def pair(self, prefill: worker_pb2.WorkerInfo) -> worker_pb2.PairResponse:
         check_compatible(pairing_info(prefill), pairing_info(self._info))

@@ -10,7 +10,7 @@ import time
 from common import metrics
 from common.runtime.token_sampler import SpecialIds, TokenSampler
 from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
-from common.runtime.worker_base import build_runner, transport_config, worker_info
+from common.runtime.worker_base import build_runner, load_proto, transport_config, worker_info
 from common.service import add_health, add_reflection, make_server, serve_until_signal
 from common.transport.base import TransferError
 from prefill_worker.kv_sender import SenderPool
@@ -59,10 +59,7 @@ class PrefillWorkerApp:
         return self._info
 
     def load(self) -> worker_pb2.WorkerLoad:
-        load = self.engine.sched.load()
-        return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
-                                     waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
-                                     total_pages=load["total_pages"], draining=self.draining)
+        return load_proto(self.engine.sched.load(), self.draining)
 
     async def drain(self, grace: float) -> None:
         self.draining = True

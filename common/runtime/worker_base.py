@@ -85,3 +85,10 @@ def transport_config(cfg: WorkerConfig) -> TransportConfig:
     """Bounded waits derived from --transfer-timeout (design rule 2)."""
     op = max(1.0, min(30.0, cfg.transfer_timeout / 2))
     return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout)
+
+
+def load_proto(load: dict[str, int], draining: bool) -> worker_pb2.WorkerLoad:
+    """A scheduler's load() counts as the GetLoad reply (same keys for both worker roles)."""
+    return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
+                                 waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
+                                 total_pages=load["total_pages"], draining=draining)

@@ -1,0 +1,33 @@
+# Shared set-up of the one-call GPU scripts (sourced, not run). The caller sets OUT's default and
+# SUMMARY (the summary file name under $OUT) first. Provides $PY, $T0, `stage` and `gpu_header`.
+set -u
+pkill -9 -f "[c]ommon[.]cli" 2>/dev/null  # stray glmserve servers from earlier runs hold GPU memory
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+mkdir -p "$OUT"
+export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+
+stage() {  # stage NAME TIMEOUT_S CMD... : run with a hard limit, log to $OUT/NAME.log, never abort the run
+  local name="$1" limit="$2"
+  shift 2
+  local start rc
+  start=$(date +%s)
+  echo "=== $name (limit ${limit}s, at +$((start - T0))s)" | tee -a "$OUT/$SUMMARY"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "=== $name: rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/$SUMMARY"
+  tail -n 25 "$OUT/$name.log"
+  return 0
+}
+
+gpu_header() {  # gpu_header TITLE : machine and software versions at the top of the summary
+  {
+    echo "# $1"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+    $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+    $PY -c "import transformers; print('transformers', transformers.__version__)" 2>&1
+  } >> "$OUT/$SUMMARY" 2>&1
+}
