@@ -27,6 +27,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from common.model_files import read_json
+
 ROLES = ("system", "user", "assistant", "tool")
 RESERVED_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt"})
 # tokenizer_config.json entries that transformers exposes to templates as variables.
@@ -50,7 +52,7 @@ def load_template_source(model_dir: Path) -> str:
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
-    template = _read_json(model_dir / "tokenizer_config.json").get("chat_template")
+    template = read_json(model_dir / "tokenizer_config.json").get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
         template = named.get("default")
@@ -78,7 +80,7 @@ class ChatTemplate:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ChatTemplate:
-        config = _read_json(Path(model_dir) / "tokenizer_config.json")
+        config = read_json(Path(model_dir) / "tokenizer_config.json")
         special = {k: _token_text(config[k]) for k in _SPECIAL_TOKEN_KEYS if config.get(k) is not None}
         return cls(load_template_source(model_dir), special)
 
@@ -230,10 +232,3 @@ def _strftime_now(fmt: str) -> str:
 def _token_text(token: Any) -> str:
     # tokenizer_config.json stores a special token either as text or as a serialised AddedToken.
     return token["content"] if isinstance(token, Mapping) else str(token)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)

@@ -7,10 +7,10 @@ used when a request leaves them unset. The eos ids come from the Tokenizer, whic
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from common.model_files import read_json
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class ModelInfo:
                  context_length: int | None = None) -> ModelInfo:
         """`eos_token_ids` come from the tokenizer (generation_config.json first), read once there."""
         d = Path(path)
-        config = _read_json(d / "config.json")
-        gen = _read_json(d / "generation_config.json")
-        tok_cfg = _read_json(d / "tokenizer_config.json")
+        config = read_json(d / "config.json")
+        gen = read_json(d / "generation_config.json")
+        tok_cfg = read_json(d / "tokenizer_config.json")
         vocab = max(int(config.get("vocab_size") or 0), tokenizer_vocab_size)
         ctx = context_length or config.get("max_position_embeddings") or tok_cfg.get("model_max_length")
         if not ctx or int(ctx) <= 0:
@@ -53,11 +53,3 @@ class ModelInfo:
         )
         return cls(path=str(d), vocab_size=vocab, context_length=int(ctx),
                    eos_token_ids=tuple(eos_token_ids), defaults=defaults)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}

@@ -11,12 +11,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import tokenizers
+
+from common.model_files import eos_token_ids
 
 REPLACEMENT_CHAR = "\ufffd"  # what a lossy UTF-8 decode yields for incomplete or invalid bytes
 
@@ -78,26 +78,11 @@ class Tokenizer:
 
 
 def _read_eos_token_ids(model_dir: Path, tokenizer: tokenizers.Tokenizer) -> tuple[int, ...]:
-    """generation_config.json eos_token_id, else config.json's, else tokenizer_config's eos_token."""
-    for name in ("generation_config.json", "config.json"):
-        eos = _read_json(model_dir / name).get("eos_token_id")
-        if eos is not None:
-            return tuple(eos) if isinstance(eos, list) else (int(eos),)
-    eos_text = _read_json(model_dir / "tokenizer_config.json").get("eos_token")
-    if isinstance(eos_text, dict):
-        eos_text = eos_text.get("content")
-    eos_id = tokenizer.token_to_id(eos_text) if isinstance(eos_text, str) else None
-    if eos_id is None:
+    eos = eos_token_ids(model_dir, tokenizer.token_to_id)
+    if not eos:
         raise TokenizerError(f"{model_dir}: no eos_token_id in generation_config.json or config.json "
                              "and no eos_token in tokenizer_config.json")
-    return (eos_id,)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
+    return eos
 
 
 class IncrementalDetokenizer:

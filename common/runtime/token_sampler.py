@@ -27,23 +27,16 @@ class SpecialIds:
 
     @classmethod
     def from_model_dir(cls, model_dir: str) -> SpecialIds:
-        import json
         from pathlib import Path
 
         from tokenizers import Tokenizer
 
+        from common.model_files import eos_token_ids
+
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         enc = tok.encode("\n", add_special_tokens=False).ids
-        eos: list[int] = []
-        for name in ("generation_config.json", "config.json"):
-            path = Path(model_dir) / name
-            if path.exists():
-                val = json.loads(path.read_text()).get("eos_token_id")
-                if val is not None:
-                    eos = list(val) if isinstance(val, list) else [val]
-                    break
         return cls(tok.token_to_id("<think>"), tok.token_to_id("</think>"),
-                   enc[0] if len(enc) == 1 else None, tuple(int(x) for x in eos))
+                   enc[0] if len(enc) == 1 else None, eos_token_ids(model_dir, tok.token_to_id))
 
     def thinking_budget(self) -> ThinkingBudget | None:
         if None in (self.think_start, self.think_end, self.newline):
