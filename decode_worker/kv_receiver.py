@@ -42,9 +42,6 @@ class PageSink:
         if known:
             self.table.cancel(transfer_id, "request finished or aborted on the decode worker")
 
-    def is_expected(self, transfer_id: int) -> bool:
-        with self._lock:
-            return transfer_id in self._pages
 
     # ------------------------------------------------------------------ receiver threads
     def on_chunk(self, transfer_id: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],

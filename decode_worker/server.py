@@ -50,7 +50,7 @@ class DecodeWorkerApp:
         if cuda_graph_bs > 0:  # plain decode graphs, or EAGLE's verify + draft-step graphs
             self._capture_graphs(cuda_graph_bs)
         sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
-        self.engine = DecodeEngine(sched, stepper, rules, cfg.worker_id)
+        self.engine = DecodeEngine(sched, stepper, rules)
         self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout)
         self.engine.sink = self.sink
         device = self.runner.device if self.runner.device.type == "cuda" else None

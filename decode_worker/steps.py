@@ -21,17 +21,19 @@ def record_logprob(req: DecodeReq, row) -> None:
         req.logprobs.append((row.token, row.logprob, row.top))
 
 
-def extend_kv(runner: ModelRunner, req: DecodeReq, tokens: list[int], chunk: int = 512) -> torch.Tensor:
-    """Recompute target KV of `tokens` (positions 0..n-1) into the request's pages.
-
-    Returns the post-norm hidden states [n, H] (the MTP draft's input)."""
+def rebuild_kv(runner: ModelRunner, req: DecodeReq, chunk: int = 512) -> tuple[list[int], torch.Tensor]:
+    """Recompute a retracted request's target KV (prompt + committed outputs but the pending one,
+    positions 0..n-1) into its new pages and set kv_len. Returns that history and its post-norm
+    hidden states [n, H] (the MTP draft's input)."""
+    tokens = req.prompt_ids + req.output_ids[:-1]
     hiddens = []
     for start in range(0, len(tokens), chunk):
         end = min(start + chunk, len(tokens))
         spec = SeqSpec(tokens[start:end], range(start, end), seq_len=end, pages=req.pages, logit_rows=[])
         _, hidden = runner.forward(ForwardBatch.build([spec], runner.page_size, runner.device))
         hiddens.append(hidden)
-    return torch.cat(hiddens)
+    req.kv_len = len(tokens)
+    return tokens, torch.cat(hiddens)
 
 
 class PlainStepper:
@@ -55,6 +57,4 @@ class PlainStepper:
         pass
 
     def recompute(self, req: DecodeReq) -> None:
-        history = req.prompt_ids + req.output_ids[:-1]
-        extend_kv(self.runner, req, history)
-        req.kv_len = len(history)
+        rebuild_kv(self.runner, req)

@@ -13,14 +13,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 
 from common import metrics
 from decode_worker.commit import StopRules, commit_tokens
-from decode_worker.output import ErrorEvent, FinishEvent, TokenEvent
+from decode_worker.output import ErrorEvent, TokenEvent
 from decode_worker.scheduler import DecodeReq, QueueFullError, ReqState, Scheduler
 
 log = logging.getLogger(__name__)
@@ -35,12 +34,11 @@ class Stepper(Protocol):
 
 
 class DecodeEngine:
-    def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules, worker_id: str = "decode") -> None:
+    def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules) -> None:
         self.sched = sched
         self.sink: Any = None  # decode_worker.kv_receiver.PageSink: told of reservations
         self.stepper = stepper
         self.rules = rules
-        self.worker_id = worker_id
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._reserved: set[int] = set()
@@ -91,9 +89,6 @@ class DecodeEngine:
                 if not lst:
                     self._waiters.pop(transfer_id, None)
 
-    def is_reserved(self, transfer_id: int) -> bool:
-        with self._lock:
-            return transfer_id in self._reserved
 
     def stalled(self, limit_s: float) -> bool:
         busy = bool(self.sched.running or self.sched.ready)
@@ -248,5 +243,3 @@ def _resolve(fut: asyncio.Future, result: Any) -> None:
     else:
         fut.set_result(result)
 
-
-FinishCallback = Callable[[DecodeReq, FinishEvent], None]

@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from common.service import client_channel_options
-from common.transport.base import PairEndpoint, TransferError, TransportConfig
+from common.transport.base import PairEndpoint, StatsHook, TransferError, TransportConfig
 from common.transport.handshake import PairingError, check_compatible
 from common.transport.sender import KVSender
 from protos import worker_pb2, worker_pb2_grpc
@@ -28,11 +28,12 @@ DoneFn = Callable[[int, bool, "TransferError | None"], None]
 
 class SenderPool:
     def __init__(self, info: worker_pb2.WorkerInfo, config: TransportConfig, device: torch.device | None,
-                 on_done: DoneFn, rpc_timeout: float = 10.0) -> None:
+                 on_done: DoneFn, on_stats: StatsHook | None = None, rpc_timeout: float = 10.0) -> None:
         self.info = info
         self.config = config
         self.device = device
         self.on_done = on_done
+        self.on_stats = on_stats
         self.rpc_timeout = rpc_timeout
         self._lock = threading.Lock()
         self._senders: dict[str, KVSender] = {}
@@ -57,6 +58,7 @@ class SenderPool:
             sender = self._senders.get(address)
             if sender is None:
                 sender = KVSender(lambda: self._pair(address), self.on_done, self.config, device=self.device,
+                                  on_stats=self.on_stats,
                                   name=f"kv-sender-{address}")
                 self._senders[address] = sender
             return sender

@@ -12,7 +12,7 @@ from common.runtime.token_sampler import SpecialIds, TokenSampler
 from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
 from common.runtime.worker_base import build_runner, load_proto, transport_config, worker_info
 from common.service import add_health, add_reflection, make_server, serve_until_signal
-from common.transport.base import TransferError
+from common.transport.base import TransferError, TransferStats
 from prefill_worker.kv_sender import SenderPool
 from prefill_worker.scheduler import PrefillJob, PrefillScheduler
 from prefill_worker.servicer import PrefillServicer
@@ -33,7 +33,8 @@ class PrefillWorkerApp:
                                     cfg.spec, layer_group)
         self._info = worker_info(cfg, self.runner)
         device = self.runner.device if self.runner.device.type == "cuda" else None
-        self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done)
+        self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,
+                                  on_stats=self._transfer_stats)
         self.jobs: dict[int, PrefillJob] = {}  # by transfer id
         self.draining = False
 
@@ -47,6 +48,14 @@ class PrefillWorkerApp:
     def cancel(self, job: PrefillJob, reason: str) -> None:
         self.engine.abort(job.request_id, reason)
         job.sender.abort(job.transfer_id, reason)
+
+    def _transfer_stats(self, stats: TransferStats) -> None:
+        """Sender thread, just before _transfer_done: the transfer's own first-to-last-chunk time."""
+        job = self.jobs.get(stats.transfer_id)
+        if job is not None:
+            job.transfer_seconds = stats.seconds
+        if stats.ok:
+            metrics.kv_transfer_seconds().observe(stats.seconds)
 
     def _transfer_done(self, transfer_id: int, ok: bool, error: TransferError | None) -> None:
         job = self.jobs.get(transfer_id)

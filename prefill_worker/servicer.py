@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 
@@ -73,7 +72,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
                          prompt_ids=list(request.input_ids), params=params, sender=sender, on_done=on_done,
                          deadline=request.deadline_unix or None)
         app.track(job)
-        t0 = time.perf_counter()
         app.engine.submit(job)
         try:
             error = await done
@@ -86,7 +84,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             app.cancel(job, str(error))
             await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
         return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
-                                        kv_bytes=job.kv_bytes, transfer_seconds=time.perf_counter() - t0,
+                                        kv_bytes=job.kv_bytes, transfer_seconds=job.transfer_seconds,
                                         compute_seconds=job.compute_seconds, cached_tokens=0)
 
     def _validate(self, request: worker_pb2.PrefillRequest) -> str | None:

@@ -28,8 +28,8 @@ from common.sampling.sampler import draw_uniforms
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, select_tree
-from decode_worker.spec.verify import AcceptStats, VerifyResult, verify_greedy, verify_sampling
-from decode_worker.steps import extend_kv
+from decode_worker.spec.verify import VerifyResult, verify_greedy, verify_sampling
+from decode_worker.steps import rebuild_kv
 
 
 class EagleStepper:
@@ -38,7 +38,6 @@ class EagleStepper:
         self.sampler = sampler
         self.rules = rules
         self.S, self.k, self.N = spec.num_steps, spec.eagle_topk, spec.num_draft_tokens
-        self.stats = AcceptStats()
 
     # ------------------------------------------------------------------ state entry points
     def on_kv_arrival(self, req: DecodeReq, aux) -> None:
@@ -50,9 +49,7 @@ class EagleStepper:
         )
 
     def recompute(self, req: DecodeReq) -> None:
-        history = req.prompt_ids + req.output_ids[:-1]
-        hidden = extend_kv(self.runner, req, history)
-        req.kv_len = len(history)
+        history, hidden = rebuild_kv(self.runner, req)
         req.draft = self._draft_extend([req], [history[1:] + [req.pending]], [0], hidden)[0]
 
     # ------------------------------------------------------------------ the step
@@ -70,7 +67,7 @@ class EagleStepper:
             n = commit_tokens(req, committed[b], self.rules)
             req.verify_steps += 1
             req.accepted_drafts += min(a, n - 1) if req.finish else a
-            self.stats.record([a])
+            metrics.spec_accept_length().observe(a + 1)  # tokens this verify gave this request
             if logprob_rows is not None and req.params.logprobs:
                 for d in range(n):
                     row = logprob_rows[b * self.N + accept_idx[b][d]]
@@ -81,7 +78,6 @@ class EagleStepper:
                 extend_tokens.append(committed[b])
                 extend_start.append(L[b])
                 extend_rows.extend(b * self.N + j for j in accept_idx[b][: a + 1])
-        metrics.spec_accept_length().observe(self.stats.mean_accept_length)
         if extend_reqs:
             rows = torch.tensor(extend_rows, device=hidden.device)
             for req, state in zip(extend_reqs, self._draft_extend(extend_reqs, extend_tokens, extend_start,
