@@ -86,13 +86,22 @@ def copy_weights(ours: torch.nn.Module, hf: torch.nn.Module) -> None:
             base = p.rsplit(".", 1)[0]
             t = take(f"{base}.gate_proj.weight", f"{base}.up_proj.weight")
         elif name.endswith(("experts.w13", "experts.w2")):
+            # routed experts (transformers 5.x fused or 4.x per expert), then the shared ones
             fused = f"{p}.gate_up_proj" if leaf == "w13" else f"{p}.down_proj"
+            parts = ("gate_proj", "up_proj") if leaf == "w13" else ("down_proj",)
+            shared = f"{p.rsplit('.', 1)[0]}.shared_experts"
+            n_shared = param.shape[0] - src[f"{p.rsplit('.', 1)[0]}.gate.weight"].shape[0]
             if fused in src:
-                t = take(fused)
+                routed = take(fused)
             else:
-                n_exp = param.shape[0]
-                parts = ("gate_proj", "up_proj") if leaf == "w13" else ("down_proj",)
-                t = torch.stack([take(*(f"{p}.{e}.{x}.weight" for x in parts)) for e in range(n_exp)])
+                routed = torch.stack([take(*(f"{p}.{e}.{x}.weight" for x in parts))
+                                      for e in range(param.shape[0] - n_shared)])
+            if leaf == "w13":  # [n*I,H] gate and up -> n x [2I,H]
+                gates, ups = (take(f"{shared}.{x}.weight").chunk(n_shared) for x in parts)
+                extra = torch.stack([torch.cat(gu) for gu in zip(gates, ups)])
+            else:  # [H,n*I] -> n x [H,I]
+                extra = torch.stack(take(f"{shared}.down_proj.weight").chunk(n_shared, dim=1))
+            t = torch.cat((routed, extra))
         else:
             t = take(name)
         if t.shape != param.shape:

@@ -89,7 +89,7 @@ class MergedLinear(Linear):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate x) * up x); the dense MLP of the first layers and the MoE shared expert."""
+    """down(silu(gate x) * up x); the dense MLP of the first layers."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -98,8 +98,7 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward_parts(x)  # [T,I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # gate_up [T,2I] -> [T,I] -> [T,H]
 
 
 @functools.lru_cache(maxsize=8)

@@ -5,6 +5,8 @@ Checkpoint names (spec §3.1) map to our parameters as follows:
 - `...self_attn.{q,k,v}_proj.*` -> rows of `self_attn.qkv_proj.*`;
 - `...{gate,up}_proj.weight` of dense MLPs and shared experts -> rows of `gate_up_proj.weight`;
 - `...mlp.experts.{e}.{gate,up}_proj.weight` -> `mlp.experts.w13[e, rows]`; `down_proj` -> `w2[e]`;
+- `...mlp.shared_experts.*` (width n*I, n = n_shared_experts) -> experts E..E+n-1 of the same
+  stacks: gate/up split in n along their rows, down along its columns;
 - MTP layer `model.layers.{L}.*`: enorm / hnorm / eh_proj / shared_head.norm -> `mtp.*`, the rest ->
   `mtp.decoder.*`; its `shared_head.head` and `embed_tokens` copies are skipped (the target's are
   used). Without MTP every `model.layers.{>= L}.*` tensor is skipped.
@@ -41,10 +43,26 @@ class LoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Target:
-    """Where a checkpoint tensor goes: parameter `param`, region `index` (() = the whole tensor)."""
+    """Where a checkpoint tensor goes: parameter `param`, region `index` (() = the whole tensor).
+    chunks > 0: the region has a leading dim of `chunks` experts, filled by cutting the tensor in
+    that many equal parts along `chunk_dim` (n shared experts of width I from one MLP of n*I)."""
 
     param: str
     index: tuple[int | slice, ...] = ()
+    chunks: int = 0
+    chunk_dim: int = 0
+
+    def arrange(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.chunks or tensor.dim() != 2 or tensor.shape[self.chunk_dim] % self.chunks:
+            return tensor  # (mis-shaped: the caller's shape check names it)
+        return torch.stack(tensor.chunk(self.chunks, dim=self.chunk_dim))
+
+    def checkpoint_shape(self, dest: tuple[int, ...]) -> tuple[int, ...]:
+        """The checkpoint tensor shape that fills a region of shape `dest`."""
+        if not self.chunks:
+            return dest
+        n, rows, cols = dest
+        return (n * rows, cols) if self.chunk_dim == 0 else (rows, n * cols)
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -89,7 +107,13 @@ def _layer_layout(model: nn.Module, config: ModelConfig, ckpt: str, ours: str, m
         for part in ("gate_proj", "up_proj"):
             out[f"{ckpt}mlp.experts.{e}.{part}.weight"] = Target(ours + "mlp.experts.w13", (e, experts.rows(part)))
         out[f"{ckpt}mlp.experts.{e}.down_proj.weight"] = Target(ours + "mlp.experts.w2", (e,))
-    out.update(_mlp_layout(model, ckpt + "mlp.shared_experts.", ours + "mlp.shared_experts."))
+    first, n = config.n_routed_experts, config.n_shared_experts
+    shared = slice(first, first + n)
+    for part in ("gate_proj", "up_proj"):
+        out[f"{ckpt}mlp.shared_experts.{part}.weight"] = Target(ours + "mlp.experts.w13", (shared, experts.rows(part)),
+                                                                chunks=n, chunk_dim=0)
+    out[f"{ckpt}mlp.shared_experts.down_proj.weight"] = Target(ours + "mlp.experts.w2", (shared,), chunks=n,
+                                                               chunk_dim=1)
     return out
 
 
@@ -180,12 +204,13 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
             raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {config.architecture})")
         tensor = handles[path].get_tensor(name)
         dest = _materialize(model, target.param, device)[target.index]
-        if tuple(tensor.shape) != tuple(dest.shape):
+        arranged = target.arrange(tensor)
+        if tuple(arranged.shape) != tuple(dest.shape):
             raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(dest.shape)}")
+                            f"expected {target.checkpoint_shape(tuple(dest.shape))}")
         if tensor.dtype in _FP8_DTYPES:
-            tensor = _dequantize(name, tensor, where, handles, block)
-        dest.copy_(tensor)
+            arranged = target.arrange(_dequantize(name, tensor, where, handles, block))
+        dest.copy_(arranged)
         loaded.add(name)
 
     for name in layout:

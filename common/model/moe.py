@@ -1,15 +1,19 @@
 """The MoE block of GLM-4 MoE (spec §2.6): sigmoid router with a selection-only correction bias,
-group-limited top-k, routed experts scaled by s, and an unscaled shared expert."""
+group-limited top-k, routed experts scaled by s, and an unscaled shared expert.
+
+The shared expert runs inside the fused MoE: its weights are stacked after the E routed experts
+(a shared MLP of width n*I is n experts of width I: gate/up rows and down columns split in n),
+and every token's top-k gets n more columns with ids E.. and weight 1. One grouped GEMM pass then
+covers routed and shared, with a single fp32 combine (no separate GEMMs, SiLU, multiply and add).
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common import ops
 from common.config import ModelConfig
-from common.model.layers import GatedMLP
 
 
 class Router(nn.Module):
@@ -25,11 +29,12 @@ class Router(nn.Module):
                                                     requires_grad=False)  # [E]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())  # [T,E] fp32
+        return ops.router_logits(x, self.weight)  # [T,E] fp32
 
 
 class Experts(nn.Module):
-    """Routed experts stacked: w13 [E,2I,H] (gate rows, then up rows), w2 [E,H,I] (down)."""
+    """Experts stacked: w13 [E,2I,H] (gate rows, then up rows), w2 [E,H,I] (down); the routed ones
+    first, then the shared ones."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -55,13 +60,13 @@ class MoE(nn.Module):
         self.renormalize = config.norm_topk_prob
         self.scaling = config.routed_scaling_factor
         self.gate = Router(config.hidden_size, config.n_routed_experts)
-        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        self.shared_experts = GatedMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+        self.num_shared = config.n_shared_experts
+        self.experts = Experts(config.n_routed_experts + self.num_shared, config.hidden_size,
+                               config.moe_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T,H]
         logits = self.gate(x)  # [T,E] fp32
-        weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k,
-                                        self.n_group, self.topk_group, self.renormalize, self.scaling)
-        routed = self.experts(x, weights, ids)  # [T,H], already scaled by s
-        return routed + self.shared_experts(x)  # the shared expert is not scaled
+        weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
+                                        self.topk_group, self.renormalize, self.scaling, self.num_shared)
+        return self.experts(x, weights, ids)  # [T,H]: routed (scaled by s) + shared (weight 1)

@@ -25,6 +25,8 @@ _TRITON_MODULE = {
     "fused_add_rms_norm": "triton_norm",
     "qk_norm_rope": "triton_norm",
     "grouped_topk": "triton_moe",
+    "router_logits": "triton_moe",
+    "silu_and_mul": "triton_norm",
     "fused_moe": "triton_moe",
     "store_kv": "triton_kv",
 }
@@ -98,6 +100,14 @@ def qk_norm_rope(
     return resolve("qk_norm_rope", q.device)(q, k, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps)
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return resolve("silu_and_mul", gate_up.device)(gate_up)
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return resolve("router_logits", x.device)(x, w)
+
+
 def grouped_topk(
     router_logits: torch.Tensor,
     correction_bias: torch.Tensor,
@@ -106,9 +116,10 @@ def grouped_topk(
     topk_group: int,
     renormalize: bool,
     scaling: float,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return resolve("grouped_topk", router_logits.device)(
-        router_logits, correction_bias, top_k, n_group, topk_group, renormalize, scaling
+        router_logits, correction_bias, top_k, n_group, topk_group, renormalize, scaling, num_shared
     )
 
 
@@ -126,5 +137,5 @@ def store_kv(
 
 __all__ = [
     "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope", "resolve",
-    "rms_norm", "set_backend", "store_kv", "use_reference",
+    "rms_norm", "router_logits", "set_backend", "silu_and_mul", "store_kv", "use_reference",
 ]

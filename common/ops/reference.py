@@ -63,6 +63,17 @@ def qk_norm_rope(
     return _rope_neox(q, cos, sin, rotary_dim), _rope_neox(k, cos, sin, rotary_dim)
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T,2I] (gate columns, then up) -> silu(gate) * up [T,I], in the activation dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T,H] (any float dtype) times the fp32 router weight w [E,H]^T -> [T,E] fp32."""
+    return F.linear(x.float(), w)
+
+
 def grouped_topk(
     router_logits: torch.Tensor,  # [T,E] fp32
     correction_bias: torch.Tensor,  # [E] fp32
@@ -71,10 +82,13 @@ def grouped_topk(
     topk_group: int,
     renormalize: bool,
     scaling: float,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid scores; bias-corrected group-limited selection; weights from the unbiased scores.
 
-    Returns (weights[T,k] fp32, ids[T,k] int32). Excluded groups are filled with -inf.
+    Returns (weights[T,k+s] fp32, ids[T,k+s] int32), s = num_shared: the shared experts, stacked
+    after the E routed ones, ride along as columns k.. with ids E.. and weight 1 (unscaled).
+    Excluded groups are filled with -inf.
     """
     num_tokens, num_experts = router_logits.shape
     scores = router_logits.float().sigmoid()  # [T,E]
@@ -91,6 +105,10 @@ def grouped_topk(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * scaling
+    if num_shared:
+        shared = torch.arange(num_experts, num_experts + num_shared, device=ids.device).expand(num_tokens, -1)
+        ids = torch.cat((ids, shared), dim=1)
+        weights = torch.cat((weights, weights.new_ones(num_tokens, num_shared)), dim=1)
     return weights, ids.to(torch.int32)
 
 

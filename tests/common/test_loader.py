@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from common.config import ModelConfig
 from common.model import LoadError, build_model, load_model
 from common.model.loader import checkpoint_layout
+from common.ops import reference
 from common.tiny_model import make_tiny_model
 
 
@@ -53,6 +54,10 @@ def test_tensors_land_where_the_spec_says(tiny_model_dir: Path) -> None:
     assert torch.equal(experts.w2[7], raw["model.layers.1.mlp.experts.7.down_proj.weight"])
     dense = model.model.layers[0].mlp
     assert torch.equal(dense.gate_up_proj.weight[cfg.intermediate_size :], raw["model.layers.0.mlp.up_proj.weight"])
+    e = cfg.n_routed_experts  # the shared expert is stacked after the routed ones
+    assert torch.equal(experts.w13[e, :inter], raw["model.layers.1.mlp.shared_experts.gate_proj.weight"])
+    assert torch.equal(experts.w13[e, inter:], raw["model.layers.1.mlp.shared_experts.up_proj.weight"])
+    assert torch.equal(experts.w2[e], raw["model.layers.1.mlp.shared_experts.down_proj.weight"])
     L = cfg.num_hidden_layers
     assert torch.equal(model.mtp.eh_proj.weight, raw[f"model.layers.{L}.eh_proj.weight"])
     assert torch.equal(model.mtp.shared_head_norm.weight, raw[f"model.layers.{L}.shared_head.norm.weight"])
@@ -221,3 +226,35 @@ def test_fp8_without_scale_is_refused(tmp_path: Path) -> None:
     _rewrite(d / "model.safetensors", lambda t: t.__setitem__(name, t[name].to(torch.float8_e4m3fn)))
     with pytest.raises(LoadError, match=rf"'{name}'.*scale"):
         load_model(d, "cpu", torch.float32)
+
+
+def test_two_shared_experts_split_into_stacked_experts(tmp_path: Path) -> None:
+    """A shared MLP of width 2I loads as two stacked experts of width I, and the MoE block still
+    computes routed + down(silu(gate x) * up x) of the whole shared MLP."""
+    path = _tiny(tmp_path, n_shared_experts=2)
+    raw = load_file(str(path / "model.safetensors"))
+    model = load_model(path, "cpu", torch.float32)
+    cfg = model.config
+    moe = model.model.layers[1].mlp
+    assert moe.experts.w13.shape[0] == cfg.n_routed_experts + 2
+    p = "model.layers.1.mlp.shared_experts."
+    gate, up, down = (raw[p + f"{x}_proj.weight"] for x in ("gate", "up", "down"))
+    x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        weights, ids = reference.grouped_topk(moe.gate(x), moe.gate.e_score_correction_bias, cfg.num_experts_per_tok,
+                                              cfg.n_group, cfg.topk_group, cfg.norm_topk_prob,
+                                              cfg.routed_scaling_factor)
+        routed = reference.fused_moe(x, moe.experts.w13[: cfg.n_routed_experts], moe.experts.w2[: cfg.n_routed_experts],
+                                     weights, ids)
+        shared = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+        torch.testing.assert_close(moe(x), routed + shared, rtol=1e-5, atol=1e-5)
+
+
+def test_mis_shaped_shared_expert_names_the_checkpoint_shape(tmp_path: Path) -> None:
+    path = _tiny(tmp_path)
+    name = "model.layers.1.mlp.shared_experts.down_proj.weight"
+    _rewrite(path / "model.safetensors", lambda t: t.update({name: t[name][:, :-1].contiguous()}))
+    cfg = ModelConfig.from_hf(path)
+    with pytest.raises(LoadError, match=rf"'{name}' has shape \({cfg.hidden_size}, {cfg.moe_intermediate_size - 1}\), "
+                                        rf"expected \({cfg.hidden_size}, {cfg.moe_intermediate_size}\)"):
+        load_model(path, "cpu", torch.float32)
