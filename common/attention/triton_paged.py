@@ -74,7 +74,7 @@ def _paged_attn_kernel(
 ):
     """grid (row blocks, B, HK * NUM_SPLITS). NUM_SPLITS is a runtime value (one compiled kernel for
     every batch size); SPLIT = NUM_SPLITS > 1 selects the partial-output epilogue."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal ranges first: a shorter tail
     b = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
     split = tl.program_id(2) % NUM_SPLITS

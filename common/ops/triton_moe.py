@@ -11,8 +11,11 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 4. combine: out[t] = sum_j y[t*k+j] in fp32, cast once (deterministic; no atomics).
 Grid sizes depend only on host-known shapes (T, k, E, config), never on routing, so the whole
 pipeline is CUDA-graph safe; token-count-dependent ints are not specialised (no recompiles as T
-changes: one kernel per config). Block configs: common/ops/moe_configs (tuned tables written
-by benchmarks/tune_moe.py, heuristic fallback).
+changes: one kernel per config). Block configs: common/ops/moe_configs (tuned tables written by
+benchmarks/tune_moe.py, heuristic fallback).
+Up to SMALL_MAX_TOKENS tokens (batch-1 decode, the draft step) a sort-free pair replaces all four:
+gate_up per (assignment, N tile), and a down kernel that combines each token's k assignments
+itself (no align launch, no [T*k,H] buffer, no combine launch).
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ def _grouped_topk_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
     EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
     RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    K_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, SHARED: tl.constexpr,
 ):
     """BT tokens per program: sigmoid scores, bias-corrected group-limited top-k, weights from
-    the unbiased scores (renormalised, scaled)."""
+    the unbiased scores (renormalised, scaled); then SHARED columns: ids E.., weight 1."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     e = tl.arange(0, E_PAD)  # [E_PAD]
     tm = t < T
@@ -71,9 +74,13 @@ def _grouped_topk_kernel(
         c = tl.where(hit, float("-inf"), c)
     if RENORM:
         ws = ws / (tl.sum(ws, axis=1)[:, None] + 1e-20)
-    out = t[:, None] * TOPK + kk[None, :]
-    om = tm[:, None] & (kk < TOPK)[None, :]
-    tl.store(w_ptr + out, ws * scaling, mask=om)
+    ws = ws * scaling
+    shared = (kk >= TOPK)[None, :]
+    ws = tl.where(shared, 1.0, ws)
+    ids = tl.where(shared, E + kk[None, :] - TOPK, ids)
+    out = t[:, None] * (TOPK + SHARED) + kk[None, :]
+    om = tm[:, None] & (kk < TOPK + SHARED)[None, :]
+    tl.store(w_ptr + out, ws, mask=om)
     tl.store(id_ptr + out, ids, mask=om)
 
 
@@ -85,11 +92,14 @@ def grouped_topk(
     topk_group: int,
     renormalize: bool,
     scaling: float,
+    num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weights[T,k] fp32, ids[T,k] int32); ids in descending score order."""
+    """(weights[T,k+s] fp32, ids[T,k+s] int32), routed ids in descending score order, then the s =
+    num_shared shared experts (ids E.., weight 1)."""
     n_tok, n_exp = router_logits.shape
-    weights = torch.empty((n_tok, top_k), dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty((n_tok, top_k), dtype=torch.int32, device=router_logits.device)
+    width = top_k + num_shared
+    weights = torch.empty((n_tok, width), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((n_tok, width), dtype=torch.int32, device=router_logits.device)
     if n_tok == 0:
         return weights, ids
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
@@ -98,9 +108,50 @@ def grouped_topk(
         logits, correction_bias.float().contiguous(), weights, ids, n_tok, n_exp, logits.stride(0),
         float(scaling), EPG=n_exp // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
         RENORM=renormalize, BT=bt, E_PAD=triton.next_power_of_2(n_exp),
-        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(top_k), num_warps=4,
+        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared, num_warps=4,
     )
     return weights, ids
+
+
+@triton.jit(do_not_specialize=["T"])
+def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
+                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+    """grid (cdiv(E, BE),): logits[t, e] = sum_h fp32(x[t,h]) * w[e,h] for all T (<= BT) tokens;
+    each program streams its BE router rows once."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    t = tl.arange(0, BT)
+    k = tl.arange(0, BK)
+    em = e < E
+    tm = t < T
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        km = k0 + k < H
+        w = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_w + k0 + k[None, :], mask=em[:, None] & km[None, :],
+                    other=0.0)  # [BE,BK]
+        for i in tl.static_range(BT):
+            xi = tl.load(x_ptr + i * stride_x + k0 + k, mask=km & (i < T), other=0.0).to(tl.float32)  # [BK]
+            acc += tl.where(t[:, None] == i, tl.sum(w * xi[None, :], axis=1)[None, :], 0.0)
+    tl.store(out_ptr + t[:, None] * stride_o + e[None, :], acc, mask=tm[:, None] & em[None, :])
+
+
+ROUTER_MAX_TOKENS = 4  # above this the router is one cuBLAS fp32 GEMM
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T,H] (bf16) times the fp32 router weight [E,H]^T -> [T,E] fp32. Few tokens: one Triton
+    kernel reading x in its own dtype (no fp32 copy of x, no cuBLAS GEMV + reduce pair)."""
+    n_tok, hidden = x.shape
+    if n_tok > ROUTER_MAX_TOKENS or w.dtype != torch.float32 or n_tok == 0:
+        return torch.nn.functional.linear(x.float(), w)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    n_exp = w.shape[0]
+    out = torch.empty((n_tok, n_exp), dtype=torch.float32, device=x.device)
+    be = 4
+    _router_kernel[(triton.cdiv(n_exp, be),)](x, w, out, n_tok, n_exp, hidden, x.stride(0), w.stride(0),
+                                              out.stride(0), BT=triton.next_power_of_2(n_tok), BE=be, BK=512,
+                                              num_warps=4)
+    return out
 
 
 @triton.jit(do_not_specialize=["NUMEL", "CHUNK"])
@@ -192,14 +243,17 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
 def _moe_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
+    a_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr,
 ):
     """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
     Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
-    A row = sorted assignment // A_DIV (token for gate_up, assignment for down)."""
+    A row = sorted assignment // A_DIV (token for gate_up, assignment for down).
+    TMA: weight tiles come through the bulk-copy engine (w_desc: the weights as [E*rows, K], tile
+    [BN, BK]); rows past an expert's N read its neighbour's and land only in masked-off columns,
+    K past the end reads zeros."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -218,17 +272,24 @@ def _moe_gemm_kernel(
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK,BN]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+    w_row = (expert * (stride_we // stride_wn) + pid_n * BN).to(tl.int32)  # TMA: first weight row of the tile
     for k0 in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            b = tl.load(w_ptrs)
         else:
             km = offs_k < K - k0
             a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+        if TMA:
+            b = w_desc.load([w_row, k0]).T
+        elif EVEN_K:
+            b = tl.load(w_ptrs)
+        else:
             b = tl.load(w_ptrs, mask=km[:, None], other=0.0)
         acc = tl.dot(a, b, acc)
         if GATED:
-            if EVEN_K:
+            if TMA:
+                b2 = w_desc.load([w_row + N, k0]).T
+            elif EVEN_K:
                 b2 = tl.load(w_ptrs + N * stride_wn)
             else:
                 b2 = tl.load(w_ptrs + N * stride_wn, mask=km[:, None], other=0.0)
@@ -260,14 +321,143 @@ def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit(do_not_specialize=["NUMEL"])
+def _small_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, NUMEL, N, K, stride_xm, stride_we, stride_wn, stride_am,
+                     TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Few tokens: one program per (assignment, N tile), no expert sorting. act[a] = silu(x Wg^T) *
+    (x Wu^T) for assignment a = t*TOPK + j, expert ids[a]; GEMV on the CUDA cores (a weight stream).
+    Programs of one N tile are adjacent, so an expert picked twice is read from L2 the second time."""
+    pid = tl.program_id(0)
+    a_idx = pid % NUMEL
+    pid_n = pid // NUMEL
+    expert = tl.load(ids_ptr + a_idx).to(tl.int64)
+    tok = (a_idx // TOPK).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BK)
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN,BK]
+    x_ptrs = x_ptr + tok * stride_xm + offs_k
+    acc_g = tl.zeros((BN,), dtype=tl.float32)
+    acc_u = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(x_ptrs).to(tl.float32)
+            g = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
+            u = tl.load(w_ptrs + N * stride_wn, mask=nmask[:, None], other=0.0)
+        else:
+            km = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=km, other=0.0).to(tl.float32)
+            g = tl.load(w_ptrs, mask=nmask[:, None] & km[None, :], other=0.0)
+            u = tl.load(w_ptrs + N * stride_wn, mask=nmask[:, None] & km[None, :], other=0.0)
+        acc_g += tl.sum(g.to(tl.float32) * a[None, :], axis=1)
+        acc_u += tl.sum(u.to(tl.float32) * a[None, :], axis=1)
+        x_ptrs += BK
+        w_ptrs += BK
+    dt = act_ptr.dtype.element_ty
+    gate = acc_g.to(dt).to(tl.float32)  # round like the reference's bf16 gate_up output
+    res = (gate * tl.sigmoid(gate)).to(dt) * acc_u.to(dt)
+    tl.store(act_ptr + a_idx.to(tl.int64) * stride_am + offs_n, res.to(dt), mask=nmask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _small_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, T, N, K, stride_am, stride_we, stride_wn,
+                       stride_om, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Few tokens: one program per (token, N tile) runs the down projection of all TOPK assignments
+    of its token and combines them: out[t] = sum_j w_j * round(act[t*TOPK+j] W2[e_j]^T) in fp32."""
+    pid = tl.program_id(0)
+    t = pid % T
+    pid_n = pid // T
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BK)
+    dt = out_ptr.dtype.element_ty
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        a_idx = t * TOPK + j
+        expert = tl.load(ids_ptr + a_idx).to(tl.int64)
+        a_ptrs = act_ptr + a_idx.to(tl.int64) * stride_am + offs_k
+        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        part = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if EVEN_K:
+                a = tl.load(a_ptrs).to(tl.float32)
+                w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
+            else:
+                km = offs_k < K - k0
+                a = tl.load(a_ptrs, mask=km, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs, mask=nmask[:, None] & km[None, :], other=0.0)
+            part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            a_ptrs += BK
+            w_ptrs += BK
+        acc += part.to(dt).to(tl.float32) * tl.load(topw_ptr + a_idx)  # the reference's bf16 y, then weighted
+    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, acc.to(dt), mask=nmask)
+
+
+SMALL_MAX_TOKENS = 2  # fused_moe takes the sort-free path up to this many tokens (measured on H100)
+
+
+def small_config(n: int, hidden: int, num_sms: int = 132) -> dict:
+    """Tiles of the sort-free path: gate_up over N = I per assignment, down over N = H per token."""
+    return {"small": True,
+            "up": {"BLOCK_N": 16 if n <= 512 else 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+            "down": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}}
+
+
+def _fused_moe_small(x, w13, w2, weights, ids, out, cfg):  # type: ignore[no-untyped-def]
+    n_tok, hidden = x.shape
+    inter = w13.shape[1] // 2
+    top_k = ids.shape[1]
+    numel = n_tok * top_k
+    ids = ids.to(torch.int32).contiguous()
+    topw = weights.float().contiguous()
+    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)
+    up, down = cfg["up"], cfg["down"]
+    _small_up_kernel[(numel * triton.cdiv(inter, up["BLOCK_N"]),)](
+        x, w13, act, ids, numel, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOPK=top_k, BN=up["BLOCK_N"], BK=up["BLOCK_K"], EVEN_K=hidden % up["BLOCK_K"] == 0,
+        num_warps=up["num_warps"], num_stages=up["num_stages"],
+    )
+    _small_down_kernel[(n_tok * triton.cdiv(hidden, down["BLOCK_N"]),)](
+        act, w2, out, ids, topw, n_tok, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        TOPK=top_k, BN=down["BLOCK_N"], BK=down["BLOCK_K"], EVEN_K=inter % down["BLOCK_K"] == 0,
+        num_warps=down["num_warps"], num_stages=down["num_stages"],
+    )
+    return out
+
+
+_descriptors: dict[tuple, object] = {}
+
+
+def _weight_descriptor(w: torch.Tensor, bn: int, bk: int):  # type: ignore[no-untyped-def]
+    """Host TMA descriptor of expert weights [E, rows, K] as [E*rows, K] with a [bn, bk] tile; cached
+    per tensor (weights are static, so graph replays reuse it)."""
+    key = (w.data_ptr(), tuple(w.shape), bn, bk)
+    desc = _descriptors.get(key)
+    if desc is None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc = _descriptors[key] = TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk])
+    return desc
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Hopper or newer (the tensor memory accelerator); the CPU interpreter emulates it."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg):
     max_blocks = block_expert.shape[0]
     grid = (max_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
+    tma = (bool(cfg.get("tma")) and tma_supported(w.device) and w.is_contiguous()
+           and (w.shape[-1] * w.element_size()) % 16 == 0)
+    desc = _weight_descriptor(w, cfg["BLOCK_N"], cfg["BLOCK_K"]) if tma else None
     _moe_gemm_kernel[grid](
-        a, w, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
+        a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % cfg["BLOCK_K"] == 0, BM=block_m,
-        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -298,6 +488,10 @@ def fused_moe_with_config(
         if t.stride(-1) != 1:
             raise ValueError("fused_moe: expert weights need a contiguous last dim")
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if config is None and n_tok <= SMALL_MAX_TOKENS:
+        config = small_config(inter, hidden)
+    if config is not None and config.get("small"):
+        return _fused_moe_small(x, w13, w2, weights, ids, out, config)
     cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device)
     bm = cfg["BLOCK_M"]
     numel = n_tok * top_k
@@ -312,5 +506,5 @@ def fused_moe_with_config(
     return out
 
 
-__all__ = ["CONFIG_DIR", "align_block_size", "config_name", "default_config", "fused_moe", "fused_moe_with_config",
-           "get_config", "grouped_topk"]
+__all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "SMALL_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
+           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "small_config"]

@@ -1,4 +1,5 @@
-"""Triton twins of the norm ops in `reference.py`: rms_norm, fused_add_rms_norm, qk_norm_rope.
+"""Triton twins of the per-row ops in `reference.py`: rms_norm, fused_add_rms_norm, qk_norm_rope,
+silu_and_mul.
 
 Same signatures and the same cast order as the reference (fp32 statistics, cast to the activation
 dtype, then the weight multiply and the RoPE arithmetic in the activation dtype), so results agree
@@ -188,4 +189,31 @@ def qk_norm_rope(
     return qo, ko
 
 
-__all__ = ["fused_add_rms_norm", "qk_norm_rope", "rms_norm"]
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+    """grid (T, cdiv(I, BLOCK)): out[t] = silu(gate) * up, each rounded to the activation dtype
+    as the reference's two torch ops round."""
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = i < I
+    dt = out_ptr.dtype.element_ty
+    g = tl.load(x_ptr + t * stride_x + i, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + t * stride_x + I + i, mask=m, other=0.0)
+    act = (g * tl.sigmoid(g)).to(dt)
+    tl.store(out_ptr + t * stride_o + i, (act * u).to(dt), mask=m)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    x = _rows(gate_up)
+    n_tok, width = x.shape
+    inter = width // 2
+    out = torch.empty((n_tok, inter), dtype=x.dtype, device=x.device)
+    if n_tok == 0:
+        return out
+    block = min(2048, triton.next_power_of_2(inter))
+    _silu_and_mul_kernel[(n_tok, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0),
+                                                             BLOCK=block, num_warps=_row_warps(block))
+    return out
+
+
+__all__ = ["fused_add_rms_norm", "qk_norm_rope", "rms_norm", "silu_and_mul"]

@@ -105,6 +105,8 @@ def _group_norm() -> None:
             tag = "weights" if qw is not None else "no-norm"
             _check(f"qk_norm_rope.q ({tag})", a, ra, dt)
             _check(f"qk_norm_rope.k ({tag})", b, rb, dt)
+        gate_up = torch.randn(7, 2 * 100, dtype=dt)  # I not a power of two
+        _check("silu_and_mul", tn.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), dt)
 
 
 def _group_kv() -> None:
@@ -133,14 +135,19 @@ def _group_moe() -> None:
     from common.ops import reference as ref
     from common.ops import triton_moe as tm
 
-    for n, e, k, g, tg in ((5, 16, 4, 1, 1), (6, 32, 4, 4, 2), (7, 20, 3, 1, 1)):
+    for n, e, k, g, tg, shared in ((5, 16, 4, 1, 1, 0), (6, 32, 4, 4, 2, 1), (7, 20, 3, 1, 1, 2)):
         logits, bias = torch.randn(n, e), torch.randn(e) * 0.1
-        w, i = tm.grouped_topk(logits, bias, k, g, tg, True, 2.5)
-        rw, ri = ref.grouped_topk(logits, bias, k, g, tg, True, 2.5)
+        w, i = tm.grouped_topk(logits, bias, k, g, tg, True, 2.5, shared)
+        rw, ri = ref.grouped_topk(logits, bias, k, g, tg, True, 2.5, shared)
+        assert i.shape == (n, k + shared) and torch.equal(i[:, k:], ri[:, k:]), "shared columns: ids E.. last"
+        assert (w[:, k:] == 1.0).all() and (i[:, k:] == torch.arange(e, e + shared)).all()
         si, oi = i.sort(1)
         sr, orr = ri.sort(1)
         assert torch.equal(si, sr), f"grouped_topk ids differ (E={e}, G={g})"
-        _check(f"grouped_topk E={e} G={g}", w.gather(1, oi), rw.gather(1, orr), torch.float32)
+        _check(f"grouped_topk E={e} G={g} shared={shared}", w.gather(1, oi), rw.gather(1, orr), torch.float32)
+    for n in (1, 3, 6):  # the few-token router kernel (6: the cuBLAS fallback)
+        x, w = torch.randn(n, 600, dtype=torch.float16), torch.randn(10, 600)
+        _check(f"router_logits T={n}", tm.router_logits(x, w), x.double() @ w.double().T, torch.float32)
     for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (200, 8, 24, 32)):  # last: multi-chunk path
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
         sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
@@ -158,8 +165,11 @@ def _group_moe() -> None:
         print(f"align_block_size T={n} k={k} E={e} BM={bm} ok")
     big = {"BLOCK_M": 64, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
            "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}
+    tma = {"BLOCK_M": 32, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": True},
+           "down": {"BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": True}}
     for dt in (torch.float16, torch.float32):
-        for n, e, k, h, inter, cfg in ((3, 8, 2, 64, 48, None), (20, 8, 4, 128, 128, None), (40, 6, 3, 64, 40, big)):
+        for n, e, k, h, inter, cfg in ((3, 8, 2, 64, 48, None), (20, 8, 4, 128, 128, None), (40, 6, 3, 64, 40, big),
+                                       (24, 6, 3, 64, 40, tma), (17, 5, 2, 96, 64, tma)):
             x = torch.randn(n, h, dtype=dt)
             w13 = torch.randn(e, 2 * inter, h, dtype=dt) / h**0.5
             w2 = torch.randn(e, h, inter, dtype=dt) / inter**0.5
@@ -168,6 +178,19 @@ def _group_moe() -> None:
             want = ref.fused_moe(x.double(), w13.double(), w2.double(), w, i)
             _check(f"fused_moe T={n} E={e} k={k} H={h} I={inter}", out, want, dt)
         assert tm.fused_moe(x, w13, w2, w, i).shape == x.shape
+    # the sort-free few-token path (routed + 1 shared column), even and ragged K tiles
+    small = tm.small_config(48, 64)
+    ragged = {"small": True, "up": {"BLOCK_N": 16, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+              "down": {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
+    for dt in (torch.float16, torch.float32):
+        for n, e, k, h, inter, cfg in ((1, 9, 3, 128, 48, small), (2, 9, 3, 96, 40, ragged), (3, 5, 2, 64, 24, ragged)):
+            x = torch.randn(n, h, dtype=dt)
+            w13 = torch.randn(e, 2 * inter, h, dtype=dt) / h**0.5
+            w2 = torch.randn(e, h, inter, dtype=dt) / inter**0.5
+            w, i = ref.grouped_topk(torch.randn(n, e - 1), torch.zeros(e - 1), k, 1, 1, True, 1.5, 1)
+            out = tm.fused_moe_with_config(x, w13, w2, w, i, cfg)
+            want = ref.fused_moe(x.double(), w13.double(), w2.double(), w, i)
+            _check(f"fused_moe small T={n} E={e} k={k}+1 H={h} I={inter}", out, want, dt)
 
 
 def _group_attention() -> None:

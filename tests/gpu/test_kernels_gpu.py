@@ -102,24 +102,50 @@ def moe_weights() -> dict:
     return {}
 
 
+TMA_CFG = {"BLOCK_M": 64, "up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "tma": True},
+           "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4, "tma": True}}
+
+
 @pytest.mark.parametrize("shape", list(MOE_SHAPES))
-@pytest.mark.parametrize("n", [1, 64, 512, 2048])
-def test_fused_moe(shape: str, n: int, moe_weights: dict) -> None:
+@pytest.mark.parametrize("n,mode", [(1, "auto"), (2, "auto"), (3, "auto"), (64, "auto"), (512, "auto"),
+                                    (2048, "auto"), (1, "small"), (4, "small"), (64, "tma"), (2048, "tma")])
+def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict) -> None:
+    """Routed top-8 plus the shared expert stacked after them (the model's layout), through the
+    heuristic/tuned path, the sort-free few-token path and the TMA weight loads."""
     from common.ops import reference as ref
     from common.ops import triton_moe as tm
 
     e, h, inter = MOE_SHAPES[shape]
     if shape not in moe_weights:
         moe_weights.clear()  # one shape's weights on the GPU at a time
-        moe_weights[shape] = (torch.randn(e, 2 * inter, h, device=DEV, dtype=torch.bfloat16) / h**0.5,
-                              torch.randn(e, h, inter, device=DEV, dtype=torch.bfloat16) / inter**0.5)
+        moe_weights[shape] = (torch.randn(e + 1, 2 * inter, h, device=DEV, dtype=torch.bfloat16) / h**0.5,
+                              torch.randn(e + 1, h, inter, device=DEV, dtype=torch.bfloat16) / inter**0.5)
     w13, w2 = moe_weights[shape]
     x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
-    weights, ids = ref.grouped_topk(torch.randn(n, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 2.5)
-    out = tm.fused_moe(x, w13, w2, weights, ids)
+    weights, ids = ref.grouped_topk(torch.randn(n, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 2.5, 1)
+    cfg = {"auto": None, "small": tm.small_config(inter, h), "tma": TMA_CFG}[mode]
+    out = tm.fused_moe_with_config(x, w13, w2, weights, ids, cfg)
     used, remap = torch.unique(ids.long(), return_inverse=True)  # fp32 copies of the touched experts only
     want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())
     assert rel(out, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 64])
+def test_router_logits(n: int) -> None:
+    from common.ops import triton_moe as tm
+
+    x = torch.randn(n, 5120, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(160, 5120, device=DEV) / 5120**0.5
+    assert rel(tm.router_logits(x, w), x.double() @ w.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 2048])
+def test_silu_and_mul(n: int) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    gate_up = torch.randn(n, 2 * 10944, device=DEV, dtype=torch.bfloat16)
+    assert torch.equal(tn.silu_and_mul(gate_up), ref.silu_and_mul(gate_up))
 
 
 def _attn_batch(specs, hk=8, hq=96, d=128, page=16, dtype=torch.bfloat16):  # type: ignore[no-untyped-def]
@@ -193,12 +219,13 @@ def test_decode_attention_graph_replay() -> None:
     assert rel(out, want) < BF16_TOL
 
 
-def test_moe_graph_replay() -> None:
+@pytest.mark.parametrize("n", [1, 16])  # the sort-free path and the sorted one
+def test_moe_graph_replay(n: int) -> None:
     """fused_moe reads no routing on the host: a captured graph stays right for new routing."""
     from common.ops import reference as ref
     from common.ops import triton_moe as tm
 
-    e, h, inter, n = 128, 1024, 256, 16
+    e, h, inter = 128, 1024, 256
     w13 = torch.randn(e, 2 * inter, h, device=DEV, dtype=torch.bfloat16) / h**0.5
     w2 = torch.randn(e, h, inter, device=DEV, dtype=torch.bfloat16) / inter**0.5
     x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
