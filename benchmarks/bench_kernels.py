@@ -73,36 +73,39 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------ MoE
-MOE_MODELS = {"air": (128, 4096, 1408), "glm45": (160, 5120, 1536)}  # E, H, I_e
+# E routed, H, I_e, shared experts fused in as extra columns (the model's configuration: moe.py)
+MOE_MODELS = {"air": (128, 4096, 1408, 0), "glm45": (160, 5120, 1536, 0), "air+shared": (128, 4096, 1408, 1),
+              "glm45+shared": (160, 5120, 1536, 1)}
 MOE_M = (1, 8, 32, 64, 1024, 4096)
 
 
 def bench_moe(rep: Report) -> None:
-    for model, (e, h, inter) in MOE_MODELS.items():
+    for model, (e, h, inter, shared) in MOE_MODELS.items():
         if rep.over_budget():
             return
-        _moe_model(rep, model, e, h, inter)
+        _moe_model(rep, model, e, h, inter, shared)
         torch.cuda.empty_cache()
 
 
-def _moe_model(rep: Report, model: str, e: int, h: int, inter: int) -> None:
-    w13 = torch.randn(e, 2 * inter, h, device=DEV, dtype=BF) / h**0.5
-    w2 = torch.randn(e, h, inter, device=DEV, dtype=BF) / inter**0.5
+def _moe_model(rep: Report, model: str, e: int, h: int, inter: int, shared: int) -> None:
+    w13 = torch.randn(e + shared, 2 * inter, h, device=DEV, dtype=BF) / h**0.5
+    w2 = torch.randn(e + shared, h, inter, device=DEV, dtype=BF) / inter**0.5
     for m in MOE_M:
         if rep.over_budget():
             return
-        shape = f"{model} E={e} H={h} I={inter} k=8 M={m}"
+        shape = f"{model} E={e}{f'+{shared}' if shared else ''} H={h} I={inter} k=8{f'+{shared}' if shared else ''} M={m}"
         try:
-            _moe_point(rep, shape, w13, w2, m)
+            _moe_point(rep, shape, w13, w2, m, shared)
         except Exception as exc:  # noqa: BLE001 - keep measuring the rest
             rep.fail("fused_moe", shape, exc)
 
 
-def _moe_point(rep: Report, shape: str, w13: torch.Tensor, w2: torch.Tensor, m: int) -> None:
+def _moe_point(rep: Report, shape: str, w13: torch.Tensor, w2: torch.Tensor, m: int, shared: int) -> None:
     e, n2, h = w13.shape
+    e -= shared
     inter = n2 // 2
     xs = [torch.randn(m, h, device=DEV, dtype=BF) for _ in range(2)]
-    routes = [tm.grouped_topk(torch.randn(m, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 1.0)
+    routes = [tm.grouped_topk(torch.randn(m, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 1.0, shared)
               for _ in range(2)]
     t = gt.time_graph([lambda i=i: tm.fused_moe(xs[i], w13, w2, *routes[i]) for i in range(2)])
     x, (weights, ids) = xs[0], routes[0]
@@ -112,7 +115,7 @@ def _moe_point(rep: Report, shape: str, w13: torch.Tensor, w2: torch.Tensor, m: 
     del want
     torch.cuda.empty_cache()
     w_bytes = used.numel() * 3 * inter * h * 2
-    flops = 2 * m * 8 * 3 * inter * h
+    flops = 2 * m * (8 + shared) * 3 * inter * h
     ref_t = gt.time_eager(lambda: ref.fused_moe(x, w13, w2, weights, ids), rep_ms=60)
     target = ""
     if m <= 64:

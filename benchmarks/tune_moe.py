@@ -2,6 +2,10 @@
 
     python benchmarks/tune_moe.py                          # quick: Air + GLM-4.5 full width, 7 M values
     python benchmarks/tune_moe.py --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
+    python benchmarks/tune_moe.py --small                  # the sort-free few-token path: tiles, crossover
+
+Shapes are the model's: the E routed experts plus --shared (default 1) shared experts stacked after
+them, top-8 routed + the shared column per token (common/model/moe.py), so tables are keyed E+1.
 
 For each shape (E, H, I_e / tp) and token count M, random routing (grouped_topk on random logits)
 and, for each BLOCK_M candidate, the gate_up and the down GEMM are timed separately (graph
@@ -30,11 +34,18 @@ MODELS = {"air": (128, 4096, 1408), "glm45": (160, 5120, 1536)}  # E, H, I_e
 QUICK_M = (1, 4096, 64, 1024, 8, 256, 32)  # most telling first: a budget cut keeps them
 ALL_M = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048, 3072, 4096)
 TOP_K = 8
+SHARED = 1  # --shared: shared experts per token (stacked after the routed ones)
+
+
+def route(m: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-8 routing over the e - SHARED routed experts plus the shared column(s)."""
+    return tm.grouped_topk(torch.randn(m, e - SHARED, device="cuda"), torch.zeros(e - SHARED, device="cuda"),
+                           TOP_K, 1, 1, True, 1.0, SHARED)
 
 
 def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[dict]]:
     """(BLOCK_M values, gate_up candidates, down candidates), likely-best first."""
-    per_expert = m * TOP_K / num_experts
+    per_expert = m * (TOP_K + SHARED) / num_experts
 
     def grid(bns, bks, warps, stages, groups):  # type: ignore[no-untyped-def]
         return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s}
@@ -46,9 +57,10 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
     if per_expert <= 48:
         return ([32, 64], grid((64, 128), (128, 64), (4,), (4, 3), (4,)),
                 grid((64, 128), (128, 64), (4,), (4, 3), (4,)))
-    big = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s}
+    big = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s, "tma": tma}
+           for tma in (True, False)
            for n, k, w, s in ((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
-                              (128, 128, 8, 3), (128, 64, 8, 4))]
+                              (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4))]
     return [64, 128], big, list(big)
 
 
@@ -56,7 +68,8 @@ def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw
     numel, inter = act.shape
     h = x.shape[1]
     if part == "up":
-        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, TOP_K, True, bm, cfg)
+        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, TOP_K + SHARED, True, bm,
+                                cfg)
     return lambda: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg)
 
 
@@ -64,9 +77,8 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     w13 = _weights.get((e, h, inter))
     w2 = _weights.get((e, h, inter, "down"))
-    weights, ids = tm.grouped_topk(torch.randn(m, e, device="cuda"), torch.zeros(e, device="cuda"),
-                                   TOP_K, 1, 1, True, 1.0)
-    numel = m * TOP_K
+    weights, ids = route(m, e)
+    numel = m * (TOP_K + SHARED)
     act = torch.randn(numel, inter, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(numel, h, device="cuda", dtype=torch.bfloat16)
     topw = weights.reshape(-1).contiguous()
@@ -99,6 +111,47 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
 _weights: dict = {}
 
 
+def small_sweep(shapes: list, deadline: float) -> None:
+    """The sort-free path's tiles at M = 1, 2, and whole fused_moe sort-free vs sorted at M = 1..8
+    (prints the crossover that SMALL_MAX_TOKENS should be)."""
+    tiles = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
+             for n, k, w, st in itertools.product((8, 16, 32, 64), (128, 256), (4,), (3, 5))]
+    for model, tp_deg, e, h, inter in shapes:
+        w13, w2 = _weights[(e, h, inter)], _weights[(e, h, inter, "down")]
+        bytes_per_expert = 3 * inter * h * 2
+        for m in (1, 2):
+            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+            weights, ids = route(m, e)
+            best = {}
+            for part in ("up", "down"):
+                base = tm.small_config(inter, h)
+                for cfg in tiles:
+                    if time.time() > deadline:
+                        break
+                    trial = dict(base, **{part: cfg})
+                    try:
+                        t = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, trial)], reps=10)
+                    except Exception:  # noqa: BLE001 - does not fit
+                        continue
+                    if part not in best or t < best[part][0]:
+                        best[part] = (t, cfg)
+            if len(best) < 2:
+                continue
+            cfg = {"small": True, "up": best["up"][1], "down": best["down"][1]}
+            t = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, cfg)], reps=20)
+            distinct = int(torch.unique(ids).numel())
+            print(f"  small {model} tp={tp_deg} M={m}: {cfg} {t:.1f} us, {distinct} experts = "
+                  f"{distinct * bytes_per_expert / (t * 1e3):.0f} GB/s", flush=True)
+        for m in (1, 2, 3, 4, 8):
+            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+            weights, ids = route(m, e)
+            small = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, tm.small_config(inter, h))],
+                                  reps=20)
+            cfg = tm.get_config(m, e, 2 * inter, h, TOP_K + SHARED, torch.bfloat16, x.device)
+            sort = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, cfg)], reps=20)
+            print(f"  crossover {model} tp={tp_deg} M={m}: sort-free {small:.1f} us, sorted {sort:.1f} us", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="air,glm45")
@@ -106,18 +159,25 @@ def main() -> None:
     ap.add_argument("--m", default="quick", help="'quick', 'all' or a comma list")
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--out-dir", type=Path, default=tm.CONFIG_DIR)
+    ap.add_argument("--shared", type=int, default=1, help="shared experts stacked after the routed ones")
+    ap.add_argument("--small", action="store_true", help="sweep the sort-free few-token path instead")
     args = ap.parse_args()
+    global SHARED
+    SHARED = args.shared
     deadline = time.time() + args.budget_s
     ms = QUICK_M if args.m == "quick" else ALL_M if args.m == "all" else tuple(int(v) for v in args.m.split(","))
     name = torch.cuda.get_device_name(0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = gt.out_dir()
     print(f"tuning on {name}; M = {ms}", flush=True)
-    shapes = [(model, tp_deg, *MODELS[model][:2], MODELS[model][2] // tp_deg)
+    shapes = [(model, tp_deg, MODELS[model][0] + SHARED, MODELS[model][1], MODELS[model][2] // tp_deg)
               for tp_deg in (int(v) for v in args.tp.split(",")) for model in args.models.split(",")]
     for _, _, e, h, inter in shapes:  # every shape's weights stay resident (M-major order below)
         _weights[(e, h, inter)] = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
         _weights[(e, h, inter, "down")] = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    if args.small:
+        small_sweep(shapes, deadline)
+        return
     for m in ms:  # M-major, so a budget cut leaves every shape with its most telling points
         for model, tp_deg, e, h, inter in shapes:
             if time.time() > deadline:
@@ -127,7 +187,7 @@ def main() -> None:
             best = tune_point(e, h, inter, m, deadline)
             if best is None:
                 continue
-            heur = tm.default_config(m, e, 2 * inter, h, TOP_K)
+            heur = tm.default_config(m, e, 2 * inter, h, TOP_K + SHARED)
             print(f"  {model} tp={tp_deg} (E={e} H={h} I={inter}) M={m}: BM={best['BLOCK_M']} "
                   f"up={best['up']} down={best['down']} {best['us']} (heuristic BM={heur['BLOCK_M']}) "
                   f"[{time.time() - t0:.0f} s]", flush=True)

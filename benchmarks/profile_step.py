@@ -1,0 +1,142 @@
+"""Where the time of one forward goes: per-kernel GPU time of the 4-layer Air-shaped model.
+
+    python benchmarks/profile_step.py [--decode 1,32] [--context 1024] [--prefill 2048]
+
+Random bf16 weights (benchmarks/bench_spec_step.random_model's Air widths, no MTP). For each
+decode batch size: the eager step and the CUDA-graph replay (GraphRunner, as the decode worker
+captures it) under torch.profiler; for the prefill: the eager forward. Prints, per case, the
+wall time per step (CUDA events), the summed kernel time, the gap (wall - kernels: launch
+latency and idle time between kernels) and the kernels grouped by name with count and total
+time per step, largest first. With OUT set, writes $OUT/profile_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from bench_spec_step import AIR, random_model
+from torch.profiler import ProfilerActivity, profile
+
+from common.batch import ForwardBatch, SeqSpec
+from common.runtime.runner import ModelRunner
+
+PAGE = 16
+
+
+def wall_us(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_table(fn, reps: int) -> tuple[float, list[tuple[str, int, float]]]:  # type: ignore[no-untyped-def]
+    """(summed kernel µs per call, [(kernel name, launches per call, µs per call)]) over reps calls."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            name = ev.name
+            if name.startswith(("Memcpy", "Memset")) or "Memcpy" in name:
+                name = "[" + name.split()[0] + "]"
+            by_name[name].append(ev.device_time)
+    rows = [(n[:90], round(len(ts) / reps), sum(ts) / reps) for n, ts in by_name.items()]
+    rows.sort(key=lambda r: -r[2])
+    return sum(r[2] for r in rows), rows
+
+
+def section(title: str, wall: float, fn, reps: int, top: int) -> list[str]:  # type: ignore[no-untyped-def]
+    total, rows = kernel_table(fn, reps)
+    n_kernels = sum(r[1] for r in rows)
+    lines = [f"### {title}", "",
+             f"wall {wall:.0f} µs per step; kernels {total:.0f} µs in {n_kernels} launches; "
+             f"gap (wall - kernels) {wall - total:.0f} µs", "",
+             "| kernel | launches | µs per step | share |", "|---|---|---|---|"]
+    lines += [f"| `{n}` | {c} | {t:.1f} | {t / total:.1%} |" for n, c, t in rows[:top]]
+    rest = rows[top:]
+    if rest:
+        lines.append(f"| ({len(rest)} others) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.1f} | "
+                     f"{sum(r[2] for r in rest) / total:.1%} |")
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decode", default="1,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step needs a CUDA GPU")
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    batches = [int(b) for b in args.decode.split(",") if b]
+    ctx = args.context
+    pages_per_seq = -(-(ctx + 1) // PAGE)
+    num_pages = 1 + max(batches + [0]) * pages_per_seq + -(-args.prefill // PAGE)
+    model = random_model(AIR, dev, dtype)  # (with the MTP layer, unused here)
+    runner = ModelRunner("", dev, dtype, PAGE, num_pages, model=model)
+    out = [f"# profile_step: {torch.cuda.get_device_name(0)}, 4-layer Air-shaped model, context {ctx}", ""]
+    if batches:
+        runner.capture_decode_graphs(max(batches))
+    for b in batches:
+        pages = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(b)]
+        for i in range(b):  # fill the context's KV
+            runner.forward(ForwardBatch.build([SeqSpec([(7 * t + i) % 151552 for t in range(ctx)], range(ctx), ctx,
+                                                       pages[i], logit_rows=[])], PAGE, dev))
+        step = ForwardBatch.decode([11] * b, [ctx] * b, pages, PAGE, dev)
+        graphs, runner.graphs = runner.graphs, None
+
+        def eager() -> None:
+            runner.decode_logits(step)
+
+        out += section(f"decode B={b}, eager", wall_us(eager, args.reps), eager, args.reps, args.top)
+        runner.graphs = graphs
+
+        def replay() -> None:
+            runner.decode_logits(step)
+
+        out += section(f"decode B={b}, CUDA graph", wall_us(replay, args.reps), replay, args.reps, args.top)
+        print("\n".join(out[-args.top - 8:]), flush=True)
+    if args.prefill:
+        n = args.prefill
+        pages = list(range(num_pages - -(-n // PAGE), num_pages))
+        batch = ForwardBatch.build([SeqSpec([(3 * t) % 151552 for t in range(n)], range(n), n, pages)], PAGE, dev)
+
+        def prefill() -> None:
+            runner.forward(batch)
+
+        out += section(f"prefill 1x{n}, eager", wall_us(prefill, max(3, args.reps // 2)), prefill,
+                       max(3, args.reps // 2), args.top)
+    text = "\n".join(out)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "profile_step.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
