@@ -145,8 +145,10 @@ def sample(
     params: Sequence[SamplingParams],
     *,
     steps: Sequence[int] | None = None,  # per row: output tokens before this position (seeded rows)
-    generator: torch.Generator | None = None,  # shared by unseeded rows
+    generator: torch.Generator | None = None,  # CPU generator shared by unseeded rows (None: torch's default)
 ) -> SampleOutput:
+    """Never waits for the device: the per-row knobs and uniforms travel in one non-blocking copy, so
+    the returned tensors stay on the logits' device (the overlapped decode step relies on this)."""
     assert logits.dim() == 2 and logits.shape[0] == len(params), "one SamplingParams per logits row"
     logprobs = top = None
     if any(p.logprobs for p in params):
@@ -155,14 +157,20 @@ def sample(
     if all(p.is_greedy for p in params):
         tokens = greedy_tokens
     else:
-        st = SamplingTensors.from_params(params, logits.device)
+        vocab = logits.shape[1]
+        u = draw_uniforms([p.seed for p in params], steps, 1, "cpu", generator)[:, 0]
+        # float64 holds every knob exactly (top_k clamped to the vocabulary, as target_probs does)
+        knobs = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
+                              [p.min_p for p in params], [min(p.top_k, vocab) for p in params],
+                              [float(p.is_greedy) for p in params]], dtype=torch.float64)
+        temperature, top_p, min_p, top_k, greedy, u = to_device(torch.cat([knobs, u[None].double()]),
+                                                                 logits.device)
+        st = SamplingTensors(temperature.float(), top_k.long(), top_p.float(), min_p.float())
         filtered = any(
             not p.is_greedy and (not p.top_k_off or p.top_p < 1 or p.min_p > 0) for p in params
         )
         probs = target_probs(logits, *st, filtered=filtered)
-        u = draw_uniforms([p.seed for p in params], steps, 1, logits.device, generator)[:, 0]
-        greedy = torch.tensor([p.is_greedy for p in params]).to(logits.device)
-        tokens = torch.where(greedy, greedy_tokens, sample_from_probs(probs, u))
+        tokens = torch.where(greedy > 0, greedy_tokens, sample_from_probs(probs, u.float()))
     if any(p.logprobs for p in params):
         logprobs = all_lp.gather(1, tokens[:, None]).squeeze(1)
         n = max(p.top_logprobs for p in params)
@@ -170,6 +178,15 @@ def sample(
             values, ids = all_lp.topk(n, dim=-1)
             top = (ids, values)
     return SampleOutput(tokens, logprobs, top)
+
+
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device without waiting: on CUDA a pinned, non-blocking copy (a plain `.to(cuda)` of
+    pageable memory synchronises the stream); elsewhere an ordinary copy."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def _mix64(seed: int, step: int) -> int:
