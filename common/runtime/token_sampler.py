@@ -75,6 +75,19 @@ class TokenSampler:
             tops = [list(zip(i[: p.top_logprobs], v[: p.top_logprobs])) for i, v, p in zip(ids, vals, params)]
         return [SampledRow(int(t), lp, top) for t, lp, top in zip(tokens, lps, tops)]
 
+    def needs_host(self, params: SamplingParams, step: int) -> bool:
+        """Whether a row at output position `step` (output tokens before it) needs `sample`: a logit
+        processor would change its logits (penalties and the thinking budget read the host history;
+        logit bias and min_tokens are simply not done on the device path), or it wants logprobs."""
+        return (params.has_penalties or bool(params.logit_bias) or step < params.min_tokens or params.logprobs
+                or (params.thinking_budget is not None and self.budget is not None))
+
+    def sample_on_device(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+                         steps: Sequence[int]) -> torch.Tensor:
+        """`sample` for rows `needs_host` refuses (their processors are no-ops), without the host copy:
+        tokens [R] int64 on the logits' device, nothing waits for the device, same tokens as `sample`."""
+        return sample(logits, params, steps=steps, generator=self.generator).tokens
+
     def probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """Target distribution per (already processed) row: [R, V] fp32."""
         st = SamplingTensors.from_params(params, logits.device)
