@@ -7,6 +7,11 @@ its committed tokens kept, and it waits at the head of the memory queue; on re-a
 engine recomputes its KV locally (the decode worker holds the whole model). Nothing another
 request owns is ever touched.
 
+With the overlapped decode loop a step is launched before the previous one's tokens are known, so
+a request released meanwhile may still be written by a step on the device: while a *fence* is up,
+released pages are parked on it and go back to the allocator only when the engine lifts it (after
+that step's completion event).
+
 Pure Python on purpose: unit-testable without a model.
 """
 
@@ -45,7 +50,7 @@ class DecodeReq:
     deadline: float | None = None
     state: ReqState = ReqState.WAITING_MEMORY
     pages: list[int] = field(default_factory=list)
-    kv_len: int = 0  # logical slots holding target KV
+    kv_len: int = 0  # logical slots holding target KV (or being written by a launched step)
     output_ids: list[int] = field(default_factory=list)  # committed; the last one has no KV yet
     logprobs: list = field(default_factory=list)  # per output token (token, logprob, top) when asked
     draft: DraftState | None = None
@@ -79,6 +84,7 @@ class Scheduler:
         self.ready: deque[DecodeReq] = deque()  # KV complete, not yet in the batch
         self.running: list[DecodeReq] = []
         self.by_id: dict[str, DecodeReq] = {}
+        self._fence: list[int] | None = None  # pages released while the newest launched step is in flight
 
     # ------------------------------------------------------------------ bookkeeping
     def pages_for(self, slots: int) -> int:
@@ -149,7 +155,13 @@ class Scheduler:
                     break
         return retracted
 
+    def can_grow(self, reqs: Iterable[DecodeReq]) -> bool:
+        """Whether grow(reqs) finds every page it needs without retracting anyone."""
+        need = sum(max(0, self.pages_for(r.kv_len + self.step_slots) - len(r.pages)) for r in reqs)
+        return need <= self.allocator.num_free
+
     def _retract(self, req: DecodeReq) -> None:
+        assert self._fence is None, "retraction while a launched step may still write the pages"
         self.allocator.free(req.pages)
         req.pages = []
         req.draft = None
@@ -163,7 +175,10 @@ class Scheduler:
         if req.state is ReqState.DONE:
             return
         if req.pages:
-            self.allocator.free(req.pages)
+            if self._fence is not None:
+                self._fence.extend(req.pages)
+            else:
+                self.allocator.free(req.pages)
             req.pages = []
         self.waiting_kv.pop(req.transfer_id, None)
         for q in (self.waiting_memory, self.ready):
@@ -173,6 +188,21 @@ class Scheduler:
             self.running.remove(req)
         req.state = ReqState.DONE
         self.by_id.pop(req.request_id, None)
+
+    # ------------------------------------------------------------------ fences (overlapped decode)
+    def raise_fence(self) -> list[int]:
+        """A step was just launched: pages released from now on are parked in the returned list (until
+        the next raise_fence) instead of freed. Lift it once that step is done on the device."""
+        self._fence = []
+        return self._fence
+
+    def lift_fence(self, fence: list[int]) -> None:
+        """The step that owned `fence` is done on the device: free its parked pages (and stop parking
+        if no newer step was launched since)."""
+        if self._fence is fence:
+            self._fence = None
+        self.allocator.free(fence)
+        fence.clear()
 
     # ------------------------------------------------------------------ load report
     def load(self) -> dict[str, int]:
