@@ -1,7 +1,9 @@
 """The plain (non-speculative) decode step, and KV recompute for retracted requests.
 
 One step: every running request feeds its pending token at position kv_len, writes its K/V at
-logical slot kv_len, and samples the next token with its own processors and history.
+logical slot kv_len, and samples the next token with its own processors and history. `step` does it
+synchronously; `launch` enqueues it without waiting for the device, taking the input of a request
+with a token in flight from the previous launched step's device tensor (decode_worker/overlap.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
 from decode_worker.commit import StopRules, commit_tokens
+from decode_worker.overlap import LaunchedStep, feed_tokens
 from decode_worker.scheduler import DecodeReq
 
 
@@ -52,6 +55,28 @@ class PlainStepper:
             req.kv_len += 1
             commit_tokens(req, [row.token], self.rules)
             record_logprob(req, row)
+
+    def can_launch(self, req: DecodeReq, step: int) -> bool:
+        """Whether `launch` gives req the tokens `step` would, sampling output position `step`."""
+        return not self.sampler.needs_host(req.params, step)
+
+    def launch(self, reqs: list[DecodeReq], prev: LaunchedStep | None) -> LaunchedStep:
+        """Enqueue one step (forward + device sampling + token copy to the host) and return at once.
+        A request in `prev` feeds prev's token for it; the others their host pending token. Every
+        request's kv_len counts the slot written; its token is committed by the caller later."""
+        runner = self.runner
+        src = [prev.rows.get(r, -1) if prev is not None else -1 for r in reqs]  # row of prev feeding r
+        batch = ForwardBatch.decode([r.pending if s < 0 else 0 for r, s in zip(reqs, src)],
+                                    [r.kv_len for r in reqs], [r.pages for r in reqs], runner.page_size,
+                                    runner.device)
+        if prev is not None:
+            feed_tokens(batch.input_ids, prev.tokens, src)
+        logits = runner.decode_logits(batch)
+        steps = [len(r.output_ids) + (s >= 0) for r, s in zip(reqs, src)]
+        tokens = self.sampler.sample_on_device(logits, [r.params for r in reqs], steps)
+        for req in reqs:
+            req.kv_len += 1
+        return LaunchedStep.start(reqs, tokens)
 
     def on_kv_arrival(self, req: DecodeReq, aux: object) -> None:
         pass
