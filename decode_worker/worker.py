@@ -2,8 +2,16 @@
 
     inbox -> admit (reserve pages) -> batch -> grow/retract -> step (plain or EAGLE) -> emit
 
-Everything else (what a step does, how KV arrives, how a request is answered) lives in helpers.
-All scheduler state is owned by this thread; other threads talk to it through `inbox`.
+With `overlap` (plain decode on CUDA), a step is launched before the previous one's tokens are
+committed, so the host's commit/emit/admission work runs while the device computes:
+
+    inbox -> admit -> batch -> launch step N+1 -> wait step N's tokens -> commit -> emit
+
+A batch the device path cannot sample exactly (logit processors, logprobs, KV recompute, a
+retraction) takes the synchronous step, after the step in flight has committed
+(decode_worker/overlap.py has the invariants). Everything else (what a step does, how KV arrives,
+how a request is answered) lives in helpers. All scheduler state is owned by this thread; other
+threads talk to it through `inbox`.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from common import metrics
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.output import ErrorEvent, TokenEvent
+from decode_worker.overlap import LaunchedStep, wants_token
 from decode_worker.scheduler import DecodeReq, QueueFullError, ReqState, Scheduler
 
 log = logging.getLogger(__name__)
@@ -33,12 +42,24 @@ class Stepper(Protocol):
     def recompute(self, req: DecodeReq) -> None: ...
 
 
+class LaunchingStepper(Stepper, Protocol):
+    """A stepper that can also launch a step without waiting for its tokens (overlapped loop)."""
+
+    def can_launch(self, req: DecodeReq, step: int) -> bool: ...
+    def launch(self, reqs: list[DecodeReq], prev: LaunchedStep | None) -> LaunchedStep: ...
+
+
 class DecodeEngine:
-    def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules) -> None:
+    def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules, overlap: bool = False) -> None:
+        """overlap: launch each step before committing the previous one (`stepper` must be a
+        LaunchingStepper); batches it cannot take still run the synchronous step."""
         self.sched = sched
         self.sink: Any = None  # decode_worker.kv_receiver.PageSink: told of reservations
         self.stepper = stepper
         self.rules = rules
+        self.overlap = overlap
+        self._launcher: LaunchingStepper = stepper  # type: ignore[assignment]  # used only with overlap
+        self.in_flight: LaunchedStep | None = None  # launched, tokens not committed yet
         self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._reserved: set[int] = set()
@@ -101,38 +122,100 @@ class DecodeEngine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            idle = not (self.sched.running or self.sched.ready)
-            self._drain_inbox(block=idle)
-            self._expire_deadlines()
-            for req in self.sched.admit():
-                if not req.needs_recompute:  # a resumed request's KV is rebuilt locally
-                    self._mark_reserved(req, True)
-            batch = self.sched.next_batch()
-            if not batch:
-                self.last_progress = time.monotonic()
-                self._report()
-                continue
-            for req in self.sched.grow(batch):
-                log.warning("KV pool full: retracted %s (%d tokens kept, KV recomputed on resume)",
-                            req.request_id, len(req.output_ids))
-                metrics.errors_total().labels(code="RETRACTED").inc()
-            batch = [r for r in batch if r.state is ReqState.RUNNING]
-            try:
-                for req in batch:
-                    if req.needs_recompute:
-                        self.stepper.recompute(req)
-                        req.needs_recompute = False
-                if batch:
-                    self.stepper.step(batch)
-            except Exception as e:  # a failed step fails its batch, never the process
-                log.exception("decode step failed")
-                for req in batch:
-                    self._fail(req, "INTERNAL", f"decode step failed: {e}")
-                continue
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One turn of the loop (tests drive it directly; it blocks briefly on the inbox when idle)."""
+        idle = not (self.sched.running or self.sched.ready) and self.in_flight is None
+        self._drain_inbox(block=idle)
+        self._expire_deadlines()
+        for req in self.sched.admit():
+            if not req.needs_recompute:  # a resumed request's KV is rebuilt locally
+                self._mark_reserved(req, True)
+        if not (self.overlap and self._overlap_step()):
+            self._finish_in_flight()
+            self._sync_step()
+        self.last_progress = time.monotonic()
+        self._report()
+
+    def _overlap_step(self) -> bool:
+        """Launch the next step, then commit the one in flight. False, having done nothing, when the
+        batch needs the synchronous step (or there is nothing to launch)."""
+        prev = self.in_flight
+        batch = [r for r in self.sched.next_batch() if wants_token(r, prev)]
+        if not batch or not self._can_launch(batch, prev):
+            return False
+        self.sched.grow(batch)  # cannot retract: _can_launch checked the free pages
+        try:
+            step: LaunchedStep | None = self._launcher.launch(batch, prev)
+        except Exception as e:  # a failed step fails its batch, never the process
+            log.exception("decode step failed")
             for req in batch:
-                self._emit(req)
-            self.last_progress = time.monotonic()
-            self._report()
+                self._fail(req, "INTERNAL", f"decode step failed: {e}")
+            step = None
+        self.in_flight = step
+        if step is not None:
+            step.fence = self.sched.raise_fence()
+        if prev is not None:
+            self._complete(prev)
+        return True
+
+    def _can_launch(self, batch: list[DecodeReq], prev: LaunchedStep | None) -> bool:
+        for r in batch:
+            step = len(r.output_ids) + (prev.in_flight(r) if prev is not None else 0)  # position sampled
+            if r.needs_recompute or not self._launcher.can_launch(r, step):
+                return False
+        return self.sched.can_grow(batch)
+
+    def _finish_in_flight(self) -> None:
+        step, self.in_flight = self.in_flight, None
+        if step is not None:
+            self._complete(step)
+
+    def _complete(self, step: LaunchedStep) -> None:
+        """Wait for a launched step's tokens, free the pages parked behind it, commit and emit. A row
+        whose request was released after the launch (finished, aborted) is dropped."""
+        try:
+            tokens = step.wait()
+        except Exception as e:
+            log.exception("decode step failed")
+            tokens = None
+            for req in step.reqs:
+                if req.state is ReqState.RUNNING:
+                    self._fail(req, "INTERNAL", f"decode step failed: {e}")
+        self.sched.lift_fence(step.fence)
+        if tokens is None:
+            return
+        live = [(req, tok) for req, tok in zip(step.reqs, tokens)
+                if req.state is ReqState.RUNNING and req.finish is None]
+        for req, tok in live:
+            commit_tokens(req, [tok], self.rules)
+        for req, _ in live:
+            self._emit(req)
+
+    def _sync_step(self) -> None:
+        batch = self.sched.next_batch()
+        if not batch:
+            return
+        for req in self.sched.grow(batch):
+            log.warning("KV pool full: retracted %s (%d tokens kept, KV recomputed on resume)",
+                        req.request_id, len(req.output_ids))
+            metrics.errors_total().labels(code="RETRACTED").inc()
+        batch = [r for r in batch if r.state is ReqState.RUNNING]
+        try:
+            for req in batch:
+                if req.needs_recompute:
+                    self.stepper.recompute(req)
+                    req.needs_recompute = False
+            if batch:
+                self.stepper.step(batch)
+        except Exception as e:  # a failed step fails its batch, never the process
+            log.exception("decode step failed")
+            for req in batch:
+                self._fail(req, "INTERNAL", f"decode step failed: {e}")
+            return
+        for req in batch:
+            self._emit(req)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
