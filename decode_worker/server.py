@@ -33,8 +33,10 @@ STALL_LIMIT_S = 30.0
 
 
 class DecodeWorkerApp:
-    def __init__(self, cfg: WorkerConfig, max_running: int, cuda_graph_bs: int = 0) -> None:
-        """cuda_graph_bs > 0: capture the plain decode step's CUDA graphs up to that batch size."""
+    def __init__(self, cfg: WorkerConfig, max_running: int, cuda_graph_bs: int = 0, overlap: bool = True) -> None:
+        """cuda_graph_bs > 0: capture the plain decode step's CUDA graphs up to that batch size.
+        overlap: launch each plain decode step before committing the previous one (CUDA only: on CPU
+        the launched step runs synchronously, so overlapping would only delay every token)."""
         self.cfg = cfg
         self.runner = build_runner(cfg)
         self.config = self.runner.config
@@ -50,7 +52,8 @@ class DecodeWorkerApp:
         if cuda_graph_bs > 0:  # plain decode graphs, or EAGLE's verify + draft-step graphs
             self._capture_graphs(cuda_graph_bs)
         sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
-        self.engine = DecodeEngine(sched, stepper, rules)
+        overlap = overlap and not spec.enabled and self.runner.device.type == "cuda"
+        self.engine = DecodeEngine(sched, stepper, rules, overlap=overlap)
         self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout)
         self.engine.sink = self.sink
         device = self.runner.device if self.runner.device.type == "cuda" else None
@@ -105,8 +108,9 @@ class DecodeWorkerApp:
         self.acceptor.close()
 
 
-async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs: int = 0) -> None:
-    app = DecodeWorkerApp(cfg, max_running, cuda_graph_bs)
+async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs: int = 0,
+                overlap: bool = True) -> None:
+    app = DecodeWorkerApp(cfg, max_running, cuda_graph_bs, overlap)
     server = make_server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
     health = await add_health(server, [SERVICE])
@@ -119,8 +123,9 @@ async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs
     app.engine.start()
     await server.start()
     await health.set_ready(True)
-    log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s)", cfg.worker_id, cfg.host,
-             bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec)
+    log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s, overlap schedule %s)",
+             cfg.worker_id, cfg.host, bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec,
+             "on" if app.engine.overlap else "off")
 
     async def watch_stall() -> None:
         stalled = False
@@ -148,6 +153,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         "batch size "
                         "(capped by --max-running-requests; CUDA only)")
     p.add_argument("--disable-cuda-graph", action="store_true", help="run every decode step eagerly")
+    p.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="commit each plain decode step's tokens before launching the next (by default, on "
+                        "CUDA, the next step is launched first so host work overlaps the forward)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
     return p
 
@@ -160,5 +168,5 @@ def graph_batch_size(ns: argparse.Namespace) -> int:
 def main(argv: list[str]) -> int:
     return worker_main(build_arg_parser(), "decode", argv,
                        lambda cfg, ns: serve(cfg, ns.max_running_requests, ns.shutdown_grace,
-                                             graph_batch_size(ns)),
+                                             graph_batch_size(ns), not ns.disable_overlap_schedule),
                        lambda ns: "--max-running-requests must be >= 1" if ns.max_running_requests < 1 else None)
