@@ -1,13 +1,16 @@
 """End-to-end serving numbers: gateway + prefill + decode processes, real gRPC, real KV transport.
 
     python benchmarks/bench_e2e.py [--device cuda:0] [--decode-device cuda:0] [--concurrency 1,8,32]
+                                   [--overlap on|off|both] [--no-spec]
 
 Writes a model directory with GLM-4.5-Air layer widths (H 4096, 96/8 heads of 128 -> the same KV
 bytes per token and layer as Air; 4 layers; 16 routed experts of I_e 1408 top-8; the tiny
 tokenizer's vocabulary) and the MTP layer, starts the three processes (both workers on one GPU:
 the KV moves over CUDA IPC; on two GPUs: NCCL), then measures per concurrency level: TTFT (client side), inter-token latency, output
 tokens/s, and the KV transfer rate the decode worker recorded (bytes / first-to-last-chunk time,
-which includes waiting for the prefill's compute when layer groups stream). With OUT set, writes
+which includes waiting for the prefill's compute when layer groups stream). The plain decode runs
+with the overlapped schedule (the worker's default); `--overlap off` passes the decode worker
+`--disable-overlap-schedule`, `--overlap both` measures plain decode both ways. With OUT set, writes
 $OUT/bench_e2e.md.
 """
 
@@ -62,15 +65,18 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
+def run(args: argparse.Namespace, model: Path, spec: list[str], overlap: bool = True) -> list[str]:
     mport = free_port()
     shared = args.device == args.decode_device  # two processes on one GPU split its memory
+    is_spec = "--speculative-algorithm" in spec
     spec = spec + (["--mem-fraction-static", "0.4"] if shared else [])
+    name = "spec" if is_spec else "plain" if overlap else "plain_sync"
     cluster = start_cluster(model, prefill=1, decode=1, extra_worker_args=spec,
                             extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
                             extra_decode_args=["--device", args.decode_device, "--metrics-port", str(mport),
-                                               "--max-running-requests", "64"],
-                            log_dir=Path(args.log_dir) / ("spec" if "--speculative-algorithm" in spec else "plain"))
+                                               "--max-running-requests", "64",
+                                               *([] if overlap else ["--disable-overlap-schedule"])],
+                            log_dir=Path(args.log_dir) / name)
     rows = []
     try:
         cluster.wait_ready(300)
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
             tokens = sum(len(t) for _, _, t in res)
             nbytes = after["glmserve_kv_transfer_bytes_total"] - before["glmserve_kv_transfer_bytes_total"]
             secs = after["glmserve_kv_transfer_seconds_sum"] - before["glmserve_kv_transfer_seconds_sum"]
-            row = (f"| {'EAGLE 3,1,4' if '--speculative-algorithm' in spec else 'off'} | {conc} | {args.prompt} | "
+            schedule = "n/a" if is_spec else "on" if overlap else "off"
+            row = (f"| {'EAGLE 3,1,4' if is_spec else 'off'} | {schedule} | {conc} | {args.prompt} | "
                    f"{statistics.median(ttft) * 1e3:.1f} | {max(ttft) * 1e3:.1f} | "
                    f"{statistics.median(itl) * 1e3:.2f} | {tokens / wall:.0f} | "
                    f"{nbytes / 2**20 / max(1, conc):.1f} | {nbytes / secs / 1e9 if secs else float('nan'):.1f} |")
@@ -103,8 +110,8 @@ def run(args: argparse.Namespace, model: Path, spec: list[str]) -> list[str]:
         cluster.stop()
         if os.environ.get("OUT"):  # one file of every process's log tail, for post-mortems
             with open(Path(os.environ["OUT"], "e2e_workers.log"), "a") as out:
-                out.writelines(f"===== {f}\n{f.read_text()[-6000:]}\n" for f in sorted((Path(args.log_dir) / ("spec" if "--speculative-algorithm" in spec else "plain"))
-                                .glob("*.log")))
+                out.writelines(f"===== {f}\n{f.read_text()[-6000:]}\n"
+                               for f in sorted((Path(args.log_dir) / name).glob("*.log")))
     return rows
 
 
@@ -118,6 +125,9 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="reuse a model directory (default: write one)")
     ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_e2e"))
     ap.add_argument("--no-spec", action="store_true")
+    ap.add_argument("--overlap", default="on", choices=("on", "off", "both"),
+                    help="plain decode with the overlapped schedule (on), with --disable-overlap-schedule (off), "
+                         "or both, one after the other")
     args = ap.parse_args()
     args.decode_device = args.decode_device or args.device
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -126,10 +136,13 @@ def main() -> None:
         t0 = time.time()
         make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
         print(f"wrote Air-layer model to {model} in {time.time() - t0:.0f}s", flush=True)
-    header = ["| spec | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | output tok/s | "
-              "KV MiB/request | KV transfer GB/s (decode side) |", "|---|---|---|---|---|---|---|---|---|"]
+    header = [("| spec | overlap schedule | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | "
+               "output tok/s | KV MiB/request | KV transfer GB/s (decode side) |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
-    rows = run(args, model, [])
+    rows = []
+    for overlap in {"on": (True,), "off": (False,), "both": (True, False)}[args.overlap]:
+        rows += run(args, model, [], overlap)
     if not args.no_spec:
         rows += run(args, model, ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3",
                                   "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"])
