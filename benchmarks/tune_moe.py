@@ -2,7 +2,6 @@
 
     python benchmarks/tune_moe.py                          # quick: Air + GLM-4.5 full width, 7 M values
     python benchmarks/tune_moe.py --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
-    python benchmarks/tune_moe.py --small                  # the sort-free few-token path: tiles, crossover
 
 Shapes are the model's: the E routed experts plus --shared (default 1) shared experts stacked after
 them, top-8 routed + the shared column per token (common/model/moe.py), so tables are keyed E+1.
@@ -111,47 +110,6 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
 _weights: dict = {}
 
 
-def small_sweep(shapes: list, deadline: float) -> None:
-    """The sort-free path's tiles at M = 1, 2, and whole fused_moe sort-free vs sorted at M = 1..8
-    (prints the crossover that SMALL_MAX_TOKENS should be)."""
-    tiles = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": st}
-             for n, k, w, st in itertools.product((8, 16, 32, 64), (128, 256), (4,), (3, 5))]
-    for model, tp_deg, e, h, inter in shapes:
-        w13, w2 = _weights[(e, h, inter)], _weights[(e, h, inter, "down")]
-        bytes_per_expert = 3 * inter * h * 2
-        for m in (1, 2):
-            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-            weights, ids = route(m, e)
-            best = {}
-            for part in ("up", "down"):
-                base = tm.small_config(inter, h)
-                for cfg in tiles:
-                    if time.time() > deadline:
-                        break
-                    trial = dict(base, **{part: cfg})
-                    try:
-                        t = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, trial)], reps=10)
-                    except Exception:  # noqa: BLE001 - does not fit
-                        continue
-                    if part not in best or t < best[part][0]:
-                        best[part] = (t, cfg)
-            if len(best) < 2:
-                continue
-            cfg = {"small": True, "up": best["up"][1], "down": best["down"][1]}
-            t = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, cfg)], reps=20)
-            distinct = int(torch.unique(ids).numel())
-            print(f"  small {model} tp={tp_deg} M={m}: {cfg} {t:.1f} us, {distinct} experts = "
-                  f"{distinct * bytes_per_expert / (t * 1e3):.0f} GB/s", flush=True)
-        for m in (1, 2, 3, 4, 8):
-            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-            weights, ids = route(m, e)
-            small = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, tm.small_config(inter, h))],
-                                  reps=20)
-            cfg = tm.get_config(m, e, 2 * inter, h, TOP_K + SHARED, torch.bfloat16, x.device)
-            sort = gt.time_graph([lambda: tm.fused_moe_with_config(x, w13, w2, weights, ids, cfg)], reps=20)
-            print(f"  crossover {model} tp={tp_deg} M={m}: sort-free {small:.1f} us, sorted {sort:.1f} us", flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="air,glm45")
@@ -160,7 +118,6 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--out-dir", type=Path, default=tm.CONFIG_DIR)
     ap.add_argument("--shared", type=int, default=1, help="shared experts stacked after the routed ones")
-    ap.add_argument("--small", action="store_true", help="sweep the sort-free few-token path instead")
     args = ap.parse_args()
     global SHARED
     SHARED = args.shared
@@ -175,9 +132,6 @@ def main() -> None:
     for _, _, e, h, inter in shapes:  # every shape's weights stay resident (M-major order below)
         _weights[(e, h, inter)] = torch.randn(e, 2 * inter, h, device="cuda", dtype=torch.bfloat16) / h**0.5
         _weights[(e, h, inter, "down")] = torch.randn(e, h, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
-    if args.small:
-        small_sweep(shapes, deadline)
-        return
     for m in ms:  # M-major, so a budget cut leaves every shape with its most telling points
         for model, tp_deg, e, h, inter in shapes:
             if time.time() > deadline:

@@ -13,9 +13,9 @@ Grid sizes depend only on host-known shapes (T, k, E, config), never on routing,
 pipeline is CUDA-graph safe; token-count-dependent ints are not specialised (no recompiles as T
 changes: one kernel per config). Block configs: common/ops/moe_configs (tuned tables written by
 benchmarks/tune_moe.py, heuristic fallback).
-Up to SMALL_MAX_TOKENS tokens (batch-1 decode, the draft step) a sort-free pair replaces all four:
-gate_up per (assignment, N tile), and a down kernel that combines each token's k assignments
-itself (no align launch, no [T*k,H] buffer, no combine launch).
+(A sort-free few-token variant -- GEMV per assignment on the CUDA cores, down fused with the
+combine -- was measured on the H100 at 135 us against 126 us for this pipeline at M = 1, Air
+shapes, and removed; see docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -321,110 +321,6 @@ def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["NUMEL"])
-def _small_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, NUMEL, N, K, stride_xm, stride_we, stride_wn, stride_am,
-                     TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """Few tokens: one program per (assignment, N tile), no expert sorting. act[a] = silu(x Wg^T) *
-    (x Wu^T) for assignment a = t*TOPK + j, expert ids[a]; GEMV on the CUDA cores (a weight stream).
-    Programs of one N tile are adjacent, so an expert picked twice is read from L2 the second time."""
-    pid = tl.program_id(0)
-    a_idx = pid % NUMEL
-    pid_n = pid // NUMEL
-    expert = tl.load(ids_ptr + a_idx).to(tl.int64)
-    tok = (a_idx // TOPK).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    offs_k = tl.arange(0, BK)
-    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN,BK]
-    x_ptrs = x_ptr + tok * stride_xm + offs_k
-    acc_g = tl.zeros((BN,), dtype=tl.float32)
-    acc_u = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        if EVEN_K:
-            a = tl.load(x_ptrs).to(tl.float32)
-            g = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
-            u = tl.load(w_ptrs + N * stride_wn, mask=nmask[:, None], other=0.0)
-        else:
-            km = offs_k < K - k0
-            a = tl.load(x_ptrs, mask=km, other=0.0).to(tl.float32)
-            g = tl.load(w_ptrs, mask=nmask[:, None] & km[None, :], other=0.0)
-            u = tl.load(w_ptrs + N * stride_wn, mask=nmask[:, None] & km[None, :], other=0.0)
-        acc_g += tl.sum(g.to(tl.float32) * a[None, :], axis=1)
-        acc_u += tl.sum(u.to(tl.float32) * a[None, :], axis=1)
-        x_ptrs += BK
-        w_ptrs += BK
-    dt = act_ptr.dtype.element_ty
-    gate = acc_g.to(dt).to(tl.float32)  # round like the reference's bf16 gate_up output
-    res = (gate * tl.sigmoid(gate)).to(dt) * acc_u.to(dt)
-    tl.store(act_ptr + a_idx.to(tl.int64) * stride_am + offs_n, res.to(dt), mask=nmask)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _small_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, topw_ptr, T, N, K, stride_am, stride_we, stride_wn,
-                       stride_om, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """Few tokens: one program per (token, N tile) runs the down projection of all TOPK assignments
-    of its token and combines them: out[t] = sum_j w_j * round(act[t*TOPK+j] W2[e_j]^T) in fp32."""
-    pid = tl.program_id(0)
-    t = pid % T
-    pid_n = pid // T
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
-    offs_k = tl.arange(0, BK)
-    dt = out_ptr.dtype.element_ty
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        a_idx = t * TOPK + j
-        expert = tl.load(ids_ptr + a_idx).to(tl.int64)
-        a_ptrs = act_ptr + a_idx.to(tl.int64) * stride_am + offs_k
-        w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        part = tl.zeros((BN,), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            if EVEN_K:
-                a = tl.load(a_ptrs).to(tl.float32)
-                w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
-            else:
-                km = offs_k < K - k0
-                a = tl.load(a_ptrs, mask=km, other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs, mask=nmask[:, None] & km[None, :], other=0.0)
-            part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-            a_ptrs += BK
-            w_ptrs += BK
-        acc += part.to(dt).to(tl.float32) * tl.load(topw_ptr + a_idx)  # the reference's bf16 y, then weighted
-    tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_n, acc.to(dt), mask=nmask)
-
-
-SMALL_MAX_TOKENS = 2  # fused_moe takes the sort-free path up to this many tokens (measured on H100)
-
-
-def small_config(n: int, hidden: int, num_sms: int = 132) -> dict:
-    """Tiles of the sort-free path: gate_up over N = I per assignment, down over N = H per token."""
-    return {"small": True,
-            "up": {"BLOCK_N": 16 if n <= 512 else 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
-            "down": {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}}
-
-
-def _fused_moe_small(x, w13, w2, weights, ids, out, cfg):  # type: ignore[no-untyped-def]
-    n_tok, hidden = x.shape
-    inter = w13.shape[1] // 2
-    top_k = ids.shape[1]
-    numel = n_tok * top_k
-    ids = ids.to(torch.int32).contiguous()
-    topw = weights.float().contiguous()
-    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)
-    up, down = cfg["up"], cfg["down"]
-    _small_up_kernel[(numel * triton.cdiv(inter, up["BLOCK_N"]),)](
-        x, w13, act, ids, numel, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOPK=top_k, BN=up["BLOCK_N"], BK=up["BLOCK_K"], EVEN_K=hidden % up["BLOCK_K"] == 0,
-        num_warps=up["num_warps"], num_stages=up["num_stages"],
-    )
-    _small_down_kernel[(n_tok * triton.cdiv(hidden, down["BLOCK_N"]),)](
-        act, w2, out, ids, topw, n_tok, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        TOPK=top_k, BN=down["BLOCK_N"], BK=down["BLOCK_K"], EVEN_K=inter % down["BLOCK_K"] == 0,
-        num_warps=down["num_warps"], num_stages=down["num_stages"],
-    )
-    return out
-
-
 _descriptors: dict[tuple, object] = {}
 
 
@@ -488,10 +384,6 @@ def fused_moe_with_config(
         if t.stride(-1) != 1:
             raise ValueError("fused_moe: expert weights need a contiguous last dim")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if config is None and n_tok <= SMALL_MAX_TOKENS:
-        config = small_config(inter, hidden)
-    if config is not None and config.get("small"):
-        return _fused_moe_small(x, w13, w2, weights, ids, out, config)
     cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device)
     bm = cfg["BLOCK_M"]
     numel = n_tok * top_k
@@ -506,5 +398,5 @@ def fused_moe_with_config(
     return out
 
 
-__all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "SMALL_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
-           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "small_config"]
+__all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
+           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "tma_supported"]
