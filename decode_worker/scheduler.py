@@ -171,7 +171,7 @@ class Scheduler:
         self.waiting_memory.appendleft(req)
 
     def release(self, req: DecodeReq) -> None:
-        """Finish or abort: free pages and forget the request (idempotent)."""
+        """Finish or abort: free pages (park them while a fence is up) and forget the request (idempotent)."""
         if req.state is ReqState.DONE:
             return
         if req.pages:
