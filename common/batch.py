@@ -129,45 +129,39 @@ class ForwardBatch:
         with SeqSpec(tokens[b], L_b + depth[b], L_b + w, pages[b][:need], prefix_len=L_b, mask=mask[b],
         logit_rows=range(q)); the page table holds only the `need` pages the forward touches. Lengths
         and page table travel in one host->device copy; slots are gathered on the device."""
+        w = mask.shape[-1]
+        return cls.tree_in(TreeLayout.build(prefix_lens, pages, w, page_size, tokens.device), tokens, depth, mask)
+
+    @classmethod
+    def tree_in(cls, layout: TreeLayout, tokens: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
+                logit_rows: torch.Tensor | None = None) -> ForwardBatch:
+        """`tree()` over a TreeLayout built once for several masked forwards (window w <= layout.window):
+        no host work and no copy. The page table is the layout's (it may cover slots past L_b + w).
+        logit_rows [R] int64 on the device: the rows whose logits are wanted (default every query)."""
         n, q = tokens.shape
         w = mask.shape[-1]
         if tuple(depth.shape) != (n, q) or tuple(mask.shape) != (n, q, w) or q > w:
             raise ValueError(f"tree batch: tokens {tuple(tokens.shape)}, depth {tuple(depth.shape)}, "
                              f"mask {tuple(mask.shape)}")
-        if n == 0 or len(prefix_lens) != n or len(pages) != n:
-            raise ValueError(f"tree batch: {n} sequences, {len(prefix_lens)} prefix lengths, {len(pages)} page lists")
-        need = [-(-(p + w) // page_size) for p in prefix_lens]
-        for b, (p, k) in enumerate(zip(prefix_lens, need)):
-            if p < 0 or len(pages[b]) < k:
-                raise ValueError(f"sequence {b}: {len(pages[b])} pages cannot hold {p + w} slots")
-        width = max(need)
-        table = [int(x) for p, k in zip(pages, need) for x in (*p[:k], *(0,) * (width - k))]
-        seq_lens = [int(p) + w for p in prefix_lens]
-        # layout: prefix lens | seq lens | query_start | mask_start | table
-        host = torch.tensor([*prefix_lens, *seq_lens, *range(0, (n + 1) * q, q), *range(0, (n + 1) * q * w, q * w),
-                             *table], dtype=torch.int64)
+        if n != layout.num_seqs or w > layout.window:
+            raise ValueError(f"tree batch of {n} sequences x {w} slots does not fit a layout of "
+                             f"{layout.num_seqs} x {layout.window}")
         dev = tokens.device
-        flat = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
-        prefix = flat[:n]
-        page_table = flat[4 * n + 2:].view(n, width)
-        logical = (prefix + (w - q))[:, None] + torch.arange(q, device=dev)  # [B, q]
-        slots = page_table.gather(1, logical // page_size) * page_size + logical % page_size
-        i32 = torch.int32
         return cls(
             input_ids=tokens.reshape(-1).long(),
-            positions=(prefix[:, None] + depth).reshape(-1),
-            query_start=flat[2 * n:3 * n + 1].to(i32),
-            prefix_lens=prefix.to(i32),
-            seq_lens=flat[n:2 * n].to(i32),
-            page_table=page_table.to(i32),
-            out_slots=slots.reshape(-1),
-            logit_rows=torch.arange(n * q, device=dev),
-            page_size=page_size,
+            positions=(layout.prefix[:, None] + depth).reshape(-1),
+            query_start=torch.arange(0, (n + 1) * q, q, dtype=torch.int32, device=dev),
+            prefix_lens=layout.prefix32,
+            seq_lens=(layout.prefix32 + w),
+            page_table=layout.page_table,
+            out_slots=layout.window_slots[:, w - q:w].reshape(-1),
+            logit_rows=torch.arange(n * q, device=dev) if logit_rows is None else logit_rows,
+            page_size=layout.page_size,
             mask=mask.reshape(-1).to(torch.bool),
-            mask_start=flat[3 * n + 1:4 * n + 2],
+            mask_start=torch.arange(0, (n + 1) * q * w, q * w, dtype=torch.int64, device=dev),
             query_lens_host=(q,) * n,
-            prefix_lens_host=tuple(int(p) for p in prefix_lens),
-            seq_lens_host=tuple(seq_lens),
+            prefix_lens_host=layout.prefix_lens_host,
+            seq_lens_host=tuple(p + w for p in layout.prefix_lens_host),
         )
 
     @classmethod
@@ -242,3 +236,51 @@ class ForwardBatch:
             prefix_lens_host=tuple(prefix),
             seq_lens_host=tuple(seqlen),
         )
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """Lengths and pages of B sequences, on the device once, for the masked forwards of one EAGLE step
+    (`ForwardBatch.tree_in`): sequence b has prefix L_b and owns logical slots [L_b, L_b + window).
+
+    Built with one host->device copy (pinned and non-blocking on CUDA) that can carry caller rows
+    along (`extra`), so a step needs no other host->device transfer."""
+
+    prefix: torch.Tensor  # [B] int64 L_b
+    prefix32: torch.Tensor  # [B] int32 L_b
+    page_table: torch.Tensor  # [B, width] int32, the pages of logical slots [0, L_b + window), 0-padded
+    window_slots: torch.Tensor  # [B, window] int64 physical flat slot of logical slot L_b + c
+    extra: torch.Tensor  # [E, B] int64 the caller's rows
+    prefix_lens_host: tuple[int, ...]
+    window: int
+    page_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.prefix_lens_host)
+
+    @classmethod
+    def build(cls, prefix_lens: Sequence[int], pages: Sequence[Sequence[int]], window: int, page_size: int,
+              device: torch.device | str = "cpu", extra: Sequence[Sequence[int]] = ()) -> TreeLayout:
+        n = len(prefix_lens)
+        if n == 0 or len(pages) != n or window < 1 or any(len(e) != n for e in extra):
+            raise ValueError(f"tree layout: {n} prefix lengths, {len(pages)} page lists, window {window}, "
+                             f"extra rows of {[len(e) for e in extra]}")
+        need = [-(-(p + window) // page_size) for p in prefix_lens]
+        for b, (p, k) in enumerate(zip(prefix_lens, need)):
+            if p < 0 or len(pages[b]) < k:
+                raise ValueError(f"sequence {b}: {len(pages[b])} pages cannot hold {p + window} slots")
+        width = max(need)
+        table = [int(x) for p, k in zip(pages, need) for x in (*p[:k], *(0,) * (width - k))]
+        # layout: prefix lens | extra rows | table
+        host = torch.tensor([*prefix_lens, *(int(v) for e in extra for v in e), *table], dtype=torch.int64)
+        dev = torch.device(device)
+        flat = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        e = len(extra)
+        prefix = flat[:n]
+        page_table = flat[(1 + e) * n:].view(n, width)
+        logical = prefix[:, None] + torch.arange(window, device=dev)  # [B, window]
+        slots = page_table.gather(1, logical // page_size) * page_size + logical % page_size
+        return cls(prefix=prefix, prefix32=prefix.to(torch.int32), page_table=page_table.to(torch.int32),
+                   window_slots=slots, extra=flat[n:(1 + e) * n].view(e, n),
+                   prefix_lens_host=tuple(int(p) for p in prefix_lens), window=window, page_size=page_size)

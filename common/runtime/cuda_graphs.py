@@ -3,11 +3,14 @@
 The only module that captures CUDA graphs. Two shapes are graphed:
 - the plain decode step (one causal query per sequence);
 - masked EAGLE forwards of q queries per sequence over a window of w slots (`ForwardBatch.tree`):
-  the verify forward (q = w = N) and each draft step (q = k, w = (level+1)k, with a hidden input).
+  the verify forward (q = w = N), each draft step (q = k, w = (level+1)k, with a hidden input) and the
+  fixed-shape draft extend (q = w = S+1, causal mask, hidden input, outputs at one row per sequence
+  picked by batch.logit_rows).
 A batch of B sequences replays the graph of the smallest captured bucket >= B: the real rows are
 copied into the bucket's static ForwardBatch (mask [bucket*q*w], positions, slots, page table,
-lengths, hidden input), and padded rows become dummy requests that read and write only the dummy
-page 0 (prefix 0, seq_len w (1 for decode), mask all visible, slots 0, token 0). The kernels the
+lengths, hidden input, the logit rows of a per-sequence runner), and padded rows become dummy
+requests that read and write only the dummy page 0 (prefix 0, seq_len w (1 for decode), mask all
+visible, slots 0, token 0, logit row = its last query). The kernels the
 step runs must not read per-step host values (the Triton attention plans from batch shape only; see
 common/attention/triton_paged.py); the torch reference ops are not graph safe.
 
@@ -39,21 +42,25 @@ StepFn = Callable[..., Outputs]
 class _Graph:
     graph: torch.cuda.CUDAGraph
     batch: ForwardBatch  # static inputs
-    hidden: torch.Tensor | None  # static hidden input [bucket*q, H] (draft steps)
-    out: Outputs  # static output(s) [bucket*q, ...]
+    hidden: torch.Tensor | None  # static hidden input [bucket*q, H] (draft steps, draft extend)
+    out: Outputs  # static output(s) [bucket*q, ...] ([bucket, ...] with outputs_per_seq)
 
 
 class GraphRunner:
     def __init__(self, step: StepFn, batch_sizes: Sequence[int], max_pages_per_seq: int, page_size: int,
                  device: torch.device | str, *, queries: int = 1, window: int = 0, hidden_size: int = 0,
-                 hidden_dtype: torch.dtype = torch.bfloat16) -> None:
+                 hidden_dtype: torch.dtype = torch.bfloat16, outputs_per_seq: bool = False) -> None:
         """window 0: plain decode (one causal query per sequence). window w > 0: `queries` masked queries
         per sequence over w window slots (ForwardBatch.tree). hidden_size > 0: the step also takes a
-        static hidden input [T, hidden_size] (called as step(batch, hidden))."""
+        static hidden input [T, hidden_size] (called as step(batch, hidden)). outputs_per_seq (window > 0):
+        batch.logit_rows holds one row per sequence, loaded at every replay (a padded sequence selects
+        its own last query), and the step's outputs have one row per sequence."""
         if not batch_sizes:
             raise ValueError("GraphRunner needs at least one batch size")
         if (window == 0 and queries != 1) or (window > 0 and not 1 <= queries <= window):
             raise ValueError(f"GraphRunner: {queries} queries per sequence over a window of {window}")
+        if outputs_per_seq and window == 0:
+            raise ValueError("GraphRunner: outputs_per_seq needs a masked (window > 0) batch")
         self.step = step
         self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
         self.max_pages = max_pages_per_seq
@@ -61,6 +68,9 @@ class GraphRunner:
         self.device = torch.device(device)
         self.q, self.w = queries, window
         self.hidden_size, self.hidden_dtype = hidden_size, hidden_dtype
+        self.per_seq = outputs_per_seq
+        # a padded sequence's logit row: its own last query
+        self._pad_rows = torch.arange(self.batch_sizes[-1], device=self.device) * queries + (queries - 1)
         self.graphs: dict[int, _Graph] = {}
         self.pool = None
 
@@ -79,7 +89,8 @@ class GraphRunner:
             seq_lens=torch.full((bs,), seq_len, dtype=i32, device=dev),
             page_table=torch.zeros((bs, self.max_pages), dtype=i32, device=dev),
             out_slots=torch.zeros(bs * q, dtype=i64, device=dev),
-            logit_rows=torch.arange(bs * q, dtype=i64, device=dev),
+            logit_rows=(self._pad_rows[:bs].clone() if self.per_seq
+                        else torch.arange(bs * q, dtype=i64, device=dev)),
             page_size=self.page_size,
             mask=torch.ones(bs * q * w, dtype=torch.bool, device=dev) if w else None,
             mask_start=torch.arange(0, (bs + 1) * q * w, q * w, dtype=i64, device=dev) if w else None,
@@ -125,7 +136,8 @@ class GraphRunner:
         if self.w == 0:
             return batch.is_decode and batch.logit_rows.shape[0] == batch.num_seqs
         q, w = self.q, self.w
-        return (batch.mask is not None and batch.logit_rows.shape[0] == batch.num_tokens
+        rows = batch.num_seqs if self.per_seq else batch.num_tokens
+        return (batch.mask is not None and batch.logit_rows.shape[0] == rows
                 and all(n == q for n in batch.query_lens_host)
                 and all(s - p == w for s, p in zip(batch.seq_lens_host, batch.prefix_lens_host)))
 
@@ -135,7 +147,8 @@ class GraphRunner:
     @torch.inference_mode()
     def run(self, batch: ForwardBatch, hidden: torch.Tensor | None = None) -> Outputs:
         """Replay for a batch of this runner's shape (check can_run first); returns the first B*q rows
-        of each output. `hidden` [B*q, H]: the hidden input of a runner built with hidden_size."""
+        (B with outputs_per_seq) of each output. `hidden` [B*q, H]: the hidden input of a runner built
+        with hidden_size."""
         n = batch.num_seqs
         bs = self.bucket(n)
         if bs is None or bs not in self.graphs or not self.fits(batch):
@@ -143,12 +156,22 @@ class GraphRunner:
         if (hidden is None) != (self.hidden_size == 0):
             raise ValueError("a hidden input goes with (and only with) a runner built with hidden_size")
         g = self.graphs[bs]
-        load_batch(g.batch, batch)
-        if g.hidden is not None:
-            load_rows(g.hidden, hidden)
+        self.load(g.batch, g.hidden, batch, hidden)
         g.graph.replay()
-        rows = n * self.q
+        rows = n if self.per_seq else n * self.q
         return tuple(o[:rows] for o in g.out) if isinstance(g.out, tuple) else g.out[:rows]
+
+    def load(self, static: ForwardBatch, static_hidden: torch.Tensor | None, batch: ForwardBatch,
+             hidden: torch.Tensor | None) -> None:
+        """Copy a batch of this runner's shape (and its hidden input) into a bucket's static inputs: what
+        `run` replays (exposed so that CPU tests can run the padded static batch eagerly)."""
+        load_batch(static, batch)
+        if self.per_seq:
+            n, bs = batch.num_seqs, static.num_seqs
+            static.logit_rows[:n].copy_(batch.logit_rows)
+            static.logit_rows[n:].copy_(self._pad_rows[n:bs])
+        if static_hidden is not None:
+            load_rows(static_hidden, hidden)
 
     def close(self) -> None:
         """Release the graphs and their pool (call before NCCL teardown)."""
@@ -262,13 +285,16 @@ def capture_decode_graphs(runner: ModelRunner, max_bs: int) -> GraphRunner:
 
 
 class SpecGraphs:
-    """The EAGLE forwards' graphs: verify (N queries over N slots) and one runner per draft level
-    (k queries over (level+1)k slots, hidden input). Each runner has its own pool, so the verify
-    outputs survive the draft replays of the same step."""
+    """The EAGLE forwards' graphs: verify (N queries over N slots), one runner per draft level
+    (k queries over (level+1)k slots, hidden input) and the draft extend (S+1 queries over S+1 slots,
+    hidden input, top-k and hidden at one row per sequence). Each runner has its own pool, so the
+    verify outputs survive the draft and extend replays of the same step."""
 
-    def __init__(self, verify: GraphRunner, draft: Sequence[GraphRunner]) -> None:
+    def __init__(self, verify: GraphRunner, draft: Sequence[GraphRunner],
+                 extend: GraphRunner | None = None) -> None:
         self.verify = verify
         self.draft = {g.w: g for g in draft}  # window (level+1)k -> runner
+        self.extend = extend
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -285,16 +311,21 @@ class SpecGraphs:
         for g in self.draft.values():
             g.close()
         self.draft.clear()
+        if self.extend is not None:
+            self.extend.close()
+            self.extend = None
 
 
 def capture_spec_graphs(runner: ModelRunner, max_bs: int, num_steps: int, topk: int,
                         num_draft_tokens: int) -> SpecGraphs:
-    """Graphs of the EAGLE verify forward (logits and hidden of all N rows) and of the S-1 draft step
-    forwards (logits and hidden of all k rows) for every bucket up to max_bs."""
+    """Graphs of the EAGLE verify forward (logits and hidden of all N rows), of the S-1 draft step
+    forwards (logits and hidden of all k rows) and of the fixed-shape draft extend (top-k and hidden of
+    each sequence's last real row, see decode_worker.spec.eagle) for every bucket up to max_bs."""
     if not graphs_supported(runner.device):
         raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {runner.device})")
     page, sizes = runner.page_size, decode_buckets(max_bs)
-    slots = runner.config.max_position_embeddings + max(num_draft_tokens, (num_steps - 1) * topk)
+    # the page table of an EAGLE step covers the slots it may write past L (the scheduler's step_slots)
+    slots = runner.config.max_position_embeddings + max(num_draft_tokens, (num_steps - 1) * topk, num_steps + 1)
     max_pages = min(runner.kv_pool.num_pages, -(-slots // page) + 1)
     hidden = runner.config.hidden_size
     verify = GraphRunner(runner.forward, sizes, max_pages, page, runner.device, queries=num_draft_tokens,
@@ -302,9 +333,13 @@ def capture_spec_graphs(runner: ModelRunner, max_bs: int, num_steps: int, topk: 
     draft = [GraphRunner(runner.draft_forward, sizes, max_pages, page, runner.device, queries=topk,
                          window=(level + 1) * topk, hidden_size=hidden, hidden_dtype=runner.dtype)
              for level in range(num_steps - 1)]
-    for g in (verify, *draft):
+    width = num_steps + 1
+    extend = GraphRunner(lambda b, h: runner.draft_topk_forward(b, h, topk), sizes, max_pages, page,
+                         runner.device, queries=width, window=width, hidden_size=hidden,
+                         hidden_dtype=runner.dtype, outputs_per_seq=True)
+    for g in (verify, *draft, extend):
         g.capture()
-    return SpecGraphs(verify, draft)
+    return SpecGraphs(verify, draft, extend)
 
 
 __all__ = ["GraphRunner", "SpecGraphs", "capture_decode_graphs", "capture_spec_graphs", "decode_buckets",

@@ -2,22 +2,72 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass
-class DraftState:
-    """What the next decode step needs from the draft (specs/eagle.md §4.1 step 3)."""
+class DraftBatch(NamedTuple):
+    """The draft states of B requests as batched tensors (what a batched draft extend returns)."""
 
-    topk_p: torch.Tensor  # [k] fp32 draft probabilities of the token after the pending one
-    topk_idx: torch.Tensor  # [k] int64
-    hidden: torch.Tensor  # [H] draft hidden (post shared_head.norm) at the last KV position
+    topk_p: torch.Tensor  # [B, k] fp32 draft probabilities of the token after each pending one
+    topk_idx: torch.Tensor  # [B, k] int64
+    hidden: torch.Tensor  # [B, H] draft hidden (post shared_head.norm) at each last KV position
+
+
+class DraftState:
+    """What the next decode step needs from the draft (specs/eagle.md §4.1 step 3): row `row` of a
+    DraftBatch. A batched extend hands each request a row of one batch (no per-request tensors), and the
+    next step takes that batch back whole when the requests come in the same order (`stack_states`)."""
+
+    __slots__ = ("batch", "row")
+
+    def __init__(self, topk_p: torch.Tensor, topk_idx: torch.Tensor, hidden: torch.Tensor) -> None:
+        # topk_p [k] fp32, topk_idx [k] int64, hidden [H]
+        self.batch = DraftBatch(topk_p[None], topk_idx[None], hidden[None])
+        self.row = 0
+
+    @classmethod
+    def of(cls, batch: DraftBatch, row: int) -> DraftState:
+        state = cls.__new__(cls)
+        state.batch, state.row = batch, row
+        return state
+
+    @property
+    def topk_p(self) -> torch.Tensor:  # [k] fp32
+        return self.batch.topk_p[self.row]
+
+    @property
+    def topk_idx(self) -> torch.Tensor:  # [k] int64
+        return self.batch.topk_idx[self.row]
+
+    @property
+    def hidden(self) -> torch.Tensor:  # [H]
+        return self.batch.hidden[self.row]
+
+
+def draft_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k draft probabilities [R, k] fp32, their tokens [R, k] int64) of draft logits [R, V]."""
+    return torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
 
 
 def draft_states(logits: torch.Tensor, hidden: torch.Tensor, k: int) -> list[DraftState]:
     """logits [R, V] fp32 and hidden [R, H] of the last draft position of each request."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    p, idx = probs.topk(k, dim=-1)
-    return [DraftState(p[i], idx[i], hidden[i]) for i in range(logits.shape[0])]
+    p, idx = draft_topk(logits, k)
+    batch = DraftBatch(p, idx, hidden)
+    return [DraftState.of(batch, i) for i in range(logits.shape[0])]
+
+
+def stack_states(states: Sequence[DraftState], rows: torch.Tensor | None = None) -> DraftBatch:
+    """The DraftBatch of `states` in order. No copy when they are rows 0..B-1 of one batch; one gather
+    when they are other rows of one batch (`rows`: their row indices on the device, if the caller has
+    them there already); else one concatenation per field."""
+    first = states[0].batch
+    if all(s.batch is first for s in states):
+        if len(states) == first.topk_p.shape[0] and all(s.row == i for i, s in enumerate(states)):
+            return first
+        if rows is None:
+            rows = torch.tensor([s.row for s in states], device=first.topk_p.device)
+        return DraftBatch(*(t.index_select(0, rows) for t in first))
+    return DraftBatch(*(torch.cat([s.batch[f][s.row:s.row + 1] for s in states]) for f in range(3)))

@@ -17,6 +17,7 @@ from common.context import forward_context
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.pool import KVPool
 from common.model import Glm4MoeForCausalLM, load_model
+from common.runtime.draft import draft_topk
 
 
 class ModelRunner:
@@ -76,8 +77,9 @@ class ModelRunner:
         self.graphs = capture_decode_graphs(self, max_bs)
 
     def capture_spec_graphs(self, max_bs: int, num_steps: int, topk: int, num_draft_tokens: int) -> None:
-        """Capture the EAGLE verify forward and the S-1 draft step forwards per batch-size bucket up to
-        max_bs (CUDA only; needs with_mtp). `verify_forward` / `draft_step_forward` then replay them."""
+        """Capture the EAGLE verify forward, the S-1 draft step forwards and the fixed-shape draft extend
+        per batch-size bucket up to max_bs (CUDA only; needs with_mtp). `verify_forward`,
+        `draft_step_forward` and `draft_extend_forward` then replay them."""
         from common.runtime.cuda_graphs import capture_spec_graphs
 
         if self.model.mtp is None:
@@ -122,6 +124,26 @@ class ModelRunner:
         if g is not None:
             return g.run(batch, hidden_in)  # type: ignore[return-value]
         return self.draft_forward(batch, hidden_in)
+
+    def draft_extend_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor,
+                             topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The EAGLE fixed-shape draft extend (ForwardBatch.tree_in, W queries over W slots, one logit row
+        per sequence): draft_topk_forward()'s (topk_p, topk_idx, hidden), from a captured graph when one
+        fits, else eager. Replayed results are views valid until the next extend replay."""
+        graphs = self.spec_graphs
+        g = graphs.extend if graphs is not None else None
+        if g is not None and g.can_run(batch):
+            return g.run(batch, hidden_in)  # type: ignore[return-value]
+        return self.draft_topk_forward(batch, hidden_in, topk)
+
+    @torch.inference_mode()
+    def draft_topk_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor,
+                           topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MTP draft forward, then at each of batch.logit_rows: (top-k draft probabilities [R, k] fp32,
+        their tokens [R, k] int64, draft hidden [R, H]) -- a DraftBatch's fields."""
+        logits, hidden = self.draft_forward(batch, hidden_in)
+        p, idx = draft_topk(logits, topk)
+        return p, idx, hidden[batch.logit_rows]
 
     @torch.inference_mode()
     def draft_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.batch import ForwardBatch, SeqSpec, TreeLayout
 from common.runtime.cuda_graphs import GraphRunner, SpecGraphs, load_batch, load_rows, load_tree_batch
 from common.runtime.runner import ModelRunner
 from decode_worker.spec.tree import ancestor_mask
@@ -52,6 +52,33 @@ def test_tree_batch_matches_build(q: int, w: int) -> None:
         for i in range(q):
             logical = prefix[b] + w - q + i
             assert int(got.out_slots[b * q + i]) == pages[b][logical // PAGE] * PAGE + logical % PAGE
+
+
+@pytest.mark.parametrize("q,w", [(4, 4), (2, 2), (2, 6), (1, 3)])
+def test_tree_in_one_layout_for_every_forward_of_a_step(q: int, w: int) -> None:
+    """tree_in over a layout of a wider window (built once per EAGLE step) gives tree()'s batch, but for a
+    page table that may also list the pages of the slots up to L + window."""
+    prefix, window = [0, 3, 9], 6
+    pages = [[5, 2, 9], [4, 6, 11, 3], [1, 7, 8, 10, 12]]
+    tokens, depth, mask = _tree(3, q, w, seed=q * 10 + w)
+    layout = TreeLayout.build(prefix, pages, window, PAGE, extra=[[7, 8, 9], [1, 0, 2]])
+    assert layout.extra.tolist() == [[7, 8, 9], [1, 0, 2]]
+    got = ForwardBatch.tree_in(layout, tokens, depth, mask)
+    want = ForwardBatch.tree(tokens, depth, mask, prefix, pages, PAGE)
+    for field in FIELDS:
+        a, b = getattr(got, field), getattr(want, field)
+        if field == "page_table":
+            assert a.dtype == b.dtype and torch.equal(a[:, :b.shape[1]] * (b > 0), b), field
+        else:
+            assert a.dtype == b.dtype and torch.equal(a, b), field
+    assert (got.query_lens_host, got.prefix_lens_host, got.seq_lens_host) == (
+        want.query_lens_host, want.prefix_lens_host, want.seq_lens_host)
+    rows = torch.tensor([1, 5])
+    assert ForwardBatch.tree_in(layout, tokens, depth, mask, logit_rows=rows).logit_rows is rows
+    with pytest.raises(ValueError):
+        ForwardBatch.tree_in(layout, *_tree(3, 2, 7, seed=0))  # window 7 > the layout's 6
+    with pytest.raises(ValueError):
+        TreeLayout.build(prefix, pages, 12, PAGE)  # sequence 2: 9 + 12 slots need 6 pages, it has 5
 
 
 def test_tree_batch_rejects_bad_shapes() -> None:
@@ -133,6 +160,17 @@ def test_graph_shape_checks() -> None:
     assert spec.draft_runner(draft) is levels[1]  # window 4 = level 1 of k = 2
     assert spec.draft_runner(batch) is None  # 4 queries: no draft level takes it
     assert spec.draft_runner(plain) is None
+    extend = GraphRunner(lambda b, h: h, [2], 3, PAGE, "cpu", queries=4, window=4, hidden_size=8,
+                         outputs_per_seq=True)
+    extend.graphs[2] = None  # type: ignore[assignment]
+    assert not extend.fits(batch)  # one logit row per query: a verify, not an extend
+    per_seq = dataclasses.replace(batch, logit_rows=torch.tensor([3, 6]))
+    assert extend.can_run(per_seq) and not g.fits(per_seq)
+    with pytest.raises(ValueError):
+        GraphRunner(lambda b: b.input_ids, [2], 3, PAGE, "cpu", outputs_per_seq=True)  # decode has no rows
+    spec = SpecGraphs(g, levels, extend)
+    spec.close()
+    assert spec.extend is None and not extend.graphs
 
 
 def test_load_rows_zeroes_padding() -> None:
@@ -207,3 +245,31 @@ def test_padded_draft_step_batch_gives_real_rows(tiny_model_dir: Path) -> None:
     logits, hidden = runner.draft_forward(_with_static_host_lens(static), static_hidden)
     torch.testing.assert_close(logits[: 2 * k], eager_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hidden[: 2 * k], eager_hidden, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_padded_extend_batch_gives_real_rows(tiny_model_dir: Path) -> None:
+    """The fixed-shape draft extend (2 requests x 4 causal queries, one logit row each: accepted 0 and 3
+    drafts) padded to a bucket of 4: the real rows' top-k and hidden equal the unpadded forward's; a
+    padded sequence reads its own last query."""
+    lens, pages = [5, 11], [[1, 2, 3], [4, 5, 6, 7]]
+    runner = _prefilled_runner(tiny_model_dir, lens, pages)
+    w, k = 4, 2
+    layout = TreeLayout.build(lens, pages, w, PAGE)
+    tokens = torch.tensor([[17, 0, 0, 0], [5, 9, 11, 13]])
+    causal = torch.ones(w, w, dtype=torch.bool).tril().expand(2, w, w)
+    rows = torch.tensor([0, w + 3])
+    batch = ForwardBatch.tree_in(layout, tokens, torch.arange(w).expand(2, w), causal, logit_rows=rows)
+    hidden_in = torch.randn(2 * w, runner.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    eager = [t.clone() for t in runner.draft_extend_forward(batch, hidden_in, k)]  # no graphs on CPU: eager
+    assert [tuple(t.shape) for t in eager] == [(2, k), (2, k), (2, runner.config.hidden_size)]
+    g = GraphRunner(lambda b, h: runner.draft_topk_forward(b, h, k), [4], 5, PAGE, "cpu", queries=w, window=w,
+                    hidden_size=runner.config.hidden_size, hidden_dtype=torch.float32, outputs_per_seq=True)
+    static, static_hidden = g._static_batch(4), g._static_hidden(4)
+    static.logit_rows.fill_(0)  # leftovers of an earlier step
+    g.load(static, static_hidden, batch, hidden_in)
+    assert static.logit_rows.tolist() == [0, w + 3, 2 * w + 3, 3 * w + 3]
+    out = runner.draft_topk_forward(_with_static_host_lens(static), static_hidden, k)
+    assert torch.equal(out[1][:2], eager[1])
+    for got, want in zip(out, eager):
+        torch.testing.assert_close(got[:2], want, rtol=1e-5, atol=1e-5)
