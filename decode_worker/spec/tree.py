@@ -148,6 +148,32 @@ def select_tree(
     )
 
 
+def chain_tree(
+    drafts: torch.Tensor,  # [B, S] int64 the chain's draft tokens, level order
+    root_tokens: torch.Tensor,  # [B] int64 bonus tokens
+    seq_lens: torch.Tensor,  # [B] int64 L
+) -> VerifyTree:
+    """`select_tree` for k = 1 (N = S + 1): with one candidate per level every candidate is selected
+    and node j's parent is node j - 1, whatever the scores, so only the tokens and positions depend on
+    the step. Same tensors as select_tree(scores, drafts, parents, S + 1, root_tokens, seq_lens)."""
+    b, s = drafts.shape
+    n, device = s + 1, drafts.device
+    idx = torch.arange(n, device=device)
+    parents = (idx - 1).expand(b, n)  # root -1, then j - 1
+    first_child = torch.where(idx < s, idx + 1, -1).expand(b, n)
+    depth = idx.expand(b, n)
+    return VerifyTree(
+        tokens=torch.cat([root_tokens.long().reshape(b, 1), drafts.long()], dim=1),
+        parents=parents,
+        depth=depth,
+        positions=seq_lens.long().reshape(b, 1) + depth,
+        mask=torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(b, n, n),
+        first_child=first_child,
+        next_sibling=torch.full((b, n), -1, dtype=torch.long, device=device),
+        candidate=parents,  # candidate j - 1 is node j
+    )
+
+
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:  # [B, N, N] bool
     """Ancestor-or-self closure of a parent array [B, N] (-1 = root) by pointer jumping."""
     b, n = parents.shape

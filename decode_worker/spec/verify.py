@@ -51,6 +51,24 @@ def verify_greedy(
     return _result(tree, path, bonus)
 
 
+def verify_greedy_chain(
+    tree: VerifyTree,  # a chain (tree.chain_tree): node j's parent is j - 1
+    target_ids: torch.Tensor,  # [B, N] int64 argmax of the processed target logits at each node
+    num_steps: int,
+) -> VerifyResult:
+    """verify_greedy for a chain of N - 1 <= S drafts without the level walk: the accepted drafts are
+    the longest prefix of the chain whose every token is the target's argmax at its parent."""
+    n = tree.tokens.shape[1]
+    if n - 1 > num_steps:
+        return verify_greedy(tree, target_ids, num_steps)
+    match = tree.tokens[:, 1:] == target_ids[:, :-1]  # [B, N-1] node j+1 is the target's choice at j
+    num_accepted = match.long().cumprod(dim=1).sum(dim=1)  # [B]
+    col = torch.arange(num_steps + 1, device=tree.tokens.device)[None, :]
+    path = torch.where(col <= num_accepted[:, None], col, -1)  # [B, S+1]
+    bonus = target_ids.gather(1, num_accepted[:, None]).squeeze(1)
+    return _result(tree, path, bonus)
+
+
 def verify_sampling(
     tree: VerifyTree,
     probs: torch.Tensor,  # [B, N, V] fp32 target distribution at each node

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from decode_worker.spec.tree import (
     DraftFrontier,
     ancestor_mask,
+    chain_tree,
     child_links,
     select_tree,
     validate_spec_config,
@@ -198,3 +199,15 @@ def test_ancestor_mask_and_links_on_random_parent_arrays(raw):
         assert set(mask[j].nonzero().flatten().tolist()) == anc
         kids = [c for c in range(n) if parents[c] == j]
         assert first[0, j].item() == (kids[0] if kids else -1)
+
+
+@pytest.mark.parametrize("s", [1, 2, 3, 5])
+def test_chain_tree_equals_select_tree_for_k1(s):
+    """k = 1: the fixed chain equals what select_tree builds from the draft bookkeeping, field by field."""
+    f, _, _ = _draft(s, 1, batch=3, seed=s)
+    scores, tokens, parents = f.candidates()
+    roots, lens = torch.tensor([5, 6, 7]), torch.tensor([0, 9, 31])
+    want = select_tree(scores, tokens, parents, s + 1, roots, lens, validate=True)
+    got = chain_tree(tokens, roots, lens)
+    for name, a, b in zip(want._fields, got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name

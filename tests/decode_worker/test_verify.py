@@ -7,6 +7,7 @@ from decode_worker.spec.verify import (
     accept_lengths,
     accepted_kv_moves,
     verify_greedy,
+    verify_greedy_chain,
     verify_sampling,
 )
 
@@ -63,6 +64,21 @@ def test_greedy_chain():
     assert r.committed_lists() == [[1, 2, 4]]
     moves = accepted_kv_moves(r.accept_index, r.num_accepted, torch.tensor([50]))
     assert moves.src.numel() == 0 and moves.dst.numel() == 0
+
+
+def test_greedy_chain_fast_path_equals_walk():
+    """verify_greedy_chain == verify_greedy on chains, for every accept count 0..S (B rows at once)."""
+    s, b = 4, 64
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3, (b, s + 1), generator=g)  # a small vocab: many partial matches
+    target = torch.randint(0, 3, (b, s + 1), generator=g)
+    tree = select_tree(torch.full((b, s), 0.5), tokens[:, 1:], torch.arange(-1, s - 1).expand(b, s), s + 1,
+                       tokens[:, 0], torch.full((b,), 10))
+    want = verify_greedy(tree, target, num_steps=s)
+    got = verify_greedy_chain(tree, target, num_steps=s)
+    assert set(want.num_accepted.tolist()) == set(range(s + 1))
+    for name, x, y in zip(want._fields, got, want):
+        assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
 def test_sampling_with_one_hot_targets_equals_greedy():
