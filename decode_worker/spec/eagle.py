@@ -11,25 +11,56 @@ a DraftState (top-k after b, draft hidden at slot L-1):
           then greedy walk or lossless target-only tree sampling
   commit: tokens one at a time with stop checks; accepted KV compacted to slots L..L+a
   extend: one MTP forward over the a+1 committed tokens (slots L..L+a) -> next DraftState
+
+Host/device split: lengths, pages and roots go to the device in one copy (TreeLayout); the tree,
+acceptance, KV compaction and the extend's inputs stay there; the step reads back one packed tensor
+(committed tokens, accepted path, accept counts) and only then runs the per-request commit. The
+extend is queued before that read, so the host commits while the device extends.
+
+The extend has a fixed shape (SGLang's CUDA-graph draft extend): W = S+1 queries per request (the
+accepted path a+1 never exceeds S+1) over window slots L..L+S, causal, positions L..L+S, tokens =
+the committed path padded with token 0, hidden = the target hidden of the accepted nodes padded with
+the root's. The next DraftState is read at query a. The padded queries a+1..S write draft KV into
+slots L+a+1..L+S, which hold nothing real: after the step the request's length is L' = L+a+1, so
+they are slots >= L' -- the next step's draft scratch. Nothing reads a draft slot >= L' before the
+next step writes it: draft level l attends to the prefix [0, L') and to its window columns
+L' + l'*k + j (l' <= l), each written by level l' of that same step before level l runs (a forward
+stores its own K/V before attending), and the next extend again reads only [0, L') plus its own
+causal window. Real queries never see padded slots (causal: query i <= a sees slots <= L+i). The
+pages are there: the scheduler reserves step_slots = max(N, (S-1)k, S+1) slots past kv_len.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from common import metrics
-from common.batch import ForwardBatch, SeqSpec
+from common.batch import ForwardBatch, SeqSpec, TreeLayout
 from common.config import SpecConfig
-from common.runtime.draft import DraftState, draft_states
+from common.runtime.draft import DraftBatch, DraftState, draft_states, draft_topk, stack_states
 from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
-from common.sampling.sampler import draw_uniforms
+from common.sampling.params import SamplingParams
+from common.sampling.sampler import SamplingTensors, draw_uniforms, target_probs
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
-from decode_worker.spec.tree import DraftFrontier, VerifyTree, select_tree
-from decode_worker.spec.verify import VerifyResult, verify_greedy, verify_sampling
+from decode_worker.spec.tree import DraftFrontier, VerifyTree, chain_tree, select_tree
+from decode_worker.spec.verify import VerifyResult, verify_greedy, verify_greedy_chain, verify_sampling
 from decode_worker.steps import rebuild_kv
+
+
+@dataclass(frozen=True)
+class _Consts:
+    """Device constants of one batch size."""
+
+    level_depth: list[torch.Tensor]  # per draft level: [B, k] int64 = level
+    chain_mask: list[torch.Tensor]  # per draft level (k = 1): [B, 1, level+1] bool, all visible
+    extend_depth: torch.Tensor  # [B, W] int64 0..W-1
+    extend_mask: torch.Tensor  # [B, W, W] bool causal (contiguous: the batch's flat mask is a view)
+    extend_base: torch.Tensor  # [B] int64 b*W: flat row of request b's first extend query
 
 
 class EagleStepper:
@@ -38,6 +69,11 @@ class EagleStepper:
         self.sampler = sampler
         self.rules = rules
         self.S, self.k, self.N = spec.num_steps, spec.eagle_topk, spec.num_draft_tokens
+        self.chain = self.k == 1 and self.N == self.S + 1  # the tree is always b -> d1 -> ... -> dS
+        self.width = self.S + 1  # W: the fixed extend's queries (an accepted path has at most S+1 tokens)
+        # slots one step may write past L: the verify tree, the draft scratch, the extend (= step_slots)
+        self.window = max(self.N, (self.S - 1) * self.k, self.width)
+        self._consts: dict[int, _Consts] = {}
 
     # ------------------------------------------------------------------ state entry points
     def on_kv_arrival(self, req: DecodeReq, aux) -> None:
@@ -50,119 +86,187 @@ class EagleStepper:
 
     def recompute(self, req: DecodeReq) -> None:
         history, hidden = rebuild_kv(self.runner, req)
-        req.draft = self._draft_extend([req], [history[1:] + [req.pending]], [0], hidden)[0]
+        req.draft = self._extend_varlen([req], [history[1:] + [req.pending]], [0], hidden)[0]
 
     # ------------------------------------------------------------------ the step
     def step(self, reqs: list[DecodeReq]) -> None:
         L = [r.kv_len for r in reqs]
-        tree = self._draft(reqs, L)
-        logits, hidden = self._verify_forward(reqs, L, tree)
+        layout, state = self._layout(reqs)
+        tree = self._draft(layout, state)
+        batch = ForwardBatch.tree_in(layout, tree.tokens, tree.depth, tree.mask)
+        logits, hidden = self.runner.verify_forward(batch)  # [B*N, V], [B*N, H]: a graph replay when one fits
         result = self._accept(reqs, tree, logits)
-        committed, accept_idx = self._read_result(result)
-        self._compact_kv(reqs, L, accept_idx)
+        self._compact_kv(layout, result)
+        packed = torch.cat((result.committed, result.accept_index, result.num_accepted[:, None]), dim=1)
+        host = _HostCopy(packed)  # the step's one device->host read, not waited for yet
+        draft = self._draft_extend(layout, result, hidden)  # queued before the read completes
+        rows = host.wait()
+        width = self.width
         logprob_rows = torch.log_softmax(logits, -1) if any(r.params.logprobs for r in reqs) else None
-        extend_reqs, extend_tokens, extend_start, extend_rows = [], [], [], []
+        observe = metrics.spec_accept_length().observe
         for b, req in enumerate(reqs):
-            a = len(committed[b]) - 1
-            n = commit_tokens(req, committed[b], self.rules)
+            row = rows[b]
+            a = row[-1]
+            committed = row[:a + 1]
+            n = commit_tokens(req, committed, self.rules)
             req.verify_steps += 1
             req.accepted_drafts += min(a, n - 1) if req.finish else a
-            metrics.spec_accept_length().observe(a + 1)  # tokens this verify gave this request
+            observe(a + 1)  # tokens this verify gave this request
             if logprob_rows is not None and req.params.logprobs:
                 for d in range(n):
-                    row = logprob_rows[b * self.N + accept_idx[b][d]]
-                    req.logprobs.append((committed[b][d], float(row[committed[b][d]]), self._top(row, req)))
+                    lp = logprob_rows[b * self.N + row[width + d]]
+                    req.logprobs.append((committed[d], float(lp[committed[d]]), self._top(lp, req)))
             req.kv_len = L[b] + a + 1
             if req.finish is None:
-                extend_reqs.append(req)
-                extend_tokens.append(committed[b])
-                extend_start.append(L[b])
-                extend_rows.extend(b * self.N + j for j in accept_idx[b][: a + 1])
-        if extend_reqs:
-            rows = torch.tensor(extend_rows, device=hidden.device)
-            for req, state in zip(extend_reqs, self._draft_extend(extend_reqs, extend_tokens, extend_start,
-                                                                   hidden[rows])):
-                req.draft = state
+                req.draft = DraftState.of(draft, b)
 
     # ------------------------------------------------------------------ phases
-    def _draft(self, reqs: list[DecodeReq], L: list[int]) -> VerifyTree:
-        k, dev = self.k, self.runner.device
-        frontier = DraftFrontier(torch.stack([r.draft.topk_p for r in reqs]),
-                                 torch.stack([r.draft.topk_idx for r in reqs]))
-        hidden = torch.stack([r.draft.hidden for r in reqs]).repeat_interleave(k, dim=0)  # [B*k, H]
-        B, pages = len(reqs), [r.pages for r in reqs]
+    def _layout(self, reqs: list[DecodeReq]) -> tuple[TreeLayout, DraftBatch]:
+        """The step's TreeLayout (roots in its extra row 0) and the requests' stacked draft states, with
+        one host->device copy: a previous step's DraftBatch is reused whole, or gathered by rows that
+        travel in the layout's copy."""
+        drafts = [r.draft for r in reqs]
+        first = drafts[0].batch
+        rows = [d.row for d in drafts]
+        extra = [[r.pending for r in reqs]]
+        gather = (all(d.batch is first for d in drafts)
+                  and (len(rows) != first.topk_p.shape[0] or rows != list(range(len(rows)))))
+        if gather:
+            extra.append(rows)
+        runner = self.runner
+        layout = TreeLayout.build([r.kv_len for r in reqs], [r.pages for r in reqs], self.window,
+                                  runner.page_size, runner.device, extra=extra)
+        return layout, stack_states(drafts, layout.extra[1] if gather else None)
+
+    def _consts_for(self, n: int, device: torch.device) -> _Consts:
+        c = self._consts.get(n)
+        if c is None:
+            k, w, levels = self.k, self.width, range(self.S)
+            c = _Consts(
+                level_depth=[torch.full((n, k), lv, dtype=torch.int64, device=device) for lv in levels],
+                chain_mask=[torch.ones((n, 1, lv + 1), dtype=torch.bool, device=device) for lv in levels],
+                extend_depth=torch.arange(w, device=device).expand(n, w),
+                extend_mask=torch.ones((w, w), dtype=torch.bool, device=device).tril().expand(n, w, w).contiguous(),
+                extend_base=torch.arange(n, device=device) * w,
+            )
+            self._consts[n] = c
+        return c
+
+    def _draft(self, layout: TreeLayout, state: DraftBatch) -> VerifyTree:
+        k, B = self.k, layout.num_seqs
+        c = self._consts_for(B, state.topk_idx.device)
+        roots = layout.extra[0]
+        if self.chain:  # no frontier bookkeeping, the tree's shape is fixed (tree.chain_tree)
+            tokens, hidden = [state.topk_idx], state.hidden
+            for level in range(self.S - 1):
+                # the level's node (position L + level) writes scratch slot L + level
+                batch = ForwardBatch.tree_in(layout, tokens[-1], c.level_depth[level], c.chain_mask[level])
+                logits, hidden = self.runner.draft_step_forward(batch, hidden)  # a graph replay when one fits
+                tokens.append(draft_topk(logits, 1)[1])
+            return chain_tree(torch.cat(tokens, dim=1), roots, layout.prefix)
+        frontier = DraftFrontier(state.topk_p, state.topk_idx)
+        hidden = state.hidden.repeat_interleave(k, dim=0)  # [B*k, H]
         for level in range(self.S - 1):
             # frontier node j (position L + level) writes scratch slot L + level*k + j; no host copy
-            depth = torch.full((B, k), level, dtype=torch.int64, device=dev)
-            batch = ForwardBatch.tree(frontier.tokens, depth, frontier.attention_mask(), L, pages,
-                                      self.runner.page_size)
+            mask = frontier.attention_mask()
+            batch = ForwardBatch.tree_in(layout, frontier.tokens, c.level_depth[level], mask)
             logits, h_out = self.runner.draft_step_forward(batch, hidden)  # a graph replay when one fits
-            child_p, child_idx = torch.softmax(logits, -1).topk(k, dim=-1)  # [B*k, k]
+            child_p, child_idx = draft_topk(logits, k)  # [B*k, k]
             parent_slot = frontier.expand(child_p.view(B, k, k), child_idx.view(B, k, k))  # [B, k]
             h = h_out.view(B, k, -1)
             hidden = h.gather(1, parent_slot[:, :, None].expand(B, k, h.shape[-1])).reshape(B * k, -1)
         scores, tokens, parents = frontier.candidates()
-        roots_and_lens = torch.tensor([[r.pending for r in reqs], L], device=dev)  # one host->device copy
-        return select_tree(scores, tokens, parents, self.N, roots_and_lens[0], roots_and_lens[1])
-
-    def _verify_forward(self, reqs: list[DecodeReq], L: list[int], tree: VerifyTree):
-        """Target forward over the N tree nodes (node j -> slot L+j, position L+depth(j)); the tree stays on
-        the device. Returns (logits [B*N, V], hidden [B*N, H]): a graph replay when one fits."""
-        batch = ForwardBatch.tree(tree.tokens, tree.depth, tree.mask, L, [r.pages for r in reqs],
-                                  self.runner.page_size)
-        return self.runner.verify_forward(batch)
+        return select_tree(scores, tokens, parents, self.N, roots, layout.prefix)
 
     def _accept(self, reqs: list[DecodeReq], tree: VerifyTree, logits: torch.Tensor) -> VerifyResult:
-        """Processors on every node row with its own history, then the acceptance rule."""
+        """Processors on every node row with its own history (only the requests that have one active),
+        then the acceptance rule."""
         B, N = len(reqs), self.N
-        parents, tokens = torch.stack((tree.parents, tree.tokens)).tolist()  # one device->host copy
+        active = [b for b, r in enumerate(reqs) if self._has_processors(r)]
+        if active:
+            self._process(reqs, active, tree, logits)
+        if all(r.params.is_greedy for r in reqs):
+            target = logits.argmax(-1).view(B, N)
+            if self.chain:
+                return verify_greedy_chain(tree, target, self.S)
+            return verify_greedy(tree, target, self.S)
+        params = [r.params for r in reqs]
+        st, filtered = self._sampling_tensors(params, logits.shape[1])
+        probs = target_probs(logits, *st, filtered=filtered).view(B, N, -1)
+        u = draw_uniforms([p.seed for p in params], [len(r.output_ids) for r in reqs], N + 1, "cpu",
+                          self.sampler.generator)
+        return verify_sampling(tree, probs, _to_device(u, logits.device), self.S)
+
+    def _has_processors(self, req: DecodeReq) -> bool:
+        """Whether any logit processor (common.sampling.logit_processors) changes this request's rows."""
+        p = req.params
+        return (p.has_penalties or bool(p.logit_bias) or len(req.output_ids) < p.min_tokens
+                or (p.thinking_budget is not None and self.sampler.budget is not None))
+
+    def _process(self, reqs: list[DecodeReq], active: list[int], tree: VerifyTree,
+                 logits: torch.Tensor) -> None:
+        """Processors on the N rows of each active request, row j with history output + path to node j.
+        Rows of the other requests are left alone (no processor would change them)."""
+        B, N = len(reqs), self.N
+        dev = logits.device
+        sel = torch.stack((tree.parents, tree.tokens), dim=1)  # [B, 2, N]
+        if len(active) < B:
+            sel = sel.index_select(0, _to_device(torch.tensor(active), dev))
+        host = sel.tolist()  # one device->host copy of the active trees
         rows = []
-        for b, req in enumerate(reqs):
+        for (parents, tokens), b in zip(host, active):
+            req = reqs[b]
             paths: list[list[int]] = []
             for j in range(N):
-                p = parents[b][j]
-                paths.append([] if p < 0 else paths[p] + [tokens[b][j]])
+                p = parents[j]
+                paths.append([] if p < 0 else paths[p] + [tokens[j]])
                 rows.append(RowContext(req.params, req.prompt_ids, req.output_ids + paths[j]))
-        self.sampler.process(logits, rows)
-        if all(r.params.is_greedy for r in reqs):
-            return verify_greedy(tree, logits.argmax(-1).view(B, N), self.S)
-        params = [r.params for r in reqs for _ in range(N)]
-        probs = self.sampler.probs(logits, params).view(B, N, -1)
-        u = draw_uniforms([r.params.seed for r in reqs], [len(r.output_ids) for r in reqs], N + 1,
-                          logits.device, self.sampler.generator)
-        return verify_sampling(tree, probs, u, self.S)
+        if len(active) == B:
+            self.sampler.process(logits, rows)
+            return
+        idx = _to_device((torch.tensor(active)[:, None] * N + torch.arange(N)).reshape(-1), dev)
+        sub = logits.index_select(0, idx)
+        self.sampler.process(sub, rows)
+        logits.index_copy_(0, idx, sub)
 
-    @staticmethod
-    def _read_result(result: VerifyResult) -> tuple[list[list[int]], list[list[int]]]:
-        """(committed tokens, accepted node path) per request, both a+1 long, in one device->host copy."""
-        width = result.committed.shape[1]
-        host = torch.cat((result.committed, result.accept_index, result.num_accepted[:, None]), dim=1).tolist()
-        return ([row[: row[-1] + 1] for row in host], [row[width: width + row[-1] + 1] for row in host])
+    def _sampling_tensors(self, params: list[SamplingParams], vocab: int) -> tuple[SamplingTensors, bool]:
+        """Per-row (N rows per request) temperature/top-k/top-p/min-p on the device in pinned copies, and
+        the `filtered` flag target_probs would otherwise read back from the device."""
+        st = SamplingTensors.from_params(params, "cpu", repeat=self.N)
+        filtered = bool((((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1) | (st.min_p > 0)).any())
+        dev = self.runner.device
+        return SamplingTensors(*(_to_device(t, dev) for t in st)), filtered
 
-    def _compact_kv(self, reqs: list[DecodeReq], L: list[int], accept_idx: list[list[int]]) -> None:
-        """Move the accepted path's K/V to slots L..L+a: path node d (slot L + accept_idx[b][d]) goes to
-        slot L + d (decode_worker.spec.verify.accepted_kv_moves, from the host copy of the path)."""
+    def _compact_kv(self, layout: TreeLayout, result: VerifyResult) -> None:
+        """Move the accepted path's K/V to slots L..L+a: path node d (slot L + accept_index[b, d]) goes to
+        slot L + d, on the device (decode_worker.spec.verify.accepted_kv_moves; positions past a and
+        nodes already in place copy onto themselves)."""
         if self.k == 1:
             return  # a chain's accepted nodes already sit at L..L+a
-        page = self.runner.kv_pool.page_size
-        src, dst = [], []
-        for b, path in enumerate(accept_idx):
-            pages = reqs[b].pages
-            for d, j in enumerate(path):
-                if j != d:
-                    s, t = L[b] + j, L[b] + d
-                    src.append(pages[s // page] * page + s % page)
-                    dst.append(pages[t // page] * page + t % page)
-        if not src:
-            return
-        pool = self.runner.kv_pool
-        slots = torch.tensor([src, dst], device=pool.device)
-        pool.copy_slots(slots[0], slots[1])
+        w = result.accept_index.shape[1]
+        d = torch.arange(w, device=result.accept_index.device)[None, :]
+        node = torch.where(d <= result.num_accepted[:, None], result.accept_index, d)  # [B, W]
+        src = layout.window_slots.gather(1, node)
+        self.runner.kv_pool.copy_slots(src.reshape(-1), layout.window_slots[:, :w].reshape(-1))
 
-    def _draft_extend(self, reqs: list[DecodeReq], tokens: list[list[int]], starts: list[int],
-                      hidden_in: torch.Tensor) -> list[DraftState]:
-        """MTP forward over each request's tokens at slots/positions start.. -> next DraftState.
-        hidden_in [sum of token counts, H]: the target hidden of each token, requests in order."""
+    def _draft_extend(self, layout: TreeLayout, result: VerifyResult, hidden: torch.Tensor) -> DraftBatch:
+        """The fixed-shape draft extend (module docstring): W queries per request at slots/positions
+        L..L+S, the next DraftState at query a. hidden [B*N, H]: the verify's target hidden."""
+        B, W = layout.num_seqs, self.width
+        c = self._consts_for(B, hidden.device)
+        tokens = result.committed.clamp(min=0)  # [B, W] the committed path, then token 0
+        nodes = result.accept_index.clamp(min=0)  # [B, W] the accepted nodes, then the root
+        h = hidden.view(B, self.N, -1)
+        h_in = h.gather(1, nodes[:, :, None].expand(B, W, h.shape[-1])).reshape(B * W, -1)
+        batch = ForwardBatch.tree_in(layout, tokens, c.extend_depth, c.extend_mask,
+                                     logit_rows=c.extend_base + result.num_accepted)
+        p, idx, g = self.runner.draft_extend_forward(batch, h_in, self.k)  # a graph replay when one fits
+        return DraftBatch(p.clone(), idx.clone(), g.clone())  # out of the graph's buffers: kept across steps
+
+    def _extend_varlen(self, reqs: list[DecodeReq], tokens: list[list[int]], starts: list[int],
+                       hidden_in: torch.Tensor) -> list[DraftState]:
+        """MTP forward over each request's tokens at slots/positions start.. -> next DraftState (eager,
+        any lengths: KV rebuilds). hidden_in [sum of token counts, H]: the target hidden of each token."""
         seqs = [SeqSpec(t, range(s, s + len(t)), seq_len=s + len(t), pages=r.pages)
                 for r, t, s in zip(reqs, tokens, starts)]
         batch = ForwardBatch.build(seqs, self.runner.page_size, self.runner.device)
@@ -176,3 +280,30 @@ class EagleStepper:
             return []
         vals, ids = row.topk(req.params.top_logprobs)
         return list(zip(ids.tolist(), vals.tolist()))
+
+
+class _HostCopy:
+    """A device tensor's rows as Python lists: on CUDA a non-blocking copy into pinned memory now,
+    waited for in `wait()`, so work queued in between overlaps the host's wait."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def wait(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without a stream sync (pinned, non-blocking) on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

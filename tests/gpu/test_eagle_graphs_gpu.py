@@ -1,6 +1,6 @@
-"""EAGLE steps with the verify and draft-step forwards replayed through CUDA graphs give the eager
-EAGLE steps' tokens (real EagleStepper, tiny model + MTP, bf16, Triton kernels). Run on the GPU
-machine."""
+"""EAGLE steps with the verify, draft-step and draft-extend forwards replayed through CUDA graphs give
+the eager EAGLE steps' tokens (real EagleStepper, tiny model + MTP, bf16, Triton kernels). Run on the
+GPU machine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.batch import ForwardBatch
+from common.batch import ForwardBatch, TreeLayout
 from common.config import SpecConfig
 from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import SpecialIds, TokenSampler
@@ -18,6 +18,7 @@ from decode_worker.commit import StopRules
 from decode_worker.scheduler import DecodeReq, ReqState
 from decode_worker.spec.eagle import EagleStepper
 from decode_worker.spec.tree import ancestor_mask
+from decode_worker.spec.verify import VerifyResult
 
 pytestmark = pytest.mark.gpu
 PAGE = 16
@@ -49,8 +50,8 @@ def _decode(stepper: EagleStepper, n: int) -> tuple[list[list[int]], list[int]]:
 
 
 def _count_replays(runner: ModelRunner) -> list[int]:
-    """Wrap every captured runner's run() to count replays: [verify, draft steps]."""
-    counts = [0, 0]
+    """Wrap every captured runner's run() to count replays: [verify, draft steps, draft extend]."""
+    counts = [0, 0, 0]
     graphs = runner.spec_graphs
     assert graphs is not None
 
@@ -65,6 +66,8 @@ def _count_replays(runner: ModelRunner) -> list[int]:
     wrap(graphs.verify, 0)
     for g in graphs.draft.values():
         wrap(g, 1)
+    assert graphs.extend is not None
+    wrap(graphs.extend, 2)
     return counts
 
 
@@ -85,8 +88,8 @@ def test_graph_eagle_steps_give_eager_tokens(tiny_model_dir: Path, s: int, k: in
         # a bucket of exactly b replays the eager kernels with the eager launch shapes: same tokens
         assert _decode(stepper, b) == eager[b], f"batch {b}"
         replayed = [c - p for c, p in zip(counts, before)]
-        want = [STEPS, STEPS * (s - 1)] if b <= 3 else [0, 0]
-        assert replayed == want, f"batch {b}: {replayed} replays (verify, draft), expected {want}"
+        want = [STEPS, STEPS * (s - 1), STEPS] if b <= 3 else [0, 0, 0]
+        assert replayed == want, f"batch {b}: {replayed} replays (verify, draft, extend), expected {want}"
     runner.release_graphs()
     assert runner.spec_graphs is None
 
@@ -119,4 +122,46 @@ def test_padded_verify_graph_matches_eager_logits(tiny_model_dir: Path) -> None:
     assert torch.equal(logits.argmax(-1)[clear], eager_logits.argmax(-1)[clear])
     kv = runner.kv_pool.kv[:, :, 1:].float()
     assert float((kv - kv_eager).norm() / kv_eager.norm()) < 1e-2
+    runner.release_graphs()
+
+
+@pytest.mark.parametrize("s,k,n", [(3, 1, 4), (3, 2, 6)])
+@torch.inference_mode()
+def test_graph_draft_extend_gives_eager_draft_state(tiny_model_dir: Path, s: int, k: int, n: int) -> None:
+    """The fixed-shape draft extend (requests that accepted 0, S and 1 drafts) replayed from its graph: the
+    eager fixed-shape extend's top-k tokens, probabilities and draft hidden, bit for bit at a bucket of the
+    batch's size (2 of buckets 1, 2, 4); to bf16 rounding when padded (3 requests in the bucket of 4)."""
+    runner = ModelRunner(tiny_model_dir, "cuda", torch.bfloat16, PAGE, 1 + 8 * 16, with_mtp=True)
+    stepper = EagleStepper(runner, TokenSampler(SpecialIds(None, None, None, ())), StopRules(()),
+                           SpecConfig("EAGLE", s, k, n))
+    reqs = _requests(stepper, 3)
+    dev, B = runner.device, len(reqs)
+    gen = torch.Generator(device=dev).manual_seed(2)
+    paths = [[0], list(range(s + 1)), [0, 1]] if k == 1 else [[0], [0, 2, 4, 5], [0, 1]]
+    accept_index = torch.full((B, s + 1), -1, device=dev)
+    committed = torch.full((B, s + 1), -1, device=dev)
+    for b, path in enumerate(paths):
+        accept_index[b, :len(path)] = torch.tensor(path, device=dev)
+        committed[b, :len(path)] = torch.randint(0, 500, (len(path),), device=dev, generator=gen)
+    num_accepted = torch.tensor([len(p) - 1 for p in paths], device=dev)
+    result = VerifyResult(accept_index, num_accepted, committed, committed[torch.arange(B, device=dev), num_accepted])
+    hidden = torch.randn(B * n, runner.config.hidden_size, device=dev, generator=gen).to(torch.bfloat16)
+
+    def extend(m: int):  # type: ignore[no-untyped-def]  # the extend of the first m requests
+        layout = TreeLayout.build([r.kv_len for r in reqs[:m]], [r.pages for r in reqs[:m]], stepper.window, PAGE,
+                                  dev)
+        return stepper._draft_extend(layout, VerifyResult(*(t[:m] for t in result)), hidden[:m * n])
+
+    eager2, eager3 = extend(2), extend(3)
+    runner.capture_spec_graphs(4, s, k, n)
+    graphs = runner.spec_graphs
+    assert graphs is not None and graphs.extend is not None and graphs.batch_sizes == (1, 2, 4)
+    counts = _count_replays(runner)
+    graph2, graph3 = extend(2), extend(3)
+    assert counts == [0, 0, 2]
+    for name, got, want in zip(("topk_p", "topk_idx", "hidden"), graph2, eager2):
+        assert torch.equal(got, want), name
+    torch.testing.assert_close(graph3.topk_p, eager3.topk_p, rtol=2e-2, atol=2e-3)
+    got, want = graph3.hidden.float(), eager3.hidden.float()
+    assert float((got - want).norm() / want.norm()) < 2e-2
     runner.release_graphs()
