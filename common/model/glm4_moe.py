@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common import ops
 from common.config import ModelConfig
 from common.context import get_forward_context
 from common.model.layers import (
@@ -59,13 +58,9 @@ class Glm4MoeAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
         cos_sin = rope_cos_sin(self.rotary_dim, self.rope_theta, self.max_positions, x.device)
-        q, k = ops.qk_norm_rope(
-            q, k, positions, cos_sin, self.rotary_dim,
-            self.q_norm.weight if self.q_norm is not None else None,
-            self.k_norm.weight if self.k_norm is not None else None,
-            self.eps,
-        )
-        o = self.attn(q, k, v)  # [T,Hq,D]
+        o = self.attn(q, k, v, positions, cos_sin, self.rotary_dim,  # norm + RoPE + K/V store, attention
+                      self.q_norm.weight if self.q_norm is not None else None,
+                      self.k_norm.weight if self.k_norm is not None else None, self.eps)  # [T,Hq,D]
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
 

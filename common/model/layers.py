@@ -113,7 +113,8 @@ def rope_cos_sin(rotary_dim: int, theta: float, max_positions: int, device: torc
 
 
 class PagedAttention(nn.Module):
-    """Stores this layer's new K/V in the pool and attends over the batch's paged KV.
+    """Per-head QK-norm and partial RoPE, this layer's new K/V into the pool (one fused op), then
+    attention over the batch's paged KV.
 
     The batch description and pool come from the forward context; `layer_id` selects the pool
     layer (the MTP layer uses index num_hidden_layers).
@@ -124,9 +125,12 @@ class PagedAttention(nn.Module):
         self.layer_id = layer_id
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q [T,Hq,D], k/v [T,Hk,D] -> [T,Hq,D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                cos_sin: torch.Tensor, rotary_dim: int, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+        # q [T,Hq,D], k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_pool.k[self.layer_id], ctx.kv_pool.v[self.layer_id]
-        ops.store_kv(k_cache, v_cache, k, v, ctx.batch.out_slots)
+        q = ops.qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
+                                   k_cache, v_cache, ctx.batch.out_slots)
         return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale)

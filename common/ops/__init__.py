@@ -24,6 +24,7 @@ _TRITON_MODULE = {
     "rms_norm": "triton_norm",
     "fused_add_rms_norm": "triton_norm",
     "qk_norm_rope": "triton_norm",
+    "qk_norm_rope_store": "triton_norm",
     "grouped_topk": "triton_moe",
     "router_logits": "triton_moe",
     "silu_and_mul": "triton_norm",
@@ -108,6 +109,24 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return resolve("router_logits", x.device)(x, w)
 
 
+def qk_norm_rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    rotary_dim: int,
+    q_norm_w: torch.Tensor | None,
+    k_norm_w: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    return resolve("qk_norm_rope_store", q.device)(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
+                                                   k_cache, v_cache, slots)
+
+
 def grouped_topk(
     router_logits: torch.Tensor,
     correction_bias: torch.Tensor,
@@ -136,6 +155,6 @@ def store_kv(
 
 
 __all__ = [
-    "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope", "resolve",
+    "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "resolve",
     "rms_norm", "router_logits", "set_backend", "silu_and_mul", "store_kv", "use_reference",
 ]

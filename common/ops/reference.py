@@ -63,6 +63,26 @@ def qk_norm_rope(
     return _rope_neox(q, cos, sin, rotary_dim), _rope_neox(k, cos, sin, rotary_dim)
 
 
+def qk_norm_rope_store(
+    q: torch.Tensor,  # [T,Hq,D]
+    k: torch.Tensor,  # [T,Hk,D]
+    v: torch.Tensor,  # [T,Hk,D]
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    rotary_dim: int,
+    q_norm_w: torch.Tensor | None,
+    k_norm_w: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,  # [P,S,Hk,D]
+    v_cache: torch.Tensor,  # [P,S,Hk,D]
+    slots: torch.Tensor,  # [T] int64
+) -> torch.Tensor:
+    """qk_norm_rope, then store_kv of the normed/rotated k and of v; returns the new q."""
+    q, k = qk_norm_rope(q, k, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps)
+    store_kv(k_cache, v_cache, k, v, slots)
+    return q
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [T,2I] (gate columns, then up) -> silu(gate) * up [T,I], in the activation dtype."""
     gate, up = gate_up.chunk(2, dim=-1)

@@ -1,5 +1,5 @@
 """Triton twins of the per-row ops in `reference.py`: rms_norm, fused_add_rms_norm, qk_norm_rope,
-silu_and_mul.
+qk_norm_rope_store (the same plus the paged K/V write, one launch), silu_and_mul.
 
 Same signatures and the same cast order as the reference (fp32 statistics, cast to the activation
 dtype, then the weight multiply and the RoPE arithmetic in the activation dtype), so results agree
@@ -123,6 +123,87 @@ def _norm_rope_heads(
 
 
 @triton.jit
+def _qk_norm_rope_store_kernel(
+    q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
+    HQ, HK, S, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_qot, stride_qoh, stride_cp, stride_cs_slot, stride_ch, stride_cs, eps,
+    D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
+    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr,
+):
+    """grid (T, cdiv(HQ,BH) + cdiv(HK,BH) + 1): q head blocks -> qo; k head blocks normed and rotated
+    straight into the paged cache at slots[t]; the last block copies v into the cache. A negative
+    slot writes no K/V."""
+    t = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    nqb = tl.cdiv(HQ, BH)
+    nkb = tl.cdiv(HK, BH)
+    slot = tl.load(slot_ptr + t)
+    cache_row = (slot // S) * stride_cp + (slot % S) * stride_cs_slot
+    if hb == nqb + nkb:
+        h = tl.arange(0, BH)
+        d = tl.arange(0, BD)
+        m = (h < HK)[:, None] & (d < D)[None, :] & (slot >= 0)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m)
+        tl.store(vc_ptr + cache_row + h[:, None] * stride_ch + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=m)
+    else:
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        j = tl.arange(0, BHALF)
+        cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # fp32 [BHALF]
+        sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
+        dt = qo_ptr.dtype.element_ty
+        cos = cos.to(dt)[None, :]
+        sin = sin.to(dt)[None, :]
+        if hb < nqb:
+            _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
+                             stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST)
+        elif slot >= 0:
+            _norm_rope_heads(k_ptr + t * stride_kt, kc_ptr + cache_row, kw_ptr, HK, (hb - nqb) * BH,
+                             stride_kh, stride_ch, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST)
+
+
+def qk_norm_rope_store(
+    q: torch.Tensor,  # [T,Hq,D]
+    k: torch.Tensor,  # [T,Hk,D]
+    v: torch.Tensor,  # [T,Hk,D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin: torch.Tensor,  # [max_pos, rot] fp32
+    rotary_dim: int,
+    q_norm_w: torch.Tensor | None,
+    k_norm_w: torch.Tensor | None,
+    eps: float,
+    k_cache: torch.Tensor,  # [P,S,Hk,D]
+    v_cache: torch.Tensor,  # [P,S,Hk,D]
+    slots: torch.Tensor,  # [T] int64
+) -> torch.Tensor:
+    """qk_norm_rope, then store_kv of the new k and v, in one launch; returns the new q."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if cos_sin.stride(-1) != 1:
+        cos_sin = cos_sin.contiguous()
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("qk_norm_rope_store: k_cache and v_cache need the same strides and a contiguous head dim")
+    n_tok, hq, d = q.shape
+    hk = k.shape[1]
+    half = rotary_dim // 2
+    rest = d - rotary_dim
+    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
+    if n_tok == 0:
+        return qo
+    bh = min(16, triton.next_power_of_2(max(hq, hk)))
+    grid = (n_tok, triton.cdiv(hq, bh) + triton.cdiv(hk, bh) + 1)
+    _qk_norm_rope_store_kernel[grid](
+        q, k, v, qo, k_cache, v_cache, slots, positions, cos_sin,
+        q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else k,
+        hq, hk, k_cache.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        qo.stride(0), qo.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin.stride(0), eps,
+        D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None,
+        BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
+        BD=triton.next_power_of_2(d), num_warps=4,
+    )
+    return qo
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
     HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -216,4 +297,4 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["fused_add_rms_norm", "qk_norm_rope", "rms_norm", "silu_and_mul"]
+__all__ = ["fused_add_rms_norm", "qk_norm_rope", "qk_norm_rope_store", "rms_norm", "silu_and_mul"]

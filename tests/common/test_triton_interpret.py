@@ -105,6 +105,19 @@ def _group_norm() -> None:
             tag = "weights" if qw is not None else "no-norm"
             _check(f"qk_norm_rope.q ({tag})", a, ra, dt)
             _check(f"qk_norm_rope.k ({tag})", b, rb, dt)
+        # the fused norm + RoPE + paged K/V write (a negative slot writes nothing)
+        v = qkv[:, (hq + hk) * d :].view(n, hk, d)
+        for qw, kw in ((torch.randn(d, dtype=dt), torch.randn(d, dtype=dt)), (None, None)):
+            caches = [torch.randn(5, 4, hk, d, dtype=dt) for _ in range(2)]
+            want = [c.clone() for c in caches]
+            slots = torch.tensor([3, 17, -1, 8])
+            qo = tn.qk_norm_rope_store(q, k, v, pos, cos_sin, rot, qw, kw, 1e-6, *caches, slots)
+            rq, rk = ref.qk_norm_rope(q, k, pos, cos_sin, rot, qw, kw, 1e-6)
+            keep = slots >= 0
+            ref.store_kv(*want, rk[keep], v[keep], slots[keep])
+            _check("qk_norm_rope_store.q", qo, rq, dt)
+            _check("qk_norm_rope_store.k_cache", caches[0], want[0], dt)
+            assert torch.equal(caches[1], want[1]), "v copied bit-exact into its slots, nothing else touched"
         gate_up = torch.randn(7, 2 * 100, dtype=dt)  # I not a power of two
         _check("silu_and_mul", tn.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), dt)
 

@@ -63,6 +63,30 @@ def test_qk_norm_rope(n: int, qk_norm: bool) -> None:
 
 
 @pytest.mark.parametrize("n", [1, 64, 2048])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_rope_store(n: int, qk_norm: bool) -> None:
+    """The fused norm + RoPE + paged K/V write equals qk_norm_rope then store_kv, at Air shapes."""
+    from common.model.layers import rope_cos_sin
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    pages, page, hq, hk, d = 512, 16, 96, 8, 128
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (t.view(n, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=1))
+    pos = torch.randint(0, 8192, (n,), device=DEV)
+    cos_sin = rope_cos_sin(64, 1e6, 8192, torch.device(DEV))
+    qw, kw = (torch.randn(d, device=DEV, dtype=torch.bfloat16) if qk_norm else None for _ in range(2))
+    caches = [torch.full((pages, page, hk, d), float("nan"), device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+    want = [c.clone() for c in caches]
+    slots = torch.randperm(pages * page, device=DEV)[:n]
+    out = tn.qk_norm_rope_store(q, k, v, pos, cos_sin, 64, qw, kw, 1e-5, *caches, slots)
+    wq, wk = tn.qk_norm_rope(q, k, pos, cos_sin, 64, qw, kw, 1e-5)
+    ref.store_kv(*want, wk, v, slots)
+    assert torch.equal(out, wq)
+    assert all(torch.equal(c.nan_to_num(3.0), w.nan_to_num(3.0)) for c, w in zip(caches, want))
+
+
+@pytest.mark.parametrize("n", [1, 64, 2048])
 def test_store_kv(n: int) -> None:
     from common.ops import reference as ref
     from common.ops import triton_kv as tk
