@@ -66,7 +66,9 @@ class ModelRunner:
         self._check(batch)
         with forward_context(batch, self.kv_pool, layer_hook):
             hidden = self.model(batch.input_ids, batch.positions)  # [T,H]
-        return self.model.compute_logits(hidden[batch.logit_rows]), hidden
+        every_row = batch.is_decode and batch.logit_rows.shape[0] == batch.num_tokens  # rows 0..B-1: no gather
+        rows = hidden if every_row else hidden[batch.logit_rows]
+        return self.model.compute_logits(rows), hidden
 
     def capture_decode_graphs(self, max_bs: int) -> None:
         """Capture the plain decode forward per batch-size bucket up to max_bs (CUDA only; after the
