@@ -19,9 +19,10 @@ extend is queued before that read, so the host commits while the device extends.
 
 The extend has a fixed shape (SGLang's CUDA-graph draft extend): W = S+1 queries per request (the
 accepted path a+1 never exceeds S+1) over window slots L..L+S, causal, positions L..L+S, tokens =
-the committed path padded with token 0, hidden = the target hidden of the accepted nodes padded with
-the root's. The next DraftState is read at query a. The padded queries a+1..S write draft KV into
-slots L+a+1..L+S, which hold nothing real: after the step the request's length is L' = L+a+1, so
+the committed path, hidden = the target hidden of the accepted nodes, both padded by repeating the
+last real one (same MTP input as query a, so the padding mostly picks query a's experts instead of
+loading others). The next DraftState is read at query a. The padded queries a+1..S write draft KV
+into slots L+a+1..L+S, which hold nothing real: after the step the request's length is L' = L+a+1, so
 they are slots >= L' -- the next step's draft scratch. Nothing reads a draft slot >= L' before the
 next step writes it: draft level l attends to the prefix [0, L') and to its window columns
 L' + l'*k + j (l' <= l), each written by level l' of that same step before level l runs (a forward
@@ -254,8 +255,9 @@ class EagleStepper:
         L..L+S, the next DraftState at query a. hidden [B*N, H]: the verify's target hidden."""
         B, W = layout.num_seqs, self.width
         c = self._consts_for(B, hidden.device)
-        tokens = result.committed.clamp(min=0)  # [B, W] the committed path, then token 0
-        nodes = result.accept_index.clamp(min=0)  # [B, W] the accepted nodes, then the root
+        last = torch.minimum(c.extend_depth, result.num_accepted[:, None])  # [B, W] 0..a, then a again
+        tokens = result.committed.gather(1, last)  # the committed path, its last token repeated
+        nodes = result.accept_index.gather(1, last)  # the accepted nodes, the last one repeated
         h = hidden.view(B, self.N, -1)
         h_in = h.gather(1, nodes[:, :, None].expand(B, W, h.shape[-1])).reshape(B * W, -1)
         batch = ForwardBatch.tree_in(layout, tokens, c.extend_depth, c.extend_mask,
