@@ -45,7 +45,7 @@ from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
 from common.sampling.params import SamplingParams
-from common.sampling.sampler import SamplingTensors, draw_uniforms, target_probs
+from common.sampling.sampler import SamplingTensors, draw_uniforms, target_probs, to_device
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, chain_tree, select_tree
@@ -196,7 +196,7 @@ class EagleStepper:
         probs = target_probs(logits, *st, filtered=filtered).view(B, N, -1)
         u = draw_uniforms([p.seed for p in params], [len(r.output_ids) for r in reqs], N + 1, "cpu",
                           self.sampler.generator)
-        return verify_sampling(tree, probs, _to_device(u, logits.device), self.S)
+        return verify_sampling(tree, probs, to_device(u, logits.device), self.S)
 
     def _has_processors(self, req: DecodeReq) -> bool:
         """Whether any logit processor (common.sampling.logit_processors) changes this request's rows."""
@@ -212,7 +212,7 @@ class EagleStepper:
         dev = logits.device
         sel = torch.stack((tree.parents, tree.tokens), dim=1)  # [B, 2, N]
         if len(active) < B:
-            sel = sel.index_select(0, _to_device(torch.tensor(active), dev))
+            sel = sel.index_select(0, to_device(torch.tensor(active), dev))
         host = sel.tolist()  # one device->host copy of the active trees
         rows = []
         for (parents, tokens), b in zip(host, active):
@@ -225,7 +225,7 @@ class EagleStepper:
         if len(active) == B:
             self.sampler.process(logits, rows)
             return
-        idx = _to_device((torch.tensor(active)[:, None] * N + torch.arange(N)).reshape(-1), dev)
+        idx = to_device((torch.tensor(active)[:, None] * N + torch.arange(N)).reshape(-1), dev)
         sub = logits.index_select(0, idx)
         self.sampler.process(sub, rows)
         logits.index_copy_(0, idx, sub)
@@ -236,7 +236,7 @@ class EagleStepper:
         st = SamplingTensors.from_params(params, "cpu", repeat=self.N)
         filtered = bool((((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1) | (st.min_p > 0)).any())
         dev = self.runner.device
-        return SamplingTensors(*(_to_device(t, dev) for t in st)), filtered
+        return SamplingTensors(*(to_device(t, dev) for t in st)), filtered
 
     def _compact_kv(self, layout: TreeLayout, result: VerifyResult) -> None:
         """Move the accepted path's K/V to slots L..L+a: path node d (slot L + accept_index[b, d]) goes to
@@ -302,10 +302,3 @@ class _HostCopy:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without a stream sync (pinned, non-blocking) on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
