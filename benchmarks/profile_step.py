@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--draft", action="store_true",
+                    help="also the EAGLE draft-step forward (MTP layer + lm_head) at B=1, eager and graphed")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step needs a CUDA GPU")
@@ -96,14 +98,15 @@ def main() -> None:
     batches = [int(b) for b in args.decode.split(",") if b]
     ctx = args.context
     pages_per_seq = -(-(ctx + 1) // PAGE)
-    num_pages = 1 + max(batches + [0]) * pages_per_seq + -(-args.prefill // PAGE)
+    # decode sequences' pages, then (--draft) one sequence's target + draft KV, then the prefill's
+    num_pages = 1 + max(batches + [int(args.draft)]) * (pages_per_seq + 1) + -(-args.prefill // PAGE)
     model = random_model(AIR, dev, dtype)  # (with the MTP layer, unused here)
-    runner = ModelRunner("", dev, dtype, PAGE, num_pages, model=model)
+    runner = ModelRunner("", dev, dtype, PAGE, num_pages, with_mtp=args.draft, model=model)
     out = [f"# profile_step: {torch.cuda.get_device_name(0)}, 4-layer Air-shaped model, context {ctx}", ""]
     if batches:
         runner.capture_decode_graphs(max(batches))
     for b in batches:
-        pages = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(b)]
+        pages = [list(range(1 + i * pages_per_seq, 1 + (i + 1) * pages_per_seq)) for i in range(b)]  # in the pool
         for i in range(b):  # fill the context's KV
             runner.forward(ForwardBatch.build([SeqSpec([(7 * t + i) % 151552 for t in range(ctx)], range(ctx), ctx,
                                                        pages[i], logit_rows=[])], PAGE, dev))
@@ -121,6 +124,29 @@ def main() -> None:
 
         out += section(f"decode B={b}, CUDA graph", wall_us(replay, args.reps), replay, args.reps, args.top)
         print("\n".join(out[-args.top - 8:]), flush=True)
+    if args.draft:
+        pages = [list(range(1, 1 + pages_per_seq + 1))]
+        runner.capture_spec_graphs(1, 3, 1, 4)
+        fill = ForwardBatch.build([SeqSpec([(5 * t) % 151552 for t in range(ctx)], range(ctx), ctx, pages[0],
+                                           logit_rows=[])], PAGE, dev)
+        _, h = runner.forward(fill)
+        runner.draft_forward(fill, h)
+        step = ForwardBatch.tree(torch.full((1, 1), 7, device=dev), torch.zeros(1, 1, dtype=torch.int64, device=dev),
+                                 torch.ones(1, 1, 1, dtype=torch.bool, device=dev), [ctx], pages, PAGE)
+        hid = torch.randn(1, model.config.hidden_size, device=dev, dtype=dtype)
+        spec, runner.spec_graphs = runner.spec_graphs, None
+
+        def draft_eager() -> None:
+            runner.draft_step_forward(step, hid)
+
+        out += section("EAGLE draft step B=1, eager", wall_us(draft_eager, args.reps), draft_eager, args.reps, args.top)
+        runner.spec_graphs = spec
+
+        def draft_graph() -> None:
+            runner.draft_step_forward(step, hid)
+
+        out += section("EAGLE draft step B=1, CUDA graph", wall_us(draft_graph, args.reps), draft_graph, args.reps,
+                       args.top)
     if args.prefill:
         n = args.prefill
         pages = list(range(num_pages - -(-n // PAGE), num_pages))
