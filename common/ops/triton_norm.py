@@ -123,6 +123,16 @@ def _norm_rope_heads(
 
 
 @triton.jit
+def _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, dt: tl.constexpr, HALF: tl.constexpr, BHALF: tl.constexpr):
+    """Token t's RoPE cos and sin ([1, BHALF] each, fp32 table cast to the activation dtype)."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, BHALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
+    return cos.to(dt)[None, :], sin.to(dt)[None, :]
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
     HQ, HK, S, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -147,13 +157,7 @@ def _qk_norm_rope_store_kernel(
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m)
         tl.store(vc_ptr + cache_row + h[:, None] * stride_ch + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=m)
     else:
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        j = tl.arange(0, BHALF)
-        cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # fp32 [BHALF]
-        sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
-        dt = qo_ptr.dtype.element_ty
-        cos = cos.to(dt)[None, :]
-        sin = sin.to(dt)[None, :]
+        cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, qo_ptr.dtype.element_ty, HALF, BHALF)
         if hb < nqb:
             _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
                              stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST)
@@ -215,13 +219,7 @@ def _qk_norm_rope_kernel(
     """grid (T, cdiv(HQ,BH) + cdiv(HK,BH)): the first head blocks are q's, the rest k's."""
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, BHALF)
-    cos = tl.load(cs_ptr + pos * stride_cs + j, mask=j < HALF, other=0.0)  # fp32 [BHALF]
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + j, mask=j < HALF, other=0.0)
-    dt = qo_ptr.dtype.element_ty
-    cos = cos.to(dt)[None, :]
-    sin = sin.to(dt)[None, :]
+    cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, qo_ptr.dtype.element_ty, HALF, BHALF)
     nqb = tl.cdiv(HQ, BH)
     if hb < nqb:
         _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
