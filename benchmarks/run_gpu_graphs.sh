@@ -30,7 +30,7 @@ pkill -9 -f "[c]ommon[.]cli"
   echo "## end to end (bench_e2e.md)"
   cat "$OUT/bench_e2e.md" 2>/dev/null || echo "(missing)"
   echo
-  echo "## CUDA graph capture (worker logs: decode for plain, EAGLE verify/draft for spec)"
+  echo "## CUDA graph capture (worker logs: decode for plain, EAGLE verify/draft/extend for spec)"
   grep -rh "captured .* CUDA graphs\|CUDA graphs off" "$E2E_LOGS" 2>/dev/null | head -n 4
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1

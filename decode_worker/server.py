@@ -72,7 +72,7 @@ class DecodeWorkerApp:
         spec = self.cfg.spec
         if spec.enabled:  # EagleStepper never runs a plain decode step; its draft extend stays eager
             self.runner.capture_spec_graphs(max_bs, spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
-            sizes, what = self.runner.spec_graphs.batch_sizes, "EAGLE verify/draft"
+            sizes, what = self.runner.spec_graphs.batch_sizes, "EAGLE verify/draft/extend"
         else:
             self.runner.capture_decode_graphs(max_bs)
             sizes, what = self.runner.graphs.batch_sizes, "decode"
