@@ -58,11 +58,13 @@ def main() -> None:
             x = torch.randn(m, h, device="cuda", dtype=BF)
             weights, ids = tm.grouped_topk(torch.randn(m, e, device="cuda"), torch.zeros(e, device="cuda"), 8, 1, 1,
                                            True, 1.0, 1)
-            t_ours = gt.time_graph([lambda: tm.fused_moe(x, w13, w2, weights, ids)], reps=10)
-            out, (xs, _, _, offs, act) = grouped_moe(x, w13, w2, weights, ids)
-            t_gmm = gt.time_eager(lambda: grouped_moe(x, w13, w2, weights, ids), rep_ms=200)
-            t_gemms = gt.time_eager(lambda: (torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs),
-                                             torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)), rep_ms=200)
+            args_ = (x, w13, w2, weights, ids)
+            t_ours = gt.time_graph([lambda a=args_: tm.fused_moe(*a)], reps=10)
+            out, (xs, _, _, offs, act) = grouped_moe(*args_)
+            t_gmm = gt.time_eager(lambda a=args_: grouped_moe(*a), rep_ms=200)
+            t_gemms = gt.time_eager(lambda g=(xs, act, w13, w2, offs): (
+                torch._grouped_mm(g[0], g[2].transpose(1, 2), offs=g[4]),
+                torch._grouped_mm(g[1], g[3].transpose(1, 2), offs=g[4])), rep_ms=200)
             used, remap = torch.unique(ids.long(), return_inverse=True)
             want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())
             flops = 2 * m * 9 * 3 * inter * h

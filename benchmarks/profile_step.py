@@ -71,8 +71,8 @@ def section(title: str, wall: float, fn, reps: int, top: int) -> list[str]:  # t
     total, rows = kernel_table(fn, reps)
     n_kernels = sum(r[1] for r in rows)
     lines = [f"### {title}", "",
-             f"wall {wall:.0f} µs per step; kernels {total:.0f} µs in {n_kernels} launches; "
-             f"gap (wall - kernels) {wall - total:.0f} µs", "",
+             (f"wall {wall:.0f} µs per step; kernels {total:.0f} µs in {n_kernels} launches; "
+              f"gap (wall - kernels) {wall - total:.0f} µs"), "",
              "| kernel | launches | µs per step | share |", "|---|---|---|---|"]
     lines += [f"| `{n}` | {c} | {t:.1f} | {t / total:.1%} |" for n, c, t in rows[:top]]
     rest = rows[top:]
@@ -113,13 +113,13 @@ def main() -> None:
         step = ForwardBatch.decode([11] * b, [ctx] * b, pages, PAGE, dev)
         graphs, runner.graphs = runner.graphs, None
 
-        def eager() -> None:
+        def eager(step: ForwardBatch = step) -> None:
             runner.decode_logits(step)
 
         out += section(f"decode B={b}, eager", wall_us(eager, args.reps), eager, args.reps, args.top)
         runner.graphs = graphs
 
-        def replay() -> None:
+        def replay(step: ForwardBatch = step) -> None:
             runner.decode_logits(step)
 
         out += section(f"decode B={b}, CUDA graph", wall_us(replay, args.reps), replay, args.reps, args.top)

@@ -42,7 +42,8 @@ def main() -> None:
                 break
             tp.plan = lambda *a, c=(bm, bn, warps, stages): (*c, 1)  # type: ignore[assignment]
             try:
-                t = gt.time_graph([lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, 0.088) for q, b in sets], reps=10)
+                t = gt.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
+                                   for q, b in sets], reps=10)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit
                 print(f"{name}: BM={bm} BN={bn} w={warps} s={stages}: {type(exc).__name__}", flush=True)
                 continue
@@ -53,7 +54,8 @@ def main() -> None:
                   f"({frac:.0%} of peak)", flush=True)
             if best is None or t < best[0]:
                 best = (t, bm, bn, warps, stages)
-        default = gt.time_graph([lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, 0.088) for q, b in sets], reps=10)
+        default = gt.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
+                                 for q, b in sets], reps=10)
         print(f"BEST {name}: {best}; plan() today {default:.1f} us", flush=True)
 
 
