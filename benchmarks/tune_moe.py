@@ -50,9 +50,9 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
         return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s}
                 for n, k, w, s, g in itertools.product(bns, bks, warps, stages, groups)]
 
-    if per_expert <= 4:
-        return ([16], grid((32, 16, 64), (128, 256), (4,), (4, 3), (1,)),
-                grid((64, 32, 128), (128, 256), (4,), (4, 3), (1,)))
+    if per_expert <= 4:  # a weight stream: short K loops (down: K = I) want deep pipelines and many programs
+        return ([16], grid((32, 16, 64), (64, 128, 256), (2, 4), (3, 4, 5), (1,)),
+                grid((64, 32, 128), (64, 128, 256), (2, 4), (3, 4, 5), (1,)))
     if per_expert <= 48:
         return ([32, 64], grid((64, 128), (128, 64), (4,), (4, 3), (4,)),
                 grid((64, 128), (128, 64), (4,), (4, 3), (4,)))
