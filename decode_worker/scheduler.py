@@ -25,6 +25,7 @@ from enum import Enum
 
 from common.kvcache.allocator import PageAllocator
 from common.runtime.draft import DraftState
+from common.sampling.logit_processors import ThinkState
 from common.sampling.params import SamplingParams
 from decode_worker.output import FinishEvent, OutputChannel
 
@@ -60,6 +61,7 @@ class DecodeReq:
     emitted: int = 0  # output tokens already sent to the channel
     arrival: float = field(default_factory=time.monotonic)
     finish: FinishEvent | None = None
+    think_state: ThinkState | None = None  # thinking-budget scan of prompt + committed outputs (a cache)
 
     @property
     def pending(self) -> int:

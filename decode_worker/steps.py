@@ -13,7 +13,7 @@ import torch
 from common.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import TokenSampler
-from common.sampling.logit_processors import RowContext
+from common.sampling.logit_processors import RowContext, ThinkState
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.overlap import LaunchedStep, feed_tokens
 from decode_worker.scheduler import DecodeReq
@@ -50,7 +50,7 @@ class PlainStepper:
         batch = ForwardBatch.decode([r.pending for r in reqs], [r.kv_len for r in reqs], [r.pages for r in reqs],
                                     runner.page_size, runner.device)
         logits = runner.decode_logits(batch)  # a CUDA graph replay when one was captured
-        rows = self.sampler.sample(logits, [RowContext(r.params, r.prompt_ids, r.output_ids) for r in reqs])
+        rows = self.sampler.sample(logits, [self._row(r) for r in reqs])
         for req, row in zip(reqs, rows):
             req.kv_len += 1
             commit_tokens(req, [row.token], self.rules)
@@ -58,7 +58,20 @@ class PlainStepper:
 
     def can_launch(self, req: DecodeReq, step: int) -> bool:
         """Whether `launch` gives req the tokens `step` would, sampling output position `step`."""
-        return not self.sampler.needs_host(req.params, step)
+        return not self.sampler.needs_host(req.params, step, self._think(req))
+
+    def _row(self, req: DecodeReq) -> RowContext:
+        think = self._think(req)  # the cached scan spares the budget a rescan of the whole history
+        return RowContext(req.params, req.prompt_ids, req.output_ids, think[0] if think else None)
+
+    def _think(self, req: DecodeReq) -> tuple[ThinkState, int] | None:
+        """(the request's thinking-budget scan over prompt + committed outputs, prompt length), advanced
+        incrementally and cached on the request; None without a budget."""
+        budget = self.sampler.budget
+        if req.params.thinking_budget is None or budget is None:
+            return None
+        req.think_state = budget.scan(req.think_state, req.prompt_ids, req.output_ids)
+        return req.think_state, len(req.prompt_ids)
 
     def launch(self, reqs: list[DecodeReq], prev: LaunchedStep | None) -> LaunchedStep:
         """Enqueue one step (forward + device sampling + token copy to the host) and return at once.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.sampling.logit_processors import RowContext, ThinkingBudget, apply_processors
+from common.sampling.logit_processors import RowContext, ThinkingBudget, ThinkState, apply_processors
 from common.sampling.params import SamplingParams
 from common.sampling.sampler import SamplingTensors, sample, target_probs
 
@@ -75,12 +75,20 @@ class TokenSampler:
             tops = [list(zip(i[: p.top_logprobs], v[: p.top_logprobs])) for i, v, p in zip(ids, vals, params)]
         return [SampledRow(int(t), lp, top) for t, lp, top in zip(tokens, lps, tops)]
 
-    def needs_host(self, params: SamplingParams, step: int) -> bool:
+    def needs_host(self, params: SamplingParams, step: int, think: tuple[ThinkState, int] | None = None) -> bool:
         """Whether a row at output position `step` (output tokens before it) needs `sample`: a logit
-        processor would change its logits (penalties and the thinking budget read the host history;
-        logit bias and min_tokens are simply not done on the device path), or it wants logprobs."""
-        return (params.has_penalties or bool(params.logit_bias) or step < params.min_tokens or params.logprobs
-                or (params.thinking_budget is not None and self.budget is not None))
+        processor would change its logits (penalties read the host history; logit bias and min_tokens
+        are simply not done on the device path), or it wants logprobs. The thinking budget needs the
+        host only where it may force a token: `think` = (the request's ThinkState over what the host
+        has seen, prompt length) lets a row far from its budget skip it; without it, it always does."""
+        if params.has_penalties or params.logit_bias or step < params.min_tokens or params.logprobs:
+            return True
+        if params.thinking_budget is None or self.budget is None:
+            return False
+        if think is None:
+            return True
+        state, prompt_len = think
+        return self.budget.may_force(params.thinking_budget, state, prompt_len + step)
 
     def sample_on_device(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                          steps: Sequence[int]) -> torch.Tensor:

@@ -83,16 +83,30 @@ class ThinkingBudget:
             return None
         prompt, output = row.prompt_ids, row.output_ids
         total = len(prompt) + len(output)
-        state = row.think_state or ThinkState()
-        if state.consumed < len(prompt):
-            state = self.advance(state, prompt[state.consumed:])
-        state = self.advance(state, output[state.consumed - len(prompt):])
+        state = self.scan(row.think_state, prompt, output)
         assert state.consumed == total, "think_state covers more tokens than the row's history"
         if state.open_start is None or total - state.open_start - 1 < budget:
             return None
         if len(output) == 0 or int(output[-1]) != self.newline_id:
             return self.newline_id
         return self.think_end_id
+
+    def scan(self, state: ThinkState | None, prompt: Sequence[int], output: Sequence[int]) -> ThinkState:
+        """`state` (None: nothing scanned yet) advanced over the rest of prompt + output."""
+        state = state or ThinkState()
+        if state.consumed < len(prompt):
+            state = self.advance(state, prompt[state.consumed:])
+        return self.advance(state, output[state.consumed - len(prompt):])
+
+    def may_force(self, budget: int, state: ThinkState, total: int) -> bool:
+        """Whether a row may get a forced token when it samples with `total` history tokens (prompt +
+        output), knowing them only through `state` (which covers state.consumed <= total of them; the
+        rest are unknown, e.g. a token still being sampled on the device). False means no history the
+        unknown tokens can make gives a force, so the row can skip this processor."""
+        if state.open_start is not None:  # open block: at most this long, if no unknown token closes it
+            return total - state.open_start - 1 >= budget
+        # no open block: an unknown token could open one, the last possible giving length 0
+        return total > state.consumed and budget <= 0
 
     def apply(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
         """logits: [R, V] float; forced rows become -inf except 0 at the forced token (in place)."""

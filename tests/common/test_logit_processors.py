@@ -193,3 +193,27 @@ def test_forced_token_wins_over_bias_and_penalties():
     logits = torch.randn(1, V)
     apply_processors(logits, [row], BUDGET)
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [E]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    known=st.lists(st.sampled_from([S, E, NL, T]), max_size=30),
+    split=st.integers(0, 30),
+    unknown=st.integers(0, 1),
+    budget=st.integers(0, 8),
+)
+def test_may_force_is_never_wrong_about_no_force(known, split, unknown, budget):
+    """may_force() False (the overlapped decode then skips the budget) must hold for every value the
+    unknown trailing output token (still being sampled on the device) can take; and with nothing
+    unknown it is exact."""
+    split = min(split, len(known))
+    prompt, seen = known[:split], known[split:]
+    state = BUDGET.scan(None, prompt, seen)
+    total = len(known) + unknown
+    verdict = BUDGET.may_force(budget, state, total)
+    completions = [[]] if not unknown else [[t] for t in (S, E, NL, T)]
+    forced = [BUDGET.forced_token(_row(prompt, seen + tail, budget)) for tail in completions]
+    if not verdict:
+        assert all(f is None for f in forced)
+    if not unknown:
+        assert verdict == (forced[0] is not None)

@@ -248,6 +248,25 @@ def test_history_dependent_processor_falls_back_to_sync(env, params) -> None:
     assert over.free_after == over.free_before
 
 
+def test_thinking_budget_overlaps_until_a_force_is_possible(env) -> None:
+    """A request thinking under a budget is launched while no token can be forced yet (whatever the
+    token in flight), takes the synchronous step from then on, and gets exactly the synchronous run's
+    tokens: the newline and </think> forced at the budget."""
+    _, ids = env
+    budget = 6
+    specs = [Spec("plain", _prompt(50, 9), _greedy(max_tokens=16)),
+             Spec("think", _prompt(51, 7) + [ids.think_start], _greedy(max_tokens=14, thinking_budget=budget))]
+    sync = serve(env, specs, overlap=False)
+    over = serve(env, specs, overlap=True)
+    assert over.out == sync.out
+    toks = over.out["think"][0]
+    if ids.think_end not in toks[:budget]:  # the random model did not close the block itself
+        assert toks[budget:budget + 2] in ([ids.newline, ids.think_end], [ids.think_end, toks[budget + 1]])
+    assert over.stepper.launched.get("think", 0) >= 2  # overlapped far from the budget
+    assert over.stepper.sync_steps >= 2  # and synchronous where a force was possible
+    assert over.free_after == over.free_before
+
+
 def test_min_tokens_and_logprobs_take_the_sync_step_only_while_needed(env) -> None:
     specs = [Spec("min", _prompt(40, 8), SamplingParams(temperature=0.0, min_tokens=4, max_tokens=14)),
              Spec("lp", _prompt(41, 6), _greedy(max_tokens=5, logprobs=True, top_logprobs=2), arrive=9)]
