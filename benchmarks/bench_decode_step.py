@@ -172,11 +172,6 @@ class Bench:
             hidden = self.ours(batch.input_ids, batch.positions)
         return self.ours.compute_logits(hidden[batch.logit_rows])
 
-    def roofline(self, tokens: int, kv_tokens: int, pairs: int, all_logits: bool) -> tuple[float, float]:
-        """(bytes, flops) of one forward: weights touched + KV read; matmuls + attention."""
-        parts = self.roofline_parts(tokens, kv_tokens, pairs, all_logits)
-        return sum(b for b, _ in parts), sum(f for _, f in parts)
-
     def roofline_parts(self, tokens: int, kv_tokens: int, pairs: int, all_logits: bool) -> list[tuple[float, float]]:
         """(bytes, flops) per kind of op of one forward (attention projections, attention core, dense
         MLP, MoE, lm_head). Ops run one after another, so the per-op roofline is the sum over parts of

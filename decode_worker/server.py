@@ -11,11 +11,17 @@ import asyncio
 import logging
 import time
 
-from common import metrics
 from common.runtime.token_sampler import SpecialIds, TokenSampler
 from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
-from common.runtime.worker_base import build_runner, load_proto, pairing_info, transport_config, worker_info
-from common.service import add_health, add_reflection, make_server, serve_until_signal
+from common.runtime.worker_base import (
+    build_runner,
+    load_proto,
+    open_worker_server,
+    pairing_info,
+    transport_config,
+    worker_info,
+)
+from common.service import make_server, serve_until_signal
 from common.transport.handshake import check_compatible, choose_bulk_backend
 from common.transport.receiver import PairAcceptor
 from decode_worker.commit import StopRules
@@ -113,16 +119,7 @@ async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs
     app = DecodeWorkerApp(cfg, max_running, cuda_graph_bs, overlap)
     server = make_server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
-    health = await add_health(server, [SERVICE])
-    add_reflection(server, [SERVICE])
-    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-    if bound == 0:
-        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
-    if cfg.metrics_port:
-        metrics.start_metrics_server(cfg.metrics_port)
-    app.engine.start()
-    await server.start()
-    await health.set_ready(True)
+    health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
     log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s, overlap schedule %s)",
              cfg.worker_id, cfg.host, bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec,
              "on" if app.engine.overlap else "off")

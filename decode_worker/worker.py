@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from typing import Any, Protocol
 
-import torch
-
 from common import metrics
+from common.runtime.engine import EngineThread
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.output import ErrorEvent, TokenEvent
 from decode_worker.overlap import LaunchedStep, wants_token
@@ -49,10 +47,11 @@ class LaunchingStepper(Stepper, Protocol):
     def launch(self, reqs: list[DecodeReq], prev: LaunchedStep | None) -> LaunchedStep: ...
 
 
-class DecodeEngine:
+class DecodeEngine(EngineThread):
     def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules, overlap: bool = False) -> None:
         """overlap: launch each step before committing the previous one (`stepper` must be a
         LaunchingStepper); batches it cannot take still run the synchronous step."""
+        super().__init__("decode-engine")
         self.sched = sched
         self.sink: Any = None  # decode_worker.kv_receiver.PageSink: told of reservations
         self.stepper = stepper
@@ -60,35 +59,23 @@ class DecodeEngine:
         self.overlap = overlap
         self._launcher: LaunchingStepper = stepper  # type: ignore[assignment]  # used only with overlap
         self.in_flight: LaunchedStep | None = None  # launched, tokens not committed yet
-        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiters: dict[int, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self._reserved: set[int] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.last_progress = time.monotonic()
-        self.thread = threading.Thread(target=self._loop, name="decode-engine", daemon=True)
 
     # ------------------------------------------------------------------ called from other threads
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self.inbox.put(("wake", None))
-        self.thread.join(timeout)
-
     def submit(self, req: DecodeReq, admitted: asyncio.Future) -> None:
         """`admitted` resolves to None, or to an exception (queue full, bad request)."""
-        self.inbox.put(("submit", (req, asyncio.get_running_loop(), admitted)))
+        self.post("submit", (req, asyncio.get_running_loop(), admitted))
 
     def abort(self, request_id: str, code: str = "CANCELLED", message: str = "aborted") -> None:
-        self.inbox.put(("abort", (request_id, code, message)))
+        self.post("abort", (request_id, code, message))
 
     def kv_ready(self, transfer_id: int, aux: Any) -> None:
-        self.inbox.put(("kv_ready", (transfer_id, aux)))
+        self.post("kv_ready", (transfer_id, aux))
 
     def kv_failed(self, transfer_id: int, reason: str) -> None:
-        self.inbox.put(("kv_failed", (transfer_id, reason)))
+        self.post("kv_failed", (transfer_id, reason))
 
     async def wait_reserved(self, transfer_id: int, timeout: float) -> bool:
         """Resolves True once the decode request with this transfer id holds its pages."""
@@ -110,20 +97,11 @@ class DecodeEngine:
                 if not lst:
                     self._waiters.pop(transfer_id, None)
 
-
     def stalled(self, limit_s: float) -> bool:
         busy = bool(self.sched.running or self.sched.ready)
         return busy and time.monotonic() - self.last_progress > limit_s
 
     # ------------------------------------------------------------------ the loop
-    def _loop(self) -> None:
-        with torch.inference_mode():  # logits are processed in place; no autograd state anywhere
-            self._run()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.run_once()
-
     def run_once(self) -> None:
         """One turn of the loop (tests drive it directly; it blocks briefly on the inbox when idle)."""
         idle = not (self.sched.running or self.sched.ready) and self.in_flight is None
@@ -216,22 +194,6 @@ class DecodeEngine:
             return
         for req in batch:
             self._emit(req)
-
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, payload = item
-            getattr(self, f"_on_{kind}")(payload)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _on_wake(self, _: Any) -> None:
-        pass
 
     def _on_submit(self, payload: tuple[DecodeReq, asyncio.AbstractEventLoop, asyncio.Future]) -> None:
         req, loop, fut = payload

@@ -10,8 +10,14 @@ import time
 from common import metrics
 from common.runtime.token_sampler import SpecialIds, TokenSampler
 from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
-from common.runtime.worker_base import build_runner, load_proto, transport_config, worker_info
-from common.service import add_health, add_reflection, make_server, serve_until_signal
+from common.runtime.worker_base import (
+    build_runner,
+    load_proto,
+    open_worker_server,
+    transport_config,
+    worker_info,
+)
+from common.service import make_server, serve_until_signal
 from common.transport.base import TransferError, TransferStats
 from prefill_worker.kv_sender import SenderPool
 from prefill_worker.scheduler import PrefillJob, PrefillScheduler
@@ -83,17 +89,9 @@ async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: f
     app = PrefillWorkerApp(cfg, chunk_tokens, layer_group)
     server = make_server()
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(app), server)
-    health = await add_health(server, [SERVICE])
-    add_reflection(server, [SERVICE])
-    if server.add_insecure_port(f"{cfg.host}:{cfg.port}") == 0:
-        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
-    if cfg.metrics_port:
-        metrics.start_metrics_server(cfg.metrics_port)
-    app.engine.start()
-    await server.start()
-    await health.set_ready(True)
+    health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
     log.info("prefill worker %s serving on %s:%d (%d KV pages, chunk %d tokens, spec %s)", cfg.worker_id,
-             cfg.host, cfg.port, app.runner.allocator.num_total, chunk_tokens, cfg.spec)
+             cfg.host, bound, app.runner.allocator.num_total, chunk_tokens, cfg.spec)
     await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)
 
 

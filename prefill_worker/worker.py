@@ -12,8 +12,6 @@ the aux record. Pages are freed when the sender reports the transfer confirmed (
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from typing import Any
 
@@ -23,6 +21,7 @@ from common import metrics
 from common.batch import ForwardBatch, SeqSpec
 from common.config import SpecConfig
 from common.runtime.draft import draft_states
+from common.runtime.engine import EngineThread
 from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
@@ -32,89 +31,64 @@ from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillSchedul
 log = logging.getLogger(__name__)
 
 
-class PrefillEngine:
+class PrefillEngine(EngineThread):
     def __init__(self, runner: ModelRunner, sched: PrefillScheduler, sampler: TokenSampler, spec: SpecConfig,
                  layer_group_size: int = 4) -> None:
+        super().__init__("prefill-engine")
         self.runner = runner
         self.sched = sched
         self.sampler = sampler
         self.spec = spec
         self.num_layers = runner.config.num_hidden_layers
         self.group = max(1, layer_group_size)
-        self.inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._stop = threading.Event()
-        self.last_progress = time.monotonic()
-        self.thread = threading.Thread(target=self._loop, name="prefill-engine", daemon=True)
 
     # ------------------------------------------------------------------ other threads
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self.inbox.put(("wake", None))
-        self.thread.join(timeout)
-
     def submit(self, job: PrefillJob) -> None:
-        self.inbox.put(("submit", job))
+        self.post("submit", job)
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
-        self.inbox.put(("abort", (request_id, reason)))
+        self.post("abort", (request_id, reason))
 
     def transfer_done(self, job: PrefillJob, error: Exception | None) -> None:
         """Sender thread callback: the decode side confirmed (or the transfer failed)."""
-        self.inbox.put(("sent", (job, error)))
+        self.post("sent", (job, error))
 
     def stalled(self, limit_s: float) -> bool:
         return bool(self.sched.active) and time.monotonic() - self.last_progress > limit_s
 
     # ------------------------------------------------------------------ loop
-    def _loop(self) -> None:
-        with torch.inference_mode():  # logits are processed in place; no autograd state anywhere
-            self._run()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = any(j.state is JobState.PREFILLING for j in self.sched.active) or bool(self.sched.queue)
-            self._drain(block=not busy)
-            self._expire()
-            chunks = self.sched.plan()
-            if not chunks:
-                self._report()
-                continue
-            try:
-                self._step(chunks)
-            except Exception as e:  # fail the batch, never the process
-                log.exception("prefill step failed")
-                for c in chunks:
-                    self._finish(c.job, RuntimeError(f"prefill forward failed: {e}"))
-            self.last_progress = time.monotonic()
+    def run_once(self) -> None:
+        busy = any(j.state is JobState.PREFILLING for j in self.sched.active) or bool(self.sched.queue)
+        self._drain_inbox(block=not busy)
+        self._expire()
+        chunks = self.sched.plan()
+        if not chunks:
             self._report()
-
-    def _drain(self, block: bool) -> None:
-        try:
-            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
-        except queue.Empty:
             return
-        while True:
-            kind, payload = item
-            if kind == "submit":
-                try:
-                    self.sched.submit(payload)
-                except (OverflowError, ValueError) as e:
-                    payload.on_done(payload, e)
-            elif kind == "abort":
-                job = self.sched.by_id.get(payload[0])
-                if job is not None:
-                    self._finish(job, RuntimeError(payload[1]))
-            elif kind == "sent":
-                job, error = payload
-                if job.state is not JobState.DONE:
-                    self._finish(job, error)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
+        try:
+            self._step(chunks)
+        except Exception as e:  # fail the batch, never the process
+            log.exception("prefill step failed")
+            for c in chunks:
+                self._finish(c.job, RuntimeError(f"prefill forward failed: {e}"))
+        self.last_progress = time.monotonic()
+        self._report()
+
+    def _on_submit(self, job: PrefillJob) -> None:
+        try:
+            self.sched.submit(job)
+        except (OverflowError, ValueError) as e:
+            job.on_done(job, e)
+
+    def _on_abort(self, payload: tuple[str, str]) -> None:
+        job = self.sched.by_id.get(payload[0])
+        if job is not None:
+            self._finish(job, RuntimeError(payload[1]))
+
+    def _on_sent(self, payload: tuple[PrefillJob, Exception | None]) -> None:
+        job, error = payload
+        if job.state is not JobState.DONE:
+            self._finish(job, error)
 
     def _expire(self) -> None:
         now = time.time()

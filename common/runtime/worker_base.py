@@ -1,9 +1,10 @@
 """Pieces both worker roles share: building the runner from flags, describing the worker
-(WorkerInfo, pairing info) and choosing the KV backend."""
+(WorkerInfo, pairing info), choosing the KV backend and opening the gRPC server."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -92,3 +93,22 @@ def load_proto(load: dict[str, int], draining: bool) -> worker_pb2.WorkerLoad:
     return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
                                  waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
                                  total_pages=load["total_pages"], draining=draining)
+
+
+async def open_worker_server(server: Any, service: str, cfg: WorkerConfig, engine: Any) -> tuple[Any, int]:
+    """Health and reflection for `service`, bind cfg.host:cfg.port, the metrics endpoint, start the
+    engine thread and the server, then report ready. Returns (health servicer, bound port)."""
+    from common import metrics
+    from common.service import add_health, add_reflection
+
+    health = await add_health(server, [service])
+    add_reflection(server, [service])
+    bound = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
+    if cfg.metrics_port:
+        metrics.start_metrics_server(cfg.metrics_port)
+    engine.start()
+    await server.start()
+    await health.set_ready(True)
+    return health, bound
