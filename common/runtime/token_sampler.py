@@ -13,7 +13,7 @@ import torch
 
 from common.sampling.logit_processors import RowContext, ThinkingBudget, ThinkState, apply_processors
 from common.sampling.params import SamplingParams
-from common.sampling.sampler import SamplingTensors, sample, target_probs
+from common.sampling.sampler import SamplingTensors, sample, target_probs, uses_filter
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,14 @@ class TokenSampler:
             tops = [list(zip(i[: p.top_logprobs], v[: p.top_logprobs])) for i, v, p in zip(ids, vals, params)]
         return [SampledRow(int(t), lp, top) for t, lp, top in zip(tokens, lps, tops)]
 
-    def needs_host(self, params: SamplingParams, step: int, think: tuple[ThinkState, int] | None = None) -> bool:
-        """Whether a row at output position `step` (output tokens before it) needs `sample`: a logit
-        processor would change its logits (penalties read the host history; logit bias and min_tokens
-        are simply not done on the device path), or it wants logprobs. The thinking budget needs the
-        host only where it may force a token: `think` = (the request's ThinkState over what the host
-        has seen, prompt length) lets a row far from its budget skip it; without it, it always does."""
-        if params.has_penalties or params.logit_bias or step < params.min_tokens or params.logprobs:
+    def processors_active(self, params: SamplingParams, step: int,
+                          think: tuple[ThinkState, int] | None = None) -> bool:
+        """Whether any logit processor may change a row at output position `step` (output tokens
+        before it) or later: penalties, logit bias, min_tokens not yet reached, the thinking budget.
+        The budget counts only where it may force a token: `think` = (the request's ThinkState over
+        what the host has seen, prompt length) lets a row far from its budget skip it; without it, it
+        always counts."""
+        if params.has_penalties or params.logit_bias or step < params.min_tokens:
             return True
         if params.thinking_budget is None or self.budget is None:
             return False
@@ -89,6 +90,12 @@ class TokenSampler:
             return True
         state, prompt_len = think
         return self.budget.may_force(params.thinking_budget, state, prompt_len + step)
+
+    def needs_host(self, params: SamplingParams, step: int,
+                   think: tuple[ThinkState, int] | None = None) -> bool:
+        """Whether a row needs `sample` rather than `sample_on_device`: a processor is active (they read
+        the host history, or are simply not done on the device path), or it wants logprobs."""
+        return params.logprobs or self.processors_active(params, step, think)
 
     def sample_on_device(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                          steps: Sequence[int]) -> torch.Tensor:
@@ -99,4 +106,4 @@ class TokenSampler:
     def probs(self, logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
         """Target distribution per (already processed) row: [R, V] fp32."""
         st = SamplingTensors.from_params(params, logits.device)
-        return target_probs(logits, *st)
+        return target_probs(logits, *st, filtered=uses_filter(params, logits.shape[1]))

@@ -40,18 +40,20 @@ class SamplingTensors(NamedTuple):
     def from_params(
         cls, params: Sequence[SamplingParams], device: torch.device | str, repeat: int = 1
     ) -> SamplingTensors:
-        """Per-row tensors; `repeat` repeats each request's values (request-major, e.g. N verify rows)."""
+        """Per-row tensors; `repeat` repeats each request's values (request-major, e.g. N verify rows).
+        One non-blocking host->device copy (float64 holds every knob exactly): nothing waits."""
+        knobs = torch.tensor([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params],
+                             dtype=torch.float64).reshape(-1, 4)
+        if repeat != 1:
+            knobs = knobs.repeat_interleave(repeat, dim=0)
+        temperature, top_k, top_p, min_p = to_device(knobs.T.contiguous(), device)
+        return cls(temperature.float(), top_k.long(), top_p.float(), min_p.float())
 
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            return (t.repeat_interleave(repeat) if repeat != 1 else t).to(device)
 
-        return cls(
-            col([p.temperature for p in params], torch.float32),
-            col([p.top_k for p in params], torch.int64),
-            col([p.top_p for p in params], torch.float32),
-            col([p.min_p for p in params], torch.float32),
-        )
+def uses_filter(params: Sequence[SamplingParams], vocab: int) -> bool:
+    """Whether any of these rows filters (top-k below the vocabulary, top-p < 1 or min-p > 0): the
+    `filtered` flag of target_probs, decided on the host."""
+    return any(0 < p.top_k < vocab or p.top_p < 1 or p.min_p > 0 for p in params)
 
 
 class SampleOutput(NamedTuple):
@@ -157,20 +159,13 @@ def sample(
     if all(p.is_greedy for p in params):
         tokens = greedy_tokens
     else:
-        vocab = logits.shape[1]
+        st = SamplingTensors.from_params(params, logits.device)
         u = draw_uniforms([p.seed for p in params], steps, 1, "cpu", generator)[:, 0]
-        # float64 holds every knob exactly (top_k clamped to the vocabulary, as target_probs does)
-        knobs = torch.tensor([[p.temperature for p in params], [p.top_p for p in params],
-                              [p.min_p for p in params], [min(p.top_k, vocab) for p in params],
-                              [float(p.is_greedy) for p in params]], dtype=torch.float64)
-        temperature, top_p, min_p, top_k, greedy, u = to_device(torch.cat([knobs, u[None].double()]),
-                                                                 logits.device)
-        st = SamplingTensors(temperature.float(), top_k.long(), top_p.float(), min_p.float())
-        filtered = any(
-            not p.is_greedy and (not p.top_k_off or p.top_p < 1 or p.min_p > 0) for p in params
-        )
-        probs = target_probs(logits, *st, filtered=filtered)
-        tokens = torch.where(greedy > 0, greedy_tokens, sample_from_probs(probs, u.float()))
+        flags = torch.tensor([float(p.is_greedy) for p in params])
+        greedy, u = to_device(torch.stack((flags, u)), logits.device)
+        probs = target_probs(logits, *st, filtered=uses_filter([p for p in params if not p.is_greedy],
+                                                                logits.shape[1]))
+        tokens = torch.where(greedy > 0, greedy_tokens, sample_from_probs(probs, u))
     if any(p.logprobs for p in params):
         logprobs = all_lp.gather(1, tokens[:, None]).squeeze(1)
         n = max(p.top_logprobs for p in params)

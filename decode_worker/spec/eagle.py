@@ -44,8 +44,7 @@ from common.runtime.draft import DraftBatch, DraftState, draft_states, draft_top
 from common.runtime.runner import ModelRunner
 from common.runtime.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
-from common.sampling.params import SamplingParams
-from common.sampling.sampler import SamplingTensors, draw_uniforms, target_probs, to_device
+from common.sampling.sampler import SamplingTensors, draw_uniforms, target_probs, to_device, uses_filter
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, chain_tree, select_tree
@@ -183,7 +182,8 @@ class EagleStepper:
         """Processors on every node row with its own history (only the requests that have one active),
         then the acceptance rule."""
         B, N = len(reqs), self.N
-        active = [b for b, r in enumerate(reqs) if self._has_processors(r)]
+        sampler = self.sampler
+        active = [b for b, r in enumerate(reqs) if sampler.processors_active(r.params, len(r.output_ids))]
         if active:
             self._process(reqs, active, tree, logits)
         if all(r.params.is_greedy for r in reqs):
@@ -192,17 +192,11 @@ class EagleStepper:
                 return verify_greedy_chain(tree, target, self.S)
             return verify_greedy(tree, target, self.S)
         params = [r.params for r in reqs]
-        st, filtered = self._sampling_tensors(params, logits.shape[1])
-        probs = target_probs(logits, *st, filtered=filtered).view(B, N, -1)
+        st = SamplingTensors.from_params(params, logits.device, repeat=N)
+        probs = target_probs(logits, *st, filtered=uses_filter(params, logits.shape[1])).view(B, N, -1)
         u = draw_uniforms([p.seed for p in params], [len(r.output_ids) for r in reqs], N + 1, "cpu",
                           self.sampler.generator)
         return verify_sampling(tree, probs, to_device(u, logits.device), self.S)
-
-    def _has_processors(self, req: DecodeReq) -> bool:
-        """Whether any logit processor (common.sampling.logit_processors) changes this request's rows."""
-        p = req.params
-        return (p.has_penalties or bool(p.logit_bias) or len(req.output_ids) < p.min_tokens
-                or (p.thinking_budget is not None and self.sampler.budget is not None))
 
     def _process(self, reqs: list[DecodeReq], active: list[int], tree: VerifyTree,
                  logits: torch.Tensor) -> None:
@@ -229,14 +223,6 @@ class EagleStepper:
         sub = logits.index_select(0, idx)
         self.sampler.process(sub, rows)
         logits.index_copy_(0, idx, sub)
-
-    def _sampling_tensors(self, params: list[SamplingParams], vocab: int) -> tuple[SamplingTensors, bool]:
-        """Per-row (N rows per request) temperature/top-k/top-p/min-p on the device in pinned copies, and
-        the `filtered` flag target_probs would otherwise read back from the device."""
-        st = SamplingTensors.from_params(params, "cpu", repeat=self.N)
-        filtered = bool((((st.top_k > 0) & (st.top_k < vocab)) | (st.top_p < 1) | (st.min_p > 0)).any())
-        dev = self.runner.device
-        return SamplingTensors(*(to_device(t, dev) for t in st)), filtered
 
     def _compact_kv(self, layout: TreeLayout, result: VerifyResult) -> None:
         """Move the accepted path's K/V to slots L..L+a: path node d (slot L + accept_index[b, d]) goes to
