@@ -26,6 +26,15 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host -> device without waiting: on CUDA a pinned, non-blocking copy (a plain `.to(cuda)` of
+    pageable memory synchronises the stream); elsewhere an ordinary copy."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 @dataclass(frozen=True)
 class SeqSpec:
     """Host-side description of one sequence's part of a forward (builder input)."""
@@ -100,7 +109,7 @@ class ForwardBatch:
         host = torch.tensor([*tokens, *kv_lens, *slots, *range(n + 1), *seq_lens, *range(n), *table],
                             dtype=torch.int64)
         dev = torch.device(device)
-        flat = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        flat = to_device(host, dev)
         i32 = torch.int32
         return cls(
             input_ids=flat[:n],
@@ -275,7 +284,7 @@ class TreeLayout:
         # layout: prefix lens | extra rows | table
         host = torch.tensor([*prefix_lens, *(int(v) for e in extra for v in e), *table], dtype=torch.int64)
         dev = torch.device(device)
-        flat = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+        flat = to_device(host, dev)
         e = len(extra)
         prefix = flat[:n]
         page_table = flat[(1 + e) * n:].view(n, width)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from common.batch import to_device
 from common.sampling.params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -173,15 +174,6 @@ def sample(
             values, ids = all_lp.topk(n, dim=-1)
             top = (ids, values)
     return SampleOutput(tokens, logprobs, top)
-
-
-def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Host -> device without waiting: on CUDA a pinned, non-blocking copy (a plain `.to(cuda)` of
-    pageable memory synchronises the stream); elsewhere an ordinary copy."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 def _mix64(seed: int, step: int) -> int:
