@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 from common.batch import ForwardBatch, SeqSpec, TreeLayout
-from common.config import ModelConfig, SpecConfig
+from common.config import ModelConfig, SpecConfig, eagle_step_slots
 from common.model import build_model
 from common.runtime.draft import DraftBatch, DraftState
 from common.runtime.runner import ModelRunner
@@ -186,7 +186,7 @@ def main() -> None:
     s, k, n = (int(x) for x in args.spec.split(","))
     batches = [int(b) for b in args.batches.split(",")]
     ctx = args.context
-    step_slots = max(n, (s - 1) * k, s + 1)
+    step_slots = eagle_step_slots(s, k, n)
     pages_per_req = -(-(ctx + step_slots) // PAGE)
     model = random_model(fields, device, dtype)
     runner = ModelRunner("", device, dtype, PAGE, 1 + max(batches) * pages_per_req, with_mtp=True, model=model)

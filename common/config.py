@@ -284,6 +284,16 @@ class SpecConfig:
     def enabled(self) -> bool:
         return self.algorithm is not None
 
+    @property
+    def step_slots(self) -> int:
+        return eagle_step_slots(self.num_steps, self.eagle_topk, self.num_draft_tokens)
+
+
+def eagle_step_slots(num_steps: int, topk: int, num_draft_tokens: int) -> int:
+    """KV slots one EAGLE step may write past a request's length: the N verify nodes, the (S-1)k draft
+    scratch slots, the S+1 queries of the fixed-shape draft extend."""
+    return max(num_draft_tokens, (num_steps - 1) * topk, num_steps + 1)
+
 
 def validate_spec_config(num_steps: int, topk: int, num_draft_tokens: int) -> tuple[int, str | None]:
     """Check (S, k, N) as SGLang does; return (N to use, warning text or None). Raises ValueError."""

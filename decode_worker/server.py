@@ -51,7 +51,7 @@ class DecodeWorkerApp:
         rules = StopRules(ids.eos)
         spec = cfg.spec
         if spec.enabled:
-            step_slots = max(spec.num_draft_tokens, (spec.num_steps - 1) * spec.eagle_topk, spec.num_steps + 1)
+            step_slots = spec.step_slots
             stepper = EagleStepper(self.runner, sampler, rules, spec)
         else:
             step_slots, stepper = 1, PlainStepper(self.runner, sampler, rules)

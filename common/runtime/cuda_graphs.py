@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.batch import ForwardBatch
+from common.config import eagle_step_slots
 
 if TYPE_CHECKING:
     from common.runtime.runner import ModelRunner
@@ -325,7 +326,7 @@ def capture_spec_graphs(runner: ModelRunner, max_bs: int, num_steps: int, topk: 
         raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {runner.device})")
     page, sizes = runner.page_size, decode_buckets(max_bs)
     # the page table of an EAGLE step covers the slots it may write past L (the scheduler's step_slots)
-    slots = runner.config.max_position_embeddings + max(num_draft_tokens, (num_steps - 1) * topk, num_steps + 1)
+    slots = runner.config.max_position_embeddings + eagle_step_slots(num_steps, topk, num_draft_tokens)
     max_pages = min(runner.kv_pool.num_pages, -(-slots // page) + 1)
     hidden = runner.config.hidden_size
     verify = GraphRunner(runner.forward, sizes, max_pages, page, runner.device, queries=num_draft_tokens,

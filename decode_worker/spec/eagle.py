@@ -28,7 +28,7 @@ next step writes it: draft level l attends to the prefix [0, L') and to its wind
 L' + l'*k + j (l' <= l), each written by level l' of that same step before level l runs (a forward
 stores its own K/V before attending), and the next extend again reads only [0, L') plus its own
 causal window. Real queries never see padded slots (causal: query i <= a sees slots <= L+i). The
-pages are there: the scheduler reserves step_slots = max(N, (S-1)k, S+1) slots past kv_len.
+pages are there: the scheduler reserves SpecConfig.step_slots = max(N, (S-1)k, S+1) slots past kv_len.
 """
 
 from __future__ import annotations
