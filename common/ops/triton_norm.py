@@ -133,37 +133,78 @@ def _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, dt: tl.constexpr, HALF: tl.const
 
 
 @triton.jit
-def _qk_norm_rope_store_kernel(
-    q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, v_ptr, qo_ptr, kd_ptr, vd_ptr, slot_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
     HQ, HK, S, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_qot, stride_qoh, stride_cp, stride_cs_slot, stride_ch, stride_cs, eps,
+    stride_qot, stride_qoh, stride_dp, stride_ds, stride_dh, stride_cs, eps,
     D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
-    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, PAGED: tl.constexpr,
     BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr,
 ):
-    """grid (T, cdiv(HQ,BH) + cdiv(HK,BH) + 1): q head blocks -> qo; k head blocks normed and rotated
-    straight into the paged cache at slots[t]; the last block copies v into the cache. A negative
-    slot writes no K/V."""
+    """grid (T, cdiv(HQ,BH) + cdiv(HK,BH) + PAGED): q head blocks -> qo; k head blocks normed and
+    rotated into their destination row: PAGED, the paged cache at slots[t] (a negative slot writes no
+    K/V) with a last block copying v into the cache; otherwise row t of ko (kd_ptr, page stride = row
+    stride, S = 1)."""
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     nqb = tl.cdiv(HQ, BH)
     nkb = tl.cdiv(HK, BH)
-    slot = tl.load(slot_ptr + t)
-    cache_row = (slot // S) * stride_cp + (slot % S) * stride_cs_slot
-    if hb == nqb + nkb:
+    if PAGED:
+        slot = tl.load(slot_ptr + t)
+    else:
+        slot = t
+    dst_row = (slot // S) * stride_dp + (slot % S) * stride_ds
+    if hb == nqb + nkb:  # PAGED only: v into the cache
         h = tl.arange(0, BH)
         d = tl.arange(0, BD)
         m = (h < HK)[:, None] & (d < D)[None, :] & (slot >= 0)
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=m)
-        tl.store(vc_ptr + cache_row + h[:, None] * stride_ch + d[None, :], v.to(vc_ptr.dtype.element_ty), mask=m)
+        vd = vd_ptr + dst_row + h[:, None] * stride_dh + d[None, :]
+        tl.store(vd, v.to(vd_ptr.dtype.element_ty), mask=m)
     else:
         cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, qo_ptr.dtype.element_ty, HALF, BHALF)
         if hb < nqb:
             _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
                              stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST)
         elif slot >= 0:
-            _norm_rope_heads(k_ptr + t * stride_kt, kc_ptr + cache_row, kw_ptr, HK, (hb - nqb) * BH,
-                             stride_kh, stride_ch, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST)
+            _norm_rope_heads(k_ptr + t * stride_kt, kd_ptr + dst_row, kw_ptr, HK, (hb - nqb) * BH,
+                             stride_kh, stride_dh, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST)
+
+
+def _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,  # type: ignore
+                         k_dst, v_dst, slots):
+    """Shared launcher. k_dst/v_dst: the paged caches [P,S,Hk,D] with `slots` [T] (v too), or, with
+    slots None, k_dst = the new k [T,Hk,D] and no v. Returns the new q."""
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    if v is not None and v.stride(-1) != 1:
+        v = v.contiguous()
+    if cos_sin.stride(-1) != 1:
+        cos_sin = cos_sin.contiguous()
+    n_tok, hq, d = q.shape
+    hk = k.shape[1]
+    half = rotary_dim // 2
+    rest = d - rotary_dim
+    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
+    if n_tok == 0:
+        return qo
+    paged = slots is not None
+    if paged:
+        page_size, (stride_dp, stride_ds, stride_dh) = k_dst.shape[1], k_dst.stride()[:3]
+    else:  # row t of k_dst: pages of one slot
+        page_size, stride_dp, stride_ds, stride_dh = 1, k_dst.stride(0), 0, k_dst.stride(1)
+    bh = min(16, triton.next_power_of_2(max(hq, hk)))
+    grid = (n_tok, triton.cdiv(hq, bh) + triton.cdiv(hk, bh) + int(paged))
+    _qk_norm_rope_kernel[grid](
+        q, k, v if paged else k, qo, k_dst, v_dst if paged else k_dst, slots if paged else positions, positions,
+        cos_sin, q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else k,
+        hq, hk, page_size, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        (v if paged else k).stride(0), (v if paged else k).stride(1),
+        qo.stride(0), qo.stride(1), stride_dp, stride_ds, stride_dh, cos_sin.stride(0), eps,
+        D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None, PAGED=paged,
+        BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
+        BD=triton.next_power_of_2(d), num_warps=4,
+    )
+    return qo
 
 
 def qk_norm_rope_store(
@@ -181,52 +222,11 @@ def qk_norm_rope_store(
     slots: torch.Tensor,  # [T] int64
 ) -> torch.Tensor:
     """qk_norm_rope, then store_kv of the new k and v, in one launch; returns the new q."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    if cos_sin.stride(-1) != 1:
-        cos_sin = cos_sin.contiguous()
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
-        raise ValueError("qk_norm_rope_store: k_cache and v_cache need the same strides and a contiguous head dim")
-    n_tok, hq, d = q.shape
-    hk = k.shape[1]
-    half = rotary_dim // 2
-    rest = d - rotary_dim
-    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
-    if n_tok == 0:
-        return qo
-    bh = min(16, triton.next_power_of_2(max(hq, hk)))
-    grid = (n_tok, triton.cdiv(hq, bh) + triton.cdiv(hk, bh) + 1)
-    _qk_norm_rope_store_kernel[grid](
-        q, k, v, qo, k_cache, v_cache, slots, positions, cos_sin,
-        q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else k,
-        hq, hk, k_cache.shape[1], q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        qo.stride(0), qo.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin.stride(0), eps,
-        D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None,
-        BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
-        BD=triton.next_power_of_2(d), num_warps=4,
-    )
-    return qo
-
-
-@triton.jit
-def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr,
-    HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
-    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, eps,
-    D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
-    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
-    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr,
-):
-    """grid (T, cdiv(HQ,BH) + cdiv(HK,BH)): the first head blocks are q's, the rest k's."""
-    t = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, qo_ptr.dtype.element_ty, HALF, BHALF)
-    nqb = tl.cdiv(HQ, BH)
-    if hb < nqb:
-        _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
-                         stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST)
-    else:
-        _norm_rope_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, kw_ptr, HK, (hb - nqb) * BH,
-                         stride_kh, stride_koh, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST)
+        raise ValueError("qk_norm_rope_store: k_cache and v_cache need the same strides and a contiguous "
+                         "head dim")
+    return _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
+                                k_cache, v_cache, slots)
 
 
 def qk_norm_rope(
@@ -240,31 +240,9 @@ def qk_norm_rope(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm (when weights are given) then NeoX partial RoPE; returns new (q, k)."""
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if cos_sin.stride(-1) != 1:
-        cos_sin = cos_sin.contiguous()
-    n_tok, hq, d = q.shape
-    hk = k.shape[1]
-    half = rotary_dim // 2
-    rest = d - rotary_dim
-    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
-    ko = torch.empty((n_tok, hk, d), dtype=k.dtype, device=k.device)
-    if n_tok == 0:
-        return qo, ko
-    bh = min(16, triton.next_power_of_2(max(hq, hk)))
-    grid = (n_tok, triton.cdiv(hq, bh) + triton.cdiv(hk, bh))
-    _qk_norm_rope_kernel[grid](
-        q, k, qo, ko, positions, cos_sin,
-        q_norm_w if q_norm_w is not None else q, k_norm_w if k_norm_w is not None else k,
-        hq, hk, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos_sin.stride(0), eps,
-        D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None,
-        BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
-        num_warps=4,
-    )
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    qo = _qk_norm_rope_launch(q, k, None, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
+                              ko, None, None)
     return qo, ko
 
 
