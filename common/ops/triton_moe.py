@@ -416,18 +416,19 @@ def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-_descriptors: dict[tuple, object] = {}
-
-
 def _weight_descriptor(w: torch.Tensor, bn: int, bk: int):  # type: ignore[no-untyped-def]
-    """Host TMA descriptor of expert weights [E, rows, K] as [E*rows, K] with a [bn, bk] tile; cached
-    per tensor (weights are static, so graph replays reuse it)."""
-    key = (w.data_ptr(), tuple(w.shape), bn, bk)
-    desc = _descriptors.get(key)
+    """Host TMA descriptor of expert weights [E, rows, K] as [E*rows, K] with a [bn, bk] tile, kept on
+    the weight tensor itself (weights are static, so graph replays reuse it; it goes with them)."""
+    cache = w.__dict__.setdefault("_tma_descriptors", {})
+    key = (w.data_ptr(), bn, bk)  # (a tensor whose .data is swapped gets a new one)
+    desc = cache.get(key)
     if desc is None:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        desc = _descriptors[key] = TensorDescriptor.from_tensor(w.view(-1, w.shape[-1]), [bn, bk])
+        # a storage alias, not a view: a view's _base would tie w to its own cache in a cycle
+        flat = torch.empty(0, dtype=w.dtype, device=w.device).set_(
+            w.untyped_storage(), w.storage_offset(), (w.numel() // w.shape[-1], w.shape[-1]), (w.shape[-1], 1))
+        desc = cache[key] = TensorDescriptor.from_tensor(flat, [bn, bk])
     return desc
 
 

@@ -214,6 +214,18 @@ def _group_moe() -> None:
             want = ref.fused_moe(x.double(), w13.double(), w2.double(), w, i)
             _check(f"fused_moe T={n} E={e} k={k} H={h} I={inter}", out, want, dt)
         assert tm.fused_moe(x, w13, w2, w, i).shape == x.shape
+    # TMA descriptors live on the weight tensor and die with it (a module-level cache kept every
+    # weight it ever saw alive)
+    import gc
+    import weakref
+
+    w13 = torch.randn(4, 32, 64)
+    desc = tm._weight_descriptor(w13, 16, 32)
+    assert tm._weight_descriptor(w13, 16, 32) is desc and desc.base.data_ptr() == w13.data_ptr()
+    alive = weakref.ref(w13)
+    del w13, desc
+    gc.collect()
+    assert alive() is None, "a TMA descriptor keeps its weight alive"
 
 
 def _group_attention() -> None:
