@@ -47,28 +47,36 @@ def wall_us(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def kernel_table(fn, reps: int) -> tuple[float, list[tuple[str, int, float]]]:  # type: ignore[no-untyped-def]
-    """(summed kernel µs per call, [(kernel name, launches per call, µs per call)]) over reps calls."""
+def kernel_table(fn, reps: int) -> tuple[float, list[tuple[str, int, float]], list[tuple[float, str, str]]]:  # type: ignore[no-untyped-def]
+    """(summed kernel µs per call, [(kernel name, launches per call, µs per call)], the idle gaps
+    between consecutive kernels of the last call [(µs, kernel before, kernel after)], largest first)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()  # calls apart: the last call's gaps are its own
     by_name: dict[str, list[float]] = defaultdict(list)
+    spans = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
             name = ev.name
             if name.startswith(("Memcpy", "Memset")) or "Memcpy" in name:
                 name = "[" + name.split()[0] + "]"
             by_name[name].append(ev.device_time)
+            spans.append((ev.time_range.start, ev.time_range.end, name[:60]))
     rows = [(n[:90], round(len(ts) / reps), sum(ts) / reps) for n, ts in by_name.items()]
     rows.sort(key=lambda r: -r[2])
-    return sum(r[2] for r in rows), rows
+    spans.sort()
+    per_call = len(spans) // reps
+    last = spans[-per_call:] if per_call else []
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(last, last[1:]) if b[0] > a[1]]
+    gaps.sort(key=lambda g: -g[0])
+    return sum(r[2] for r in rows), rows, gaps
 
 
 def section(title: str, wall: float, fn, reps: int, top: int) -> list[str]:  # type: ignore[no-untyped-def]
-    total, rows = kernel_table(fn, reps)
+    total, rows, gaps = kernel_table(fn, reps)
     n_kernels = sum(r[1] for r in rows)
     lines = [f"### {title}", "",
              (f"wall {wall:.0f} µs per step; kernels {total:.0f} µs in {n_kernels} launches; "
@@ -79,6 +87,9 @@ def section(title: str, wall: float, fn, reps: int, top: int) -> list[str]:  # t
     if rest:
         lines.append(f"| ({len(rest)} others) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.1f} | "
                      f"{sum(r[2] for r in rest) / total:.1%} |")
+    lines += ["", f"GPU idle between kernels in one call: {sum(g[0] for g in gaps):.0f} µs in {len(gaps)} gaps; "
+              "largest:", "", "| idle µs | after | before |", "|---|---|---|"]
+    lines += [f"| {g:.1f} | `{a}` | `{b}` |" for g, a, b in gaps[:8]]
     return lines + [""]
 
 

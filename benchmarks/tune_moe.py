@@ -116,6 +116,8 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float, current: dic
                     scores[part] = (t, cfg)
         if "up" in scores and "down" in scores:
             total = scores["up"][0] + scores["down"][0]
+            print(f"    M={m} (BM, MIN_BM)={blocking}: best up {scores['up'][0]:.1f} us, down {scores['down'][0]:.1f} us",
+                  flush=True)
             if best is None or total < best["us"]["total"]:
                 best = {"BLOCK_M": blocking[0], **({"MIN_BLOCK_M": blocking[1]} if blocking[1] != blocking[0] else {}),
                         "up": scores["up"][1], "down": scores["down"][1],
