@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_config
+from common.ops.triton_router import router_logits_mma
 
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
 
@@ -136,14 +137,17 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
     tl.store(out_ptr + t[:, None] * stride_o + e[None, :], acc, mask=tm[:, None] & em[None, :])
 
 
-ROUTER_MAX_TOKENS = 4  # above this the router is one cuBLAS fp32 GEMM
+ROUTER_MAX_TOKENS = 4  # above this: triton_router's tensor-core kernel
 
 
 def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T,H] (bf16) times the fp32 router weight [E,H]^T -> [T,E] fp32. Few tokens: one Triton
-    kernel reading x in its own dtype (no fp32 copy of x, no cuBLAS GEMV + reduce pair)."""
+    kernel reading x in its own dtype (no fp32 copy of x, no cuBLAS GEMV + reduce pair); more: the
+    exact three-way bf16 split of w on the tensor cores (triton_router; F.linear for other dtypes)."""
     n_tok, hidden = x.shape
-    if n_tok > ROUTER_MAX_TOKENS or w.dtype != torch.float32 or n_tok == 0:
+    if n_tok > ROUTER_MAX_TOKENS:
+        return router_logits_mma(x, w)
+    if w.dtype != torch.float32 or n_tok == 0:
         return torch.nn.functional.linear(x.float(), w)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
