@@ -27,7 +27,7 @@ def grouped_moe(x, w13, w2, weights, ids):  # type: ignore[no-untyped-def]
     e = w13.shape[0]
     k = ids.shape[1]
     numel = n_tok * k
-    sorted_ids, block_expert, _ = tm.align_block_size(ids, e, 16)
+    sorted_ids, block_expert = tm.align_block_size(ids, e, 16)
     counts = torch.zeros(e + 1, dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, (block_expert.long() % (e + 1)), torch.full_like(block_expert, 16))  # -1 -> bin e
     offs = counts[:e].cumsum(0).to(torch.int32)

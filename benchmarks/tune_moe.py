@@ -2,7 +2,6 @@
 
     python benchmarks/tune_moe.py                          # quick: Air + GLM-4.5 full width, 7 M values
     python benchmarks/tune_moe.py --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
-    python benchmarks/tune_moe.py --m 2048,4096 --tails-only   # entries vs their tail-block variants
 
 Shapes are the model's: the E routed experts plus --shared (default 1) shared experts stacked after
 them, top-8 routed + the shared column per token (common/model/moe.py), so tables are keyed E+1.
@@ -10,8 +9,7 @@ them, top-8 routed + the shared column per token (common/model/moe.py), so table
 For each shape (E, H, I_e / tp) and token count M, random routing (grouped_topk on random logits)
 and, for each BLOCK_M candidate, the gate_up and the down GEMM are timed separately (graph
 replays, median) over a candidate list chosen by the rows each expert gets; the entry is the
-(BLOCK_M, MIN_BLOCK_M) whose best gate_up + best down is fastest (MIN_BLOCK_M < BLOCK_M: tail
-blocks of BLOCK_M/2 and /4 rows, see triton_moe.align_block_size). Tables are merged into existing files (entries
+BLOCK_M whose best gate_up + best down is fastest. Tables are merged into existing files (entries
 for other M kept) in --out-dir and copied to $OUT/moe_configs when OUT is set. A time budget
 stops starting new (shape, M) points; the heuristic in triton_moe.default_config covers the rest.
 Candidates that do not fit the GPU (shared memory) are skipped.
@@ -44,13 +42,8 @@ def route(m: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
                            TOP_K, 1, 1, True, 1.0, SHARED)
 
 
-Blocking = tuple[int, int]  # (BLOCK_M, MIN_BLOCK_M): one expert alignment, shared by both GEMMs
-
-
-def candidates(m: int, num_experts: int, tails_only: dict | None = None) -> list[tuple[Blocking, list[dict], list[dict]]]:
-    """[((BLOCK_M, MIN_BLOCK_M), gate_up candidates, down candidates)], likely-best first.
-    tails_only: the current table entry for this point; then only it and the tail-block variants
-    (MIN_BLOCK_M < BLOCK_M, around the entry's own tiles) are timed."""
+def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[dict]]:
+    """(BLOCK_M values, gate_up candidates, down candidates), likely-best first."""
     per_expert = m * (TOP_K + SHARED) / num_experts
 
     def grid(bns, bks, warps, stages, groups):  # type: ignore[no-untyped-def]
@@ -58,38 +51,28 @@ def candidates(m: int, num_experts: int, tails_only: dict | None = None) -> list
                 for n, k, w, s, g in itertools.product(bns, bks, warps, stages, groups)]
 
     if per_expert <= 4:  # a weight stream: short K loops (down: K = I) want deep pipelines and many programs
-        return [((16, 16), grid((32, 16, 64), (64, 128, 256), (2, 4), (3, 4, 5), (1,)),
-                 grid((64, 32, 128), (64, 128, 256), (2, 4), (3, 4, 5), (1,)))]
+        return ([16], grid((32, 16, 64), (64, 128, 256), (2, 4), (3, 4, 5), (1,)),
+                grid((64, 32, 128), (64, 128, 256), (2, 4), (3, 4, 5), (1,)))
     if per_expert <= 48:
-        mid = grid((64, 128), (128, 64), (4,), (4, 3), (4,))
-        return [((32, 32), mid, list(mid)), ((64, 64), mid, list(mid))]
+        return ([32, 64], grid((64, 128), (128, 64), (4,), (4, 3), (4,)),
+                grid((64, 128), (128, 64), (4,), (4, 3), (4,)))
     big = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_warps": w, "num_stages": s, "tma": tma}
            for tma in (True, False)
            for n, k, w, s in ((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
                               (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4))]
-    # tail blocks (an expert with 128 + 10 rows costs 128 + 32, not 256): the 8-warp tiles that win
-    # at these sizes, each compiled with three tile heights
-    tail = [c for c in big if c["num_warps"] == 8 and c["BLOCK_K"] == 64]
-    if tails_only:
-        bm = tails_only["BLOCK_M"]
-        own = [tails_only["up"], tails_only["down"]]
-        tail = [c for c in own if c not in tail] + tail[:4]
-        return [((bm, tails_only.get("MIN_BLOCK_M", bm)), [own[0]], [own[1]]),
-                *(((bm, bm // d), list(tail), list(tail)) for d in (4, 2) if bm // d >= 16)]
-    return [((64, 64), big, list(big)), ((128, 128), big, list(big)), ((128, 32), tail, list(tail)),
-            ((128, 64), tail, list(tail))]
+    return [64, 128], big, list(big)
 
 
-def _gemm_call(part, cfg, blocking, x, act, y, w13, w2, blocks, topw):  # type: ignore[no-untyped-def]
+def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw):  # type: ignore[no-untyped-def]
     numel, inter = act.shape
     h = x.shape[1]
-    bm, min_bm = blocking
     if part == "up":
-        return lambda: tm._gemm(x, w13, act, blocks, topw, numel, inter, h, TOP_K + SHARED, True, bm, min_bm, cfg)
-    return lambda: tm._gemm(act, w2, y, blocks, topw, numel, h, inter, 1, False, bm, min_bm, cfg)
+        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, TOP_K + SHARED, True, bm,
+                                cfg)
+    return lambda: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg)
 
 
-def tune_point(e: int, h: int, inter: int, m: int, deadline: float, current: dict | None = None) -> dict | None:
+def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | None:
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     w13 = _weights.get((e, h, inter))
     w2 = _weights.get((e, h, inter, "down"))
@@ -98,29 +81,28 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float, current: dic
     act = torch.randn(numel, inter, device="cuda", dtype=torch.bfloat16)
     y = torch.empty(numel, h, device="cuda", dtype=torch.bfloat16)
     topw = weights.reshape(-1).contiguous()
+    block_ms, ups, downs = candidates(m, e)
     best: dict | None = None
-    for blocking, ups, downs in candidates(m, e, current):
-        blocks = tm.align_block_size(ids, e, *blocking)
+    for bm in block_ms:
+        sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
         scores = {}
         for part, cands in (("up", ups), ("down", downs)):
             for cfg in cands:
                 if time.time() > deadline and part in scores:
                     break
-                call = _gemm_call(part, cfg, blocking, x, act, y, w13, w2, blocks, topw)
+                call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw)
                 try:
                     t = gt.time_graph([call], reps=10)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                    print(f"    skip {part} BM={blocking} {cfg}: {type(exc).__name__}", flush=True)
+                    print(f"    skip {part} BM={bm} {cfg}: {type(exc).__name__}", flush=True)
                     continue
                 if part not in scores or t < scores[part][0]:
                     scores[part] = (t, cfg)
         if "up" in scores and "down" in scores:
             total = scores["up"][0] + scores["down"][0]
-            print(f"    M={m} (BM, MIN_BM)={blocking}: best up {scores['up'][0]:.1f} us, down {scores['down'][0]:.1f} us",
-                  flush=True)
+            print(f"    M={m} BM={bm}: best up {scores['up'][0]:.1f} us, down {scores['down'][0]:.1f} us", flush=True)
             if best is None or total < best["us"]["total"]:
-                best = {"BLOCK_M": blocking[0], **({"MIN_BLOCK_M": blocking[1]} if blocking[1] != blocking[0] else {}),
-                        "up": scores["up"][1], "down": scores["down"][1],
+                best = {"BLOCK_M": bm, "up": scores["up"][1], "down": scores["down"][1],
                         "us": {"up": round(scores["up"][0], 2), "down": round(scores["down"][0], 2),
                                "total": round(total, 2)}}
     return best
@@ -137,8 +119,6 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--out-dir", type=Path, default=tm.CONFIG_DIR)
     ap.add_argument("--shared", type=int, default=1, help="shared experts stacked after the routed ones")
-    ap.add_argument("--tails-only", action="store_true",
-                    help="time only each point's current table entry against its tail-block variants")
     args = ap.parse_args()
     global SHARED
     SHARED = args.shared
@@ -159,19 +139,15 @@ def main() -> None:
                 print(f"  budget reached before {model} tp={tp_deg} M={m}", flush=True)
                 return
             t0 = time.time()
-            path = args.out_dir / tm.config_name(e, 2 * inter, h, torch.bfloat16, name)
-            table = json.loads(path.read_text()) if path.is_file() else {}
-            current = table.get(str(m)) if args.tails_only else None
-            if args.tails_only and (current is None or current["BLOCK_M"] < 64):
-                continue
-            best = tune_point(e, h, inter, m, deadline, current)
+            best = tune_point(e, h, inter, m, deadline)
             if best is None:
                 continue
             heur = tm.default_config(m, e, 2 * inter, h, TOP_K + SHARED)
-            print(f"  {model} tp={tp_deg} (E={e} H={h} I={inter}) M={m}: BM={best['BLOCK_M']}"
-                  f"/{best.get('MIN_BLOCK_M', best['BLOCK_M'])} "
+            print(f"  {model} tp={tp_deg} (E={e} H={h} I={inter}) M={m}: BM={best['BLOCK_M']} "
                   f"up={best['up']} down={best['down']} {best['us']} (heuristic BM={heur['BLOCK_M']}) "
                   f"[{time.time() - t0:.0f} s]", flush=True)
+            path = args.out_dir / tm.config_name(e, 2 * inter, h, torch.bfloat16, name)
+            table = json.loads(path.read_text()) if path.is_file() else {}
             table[str(m)] = best
             rows = sorted(table.items(), key=lambda kv: int(kv[0]))
             path.write_text("{\n" + ",\n".join(f' "{k}": {json.dumps(v)}' for k, v in rows) + "\n}\n")

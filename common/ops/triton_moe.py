@@ -2,11 +2,9 @@
 
 Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 1. align: the T*k (token, slot) assignments are bucketed by expert, each expert's bucket padded to
-   a multiple of MIN_BLOCK_M and cut into blocks of BLOCK_M rows plus at most one BLOCK_M/2 and one
-   BLOCK_M/4 tail block (MIN_BLOCK_M = BLOCK_M: whole blocks only). `sorted_ids` holds flat
-   assignment indices t*k+j (sentinel T*k in padding), `block_expert[max_blocks]` the expert of
-   each block (-1: unused) and `block_start[max_blocks+1]` its first row. One kernel when T*k is
-   small (decode); count, plan and scatter kernels otherwise.
+   a multiple of BLOCK_M. `sorted_ids[max_padded]` holds flat assignment indices t*k+j (sentinel
+   T*k in padding) and `block_expert[max_blocks]` the expert of each BLOCK_M rows (-1: unused).
+   One kernel when T*k is small (decode); a count kernel plus the scatter kernel otherwise.
 2. gate_up: rows x[t] of each block times w13[e]^T, both halves in one program, epilogue
    silu(gate)*up -> act[T*k, I] (row = flat assignment index).
 3. down: act rows times w2[e]^T, scaled by the routing weight -> y[T*k, H].
@@ -173,155 +171,105 @@ def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr,
     tl.store(count_ptr + pid * E_PAD + tl.arange(0, E_PAD), acc)
 
 
-@triton.jit
-def _align_plan(tot, sorted_ptr, block_expert_ptr, block_start_ptr, NUMEL, MAX_BLOCKS,
-                E_PAD: tl.constexpr, BM: tl.constexpr, MIN_BM: tl.constexpr, BB: tl.constexpr):
-    """From the per-expert counts tot [E_PAD]: each expert's rows padded to a multiple of MIN_BM and
-    cut into BM-row blocks, then at most one BM/2 and one BM/4 block for the rest (the binary digits
-    of the remainder). Writes the sentinel NUMEL into every padding row, block_expert (-1 past the
-    last block) and block_start (first sorted row of each block; block_start[MAX_BLOCKS] = total,
-    so a block's size is the next start minus its own). Returns each expert's first sorted row."""
+@triton.jit(do_not_specialize=["NUMEL", "CHUNK", "MAX_BLOCKS", "NC"])
+def _align_scatter_kernel(
+    id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS, NC,
+    SINGLE: tl.constexpr, NC_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr,
+    SUB: tl.constexpr, BB: tl.constexpr,
+):
+    """grid (NC,). Every program derives the padded expert offsets from the counts (NC == 1:
+    counts itself), then places its own chunk's assignments (rank by one-hot cumsum), fills the
+    padding of experts e % NC == pid with the sentinel NUMEL, and writes its share of
+    block_expert."""
+    pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
-    padded = (tot + MIN_BM - 1) // MIN_BM * MIN_BM
-    start = tl.cumsum(padded, axis=0) - padded
-    c = tl.arange(0, MIN_BM)
-    tl.store(sorted_ptr + (start + tot)[:, None] + c[None, :], NUMEL, mask=c[None, :] < (padded - tot)[:, None])
-    full = padded // BM
-    rest = padded % BM
-    half = (rest >= BM // 2).to(tl.int32)
-    quarter = ((rest % (BM // 2)) >= BM // 4).to(tl.int32)  # 0 unless MIN_BM == BM/4
-    nblk = full + half + quarter
-    bend = tl.cumsum(nblk, axis=0)  # [E_PAD] inclusive
-    bbeg = bend - nblk
-    total = tl.sum(padded, axis=0)
-    nblocks = tl.sum(nblk, axis=0)
-    for b0 in range(0, MAX_BLOCKS, BB):
-        b = b0 + tl.arange(0, BB)
-        owner = tl.sum((bend[None, :] <= b[:, None]).to(tl.int32), axis=1)  # [BB]
-        hit = e[None, :] == owner[:, None]  # [BB,E_PAD]
-        j = b - tl.sum(tl.where(hit, bbeg[None, :], 0), axis=1)  # block index within its expert
-        o_full = tl.sum(tl.where(hit, full[None, :], 0), axis=1)
-        o_start = tl.sum(tl.where(hit, start[None, :], 0), axis=1)
-        row = o_start + tl.minimum(j, o_full) * BM + (j > o_full).to(tl.int32) * (BM // 2)
-        used = b < nblocks
-        bm = b < MAX_BLOCKS
-        tl.store(block_expert_ptr + b, tl.where(used, owner, -1), mask=bm)
-        tl.store(block_start_ptr + b, tl.where(used, row, total), mask=bm)
-    tl.store(block_start_ptr + MAX_BLOCKS, total)
-    return start
-
-
-@triton.jit
-def _align_place(id_ptr, sorted_ptr, base, first, n, E_PAD: tl.constexpr, SUB: tl.constexpr):
-    """Write assignments [first, first+n) to their experts' rows, in order, from base [E_PAD] (the
-    next free row of each expert); rank within a step by one-hot cumsum."""
-    e = tl.arange(0, E_PAD)
-    for s in range(0, n, SUB):
+    if SINGLE:  # NC == 1
+        before = tl.zeros((E_PAD,), dtype=tl.int32)
+        tot = tl.zeros((E_PAD,), dtype=tl.int32)
+        for s in range(0, NUMEL, SUB):
+            i = s + tl.arange(0, SUB)
+            tot += tl.histogram(tl.load(id_ptr + i, mask=i < NUMEL, other=0), E_PAD, mask=i < NUMEL)
+    else:
+        r = tl.arange(0, NC_PAD)
+        cnt = tl.load(count_ptr + r[:, None] * E_PAD + e[None, :], mask=(r < NC)[:, None], other=0)
+        tot = tl.sum(cnt, axis=0)  # [E_PAD]
+        before = tl.sum(tl.where((r < pid)[:, None], cnt, 0), axis=0)
+    padded = (tot + BM - 1) // BM * BM
+    end = tl.cumsum(padded, axis=0)  # [E_PAD] inclusive
+    start = end - padded
+    base = start + before  # where this chunk's rows of expert e begin
+    # place this chunk's assignments
+    for s in range(0, CHUNK, SUB):
         j = s + tl.arange(0, SUB)
-        m = j < n
-        ex = tl.load(id_ptr + first + j, mask=m, other=E_PAD)  # masked rows match no expert
+        i = pid * CHUNK + j
+        m = (i < NUMEL) & (j < CHUNK)
+        ex = tl.load(id_ptr + i, mask=m, other=E_PAD)  # masked rows match no expert
         oh = (ex[:, None] == e[None, :]).to(tl.int32)  # [SUB,E_PAD]
         rank = tl.sum(oh * (tl.cumsum(oh, axis=0) - 1), axis=1)
         pos = tl.sum(oh * base[None, :], axis=1) + rank
-        tl.store(sorted_ptr + pos, first + j, mask=m)
+        tl.store(sorted_ptr + pos, i, mask=m)
         base += tl.sum(oh, axis=0)
+    # sentinel in the padding rows of the experts this program owns
+    c = tl.arange(0, BM)
+    pm = ((e % NC) == pid)[:, None] & (c[None, :] < (padded - tot)[:, None])
+    tl.store(sorted_ptr + (start + tot)[:, None] + c[None, :], NUMEL, mask=pm)
+    # expert of each block: number of experts whose padded range ends at or before the block
+    total = tl.max(end, axis=0)
+    per = tl.cdiv(MAX_BLOCKS, NC)
+    for b0 in range(pid * per, tl.minimum(pid * per + per, MAX_BLOCKS), BB):
+        b = b0 + tl.arange(0, BB)
+        owner = tl.sum((end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(b * BM < total, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < tl.minimum(pid * per + per, MAX_BLOCKS))
+
+
+def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids[T,k] int32 -> (sorted_ids[max_blocks*BM] int32, block_expert[max_blocks] int32)."""
+    numel = ids.numel()
+    max_blocks = triton.cdiv(numel + min(numel, num_experts) * (block_m - 1), block_m)
+    dev = ids.device
+    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    e_pad = triton.next_power_of_2(num_experts)
+    nc = 1 if numel <= 1024 else min(64, triton.cdiv(numel, 512))
+    chunk = triton.cdiv(numel, nc)
+    flat = ids.reshape(-1)
+    counts = sorted_ids  # unused when nc == 1
+    if nc > 1:
+        counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
+        _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128)
+    _align_scatter_kernel[(nc,)](
+        flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks, nc,
+        SINGLE=nc == 1, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,
+        num_warps=4 if nc == 1 else 8,
+    )
+    return sorted_ids, block_expert
 
 
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
-def _align_small_kernel(id_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, NUMEL, MAX_BLOCKS,
-                        E_PAD: tl.constexpr, BM: tl.constexpr, MIN_BM: tl.constexpr, SUB: tl.constexpr,
-                        BB: tl.constexpr):
-    """grid (1,), few assignments (decode): count, plan and place in one launch."""
-    tot = tl.zeros((E_PAD,), dtype=tl.int32)
-    for s in range(0, NUMEL, SUB):
-        i = s + tl.arange(0, SUB)
-        tot += tl.histogram(tl.load(id_ptr + i, mask=i < NUMEL, other=0), E_PAD, mask=i < NUMEL)
-    start = _align_plan(tot, sorted_ptr, block_expert_ptr, block_start_ptr, NUMEL, MAX_BLOCKS, E_PAD, BM, MIN_BM, BB)
-    _align_place(id_ptr, sorted_ptr, start, 0, NUMEL, E_PAD, SUB)
-
-
-@triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS", "NC"])
-def _align_plan_kernel(count_ptr, base_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, NUMEL, MAX_BLOCKS, NC,
-                       E_PAD: tl.constexpr, BM: tl.constexpr, MIN_BM: tl.constexpr, CB: tl.constexpr,
-                       BB: tl.constexpr):
-    """grid (1,): totals from the NC chunk counts, the block plan, then base[c, e] = the first row of
-    chunk c's assignments to expert e (expert start + the counts of the chunks before c)."""
-    e = tl.arange(0, E_PAD)
-    r = tl.arange(0, CB)
-    tot = tl.zeros((E_PAD,), dtype=tl.int32)
-    for c0 in range(0, NC, CB):
-        tot += tl.sum(tl.load(count_ptr + (c0 + r)[:, None] * E_PAD + e[None, :], mask=(c0 + r < NC)[:, None],
-                              other=0), axis=0)
-    run = _align_plan(tot, sorted_ptr, block_expert_ptr, block_start_ptr, NUMEL, MAX_BLOCKS, E_PAD, BM, MIN_BM, BB)
-    for c0 in range(0, NC, CB):
-        ptrs = (c0 + r)[:, None] * E_PAD + e[None, :]
-        cm = (c0 + r < NC)[:, None]
-        cnt = tl.load(count_ptr + ptrs, mask=cm, other=0)  # [CB,E_PAD]
-        tl.store(base_ptr + ptrs, run[None, :] + tl.cumsum(cnt, axis=0) - cnt, mask=cm)
-        run += tl.sum(cnt, axis=0)
-
-
-@triton.jit(do_not_specialize=["NUMEL", "CHUNK"])
-def _align_scatter_kernel(id_ptr, base_ptr, sorted_ptr, NUMEL, CHUNK, E_PAD: tl.constexpr, SUB: tl.constexpr):
-    """grid (NC,): place chunk pid's assignments from its row of bases."""
+def _moe_gemm_kernel(
+    a_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
+    NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
+    A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr,
+):
+    """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
+    Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
+    A row = sorted assignment // A_DIV (token for gate_up, assignment for down).
+    TMA: weight tiles come through the bulk-copy engine (w_desc: the weights as [E*rows, K], tile
+    [BN, BK]); rows past an expert's N read its neighbour's and land only in masked-off columns,
+    K past the end reads zeros."""
     pid = tl.program_id(0)
-    base = tl.load(base_ptr + pid * E_PAD + tl.arange(0, E_PAD))
-    first = pid * CHUNK
-    _align_place(id_ptr, sorted_ptr, base, first, tl.minimum(CHUNK, NUMEL - first), E_PAD, SUB)
-
-
-ALIGN_SMALL = 1024  # assignments up to which one kernel does the whole alignment
-ALIGN_CHUNK = 256  # assignments per program of the count and scatter kernels above that
-
-
-def max_blocks(numel: int, num_experts: int, block_m: int, min_block_m: int) -> int:
-    """Upper bound on the blocks align_block_size can produce (a grid size known on the host)."""
-    active = min(numel, num_experts)
-    tails = {block_m: 0, block_m // 2: 1, block_m // 4: 2}[min_block_m]
-    return triton.cdiv(numel + active * (min_block_m - 1), block_m) + tails * active
-
-
-def align_block_size(
-    ids: torch.Tensor, num_experts: int, block_m: int, min_block_m: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids[T,k] int32 -> (sorted_ids[max_blocks*BM] int32, block_expert[max_blocks] int32,
-    block_start[max_blocks+1] int32). Experts are padded to a multiple of min_block_m (BM, BM/2 or
-    BM/4; default BM): BM-row blocks, then tail blocks of BM/2 and BM/4 rows, so an expert with
-    BM + 10 rows costs BM + BM/4 rows of GEMM instead of 2 BM."""
-    min_block_m = min_block_m or block_m
-    if min_block_m not in (block_m, block_m // 2, block_m // 4) or min_block_m < 16:
-        raise ValueError(f"align_block_size: min_block_m {min_block_m} must be BM, BM/2 or BM/4 (>= 16), BM={block_m}")
-    numel = ids.numel()
-    nblocks = max_blocks(numel, num_experts, block_m, min_block_m)
-    dev = ids.device
-    sorted_ids = torch.empty(nblocks * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nblocks, dtype=torch.int32, device=dev)
-    block_start = torch.empty(nblocks + 1, dtype=torch.int32, device=dev)
-    e_pad = triton.next_power_of_2(num_experts)
-    flat = ids.reshape(-1)
-    consts = {"E_PAD": e_pad, "BM": block_m, "MIN_BM": min_block_m, "BB": 64}
-    if numel <= ALIGN_SMALL:
-        _align_small_kernel[(1,)](flat, sorted_ids, block_expert, block_start, numel, nblocks, SUB=_SUB, **consts,
-                                  num_warps=4)
-        return sorted_ids, block_expert, block_start
-    nc = min(1024, triton.cdiv(numel, ALIGN_CHUNK))
-    chunk = triton.cdiv(numel, nc)
-    counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
-    base = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
-    _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128)
-    _align_plan_kernel[(1,)](counts, base, sorted_ids, block_expert, block_start, numel, nblocks, nc, CB=16,
-                             **consts, num_warps=8)
-    _align_scatter_kernel[(nc,)](flat, base, sorted_ids, numel, chunk, E_PAD=e_pad, SUB=_SUB, num_warps=4)
-    return sorted_ids, block_expert, block_start
-
-
-@triton.jit
-def _moe_tile(a_ptr, w_desc, w_ptr, out_ptr, sorted_ptr, topw_ptr, row0, expert, pid_n, NUMEL, N, K,
-              stride_am, stride_we, stride_wn, stride_om, A_DIV: tl.constexpr, GATED: tl.constexpr,
-              MUL_W: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              TMA: tl.constexpr):
-    """The [BM, BN] output tile of sorted rows [row0, row0 + BM) (all of one expert)."""
-    rows = tl.load(sorted_ptr + row0 + tl.arange(0, BM))  # [BM] int32
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    first_m = pid // in_group * GROUP_M
+    group = tl.minimum(MAX_BLOCKS - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group
+    pid_n = (pid % in_group) // group
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
     rmask = rows < NUMEL
     offs_n = (pid_n * BN + tl.arange(0, BN)) % N  # wrap: loads need no mask, the store does
     offs_k = tl.arange(0, BK)
@@ -366,48 +314,6 @@ def _moe_tile(a_ptr, w_desc, w_ptr, out_ptr, sorted_ptr, topw_ptr, row0, expert,
     tl.store(o_ptrs, res.to(dt), mask=rmask[:, None] & (cols < N)[None, :])
 
 
-@triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
-def _moe_gemm_kernel(
-    a_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, block_start_ptr, topw_ptr,
-    NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
-    A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
-    BM: tl.constexpr, MIN_BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA: tl.constexpr,
-):
-    """One output tile of expert-sorted rows: block pid_m (BM rows, or a BM/2 or BM/4 tail block when
-    MIN_BM < BM) times N tile pid_n. GATED: out = silu(A Wg^T) * (A Wu^T) with Wu = rows N.. of the
-    same expert (w13); else out = A W^T (* routing weight when MUL_W).
-    A row = sorted assignment // A_DIV (token for gate_up, assignment for down).
-    TMA: weight tiles come through the bulk-copy engine (w_desc: the weights as [E*rows, K], tile
-    [BN, BK]); rows past an expert's N read its neighbour's and land only in masked-off columns,
-    K past the end reads zeros."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BN)
-    in_group = GROUP_M * num_n
-    first_m = pid // in_group * GROUP_M
-    group = tl.minimum(MAX_BLOCKS - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group
-    pid_n = (pid % in_group) // group
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if expert < 0:
-        return
-    if MIN_BM == BM:
-        _moe_tile(a_ptr, w_desc, w_ptr, out_ptr, sorted_ptr, topw_ptr, pid_m * BM, expert, pid_n, NUMEL, N, K,
-                  stride_am, stride_we, stride_wn, stride_om, A_DIV, GATED, MUL_W, EVEN_K, BM, BN, BK, TMA)
-    else:
-        row0 = tl.load(block_start_ptr + pid_m)
-        size = tl.load(block_start_ptr + pid_m + 1) - row0
-        if size > BM // 2:
-            _moe_tile(a_ptr, w_desc, w_ptr, out_ptr, sorted_ptr, topw_ptr, row0, expert, pid_n, NUMEL, N, K,
-                      stride_am, stride_we, stride_wn, stride_om, A_DIV, GATED, MUL_W, EVEN_K, BM, BN, BK, TMA)
-        elif size > BM // 4:
-            _moe_tile(a_ptr, w_desc, w_ptr, out_ptr, sorted_ptr, topw_ptr, row0, expert, pid_n, NUMEL, N, K,
-                      stride_am, stride_we, stride_wn, stride_om, A_DIV, GATED, MUL_W, EVEN_K, BM // 2, BN, BK, TMA)
-        elif MIN_BM < BM // 2:  # (with MIN_BM == BM/2 every block is BM or BM/2 rows)
-            _moe_tile(a_ptr, w_desc, w_ptr, out_ptr, sorted_ptr, topw_ptr, row0, expert, pid_n, NUMEL, N, K,
-                      stride_am, stride_we, stride_wn, stride_om, A_DIV, GATED, MUL_W, EVEN_K, BM // 4, BN, BK, TMA)
-
-
 @triton.jit
 def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
     """grid (T, cdiv(H, BH)): out[t] = sum_j y[t*TOPK + j] in fp32."""
@@ -443,18 +349,17 @@ def tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _gemm(a, w, out, blocks, topw, numel, n, k, a_div, gated, block_m, min_block_m, cfg):
-    sorted_ids, block_expert, block_start = blocks
+def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg):
     max_blocks = block_expert.shape[0]
     grid = (max_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
     tma = (bool(cfg.get("tma")) and tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
     desc = _weight_descriptor(w, cfg["BLOCK_N"], cfg["BLOCK_K"]) if tma else None
     _moe_gemm_kernel[grid](
-        a, w, desc, out, sorted_ids, block_expert, block_start, topw, numel, n, k, max_blocks,
+        a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % cfg["BLOCK_K"] == 0, BM=block_m,
-        MIN_BM=min_block_m, BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], TMA=tma,
+        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], TMA=tma,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -487,18 +392,17 @@ def fused_moe_with_config(
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device)
     bm = cfg["BLOCK_M"]
-    min_bm = cfg.get("MIN_BLOCK_M", bm)
     numel = n_tok * top_k
-    blocks = align_block_size(ids.to(torch.int32), num_experts, bm, min_bm)
+    sorted_ids, block_expert = align_block_size(ids.to(torch.int32), num_experts, bm)
     act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
-    _gemm(x, w13, act, blocks, weights, numel, inter, hidden, top_k, True, bm, min_bm, cfg["up"])
+    _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"])
     y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
     topw = weights.reshape(-1).float().contiguous()
-    _gemm(act, w2, y, blocks, topw, numel, hidden, inter, 1, False, bm, min_bm, cfg["down"])
+    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"])
     bh = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, num_warps=4)
     return out
 
 
 __all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
-           "fused_moe_with_config", "get_config", "grouped_topk", "max_blocks", "router_logits", "tma_supported"]
+           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "tma_supported"]

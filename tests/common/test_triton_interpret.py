@@ -162,50 +162,28 @@ def _group_moe() -> None:
         x, w = torch.randn(n, 600, dtype=torch.float16), torch.randn(10, 600)
         _check(f"router_logits T={n}", tm.router_logits(x, w), x.double() @ w.double().T, torch.float32)
     # last three: the count / plan / scatter path (T*k > ALIGN_SMALL); min_bm < bm: tail blocks
-    for n, k, e, bm, min_bm in ((3, 4, 16, 16, 16), (40, 8, 16, 16, 16), (50, 8, 24, 64, 16), (200, 8, 24, 32, 32),
-                                (300, 6, 20, 64, 16), (260, 5, 7, 64, 32)):
+    for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (200, 8, 24, 32)):  # last: multi-chunk path
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
-        sorted_ids, block_expert, block_start = tm.align_block_size(ids, e, bm, min_bm)
+        sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
         flat, numel = ids.reshape(-1), n * k
-        counts = torch.bincount(flat.long(), minlength=e)
         placed = torch.zeros(numel, dtype=torch.int64)
-        starts, experts = block_start.tolist(), block_expert.tolist()
-        assert len(experts) == tm.max_blocks(numel, e, bm, min_bm) and len(starts) == len(experts) + 1
-        used = sum(ex >= 0 for ex in experts)
-        assert all(ex < 0 for ex in experts[used:]), "unused blocks only at the end"
-        assert starts[0] == 0 and all(starts[b] == starts[used] for b in range(used, len(starts)))
-        rows_of = torch.zeros(e, dtype=torch.int64)
-        for blk in range(used):
-            ex, lo, hi = experts[blk], starts[blk], starts[blk + 1]
-            assert hi - lo in (bm, bm // 2, bm // 4) and hi - lo >= min_bm, f"block {blk} has {hi - lo} rows"
-            assert blk == 0 or experts[blk - 1] <= ex, "blocks grouped by expert in order"
-            rows = sorted_ids[lo:hi]
+        for blk, ex in enumerate(block_expert.tolist()):
+            rows = sorted_ids[blk * bm : (blk + 1) * bm]
+            if ex < 0:
+                continue
             real = rows[rows < numel].long()
             assert (rows[rows >= numel] == numel).all(), "padding must hold the sentinel"
             assert (flat[real] == ex).all(), "row placed under the wrong expert"
-            assert torch.equal(real, real.sort().values), "an expert's rows keep assignment order"
             placed[real] += 1
-            rows_of[ex] += hi - lo
         assert (placed == 1).all(), "every assignment placed exactly once"
-        want = (counts + min_bm - 1) // min_bm * min_bm
-        assert torch.equal(rows_of, want), "each expert padded to a multiple of min_bm, no more"
-        print(f"align_block_size T={n} k={k} E={e} BM={bm} MIN={min_bm} ok")
-    try:
-        tm.align_block_size(ids, e, 64, 8)
-        raise AssertionError("min_block_m 8 must be refused")
-    except ValueError as exc:
-        assert "min_block_m" in str(exc)
+        print(f"align_block_size T={n} k={k} E={e} BM={bm} ok")
     big = {"BLOCK_M": 64, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
            "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}
-    tails = {"BLOCK_M": 64, "MIN_BLOCK_M": 16,
-             "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
-             "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": True}}
     tma = {"BLOCK_M": 32, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": True},
            "down": {"BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": True}}
     for dt in (torch.float16, torch.float32):
         for n, e, k, h, inter, cfg in ((3, 8, 2, 64, 48, None), (20, 8, 4, 128, 128, None), (40, 6, 3, 64, 40, big),
-                                       (24, 6, 3, 64, 40, tma), (17, 5, 2, 96, 64, tma), (70, 6, 4, 64, 40, tails),
-                                       (300, 6, 4, 64, 32, tails)):
+                                       (24, 6, 3, 64, 40, tma), (17, 5, 2, 96, 64, tma)):
             x = torch.randn(n, h, dtype=dt)
             w13 = torch.randn(e, 2 * inter, h, dtype=dt) / h**0.5
             w2 = torch.randn(e, h, inter, dtype=dt) / inter**0.5
