@@ -1,34 +1,36 @@
 #!/usr/bin/env bash
-# The prefill path in one or two GPU calls: kernel checks, the fused-MoE tail-block tuning at
-# prefill token counts, then the kernels and the 2048-token prefill against their rooflines.
+# The prefill path in one or two GPU calls: kernel checks, the fused-MoE tuning at prefill token
+# counts, then the kernels, the expert alignment and the 2048-token prefill against their rooflines.
 #     OUT=/some/dir bash benchmarks/run_gpu_prefill.sh                 # all stages (~12 min on an H100)
 #     STAGES=tests,tune OUT=... bash benchmarks/run_gpu_prefill.sh    # then STAGES=bench with the new tables
-# Results: $OUT/PREFILL.md (summary), *.log, $OUT/moe_configs.tar (untar into common/ops/moe_configs/).
+# Results: $OUT/PREFILL.md (summary), $OUT/results.tar (every log and table), $OUT/moe_configs.tar
+# (untar into common/ops/moe_configs/).
 OUT="${OUT:-/tmp/glmserve_gpu_prefill}"
 SUMMARY=PREFILL.md
 STAGES="${STAGES:-tests,tune,bench}"
 source "$(dirname "$0")/gpu_run.sh"
-gpu_header "glmserve prefill path: checks, MoE tail tuning, benchmarks"
+gpu_header "glmserve prefill path: checks, MoE tuning, benchmarks"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if has tests; then
   stage gpu_tests 240 $PY -m pytest tests/gpu/test_kernels_gpu.py $(ls tests/gpu/test_router_gpu.py 2>/dev/null) \
     -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "moe or topk or router"
 fi
 if has tune; then
-  stage tune_tails "${TUNE_S:-300}" $PY benchmarks/tune_moe.py --m "${TUNE_M:-1024,2048,4096}" --tails-only \
+  stage tune_moe "${TUNE_S:-300}" $PY benchmarks/tune_moe.py --m "${TUNE_M:-1024,2048,4096}" \
     --budget-s $(( ${TUNE_S:-300} - 30 ))
-  stage tune_tails_routed 150 $PY benchmarks/tune_moe.py --shared 0 --m 4096 --tails-only --budget-s 110
   (cd "$OUT" && tar cf moe_configs.tar moe_configs 2>/dev/null)
 fi
 if has bench; then
   stage bench_moe 200 $PY benchmarks/bench_kernels.py --sections moe --budget-s 170
+  stage bench_align 90 $PY benchmarks/bench_align.py
   [ -f benchmarks/bench_router.py ] && stage bench_router 60 $PY benchmarks/bench_router.py
   stage profile_prefill 120 $PY benchmarks/profile_step.py --decode "" --prefill 2048
-  stage bench_prefill 200 $PY benchmarks/bench_decode_step.py --batches 1 --prefill 2048
+  stage bench_step 240 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1}" --prefill 2048
 fi
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20
-  echo; echo "## MoE tail tuning"; grep -hE "^  (air|glm45)|budget" "$OUT"/tune_tails*.log 2>/dev/null
+  echo; echo "## MoE tuning"; grep -hE "^  (air|glm45)|budget" "$OUT"/tune_moe.log 2>/dev/null
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
+(cd "$OUT" && tar cf results.tar --exclude=results.tar --exclude=moe_configs ./*)  # the device tool returns few files
 cat "$OUT/$SUMMARY"

@@ -28,6 +28,8 @@ from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_
 from common.ops.triton_router import router_logits_mma
 
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
+ALIGN_CHUNK = 512  # assignments per program of the multi-chunk alignment (benchmarks/bench_align.py)
+ALIGN_MAX_CHUNKS = 64
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -231,7 +233,7 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts)
-    nc = 1 if numel <= 1024 else min(64, triton.cdiv(numel, 512))
+    nc = 1 if numel <= 1024 else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
     chunk = triton.cdiv(numel, nc)
     flat = ids.reshape(-1)
     counts = sorted_ids  # unused when nc == 1

@@ -1,0 +1,51 @@
+"""The fused MoE's expert alignment at prefill sizes, per chunking of its count + scatter kernels.
+
+    python benchmarks/bench_align.py
+
+For the model's layouts (Air 128+1 and GLM-4.5 160+1 experts, top-8 + shared) at M = 1024, 2048
+and 4096 tokens with BLOCK_M = 128: the graph-replayed time of align_block_size for each
+(assignments per program, program cap), the first row being the shipped default. Every variant
+must produce exactly the default's sorted_ids and block_expert (placement keeps assignment order
+within an expert whatever the chunking), else the script fails.
+"""
+
+from __future__ import annotations
+
+import gpu_timing as gt
+import torch
+
+from common.ops import triton_moe as tm
+
+VARIANTS = ((tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS), (256, 128), (256, 256), (128, 256), (1024, 64))
+
+
+def main() -> None:
+    info = gt.device_info()
+    print(f"GPU {info['gpu']} | driver {info['driver']} | torch {info['torch']} | triton {info['triton']}")
+    print("layout | M | assignments | " + " | ".join(f"chunk {c} cap {n} µs" for c, n in VARIANTS))
+    default = (tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS)
+    lines = []
+    for name, routed in (("air+1", 128), ("glm45+1", 160)):
+        for m in (1024, 2048, 4096):
+            _, ids = tm.grouped_topk(torch.randn(m, routed, device="cuda"), torch.zeros(routed, device="cuda"), 8, 1, 1,
+                                     True, 1.0, 1)
+            times, want = [], None
+            for chunk, cap in VARIANTS:
+                tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS = chunk, cap
+                got = tm.align_block_size(ids, routed + 1, 128)
+                if want is None:
+                    want = got
+                elif not all(torch.equal(a, b) for a, b in zip(got, want)):
+                    raise SystemExit(f"{name} M={m}: chunk {chunk} cap {cap} differs from the default's alignment")
+                times.append(gt.time_graph([lambda: tm.align_block_size(ids, routed + 1, 128)], reps=50))
+            tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS = default
+            lines.append(f"{name} | {m} | {ids.numel()} | " + " | ".join(f"{t:.1f}" for t in times))
+            print(lines[-1], flush=True)
+    out = gt.out_dir()
+    if out:
+        (out / "bench_align.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()
