@@ -37,7 +37,7 @@ def main() -> None:
                     want = got
                 elif not all(torch.equal(a, b) for a, b in zip(got, want)):
                     raise SystemExit(f"{name} M={m}: chunk {chunk} cap {cap} differs from the default's alignment")
-                times.append(gt.time_graph([lambda: tm.align_block_size(ids, routed + 1, 128)], reps=50))
+                times.append(gt.time_graph([lambda ids=ids, e=routed + 1: tm.align_block_size(ids, e, 128)], reps=50))
             tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS = default
             lines.append(f"{name} | {m} | {ids.numel()} | " + " | ".join(f"{t:.1f}" for t in times))
             print(lines[-1], flush=True)
