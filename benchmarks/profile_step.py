@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--host", action="store_true",
+                    help="also the prefill's host side: the CPU ops of one forward by self CPU time")
     ap.add_argument("--draft", action="store_true",
                     help="also the EAGLE draft-step forward (MTP layer + lm_head) at B=1, eager and graphed")
     args = ap.parse_args()
@@ -168,6 +170,13 @@ def main() -> None:
 
         out += section(f"prefill 1x{n}, eager", wall_us(prefill, max(3, args.reps // 2)), prefill,
                        max(3, args.reps // 2), args.top)
+        if args.host:
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                prefill()
+                torch.cuda.synchronize()
+            out += [f"### prefill 1x{n}, host side of one forward (CPU ops by self time)", "", "```",
+                    prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), "```", ""]
     text = "\n".join(out)
     print(text)
     if os.environ.get("OUT"):
