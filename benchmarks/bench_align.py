@@ -16,7 +16,7 @@ import torch
 
 from common.ops import triton_moe as tm
 
-VARIANTS = ((tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS), (256, 128), (256, 256), (128, 256), (1024, 64))
+VARIANTS = ((tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS), (512, 64), (256, 256), (128, 256), (1024, 64))
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_
 from common.ops.triton_router import router_logits_mma
 
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
-ALIGN_CHUNK = 512  # assignments per program of the multi-chunk alignment (benchmarks/bench_align.py)
-ALIGN_MAX_CHUNKS = 64
+ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (benchmarks/bench_align.py)
+ALIGN_MAX_CHUNKS = 128
 
 
 @triton.jit(do_not_specialize=["T"])
