@@ -12,13 +12,10 @@ blocks, uneven K and strided rows.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("split", "logits")
 
 if not os.environ.get("CI"):  # in CI the dev extra installs triton: a missing one must fail
@@ -27,11 +24,9 @@ if not os.environ.get("CI"):  # in CI the dev extra installs triton: a missing o
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_router_interpret(group: str) -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
-                          timeout=60, cwd=REPO, check=False)
-    assert proc.returncode == 0, f"{group} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert f"OK {group}" in proc.stdout
+    from tests.common.test_triton_interpret import run_interpreted
+
+    run_interpreted(__file__, group, 60)
 
 
 # --------------------------------------------------------------------------- subprocess side

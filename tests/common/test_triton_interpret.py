@@ -24,13 +24,18 @@ if not os.environ.get("CI"):  # in CI the dev extra installs triton: a missing o
     pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("group", GROUPS)
-def test_interpret(group: str) -> None:
+def run_interpreted(script: str, group: str, timeout: int) -> None:
+    """Run `script group` in a subprocess with the interpreter on and no GPU; it must print OK group."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True, text=True,
-                          timeout=80, cwd=REPO, check=False)
+    proc = subprocess.run([sys.executable, script, group], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, check=False)
     assert proc.returncode == 0, f"{group} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert f"OK {group}" in proc.stdout
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_interpret(group: str) -> None:
+    run_interpreted(__file__, group, 80)
 
 
 # --------------------------------------------------------------------------- subprocess side

@@ -13,17 +13,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-DEV = "cuda"
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite output"
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-@pytest.fixture(autouse=True)
-def _fresh_seed() -> None:
-    torch.manual_seed(torch.seed())
+from tests.gpu.test_kernels_gpu import DEV, _fresh_seed, rel  # noqa: F401 - the fixture is autouse here too
 
 
 @pytest.mark.parametrize("n", [5, 64, 2048, 4096])
