@@ -12,7 +12,7 @@ source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve prefill path: checks, MoE tuning, benchmarks"
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if has tests; then
-  stage gpu_tests 240 $PY -m pytest tests/gpu/test_kernels_gpu.py $(ls tests/gpu/test_router_gpu.py 2>/dev/null) \
+  stage gpu_tests 240 $PY -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_router_gpu.py \
     -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "moe or topk or router"
 fi
 if has tune; then
@@ -23,7 +23,7 @@ fi
 if has bench; then
   stage bench_moe 200 $PY benchmarks/bench_kernels.py --sections moe --budget-s 170
   stage bench_align 90 $PY benchmarks/bench_align.py
-  [ -f benchmarks/bench_router.py ] && stage bench_router 60 $PY benchmarks/bench_router.py
+  stage bench_router 60 $PY benchmarks/bench_router.py
   stage profile_prefill 120 $PY benchmarks/profile_step.py --decode "" --prefill 2048
   stage bench_step 240 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1}" --prefill 2048
 fi
