@@ -19,13 +19,12 @@ no host value of seq_lens/prefix_lens is read, so decode and verify are CUDA-gra
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from common.batch import ForwardBatch
+from common.ops.moe_configs import num_sms
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -153,13 +152,6 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_
     tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, NUM_SPLITS) for a batch shape."""
     rows = max_q * group
@@ -198,7 +190,7 @@ def paged_attention_splits(
         return out
     num_seqs = batch.num_seqs
     max_q = batch.max_query_len
-    bm, bn, warps, stages, splits = plan(num_seqs, hk, group, max_q, _num_sms(q.device))
+    bm, bn, warps, stages, splits = plan(num_seqs, hk, group, max_q, num_sms(q.device))
     if num_splits is not None:
         splits = num_splits
     bd = triton.next_power_of_2(d)

@@ -22,11 +22,11 @@ into subnormals: fp16 x, like fp32 x or a non-fp32 w, goes to F.linear.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from common.ops.moe_configs import num_sms
 
 
 @triton.jit
@@ -102,11 +102,6 @@ def split3(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(p.view(w.shape) for p in parts)  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def plan(n_tok: int, n_exp: int, hidden: int, num_sms: int) -> tuple[int, int, int, int, int, int]:
     """(BE, BT, BK, splits, num_warps, num_stages) for a shape. One warpgroup (64 experts) per
     program, two programs per SM (registers), BT grows with T, then K splits until there are
@@ -131,7 +126,7 @@ def _router_mma(
         return torch.empty((0, n_exp), dtype=torch.float32, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
-    be, bt, bk, splits, warps, stages = cfg or plan(n_tok, n_exp, hidden, _num_sms(x.device))
+    be, bt, bk, splits, warps, stages = cfg or plan(n_tok, n_exp, hidden, num_sms(x.device))
     # whole BK steps per split, and no more splits than that leaves non-empty
     k_split = triton.cdiv(triton.cdiv(hidden, splits), bk) * bk
     splits = triton.cdiv(hidden, k_split)

@@ -59,7 +59,8 @@ def _device_name(device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the CPU interpreter); grid sizing."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
@@ -70,7 +71,7 @@ def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype:
     table = _load_table(num_experts, n, hidden, dtype, _device_name(device))
     if table:
         return table[min(table, key=lambda key: (abs(key - m), key))]
-    return default_config(m, num_experts, n, hidden, top_k, _num_sms(device))
+    return default_config(m, num_experts, n, hidden, top_k, num_sms(device))
 
 
-__all__ = ["CONFIG_DIR", "config_name", "default_config", "get_config"]
+__all__ = ["CONFIG_DIR", "config_name", "default_config", "get_config", "num_sms"]
