@@ -13,6 +13,7 @@ time per step, largest first. With OUT set, writes $OUT/profile_step.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from bench_spec_step import AIR, random_model
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 from common.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
@@ -70,7 +71,7 @@ def kernel_table(fn, reps: int) -> tuple[float, list[tuple[str, int, float]], li
     spans.sort()
     per_call = len(spans) // reps
     last = spans[-per_call:] if per_call else []
-    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(last, last[1:]) if b[0] > a[1]]
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in itertools.pairwise(last) if b[0] > a[1]]
     gaps.sort(key=lambda g: -g[0])
     return sum(r[2] for r in rows), rows, gaps
 
@@ -87,8 +88,8 @@ def section(title: str, wall: float, fn, reps: int, top: int) -> list[str]:  # t
     if rest:
         lines.append(f"| ({len(rest)} others) | {sum(r[1] for r in rest)} | {sum(r[2] for r in rest):.1f} | "
                      f"{sum(r[2] for r in rest) / total:.1%} |")
-    lines += ["", f"GPU idle between kernels in one call: {sum(g[0] for g in gaps):.0f} µs in {len(gaps)} gaps; "
-              "largest:", "", "| idle µs | after | before |", "|---|---|---|"]
+    lines += ["", (f"GPU idle between kernels in one call: {sum(g[0] for g in gaps):.0f} µs in {len(gaps)} gaps; "
+                   "largest:"), "", "| idle µs | after | before |", "|---|---|---|"]
     lines += [f"| {g:.1f} | `{a}` | `{b}` |" for g, a, b in gaps[:8]]
     return lines + [""]
 
@@ -172,9 +173,12 @@ def main() -> None:
                        max(3, args.reps // 2), args.top)
         if args.host:
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                prefill()
-                torch.cuda.synchronize()
+            # one warm-up step under the profiler: its first op carries the profiler's own start-up
+            with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=0, warmup=1, active=1)) as prof:
+                for _ in range(2):
+                    prefill()
+                    torch.cuda.synchronize()
+                    prof.step()
             out += [f"### prefill 1x{n}, host side of one forward (CPU ops by self time)", "", "```",
                     prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), "```", ""]
     text = "\n".join(out)
