@@ -46,13 +46,14 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
     """(BLOCK_M values, gate_up candidates, down candidates), likely-best first."""
     per_expert = m * (TOP_K + SHARED) / num_experts
 
-    def grid(bns, bks, warps, stages, groups):  # type: ignore[no-untyped-def]
-        return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s}
-                for n, k, w, s, g in itertools.product(bns, bks, warps, stages, groups)]
+    def grid(bns, bks, warps, stages, groups, tmas=(False,)):  # type: ignore[no-untyped-def]
+        return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s, **({"tma": True} if t else {})}
+                for t, n, k, w, s, g in itertools.product(tmas, bns, bks, warps, stages, groups)]
 
     if per_expert <= 4:  # a weight stream: short K loops (down: K = I) want deep pipelines and many programs
-        return ([16], grid((32, 16, 64), (64, 128, 256), (2, 4), (3, 4, 5), (1,)),
-                grid((64, 32, 128), (64, 128, 256), (2, 4), (3, 4, 5), (1,)))
+        # (weight tiles through the TMA engine as well: fewer load instructions per byte in flight)
+        return ([16], grid((32, 16, 64), (64, 128, 256), (2, 4), (3, 4, 5), (1,), (False, True)),
+                grid((64, 32, 128), (64, 128, 256), (2, 4), (3, 4, 5), (1,), (False, True)))
     if per_expert <= 48:
         return ([32, 64], grid((64, 128), (128, 64), (4,), (4, 3), (4,)),
                 grid((64, 128), (128, 64), (4,), (4, 3), (4,)))
@@ -84,7 +85,10 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
     block_ms, ups, downs = candidates(m, e)
     best: dict | None = None
     for bm in block_ms:
-        sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
+        if m == 1:  # fused_moe's one-token path: no alignment, one block per assignment
+            sorted_ids, block_expert = None, ids.reshape(-1)
+        else:
+            sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
         scores = {}
         for part, cands in (("up", ups), ("down", downs)):
             for cfg in cands:

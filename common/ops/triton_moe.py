@@ -4,7 +4,8 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 1. align: the T*k (token, slot) assignments are bucketed by expert, each expert's bucket padded to
    a multiple of BLOCK_M. `sorted_ids[max_padded]` holds flat assignment indices t*k+j (sentinel
    T*k in padding) and `block_expert[max_blocks]` the expert of each BLOCK_M rows (-1: unused).
-   One kernel when T*k is small (decode); a count kernel plus the scatter kernel otherwise.
+   One kernel when T*k is small (decode); a count kernel plus the scatter kernel otherwise. One
+   token needs no sort (its k experts are distinct): each assignment is its own block (DIRECT).
 2. gate_up: rows x[t] of each block times w13[e]^T, both halves in one program, epilogue
    silu(gate)*up -> act[T*k, I] (row = flat assignment index).
 3. down: act rows times w2[e]^T, scaled by the routing weight -> y[T*k, H].
@@ -254,13 +255,16 @@ def _moe_gemm_kernel(
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
     Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
     A row = sorted assignment // A_DIV (token for gate_up, assignment for down).
     TMA: weight tiles come through the bulk-copy engine (w_desc: the weights as [E*rows, K], tile
     [BN, BK]); rows past an expert's N read its neighbour's and land only in masked-off columns,
-    K past the end reads zeros."""
+    K past the end reads zeros.
+    DIRECT (one token, no sort): block b is assignment b alone (block_expert_ptr: the token's
+    expert ids), so the expert alignment kernel is skipped; row 0 is real, the rest padding."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -271,7 +275,10 @@ def _moe_gemm_kernel(
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
-    rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
+    if DIRECT:
+        rows = tl.where(tl.arange(0, BM) == 0, pid_m, NUMEL)  # [BM] int32
+    else:
+        rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
     rmask = rows < NUMEL
     offs_n = (pid_n * BN + tl.arange(0, BN)) % N  # wrap: loads need no mask, the store does
     offs_k = tl.arange(0, BK)
@@ -361,7 +368,7 @@ def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, 
         a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % cfg["BLOCK_K"] == 0, BM=block_m,
-        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], TMA=tma,
+        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], TMA=tma, DIRECT=sorted_ids is None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
@@ -395,7 +402,10 @@ def fused_moe_with_config(
     cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device)
     bm = cfg["BLOCK_M"]
     numel = n_tok * top_k
-    sorted_ids, block_expert = align_block_size(ids.to(torch.int32), num_experts, bm)
+    if n_tok == 1:  # the k assignments are k distinct experts: one block each, no sort needed
+        sorted_ids, block_expert = None, ids.reshape(-1).to(torch.int32)
+    else:
+        sorted_ids, block_expert = align_block_size(ids.to(torch.int32), num_experts, bm)
     act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
     _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"])
     y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
