@@ -166,11 +166,7 @@ class GraphRunner:
              hidden: torch.Tensor | None) -> None:
         """Copy a batch of this runner's shape (and its hidden input) into a bucket's static inputs: what
         `run` replays (exposed so that CPU tests can run the padded static batch eagerly)."""
-        load_batch(static, batch)
-        if self.per_seq:
-            n, bs = batch.num_seqs, static.num_seqs
-            static.logit_rows[:n].copy_(batch.logit_rows)
-            static.logit_rows[n:].copy_(self._pad_rows[n:bs])
+        load_batch(static, batch, self._pad_rows if self.per_seq else None)
         if static_hidden is not None:
             load_rows(static_hidden, hidden)
 
@@ -188,14 +184,21 @@ def decode_buckets(max_bs: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def load_decode_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
-    """Copy a decode batch's B rows into a bucket's static batch; rows past B become dummy requests
-    on the dummy page 0 (token 0, position 0, seq_len 1, slot 0): they never touch a real page."""
+def _check_decode(static: ForwardBatch, batch: ForwardBatch) -> None:
     n, bs = batch.num_seqs, static.num_seqs
     width = batch.page_table.shape[1]
     if n > bs or width > static.page_table.shape[1]:
         raise ValueError(f"decode batch ({n} x {width} pages) does not fit the static batch "
                          f"({bs} x {static.page_table.shape[1]})")
+
+
+def load_decode_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
+    """Copy a decode batch's B rows into a bucket's static batch; rows past B become dummy requests
+    on the dummy page 0 (token 0, position 0, seq_len 1, slot 0): they never touch a real page.
+    (The torch twin of common/ops/triton_batch.load_batch, which does it in one launch on CUDA.)"""
+    _check_decode(static, batch)
+    n, bs = batch.num_seqs, static.num_seqs
+    width = batch.page_table.shape[1]
     static.input_ids[:n].copy_(batch.input_ids)
     static.positions[:n].copy_(batch.positions)
     static.prefix_lens[:n].copy_(batch.prefix_lens)
@@ -212,18 +215,40 @@ def load_decode_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
         static.page_table[n:].zero_()
 
 
-def load_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
-    """Copy a batch into a bucket's static batch of the same shape (decode or masked tree)."""
-    if static.mask is None:
-        load_decode_batch(static, batch)
+def load_batch(static: ForwardBatch, batch: ForwardBatch, pad_rows: torch.Tensor | None = None) -> None:
+    """Copy a batch into a bucket's static batch of the same shape (decode or masked tree); pad_rows:
+    the logit rows of padded sequences when the bucket loads one logit row per sequence. On CUDA one
+    Triton launch (common/ops/triton_batch.py) instead of the twins' 7-15 copies and fills, which
+    the GPU would wait for before every replay."""
+    tree = static.mask is not None
+    if tree:
+        _check_tree(static, batch)
     else:
+        _check_decode(static, batch)
+    if static.input_ids.is_cuda and all(t.is_contiguous() for t in _fields(batch)):
+        from common.ops import triton_batch
+
+        q = static.query_lens_host[0]
+        w = static.seq_lens_host[0] - static.prefix_lens_host[0] if tree else 0
+        triton_batch.load_batch(static, batch, q, w, w if tree else 1, pad_rows)
+        return
+    if tree:
         load_tree_batch(static, batch)
+    else:
+        load_decode_batch(static, batch)
+    if pad_rows is not None:
+        n, bs = batch.num_seqs, static.num_seqs
+        static.logit_rows[:n].copy_(batch.logit_rows)
+        static.logit_rows[n:].copy_(pad_rows[n:bs])
 
 
-def load_tree_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
-    """Copy a masked batch of B sequences x q queries over w window slots (ForwardBatch.tree layout)
-    into a bucket's static batch of the same q and w. Padded rows become dummy requests on page 0:
-    token 0, position 0, prefix 0, seq_len w, slots 0, every window slot visible, page table zeros."""
+def _fields(batch: ForwardBatch) -> tuple[torch.Tensor, ...]:
+    f = (batch.input_ids, batch.positions, batch.out_slots, batch.prefix_lens, batch.seq_lens, batch.page_table,
+         batch.logit_rows)
+    return f if batch.mask is None else (*f, batch.mask)
+
+
+def _check_tree(static: ForwardBatch, batch: ForwardBatch) -> None:
     n, bs = batch.num_seqs, static.num_seqs
     q = static.query_lens_host[0]
     w = static.seq_lens_host[0] - static.prefix_lens_host[0]
@@ -234,6 +259,18 @@ def load_tree_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
     if batch.num_tokens != n * q or batch.mask.shape[0] != n * q * w:
         raise ValueError(f"tree batch of {batch.num_tokens} tokens / {batch.mask.shape[0]} mask bits is not "
                          f"{n} x {q} queries over {w} slots")
+
+
+def load_tree_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
+    """Copy a masked batch of B sequences x q queries over w window slots (ForwardBatch.tree layout)
+    into a bucket's static batch of the same q and w. Padded rows become dummy requests on page 0:
+    token 0, position 0, prefix 0, seq_len w, slots 0, every window slot visible, page table zeros.
+    (The torch twin of common/ops/triton_batch.load_batch.)"""
+    _check_tree(static, batch)
+    n, bs = batch.num_seqs, static.num_seqs
+    q = static.query_lens_host[0]
+    w = static.seq_lens_host[0] - static.prefix_lens_host[0]
+    width = batch.page_table.shape[1]
     t = n * q
     static.input_ids[:t].copy_(batch.input_ids)
     static.positions[:t].copy_(batch.positions)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GROUPS = ("norm", "kv", "moe", "attention")
+GROUPS = ("norm", "kv", "moe", "attention", "batch")
 
 if not os.environ.get("CI"):  # in CI the dev extra installs triton: a missing one must fail
     pytest.importorskip("triton")
@@ -197,6 +197,15 @@ def _group_moe() -> None:
             want = ref.fused_moe(x.double(), w13.double(), w2.double(), w, i)
             _check(f"fused_moe T={n} E={e} k={k} H={h} I={inter}", out, want, dt)
         assert tm.fused_moe(x, w13, w2, w, i).shape == x.shape
+        # one token: no alignment, one block per assignment (N, K not tile multiples; TMA too)
+        for e, k, h, inter, cfg in ((8, 3, 64, 48, None), (6, 4, 96, 40, big), (9, 5, 80, 24, tma)):
+            x = torch.randn(1, h, dtype=dt)
+            w13 = torch.randn(e, 2 * inter, h, dtype=dt) / h**0.5
+            w2 = torch.randn(e, h, inter, dtype=dt) / inter**0.5
+            w, i = ref.grouped_topk(torch.randn(1, e - 1), torch.zeros(e - 1), k - 1, 1, 1, True, 1.5, 1)
+            want = ref.fused_moe(x.double(), w13.double(), w2.double(), w, i)
+            _check(f"fused_moe one token E={e} k={k} H={h} I={inter}", tm.fused_moe_with_config(x, w13, w2, w, i, cfg),
+                   want, dt)
     # TMA descriptors live on the weight tensor and die with it (a module-level cache kept every
     # weight it ever saw alive)
     import gc
@@ -255,8 +264,65 @@ def _group_attention() -> None:
             _check(f"paged_attention {name}", out, want, dt)
 
 
+def _group_batch() -> None:
+    """The one-launch CUDA-graph batch load against its torch twins (cuda_graphs.load_*_batch), into
+    static batches full of an earlier step's leftovers: decode and tree (EAGLE) batches, buckets
+    larger than the batch and exactly its size, page tables narrower than the bucket's."""
+    import torch
+
+    from common.batch import ForwardBatch
+    from common.ops import triton_batch
+    from common.runtime import cuda_graphs as cg
+
+    page = 4
+
+    def dirty(static):  # type: ignore[no-untyped-def]
+        for name in ("input_ids", "positions", "out_slots", "prefix_lens", "seq_lens", "page_table", "logit_rows"):
+            getattr(static, name).fill_(99)
+        if static.mask is not None:
+            static.mask.fill_(False)
+        return static
+
+    def same(a, b, what):  # type: ignore[no-untyped-def]
+        for name in ("input_ids", "positions", "out_slots", "prefix_lens", "seq_lens", "page_table", "logit_rows",
+                     "mask"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), f"{what}: {name} differs\n{x}\n{y}"
+
+    for n, bs in ((1, 1), (3, 4), (5, 8)):
+        runner = cg.GraphRunner(lambda b: b.input_ids, [bs], 7, page, "cpu")
+        kv = torch.randint(0, 20, (n,)).tolist()
+        pages = [torch.randperm(30)[: kv_b // page + 1 + int(torch.randint(0, 2, ()))].tolist() for kv_b in kv]
+        batch = ForwardBatch.decode(torch.randint(0, 500, (n,)).tolist(), kv, pages, page)
+        want, got = dirty(runner._static_batch(bs)), dirty(runner._static_batch(bs))
+        cg.load_decode_batch(want, batch)
+        triton_batch.load_batch(got, batch, 1, 0, 1, None)
+        same(got, want, f"decode n={n} bucket={bs}")
+        print(f"load decode n={n} bucket={bs} ok")
+    for n, bs, q, w, per_seq in ((2, 4, 4, 4, False), (3, 3, 2, 6, True), (1, 2, 4, 4, True)):
+        runner = cg.GraphRunner(lambda b: b.input_ids, [bs], 6, page, "cpu", queries=q, window=w, outputs_per_seq=per_seq)
+        prefix = torch.randint(0, 12, (n,)).tolist()
+        pages = [torch.randperm(40)[: (p_b + w) // page + 1].tolist() for p_b in prefix]
+        tokens, depth = torch.randint(0, 500, (n, q)), torch.randint(0, 4, (n, q))
+        batch = ForwardBatch.tree(tokens, depth, torch.rand(n, q, w) < 0.5, prefix, pages, page)
+        if per_seq:
+            batch.logit_rows = torch.arange(n) * q + torch.randint(0, q, (n,))
+        pad = runner._pad_rows if per_seq else None
+        want, got = dirty(runner._static_batch(bs)), dirty(runner._static_batch(bs))
+        cg.load_tree_batch(want, batch)
+        if per_seq:
+            want.logit_rows[:n].copy_(batch.logit_rows)
+            want.logit_rows[n:].copy_(pad[n:bs])
+        triton_batch.load_batch(got, batch, q, w, w, pad)
+        if not per_seq:
+            got.logit_rows.copy_(want.logit_rows)  # (a bucket loads logit rows only with one per sequence)
+        same(got, want, f"tree n={n} bucket={bs} q={q} w={w}")
+        print(f"load tree n={n} bucket={bs} q={q} w={w} per_seq={per_seq} ok")
+
+
 if __name__ == "__main__":
     _setup()
     group = sys.argv[1]
-    {"norm": _group_norm, "kv": _group_kv, "moe": _group_moe, "attention": _group_attention}[group]()
+    {"norm": _group_norm, "kv": _group_kv, "moe": _group_moe, "attention": _group_attention,
+     "batch": _group_batch}[group]()
     print(f"OK {group}")

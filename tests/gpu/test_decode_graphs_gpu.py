@@ -77,3 +77,48 @@ def test_padded_graph_decode_matches_eager_logits(tiny_model_dir: Path) -> None:
     clear = (top2[:, 0] - top2[:, 1]) > 0.1
     assert torch.equal(got.argmax(-1)[clear], eager.argmax(-1)[clear])
     runner.release_graphs()
+
+
+def test_one_launch_batch_load_equals_twin() -> None:
+    """The graph batch load (one Triton launch; from the second load of a shape on, straight to the
+    compiled kernel's launcher) writes what the torch twins write, into a bucket left dirty by an
+    earlier step: decode and tree batches, batch smaller than its bucket and equal to it."""
+    from common.runtime.cuda_graphs import GraphRunner, load_batch, load_decode_batch, load_tree_batch
+
+    dev = torch.device("cuda")
+    fields = ("input_ids", "positions", "out_slots", "prefix_lens", "seq_lens", "page_table", "logit_rows", "mask")
+
+    def dirty(static: ForwardBatch) -> ForwardBatch:
+        for name in fields[:6]:
+            getattr(static, name).fill_(99)
+        if static.mask is not None:
+            static.mask.fill_(False)
+        return static
+
+    gen = torch.Generator().manual_seed(3)
+    for rep in range(3):  # the first load compiles, the later ones take the direct launch
+        for n, bs in ((1, 1), (3, 4)):
+            g = GraphRunner(lambda b: b.input_ids, [bs], 9, PAGE, dev)
+            kv = torch.randint(0, 100, (n,), generator=gen).tolist()
+            pages = [torch.randperm(200, generator=gen)[: k // PAGE + 1].tolist() for k in kv]
+            batch = ForwardBatch.decode(torch.randint(0, 500, (n,), generator=gen).tolist(), kv, pages, PAGE, dev)
+            want, got = dirty(g._static_batch(bs)), dirty(g._static_batch(bs))
+            load_decode_batch(want, batch)
+            load_batch(got, batch)
+            for name in fields[:6]:
+                assert torch.equal(getattr(got, name), getattr(want, name)), f"decode rep {rep} n={n}: {name}"
+        n, bs, q = 2, 4, 4
+        g = GraphRunner(lambda b: b.input_ids, [bs], 9, PAGE, dev, queries=q, window=q, outputs_per_seq=True)
+        prefix = torch.randint(0, 60, (n,), generator=gen).tolist()
+        pages = [torch.randperm(200, generator=gen)[: (p + q) // PAGE + 1].tolist() for p in prefix]
+        tokens = torch.randint(0, 500, (n, q), generator=gen).to(dev)
+        batch = ForwardBatch.tree(tokens, torch.randint(0, 4, (n, q), generator=gen).to(dev),
+                                  (torch.rand(n, q, q, generator=gen) < 0.5).to(dev), prefix, pages, PAGE)
+        batch.logit_rows = torch.tensor([1, 6], device=dev)
+        want, got = dirty(g._static_batch(bs)), dirty(g._static_batch(bs))
+        load_tree_batch(want, batch)
+        want.logit_rows[:n].copy_(batch.logit_rows)
+        want.logit_rows[n:].copy_(g._pad_rows[n:bs])
+        load_batch(got, batch, g._pad_rows)
+        for name in fields:
+            assert torch.equal(getattr(got, name), getattr(want, name)), f"tree rep {rep}: {name}"
