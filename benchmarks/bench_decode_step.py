@@ -8,7 +8,10 @@ with random bf16 weights on the GPU (its default sdpa attention and grouped_mm e
 same weights are copied into common.model's Glm4MoeForCausalLM. Both prefill the same random
 prompts (context tokens per sequence); then one decode step is timed at each batch size
 (CUDA events, median; transformers' DynamicCache is cropped back after each step, outside the
-timed region). Ours runs eagerly and, with --graphs (default on CUDA), through GraphRunner.
+timed region). Ours runs eagerly and, with --graphs (default on CUDA), through GraphRunner: the
+graph column is one isolated step from an idle GPU (batch load and graph launch on the host, then
+the replay); graph_back_to_back is the per-step time of 20 steps issued back to back, where the
+host work of a step hides behind the previous one as in the serving loop's overlapped schedule.
 Roofline: bytes = weights the step touches (attention, dense MLP, shared experts, the expected
 number of distinct routed experts, router, lm_head) + KV read; FLOPs = 2 * weights used per token
 * tokens + attention. Logits of one decode step are compared with transformers' (bf16 both, so
@@ -36,6 +39,7 @@ from common.config import ModelConfig
 from common.context import forward_context
 from common.kvcache.pool import KVPool
 from common.model import build_model
+from common.runtime.cuda_graphs import load_batch, load_decode_batch
 
 AIR_4 = {
     "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
@@ -204,22 +208,65 @@ class Bench:
         step = ForwardBatch.build([SeqSpec([int(nxt[i])], [ctx], ctx + 1, pages[i]) for i in range(b)], PAGE, dev)
         ours_logits = self.forward(step).float()
         t_ours = self.timer.median_us(lambda: self.forward(step), reps)
-        t_graph, note = None, ""
+        t_graph, t_steady, note = None, None, ""
         if self.graphs is not None:
             if not self.graphs.graphs:
                 self.graphs.capture()
             t_graph = self.timer.median_us(lambda: self.graphs.run(step), reps)
             note = f", graph vs eager {float((self.graphs.run(step).float() - ours_logits).norm() / ours_logits.norm()):.1e}"
+            t_steady = self.steady_us(step)
+            g = self.graphs.graphs[self.graphs.bucket(b)]
+            t_twin = self.steady_us(step, lambda: (load_decode_batch(g.batch, step), g.graph.replay()))
+            note += self.load_costs(step) + f"; back to back with the torch-twin load {t_twin:.0f} us per step"
         cache = self.hf(input_ids=prompts, use_cache=True, logits_to_keep=1).past_key_values
         hf_logits = self.hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
         crop(cache, ctx)
         t_hf = self.timer.median_us(lambda: self.hf(input_ids=nxt, past_key_values=cache, use_cache=True), reps,
                                     after=lambda: crop(cache, ctx))
         err = float((ours_logits - hf_logits).norm() / hf_logits.norm())
-        print(f"decode B={b}: ours {t_ours:.0f} us, graph {t_graph or float('nan'):.0f} us, transformers "
+        print(f"decode B={b}: ours {t_ours:.0f} us, graph {t_graph or float('nan'):.0f} us (back to back "
+              f"{t_steady or float('nan'):.0f} us per step), transformers "
               f"{t_hf:.0f} us, logits rel err vs transformers {err:.2e}{note}", flush=True)
         parts = self.roofline_parts(b, b * (ctx + 1), b * (ctx + 1), True)
-        return f"decode B={b} ctx={ctx}", t_ours, t_graph, t_hf, parts, err
+        return f"decode B={b} ctx={ctx}", t_ours, t_graph, t_hf, parts, err, t_steady
+
+    @torch.inference_mode()
+    def steady_us(self, step: ForwardBatch, run=None, steps: int = 20) -> float:  # type: ignore[no-untyped-def]
+        """Per step, graph steps issued back to back (batch load + replay each; run: another way to do
+        one), as a serving loop whose host work runs ahead of the GPU sees them: the host cost before a
+        replay hides behind the previous step. Median of 5 runs."""
+        run = run or (lambda: self.graphs.run(step))
+        runs = []
+        for _ in range(6):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(steps):
+                run()
+            e.record()
+            e.synchronize()
+            runs.append(s.elapsed_time(e) * 1e3 / steps)
+        return statistics.median(runs[1:])
+
+    def load_costs(self, step: ForwardBatch) -> str:
+        """Host microseconds of the graph step's batch load (one Triton launch vs the torch twin's copy per
+        field) and of the replay call, each from an idle GPU; what an isolated step waits for."""
+        g = self.graphs.graphs[self.graphs.bucket(step.num_seqs)]
+
+        def host_us(fn) -> float:  # type: ignore[no-untyped-def]
+            times = []
+            for _ in range(30):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+            return statistics.median(times[5:])
+
+        with torch.inference_mode():
+            t_load = host_us(lambda: load_batch(g.batch, step))
+            t_twin = host_us(lambda: load_decode_batch(g.batch, step))
+            t_replay = host_us(g.graph.replay)
+        return (f"; host us: batch load {t_load:.0f} (one launch), {t_twin:.0f} (torch twin, a copy per field), "
+                f"graph launch {t_replay:.0f}")
 
     def prefill(self, n: int) -> tuple:
         dev, reps = self.device, max(3, self.args.reps // 2)
@@ -232,7 +279,7 @@ class Bench:
         err = float((self.forward(batch).float() - want).norm() / want.norm())
         print(f"prefill 1x{n}: ours {t_ours:.0f} us, transformers {t_hf:.0f} us, rel err {err:.2e}", flush=True)
         parts = self.roofline_parts(n, 0, n * (n + 1) // 2, False)
-        return f"prefill 1x{n}", t_ours, None, t_hf, parts, err
+        return f"prefill 1x{n}", t_ours, None, t_hf, parts, err, None
 
 
 def main() -> None:
@@ -263,7 +310,8 @@ def main() -> None:
         rows.append(bench.decode(b))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows.append(bench.prefill(args.prefill))
+    if args.prefill:  # --prefill 0: decode rows only
+        rows.append(bench.prefill(args.prefill))
     report(rows, ceil, bench.hf)
     if bench.graphs is not None:
         bench.graphs.close()
@@ -273,9 +321,9 @@ def report(rows: list, ceil: dict | None, hf) -> None:  # type: ignore[no-untype
     """floor: max(all bytes / bandwidth, all FLOPs / peak) over the whole forward; per-op floor: the
     sum over op kinds of each one's max (ops do not overlap, so this is the tighter roofline)."""
     head = ("step", "ours_us", "ours_graph_us", "transformers_us", "speedup", "floor_us", "frac", "per_op_floor_us",
-            "per_op_frac", "bytes_GB", "GFLOP", "logits_rel_err")
+            "per_op_frac", "bytes_GB", "GFLOP", "logits_rel_err", "graph_back_to_back_us", "back_to_back_frac")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, t, tg, th, parts, err in rows:
+    for name, t, tg, th, parts, err, steady in rows:
         best = min(t, tg) if tg else t
         nbytes, flops = sum(b for b, _ in parts), sum(f for _, f in parts)
         if ceil:
@@ -286,7 +334,8 @@ def report(rows: list, ceil: dict | None, hf) -> None:  # type: ignore[no-untype
             floor = per_op = float("nan")
         lines.append(f"| {name} | {t:.0f} | {f'{tg:.0f}' if tg else '-'} | {th:.0f} | {th / best:.2f}x | "
                      f"{floor:.0f} | {floor / best:.2f} | {per_op:.0f} | {per_op / best:.2f} | {nbytes / 1e9:.2f} | "
-                     f"{flops / 1e9:.0f} | {err:.2e} |")
+                     f"{flops / 1e9:.0f} | {err:.2e} | {f'{steady:.0f}' if steady else '-'} | "
+                     f"{f'{per_op / steady:.2f}' if steady else '-'} |")
     impl = getattr(hf.config, "_experts_implementation", None), getattr(hf.config, "_attn_implementation", None)
     text = "\n".join(lines) + f"\n\ntransformers experts/attention implementation: {impl}\n"
     print(text)

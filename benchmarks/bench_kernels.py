@@ -1,6 +1,6 @@
 """Kernel benchmark: every Triton kernel at serving shapes vs its roofline floor and torch twin.
 
-    python benchmarks/bench_kernels.py [--sections moe,attention,small] [--budget-s 220]
+    python benchmarks/bench_kernels.py [--sections moe,attention,small] [--budget-s 220] [--moe-m 1,8]
 
 Prints GPU, driver and the measured ceilings (device copy counting read+write, pure read, bf16
 GEMM 8192^3), then per kernel/shape: median time, roofline floor (bytes over the measured
@@ -76,7 +76,7 @@ class Report:
 # E routed, H, I_e, shared experts fused in as extra columns (the model's configuration: moe.py)
 MOE_MODELS = {"air": (128, 4096, 1408, 0), "glm45": (160, 5120, 1536, 0), "air+shared": (128, 4096, 1408, 1),
               "glm45+shared": (160, 5120, 1536, 1)}
-MOE_M = (1, 8, 32, 64, 1024, 4096)
+MOE_M = [1, 8, 32, 64, 1024, 4096]
 
 
 def bench_moe(rep: Report) -> None:
@@ -293,7 +293,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="moe,attention,small")
     ap.add_argument("--budget-s", type=float, default=220.0, help="stop starting new rows after this")
+    ap.add_argument("--moe-m", default=",".join(map(str, MOE_M)), help="token counts of the MoE rows")
     args = ap.parse_args()
+    MOE_M[:] = [int(v) for v in args.moe_m.split(",")]
     info = gt.device_info()
     out = gt.out_dir()
     ceil = gt.measure_ceilings(out / "ceilings.json" if out else None)
