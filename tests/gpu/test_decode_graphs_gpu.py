@@ -122,3 +122,11 @@ def test_one_launch_batch_load_equals_twin() -> None:
         load_batch(got, batch, g._pad_rows)
         for name in fields:
             assert torch.equal(getattr(got, name), getattr(want, name)), f"tree rep {rep}: {name}"
+    # fields of another integer dtype or a strided page table (the twins take those) load right too
+    g = GraphRunner(lambda b: b.input_ids, [2], 9, PAGE, dev)
+    batch = ForwardBatch.decode([5, 9], [3, 40], [[7], [4, 6, 11]], PAGE, dev)
+    batch.input_ids = batch.input_ids.to(torch.int32)
+    batch.page_table = batch.page_table.t().contiguous().t()  # column-major
+    got = dirty(g._static_batch(2))
+    load_batch(got, batch)
+    assert got.input_ids.tolist() == [5, 9] and got.page_table[:, :3].tolist() == [[7, 0, 0], [4, 6, 11]]
