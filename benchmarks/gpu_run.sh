@@ -1,5 +1,6 @@
 # Shared set-up of the one-call GPU scripts (sourced, not run). The caller sets OUT's default and
-# SUMMARY (the summary file name under $OUT) first. Provides $PY, $T0, `stage` and `gpu_header`.
+# SUMMARY (the summary file name under $OUT) first, and STAGES when it has stages. Provides $PY, $T0,
+# `stage`, `has` and `gpu_header`.
 set -u
 pkill -9 -f "[c]ommon[.]cli" 2>/dev/null  # stray glmserve servers from earlier runs hold GPU memory
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,4 +31,8 @@ gpu_header() {  # gpu_header TITLE : machine and software versions at the top of
     $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
     $PY -c "import transformers; print('transformers', transformers.__version__)" 2>&1
   } >> "$OUT/$SUMMARY" 2>&1
+}
+
+has() {  # has NAME : NAME is one of the comma-separated $STAGES
+  [[ ",${STAGES:-}," == *",$1,"* ]]
 }

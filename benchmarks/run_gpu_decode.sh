@@ -11,7 +11,6 @@ SUMMARY=DECODE.md
 STAGES="${STAGES:-tests,bench}"
 source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve decode path: checks, benchmarks (MoE tuning when asked)"
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if has tests; then
   stage gpu_tests 240 $PY -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_model_gpu.py \
     tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_eagle_graphs_gpu.py tests/gpu/test_overlap_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "${TESTS_K:-moe or model or graph or overlap or bf16}"

@@ -10,7 +10,6 @@ SUMMARY=PREFILL.md
 STAGES="${STAGES:-tests,tune,bench}"
 source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve prefill path: checks, MoE tuning, benchmarks"
-has() { [[ ",$STAGES," == *",$1,"* ]]; }
 if has tests; then
   stage gpu_tests 240 $PY -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_router_gpu.py \
     -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "moe or topk or router"
