@@ -84,7 +84,7 @@ def load_batch(static, batch, q: int, window: int, seq_pad: int,  # type: ignore
             n, q, qw, width, max_pages, seq_pad, batch.page_table.stride(0), static.page_table.stride(0), *consts)
     key = (*consts, *(a.dtype for a in args[:17]), batch.input_ids.device)
     compiled = _compiled.get(key)
-    if compiled is not None:  # Triton's launcher straight away: ~70 us of host time less per load
+    if compiled is not None:  # the launcher straight away: 36-40 us of host time per load instead of 76-79
         compiled[(bs, 1, 1)](*args)
         return
     compiled = _load_batch_kernel[(bs,)](*args, num_warps=1)
