@@ -217,7 +217,7 @@ class Bench:
             t_steady = self.steady_us(step)
             g = self.graphs.graphs[self.graphs.bucket(b)]
             t_twin = self.steady_us(step, lambda: (load_decode_batch(g.batch, step), g.graph.replay()))
-            note += self.load_costs(step) + f"; back to back with the torch-twin load {t_twin:.0f} us per step"
+            note += self.load_costs(step, g) + f"; back to back with the torch-twin load {t_twin:.0f} us per step"
         cache = self.hf(input_ids=prompts, use_cache=True, logits_to_keep=1).past_key_values
         hf_logits = self.hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].float()
         crop(cache, ctx)
@@ -247,10 +247,11 @@ class Bench:
             runs.append(s.elapsed_time(e) * 1e3 / steps)
         return statistics.median(runs[1:])
 
-    def load_costs(self, step: ForwardBatch) -> str:
-        """Host microseconds of the graph step's batch load (one Triton launch vs the torch twin's copy per
-        field) and of the replay call, each from an idle GPU; what an isolated step waits for."""
-        g = self.graphs.graphs[self.graphs.bucket(step.num_seqs)]
+    @staticmethod
+    def load_costs(step: ForwardBatch, g) -> str:  # type: ignore[no-untyped-def]
+        """Host microseconds of the batch load into graph g's bucket (one Triton launch vs the torch
+        twin's copy per field) and of g's replay call, each from an idle GPU; what an isolated step
+        waits for."""
 
         def host_us(fn) -> float:  # type: ignore[no-untyped-def]
             times = []

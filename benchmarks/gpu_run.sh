@@ -1,6 +1,6 @@
 # Shared set-up of the one-call GPU scripts (sourced, not run). The caller sets OUT's default and
 # SUMMARY (the summary file name under $OUT) first, and STAGES when it has stages. Provides $PY, $T0,
-# `stage`, `has` and `gpu_header`.
+# `stage`, `has`, `gpu_header` and `pack_results`.
 set -u
 pkill -9 -f "[c]ommon[.]cli" 2>/dev/null  # stray glmserve servers from earlier runs hold GPU memory
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,4 +35,11 @@ gpu_header() {  # gpu_header TITLE : machine and software versions at the top of
 
 has() {  # has NAME : NAME is one of the comma-separated $STAGES
   [[ ",${STAGES:-}," == *",$1,"* ]]
+}
+
+pack_results() {  # everything under $OUT but the summary and moe_configs.tar into results.tar, then
+  # only those three are left: the device tool returns at most 8 files
+  (cd "$OUT" && tar cf results.tar --exclude=results.tar --exclude=moe_configs.tar --exclude=moe_configs \
+    --exclude="$SUMMARY" ./* \
+    && find . -mindepth 1 -maxdepth 1 ! -name results.tar ! -name moe_configs.tar ! -name "$SUMMARY" -exec rm -rf {} +)
 }

@@ -32,7 +32,5 @@ fi
   echo; echo "## MoE kernels"; grep -E "fused_moe" "$OUT/bench_moe.log" 2>/dev/null
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-(cd "$OUT" && tar cf results.tar --exclude=results.tar --exclude=moe_configs ./* \
-  && find . -mindepth 1 -maxdepth 1 ! -name results.tar ! -name moe_configs.tar ! -name "$SUMMARY" -exec rm -rf {} +)
-# (the device tool returns at most 8 files: everything else travels inside results.tar)
+pack_results
 cat "$OUT/$SUMMARY"

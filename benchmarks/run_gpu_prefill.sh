@@ -31,5 +31,5 @@ fi
   echo; echo "## MoE tuning"; grep -hE "^  (air|glm45)|budget" "$OUT"/tune_moe.log 2>/dev/null
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-(cd "$OUT" && tar cf results.tar --exclude=results.tar --exclude=moe_configs ./*)  # the device tool returns few files
+pack_results
 cat "$OUT/$SUMMARY"

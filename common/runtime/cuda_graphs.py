@@ -221,18 +221,18 @@ def load_batch(static: ForwardBatch, batch: ForwardBatch, pad_rows: torch.Tensor
     Triton launch (common/ops/triton_batch.py) instead of the twins' 7-15 copies and fills, which
     the GPU would wait for before every replay."""
     tree = static.mask is not None
-    if tree:
-        _check_tree(static, batch)
-    else:
-        _check_decode(static, batch)
     if static.input_ids.is_cuda and all(t.is_contiguous() for t in _fields(batch)):
         from common.ops import triton_batch
 
-        q = static.query_lens_host[0]
-        w = static.seq_lens_host[0] - static.prefix_lens_host[0] if tree else 0
-        triton_batch.load_batch(static, batch, q, w, w if tree else 1, pad_rows)
+        if tree:
+            _check_tree(static, batch)
+            q, w = _tree_shape(static)
+            triton_batch.load_batch(static, batch, q, w, w, pad_rows)
+        else:
+            _check_decode(static, batch)
+            triton_batch.load_batch(static, batch, 1, 0, 1, pad_rows)
         return
-    if tree:
+    if tree:  # the twins check the shapes themselves
         load_tree_batch(static, batch)
     else:
         load_decode_batch(static, batch)
@@ -248,10 +248,14 @@ def _fields(batch: ForwardBatch) -> tuple[torch.Tensor, ...]:
     return f if batch.mask is None else (*f, batch.mask)
 
 
+def _tree_shape(static: ForwardBatch) -> tuple[int, int]:
+    """(q queries per sequence, w window slots) of a tree bucket's static batch."""
+    return static.query_lens_host[0], static.seq_lens_host[0] - static.prefix_lens_host[0]
+
+
 def _check_tree(static: ForwardBatch, batch: ForwardBatch) -> None:
     n, bs = batch.num_seqs, static.num_seqs
-    q = static.query_lens_host[0]
-    w = static.seq_lens_host[0] - static.prefix_lens_host[0]
+    q, w = _tree_shape(static)
     width = batch.page_table.shape[1]
     if n > bs or width > static.page_table.shape[1] or batch.mask is None:
         raise ValueError(f"tree batch ({n} x {width} pages) does not fit the static batch "
@@ -268,8 +272,7 @@ def load_tree_batch(static: ForwardBatch, batch: ForwardBatch) -> None:
     (The torch twin of common/ops/triton_batch.load_batch.)"""
     _check_tree(static, batch)
     n, bs = batch.num_seqs, static.num_seqs
-    q = static.query_lens_host[0]
-    w = static.seq_lens_host[0] - static.prefix_lens_host[0]
+    q, w = _tree_shape(static)
     width = batch.page_table.shape[1]
     t = n * q
     static.input_ids[:t].copy_(batch.input_ids)
