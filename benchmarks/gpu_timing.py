@@ -53,13 +53,18 @@ def _bandwidths(n: int) -> tuple[float, float]:
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    t_read = triton.testing.do_bench(read_call(src), warmup=50, rep=300, return_mode="median")
+    return 2 * 2 * n / t_copy / 1e6, 2 * n / t_read / 1e6
+
+
+def read_call(src: torch.Tensor) -> Callable[[], object]:
+    """One launch of the streaming-read kernel over all of `src` (bf16): the time the pure read of
+    that many bytes takes as a single kernel, launch and ramp included."""
+    n = src.numel()
     block, iters = 4096, 16
     grid = triton.cdiv(n, block * iters)
-    partial = torch.empty(grid, device="cuda", dtype=torch.float32)
-    t_read = triton.testing.do_bench(
-        lambda: _read_kernel[(grid,)](src, partial, n, BLOCK=block, ITERS=iters, num_warps=8),
-        warmup=50, rep=300, return_mode="median")
-    return 2 * 2 * n / t_copy / 1e6, 2 * n / t_read / 1e6
+    partial = torch.empty(grid, device=src.device, dtype=torch.float32)
+    return lambda: _read_kernel[(grid,)](src, partial, n, BLOCK=block, ITERS=iters, num_warps=8)
 
 
 def _gemm_tflops(size: int = 8192) -> float:

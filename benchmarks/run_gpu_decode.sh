@@ -4,6 +4,7 @@
 # fused-MoE tuning at decode token counts when asked for.
 #     OUT=/some/dir bash benchmarks/run_gpu_decode.sh                  # tests + benchmarks (~6 min, H100)
 #     STAGES=tune,bench OUT=... bash benchmarks/run_gpu_decode.sh
+#     STAGES=tests,pdl,bench ...   # adds the MoE PDL comparison and a whole-step run without PDL
 # Results: $OUT/DECODE.md (summary), $OUT/results.tar (every log and table), $OUT/moe_configs.tar
 # (untar into common/ops/moe_configs/).
 OUT="${OUT:-/tmp/glmserve_gpu_decode}"
@@ -21,6 +22,10 @@ if has tune; then
   (cd "$OUT" && tar cf moe_configs.tar moe_configs 2>/dev/null)
   [ -d "$OUT/moe_configs" ] && cp "$OUT"/moe_configs/*.json common/ops/moe_configs/  # the bench stage uses them
 fi
+if has pdl; then  # fused MoE with / without programmatic dependent launch, kernels and whole steps
+  stage bench_moe_pdl 200 $PY benchmarks/bench_moe_pdl.py --m "${PDL_M:-1,8,64,4096}"
+  stage bench_step_nopdl 200 env GLMSERVE_MOE_PDL=0 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1,8}" --prefill 0
+fi
 if has bench; then
   stage bench_moe 120 $PY benchmarks/bench_kernels.py --sections moe --moe-m "${BENCH_M:-1,8}" --budget-s 100
   stage profile_decode 90 $PY benchmarks/profile_step.py --decode 1 --prefill 0
@@ -30,6 +35,7 @@ fi
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20
   echo; echo "## MoE tuning"; grep -hE "^  (air|glm45)|budget" "$OUT"/tune_moe.log 2>/dev/null
   echo; echo "## MoE kernels"; grep -E "fused_moe" "$OUT/bench_moe.log" 2>/dev/null
+  echo; echo "## MoE PDL"; grep -E "^\|" "$OUT/bench_moe_pdl.log" 2>/dev/null
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
 pack_results

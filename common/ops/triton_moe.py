@@ -21,9 +21,12 @@ shapes, and removed; see docs/performance.md.)
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_config
 from common.ops.triton_router import router_logits_mma
@@ -255,7 +258,7 @@ def _moe_gemm_kernel(
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
     Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
@@ -264,7 +267,12 @@ def _moe_gemm_kernel(
     [BN, BK]); rows past an expert's N read its neighbour's and land only in masked-off columns,
     K past the end reads zeros.
     DIRECT (one token, no sort): block b is assignment b alone (block_expert_ptr: the token's
-    expert ids), so the expert alignment kernel is skipped; row 0 is real, the rest padding."""
+    expert ids), so the expert alignment kernel is skipped; row 0 is real, the rest padding.
+    PDL (launched as a programmatic dependent of the previous kernel): the program may start while
+    the previous kernel drains; it reads nothing before gdc_wait, then lets the next kernel launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -324,8 +332,10 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
-def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr):
+def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
     """grid (T, cdiv(H, BH)): out[t] = sum_j y[t*TOPK + j] in fp32."""
+    if PDL:
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     m = h < H
@@ -358,18 +368,30 @@ def tma_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg):
+# Programmatic dependent launch (Hopper+): each of the pipeline's kernels is launched while its
+# predecessor drains and waits in-kernel (griddepcontrol.wait) for its results, so the launch
+# latency between them overlaps the previous kernel's tail. benchmarks/bench_moe_pdl.py times it
+# against plain launches; GLMSERVE_MOE_PDL=0 turns it off for a process.
+USE_PDL = os.environ.get("GLMSERVE_MOE_PDL", "1") != "0"
+
+
+def pdl_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg, pdl=False):
     max_blocks = block_expert.shape[0]
-    grid = (max_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
+    bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    grid = (max_blocks * triton.cdiv(n, bn),)
     tma = (bool(cfg.get("tma")) and tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
-    desc = _weight_descriptor(w, cfg["BLOCK_N"], cfg["BLOCK_K"]) if tma else None
+    desc = _weight_descriptor(w, bn, bk) if tma else None
     _moe_gemm_kernel[grid](
         a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % cfg["BLOCK_K"] == 0, BM=block_m,
-        BN=cfg["BLOCK_N"], BK=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], TMA=tma, DIRECT=sorted_ids is None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % bk == 0, BM=block_m,
+        BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma, DIRECT=sorted_ids is None,
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
 
@@ -406,13 +428,17 @@ def fused_moe_with_config(
         sorted_ids, block_expert = None, ids.reshape(-1).to(torch.int32)
     else:
         sorted_ids, block_expert = align_block_size(ids.to(torch.int32), num_experts, bm)
-    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
-    _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"])
-    y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
+    # every tensor the GEMMs read is made before the first of them: nothing launches in between, so
+    # each kernel's programmatic predecessor is the one before it in this pipeline
     topw = weights.reshape(-1).float().contiguous()
-    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"])
+    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
+    y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
+    pdl = USE_PDL and pdl_supported(x.device)
+    _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl)
+    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl)
     bh = min(1024, triton.next_power_of_2(hidden))
-    _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, num_warps=4)
+    _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl,
+                                                      num_warps=4, launch_pdl=pdl)
     return out
 
 
