@@ -18,7 +18,7 @@ ARGS = ("a_ptr", "w_ptr", "w_desc", "out_ptr", "sorted_ptr", "block_expert_ptr",
 TYPES = ("*bf16", "*bf16", "constexpr", "*bf16", "*i32", "*i32", "*fp32") + ("i32",) * 8
 ALIGNED = ("a_ptr", "w_ptr", "out_ptr", "sorted_ptr", "block_expert_ptr", "topw_ptr", "N", "K", "stride_am",
            "stride_we", "stride_wn", "stride_om")  # what a launch specialises as divisible by 16
-READS = ("ld.global", "cp.async", "prefetch.global", "cp.async.bulk")
+READS = ("ld.global", "cp.async", "prefetch.global")  # cp.async also matches the TMA bulk copies
 
 
 def _ptx(fn, sig: dict, consts: dict, aligned: tuple, num_stages: int = 3) -> list[str]:
