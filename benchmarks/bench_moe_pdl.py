@@ -22,13 +22,11 @@ import statistics
 
 import gpu_timing as gt
 import torch
+from bench_kernels import MOE_MODELS as MODELS  # E routed, H, I_e, shared experts (the model's layout)
 
 from common.ops import triton_moe as tm
 
 BF = torch.bfloat16
-# E routed, H, I_e, shared experts stacked after the routed ones (the model's layout: moe.py)
-MODELS = {"air": (128, 4096, 1408, 0), "glm45": (160, 5120, 1536, 0), "air+shared": (128, 4096, 1408, 1),
-          "glm45+shared": (160, 5120, 1536, 1)}
 MODES = ("plain", "pdl")
 
 
@@ -54,16 +52,14 @@ def _point(ceil: dict, w13: torch.Tensor, w2: torch.Tensor, m: int, shared: int,
     used = torch.unique(routes[0][1]).numel()
     w_bytes = used * 3 * inter * h * 2
     flops = 2 * m * (8 + shared) * 3 * inter * h
-    row = {"same": same}
+
+    def scored(t: float) -> tuple[float, float]:  # (µs, the fraction at this M)
+        return t, (w_bytes / (t * 1e3) / ceil["read_gbs"]) if m <= 64 else flops / (t * 1e6) / ceil["gemm_tflops"]
+
+    row: dict = {"same": same, **{mode: scored(statistics.median(ts)) for mode, ts in times.items()}}
     if m <= 64:  # the same bytes read by one streaming kernel (two buffers, as the MoE rotates two routings)
         bufs = [torch.empty(w_bytes // 2, device="cuda", dtype=BF).normal_() for _ in range(2)]
-        t = gt.time_graph([gt.read_call(b) for b in bufs])
-        row["read"] = (t, w_bytes / (t * 1e3) / ceil["read_gbs"])
-        del bufs
-    for mode, ts in times.items():
-        t = statistics.median(ts)
-        frac = (w_bytes / (t * 1e3) / ceil["read_gbs"]) if m <= 64 else flops / (t * 1e6) / ceil["gemm_tflops"]
-        row[mode] = (t, frac)
+        row["read"] = scored(gt.time_graph([gt.read_call(b) for b in bufs]))
     return row
 
 

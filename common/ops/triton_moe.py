@@ -379,7 +379,8 @@ USE_PDL = os.environ.get("GLMSERVE_MOE_PDL", "1") != "0"
 
 
 def pdl_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Hopper or newer, on the GPU only (the interpreter has no launch attributes)."""
+    return device.type == "cuda" and tma_supported(device)
 
 
 def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg, pdl=False):
