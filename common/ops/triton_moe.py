@@ -257,11 +257,12 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
 def _moe_gemm_kernel(
-    a_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
+    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr,
-    DIRECT: tl.constexpr, PDL: tl.constexpr,
+    DIRECT: tl.constexpr, PDL: tl.constexpr, SORTED_OUT: tl.constexpr = False, A_TMA: tl.constexpr = False,
+    WS: tl.constexpr = False,
 ):
     """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
     Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
@@ -284,13 +285,19 @@ def _moe_gemm_kernel(
     pid_m = first_m + (pid % in_group) % group
     pid_n = (pid % in_group) // group
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if expert < 0:
+    used = expert >= 0
+    k_hi = K
+    if WS:  # the warp-specialising pass takes no early exit: an unused block runs no K steps instead
+        k_hi = tl.where(used, K, 0)
+        expert = tl.maximum(expert, 0)
+    elif not used:
         return
     if DIRECT:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, NUMEL)  # [BM] int32
     else:
         rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
-    rmask = rows < NUMEL
+    # an unused block's sorted ids are never written (stale values): it must read and store nothing
+    rmask = (rows < NUMEL) & used
     offs_n = (pid_n * BN + tl.arange(0, BN)) % N  # wrap: loads need no mask, the store does
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]  # [BM,BK]
@@ -298,11 +305,14 @@ def _moe_gemm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     w_row = (expert * (stride_we // stride_wn) + pid_n * BN).to(tl.int32)  # TMA: first weight row of the tile
-    for k0 in range(0, K, BK):
-        if EVEN_K:
+    for k0 in tl.range(0, k_hi, BK, warp_specialize=WS):
+        if not EVEN_K:
+            km = offs_k < K - k0
+        if A_TMA:
+            a = a_desc.load([pid_m * BM, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
         else:
-            km = offs_k < K - k0
             a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
         if TMA:
             b = w_desc.load([w_row, k0]).T
@@ -330,8 +340,31 @@ def _moe_gemm_kernel(
             acc = acc * tl.load(topw_ptr + rows, mask=rmask, other=0.0)[:, None]
         res = acc
     cols = pid_n * BN + tl.arange(0, BN)
-    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    if SORTED_OUT:  # row r of block b at b*BM + r: the next GEMM reads whole blocks through TMA
+        o_rows = pid_m * BM + tl.arange(0, BM)
+    else:
+        o_rows = rows
+    o_ptrs = out_ptr + o_rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, res.to(dt), mask=rmask[:, None] & (cols < N)[None, :])
+
+
+@triton.jit(do_not_specialize=["NUMEL"])
+def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, NUMEL, H, stride_x, stride_o,
+                        A_DIV: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
+    """grid (max_blocks, cdiv(H, BH)): out[b*BM + r] = x[sorted[b*BM + r] // A_DIV] for the real rows of
+    used blocks (padding rows are left as they are: only masked-off output rows read them)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    b = tl.program_id(0)
+    if tl.load(block_expert_ptr + b) < 0:
+        return
+    r = b * BM + tl.arange(0, BM)
+    rows = tl.load(sorted_ptr + r)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = (rows < NUMEL)[:, None] & (h < H)[None, :]
+    v = tl.load(x_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_x + h[None, :], mask=m)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_o + h[None, :], v, mask=m)
 
 
 @triton.jit
@@ -383,20 +416,42 @@ def pdl_supported(device: torch.device) -> bool:
     return device.type == "cuda" and tma_supported(device)
 
 
-def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg, pdl=False):
+def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg, pdl=False,
+          sorted_out=False, a_sorted=False):
+    """One grouped GEMM launch. cfg "tma": weight tiles by TMA; "ws": the K loop warp-specialised
+    (one TMA producer warp group feeding two MMA consumer groups; only with every tile by TMA, as
+    the pass takes no pointer loads in its producer). sorted_out: write output row r of block b
+    at b*BM + r instead of at its assignment; a_sorted: A is laid out that way (a sorted_out
+    launch wrote it) and its tiles come by TMA."""
     max_blocks = block_expert.shape[0]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (max_blocks * triton.cdiv(n, bn),)
     tma = (bool(cfg.get("tma")) and tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
+    ws = bool(cfg.get("ws")) and tma and a_sorted
     desc = _weight_descriptor(w, bn, bk) if tma else None
+    a_desc = _descriptor(a, block_m, bk) if a_sorted else None
     _moe_gemm_kernel[grid](
-        a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
+        a, a_desc, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % bk == 0, BM=block_m,
         BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma, DIRECT=sorted_ids is None,
-        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+        PDL=pdl, SORTED_OUT=sorted_out, A_TMA=a_sorted, WS=ws,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
+
+
+def _descriptor(t: torch.Tensor, rows: int, cols: int):  # type: ignore[no-untyped-def]
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, [rows, cols])
+
+
+def _block_order(cfg: dict, sorted_ids: torch.Tensor | None, width: int, x: torch.Tensor) -> bool:
+    """Whether a GEMM of this config takes its A operand in sorted block order, by TMA ("a_tma"):
+    only with sorted blocks (not the one-token path), on TMA hardware, with 16-byte aligned rows."""
+    return (bool(cfg.get("a_tma")) and sorted_ids is not None and tma_supported(x.device)
+            and (width * x.element_size()) % 16 == 0)
 
 
 def fused_moe(
@@ -435,11 +490,25 @@ def fused_moe_with_config(
     # every tensor the GEMMs read is made before the first of them: nothing launches in between, so
     # each kernel's programmatic predecessor is the one before it in this pipeline
     topw = weights.reshape(-1).float().contiguous()
-    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
+    # act rows: by assignment, or (a down config with "a_tma") in the blocks' sorted order, padding
+    # rows included (never written, read only into output rows that are masked off)
+    sorted_act = _block_order(cfg["down"], sorted_ids, inter, x)
+    sorted_x = _block_order(cfg["up"], sorted_ids, hidden, x)
+    act_rows = sorted_ids.shape[0] if sorted_act else numel
+    act = torch.empty((act_rows, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
     pdl = USE_PDL and pdl_supported(x.device)
-    _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl)
-    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl)
+    a_up = x
+    if sorted_x:  # x's rows copied into block order: gate_up reads both operands by TMA
+        a_up = torch.empty((sorted_ids.shape[0], hidden), dtype=x.dtype, device=x.device)
+        bh = min(512, triton.next_power_of_2(hidden))
+        _gather_rows_kernel[(block_expert.shape[0], triton.cdiv(hidden, bh))](
+            x, a_up, sorted_ids, block_expert, numel, hidden, x.stride(0), a_up.stride(0), A_DIV=top_k, BM=bm,
+            BH=bh, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _gemm(a_up, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl,
+          sorted_out=sorted_act, a_sorted=sorted_x)
+    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl,
+          a_sorted=sorted_act)
     bh = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl,
                                                       num_warps=4, launch_pdl=pdl)
