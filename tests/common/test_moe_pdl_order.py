@@ -6,28 +6,21 @@ test_moe_pdl_equals_plain_launch) checks the results bit for bit against plain l
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from common.ops import triton_moe as tm
 
-ARGS = ("a_ptr", "a_desc", "w_ptr", "w_desc", "out_ptr", "sorted_ptr", "block_expert_ptr", "topw_ptr", "NUMEL", "N", "K",
-        "MAX_BLOCKS", "stride_am", "stride_we", "stride_wn", "stride_om")
-TYPES = ("*bf16", "constexpr", "*bf16", "constexpr", "*bf16", "*i32", "*i32", "*fp32") + ("i32",) * 8
-ALIGNED = ("a_ptr", "w_ptr", "out_ptr", "sorted_ptr", "block_expert_ptr", "topw_ptr", "N", "K", "stride_am",
-           "stride_we", "stride_wn", "stride_om")  # what a launch specialises as divisible by 16
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from kernel_resources import GEMM_ALIGNED, compile_sm90, gemm_signature  # the sm_90 compile harness
+
 READS = ("ld.global", "cp.async", "prefetch.global")  # cp.async also matches the TMA bulk copies
 
 
-def _ptx(fn, sig: dict, consts: dict, aligned: tuple, num_stages: int = 3, num_warps: int = 4) -> list[str]:
-    names = list(sig)
-    sig = sig | {k: "constexpr" for k in consts}
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": True})
-    return [line.strip() for line in kernel.asm["ptx"].splitlines()]
+def _ptx(fn, sig: dict, consts: dict, aligned: tuple, num_warps: int = 4) -> list[str]:  # type: ignore[no-untyped-def]
+    return [line.strip() for line in compile_sm90(fn, sig, consts, aligned, num_warps).asm["ptx"].splitlines()]
 
 
 def _first(lines: list[str], *needles: str) -> int:
@@ -59,15 +52,8 @@ def test_warp_specialised_gemm_reads_nothing_before_the_wait(gated: bool) -> Non
 
 def _gemm_ptx(gated: bool, direct: bool, tma: bool, a_tma: bool = False, ws: bool = False) -> list[str]:
     bm, bn, bk = (16, 64, 128) if direct else (64, 64, 128)
-    consts = {"a_desc": None, "w_desc": None, "A_DIV": 8 if gated else 1, "GATED": gated, "MUL_W": not gated,
-              "EVEN_K": True, "BM": bm, "BN": bn, "BK": bk, "GROUP_M": 1 if direct else 8, "TMA": tma,
-              "DIRECT": direct, "PDL": True, "SORTED_OUT": False, "A_TMA": a_tma, "WS": ws}
-    sig = dict(zip(ARGS, TYPES))
-    for name, on, tile in (("w_desc", tma, (bn, bk)), ("a_desc", a_tma, (bm, bk))):
-        if on:
-            sig[name] = f"tensordesc<bf16[{tile[0]}, {tile[1]}]>"
-            del consts[name]
-    return _ptx(tm._moe_gemm_kernel, sig, consts, ALIGNED, num_warps=4)
+    sig, consts = gemm_signature(gated, direct, bm, bn, bk, 1 if direct else 8, tma, a_tma, ws)
+    return _ptx(tm._moe_gemm_kernel, sig, consts, GEMM_ALIGNED)
 
 
 def test_combine_reads_nothing_before_the_wait() -> None:
