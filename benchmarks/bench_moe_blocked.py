@@ -27,7 +27,6 @@ import time
 
 import gpu_timing as gt
 import torch
-import triton
 from bench_kernels import MOE_MODELS as MODELS  # E routed, H, I_e, shared experts
 
 from common.ops import triton_moe as tm
@@ -69,22 +68,17 @@ class Point:
                        for _ in range(2)]
         self.aligned = [tm.align_block_size(r[1], e_all, bm) for r in self.routes]
         rows = self.aligned[0][0].shape[0]
-        self.x_blocked = [torch.zeros(rows, self.h, device="cuda", dtype=BF) for _ in range(2)]
+        self.x_blocked = [self.gather(i) for i in range(2)]
         self.act = [torch.empty(self.numel, self.inter, device="cuda", dtype=BF) for _ in range(2)]
         self.act_blocked = [torch.zeros(rows, self.inter, device="cuda", dtype=BF) for _ in range(2)]
         self.y = [torch.empty(self.numel, self.h, device="cuda", dtype=BF) for _ in range(2)]
         self.topw = [r[0].reshape(-1).float().contiguous() for r in self.routes]
         for i in range(2):  # the act of both layouts, from the plain gate_up
-            self.gather(i)
             self.up(i, {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}, False, False)
             self.up(i, {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}, False, True)
 
-    def gather(self, i: int) -> None:
-        sorted_ids, block_expert = self.aligned[i]
-        bh = min(512, triton.next_power_of_2(self.h))
-        tm._gather_rows_kernel[(block_expert.shape[0], triton.cdiv(self.h, bh))](
-            self.xs[i], self.x_blocked[i], sorted_ids, block_expert, self.numel, self.h, self.h, self.h,
-            A_DIV=self.k, BM=self.bm, BH=bh, PDL=False, num_warps=4)
+    def gather(self, i: int) -> torch.Tensor:
+        return tm.gather_rows(self.xs[i], *self.aligned[i], self.k, self.bm)
 
     def up(self, i: int, cfg: dict, x_blocked: bool, act_blocked: bool) -> torch.Tensor:
         sorted_ids, block_expert = self.aligned[i]

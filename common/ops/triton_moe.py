@@ -447,6 +447,19 @@ def _descriptor(t: torch.Tensor, rows: int, cols: int):  # type: ignore[no-untyp
     return TensorDescriptor.from_tensor(t, [rows, cols])
 
 
+def gather_rows(x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, a_div: int, block_m: int,
+                pdl: bool = False) -> torch.Tensor:
+    """x's rows in the blocks' sorted order ([max_blocks*BM, H]): row b*BM + r = x[sorted_ids[b*BM + r] // a_div]
+    for the real rows of used blocks; padding rows and unused blocks are left unwritten."""
+    hidden = x.shape[1]
+    out = torch.empty((sorted_ids.shape[0], hidden), dtype=x.dtype, device=x.device)
+    bh = min(512, triton.next_power_of_2(hidden))
+    _gather_rows_kernel[(block_expert.shape[0], triton.cdiv(hidden, bh))](
+        x, out, sorted_ids, block_expert, x.shape[0] * a_div, hidden, x.stride(0), out.stride(0), A_DIV=a_div,
+        BM=block_m, BH=bh, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return out
+
+
 def _block_order(cfg: dict, sorted_ids: torch.Tensor | None, width: int, x: torch.Tensor) -> bool:
     """Whether a GEMM of this config takes its A operand in sorted block order, by TMA ("a_tma"):
     only with sorted blocks (not the one-token path), on TMA hardware, with 16-byte aligned rows."""
@@ -498,13 +511,8 @@ def fused_moe_with_config(
     act = torch.empty((act_rows, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
     pdl = USE_PDL and pdl_supported(x.device)
-    a_up = x
-    if sorted_x:  # x's rows copied into block order: gate_up reads both operands by TMA
-        a_up = torch.empty((sorted_ids.shape[0], hidden), dtype=x.dtype, device=x.device)
-        bh = min(512, triton.next_power_of_2(hidden))
-        _gather_rows_kernel[(block_expert.shape[0], triton.cdiv(hidden, bh))](
-            x, a_up, sorted_ids, block_expert, numel, hidden, x.stride(0), a_up.stride(0), A_DIV=top_k, BM=bm,
-            BH=bh, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    # x's rows copied into block order (sorted_x): gate_up reads both operands by TMA
+    a_up = gather_rows(x, sorted_ids, block_expert, top_k, bm, pdl) if sorted_x else x
     _gemm(a_up, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl,
           sorted_out=sorted_act, a_sorted=sorted_x)
     _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl,
