@@ -111,7 +111,13 @@ def test_prefill_killed_mid_transfer_frees_decode_pages(launch, tiny_model_dir):
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(1.0)
+    # kill once the decode worker holds the request's pages and waits for its KV: mid-transfer by
+    # construction (a fixed sleep let a fast machine finish the whole request first)
+    decode_port = cluster.decode_ports[0]
+    deadline = time.monotonic() + 30
+    while load_of(decode_port, "decode").waiting_for_kv == 0:
+        assert t.is_alive() and time.monotonic() < deadline, "the transfer never started"
+        time.sleep(0.01)
     os.kill(cluster.procs["prefill0"].pid, signal.SIGKILL)
     t.join(60)
     assert not t.is_alive(), "client hung after the prefill worker died"
