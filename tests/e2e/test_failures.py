@@ -151,7 +151,10 @@ def test_queue_full_is_resource_exhausted(launch, tiny_model_dir):
     holder = _stream(stub, list(range(1, 101)), max_tokens=800)
     next(iter(holder))
     waiting = _stream(stub, list(range(2, 102)), max_tokens=5)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30  # until the second request sits in the decode queue
+    while load_of(cluster.decode_ports[0], "decode").queued == 0:
+        assert time.monotonic() < deadline, "the second request never reached the decode queue"
+        time.sleep(0.01)
     with pytest.raises(grpc.RpcError) as err:
         generate(stub, list(range(3, 103)), max_tokens=5, temperature=0.0)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
