@@ -273,7 +273,10 @@ def _moe_gemm_kernel(
     DIRECT (one token, no sort): block b is assignment b alone (block_expert_ptr: the token's
     expert ids), so the expert alignment kernel is skipped; row 0 is real, the rest padding.
     PDL (launched as a programmatic dependent of the previous kernel): the program may start while
-    the previous kernel drains; it reads nothing before gdc_wait, then lets the next kernel launch."""
+    the previous kernel drains; it reads nothing before gdc_wait, then lets the next kernel launch.
+    SORTED_OUT: output row r of block b goes to b*BM + r (the block order the next GEMM reads).
+    A_TMA: A is in that order and its [BM, BK] tiles come by TMA (a_desc). WS: the K loop is
+    warp-specialised; with no early exit there, an unused block runs no K steps and masks every row."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
