@@ -28,6 +28,7 @@ import time
 import gpu_timing as gt
 import torch
 from bench_kernels import MOE_MODELS as MODELS  # E routed, H, I_e, shared experts
+from tune_moe import ws_configs
 
 from common.ops import triton_moe as tm
 
@@ -38,9 +39,8 @@ TOP_K = 8
 def _up_variants(table: dict) -> list[tuple[str, dict, bool]]:
     """(name, config, x in block order)."""
     out = [("table", table, False)]
-    for bn, st in ((128, 3), (64, 4), (128, 4), (64, 3)):
-        out.append((f"x-blocked ws BN{bn} s{st}", {"BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
-                                                   "num_stages": st, "tma": True, "a_tma": True, "ws": True}, True))
+    for c in ws_configs(((128, 3), (64, 4), (128, 4), (64, 3))):
+        out.append((f"x-blocked ws BN{c['BLOCK_N']} s{c['num_stages']}", c, True))
     out.append(("x-blocked BN128 s3 (no ws)", {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
                                                "num_stages": 3, "tma": True, "a_tma": True}, True))
     return out
@@ -48,9 +48,8 @@ def _up_variants(table: dict) -> list[tuple[str, dict, bool]]:
 
 def _down_variants(table: dict) -> list[tuple[str, dict]]:
     out = [("table", table), ("table tile, act blocked", {**table, "a_tma": True})]
-    for bn, st in ((256, 3), (128, 4), (256, 4), (128, 5)):
-        out.append((f"act-blocked ws BN{bn} s{st}", {"BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
-                                                     "num_stages": st, "tma": True, "a_tma": True, "ws": True}))
+    for c in ws_configs(((256, 3), (128, 4), (256, 4), (128, 5))):
+        out.append((f"act-blocked ws BN{c['BLOCK_N']} s{c['num_stages']}", c))
     return out
 
 
@@ -73,9 +72,10 @@ class Point:
         self.act_blocked = [torch.zeros(rows, self.inter, device="cuda", dtype=BF) for _ in range(2)]
         self.y = [torch.empty(self.numel, self.h, device="cuda", dtype=BF) for _ in range(2)]
         self.topw = [r[0].reshape(-1).float().contiguous() for r in self.routes]
+        plain = {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
         for i in range(2):  # the act of both layouts, from the plain gate_up
-            self.up(i, {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}, False, False)
-            self.up(i, {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}, False, True)
+            for act_blocked in (False, True):
+                self.up(i, plain, False, act_blocked)
 
     def gather(self, i: int) -> torch.Tensor:
         return tm.gather_rows(self.xs[i], *self.aligned[i], self.k, self.bm)
@@ -112,6 +112,15 @@ def _bench_point(ceil: dict, model: str, w13: torch.Tensor, w2: torch.Tensor, m:
         lines.append(f"| {model} | {m} | {part} | {name} | {us:.1f} | {tf:.0f} ({tf / peak:.1%}) | {diff} |")
         print(lines[-1], flush=True)
 
+    def measure(part: str, name: str, call) -> tuple[float, torch.Tensor] | None:  # type: ignore[no-untyped-def]
+        """(µs over both routings, routing 0's output) of call(i), or None with the failure reported."""
+        try:
+            return gt.time_graph([lambda i=i: call(i) for i in range(2)]), call(0).clone()
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is reported, not fatal
+            lines.append(f"| {model} | {m} | {part} | {name} | failed: {type(exc).__name__} | | |")
+            print(lines[-1], flush=True)
+            return None
+
     best: dict = {}
     for bm in sorted({table["BLOCK_M"], 128}):
         p = Point(w13, w2, m, shared, bm)
@@ -121,13 +130,10 @@ def _bench_point(ceil: dict, model: str, w13: torch.Tensor, w2: torch.Tensor, m:
         for name, cfg, xb in _up_variants(table["up"]):
             if time.time() > deadline:
                 break
-            try:
-                t = gt.time_graph([lambda i=i, p=p, c=cfg, xb=xb: p.up(i, c, xb, False) for i in range(2)])
-                out = p.up(0, cfg, xb, False).clone()
-            except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is reported, not fatal
-                lines.append(f"| {model} | {m} | gate_up | BM{bm} {name} | failed: {type(exc).__name__} | | |")
-                print(lines[-1], flush=True)
+            got = measure("gate_up", f"BM{bm} {name}", lambda i, p=p, c=cfg, xb=xb: p.up(i, c, xb, False))
+            if got is None:
                 continue
+            t, out = got
             ref_up = out if ref_up is None else ref_up
             total = t + (t_gather if xb else 0.0)
             row("gate_up", f"BM{bm} {name}" + (" + gather" if xb else ""), total, flops_up,
@@ -137,13 +143,10 @@ def _bench_point(ceil: dict, model: str, w13: torch.Tensor, w2: torch.Tensor, m:
         for name, cfg in _down_variants(table["down"]):
             if time.time() > deadline:
                 break
-            try:
-                t = gt.time_graph([lambda i=i, p=p, c=cfg: p.down(i, c) for i in range(2)])
-                out = p.down(0, cfg).clone()
-            except Exception as exc:  # noqa: BLE001
-                lines.append(f"| {model} | {m} | down | BM{bm} {name} | failed: {type(exc).__name__} | | |")
-                print(lines[-1], flush=True)
+            got = measure("down", f"BM{bm} {name}", lambda i, p=p, c=cfg: p.down(i, c))
+            if got is None:
                 continue
+            t, out = got
             ref_down = out if ref_down is None else ref_down
             row("down", f"BM{bm} {name}", t, flops_down, f"{(out.float() - ref_down.float()).abs().max().item():.3g}")
             key = ("down", bm)

@@ -63,13 +63,17 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
            for tma in (True, False)
            for n, k, w, s in ((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
                               (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4))]
-    # A in block order by TMA too, K loop warp-specialised (4 warps: one producer and two consumer
-    # groups are added around them); gate_up's candidates pay for the x gather in their time
-    ws = {"BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "tma": True, "a_tma": True, "ws": True}
-    up_ws = [{"BLOCK_N": n, "num_stages": s, **ws} for n, s in ((128, 3), (128, 4), (64, 4))]
-    down_ws = [{"BLOCK_N": n, "num_stages": s, **ws} for n, s in ((256, 3), (128, 4), (256, 4))]
+    # gate_up's block-order candidates pay for the x gather in their time
     down_act = [{**c, "a_tma": True} for c in big[:4]]  # act in block order, loop not specialised
-    return [64, 128], big + up_ws, big + down_ws + down_act
+    return ([64, 128], big + ws_configs(((128, 3), (128, 4), (64, 4))),
+            big + ws_configs(((256, 3), (128, 4), (256, 4))) + down_act)
+
+
+def ws_configs(tiles: tuple[tuple[int, int], ...]) -> list[dict]:
+    """Both operands by TMA (A in block order), K loop warp-specialised, one per (BLOCK_N,
+    num_stages); 4 warps: the pass adds one producer and two consumer groups around them."""
+    return [{"BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": st, "tma": True,
+             "a_tma": True, "ws": True} for n, st in tiles]
 
 
 def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw, blocked):  # type: ignore[no-untyped-def]

@@ -38,6 +38,17 @@ def test_interpret(group: str) -> None:
     run_interpreted(__file__, group, 80)
 
 
+def poisoned(empty):  # type: ignore[no-untyped-def]
+    """torch.empty whose buffers are NaN (floats) or 1 (integers: a valid index that gives wrong
+    answers), so a read of anything a kernel should have written first shows."""
+
+    def poisoned_empty(*args, **kwargs):  # type: ignore[no-untyped-def]
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1)
+
+    return poisoned_empty
+
+
 # --------------------------------------------------------------------------- subprocess side
 def _setup() -> None:
     import numpy as np
@@ -54,13 +65,7 @@ def _setup() -> None:
             scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 
         interp._patch_lang_tensor = patched
-    empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):  # type: ignore[no-untyped-def]
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1)
-
-    torch.empty = poisoned_empty
+    torch.empty = poisoned(torch.empty)
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     print(f"seed {seed}")

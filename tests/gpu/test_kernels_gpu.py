@@ -148,13 +148,9 @@ def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict, monkeypatch
     from common.ops import triton_moe as tm
 
     if mode in ("blocked", "act"):
-        empty = torch.empty
+        from tests.common.test_triton_interpret import poisoned
 
-        def poisoned(*args, **kwargs):  # type: ignore[no-untyped-def]
-            t = empty(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1)
-
-        monkeypatch.setattr(torch, "empty", poisoned)
+        monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
 
     e, h, inter = MOE_SHAPES[shape]
     if shape not in moe_weights:
