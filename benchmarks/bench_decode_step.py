@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
-from common.config import ModelConfig
-from common.context import forward_context
+from common.forward.batch import ForwardBatch, SeqSpec
+from common.model.config import ModelConfig
+from common.forward.context import forward_context
 from common.kvcache.pool import KVPool
 from common.model import build_model
 from common.runtime.cuda_graphs import load_batch, load_decode_batch

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 import grpc
 import torch
 
-from common.launch import free_port, start_cluster
-from common.tiny_model import make_tiny_model
+from common.tools.launch import free_port, start_cluster
+from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2, gateway_pb2_grpc
 
 AIR_LAYERS = dict(num_layers=4, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,

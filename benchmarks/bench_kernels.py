@@ -24,7 +24,7 @@ import torch
 
 from common.attention import torch_ref
 from common.attention import triton_paged as tp
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.ops import reference as ref
 from common.ops import triton_kv as tk
 from common.ops import triton_moe as tm

@@ -32,11 +32,11 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.sampling.logit_processors import RowContext
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 from common.transport.aux import AuxRecord
 from decode_worker.commit import StopRules
 from decode_worker.output import FinishEvent, OutputChannel, TokenEvent
@@ -51,7 +51,7 @@ SAMPLING = {"greedy": {"temperature": 0.0}, "seeded": {"temperature": 0.8, "top_
 def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, SpecialIds]:
     device = torch.device(args.device)
     if args.tiny:
-        from common.generate import ensure_tiny_model
+        from common.tools.generate import ensure_tiny_model
 
         model_dir = ensure_tiny_model()
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

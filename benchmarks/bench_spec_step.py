@@ -44,13 +44,13 @@ sys.path.insert(0, str(REPO))
 
 import torch
 
-from common.batch import ForwardBatch, SeqSpec, TreeLayout
-from common.config import ModelConfig, SpecConfig, eagle_step_slots
+from common.forward.batch import ForwardBatch, SeqSpec, TreeLayout
+from common.model.config import ModelConfig, SpecConfig, eagle_step_slots
 from common.model import build_model
 from common.runtime.draft import DraftBatch, DraftState
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import SpecialIds, TokenSampler
-from common.sampling.params import SamplingParams
+from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving.sampling_params import SamplingParams
 from decode_worker.commit import StopRules
 from decode_worker.scheduler import DecodeReq, ReqState
 from decode_worker.spec.eagle import EagleStepper
@@ -153,7 +153,7 @@ def host_profile(runner: ModelRunner, step, reset, reps: int,  # type: ignore[no
             out = io.StringIO()
             # the step's own Python (the forwards' internals left out)
             pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(
-                r"decode_worker|common/batch|common/sampling|common/runtime/(draft|token_sampler|runner|cuda_graphs)", 30)
+                r"decode_worker|common/forward/batch|common/sampling|common/runtime/(draft|token_sampler|runner|cuda_graphs)", 30)
             print(out.getvalue())
     finally:
         del runner.forward, runner.draft_forward  # back to the class methods

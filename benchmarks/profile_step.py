@@ -28,7 +28,7 @@ import torch
 from bench_spec_step import AIR, random_model
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
 
 PAGE = 16

@@ -3,8 +3,8 @@
     OUT=/some/dir bash benchmarks/run_multi_gpu.sh                      # GPU 0 -> GPU 1 (< 9 minutes)
     python benchmarks/run_multi_gpu.py --devices cpu,cpu --out /tmp/mg  # the same flow on CPU (gloo)
 
-Every cluster is gateway + prefill + decode as separate `python -m common.cli` processes
-(common.launch.start_cluster). "Two-device" clusters put the prefill worker on the first device
+Every cluster is gateway + prefill + decode as separate `python -m common.tools.cli` processes
+(common.tools.launch.start_cluster). "Two-device" clusters put the prefill worker on the first device
 and the decode worker(s) on the second with `--kv-backend nccl` (gloo on CPU). "Reference"
 clusters put both workers on the first device with `--kv-backend cuda_ipc` (gloo on CPU): the
 single-GPU run every two-device output is compared with. GPU runs use --dtype bfloat16 on both
@@ -53,7 +53,7 @@ the run goes on; results are rewritten to $OUT after every check):
      as within noise rather than as a number to trust.
 
 Environment: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are
-set here (for this process and the bench's spawned processes) and by common.launch for every
+set here (for this process and the bench's spawned processes) and by common.tools.launch for every
 worker. Outputs under --out: MULTI_GPU.md (summary, PASS/FAIL per check), results.json,
 workers.log (log tails of every process of every cluster).
 """
@@ -88,7 +88,7 @@ sys.path.insert(0, str(REPO))
 
 import grpc
 
-from common.launch import Cluster, free_port, start_cluster
+from common.tools.launch import Cluster, free_port, start_cluster
 from protos import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 EAGLE = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
@@ -485,7 +485,7 @@ def check_kill(ctx: Ctx, h: Handle, ref: Handle, long_tokens: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- stages
 def stage_tiny(ctx: Ctx, limit: float, deadline: float) -> None:
-    from common.tiny_model import make_tiny_model
+    from common.tools.tiny_model import make_tiny_model
     from tests.helpers import make_agreeing_draft_model
 
     r = ctx.report
@@ -544,7 +544,7 @@ def write_air_model(ctx: Ctx) -> subprocess.Popen | None:
     if (model / "config.json").exists() and list(model.glob("*.safetensors")):
         return None
     code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from benchmarks.bench_e2e import AIR_LAYERS; "
-            "from common.tiny_model import make_tiny_model; "
+            "from common.tools.tiny_model import make_tiny_model; "
             "make_tiny_model(sys.argv[1] + '.tmp', weight_dtype=torch.bfloat16, **AIR_LAYERS); "
             "import os; os.rename(sys.argv[1] + '.tmp', sys.argv[1])")
     subprocess.run(["rm", "-rf", str(model) + ".tmp"], check=False)
@@ -726,7 +726,7 @@ def main() -> int:
             stage_bandwidth(ctx, 75, deadline)
             stage_air(ctx, writer, {"air": 170, "concurrency": 60, "overlap": 60}, deadline)
         elif args.exercise_all:
-            from common.tiny_model import make_tiny_model
+            from common.tools.tiny_model import make_tiny_model
 
             report.stage("CPU --exercise-all: the tiny model stands in for the Air-layer model; sizes shrunk")
             args.air_model = make_tiny_model(work / "tiny_long", max_position_embeddings=65536)

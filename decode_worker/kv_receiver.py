@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from common import metrics
+from common.serving import metrics
 from common.kvcache.pool import KVPool
 from common.transport.aux import AuxRecord
 from common.transport.base import TransferStats

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.batch import to_device
+from common.forward.batch import to_device
 from decode_worker.scheduler import DecodeReq
 
 

@@ -26,7 +26,7 @@ from enum import Enum
 from common.kvcache.allocator import PageAllocator
 from common.runtime.draft import DraftState
 from common.sampling.logit_processors import ThinkState
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 from decode_worker.output import FinishEvent, OutputChannel
 
 

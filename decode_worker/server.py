@@ -11,9 +11,9 @@ import asyncio
 import logging
 import time
 
-from common.runtime.token_sampler import SpecialIds, TokenSampler
-from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
-from common.runtime.worker_base import (
+from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.worker.args import WorkerConfig, add_worker_args, worker_main
+from common.worker.base import (
     build_runner,
     load_proto,
     open_worker_server,
@@ -21,7 +21,7 @@ from common.runtime.worker_base import (
     transport_config,
     worker_info,
 )
-from common.service import make_server, serve_until_signal
+from common.serving.grpc_server import make_server, serve_until_signal
 from common.transport.handshake import check_compatible, choose_bulk_backend
 from common.transport.receiver import PairAcceptor
 from decode_worker.commit import StopRules

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common import metrics
-from common.sampling.wire import sampling_from_proto
+from common.serving import metrics
+from common.serving.sampling_wire import sampling_from_proto
 from decode_worker.output import ErrorEvent, FinishEvent, OutputChannel, TokenEvent
 from decode_worker.scheduler import DecodeReq, QueueFullError
 from protos import worker_pb2, worker_pb2_grpc

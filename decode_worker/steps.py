@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import TokenSampler
+from common.sampling.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext, ThinkState
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.overlap import LaunchedStep, feed_tokens

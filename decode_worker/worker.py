@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any, Protocol
 
-from common import metrics
-from common.runtime.engine import EngineThread
+from common.serving import metrics
+from common.worker.engine import EngineThread
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.output import ErrorEvent, TokenEvent
 from decode_worker.overlap import LaunchedStep, wants_token

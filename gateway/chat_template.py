@@ -27,7 +27,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from common.model_files import read_json
+from common.serving.model_files import read_json
 
 ROLES = ("system", "user", "assistant", "tool")
 RESERVED_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt"})

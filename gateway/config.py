@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.service import DEFAULT_MAX_MESSAGE_BYTES
+from common.serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 
 TOOL_CALL_PARSERS = ("glm45", "glm47")
 REASONING_PARSERS = ("glm45",)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from common.sampling.custom_processor import CustomProcessorError, resolve_custom_processor
+from common.serving.custom_processor import CustomProcessorError, resolve_custom_processor
 from gateway.errors import GatewayError, invalid
 from gateway.model_info import ModelInfo
 from protos import gateway_pb2, worker_pb2

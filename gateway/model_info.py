@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.model_files import read_json
+from common.serving.model_files import read_json
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import grpc
 
-from common import metrics
-from common.ids import new_request_id, new_transfer_id
+from common.serving import metrics
+from common.serving.ids import new_request_id, new_transfer_id
 from gateway import convert
 from gateway.chat_output import ChatOutput, TextOutput, apply_finish
 from gateway.chat_template import ChatTemplate, ChatTemplateError

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from common import metrics
-from common.service import Health, add_health, add_reflection, make_server, serve_until_signal
+from common.serving import metrics
+from common.serving.grpc_server import Health, add_health, add_reflection, make_server, serve_until_signal
 from gateway.config import GatewayConfig
 from gateway.pipeline import Pipeline
 from gateway.router import Router

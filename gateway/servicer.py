@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from common import metrics
+from common.serving import metrics
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from protos import gateway_pb2, gateway_pb2_grpc

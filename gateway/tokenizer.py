@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tokenizers
 
-from common.model_files import eos_token_ids
+from common.serving.model_files import eos_token_ids
 
 REPLACEMENT_CHAR = "\ufffd"  # what a lossy UTF-8 decode yields for incomplete or invalid bytes
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from common.service import client_channel_options
+from common.serving.grpc_server import client_channel_options
 from gateway.errors import GatewayError
 from protos import worker_pb2, worker_pb2_grpc
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from common.service import client_channel_options
+from common.serving.grpc_server import client_channel_options
 from common.transport.base import PairEndpoint, StatsHook, TransferError, TransportConfig
 from common.transport.handshake import PairingError, check_compatible
 from common.transport.sender import KVSender
@@ -49,7 +49,7 @@ class SenderPool:
     async def get(self, address: str) -> KVSender:
         """The sender for this decode worker; checks pairing compatibility on first use."""
         if address not in self._checked:
-            from common.runtime.worker_base import pairing_info
+            from common.worker.base import pairing_info
 
             decode = await self.stub(address).GetInfo(worker_pb2.InfoRequest(), timeout=self.rpc_timeout)
             check_compatible(pairing_info(self.info), pairing_info(decode))  # PairingError names the field

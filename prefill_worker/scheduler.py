@@ -17,7 +17,7 @@ from enum import Enum
 from typing import Any
 
 from common.kvcache.allocator import PageAllocator
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 
 
 class JobState(Enum):

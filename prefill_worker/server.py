@@ -7,17 +7,17 @@ import asyncio
 import logging
 import time
 
-from common import metrics
-from common.runtime.token_sampler import SpecialIds, TokenSampler
-from common.runtime.worker_args import WorkerConfig, add_worker_args, worker_main
-from common.runtime.worker_base import (
+from common.serving import metrics
+from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.worker.args import WorkerConfig, add_worker_args, worker_main
+from common.worker.base import (
     build_runner,
     load_proto,
     open_worker_server,
     transport_config,
     worker_info,
 )
-from common.service import make_server, serve_until_signal
+from common.serving.grpc_server import make_server, serve_until_signal
 from common.transport.base import TransferError, TransferStats
 from prefill_worker.kv_sender import SenderPool
 from prefill_worker.scheduler import PrefillJob, PrefillScheduler

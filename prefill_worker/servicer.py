@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from common.sampling.wire import sampling_from_proto
+from common.serving.sampling_wire import sampling_from_proto
 from common.transport.base import TransferError
 from common.transport.handshake import PairingError
 from prefill_worker.scheduler import PrefillJob

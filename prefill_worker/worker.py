@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from common import metrics
-from common.batch import ForwardBatch, SeqSpec
-from common.config import SpecConfig
+from common.serving import metrics
+from common.forward.batch import ForwardBatch, SeqSpec
+from common.model.config import SpecConfig
 from common.runtime.draft import draft_states
-from common.runtime.engine import EngineThread
+from common.worker.engine import EngineThread
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import TokenSampler
+from common.sampling.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
 from common.transport.aux import AuxRecord
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler

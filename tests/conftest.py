@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-layer GLM-4.5-style tiny model directory (common.tiny_model defaults)."""
-    from common.tiny_model import make_tiny_model
+    """A 3-layer GLM-4.5-style tiny model directory (common.tools.tiny_model defaults)."""
+    from common.tools.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_glm45"), template="glm45")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.cli import COMMANDS
-from common.runtime.worker_args import parse_spec
+from common.tools.cli import COMMANDS
+from common.worker.args import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())

@@ -1,4 +1,10 @@
-"""Dependency direction (style.md §1): the gateway never imports torch; common never imports a service."""
+"""The folder map of docs/architecture.md, enforced by folder.
+
+Every module under `common/<folder>/` may import only the `common` folders that its row of
+`COMMON_FOLDERS` lists (its own folder always); no module of `common` imports a service package;
+`common/serving` is torch-free and is the only part of `common` the gateway imports; the gateway
+process never loads torch. A new file inherits its folder's rule, so nothing here names modules.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,84 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICE_PACKAGES = ("gateway", "prefill_worker", "decode_worker")
+SERVICE_PACKAGES = {"gateway", "prefill_worker", "decode_worker"}
 HEAVY = ("torch", "triton", "numpy", "safetensors")
 
+# folder -> the other common folders its modules may import (lower layers only)
+COMMON_FOLDERS: dict[str, set[str]] = {
+    "serving": set(),                                   # torch-free service layer
+    "kvcache": set(),
+    "ops": set(),
+    "transport": set(),
+    "forward": {"kvcache"},                             # one forward's description and context
+    "attention": {"forward", "ops"},
+    "model": {"forward", "attention", "ops"},
+    "sampling": {"serving", "forward"},
+    "runtime": {"model", "attention", "forward", "kvcache", "ops", "sampling"},
+    "worker": {"serving", "model", "runtime", "transport", "sampling", "kvcache", "forward"},
+    "tools": {"serving", "model", "runtime", "sampling", "forward", "kvcache", "worker"},
+}
 
-def test_gateway_server_imports_no_torch() -> None:
+
+def _imports(path: Path) -> set[str]:
+    """Every absolute module an import statement in `path` names (`from a import b` gives a and a.b)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def _common_folders(modules: set[str]) -> set[str]:
+    return {m.split(".")[1] for m in modules if m.startswith("common.") and m.count(".") >= 1} & set(COMMON_FOLDERS)
+
+
+def _files(package: str) -> list[Path]:
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files, package
+    return files
+
+
+def test_common_holds_only_the_mapped_folders() -> None:
+    folders = {p.name for p in (REPO / "common").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    loose = {p.name for p in (REPO / "common").glob("*.py")} - {"__init__.py"}
+    assert folders == set(COMMON_FOLDERS)
+    assert loose == set()
+
+
+def test_each_common_folder_imports_only_its_lower_layers() -> None:
+    offenders = {}
+    for f in _files("common"):
+        parts = f.relative_to(REPO / "common").parts
+        if len(parts) == 1:  # common/__init__.py: empty (the test above)
+            assert f.read_text(encoding="utf-8").strip() == ""
+            continue
+        folder = parts[0]
+        bad = _common_folders(_imports(f)) - COMMON_FOLDERS[folder] - {folder}
+        if bad:
+            offenders[str(f.relative_to(REPO))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_common_never_imports_a_service_package() -> None:
+    offenders = {str(f.relative_to(REPO)): sorted({m.split(".")[0] for m in _imports(f)} & SERVICE_PACKAGES)
+                 for f in _files("common")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_gateway_imports_only_the_serving_layer_of_common() -> None:
+    offenders = {str(f.relative_to(REPO)): sorted(_common_folders(_imports(f)) - {"serving"})
+                 for f in _files("gateway")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_gateway_process_imports_no_torch() -> None:
     code = (
         "import json, sys\n"
-        "import gateway.server, gateway.__main__, gateway.pipeline, common.cli\n"
+        "import gateway.server, gateway.__main__, gateway.pipeline, common.tools.cli\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
         f"{HEAVY + ('prefill_worker', 'decode_worker')!r})))\n"
     )
@@ -25,45 +101,24 @@ def test_gateway_server_imports_no_torch() -> None:
     assert json.loads(r.stdout) == []
 
 
-def _imported_top_levels(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_common_never_imports_a_service_package() -> None:
-    files = sorted((REPO / "common").rglob("*.py"))
-    assert files
-    offenders = {str(f.relative_to(REPO)): sorted(_imported_top_levels(f) & set(SERVICE_PACKAGES))
-                 for f in files}
-    # common/cli.py is the console entry: it dispatches to the roles lazily, inside functions
-    offenders.pop("common/cli.py", None)
-    assert {k: v for k, v in offenders.items() if v} == {}
-
-
-def test_common_cli_reaches_the_roles_only_lazily() -> None:
-    tree = ast.parse((REPO / "common" / "cli.py").read_text(encoding="utf-8"))
-    top_level = set()
-    for node in tree.body:  # module-level statements only
-        if isinstance(node, ast.Import):
-            top_level |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top_level.add(node.module.split(".")[0])
-    assert not top_level & set(SERVICE_PACKAGES)
-
-
-def test_torch_free_common_modules_stay_torch_free() -> None:
-    modules = ["common.service", "common.log", "common.metrics", "common.ids", "common.sampling.custom_processor"]
+def test_the_serving_layer_is_torch_free() -> None:
+    modules = sorted("common.serving." + f.stem for f in (REPO / "common" / "serving").glob("*.py")
+                     if f.stem != "__init__")
+    assert modules
     code = (
         "import importlib, json, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton'))))\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == []
+
+
+def test_the_cli_finds_every_role_through_entry_points() -> None:
+    from common.tools.cli import ROLE_GROUP, run_role  # noqa: F401 (the public resolver)
+    from importlib.metadata import entry_points
+
+    roles = {ep.name: ep.value for ep in entry_points(group=ROLE_GROUP)}
+    assert roles == {"gateway": "gateway.__main__:main", "prefill": "prefill_worker.__main__:main",
+                     "decode": "decode_worker.__main__:main"}

@@ -15,7 +15,7 @@ import torch
 from common import ops
 from common.attention import torch_ref
 from common.attention.base import PagedAttentionFn
-from common.batch import ForwardBatch
+from common.forward.batch import ForwardBatch
 
 _triton: list[ModuleType | None] = []
 

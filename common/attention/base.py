@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from common.batch import ForwardBatch
+from common.forward.batch import ForwardBatch
 
 
 class PagedAttentionFn(Protocol):

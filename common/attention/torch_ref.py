@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from common.attention.base import sequence_slots, visible_slots
-from common.batch import ForwardBatch
+from common.forward.batch import ForwardBatch
 
 
 def paged_attention(

@@ -3,7 +3,7 @@
 One kernel serves every batch shape. A program owns one sequence b, one KV head h, BLOCK_M
 "rows" and one KV split. Rows pack (query i, group head g) as r = i * G + g, so the G query heads
 that share KV head h read each K/V tile once (decode: 12 rows of 16; verify with 4 queries: 48 of
-64; extend: 128 rows ~ 10 queries x 12 heads). Visibility follows common/batch.py:
+64; extend: 128 rows ~ 10 queries x 12 heads). Visibility follows common/forward/batch.py:
 - no mask: query i (of q_b) sees logical slot n iff n <= seq_len - q_b + i (prefix and causal
   window in one formula);
 - mask: slots < prefix_len are visible; slot n >= prefix_len is visible iff
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common.batch import ForwardBatch
+from common.forward.batch import ForwardBatch
 from common.ops.moe_configs import num_sms
 
 _LOG2E = 1.4426950408889634

@@ -5,7 +5,7 @@ One buffer `kv[num_layers, 2, num_pages, page_size, kv_heads, head_dim]` holds e
 views, and a run of layers for a set of tokens can be moved with one gather or scatter.
 
 Slots: logical slot i of a sequence with page list `pages` is physical flat slot
-`pages[i // page_size] * page_size + i % page_size` (see common/batch.py).
+`pages[i // page_size] * page_size + i % page_size` (see common/forward/batch.py).
 """
 
 from __future__ import annotations

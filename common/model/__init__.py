@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import ModelConfig
+from common.model.config import ModelConfig
 from common.model.glm4_moe import Glm4MoeForCausalLM
 from common.model.layers import cast_parameters
 from common.model.loader import LoadError, load_weights

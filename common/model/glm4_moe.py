@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common.config import ModelConfig
-from common.context import get_forward_context
+from common.model.config import ModelConfig
+from common.forward.context import get_forward_context
 from common.model.layers import (
     Embedding,
     GatedMLP,

@@ -15,7 +15,7 @@ from torch import nn
 
 from common import ops
 from common.attention import paged_attention
-from common.context import get_forward_context
+from common.forward.context import get_forward_context
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from common import ops
-from common.config import ModelConfig
+from common.model.config import ModelConfig
 
 
 class Router(nn.Module):

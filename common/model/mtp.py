@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.config import ModelConfig
+from common.model.config import ModelConfig
 from common.model.glm4_moe import Glm4MoeDecoderLayer
 from common.model.layers import Embedding, Linear, RMSNorm
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.batch import ForwardBatch
-from common.config import eagle_step_slots
+from common.forward.batch import ForwardBatch
+from common.model.config import eagle_step_slots
 
 if TYPE_CHECKING:
     from common.runtime.runner import ModelRunner

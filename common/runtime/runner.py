@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from common.batch import ForwardBatch
-from common.config import ModelConfig
-from common.context import forward_context
+from common.forward.batch import ForwardBatch
+from common.model.config import ModelConfig
+from common.forward.context import forward_context
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.pool import KVPool
 from common.model import Glm4MoeForCausalLM, load_model

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

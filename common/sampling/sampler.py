@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from common.batch import to_device
-from common.sampling.params import SamplingParams
+from common.forward.batch import to_device
+from common.serving.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 

@@ -45,7 +45,7 @@ class PairingInfo:
 
     @classmethod
     def from_configs(cls, model: Any, cache: Any, spec: Any, tp_size: int, kv_dtype: str) -> PairingInfo:
-        """From common.config ModelConfig / CacheConfig / SpecConfig (resolved kv_dtype, e.g. "bfloat16")."""
+        """From common.model.config ModelConfig / CacheConfig / SpecConfig (resolved kv_dtype, e.g. "bfloat16")."""
         on = bool(getattr(spec, "enabled", False))
         layout = SpecLayout(spec.algorithm or "", spec.num_steps, spec.eagle_topk, spec.num_draft_tokens,
                             model.has_mtp) if on else SpecLayout()

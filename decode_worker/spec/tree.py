@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from common.config import validate_spec_config  # noqa: F401  (re-exported: SGLang's (S, k, N) rules)
+from common.model.config import validate_spec_config  # noqa: F401  (re-exported: SGLang's (S, k, N) rules)
 
 
 class DraftFrontier:

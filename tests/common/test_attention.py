@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from common.attention import paged_attention, torch_ref
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 
 HQ, HK, D = 4, 2, 16
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from common.config import ConfigError, ModelConfig
+from common.model.config import ConfigError, ModelConfig
 
 COMMON: dict[str, Any] = {
     "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "hidden_act": "silu",

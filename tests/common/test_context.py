@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
-from common.context import forward_context, get_forward_context
+from common.forward.batch import ForwardBatch, SeqSpec
+from common.forward.context import forward_context, get_forward_context
 from common.kvcache.pool import KVPool
 
 

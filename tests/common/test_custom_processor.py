@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.sampling.custom_processor import (
+from common.serving.custom_processor import (
     BuiltinProcessor,
     CustomProcessorError,
     resolve_custom_processor,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.cuda_graphs import GraphRunner, decode_buckets, graphs_supported, load_decode_batch
 from common.runtime.runner import ModelRunner
 

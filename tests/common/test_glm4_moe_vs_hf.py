@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import Glm4MoeForCausalLM as HFGlm4Moe
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.ops import reference
 from common.runtime.runner import ModelRunner
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import ModelConfig
+from common.model.config import ModelConfig
 from common.model import LoadError, build_model, load_model
 from common.model.loader import checkpoint_layout
 from common.ops import reference
-from common.tiny_model import make_tiny_model
+from common.tools.tiny_model import make_tiny_model
 
 
 def _tiny(tmp_path: Path, name: str = "m", **kw) -> Path:

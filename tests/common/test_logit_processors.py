@@ -8,7 +8,7 @@ from common.sampling.logit_processors import (
     ThinkState,
     apply_processors,
 )
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 
 # A fake tokenizer id map: ids are looked up by text, never GLM's real numbers.
 IDS = {"<think>": 40, "</think>": 41, "\n": 7, "<|user|>": 30, "<|assistant|>": 31, "[gMASK]": 32,

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from common.batch import ForwardBatch, SeqSpec
-from common.config import ModelConfig
+from common.forward.batch import ForwardBatch, SeqSpec
+from common.model.config import ModelConfig
 from common.runtime.runner import ModelRunner
-from common.tiny_model import make_tiny_model
+from common.tools.tiny_model import make_tiny_model
 
 PAGE = 4
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 from common.sampling.sampler import (
     SamplingTensors,
     draw_uniforms,

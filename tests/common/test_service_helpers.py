@@ -1,4 +1,4 @@
-"""common.service / metrics / ids / log: the torch-free helpers every process uses."""
+"""common.serving.grpc_server / metrics / ids / log: the torch-free helpers every process uses."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import ids, metrics
-from common.log import setup_logging
-from common.service import (
+from common.serving import ids, metrics
+from common.serving.log import setup_logging
+from common.serving.grpc_server import (
     add_health,
     add_reflection,
     client_channel_options,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.batch import ForwardBatch, SeqSpec, TreeLayout
+from common.forward.batch import ForwardBatch, SeqSpec, TreeLayout
 from common.runtime.cuda_graphs import GraphRunner, SpecGraphs, load_batch, load_rows, load_tree_batch
 from common.runtime.runner import ModelRunner
 from decode_worker.spec.tree import ancestor_mask

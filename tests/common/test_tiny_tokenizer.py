@@ -1,4 +1,4 @@
-"""common.tiny_tokenizer: the tokenizer files of the tiny model directory."""
+"""common.tools.tiny_tokenizer: the tokenizer files of the tiny model directory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from common.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS, chat_template_source, write_tokenizer_files
+from common.tools.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS, chat_template_source, write_tokenizer_files
 
 FILES = ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 

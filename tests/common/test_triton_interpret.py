@@ -239,7 +239,7 @@ def _group_attention() -> None:
 
     from common.attention import torch_ref
     from common.attention import triton_paged as tp
-    from common.batch import ForwardBatch, SeqSpec
+    from common.forward.batch import ForwardBatch, SeqSpec
 
     def build(specs, page, pages_total, hk, hq, d, dt):  # type: ignore[no-untyped-def]
         perm = (torch.randperm(pages_total - 1) + 1).tolist()  # page 0 stays the dummy page
@@ -284,7 +284,7 @@ def _group_batch() -> None:
     larger than the batch and exactly its size, page tables narrower than the bucket's."""
     import torch
 
-    from common.batch import ForwardBatch
+    from common.forward.batch import ForwardBatch
     from common.ops import triton_batch
     from common.runtime import cuda_graphs as cg
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.sampling.logit_processors import RowContext
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 from common.transport.aux import AuxRecord
 from decode_worker.commit import StopRules
 from decode_worker.output import ErrorEvent, FinishEvent, TokenEvent
@@ -219,7 +219,7 @@ def test_overlap_matches_sync_on_a_mixed_batch(env) -> None:
 
 def test_overlap_matches_reference_generation(env) -> None:
     """Greedy through the overlapped engine equals the single-request reference, requests joining late."""
-    from common.generate import reference_generate
+    from common.tools.generate import reference_generate
 
     runner, ids = env
     specs = [Spec(f"r{i}", _prompt(20 + i, 5 + 3 * i), _greedy(max_tokens=8 + 2 * i), arrive=i) for i in range(5)]
@@ -281,7 +281,7 @@ def test_min_tokens_and_logprobs_take_the_sync_step_only_while_needed(env) -> No
 def test_pool_pressure_falls_back_and_resumes_exactly(env, tiny_model_dir: Path, caplog) -> None:
     """A pool too small for every request: growth that would retract takes the synchronous step (the
     step in flight commits first), and retracted requests resume with the reference tokens."""
-    from common.generate import reference_generate
+    from common.tools.generate import reference_generate
 
     _, ids = env
     small = ModelRunner(tiny_model_dir, "cpu", torch.float32, PAGE, 16)  # 15 usable pages = 60 slots

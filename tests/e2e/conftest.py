@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from common.launch import Cluster, start_cluster
+from common.tools.launch import Cluster, start_cluster
 from protos import gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
@@ -54,14 +54,14 @@ class Reference:
 
     def __init__(self, model_dir: Path) -> None:
         from common.runtime.runner import ModelRunner
-        from common.runtime.token_sampler import SpecialIds, TokenSampler
+        from common.sampling.token_sampler import SpecialIds, TokenSampler
 
         self.runner = ModelRunner(model_dir, "cpu", torch.float32, page_size=16, num_pages=512)
         self.sampler = TokenSampler(SpecialIds.from_model_dir(str(model_dir)))
 
     def greedy(self, ids: list[int], max_tokens: int, **kw) -> list[int]:
-        from common.generate import reference_generate
-        from common.sampling.params import SamplingParams
+        from common.tools.generate import reference_generate
+        from common.serving.sampling_params import SamplingParams
 
         kw.setdefault("ignore_eos", True)
         return reference_generate(self.runner, self.sampler, ids,

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from common.tiny_model import make_tiny_model
+from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2
 from tests.e2e.conftest import free_pages, gateway, generate, load_of, proc_stats, wait_pages_free
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.tiny_model import make_tiny_model
+from common.tools.tiny_model import make_tiny_model
 from gateway.tokenizer import Tokenizer
 from protos import gateway_pb2
 from tests.e2e.conftest import gateway, generate

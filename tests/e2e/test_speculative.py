@@ -55,7 +55,7 @@ def test_agreeing_draft_reaches_full_accept_length(launch, tiny_model_dir, tmp_p
 
 def _exact_joint(reference, prompt: list[int], top_k: int, depth: int) -> dict[tuple[int, ...], float]:
     """Exact distribution of the first `depth` sampled tokens (temperature 1, top-k), enumerated."""
-    from common.batch import ForwardBatch, SeqSpec
+    from common.forward.batch import ForwardBatch, SeqSpec
 
     runner = reference.runner
 

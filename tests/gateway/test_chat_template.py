@@ -1,4 +1,4 @@
-"""Chat template rendering through gateway/chat_template.py on directories from common.tiny_tokenizer.
+"""Chat template rendering through gateway/chat_template.py on directories from common.tools.tiny_tokenizer.
 
 The expected strings are the rendered vectors of specs/parsers.md §2.3 (and the §2.1/§2.2 rules).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from common.tiny_tokenizer import write_tokenizer_files
+from common.tools.tiny_tokenizer import write_tokenizer_files
 from gateway.chat_template import ChatTemplate, ChatTemplateError, load_template_source
 
 HI = [{"role": "user", "content": "Hi"}]

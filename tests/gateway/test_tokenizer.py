@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS, write_tokenizer_files
+from common.tools.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS, write_tokenizer_files
 from gateway.chat_template import ChatTemplate
 from gateway.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer, TokenizerError
 

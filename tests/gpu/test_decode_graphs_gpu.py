@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import SpecialIds, TokenSampler
-from common.sampling.params import SamplingParams
+from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving.sampling_params import SamplingParams
 from decode_worker.commit import StopRules
 from decode_worker.scheduler import DecodeReq, ReqState
 from decode_worker.steps import PlainStepper

@@ -186,7 +186,7 @@ def test_silu_and_mul(n: int) -> None:
 
 
 def _attn_batch(specs, hk=8, hq=96, d=128, page=16, dtype=torch.bfloat16):  # type: ignore[no-untyped-def]
-    from common.batch import ForwardBatch, SeqSpec
+    from common.forward.batch import ForwardBatch, SeqSpec
 
     need = sum(-(-s // page) for _, s, _, _ in specs)
     perm = (torch.randperm(need + 7)[: need] + 1).tolist()

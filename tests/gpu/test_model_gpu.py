@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from common import ops
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.tiny_model import make_tiny_model
+from common.tools.tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.gpu
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import SpecialIds
-from common.sampling.params import SamplingParams
+from common.sampling.token_sampler import SpecialIds
+from common.serving.sampling_params import SamplingParams
 from tests.decode_worker.test_overlap import Spec, _greedy, _prompt, serve
 
 pytestmark = pytest.mark.gpu

@@ -14,7 +14,7 @@ from tests.service.gateway_harness import GEN_TEMPERATURE, GEN_TOP_P
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from common.tiny_tokenizer import write_tokenizer_files
+    from common.tools.tiny_tokenizer import write_tokenizer_files
 
     d = tmp_path_factory.mktemp("gateway_model")
     write_tokenizer_files(d, "glm45")

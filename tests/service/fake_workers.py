@@ -23,7 +23,7 @@ import grpc
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.service import make_server
+from common.serving.grpc_server import make_server
 from protos import worker_pb2, worker_pb2_grpc
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import SpecConfig, validate_spec_config
+from common.model.config import SpecConfig, validate_spec_config
 
 SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
 
@@ -148,8 +148,8 @@ def worker_main(parser: argparse.ArgumentParser, role: str, argv: list[str],
     """Parse flags, refuse bad ones with a message naming the flag, set up logging, serve."""
     import logging
 
-    from common.log import setup_logging
-    from common.service import run
+    from common.serving.log import setup_logging
+    from common.serving.grpc_server import run
 
     ns = parser.parse_args(argv)
     setup_logging(role, level=ns.log_level)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from common.config import CacheConfig
+from common.model.config import CacheConfig
 from common.runtime.runner import ModelRunner
-from common.runtime.worker_args import WorkerConfig
+from common.worker.args import WorkerConfig
 from common.transport.base import TransportConfig
 from common.transport.handshake import PairingInfo
 from protos import worker_pb2
@@ -98,8 +98,8 @@ def load_proto(load: dict[str, int], draining: bool) -> worker_pb2.WorkerLoad:
 async def open_worker_server(server: Any, service: str, cfg: WorkerConfig, engine: Any) -> tuple[Any, int]:
     """Health and reflection for `service`, bind cfg.host:cfg.port, the metrics endpoint, start the
     engine thread and the server, then report ready. Returns (health servicer, bound port)."""
-    from common import metrics
-    from common.service import add_health, add_reflection
+    from common.serving import metrics
+    from common.serving.grpc_server import add_health, add_reflection
 
     health = await add_health(server, [service])
     add_reflection(server, [service])

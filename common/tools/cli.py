@@ -1,6 +1,8 @@
 """`glmserve` console command: one entry, one subcommand per process role.
 
-Each subcommand imports its package lazily, so `glmserve gateway` never imports torch.
+The three roles are found through the `glmserve.roles` entry points that the distribution
+declares (pyproject.toml), so `common` names no service package and `glmserve gateway` imports
+only the gateway (never torch).
 """
 
 from __future__ import annotations
@@ -8,30 +10,30 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 
 DEFAULT_TINY_DIR = "~/.cache/glmserve/tiny-glm45"
 
 
-def _gateway(argv: Sequence[str]) -> int:
-    from gateway.__main__ import main
-
-    return main(list(argv))
+ROLE_GROUP = "glmserve.roles"
 
 
-def _prefill(argv: Sequence[str]) -> int:
-    from prefill_worker.__main__ import main
+def run_role(name: str, argv: Sequence[str]) -> int:
+    """Run the `main(argv)` that entry point `name` of group glmserve.roles names."""
+    found = entry_points(group=ROLE_GROUP, name=name)
+    if not found:
+        raise SystemExit(f"glmserve: role {name!r} is not installed (no {ROLE_GROUP} entry point; "
+                         "reinstall the package: pip install -e .)")
+    main = next(iter(found)).load()
+    return int(main(list(argv)) or 0)
 
-    return main(list(argv))
 
-
-def _decode(argv: Sequence[str]) -> int:
-    from decode_worker.__main__ import main
-
-    return main(list(argv))
+def _role(name: str) -> Callable[[Sequence[str]], int]:
+    return lambda argv: run_role(name, argv)
 
 
 def _local(argv: Sequence[str]) -> int:
-    from common.launch import main
+    from common.tools.launch import main
 
     return main(list(argv))
 
@@ -46,7 +48,7 @@ def _make_tiny_model(argv: Sequence[str]) -> int:
     p.add_argument("--num-layers", type=int, default=3, help="main decoder layers (MTP layer extra)")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
     args = p.parse_args(argv)
-    from common.tiny_model import make_tiny_model
+    from common.tools.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.dir, template=args.template, seed=args.seed,
                           num_layers=args.num_layers, shards=args.shards)
@@ -55,21 +57,21 @@ def _make_tiny_model(argv: Sequence[str]) -> int:
 
 
 def _health(argv: Sequence[str]) -> int:
-    from common.healthcheck import main
+    from common.serving.healthcheck import main
 
     return main(list(argv))
 
 
 def _generate(argv: Sequence[str]) -> int:
-    from common.generate import main
+    from common.tools.generate import main
 
     return main(list(argv))
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "gateway": (_gateway, "public gRPC gateway (chat template, tokenizer, parsers, routing)"),
-    "prefill": (_prefill, "prefill worker (prompt KV + first token, streams KV to decode)"),
-    "decode": (_decode, "decode worker (continuous batching, EAGLE, streams tokens)"),
+    "gateway": (_role("gateway"), "public gRPC gateway (chat template, tokenizer, parsers, routing)"),
+    "prefill": (_role("prefill"), "prefill worker (prompt KV + first token, streams KV to decode)"),
+    "decode": (_role("decode"), "decode worker (continuous batching, EAGLE, streams tokens)"),
     "local": (_local, "gateway + prefill + decode processes on this machine"),
     "make-tiny-model": (_make_tiny_model, "write the built-in tiny test model"),
     "generate": (_generate, "single-process reference generation (no servers)"),

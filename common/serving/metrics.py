@@ -3,7 +3,7 @@
 Metrics are created on first use through get-or-create on the default registry, so several roles
 in one process (tests) share them instead of failing with "Duplicated timeseries".
 
-    from common import metrics
+    from common.serving import metrics
     metrics.requests_total().labels(status="OK").inc()
     metrics.start_metrics_server(9100)
 """

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from common.batch import ForwardBatch
+    from common.forward.batch import ForwardBatch
     from common.kvcache.pool import KVPool
 
 

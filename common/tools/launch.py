@@ -98,7 +98,7 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
                       log_dir=Path(log_dir) if log_dir is not None else None)
     child_env = dict(os.environ, **NCCL_SAFE_ENV, **(env or {}))
     child_env.setdefault("PYTHONUNBUFFERED", "1")
-    exe = [sys.executable, "-m", "common.cli"]
+    exe = [sys.executable, "-m", "common.tools.cli"]
     worker = ["--model-path", str(model_path), *(["--device", device] if device else []),
               *(extra_worker_args or [])]
 
@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-tokens", type=int, default=32, help="max tokens of the --demo request")
     p.add_argument("--log-dir", default=None, help="write each process's log here")
     args = p.parse_args(argv)
-    from common.generate import ensure_tiny_model
+    from common.tools.generate import ensure_tiny_model
 
     model = Path(args.model_path) if args.model_path else ensure_tiny_model()
     extra = ["--speculative-algorithm", args.speculative_algorithm] if args.speculative_algorithm else []

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from common.batch import ForwardBatch, SeqSpec
+from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.runtime.token_sampler import SpecialIds, TokenSampler
+from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.sampling.logit_processors import RowContext
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 
 DEFAULT_TINY_DIR = Path(os.environ.get("GLMSERVE_TINY_DIR", "~/.cache/glmserve/tiny-glm45")).expanduser()
 
@@ -52,7 +52,7 @@ def reference_generate(runner: ModelRunner, sampler: TokenSampler, prompt_ids: S
 def ensure_tiny_model(path: Path = DEFAULT_TINY_DIR, template: str = "glm45") -> Path:
     """The built-in default model: built once, then reused."""
     if not (path / "config.json").exists():
-        from common.tiny_model import make_tiny_model
+        from common.tools.tiny_model import make_tiny_model
 
         make_tiny_model(path, template=template)
     return path

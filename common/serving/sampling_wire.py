@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 from protos import worker_pb2
 
 

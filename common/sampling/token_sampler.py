@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from common.sampling.logit_processors import RowContext, ThinkingBudget, ThinkState, apply_processors
-from common.sampling.params import SamplingParams
+from common.serving.sampling_params import SamplingParams
 from common.sampling.sampler import SamplingTensors, sample, target_probs, uses_filter
 
 
@@ -31,7 +31,7 @@ class SpecialIds:
 
         from tokenizers import Tokenizer
 
-        from common.model_files import eos_token_ids
+        from common.serving.model_files import eos_token_ids
 
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
         enc = tok.encode("\n", add_special_tokens=False).ids

@@ -4,7 +4,7 @@
 exercised: QK-norm, q/k/v bias, partial RoPE, group-limited routing with a nonzero correction
 bias, a dense first layer, a shared expert, routed scaling), the weights (model.safetensors, or
 shards plus model.safetensors.index.json), the MTP layer under `model.layers.{L}.*` with its
-`shared_head.head` / `embed_tokens` copies, and the tokenizer files of common.tiny_tokenizer.
+`shared_head.head` / `embed_tokens` copies, and the tokenizer files of common.tools.tiny_tokenizer.
 
 Weights are stored in fp32 so that fp32 comparisons see exactly the same numbers in every loader;
 config.json still says `torch_dtype: bfloat16`, as the real checkpoints do. Norm weights are
@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import save_file
 
-from common.tiny_tokenizer import write_tokenizer_files
+from common.tools.tiny_tokenizer import write_tokenizer_files
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["Glm4MoeForCausalLM"],

@@ -89,7 +89,7 @@ def chat_template_source(template: TemplateName) -> str:
     """The package's own GLM-4.5/4.6 ("glm45") or GLM-4.7 ("glm47") chat template."""
     if template not in ("glm45", "glm47"):
         raise ValueError(f"template must be 'glm45' or 'glm47', got {template!r}")
-    return (resources.files("common") / "chat_templates" / f"{template}.jinja").read_text(encoding="utf-8")
+    return (resources.files("common.tools") / "chat_templates" / f"{template}.jinja").read_text(encoding="utf-8")
 
 
 def build_tokenizer() -> Tokenizer:
