@@ -54,7 +54,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         except grpc.aio.AioRpcError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"decode worker {request.decode_address} unreachable: {e.details()}")
-        try:  # rule 1: no KV byte before the decode side holds the pages
+        try:  # docs/disaggregation.md rule 1: no KV byte before decode holds the pages
             await app.senders.stub(request.decode_address).AwaitReserved(
                 worker_pb2.ReserveQuery(transfer_id=request.transfer_id, timeout_seconds=app.cfg.transfer_timeout),
                 timeout=app.cfg.transfer_timeout + 5)

@@ -1,4 +1,4 @@
-"""GLM-4.5 / 4.6 / 4.7 MoE (`Glm4MoeForCausalLM`), the math of specs/glm4_moe.md §2.
+"""GLM-4.5 / 4.6 / 4.7 MoE (`Glm4MoeForCausalLM`), the math of docs/model.md §2.
 
 Read top-down: attention -> decoder layer -> model -> causal LM. Batch metadata (slots, pages,
 masks) never appears here: the paged attention layer reads it from the forward context.

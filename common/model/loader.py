@@ -1,7 +1,7 @@
 """Load a Hugging Face GLM-4 MoE checkpoint (safetensors, single file or sharded) into a model
 built on the meta device, materialising each parameter directly on the target device.
 
-Checkpoint names (spec §3.1) map to our parameters as follows:
+Checkpoint names (docs/model.md §3.1) map to our parameters as follows:
 - `...self_attn.{q,k,v}_proj.*` -> rows of `self_attn.qkv_proj.*`;
 - `...{gate,up}_proj.weight` of dense MLPs and shared experts -> rows of `gate_up_proj.weight`;
 - `...mlp.experts.{e}.{gate,up}_proj.weight` -> `mlp.experts.w13[e, rows]`; `down_proj` -> `w2[e]`;

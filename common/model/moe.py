@@ -1,4 +1,4 @@
-"""The MoE block of GLM-4 MoE (spec §2.6): sigmoid router with a selection-only correction bias,
+"""The MoE block of GLM-4 MoE (docs/model.md §2.6): sigmoid router with a selection-only correction bias,
 group-limited top-k, routed experts scaled by s, and an unscaled shared expert.
 
 The shared expert runs inside the fused MoE: its weights are stacked after the E routed experts

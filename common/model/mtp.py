@@ -1,4 +1,4 @@
-"""The NextN / MTP layer of GLM-4 MoE (spec §3.3), used as the EAGLE draft network.
+"""The NextN / MTP layer of GLM-4 MoE (docs/model.md §3.2), used as the EAGLE draft network.
 
 For slot i: e = enorm(Embed(t_{i+1})), h = hnorm(h_i) with h_i the target's post-final-norm hidden
 (or the draft's own previous output), z = eh_proj([e, h]) — embedding first —, one always-MoE

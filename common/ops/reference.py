@@ -1,6 +1,6 @@
 """Pure-torch twins of every custom op: they run anywhere and are the spec the Triton kernels match.
 
-Signatures are pinned in docs/CONTRACTS.md. Numerics follow specs/glm4_moe.md §2 and the cast order
+Signatures are pinned in docs/CONTRACTS.md. Numerics follow docs/model.md §2 and the cast order
 of the transformers eager path (the numerics reference), so fp32 results agree to rounding.
 """
 

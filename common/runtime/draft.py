@@ -17,7 +17,7 @@ class DraftBatch(NamedTuple):
 
 
 class DraftState:
-    """What the next decode step needs from the draft (specs/eagle.md §4.1 step 3): row `row` of a
+    """What the next decode step needs from the draft (docs/speculative.md §2): row `row` of a
     DraftBatch. A batched extend hands each request a row of one batch (no per-request tensors), and the
     next step takes that batch back whole when the requests come in the same order (`stack_states`)."""
 

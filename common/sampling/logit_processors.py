@@ -3,8 +3,8 @@
 Every processor works per *row* with that row's own history (`RowContext`). For an EAGLE verify
 row the caller puts into `output_ids` the committed output (which ends with the bonus token, the tree
 root) followed by the draft tokens on the path from the root down to that row's node, so penalties
-and the thinking budget are exact for every tree node, not "relaxed" as in SGLang (eagle.md
-§8.1/§8.2).
+and the thinking budget are exact for every tree node, not "relaxed" as in SGLang (docs/speculative.md
+§7).
 
 Histories may be lists/tuples or int tensors; pass tensors (e.g. the prompt kept on the device) for
 long histories used by the repetition penalty, and a `ThinkState` for the thinking budget, so a
@@ -54,7 +54,7 @@ class RowContext:
 
 
 class ThinkingBudget:
-    """parsers.md "Required behaviour" 7 with ids taken from the tokenizer.
+    """docs/parsers.md rule 7 with ids taken from the tokenizer.
 
     Let n be the number of tokens after the most recent `<think>` that has no `</think>` after it,
     in prompt + output. If such a `<think>` exists and n >= budget: force the newline unless the

@@ -1,4 +1,4 @@
-"""The `custom_logit_processor` request field (parsers.md "Required behaviour" 8).
+"""The `custom_logit_processor` request field (docs/parsers.md rule 8).
 
 A request may name a built-in processor, or send what SGLang clients send:
 `Glm4MoeThinkingBudgetLogitProcessor().to_str()`, i.e. JSON `{"callable": HEX}` where HEX is a

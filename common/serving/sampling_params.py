@@ -11,7 +11,7 @@ Conventions (the gateway's proto conversion fills these; defaults match SGLang/O
   then an ordinary token and is not masked. `stop_token_ids` still stop.
 - `logprobs` / `top_logprobs`: log-softmax of the logits after the logit processors and before
   temperature / top-k / top-p / min-p (see `common.sampling.sampler`).
-- `thinking_budget`: None = no budget; otherwise parsers.md "Required behaviour" 7.
+- `thinking_budget`: None = no budget; otherwise docs/parsers.md rule 7.
 """
 
 from __future__ import annotations

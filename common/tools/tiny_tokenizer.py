@@ -5,7 +5,7 @@ directory: tokenizer.json, tokenizer_config.json (with the chat template inline)
 and generation_config.json. The BPE is trained on the embedded corpus below (English, code, JSON,
 Chinese, Japanese, emoji), so multi-byte UTF-8 characters are often split across tokens, which is
 what the incremental detokenizer has to survive. The special tokens are added after the learned
-vocabulary, in the order of specs/parsers.md §1; their ids are ours, not GLM's, so callers look
+vocabulary, in the order of docs/parsers.md §1; their ids are ours, not GLM's, so callers look
 every id up by text. Torch-free. Same inputs → byte-identical files.
 """
 
@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 TemplateName = Literal["glm45", "glm47"]
 
-# specs/parsers.md §1, in GLM's id order.
+# docs/parsers.md §1, in GLM's id order.
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
     "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",

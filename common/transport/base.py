@@ -46,7 +46,7 @@ class ProtocolError(PairBroken):
 
 @dataclass(frozen=True)
 class TransportConfig:
-    """Timeouts and sizes of the KV transport (rule 2: every wait is bounded).
+    """Timeouts and sizes of the KV transport (docs/disaggregation.md rule 2: every wait is bounded).
 
     op_timeout_s: one message (header, payload, aux), one IPC credit wait, one GPU readiness wait.
     peer_timeout_s: decode gives a pair up after this long without any message (prefill sends a

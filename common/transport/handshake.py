@@ -1,4 +1,4 @@
-"""Pairing compatibility (design rule 4) and the choice of bulk channel. Torch-free.
+"""Pairing compatibility (docs/disaggregation.md rule 4) and the choice of bulk channel. Torch-free.
 
 `PairingInfo` is the part of a worker's WorkerInfo that must agree between a prefill and a decode
 worker before any KV moves: model fingerprint, KV dtype, page size, KV layer count (MTP layer

@@ -1,7 +1,7 @@
 """Decode side: the reservation table, one KVReceiver thread per pair, and the PairAcceptor.
 
 ReservationTable (one per decode worker, shared by its pairs) owns the sink and every terminal
-callback. Rule 1: the worker reserves (`reserve(tid)`) before the gateway lets prefill send.
+callback. docs/disaggregation.md rule 1: decode reserves (`reserve(tid)`) before prefill may send.
 Exactly one of on_last / on_failed reaches the sink per reserved transfer, never a call after
 it, and never while a chunk of that transfer is being written (a cancel during a chunk is
 delivered when the chunk ends) -- so the worker frees pages in on_last/on_failed handling only.

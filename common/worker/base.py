@@ -83,7 +83,7 @@ def cache_config(cfg: WorkerConfig) -> CacheConfig:
 
 
 def transport_config(cfg: WorkerConfig) -> TransportConfig:
-    """Bounded waits derived from --transfer-timeout (design rule 2)."""
+    """Bounded waits derived from --transfer-timeout (docs/disaggregation.md rule 2)."""
     op = max(1.0, min(30.0, cfg.transfer_timeout / 2))
     return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout)
 

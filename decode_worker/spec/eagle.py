@@ -1,4 +1,4 @@
-"""EAGLE speculative decoding with the checkpoint's MTP layer as the draft (specs/eagle.md §4.2).
+"""EAGLE speculative decoding with the checkpoint's MTP layer as the draft (docs/speculative.md §4).
 
 One step for a batch of requests, each with target KV length L, pending token b (the root) and
 a DraftState (top-k after b, draft hidden at slot L-1):

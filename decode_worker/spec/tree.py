@@ -1,6 +1,6 @@
 """EAGLE draft-tree bookkeeping and verify-tree construction (pure tensor ops, no model).
 
-Draft phase (eagle.md §4.2 b), for B requests with branching k and S steps:
+Draft phase (docs/speculative.md §4.1), for B requests with branching k and S steps:
 - level 0 comes from the stored draft top-k (`topk_p`, `topk_idx`): k candidates, children of the
   root (the bonus token b, already in the draft KV prefix);
 - each of the S-1 draft forwards runs the k frontier nodes; each yields its own top-k children
@@ -18,7 +18,7 @@ slots L + l*k + j (level-major, j = frontier slot), and `DraftFrontier.attention
 sequence with q = k, prefix_len = L, seq_len = L + (l+1)k. Positions are left to the caller
 (`DraftFrontier.level`): SGLang's level-l forward uses RoPE position L + l + 1.
 
-Verify tree (eagle.md §5): the N-1 best candidates by score, in ascending flat index (so parents
+Verify tree (docs/speculative.md §4.2): the N-1 best candidates by score, in ascending flat index (so parents
 precede children), below the root. Node j writes its K/V to logical slot L + j and sits at RoPE
 position L + depth(j); `VerifyTree.mask[b]` is the ancestor-or-self mask, the `ForwardBatch` mask
 block of a sequence with q = N, prefix_len = L, seq_len = L + N.

@@ -1,9 +1,9 @@
-"""Accepting drafts after the target verify forward (eagle.md §6, §7), batched over B trees.
+"""Accepting drafts after the target verify forward (docs/speculative.md §5, §6), batched over B trees.
 
 Both rules walk down from the root at most `num_steps` (S) levels, visiting a node's children in
 sibling order (ascending node index):
-- greedy (§6.1): accept the child whose token equals the target argmax at the current node;
-- target-only tree sampling (§6.2, thresholds 1, lossless): with the node's own uniform u, accept
+- greedy (§5.1): accept the child whose token equals the target argmax at the current node;
+- target-only tree sampling (§5.2, thresholds 1, lossless): with the node's own uniform u, accept
   the first child x_i with u < Q(x_1) + ... + Q(x_i); if none is accepted, the bonus is drawn from Q
   with the rejected children's tokens removed (renormalised), using the request's final uniform.
   At a leaf (nothing rejected) the bonus is drawn from Q itself. Strict `<` means a child of
@@ -137,7 +137,7 @@ def accepted_kv_moves(
     num_accepted: torch.Tensor,  # [B]
     seq_lens: torch.Tensor,  # [B] L before the verify
 ) -> KVMoves:
-    """Copies that compact the accepted path's K/V into slots L .. L+a (eagle.md §7.2).
+    """Copies that compact the accepted path's K/V into slots L .. L+a (docs/speculative.md §6.2).
 
     Node j of the verify tree wrote logical slot L + j; the path's d-th node must end at L + d.
     Chains (k = 1) always give no moves. Every src > dst and the sources are distinct, so reading
@@ -158,7 +158,7 @@ def accept_lengths(num_accepted: torch.Tensor) -> torch.Tensor:
 
 
 class AcceptStats:
-    """Running accept-length metric: sum(a_i + 1) / number of request-verifies (eagle.md §7.4)."""
+    """Running accept-length metric: sum(a_i + 1) / number of request-verifies (docs/speculative.md §8)."""
 
     def __init__(self) -> None:
         self.verifies = 0

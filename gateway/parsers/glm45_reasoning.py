@@ -1,6 +1,6 @@
 """GLM reasoning parser (`glm45`, used for GLM-4.5/4.6/4.7): splits reasoning from the answer.
 
-Rules (specs/parsers.md, "Required behaviour" 6), identical in streaming and one-shot:
+Rules (docs/parsers.md rule 6 and §4), identical in streaming and one-shot:
 * `force_reasoning` (true unless `enable_thinking` is explicitly false): the output starts inside
   reasoning. `<think>` tags at the very start (after optional whitespace, which is then dropped)
   are stripped and also start reasoning when not forced.

@@ -1,7 +1,7 @@
 """GLM-4.5/4.6 tool-call parser (`glm45`): one streaming state machine, one-shot = feed + finish.
 
 Wire format: `<tool_call>NAME⏎<arg_key>K</arg_key>⏎<arg_value>V</arg_value>⏎…</tool_call>`, where ⏎
-is a newline or the two characters backslash-n (specs/parsers.md §3.1). Grammar, shared by both
+is a newline or the two characters backslash-n (docs/parsers.md §3.1). Grammar, shared by both
 modes:
 * A call is `<tool_call>` up to the first `</tool_call>`. The name is the text before the first
   name terminator (`NAME_TERMINATORS`), whitespace-stripped; leading whitespace is skipped.

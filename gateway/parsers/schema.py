@@ -2,7 +2,7 @@
 
 GLM writes argument values as raw text (strings unquoted, everything else as JSON text), so the
 type of a value comes from the tool's JSON schema. Both GLM parsers use the set-based lookup of
-specs/parsers.md §3.4 (glm47 rules): local `$ref` (with `~0`/`~1` escapes, cycle-safe), `const`,
+docs/parsers.md §3.3 (SGLang's glm47 rules): local `$ref` (with `~0`/`~1` escapes, cycle-safe), `const`,
 `enum`, `type` (string or list), `anyOf`/`oneOf` (union), `allOf` (intersection), `nullable`,
 `properties` → object, `items` → array; anything else admits every JSON value. Properties come
 from the top-level `properties` merged with those of top-level `anyOf`/`oneOf`/`allOf` branches

@@ -1,6 +1,6 @@
 """Decoding of a raw `<arg_value>` text into a JSON value, by the argument's `ValueSpec`.
 
-Rules (specs/parsers.md, "Required behaviour" 4; §3.3 glm47 rules, used by both parsers):
+Rules (docs/parsers.md rule 4 and §3.2; SGLang's glm47 rules, used by both parsers):
 * only strings admissible → the exact raw text (`123_456`, `007`, `true`, `null`, quotes and
   backslashes all kept);
 * any JSON value admissible (undeclared argument, `{}` schema) → the JSON value if the text is valid

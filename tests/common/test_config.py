@@ -1,4 +1,4 @@
-"""ModelConfig.from_hf on the real GLM-4.x configs (spec §1.2) and its refusals."""
+"""ModelConfig.from_hf on the real GLM-4.x configs (docs/model.md §1.2) and its refusals."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from common.serving.custom_processor import (
     resolve_custom_processor,
 )
 
-# Glm4MoeThinkingBudgetLogitProcessor().to_str() with dill 0.4.1 / Python 3.11 (parsers.md §5)
+# Glm4MoeThinkingBudgetLogitProcessor().to_str() with dill 0.4.1 / Python 3.11 (docs/parsers.md §5)
 SGLANG_TO_STR = (
     '{"callable": "80049556000000000000008c2a73676c616e672e7372742e73616d706c696e672e637573746f6d5f6c6f6769745f'
     '70726f636573736f72948c23476c6d344d6f655468696e6b696e674275646765744c6f67697450726f636573736f729493942e"}'

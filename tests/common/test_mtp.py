@@ -1,4 +1,4 @@
-"""The MTP / NextN draft layer: vs a direct transcription of spec §3.3 on the raw checkpoint
+"""The MTP / NextN draft layer: vs a direct transcription of docs/model.md §3.2 on the raw checkpoint
 tensors, vs transformers' MtpModel, and its own paged KV (draft extend, then chained draft steps)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common.tools.tiny_model import make_tiny_model
 PAGE = 4
 
 
-# ------------------------------------------------------------------ spec §2 / §3.3, written out directly
+# ------------------------------------------------------- docs/model.md §2 / §3.2, written out directly
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -172,7 +172,7 @@ def test_mtp_matches_transformers_mtp_model(tmp_path: Path) -> None:
     hidden, next_ids, out, logits, *_ = _prefill_and_draft(r, ids)
     with torch.no_grad():
         hf_out = main(torch.tensor([ids]), output_hidden_states=True)
-        hf_hidden = hf_out.hidden_states[-1][0]  # post final norm (spec §3.3)
+        hf_hidden = hf_out.hidden_states[-1][0]  # post final norm (docs/model.md §3.2)
         want = hf_mtp.forward_layer(0, hf_hidden[None], torch.arange(1, len(ids) + 1)[None], None,
                                     input_ids=torch.tensor([next_ids]))[0]
         want_logits = hf_mtp._project_to_logits(want)

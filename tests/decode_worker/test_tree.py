@@ -83,7 +83,7 @@ def test_chain():
 
 
 def test_hand_tree_3_2_6():
-    """k=2, S=3: scores worked out by hand (see eagle.md §4.2 b)."""
+    """k=2, S=3: scores worked out by hand (see docs/speculative.md §4.1)."""
     f = DraftFrontier(torch.tensor([[0.6, 0.4]]), torch.tensor([[10, 11]]))
     parent_slot = f.expand(torch.tensor([[[0.5, 0.3], [0.9, 0.1]]]), torch.tensor([[[20, 21], [22, 23]]]))
     # children scores .30 .18 .36 .04 -> frontier [22 (.36, parent slot 1), 20 (.30, parent slot 0)]

@@ -1,5 +1,5 @@
 """Logit processors through the disaggregated path, with and without speculation: the thinking
-budget (parsers.md "Required behaviour" 7), penalties and logit_bias, and the custom-processor gate."""
+budget (docs/parsers.md rule 7), penalties and logit_bias, and the custom-processor gate."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from protos import gateway_pb2
 from tests.e2e.conftest import gateway, generate
 from tests.e2e.test_speculative import spec_args
 
-# SGLang's Glm4MoeThinkingBudgetLogitProcessor().to_str() (parsers.md §5)
+# SGLang's Glm4MoeThinkingBudgetLogitProcessor().to_str() (docs/parsers.md §5)
 SGLANG_BUDGET_PROCESSOR = json.dumps({"callable": (
     "80049556000000000000008c2a73676c616e672e7372742e73616d706c696e672e637573746f6d5f6c6f6769745f70726f636573"
     "736f72948c23476c6d344d6f655468696e6b696e674275646765744c6f67697450726f636573736f729493942e")})

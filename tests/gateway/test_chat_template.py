@@ -1,6 +1,6 @@
 """Chat template rendering through gateway/chat_template.py on directories from common.tools.tiny_tokenizer.
 
-The expected strings are the rendered vectors of specs/parsers.md §2.3 (and the §2.1/§2.2 rules).
+The expected strings are the rendered vectors of docs/parsers.md §2.3 (and the §2.1/§2.2 rules).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def test_chat_template_jinja_wins_over_tokenizer_config(model_dirs, tmp_path):
 
 
 def test_templates_carry_the_markers_sglang_detects(templates):
-    # specs/parsers.md §2.4: GLM family markers in both; the GLM-4.7 tool-call marker only in glm47.
+    # docs/parsers.md §2.4: GLM family markers in both; the GLM-4.7 tool-call marker only in glm47.
     glm47_marker = re.compile(r"'<tool_call>'\s*[+~]\s*tc\.name")
     for name, template in templates.items():
         assert "[gMASK]<sop>" in template.source

@@ -1,4 +1,4 @@
-"""glm45 reasoning parser (spec §6.4), the reasoning → tool-call chain (§6.6) and get_parsers."""
+"""glm45 reasoning parser (docs/parsers.md §4, cases §6), the reasoning → tool-call chain, get_parsers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""glm45 tool-call parser: spec §6.1/§6.2 vectors, §7 defects fixed, typing, undeclared/unclosed rules."""
+"""glm45 tool-call parser: docs/parsers.md §6 cases, §7 defects fixed, typing, undeclared/unclosed rules."""
 
 from __future__ import annotations
 

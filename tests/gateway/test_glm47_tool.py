@@ -1,4 +1,4 @@
-"""glm47 tool-call parser: spec §6.3 vectors, §3.4 schema typing cases, draining, undeclared/unclosed."""
+"""glm47 tool-call parser: docs/parsers.md §6 cases, §3.3 schema typing, draining, undeclared/unclosed."""
 
 from __future__ import annotations
 

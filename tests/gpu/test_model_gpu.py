@@ -49,7 +49,7 @@ def _ours(r: ModelRunner, ids: list[int], page_size: int, decode_from: int) -> t
 
 
 def _check(model_dir: Path, n_tokens: int, backend: str) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False  # spec §5.6: keep the router in true fp32
+    torch.backends.cuda.matmul.allow_tf32 = False  # docs/model.md §4 note 1: keep the router in true fp32
     ids = torch.randint(0, 800, (n_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         truth = _hf(model_dir, torch.float32)(torch.tensor([ids], device="cuda")).logits[0].float()
