@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.model.config import ModelConfig
 from common.forward.context import get_forward_context
+from common.model.config import ModelConfig
 from common.model.layers import (
     Embedding,
     GatedMLP,
