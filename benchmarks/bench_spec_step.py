@@ -195,12 +195,11 @@ def main() -> None:
     plain = PlainStepper(runner, sampler, rules)
     eagle = EagleStepper(runner, sampler, rules, SpecConfig("EAGLE", s, k, n))
     timer = Timer() if device.type == "cuda" and not args.host_profile else None
-    graphs = spec_graphs = None
+    graphs = {}
     if timer is not None and not args.no_graphs:  # the worker's captures, up to the largest batch here
         runner.capture_decode_graphs(max(batches))
-        graphs, runner.graphs = runner.graphs, None  # eager unless a measurement switches them on
         runner.capture_spec_graphs(max(batches), s, k, n)
-        spec_graphs, runner.spec_graphs = runner.spec_graphs, None
+        graphs, runner.graphs = runner.graphs, {}  # eager unless a measurement switches them on
     hidden_size = fields["hidden_size"]
     rows = []
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, spec (S,k,N)=({s},{k},{n}), "
@@ -234,11 +233,11 @@ def main() -> None:
 
         def with_graphs(fn):  # type: ignore[no-untyped-def]
             def run() -> None:
-                runner.graphs, runner.spec_graphs = graphs, spec_graphs
+                runner.graphs = graphs
                 try:
                     fn()
                 finally:
-                    runner.graphs = runner.spec_graphs = None
+                    runner.graphs = {}
             return run
 
         pages = [r.pages for r in reqs]
@@ -318,10 +317,8 @@ def main() -> None:
         print(text)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"], "bench_spec_step.md").write_text(text + "\n")
-    if graphs is not None:
-        graphs.close()
-    if spec_graphs is not None:
-        spec_graphs.close()
+    for g in graphs.values():
+        g.close()
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def main() -> None:
             runner.forward(ForwardBatch.build([SeqSpec([(7 * t + i) % 151552 for t in range(ctx)], range(ctx), ctx,
                                                        pages[i], logit_rows=[])], PAGE, dev))
         step = ForwardBatch.decode([11] * b, [ctx] * b, pages, PAGE, dev)
-        graphs, runner.graphs = runner.graphs, None
+        graphs, runner.graphs = runner.graphs, {}
 
         def eager(step: ForwardBatch = step) -> None:
             runner.decode_logits(step)
@@ -148,13 +148,13 @@ def main() -> None:
         step = ForwardBatch.tree(torch.full((1, 1), 7, device=dev), torch.zeros(1, 1, dtype=torch.int64, device=dev),
                                  torch.ones(1, 1, 1, dtype=torch.bool, device=dev), [ctx], pages, PAGE)
         hid = torch.randn(1, model.config.hidden_size, device=dev, dtype=dtype)
-        spec, runner.spec_graphs = runner.spec_graphs, None
+        spec, runner.graphs = runner.graphs, {}
 
         def draft_eager() -> None:
             runner.draft_step_forward(step, hid)
 
         out += section("EAGLE draft step B=1, eager", wall_us(draft_eager, args.reps), draft_eager, args.reps, args.top)
-        runner.spec_graphs = spec
+        runner.graphs = spec
 
         def draft_graph() -> None:
             runner.draft_step_forward(step, hid)

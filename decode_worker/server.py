@@ -69,7 +69,7 @@ class DecodeWorkerApp:
         self.draining = False
 
     def _capture_graphs(self, max_bs: int) -> None:
-        from common.runtime.cuda_graphs import graphs_supported
+        from common.runtime.cuda_graphs import Forward, graphs_supported
 
         if not graphs_supported(self.runner.device):
             log.info("CUDA graphs off: device %s has no graph-safe attention", self.runner.device)
@@ -78,10 +78,11 @@ class DecodeWorkerApp:
         spec = self.cfg.spec
         if spec.enabled:  # EagleStepper never runs a plain decode step; its draft extend stays eager
             self.runner.capture_spec_graphs(max_bs, spec.num_steps, spec.eagle_topk, spec.num_draft_tokens)
-            sizes, what = self.runner.spec_graphs.batch_sizes, "EAGLE verify/draft/extend"
+            kind, what = Forward.VERIFY, "EAGLE verify/draft/extend"
         else:
             self.runner.capture_decode_graphs(max_bs)
-            sizes, what = self.runner.graphs.batch_sizes, "decode"
+            kind, what = Forward.DECODE, "decode"
+        sizes = self.runner.graphs[kind].batch_sizes
         log.info("captured %s CUDA graphs for batch sizes %s in %.1f s", what, sizes, time.monotonic() - start)
 
     def info(self) -> worker_pb2.WorkerInfo:

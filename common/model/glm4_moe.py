@@ -7,13 +7,11 @@ Tensors are flattened over the batch: T tokens, hidden size H.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from common.model.config import ModelConfig
 from common.forward.context import get_forward_context
+from common.model.config import ModelConfig
 from common.model.layers import (
     Embedding,
     GatedMLP,
@@ -24,9 +22,6 @@ from common.model.layers import (
     rope_cos_sin,
 )
 from common.model.moe import MoE
-
-if TYPE_CHECKING:
-    from common.model.mtp import Glm4MoeMTP
 
 
 class Glm4MoeAttention(nn.Module):
@@ -110,14 +105,16 @@ class Glm4MoeModel(nn.Module):
 
 
 class Glm4MoeForCausalLM(nn.Module):
-    """The target model; `mtp` (the NextN draft layer) is attached by build_model when wanted."""
+    """The target model. `mtp` is the NextN draft layer (common.model.mtp.Glm4MoeMTP, built on this file's
+    decoder layer), attached by common.model.build_model when wanted; mtp.py imports this file, not the
+    other way round."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.model = Glm4MoeModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.mtp: Glm4MoeMTP | None = None
+        self.mtp: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)  # [T,H], post final norm

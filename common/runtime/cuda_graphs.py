@@ -1,6 +1,9 @@
 """GraphRunner: CUDA graphs of fixed-shape forwards, one per batch-size bucket.
 
-The only module that captures CUDA graphs. Two shapes are graphed:
+The only module that captures CUDA graphs. It graphs the forwards named by `Forward`, each from the eager
+function the caller passes in (common/runtime/runner.py passes its own; this module never imports it), and
+keeps each forward's runners in a `GraphSet`, which finds the runner that replays a batch. Two shapes are
+graphed:
 - the plain decode step (one causal query per sequence);
 - masked EAGLE forwards of q queries per sequence over a window of w slots (`ForwardBatch.tree`):
   the verify forward (q = w = N), each draft step (q = k, w = (level+1)k, with a hidden input) and the
@@ -22,21 +25,37 @@ Destroy the runners (or drop them) before tearing down NCCL communicators.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from enum import Enum
 
 import torch
 
 from common.forward.batch import ForwardBatch
-from common.model.config import eagle_step_slots
-
-if TYPE_CHECKING:
-    from common.runtime.runner import ModelRunner
+from common.kvcache.pool import KVPool
+from common.model.config import ModelConfig, eagle_step_slots
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 # static batch (and static hidden input [T,H] when the runner has one) -> output(s) [T, ...] (row = token)
 StepFn = Callable[..., Outputs]
+
+
+class Forward(Enum):
+    """The forwards that may replay from CUDA graphs. Each has one eager function (the step its graphs
+    capture, and what runs when no graph fits a batch). For B sequences:
+    - DECODE: one causal query each -> logits [B, V];
+    - VERIFY: the EAGLE tree, N queries over N slots -> (logits [B*N, V], hidden [B*N, H]);
+    - DRAFT_STEP: draft level l, k queries over (l+1)k slots, hidden input -> (logits, hidden) [B*k, ...];
+    - DRAFT_EXTEND: S+1 causal queries, hidden input, one logit row each -> (topk_p [B, k], topk_idx [B, k],
+      hidden [B, H])."""
+
+    DECODE = "decode"
+    VERIFY = "verify"
+    DRAFT_STEP = "draft step"
+    DRAFT_EXTEND = "draft extend"
+
+
+SPEC_FORWARDS = (Forward.VERIFY, Forward.DRAFT_STEP, Forward.DRAFT_EXTEND)  # the forwards of an EAGLE step
 
 
 @dataclass
@@ -311,77 +330,95 @@ def graphs_supported(device: torch.device) -> bool:
     return resolve(device) is not torch_ref.paged_attention
 
 
-def capture_decode_graphs(runner: ModelRunner, max_bs: int) -> GraphRunner:
-    """Graphs of the runner's plain decode forward (logits only) for every bucket up to max_bs.
+class GraphSet:
+    """The graphs of one forward: a GraphRunner per window (a draft step has one per level, window
+    (level+1)k; the other forwards one). Each runner has its own pool, so the verify outputs survive the
+    draft and extend replays of the same step."""
 
-    The page table is as wide as the longest context the model allows (or the whole pool): a
-    longer request falls back to the eager forward."""
-    if not graphs_supported(runner.device):
-        raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {runner.device})")
-    page = runner.page_size
-    max_pages = min(runner.kv_pool.num_pages, -(-runner.config.max_position_embeddings // page) + 1)
-    graphs = GraphRunner(lambda b: runner.forward(b)[0], decode_buckets(max_bs), max_pages, page, runner.device)
-    graphs.capture()
-    return graphs
-
-
-class SpecGraphs:
-    """The EAGLE forwards' graphs: verify (N queries over N slots), one runner per draft level
-    (k queries over (level+1)k slots, hidden input) and the draft extend (S+1 queries over S+1 slots,
-    hidden input, top-k and hidden at one row per sequence). Each runner has its own pool, so the
-    verify outputs survive the draft and extend replays of the same step."""
-
-    def __init__(self, verify: GraphRunner, draft: Sequence[GraphRunner],
-                 extend: GraphRunner | None = None) -> None:
-        self.verify = verify
-        self.draft = {g.w: g for g in draft}  # window (level+1)k -> runner
-        self.extend = extend
+    def __init__(self, runners: Sequence[GraphRunner]) -> None:
+        if not runners:
+            raise ValueError("GraphSet needs at least one runner")
+        self.by_window = {g.w: g for g in runners}
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        return self.verify.batch_sizes
+        return next(iter(self.by_window.values())).batch_sizes
 
-    def draft_runner(self, batch: ForwardBatch) -> GraphRunner | None:
-        if batch.mask is None or not batch.num_seqs:
-            return None
-        g = self.draft.get(batch.seq_lens_host[0] - batch.prefix_lens_host[0])
+    def find(self, batch: ForwardBatch) -> GraphRunner | None:
+        """The runner that replays this batch: the one of its window, if that has a captured bucket for the
+        batch's size and fits its shape; None sends the batch to the eager forward."""
+        g = self.by_window.get(_window(batch))
         return g if g is not None and g.can_run(batch) else None
 
     def close(self) -> None:
-        self.verify.close()
-        for g in self.draft.values():
+        """Release every runner's graphs and pool (call before NCCL teardown)."""
+        for g in self.by_window.values():
             g.close()
-        self.draft.clear()
-        if self.extend is not None:
-            self.extend.close()
-            self.extend = None
+        self.by_window.clear()
 
 
-def capture_spec_graphs(runner: ModelRunner, max_bs: int, num_steps: int, topk: int,
-                        num_draft_tokens: int) -> SpecGraphs:
-    """Graphs of the EAGLE verify forward (logits and hidden of all N rows), of the S-1 draft step
-    forwards (logits and hidden of all k rows) and of the fixed-shape draft extend (top-k and hidden of
-    each sequence's last real row, see decode_worker.spec.eagle) for every bucket up to max_bs."""
-    if not graphs_supported(runner.device):
-        raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {runner.device})")
-    page, sizes = runner.page_size, decode_buckets(max_bs)
+def _window(batch: ForwardBatch) -> int | None:
+    """The window slots per sequence of a masked batch (0 for a batch without a mask, None for a masked
+    batch of no sequences)."""
+    if batch.mask is None:
+        return 0
+    if not batch.num_seqs:
+        return None
+    return batch.seq_lens_host[0] - batch.prefix_lens_host[0]
+
+
+def _require_graphs(device: torch.device) -> None:
+    if not graphs_supported(device):
+        raise RuntimeError(f"CUDA graphs need a CUDA device with the Triton attention (device {device})")
+
+
+def _page_width(kv_pool: KVPool, slots: int) -> int:
+    """Page-table width of the captured batches: the pages of `slots` slots plus one, at most the whole pool
+    (a batch with a wider page table runs eagerly)."""
+    return min(kv_pool.num_pages, -(-slots // kv_pool.page_size) + 1)
+
+
+def capture_decode_graphs(decode: StepFn, config: ModelConfig, kv_pool: KVPool,
+                          max_bs: int) -> dict[Forward, GraphSet]:
+    """Graphs of the plain decode forward `decode` (batch -> logits [B, V]) over `kv_pool` for every bucket
+    up to max_bs. The page table is as wide as the longest context the model allows (or the whole pool): a
+    longer request falls back to the eager forward."""
+    _require_graphs(kv_pool.device)
+    max_pages = _page_width(kv_pool, config.max_position_embeddings)
+    graphs = GraphRunner(decode, decode_buckets(max_bs), max_pages, kv_pool.page_size, kv_pool.device)
+    graphs.capture()
+    return {Forward.DECODE: GraphSet([graphs])}
+
+
+def capture_spec_graphs(steps: Mapping[Forward, StepFn], config: ModelConfig, kv_pool: KVPool,
+                        hidden_dtype: torch.dtype, max_bs: int, num_steps: int, topk: int,
+                        num_draft_tokens: int) -> dict[Forward, GraphSet]:
+    """Graphs of the EAGLE forwards `steps` (one eager function per SPEC_FORWARDS member) over `kv_pool` for
+    every bucket up to max_bs: the verify (logits and hidden of all N rows), the S-1 draft steps (logits
+    and hidden of all k rows; hidden input of `hidden_dtype`) and the fixed-shape draft extend (top-k and
+    hidden of each sequence's last real row, see decode_worker.spec.eagle)."""
+    _require_graphs(kv_pool.device)
+    page, device, sizes = kv_pool.page_size, kv_pool.device, decode_buckets(max_bs)
     # the page table of an EAGLE step covers the slots it may write past L (the scheduler's step_slots)
-    slots = runner.config.max_position_embeddings + eagle_step_slots(num_steps, topk, num_draft_tokens)
-    max_pages = min(runner.kv_pool.num_pages, -(-slots // page) + 1)
-    hidden = runner.config.hidden_size
-    verify = GraphRunner(runner.forward, sizes, max_pages, page, runner.device, queries=num_draft_tokens,
+    max_pages = _page_width(kv_pool, config.max_position_embeddings
+                            + eagle_step_slots(num_steps, topk, num_draft_tokens))
+    hidden = config.hidden_size
+    verify = GraphRunner(steps[Forward.VERIFY], sizes, max_pages, page, device, queries=num_draft_tokens,
                          window=num_draft_tokens)
-    draft = [GraphRunner(runner.draft_forward, sizes, max_pages, page, runner.device, queries=topk,
-                         window=(level + 1) * topk, hidden_size=hidden, hidden_dtype=runner.dtype)
+    draft = [GraphRunner(steps[Forward.DRAFT_STEP], sizes, max_pages, page, device, queries=topk,
+                         window=(level + 1) * topk, hidden_size=hidden, hidden_dtype=hidden_dtype)
              for level in range(num_steps - 1)]
     width = num_steps + 1
-    extend = GraphRunner(lambda b, h: runner.draft_topk_forward(b, h, topk), sizes, max_pages, page,
-                         runner.device, queries=width, window=width, hidden_size=hidden,
-                         hidden_dtype=runner.dtype, outputs_per_seq=True)
+    extend = GraphRunner(steps[Forward.DRAFT_EXTEND], sizes, max_pages, page, device, queries=width,
+                         window=width, hidden_size=hidden, hidden_dtype=hidden_dtype, outputs_per_seq=True)
     for g in (verify, *draft, extend):
         g.capture()
-    return SpecGraphs(verify, draft, extend)
+    sets = {Forward.VERIFY: GraphSet([verify]), Forward.DRAFT_EXTEND: GraphSet([extend])}
+    if draft:  # S = 1 has no draft step
+        sets[Forward.DRAFT_STEP] = GraphSet(draft)
+    return sets
 
 
-__all__ = ["GraphRunner", "SpecGraphs", "capture_decode_graphs", "capture_spec_graphs", "decode_buckets",
-           "graphs_supported", "load_batch", "load_decode_batch", "load_rows", "load_tree_batch"]
+__all__ = ["SPEC_FORWARDS", "Forward", "GraphRunner", "GraphSet", "capture_decode_graphs",
+           "capture_spec_graphs", "decode_buckets", "graphs_supported", "load_batch", "load_decode_batch",
+           "load_rows", "load_tree_batch"]

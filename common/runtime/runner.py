@@ -2,6 +2,9 @@
 
 No scheduling here: callers build the ForwardBatch (pages from `allocator`) and read back the
 logits of the batch's `logit_rows` and the hidden states of every token (the MTP draft's input).
+`forward` and `draft_forward` always run eagerly; the forwards a CUDA graph may stand in for (decode,
+EAGLE verify, draft step, draft extend: cuda_graphs.Forward) go through `_run`, the one place that picks
+a captured graph or the eager function.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from pathlib import Path
 import torch
 
 from common.forward.batch import ForwardBatch
-from common.model.config import ModelConfig
 from common.forward.context import forward_context
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.pool import KVPool
 from common.model import Glm4MoeForCausalLM, load_model
+from common.model.config import ModelConfig
+from common.runtime.cuda_graphs import (
+    SPEC_FORWARDS,
+    Forward,
+    GraphSet,
+    Outputs,
+    StepFn,
+    capture_decode_graphs,
+    capture_spec_graphs,
+)
 from common.runtime.draft import draft_topk
 
 
@@ -54,8 +66,7 @@ class ModelRunner:
         self.kv_pool = KVPool(num_layers, num_pages, page_size, self.config.num_key_value_heads,
                               self.config.head_dim, dtype, self.device)
         self.allocator = PageAllocator(num_pages)
-        self.graphs = None  # common.runtime.cuda_graphs.GraphRunner of the plain decode forward (CUDA)
-        self.spec_graphs = None  # common.runtime.cuda_graphs.SpecGraphs: EAGLE verify + draft steps (CUDA)
+        self.graphs: dict[Forward, GraphSet] = {}  # the captured CUDA graphs of each forward (none on CPU)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch,
@@ -70,83 +81,6 @@ class ModelRunner:
         rows = hidden if every_row else hidden[batch.logit_rows]
         return self.model.compute_logits(rows), hidden
 
-    def capture_decode_graphs(self, max_bs: int) -> None:
-        """Capture the plain decode forward per batch-size bucket up to max_bs (CUDA only; after the
-        KV pool exists, before serving). `decode_logits` then replays them."""
-        from common.runtime.cuda_graphs import capture_decode_graphs
-
-        self.release_graphs()
-        self.graphs = capture_decode_graphs(self, max_bs)
-
-    def capture_spec_graphs(self, max_bs: int, num_steps: int, topk: int, num_draft_tokens: int) -> None:
-        """Capture the EAGLE verify forward, the S-1 draft step forwards and the fixed-shape draft extend
-        per batch-size bucket up to max_bs (CUDA only; needs with_mtp). `verify_forward`,
-        `draft_step_forward` and `draft_extend_forward` then replay them."""
-        from common.runtime.cuda_graphs import capture_spec_graphs
-
-        if self.model.mtp is None:
-            raise RuntimeError("EAGLE graphs need a runner built with with_mtp=True")
-        if self.spec_graphs is not None:
-            self.spec_graphs.close()
-            self.spec_graphs = None
-        self.spec_graphs = capture_spec_graphs(self, max_bs, num_steps, topk, num_draft_tokens)
-
-    def release_graphs(self) -> None:
-        """Drop the captured graphs (before NCCL teardown); later steps run eagerly."""
-        if self.graphs is not None:
-            self.graphs.close()
-            self.graphs = None
-        if self.spec_graphs is not None:
-            self.spec_graphs.close()
-            self.spec_graphs = None
-
-    def decode_logits(self, batch: ForwardBatch) -> torch.Tensor:
-        """Logits [B,V] of a plain decode step: a captured graph replays when one fits the batch,
-        otherwise the eager forward. A replayed result is a view valid until the next replay."""
-        graphs = self.graphs
-        if graphs is not None and graphs.can_run(batch):
-            return graphs.run(batch)
-        return self.forward(batch)[0]
-
-    def verify_forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """EAGLE verify (ForwardBatch.tree, N queries over N slots): forward()'s (logits, hidden), from a
-        captured graph when one fits, else eager. Replayed results are views valid until the next
-        verify replay."""
-        graphs = self.spec_graphs
-        if graphs is not None and graphs.verify.can_run(batch):
-            return graphs.verify.run(batch)  # type: ignore[return-value]
-        return self.forward(batch)
-
-    def draft_step_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One EAGLE draft step (ForwardBatch.tree, k queries over (level+1)k slots): draft_forward()'s
-        (logits, hidden_out), from a captured graph when one fits, else eager. Replayed results are
-        views valid until that level's next replay."""
-        graphs = self.spec_graphs
-        g = graphs.draft_runner(batch) if graphs is not None else None
-        if g is not None:
-            return g.run(batch, hidden_in)  # type: ignore[return-value]
-        return self.draft_forward(batch, hidden_in)
-
-    def draft_extend_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor,
-                             topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The EAGLE fixed-shape draft extend (ForwardBatch.tree_in, W queries over W slots, one logit row
-        per sequence): draft_topk_forward()'s (topk_p, topk_idx, hidden), from a captured graph when one
-        fits, else eager. Replayed results are views valid until the next extend replay."""
-        graphs = self.spec_graphs
-        g = graphs.extend if graphs is not None else None
-        if g is not None and g.can_run(batch):
-            return g.run(batch, hidden_in)  # type: ignore[return-value]
-        return self.draft_topk_forward(batch, hidden_in, topk)
-
-    @torch.inference_mode()
-    def draft_topk_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor,
-                           topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MTP draft forward, then at each of batch.logit_rows: (top-k draft probabilities [R, k] fp32,
-        their tokens [R, k] int64, draft hidden [R, H]) -- a DraftBatch's fields."""
-        logits, hidden = self.draft_forward(batch, hidden_in)
-        p, idx = draft_topk(logits, topk)
-        return p, idx, hidden[batch.logit_rows]
-
     @torch.inference_mode()
     def draft_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP draft forward on (next tokens, hidden_in [T,H]): (logits [R,V] fp32, hidden_out [T,H])."""
@@ -159,6 +93,93 @@ class ModelRunner:
         with forward_context(batch, self.kv_pool):
             hidden = self.model.mtp(batch.input_ids, batch.positions, hidden_in)  # [T,H]
         return self.model.compute_logits(hidden[batch.logit_rows]), hidden
+
+    @torch.inference_mode()
+    def draft_topk_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor,
+                           topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MTP draft forward, then at each of batch.logit_rows: (top-k draft probabilities [R, k] fp32,
+        their tokens [R, k] int64, draft hidden [R, H]) -- a DraftBatch's fields."""
+        logits, hidden = self.draft_forward(batch, hidden_in)
+        p, idx = draft_topk(logits, topk)
+        return p, idx, hidden[batch.logit_rows]
+
+    def decode_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [B,V] of a plain decode step: forward()'s logits (`_run`: graph or eager)."""
+        return self._run(Forward.DECODE, batch)  # type: ignore[return-value]
+
+    def verify_forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """EAGLE verify (ForwardBatch.tree, N queries over N slots): forward()'s (logits, hidden)
+        (`_run`: graph or eager)."""
+        return self._run(Forward.VERIFY, batch)  # type: ignore[return-value]
+
+    def draft_step_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One EAGLE draft step (ForwardBatch.tree, k queries over (level+1)k slots): draft_forward()'s
+        (logits, hidden_out) (`_run`: graph or eager)."""
+        return self._run(Forward.DRAFT_STEP, batch, hidden_in)  # type: ignore[return-value]
+
+    def draft_extend_forward(self, batch: ForwardBatch, hidden_in: torch.Tensor,
+                             topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The EAGLE fixed-shape draft extend (ForwardBatch.tree_in, W queries over W slots, one logit row
+        per sequence): draft_topk_forward()'s (topk_p, topk_idx, hidden) (`_run`: graph or eager)."""
+        return self._run(Forward.DRAFT_EXTEND, batch, hidden_in, topk)  # type: ignore[return-value]
+
+    def _run(self, kind: Forward, batch: ForwardBatch, hidden_in: torch.Tensor | None = None,
+             topk: int = 0) -> Outputs:
+        """The one place that picks graph or eager: `kind`'s captured graph of the batch's bucket replays
+        when there is one and the batch has its shape, else `kind`'s eager function runs. Replayed outputs
+        are views into the graph's buffers, valid until the same graph runner's next replay (each forward,
+        and each draft level, has its own runner)."""
+        graphs = self.graphs.get(kind)
+        graph = graphs.find(batch) if graphs is not None else None
+        if graph is not None:
+            return graph.run(batch, hidden_in)
+        return self._eager(kind, batch, hidden_in, topk)
+
+    def _eager(self, kind: Forward, batch: ForwardBatch, hidden_in: torch.Tensor | None,
+               topk: int) -> Outputs:
+        """`kind`'s eager function: what runs when no graph fits, and what `kind`'s graphs capture."""
+        match kind:
+            case Forward.DECODE:
+                return self.forward(batch)[0]
+            case Forward.VERIFY:
+                return self.forward(batch)
+            case Forward.DRAFT_STEP:
+                return self.draft_forward(batch, _hidden_input(kind, hidden_in))
+            case Forward.DRAFT_EXTEND:
+                return self.draft_topk_forward(batch, _hidden_input(kind, hidden_in), topk)
+
+    def capture_decode_graphs(self, max_bs: int) -> None:
+        """Capture the plain decode forward per batch-size bucket up to max_bs (CUDA only; after the
+        KV pool exists, before serving), dropping any graphs captured before. `decode_logits` then
+        replays them."""
+        self.release_graphs()
+        decode = self._step(Forward.DECODE)
+        self.graphs.update(capture_decode_graphs(decode, self.config, self.kv_pool, max_bs))
+
+    def capture_spec_graphs(self, max_bs: int, num_steps: int, topk: int, num_draft_tokens: int) -> None:
+        """Capture the EAGLE verify forward, the S-1 draft step forwards and the fixed-shape draft extend
+        per batch-size bucket up to max_bs (CUDA only; needs with_mtp). `verify_forward`,
+        `draft_step_forward` and `draft_extend_forward` then replay them."""
+        if self.model.mtp is None:
+            raise RuntimeError("EAGLE graphs need a runner built with with_mtp=True")
+        self._release(SPEC_FORWARDS)
+        steps = {kind: self._step(kind, topk) for kind in SPEC_FORWARDS}
+        self.graphs.update(capture_spec_graphs(steps, self.config, self.kv_pool, self.dtype, max_bs,
+                                               num_steps, topk, num_draft_tokens))
+
+    def release_graphs(self) -> None:
+        """Drop the captured graphs (before NCCL teardown); later steps run eagerly."""
+        self._release(tuple(self.graphs))
+
+    def _release(self, kinds: tuple[Forward, ...]) -> None:
+        for kind in kinds:
+            graphs = self.graphs.pop(kind, None)
+            if graphs is not None:
+                graphs.close()
+
+    def _step(self, kind: Forward, topk: int = 0) -> StepFn:
+        """`kind`'s eager function as its graphs capture it: step(batch) or step(batch, hidden_in)."""
+        return lambda batch, hidden_in=None: self._eager(kind, batch, hidden_in, topk)
 
     def pages_that_fit(self, num_layers: int, mem_fraction: float) -> int:
         cfg = self.config
@@ -181,3 +202,9 @@ class ModelRunner:
             raise ValueError(f"batch page_size {batch.page_size} != runner page_size {self.page_size}")
         if batch.input_ids.device != self.device:
             raise ValueError(f"batch is on {batch.input_ids.device}, runner on {self.device}")
+
+
+def _hidden_input(kind: Forward, hidden_in: torch.Tensor | None) -> torch.Tensor:
+    if hidden_in is None:
+        raise ValueError(f"the {kind.value} forward takes a hidden input")
+    return hidden_in

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.forward.batch import ForwardBatch, SeqSpec, TreeLayout
-from common.runtime.cuda_graphs import GraphRunner, SpecGraphs, load_batch, load_rows, load_tree_batch
+from common.runtime.cuda_graphs import Forward, GraphRunner, GraphSet, load_batch, load_rows, load_tree_batch
 from common.runtime.runner import ModelRunner
 from decode_worker.spec.tree import ancestor_mask
 
@@ -154,12 +154,15 @@ def test_graph_shape_checks() -> None:
         GraphRunner(lambda b: b.input_ids, [2], 3, PAGE, "cpu", queries=4, window=2)
     levels = [GraphRunner(lambda b, h: h, [2], 3, PAGE, "cpu", queries=2, window=2 * (lv + 1), hidden_size=8)
               for lv in range(2)]
-    spec = SpecGraphs(g, levels)
+    draft_steps, verify = GraphSet(levels), GraphSet([g])
     for lv in levels:
         lv.graphs[2] = None  # type: ignore[assignment]
-    assert spec.draft_runner(draft) is levels[1]  # window 4 = level 1 of k = 2
-    assert spec.draft_runner(batch) is None  # 4 queries: no draft level takes it
-    assert spec.draft_runner(plain) is None
+    assert draft_steps.find(draft) is levels[1]  # window 4 = level 1 of k = 2
+    assert draft_steps.find(batch) is None  # 4 queries: no draft level takes it
+    assert draft_steps.find(plain) is None
+    assert verify.find(batch) is g and verify.find(draft) is None and verify.find(plain) is None
+    assert verify.find(wide) is None  # its window, but too many pages
+    assert GraphSet([decode]).find(plain) is None  # the decode runner's bucket 2 was never captured
     extend = GraphRunner(lambda b, h: h, [2], 3, PAGE, "cpu", queries=4, window=4, hidden_size=8,
                          outputs_per_seq=True)
     extend.graphs[2] = None  # type: ignore[assignment]
@@ -168,9 +171,13 @@ def test_graph_shape_checks() -> None:
     assert extend.can_run(per_seq) and not g.fits(per_seq)
     with pytest.raises(ValueError):
         GraphRunner(lambda b: b.input_ids, [2], 3, PAGE, "cpu", outputs_per_seq=True)  # decode has no rows
-    spec = SpecGraphs(g, levels, extend)
-    spec.close()
-    assert spec.extend is None and not extend.graphs
+    assert GraphSet([extend]).find(per_seq) is extend and GraphSet([extend]).find(batch) is None
+    for graphs in (verify, draft_steps, GraphSet([extend])):
+        graphs.close()
+        assert not graphs.by_window
+    assert not g.graphs and not extend.graphs and not any(lv.graphs for lv in levels)
+    with pytest.raises(ValueError):
+        GraphSet([])
 
 
 def test_load_rows_zeroes_padding() -> None:
@@ -273,3 +280,61 @@ def test_padded_extend_batch_gives_real_rows(tiny_model_dir: Path) -> None:
     assert torch.equal(out[1][:2], eager[1])
     for got, want in zip(out, eager):
         torch.testing.assert_close(got[:2], want, rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_runner_replays_the_fitting_graph_else_runs_eagerly(tiny_model_dir: Path) -> None:
+    """ModelRunner's one graph-or-eager choice, with stand-in graphs (a CPU has no CUDA graphs; bucket 2 is
+    marked captured and `run` is recorded): each forward replays the runner of its own kind and window
+    with the batch and its hidden input; a batch that no captured bucket holds, or a kind without graphs,
+    runs the eager function, which gives forward()'s / draft_forward()'s results."""
+    lens, pages = [5, 11, 2], [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    runner = _prefilled_runner(tiny_model_dir, lens, pages)
+    hidden_size, replays = runner.config.hidden_size, []
+
+    def stand_in(queries: int, window: int, **shape: object) -> GraphRunner:
+        g = GraphRunner(lambda *_: None, [2], 6, PAGE, "cpu", queries=queries, window=window, **shape)
+        g.graphs[2] = None  # type: ignore[assignment]
+        g.run = lambda batch, hidden=None: replays.append((g, batch, hidden)) or "replayed"  # type: ignore
+        return g
+
+    n, k, w = 4, 2, 4
+    verify, extend = stand_in(n, n), stand_in(w, w, hidden_size=hidden_size, outputs_per_seq=True)
+    levels = [stand_in(k, (lv + 1) * k, hidden_size=hidden_size) for lv in range(2)]
+    runner.graphs = {Forward.VERIFY: GraphSet([verify]), Forward.DRAFT_STEP: GraphSet(levels),
+                     Forward.DRAFT_EXTEND: GraphSet([extend])}
+    gen = torch.Generator().manual_seed(6)
+    tree = ForwardBatch.tree(*_tree(2, n, n, seed=6), lens[:2], pages[:2], PAGE)
+    level1 = ForwardBatch.tree(*_tree(2, k, 2 * k, seed=7), lens[:2], pages[:2], PAGE)
+    hid = torch.randn(2 * k, hidden_size, generator=gen)
+    layout = TreeLayout.build(lens[:2], pages[:2], w, PAGE)
+    causal = torch.ones(w, w, dtype=torch.bool).tril().expand(2, w, w)
+    ext = ForwardBatch.tree_in(layout, torch.full((2, w), 7), torch.arange(w).expand(2, w), causal,
+                               logit_rows=torch.tensor([0, w + 1]))
+    ext_hid = torch.randn(2 * w, hidden_size, generator=gen)
+    assert runner.verify_forward(tree) == "replayed" and replays[-1] == (verify, tree, None)
+    assert runner.draft_step_forward(level1, hid) == "replayed" and replays[-1] == (levels[1], level1, hid)
+    assert runner.draft_extend_forward(ext, ext_hid, k) == "replayed"
+    assert replays[-1] == (extend, ext, ext_hid)
+    assert len(replays) == 3
+    # no decode graphs: eager
+    plain = ForwardBatch.decode([7, 8], lens[:2], pages[:2], PAGE)
+    torch.testing.assert_close(runner.decode_logits(plain), runner.forward(plain)[0], rtol=1e-5, atol=1e-5)
+    # 3 sequences: no captured bucket holds them, eager
+    tree3 = ForwardBatch.tree(*_tree(3, n, n, seed=8), lens, pages, PAGE)
+    got = [t.clone() for t in runner.verify_forward(tree3)]
+    for a, b in zip(got, runner.forward(tree3)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    level0 = ForwardBatch.tree(*_tree(3, k, k, seed=9), lens, pages, PAGE)
+    hid3 = torch.randn(3 * k, hidden_size, generator=gen)
+    got = [t.clone() for t in runner.draft_step_forward(level0, hid3)]
+    for a, b in zip(got, runner.draft_forward(level0, hid3)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(replays) == 3
+    runner.release_graphs()
+    assert runner.graphs == {} and not verify.graphs and not any(lv.graphs for lv in levels)
+    assert isinstance(runner.verify_forward(tree), tuple) and len(replays) == 3
+    with pytest.raises(RuntimeError):
+        runner.capture_decode_graphs(2)  # no graph-safe attention on a CPU
+    assert runner.graphs == {}
+

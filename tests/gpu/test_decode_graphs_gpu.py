@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common.forward.batch import ForwardBatch, SeqSpec
+from common.runtime.cuda_graphs import Forward
 from common.runtime.runner import ModelRunner
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.sampling_params import SamplingParams
@@ -52,7 +53,7 @@ def test_graph_decode_gives_eager_tokens(tiny_model_dir: Path) -> None:
     sizes = (1, 2, 4, 6)  # 6 > the largest bucket: falls back to the eager forward
     eager = {n: _decode(stepper, n) for n in sizes}
     runner.capture_decode_graphs(4)
-    assert runner.graphs is not None and runner.graphs.batch_sizes == (1, 2, 4)
+    assert list(runner.graphs) == [Forward.DECODE] and runner.graphs[Forward.DECODE].batch_sizes == (1, 2, 4)
     for n in sizes:
         # a bucket of exactly n replays the eager kernels with the eager launch shapes: same tokens
         assert _decode(stepper, n) == eager[n], f"batch {n}"
@@ -69,7 +70,7 @@ def test_padded_graph_decode_matches_eager_logits(tiny_model_dir: Path) -> None:
                                 PAGE, runner.device)
     eager = runner.decode_logits(batch).float().clone()
     runner.capture_decode_graphs(4)
-    assert runner.graphs is not None and runner.graphs.can_run(batch)
+    assert runner.graphs[Forward.DECODE].find(batch) is not None
     got = runner.decode_logits(batch).float()
     assert got.shape == eager.shape
     assert float((got - eager).norm() / eager.norm()) < 2e-2

@@ -11,6 +11,7 @@ import torch
 
 from common.forward.batch import ForwardBatch, TreeLayout
 from common.model.config import SpecConfig
+from common.runtime.cuda_graphs import SPEC_FORWARDS, Forward
 from common.runtime.runner import ModelRunner
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.sampling_params import SamplingParams
@@ -52,8 +53,6 @@ def _decode(stepper: EagleStepper, n: int) -> tuple[list[list[int]], list[int]]:
 def _count_replays(runner: ModelRunner) -> list[int]:
     """Wrap every captured runner's run() to count replays: [verify, draft steps, draft extend]."""
     counts = [0, 0, 0]
-    graphs = runner.spec_graphs
-    assert graphs is not None
 
     def wrap(g, slot: int):  # type: ignore[no-untyped-def]
         run = g.run
@@ -63,11 +62,9 @@ def _count_replays(runner: ModelRunner) -> list[int]:
             return run(*args, **kwargs)
         g.run = counted
 
-    wrap(graphs.verify, 0)
-    for g in graphs.draft.values():
-        wrap(g, 1)
-    assert graphs.extend is not None
-    wrap(graphs.extend, 2)
+    for slot, kind in enumerate((Forward.VERIFY, Forward.DRAFT_STEP, Forward.DRAFT_EXTEND)):
+        for g in runner.graphs[kind].by_window.values():
+            wrap(g, slot)
     return counts
 
 
@@ -80,8 +77,11 @@ def test_graph_eagle_steps_give_eager_tokens(tiny_model_dir: Path, s: int, k: in
     sizes = (1, 2, 3, 5)  # 5 > the largest bucket: falls back to the eager forwards
     eager = {b: _decode(stepper, b) for b in sizes}
     runner.capture_spec_graphs(3, s, k, n)
-    assert runner.spec_graphs is not None and runner.spec_graphs.batch_sizes == (1, 2, 3)
-    assert sorted(runner.spec_graphs.draft) == [(level + 1) * k for level in range(s - 1)]
+    assert set(runner.graphs) == set(SPEC_FORWARDS)
+    assert all(runner.graphs[kind].batch_sizes == (1, 2, 3) for kind in SPEC_FORWARDS)
+    assert sorted(runner.graphs[Forward.DRAFT_STEP].by_window) == [(level + 1) * k for level in range(s - 1)]
+    assert list(runner.graphs[Forward.VERIFY].by_window) == [n]
+    assert list(runner.graphs[Forward.DRAFT_EXTEND].by_window) == [s + 1]
     counts = _count_replays(runner)
     for b in sizes:
         before = list(counts)
@@ -91,7 +91,7 @@ def test_graph_eagle_steps_give_eager_tokens(tiny_model_dir: Path, s: int, k: in
         want = [STEPS, STEPS * (s - 1), STEPS] if b <= 3 else [0, 0, 0]
         assert replayed == want, f"batch {b}: {replayed} replays (verify, draft, extend), expected {want}"
     runner.release_graphs()
-    assert runner.spec_graphs is None
+    assert runner.graphs == {}
 
 
 @torch.inference_mode()
@@ -112,7 +112,7 @@ def test_padded_verify_graph_matches_eager_logits(tiny_model_dir: Path) -> None:
     eager_logits, eager_hidden = (t.float().clone() for t in runner.verify_forward(batch))
     kv_eager = runner.kv_pool.kv[:, :, 1:].float().clone()
     runner.capture_spec_graphs(4, 3, 2, 4)
-    assert runner.spec_graphs is not None and runner.spec_graphs.verify.can_run(batch)
+    assert runner.graphs[Forward.VERIFY].find(batch) is not None
     logits, hidden = (t.float() for t in runner.verify_forward(batch))
     assert logits.shape == eager_logits.shape and hidden.shape == eager_hidden.shape
     assert float((logits - eager_logits).norm() / eager_logits.norm()) < 2e-2
@@ -154,8 +154,8 @@ def test_graph_draft_extend_gives_eager_draft_state(tiny_model_dir: Path, s: int
 
     eager2, eager3 = extend(2), extend(3)
     runner.capture_spec_graphs(4, s, k, n)
-    graphs = runner.spec_graphs
-    assert graphs is not None and graphs.extend is not None and graphs.batch_sizes == (1, 2, 4)
+    assert set(runner.graphs) == set(SPEC_FORWARDS)
+    assert runner.graphs[Forward.DRAFT_EXTEND].batch_sizes == (1, 2, 4)
     counts = _count_replays(runner)
     graph2, graph3 = extend(2), extend(3)
     assert counts == [0, 0, 2]
