@@ -245,6 +245,26 @@ def test_a_deadline_passing_during_the_transfer_aborts_it_on_the_decode_side(app
     assert app.senders.decode.failed[9] == "aborted by prefill"
 
 
+def test_a_duplicate_request_id_is_refused_without_harming_the_first(app) -> None:
+    """The scheduler refuses a second job with an active request id; the refusal must not abort the
+    job that holds the id."""
+    app.senders.ok.hold.add(1)
+
+    async def scenario() -> tuple[worker_pb2.PrefillResult, Aborted]:
+        servicer = PrefillServicer(app)
+        first = asyncio.create_task(servicer.Prefill(request("dup", tid=1), FakeContext()))
+        await until(lambda: app.engine.sched.load()["waiting_for_kv"] == 1)
+        with pytest.raises(Aborted) as dup:
+            await servicer.Prefill(request("dup", tid=2), FakeContext())
+        app.senders.ok.release(1)
+        return await asyncio.wait_for(first, 10), dup.value
+
+    result, dup = asyncio.run(scenario())
+    assert dup.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id 'dup' is already active on this worker" in dup.details
+    assert result.kv_bytes == 11 * app.runner.kv_pool.bytes_per_token
+
+
 def test_get_load_and_abort_of_a_request_waiting_for_its_transfer(app) -> None:
     app.senders.ok.hold.add(6)
 
