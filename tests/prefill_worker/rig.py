@@ -129,7 +129,6 @@ class Rig:
 
     def __init__(self, model_dir: Path, *, chunk_tokens: int = 64, group: int = 2, spec_topk: int = 0,
                  num_pages: int = 64, max_queued: int = 8) -> None:
-        self.model_dir = model_dir
         self.runner = ModelRunner(model_dir, "cpu", torch.float32, PAGE, num_pages, with_mtp=spec_topk > 0)
         self.num_layers = self.runner.config.num_hidden_layers
         self.events: list = []
