@@ -81,7 +81,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         finally:
             app.untrack(job)
         if error is not None:
-            app.cancel(job, str(error))
+            # The engine already finished (or refused) this job; only its transfer may still be open.
+            # An engine abort by request id would hit the job that holds the id, e.g. the original
+            # of a refused duplicate.
+            job.sender.abort(job.transfer_id, str(error))
             await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
         return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
                                         kv_bytes=job.kv_bytes, transfer_seconds=job.transfer_seconds,
