@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from common.serving import metrics
-from common.serving.sampling_wire import sampling_from_proto
+from common.serving.sampling_params import SamplingParams
 from decode_worker.output import ErrorEvent, FinishEvent, OutputChannel, TokenEvent
 from decode_worker.scheduler import DecodeReq, QueueFullError
 from protos import worker_pb2, worker_pb2_grpc
@@ -82,8 +82,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         if bad is not None:
             return f"input_ids contains {bad}, outside the vocabulary [0, {vocab})"
         try:
-            params = sampling_from_proto(request.sampling, vocab_size=vocab,
-                                         default_thinking_budget=w.cfg.default_thinking_budget)
+            params = SamplingParams.from_wire(request.sampling, vocab_size=vocab)
         except ValueError as e:
             return str(e)
         limit = w.config.max_position_embeddings

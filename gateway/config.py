@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from common.serving.sampling_params import INT32_MAX
 
 TOOL_CALL_PARSERS = ("glm45", "glm47")
 REASONING_PARSERS = ("glm45",)
@@ -30,7 +31,7 @@ class GatewayConfig:
     context_length: int | None = None       # default: config.json / tokenizer_config.json
     max_tokens_limit: int | None = None     # upper bound on sampling.max_tokens (None = context only)
     enable_custom_logit_processor: bool = False
-    default_thinking_budget: int | None = None  # ceiling on every request's thinking budget
+    default_thinking_budget: int | None = None  # budget of a request that sets none (None: no budget)
     metrics_port: int | None = None
     request_timeout: float = 600.0          # whole request, seconds
     worker_rpc_timeout: float = 5.0         # GetLoad / GetInfo / Abort
@@ -47,8 +48,11 @@ class GatewayConfig:
             raise ValueError(f"--tool-call-parser must be one of {TOOL_CALL_PARSERS}")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"--reasoning-parser must be one of {REASONING_PARSERS}")
-        if self.default_thinking_budget is not None and self.default_thinking_budget < 0:
+        budget = self.default_thinking_budget
+        if budget is not None and budget < 0:
             raise ValueError("--default-thinking-budget must be >= 0")
+        if budget is not None and budget > INT32_MAX:
+            raise ValueError("--default-thinking-budget must be < 2**31")
         for name in ("request_timeout", "worker_rpc_timeout", "health_check_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
@@ -125,7 +129,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-length", type=int, default=None)
     p.add_argument("--max-tokens-limit", type=int, default=None)
     p.add_argument("--enable-custom-logit-processor", action="store_true")
-    p.add_argument("--default-thinking-budget", type=int, default=None)
+    p.add_argument("--default-thinking-budget", type=int, default=None, metavar="TOKENS",
+                   help="thinking budget of a request that sets none (thinking.budget or the custom "
+                        "processor's custom_params.thinking_budget); a request's own budget is used as "
+                        "given, larger or smaller. The gateway puts the budget on each request it sends; "
+                        "the workers apply exactly that (default: no budget)")
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--worker-rpc-timeout", type=float, default=5.0)

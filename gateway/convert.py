@@ -1,14 +1,14 @@
 """Public request protos -> validated internal values and resolved WorkerSampling.
 
-Presence-aware: an absent sampling field takes the model default (generation_config.json, else
-the server default); a present value is taken literally (temperature 0 = greedy). Every
-validation error is INVALID_ARGUMENT naming the field ("sampling.top_p must be in (0, 1]").
+Sampling is resolved and validated by SamplingParams (common/serving/sampling_params.py), the same
+code the workers check the wire with: an absent field takes the model default (generation_config.json,
+else the server default), a present value is taken literally (temperature 0 = greedy). Every
+validation error is INVALID_ARGUMENT naming the field ("sampling.top_p must be in (0, 1], got 2").
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,21 +16,11 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from common.serving.custom_processor import CustomProcessorError, resolve_custom_processor
+from common.serving.sampling_params import INT32_MAX, SamplingError, SamplingParams, ServerSampling
 from gateway.errors import GatewayError, invalid
-from gateway.model_info import ModelInfo
 from protos import gateway_pb2, worker_pb2
 
 ROLES = ("system", "user", "assistant", "tool")
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class Limits:
-    context_length: int
-    vocab_size: int
-    max_tokens_limit: int | None = None
-    enable_custom_logit_processor: bool = False
-    default_thinking_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -167,18 +157,15 @@ def chat_input(req: gateway_pb2.ChatRequest) -> ChatInput:
 
 
 def thinking_budget(requested: int | None, processor: str | None, custom_params: struct_pb2.Struct | None,
-                    limits: Limits) -> int | None:
-    """Effective budget: the request's (native `thinking.budget` or SGLang's custom processor with
-    custom_params.thinking_budget), capped by --default-thinking-budget (which alone applies when
-    the request sets none)."""
-    budgets = []
-    if requested is not None:
-        if requested < 0:
-            raise invalid("thinking.budget", "must be >= 0")
-        budgets.append(requested)
+                    enable_custom_logit_processor: bool) -> int | None:
+    """The request's own budget: native `thinking.budget`, or SGLang's custom processor with
+    custom_params.thinking_budget (the smaller when both are given); None when it sets none, and then
+    the server's --default-thinking-budget applies (SamplingParams.from_request). Bounds are checked
+    there too; here only what SamplingParams cannot see: the processor gate and the Struct value."""
+    budgets = [] if requested is None else [requested]
     if processor:
         try:  # read without unpickling; the only built-in processor is the thinking budget
-            resolve_custom_processor(processor, limits.enable_custom_logit_processor)
+            resolve_custom_processor(processor, enable_custom_logit_processor)
         except CustomProcessorError as e:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         params = struct_to_dict(custom_params) if custom_params is not None else {}
@@ -186,9 +173,9 @@ def thinking_budget(requested: int | None, processor: str | None, custom_params:
         if value is not None:  # SGLang: a missing budget makes the processor a no-op
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise invalid("custom_params.thinking_budget", f"must be an integer >= 0, got {value!r}")
+            if value > INT32_MAX:
+                raise invalid("custom_params.thinking_budget", f"must be < 2**31, got {value!r}")
             budgets.append(value)
-    if limits.default_thinking_budget is not None:
-        budgets.append(limits.default_thinking_budget)
     return min(budgets) if budgets else None
 
 
@@ -196,12 +183,12 @@ def thinking_budget(requested: int | None, processor: str | None, custom_params:
 # Sampling
 
 
-def check_prompt_length(prompt_len: int, limits: Limits, field: str) -> None:
+def check_prompt_length(prompt_len: int, context_length: int, field: str) -> None:
     if prompt_len == 0:
         raise invalid(field, "renders to an empty prompt")
-    if prompt_len >= limits.context_length:
+    if prompt_len >= context_length:
         raise invalid(field, f"is {prompt_len} tokens; the maximum context length is "
-                             f"{limits.context_length} (prompt + at least one new token)")
+                             f"{context_length} (prompt + at least one new token)")
 
 
 def stop_strings(params: gateway_pb2.SamplingParams, prefix: str = "sampling") -> tuple[str, ...]:
@@ -211,96 +198,14 @@ def stop_strings(params: gateway_pb2.SamplingParams, prefix: str = "sampling") -
     return tuple(dict.fromkeys(params.stop))
 
 
-def resolve_sampling(
-    params: gateway_pb2.SamplingParams,
-    *,
-    model: ModelInfo,
-    limits: Limits,
-    prompt_len: int,
-    logprobs: bool = False,
-    top_logprobs: int | None = None,
-    thinking_budget: int | None = None,
-    prefix: str = "sampling",
-) -> worker_pb2.WorkerSampling:
-    """Validate `params` and resolve every default; the worker applies the result as is."""
-    d = model.defaults
-
-    def get(name: str, default: Any) -> Any:
-        return getattr(params, name) if params.HasField(name) else default
-
-    def finite(name: str, value: float) -> float:
-        if not math.isfinite(value):
-            raise invalid(f"{prefix}.{name}", "must be a finite number")
-        return value
-
-    temperature = finite("temperature", get("temperature", d.temperature))
-    if temperature < 0:
-        raise invalid(f"{prefix}.temperature", f"must be >= 0 (0 = greedy), got {temperature:g}")
-    top_p = finite("top_p", get("top_p", d.top_p))
-    if not 0 < top_p <= 1:
-        raise invalid(f"{prefix}.top_p", f"must be in (0, 1], got {top_p:g}")
-    top_k = get("top_k", d.top_k)
-    if top_k < -1:
-        raise invalid(f"{prefix}.top_k", f"must be >= 1, or 0 / -1 for off, got {top_k}")
-    top_k = max(top_k, 0)
-    min_p = finite("min_p", get("min_p", d.min_p))
-    if not 0 <= min_p <= 1:
-        raise invalid(f"{prefix}.min_p", f"must be in [0, 1], got {min_p:g}")
-    freq = finite("frequency_penalty", get("frequency_penalty", 0.0))
-    pres = finite("presence_penalty", get("presence_penalty", 0.0))
-    for name, v in (("frequency_penalty", freq), ("presence_penalty", pres)):
-        if not -2 <= v <= 2:
-            raise invalid(f"{prefix}.{name}", f"must be in [-2, 2], got {v:g}")
-    rep = finite("repetition_penalty", get("repetition_penalty", d.repetition_penalty))
-    if rep <= 0:
-        raise invalid(f"{prefix}.repetition_penalty", f"must be > 0 (1 = off), got {rep:g}")
-
-    room = limits.context_length - prompt_len
-    cap = room if limits.max_tokens_limit is None else min(room, limits.max_tokens_limit)
-    if params.HasField("max_tokens"):
-        max_tokens = params.max_tokens
-        if max_tokens < 1:
-            raise invalid(f"{prefix}.max_tokens", f"must be >= 1, got {max_tokens}")
-        if limits.max_tokens_limit is not None and max_tokens > limits.max_tokens_limit:
-            raise invalid(f"{prefix}.max_tokens", f"must be <= {limits.max_tokens_limit} (the server's "
-                                                  f"--max-tokens-limit), got {max_tokens}")
-        if max_tokens > room:
-            raise invalid(f"{prefix}.max_tokens", f"({max_tokens}) + prompt length ({prompt_len}) exceeds the "
-                                                  f"maximum context length {limits.context_length}")
-    else:
-        max_tokens = cap
-    min_tokens = get("min_tokens", 0)
-    if not 0 <= min_tokens <= max_tokens:
-        raise invalid(f"{prefix}.min_tokens", f"must be in [0, max_tokens={max_tokens}], got {min_tokens}")
-
-    for i, t in enumerate(params.stop_token_ids):
-        if t >= limits.vocab_size:
-            raise invalid(f"{prefix}.stop_token_ids[{i}]", f"must be < vocab size {limits.vocab_size}, got {t}")
-    for tok, bias in params.logit_bias.items():
-        if not 0 <= tok < limits.vocab_size:
-            raise invalid(f"{prefix}.logit_bias", f"key {tok} is not a token id (vocab size {limits.vocab_size})")
-        if not (math.isfinite(bias) and -100 <= bias <= 100):
-            raise invalid(f"{prefix}.logit_bias[{tok}]", f"must be in [-100, 100], got {bias:g}")
-    ignore_eos = get("ignore_eos", False)
-    stop_ids = list(dict.fromkeys([*params.stop_token_ids, *(() if ignore_eos else model.eos_token_ids)]))
-
-    n_top = 0
-    if top_logprobs is not None:
-        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise invalid("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
-        if top_logprobs and not logprobs:
-            raise invalid("top_logprobs", "needs logprobs: true")
-        n_top = top_logprobs
-
-    ws = worker_pb2.WorkerSampling(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-        frequency_penalty=freq, presence_penalty=pres, repetition_penalty=rep,
-        min_tokens=min_tokens, max_tokens=max_tokens, stop_token_ids=stop_ids, ignore_eos=ignore_eos,
-        logprobs=logprobs, top_logprobs=n_top,
-    )
-    ws.logit_bias.update(dict(params.logit_bias))
-    if params.HasField("seed"):
-        ws.seed = params.seed
-    if thinking_budget is not None:
-        ws.thinking_budget = thinking_budget
-    return ws
+def worker_sampling(params: gateway_pb2.SamplingParams, server: ServerSampling, *, prompt_len: int,
+                    logprobs: bool = False, top_logprobs: int = 0,
+                    thinking_budget: int | None = None) -> worker_pb2.WorkerSampling:
+    """Validate the request's sampling once (SamplingParams, the workers' own check) and resolve
+    every default; the workers apply the result as is."""
+    try:
+        resolved = SamplingParams.from_request(params, server, prompt_len=prompt_len, logprobs=logprobs,
+                                               top_logprobs=top_logprobs, thinking_budget=thinking_budget)
+    except SamplingError as e:
+        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+    return resolved.to_wire()

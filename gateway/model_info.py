@@ -2,7 +2,8 @@
 
 config.json (optional for the gateway): vocab_size, max_position_embeddings.
 generation_config.json: sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty)
-used when a request leaves them unset. The eos ids come from the Tokenizer, which reads them.
+used when a request leaves them unset (SamplingParams.from_generation_config). The eos ids come
+from the Tokenizer, which reads them.
 """
 
 from __future__ import annotations
@@ -11,15 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.serving.model_files import read_json
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0            # 0 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+from common.serving.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -28,7 +21,7 @@ class ModelInfo:
     vocab_size: int
     context_length: int
     eos_token_ids: tuple[int, ...]
-    defaults: SamplingDefaults
+    defaults: SamplingParams  # the values of absent request fields
 
     @classmethod
     def from_dir(cls, path: str | Path, *, tokenizer_vocab_size: int, eos_token_ids: tuple[int, ...],
@@ -43,13 +36,5 @@ class ModelInfo:
         if not ctx or int(ctx) <= 0:
             raise ValueError(f"{d}: no max_position_embeddings in config.json and no model_max_length in "
                              "tokenizer_config.json; pass --context-length")
-        base = SamplingDefaults()
-        defaults = SamplingDefaults(
-            temperature=float(gen.get("temperature", base.temperature)),
-            top_p=float(gen.get("top_p", base.top_p)),
-            top_k=max(int(gen.get("top_k", base.top_k)), 0),
-            min_p=float(gen.get("min_p", base.min_p)),
-            repetition_penalty=float(gen.get("repetition_penalty", base.repetition_penalty)),
-        )
         return cls(path=str(d), vocab_size=vocab, context_length=int(ctx),
-                   eos_token_ids=tuple(eos_token_ids), defaults=defaults)
+                   eos_token_ids=tuple(eos_token_ids), defaults=SamplingParams.from_generation_config(gen))

@@ -12,13 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
 from common.serving import metrics
 from common.serving.ids import new_request_id, new_transfer_id
+from common.serving.sampling_params import ServerSampling
 from gateway import convert
 from gateway.chat_output import ChatOutput, TextOutput, apply_finish
 from gateway.chat_template import ChatTemplate, ChatTemplateError
@@ -50,11 +51,10 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.template = template
         self.model = model
-        self.limits = convert.Limits(
-            context_length=model.context_length, vocab_size=model.vocab_size,
-            max_tokens_limit=config.max_tokens_limit,
-            enable_custom_logit_processor=config.enable_custom_logit_processor,
-            default_thinking_budget=config.default_thinking_budget)
+        self.sampling = ServerSampling(
+            defaults=replace(model.defaults, thinking_budget=config.default_thinking_budget),
+            vocab_size=model.vocab_size, eos_token_ids=model.eos_token_ids,
+            context_length=model.context_length, max_tokens_limit=config.max_tokens_limit)
         self.created = int(time.time())
         self._background: set[asyncio.Task] = set()
 
@@ -84,15 +84,14 @@ class Pipeline:
         except ChatTemplateError as e:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         input_ids = self.tokenizer.encode(prompt)
-        convert.check_prompt_length(len(input_ids), self.limits, "messages")
+        convert.check_prompt_length(len(input_ids), self.model.context_length, "messages")
         budget = convert.thinking_budget(
             req.thinking.budget if req.HasField("thinking") and req.thinking.HasField("budget") else None,
             req.custom_logit_processor if req.HasField("custom_logit_processor") else None,
-            req.custom_params if req.HasField("custom_params") else None, self.limits)
-        sampling = convert.resolve_sampling(
-            req.sampling, model=self.model, limits=self.limits, prompt_len=len(input_ids),
-            logprobs=req.logprobs, top_logprobs=req.top_logprobs if req.HasField("top_logprobs") else None,
-            thinking_budget=budget)
+            req.custom_params if req.HasField("custom_params") else None, self.config.enable_custom_logit_processor)
+        sampling = convert.worker_sampling(
+            req.sampling, self.sampling, prompt_len=len(input_ids), logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs, thinking_budget=budget)
         out = ChatOutput.for_request(self.tokenizer, self.config, chat, input_ids,
                                      stops=convert.stop_strings(req.sampling))
         head = gateway_pb2.ChatResponse(id=request_id, model=self.config.model_name, created=int(time.time()))
@@ -129,14 +128,13 @@ class Pipeline:
                     raise invalid(f"tokens.ids[{i}]", f"must be < vocab size {self.model.vocab_size}, got {t}")
         else:
             raise invalid("input", "must be set: text or tokens")
-        convert.check_prompt_length(len(input_ids), self.limits, field_name)
+        convert.check_prompt_length(len(input_ids), self.model.context_length, field_name)
         budget = convert.thinking_budget(
             None, req.custom_logit_processor if req.HasField("custom_logit_processor") else None,
-            req.custom_params if req.HasField("custom_params") else None, self.limits)
-        sampling = convert.resolve_sampling(
-            req.sampling, model=self.model, limits=self.limits, prompt_len=len(input_ids),
-            logprobs=req.logprobs, top_logprobs=req.top_logprobs if req.HasField("top_logprobs") else None,
-            thinking_budget=budget)
+            req.custom_params if req.HasField("custom_params") else None, self.config.enable_custom_logit_processor)
+        sampling = convert.worker_sampling(
+            req.sampling, self.sampling, prompt_len=len(input_ids), logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs, thinking_budget=budget)
         skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
         out = TextOutput(self.tokenizer, input_ids, convert.stop_strings(req.sampling), skip_special_tokens=skip)
         stream = req.stream if req.HasField("stream") else True

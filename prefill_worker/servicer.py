@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from common.serving.sampling_wire import sampling_from_proto
+from common.serving.sampling_params import SamplingParams
 from common.transport.base import TransferError
 from common.transport.handshake import PairingError
 from prefill_worker.scheduler import PrefillJob
@@ -43,8 +43,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
-            params = sampling_from_proto(request.sampling, vocab_size=app.config.vocab_size,
-                                         default_thinking_budget=app.cfg.default_thinking_budget)
+            params = SamplingParams.from_wire(request.sampling, vocab_size=app.config.vocab_size)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:

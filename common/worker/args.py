@@ -14,6 +14,9 @@ from typing import Any
 from common.model.config import SpecConfig, validate_spec_config
 
 SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
+MOVED_THINKING_BUDGET = (
+    "--default-thinking-budget is a gateway flag (python -m gateway --default-thinking-budget N): the "
+    "gateway puts each request's thinking budget on the wire and the workers apply exactly that")
 
 
 def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
@@ -40,8 +43,8 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
                    help="bulk KV channel (auto: gloo on CPU, CUDA IPC on one GPU, NCCL across GPUs)")
     p.add_argument("--enable-custom-logit-processor", action="store_true",
                    help="accept custom_logit_processor (only the GLM thinking budget is recognised)")
-    p.add_argument("--default-thinking-budget", type=int, default=None,
-                   help="thinking budget applied when a request sets none")
+    # a gateway flag: kept here only to refuse it with a message that says where it went
+    p.add_argument("--default-thinking-budget", default=None, help=argparse.SUPPRESS)
     p.add_argument("--speculative-algorithm", default=None, type=str.upper,
                    help="EAGLE (alias NEXTN): the checkpoint's MTP layer drafts")
     p.add_argument("--speculative-num-steps", type=int, default=None)
@@ -71,7 +74,6 @@ class WorkerConfig:
     transfer_timeout: float
     kv_backend: str
     enable_custom_logit_processor: bool
-    default_thinking_budget: int | None
     spec: SpecConfig
     draft_model_path: str | None
 
@@ -118,8 +120,8 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     if ns.speculative_draft_model_path not in (None, ns.model_path):
         raise ValueError("--speculative-draft-model-path: only the target's own MTP layer is supported "
                          "(leave it unset or pass the target path)")
-    if ns.default_thinking_budget is not None and ns.default_thinking_budget < 0:
-        raise ValueError("--default-thinking-budget must be >= 0")
+    if ns.default_thinking_budget is not None:
+        raise ValueError(MOVED_THINKING_BUDGET)
     device = ns.device
     if device is None:
         import torch
@@ -135,8 +137,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         tp_size=ns.tp_size, page_size=ns.page_size, num_pages=ns.num_pages,
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
-        enable_custom_logit_processor=ns.enable_custom_logit_processor,
-        default_thinking_budget=ns.default_thinking_budget, spec=spec,
+        enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,
         draft_model_path=ns.speculative_draft_model_path,
     )
     return cfg, warnings
@@ -148,8 +149,8 @@ def worker_main(parser: argparse.ArgumentParser, role: str, argv: list[str],
     """Parse flags, refuse bad ones with a message naming the flag, set up logging, serve."""
     import logging
 
-    from common.serving.log import setup_logging
     from common.serving.grpc_server import run
+    from common.serving.log import setup_logging
 
     ns = parser.parse_args(argv)
     setup_logging(role, level=ns.log_level)

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from common.serving.sampling_params import SamplingParams
 from common.sampling.sampler import (
     SamplingTensors,
     draw_uniforms,
@@ -11,6 +10,7 @@ from common.sampling.sampler import (
     sample_from_probs,
     target_probs,
 )
+from common.serving.sampling_params import SamplingParams
 
 
 def _probs(logits, **kw):
@@ -189,15 +189,16 @@ def test_params_validation_names_the_field():
         ({"frequency_penalty": 3.0}, "sampling.frequency_penalty"),
         ({"presence_penalty": -2.5}, "sampling.presence_penalty"),
         ({"repetition_penalty": 0.0}, "sampling.repetition_penalty"),
+        ({"repetition_penalty": 3.0}, "sampling.repetition_penalty must be in (0, 2]"),
         ({"logit_bias": {100: 1.0}}, "sampling.logit_bias keys"),
-        ({"logit_bias": {3: 101.0}}, "sampling.logit_bias values"),
+        ({"logit_bias": {3: 101.0}}, "sampling.logit_bias[3] must be in [-100, 100]"),
         ({"min_tokens": -1}, "sampling.min_tokens"),
         ({"max_tokens": 0}, "sampling.max_tokens"),
-        ({"min_tokens": 5, "max_tokens": 4}, "sampling.min_tokens must be <= sampling.max_tokens"),
-        ({"stop_token_ids": (100,)}, "sampling.stop_token_ids"),
-        ({"logprobs": True, "top_logprobs": 21}, "sampling.top_logprobs"),
-        ({"top_logprobs": 2}, "sampling.top_logprobs requires sampling.logprobs"),
-        ({"thinking_budget": -1}, "sampling.thinking_budget"),
+        ({"min_tokens": 5, "max_tokens": 4}, "sampling.min_tokens must be in [0, max_tokens=4], got 5"),
+        ({"stop_token_ids": (100,)}, "sampling.stop_token_ids[0] must be < vocab size 100"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs must be in [0, 20]"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+        ({"thinking_budget": -1}, "thinking.budget must be in [0, 2**31)"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError) as ei:

@@ -61,7 +61,7 @@ def test_thinking_budget_glm47_prompt_opens_think(launch, tiny47, mode):
     stub = gateway(cluster)
     tok = Tokenizer.from_dir(tiny47)
     for budget in (0, 1, 5, 9):
-        reasoning, content, usage = _chat(stub, "Think briefly about the sky.", budget)
+        reasoning, _content, usage = _chat(stub, "Think briefly about the sky.", budget)
         # the template opened <think>; reasoning = budget free tokens + the forced newline
         assert usage.reasoning_tokens <= budget + 2, (budget, usage.reasoning_tokens)
         assert reasoning.endswith("\n"), repr(reasoning)
@@ -99,14 +99,33 @@ def test_thinking_budget_glm45_multi_turn_history(launch, tiny_model_dir, mode):
         _assert_budget(tok, _generate_with_processor(stub, ids, budget), budget)
 
 
+def test_default_thinking_budget_applies_when_the_request_sets_none(launch, tiny_model_dir):
+    """--default-thinking-budget is the gateway's: the budget of a request that sets none. A request's
+    own budget wins even when larger, and the workers apply exactly what the gateway sent."""
+    cluster = launch(tiny_model_dir, extra_gateway_args=["--enable-custom-logit-processor",
+                                                         "--default-thinking-budget", "1"])
+    stub = gateway(cluster)
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    ids = tok.encode("[gMASK]<sop><|user|>\nHi<|assistant|>\n<think>")
+    end = tok.token_id("</think>")
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids), skip_special_tokens=False)
+    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = 16, 0.0, True
+    out = [t for r in stub.Generate(req, timeout=60) for t in r.token_ids]
+    _assert_budget(tok, out, 1)  # no budget in the request: the server's
+    assert out.index(end) == 2, out  # one free token, then the forced newline
+    own = _generate_with_processor(stub, ids, 6)
+    _assert_budget(tok, own, 6)
+    assert own.index(end) == 7, own  # the request's 6 free tokens, then the forced newline: not capped at 1
+
+
 @pytest.mark.parametrize("mode", ["plain", "eagle"])
 def test_penalties_and_logit_bias_match_reference(launch, tiny_model_dir, reference, mode):
     cluster = launch(tiny_model_dir, extra_worker_args=MODES[mode])
     stub = gateway(cluster)
     ids = [30, 31, 32, 33, 34, 35]
     plain = reference.greedy(ids, 20)
-    kw = dict(frequency_penalty=0.7, presence_penalty=0.4, repetition_penalty=1.3,
-              logit_bias={plain[2]: -30.0, 123: 4.0})
+    kw = {"frequency_penalty": 0.7, "presence_penalty": 0.4, "repetition_penalty": 1.3,
+          "logit_bias": {plain[2]: -30.0, 123: 4.0}}
     want = reference.greedy(ids, 20, **kw)
     assert want != plain, "the processors must change this output for the test to mean anything"
     got = generate(stub, ids, max_tokens=20, temperature=0.0, ignore_eos=True, **kw)

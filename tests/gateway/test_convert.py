@@ -5,19 +5,18 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from common.serving.sampling_params import SamplingParams, ServerSampling
 from gateway import convert
 from gateway.errors import GatewayError
-from gateway.model_info import ModelInfo, SamplingDefaults
 from protos import gateway_pb2
 
-MODEL = ModelInfo(path="/m", vocab_size=1000, context_length=100, eos_token_ids=(7, 8),
-                  defaults=SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20))
-LIMITS = convert.Limits(context_length=100, vocab_size=1000, max_tokens_limit=50)
+DEFAULTS = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
+SERVER = ServerSampling(defaults=DEFAULTS, vocab_size=1000, eos_token_ids=(7, 8), context_length=100,
+                        max_tokens_limit=50)
 
 
-def resolve(prompt_len: int = 10, limits: convert.Limits = LIMITS, **fields):
-    return convert.resolve_sampling(gateway_pb2.SamplingParams(**fields), model=MODEL, limits=limits,
-                                    prompt_len=prompt_len)
+def resolve(prompt_len: int = 10, server: ServerSampling = SERVER, **fields):
+    return convert.worker_sampling(gateway_pb2.SamplingParams(**fields), server, prompt_len=prompt_len)
 
 
 def error(fn, *a, **kw) -> GatewayError:
@@ -40,6 +39,7 @@ def test_defaults_and_limits() -> None:
     assert list(ws.stop_token_ids) == [7, 8] and not ws.HasField("seed") and not ws.HasField("thinking_budget")
     ws = resolve(ignore_eos=True, stop_token_ids=[9, 7], seed=0)
     assert list(ws.stop_token_ids) == [9, 7] and ws.ignore_eos and ws.HasField("seed") and ws.seed == 0
+    assert list(resolve(stop_token_ids=[8, 3]).stop_token_ids) == [8, 3, 7]  # the eos ids it lacks
     assert resolve(repetition_penalty=1.1).repetition_penalty == pytest.approx(1.1)
 
 
@@ -51,12 +51,16 @@ def test_defaults_and_limits() -> None:
     ({"top_k": -2}, 10, "sampling.top_k must be >= 1, or 0 / -1 for off"),
     ({"min_p": 1.5}, 10, "sampling.min_p must be in [0, 1]"),
     ({"frequency_penalty": 3}, 10, "sampling.frequency_penalty must be in [-2, 2]"),
-    ({"repetition_penalty": 0}, 10, "sampling.repetition_penalty must be > 0"),
+    ({"repetition_penalty": 0}, 10, "sampling.repetition_penalty must be in (0, 2]"),
+    ({"repetition_penalty": 3.0}, 10, "sampling.repetition_penalty must be in (0, 2] (1 = off), got 3"),
+    ({"max_tokens": 0}, 10, "sampling.max_tokens must be >= 1, got 0"),
     ({"max_tokens": 51}, 10, "sampling.max_tokens must be <= 50"),
     ({"max_tokens": 30}, 80, "sampling.max_tokens (30) + prompt length (80) exceeds the maximum context length 100"),
     ({"max_tokens": 5, "min_tokens": 6}, 10, "sampling.min_tokens must be in [0, max_tokens=5]"),
+    ({"min_tokens": -1}, 10, "sampling.min_tokens must be in [0, max_tokens=50], got -1"),
     ({"stop_token_ids": [1, 1000]}, 10, "sampling.stop_token_ids[1] must be < vocab size 1000"),
     ({"logit_bias": {5: 200.0}}, 10, "sampling.logit_bias[5] must be in [-100, 100]"),
+    ({"logit_bias": {-1: 1.0}}, 10, "sampling.logit_bias keys must be token ids in [0, 1000), got -1"),
 ])
 def test_validation_names_the_field(fields, prompt_len, message) -> None:
     assert message in error(resolve, prompt_len, **fields).message
@@ -64,13 +68,14 @@ def test_validation_names_the_field(fields, prompt_len, message) -> None:
 
 def test_prompt_length_and_logprobs() -> None:
     assert "messages is 100 tokens; the maximum context length is 100" in \
-        error(convert.check_prompt_length, 100, LIMITS, "messages").message
-    convert.check_prompt_length(99, LIMITS, "messages")
-    e = error(convert.resolve_sampling, gateway_pb2.SamplingParams(), model=MODEL, limits=LIMITS, prompt_len=1,
-              logprobs=True, top_logprobs=21)
+        error(convert.check_prompt_length, 100, 100, "messages").message
+    convert.check_prompt_length(99, 100, "messages")
+    empty = gateway_pb2.SamplingParams()
+    e = error(convert.worker_sampling, empty, SERVER, prompt_len=1, logprobs=True, top_logprobs=21)
     assert e.message.startswith("top_logprobs must be in [0, 20]")
-    ws = convert.resolve_sampling(gateway_pb2.SamplingParams(), model=MODEL, limits=LIMITS, prompt_len=1,
-                                  logprobs=True, top_logprobs=5, thinking_budget=0)
+    assert error(convert.worker_sampling, empty, SERVER, prompt_len=1, top_logprobs=2).message == \
+        "top_logprobs needs logprobs: true"
+    ws = convert.worker_sampling(empty, SERVER, prompt_len=1, logprobs=True, top_logprobs=5, thinking_budget=0)
     assert ws.logprobs and ws.top_logprobs == 5 and ws.HasField("thinking_budget") and ws.thinking_budget == 0
 
 
@@ -115,17 +120,32 @@ def test_tools_tool_choice_and_struct_numbers() -> None:
     assert "tools[1].function.name 'a' is declared twice" in error(convert.chat_tools, _req(msg, tools=[t1, t1])).message
 
 
-def test_thinking_budget_resolution() -> None:
-    lim = convert.Limits(context_length=100, vocab_size=1000, enable_custom_logit_processor=True,
-                         default_thinking_budget=100)
+def test_thinking_budget_is_the_requests_own() -> None:
     params = gateway_pb2.ChatRequest().custom_params
     params.update({"thinking_budget": 300})
-    assert convert.thinking_budget(None, None, None, LIMITS) is None
-    assert convert.thinking_budget(50, None, None, lim) == 50
-    assert convert.thinking_budget(None, "glm4_moe_thinking_budget", params, lim) == 100  # ceiling
-    assert convert.thinking_budget(None, None, None, lim) == 100
-    e = error(convert.thinking_budget, None, '{"callable": "80"}', None, lim)
+    assert convert.thinking_budget(None, None, None, True) is None          # none set: the default applies later
+    assert convert.thinking_budget(50, None, None, True) == 50
+    assert convert.thinking_budget(None, "glm4_moe_thinking_budget", params, True) == 300
+    assert convert.thinking_budget(500, "glm4_moe_thinking_budget", params, True) == 300  # both: the smaller
+    e = error(convert.thinking_budget, None, '{"callable": "80"}', None, True)
     assert "custom_logit_processor" in e.message
+    assert "--enable-custom-logit-processor" in error(
+        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, False).message
     params.update({"thinking_budget": -1})
     assert "custom_params.thinking_budget must be an integer >= 0" in error(
-        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, lim).message
+        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, True).message
+    params.update({"thinking_budget": 2**31})
+    assert "custom_params.thinking_budget must be < 2**31" in error(
+        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, True).message
+
+
+def test_default_thinking_budget_applies_only_when_the_request_sets_none() -> None:
+    server = ServerSampling(defaults=SamplingParams(thinking_budget=100), vocab_size=1000, eos_token_ids=(7,),
+                            context_length=100)
+    empty = gateway_pb2.SamplingParams()
+    assert convert.worker_sampling(empty, server, prompt_len=1).thinking_budget == 100
+    assert convert.worker_sampling(empty, server, prompt_len=1, thinking_budget=300).thinking_budget == 300
+    assert convert.worker_sampling(empty, server, prompt_len=1, thinking_budget=0).thinking_budget == 0
+    assert not convert.worker_sampling(empty, SERVER, prompt_len=1).HasField("thinking_budget")
+    assert error(convert.worker_sampling, empty, server, prompt_len=1, thinking_budget=-1).message == \
+        "thinking.budget must be in [0, 2**31), got -1"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from common.serving.sampling_params import SamplingParams
 from protos import gateway_pb2
 from tests.service.gateway_harness import (
     GEN_TEMPERATURE,
@@ -166,10 +167,17 @@ def test_thinking_budget_native_and_sglang_processor(model_dir, tok):
             req = chat_request(custom_logit_processor=sglang)
             req.custom_params.update({"thinking_budget": 128})
             await collect(h.stub.Chat(req))
+            await collect(h.stub.Chat(chat_request(thinking=gateway_pb2.Thinking(budget=900))))
             await collect(h.stub.Chat(chat_request()))
-            return [r.sampling.thinking_budget for r in h.cluster.decodes[0].requests]
+            return h.cluster.decodes[0].requests, h.cluster.prefills[0].requests
 
-    assert run(scenario()) == [64, 128, 500]  # the server default is a ceiling and the fallback
+    decodes, prefills = run(scenario())
+    # the request's own budget wins, above or below --default-thinking-budget, which applies only
+    # when the request sets none; both workers read exactly that budget off the wire
+    for requests in (decodes, prefills):
+        on_wire = [SamplingParams.from_wire(r.sampling, vocab_size=tok.vocab_size).thinking_budget
+                   for r in requests]
+        assert on_wire == [64, 128, 900, 500]
 
 
 def test_model_info_and_list_models(model_dir, tok):
