@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from common.transport.aux import AuxRecord
 from decode_worker.output import FinishEvent
 from decode_worker.scheduler import DecodeReq
 
@@ -41,3 +42,11 @@ def commit_tokens(req: DecodeReq, tokens: Sequence[int], rules: StopRules) -> in
             req.finish = fin
             break
     return committed
+
+
+def commit_first_token(req: DecodeReq, aux: AuxRecord, rules: StopRules) -> None:
+    """The prefill's KV is in place (kv_len = the prompt) and its first token is the first output."""
+    req.kv_len = req.prompt_len
+    commit_tokens(req, [aux.first_token], rules)
+    if req.params.logprobs:
+        req.logprobs.append((aux.first_token, aux.first_logprob, []))

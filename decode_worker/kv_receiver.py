@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Protocol
 
 import torch
 
-from common.serving import metrics
 from common.kvcache.pool import KVPool
+from common.serving import metrics
 from common.transport.aux import AuxRecord
 from common.transport.base import TransferStats
 from common.transport.receiver import ReservationTable
@@ -21,10 +22,17 @@ from common.transport.receiver import ReservationTable
 log = logging.getLogger(__name__)
 
 
+class KvListener(Protocol):
+    """Told when a transfer's KV has landed or failed (decode_worker.worker.DecodeEngine)."""
+
+    def kv_ready(self, transfer_id: int, aux: AuxRecord) -> None: ...
+    def kv_failed(self, transfer_id: int, reason: str) -> None: ...
+
+
 class PageSink:
-    def __init__(self, pool: KVPool, engine, transfer_timeout_s: float) -> None:
+    def __init__(self, pool: KVPool, engine: KvListener, transfer_timeout_s: float) -> None:
         self.pool = pool
-        self.engine = engine  # decode_worker.worker.DecodeEngine
+        self.engine = engine
         self._lock = threading.Lock()
         self._pages: dict[int, list[int]] = {}
         # the transport's view of reservations: fails a reserved transfer that sees no chunk in time
@@ -41,7 +49,6 @@ class PageSink:
             known = self._pages.pop(transfer_id, None) is not None
         if known:
             self.table.cancel(transfer_id, "request finished or aborted on the decode worker")
-
 
     # ------------------------------------------------------------------ receiver threads
     def on_chunk(self, transfer_id: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],

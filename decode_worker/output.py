@@ -1,4 +1,5 @@
-"""Per-request channels from the engine thread to the gRPC stream coroutines.
+"""How a decode request is answered: its events, the channel that carries them from the engine
+thread to the gRPC stream coroutine, and the engine's side of answering (Output).
 
 The engine thread never touches asyncio objects directly: it calls `OutputChannel.put`, which
 hops onto the event loop with `call_soon_threadsafe`. The servicer awaits `get()`.
@@ -7,7 +8,19 @@ hops onto the event loop with `call_soon_threadsafe`. The servicer awaits `get()
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from common.serving import metrics
+from common.worker.load import WorkerLoadFigures
+
+if TYPE_CHECKING:
+    from decode_worker.reservations import Reservations
+    from decode_worker.scheduler import DecodeReq, Scheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,3 +68,54 @@ class OutputChannel:
 
     async def get(self) -> Event:
         return await self._queue.get()
+
+
+class Output:
+    """The engine thread's answers: new tokens, the finish, a failure. A request that ends (finished
+    or failed) has its KV reservation withdrawn before its pages are freed, so late chunks are dropped."""
+
+    def __init__(self, sched: Scheduler, reservations: Reservations) -> None:
+        self.sched = sched
+        self.reservations = reservations
+
+    def emit(self, req: DecodeReq) -> None:
+        """Send the tokens committed since the last emit (one TokenEvent with the running counters),
+        then the finish, if any, releasing the request."""
+        new = req.output_ids[req.emitted:]
+        if new:
+            lps = req.logprobs[req.emitted:] if req.params.logprobs else []
+            req.emitted = len(req.output_ids)
+            req.channel.put(TokenEvent(list(new), list(lps), len(req.output_ids),
+                                       req.verify_steps, req.accepted_drafts))
+        if req.finish is not None:
+            req.channel.put(req.finish)
+            self._release(req)
+
+    def emit_all(self, reqs: Iterable[DecodeReq]) -> None:
+        for req in reqs:
+            self.emit(req)
+
+    def fail(self, req: DecodeReq, code: str, message: str) -> None:
+        """End the request with an ErrorEvent; `code` is a grpc.StatusCode name."""
+        self._release(req)
+        req.channel.put(ErrorEvent(code, message))
+        metrics.errors_total().labels(code=code).inc()
+
+    def step_failed(self, reqs: Iterable[DecodeReq], error: Exception) -> None:
+        """A step raised (call from its except block): fail its batch, never the process."""
+        log.exception("decode step failed")
+        for req in reqs:
+            self.fail(req, "INTERNAL", f"decode step failed: {error}")
+
+    def _release(self, req: DecodeReq) -> None:
+        self.reservations.release(req.transfer_id)
+        self.sched.release(req)
+
+
+def report_load(load: WorkerLoadFigures) -> None:
+    """The decode queue and page gauges."""
+    metrics.queue_depth().labels(queue="decode_waiting_memory").set(load.queued)
+    metrics.queue_depth().labels(queue="decode_waiting_kv").set(load.waiting_for_kv)
+    metrics.queue_depth().labels(queue="decode_running").set(load.running)
+    metrics.kv_pages().labels(state="free").set(load.free_pages)
+    metrics.kv_pages().labels(state="used").set(load.used_pages)

@@ -27,6 +27,7 @@ from common.kvcache.allocator import PageAllocator
 from common.runtime.draft import DraftState
 from common.sampling.logit_processors import ThinkState
 from common.serving.sampling_params import SamplingParams
+from common.worker.load import WorkerLoadFigures
 from decode_worker.output import FinishEvent, OutputChannel
 
 
@@ -207,11 +208,12 @@ class Scheduler:
         fence.clear()
 
     # ------------------------------------------------------------------ load report
-    def load(self) -> dict[str, int]:
-        return {
-            "running": len(self.running),
-            "queued": len(self.waiting_memory),
-            "waiting_for_kv": len(self.waiting_kv) + len(self.ready),
-            "free_pages": self.allocator.num_free,
-            "total_pages": self.allocator.num_total,
-        }
+    @property
+    def busy(self) -> bool:
+        """Requests with KV in hand: the engine must step them."""
+        return bool(self.running or self.ready)
+
+    def load(self) -> WorkerLoadFigures:
+        return WorkerLoadFigures(running=len(self.running), queued=len(self.waiting_memory),
+                                 waiting_for_kv=len(self.waiting_kv) + len(self.ready),
+                                 free_pages=self.allocator.num_free, total_pages=self.allocator.num_total)

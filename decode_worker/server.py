@@ -12,6 +12,9 @@ import logging
 import time
 
 from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving.grpc_server import make_server, serve_until_signal
+from common.transport.handshake import check_compatible, choose_bulk_backend
+from common.transport.receiver import PairAcceptor
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
     build_runner,
@@ -21,12 +24,9 @@ from common.worker.base import (
     transport_config,
     worker_info,
 )
-from common.serving.grpc_server import make_server, serve_until_signal
-from common.transport.handshake import check_compatible, choose_bulk_backend
-from common.transport.receiver import PairAcceptor
 from decode_worker.commit import StopRules
 from decode_worker.kv_receiver import PageSink
-from decode_worker.scheduler import Scheduler
+from decode_worker.scheduler import DecodeReq, Scheduler
 from decode_worker.servicer import DecodeServicer
 from decode_worker.spec.eagle import EagleStepper
 from decode_worker.steps import PlainStepper
@@ -61,11 +61,12 @@ class DecodeWorkerApp:
         overlap = overlap and not spec.enabled and self.runner.device.type == "cuda"
         self.engine = DecodeEngine(sched, stepper, rules, overlap=overlap)
         self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout)
-        self.engine.sink = self.sink
+        self.engine.reservations.sink = self.sink
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.acceptor = PairAcceptor(self.sink.table, transport_config(cfg), advertise_host=cfg.advertise_host,
                                      device=device)
         self._info = worker_info(cfg, self.runner)
+        self.streams: set[DecodeReq] = set()  # Generate calls in progress (event loop only)
         self.draining = False
 
     def _capture_graphs(self, max_bs: int) -> None:
@@ -89,7 +90,11 @@ class DecodeWorkerApp:
         return self._info
 
     def load(self) -> worker_pb2.WorkerLoad:
-        return load_proto(self.engine.sched.load(), self.draining)
+        return load_proto(self.engine.snapshot.load, self.draining)
+
+    def streaming(self, request_id: str) -> bool:
+        """Whether a Generate call for this request is in progress here."""
+        return any(req.request_id == request_id for req in self.streams)
 
     async def pair(self, prefill: worker_pb2.WorkerInfo) -> worker_pb2.PairResponse:
         check_compatible(pairing_info(prefill), pairing_info(self._info))
@@ -105,9 +110,9 @@ class DecodeWorkerApp:
         """Finish in-flight requests (bounded by `grace`), then stop the engine and the transport."""
         self.draining = True
         deadline = time.monotonic() + grace
-        while self.engine.sched.by_id and time.monotonic() < deadline:
+        while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for rid in list(self.engine.sched.by_id):
+        for rid in {req.request_id for req in self.streams}:
             self.engine.abort(rid, "UNAVAILABLE", "decode worker shut down before the request finished")
         await asyncio.sleep(0.1)
         self.engine.stop()

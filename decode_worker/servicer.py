@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -15,11 +17,14 @@ from decode_worker.output import ErrorEvent, FinishEvent, OutputChannel, TokenEv
 from decode_worker.scheduler import DecodeReq, QueueFullError
 from protos import worker_pb2, worker_pb2_grpc
 
+if TYPE_CHECKING:
+    from decode_worker.server import DecodeWorkerApp
+
 log = logging.getLogger(__name__)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
-    def __init__(self, worker) -> None:  # decode_worker.server.DecodeWorkerApp
+    def __init__(self, worker: DecodeWorkerApp) -> None:
         self.w = worker
 
     async def Generate(self, request: worker_pb2.DecodeRequest,
@@ -30,38 +35,46 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         req = self._to_req(request)
         if isinstance(req, str):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, req)
-        admitted = asyncio.get_running_loop().create_future()
-        w.engine.submit(req, admitted)
+        w.streams.add(req)
+        try:
+            await self._admit(req, context)
+            async with aclosing(self._stream(req, context)) as chunks:  # its finally runs before ours
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            w.streams.discard(req)
+
+    async def _admit(self, req: DecodeReq, context: grpc.aio.ServicerContext) -> None:
+        admitted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.w.engine.submit(req, admitted)
         try:
             await admitted
         except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def _stream(self, req: DecodeReq,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        """The admitted request's events as chunks, until its finish or error (only what the engine sent)."""
         finished = False
-        started = time.monotonic()
-        last = None
+        last_at = time.monotonic()  # admission, then the last token event
+        last: TokenEvent | None = None
         try:
             while True:
                 ev = await req.channel.get()
                 if isinstance(ev, TokenEvent):
                     now = time.monotonic()
                     if last is None:
-                        metrics.ttft_seconds().observe(now - started)
+                        metrics.ttft_seconds().observe(now - last_at)
                     else:
-                        metrics.inter_token_latency_seconds().observe((now - last) / max(1, len(ev.token_ids)))
-                    last = now
+                        metrics.inter_token_latency_seconds().observe((now - last_at) / max(1, len(ev.token_ids)))
+                    last, last_at = ev, now
                     yield _chunk(ev)
                 elif isinstance(ev, FinishEvent):
                     finished = True
-                    fin = worker_pb2.Finish(reason=ev.reason)
-                    if ev.matched_token_id is not None:
-                        fin.token_id = ev.matched_token_id
                     metrics.requests_total().labels(status="OK").inc()
-                    # counters are cumulative: the last chunk carries the final values
-                    yield worker_pb2.DecodeChunk(finish=fin, completion_tokens=len(req.output_ids),
-                                                 spec_verify_steps=req.verify_steps,
-                                                 spec_accepted_drafts=req.accepted_drafts)
+                    yield _finish_chunk(ev, last)
                     return
                 else:
                     assert isinstance(ev, ErrorEvent)
@@ -69,7 +82,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     await context.abort(getattr(grpc.StatusCode, ev.code), ev.message)
         finally:
             if not finished:  # client gone or deadline: free everything on this worker
-                w.engine.abort(req.request_id, "CANCELLED", "client cancelled")
+                self.w.engine.abort(req.request_id, "CANCELLED", "client cancelled")
 
     def _to_req(self, request: worker_pb2.DecodeRequest) -> DecodeReq | str:
         w = self.w
@@ -105,7 +118,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                             f"after {timeout:.1f}s (request unknown, queued for memory, or aborted)")
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
-        found = request.request_id in self.w.engine.sched.by_id
+        found = self.w.streaming(request.request_id)
         self.w.engine.abort(request.request_id, "CANCELLED", "aborted by the gateway")
         return worker_pb2.AbortResponse(found=found)
 
@@ -130,3 +143,16 @@ def _chunk(ev: TokenEvent) -> worker_pb2.DecodeChunk:
         chunk.logprobs.add(token_id=tok, logprob=lp if lp is not None else 0.0,
                            top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
     return chunk
+
+
+def _finish_chunk(ev: FinishEvent, last: TokenEvent | None) -> worker_pb2.DecodeChunk:
+    """The closing chunk. Counters are cumulative, so it repeats the last token event's (a request
+    finishes in the same emission as the token that finished it: those are the final values)."""
+    fin = worker_pb2.Finish(reason=ev.reason)
+    if ev.matched_token_id is not None:
+        fin.token_id = ev.matched_token_id
+    if last is None:
+        return worker_pb2.DecodeChunk(finish=fin)
+    return worker_pb2.DecodeChunk(finish=fin, completion_tokens=last.completion_tokens,
+                                  spec_verify_steps=last.spec_verify_steps,
+                                  spec_accepted_drafts=last.spec_accepted_drafts)

@@ -18,6 +18,7 @@ from typing import Any
 
 from common.kvcache.allocator import PageAllocator
 from common.serving.sampling_params import SamplingParams
+from common.worker.load import WorkerLoadFigures
 
 
 class JobState(Enum):
@@ -131,11 +132,13 @@ class PrefillScheduler:
         job.state = JobState.DONE
         self.by_id.pop(job.request_id, None)
 
-    def load(self) -> dict[str, int]:
-        return {
-            "running": sum(1 for j in self.active if j.state is JobState.PREFILLING),
-            "queued": len(self.queue),
-            "waiting_for_kv": sum(1 for j in self.active if j.state is JobState.SENDING),
-            "free_pages": self.allocator.num_free,
-            "total_pages": self.allocator.num_total,
-        }
+    @property
+    def busy(self) -> bool:
+        """Jobs holding pages (computing, or waiting for the decode side to confirm their KV)."""
+        return bool(self.active)
+
+    def load(self) -> WorkerLoadFigures:
+        return WorkerLoadFigures(running=sum(1 for j in self.active if j.state is JobState.PREFILLING),
+                                 queued=len(self.queue),
+                                 waiting_for_kv=sum(1 for j in self.active if j.state is JobState.SENDING),
+                                 free_pages=self.allocator.num_free, total_pages=self.allocator.num_total)

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import time
 
-from common.serving import metrics
 from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving import metrics
+from common.serving.grpc_server import make_server, serve_until_signal
+from common.transport.base import TransferError, TransferStats
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
     build_runner,
@@ -17,8 +19,6 @@ from common.worker.base import (
     transport_config,
     worker_info,
 )
-from common.serving.grpc_server import make_server, serve_until_signal
-from common.transport.base import TransferError, TransferStats
 from prefill_worker.kv_sender import SenderPool
 from prefill_worker.scheduler import PrefillJob, PrefillScheduler
 from prefill_worker.servicer import PrefillServicer
@@ -74,7 +74,7 @@ class PrefillWorkerApp:
         return self._info
 
     def load(self) -> worker_pb2.WorkerLoad:
-        return load_proto(self.engine.sched.load(), self.draining)
+        return load_proto(self.engine.snapshot.load, self.draining)
 
     async def drain(self, grace: float) -> None:
         self.draining = True

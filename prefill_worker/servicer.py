@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -12,6 +13,9 @@ from common.transport.base import TransferError
 from common.transport.handshake import PairingError
 from prefill_worker.scheduler import PrefillJob
 from protos import worker_pb2, worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from prefill_worker.server import PrefillWorkerApp
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,7 @@ def status_of(error: BaseException) -> grpc.StatusCode:
 
 
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
-    def __init__(self, app) -> None:  # prefill_worker.server.PrefillWorkerApp
+    def __init__(self, app: PrefillWorkerApp) -> None:
         self.app = app
 
     async def Prefill(self, request: worker_pb2.PrefillRequest,

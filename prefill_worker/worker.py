@@ -17,44 +17,45 @@ from typing import Any
 
 import torch
 
-from common.serving import metrics
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.model.config import SpecConfig
 from common.runtime.draft import draft_states
-from common.worker.engine import EngineThread
 from common.runtime.runner import ModelRunner
-from common.sampling.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
+from common.sampling.token_sampler import TokenSampler
+from common.serving import metrics
 from common.transport.aux import AuxRecord
+from common.worker.engine import EngineThread
+from prefill_worker.messages import Abort, PrefillMsg, Submit, TransferDone
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
 
 log = logging.getLogger(__name__)
 
 
-class PrefillEngine(EngineThread):
+class PrefillEngine(EngineThread[PrefillMsg]):
     def __init__(self, runner: ModelRunner, sched: PrefillScheduler, sampler: TokenSampler, spec: SpecConfig,
                  layer_group_size: int = 4) -> None:
-        super().__init__("prefill-engine")
+        super().__init__("prefill-engine", sched)
         self.runner = runner
         self.sched = sched
         self.sampler = sampler
         self.spec = spec
         self.num_layers = runner.config.num_hidden_layers
         self.group = max(1, layer_group_size)
+        self.handle(Submit, self._on_submit)
+        self.handle(Abort, self._on_abort)
+        self.handle(TransferDone, self._on_transfer_done)
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: PrefillJob) -> None:
-        self.post("submit", job)
+        self.post(Submit(job))
 
     def abort(self, request_id: str, reason: str = "aborted") -> None:
-        self.post("abort", (request_id, reason))
+        self.post(Abort(request_id, reason))
 
     def transfer_done(self, job: PrefillJob, error: Exception | None) -> None:
         """Sender thread callback: the decode side confirmed (or the transfer failed)."""
-        self.post("sent", (job, error))
-
-    def stalled(self, limit_s: float) -> bool:
-        return bool(self.sched.active) and time.monotonic() - self.last_progress > limit_s
+        self.post(TransferDone(job, error))
 
     # ------------------------------------------------------------------ loop
     def run_once(self) -> None:
@@ -62,33 +63,35 @@ class PrefillEngine(EngineThread):
         self._drain_inbox(block=not busy)
         self._expire()
         chunks = self.sched.plan()
-        if not chunks:
-            self._report()
-            return
+        self.publish()
+        if chunks:
+            self._forward(chunks)
+            self.last_progress = time.monotonic()
+            self.publish()
+        self._report()
+
+    def _forward(self, chunks: list[Chunk]) -> None:
         try:
             self._step(chunks)
         except Exception as e:  # fail the batch, never the process
             log.exception("prefill step failed")
             for c in chunks:
                 self._finish(c.job, RuntimeError(f"prefill forward failed: {e}"))
-        self.last_progress = time.monotonic()
-        self._report()
 
-    def _on_submit(self, job: PrefillJob) -> None:
+    def _on_submit(self, msg: Submit) -> None:
         try:
-            self.sched.submit(job)
+            self.sched.submit(msg.job)
         except (OverflowError, ValueError) as e:
-            job.on_done(job, e)
+            msg.job.on_done(msg.job, e)
 
-    def _on_abort(self, payload: tuple[str, str]) -> None:
-        job = self.sched.by_id.get(payload[0])
+    def _on_abort(self, msg: Abort) -> None:
+        job = self.sched.by_id.get(msg.request_id)
         if job is not None:
-            self._finish(job, RuntimeError(payload[1]))
+            self._finish(job, RuntimeError(msg.reason))
 
-    def _on_sent(self, payload: tuple[PrefillJob, Exception | None]) -> None:
-        job, error = payload
-        if job.state is not JobState.DONE:
-            self._finish(job, error)
+    def _on_transfer_done(self, msg: TransferDone) -> None:
+        if msg.job.state is not JobState.DONE:
+            self._finish(msg.job, msg.error)
 
     def _expire(self) -> None:
         now = time.time()
@@ -183,8 +186,8 @@ class PrefillEngine(EngineThread):
                             aux.pack() if aux is not None else None, event)
 
     def _report(self) -> None:
-        load = self.sched.load()
-        metrics.queue_depth().labels(queue="prefill_queued").set(load["queued"])
-        metrics.queue_depth().labels(queue="prefill_sending").set(load["waiting_for_kv"])
-        metrics.kv_pages().labels(state="free").set(load["free_pages"])
-        metrics.kv_pages().labels(state="used").set(load["total_pages"] - load["free_pages"])
+        load = self.snapshot.load
+        metrics.queue_depth().labels(queue="prefill_queued").set(load.queued)
+        metrics.queue_depth().labels(queue="prefill_sending").set(load.waiting_for_kv)
+        metrics.kv_pages().labels(state="free").set(load.free_pages)
+        metrics.kv_pages().labels(state="used").set(load.used_pages)

@@ -9,7 +9,6 @@ import socket
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
 
 from common.model.config import SpecConfig, validate_spec_config
 
@@ -144,7 +143,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
 
 
 def worker_main(parser: argparse.ArgumentParser, role: str, argv: list[str],
-                serve: Callable[[WorkerConfig, argparse.Namespace], Coroutine[Any, Any, None]],
+                serve: Callable[[WorkerConfig, argparse.Namespace], Coroutine[object, object, None]],
                 check: Callable[[argparse.Namespace], str | None] | None = None) -> int:
     """Parse flags, refuse bad ones with a message naming the flag, set up logging, serve."""
     import logging

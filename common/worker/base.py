@@ -4,16 +4,22 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from common.model.config import CacheConfig
 from common.runtime.runner import ModelRunner
-from common.worker.args import WorkerConfig
 from common.transport.base import TransportConfig
 from common.transport.handshake import PairingInfo
+from common.worker.args import WorkerConfig
+from common.worker.load import WorkerLoadFigures
 from protos import worker_pb2
+
+if TYPE_CHECKING:
+    import grpc
+
+    from common.serving.grpc_server import Health
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +94,20 @@ def transport_config(cfg: WorkerConfig) -> TransportConfig:
     return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout)
 
 
-def load_proto(load: dict[str, int], draining: bool) -> worker_pb2.WorkerLoad:
-    """A scheduler's load() counts as the GetLoad reply (same keys for both worker roles)."""
-    return worker_pb2.WorkerLoad(running=load["running"], queued=load["queued"],
-                                 waiting_for_kv=load["waiting_for_kv"], free_pages=load["free_pages"],
-                                 total_pages=load["total_pages"], draining=draining)
+def load_proto(load: WorkerLoadFigures, draining: bool) -> worker_pb2.WorkerLoad:
+    """An engine's published load figures as the GetLoad reply (the same fields for both roles)."""
+    return worker_pb2.WorkerLoad(running=load.running, queued=load.queued, waiting_for_kv=load.waiting_for_kv,
+                                 free_pages=load.free_pages, total_pages=load.total_pages, draining=draining)
 
 
-async def open_worker_server(server: Any, service: str, cfg: WorkerConfig, engine: Any) -> tuple[Any, int]:
+class Startable(Protocol):
+    def start(self) -> None: ...
+
+
+async def open_worker_server(server: grpc.aio.Server, service: str, cfg: WorkerConfig,
+                             engine: Startable) -> tuple[Health, int]:
     """Health and reflection for `service`, bind cfg.host:cfg.port, the metrics endpoint, start the
-    engine thread and the server, then report ready. Returns (health servicer, bound port)."""
+    engine thread and the server, then report ready. Returns (health state, bound port)."""
     from common.serving import metrics
     from common.serving.grpc_server import add_health, add_reflection
 

@@ -19,10 +19,11 @@ import torch
 
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.sampling.logit_processors import RowContext
+from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.sampling_params import SamplingParams
 from common.transport.aux import AuxRecord
+from common.worker.messages import Wake
 from decode_worker.commit import StopRules
 from decode_worker.output import ErrorEvent, FinishEvent, TokenEvent
 from decode_worker.scheduler import DecodeReq, ReqState, Scheduler
@@ -131,7 +132,7 @@ def serve(env, specs: list[Spec], overlap: bool, max_running: int = 16, strict: 
         for s in specs:
             if s.arrive == turn:
                 sched.submit(reqs[s.rid])
-        engine.inbox.put(("wake", None))  # never block on an empty inbox
+        engine.post(Wake())  # never block on an empty inbox
         engine.run_once()
         for tid, req in list(sched.waiting_kv.items()):
             if req.request_id not in prefilled:

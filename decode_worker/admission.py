@@ -1,0 +1,69 @@
+"""How requests enter the decode engine, and leave it before they run: the handlers of the engine's
+messages (decode_worker/messages.py) and the admission of queued requests into reserved pages.
+
+    Submit -> queued for memory -> admit: pages held, reservation marked -> KvReady: first token
+    committed, ready to batch.    Abort / KvFailed / the deadline fail it at any point.
+
+Engine thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from decode_worker.commit import StopRules, commit_first_token
+from decode_worker.messages import Abort, KvFailed, KvReady, Submit
+from decode_worker.output import Output
+from decode_worker.reservations import Reservations
+from decode_worker.scheduler import QueueFullError, Scheduler
+from decode_worker.stepper import Stepper
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    def __init__(self, sched: Scheduler, stepper: Stepper, rules: StopRules, reservations: Reservations,
+                 out: Output) -> None:
+        self.sched = sched
+        self.stepper = stepper
+        self.rules = rules
+        self.reservations = reservations
+        self.out = out
+
+    def admit(self) -> None:
+        """Give queued requests their pages (FIFO) and mark their transfers reserved."""
+        for req in self.sched.admit():
+            if not req.needs_recompute:  # a resumed request's KV is rebuilt locally
+                self.reservations.reserve(req.transfer_id, req.pages)
+
+    def on_submit(self, msg: Submit) -> None:
+        try:
+            self.sched.submit(msg.req)
+        except (QueueFullError, ValueError) as e:
+            msg.admitted.set_exception(e)
+            return
+        msg.admitted.set_result(None)
+
+    def on_abort(self, msg: Abort) -> None:
+        req = self.sched.by_id.get(msg.request_id)
+        if req is not None:
+            self.out.fail(req, msg.code, msg.message)
+
+    def on_kv_ready(self, msg: KvReady) -> None:
+        req = self.sched.waiting_kv.get(msg.transfer_id)
+        if req is None:
+            log.warning("KV for unknown or aborted transfer %d dropped", msg.transfer_id)
+            return
+        self.stepper.on_kv_arrival(req, msg.aux)
+        commit_first_token(req, msg.aux, self.rules)
+        self.sched.kv_arrived(req)
+        if req.finish is not None:  # the first token already ended it (eos, max_tokens=1)
+            self.out.emit(req)
+
+    def on_kv_failed(self, msg: KvFailed) -> None:
+        req = self.sched.waiting_kv.get(msg.transfer_id)
+        if req is not None:
+            self.out.fail(req, "UNAVAILABLE", f"KV transfer failed: {msg.reason}")
+
+
+__all__ = ["Admission"]

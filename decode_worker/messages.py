@@ -1,0 +1,49 @@
+"""What other threads tell the decode engine thread (besides common/worker/messages.py's Wake and Stop).
+
+Posted by the gRPC handlers (Submit, Abort) and the KV receiver threads (KvReady, KvFailed); each has
+one handler on decode_worker.worker.DecodeEngine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.transport.aux import AuxRecord
+from common.worker.reply import Reply
+from decode_worker.scheduler import DecodeReq
+
+
+@dataclass(frozen=True)
+class Submit:
+    """A new request; `admitted` gets None once it is queued, or the QueueFullError / ValueError."""
+
+    req: DecodeReq
+    admitted: Reply[None]
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Fail the request (if still active) with an ErrorEvent of `code` (a grpc.StatusCode name)."""
+
+    request_id: str
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class KvReady:
+    """A transfer's KV is in its reserved pages; `aux` carries the first token and draft state."""
+
+    transfer_id: int
+    aux: AuxRecord
+
+
+@dataclass(frozen=True)
+class KvFailed:
+    transfer_id: int
+    reason: str
+
+
+DecodeMsg = Submit | Abort | KvReady | KvFailed
+
+__all__ = ["Abort", "DecodeMsg", "KvFailed", "KvReady", "Submit"]

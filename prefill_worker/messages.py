@@ -1,0 +1,39 @@
+"""What other threads tell the prefill engine thread (besides common/worker/messages.py's Wake and Stop).
+
+Posted by the gRPC handlers (Submit, Abort) and the KV sender threads (TransferDone); each has one
+handler on prefill_worker.worker.PrefillEngine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefill_worker.scheduler import PrefillJob
+
+
+@dataclass(frozen=True)
+class Submit:
+    """A new job; a refused one (queue full, too long) gets job.on_done(job, error) at once."""
+
+    job: PrefillJob
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Finish the job (if still active) with RuntimeError(reason)."""
+
+    request_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TransferDone:
+    """The decode side confirmed the job's KV (error None), or the transfer failed."""
+
+    job: PrefillJob
+    error: Exception | None
+
+
+PrefillMsg = Submit | Abort | TransferDone
+
+__all__ = ["Abort", "PrefillMsg", "Submit", "TransferDone"]
