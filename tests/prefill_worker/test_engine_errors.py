@@ -12,6 +12,7 @@ import torch
 
 from common.transport.base import PairBroken, TransferError
 from common.transport.loopback import LoopbackSender
+from common.worker.load import WorkerLoadFigures
 from prefill_worker.scheduler import JobState
 from tests.prefill_worker.rig import RecordingSender, Rig, past, prompt
 
@@ -65,11 +66,11 @@ def test_abort_while_waiting_for_the_transfer_frees_the_pages_and_ignores_a_late
     for _ in range(3):
         rig.turn()
     assert a.state is JobState.SENDING and a.first_token is not None
-    assert rig.sched.load()["waiting_for_kv"] == 1 and rig.runner.allocator.num_free == rig.free_at_start - 2
+    assert rig.sched.load().waiting_for_kv == 1 and rig.runner.allocator.num_free == rig.free_at_start - 2
     rig.engine.abort("a", "aborted by the gateway")
     rig.turn()
     assert str(rig.done[a.transfer_id]) == "aborted by the gateway"
-    assert rig.runner.allocator.num_free == rig.free_at_start and rig.sched.load()["waiting_for_kv"] == 0
+    assert rig.runner.allocator.num_free == rig.free_at_start and rig.sched.load().waiting_for_kv == 0
     rig.confirm(a.transfer_id)  # the sender's confirmation arrives after the abort
     rig.turn()  # a second on_done would fail the rig's once-only check
     assert str(rig.done[a.transfer_id]) == "aborted by the gateway"
@@ -159,8 +160,8 @@ def test_a_full_queue_refuses_with_resource_exhaustion(tiny_model_dir: Path) -> 
         rig.turn()
         err = rig.done[refused.transfer_id]
         assert isinstance(err, OverflowError) and str(err) == "prefill queue is full (1 requests waiting)"
-        assert rig.sched.load() == {"running": 0, "queued": 1, "waiting_for_kv": 1, "free_pages": 0,
-                                    "total_pages": 4}
+        assert rig.sched.load() == WorkerLoadFigures(running=0, queued=1, waiting_for_kv=1, free_pages=0,
+                                                     total_pages=4)
         rig.confirm(hog.transfer_id)
         rig.run()
         assert rig.done[hog.transfer_id] is None

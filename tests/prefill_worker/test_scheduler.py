@@ -7,6 +7,7 @@ import pytest
 
 from common.kvcache.allocator import PageAllocator
 from common.serving.sampling_params import SamplingParams
+from common.worker.load import WorkerLoadFigures
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
 
 PAGE = 4
@@ -90,7 +91,8 @@ def test_memory_admission_is_fifo_and_released_pages_unblock_the_queue() -> None
     assert step(sched) == [("a", 0, 16, True)]
     # b needs 3 pages, 2 are free: b waits, and c (which would fit) waits behind it
     assert step(sched) == [] and b.pages == [] and c.pages == []
-    assert sched.load() == {"running": 0, "queued": 2, "waiting_for_kv": 1, "free_pages": 2, "total_pages": 6}
+    assert sched.load() == WorkerLoadFigures(running=0, queued=2, waiting_for_kv=1, free_pages=2,
+                      total_pages=6)
     sched.release(a)
     assert step(sched) == [("b", 0, 12, True), ("c", 0, 4, True)]
     assert alloc.num_free == 2
@@ -126,7 +128,7 @@ def test_queue_limit_refuses_with_a_message_and_frees_up_when_jobs_start() -> No
     assert "c" not in sched.by_id
     assert step(sched) == [("a", 0, 4, True)]  # a left the queue: there is room again
     sched.submit(job("c", 4))
-    assert sched.load()["queued"] == 2
+    assert sched.load().queued == 2
 
 
 def test_duplicate_request_id_is_refused_until_the_first_is_released() -> None:
@@ -158,10 +160,11 @@ def test_chunk_budget_must_be_positive() -> None:
 def test_load_counts_each_state() -> None:
     alloc = PageAllocator(65)
     sched = PrefillScheduler(alloc, PAGE, chunk_tokens=8, max_queued=4)
-    idle = {"running": 0, "queued": 0, "waiting_for_kv": 0, "free_pages": 64, "total_pages": 64}
+    idle = WorkerLoadFigures(running=0, queued=0, waiting_for_kv=0, free_pages=64,
+                      total_pages=64)
     assert sched.load() == idle
     for rid, n in (("sent", 3), ("mid", 30), ("wait1", 5), ("wait2", 5)):
         sched.submit(job(rid, n))
     step(sched)  # sent: final; mid: 5 of 30 tokens
-    assert sched.load() == {"running": 1, "queued": 2, "waiting_for_kv": 1, "free_pages": 64 - 1 - 8,
-                            "total_pages": 64}
+    assert sched.load() == WorkerLoadFigures(running=1, queued=2, waiting_for_kv=1, free_pages=64 - 1 - 8,
+                      total_pages=64)
