@@ -12,8 +12,8 @@ import torch
 
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.sampling.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext, ThinkState
+from common.sampling.token_sampler import TokenSampler
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.overlap import LaunchedStep, feed_tokens
 from decode_worker.scheduler import DecodeReq

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from common.serving.log import setup_logging
 from common.serving.grpc_server import run
+from common.serving.log import setup_logging
 from gateway.config import GatewayConfig
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from common.sampling.logit_processors import RowContext, ThinkingBudget, ThinkState, apply_processors
-from common.serving.sampling_params import SamplingParams
 from common.sampling.sampler import SamplingTensors, sample, target_probs, uses_filter
+from common.serving.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import torch
 
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.sampling.logit_processors import RowContext
+from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.sampling_params import SamplingParams
 
 DEFAULT_TINY_DIR = Path(os.environ.get("GLMSERVE_TINY_DIR", "~/.cache/glmserve/tiny-glm45")).expanduser()

@@ -37,14 +37,14 @@ from dataclasses import dataclass
 
 import torch
 
-from common.serving import metrics
 from common.forward.batch import ForwardBatch, SeqSpec, TreeLayout, to_device
 from common.model.config import SpecConfig
 from common.runtime.draft import DraftBatch, DraftState, draft_states, draft_topk, stack_states
 from common.runtime.runner import ModelRunner
-from common.sampling.token_sampler import TokenSampler
 from common.sampling.logit_processors import RowContext
 from common.sampling.sampler import SamplingTensors, draw_uniforms, target_probs, uses_filter
+from common.sampling.token_sampler import TokenSampler
+from common.serving import metrics
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, chain_tree, select_tree

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.model.config import ModelConfig
 from common.model import LoadError, build_model, load_model
+from common.model.config import ModelConfig
 from common.model.loader import checkpoint_layout
 from common.ops import reference
 from common.tools.tiny_model import make_tiny_model

@@ -11,7 +11,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.serving import ids, metrics
-from common.serving.log import setup_logging
 from common.serving.grpc_server import (
     add_health,
     add_reflection,
@@ -20,6 +19,7 @@ from common.serving.grpc_server import (
     serve_until_signal,
     server_options,
 )
+from common.serving.log import setup_logging
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from common.tools.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS, chat_template_source, write_tokenizer_files
+from common.tools.tiny_tokenizer import (
+    SPECIAL_TOKENS,
+    STOP_TOKENS,
+    chat_template_source,
+    write_tokenizer_files,
+)
 
 FILES = ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
 

@@ -60,8 +60,8 @@ class Reference:
         self.sampler = TokenSampler(SpecialIds.from_model_dir(str(model_dir)))
 
     def greedy(self, ids: list[int], max_tokens: int, **kw) -> list[int]:
-        from common.tools.generate import reference_generate
         from common.serving.sampling_params import SamplingParams
+        from common.tools.generate import reference_generate
 
         kw.setdefault("ignore_eos", True)
         return reference_generate(self.runner, self.sampler, ids,
@@ -130,5 +130,6 @@ def gateway(cluster: Cluster) -> gateway_pb2_grpc.GatewayStub:
 
 def proc_stats(pid: int) -> tuple[int, int]:
     """(threads, open file descriptors) of a process (Linux /proc)."""
-    threads = int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("Threads:")))
+    with open(f"/proc/{pid}/status") as f:
+        threads = int(next(line.split()[1] for line in f if line.startswith("Threads:")))
     return threads, len(os.listdir(f"/proc/{pid}/fd"))

@@ -180,8 +180,8 @@ def test_soak_leaks_no_pages_threads_or_fds(launch, tiny_model_dir):
     assert wait_pages_free(cluster, before) == before, "pages leaked"
     time.sleep(0.5)
     after = {n: proc_stats(p.pid) for n, p in cluster.procs.items()}
-    for name in warm:
-        (t0, f0), (t1, f1) = warm[name], after[name]
+    for name, (t0, f0) in warm.items():
+        t1, f1 = after[name]
         assert t1 <= t0 + 2, f"{name}: threads grew {t0} -> {t1}"
         assert f1 <= f0 + 4, f"{name}: file descriptors grew {f0} -> {f1}"
 
