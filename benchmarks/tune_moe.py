@@ -12,9 +12,7 @@ replays, median) over a candidate list chosen by the rows each expert gets; the 
 BLOCK_M whose best gate_up + best down is fastest. Tables are merged into existing files (entries
 for other M kept) in --out-dir and copied to $OUT/moe_configs when OUT is set. A time budget
 stops starting new (shape, M) points; the heuristic in triton_moe.default_config covers the rest.
-Candidates that do not fit the GPU (shared memory) are skipped. At prefill sizes the candidates
-include A operands in block order by TMA with warp-specialised loops ("a_tma", "ws"; see
-benchmarks/bench_moe_blocked.py for the side-by-side of the whole op).
+Candidates that do not fit the GPU (shared memory) are skipped.
 """
 
 from __future__ import annotations
@@ -63,40 +61,16 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
            for tma in (True, False)
            for n, k, w, s in ((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
                               (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4))]
-    # gate_up's block-order candidates pay for the x gather in their time
-    down_act = [{**c, "a_tma": True} for c in big[:4]]  # act in block order, loop not specialised
-    return ([64, 128], big + ws_configs(((128, 3), (128, 4), (64, 4))),
-            big + ws_configs(((256, 3), (128, 4), (256, 4))) + down_act)
+    return [64, 128], big, list(big)
 
 
-def ws_configs(tiles: tuple[tuple[int, int], ...]) -> list[dict]:
-    """Both operands by TMA (A in block order), K loop warp-specialised, one per (BLOCK_N,
-    num_stages); 4 warps: the pass adds one producer and two consumer groups around them."""
-    return [{"BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": st, "tma": True,
-             "a_tma": True, "ws": True} for n, st in tiles]
-
-
-def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw, blocked):  # type: ignore[no-untyped-def]
-    """The timed call of one candidate. blocked: (x, act) in the blocks' sorted order, for "a_tma"
-    candidates (None on the one-token path, where they run as plain TMA configs, as in fused_moe).
-    gate_up is timed writing act by assignment even where the table's down will make it write in
-    block order (same bytes, the rows' order differs)."""
+def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw):  # type: ignore[no-untyped-def]
     numel, inter = act.shape
-    h, k = x.shape[1], TOP_K + SHARED
-    a_sorted = bool(cfg.get("a_tma")) and blocked is not None
-    if part == "up" and a_sorted:
-
-        def gathered_up() -> None:  # the gather's cost belongs to this candidate
-            tm.gather_rows(x, sorted_ids, block_expert, k, bm)
-            tm._gemm(blocked[0], w13, act, sorted_ids, block_expert, topw, numel, inter, h, k, True, bm, cfg,
-                     a_sorted=True)
-
-        return gathered_up
+    h = x.shape[1]
     if part == "up":
-        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, k, True, bm, cfg)
-    a = blocked[1] if a_sorted else act
-    return lambda: tm._gemm(a, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg,
-                            a_sorted=a_sorted)
+        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, TOP_K + SHARED, True, bm,
+                                cfg)
+    return lambda: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg)
 
 
 def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | None:
@@ -115,16 +89,12 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
             sorted_ids, block_expert = None, ids.reshape(-1)
         else:
             sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
-        blocked = None
-        if sorted_ids is not None and any(c.get("a_tma") for c in ups + downs):
-            blocked = (tm.gather_rows(x, sorted_ids, block_expert, TOP_K + SHARED, bm),
-                       torch.randn(sorted_ids.shape[0], inter, device="cuda", dtype=torch.bfloat16))
         scores = {}
         for part, cands in (("up", ups), ("down", downs)):
             for cfg in cands:
                 if time.time() > deadline and part in scores:
                     break
-                call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw, blocked)
+                call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw)
                 try:
                     t = gt.time_graph([call], reps=10)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
