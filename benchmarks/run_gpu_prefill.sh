@@ -15,16 +15,16 @@ if has tests; then
     -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "moe or topk or router"
 fi
 if has tune; then
-  stage tune_moe "${TUNE_S:-300}" $PY benchmarks/tune_moe.py --m "${TUNE_M:-1024,2048,4096}" \
+  stage tune_moe "${TUNE_S:-300}" $PY -m benchmarks.kernels.tune_moe --m "${TUNE_M:-1024,2048,4096}" \
     --budget-s $(( ${TUNE_S:-300} - 30 ))
   (cd "$OUT" && tar cf moe_configs.tar moe_configs 2>/dev/null)
 fi
 if has bench; then
-  stage bench_moe 200 $PY benchmarks/bench_kernels.py --sections moe --budget-s 170
-  stage bench_align 90 $PY benchmarks/bench_align.py
-  stage bench_router 60 $PY benchmarks/bench_router.py
-  stage profile_prefill 120 $PY benchmarks/profile_step.py --decode "" --prefill 2048
-  stage bench_step 240 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1}" --prefill 2048
+  stage bench_moe 200 $PY -m benchmarks.kernels.bench_kernels --sections moe --budget-s 170
+  stage bench_align 90 $PY -m benchmarks.kernels.bench_align
+  stage bench_router 60 $PY -m benchmarks.kernels.bench_router
+  stage profile_prefill 120 $PY -m benchmarks.model_step.profile_step --decode "" --prefill 2048
+  stage bench_step 240 $PY -m benchmarks.model_step.bench_decode_step --batches "${BENCH_BATCHES:-1}" --prefill 2048
 fi
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20

@@ -35,7 +35,7 @@ from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_
 from common.ops.triton_router import router_logits_mma
 
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
-ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (benchmarks/bench_align.py)
+ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (benchmarks/kernels/bench_align.py)
 ALIGN_MAX_CHUNKS = 128
 
 
@@ -373,7 +373,7 @@ def tma_supported(device: torch.device) -> bool:
 
 # Programmatic dependent launch (Hopper+): each of the pipeline's kernels is launched while its
 # predecessor drains and waits in-kernel (griddepcontrol.wait) for its results, so the launch
-# latency between them overlaps the previous kernel's tail. benchmarks/bench_moe_pdl.py times it
+# latency between them overlaps the previous kernel's tail. benchmarks/kernels/bench_moe_pdl.py times it
 # against plain launches; GLMSERVE_MOE_PDL=0 turns it off for a process.
 USE_PDL = os.environ.get("GLMSERVE_MOE_PDL", "1") != "0"
 
@@ -416,7 +416,7 @@ def fused_moe(
 
 def fused_moe_with_config(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-    config: dict | None,  # None: get_config(); benchmarks/tune_moe.py and tests pass candidates
+    config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
 ) -> torch.Tensor:
     n_tok, hidden = x.shape
     num_experts, n2, _ = w13.shape

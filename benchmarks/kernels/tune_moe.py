@@ -1,7 +1,7 @@
 """Tune the fused-MoE block configs on this GPU and write common/ops/moe_configs/*.json.
 
-    python benchmarks/tune_moe.py                          # quick: Air + GLM-4.5 full width, 7 M values
-    python benchmarks/tune_moe.py --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
+    python3 -m benchmarks.kernels.tune_moe                          # quick: Air + GLM-4.5 full width, 7 M values
+    python3 -m benchmarks.kernels.tune_moe --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
 
 Shapes are the model's: the E routed experts plus --shared (default 1) shared experts stacked after
 them, top-8 routed + the shared column per token (common/model/moe.py), so tables are keyed E+1.
@@ -24,9 +24,9 @@ import shutil
 import time
 from pathlib import Path
 
-import gpu_timing as gt
 import torch
 
+from benchmarks import measure
 from common.ops import triton_moe as tm
 
 MODELS = {"air": (128, 4096, 1408), "glm45": (160, 5120, 1536)}  # E, H, I_e
@@ -96,7 +96,7 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
                     break
                 call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw)
                 try:
-                    t = gt.time_graph([call], reps=10)
+                    t = measure.time_graph([call], reps=10)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"    skip {part} BM={bm} {cfg}: {type(exc).__name__}", flush=True)
                     continue
@@ -130,7 +130,7 @@ def main() -> None:
     ms = QUICK_M if args.m == "quick" else ALL_M if args.m == "all" else tuple(int(v) for v in args.m.split(","))
     name = torch.cuda.get_device_name(0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = gt.out_dir()
+    out = measure.out_dir()
     print(f"tuning on {name}; M = {ms}", flush=True)
     shapes = [(model, tp_deg, MODELS[model][0] + SHARED, MODELS[model][1], MODELS[model][2] // tp_deg)
               for tp_deg in (int(v) for v in args.tp.split(",")) for model in args.models.split(",")]

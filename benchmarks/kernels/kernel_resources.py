@@ -2,7 +2,7 @@
 warps, registers, spills, shared memory and the instruction mix of each config, from Triton's
 compile and the bundled cuobjdump (common/ops/compile_report.py).
 
-    python benchmarks/kernel_resources.py [--m 4096] [--configs FILE.json]
+    python3 -m benchmarks.kernels.kernel_resources [--m 4096] [--configs FILE.json]
 
 FILE.json maps a name to {"gated": bool, "BLOCK_M": int, "BLOCK_N": .., "BLOCK_K": .., "GROUP_M": ..,
 "num_warps": .., "num_stages": .., "tma": .., "direct": .. (the one-token path), "K": .. (the reduction
