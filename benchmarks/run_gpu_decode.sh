@@ -17,19 +17,19 @@ if has tests; then
     tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_eagle_graphs_gpu.py tests/gpu/test_overlap_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "${TESTS_K:-moe or model or graph or overlap or bf16}"
 fi
 if has tune; then
-  stage tune_moe "${TUNE_S:-150}" $PY benchmarks/tune_moe.py --m "${TUNE_M:-1,8}" --tp "${TUNE_TP:-1,8}" \
+  stage tune_moe "${TUNE_S:-150}" $PY -m benchmarks.kernels.tune_moe --m "${TUNE_M:-1,8}" --tp "${TUNE_TP:-1,8}" \
     --budget-s $(( ${TUNE_S:-150} - 20 ))
   (cd "$OUT" && tar cf moe_configs.tar moe_configs 2>/dev/null)
   [ -d "$OUT/moe_configs" ] && cp "$OUT"/moe_configs/*.json common/ops/moe_configs/  # the bench stage uses them
 fi
 if has pdl; then  # fused MoE with / without programmatic dependent launch, kernels and whole steps
-  stage bench_moe_pdl 200 $PY benchmarks/bench_moe_pdl.py --m "${PDL_M:-1,8,64,4096}"
-  stage bench_step_nopdl 200 env GLMSERVE_MOE_PDL=0 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1,8}" --prefill 0
+  stage bench_moe_pdl 200 $PY -m benchmarks.kernels.bench_moe_pdl --m "${PDL_M:-1,8,64,4096}"
+  stage bench_step_nopdl 200 env GLMSERVE_MOE_PDL=0 $PY -m benchmarks.model_step.bench_decode_step --batches "${BENCH_BATCHES:-1,8}" --prefill 0
 fi
 if has bench; then
-  stage bench_moe 120 $PY benchmarks/bench_kernels.py --sections moe --moe-m "${BENCH_M:-1,8}" --budget-s 100
-  stage profile_decode 90 $PY benchmarks/profile_step.py --decode 1 --prefill 0
-  stage bench_step 200 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1,8}" --prefill 0
+  stage bench_moe 120 $PY -m benchmarks.kernels.bench_kernels --sections moe --moe-m "${BENCH_M:-1,8}" --budget-s 100
+  stage profile_decode 90 $PY -m benchmarks.model_step.profile_step --decode 1 --prefill 0
+  stage bench_step 200 $PY -m benchmarks.model_step.bench_decode_step --batches "${BENCH_BATCHES:-1,8}" --prefill 0
 fi
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20

@@ -13,10 +13,10 @@ source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve decode CUDA graphs run"
 stage gpu_tests 100 $PY -m pytest tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_eagle_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "graph" -m gpu -q \
   -p no:cacheprovider -o addopts="" -rfE
-stage bench_spec_step 150 $PY benchmarks/bench_spec_step.py --batches 1,8,32 --context 1024
+stage bench_spec_step 150 $PY -m benchmarks.model_step.bench_spec_step --batches 1,8,32 --context 1024
 pkill -9 -f "[c]ommon[.]cli"
 E2E_LOGS="$(mktemp -d /tmp/glmserve_graphs_e2e.XXXXXX)"
-stage bench_e2e 170 $PY benchmarks/bench_e2e.py --device cuda:0 --concurrency 1,8,32 --prompt 1024 --max-tokens 64 \
+stage bench_e2e 170 $PY -m benchmarks.serving.bench_e2e --device cuda:0 --concurrency 1,8,32 --prompt 1024 --max-tokens 64 \
   --log-dir "$E2E_LOGS"
 pkill -9 -f "[c]ommon[.]cli"
 {

@@ -11,7 +11,7 @@ source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve overlap schedule run"
 stage gpu_overlap_tests 120 $PY -m pytest tests/gpu/test_overlap_gpu.py tests/gpu/test_decode_graphs_gpu.py -m gpu -q \
     -o addopts="" -rfE
-stage bench_overlap 150 $PY benchmarks/bench_overlap.py --batches 1,8,32 --context 1024 --steps 128
-stage bench_e2e_overlap 300 $PY benchmarks/bench_e2e.py --device cuda:0 --concurrency 1,8,32 --prompt 1024 \
+stage bench_overlap 150 $PY -m benchmarks.model_step.bench_overlap --batches 1,8,32 --context 1024 --steps 128
+stage bench_e2e_overlap 300 $PY -m benchmarks.serving.bench_e2e --device cuda:0 --concurrency 1,8,32 --prompt 1024 \
     --max-tokens 64 --overlap both --no-spec
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/$SUMMARY"

@@ -3,7 +3,6 @@
 # counts, then the kernels, the expert alignment and the 2048-token prefill against their rooflines.
 #     OUT=/some/dir bash benchmarks/run_gpu_prefill.sh                 # all stages (~12 min on an H100)
 #     STAGES=tests,tune OUT=... bash benchmarks/run_gpu_prefill.sh    # then STAGES=bench with the new tables
-#     STAGES=tests,blocked OUT=... bash benchmarks/run_gpu_prefill.sh  # both GEMM operands by TMA, warp-specialised
 # Results: $OUT/PREFILL.md (summary), $OUT/results.tar (every log and table), $OUT/moe_configs.tar
 # (untar into common/ops/moe_configs/).
 OUT="${OUT:-/tmp/glmserve_gpu_prefill}"
@@ -16,25 +15,20 @@ if has tests; then
     -m gpu -q -p no:cacheprovider -o addopts="" -rfE -k "moe or topk or router"
 fi
 if has tune; then
-  stage tune_moe "${TUNE_S:-300}" $PY benchmarks/tune_moe.py --m "${TUNE_M:-1024,2048,4096}" \
+  stage tune_moe "${TUNE_S:-300}" $PY -m benchmarks.kernels.tune_moe --m "${TUNE_M:-1024,2048,4096}" \
     --budget-s $(( ${TUNE_S:-300} - 30 ))
   (cd "$OUT" && tar cf moe_configs.tar moe_configs 2>/dev/null)
 fi
 if has bench; then
-  stage bench_moe 200 $PY benchmarks/bench_kernels.py --sections moe --budget-s 170
-  stage bench_align 90 $PY benchmarks/bench_align.py
-  stage bench_router 60 $PY benchmarks/bench_router.py
-  stage profile_prefill 120 $PY benchmarks/profile_step.py --decode "" --prefill 2048
-  stage bench_step 240 $PY benchmarks/bench_decode_step.py --batches "${BENCH_BATCHES:-1}" --prefill 2048
-fi
-if has blocked; then  # opt-in: the block-order A operands and warp-specialised loops against the tables
-  stage bench_moe_blocked "${BLOCKED_S:-420}" $PY benchmarks/bench_moe_blocked.py --m "${BLOCKED_M:-4096,2048}" \
-    --budget-s $(( ${BLOCKED_S:-420} - 40 ))
+  stage bench_moe 200 $PY -m benchmarks.kernels.bench_kernels --sections moe --budget-s 170
+  stage bench_align 90 $PY -m benchmarks.kernels.bench_align
+  stage bench_router 60 $PY -m benchmarks.kernels.bench_router
+  stage profile_prefill 120 $PY -m benchmarks.model_step.profile_step --decode "" --prefill 2048
+  stage bench_step 240 $PY -m benchmarks.model_step.bench_decode_step --batches "${BENCH_BATCHES:-1}" --prefill 2048
 fi
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20
   echo; echo "## MoE tuning"; grep -hE "^  (air|glm45)|budget" "$OUT"/tune_moe.log 2>/dev/null
-  echo; echo "## block-order operands"; grep -hE "whole fused_moe|failed|budget" "$OUT"/bench_moe_blocked.log 2>/dev/null
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
 pack_results

@@ -7,6 +7,6 @@ SUMMARY=SERVING.md
 source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve GPU serving run"
 stage gpu_model_transport 150 $PY -m pytest tests/gpu/test_model_gpu.py tests/gpu/test_transport_gpu.py -m gpu -q -o addopts="" -rfE
-stage bench_spec_step 120 $PY benchmarks/bench_spec_step.py --batches 1,8,32 --context 1024
-stage bench_e2e 260 $PY benchmarks/bench_e2e.py --device cuda:0 --concurrency 1,8,32 --prompt 1024 --max-tokens 64
+stage bench_spec_step 120 $PY -m benchmarks.model_step.bench_spec_step --batches 1,8,32 --context 1024
+stage bench_e2e 260 $PY -m benchmarks.serving.bench_e2e --device cuda:0 --concurrency 1,8,32 --prompt 1024 --max-tokens 64
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$OUT/$SUMMARY"

@@ -15,13 +15,13 @@ stage gpu_tests 240 $PY -m pytest tests/gpu/test_kernels_gpu.py tests/gpu/test_m
   -o addopts="" -rfE --durations=8
 # TUNE_ARGS (e.g. "--shared 0 --m 1024,2048,4096 --budget-s 60"): re-tune before measuring; tables in $OUT/moe_configs.tar
 if [ -n "${TUNE_ARGS:-}" ]; then
-  stage tune_moe 120 $PY benchmarks/tune_moe.py $TUNE_ARGS
+  stage tune_moe 120 $PY -m benchmarks.kernels.tune_moe $TUNE_ARGS
   (cd "$OUT" && tar cf moe_configs.tar moe_configs 2>/dev/null)
 fi
-stage bench_moe 120 $PY benchmarks/bench_kernels.py --sections moe --budget-s 100
-stage bench_attention 50 $PY benchmarks/bench_kernels.py --sections attention --budget-s 35
-stage bench_small 35 $PY benchmarks/bench_kernels.py --sections small --budget-s 25
-stage bench_decode_step 100 $PY benchmarks/bench_decode_step.py
+stage bench_moe 120 $PY -m benchmarks.kernels.bench_kernels --sections moe --budget-s 100
+stage bench_attention 50 $PY -m benchmarks.kernels.bench_kernels --sections attention --budget-s 35
+stage bench_small 35 $PY -m benchmarks.kernels.bench_kernels --sections small --budget-s 25
+stage bench_decode_step 100 $PY -m benchmarks.model_step.bench_decode_step
 
 {
   echo

@@ -15,7 +15,7 @@ PY="${PYTHON:-python3}"
 LIMIT="${RUN_LIMIT_S:-525}"
 case " $* " in *" cpu,cpu "*|*"=cpu,cpu "*) LIMIT="${RUN_LIMIT_S:-3600}";; esac
 start=$(date +%s)
-timeout --kill-after=15 "$LIMIT" $PY benchmarks/run_multi_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/run_multi_gpu.log"
+timeout --kill-after=15 "$LIMIT" $PY -m benchmarks.serving.run_multi_gpu --out "$OUT" "$@" 2>&1 | tee "$OUT/run_multi_gpu.log"
 rc=${PIPESTATUS[0]}
 pkill -9 -f "[c]ommon[.]cli" || true
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then

@@ -160,7 +160,7 @@ def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> 
         programs = num_seqs * kv_heads
         splits = min(_MAX_SPLITS, max(1, triton.cdiv(2 * num_sms, programs)))
         return bm, 64, 4, 3, splits
-    return 128, 128, 8, 3, 1  # extend / prefill: compute-bound (benchmarks/tune_attention.py, H100)
+    return 128, 128, 8, 3, 1  # extend / prefill: compute-bound (benchmarks/kernels/tune_attention.py, H100)
 
 
 def paged_attention(

@@ -10,16 +10,16 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
    silu(gate)*up -> act[T*k, I] (row = flat assignment index).
 3. down: act rows times w2[e]^T, scaled by the routing weight -> y[T*k, H].
 4. combine: out[t] = sum_j y[t*k+j] in fp32, cast once (deterministic; no atomics).
+Each GEMM program owns one [BLOCK_M, BLOCK_N] tile of one expert's block. A rows are gathered by
+pointer loads; weight tiles come by pointer loads or, with a table entry's "tma" on Hopper, through
+the tensor memory accelerator. On Hopper gate_up, down and combine are launched as programmatic
+dependents of the kernel before each (PDL): each starts while its predecessor drains and reads
+nothing before its in-kernel wait.
 Grid sizes depend only on host-known shapes (T, k, E, config), never on routing, so the whole
 pipeline is CUDA-graph safe; token-count-dependent ints are not specialised (no recompiles as T
 changes: one kernel per config). Block configs: common/ops/moe_configs (tuned tables written by
-benchmarks/tune_moe.py, heuristic fallback).
-(A sort-free few-token variant -- GEMV per assignment on the CUDA cores, down fused with the
-combine -- was measured on the H100 at 135 us against 126 us for this pipeline at M = 1, Air
-shapes, and removed; so was a one-token kernel doing gate_up and then that slice's share of down in
-the same program, partial rows summed in a fixed order: its best of 16 tile configs took 114.8 us
-against this pipeline's 111.8 (Air + shared) and 152.9 against 150.2 (GLM-4.5 + shared); see
-docs/performance.md.)
+benchmarks/kernels/tune_moe.py, heuristic fallback). The torch twins of grouped_topk,
+router_logits and fused_moe are in common/ops/reference.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_
 from common.ops.triton_router import router_logits_mma
 
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
-ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (benchmarks/bench_align.py)
+ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (benchmarks/kernels/bench_align.py)
 ALIGN_MAX_CHUNKS = 128
 
 
@@ -257,12 +257,11 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
 
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
 def _moe_gemm_kernel(
-    a_ptr, a_desc, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
+    a_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_we, stride_wn, stride_om,
     A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_W: tl.constexpr, EVEN_K: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, TMA: tl.constexpr,
-    DIRECT: tl.constexpr, PDL: tl.constexpr, SORTED_OUT: tl.constexpr = False, A_TMA: tl.constexpr = False,
-    WS: tl.constexpr = False,
+    DIRECT: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BM, BN] output tile of expert-sorted rows. GATED: out = silu(A Wg^T) * (A Wu^T) with
     Wu = rows N.. of the same expert (w13); else out = A W^T (* routing weight when MUL_W).
@@ -273,10 +272,7 @@ def _moe_gemm_kernel(
     DIRECT (one token, no sort): block b is assignment b alone (block_expert_ptr: the token's
     expert ids), so the expert alignment kernel is skipped; row 0 is real, the rest padding.
     PDL (launched as a programmatic dependent of the previous kernel): the program may start while
-    the previous kernel drains; it reads nothing before gdc_wait, then lets the next kernel launch.
-    SORTED_OUT: output row r of block b goes to b*BM + r (the block order the next GEMM reads).
-    A_TMA: A is in that order and its [BM, BK] tiles come by TMA (a_desc). WS: the K loop is
-    warp-specialised; with no early exit there, an unused block runs no K steps and masks every row."""
+    the previous kernel drains; it reads nothing before gdc_wait, then lets the next kernel launch."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -288,19 +284,13 @@ def _moe_gemm_kernel(
     pid_m = first_m + (pid % in_group) % group
     pid_n = (pid % in_group) // group
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    used = expert >= 0
-    k_hi = K
-    if WS:  # the warp-specialising pass takes no early exit: an unused block runs no K steps instead
-        k_hi = tl.where(used, K, 0)
-        expert = tl.maximum(expert, 0)
-    elif not used:
+    if expert < 0:
         return
     if DIRECT:
         rows = tl.where(tl.arange(0, BM) == 0, pid_m, NUMEL)  # [BM] int32
     else:
         rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
-    # an unused block's sorted ids are never written (stale values): it must read and store nothing
-    rmask = (rows < NUMEL) & used
+    rmask = rows < NUMEL
     offs_n = (pid_n * BN + tl.arange(0, BN)) % N  # wrap: loads need no mask, the store does
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_am + offs_k[None, :]  # [BM,BK]
@@ -308,14 +298,11 @@ def _moe_gemm_kernel(
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     w_row = (expert * (stride_we // stride_wn) + pid_n * BN).to(tl.int32)  # TMA: first weight row of the tile
-    for k0 in tl.range(0, k_hi, BK, warp_specialize=WS):
-        if not EVEN_K:
-            km = offs_k < K - k0
-        if A_TMA:
-            a = a_desc.load([pid_m * BM, k0])
-        elif EVEN_K:
+    for k0 in range(0, K, BK):
+        if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
         else:
+            km = offs_k < K - k0
             a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
         if TMA:
             b = w_desc.load([w_row, k0]).T
@@ -343,31 +330,8 @@ def _moe_gemm_kernel(
             acc = acc * tl.load(topw_ptr + rows, mask=rmask, other=0.0)[:, None]
         res = acc
     cols = pid_n * BN + tl.arange(0, BN)
-    if SORTED_OUT:  # row r of block b at b*BM + r: the next GEMM reads whole blocks through TMA
-        o_rows = pid_m * BM + tl.arange(0, BM)
-    else:
-        o_rows = rows
-    o_ptrs = out_ptr + o_rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, res.to(dt), mask=rmask[:, None] & (cols < N)[None, :])
-
-
-@triton.jit(do_not_specialize=["NUMEL"])
-def _gather_rows_kernel(x_ptr, out_ptr, sorted_ptr, block_expert_ptr, NUMEL, H, stride_x, stride_o,
-                        A_DIV: tl.constexpr, BM: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
-    """grid (max_blocks, cdiv(H, BH)): out[b*BM + r] = x[sorted[b*BM + r] // A_DIV] for the real rows of
-    used blocks (padding rows are left as they are: only masked-off output rows read them)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    b = tl.program_id(0)
-    if tl.load(block_expert_ptr + b) < 0:
-        return
-    r = b * BM + tl.arange(0, BM)
-    rows = tl.load(sorted_ptr + r)
-    h = tl.program_id(1) * BH + tl.arange(0, BH)
-    m = (rows < NUMEL)[:, None] & (h < H)[None, :]
-    v = tl.load(x_ptr + (rows // A_DIV).to(tl.int64)[:, None] * stride_x + h[None, :], mask=m)
-    tl.store(out_ptr + r.to(tl.int64)[:, None] * stride_o + h[None, :], v, mask=m)
 
 
 @triton.jit
@@ -409,7 +373,7 @@ def tma_supported(device: torch.device) -> bool:
 
 # Programmatic dependent launch (Hopper+): each of the pipeline's kernels is launched while its
 # predecessor drains and waits in-kernel (griddepcontrol.wait) for its results, so the launch
-# latency between them overlaps the previous kernel's tail. benchmarks/bench_moe_pdl.py times it
+# latency between them overlaps the previous kernel's tail. benchmarks/kernels/bench_moe_pdl.py times it
 # against plain launches; GLMSERVE_MOE_PDL=0 turns it off for a process.
 USE_PDL = os.environ.get("GLMSERVE_MOE_PDL", "1") != "0"
 
@@ -419,55 +383,24 @@ def pdl_supported(device: torch.device) -> bool:
     return device.type == "cuda" and tma_supported(device)
 
 
-def _gemm(a, w, out, sorted_ids, block_expert, topw, numel, n, k, a_div, gated, block_m, cfg, pdl=False,
-          sorted_out=False, a_sorted=False):
-    """One grouped GEMM launch. cfg "tma": weight tiles by TMA; "ws": the K loop warp-specialised
-    (one TMA producer warp group feeding two MMA consumer groups; only with every tile by TMA, as
-    the pass takes no pointer loads in its producer). sorted_out: write output row r of block b
-    at b*BM + r instead of at its assignment; a_sorted: A is laid out that way (a sorted_out
-    launch wrote it) and its tiles come by TMA."""
+def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor | None,
+          block_expert: torch.Tensor, topw: torch.Tensor, numel: int, n: int, k: int, a_div: int, gated: bool,
+          block_m: int, cfg: dict, pdl: bool = False) -> None:
+    """One grouped-GEMM launch (gate_up when gated, else down); sorted_ids None: the one-token path.
+    cfg "tma": weight tiles through the tensor memory accelerator where the hardware and layout allow."""
     max_blocks = block_expert.shape[0]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (max_blocks * triton.cdiv(n, bn),)
     tma = (bool(cfg.get("tma")) and tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
-    ws = bool(cfg.get("ws")) and tma and a_sorted
     desc = _weight_descriptor(w, bn, bk) if tma else None
-    a_desc = _descriptor(a, block_m, bk) if a_sorted else None
     _moe_gemm_kernel[grid](
-        a, a_desc, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
+        a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % bk == 0, BM=block_m,
         BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma, DIRECT=sorted_ids is None,
-        PDL=pdl, SORTED_OUT=sorted_out, A_TMA=a_sorted, WS=ws,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
-
-
-def _descriptor(t: torch.Tensor, rows: int, cols: int):  # type: ignore[no-untyped-def]
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return TensorDescriptor.from_tensor(t, [rows, cols])
-
-
-def gather_rows(x: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, a_div: int, block_m: int,
-                pdl: bool = False) -> torch.Tensor:
-    """x's rows in the blocks' sorted order ([max_blocks*BM, H]): row b*BM + r = x[sorted_ids[b*BM + r] // a_div]
-    for the real rows of used blocks; padding rows and unused blocks are left unwritten."""
-    hidden = x.shape[1]
-    out = torch.empty((sorted_ids.shape[0], hidden), dtype=x.dtype, device=x.device)
-    bh = min(512, triton.next_power_of_2(hidden))
-    _gather_rows_kernel[(block_expert.shape[0], triton.cdiv(hidden, bh))](
-        x, out, sorted_ids, block_expert, x.shape[0] * a_div, hidden, x.stride(0), out.stride(0), A_DIV=a_div,
-        BM=block_m, BH=bh, PDL=pdl, num_warps=4, launch_pdl=pdl)
-    return out
-
-
-def _block_order(cfg: dict, sorted_ids: torch.Tensor | None, width: int, x: torch.Tensor) -> bool:
-    """Whether a GEMM of this config takes its A operand in sorted block order, by TMA ("a_tma"):
-    only with sorted blocks (not the one-token path), on TMA hardware, with 16-byte aligned rows."""
-    return (bool(cfg.get("a_tma")) and sorted_ids is not None and tma_supported(x.device)
-            and (width * x.element_size()) % 16 == 0)
 
 
 def fused_moe(
@@ -483,7 +416,7 @@ def fused_moe(
 
 def fused_moe_with_config(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-    config: dict | None,  # None: get_config(); benchmarks/tune_moe.py and tests pass candidates
+    config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
 ) -> torch.Tensor:
     n_tok, hidden = x.shape
     num_experts, n2, _ = w13.shape
@@ -506,20 +439,11 @@ def fused_moe_with_config(
     # every tensor the GEMMs read is made before the first of them: nothing launches in between, so
     # each kernel's programmatic predecessor is the one before it in this pipeline
     topw = weights.reshape(-1).float().contiguous()
-    # act rows: by assignment, or (a down config with "a_tma") in the blocks' sorted order, padding
-    # rows included (never written, read only into output rows that are masked off)
-    sorted_act = _block_order(cfg["down"], sorted_ids, inter, x)
-    sorted_x = _block_order(cfg["up"], sorted_ids, hidden, x)
-    act_rows = sorted_ids.shape[0] if sorted_act else numel
-    act = torch.empty((act_rows, inter), dtype=x.dtype, device=x.device)
+    act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
     y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
     pdl = USE_PDL and pdl_supported(x.device)
-    # x's rows copied into block order (sorted_x): gate_up reads both operands by TMA
-    a_up = gather_rows(x, sorted_ids, block_expert, top_k, bm, pdl) if sorted_x else x
-    _gemm(a_up, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl,
-          sorted_out=sorted_act, a_sorted=sorted_x)
-    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl,
-          a_sorted=sorted_act)
+    _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl)
+    _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl)
     bh = min(1024, triton.next_power_of_2(hidden))
     _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl,
                                                       num_warps=4, launch_pdl=pdl)

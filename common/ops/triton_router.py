@@ -107,7 +107,7 @@ def plan(n_tok: int, n_exp: int, hidden: int, num_sms: int) -> tuple[int, int, i
     program, two programs per SM (registers), BT grows with T, then K splits until there are
     about two programs per SM, each split keeping at least 4 BK steps. Rounding the split count
     down keeps the grid within one round of two per SM (a few programs left over for a second
-    round cost ~15%). Chosen from a sweep on the H100; benchmarks/bench_router.py measures it."""
+    round cost ~15%). Chosen from a sweep on the H100; benchmarks/kernels/bench_router.py measures it."""
     be, bk = 64, 64
     bt = 16 if n_tok <= 64 else 64 if n_tok <= 512 else 128
     tiles = triton.cdiv(n_exp, be) * triton.cdiv(n_tok, bt)

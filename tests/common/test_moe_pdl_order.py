@@ -6,15 +6,10 @@ test_moe_pdl_equals_plain_launch) checks the results bit for bit against plain l
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from common.ops import triton_moe as tm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from kernel_resources import GEMM_ALIGNED, compile_sm90, gemm_signature  # the sm_90 compile harness
+from common.ops.compile_report import GEMM_ALIGNED, compile_sm90, gemm_signature
 
 READS = ("ld.global", "cp.async", "prefetch.global")  # cp.async also matches the TMA bulk copies
 
@@ -38,21 +33,14 @@ def _check_order(ptx: list[str], triggers: bool) -> None:
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("tma", [False, True])
-def test_grouped_gemm_reads_nothing_before_the_wait(gated: bool, direct: bool, tma: bool) -> None:
-    _check_order(_gemm_ptx(gated, direct, tma), triggers=True)
+@pytest.mark.parametrize("even_k", [True, False])  # False: K = I of a TP slice, the masked K loop
+def test_grouped_gemm_reads_nothing_before_the_wait(gated: bool, direct: bool, tma: bool, even_k: bool) -> None:
+    _check_order(_gemm_ptx(gated, direct, tma, even_k), triggers=True)
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_warp_specialised_gemm_reads_nothing_before_the_wait(gated: bool) -> None:
-    """Both operands by TMA in one producer warp group, two consumer groups (the "ws" configs)."""
-    ptx = _gemm_ptx(gated, False, True, a_tma=True, ws=True)
-    assert any("setmaxnreg" in line for line in ptx), "the loop was not warp-specialised"
-    _check_order(ptx, triggers=True)
-
-
-def _gemm_ptx(gated: bool, direct: bool, tma: bool, a_tma: bool = False, ws: bool = False) -> list[str]:
+def _gemm_ptx(gated: bool, direct: bool, tma: bool, even_k: bool) -> list[str]:
     bm, bn, bk = (16, 64, 128) if direct else (64, 64, 128)
-    sig, consts = gemm_signature(gated, direct, bm, bn, bk, 1 if direct else 8, tma, a_tma, ws)
+    sig, consts = gemm_signature(gated, direct, bm, bn, bk, 1 if direct else 8, tma, even_k)
     return _ptx(tm._moe_gemm_kernel, sig, consts, GEMM_ALIGNED)
 
 
@@ -61,10 +49,3 @@ def test_combine_reads_nothing_before_the_wait() -> None:
     consts = {"TOPK": 9, "BH": 1024, "PDL": True}
     _check_order(_ptx(tm._combine_kernel, sig, consts, ("y_ptr", "out_ptr", "H")), triggers=False)
 
-
-def test_row_gather_reads_nothing_before_the_wait() -> None:
-    sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "sorted_ptr": "*i32", "block_expert_ptr": "*i32", "NUMEL": "i32",
-           "H": "i32", "stride_x": "i32", "stride_o": "i32"}
-    consts = {"A_DIV": 9, "BM": 128, "BH": 512, "PDL": True}
-    _check_order(_ptx(tm._gather_rows_kernel, sig, consts, ("x_ptr", "out_ptr", "sorted_ptr", "block_expert_ptr", "H",
-                                                            "stride_x", "stride_o")), triggers=True)

@@ -1,7 +1,7 @@
 """Each Triton kernel against its torch twin at real GLM-4.5 / Air shapes on CUDA, in bf16.
 
 Inputs are fresh random bf16 each run; references run in fp32 on the same (upcast) inputs;
-errors are relative by norm (METHOD.md: bf16 operands land between 1e-3 and 1e-2). Outputs must
+errors are relative by norm (bf16 operands land between 1e-3 and 1e-2 against a float64 reference). Outputs must
 be finite (unwritten elements of a NaN-poisoned buffer or NaNs fail).
 """
 
@@ -128,29 +128,16 @@ def moe_weights() -> dict:
 
 TMA_CFG = {"BLOCK_M": 64, "up": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3, "tma": True},
            "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4, "tma": True}}
-# A operands in sorted block order by TMA (x gathered, act written in block order), K loops
-# warp-specialised; and the down GEMM alone reading act in block order, not specialised
-WS = {"GROUP_M": 8, "num_warps": 4, "num_stages": 3, "tma": True, "a_tma": True, "ws": True}
-BLOCKED_CFG = {"BLOCK_M": 128, "up": {"BLOCK_N": 128, "BLOCK_K": 64, **WS}, "down": {"BLOCK_N": 256, "BLOCK_K": 64, **WS}}
-ACT_CFG = {**TMA_CFG, "down": {**TMA_CFG["down"], "a_tma": True}}
 
 
 @pytest.mark.parametrize("shape", list(MOE_SHAPES))
 @pytest.mark.parametrize("n,mode", [(1, "auto"), (2, "auto"), (3, "auto"), (64, "auto"), (512, "auto"),
-                                    (2048, "auto"), (64, "tma"), (2048, "tma"), (64, "blocked"), (4096, "blocked"),
-                                    (2048, "act")])
-def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+                                    (2048, "auto"), (64, "tma"), (2048, "tma")])
+def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict) -> None:
     """Routed top-8 plus the shared expert stacked after them (the model's layout), through the
-    heuristic/tuned path, with TMA weight loads, and with both operands by TMA. The blocked modes
-    poison every buffer torch.empty makes (NaN floats, index 1 in integer ones) so that a read of
-    an unwritten act row, sorted id or padding row shows."""
+    heuristic/tuned path and with TMA weight loads."""
     from common.ops import reference as ref
     from common.ops import triton_moe as tm
-
-    if mode in ("blocked", "act"):
-        from tests.common.test_triton_interpret import poisoned
-
-        monkeypatch.setattr(torch, "empty", poisoned(torch.empty))
 
     e, h, inter = MOE_SHAPES[shape]
     if shape not in moe_weights:
@@ -160,7 +147,7 @@ def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict, monkeypatch
     w13, w2 = moe_weights[shape]
     x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
     weights, ids = ref.grouped_topk(torch.randn(n, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 2.5, 1)
-    cfg = {"auto": None, "tma": TMA_CFG, "blocked": BLOCKED_CFG, "act": ACT_CFG}[mode]
+    cfg = {"auto": None, "tma": TMA_CFG}[mode]
     out = tm.fused_moe_with_config(x, w13, w2, weights, ids, cfg)
     used, remap = torch.unique(ids.long(), return_inverse=True)  # fp32 copies of the touched experts only
     want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())

@@ -1,5 +1,5 @@
 """Fused-MoE block configs: tuned tables (the JSON files beside this module, written on the GPU
-by benchmarks/tune_moe.py; format in README.md) and the heuristic used where none exists.
+by benchmarks/kernels/tune_moe.py; format in README.md) and the heuristic used where none exists.
 
 Torch-only (no Triton import), so tools can read and write the tables anywhere.
 """

@@ -1,6 +1,6 @@
 """Experiment: the fused Triton MoE against torch._grouped_mm (CUTLASS grouped GEMM) at prefill sizes.
 
-    python benchmarks/bench_grouped_mm.py [--m 1024,2048,4096]
+    python3 -m benchmarks.kernels.bench_grouped_mm [--m 1024,2048,4096]
 
 Model layout (routed top-8 + the shared expert stacked as expert E). The grouped_mm pipeline:
 align to 16-row blocks (our kernel), gather x into expert order, grouped gate_up GEMM, silu_and_mul,
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-import gpu_timing as gt
 import torch
 
+from benchmarks import measure
 from common.ops import reference as ref
 from common.ops import triton_moe as tm
 from common.ops import triton_norm as tn
@@ -59,18 +59,18 @@ def main() -> None:
             weights, ids = tm.grouped_topk(torch.randn(m, e, device="cuda"), torch.zeros(e, device="cuda"), 8, 1, 1,
                                            True, 1.0, 1)
             args_ = (x, w13, w2, weights, ids)
-            t_ours = gt.time_graph([lambda a=args_: tm.fused_moe(*a)], reps=10)
+            t_ours = measure.time_graph([lambda a=args_: tm.fused_moe(*a)], reps=10)
             out, (xs, _, _, offs, act) = grouped_moe(*args_)
-            t_gmm = gt.time_eager(lambda a=args_: grouped_moe(*a), rep_ms=200)
-            t_gemms = gt.time_eager(lambda g=(xs, act, w13, w2, offs): (
+            t_gmm = measure.time_eager(lambda a=args_: grouped_moe(*a), rep_ms=200)
+            t_gemms = measure.time_eager(lambda g=(xs, act, w13, w2, offs): (
                 torch._grouped_mm(g[0], g[2].transpose(1, 2), offs=g[4]),
                 torch._grouped_mm(g[1], g[3].transpose(1, 2), offs=g[4])), rep_ms=200)
             used, remap = torch.unique(ids.long(), return_inverse=True)
             want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())
             flops = 2 * m * 9 * 3 * inter * h
             print(f"{name} M={m}: fused Triton {t_ours:.0f} us ({flops / t_ours / 1e6:.0f} TFLOP/s, err "
-                  f"{gt.rel_err(tm.fused_moe(x, w13, w2, weights, ids), want):.1e}); grouped_mm pipeline "
-                  f"{t_gmm:.0f} us (err {gt.rel_err(out, want):.1e}), its two GEMMs alone {t_gemms:.0f} us "
+                  f"{measure.rel_err(tm.fused_moe(x, w13, w2, weights, ids), want):.1e}); grouped_mm pipeline "
+                  f"{t_gmm:.0f} us (err {measure.rel_err(out, want):.1e}), its two GEMMs alone {t_gemms:.0f} us "
                   f"({flops / t_gemms / 1e6:.0f} TFLOP/s)", flush=True)
             del want
             torch.cuda.empty_cache()

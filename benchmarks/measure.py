@@ -1,5 +1,5 @@
-"""Shared measuring helpers for the GPU benchmarks (METHOD.md): device facts, measured ceilings,
-graph-replay timing with rotated input sets, and relative error by norm.
+"""Shared measuring helpers of the benchmarks: device facts, measured ceilings, graph-replay and
+CUDA-event timing, relative error by norm, and the $OUT directory results are written to.
 
 Ceilings: device copy (bytes read + written over time), pure read (a Triton streaming-sum kernel),
 bf16 GEMM 8192^3 on random data. Kernel times: median of CUDA-event-timed replays of a CUDA graph
@@ -13,13 +13,8 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import torch
 import triton
@@ -122,6 +117,28 @@ def time_graph(calls: Sequence[Callable[[], object]], reps: int = 30) -> float:
     return statistics.median(times) * 1e3 / len(calls)
 
 
+def median_event_us(fn: Callable[[], object], reps: int, before: Callable[[], object] | None = None,
+                    warmup: int = 3) -> float:
+    """Median microseconds of fn() alone over reps CUDA-event-timed calls from an idle GPU (after
+    `warmup` untimed calls); before() runs untimed ahead of every call."""
+    for _ in range(warmup):
+        if before:
+            before()
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        if before:
+            before()
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
 def time_eager(call: Callable[[], object], rep_ms: int = 100) -> float:
     """Median microseconds of an eager call (includes its host work)."""
     return triton.testing.do_bench(call, warmup=10, rep=rep_ms, return_mode="median") * 1e3
@@ -134,9 +151,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def out_dir() -> Path | None:
+    """$OUT (created), where a run's tables and logs go; None when OUT is unset."""
     out = os.environ.get("OUT")
     if not out:
         return None
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_out(name: str, text: str) -> None:
+    """Write text to $OUT/name when OUT is set."""
+    out = out_dir()
+    if out is not None:
+        (out / name).write_text(text)

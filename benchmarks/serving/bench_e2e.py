@@ -1,6 +1,6 @@
 """End-to-end serving numbers: gateway + prefill + decode processes, real gRPC, real KV transport.
 
-    python benchmarks/bench_e2e.py [--device cuda:0] [--decode-device cuda:0] [--concurrency 1,8,32]
+    python3 -m benchmarks.serving.bench_e2e [--device cuda:0] [--decode-device cuda:0] [--concurrency 1,8,32]
                                    [--overlap on|off|both] [--no-spec]
 
 Writes a model directory with GLM-4.5-Air layer widths (H 4096, 96/8 heads of 128 -> the same KV
@@ -20,27 +20,24 @@ import argparse
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import grpc
 import torch
 
+from benchmarks import measure
 from common.tools.launch import free_port, start_cluster
 from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2, gateway_pb2_grpc
 
-AIR_LAYERS = dict(num_layers=4, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
-                  num_attention_heads=96, num_key_value_heads=8, head_dim=128, n_routed_experts=16,
-                  num_experts_per_tok=8, n_group=1, topk_group=1, use_qk_norm=False, routed_scaling_factor=1.0,
-                  max_position_embeddings=40960)
+AIR_LAYERS = {"num_layers": 4, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+              "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 16,
+              "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "use_qk_norm": False,
+              "routed_scaling_factor": 1.0, "max_position_embeddings": 40960}
 
 
 def stream(stub, ids: list[int], max_tokens: int) -> tuple[float, list[float], list[int]]:
@@ -108,8 +105,9 @@ def run(args: argparse.Namespace, model: Path, spec: list[str], overlap: bool = 
             rows.append(row)
     finally:
         cluster.stop()
-        if os.environ.get("OUT"):  # one file of every process's log tail, for post-mortems
-            with open(Path(os.environ["OUT"], "e2e_workers.log"), "a") as out:
+        out_dir = measure.out_dir()
+        if out_dir is not None:  # one file of every process's log tail, for post-mortems
+            with open(out_dir / "e2e_workers.log", "a") as out:
                 out.writelines(f"===== {f}\n{f.read_text()[-6000:]}\n"
                                for f in sorted((Path(args.log_dir) / name).glob("*.log")))
     return rows
@@ -148,10 +146,8 @@ def main() -> None:
                                   "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"])
     text = "\n".join(header + rows)
     print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "bench_e2e.md").write_text(
-            f"devices: prefill {args.device}, decode {args.decode_device}; "
-            f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}\n\n{text}\n")
+    measure.write_out("bench_e2e.md", f"devices: prefill {args.device}, decode {args.decode_device}; "
+                      f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The fused MoE's expert alignment at prefill sizes, per chunking of its count + scatter kernels.
 
-    python benchmarks/bench_align.py
+    python3 -m benchmarks.kernels.bench_align
 
 For the model's layouts (Air 128+1 and GLM-4.5 160+1 experts, top-8 + shared) at M = 1024, 2048
 and 4096 tokens with BLOCK_M = 128: the graph-replayed time of align_block_size for each
@@ -11,16 +11,19 @@ assignment order within an expert whatever the chunking), else the script fails.
 
 from __future__ import annotations
 
-import gpu_timing as gt
+import argparse
+
 import torch
 
+from benchmarks import measure
 from common.ops import triton_moe as tm
 
 VARIANTS = ((tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS), (512, 64), (256, 256), (128, 256), (1024, 64))
 
 
 def main() -> None:
-    info = gt.device_info()
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    info = measure.device_info()
     print(f"GPU {info['gpu']} | driver {info['driver']} | torch {info['torch']} | triton {info['triton']}")
     print("layout | M | assignments | " + " | ".join(f"chunk {c} cap {n} µs" for c, n in VARIANTS))
     default = (tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS)
@@ -39,13 +42,11 @@ def main() -> None:
                     want = got
                 elif not all(torch.equal(a, b) for a, b in zip(got, want)):
                     raise SystemExit(f"{name} M={m}: chunk {chunk} cap {cap} differs from the default's alignment")
-                times.append(gt.time_graph([lambda ids=ids, e=routed + 1: tm.align_block_size(ids, e, 128)], reps=50))
+                times.append(measure.time_graph([lambda ids=ids, e=routed + 1: tm.align_block_size(ids, e, 128)], reps=50))
             tm.ALIGN_CHUNK, tm.ALIGN_MAX_CHUNKS = default
             lines.append(f"{name} | {m} | {ids.numel()} | " + " | ".join(f"{t:.1f}" for t in times))
             print(lines[-1], flush=True)
-    out = gt.out_dir()
-    if out:
-        (out / "bench_align.md").write_text("\n".join(lines) + "\n")
+    measure.write_out("bench_align.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

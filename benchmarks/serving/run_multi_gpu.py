@@ -1,7 +1,7 @@
 """Two-GPU disaggregated serving run: prefill worker on device A, decode worker on device B, NCCL KV.
 
     OUT=/some/dir bash benchmarks/run_multi_gpu.sh                      # GPU 0 -> GPU 1 (< 9 minutes)
-    python benchmarks/run_multi_gpu.py --devices cpu,cpu --out /tmp/mg  # the same flow on CPU (gloo)
+    python3 -m benchmarks.serving.run_multi_gpu --devices cpu,cpu --out /tmp/mg  # same flow on CPU (gloo)
 
 Every cluster is gateway + prefill + decode as separate `python -m common.tools.cli` processes
 (common.tools.launch.start_cluster). "Two-device" clusters put the prefill worker on the first device
@@ -16,20 +16,21 @@ the run goes on; results are rewritten to $OUT after every check):
 
 1. tiny: the tiny model (make_tiny_model, context 65536 so long streams can be cancelled/killed),
    plain greedy, EAGLE 3,1,4 with the random MTP layer, and EAGLE 3,1,4 with a draft that always
-   agrees (tests/helpers.make_agreeing_draft_model: accept length near 4 exercises the accept path
-   across devices). Checks: tokens equal, usage.spec_verify_steps / spec_accept_length equal;
+   agrees (common.tools.agreeing_draft: accept length near 4 exercises the accept path across
+   devices). Checks: tokens equal, usage.spec_verify_steps / spec_accept_length equal;
    cancellation (client cancel after the first token and a 0.5 s deadline: GetLoad free pages of
    both workers back to their initial counts, the cluster still serves); a killed decode worker
    (1 prefill + 2 decode workers on the second device; SIGKILL the one serving most streams: its
    clients get UNAVAILABLE within 10 s, streams on the other worker keep receiving tokens, new
    requests are served and equal the reference cluster's output).
-2. bandwidth (GPU only): common.transport.bench.run_kv_bandwidth over NCCL between the two GPUs,
-   GLM-4.5-Air-shaped KV (47 layers x 2 x T x 8 x 128 bf16) for T = 1K, 8K, 32K tokens, every byte
-   checked, next to the raw GPU-to-GPU copy bandwidth it measures (torch copy_ between devices).
-3. air (GPU only): a 4-layer model with GLM-4.5-Air widths (bench_e2e.AIR_LAYERS, random bf16
-   weights, written once to --work-dir), plain and EAGLE 3,1,4: tokens and spec statistics equal
-   the reference cluster (prompts up to 9000 tokens, i.e. two prefill chunks); cancellation
-   (after the first token, mid-prefill of an 8K prompt, deadline).
+2. bandwidth (GPU only): benchmarks.serving.bench_transport.run_kv_bandwidth over NCCL between the
+   two GPUs, GLM-4.5-Air-shaped KV (47 layers x 2 x T x 8 x 128 bf16) for T = 1K, 8K, 32K tokens,
+   every byte checked, next to the raw GPU-to-GPU copy bandwidth it measures (torch copy_ between
+   devices).
+3. air (GPU only): a 4-layer model with GLM-4.5-Air widths (benchmarks.serving.bench_e2e.AIR_LAYERS,
+   random bf16 weights, written once to --work-dir), plain and EAGLE 3,1,4: tokens and spec
+   statistics equal the reference cluster (prompts up to 9000 tokens, i.e. two prefill chunks);
+   cancellation (after the first token, mid-prefill of an 8K prompt, deadline).
 4. concurrency (GPU only): TTFT (client side, p50/max) and inter-token latency (p50 of each
    request's (t_last - t_first)/(n - 1)) at 1, 8 and 32 concurrent requests, 1024-token prompts,
    64 output tokens, plain and EAGLE, Air-layer model on two GPUs; one unmeasured round per level.
@@ -83,8 +84,7 @@ from typing import Any
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(NCCL_SAFE_ENV)
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]  # the checkout: git facts, and the cwd of helper processes
 
 import grpc
 
@@ -372,8 +372,8 @@ def compare(ctx: Ctx, label: str, two: Handle, ref: Handle, cases: list[tuple[li
                     + (f"{a.verify_steps} / {a.accept_length:.3f} | {b.verify_steps} / {b.accept_length:.3f} |"
                        if spec else "- | - |"))
     ctx.report.table(f"{label}: two-device vs reference", [
-        "| config | request | prompt tokens | output tokens | tokens equal | spec steps / accept len (two-device) "
-        "| (reference) |", "|---|---|---|---|---|---|---|", *rows])
+        ("| config | request | prompt tokens | output tokens | tokens equal | spec steps / accept len (two-device) "
+         "| (reference) |"), "|---|---|---|---|---|---|---|", *rows])
     ctx.report.put(f"compare/{label}", [{"prompt": len(ids), "tokens": g.tokens, "verify_steps": g.verify_steps,
                                          "accept_length": g.accept_length} for (ids, _), g in zip(cases, got_ref)])
     total = sum(len(g.tokens) for g in got_ref)
@@ -485,8 +485,8 @@ def check_kill(ctx: Ctx, h: Handle, ref: Handle, long_tokens: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- stages
 def stage_tiny(ctx: Ctx, limit: float, deadline: float) -> None:
+    from common.tools.agreeing_draft import make_agreeing_draft_model
     from common.tools.tiny_model import make_tiny_model
-    from tests.helpers import make_agreeing_draft_model
 
     r = ctx.report
     with stage(r, "tiny", limit, deadline):
@@ -517,20 +517,20 @@ def stage_tiny(ctx: Ctx, limit: float, deadline: float) -> None:
 
 
 def stage_bandwidth(ctx: Ctx, limit: float, deadline: float) -> None:
-    from common.transport.bench import run_kv_bandwidth
+    from benchmarks.serving.bench_transport import run_kv_bandwidth
 
     r = ctx.report
     with stage(r, "bandwidth", limit, deadline):
         a, b = (int(ctx.dev_a.split(":")[1]), int(ctx.dev_b.split(":")[1])) if ctx.gpu else (-1, -1)
         rows = run_kv_bandwidth("nccl" if ctx.gpu else "gloo", a, b, ctx.bench_tokens, iters=2, layer_group=4,
                                 timeout_s=max(20.0, min(limit, deadline - time.monotonic()) - 10))
-        lines = ["| tokens | KV MiB (47 layers) | KV transport GB/s | raw GPU copy GB/s | share of raw | prefill ms | "
-                 "decode ms | bytes equal |", "|---|---|---|---|---|---|---|---|"]
+        lines = [("| tokens | KV MiB (47 layers) | KV transport GB/s | raw GPU copy GB/s | share of raw | prefill ms | "
+                  "decode ms | bytes equal |"), "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             lines.append(f"| {row.tokens} | {row.bytes / 2**20:.0f} | {row.gbps:.1f} | {row.raw_copy_gbps:.1f} | "
                          f"{row.gbps / row.raw_copy_gbps * 100 if row.raw_copy_gbps else float('nan'):.0f}% | "
                          f"{row.prefill_s * 1e3:.2f} | {row.decode_s * 1e3:.2f} | {row.equal} |")
-        r.table(f"KV transport bench (common.transport.bench, {'nccl' if ctx.gpu else 'gloo'} {ctx.dev_a} -> {ctx.dev_b}, layer groups of 4)",
+        r.table(f"KV transport bench (benchmarks.serving.bench_transport, {'nccl' if ctx.gpu else 'gloo'} {ctx.dev_a} -> {ctx.dev_b}, layer groups of 4)",
                 lines)
         r.put("bandwidth/transport_bench", [row.__dict__ for row in rows])
         r.check(f"transport bench: Air-shaped KV of {'/'.join(map(str, ctx.bench_tokens))} tokens arrives "
@@ -543,12 +543,12 @@ def write_air_model(ctx: Ctx) -> subprocess.Popen | None:
     ctx.args.air_model = model
     if (model / "config.json").exists() and list(model.glob("*.safetensors")):
         return None
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from benchmarks.bench_e2e import AIR_LAYERS; "
+    code = ("import sys, torch; from benchmarks.serving.bench_e2e import AIR_LAYERS; "
             "from common.tools.tiny_model import make_tiny_model; "
             "make_tiny_model(sys.argv[1] + '.tmp', weight_dtype=torch.bfloat16, **AIR_LAYERS); "
             "import os; os.rename(sys.argv[1] + '.tmp', sys.argv[1])")
     subprocess.run(["rm", "-rf", str(model) + ".tmp"], check=False)
-    return subprocess.Popen([sys.executable, "-c", code, str(model), str(REPO)],
+    return subprocess.Popen([sys.executable, "-c", code, str(model)], cwd=REPO,
                             stdout=open(ctx.report.out / "workers.log", "a"), stderr=subprocess.STDOUT)
 
 
@@ -595,18 +595,25 @@ def stage_air(ctx: Ctx, writer: subprocess.Popen | None, limits: dict[str, float
         ctx.stop(list(hs.values()))
 
 
+class _Batches:
+    """Batches of concurrent greedy requests to one cluster, each request with a fresh prompt seed."""
+
+    def __init__(self, handle: Handle) -> None:
+        self.handle, self.seed = handle, 1000
+
+    def __call__(self, n: int, plen: int, mt: int) -> list[Gen]:
+        first, self.seed = self.seed + n, self.seed + n
+        stub = self.handle.stub
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(lambda s: generate(stub, prompt(s, plen), mt, 120), range(first, first + n)))
+
+
 def stage_concurrency(ctx: Ctx, plain: Handle, eagle: Handle) -> None:
     rows = ["| spec | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | output tok/s |",
             "|---|---|---|---|---|---|---|"]
     res = []
     for label, h in (("off", plain), ("EAGLE 3,1,4", eagle)):
-        seed = [1000]
-
-        def batch(n: int, plen: int, mt: int) -> list[Gen]:
-            seed[0] += n
-            with ThreadPoolExecutor(n) as pool:
-                return list(pool.map(lambda s: generate(h.stub, prompt(s, plen), mt, 120), range(seed[0], seed[0] + n)))
-
+        batch = _Batches(h)
         generate(h.stub, prompt(1, ctx.conc_prompt), 4, 120)
         for conc in ctx.concurrency:
             batch(conc, ctx.conc_prompt, 8)  # unmeasured: kernels for these shapes
@@ -616,8 +623,8 @@ def stage_concurrency(ctx: Ctx, plain: Handle, eagle: Handle) -> None:
             ttft = [g.ttft for g in gens]
             itl = [(g.stamps[-1] - g.stamps[0]) / (len(g.stamps) - 1) for g in gens if len(g.stamps) > 1]
             toks = sum(len(g.tokens) for g in gens)
-            rec = dict(spec=label, concurrency=conc, ttft_p50_ms=statistics.median(ttft) * 1e3,
-                       ttft_max_ms=max(ttft) * 1e3, itl_p50_ms=statistics.median(itl) * 1e3, tok_s=toks / wall)
+            rec = {"spec": label, "concurrency": conc, "ttft_p50_ms": statistics.median(ttft) * 1e3,
+                   "ttft_max_ms": max(ttft) * 1e3, "itl_p50_ms": statistics.median(itl) * 1e3, "tok_s": toks / wall}
             res.append(rec)
             rows.append(f"| {label} | {conc} | {ctx.conc_prompt} | {rec['ttft_p50_ms']:.1f} | {rec['ttft_max_ms']:.1f} | "
                         f"{rec['itl_p50_ms']:.2f} | {rec['tok_s']:.0f} |")
@@ -639,8 +646,8 @@ def stage_overlap(ctx: Ctx, g1: Handle, g64: Handle) -> None:
                 gen = generate(h.stub, prompt(n * 10 + rep, n), 2, 180)
                 b1, s1 = scrape(h.metrics_port)
                 data.setdefault((n, g), []).append((gen.ttft, b1 - b0, s1 - s0))
-    rows = ["| prompt | KV MiB (4 layers) | e2e KV GB/s, group 64 (pure transfer) | decode-side first->last chunk, "
-            "group 1 (ms) | TTFT group 64 (ms) | TTFT group 1 (ms) | TTFT spread (ms) | transfer (ms) | hidden share |",
+    rows = [("| prompt | KV MiB (4 layers) | e2e KV GB/s, group 64 (pure transfer) | decode-side first->last chunk, "
+             "group 1 (ms) | TTFT group 64 (ms) | TTFT group 1 (ms) | TTFT spread (ms) | transfer (ms) | hidden share |"),
             "|---|---|---|---|---|---|---|---|---|"]
     res = []
     raw = {row["tokens"]: row for row in ctx.report.results.get("bandwidth/transport_bench", [])}
@@ -652,20 +659,20 @@ def stage_overlap(ctx: Ctx, g1: Handle, g64: Handle) -> None:
         spread = max(max(x[0] for x in u) - min(x[0] for x in u), max(x[0] for x in s) - min(x[0] for x in s)) / 2
         hidden = (t64 - t1) / xfer if xfer > 0 else float("nan")
         noisy = abs(t64 - t1) < spread or xfer < spread
-        rec = dict(tokens=n, kv_bytes=nbytes, e2e_gbps=nbytes / xfer / 1e9 if xfer else float("nan"),
-                   transfer_ms=xfer * 1e3, streamed_first_to_last_ms=statistics.median(x[2] for x in s) * 1e3,
-                   ttft_group64_ms=t64 * 1e3, ttft_group1_ms=t1 * 1e3, ttft_spread_ms=spread * 1e3,
-                   hidden_share=hidden, within_noise=noisy, raw_copy_gbps=raw.get(n, {}).get("raw_copy_gbps"),
-                   transport_bench_gbps=raw.get(n, {}).get("gbps"), samples={str(k): v for k, v in data.items()
-                                                                             if k[0] == n})
+        rec = {"tokens": n, "kv_bytes": nbytes, "e2e_gbps": nbytes / xfer / 1e9 if xfer else float("nan"),
+               "transfer_ms": xfer * 1e3, "streamed_first_to_last_ms": statistics.median(x[2] for x in s) * 1e3,
+               "ttft_group64_ms": t64 * 1e3, "ttft_group1_ms": t1 * 1e3, "ttft_spread_ms": spread * 1e3,
+               "hidden_share": hidden, "within_noise": noisy, "raw_copy_gbps": raw.get(n, {}).get("raw_copy_gbps"),
+               "transport_bench_gbps": raw.get(n, {}).get("gbps"),
+               "samples": {str(k): v for k, v in data.items() if k[0] == n}}
         res.append(rec)
         rows.append(f"| {n} | {nbytes / 2**20:.1f} | {rec['e2e_gbps']:.1f} | {rec['streamed_first_to_last_ms']:.2f} | "
                     f"{t64 * 1e3:.1f} | {t1 * 1e3:.1f} | ±{spread * 1e3:.1f} | {xfer * 1e3:.2f} | "
                     f"{hidden * 100:.0f}%{' (within noise)' if noisy else ''} |")
-    lines = rows + ["", "Raw numbers for the same token counts: the transport bench table above (47-layer Air KV) "
-                    "and its raw GPU-to-GPU copy GB/s. e2e GB/s here moves 4-layer KV (4/47 of the bench's bytes), "
-                    "so fixed per-message costs weigh more. Hidden share = (TTFT group 64 - TTFT group 1) / "
-                    "transfer; at most 75% with 4 layers (the last layer goes with the first token)."]
+    lines = rows + ["", ("Raw numbers for the same token counts: the transport bench table above (47-layer Air KV) "
+                         "and its raw GPU-to-GPU copy GB/s. e2e GB/s here moves 4-layer KV (4/47 of the bench's bytes), "
+                         "so fixed per-message costs weigh more. Hidden share = (TTFT group 64 - TTFT group 1) / "
+                         "transfer; at most 75% with 4 layers (the last layer goes with the first token).")]
     ctx.report.table("End-to-end KV bandwidth and transfer hidden under prefill compute (Air-layer model, one "
                      "forward per prompt)", lines)
     ctx.report.put("overlap", res)
@@ -695,9 +702,9 @@ def main() -> int:
     scale = args.stage_scale or (1.0 if gpu else 5.0)
     deadline = T0 + args.budget_s * (1.0 if gpu else scale)
     header = ["# glmserve two-device disaggregated run", "",
-              f"devices: prefill {dev_a}, decode {dev_b}; KV: {'NCCL' if gpu else 'gloo'} (reference: both on "
-              f"{dev_a}, {'CUDA IPC' if gpu else 'gloo'}); dtype {'bfloat16' if gpu else 'float32 (CPU default)'}; "
-              f"greedy; EAGLE 3,1,4",
+              (f"devices: prefill {dev_a}, decode {dev_b}; KV: {'NCCL' if gpu else 'gloo'} (reference: both on "
+               f"{dev_a}, {'CUDA IPC' if gpu else 'gloo'}); dtype {'bfloat16' if gpu else 'float32 (CPU default)'}; "
+               f"greedy; EAGLE 3,1,4"),
               f"commit: {_git('rev-parse', 'HEAD')}{' (dirty)' if _git('status', '--porcelain', '--', 'common', 'prefill_worker', 'decode_worker', 'gateway') else ''}",
               f"env: {' '.join(f'{k}={os.environ.get(k)}' for k in NCCL_SAFE_ENV)}"]
     if gpu:
@@ -746,7 +753,7 @@ def main() -> int:
 
 def _git(*a: str) -> str:
     try:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(["git", *a], cwd=REPO, check=False, capture_output=True, text=True, timeout=10).stdout.strip()
     except Exception:  # noqa: BLE001
         return "unknown"
 
@@ -754,14 +761,14 @@ def _git(*a: str) -> str:
 def _smi() -> str:
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip().replace("\n", "; ")
+                              capture_output=True, text=True, timeout=20, check=False).stdout.strip().replace("\n", "; ")
     except Exception:  # noqa: BLE001
         return "unknown"
 
 
 def _topo() -> str:
     try:
-        text = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20).stdout
+        text = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20, check=False).stdout
         m = re.search(r"^GPU0\s+\S+\s+(\S+)", text, re.MULTILINE)
         return f"GPU0-GPU1 {m.group(1)}" if m else "unknown"
     except Exception:  # noqa: BLE001

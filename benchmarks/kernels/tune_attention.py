@@ -1,6 +1,6 @@
 """Sweep the extend/prefill tiles of the Triton paged attention on this GPU.
 
-    python benchmarks/tune_attention.py [--budget-s 60]
+    python3 -m benchmarks.kernels.tune_attention [--budget-s 60]
 
 For 1x2048 (no prefix) and 1x2048 after a 4K prefix (96 q heads, 8 KV heads, head 128, page 16),
 times paged_attention with each (BLOCK_M rows, BLOCK_N, num_warps, num_stages) candidate in place
@@ -14,10 +14,10 @@ import argparse
 import itertools
 import time
 
-import gpu_timing as gt
 import torch
-from bench_kernels import _attn_sets
 
+from benchmarks import measure
+from benchmarks.kernels.bench_kernels import _attn_sets
 from common.attention import triton_paged as tp
 
 CASES = {"extend 1x2048": [(2048, 2048, 0, False)], "extend 1x2048 after 4K": [(2048, 6144, None, False)]}
@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=60)
     args = ap.parse_args()
     deadline = time.time() + args.budget_s
-    ceil = gt.measure_ceilings(None)
+    ceil = measure.measure_ceilings(None)
     original = tp.plan
     cands = list(itertools.product((128, 64), (64, 128, 32), (8, 4), (2, 3, 4)))
     for name, spec in CASES.items():
@@ -42,7 +42,7 @@ def main() -> None:
                 break
             tp.plan = lambda *a, c=(bm, bn, warps, stages): (*c, 1)  # type: ignore[assignment]
             try:
-                t = gt.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
+                t = measure.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
                                    for q, b in sets], reps=10)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit
                 print(f"{name}: BM={bm} BN={bn} w={warps} s={stages}: {type(exc).__name__}", flush=True)
@@ -54,7 +54,7 @@ def main() -> None:
                   f"({frac:.0%} of peak)", flush=True)
             if best is None or t < best[0]:
                 best = (t, bm, bn, warps, stages)
-        default = gt.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
+        default = measure.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
                                  for q, b in sets], reps=10)
         print(f"BEST {name}: {best}; plan() today {default:.1f} us", flush=True)
 

@@ -1,9 +1,9 @@
 """The decode engine loop with and without the overlapped schedule, without gRPC or a gateway.
 
-    python benchmarks/bench_overlap.py [--batches 1,8,32] [--context 1024] [--steps 128]
+    python3 -m benchmarks.model_step.bench_overlap [--batches 1,8,32] [--context 1024] [--steps 128]
                                        [--sampling greedy|seeded] [--tiny]
 
-Model: GLM-4.5-Air-shaped layers with random bf16 weights (bench_spec_step's), decode CUDA graphs
+Model: GLM-4.5-Air-shaped layers with random bf16 weights (benchmarks.model_step.air_model), decode CUDA graphs
 captured as the worker does. Per batch size B: B requests of `context` prompt tokens are prefilled,
 then the real DecodeEngine thread (PlainStepper) decodes `steps` tokens each while asyncio tasks on
 another thread drain the real output channels, as the gRPC servicer does. Reported per schedule
@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch
 
+from benchmarks import measure
+from benchmarks.model_step.air_model import AIR, random_model
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
-from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.sampling.logit_processors import RowContext
+from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.sampling_params import SamplingParams
 from common.transport.aux import AuxRecord
 from decode_worker.commit import StopRules
@@ -57,8 +53,6 @@ def build_runner(args: argparse.Namespace) -> tuple[ModelRunner, SpecialIds]:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         runner = ModelRunner(model_dir, device, dtype, PAGE, 0 if device.type == "cuda" else 1024)
         return runner, SpecialIds.from_model_dir(str(model_dir))
-    from benchmarks.bench_spec_step import AIR, random_model
-
     runner = ModelRunner("", device, torch.bfloat16, PAGE, 0, model=random_model(AIR, device, torch.bfloat16))
     return runner, SpecialIds(None, None, None, ())
 
@@ -175,9 +169,8 @@ def main() -> None:
                f"{sync[1]:.0f} | {over[1]:.0f} |")
         print(row, flush=True)
         rows.append(row)
-    if os.environ.get("OUT"):
-        name = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
-        Path(os.environ["OUT"], "bench_overlap.md").write_text(f"device: {name}\n\n" + "\n".join(header + rows) + "\n")
+    name = torch.cuda.get_device_name() if runner.device.type == "cuda" else "cpu"
+    measure.write_out("bench_overlap.md", f"device: {name}\n\n" + "\n".join(header + rows) + "\n")
 
 
 if __name__ == "__main__":

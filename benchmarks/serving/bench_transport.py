@@ -4,11 +4,12 @@
 a sink that copies every chunk into a destination tensor, like the real scatter) and a prefill
 process (KVSender submitting layer groups), sends 1K / 8K / 32K-token KV of Air's shape
 ((46 + 1 MTP) layers x 2 x tokens x 8 kv heads x 128 x bf16), checks every byte, and reports GB/s
-next to the raw GPU-to-GPU (or same-GPU) copy bandwidth.
+next to the raw GPU-to-GPU (or same-GPU) copy bandwidth. Exits 1 when any transfer failed or
+arrived unequal (the gloo run on the CPU is this benchmark's smoke check).
 
-    python -m common.transport.bench --backend nccl --prefill-device 0 --decode-device 1
-    python -m common.transport.bench --backend cuda_ipc --prefill-device 0 --decode-device 0
-    python -m common.transport.bench --backend gloo --tokens 256 1024      # CPU
+    python3 -m benchmarks.serving.bench_transport --backend nccl --prefill-device 0 --decode-device 1
+    python3 -m benchmarks.serving.bench_transport --backend cuda_ipc --prefill-device 0 --decode-device 0
+    python3 -m benchmarks.serving.bench_transport --backend gloo --tokens 256 1024      # CPU
 """
 
 from __future__ import annotations
@@ -242,6 +243,8 @@ def main() -> None:
                             iters=args.iters, layer_group=args.layer_group)
     for r in rows:
         print(asdict(r))
+    if not all(r.equal for r in rows):
+        raise SystemExit("bench_transport: a transfer failed or arrived unequal")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tune the fused-MoE block configs on this GPU and write common/ops/moe_configs/*.json.
 
-    python benchmarks/tune_moe.py                          # quick: Air + GLM-4.5 full width, 7 M values
-    python benchmarks/tune_moe.py --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
+    python3 -m benchmarks.kernels.tune_moe                          # quick: Air + GLM-4.5 full width, 7 M values
+    python3 -m benchmarks.kernels.tune_moe --tp 1,2,4,8 --m all     # everything (long: run per model/TP slice)
 
 Shapes are the model's: the E routed experts plus --shared (default 1) shared experts stacked after
 them, top-8 routed + the shared column per token (common/model/moe.py), so tables are keyed E+1.
@@ -12,9 +12,7 @@ replays, median) over a candidate list chosen by the rows each expert gets; the 
 BLOCK_M whose best gate_up + best down is fastest. Tables are merged into existing files (entries
 for other M kept) in --out-dir and copied to $OUT/moe_configs when OUT is set. A time budget
 stops starting new (shape, M) points; the heuristic in triton_moe.default_config covers the rest.
-Candidates that do not fit the GPU (shared memory) are skipped. At prefill sizes the candidates
-include A operands in block order by TMA with warp-specialised loops ("a_tma", "ws"; see
-benchmarks/bench_moe_blocked.py for the side-by-side of the whole op).
+Candidates that do not fit the GPU (shared memory) are skipped.
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ import shutil
 import time
 from pathlib import Path
 
-import gpu_timing as gt
 import torch
 
+from benchmarks import measure
 from common.ops import triton_moe as tm
 
 MODELS = {"air": (128, 4096, 1408), "glm45": (160, 5120, 1536)}  # E, H, I_e
@@ -63,40 +61,16 @@ def candidates(m: int, num_experts: int) -> tuple[list[int], list[dict], list[di
            for tma in (True, False)
            for n, k, w, s in ((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3),
                               (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4))]
-    # gate_up's block-order candidates pay for the x gather in their time
-    down_act = [{**c, "a_tma": True} for c in big[:4]]  # act in block order, loop not specialised
-    return ([64, 128], big + ws_configs(((128, 3), (128, 4), (64, 4))),
-            big + ws_configs(((256, 3), (128, 4), (256, 4))) + down_act)
+    return [64, 128], big, list(big)
 
 
-def ws_configs(tiles: tuple[tuple[int, int], ...]) -> list[dict]:
-    """Both operands by TMA (A in block order), K loop warp-specialised, one per (BLOCK_N,
-    num_stages); 4 warps: the pass adds one producer and two consumer groups around them."""
-    return [{"BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": st, "tma": True,
-             "a_tma": True, "ws": True} for n, st in tiles]
-
-
-def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw, blocked):  # type: ignore[no-untyped-def]
-    """The timed call of one candidate. blocked: (x, act) in the blocks' sorted order, for "a_tma"
-    candidates (None on the one-token path, where they run as plain TMA configs, as in fused_moe).
-    gate_up is timed writing act by assignment even where the table's down will make it write in
-    block order (same bytes, the rows' order differs)."""
+def _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw):  # type: ignore[no-untyped-def]
     numel, inter = act.shape
-    h, k = x.shape[1], TOP_K + SHARED
-    a_sorted = bool(cfg.get("a_tma")) and blocked is not None
-    if part == "up" and a_sorted:
-
-        def gathered_up() -> None:  # the gather's cost belongs to this candidate
-            tm.gather_rows(x, sorted_ids, block_expert, k, bm)
-            tm._gemm(blocked[0], w13, act, sorted_ids, block_expert, topw, numel, inter, h, k, True, bm, cfg,
-                     a_sorted=True)
-
-        return gathered_up
+    h = x.shape[1]
     if part == "up":
-        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, k, True, bm, cfg)
-    a = blocked[1] if a_sorted else act
-    return lambda: tm._gemm(a, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg,
-                            a_sorted=a_sorted)
+        return lambda: tm._gemm(x, w13, act, sorted_ids, block_expert, topw, numel, inter, h, TOP_K + SHARED, True, bm,
+                                cfg)
+    return lambda: tm._gemm(act, w2, y, sorted_ids, block_expert, topw, numel, h, inter, 1, False, bm, cfg)
 
 
 def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | None:
@@ -115,18 +89,14 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
             sorted_ids, block_expert = None, ids.reshape(-1)
         else:
             sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
-        blocked = None
-        if sorted_ids is not None and any(c.get("a_tma") for c in ups + downs):
-            blocked = (tm.gather_rows(x, sorted_ids, block_expert, TOP_K + SHARED, bm),
-                       torch.randn(sorted_ids.shape[0], inter, device="cuda", dtype=torch.bfloat16))
         scores = {}
         for part, cands in (("up", ups), ("down", downs)):
             for cfg in cands:
                 if time.time() > deadline and part in scores:
                     break
-                call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw, blocked)
+                call = _gemm_call(part, cfg, bm, x, act, y, w13, w2, sorted_ids, block_expert, topw)
                 try:
-                    t = gt.time_graph([call], reps=10)
+                    t = measure.time_graph([call], reps=10)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"    skip {part} BM={bm} {cfg}: {type(exc).__name__}", flush=True)
                     continue
@@ -160,7 +130,7 @@ def main() -> None:
     ms = QUICK_M if args.m == "quick" else ALL_M if args.m == "all" else tuple(int(v) for v in args.m.split(","))
     name = torch.cuda.get_device_name(0)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = gt.out_dir()
+    out = measure.out_dir()
     print(f"tuning on {name}; M = {ms}", flush=True)
     shapes = [(model, tp_deg, MODELS[model][0] + SHARED, MODELS[model][1], MODELS[model][2] // tp_deg)
               for tp_deg in (int(v) for v in args.tp.split(",")) for model in args.models.split(",")]

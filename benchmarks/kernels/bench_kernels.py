@@ -1,6 +1,6 @@
 """Kernel benchmark: every Triton kernel at serving shapes vs its roofline floor and torch twin.
 
-    python benchmarks/bench_kernels.py [--sections moe,attention,small] [--budget-s 220] [--moe-m 1,8]
+    python3 -m benchmarks.kernels.bench_kernels [--sections moe,attention,small] [--budget-s 220] [--moe-m 1,8]
 
 Prints GPU, driver and the measured ceilings (device copy counting read+write, pure read, bf16
 GEMM 8192^3), then per kernel/shape: median time, roofline floor (bytes over the measured
@@ -19,9 +19,9 @@ import json
 import time
 import traceback
 
-import gpu_timing as gt
 import torch
 
+from benchmarks import measure
 from common.attention import torch_ref
 from common.attention import triton_paged as tp
 from common.forward.batch import ForwardBatch, SeqSpec
@@ -38,7 +38,7 @@ COLS = ("kernel", "shape", "time_us", "floor_us", "frac", "bound", "ref_us", "sp
 class Report:
     def __init__(self, ceil: dict, budget_s: float) -> None:
         self.ceil, self.rows, self.deadline = ceil, [], time.time() + budget_s
-        self.out = gt.out_dir()
+        self.out = measure.out_dir()
 
     def over_budget(self) -> bool:
         return time.time() > self.deadline
@@ -107,16 +107,16 @@ def _moe_point(rep: Report, shape: str, w13: torch.Tensor, w2: torch.Tensor, m: 
     xs = [torch.randn(m, h, device=DEV, dtype=BF) for _ in range(2)]
     routes = [tm.grouped_topk(torch.randn(m, e, device=DEV), torch.zeros(e, device=DEV), 8, 1, 1, True, 1.0, shared)
               for _ in range(2)]
-    t = gt.time_graph([lambda i=i: tm.fused_moe(xs[i], w13, w2, *routes[i]) for i in range(2)])
+    t = measure.time_graph([lambda i=i: tm.fused_moe(xs[i], w13, w2, *routes[i]) for i in range(2)])
     x, (weights, ids) = xs[0], routes[0]
     used, remap = torch.unique(ids.long(), return_inverse=True)  # fp32 copies of the touched experts only
     want = ref.fused_moe(x.float(), w13[used].float(), w2[used].float(), weights, remap.int())
-    err = gt.rel_err(tm.fused_moe(x, w13, w2, weights, ids), want)
+    err = measure.rel_err(tm.fused_moe(x, w13, w2, weights, ids), want)
     del want
     torch.cuda.empty_cache()
     w_bytes = used.numel() * 3 * inter * h * 2
     flops = 2 * m * (8 + shared) * 3 * inter * h
-    ref_t = gt.time_eager(lambda: ref.fused_moe(x, w13, w2, weights, ids), rep_ms=60)
+    ref_t = measure.time_eager(lambda: ref.fused_moe(x, w13, w2, weights, ids), rep_ms=60)
     target = ""
     if m <= 64:
         frac = w_bytes / (t * 1e3) / rep.ceil["read_gbs"]
@@ -181,12 +181,12 @@ def _attn_case(rep: Report, name: str, specs: list) -> None:
     hq, hk, d, page = (ATTN_DIMS[k] for k in ("hq", "hk", "d", "page"))
     kv_bytes = sum(s for _, s, _, _ in specs) * hk * d * 2 * 2
     n_q = sum(q for q, _, _, _ in specs)
-    kc, vc, inputs = _attn_sets(specs, gt.rotations(kv_bytes), hk, hq, d, page)
-    t = gt.time_graph([lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, d**-0.5) for q, b in inputs])
+    kc, vc, inputs = _attn_sets(specs, measure.rotations(kv_bytes), hk, hq, d, page)
+    t = measure.time_graph([lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, d**-0.5) for q, b in inputs])
     q, batch = inputs[0]
     want = torch_ref.paged_attention(q, kc, vc, batch, d**-0.5)
-    err = gt.rel_err(tp.paged_attention(q, kc, vc, batch, d**-0.5), want)
-    ref_t = gt.time_eager(lambda: torch_ref.paged_attention(q, kc, vc, batch, d**-0.5), rep_ms=60)
+    err = measure.rel_err(tp.paged_attention(q, kc, vc, batch, d**-0.5), want)
+    ref_t = measure.time_eager(lambda: torch_ref.paged_attention(q, kc, vc, batch, d**-0.5), rep_ms=60)
     pairs = 0
     for qn, s, p, masked in specs:
         p = s - qn if p is None else p
@@ -220,10 +220,10 @@ def bench_small(rep: Report) -> None:
         if rep.over_budget():
             return
         try:
-            sets = [make() for _ in range(gt.rotations(rd + wr))]
-            t = gt.time_graph([lambda a=a: run(*a) for a in sets])
-            ref_t = gt.time_graph([lambda a=a: run_ref(*a) for a in sets])
-            err = max(gt.rel_err(g, r) for g, r in check(*sets[0]))
+            sets = [make() for _ in range(measure.rotations(rd + wr))]
+            t = measure.time_graph([lambda a=a: run(*a) for a in sets])
+            ref_t = measure.time_graph([lambda a=a: run_ref(*a) for a in sets])
+            err = max(measure.rel_err(g, r) for g, r in check(*sets[0]))
             rep.add(kernel, shape, t, rd, wr, 0.0, ref_t, err)
         except Exception as exc:  # noqa: BLE001
             rep.fail(kernel, shape, exc)
@@ -296,9 +296,9 @@ def main() -> None:
     ap.add_argument("--moe-m", default=",".join(map(str, MOE_M)), help="token counts of the MoE rows")
     args = ap.parse_args()
     MOE_M[:] = [int(v) for v in args.moe_m.split(",")]
-    info = gt.device_info()
-    out = gt.out_dir()
-    ceil = gt.measure_ceilings(out / "ceilings.json" if out else None)
+    info = measure.device_info()
+    out = measure.out_dir()
+    ceil = measure.measure_ceilings(out / "ceilings.json" if out else None)
     print(f"GPU {info['gpu']} | driver {info['driver']} | SMs {info['sms']} | torch {info['torch']} | "
           f"triton {info['triton']} | CUDA {info['cuda']}")
     print(f"ceilings: device copy {ceil['copy_gbs']:.0f} GB/s (read+write), read {ceil['read_gbs']:.0f} GB/s, "

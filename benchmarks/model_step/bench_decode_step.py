@@ -1,6 +1,6 @@
 """One decode step and one prefill of a 4-layer GLM-4.5-Air-shaped model: ours vs transformers.
 
-    python benchmarks/bench_decode_step.py [--batches 1,8,32,64] [--context 1024] [--prefill 2048]
+    python3 -m benchmarks.model_step.bench_decode_step [--batches 1,8,32,64] [--context 1024] [--prefill 2048]
 
 The model has Air's widths (H 4096, 96/8 heads of 128, 128 experts top-8 of I_e 1408, dense I
 10944, vocab 151552) and 4 layers: 1 dense + 3 MoE. transformers' Glm4MoeForCausalLM is built
@@ -23,34 +23,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 import warnings
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
+from benchmarks import measure
+from benchmarks.model_step.air_model import AIR, TINY_WIDTHS
 from common.forward.batch import ForwardBatch, SeqSpec
-from common.model.config import ModelConfig
 from common.forward.context import forward_context
 from common.kvcache.pool import KVPool
 from common.model import build_model
+from common.model.config import ModelConfig
 from common.runtime.cuda_graphs import load_batch, load_decode_batch
 
-AIR_4 = {
-    "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-    "num_hidden_layers": 4, "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
-    "partial_rotary_factor": 0.5, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "attention_bias": True,
-    "use_qk_norm": False, "n_routed_experts": 128, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1,
-    "topk_group": 1, "first_k_dense_replace": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": True,
-    "max_position_embeddings": 16384, "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
-}
-TINY = dict(AIR_4, vocab_size=512, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=16)
+# transformers' config of the same model, without the MTP layer
+AIR_4 = {**{k: v for k, v in AIR.items() if k not in ("architectures", "model_type")}, "num_nextn_predict_layers": 0}
+TINY = dict(AIR_4, **TINY_WIDTHS)
 PAGE = 16
 
 
@@ -300,10 +289,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     ceil = None
     if device.type == "cuda":
-        import gpu_timing as gt
-
-        out = gt.out_dir()
-        ceil = gt.measure_ceilings(out / "ceilings.json" if out else None)
+        out = measure.out_dir()
+        ceil = measure.measure_ceilings(out / "ceilings.json" if out else None)
         print(f"GPU {torch.cuda.get_device_name(0)}; ceilings {ceil}", flush=True)
     bench = Bench(args, device)
     rows = []
@@ -340,11 +327,7 @@ def report(rows: list, ceil: dict | None, hf) -> None:  # type: ignore[no-untype
     impl = getattr(hf.config, "_experts_implementation", None), getattr(hf.config, "_attn_implementation", None)
     text = "\n".join(lines) + f"\n\ntransformers experts/attention implementation: {impl}\n"
     print(text)
-    import os
-
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "bench_decode_step.md").write_text(text)
+    measure.write_out("bench_decode_step.md", text)
 
 
 if __name__ == "__main__":

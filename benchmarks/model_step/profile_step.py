@@ -1,8 +1,8 @@
 """Where the time of one forward goes: per-kernel GPU time of the 4-layer Air-shaped model.
 
-    python benchmarks/profile_step.py [--decode 1,32] [--context 1024] [--prefill 2048]
+    python3 -m benchmarks.model_step.profile_step [--decode 1,32] [--context 1024] [--prefill 2048]
 
-Random bf16 weights (benchmarks/bench_spec_step.random_model's Air widths, no MTP). For each
+Random bf16 weights (benchmarks.model_step.air_model's Air widths, no MTP). For each
 decode batch size: the eager step and the CUDA-graph replay (GraphRunner, as the decode worker
 captures it) under torch.profiler; for the prefill: the eager forward. Prints, per case, the
 wall time per step (CUDA events), the summed kernel time, the gap (wall - kernels: launch
@@ -14,38 +14,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import statistics
-import sys
 from collections import defaultdict
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from bench_spec_step import AIR, random_model
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from benchmarks import measure
+from benchmarks.model_step.air_model import AIR, random_model
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
 
 PAGE = 16
-
-
-def wall_us(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
 
 
 def kernel_table(fn, reps: int) -> tuple[float, list[tuple[str, int, float]], list[tuple[float, str, str]]]:  # type: ignore[no-untyped-def]
@@ -130,13 +109,13 @@ def main() -> None:
         def eager(step: ForwardBatch = step) -> None:
             runner.decode_logits(step)
 
-        out += section(f"decode B={b}, eager", wall_us(eager, args.reps), eager, args.reps, args.top)
+        out += section(f"decode B={b}, eager", measure.median_event_us(eager, args.reps), eager, args.reps, args.top)
         runner.graphs = graphs
 
         def replay(step: ForwardBatch = step) -> None:
             runner.decode_logits(step)
 
-        out += section(f"decode B={b}, CUDA graph", wall_us(replay, args.reps), replay, args.reps, args.top)
+        out += section(f"decode B={b}, CUDA graph", measure.median_event_us(replay, args.reps), replay, args.reps, args.top)
         print("\n".join(out[-args.top - 8:]), flush=True)
     if args.draft:
         pages = [list(range(1, 1 + pages_per_seq + 1))]
@@ -153,13 +132,13 @@ def main() -> None:
         def draft_eager() -> None:
             runner.draft_step_forward(step, hid)
 
-        out += section("EAGLE draft step B=1, eager", wall_us(draft_eager, args.reps), draft_eager, args.reps, args.top)
+        out += section("EAGLE draft step B=1, eager", measure.median_event_us(draft_eager, args.reps), draft_eager, args.reps, args.top)
         runner.graphs = spec
 
         def draft_graph() -> None:
             runner.draft_step_forward(step, hid)
 
-        out += section("EAGLE draft step B=1, CUDA graph", wall_us(draft_graph, args.reps), draft_graph, args.reps,
+        out += section("EAGLE draft step B=1, CUDA graph", measure.median_event_us(draft_graph, args.reps), draft_graph, args.reps,
                        args.top)
     if args.prefill:
         n = args.prefill
@@ -169,7 +148,7 @@ def main() -> None:
         def prefill() -> None:
             runner.forward(batch)
 
-        out += section(f"prefill 1x{n}, eager", wall_us(prefill, max(3, args.reps // 2)), prefill,
+        out += section(f"prefill 1x{n}, eager", measure.median_event_us(prefill, max(3, args.reps // 2)), prefill,
                        max(3, args.reps // 2), args.top)
         if args.host:
             torch.cuda.synchronize()
@@ -183,8 +162,7 @@ def main() -> None:
                     prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), "```", ""]
     text = "\n".join(out)
     print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "profile_step.md").write_text(text + "\n")
+    measure.write_out("profile_step.md", text + "\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Fused MoE with and without programmatic dependent launch (PDL), side by side in one run.
 
-    python benchmarks/bench_moe_pdl.py [--m 1,8,64,4096] [--models air,glm45,air+shared,glm45+shared] [--rounds 3]
+    python3 -m benchmarks.kernels.bench_moe_pdl [--m 1,8,64,4096] [--rounds 3]
+        [--models air,glm45,air+shared,glm45+shared]
 
 The fused MoE is three kernels (gate_up, down, combine; plus the alignment when T > 1). Launched
 plainly, each waits for the previous one to finish and then pays its own launch and pipeline
 ramp. With PDL (triton_moe.USE_PDL) the next kernel's programs start on the SMs its predecessor
 frees and wait in-kernel (griddepcontrol.wait) for its results. Each mode is timed by CUDA-graph
-replay (gpu_timing.time_graph, two routings per graph), the modes interleaved over --rounds rounds,
+replay (measure.time_graph, two routings per graph), the modes interleaved over --rounds rounds,
 median per mode reported with the issue's measure: weight bytes / time against the read bandwidth
 (M <= 64) or FLOP rate against the bf16 GEMM peak (M >= 1024). At M <= 64 the same number of bytes
 is also read by one plain streaming kernel (the read-bandwidth probe), timed the same way: what a
@@ -20,10 +21,10 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import gpu_timing as gt
 import torch
-from bench_kernels import MOE_MODELS as MODELS  # E routed, H, I_e, shared experts (the model's layout)
 
+from benchmarks import measure
+from benchmarks.kernels.bench_kernels import MOE_MODELS as MODELS  # E routed, H, I_e, shared experts
 from common.ops import triton_moe as tm
 
 BF = torch.bfloat16
@@ -44,7 +45,7 @@ def _point(ceil: dict, w13: torch.Tensor, w2: torch.Tensor, m: int, shared: int,
         for _ in range(rounds):
             for mode in MODES:
                 tm.USE_PDL = mode == "pdl"
-                times[mode].append(gt.time_graph(calls))
+                times[mode].append(measure.time_graph(calls))
                 outs.setdefault(mode, calls[0]())
     finally:
         tm.USE_PDL = saved
@@ -59,7 +60,7 @@ def _point(ceil: dict, w13: torch.Tensor, w2: torch.Tensor, m: int, shared: int,
     row: dict = {"same": same, **{mode: scored(statistics.median(ts)) for mode, ts in times.items()}}
     if m <= 64:  # the same bytes read by one streaming kernel (two buffers, as the MoE rotates two routings)
         bufs = [torch.empty(w_bytes // 2, device="cuda", dtype=BF).normal_() for _ in range(2)]
-        row["read"] = scored(gt.time_graph([gt.read_call(b) for b in bufs]))
+        row["read"] = scored(measure.time_graph([measure.read_call(b) for b in bufs]))
     return row
 
 
@@ -69,8 +70,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    info = gt.device_info()
-    ceil = gt.measure_ceilings()
+    info = measure.device_info()
+    ceil = measure.measure_ceilings()
     print(f"{info['gpu']}, driver {info['driver']}, torch {info['torch']}, triton {info['triton']}")
     print(f"ceilings: read {ceil['read_gbs']:.0f} GB/s, bf16 GEMM {ceil['gemm_tflops']:.0f} TFLOP/s")
     if not tm.pdl_supported(torch.device("cuda")):
@@ -92,11 +93,8 @@ def main() -> None:
         del w13, w2
         torch.cuda.empty_cache()
     print("frac: weight bytes / time over the read bandwidth at M <= 64, FLOP rate over the GEMM peak above")
-    out = gt.out_dir()
-    if out:
-        (out / "bench_moe_pdl.md").write_text(
-            f"{info['gpu']}, driver {info['driver']}; read {ceil['read_gbs']:.0f} GB/s, "
-            f"GEMM {ceil['gemm_tflops']:.0f} TFLOP/s\n\n" + "\n".join(lines) + "\n")
+    measure.write_out("bench_moe_pdl.md", f"{info['gpu']}, driver {info['driver']}; read {ceil['read_gbs']:.0f} GB/s, "
+                      f"GEMM {ceil['gemm_tflops']:.0f} TFLOP/s\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Triton kernels against their rooflines and torch twins, the block-config tuners, compile reports."""

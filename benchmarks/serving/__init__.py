@@ -1,0 +1,1 @@
+"""Serving processes end to end (one and two GPUs) and the KV transport between them."""
