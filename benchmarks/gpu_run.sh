@@ -2,7 +2,7 @@
 # SUMMARY (the summary file name under $OUT) first, and STAGES when it has stages. Provides $PY, $T0,
 # `stage`, `has`, `gpu_header` and `pack_results`.
 set -u
-pkill -9 -f "[c]ommon[.]cli" 2>/dev/null  # stray glmserve servers from earlier runs hold GPU memory
+pkill -9 -f "[c]ommon[.]tools[.]cli" 2>/dev/null  # stray glmserve servers from earlier runs hold GPU memory
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mkdir -p "$OUT"
 export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-pkill -9 -f "[c]ommon[.]cli"  # stray servers from earlier runs hold GPU memory
+pkill -9 -f "[c]ommon[.]tools[.]cli"  # stray servers from earlier runs hold GPU memory
 # Decode CUDA graphs on one GPU (< 7 minutes on an H100): graph-vs-eager GPU tests (plain decode and
 # EAGLE), the plain and EAGLE step cost with and without the worker's graphs (decode graphs; EAGLE
 # verify + draft-step graphs), and end-to-end serving (the decode worker captures its graphs at
@@ -14,11 +14,11 @@ gpu_header "glmserve decode CUDA graphs run"
 stage gpu_tests 100 $PY -m pytest tests/gpu/test_decode_graphs_gpu.py tests/gpu/test_eagle_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "graph" -m gpu -q \
   -p no:cacheprovider -o addopts="" -rfE
 stage bench_spec_step 150 $PY -m benchmarks.model_step.bench_spec_step --batches 1,8,32 --context 1024
-pkill -9 -f "[c]ommon[.]cli"
+pkill -9 -f "[c]ommon[.]tools[.]cli"
 E2E_LOGS="$(mktemp -d /tmp/glmserve_graphs_e2e.XXXXXX)"
 stage bench_e2e 170 $PY -m benchmarks.serving.bench_e2e --device cuda:0 --concurrency 1,8,32 --prompt 1024 --max-tokens 64 \
   --log-dir "$E2E_LOGS"
-pkill -9 -f "[c]ommon[.]cli"
+pkill -9 -f "[c]ommon[.]tools[.]cli"
 {
   echo
   echo "## gpu tests"

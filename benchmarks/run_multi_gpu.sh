@@ -1,4 +1,4 @@
-pkill -9 -f "[c]ommon[.]cli"
+pkill -9 -f "[c]ommon[.]tools[.]cli"
 # Two-GPU disaggregated serving run (< 9 minutes): prefill worker on GPU 0, decode worker on GPU 1,
 # NCCL KV transport; outputs compared with the same requests on one GPU (CUDA IPC); cancellation,
 # a killed decode worker, KV bandwidth, transfer/compute overlap, TTFT/ITL at 1/8/32 requests.
@@ -17,7 +17,7 @@ case " $* " in *" cpu,cpu "*|*"=cpu,cpu "*) LIMIT="${RUN_LIMIT_S:-3600}";; esac
 start=$(date +%s)
 timeout --kill-after=15 "$LIMIT" $PY -m benchmarks.serving.run_multi_gpu --out "$OUT" "$@" 2>&1 | tee "$OUT/run_multi_gpu.log"
 rc=${PIPESTATUS[0]}
-pkill -9 -f "[c]ommon[.]cli" || true
+pkill -9 -f "[c]ommon[.]tools[.]cli" || true
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
   echo "FAIL: run_multi_gpu.py hit the ${LIMIT}s limit; partial results are in $OUT/MULTI_GPU.md" | tee -a "$OUT/MULTI_GPU.md"
 fi
