@@ -47,11 +47,14 @@ def _make_tiny_model(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-layers", type=int, default=3, help="main decoder layers (MTP layer extra)")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
+    p.add_argument("--quantization", choices=("none", "fp8-channel", "fp8-block"), default="none",
+                   help="store the linears in FP8: compressed-tensors per-channel (the official GLM FP8 "
+                        "format) or 128x128-block `weight_scale_inv`; same random weights as 'none'")
     args = p.parse_args(argv)
     from common.tools.tiny_model import make_tiny_model
 
     out = make_tiny_model(args.dir, template=args.template, seed=args.seed,
-                          num_layers=args.num_layers, shards=args.shards)
+                          num_layers=args.num_layers, shards=args.shards, quantization=args.quantization)
     print(f"wrote tiny {args.template} model to {out}")
     return 0
 

@@ -10,11 +10,16 @@ Weights are stored in fp32 so that fp32 comparisons see exactly the same numbers
 config.json still says `torch_dtype: bfloat16`, as the real checkpoints do. Norm weights are
 1 + 0.1·N(0,1), biases 0.1·N(0,1), correction biases 0.05·N(0,1), projections N(0, 1/fan_in),
 so hidden states and logits are O(1). Same arguments → byte-identical files.
+
+`quantization="fp8-channel"` or `"fp8-block"` writes the same random weights in one of the two FP8
+checkpoint layouts (see `quantize_fp8`), so a test can load the real format through the real loader
+and compare it with the unquantised model of the same seed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +27,14 @@ import torch
 from safetensors.torch import save_file
 
 from common.tools.tiny_tokenizer import write_tokenizer_files
+
+Quantization = Literal["none", "fp8-channel", "fp8-block"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "fp8-channel", "fp8-block")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+# The block edge the block-FP8 checkpoints use. The tiny model's matrices are smaller than one block
+# in at least one dimension, so at this size most of its tensors have a single 1x1 scale; a test
+# that wants several blocks per tensor passes a smaller `fp8_block`.
+FP8_BLOCK = 128
 
 TINY_CONFIG: dict[str, Any] = {
     "architectures": ["Glm4MoeForCausalLM"],
@@ -65,12 +78,17 @@ def make_tiny_model(
     num_layers: int = 3,
     shards: int = 1,
     weight_dtype: torch.dtype = torch.float32,
+    quantization: Quantization = "none",
+    fp8_block: int = FP8_BLOCK,
     **overrides: Any,
 ) -> Path:
     """Write the model directory and return its path. `overrides` replace config.json fields.
 
     `weight_dtype` (default fp32) is the stored dtype of every tensor except the correction bias,
-    which stays fp32 as in the real checkpoints; bf16 halves the size of large test models."""
+    which stays fp32 as in the real checkpoints; bf16 halves the size of large test models. With an
+    FP8 `quantization` the FP8 linears are quantised from those `weight_dtype` values and every other
+    tensor is stored as without quantization (the official checkpoints store them in bf16, which
+    `weight_dtype=torch.bfloat16` reproduces). `fp8_block` is the block edge of "fp8-block"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = write_tokenizer_files(out, template)
@@ -78,10 +96,13 @@ def make_tiny_model(
     config.update(overrides)
     vocab = max(-(-info.vocab_size // 64) * 64, config.get("vocab_size", 0))
     config.update(vocab_size=vocab, eos_token_id=info.eos_token_ids, pad_token_id=info.pad_token_id)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = random_weights(config, seed)
     if weight_dtype != torch.float32:
         tensors = {n: t if n.endswith("e_score_correction_bias") else t.to(weight_dtype) for n, t in tensors.items()}
+    if quantization != "none":
+        config["quantization_config"] = fp8_quantization_config(quantization, config, fp8_block)
+        tensors = quantize_fp8(tensors, config, quantization, fp8_block)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _save(tensors, out, shards)
     return out
 
@@ -154,6 +175,98 @@ def _layer(config: dict[str, Any], p: str, moe: bool, randn: Any, proj: Any, nor
         mlp(f"{p}mlp.experts.{e}.", width)
     mlp(p + "mlp.shared_experts.", width * config["n_shared_experts"])
     return t
+
+
+# ------------------------------------------------------------------------------------ FP8
+# The linears the FP8 checkpoints store in FP8: attention q/k/v/o, the dense MLP, every routed and the
+# shared expert, in the MTP layer too, and its eh_proj (a Linear the official ignore list does not
+# name). Embeddings, lm_head and its MTP copy `shared_head.head`, the routers `mlp.gate`, norms, biases
+# and the correction bias keep their unquantised dtype.
+_FP8_LINEAR = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj"
+    r"|eh_proj)\.weight")
+
+
+def is_fp8_linear(name: str) -> bool:
+    """Whether the FP8 checkpoints store tensor `name` in float8_e4m3fn (with a scale)."""
+    return _FP8_LINEAR.fullmatch(name) is not None
+
+
+def fp8_quantization_config(quantization: Quantization, config: dict[str, Any], block: int) -> dict[str, Any]:
+    """The `quantization_config` of config.json for `quantization` ("fp8-channel" or "fp8-block")."""
+    if quantization == "fp8-block":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [block, block]}
+    if quantization != "fp8-channel":
+        raise ValueError(f"unknown FP8 quantization {quantization!r} (one of {QUANTIZATIONS[1:]})")
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "global_compression_ratio": None,
+        "kv_cache_scheme": None,
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": _quant_args(strategy="channel", dynamic=False, observer="minmax"),
+            "input_activations": _quant_args(strategy="token", dynamic=True, observer=None),
+            "output_activations": None,
+        }},
+        "ignore": ["lm_head"] + [f"model.layers.{i}.mlp.gate" for i in _moe_layers(config)],
+    }
+
+
+def _quant_args(strategy: str, dynamic: bool, observer: str | None) -> dict[str, Any]:
+    return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": dynamic,
+            "group_size": None, "block_structure": None, "actorder": None, "observer": observer,
+            "observer_kwargs": {}}
+
+
+def _moe_layers(config: dict[str, Any]) -> list[int]:
+    """Indices of the MoE layers, the MTP layer (stored after the main layers) included."""
+    total = config["num_hidden_layers"] + config.get("num_nextn_predict_layers", 0)
+    return list(range(config["first_k_dense_replace"], total))
+
+
+def quantize_fp8(tensors: dict[str, torch.Tensor], config: dict[str, Any], quantization: Quantization,
+                 block: int = FP8_BLOCK) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors with every FP8 linear replaced by float8_e4m3fn plus its fp32 scale.
+
+    "fp8-channel": `<linear>.weight_scale` [out, 1] = row amax / 448. "fp8-block":
+    `<linear>.weight_scale_inv` [ceil(out/block), ceil(in/block)] = block amax / 448. In both formats
+    the scale multiplies: the dequantised weight is fp8.float() times the scale of its row or block."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not is_fp8_linear(name):
+            out[name] = t
+            continue
+        if quantization == "fp8-channel":
+            out[name], out[name + "_scale"] = _quantize_channel(t.float())
+        elif quantization == "fp8-block":
+            out[name], out[name + "_scale_inv"] = _quantize_block(t.float(), block)
+        else:
+            raise ValueError(f"unknown FP8 quantization {quantization!r} (one of {QUANTIZATIONS[1:]})")
+    return out
+
+
+def _quantize_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    return _to_fp8(w, scale), scale
+
+
+def _quantize_block(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // block), -(-in_f // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:out_f, :in_f] = w.abs()
+    scale = padded.reshape(rows, block, cols, block).amax(dim=(1, 3)) / FP8_MAX
+    full = scale.repeat_interleave(block, 0)[:out_f].repeat_interleave(block, 1)[:, :in_f]
+    return _to_fp8(w, full), scale
+
+
+def _to_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w / scale rounded to float8_e4m3fn; an all-zero row or block (scale 0) stays zero."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (w / safe).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def _save(tensors: dict[str, torch.Tensor], out: Path, shards: int) -> None:
