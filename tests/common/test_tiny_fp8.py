@@ -197,3 +197,36 @@ def test_cli_flag(tmp_path: Path) -> None:
     assert _config(tmp_path / "c")["quantization_config"]["quant_method"] == "compressed-tensors"
     assert cli_main(["make-tiny-model", str(tmp_path / "b"), "--quantization", "fp8-block"]) == 0
     assert _config(tmp_path / "b")["quantization_config"]["quant_method"] == "fp8"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sharded_fp8_loads_as_single(tmp_path: Path, dirs: dict[str, Path], fmt: str) -> None:
+    """Shards split the name list; pick a shard count that puts some scale in another file than its
+    weight, and check the load equals the single file's."""
+    suffix = SCALE_SUFFIX[fmt]
+    for shards in range(2, 16):
+        sharded = make_tiny_model(tmp_path / f"s{shards}", quantization=fmt, shards=shards)
+        index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+        if any(index[n] != index[n + suffix] for n in index if n + suffix in index):
+            break
+    else:
+        pytest.fail("no shard count split a weight from its scale")
+    a = dict(load_model(dirs[fmt], "cpu", torch.float32, with_mtp=True).named_parameters())
+    b = dict(load_model(sharded, "cpu", torch.float32, with_mtp=True).named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bf16_rest_matches_the_official_dtypes(tmp_path: Path, fmt: str) -> None:
+    """With weight_dtype=bf16 every dtype is the official checkpoints': FP8 linears, fp32 scales, the
+    fp32 correction bias, and bf16 for everything else (embeddings, lm_head, routers, norms, biases)."""
+    t = _tensors(make_tiny_model(tmp_path / "m", quantization=fmt, weight_dtype=torch.bfloat16))
+    suffix = SCALE_SUFFIX[fmt]
+    for name, tensor in t.items():
+        if is_fp8_linear(name):
+            want = torch.float8_e4m3fn
+        elif name.endswith((suffix, "e_score_correction_bias")):
+            want = torch.float32
+        else:
+            want = torch.bfloat16
+        assert tensor.dtype == want, name
