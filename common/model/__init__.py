@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ from common.model.glm4_moe import Glm4MoeForCausalLM
 from common.model.layers import cast_parameters
 from common.model.loader import LoadError, load_weights
 from common.model.mtp import Glm4MoeMTP
+
+log = logging.getLogger(__name__)
 
 
 def build_model(
@@ -36,7 +39,9 @@ def load_model(
     """Config and weights from an HF model directory, materialised straight onto `device`."""
     config = ModelConfig.from_hf(path)
     model = build_model(config, "meta", dtype, with_mtp)
-    load_weights(model, config, path, device)
+    stats = load_weights(model, config, path, device)
+    log.info("loaded %.2f GB from %d shard(s) in %.1f s (%.2f GB/s)", stats.bytes_read / 1e9, stats.shards,
+             stats.seconds, stats.gb_per_s)
     return model
 
 

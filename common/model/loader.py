@@ -13,13 +13,17 @@ Checkpoint names (docs/model.md §3.1) map to our parameters as follows:
 FP8 weights (compressed-tensors channel-wise `weight_scale` [out,1], or block `weight_scale_inv`)
 are dequantised to the parameter dtype on load. The router weight and correction bias stay fp32.
 Anything missing, unexpected, mis-shaped or truncated raises LoadError naming file and tensor.
+Shards are read one after another, and each finished shard logs one progress line (shards done, GB
+read, GB/s, time left at that rate); `load_weights` returns the totals as LoadStats.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,9 @@ SINGLE_FILE = "model.safetensors"
 _SCALE_SUFFIXES = ("_scale", "_scale_inv")  # appended to "<linear>.weight"
 _DEFAULT_FP8_BLOCK = (128, 128)
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+log = logging.getLogger(__name__)
 
 
 class LoadError(RuntimeError):
@@ -181,8 +188,44 @@ def _read_header(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ loading
-def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, device: torch.device | str) -> None:
-    """Fill every parameter of `model` (built on meta) from the checkpoint in `model_dir`."""
+@dataclass(frozen=True)
+class LoadStats:
+    shards: int
+    bytes_read: int  # checkpoint tensor bytes read (scales included)
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / max(self.seconds, 1e-9)
+
+
+class _Progress:
+    """One log line per finished shard: how far, how fast, how long still at that rate."""
+
+    def __init__(self, total_shards: int, total_bytes: int) -> None:
+        self.total_shards, self.total_bytes = total_shards, total_bytes
+        self.shards = self.bytes = 0
+        self.start = time.monotonic()
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def shard_done(self, path: Path) -> None:
+        self.shards += 1
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.bytes / elapsed
+        left = max(self.total_bytes - self.bytes, 0) / rate if rate > 0 else 0.0
+        log.info("loaded shard %d/%d (%s): %.3g/%.3g GB, %.3g GB/s, %.0f s left", self.shards, self.total_shards,
+                 path.name, self.bytes / 1e9, self.total_bytes / 1e9, rate / 1e9, left)
+
+    def stats(self) -> LoadStats:
+        return LoadStats(self.shards, self.bytes, time.monotonic() - self.start)
+
+
+def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path,
+                 device: torch.device | str) -> LoadStats:
+    """Fill every parameter of `model` (built on meta) from the checkpoint in `model_dir`, shard by shard."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     with_mtp = getattr(model, "mtp", None) is not None
@@ -196,22 +239,14 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
     block = tuple(config.quant.weight_block_size or _DEFAULT_FP8_BLOCK) if config.quant else _DEFAULT_FP8_BLOCK
 
     loaded: set[str] = set()
-    for name, path in where.items():
-        if name.endswith((".weight_scale", ".weight_scale_inv")) or _skipped(name, config, with_mtp):
-            continue
-        target = layout.get(name)
-        if target is None:
-            raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {config.architecture})")
-        tensor = handles[path].get_tensor(name)
-        dest = _materialize(model, target.param, device)[target.index]
-        arranged = target.arrange(tensor)
-        if tuple(arranged.shape) != tuple(dest.shape):
-            raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                            f"expected {target.checkpoint_shape(tuple(dest.shape))}")
-        if tensor.dtype in _FP8_DTYPES:
-            arranged = target.arrange(_dequantize(name, tensor, where, handles, block))
-        dest.copy_(arranged)
-        loaded.add(name)
+    progress = _Progress(len(headers), sum(path.stat().st_size for path in headers))
+    by_shard = sorted(where.items(), key=lambda item: str(item[1]))  # stable: index order within a shard
+    for i, (name, path) in enumerate(by_shard):
+        if not (name.endswith((".weight_scale", ".weight_scale_inv")) or _skipped(name, config, with_mtp)):
+            _load_one(model, layout, name, path, where, handles, block, device, config, progress)
+            loaded.add(name)
+        if i + 1 == len(by_shard) or by_shard[i + 1][1] != path:
+            progress.shard_done(path)
 
     for name in layout:
         if name not in loaded:
@@ -220,6 +255,25 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
     for pname, p in model.named_parameters():
         if p.is_meta:
             raise LoadError(f"{model_dir}: parameter {pname} received no checkpoint tensor")
+    return progress.stats()
+
+
+def _load_one(model: nn.Module, layout: dict[str, Target], name: str, path: Path, where: dict[str, Path],
+              handles: dict[Path, Any], block: tuple[int, ...], device: torch.device, config: ModelConfig,
+              progress: _Progress) -> None:
+    """Copy checkpoint tensor `name` (FP8: dequantised with its scale) into its parameter region."""
+    target = layout.get(name)
+    if target is None:
+        raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {config.architecture})")
+    tensor = progress.read(handles[path].get_tensor(name))
+    dest = _materialize(model, target.param, device)[target.index]
+    arranged = target.arrange(tensor)
+    if tuple(arranged.shape) != tuple(dest.shape):
+        raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                        f"expected {target.checkpoint_shape(tuple(dest.shape))}")
+    if tensor.dtype in _FP8_DTYPES:
+        arranged = target.arrange(_dequantize(name, tensor, where, handles, block, progress))
+    dest.copy_(arranged)
 
 
 def _materialize(model: nn.Module, param_name: str, device: torch.device) -> torch.Tensor:
@@ -234,14 +288,15 @@ def _materialize(model: nn.Module, param_name: str, device: torch.device) -> tor
 
 
 def _dequantize(
-    name: str, weight: torch.Tensor, where: dict[str, Path], handles: dict[Path, Any], block: tuple[int, int]
+    name: str, weight: torch.Tensor, where: dict[str, Path], handles: dict[Path, Any], block: tuple[int, ...],
+    progress: _Progress,
 ) -> torch.Tensor:
     """FP8 [out,in] -> fp32 times its scale: channel-wise `weight_scale` [out,1] (or a scalar), or
     block `weight_scale_inv` [ceil(out/b0), ceil(in/b1)] broadcast over b0 x b1 blocks."""
     scale_name = next((name + s for s in _SCALE_SUFFIXES if name + s in where), None)
     if scale_name is None:
         raise LoadError(f"{where[name]}: FP8 tensor '{name}' has no '{name}_scale' or '{name}_scale_inv'")
-    scale = handles[where[scale_name]].get_tensor(scale_name).float()
+    scale = progress.read(handles[where[scale_name]].get_tensor(scale_name)).float()
     w = weight.float()
     out_f, in_f = w.shape
     if scale.numel() == 1:

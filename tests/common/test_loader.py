@@ -4,6 +4,7 @@ dequantisation, and errors that name the file and the tensor."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from common.model import LoadError, build_model, load_model
 from common.model.config import ModelConfig
-from common.model.loader import checkpoint_layout
+from common.model.loader import checkpoint_layout, load_weights
 from common.ops import reference
 from common.tools.tiny_model import make_tiny_model
 
@@ -258,3 +259,20 @@ def test_mis_shaped_shared_expert_names_the_checkpoint_shape(tmp_path: Path) -> 
     with pytest.raises(LoadError, match=rf"'{name}' has shape \({cfg.hidden_size}, {cfg.moe_intermediate_size - 1}\), "
                                         rf"expected \({cfg.hidden_size}, {cfg.moe_intermediate_size}\)"):
         load_model(path, "cpu", torch.float32)
+
+
+def test_shards_load_one_after_another_with_a_progress_line_each(tmp_path: Path, caplog) -> None:
+    d = _tiny(tmp_path, shards=3)
+    files = sorted(d.glob("*.safetensors"))
+    config = ModelConfig.from_hf(d)
+    model = build_model(config, "meta", torch.float32, with_mtp=True)
+    with caplog.at_level(logging.INFO, logger="common.model.loader"):
+        stats = load_weights(model, config, d, "cpu")
+    lines = [r.getMessage() for r in caplog.records if r.name == "common.model.loader"]
+    assert [line.split(" (")[0] for line in lines] == ["loaded shard 1/3", "loaded shard 2/3", "loaded shard 3/3"]
+    assert [line.split("(")[1].split(")")[0] for line in lines] == [f.name for f in files]  # in file order
+    read = [float(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert read == sorted(read) and read[0] > 0
+    total = sum(f.stat().st_size for f in files)
+    # every tensor but the MTP layer's embed / head copies is read once; headers are not counted
+    assert stats.shards == 3 and 0.5 * total < stats.bytes_read < total and stats.gb_per_s > 0
