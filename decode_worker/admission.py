@@ -46,7 +46,7 @@ class Admission:
 
     def on_abort(self, msg: Abort) -> None:
         req = self.sched.by_id.get(msg.request_id)
-        if req is not None:
+        if req is not None and (msg.only is None or msg.only is req):
             self.out.fail(req, msg.code, msg.message)
 
     def on_kv_ready(self, msg: KvReady) -> None:

@@ -23,11 +23,13 @@ class Submit:
 
 @dataclass(frozen=True)
 class Abort:
-    """Fail the request (if still active) with an ErrorEvent of `code` (a grpc.StatusCode name)."""
+    """Fail the request (if still active) with an ErrorEvent of `code` (a grpc.StatusCode name).
+    With `only`, just that request object: a request id reused by another call is left alone."""
 
     request_id: str
     code: str
     message: str
+    only: DecodeReq | None = None
 
 
 @dataclass(frozen=True)

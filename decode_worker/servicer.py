@@ -49,6 +49,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         self.w.engine.submit(req, admitted)
         try:
             await admitted
+        except asyncio.CancelledError:  # client gone before admission: the engine may still admit it
+            self.w.engine.abort(req.request_id, "CANCELLED", "client cancelled", only=req)
+            raise
         except QueueFullError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
@@ -82,7 +85,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                     await context.abort(getattr(grpc.StatusCode, ev.code), ev.message)
         finally:
             if not finished:  # client gone or deadline: free everything on this worker
-                self.w.engine.abort(req.request_id, "CANCELLED", "client cancelled")
+                self.w.engine.abort(req.request_id, "CANCELLED", "client cancelled", only=req)
 
     def _to_req(self, request: worker_pb2.DecodeRequest) -> DecodeReq | str:
         w = self.w

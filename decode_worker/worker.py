@@ -56,8 +56,9 @@ class DecodeEngine(EngineThread[DecodeMsg]):
         """`admitted` resolves to None, or to an exception (queue full, bad request)."""
         self.post(Submit(req, Reply.to(admitted)))
 
-    def abort(self, request_id: str, code: str = "CANCELLED", message: str = "aborted") -> None:
-        self.post(Abort(request_id, code, message))
+    def abort(self, request_id: str, code: str = "CANCELLED", message: str = "aborted",
+              only: DecodeReq | None = None) -> None:
+        self.post(Abort(request_id, code, message, only))
 
     def kv_ready(self, transfer_id: int, aux: AuxRecord) -> None:
         self.post(KvReady(transfer_id, aux))

@@ -220,3 +220,24 @@ def test_a_step_that_does_not_return_shows_as_a_stall() -> None:
             engine.stop(5)
 
     assert asyncio.run(main())
+
+
+def test_an_abort_for_one_call_leaves_another_call_with_the_same_id_alone() -> None:
+    """A refused duplicate (or a call cancelled before admission) aborts only its own request object."""
+    engine, _, alloc = make_engine()
+
+    async def main() -> tuple[DecodeReq, DecodeReq]:
+        first, dup = req("a", 7), req("a", 8)
+        await submit(engine, first)
+        with pytest.raises(ValueError, match="already"):
+            await submit(engine, dup)
+        engine.abort("a", "CANCELLED", "client cancelled", only=dup)
+        turn(engine)
+        assert first.channel.events == [] and first.state is ReqState.WAITING_KV
+        engine.abort("a", "CANCELLED", "client cancelled", only=first)
+        turn(engine)
+        return first, dup
+
+    first, _ = asyncio.run(main())
+    assert first.channel.events == [ErrorEvent("CANCELLED", "client cancelled")]
+    assert alloc.num_free == alloc.num_total
