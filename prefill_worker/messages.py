@@ -20,10 +20,12 @@ class Submit:
 
 @dataclass(frozen=True)
 class Abort:
-    """Finish the job (if still active) with RuntimeError(reason)."""
+    """Finish the job (if still active) with RuntimeError(reason). With `only`, just that job object:
+    a request id reused by another call is left alone."""
 
     request_id: str
     reason: str
+    only: PrefillJob | None = None
 
 
 @dataclass(frozen=True)

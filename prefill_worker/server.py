@@ -52,7 +52,7 @@ class PrefillWorkerApp:
             del self.jobs[job.transfer_id]
 
     def cancel(self, job: PrefillJob, reason: str) -> None:
-        self.engine.abort(job.request_id, reason)
+        self.engine.abort(job.request_id, reason, only=job)
         job.sender.abort(job.transfer_id, reason)
 
     def _transfer_stats(self, stats: TransferStats) -> None:

@@ -50,8 +50,8 @@ class PrefillEngine(EngineThread[PrefillMsg]):
     def submit(self, job: PrefillJob) -> None:
         self.post(Submit(job))
 
-    def abort(self, request_id: str, reason: str = "aborted") -> None:
-        self.post(Abort(request_id, reason))
+    def abort(self, request_id: str, reason: str = "aborted", only: PrefillJob | None = None) -> None:
+        self.post(Abort(request_id, reason, only))
 
     def transfer_done(self, job: PrefillJob, error: Exception | None) -> None:
         """Sender thread callback: the decode side confirmed (or the transfer failed)."""
@@ -86,7 +86,7 @@ class PrefillEngine(EngineThread[PrefillMsg]):
 
     def _on_abort(self, msg: Abort) -> None:
         job = self.sched.by_id.get(msg.request_id)
-        if job is not None:
+        if job is not None and (msg.only is None or msg.only is job):
             self._finish(job, RuntimeError(msg.reason))
 
     def _on_transfer_done(self, msg: TransferDone) -> None:

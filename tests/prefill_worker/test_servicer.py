@@ -21,6 +21,7 @@ from common.tools.generate import reference_generate
 from common.transport.handshake import PairingError
 from common.transport.loopback import LoopbackSender
 from common.worker.args import build_worker_config
+from prefill_worker.scheduler import PrefillJob
 from prefill_worker.server import PrefillWorkerApp, build_arg_parser
 from prefill_worker.servicer import PrefillServicer
 from protos import worker_pb2
@@ -269,6 +270,32 @@ def test_a_duplicate_request_id_is_refused_without_harming_the_first(app) -> Non
     assert "request_id 'dup' is already active on this worker" in dup.details
     assert result.kv_bytes == 11 * app.runner.kv_pool.bytes_per_token
 
+
+
+def test_a_duplicate_call_cancelled_before_its_refusal_leaves_the_first_alone(app) -> None:
+    """The cancelled call's abort names its own job: the job that holds the request id goes on."""
+    app.senders.ok.hold.add(1)
+
+    async def scenario() -> worker_pb2.PrefillResult:
+        servicer = PrefillServicer(app)
+        first = asyncio.create_task(servicer.Prefill(request("dup", tid=1), FakeContext()))
+        await until(lambda: app.engine.sched.load().waiting_for_kv == 1)
+        submit = app.engine.submit
+
+        def submit_then_cancel(job: PrefillJob) -> None:  # the call is cancelled right after its Submit
+            submit(job)
+            dup.cancel()
+
+        app.engine.submit = submit_then_cancel
+        dup = asyncio.create_task(servicer.Prefill(request("dup", tid=2), FakeContext()))
+        with pytest.raises(asyncio.CancelledError):
+            await dup
+        await asyncio.sleep(0.2)  # the engine handles the Submit (refused) and the Abort
+        app.senders.ok.release(1)
+        return await asyncio.wait_for(first, 10)
+
+    result = asyncio.run(scenario())
+    assert result.kv_bytes == 11 * app.runner.kv_pool.bytes_per_token
 
 def test_get_load_and_abort_of_a_request_waiting_for_its_transfer(app) -> None:
     app.senders.ok.hold.add(6)
