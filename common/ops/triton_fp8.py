@@ -26,7 +26,8 @@ def _round_e4m3(v):
     exp = ((bits >> 23) & 0xFF) - 127
     ulp_exp = tl.maximum(exp, -6) - 3  # 3 mantissa bits; below 2^-6 the subnormal step 2^-9
     ulp = ((ulp_exp + 127) << 23).to(tl.float32, bitcast=True)
-    mag = ((tl.abs(v) / ulp + _ROUND_MAGIC) - _ROUND_MAGIC) * ulp  # exact: ulp is a power of two
+    inv_ulp = ((127 - ulp_exp) << 23).to(tl.float32, bitcast=True)  # multiply: exact, unlike approximate `/`
+    mag = ((tl.abs(v) * inv_ulp + _ROUND_MAGIC) - _ROUND_MAGIC) * ulp  # powers of two: only the add rounds
     return (mag.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
