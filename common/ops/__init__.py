@@ -1,8 +1,9 @@
 """Custom ops with backend dispatch: the torch reference everywhere, Triton twins on CUDA.
 
-Every op has the signature pinned in docs/CONTRACTS.md. On CUDA tensors the Triton twin from
-`common/ops/triton_*.py` is used when that module imports (lazily, once) and defines the op;
-otherwise, and always on CPU or inside `use_reference()`, the pure-torch twin in `reference.py`.
+Every op has the signature pinned in docs/CONTRACTS.md. On CUDA tensors the CUDA twin (Triton, from
+`common/ops/triton_*.py`; the FP8 GEMM, from `cublas_fp8.py`) is used when that module imports
+(lazily, once) and defines the op; otherwise, and always on CPU or inside `use_reference()`, the
+pure-torch twin in `reference.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from common.ops import reference
 
 BACKENDS = ("auto", "reference")
 
-# op name -> the Triton module expected to define it
+# op name -> the CUDA module expected to define it
 _TRITON_MODULE = {
     "rms_norm": "triton_norm",
     "fused_add_rms_norm": "triton_norm",
@@ -30,6 +31,9 @@ _TRITON_MODULE = {
     "silu_and_mul": "triton_norm",
     "fused_moe": "triton_moe",
     "store_kv": "triton_kv",
+    "quant_fp8_per_token": "triton_fp8",
+    "quant_fp8_per_group": "triton_fp8",
+    "fp8_linear": "cublas_fp8",
 }
 
 _backend = "auto"
@@ -154,7 +158,28 @@ def store_kv(
     resolve("store_kv", k.device)(k_cache, v_cache, k, v, slots)
 
 
+def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("quant_fp8_per_token", x.device)(x)
+
+
+def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("quant_fp8_per_group", x.device)(x, group)
+
+
+def fp8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """On CUDA, cublas_fp8.fp8_linear decides per call between cuBLAS and the reference twin."""
+    return resolve("fp8_linear", x_q.device)(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
 __all__ = [
-    "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "resolve",
-    "rms_norm", "router_logits", "set_backend", "silu_and_mul", "store_kv", "use_reference",
+    "fp8_linear", "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope",
+    "qk_norm_rope_store", "quant_fp8_per_group", "quant_fp8_per_token", "resolve", "rms_norm", "router_logits",
+    "set_backend", "silu_and_mul", "store_kv", "use_reference",
 ]

@@ -166,3 +166,47 @@ def store_kv(
     num_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+# FP8 (E4M3, "fn": no infinities, largest finite 448). Scales are fp32 and multiply back:
+# x ~= q.float() * scale. The amax floor only guards all-zero rows (a finite, nonzero scale and
+# zero codes); it sits far below the amax of any real activation row, so it never coarsens one.
+FP8_MAX = 448.0
+FP8_AMAX_FLOOR = 2.0**-30
+
+
+def _quant_fp8_last_dim(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise x[..., n] with one scale per leading index: (q[..., n] e4m3, scale[..., 1] fp32)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR) / FP8_MAX
+    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # round to nearest even
+    return q, scale
+
+
+def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[T,K] -> (q[T,K] e4m3, scale[T,1] fp32): scale = max(amax_k |x|, floor) / 448, q = x / scale."""
+    return _quant_fp8_last_dim(x)
+
+
+def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[T,K] -> (q[T,K] e4m3, scale[T,K/group] fp32): per_token on each run of `group` columns."""
+    num_tokens, k = x.shape
+    if k % group:
+        raise ValueError(f"quant_fp8_per_group: K={k} is not a multiple of group={group}")
+    q, scale = _quant_fp8_last_dim(x.reshape(num_tokens, k // group, group))
+    return q.reshape(num_tokens, k), scale.squeeze(-1)
+
+
+def fp8_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,1] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [N,1] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias): both operands dequantised, fp32 matmul."""
+    y = (x_q.float() * x_scale) @ (w_q.float() * w_scale).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)

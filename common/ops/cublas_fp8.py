@@ -1,0 +1,76 @@
+"""CUDA twin of `reference.fp8_linear`: the FP8 GEMM through cuBLAS (`torch._scaled_mm`).
+
+Why cuBLAS rather than a kernel of our own: `torch._scaled_mm` with row-wise scales (one per token
+of x, one per output channel of w) is a maintained library GEMM that reaches Hopper's FP8 tensor
+cores with the scales applied in its epilogue, so the dense FP8 path needs no kernel to tune or keep
+up. Its limits decide where it runs, and `scaled_mm_fits` is the one place that says so: CUDA on
+sm_90 or newer, E4M3 operands, fp32 scales shaped [T,1] and [N,1], a bf16 output (the only one
+row-wise scaling serves), a bf16 bias or none, K and N multiples of 16, row-major operands on
+16-byte boundaries. Every other call runs the reference twin, so results never depend on whether
+the fast path was taken beyond accumulation order and the output's rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from common.ops import reference
+
+_ALIGN = 16  # elements (1-byte E4M3) and bytes
+
+
+@functools.cache
+def _has_fp8_tensor_cores(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def _aligned_rows(m: torch.Tensor) -> bool:
+    """Row-major with the last dim contiguous, rows and base on 16-byte boundaries."""
+    return m.stride(1) == 1 and m.stride(0) % _ALIGN == 0 and m.data_ptr() % _ALIGN == 0
+
+
+def _row_scale(scale: torch.Tensor, rows: int) -> bool:
+    return scale.dtype == torch.float32 and tuple(scale.shape) == (rows, 1) and scale.is_contiguous()
+
+
+def scaled_mm_fits(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,1] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [N,1] fp32
+    bias: torch.Tensor | None,  # [N]
+    out_dtype: torch.dtype,
+) -> bool:
+    """Whether `torch._scaled_mm` with row-wise scales can run this call (else the reference twin)."""
+    if x_q.device.type != "cuda" or not _has_fp8_tensor_cores(x_q.device.index or 0):
+        return False
+    (n_tok, k), n_out = x_q.shape, w_q.shape[0]
+    return (
+        x_q.dtype == w_q.dtype == torch.float8_e4m3fn
+        and out_dtype == torch.bfloat16
+        and (bias is None or (bias.dtype == torch.bfloat16 and tuple(bias.shape) == (n_out,)))
+        and n_tok > 0 and k % _ALIGN == 0 and n_out % _ALIGN == 0
+        and _aligned_rows(x_q) and _aligned_rows(w_q)
+        and _row_scale(x_scale, n_tok) and _row_scale(w_scale, n_out)
+    )
+
+
+def fp8_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,1] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [N,1] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias); fp32 accumulation, no fast accumulation."""
+    if not scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+        return reference.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    # w_q.t() is the column-major [K,N] operand cuBLAS wants, without a copy; w_scale.t() is [1,N]
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias,
+                            out_dtype=out_dtype, use_fast_accum=False)
+
+
+__all__ = ["fp8_linear", "scaled_mm_fits"]
