@@ -12,21 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.gpu.numerics import fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DEV = "cuda"
 LINEAR_TOL = 1e-2
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite output"
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-@pytest.fixture(autouse=True)
-def _fresh_seed() -> None:
-    torch.manual_seed(torch.seed())
 
 
 def activations(num_tokens: int, k: int) -> torch.Tensor:

@@ -10,21 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.gpu.numerics import fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BF16_TOL = 1e-2
 DEV = "cuda"
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert torch.isfinite(out).all(), "non-finite output"
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-@pytest.fixture(autouse=True)
-def _fresh_seed() -> None:
-    torch.manual_seed(torch.seed())
 
 
 @pytest.mark.parametrize("n", [1, 7, 4096])

@@ -13,7 +13,8 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from tests.gpu.test_kernels_gpu import DEV, _fresh_seed, rel  # noqa: F401 - the fixture is autouse here too
+from tests.gpu.numerics import fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
+from tests.gpu.test_kernels_gpu import DEV
 
 
 @pytest.mark.parametrize("n", [5, 64, 2048, 4096])
