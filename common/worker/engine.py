@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -25,7 +26,7 @@ Msg = TypeVar("Msg")  # the union of a role's messages
 T = TypeVar("T")
 
 
-class EngineThread(Generic[Msg]):
+class EngineThread(ABC, Generic[Msg]):
     def __init__(self, name: str, source: LoadSource) -> None:
         self.inbox: queue.SimpleQueue[Msg | Wake | Stop] = queue.SimpleQueue()
         self._handlers = Handlers(type(self).__name__)
@@ -59,8 +60,9 @@ class EngineThread(Generic[Msg]):
         return self.snapshot.stalled(limit_s, time.monotonic())
 
     # ------------------------------------------------------------------ the engine thread
+    @abstractmethod
     def run_once(self) -> None:
-        raise NotImplementedError  # one turn of the subclass's loop
+        """One turn of the role's loop (drain the inbox, step, publish)."""
 
     def publish(self) -> None:
         """Replace `snapshot` with the scheduler's figures now."""

@@ -14,12 +14,12 @@ from common.model.config import SpecConfig
 from common.runtime.runner import ModelRunner
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.sampling_params import SamplingParams
+from common.tools.agreeing_draft import make_agreeing_draft_model
 from decode_worker.commit import StopRules
 from decode_worker.scheduler import DecodeReq, ReqState
 from decode_worker.spec.eagle import EagleStepper
 from decode_worker.spec.verify import VerifyResult
 from decode_worker.steps import PlainStepper
-from tests.helpers import make_agreeing_draft_model
 
 PAGE = 4
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10**6, ignore_eos=True)

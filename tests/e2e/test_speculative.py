@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from common.tools.agreeing_draft import make_agreeing_draft_model
 from tests.e2e.conftest import free_pages, gateway, generate, wait_pages_free
-from tests.helpers import make_agreeing_draft_model
 
 
 def spec_args(s: int, k: int, n: int) -> list[str]:
