@@ -34,12 +34,16 @@ def build_model(
 
 
 def load_model(
-    path: str | Path, device: torch.device | str, dtype: torch.dtype, with_mtp: bool = False
+    path: str | Path, device: torch.device | str, dtype: torch.dtype, with_mtp: bool = False,
+    quantize: str | None = None, fp8_compute: str = "auto",
 ) -> Glm4MoeForCausalLM:
-    """Config and weights from an HF model directory, materialised straight onto `device`."""
+    """Config and weights from an HF model directory, materialised straight onto `device`. FP8
+    checkpoints stay FP8 where the kernels can compute them (common.model.loader, `plan_fp8`);
+    `quantize="fp8"` quantises a high-precision checkpoint on load; `fp8_compute="dequant"`
+    dequantises every FP8 tensor to `dtype` instead."""
     config = ModelConfig.from_hf(path)
     model = build_model(config, "meta", dtype, with_mtp)
-    stats = load_weights(model, config, path, device)
+    stats = load_weights(model, config, path, device, quantize, fp8_compute)
     log.info("loaded %.2f GB from %d shard(s) in %.1f s (%.2f GB/s)", stats.bytes_read / 1e9, stats.shards,
              stats.seconds, stats.gb_per_s)
     return model

@@ -23,11 +23,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """FP8 checkpoint description (compressed-tensors channel-wise or DeepSeek-style block)."""
+    """An FP8 checkpoint's `quantization_config`, reduced to what the loader and kernels need.
+
+    Two families exist for GLM: compressed-tensors `float-quantized` (the official releases: E4M3
+    weights with one scale per output channel, or one per tensor; activations quantised per token at
+    run time) and block FP8 (`quant_method: fp8` or compressed-tensors `strategy: block`: one
+    `weight_scale_inv` per block of weights, activations quantised per 1 x block group).
+    """
 
     method: str  # "compressed-tensors" | "fp8"
     weight_block_size: tuple[int, int] | None = None  # block FP8 only
     ignore: tuple[str, ...] = ()
+
+    @property
+    def block(self) -> int:
+        """The block edge of a block-FP8 checkpoint; 0 for per-channel or per-tensor scales."""
+        return self.weight_block_size[0] if self.weight_block_size else 0
 
 
 @dataclass(frozen=True)
@@ -244,24 +255,76 @@ def _read_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
+_QC = "quantization_config"
+
+
 def _parse_quant(q: dict[str, Any] | None) -> QuantConfig | None:
+    """Accept the FP8 schemes the kernels implement; refuse anything else naming its field."""
     if not q:
         return None
     method = q.get("quant_method")
     if method == "compressed-tensors":
-        groups = q.get("config_groups") or {}
-        for name, group in groups.items():
-            w = group.get("weights") or {}
-            if w.get("num_bits") != 8 or w.get("type") != "float" or w.get("strategy") not in ("channel", "tensor"):
-                raise ConfigError(f"config field 'quantization_config.config_groups.{name}.weights' "
-                                  f"describes an unsupported scheme {w!r} (FP8 E4M3 channel-wise only)")
-        return QuantConfig(method=method, ignore=tuple(q.get("ignore", ())))
+        return _parse_compressed_tensors(q)
     if method == "fp8":
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            raise ConfigError(f"config field '{_QC}.activation_scheme' = {q['activation_scheme']!r}: only dynamic "
+                              "activation quantisation is supported (static input scales are not)")
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise ConfigError(f"config field '{_QC}.fmt' = {q['fmt']!r}: only e4m3 FP8 weights are supported")
         block = q.get("weight_block_size")
-        return QuantConfig(method=method, weight_block_size=tuple(block) if block else None,
+        return QuantConfig(method=method, weight_block_size=_block_size(block, f"{_QC}.weight_block_size"),
                            ignore=tuple(q.get("ignored_layers", q.get("modules_to_not_convert", ())) or ()))
-    raise ConfigError(f"config field 'quantization_config.quant_method' = {method!r} is not supported "
+    raise ConfigError(f"config field '{_QC}.quant_method' = {method!r} is not supported "
                       "(supported: compressed-tensors FP8, fp8)")
+
+
+def _parse_compressed_tensors(q: dict[str, Any]) -> QuantConfig:
+    fmt = q.get("format", "float-quantized")
+    if fmt not in ("float-quantized", "naive-quantized"):
+        raise ConfigError(f"config field '{_QC}.format' = {fmt!r} is not supported (float-quantized FP8 only)")
+    if q.get("kv_cache_scheme"):
+        raise ConfigError(f"config field '{_QC}.kv_cache_scheme' is set: an FP8 KV cache from the checkpoint "
+                          "is not supported; the KV cache stays in the model dtype")
+    groups = q.get("config_groups") or {}
+    if not groups:
+        raise ConfigError(f"config field '{_QC}.config_groups' is empty: nothing says how weights are quantised")
+    blocks: set[tuple[int, int] | None] = set()
+    for name, group in groups.items():
+        field_ = f"{_QC}.config_groups.{name}"
+        w = group.get("weights") or {}
+        strategy = w.get("strategy")
+        if w.get("num_bits") != 8 or w.get("type") != "float" or strategy not in ("channel", "tensor", "block"):
+            raise ConfigError(f"config field '{field_}.weights' describes an unsupported scheme {w!r} "
+                              "(FP8 E4M3 with channel, tensor or block scales only)")
+        if w.get("symmetric") is False:
+            raise ConfigError(f"config field '{field_}.weights.symmetric' is false: only symmetric FP8 is supported")
+        blocks.add(_block_size(w.get("block_structure"), f"{field_}.weights.block_structure")
+                   if strategy == "block" else None)
+        a = group.get("input_activations")
+        if a is not None:
+            a_strategy = a.get("strategy")
+            if a.get("num_bits") != 8 or a.get("type") != "float" or not a.get("dynamic"):
+                raise ConfigError(f"config field '{field_}.input_activations' = {a!r}: only dynamic FP8 activation "
+                                  "quantisation is supported (static input scales are not)")
+            if a_strategy not in ("token", "group", None):
+                raise ConfigError(f"config field '{field_}.input_activations.strategy' = {a_strategy!r}: "
+                                  "activations are quantised per token (or per group with block weights)")
+        if group.get("output_activations"):
+            raise ConfigError(f"config field '{field_}.output_activations' is set: output quantisation is not "
+                              "supported")
+    if len(blocks) > 1:
+        raise ConfigError(f"config field '{_QC}.config_groups' mixes block and non-block weight scales")
+    return QuantConfig(method="compressed-tensors", weight_block_size=blocks.pop(), ignore=tuple(q.get("ignore", ())))
+
+
+def _block_size(block: Any, field_: str) -> tuple[int, int] | None:
+    """A square [b, b] block edge; None when absent."""
+    if block is None:
+        return None
+    if (not isinstance(block, (list, tuple)) or len(block) != 2 or not all(isinstance(b, int) for b in block)
+            or block[0] != block[1] or block[0] < 1):
+        raise ConfigError(f"config field '{field_}' = {block!r}: expected a square block [b, b] of positive ints")
+    return (block[0], block[1])
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,18 @@
 Modules are built on the meta device and given their dtype by `cast_parameters`; the loader then
 materialises them tensor by tensor on the target device. Single-device for now:
 tensor-parallel sharding, when it comes, lives here and only here.
+
+FP8: a `Linear` (and the MoE `Experts`, common/model/moe.py) switched by `use_fp8(block)` holds its
+weight in float8_e4m3fn with fp32 scales that multiply back — `weight_scale` [out,1] per output
+channel (block 0) or [ceil(out/b), ceil(in/b)] per b x b block — and quantises its input
+dynamically, per token (block 0) or per 1 x b group, before the FP8 GEMM. A producer that already
+quantised the input (a norm fused with the quantiser) passes an `Fp8Activation` instead.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +59,33 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)  # [T,H]
 
 
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+class Fp8Activation(NamedTuple):
+    """An activation already quantised for an FP8 linear: q [T,K] e4m3 and its fp32 scales
+    ([T,1] per token, or [T,K/b] per 1 x b group); `dtype` is the dtype the linear returns."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def fp8_scale_shape(rows: int, cols: int, block: int) -> tuple[int, int]:
+    """Shape of the fp32 scales of an FP8 [rows, cols] weight: per row (block 0) or per b x b block."""
+    return (rows, 1) if block == 0 else (-(-rows // block), -(-cols // block))
+
+
+def quantize_activation(x: torch.Tensor, block: int) -> Fp8Activation:
+    """Dynamic FP8 quantisation of x [T,K]: one scale per token (block 0) or per 1 x block group."""
+    q, scale = ops.quant_fp8_per_token(x) if block == 0 else ops.quant_fp8_per_group(x, block)
+    return Fp8Activation(q, scale, x.dtype)
+
+
 class Linear(nn.Linear):
-    """y = x W^T (+ b), W [out, in]; inference-only parameters."""
+    """y = x W^T (+ b), W [out, in]; inference-only parameters. After `use_fp8`, an FP8 W8A8 linear."""
+
+    fp8_block: int | None = None  # None: high precision; 0: FP8 per output channel; b: FP8 per b x b block
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -63,6 +95,38 @@ class Linear(nn.Linear):
 
     def reset_parameters(self) -> None:  # weights come from the checkpoint
         pass
+
+    def use_fp8(self, block: int) -> None:
+        """Hold W in FP8 with its scales (fresh uninitialised storage on W's device; meta before loading)."""
+        device = self.weight.device
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.empty(fp8_scale_shape(self.out_features, self.in_features, block), dtype=torch.float32,
+                        device=device), requires_grad=False)
+        self.fp8_block = block
+
+    def fp8_blocks_fit(self, block: int) -> bool:
+        """Whether block FP8 is computable: the input width falls on whole blocks (activation groups)."""
+        return self.in_features % block == 0
+
+    def scale_rows(self, rows: slice) -> slice:
+        """The rows of `weight_scale` that scale weight rows `rows` (whole blocks when block FP8)."""
+        if not self.fp8_block:
+            return rows
+        b = self.fp8_block
+        return slice(rows.start // b, -(-rows.stop // b))
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if self.fp8_block is None:
+            return F.linear(x, self.weight, self.bias)
+        if not isinstance(x, Fp8Activation):
+            lead = x.shape[:-1]
+            return self.forward(quantize_activation(x.reshape(-1, x.shape[-1]), self.fp8_block)).view(*lead, -1)
+        if self.fp8_block == 0:
+            return ops.fp8_linear(x.q, x.scale, self.weight, self.weight_scale, self.bias, x.dtype)
+        return ops.fp8_block_linear(x.q, x.scale, self.weight, self.weight_scale, self.bias, x.dtype,
+                                    self.fp8_block)
 
 
 class MergedLinear(Linear):
@@ -84,7 +148,11 @@ class MergedLinear(Linear):
             start += width
         raise KeyError(f"{part!r} is not a part of this merged linear ({list(self.parts)})")
 
-    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def fp8_blocks_fit(self, block: int) -> bool:
+        """Whether every part and the input width fall on whole b x b blocks (block FP8 computable)."""
+        return self.in_features % block == 0 and all(w % block == 0 for w in self.parts.values())
+
+    def forward_parts(self, x: torch.Tensor | Fp8Activation) -> tuple[torch.Tensor, ...]:
         return tuple(self(x).split(list(self.parts.values()), dim=-1))
 
 

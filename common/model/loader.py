@@ -10,11 +10,21 @@ Checkpoint names (docs/model.md §3.1) map to our parameters as follows:
 - MTP layer `model.layers.{L}.*`: enorm / hnorm / eh_proj / shared_head.norm -> `mtp.*`, the rest ->
   `mtp.decoder.*`; its `shared_head.head` and `embed_tokens` copies are skipped (the target's are
   used). Without MTP every `model.layers.{>= L}.*` tensor is skipped.
-FP8 weights (compressed-tensors channel-wise `weight_scale` [out,1], or block `weight_scale_inv`)
-are dequantised to the parameter dtype on load. The router weight and correction bias stay fp32.
+FP8 (docs/model.md §3.3): before any byte is read, `plan_fp8` decides from the safetensors headers
+which modules stay FP8 on the device: every linear and expert stack whose checkpoint tensors are all
+float8_e4m3fn with a per-channel `weight_scale` [out,1], a per-tensor scale (broadcast to its rows:
+exact, since the scale multiplies) or a block `weight_scale_inv` on whole blocks. Those modules are
+switched to FP8 (`use_fp8`) and receive the stored bytes and scales unchanged: no high-precision
+copy of an FP8 tensor is ever made. What cannot run in FP8 — lm_head (logits stay bf16), parts of a
+merged linear stored differently, block scales whose blocks straddle two merged parts, E5M2 — is
+dequantised on load to the model dtype, with one log line saying which and why; `fp8_compute="dequant"`
+dequantises everything (the numerics reference). `quantize="fp8"` quantises a high-precision
+checkpoint on load, per output channel, the same set of modules the official FP8 releases quantise.
+The router weight and correction bias stay fp32.
 Anything missing, unexpected, mis-shaped or truncated raises LoadError naming file and tensor.
-Shards are read one after another, and each finished shard logs one progress line (shards done, GB
-read, GB/s, time left at that rate); `load_weights` returns the totals as LoadStats.
+Shards are read one after another, one tensor at a time (host memory holds at most one checkpoint
+tensor and its scale beyond the page cache), and each finished shard logs one progress line (shards
+done, GB read, GB/s, time left at that rate); `load_weights` returns the totals as LoadStats.
 """
 
 from __future__ import annotations
@@ -32,13 +42,19 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from common import ops
 from common.model.config import ModelConfig
+from common.model.layers import Linear
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SCALE_SUFFIXES = ("_scale", "_scale_inv")  # appended to "<linear>.weight"
 _DEFAULT_FP8_BLOCK = (128, 128)
 _FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_E4M3_HEADER = "F8_E4M3"  # safetensors' dtype name of float8_e4m3fn
+_HIGH_PRECISION = ("lm_head",)  # modules computed in the model dtype whatever the checkpoint stores
+FP8_COMPUTE = ("auto", "dequant")
+QUANTIZE = (None, "fp8")
 
 
 log = logging.getLogger(__name__)
@@ -58,8 +74,11 @@ class Target:
     index: tuple[int | slice, ...] = ()
     chunks: int = 0
     chunk_dim: int = 0
+    repeat: bool = False  # chunks > 0: every chunk gets the whole tensor (a per-row scale of a column split)
 
     def arrange(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.chunks and self.repeat:
+            return tensor.unsqueeze(0).expand(self.chunks, *tensor.shape)
         if not self.chunks or tensor.dim() != 2 or tensor.shape[self.chunk_dim] % self.chunks:
             return tensor  # (mis-shaped: the caller's shape check names it)
         return torch.stack(tensor.chunk(self.chunks, dim=self.chunk_dim))
@@ -69,7 +88,13 @@ class Target:
         if not self.chunks:
             return dest
         n, rows, cols = dest
+        if self.repeat:
+            return (rows, cols)
         return (n * rows, cols) if self.chunk_dim == 0 else (rows, n * cols)
+
+    @property
+    def module(self) -> str:
+        return self.param.rpartition(".")[0]
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -141,6 +166,110 @@ def _skipped(name: str, config: ModelConfig, with_mtp: bool) -> bool:
         return True  # the MTP layer (or beyond) when only the target is loaded
     rest = m.group(2)
     return int(m.group(1)) == config.mtp_layer_index and rest in ("shared_head.head.weight", "embed_tokens.weight")
+
+
+# ------------------------------------------------------------------------------------ FP8 plan
+@dataclass(frozen=True)
+class Fp8Plan:
+    """Modules switched to FP8 (name -> block: 0 per output channel, b per b x b block), whether the
+    loader quantises them itself (a high-precision checkpoint under `quantize="fp8"`), and the
+    modules whose FP8 tensors are dequantised instead, with the reason."""
+
+    modules: dict[str, int]
+    online: bool = False
+    dequantised: dict[str, str] | None = None
+
+    def summary(self) -> str:
+        kinds = sorted({"per channel" if b == 0 else f"{b}x{b} blocks" for b in self.modules.values()})
+        how = "quantised on load" if self.online else "as stored"
+        text = f"{len(self.modules)} linears / expert stacks in FP8 ({', '.join(kinds) or '-'}, {how})"
+        if self.dequantised:
+            first = "; ".join(f"{m}: {why}" for m, why in list(self.dequantised.items())[:3])
+            more = f" (+{len(self.dequantised) - 3} more)" if len(self.dequantised) > 3 else ""
+            text += f"; {len(self.dequantised)} dequantised on load: {first}{more}"
+        return text
+
+
+def fp8_capable(model: nn.Module) -> list[str]:
+    """Names of the modules that can run FP8: every linear and expert stack but the high-precision
+    ones (lm_head) — the set the FP8 checkpoints quantise, and what `quantize="fp8"` quantises."""
+    return [name for name, m in model.named_modules()
+            if hasattr(m, "use_fp8") and name.rpartition(".")[2] not in _HIGH_PRECISION]
+
+
+def plan_fp8(model: nn.Module, config: ModelConfig, layout: dict[str, Target], dtypes: dict[str, str],
+             quantize: str | None = None, fp8_compute: str = "auto") -> Fp8Plan:
+    """Decide per module from the checkpoint's tensor dtypes (safetensors header names) and scales."""
+    if fp8_compute not in FP8_COMPUTE:
+        raise ValueError(f"fp8_compute {fp8_compute!r}: choose one of {FP8_COMPUTE}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize {quantize!r}: choose one of {QUANTIZE[1:]} or None")
+    weights: dict[str, list[str]] = {}
+    for name, target in layout.items():
+        if name.endswith(".weight"):
+            weights.setdefault(target.module, []).append(name)
+    block_size = config.quant.block if config.quant and config.quant.block else _DEFAULT_FP8_BLOCK[0]
+    chosen: dict[str, int] = {}
+    dequantised: dict[str, str] = {}
+    online = quantize == "fp8" and config.quant is None and fp8_compute == "auto"
+    for module_name in fp8_capable(model):
+        names = weights.get(module_name, [])
+        kinds = {_stored_as(n, dtypes) for n in names}
+        if not names or kinds == {"high"}:
+            if online:
+                chosen[module_name] = 0
+            continue
+        if fp8_compute == "dequant":
+            dequantised[module_name] = "fp8_compute is dequant"
+        elif kinds == {"channel"}:
+            chosen[module_name] = 0
+        elif kinds == {"block"}:
+            module = model.get_submodule(module_name)
+            if module.fp8_blocks_fit(block_size):
+                chosen[module_name] = block_size
+            else:
+                dequantised[module_name] = f"its {block_size}x{block_size} scale blocks straddle its parts or edges"
+        else:
+            dequantised[module_name] = f"its tensors are stored as {'/'.join(sorted(kinds))}"
+    return Fp8Plan(chosen, online, dequantised)
+
+
+def _stored_as(weight: str, dtypes: dict[str, str]) -> str:
+    """"high" (bf16/fp16/fp32), "channel" (E4M3, per-channel or per-tensor scale), "block" (E4M3,
+    weight_scale_inv), or "other" (E5M2, or E4M3 without a scale: dequantised, or refused there)."""
+    dtype = dtypes.get(weight, "")
+    if not dtype.startswith("F8"):
+        return "high"
+    if dtype != _E4M3_HEADER:
+        return "other"
+    if weight + "_scale_inv" in dtypes:
+        return "block"
+    return "channel" if weight + "_scale" in dtypes else "other"
+
+
+def scale_target(model: nn.Module, target: Target, block: int) -> Target:
+    """Where the scales of the weight region `target` go in an FP8 module's scale parameter."""
+    module = model.get_submodule(target.module)
+    attr = target.param.rpartition(".")[2]
+    param = f"{target.module}.{'weight_scale' if attr == 'weight' else attr + '_scale'}"
+    index = target.index
+    rows_at = 0 if isinstance(module, Linear) else 1  # Linear: (rows,); Experts w13: (expert(s), rows)
+    if attr in ("weight", "w13") and len(index) == rows_at + 1:
+        index = (*index[:rows_at], module.scale_rows(index[rows_at]))
+    repeat = block == 0 and target.chunks > 0 and target.chunk_dim == 1
+    return Target(param, index, target.chunks, target.chunk_dim, repeat)
+
+
+def fp8_scale_layout(model: nn.Module, layout: dict[str, Target], plan: Fp8Plan) -> dict[str, Target]:
+    """Checkpoint scale name -> destination, for the modules kept in FP8 as stored."""
+    if plan.online:
+        return {}
+    out = {}
+    for name, target in layout.items():
+        block = plan.modules.get(target.module)
+        if block is not None and name.endswith(".weight"):
+            out[name + ("_scale_inv" if block else "_scale")] = scale_target(model, target, block)
+    return out
 
 
 # ------------------------------------------------------------------------------------ files
@@ -223,9 +352,10 @@ class _Progress:
         return LoadStats(self.shards, self.bytes, time.monotonic() - self.start)
 
 
-def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path,
-                 device: torch.device | str) -> LoadStats:
-    """Fill every parameter of `model` (built on meta) from the checkpoint in `model_dir`, shard by shard."""
+def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, device: torch.device | str,
+                 quantize: str | None = None, fp8_compute: str = "auto") -> LoadStats:
+    """Fill every parameter of `model` (built on meta) from the checkpoint in `model_dir`, shard by
+    shard; FP8 modules are switched first, as `plan_fp8` decides."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     with_mtp = getattr(model, "mtp", None) is not None
@@ -235,45 +365,114 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path,
     for name, path in where.items():
         if name not in headers[path]:
             raise LoadError(f"{path}: tensor '{name}' is listed in {INDEX_FILE} but not in the file")
+    dtypes = {name: headers[path][name]["dtype"] for name, path in where.items()}
+    plan = plan_fp8(model, config, layout, dtypes, quantize, fp8_compute)
+    for module_name, block in plan.modules.items():
+        model.get_submodule(module_name).use_fp8(block)
+    if plan.modules or plan.dequantised:
+        log.info("FP8: %s", plan.summary())
+    scales = fp8_scale_layout(model, layout, plan)
     handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in headers}
     block = tuple(config.quant.weight_block_size or _DEFAULT_FP8_BLOCK) if config.quant else _DEFAULT_FP8_BLOCK
+    job = _Job(model, config, layout, scales, plan, where, handles, block, device,
+               _Progress(len(headers), sum(path.stat().st_size for path in headers)))
 
     loaded: set[str] = set()
-    progress = _Progress(len(headers), sum(path.stat().st_size for path in headers))
     by_shard = sorted(where.items(), key=lambda item: str(item[1]))  # stable: index order within a shard
     for i, (name, path) in enumerate(by_shard):
-        if not (name.endswith((".weight_scale", ".weight_scale_inv")) or _skipped(name, config, with_mtp)):
-            _load_one(model, layout, name, path, where, handles, block, device, config, progress)
+        if not _skipped(name, config, with_mtp) and job.load(name, path):
             loaded.add(name)
         if i + 1 == len(by_shard) or by_shard[i + 1][1] != path:
-            progress.shard_done(path)
+            job.progress.shard_done(path)
 
-    for name in layout:
+    for name in [*layout, *scales]:
         if name not in loaded:
             source = where.get(name) or (model_dir / (INDEX_FILE if (model_dir / INDEX_FILE).exists() else SINGLE_FILE))
             raise LoadError(f"{source}: missing tensor '{name}'")
     for pname, p in model.named_parameters():
         if p.is_meta:
             raise LoadError(f"{model_dir}: parameter {pname} received no checkpoint tensor")
-    return progress.stats()
+    return job.progress.stats()
 
 
-def _load_one(model: nn.Module, layout: dict[str, Target], name: str, path: Path, where: dict[str, Path],
-              handles: dict[Path, Any], block: tuple[int, ...], device: torch.device, config: ModelConfig,
-              progress: _Progress) -> None:
-    """Copy checkpoint tensor `name` (FP8: dequantised with its scale) into its parameter region."""
-    target = layout.get(name)
-    if target is None:
-        raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {config.architecture})")
-    tensor = progress.read(handles[path].get_tensor(name))
-    dest = _materialize(model, target.param, device)[target.index]
-    arranged = target.arrange(tensor)
-    if tuple(arranged.shape) != tuple(dest.shape):
-        raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                        f"expected {target.checkpoint_shape(tuple(dest.shape))}")
-    if tensor.dtype in _FP8_DTYPES:
-        arranged = target.arrange(_dequantize(name, tensor, where, handles, block, progress))
-    dest.copy_(arranged)
+@dataclass
+class _Job:
+    """One load: the layouts, the open shards, and where the bytes go."""
+
+    model: nn.Module
+    config: ModelConfig
+    layout: dict[str, Target]
+    scales: dict[str, Target]
+    plan: Fp8Plan
+    where: dict[str, Path]
+    handles: dict[Path, Any]
+    block: tuple[int, ...]
+    device: torch.device
+    progress: _Progress
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.progress.read(self.handles[self.where[name]].get_tensor(name))
+
+    def load(self, name: str, path: Path) -> bool:
+        """Load checkpoint tensor `name`; False for a scale consumed with its weight (dequantised)."""
+        if name in self.scales:
+            self._load_scale(name, path)
+            return True
+        if name.endswith(".input_scale"):
+            raise LoadError(f"{path}: tensor '{name}' is a static activation scale; only dynamic per-token "
+                            "activation quantisation is supported")
+        if name.endswith(_SCALE_SUFFIXES):
+            weight = name.rsplit("_", 2 if name.endswith("_inv") else 1)[0]
+            if weight not in self.where:
+                raise LoadError(f"{path}: scale '{name}' has no weight '{weight}' in the checkpoint")
+            return False
+        target = self.layout.get(name)
+        if target is None:
+            raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {self.config.architecture})")
+        tensor = self.read(name)
+        dest = _materialize(self.model, target.param, self.device)[target.index]
+        if tuple(target.arrange(tensor).shape) != tuple(dest.shape):
+            raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                            f"expected {target.checkpoint_shape(tuple(dest.shape))}")
+        fp8_module = target.module in self.plan.modules and name.endswith(".weight")
+        if fp8_module and self.plan.online:
+            self._quantize_into(name, tensor, target)
+        elif fp8_module:
+            if tensor.dtype != dest.dtype:
+                raise LoadError(f"{path}: tensor '{name}' is {tensor.dtype}, expected {dest.dtype}")
+            dest.copy_(target.arrange(tensor))
+        elif tensor.dtype in _FP8_DTYPES:
+            dest.copy_(target.arrange(_dequantize(name, tensor, self.where, self.handles, self.block, self.progress)))
+        else:
+            dest.copy_(target.arrange(tensor))
+        return True
+
+    def _load_scale(self, name: str, path: Path) -> None:
+        """An FP8 weight's fp32 scales as stored; a per-tensor scale becomes one per row (exact)."""
+        target = self.scales[name]
+        scale = self.read(name)
+        stored = tuple(scale.shape)
+        dest = _materialize(self.model, target.param, self.device)[target.index]
+        if scale.dtype != torch.float32 or not torch.isfinite(scale).all() or (scale < 0).any():
+            raise LoadError(f"{path}: scale '{name}' must be finite, non-negative float32 (got {scale.dtype})")
+        if scale.numel() == 1 and name.endswith("_scale"):
+            weight = name.removesuffix("_scale")
+            rows = self.handles[self.where[weight]].get_slice(weight).get_shape()[0]
+            scale = scale.reshape(1, 1).expand(rows, 1)
+        elif scale.dim() == 1 and name.endswith("_scale"):
+            scale = scale.unsqueeze(1)
+        arranged = target.arrange(scale)
+        if tuple(arranged.shape) != tuple(dest.shape):
+            raise LoadError(f"{path}: scale '{name}' has shape {stored}, "
+                            f"expected {target.checkpoint_shape(tuple(dest.shape))}")
+        dest.copy_(arranged)
+
+    def _quantize_into(self, name: str, tensor: torch.Tensor, target: Target) -> None:
+        """Quantise a high-precision weight per output row on the device; write it and its scales."""
+        q, scale = ops.quant_fp8_per_token(tensor.to(self.device))  # [out,in] e4m3, [out,1] fp32
+        _materialize(self.model, target.param, self.device)[target.index].copy_(target.arrange(q))
+        st = scale_target(self.model, target, 0)
+        _materialize(self.model, st.param, self.device)[st.index].copy_(st.arrange(scale))
 
 
 def _materialize(model: nn.Module, param_name: str, device: torch.device) -> torch.Tensor:

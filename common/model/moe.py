@@ -14,6 +14,7 @@ from torch import nn
 
 from common import ops
 from common.model.config import ModelConfig
+from common.model.layers import FP8_DTYPE, fp8_scale_shape
 
 
 class Router(nn.Module):
@@ -34,11 +35,18 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Experts stacked: w13 [E,2I,H] (gate rows, then up rows), w2 [E,H,I] (down); the routed ones
-    first, then the shared ones."""
+    first, then the shared ones.
+
+    After `use_fp8(block)` both stacks are float8_e4m3fn with fp32 scales that multiply back:
+    block 0 (per output channel) `w13_scale` [E,2I,1], `w2_scale` [E,H,1]; block b (per b x b block)
+    `w13_scale` [E,2I/b,H/b], `w2_scale` [E,H/b,I/b]. The fused MoE then runs W8A8.
+    """
+
+    fp8_block: int | None = None
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
 
@@ -47,8 +55,32 @@ class Experts(nn.Module):
         i = self.intermediate_size
         return {"gate_proj": slice(0, i), "up_proj": slice(i, 2 * i)}[part]
 
+    def fp8_blocks_fit(self, block: int) -> bool:
+        """Whether gate, up and down fall on whole b x b blocks (block FP8 computable)."""
+        return self.intermediate_size % block == 0 and self.hidden_size % block == 0
+
+    def use_fp8(self, block: int) -> None:
+        """Hold both stacks in FP8 with their scales (fresh uninitialised storage on their device)."""
+        e, h, i, device = self.num_experts, self.hidden_size, self.intermediate_size, self.w13.device
+
+        def param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+        self.w13, self.w2 = param(e, 2 * i, h, dtype=FP8_DTYPE), param(e, h, i, dtype=FP8_DTYPE)
+        self.w13_scale = param(e, *fp8_scale_shape(2 * i, h, block), dtype=torch.float32)
+        self.w2_scale = param(e, *fp8_scale_shape(h, i, block), dtype=torch.float32)
+        self.fp8_block = block
+
+    def scale_rows(self, rows: slice) -> slice:
+        """The rows of `w13_scale` that scale w13 rows `rows`."""
+        if not self.fp8_block:
+            return rows
+        return slice(rows.start // self.fp8_block, -(-rows.stop // self.fp8_block))
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
+        if self.fp8_block is None:
+            return ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
+        return ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block)
 
 
 class MoE(nn.Module):

@@ -44,10 +44,13 @@ class ModelRunner:
         mem_fraction: float = 0.85,
         *,
         model: Glm4MoeForCausalLM | None = None,
+        quantize: str | None = None,
+        fp8_compute: str = "auto",
     ) -> None:
         """num_pages <= 0 sizes the KV pool: on CUDA from `mem_fraction` of the device memory
         left after the weights; on CPU a fixed 2048 pages. `model` (benchmarks): an already built
-        model (its `.config` is used and `model_dir` is ignored)."""
+        model (its `.config` is used and `model_dir` is ignored). `quantize`, `fp8_compute`: how FP8
+        is loaded (common.model.load_model)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # compare equal to tensors' devices
@@ -57,7 +60,8 @@ class ModelRunner:
             self.config, self.model = model.config, model
         else:
             self.config = ModelConfig.from_hf(model_dir)
-            self.model = load_model(model_dir, self.device, dtype, with_mtp)
+            self.model = load_model(model_dir, self.device, dtype, with_mtp, quantize, fp8_compute)
+        self.numerics = f"quantize={quantize},fp8_compute={fp8_compute}"
         self.with_mtp = with_mtp
         # pool layer num_hidden_layers is the MTP layer's own KV
         num_layers = self.config.num_hidden_layers + (1 if with_mtp else 0)

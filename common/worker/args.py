@@ -29,6 +29,12 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--quantization", default=None, choices=("fp8",),
+                   help="fp8: quantise a bf16 checkpoint's linears and experts to FP8 per output channel on "
+                        "load (FP8 checkpoints are served in FP8 without it)")
+    p.add_argument("--fp8-compute", default="auto", choices=("auto", "dequant"),
+                   help="auto: FP8 weights stay FP8 and run W8A8 on FP8 tensor cores; dequant: dequantise "
+                        "them to --dtype on load (twice the memory; the numerics reference)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages (0: size the pool from --mem-fraction-static)")
@@ -65,6 +71,8 @@ class WorkerConfig:
     device: str
     dtype: str
     tp_size: int
+    quantization: str | None
+    fp8_compute: str
     page_size: int
     num_pages: int
     mem_fraction_static: float
@@ -133,7 +141,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     cfg = WorkerConfig(
         role=role, model_path=ns.model_path, host=ns.host, port=ns.port, advertise_host=advertise,
         worker_id=ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}", device=device, dtype=dtype,
-        tp_size=ns.tp_size, page_size=ns.page_size, num_pages=ns.num_pages,
+        tp_size=ns.tp_size, quantization=ns.quantization, fp8_compute=ns.fp8_compute, page_size=ns.page_size, num_pages=ns.num_pages,
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
         enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,

@@ -31,7 +31,8 @@ def build_runner(cfg: WorkerConfig) -> ModelRunner:
         torch.cuda.set_device(torch.device(cfg.device))
         torch.backends.cuda.matmul.allow_tf32 = False  # router selections must not flip on near-ties
     return ModelRunner(cfg.model_path, cfg.device, DTYPES[cfg.dtype], cfg.page_size, cfg.num_pages,
-                       with_mtp=cfg.spec.enabled, mem_fraction=cfg.mem_fraction_static)
+                       with_mtp=cfg.spec.enabled, mem_fraction=cfg.mem_fraction_static,
+                       quantize=cfg.quantization, fp8_compute=cfg.fp8_compute)
 
 
 def kv_backend(cfg: WorkerConfig, runner: ModelRunner) -> str:
@@ -55,6 +56,7 @@ def model_fingerprint(model_path: str, runner: ModelRunner) -> str:
     from pathlib import Path
 
     h = hashlib.sha256(runner.config.fingerprint().encode())
+    h.update(runner.numerics.encode())  # FP8 kept or dequantised, quantised on load: different activations
     for f in sorted(Path(model_path).glob("*.safetensors")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())

@@ -81,7 +81,8 @@ def test_fp8_compressed_tensors_and_block() -> None:
     assert cfg.quant is not None and cfg.quant.method == "compressed-tensors" and "lm_head" in cfg.quant.ignore
     block = ModelConfig.from_dict({**REAL["GLM-4.5"], "quantization_config":
                                    {"quant_method": "fp8", "weight_block_size": [128, 128]}})
-    assert block.quant is not None and block.quant.weight_block_size == (128, 128)
+    assert block.quant is not None and block.quant.weight_block_size == (128, 128) and block.quant.block == 128
+    assert cfg.quant.block == 0
 
 
 REFUSALS = [
@@ -98,6 +99,25 @@ REFUSALS = [
     ({"partial_rotary_factor": 1.5}, "partial_rotary_factor"),
     ({"n_group": 8, "topk_group": 1, "num_experts_per_tok": 40}, "num_experts_per_tok"),
     ({"quantization_config": {"quant_method": "awq"}}, "quantization_config.quant_method"),
+    ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}},
+     "quantization_config.activation_scheme"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 64]}},
+     "quantization_config.weight_block_size"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                              "config_groups": {}}}, "quantization_config.format"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {}}},
+     "quantization_config.config_groups"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "kv_cache_scheme": {"num_bits": 8},
+                              "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float",
+                                                                  "strategy": "channel"}}}}},
+     "quantization_config.kv_cache_scheme"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}}}},
+     "quantization_config.config_groups.g.input_activations"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}},
+     "quantization_config.config_groups.g.weights"),
 ]
 
 

@@ -181,9 +181,11 @@ FP8 = ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.w
        "model.layers.2.mlp.experts.4.gate_proj.weight", "model.layers.3.eh_proj.weight"]
 
 
-def _quantize(d: Path, block: int | None) -> dict[str, torch.Tensor]:
-    """Turn FP8 names into float8_e4m3fn + scales; return the dequantised values expected."""
+def _quantize(d: Path, block: int | None, stored: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Turn FP8 names into float8_e4m3fn + scales; return the dequantised values expected (and
+    put the stored FP8 tensors and scales into `stored`)."""
     expected: dict[str, torch.Tensor] = {}
+    stored = {} if stored is None else stored
 
     def edit(t: dict[str, torch.Tensor]) -> None:
         for name in FP8:
@@ -201,6 +203,8 @@ def _quantize(d: Path, block: int | None) -> dict[str, torch.Tensor]:
                 t[name + "_scale_inv"] = scale
                 expected[name] = q.float() * full
             t[name] = q
+            stored[name] = q
+            stored[name + "_scale"] = t.get(name + "_scale", t.get(name + "_scale_inv"))
 
     _rewrite(d / "model.safetensors", edit)
     return expected
@@ -213,12 +217,35 @@ def test_fp8_dequantised_on_load(tmp_path: Path, block: int | None) -> None:
         else {"quant_method": "fp8", "weight_block_size": [block, block]})
     d = _tiny(tmp_path, quantization_config=quant)
     expected = _quantize(d, block)
-    model = load_model(d, "cpu", torch.float32, with_mtp=True)
+    model = load_model(d, "cpu", torch.float32, with_mtp=True, fp8_compute="dequant")
     cfg = model.config
     assert torch.equal(model.model.layers[1].self_attn.qkv_proj.weight[: cfg.q_size], expected[FP8[0]])
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, expected[FP8[1]])
     assert torch.equal(model.model.layers[2].mlp.experts.w13[4, : cfg.moe_intermediate_size], expected[FP8[2]])
     assert torch.equal(model.mtp.eh_proj.weight, expected[FP8[3]])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("block", [None, 16], ids=["channel", "block16"])
+def test_fp8_kept_where_whole_modules_are_fp8(tmp_path: Path, block: int | None) -> None:
+    """A module whose every weight is FP8 keeps the stored bytes and scales; a module only partly
+    FP8 (q of q|k|v, one expert of the stack) is dequantised."""
+    quant = ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {
+        "num_bits": 8, "type": "float", "strategy": "channel"}}}} if block is None
+        else {"quant_method": "fp8", "weight_block_size": [block, block]})
+    d = _tiny(tmp_path, quantization_config=quant)
+    stored: dict[str, torch.Tensor] = {}
+    expected = _quantize(d, block, stored)
+    model = load_model(d, "cpu", torch.float32, with_mtp=True)
+    cfg = model.config
+    qkv, experts = model.model.layers[1].self_attn.qkv_proj, model.model.layers[2].mlp.experts
+    assert qkv.fp8_block is None and torch.equal(qkv.weight[: cfg.q_size], expected[FP8[0]])
+    assert experts.fp8_block is None and torch.equal(experts.w13[4, : cfg.moe_intermediate_size], expected[FP8[2]])
+    for module, name in ((model.model.layers[0].mlp.down_proj, FP8[1]), (model.mtp.eh_proj, FP8[3])):
+        assert module.fp8_block == (block or 0)
+        assert module.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(module.weight.view(torch.uint8), stored[name].view(torch.uint8))
+        assert torch.equal(module.weight_scale, stored[name + "_scale"])
 
 
 def test_fp8_without_scale_is_refused(tmp_path: Path) -> None:
