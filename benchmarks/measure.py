@@ -2,7 +2,7 @@
 CUDA-event timing, relative error by norm, and the $OUT directory results are written to.
 
 Ceilings: device copy (bytes read + written over time), pure read (a Triton streaming-sum kernel),
-bf16 GEMM 8192^3 on random data. Kernel times: median of CUDA-event-timed replays of a CUDA graph
+bf16 GEMM 8192^3 on random data; FP8 GEMM 8192^3 (row-wise scaled, `fp8_gemm_tflops`). Kernel times: median of CUDA-event-timed replays of a CUDA graph
 that runs the call once per input set (no Python launch gaps; rotation defeats the 50 MB L2);
 torch references that sync the host are timed eagerly with triton.testing.do_bench (median).
 """
@@ -66,6 +66,18 @@ def _gemm_tflops(size: int = 8192) -> float:
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     t_mm = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * size**3 / t_mm / 1e9
+
+
+def fp8_gemm_tflops(size: int = 8192) -> float:
+    """FP8 GEMM peak: size^3 through torch._scaled_mm with row-wise scales and bf16 output, the way the
+    FP8 linears run (common/ops/cublas_fp8.py), on random data."""
+    a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)  # [N,K]: b.t() is column-major
+    sa, sb = torch.ones(size, 1, device="cuda"), torch.ones(1, size, device="cuda")
+    t_mm = triton.testing.do_bench(
+        lambda: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16),
+        warmup=100, rep=500, return_mode="median")
     return 2 * size**3 / t_mm / 1e9
 
 

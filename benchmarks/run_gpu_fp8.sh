@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# FP8 serving in one GPU call (< 9 minutes on one H200): the FP8 GPU tests, the FP8 kernel benchmarks
+# (those in this checkout), then the full-depth GLM-4.5-Air benchmark (the loader on a real FP8
+# checkpoint, FP8 at 46 layers + MTP, bf16 at the depth that fits, FP8 at that depth). On an H100 the
+# full-depth benchmark picks the depths that fit and says which.
+#     OUT=/some/dir bash benchmarks/run_gpu_fp8.sh
+# Results: $OUT/FP8.md (summary, with the full-depth tables and verdicts) and $OUT/results.tar (every log,
+# table and JSON).
+OUT="${OUT:-/tmp/glmserve_gpu_fp8}"
+SUMMARY=FP8.md
+source "$(dirname "$0")/gpu_run.sh"
+gpu_header "glmserve FP8 run"
+FP8_TESTS=(tests/gpu/*fp8*.py)
+stage gpu_fp8_tests 80 $PY -m pytest "${FP8_TESTS[@]}" -m gpu -q -p no:cacheprovider -o addopts="" -rfE
+for bench in bench_fp8_linear bench_moe_fp8; do
+  if [[ -f "benchmarks/kernels/$bench.py" ]]; then
+    stage "$bench" 55 $PY -m "benchmarks.kernels.$bench"
+  else
+    echo "=== $bench: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
+  fi
+done
+stage bench_full_depth 290 $PY -m benchmarks.model_step.bench_full_depth
+{
+  echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20
+  echo; cat "$OUT/bench_full_depth.md" 2>/dev/null || echo "(bench_full_depth.md missing: see bench_full_depth.log)"
+  echo "total $(( $(date +%s) - T0 ))s"
+} >> "$OUT/$SUMMARY" 2>&1
+pack_results
+cat "$OUT/$SUMMARY"
