@@ -30,6 +30,7 @@ _TRITON_MODULE = {
     "router_logits": "triton_moe",
     "silu_and_mul": "triton_norm",
     "fused_moe": "triton_moe",
+    "fused_moe_fp8": "triton_moe_fp8",
     "store_kv": "triton_kv",
     "quant_fp8_per_token": "triton_fp8",
     "quant_fp8_per_group": "triton_fp8",
@@ -152,6 +153,19 @@ def fused_moe(
     return resolve("fused_moe", x.device)(x, w13, w2, weights, ids)
 
 
+def fused_moe_fp8(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    block: int = 0,
+) -> torch.Tensor:
+    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block)
+
+
 def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
@@ -179,7 +193,7 @@ def fp8_linear(
 
 
 __all__ = [
-    "fp8_linear", "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope",
+    "fp8_linear", "fused_add_rms_norm", "fused_moe", "fused_moe_fp8", "get_backend", "grouped_topk", "qk_norm_rope",
     "qk_norm_rope_store", "quant_fp8_per_group", "quant_fp8_per_token", "resolve", "rms_norm", "router_logits",
     "set_backend", "silu_and_mul", "store_kv", "use_reference",
 ]
