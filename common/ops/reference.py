@@ -9,11 +9,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The RMSNorm statistic is exact up to one documented truncation, so that every backend gets the
+# same bits whatever its reduction order (the Triton kernels on the GPU and on the interpreter, this
+# twin on either device): each x^2 is scaled by a power of two chosen from the row's amax (2^e >
+# amax), truncated to an integer below 2^RMS_SUM_BITS and summed in int64, where addition is
+# associative; a term loses less than 2^-(RMS_SUM_BITS-2) of amax^2, so the sum is exact to
+# H * 2^-44 relative, far below fp32 rounding. The tail (mean, + eps, sqrt, reciprocal) is one IEEE
+# fp64 operation each, rounded once to fp32; eps is taken in fp32.
+RMS_SUM_BITS = 46  # H * 2^46 < 2^63: rows up to 2^17 wide
+
+
+def _fp32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def inv_rms(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """xf [..., H] fp32 -> 1 / sqrt(mean(xf^2) + eps) [..., 1] fp32, bit-reproducible (see above)."""
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    e = (((amax.view(torch.int32) >> 23) & 0xFF) - 126).clamp(-100, 129)  # amax < 2^e
+    y = xf * ((150 - e) << 23).view(torch.float32)  # xf * 2^(23-e): |y| < 2^23, exact where |y| >= 1
+    total = (y * y).long().sum(dim=-1, keepdim=True)  # terms < 2^46, truncated; exact integer sum
+    unit = ((2 * e.long() - RMS_SUM_BITS + 1023) << 52).view(torch.float64)  # 2^(2e - 46)
+    mean = total.double() * unit / xf.shape[-1]
+    return torch.sqrt(mean + _fp32(eps)).reciprocal().float()
+
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x[T,H] normalised over the last dim in fp32, cast back to x.dtype, then scaled by w[H]."""
+    """x[T,H] times inv_rms in fp32, cast back to x.dtype, then scaled by w[H] in x.dtype."""
     xf = x.float()
-    u = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    u = xf * inv_rms(xf, eps)
     return w.to(x.dtype) * u.to(x.dtype)
 
 
@@ -301,3 +325,75 @@ def fused_moe_fp8(
         y = _dequant_rows(*quant(h), block) @ _dequant_weight(w2[e], s2[e], block).T  # [n,H] fp32
         out.index_add_(0, tok, y * flat_w[sel, None])
     return out.to(x.dtype)
+def quant_fp8_weight_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w[N,K] -> (q[N,K] e4m3, scale[ceil(N/b), K/b] fp32): per_token on each b x b block, the layout
+    of block-FP8 checkpoints (`weight_scale_inv`); N may end in a partial block, K may not."""
+    n_out, k = w.shape
+    if k % block:
+        raise ValueError(f"quant_fp8_weight_blocks: K={k} is not a multiple of block={block}")
+    rows = -(-n_out // block)
+    padded = torch.zeros(rows * block, k, dtype=w.dtype, device=w.device)
+    padded[:n_out] = w
+    blocks = padded.view(rows, block, k // block, block).transpose(1, 2)  # [N/b, K/b, b, b]
+    q, scale = _quant_fp8_last_dim(blocks.reshape(rows, k // block, block * block))
+    q = q.view(rows, k // block, block, block).transpose(1, 2).reshape(rows * block, k)[:n_out]
+    return q, scale.squeeze(-1)
+
+
+# Producers fused with the quantiser. Each quantises the activation exactly as the unfused pair
+# would: the producer's output rounded to its dtype (bf16 in serving), then quant_fp8_per_token
+# (group 0) or quant_fp8_per_group; so the unfused ops are a bit-equal fallback.
+def _quant_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_fp8_per_token(x) if group == 0 else quant_fp8_per_group(x, group)
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+    group: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q[T,H] e4m3, scale[T,1] or [T,H/group] fp32) of rms_norm(x, w, eps) as rounded to x.dtype."""
+    return _quant_fp8(rms_norm(x, w, eps), group)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T,H]
+    residual: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+    group: int = 0,
+    keep_normed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q, scale, x + residual, normed or None): fused_add_rms_norm, then the normed value (in the
+    activation dtype; returned too when keep_normed, for a consumer that wants it unquantised) quantised."""
+    normed, new_residual = fused_add_rms_norm(x, residual, w, eps)
+    q, scale = _quant_fp8(normed, group)
+    return q, scale, new_residual, normed if keep_normed else None
+
+
+def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [T,2I] -> (q[T,I] e4m3, scale[T,1] or [T,I/group] fp32) of silu_and_mul(gate_up)."""
+    return _quant_fp8(silu_and_mul(gate_up), group)
+
+
+def fp8_block_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,K/b] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [ceil(N/b), K/b] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """y[T,N] for 1 x b activation groups and b x b weight blocks: both dequantised, fp32 matmul.
+    K must be a multiple of b (whole activation groups); N may end in a partial block."""
+    n_out, k = w_q.shape
+    if k % block:
+        raise ValueError(f"fp8_block_linear: K={k} is not a multiple of block={block}")
+    x = x_q.float() * x_scale.repeat_interleave(block, dim=1)  # [T,K]
+    w = w_q.float() * w_scale.repeat_interleave(block, dim=0)[:n_out].repeat_interleave(block, dim=1)  # [N,K]
+    y = x @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
