@@ -11,15 +11,19 @@ SUMMARY=FP8.md
 source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve FP8 run"
 FP8_TESTS=(tests/gpu/*fp8*.py)
-stage gpu_fp8_tests 80 $PY -m pytest "${FP8_TESTS[@]}" -m gpu -q -p no:cacheprovider -o addopts="" -rfE
-for bench in bench_fp8_linear bench_moe_fp8; do
-  if [[ -f "benchmarks/kernels/$bench.py" ]]; then
-    stage "$bench" 55 $PY -m "benchmarks.kernels.$bench"
-  else
-    echo "=== $bench: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
-  fi
-done
-stage bench_full_depth 290 $PY -m benchmarks.model_step.bench_full_depth
+stage gpu_fp8_tests 110 $PY -m pytest "${FP8_TESTS[@]}" -m gpu -q -p no:cacheprovider -o addopts="" -rfE
+if [[ -f benchmarks/kernels/bench_fp8_linear.py ]]; then  # Air's projection shapes, full width
+  stage bench_fp8_linear 50 $PY -m benchmarks.kernels.bench_fp8_linear --models air --tp 1 --budget-s 40 \
+    --out "$OUT/bench_fp8_linear.json"
+else
+  echo "=== bench_fp8_linear: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
+fi
+if [[ -f benchmarks/kernels/bench_moe_fp8.py ]]; then
+  stage bench_moe_fp8 50 $PY -m benchmarks.kernels.bench_moe_fp8
+else
+  echo "=== bench_moe_fp8: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
+fi
+stage bench_full_depth 280 $PY -m benchmarks.model_step.bench_full_depth
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20
   echo; cat "$OUT/bench_full_depth.md" 2>/dev/null || echo "(bench_full_depth.md missing: see bench_full_depth.log)"
