@@ -22,6 +22,7 @@ from common.model import Glm4MoeForCausalLM, build_model
 from common.model.config import ModelConfig
 from common.model.layers import RMSNorm
 from common.model.loader import fp8_capable
+from common.model.moe import MoE
 
 AIR = {
     "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096,
@@ -55,6 +56,7 @@ def random_model(fields: dict, device: torch.device | str, dtype: torch.dtype, f
 
 
 def _fill(module: nn.Module, name: str, p: torch.Tensor, gen: torch.Generator) -> None:
+    """Parameter `name` of `module` (an FP8 weight together with its scale)."""
     if p.dtype == torch.float8_e4m3fn:
         _fill_fp8(p, getattr(module, name + "_scale"), p.shape[-1] ** -0.5, gen)
     elif name.endswith("_scale") and getattr(module, name.removesuffix("_scale")).dtype == torch.float8_e4m3fn:
@@ -110,7 +112,7 @@ def make_agreeing(model: Glm4MoeForCausalLM) -> None:
         for layer in layers:
             _zero(layer.self_attn.o_proj.weight)
             mlp = layer.mlp
-            _zero(mlp.experts.w2 if hasattr(mlp, "experts") else mlp.down_proj.weight)
+            _zero(mlp.experts.w2 if isinstance(mlp, MoE) else mlp.down_proj.weight)
         emb = model.model.embed_tokens.weight
         emb.sign_().add_(0.5).sign_()  # -1, 0, 1 -> -1, 1, 1
         mtp = model.mtp

@@ -300,7 +300,7 @@ def markdown(report: dict) -> str:
     return "\n".join([*out, "## Targets", "", *verdict, ""])
 
 
-def _model_md(m: dict, spec: list[int]) -> list[str]:
+def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
     kv = m["kv"]
     summary = (f"weights {m['weights_gb']:.2f} GB (allocated {_f(m['allocated_gb'], '.2f')} GB), built in "
                f"{m['build_s']:.1f} s; KV at --mem-fraction-static {kv['mem_fraction']}: {kv['tokens']} tokens "
@@ -358,7 +358,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.prefill = [int(n) for n in str(args.prefill).split(",")]
-    args.spec = [int(x) for x in args.spec.split(",")]
+    args.spec = tuple(int(x) for x in args.spec.split(","))
     return args
 
 
