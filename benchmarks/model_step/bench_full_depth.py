@@ -57,7 +57,7 @@ from benchmarks.model_step.air_model import (
     random_model,
     weight_bytes_at,
 )
-from benchmarks.model_step.fp8_checkpoint import checkpoint_fields, measure_load, write_checkpoint
+from benchmarks.model_step.fp8_checkpoint import checkpoint_fields, filesystem, measure_load, write_checkpoint
 from benchmarks.model_step.roofline import Ceilings, Shape
 from common.model.config import eagle_step_slots
 from common.runtime.runner import ModelRunner
@@ -117,11 +117,12 @@ def loader_stage(args: argparse.Namespace, device: torch.device) -> dict:
     """Write the scaled-down FP8 checkpoint, load it cold and warm, delete it."""
     fields = checkpoint_fields(args.load_layers, args.tiny)
     size = weight_bytes_at(fields, args.load_layers, torch.bfloat16, fp8=True)
+    out: dict = {"layers": args.load_layers, "widths": "tiny" if args.tiny else "Air"}
     root = Path(tempfile.mkdtemp(prefix="glmserve_fp8_ckpt_", dir=args.ckpt_dir))
     try:
         free = shutil.disk_usage(root).free
         if size * 1.2 > free:
-            return {"skipped": f"the checkpoint needs {size / 1e9:.1f} GB, {free / 1e9:.1f} GB free under {root}"}
+            return dict(out, skipped=f"the checkpoint needs {size / 1e9:.1f} GB, {free / 1e9:.1f} GB free under {root}")
         path = root / "model"
         start = time.perf_counter()
         if args.tiny:
@@ -129,7 +130,7 @@ def loader_stage(args: argparse.Namespace, device: torch.device) -> dict:
         else:  # a child process: the writer's host memory never blurs the loader's RSS
             subprocess.run([sys.executable, "-m", "benchmarks.model_step.fp8_checkpoint", str(path),
                             "--layers", str(args.load_layers)], check=True)
-        out = {"layers": args.load_layers, "write_s": time.perf_counter() - start, "loads": []}
+        out.update(write_s=time.perf_counter() - start, filesystem=filesystem(root), loads=[])
         for cold in (True, False):
             out["loads"].append(measure_load(path, device, act_dtype(device), cold))
             _release(device)  # the loaded model, before the next load
@@ -277,11 +278,12 @@ def markdown(report: dict) -> str:
                  "rooflines use the larger)."), ""]
     load = report.get("loader")
     if load:
-        out += [f"## Loader: FP8 checkpoint of {load.get('layers')} layers + MTP at real widths", ""]
+        out += [f"## Loader: FP8 checkpoint of {load['layers']} layers + MTP at {load['widths']} widths", ""]
         if "skipped" in load:
             out += [f"skipped: {load['skipped']}", ""]
         else:
-            out += [f"written in {load['write_s']:.1f} s", ""]
+            out += [(f"written in {load['write_s']:.1f} s (filesystem {load['filesystem']}); \"disk\": its pages "
+                     "dropped from the page cache first"), ""]
             out += _table(["from", "GB", "s", "GB/s", "host RSS growth GB", "anon GB", "file pages GB", "FP8 modules"],
                           [["disk" if r["cold"] else "page cache", _f(r["gb"], ".2f"), _f(r["seconds"], ".2f"),
                             _f(r["gb_per_s"], ".2f"), _f(r["rss_growth_gb"], ".2f"), _f(r["anon_growth_gb"], ".2f"),

@@ -114,6 +114,18 @@ def drop_cached_pages(model_dir: Path) -> None:
             os.close(fd)
 
 
+def filesystem(path: Path) -> str:
+    """Type of the filesystem holding `path` (from /proc/mounts: tmpfs would be memory, not disk)."""
+    path = path.resolve()
+    best, kind = "", "unknown"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, mount, fs = line.split()[:3]
+            if (path == Path(mount) or Path(mount) in path.parents) and len(mount) > len(best):
+                best, kind = mount, fs
+    return kind
+
+
 def _status_kib() -> dict[str, int]:
     """VmRSS, RssAnon and RssFile of this process, KiB."""
     out = {}
