@@ -391,7 +391,12 @@ def run(args: argparse.Namespace, save: Callable[[dict], None] | None = None) ->
         ceil = Ceilings(c["read_gbs"], c["gemm_tflops"], max(c["fp8_tflops"], c["fp8_fast_tflops"]))
         print(f"GPU {report['device']}; ceilings {c}", flush=True)
     if args.load_layers:
-        done("loader", loader_stage(args, device))
+        try:
+            done("loader", loader_stage(args, device))
+        except (OSError, subprocess.CalledProcessError, RuntimeError) as e:  # the models' numbers still come
+            print(f"loader stage failed: {type(e).__name__}: {e}", flush=True)
+            done("loader", {"layers": args.load_layers, "widths": "tiny" if args.tiny else "Air",
+                            "skipped": f"failed: {type(e).__name__}: {e}"})
 
     def depth(requested: int | None, fp8: bool) -> int:
         if requested:
