@@ -11,7 +11,7 @@ SUMMARY=FP8.md
 source "$(dirname "$0")/gpu_run.sh"
 gpu_header "glmserve FP8 run"
 FP8_TESTS=(tests/gpu/*fp8*.py)
-stage gpu_fp8_tests 110 $PY -m pytest "${FP8_TESTS[@]}" -m gpu -q -p no:cacheprovider -o addopts="" -rfE
+stage gpu_fp8_tests 130 $PY -m pytest "${FP8_TESTS[@]}" -m gpu -q -p no:cacheprovider -o addopts="" -rfE
 if [[ -f benchmarks/kernels/bench_fp8_linear.py ]]; then  # Air's projection shapes, full width
   stage bench_fp8_linear 50 $PY -m benchmarks.kernels.bench_fp8_linear --models air --tp 1 --budget-s 40 \
     --out "$OUT/bench_fp8_linear.json"
@@ -23,7 +23,7 @@ if [[ -f benchmarks/kernels/bench_moe_fp8.py ]]; then
 else
   echo "=== bench_moe_fp8: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
 fi
-stage bench_full_depth 280 $PY -m benchmarks.model_step.bench_full_depth
+stage bench_full_depth 270 $PY -m benchmarks.model_step.bench_full_depth
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20
   echo; cat "$OUT/bench_full_depth.md" 2>/dev/null || echo "(bench_full_depth.md missing: see bench_full_depth.log)"
