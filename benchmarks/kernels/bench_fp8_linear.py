@@ -3,9 +3,10 @@ GLM-4.5-Air (full width and the TP 2/4/8 slices of spec §2.2), and the fused FP
 their unfused pairs.
 
     python3 -m benchmarks.kernels.bench_fp8_linear [--out FILE.json] [--models glm45,air] [--tp 1,2,4,8]
-        [--m 1,8,32,64,256,1024,2048,4096] [--fused-t 1,64,4096] [--sections fused,linear] [--budget-s 450]
+        [--m 1,8,32,64,256,1024,2048,4096] [--fused-t 1,64,4096] [--sections linear,fused] [--budget-s 450]
 
-Prints GPU, driver and the measured ceilings (device copy, pure read, bf16 and FP8 GEMM 8192^3),
+Prints GPU, driver and the measured ceilings (device copy, pure read, bf16 GEMM 8192^3, FP8 GEMM
+8192^3 with fp32 and with fast accumulation: the faster is the FP8 peak),
 then per projection shape and token count M the median time (CUDA-graph replays, inputs and weights
 rotated past L2) of:
   bf16      F.linear of bf16 x and W (cuBLAS), what the bf16 model runs;
@@ -23,8 +24,8 @@ the faster channel FP8 GEMM (quantised activations in hand, as the fused produce
 Fused section, at T tokens: rms_norm + quant_fp8_per_token (or per 128 group) against
 rms_norm_quant_fp8, fused_add_rms_norm + quant against fused_add_rms_norm_quant_fp8, silu_and_mul +
 quant against silu_and_mul_quant_fp8, and the per-token quantiser alone, each with its bytes floor
-over the copy bandwidth. With --out, everything goes to FILE.json; with OUT set, the tables go to
-$OUT/bench_fp8_linear.md as they finish.
+over the copy bandwidth. Everything goes to FILE.json (--out) and, with OUT set, to
+$OUT/bench_fp8_linear.json and the tables to $OUT/bench_fp8_linear.md, rewritten as rows finish.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import argparse
 import json
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -74,8 +75,11 @@ def target_for(m: int) -> float | None:
 
 
 class Report:
-    def __init__(self, ceil: dict, budget_s: float) -> None:
-        self.ceil, self.deadline = ceil, time.time() + budget_s
+    """Rows as they finish; the JSON (--out, and $OUT/bench_fp8_linear.json) is rewritten after each,
+    so a run cut short by its stage limit keeps what it measured."""
+
+    def __init__(self, info: dict, ceil: dict, budget_s: float, out_json: Path | None) -> None:
+        self.info, self.ceil, self.deadline, self.out_json = info, ceil, time.time() + budget_s, out_json
         self.linear: list[dict] = []
         self.fused: list[dict] = []
         self.errors: list[str] = []
@@ -83,16 +87,28 @@ class Report:
     def over_budget(self) -> bool:
         return time.time() > self.deadline
 
+    def result(self) -> dict:
+        return {"device": self.info, "ceilings": self.ceil, "summary": summary(self.linear), "linear": self.linear,
+                "fused": self.fused, "errors": self.errors}
+
+    def save(self) -> None:
+        text = json.dumps(self.result(), indent=1) + "\n"
+        if self.out_json is not None:
+            self.out_json.write_text(text)
+        measure.write_out("bench_fp8_linear.json", text)
+
     def emit(self, table: str, header: str, line: str) -> None:
         print(line, flush=True)
         out = measure.out_dir()
         if out is None:
+            self.save()
             return
         md = out / "bench_fp8_linear.md"
         text = md.read_text() if md.exists() else ""
         if f"## {table}\n" not in text:
             text += f"\n## {table}\n\n{header}\n"
         md.write_text(text + line + "\n")
+        self.save()
 
     def fail(self, what: str, exc: BaseException) -> None:
         msg = f"{what}: ERROR {type(exc).__name__}: {str(exc)[:300]}"
@@ -140,38 +156,49 @@ def _linear_point(rep: Report, model: str, proj: str, tp: int, shape: str, wts: 
     n, k, sets = wts.n, wts.k, wts.sets
     xs = [torch.randn(m, k, device=DEV).to(BF) for _ in range(sets)]
     xq = [ops.quant_fp8_per_token(x) for x in xs]
-    idx = range(sets)
-    t: dict[str, float | None] = {}
-    t["bf16"] = measure.time_graph([lambda i=i: F.linear(xs[i], wts.bf16[i]) for i in idx])
-    t["ch"] = measure.time_graph([lambda i=i: ops.fp8_linear(*xq[i], *wts.channel[i]) for i in idx])
-    t["ch+q"] = measure.time_graph([lambda i=i: ops.fp8_linear(*ops.quant_fp8_per_token(xs[i]), *wts.channel[i]) for i in idx])
-    t["chT"] = measure.time_graph([lambda i=i: tg.fp8_linear(*xq[i], *wts.channel[i]) for i in idx])
+    t: dict[str, float | None] = dict.fromkeys(("bf16", "ch", "ch+q", "chT", "blk", "blk+q", "blkT"))
+
+    def timed(key: str, call: Callable[[int], object]) -> None:
+        try:
+            t[key] = measure.time_graph([lambda i=i: call(i) for i in range(sets)])
+        except Exception as exc:  # noqa: BLE001 - one path failing leaves the others measured
+            rep.fail(f"{shape} M={m} {key}", exc)
+
+    timed("bf16", lambda i: F.linear(xs[i], wts.bf16[i]))
+    timed("ch", lambda i: ops.fp8_linear(*xq[i], *wts.channel[i]))
+    timed("ch+q", lambda i: ops.fp8_linear(*ops.quant_fp8_per_token(xs[i]), *wts.channel[i]))
+    timed("chT", lambda i: tg.fp8_linear(*xq[i], *wts.channel[i]))
     ch_fits = cublas_fp8.scaled_mm_fits(*xq[0], *wts.channel[0], None, BF)
     blk_cublas = False
-    t["blk"] = t["blk+q"] = t["blkT"] = None
     if wts.block is not None:
         xg = [ops.quant_fp8_per_group(x, BLOCK) for x in xs]
         blocks = wts.block
-        t["blk"] = measure.time_graph([lambda i=i: ops.fp8_block_linear(*xg[i], *blocks[i], None, BF, BLOCK) for i in idx])
-        t["blk+q"] = measure.time_graph([lambda i=i: ops.fp8_block_linear(*ops.quant_fp8_per_group(xs[i], BLOCK), *blocks[i],
-                                                                None, BF, BLOCK) for i in idx])
+        timed("blk", lambda i: ops.fp8_block_linear(*xg[i], *blocks[i], None, BF, BLOCK))
+        timed("blk+q", lambda i: ops.fp8_block_linear(*ops.quant_fp8_per_group(xs[i], BLOCK), *blocks[i], None, BF,
+                                                      BLOCK))
         blk_cublas = cublas_fp8.block_scaled_mm_fits(*xg[0], *blocks[0], None, BF, BLOCK)
         if blk_cublas:
-            t["blkT"] = measure.time_graph([lambda i=i: tg.fp8_gemm(*xg[i], *blocks[i], None, BF, BLOCK) for i in idx])
-    errs = _errors(xs[0], wts) if m == 64 else {}
+            timed("blkT", lambda i: tg.fp8_gemm(*xg[i], *blocks[i], None, BF, BLOCK))
+    if t["bf16"] is None or t["ch"] is None and t["chT"] is None:
+        return  # nothing to compare (the failure is reported)
+    errs = _errors(rep, shape, xs[0], wts) if m == 64 else {}
     _linear_row(rep, model, proj, tp, shape, n, k, m, t, ch_fits, blk_cublas, errs)
 
 
-def _errors(x: torch.Tensor, wts: Weights) -> dict[str, float]:
+def _errors(rep: Report, shape: str, x: torch.Tensor, wts: Weights) -> dict[str, float]:
     """Relative error of each FP8 path against its twin on the same FP8 operands."""
-    x_q, x_s = ops.quant_fp8_per_token(x)
-    want = ref.fp8_linear(x_q, x_s, *wts.channel[0], None, torch.float32)
-    errs = {"ch": measure.rel_err(ops.fp8_linear(x_q, x_s, *wts.channel[0]), want),
-            "chT": measure.rel_err(tg.fp8_linear(x_q, x_s, *wts.channel[0]), want)}
-    if wts.block is not None:
-        g_q, g_s = ops.quant_fp8_per_group(x, BLOCK)
-        want = ref.fp8_block_linear(g_q, g_s, *wts.block[0], None, torch.float32, BLOCK)
-        errs["blk"] = measure.rel_err(ops.fp8_block_linear(g_q, g_s, *wts.block[0], None, BF, BLOCK), want)
+    errs: dict[str, float] = {}
+    try:
+        x_q, x_s = ops.quant_fp8_per_token(x)
+        want = ref.fp8_linear(x_q, x_s, *wts.channel[0], None, torch.float32)
+        errs["ch"] = measure.rel_err(ops.fp8_linear(x_q, x_s, *wts.channel[0]), want)
+        errs["chT"] = measure.rel_err(tg.fp8_linear(x_q, x_s, *wts.channel[0]), want)
+        if wts.block is not None:
+            g_q, g_s = ops.quant_fp8_per_group(x, BLOCK)
+            want = ref.fp8_block_linear(g_q, g_s, *wts.block[0], None, torch.float32, BLOCK)
+            errs["blk"] = measure.rel_err(ops.fp8_block_linear(g_q, g_s, *wts.block[0], None, BF, BLOCK), want)
+    except Exception as exc:  # noqa: BLE001 - the timings stand without the error check
+        rep.fail(f"{shape} errors", exc)
     return errs
 
 
@@ -180,10 +207,9 @@ def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int,
     ceil = rep.ceil
     flops = 2.0 * m * n * k
     t_bf = t["bf16"]
-    assert t_bf is not None
     best_key = min(("ch", "chT"), key=lambda key: t[key] or float("inf"))
     best = t[best_key]
-    assert best is not None
+    assert t_bf is not None and best is not None  # checked by the caller
     speedup = t_bf / best
     target = target_for(m)
     verdict = "" if target is None else f"{'PASS' if speedup >= target else 'FAIL'} {speedup:.2f}x vs >= {target}x"
@@ -256,10 +282,12 @@ def _fused_case(rep: Report, n_tok: int, h: int, group: int) -> None:
         unfused = measure.time_graph([lambda i=i: _quant(tn.rms_norm(xs[i], w, 1e-5), group) for i in idx])
         fused = measure.time_graph([lambda i=i: tf.rms_norm_quant_fp8(xs[i], w, 1e-5, group) for i in idx])
         _fused_row(rep, "rms_norm (+quant)", shape, unfused, fused, act + codes)
-        unfused = measure.time_graph([lambda i=i: _quant(tn.fused_add_rms_norm(xs[i], rs[i], w, 1e-5)[0], group) for i in idx])
+        unfused = measure.time_graph([lambda i=i: _quant(tn.fused_add_rms_norm(xs[i], rs[i], w, 1e-5)[0], group)
+                                      for i in idx])
         for keep in (False, True):
-            fused = measure.time_graph([lambda i=i, keep=keep: tf.fused_add_rms_norm_quant_fp8(xs[i], rs[i], w, 1e-5, group, keep)
-                            for i in idx])
+            fused = measure.time_graph([lambda i=i, keep=keep: tf.fused_add_rms_norm_quant_fp8(xs[i], rs[i], w, 1e-5,
+                                                                                               group, keep)
+                                        for i in idx])
             _fused_row(rep, f"fused_add_rms_norm (+quant) keep_normed={keep}", shape, unfused, fused,
                        3 * act + codes + keep * act)
     except Exception as exc:  # noqa: BLE001 - keep measuring the rest
@@ -317,27 +345,23 @@ def main() -> None:
     ap.add_argument("--tp", default="1,2,4,8")
     ap.add_argument("--m", default=",".join(map(str, M_ALL)))
     ap.add_argument("--fused-t", default="1,64,4096")
-    ap.add_argument("--sections", default="fused,linear")
+    ap.add_argument("--sections", default="linear,fused")
     ap.add_argument("--budget-s", type=float, default=450.0)
     args = ap.parse_args()
     info = measure.device_info()
     ceil = measure.measure_ceilings() | measure.fp8_gemm_tflops()
     print(f"GPU {info}")
     print("ceilings " + " ".join(f"{k} {v:.0f}" for k, v in ceil.items()), flush=True)
-    rep = Report(ceil, args.budget_s)
+    rep = Report(info, ceil, args.budget_s, args.out)
     sections = args.sections.split(",")
-    if "fused" in sections:
-        bench_fused(rep, _ints(args.fused_t))
     if "linear" in sections:
         bench_linear(rep, args.models.split(","), _ints(args.tp), _ints(args.m))
-    result = {"device": info, "ceilings": ceil, "summary": summary(rep.linear), "linear": rep.linear,
-              "fused": rep.fused, "errors": rep.errors}
-    print("summary " + json.dumps(result["summary"]), flush=True)
+    if "fused" in sections:
+        bench_fused(rep, _ints(args.fused_t))
+    rep.save()
+    print("summary " + json.dumps(rep.result()["summary"]), flush=True)
     for msg in rep.errors:
         print(msg)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    measure.write_out("bench_fp8_linear.json", json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ _BLOCK_K_ALIGN = 4 * _CUBLAS_BLOCK  # K/128 a multiple of 4: the weight-scale ro
 
 @functools.cache
 def block_scaled_mm_available(device_index: int) -> bool:
-    """cuBLAS block scaling for FP8: CUDA 12.9+ on sm_90 (torch routes sm_100 elsewhere)."""
+    """cuBLAS block scaling for FP8 (128 x 128 weight blocks): CUDA 12.9+, served on sm_90 only."""
     cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
     return cuda >= (12, 9) and torch.cuda.get_device_capability(device_index)[0] == 9
 
