@@ -82,8 +82,8 @@ _BLOCK_K_ALIGN = 4 * _CUBLAS_BLOCK  # K/128 a multiple of 4: the weight-scale ro
 
 
 @functools.cache
-def _has_block_scaled_mm(device_index: int) -> bool:
-    """cuBLAS block scaling for FP8: CUDA 12.9+ on sm_90 (torch routes sm_100 elsewhere)."""
+def block_scaled_mm_available(device_index: int) -> bool:
+    """cuBLAS block scaling for FP8 (128 x 128 weight blocks): CUDA 12.9+, served on sm_90 only."""
     cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
     return cuda >= (12, 9) and torch.cuda.get_device_capability(device_index)[0] == 9
 
@@ -99,15 +99,15 @@ def block_scaled_mm_fits(
 ) -> bool:
     """Whether `torch._scaled_mm` with block scales can run this call: the conditions of
     `scaled_mm_fits` with scales per 1 x 128 group of x and per 128 x 128 block of w (row-major as
-    the checkpoint stores them), b = 128 and K a multiple of 512."""
-    if x_q.device.type != "cuda" or block != _CUBLAS_BLOCK or not _has_block_scaled_mm(x_q.device.index or 0):
+    the checkpoint stores them), b = 128, K a multiple of 512, and no bias (the Triton kernel adds
+    one in its epilogue; cuBLAS's bias epilogue under block scaling is not relied on)."""
+    if x_q.device.type != "cuda" or block != _CUBLAS_BLOCK or not block_scaled_mm_available(x_q.device.index or 0):
         return False
     (n_tok, k), n_out = x_q.shape, w_q.shape[0]
     k_blocks = k // block
     return (
         x_q.dtype == w_q.dtype == torch.float8_e4m3fn
-        and out_dtype == torch.bfloat16
-        and (bias is None or (bias.dtype == torch.bfloat16 and tuple(bias.shape) == (n_out,)))
+        and out_dtype == torch.bfloat16 and bias is None
         and n_tok > 0 and k % _BLOCK_K_ALIGN == 0 and n_out % _ALIGN == 0
         and _aligned_rows(x_q) and _aligned_rows(w_q)
         and x_scale.dtype == w_scale.dtype == torch.float32
@@ -121,15 +121,13 @@ def block_scaled_mm(
     x_scale: torch.Tensor,  # [T,K/128] fp32
     w_q: torch.Tensor,  # [N,K] e4m3
     w_scale: torch.Tensor,  # [ceil(N/128), K/128] fp32
-    bias: torch.Tensor | None = None,  # [N]
-    out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """y[T,N] of the block-scaled FP8 GEMM through cuBLAS; call only where block_scaled_mm_fits."""
+    """y[T,N] bf16 of the block-scaled FP8 GEMM through cuBLAS; call only where block_scaled_mm_fits."""
     # cuBLAS takes the group scales token-major ([T,K/128] with stride (1, T)): a copy of T*K/128
     # floats; the block scales as stored ([N/128,K/128] row-major, passed transposed like w_q)
     x_scale_t = x_scale.t().contiguous().t()
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale_t, scale_b=w_scale.t(), bias=bias,
-                            out_dtype=out_dtype, use_fast_accum=False)
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale_t, scale_b=w_scale.t(), out_dtype=torch.bfloat16,
+                            use_fast_accum=False)
 
 
-__all__ = ["block_scaled_mm", "block_scaled_mm_fits", "fp8_linear", "scaled_mm_fits"]
+__all__ = ["block_scaled_mm", "block_scaled_mm_available", "block_scaled_mm_fits", "fp8_linear", "scaled_mm_fits"]

@@ -120,7 +120,6 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
     return q, scale
 
 
-
 @triton.jit
 def _quant_store(v, cols, m, g, n_groups, q_row, s_row, QMAX: tl.constexpr, FLOOR: tl.constexpr,
                  PER_GROUP: tl.constexpr):

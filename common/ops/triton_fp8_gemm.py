@@ -150,7 +150,7 @@ def fp8_block_linear(
     """y[T,N] for 1 x b activation groups and b x b weight blocks: cuBLAS where
     `cublas_fp8.block_scaled_mm_fits` allows, else the Triton kernel; see reference.fp8_block_linear."""
     if cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype, block):
-        return cublas_fp8.block_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        return cublas_fp8.block_scaled_mm(x_q, x_scale, w_q, w_scale)
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
 
 

@@ -199,7 +199,8 @@ def _group_fused() -> None:
             _check_same(f"silu_and_mul_quant_fp8 T={t} I={inter} group={group} {dt}",
                         tf.silu_and_mul_quant_fp8(gate_up, group), quant(act, group))
     # the GEMMs: odd T, no rows, N tails (partial weight blocks), bias, fp16/fp32 outputs
-    for t, n, k, block in ((1, 48, 256, 128), (3, 200, 384, 128), (37, 96, 192, 64), (130, 160, 256, 128), (0, 64, 128, 128)):
+    gemms = ((1, 48, 256, 128), (3, 200, 384, 128), (37, 96, 192, 64), (130, 160, 256, 128), (0, 64, 128, 128))
+    for t, n, k, block in gemms:
         x = activations(max(t, 2), k, torch.float32)[:t]
         x_q, x_scale = ref.quant_fp8_per_group(x, block)
         w_q, w_scale = ref.quant_fp8_weight_blocks(torch.randn(n, k) * 0.05, block)
