@@ -1,5 +1,5 @@
 """FP8 linear benchmark: the FP8 GEMMs against bf16 at the projection shapes of GLM-4.5 and
-GLM-4.5-Air (full width and the TP 2/4/8 slices of spec §2.2), and the fused FP8 producers against
+GLM-4.5-Air (full width and their tensor-parallel slices at TP 2/4/8), and the fused FP8 producers against
 their unfused pairs.
 
     python3 -m benchmarks.kernels.bench_fp8_linear [--out FILE.json] [--models glm45,air] [--tp 1,2,4,8]
@@ -17,7 +17,7 @@ rotated past L2) of:
             Triton kernel), blk+q with the per-128-group quant of x; blkT the Triton kernel when the
             op took cuBLAS. Shapes whose K is not a multiple of 128 have no block path.
 For each: weight GB/s and its fraction of the read bandwidth, TFLOP/s and its fraction of the bf16 or
-FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. Targets (issue 16):
+FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. The issue's targets:
 the faster channel FP8 GEMM (quantised activations in hand, as the fused producers leave them) at
 >= 1.7x bf16 for M <= 64 and >= 1.5x for M >= 2048, PASS/FAIL per point and in the summary.
 
@@ -51,7 +51,8 @@ from common.ops import triton_norm as tn
 BF = torch.bfloat16
 DEV = "cuda"
 BLOCK = 128
-# hidden, fused q|k|v rows, o_proj input (q heads x head_dim), dense MLP intermediate (spec §2.2)
+# hidden, fused q|k|v rows, o_proj input (q heads x head_dim), dense MLP intermediate; a TP-t rank holds
+# 1/t of the qkv and gate_up rows (column-parallel) and of the o and down inputs (row-parallel)
 MODELS = {"glm45": (5120, 14336, 12288, 12288), "air": (4096, 14336, 12288, 10944)}
 M_ALL = [1, 8, 32, 64, 256, 1024, 2048, 4096]
 TARGETS = ((64, 1.7), (2048, 1.5))  # M <= 64: >= 1.7x bf16; M >= 2048: >= 1.5x

@@ -9,9 +9,10 @@ accumulator is fp32.
   it is added to the accumulator;
 - channel: x has one scale per row, the weight one per output channel; they factor out of the K sum
   and are applied once in the epilogue (K may end in a partial tile).
-Tiles: few-token calls (decode) take BLOCK_M 16 and narrow N tiles so that the grid covers every
-SM (a GEMV is bound by weight bytes in flight); many-token calls take 128 x 128 tiles with grouped
-ordering for L2 reuse. Results match the twins to fp32 accumulation order and the output rounding.
+Tiles (`default_config`): few-token calls (decode) take BLOCK_M 16-64 and N tiles narrow enough
+for the grid to cover every SM (a GEMV is bound by the weight bytes in flight); many-token calls
+take 128 x 128 tiles in grouped order for L2 reuse. Results match the twins to fp32 accumulation
+order and the output rounding.
 """
 
 from __future__ import annotations
@@ -93,15 +94,18 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_config(m: int, n: int, block_k: int, device: torch.device) -> GemmConfig:
-    """Tiles by token count: few tokens take BLOCK_M 16 and the widest N tile (128, 64, 32) that
-    still gives every SM a program; many take 128 x 128 (8 warps)."""
+    """Tiles by token count, each the largest that still gives every SM a program: up to 64 tokens
+    one BLOCK_M 16/32/64 row of tiles with N tiles of 128 down to 16 (4 warps, 4 stages: a GEMV is
+    bound by the weight bytes in flight); more tokens 128 x 128 (8 warps), else 64 x 128, 64 x 64."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
-    if m > 128:
-        return GemmConfig(128, 128, block_k, 8, 8, 3)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    tiles_m = triton.cdiv(m, bm)
-    bn = next((bn for bn in (128, 64) if tiles_m * triton.cdiv(n, bn) >= sms), 32)
-    return GemmConfig(bm, bn, block_k, 1, 4, 4)
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bn = next((bn for bn in (128, 64, 32) if triton.cdiv(n, bn) >= sms), 16)
+        return GemmConfig(bm, bn, block_k, 1, 4, 4)
+    for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4)):
+        if triton.cdiv(m, bm) * triton.cdiv(n, bn) >= sms:
+            return GemmConfig(bm, bn, block_k, 8, warps, stages)
+    return GemmConfig(64, 64, block_k, 8, 4, 4)
 
 
 def fp8_gemm(
