@@ -6,8 +6,9 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
 1. x quantised once per token before the row gather (triton_fp8: per token, or per 1 x b group for
    block scales).
 2. gate_up: x_q rows times w13[e]^T. Channel scales (block 0) apply once after the K loop,
-   acc * s_x[token] * s13[e, n]; block scales per K step (BLOCK_K == b),
-   acc += dot * s_x[token, kb] * s13[e, n // b, kb]. Epilogue silu(gate) * up in fp32, rounded to
+   acc * s_x[token] * s13[e, n] (the sm_90 FP8 MMAs then accumulate the whole loop, in their own
+   reduced precision: Triton's default for FP8 dots); block scales per K step (BLOCK_K == b),
+   acc += dot * s_x[token, kb] * s13[e, n // b, kb] (an fp32 add per step). Epilogue silu(gate) * up in fp32, rounded to
    x.dtype, then quantised per assignment row (over its I columns, or per b columns). When a program
    holds whole quantisation groups (channel: BLOCK_N >= I; block: BLOCK_N a multiple of b) that is
    done in this epilogue (codes and scales stored); otherwise the rounded intermediate is stored and
@@ -16,7 +17,7 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
    in fp32, so that 4. the combine sums fp32 and casts once.
 A config's "swap" computes a GEMM tile as W A^T ([BLOCK_N, BLOCK_M]): with few rows per expert
 (decode) the weight rows then fill the tensor cores' 64-row side; the tile is transposed once in the
-epilogue. Weights are [N, K] row-major, the K-major operand FP8 MMAs need. Block configs: tables
+epilogue. Weights are [N, K] row-major, the K-major operand FP8 MMAs need. Tile configs: tables
 named by moe_configs.table_dtype (written by benchmarks/kernels/tune_moe.py --dtype fp8|fp8-block),
 else moe_configs.default_config_fp8.
 """
@@ -38,7 +39,8 @@ _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: t
 
 @triton.jit
 def _dot(a, b, acc, SWAP: tl.constexpr):
-    """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]."""
+    """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]. (One
+    return: compiled, a return inside a constexpr branch does not end the function.)"""
     if SWAP:
         out = tl.dot(b, a.T, acc)
     else:
