@@ -238,15 +238,17 @@ def fused_moe_fp8(
     weights: torch.Tensor,  # [T,k] fp32
     ids: torch.Tensor,  # [T,k] int32
     block: int = 0,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # (x_q, s_x) from x's producer
 ) -> torch.Tensor:  # [T,H] x.dtype
     """reference.fused_moe_fp8 on the FP8 tensor cores; tuned/heuristic config."""
-    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None)
+    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant)
 
 
 def fused_moe_fp8_with_config(
     x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
     weights: torch.Tensor, ids: torch.Tensor, block: int,
     config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     if block & (block - 1) or 0 < block < 16:
@@ -269,7 +271,8 @@ def fused_moe_fp8_with_config(
         sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), num_experts, bm)
     topw = weights.reshape(-1).float().contiguous()
     y = torch.empty((n_tok * top_k, hidden), dtype=torch.float32, device=x.device)  # [T*k, H]
-    x_q, x_s = quantize(x, block)  # the launch right before gate_up (PDL: its programmatic predecessor)
+    # the launch right before gate_up (PDL: its programmatic predecessor), unless x's producer quantised it
+    x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
     pdl = tm.USE_PDL and tm.pdl_supported(x.device)
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
