@@ -202,7 +202,10 @@ FP8_AMAX_FLOOR = 2.0**-30
 def _quant_fp8_last_dim(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise x[..., n] with one scale per leading index: (q[..., n] e4m3, scale[..., 1] fp32)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR) / FP8_MAX
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR)
+    # divide by a tensor, not a Python number: CUDA divides by a scalar as a multiply by its rounded
+    # reciprocal, which is not IEEE division and would make this twin differ between devices
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # round to nearest even
     return q, scale
 
