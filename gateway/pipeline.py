@@ -174,7 +174,8 @@ class Pipeline:
     def _check_model(self, model: str) -> None:
         if model and model != self.config.model_name:
             raise GatewayError(grpc.StatusCode.NOT_FOUND,
-                               f"model {model!r} is not served here (ListModels: {self.config.model_name!r})")
+                               f"model {model!r} is not served here (ListModels: {self.config.model_name!r})",
+                               "model", "model_not_found")
 
     def _sampling(self, s: Sampling, prompt_len: int) -> worker_pb2.WorkerSampling:
         budget = checks.thinking_budget(s, self.config.enable_custom_logit_processor)
