@@ -21,6 +21,7 @@ from gateway.errors import GatewayError
 from gateway.openai_request import HttpRequest
 from protos import gateway_pb2
 
+
 def usage_json(finals: Sequence[gateway_pb2.ChatResponse | gateway_pb2.GenerateResponse], per_prompt: int) -> dict:
     """Usage of a whole response: each distinct prompt counted once, completions summed over choices."""
     prompt = sum(f.usage.prompt_tokens for k, f in enumerate(finals) if k % per_prompt == 0)

@@ -65,7 +65,7 @@ def resolve_model_path(value: str, *, flag: str = "--model-path", files: Sequenc
     offline = bool(constants.HF_HUB_OFFLINE)
     try:
         return snapshot_download(value, allow_patterns=list(files) if files else None, local_files_only=offline)
-    except Exception as e:  # any hub or network failure ends in the same advice
+    except Exception as e:  # noqa: BLE001 (any hub, auth or network failure gets the same one-line advice)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = constants.HF_HUB_CACHE
         fetch = f"hf download {value}" if offline else f"hf download {value} (check the network and HF_TOKEN)"
