@@ -134,7 +134,7 @@ def _parser_choice(choices: tuple[str, ...]):
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="glmserve gateway", formatter_class=HelpFormatter,
+        prog="glmserve gateway", formatter_class=HelpFormatter, usage="%(prog)s [options]",
         description="The public gateway: OpenAI-compatible HTTP (--http-port) and the gRPC API glmserve.v1.Gateway "
                     "(--port) on one event loop. Renders the chat template, tokenizes, routes each request to a "
                     "prefill and a decode worker, and parses reasoning and tool calls. Torch-free.")

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 # flags every role defines itself (same meaning: its own model, address, logging)
 COMMON: Mapping[str, bool] = {
     "--model-path": True, "--host": True, "--port": True, "--log-level": True, "--metrics-port": True,
-    "--enable-custom-logit-processor": False, "--shutdown-grace": True, "--default-thinking-budget": True,
+    "--enable-custom-logit-processor": False, "--shutdown-grace": True,
 }
 GATEWAY: Mapping[str, bool] = {
     "--served-model-name": True, "--prefill": True, "--decode": True, "--tool-call-parser": True,
@@ -26,7 +26,7 @@ GATEWAY: Mapping[str, bool] = {
     "--max-message-bytes": True, "--http-host": True, "--http-port": True, "--api-key": True,
     "--strict-model-name": False, "--strict-request-fields": False, "--max-n": True, "--reasoning-field": True,
     "--stream-commit-timeout": True, "--sse-keepalive": True, "--max-pending-stream-bytes": True,
-    "--enable-metrics": False,
+    "--enable-metrics": False, "--default-thinking-budget": True,
 }
 WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--advertise-host": True, "--worker-id": True, "--device": True, "--dtype": True, "--tp-size": True,
@@ -119,7 +119,8 @@ def split_flags(argv: Sequence[str], flags: Mapping[str, bool]) -> tuple[list[st
         arg = argv[i]
         name = arg.split("=", 1)[0]
         if name in flags:
-            take = 2 if flags[name] and "=" not in arg and i + 1 < len(argv) else 1
+            value_next = flags[name] and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            take = 2 if value_next else 1
             mine += argv[i:i + take]
             i += take
         else:

@@ -66,10 +66,9 @@ def resolve_model_path(value: str, *, flag: str = "--model-path", files: Sequenc
     try:
         return snapshot_download(value, allow_patterns=list(files) if files else None, local_files_only=offline)
     except Exception as e:  # noqa: BLE001 (any hub, auth or network failure gets the same one-line advice)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = constants.HF_HUB_CACHE
-        fetch = f"hf download {value}" if offline else f"hf download {value} (check the network and HF_TOKEN)"
-        raise ValueError(f"{flag} {value!r}: not in the Hugging Face cache ({where}) and "
-                         f"{'HF_HUB_OFFLINE is set' if offline else 'it could not be downloaded'} "
-                         f"({type(e).__name__}: {reason[:200]}). Fetch it first with `{fetch}`, or pass a local "
-                         "model directory") from None
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        why = "HF_HUB_OFFLINE is set" if offline else "it could not be downloaded"
+        hint = "" if offline else " (check the network and HF_TOKEN)"
+        raise ValueError(f"{flag} {value!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why} "
+                         f"[{type(e).__name__}: {reason}]. Fetch it first with `hf download {value}`{hint}, "
+                         "or pass a local model directory") from None
