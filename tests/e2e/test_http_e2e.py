@@ -126,7 +126,7 @@ def test_disconnect_mid_stream_frees_both_workers(served):
 
 def _block(marker: str) -> str:
     """The fenced block after `<!-- readme-test: marker -->` in README.md."""
-    m = re.search(rf"<!-- readme-test: {marker} -->\n```\w+\n(.*?)```", README, re.S)
+    m = re.search(rf"<!-- readme-test: {marker} -->\n```\w+\n(.*?)```", README, re.DOTALL)
     assert m, marker
     return m.group(1)
 
