@@ -34,7 +34,7 @@ CHAT_SUPPORTED = frozenset({
     *_COMMON, "messages", "max_completion_tokens", "tools", "tool_choice", "logprobs", "top_logprobs",
     "response_format", "reasoning_effort", "chat_template_kwargs", "thinking", "separate_reasoning",
     "stream_reasoning"})
-COMPLETION_SUPPORTED = frozenset({*_COMMON, "prompt", "logprobs", "echo", "best_of", "suffix",
+COMPLETION_SUPPORTED = frozenset({*_COMMON, "prompt", "logprobs", "echo", "best_of",
                                   "skip_special_tokens"})
 
 # accepted, no effect: field -> why
