@@ -290,6 +290,9 @@ class HttpServer:
         except asyncio.CancelledError:
             status = Code.CANCELLED
             raise
+        except web.HTTPException:  # aiohttp's own (413 body too large): the middleware answers
+            status = Code.INVALID_ARGUMENT
+            raise
         except Exception:
             status = Code.INTERNAL
             log.exception("HTTP request failed")

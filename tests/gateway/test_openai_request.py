@@ -13,6 +13,7 @@ from gateway.openai_errors import error_body, from_gateway_error
 from gateway.openai_request import (
     CHAT_IGNORED,
     CHAT_SUPPORTED,
+    COMPLETION_SUPPORTED,
     REFUSED,
     Limits,
     chat_request,
@@ -82,6 +83,14 @@ def test_every_field_has_a_class_and_refusals_name_the_field():
     strict = Limits(strict_fields=True)
     assert refused(chat_request, {"messages": USER, "frobnicate": 1}, strict).field == "frobnicate"
     assert chat_request({"messages": USER, "user": "u"}, strict).ignored == ("user",)  # class I stays accepted
+
+
+def test_the_field_tables_are_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "openai_http.md").read_text()
+    names = set(CHAT_SUPPORTED) | set(COMPLETION_SUPPORTED) | set(CHAT_IGNORED) | set(REFUSED)
+    assert sorted(n for n in names if f"`{n}`" not in doc) == []
 
 
 @pytest.mark.parametrize("body,field", [

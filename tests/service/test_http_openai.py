@@ -323,3 +323,36 @@ def test_raw_sse_framing(model_dir, tok):
     assert chunks[-1]["choices"][0] == {"index": 0, "delta": {"reasoning_content": None}, "logprobs": None,
                                         "finish_reason": "tool_calls", "matched_stop": None}
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["object"] == "chat.completion.chunk"
+
+
+def test_api_key_body_limit_duplicate_rid_and_abort_request(model_dir, tok):
+    def script_for(r):
+        return answer_script(tok, "word " * 100, sizes=(1,), chunk_delay=0.02)
+
+    async def scenario():
+        async with gateway_with_fakes(model_dir, script_for, api_key="sk-test",
+                                      max_message_bytes=64 * 1024) as h, aiohttp.ClientSession() as s:
+            base = f"http://127.0.0.1:{h.gateway.http_port}"
+            auth = {"Authorization": "Bearer sk-test"}
+            seen = {"no_key": (await s.post(f"{base}/v1/chat/completions", json={"messages": USER})).status,
+                    "models_open": (await s.get(f"{base}/v1/models")).status,
+                    "health_open": (await s.get(f"{base}/health")).status}
+            big = await s.post(f"{base}/v1/chat/completions", headers=auth,
+                               json={"messages": [{"role": "user", "content": "x" * 100_000}]})
+            seen["big"] = (big.status, (await big.json())["error"]["code"])
+            long = await s.post(f"{base}/v1/chat/completions", headers=auth,
+                                json={"messages": USER, "stream": True, "rid": "r1"})
+            await long.content.readline()  # committed: the request runs
+            dup = await s.post(f"{base}/v1/chat/completions", headers=auth, json={"messages": USER, "rid": "r1"})
+            seen["dup"] = (dup.status, dup.headers.get("x-should-retry"))
+            aborted = await (await s.post(f"{base}/abort_request", headers=auth, json={"rid": "r1"})).json()
+            await asyncio.wait_for(h.cluster.decodes[0].abort_event.wait(), 2)
+            seen["abort"] = aborted, len(h.cluster.prefills[0].aborts) + len(h.cluster.decodes[0].aborts)
+            long.close()
+            return seen
+
+    seen = run(scenario())
+    assert (seen["no_key"], seen["models_open"], seen["health_open"]) == (401, 200, 200)
+    assert seen["big"] == (413, "request_too_large")
+    assert seen["dup"] == (409, "false")
+    assert seen["abort"][0] == {"found": True} and seen["abort"][1] >= 1
