@@ -172,3 +172,13 @@ def test_readme_node_example_from_another_directory(served, tmp_path):
     run_line = _block("node").splitlines()[1].replace("/path/to/glmserve", str(REPO))
     out = _run(["bash", "-c", _pointed(run_line, served)], served, cwd=NODE_CACHE).stdout
     assert '"finish_reason": "' in out and '"usage"' in out
+
+
+def test_serve_reports_a_child_that_fails_to_start_with_its_own_message(tiny_model_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "common.tools.cli", "serve", "--model-path", str(tiny_model_dir),
+                        "--port", "0", "--grpc-port", "0", "--page-size", "0", "--log-dir", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1
+    assert re.search(r"(prefill|decode)0 exited with status 2 \(full log: .*\.log\); its last lines:", r.stderr)
+    assert "error: --page-size must be >= 1, got 0" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "gateway.log").exists() and (tmp_path / "prefill0.log").read_text()
