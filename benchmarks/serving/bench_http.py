@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -102,7 +101,7 @@ def _ms(xs: list[float], q: float = 0.5) -> str:
 
 async def run(args: argparse.Namespace, cluster) -> list[str]:
     rng = random.Random(0)
-    prompt = lambda: [rng.randrange(800) for _ in range(args.prompt)]  # noqa: E731
+    prompt = lambda: [rng.randrange(800) for _ in range(args.prompt)]
     pid = cluster.procs["gateway"].pid
     url = f"http://127.0.0.1:{cluster.http_port}/v1/completions"
     rows = []
