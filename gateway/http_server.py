@@ -148,15 +148,23 @@ class SseStream:
         self.last_write = time.monotonic()
 
     async def watchdog(self, commit_after: float, keepalive: float) -> None:
-        """Commit after `commit_after` seconds without an answer, then keep the connection alive."""
-        await asyncio.sleep(commit_after)
-        await self.commit()
+        """Commit after `commit_after` seconds without an answer; once committed, a comment after every
+        `keepalive` seconds without a write keeps proxies from closing the connection."""
+        start = time.monotonic()
         while True:
-            idle = time.monotonic() - self.last_write
+            now = time.monotonic()
+            if not self.committed:
+                wait = commit_after - (now - start)
+                if wait <= 0:
+                    await self.commit()
+                else:
+                    await asyncio.sleep(min(wait, keepalive))
+                continue
+            idle = now - self.last_write
             if idle >= keepalive:
                 await self.keepalive()
-                idle = 0.0
-            await asyncio.sleep(keepalive - idle)
+            else:
+                await asyncio.sleep(keepalive - idle)
 
 
 class HttpServer:

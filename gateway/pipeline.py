@@ -197,7 +197,7 @@ class Pipeline:
         try:
             yield result.append
             outcome = "done"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client left (or closed the stream early)
             outcome = "cancelled"
             raise
         except GatewayError as e:

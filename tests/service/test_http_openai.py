@@ -356,3 +356,21 @@ def test_api_key_body_limit_duplicate_rid_and_abort_request(model_dir, tok):
     assert seen["big"] == (413, "request_too_large")
     assert seen["dup"] == (409, "false")
     assert seen["abort"][0] == {"found": True} and seen["abort"][1] >= 1
+
+
+def test_a_slow_first_token_commits_the_stream_and_keeps_it_alive(model_dir, tok):
+    async def scenario():
+        async with gateway_with_fakes(model_dir, lambda r: answer_script(tok, prefill_delay=0.8),
+                                      stream_commit_timeout=0.2, sse_keepalive=0.25) as h, \
+                aiohttp.ClientSession() as s:
+            t0 = time.monotonic()
+            r = await s.post(f"http://127.0.0.1:{h.gateway.http_port}/v1/chat/completions",
+                             json={"messages": USER, "stream": True})
+            committed = time.monotonic() - t0
+            return r.status, committed, (await r.read()).decode()
+
+    status, committed, body = run(scenario())
+    assert status == 200 and committed < 0.7  # 200 and the role chunk before the first token
+    events = body.split("\n\n")
+    assert events[0].startswith('data: {"id"') and '"role":"assistant"' in events[0]
+    assert events[1] == ": keep-alive" and events[-2:] == ["data: [DONE]", ""]
