@@ -51,8 +51,8 @@ def test_help_names_glmserve_and_describes_every_option(name):
     assert "python -m" not in text
     for action in p._actions:
         assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
-                and action.dest != "help":
+        if action.option_strings and action.default is not None and action.default is not False \
+                and action.default != argparse.SUPPRESS:
             assert "default" in p._get_formatter()._get_help_string(action), action.option_strings
 
 

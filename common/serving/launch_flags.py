@@ -61,8 +61,8 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "(default" in text or "%(default)" in text or default in (None, False, argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "(default" in text or "%(default)" in text or default is None or default is False \
+                or default == argparse.SUPPRESS or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
