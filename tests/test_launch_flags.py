@@ -39,8 +39,8 @@ def test_every_role_parses_the_sglang_launch_line(role):
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
-    return {**{k: f() for k, f in PARSERS.items()}, "serve": launch.build_arg_parser("glmserve serve"),
-            "top": cli.build_parser()}
+    roles = {k: f() for k, f in PARSERS.items()}
+    return {**roles, "serve": launch.build_arg_parser("glmserve serve", roles), "top": cli.build_parser()}
 
 
 @pytest.mark.parametrize("name", ["gateway", "prefill", "decode", "serve", "top"])
@@ -54,6 +54,14 @@ def test_help_names_glmserve_and_describes_every_option(name):
         if action.option_strings and action.default is not None and action.default is not False \
                 and action.default != argparse.SUPPRESS:
             assert "default" in p._get_formatter()._get_help_string(action), action.option_strings
+
+
+def test_serve_help_shows_each_role_flags_text_and_default():
+    text = " ".join(_parsers()["serve"].format_help().split())
+    assert "--request-timeout VALUE seconds a request may take in all [the gateway] (default: 600.0)" in text
+    assert "--mem-fraction-static VALUE fraction of GPU memory" in text and "[both workers] (default: 0.85)" in text
+    assert "[the prefill workers] (default: 8192)" in text
+    assert [cli.role_parser(r).prog for r in ("gateway", "decode")] == ["glmserve gateway", "glmserve decode"]
 
 
 def test_serve_routes_each_flag_to_the_roles_that_use_it():

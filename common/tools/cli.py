@@ -30,6 +30,16 @@ def run_role(name: str, argv: Sequence[str]) -> int:
     return int(main(list(argv)) or 0)
 
 
+def role_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of role `name`: `build_arg_parser()` of the module its entry point's main
+    lives in (every role's main module offers one)."""
+    found = entry_points(group=ROLE_GROUP, name=name)
+    if not found:
+        raise SystemExit(f"glmserve: role {name!r} is not installed (no {ROLE_GROUP} entry point)")
+    main = next(iter(found)).load()
+    return sys.modules[main.__module__].build_arg_parser()
+
+
 def _role(name: str) -> Callable[[Sequence[str]], int]:
     return lambda argv: run_role(name, argv)
 

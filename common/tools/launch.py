@@ -268,8 +268,10 @@ def demo_chat(address: str, text: str, max_tokens: int) -> None:
                   f"reasoning={usage.reasoning_tokens}")
 
 
-def build_arg_parser(prog: str) -> argparse.ArgumentParser:
-    """The launcher's own flags, plus every role flag (routed by route_flags) listed by role."""
+def build_arg_parser(prog: str, roles: dict[str, argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
+    """The launcher's own flags, plus every role flag (routed by route_flags) listed by role. With
+    `roles` (each role's own parser; loaded for --help only, the workers' import torch) each role
+    flag shows its role's help text and default."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter,
                                 usage="%(prog)s [options]", allow_abbrev=False)
     p.add_argument("--model-path", default=None,
@@ -290,28 +292,49 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
                         f"{tempfile.gettempdir()})")
     p.add_argument("--startup-timeout", type=float, default=1800.0,
                    help="seconds the processes may take to load the model and report ready")
+    owners = {"gateway flags": ("gateway",), "worker flags": ("prefill", "decode"), "prefill flags": ("prefill",),
+              "decode flags": ("decode",), "flags of every role": ("gateway", "prefill", "decode")}
     for title, flags, users in (("gateway flags", GATEWAY, "the gateway"),
                                 ("worker flags", WORKER, "both workers"),
                                 ("prefill flags", PREFILL, "the prefill workers"),
                                 ("decode flags", DECODE, "the decode workers"),
-                                ("flags of every role", {k: v for k, v in COMMON.items()
-                                                         if k not in LAUNCHER_FLAGS}, "every process")):
-        group = p.add_argument_group(title, f"passed to {users}; see `glmserve <role> --help` for their "
-                                            "defaults and meaning")
+                                ("flags of every role", COMMON, "every process")):
+        group = p.add_argument_group(title, f"passed to {users}" + (
+            "" if roles else "; `glmserve serve --help` (or `glmserve <role> --help`) shows each one's meaning "
+                             "and default"))
         for flag, takes_value in flags.items():
             if flag in LAUNCHER_FLAGS:
                 continue
             who = "the gateway" if flag == "--metrics-port" else users
             dest = "pass_" + flag.lstrip("-").replace("-", "_")
+            own = _role_action(roles, owners[title], flag)
+            text = f"{own.help} [{who}]" if own is not None and own.help else f"passed to {who}"
+            if own is not None and own.default is not None and own.default is not False:
+                text += f" (default: {own.default})"  # the role's own default, applied there
             if takes_value:
-                group.add_argument(flag, default=None, metavar="VALUE", dest=dest, help=f"passed to {who}")
+                group.add_argument(flag, metavar="VALUE", dest=dest, help=text)
             else:
-                group.add_argument(flag, action="store_true", dest=dest, help=f"passed to {who}")
+                group.add_argument(flag, action="store_true", dest=dest, help=text)
     return p
 
 
+def _role_action(roles: dict[str, argparse.ArgumentParser] | None, names: Sequence[str],
+                 flag: str) -> argparse.Action | None:
+    for name in names:
+        parser = (roles or {}).get(name)
+        for action in parser._actions if parser is not None else ():
+            if flag in action.option_strings:
+                return action
+    return None
+
+
 def main(argv: list[str], prog: str = "glmserve local") -> int:
-    parser = build_arg_parser(prog)
+    roles = None
+    if "-h" in argv or "--help" in argv:
+        from common.tools.cli import role_parser
+
+        roles = {name: role_parser(name) for name in ("gateway", "prefill", "decode")}
+    parser = build_arg_parser(prog, roles)
     args = parser.parse_args(argv)  # every flag checked here; values are checked by the role that uses them
     own = {a.option_strings[0]: a.nargs != 0 for a in parser._actions
            if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
