@@ -35,6 +35,7 @@ class ChatCall:
     template_kwargs: dict[str, Any]
     sampling: Sampling
     separate_reasoning: bool = True
+    tool_choice: str = "auto"           # auto | none | required | named (the one tool in `tools`)
     stream: bool = True                 # False: the Pipeline yields one message with the whole answer
     model: str = ""                     # "" = the served model, else checked against its name
     request_id: str | None = None       # None: the Pipeline draws "chatcmpl-<hex>"

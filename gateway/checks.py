@@ -114,7 +114,8 @@ def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
 def select_tools(tools: list[dict[str, Any]], mode: str, name: str | None
                  ) -> tuple[list[dict[str, Any]] | None, bool]:
     """(tools shown to the model, whether to parse tool calls) after tool_choice.
-    `mode` auto / none / required; `name` set for a named tool (SGLang's messages on misuse)."""
+    `mode` auto / none / required; `name` set for a named tool. `required` and a named tool are
+    enforced while decoding (ForcedPrefix: the Pipeline's `_forced_prefix`)."""
     if name is not None:
         if not tools:
             raise invalid("tool_choice", "names a function but no tools were given")
@@ -127,6 +128,13 @@ def select_tools(tools: list[dict[str, Any]], mode: str, name: str | None
     if mode == "required" and not tools:
         raise invalid("tool_choice", "is required but no tools were given")
     return (tools or None), bool(tools)
+
+
+def tool_choice_kind(mode: str, name: str | None, parse_tools: bool) -> str:
+    """ChatCall.tool_choice: "named" for a named tool, the mode otherwise; "auto" without tools."""
+    if not parse_tools:
+        return "none" if mode == "none" else "auto"
+    return "named" if name is not None else mode
 
 
 def set_thinking(kwargs: dict[str, Any], enabled: bool, field: str) -> dict[str, Any]:
@@ -177,13 +185,14 @@ def stop_strings(stops: Sequence[Any], field: str = "sampling.stop") -> tuple[st
     return tuple(dict.fromkeys(stops))
 
 
-def worker_sampling(s: Sampling, server: ServerSampling, *, prompt_len: int,
-                    thinking_budget: int | None = None) -> worker_pb2.WorkerSampling:
+def worker_sampling(s: Sampling, server: ServerSampling, *, prompt_len: int, thinking_budget: int | None = None,
+                    forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False) -> worker_pb2.WorkerSampling:
     """Validate the request's sampling once (SamplingParams, the workers' own check) and resolve
     every default; the workers apply the result as is."""
     try:
         resolved = SamplingParams.from_request(s.given, server, prompt_len=prompt_len, logprobs=s.logprobs,
-                                               top_logprobs=s.top_logprobs, thinking_budget=thinking_budget)
+                                               top_logprobs=s.top_logprobs, thinking_budget=thinking_budget,
+                                               forced_prefix=forced_prefix, reasoning_first=reasoning_first)
     except SamplingError as e:
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
     return resolved.to_wire()

@@ -56,8 +56,8 @@ def chat_messages(req: gateway_pb2.ChatRequest) -> list[dict[str, Any]]:
     return checks.chat_messages(msgs)
 
 
-def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | None, bool]:
-    """(tools for the template, whether to parse tool calls) after tool_choice."""
+def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | None, bool, str]:
+    """(tools for the template, whether to parse tool calls, ChatCall.tool_choice) after tool_choice."""
     tools = []
     for t in req.tools:
         fn: dict[str, Any] = {"name": t.function.name}
@@ -71,9 +71,10 @@ def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | Non
     tools = checks.check_tools(tools)
     choice = req.tool_choice
     which = choice.WhichOneof("choice") if req.HasField("tool_choice") else None
-    if which == "function":
-        return checks.select_tools(tools, "auto", choice.function.name)
-    return checks.select_tools(tools, _MODES.get(choice.mode, "auto") if which == "mode" else "auto", None)
+    mode = _MODES.get(choice.mode, "auto") if which == "mode" else "auto"
+    name = choice.function.name if which == "function" else None
+    shown, parse = checks.select_tools(tools, mode, name)
+    return shown, parse, checks.tool_choice_kind(mode, name, parse)
 
 
 def template_kwargs(req: gateway_pb2.ChatRequest) -> dict[str, Any]:
@@ -93,13 +94,13 @@ def sampling(params: gateway_pb2.SamplingParams, req: Any, thinking_budget: int 
 
 
 def chat_call(req: gateway_pb2.ChatRequest) -> ChatCall:
-    tools, parse_tools = chat_tools(req)
+    tools, parse_tools, tool_choice = chat_tools(req)
     budget = req.thinking.budget if req.HasField("thinking") and req.thinking.HasField("budget") else None
     return ChatCall(
         messages=chat_messages(req), tools=tools, parse_tools=parse_tools, template_kwargs=template_kwargs(req),
         sampling=sampling(req.sampling, req, budget),
         separate_reasoning=req.separate_reasoning if req.HasField("separate_reasoning") else True,
-        stream=req.stream if req.HasField("stream") else True,
+        tool_choice=tool_choice, stream=req.stream if req.HasField("stream") else True,
         model=req.model, request_id=_opt(req, "request_id") or None)
 
 

@@ -110,7 +110,8 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
     messages = _list(body, "messages", required=True)
     messages = [_reasoning_alias(m) for m in messages]
     tools = checks.check_tools(_list(body, "tools") or [])
-    tools_shown, parse_tools = checks.select_tools(tools, *_tool_choice(body.get("tool_choice")))
+    mode, name = _tool_choice(body.get("tool_choice"))
+    tools_shown, parse_tools = checks.select_tools(tools, mode, name)
     kwargs = dict(_dict(body, "chat_template_kwargs") or {})
     if "chat_template" in kwargs:
         raise unsupported("chat_template_kwargs.chat_template", "a request may not replace the chat template")
@@ -126,7 +127,8 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
     stream, include_usage, more_ignored = _stream(body)
     base = ChatCall(messages=checks.chat_messages(messages), tools=tools_shown, parse_tools=parse_tools,
                     template_kwargs=kwargs, sampling=sampling,
-                    separate_reasoning=_bool(body, "separate_reasoning", True), stream=stream,
+                    separate_reasoning=_bool(body, "separate_reasoning", True),
+                    tool_choice=checks.tool_choice_kind(mode, name, parse_tools), stream=stream,
                     model=_model(body, limits), request_id=request_id)
     calls = tuple(replace(base, request_id=_choice_id(request_id, i, n), sampling=_seeded(sampling, i))
                   for i in range(n))

@@ -29,7 +29,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from gateway.model_info import ModelInfo
 from gateway.router import Router
-from gateway.tokenizer import Tokenizer
+from gateway.tokenizer import Tokenizer, TokenizerError
 from gateway.worker_client import Dispatch, LegError, LegRequest
 from protos import gateway_pb2, worker_pb2
 
@@ -89,7 +89,8 @@ class Pipeline:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e), _template_field(e)) from None
         input_ids = self.tokenizer.encode(prompt)
         checks.check_prompt_length(len(input_ids), self.model.context_length, "messages")
-        sampling = self._sampling(call.sampling, len(input_ids))
+        sampling = self._sampling(call.sampling, len(input_ids), self._forced_prefix(call),
+                                  reasoning_first=call.template_kwargs.get("enable_thinking") is not False)
         out = ChatOutput.for_request(self.tokenizer, self.config, call, input_ids, stops=call.sampling.stop)
         head = gateway_pb2.ChatResponse(id=request_id, model=self.config.model_name, created=int(time.time()))
         collected = gateway_pb2.ChatResponse()  # stream=false: everything goes into one message
@@ -177,9 +178,24 @@ class Pipeline:
                                f"model {model!r} is not served here (ListModels: {self.config.model_name!r})",
                                "model", "model_not_found")
 
-    def _sampling(self, s: Sampling, prompt_len: int) -> worker_pb2.WorkerSampling:
+    def _sampling(self, s: Sampling, prompt_len: int, forced_prefix: tuple[int, ...] = (), *,
+                  reasoning_first: bool = False) -> worker_pb2.WorkerSampling:
         budget = checks.thinking_budget(s, self.config.enable_custom_logit_processor)
-        return checks.worker_sampling(s, self.sampling, prompt_len=prompt_len, thinking_budget=budget)
+        return checks.worker_sampling(s, self.sampling, prompt_len=prompt_len, thinking_budget=budget,
+                                      forced_prefix=forced_prefix, reasoning_first=reasoning_first)
+
+    def _forced_prefix(self, call: ChatCall) -> tuple[int, ...]:
+        """tool_choice "required": the answer after reasoning begins with <tool_call>; a named tool:
+        with <tool_call> and its name. Decoding enforces it (common.sampling ForcedPrefix)."""
+        if call.tool_choice not in ("required", "named"):
+            return ()
+        try:
+            start = self.tokenizer.token_id("<tool_call>")
+        except TokenizerError:
+            raise invalid("tool_choice", "cannot be enforced: the tokenizer has no <tool_call> token") from None
+        if call.tool_choice == "required":
+            return (start,)
+        return (start, *self.tokenizer.encode(call.tools[0]["function"]["name"]))
 
     @asynccontextmanager
     async def _request(self, request_id: str, kind: str, input_ids: list[int], sampling: worker_pb2.WorkerSampling,

@@ -21,6 +21,10 @@ Conventions (defaults match SGLang/OpenAI):
   temperature / top-k / top-p / min-p (see `common.sampling.sampler`).
 - `thinking_budget`: None = no budget; otherwise at most that many thinking tokens, then
   "\\n</think>" is forced (docs/parsers.md rule 7; `common.sampling.logit_processors`).
+- `forced_prefix` / `reasoning_first`: tool_choice "required" or a named tool. Once the reasoning
+  is over (at once unless `reasoning_first`), the answer must begin with `forced_prefix`
+  ("<tool_call>" and, for a named tool, its name), one newline allowed before it
+  (`common.sampling.logit_processors.ForcedPrefix`).
 
 Every error is a SamplingError whose message starts with the field's public name
 ("sampling.top_p must be in (0, 1], got 2"); the gateway and the workers map it to INVALID_ARGUMENT.
@@ -76,6 +80,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     thinking_budget: int | None = None
+    forced_prefix: tuple[int, ...] = ()
+    reasoning_first: bool = False
 
     @property
     def is_greedy(self) -> bool:
@@ -107,8 +113,8 @@ class SamplingParams:
 
     @classmethod
     def from_request(cls, given: Mapping[str, Any], server: ServerSampling, *, prompt_len: int,
-                     logprobs: bool = False, top_logprobs: int = 0,
-                     thinking_budget: int | None = None) -> SamplingParams:
+                     logprobs: bool = False, top_logprobs: int = 0, thinking_budget: int | None = None,
+                     forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False) -> SamplingParams:
         """Resolve and validate a public request's sampling. `given` holds exactly the fields the
         client set (REQUEST_FIELDS names; `given_fields` reads them from the gRPC message, the HTTP
         adapter from JSON), so both surfaces share these defaults and bounds. An absent field (and an
@@ -141,6 +147,7 @@ class SamplingParams:
             stop_token_ids=_with_eos(stop_ids, () if ignore_eos is True else server.eos_token_ids),
             ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
             thinking_budget=d.thinking_budget if thinking_budget is None else thinking_budget,
+            forced_prefix=tuple(forced_prefix), reasoning_first=reasoning_first,
         )
         params.validate(server.vocab_size)
         return params
@@ -155,6 +162,7 @@ class SamplingParams:
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens, max_tokens=self.max_tokens, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            forced_prefix=self.forced_prefix, reasoning_first=self.reasoning_first,
         )
         if self.seed is not None:
             ws.seed = self.seed
@@ -173,6 +181,7 @@ class SamplingParams:
             min_tokens=msg.min_tokens, max_tokens=msg.max_tokens, stop_token_ids=tuple(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos, logprobs=msg.logprobs, top_logprobs=msg.top_logprobs,
             thinking_budget=msg.thinking_budget if msg.HasField("thinking_budget") else None,
+            forced_prefix=tuple(msg.forced_prefix), reasoning_first=msg.reasoning_first,
         )
         params.validate(vocab_size)
         return params
@@ -209,6 +218,8 @@ class SamplingParams:
             raise SamplingError(_public("top_logprobs"), "needs logprobs: true")
         if self.thinking_budget is not None:
             _check_int("thinking_budget", self.thinking_budget, 0, INT32_MAX, "must be in [0, 2**31)")
+        for i, tok in enumerate(self.forced_prefix):
+            _check_int(f"forced_prefix[{i}]", tok, 0, vocab_size - 1, f"must be < vocab size {vocab_size}")
 
 
 @dataclass(frozen=True)

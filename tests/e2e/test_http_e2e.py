@@ -107,6 +107,30 @@ def test_http_equals_grpc_equals_reference_token_for_token(served, tiny_model_di
         assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == (rpc["reasoning"], rpc["content"])
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_required_and_named_tool_choice_are_enforced_while_decoding(served, tiny_model_dir):
+    """The random model never calls a tool by itself; with tool_choice it must open the call."""
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.http}/v1", api_key="EMPTY", max_retries=0)
+    name = [tok.decode([t]) for t in tok.encode("get_weather")]
+    for choice, head in (("auto", None), ("required", ["<tool_call>"]),
+                         ({"type": "function", "function": {"name": "get_weather"}}, ["<tool_call>", *name])):
+        for seed in (1, 2):
+            r = client.chat.completions.create(
+                model="glm-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+                tool_choice=choice, max_tokens=12, temperature=1.0, seed=seed, logprobs=True,
+                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+            tokens = [t.token for t in r.choices[0].logprobs.content]
+            answer = tokens[1:] if tokens[0] == "\n" else tokens
+            if head is None:
+                assert answer[0] != "<tool_call>"  # the free model: no call (these seeds)
+            else:
+                assert answer[:len(head)] == head, tokens
+
+
 def test_disconnect_mid_stream_frees_both_workers(served):
     prefill_port, = served.ports("prefill")
     decode_port, = served.ports("decode")

@@ -111,18 +111,20 @@ def test_tools_tool_choice_and_struct_numbers() -> None:
     t1.function.parameters.update({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}})
     t2 = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="b", description="B"))
     msg = gateway_pb2.ChatMessage(role="user", content="x")
-    tools, parse = convert.chat_tools(_req(msg, tools=[t1, t2]))
-    assert parse and [t["function"]["name"] for t in tools] == ["a", "b"]
+    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2]))
+    assert parse and choice == "auto" and [t["function"]["name"] for t in tools] == ["a", "b"]
     # Struct stores numbers as doubles; schema integers must render as 1, not 1.0
     assert tools[0]["function"]["parameters"]["properties"]["n"]["minimum"] == 1
     assert isinstance(tools[0]["function"]["parameters"]["properties"]["n"]["minimum"], int)
     assert tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}
     none = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_NONE)
-    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none)) == (None, False)
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none)) == (None, False, "none")
     named = gateway_pb2.ToolChoice(function=gateway_pb2.NamedFunction(name="b"))
-    tools, parse = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named))
-    assert [t["function"]["name"] for t in tools] == ["b"] and parse
-    assert convert.chat_tools(_req(msg)) == (None, False)
+    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named))
+    assert [t["function"]["name"] for t in tools] == ["b"] and parse and choice == "named"
+    required = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_REQUIRED)
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=required))[2] == "required"
+    assert convert.chat_tools(_req(msg)) == (None, False, "auto")
     assert "tools[1].function.name 'a' is declared twice" in error(convert.chat_tools, _req(msg, tools=[t1, t1])).message
 
 

@@ -140,7 +140,8 @@ def test_wire_round_trip_and_no_worker_defaults() -> None:
     params = SamplingParams(temperature=0.5, top_p=0.75, top_k=40, min_p=0.125, seed=2**64 - 1,
                             frequency_penalty=-2.0, presence_penalty=1.5, repetition_penalty=2.0,
                             logit_bias={3: -100.0, 9: 0.25}, min_tokens=2, max_tokens=9, stop_token_ids=(5, 6),
-                            ignore_eos=True, logprobs=True, top_logprobs=20, thinking_budget=0)
+                            ignore_eos=True, logprobs=True, top_logprobs=20, thinking_budget=0,
+                            forced_prefix=(7, 8, 9), reasoning_first=True)
     assert SamplingParams.from_wire(params.to_wire(), vocab_size=10) == params
     off = SamplingParams(max_tokens=1)
     wire = off.to_wire()

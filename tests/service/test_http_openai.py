@@ -93,21 +93,27 @@ def test_seed_call_of_the_sglang_glm_guide_runs_unmodified(model_dir, tok):
 def test_stream_and_non_stream_spell_the_same_answer_with_tool_choice(model_dir, tok):
     async def scenario():
         async with gateway_with_fakes(model_dir, lambda r: answer_script(tok)) as h, client(h) as c:
-                whole = await c.chat.completions.create(model="m", messages=USER, tools=[WEATHER, TIME], temperature=0)
-                streamed = await accumulate(await c.chat.completions.create(
-                    model="m", messages=USER, tools=[WEATHER, TIME], temperature=0, stream=True,
-                    stream_options={"include_usage": True}))
-                required = await c.chat.completions.create(model="m", messages=USER, tools=[WEATHER, TIME],
-                                                           tool_choice="required")
-                named = await c.chat.completions.create(
-                    model="m", messages=USER, tools=[WEATHER, TIME],
-                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
-                none = await c.chat.completions.create(model="m", messages=USER, tools=[WEATHER, TIME],
-                                                       tool_choice="none")
-                return whole, streamed, required, named, none, [tok.decode(list(r.input_ids))
-                                                                for r in h.cluster.prefills[0].requests]
+            whole = await c.chat.completions.create(model="m", messages=USER, tools=[WEATHER, TIME], temperature=0)
+            streamed = await accumulate(await c.chat.completions.create(
+                model="m", messages=USER, tools=[WEATHER, TIME], temperature=0, stream=True,
+                stream_options={"include_usage": True}))
+            required = await c.chat.completions.create(model="m", messages=USER, tools=[WEATHER, TIME],
+                                                       tool_choice="required")
+            named = await c.chat.completions.create(
+                model="m", messages=USER, tools=[WEATHER, TIME],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+            none = await c.chat.completions.create(model="m", messages=USER, tools=[WEATHER, TIME],
+                                                   tool_choice="none")
+            return whole, streamed, required, named, none, [tok.decode(list(r.input_ids))
+                                                            for r in h.cluster.prefills[0].requests], \
+                [r.sampling for r in h.cluster.decodes[0].requests]
 
-    whole, streamed, required, named, none, prompts = run(scenario())
+    whole, streamed, required, named, none, prompts, sent = run(scenario())
+    # required / named are enforced while decoding: the answer after the reasoning opens the call
+    call_id = tok.token_id("<tool_call>")
+    assert [list(s.forced_prefix) for s in sent] == [
+        [], [], [call_id], [call_id, *tok.encode("get_weather")], []]
+    assert all(s.reasoning_first for s in sent)
     msg = whole.choices[0].message
     assert msg.reasoning_content == "The user wants the weather." and msg.content == "Let me check."
     (call,) = msg.tool_calls
@@ -135,14 +141,14 @@ def test_stream_and_non_stream_spell_the_same_answer_with_tool_choice(model_dir,
 def test_reasoning_switches_logprobs_n_and_stop(model_dir, tok):
     async def scenario():
         async with gateway_with_fakes(model_dir, lambda r: answer_script(tok, logprobs=True)) as h, client(h) as c:
-                kept = await c.chat.completions.create(model="m", messages=USER, extra_body={"separate_reasoning": False})
-                off = await c.chat.completions.create(
-                    model="m", messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-                buffered = await accumulate(await c.chat.completions.create(
-                    model="m", messages=USER, stream=True, extra_body={"stream_reasoning": False}))
-                lp = await c.chat.completions.create(model="m", messages=USER, logprobs=True, top_logprobs=2, n=2,
-                                                     seed=7, stop=["check"])
-                return kept, off, buffered, lp, h.cluster.prefills[0].requests, h.cluster.decodes[0].requests
+            kept = await c.chat.completions.create(model="m", messages=USER, extra_body={"separate_reasoning": False})
+            off = await c.chat.completions.create(
+                model="m", messages=USER, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+            buffered = await accumulate(await c.chat.completions.create(
+                model="m", messages=USER, stream=True, extra_body={"stream_reasoning": False}))
+            lp = await c.chat.completions.create(model="m", messages=USER, logprobs=True, top_logprobs=2, n=2,
+                                                 seed=7, stop=["check"])
+            return kept, off, buffered, lp, h.cluster.prefills[0].requests, h.cluster.decodes[0].requests
 
     kept, _off, buffered, lp, preqs, dreqs = run(scenario())
     assert kept.choices[0].message.reasoning_content is None
@@ -209,45 +215,45 @@ def test_errors_are_openai_envelopes_with_the_right_status(model_dir, tok):
 
     async def scenario():
         async with gateway_with_fakes(model_dir, script_for) as h, client(h) as c:
-                seen = {}
-                for name, kw in {
-                    "top_p": {"top_p": 2},
-                    "schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-                    "role": {"messages": [{"role": "robot", "content": "x"}]},
-                    "image": {"messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-                    "too_long": {"messages": [{"role": "user", "content": "word " * 5000}]},
-                    "required_no_tools": {"tool_choice": "required"},
-                    "regex": {"extra_body": {"regex": "a+"}},
-                    "busy": {"messages": [{"role": "user", "content": "busy"}]},
-                }.items():
-                    kw.setdefault("messages", USER)
-                    try:
-                        await c.chat.completions.create(model="m", **kw)
-                    except openai.APIStatusError as e:
-                        seen[name] = (e.status_code, e.body, e.response.headers)
-                dies = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "dies"}], stream=True,
-                                                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-                text = ""
-                with pytest.raises(openai.APIError) as mid:
-                    async for chunk in await dies:
-                        text += chunk.choices[0].delta.content or ""
-                async with aiohttp.ClientSession() as s:
-                    base = f"http://127.0.0.1:{h.gateway.http_port}"
-                    bad_json = await s.post(f"{base}/v1/chat/completions", data=b"{nope")
-                    unknown = await s.post(f"{base}/v1/chat/completions",
-                                           json={"messages": USER, "frobnicate": 1, "user": "u"})
-                    route = await s.get(f"{base}/v1/embeddings")
-                    seen["bad_json"] = (bad_json.status, (await bad_json.json())["error"], {})
-                    seen["route"] = (route.status, (await route.json())["error"], {})
-                    ignored = unknown.status, unknown.headers.get("X-Glmserve-Ignored-Fields")
-                await h.cluster.stop()  # every worker gone: 503 once the router has noticed
-                await asyncio.sleep(0.6)
+            seen = {}
+            for name, kw in {
+                "top_p": {"top_p": 2},
+                "schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+                "role": {"messages": [{"role": "robot", "content": "x"}]},
+                "image": {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+                "too_long": {"messages": [{"role": "user", "content": "word " * 5000}]},
+                "required_no_tools": {"tool_choice": "required"},
+                "regex": {"extra_body": {"regex": "a+"}},
+                "busy": {"messages": [{"role": "user", "content": "busy"}]},
+            }.items():
+                kw.setdefault("messages", USER)
                 try:
-                    await c.chat.completions.create(model="m", messages=USER)
+                    await c.chat.completions.create(model="m", **kw)
                 except openai.APIStatusError as e:
-                    seen["down"] = (e.status_code, e.body, e.response.headers)
-                return seen, mid.value, text, ignored
+                    seen[name] = (e.status_code, e.body, e.response.headers)
+            dies = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "dies"}], stream=True,
+                                             extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+            text = ""
+            with pytest.raises(openai.APIError) as mid:
+                async for chunk in await dies:
+                    text += chunk.choices[0].delta.content or ""
+            async with aiohttp.ClientSession() as s:
+                base = f"http://127.0.0.1:{h.gateway.http_port}"
+                bad_json = await s.post(f"{base}/v1/chat/completions", data=b"{nope")
+                unknown = await s.post(f"{base}/v1/chat/completions",
+                                       json={"messages": USER, "frobnicate": 1, "user": "u"})
+                route = await s.get(f"{base}/v1/embeddings")
+                seen["bad_json"] = (bad_json.status, (await bad_json.json())["error"], {})
+                seen["route"] = (route.status, (await route.json())["error"], {})
+                ignored = unknown.status, unknown.headers.get("X-Glmserve-Ignored-Fields")
+            await h.cluster.stop()  # every worker gone: 503 once the router has noticed
+            await asyncio.sleep(0.6)
+            try:
+                await c.chat.completions.create(model="m", messages=USER)
+            except openai.APIStatusError as e:
+                seen["down"] = (e.status_code, e.body, e.response.headers)
+            return seen, mid.value, text, ignored
 
     seen, mid, text, ignored = run(scenario())
     assert seen["top_p"][:2] == (400, {"message": "top_p must be in (0, 1], got 2", "type": "invalid_request_error",
