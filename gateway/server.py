@@ -82,11 +82,12 @@ class GatewayServer:
     async def stop(self, grace: float | None = None) -> None:
         await self.health.set_draining()
         await asyncio.gather(self.server.stop(self.config.shutdown_grace if grace is None else grace),
-                             self._stop_http())
+                             self.stop_http())
         await self.pipeline.close()
         await self.router.close()
 
-    async def _stop_http(self) -> None:
+    async def stop_http(self) -> None:
+        """Stop accepting HTTP; in-flight HTTP requests get shutdown_grace, then are cancelled."""
         if self.http is not None:
             await self.http.stop()
 
@@ -96,12 +97,12 @@ async def serve(config: GatewayConfig) -> None:
     http_stopped: list[asyncio.Task] = []
 
     async def drain() -> None:  # HTTP drains while gRPC does (serve_until_signal's stop(grace))
-        http_stopped.append(asyncio.ensure_future(gw._stop_http()))
+        http_stopped.append(asyncio.ensure_future(gw.stop_http()))
 
     try:
         await serve_until_signal(gw.server, gw.health, on_drain=drain, grace=config.shutdown_grace)
         await asyncio.gather(*http_stopped)
     finally:
-        await gw._stop_http()
+        await gw.stop_http()
         await gw.pipeline.close()
         await gw.router.close()
