@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from common.serving import launch_flags
-from common.tools import cli, launch
+from common.tools import cli, launch, roles
 from decode_worker.server import build_arg_parser as decode_parser
 from gateway.config import build_arg_parser as gateway_parser
 from prefill_worker.server import build_arg_parser as prefill_parser
@@ -61,7 +61,7 @@ def test_serve_help_shows_each_role_flags_text_and_default():
     assert "--request-timeout VALUE seconds a request may take in all [the gateway] (default: 600.0)" in text
     assert "--mem-fraction-static VALUE fraction of GPU memory" in text and "[both workers] (default: 0.85)" in text
     assert "[the prefill workers] (default: 8192)" in text
-    assert [cli.role_parser(r).prog for r in ("gateway", "decode")] == ["glmserve gateway", "glmserve decode"]
+    assert [roles.role_parser(r).prog for r in ("gateway", "decode")] == ["glmserve gateway", "glmserve decode"]
 
 
 def test_serve_routes_each_flag_to_the_roles_that_use_it():

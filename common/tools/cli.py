@@ -10,34 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
 
 from common.serving.launch_flags import HelpFormatter
+from common.tools.roles import role_main
 
 DEFAULT_TINY_DIR = "~/.cache/glmserve/tiny-glm45"
 
 
-ROLE_GROUP = "glmserve.roles"
-
-
 def run_role(name: str, argv: Sequence[str]) -> int:
     """Run the `main(argv)` that entry point `name` of group glmserve.roles names."""
-    found = entry_points(group=ROLE_GROUP, name=name)
-    if not found:
-        raise SystemExit(f"glmserve: role {name!r} is not installed (no {ROLE_GROUP} entry point; "
-                         "reinstall the package: pip install -e .)")
-    main = next(iter(found)).load()
-    return int(main(list(argv)) or 0)
-
-
-def role_parser(name: str) -> argparse.ArgumentParser:
-    """The argument parser of role `name`: `build_arg_parser()` of the module its entry point's main
-    lives in (every role's main module offers one)."""
-    found = entry_points(group=ROLE_GROUP, name=name)
-    if not found:
-        raise SystemExit(f"glmserve: role {name!r} is not installed (no {ROLE_GROUP} entry point)")
-    main = next(iter(found)).load()
-    return sys.modules[main.__module__].build_arg_parser()
+    return int(role_main(name)(list(argv)) or 0)
 
 
 def _role(name: str) -> Callable[[Sequence[str]], int]:

@@ -331,7 +331,7 @@ def _role_action(roles: dict[str, argparse.ArgumentParser] | None, names: Sequen
 def main(argv: list[str], prog: str = "glmserve local") -> int:
     roles = None
     if "-h" in argv or "--help" in argv:
-        from common.tools.cli import role_parser
+        from common.tools.roles import role_parser
 
         roles = {name: role_parser(name) for name in ("gateway", "prefill", "decode")}
     parser = build_arg_parser(prog, roles)
