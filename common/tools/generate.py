@@ -18,6 +18,7 @@ from common.forward.batch import ForwardBatch, SeqSpec
 from common.runtime.runner import ModelRunner
 from common.sampling.logit_processors import RowContext
 from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving.launch_flags import HelpFormatter
 from common.serving.sampling_params import SamplingParams
 
 DEFAULT_TINY_DIR = Path(os.environ.get("GLMSERVE_TINY_DIR", "~/.cache/glmserve/tiny-glm45")).expanduser()
@@ -59,14 +60,14 @@ def ensure_tiny_model(path: Path = DEFAULT_TINY_DIR, template: str = "glm45") ->
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="glmserve generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="glmserve generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", default=None, help="model directory (default: the built-in tiny model)")
     p.add_argument("--prompt", default="[gMASK]<sop><|user|>\nHello, who are you?<|assistant|>",
                    help="raw prompt text (already in chat format)")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
+    p.add_argument("--device", default="cpu", help="torch device")
     args = p.parse_args(argv)
     model_path = Path(args.model_path) if args.model_path else ensure_tiny_model()
     from tokenizers import Tokenizer
