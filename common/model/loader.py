@@ -372,7 +372,7 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
     if plan.modules or plan.dequantised:
         log.info("FP8: %s", plan.summary())
     scales = fp8_scale_layout(model, layout, plan)
-    handles = {path: safe_open(str(path), framework="pt", device="cpu") for path in headers}
+    handles = _Shards()
     block = tuple(config.quant.weight_block_size or _DEFAULT_FP8_BLOCK) if config.quant else _DEFAULT_FP8_BLOCK
     job = _Job(model, config, layout, scales, plan, where, handles, block, device,
                _Progress(len(headers), sum(path.stat().st_size for path in headers)))
@@ -384,6 +384,7 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
             loaded.add(name)
         if i + 1 == len(by_shard) or by_shard[i + 1][1] != path:
             job.progress.shard_done(path)
+            handles.release(path)  # unmap it: host memory holds one shard's mapping at a time
 
     for name in [*layout, *scales]:
         if name not in loaded:
@@ -393,6 +394,18 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
         if p.is_meta:
             raise LoadError(f"{model_dir}: parameter {pname} received no checkpoint tensor")
     return job.progress.stats()
+
+
+class _Shards(dict):
+    """Open safetensors files by path, opened on first use (a scale may sit in another shard than
+    its weight) and released when the loader has finished a shard."""
+
+    def __missing__(self, path: Path) -> Any:
+        handle = self[path] = safe_open(str(path), framework="pt", device="cpu")
+        return handle
+
+    def release(self, path: Path) -> None:
+        self.pop(path, None)
 
 
 @dataclass
@@ -405,7 +418,7 @@ class _Job:
     scales: dict[str, Target]
     plan: Fp8Plan
     where: dict[str, Path]
-    handles: dict[Path, Any]
+    handles: _Shards
     block: tuple[int, ...]
     device: torch.device
     progress: _Progress
