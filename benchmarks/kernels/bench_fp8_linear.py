@@ -13,9 +13,8 @@ rotated past L2) of:
   ch        ops.fp8_linear on pre-quantised x (cuBLAS row-wise; `ref` marks the reference fallback
             where cuBLAS cannot take the shape), ch+q the same with the per-token quant of x;
   chT       the Triton channel-scaled GEMM (triton_fp8_gemm.fp8_linear);
-  blk       ops.fp8_block_linear on pre-quantised x (cuBLAS block scaling where it fits, else the
-            Triton kernel), blk+q with the per-128-group quant of x; blkT the Triton kernel when the
-            op took cuBLAS. Shapes whose K is not a multiple of 128 have no block path.
+  blk       ops.fp8_block_linear on pre-quantised x (the Triton block GEMM), blk+q with the
+            per-128-group quant of x. Shapes whose K is not a multiple of 128 have no block path.
 For each: weight GB/s and its fraction of the read bandwidth, TFLOP/s and its fraction of the bf16 or
 FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. The issue's targets:
 the faster channel FP8 GEMM (quantised activations in hand, as the fused producers leave them) at
@@ -120,8 +119,8 @@ class Report:
 
 # ------------------------------------------------------------------------------------ linear
 LINEAR_HEADER = ("| shape | M | bf16 us | ch us (x) | ch+q us (x) | chT us (x) | blk us (x) | blk+q us (x) | "
-                 "blkT us (x) | best ch GB/s (%rd) | best ch TFLOP/s (%fp8) | bf16 TFLOP/s (%bf16) | "
-                 "rel err ch/chT/blk | target |\n|" + "---|" * 14)
+                 "best ch GB/s (%rd) | best ch TFLOP/s (%fp8) | bf16 TFLOP/s (%bf16) | "
+                 "rel err ch/chT/blk | target |\n|" + "---|" * 13)
 
 
 class Weights:
@@ -157,7 +156,7 @@ def _linear_point(rep: Report, model: str, proj: str, tp: int, shape: str, wts: 
     n, k, sets = wts.n, wts.k, wts.sets
     xs = [torch.randn(m, k, device=DEV).to(BF) for _ in range(sets)]
     xq = [ops.quant_fp8_per_token(x) for x in xs]
-    t: dict[str, float | None] = dict.fromkeys(("bf16", "ch", "ch+q", "chT", "blk", "blk+q", "blkT"))
+    t: dict[str, float | None] = dict.fromkeys(("bf16", "ch", "ch+q", "chT", "blk", "blk+q"))
 
     def timed(key: str, call: Callable[[int], object]) -> None:
         try:
@@ -170,20 +169,16 @@ def _linear_point(rep: Report, model: str, proj: str, tp: int, shape: str, wts: 
     timed("ch+q", lambda i: ops.fp8_linear(*ops.quant_fp8_per_token(xs[i]), *wts.channel[i]))
     timed("chT", lambda i: tg.fp8_linear(*xq[i], *wts.channel[i]))
     ch_fits = cublas_fp8.scaled_mm_fits(*xq[0], *wts.channel[0], None, BF)
-    blk_cublas = False
     if wts.block is not None:
         xg = [ops.quant_fp8_per_group(x, BLOCK) for x in xs]
         blocks = wts.block
         timed("blk", lambda i: ops.fp8_block_linear(*xg[i], *blocks[i], None, BF, BLOCK))
         timed("blk+q", lambda i: ops.fp8_block_linear(*ops.quant_fp8_per_group(xs[i], BLOCK), *blocks[i], None, BF,
                                                       BLOCK))
-        blk_cublas = cublas_fp8.block_scaled_mm_fits(*xg[0], *blocks[0], None, BF, BLOCK)
-        if blk_cublas:
-            timed("blkT", lambda i: tg.fp8_gemm(*xg[i], *blocks[i], None, BF, BLOCK))
     if t["bf16"] is None or t["ch"] is None and t["chT"] is None:
         return  # nothing to compare (the failure is reported)
     errs = _errors(rep, shape, xs[0], wts) if m == 64 else {}
-    _linear_row(rep, model, proj, tp, shape, n, k, m, t, ch_fits, blk_cublas, errs)
+    _linear_row(rep, model, proj, tp, shape, n, k, m, t, ch_fits, errs)
 
 
 def _errors(rep: Report, shape: str, x: torch.Tensor, wts: Weights) -> dict[str, float]:
@@ -204,7 +199,7 @@ def _errors(rep: Report, shape: str, x: torch.Tensor, wts: Weights) -> dict[str,
 
 
 def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int, k: int, m: int,
-                t: dict[str, float | None], ch_fits: bool, blk_cublas: bool, errs: dict[str, float]) -> None:
+                t: dict[str, float | None], ch_fits: bool, errs: dict[str, float]) -> None:
     ceil = rep.ceil
     flops = 2.0 * m * n * k
     t_bf = t["bf16"]
@@ -219,7 +214,7 @@ def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int,
         "model": model, "proj": proj, "tp": tp, "n": n, "k": k, "m": m,
         "us": {key: (round(v, 2) if v is not None else None) for key, v in t.items()},
         "speedup": {key: (round(t_bf / v, 3) if v else None) for key, v in t.items() if key != "bf16"},
-        "ch_path": "cublas" if ch_fits else "reference", "blk_path": "cublas" if blk_cublas else "triton",
+        "ch_path": "cublas" if ch_fits else "reference",
         "best_ch": best_key, "best_ch_gbs": fp8_bytes / best / 1e3, "bf16_gbs": 2 * n * k / t_bf / 1e3,
         "best_ch_tflops": flops / best / 1e6, "bf16_tflops": flops / t_bf / 1e6,
         "rel_err": {key: float(f"{v:.3e}") for key, v in errs.items()}, "target": target, "pass": None,
@@ -233,14 +228,13 @@ def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int,
         if v is None:
             return "-"
         mark = " ref" if key.startswith("ch") and key != "chT" and not ch_fits else ""
-        mark += " cuBLAS" if key.startswith("blk") and key != "blkT" and blk_cublas else ""
         return f"{v:.1f}{mark} ({t_bf / v:.2f})"
 
     fp8_peak = max(ceil["fp8_tflops"], ceil["fp8_fast_tflops"])
     err = "/".join(f"{errs[key]:.1e}" if key in errs else "-" for key in ("ch", "chT", "blk")) if errs else ""
     rep.emit("FP8 linear", LINEAR_HEADER, (
         f"| {shape} | {m} | {t_bf:.1f} | {cell('ch')} | {cell('ch+q')} | {cell('chT')} | {cell('blk')} | "
-        f"{cell('blk+q')} | {cell('blkT')} | {row['best_ch_gbs']:.0f} ({row['best_ch_gbs'] / ceil['read_gbs']:.0%}) | "
+        f"{cell('blk+q')} | {row['best_ch_gbs']:.0f} ({row['best_ch_gbs'] / ceil['read_gbs']:.0%}) | "
         f"{row['best_ch_tflops']:.0f} ({row['best_ch_tflops'] / fp8_peak:.0%}) | "
         f"{row['bf16_tflops']:.0f} ({row['bf16_tflops'] / ceil['gemm_tflops']:.0%}) | {err} | {verdict} |"))
 

@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from common.ops import cublas_fp8
-
 
 class GemmConfig(NamedTuple):
     block_m: int
@@ -151,10 +149,9 @@ def fp8_block_linear(
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 128,
 ) -> torch.Tensor:
-    """y[T,N] for 1 x b activation groups and b x b weight blocks: cuBLAS where
-    `cublas_fp8.block_scaled_mm_fits` allows, else the Triton kernel; see reference.fp8_block_linear."""
-    if cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype, block):
-        return cublas_fp8.block_scaled_mm(x_q, x_scale, w_q, w_scale)
+    """y[T,N] for 1 x b activation groups and b x b weight blocks, on the Triton kernel (cuBLAS's block
+    scaling answered CUBLAS_STATUS_NOT_SUPPORTED on the H100 with CUDA 13, 2026-12-06); see
+    reference.fp8_block_linear."""
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
 
 

@@ -3,8 +3,7 @@
 Fused producers (RMSNorm / add+RMSNorm / silu·mul, each with the FP8 quantiser): codes and scales
 bit-equal to the torch twins run on the same GPU, and to the unfused Triton pair; the bf16 side
 outputs (new residual, normed) bit-equal too. Block-FP8 GEMM (1 x 128 activation groups, 128 x 128
-weight blocks), through every path that exists here (Triton always; cuBLAS where
-`block_scaled_mm_fits`): against the twin on the same FP8 operands (they differ by fp32 accumulation
+weight blocks), through the Triton kernel and the op's dispatch: against the twin on the same FP8 operands (they differ by fp32 accumulation
 order and the bf16 output rounding: < 1e-2 by norm) and, for the whole quantise-then-GEMM pipeline,
 against the dequantised weights times the exact activations (<= 0.04 by norm up to K = 12288; the
 measured value is printed). The Triton channel-scaled GEMM likewise against `fp8_linear`'s twin.
@@ -142,23 +141,16 @@ BLOCK_SHAPES = [(14336, 5120), (5120, 12288), (1792, 4096), (4096, 1536), (1000,
 
 
 def _block_path(path: str):  # type: ignore[no-untyped-def]
-    """The block GEMM `path` names, or a skip when this machine has no such path."""
+    """The block GEMM `path` names."""
     from common import ops
-    from common.ops import cublas_fp8
     from common.ops import triton_fp8_gemm as tg
 
-    if path == "cublas":
-        if not cublas_fp8.block_scaled_mm_available(torch.cuda.current_device()):
-            pytest.skip(f"no cuBLAS block scaling here (CUDA {torch.version.cuda}, "
-                        f"sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
-        return lambda x_q, x_s, w_q, w_s, bias, out_dtype: cublas_fp8.block_scaled_mm(x_q, x_s, w_q, w_s)
     return {"triton": lambda *a: tg.fp8_gemm(*a, 128), "dispatch": lambda *a: ops.fp8_block_linear(*a, 128)}[path]
 
 
 @pytest.mark.parametrize("path", ["triton", "dispatch"])
 @pytest.mark.parametrize(("n", "k"), BLOCK_SHAPES)
 def test_block_linear(path: str, n: int, k: int) -> None:
-    from common.ops import cublas_fp8
     from common.ops import reference as ref
 
     fn = _block_path(path)
@@ -169,11 +161,7 @@ def test_block_linear(path: str, n: int, k: int) -> None:
     for num_tokens in TOKENS:
         x = activations(num_tokens, k)
         x_q, x_scale = ref.quant_fp8_per_group(x, 128)
-        if path == "cublas" and not cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, None,
-                                                                    torch.bfloat16, 128):
-            assert k % 512 or n % 16, f"cuBLAS block path refused N={n} K={k} M={num_tokens}"
-            continue
-        for b in (None,) if path == "cublas" else (None, bias):  # a bias always takes the Triton kernel
+        for b in (None, bias):
             y = fn(x_q, x_scale, w_q, w_scale, b, torch.bfloat16)
             assert y.dtype == torch.bfloat16 and y.shape == (num_tokens, n)
             err = rel(y, ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, b, torch.float32))
@@ -185,15 +173,13 @@ def test_block_linear(path: str, n: int, k: int) -> None:
 
 
 def test_block_linear_fp32_output_and_fallback() -> None:
-    """Outputs cuBLAS cannot give and K off its 512 grid run the Triton kernel through the op."""
+    """An fp32 output and K off a 512 grid through the op."""
     from common import ops
-    from common.ops import cublas_fp8
     from common.ops import reference as ref
 
     for k, out_dtype in ((2048, torch.float32), (1152, torch.bfloat16)):
         x_q, x_scale = ref.quant_fp8_per_group(activations(17, k), 128)
         w_q, w_scale = ref.quant_fp8_weight_blocks((torch.randn(768, k, device=DEV) * k**-0.5).bfloat16(), 128)
-        assert not cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, None, out_dtype, 128)
         y = ops.fp8_block_linear(x_q, x_scale, w_q, w_scale, None, out_dtype, 128)
         assert y.dtype == out_dtype
         assert rel(y, ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, None, torch.float32)) < TWIN_TOL
