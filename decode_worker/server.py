@@ -65,6 +65,7 @@ class DecodeWorkerApp:
         self.engine.reservations.sink = self.sink
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.acceptor = PairAcceptor(self.sink.table, transport_config(cfg), advertise_host=cfg.advertise_host,
+                                     bind_host=cfg.host,
                                      device=device)
         self._info = worker_info(cfg, self.runner)
         self.streams: set[DecodeReq] = set()  # Generate calls in progress (event loop only)

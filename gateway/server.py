@@ -66,7 +66,7 @@ class GatewayServer:
         if config.http_port != -1:
             http = HttpServer(config, pipeline, router, health, port)
             await http.start()
-        metrics_port = metrics.start_metrics_server(config.metrics_port)
+        metrics_port = metrics.start_metrics_server(config.metrics_port, config.host)
         await router.start()  # first health round; readiness follows it
         host = config.http_host or config.host
         log.info("gateway serving %s on port %d (%s), metrics %s, prefill %s, decode %s",

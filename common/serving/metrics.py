@@ -5,7 +5,7 @@ in one process (tests) share them instead of failing with "Duplicated timeseries
 
     from common.serving import metrics
     metrics.requests_total().labels(status="OK").inc()
-    metrics.start_metrics_server(9100)
+    metrics.start_metrics_server(9100, "127.0.0.1")
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def spec_accept_length() -> Histogram:
                           buckets=_ACCEPT_BUCKETS)
 
 
-def start_metrics_server(port: int | None, addr: str = "0.0.0.0") -> int | None:
-    """Serve /metrics over HTTP on `port` (None = off; 0 = any free port). Returns the port."""
+def start_metrics_server(port: int | None, addr: str) -> int | None:
+    """Serve /metrics over HTTP on addr:`port` (the process's --host; None = off; 0 = any free
+    port). Returns the port."""
     if port is None:
         return None
     server, _thread = start_http_server(port, addr=addr)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,9 +37,24 @@ PREFILL_RANK, DECODE_RANK = 0, 1
 log = logging.getLogger(__name__)
 
 
-def host_store(port: int = 0, host: str = "0.0.0.0", timeout_s: float = 60.0) -> dist.TCPStore:
-    """The decode worker's store (is_master); port 0 lets the OS pick (read `.port`)."""
-    return dist.TCPStore(host, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+def host_store(host: str, port: int = 0, timeout_s: float = 60.0) -> dist.TCPStore:
+    """The decode worker's store (is_master), listening on `host` only; port 0 lets the OS pick
+    (read `.port`). A TCPStore given a host name still listens on every interface, so the socket
+    is bound here and handed over as `master_listen_fd` (the store owns and closes it)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+        bound = sock.getsockname()[1]
+        store = dist.TCPStore(host, bound, None, True, datetime.timedelta(seconds=timeout_s),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()
+    return store
 
 
 def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:

@@ -296,17 +296,18 @@ class PairAcceptor:
 
     `accept(peer, bulk_backend)` is what the Pair servicer calls after check_compatible and
     handshake.choose_bulk_backend; it replaces any earlier receiver of the same peer (a re-pair
-    after a break) and returns the PairResponse fields. port=0 lets the OS pick (see `.port`).
+    after a break) and returns the PairResponse fields. The store listens on `bind_host` (the
+    worker's --host; default advertise_host) only; port=0 lets the OS pick (see `.port`).
     """
 
     def __init__(self, table: ReservationTable, config: TransportConfig, *, advertise_host: str, port: int = 0,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, bind_host: str | None = None) -> None:
         self.table, self.config, self.advertise_host, self.device = table, config, advertise_host, device
         self._lock = threading.Lock()
         self._receivers: dict[str, KVReceiver] = {}
         self._rings: dict[str, Any] = {}  # peer -> IpcRing (cuda_ipc pairs only)
         self._gen = 0
-        self._store = host_store(port, advertise_host, config.pair_timeout_s)
+        self._store = host_store(bind_host or advertise_host, port, config.pair_timeout_s)
         self.port: int = self._store.port
 
     def accept(self, peer: str, bulk_backend: str) -> PairEndpoint:

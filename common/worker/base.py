@@ -91,9 +91,11 @@ def cache_config(cfg: WorkerConfig) -> CacheConfig:
 
 
 def transport_config(cfg: WorkerConfig) -> TransportConfig:
-    """Bounded waits derived from --transfer-timeout (docs/disaggregation.md rule 2)."""
+    """Bounded waits derived from --transfer-timeout (docs/disaggregation.md rule 2); the gloo
+    sockets of a pair listen on the address peers reach this worker by, not on every interface."""
     op = max(1.0, min(30.0, cfg.transfer_timeout / 2))
-    return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout)
+    return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout,
+                           bind_host=cfg.advertise_host)
 
 
 def load_proto(load: WorkerLoadFigures, draining: bool) -> worker_pb2.WorkerLoad:
@@ -119,7 +121,7 @@ async def open_worker_server(server: grpc.aio.Server, service: str, cfg: WorkerC
     if bound == 0:
         raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}")
     if cfg.metrics_port:
-        metrics.start_metrics_server(cfg.metrics_port)
+        metrics.start_metrics_server(cfg.metrics_port, cfg.host)
     engine.start()
     await server.start()
     await health.set_ready(True)

@@ -82,7 +82,7 @@ def test_metrics_are_get_or_create_and_served_over_http() -> None:
                  "glmserve_kv_transfer_bytes_total", "glmserve_kv_transfer_seconds_sum",
                  "glmserve_spec_accept_length_bucket"):
         assert name in body, name
-    assert metrics.start_metrics_server(None) is None
+    assert metrics.start_metrics_server(None, "127.0.0.1") is None
 
 
 def test_transfer_ids_are_nonzero_uint64_and_request_ids_unique() -> None:
