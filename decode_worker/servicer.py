@@ -13,6 +13,7 @@ import grpc
 
 from common.serving import metrics
 from common.serving.sampling_params import SamplingParams
+from common.transport.auth import PAIR_AUTH_KEY, PAIR_PROOF_KEY, AuthError
 from decode_worker.output import ErrorEvent, FinishEvent, OutputChannel, TokenEvent
 from decode_worker.scheduler import DecodeReq, QueueFullError
 from protos import worker_pb2, worker_pb2_grpc
@@ -132,10 +133,22 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return self.w.load()
 
     async def Pair(self, request: worker_pb2.PairRequest, context) -> worker_pb2.PairResponse:
+        auth = self.w.acceptor.config.auth
+        nonce = ""
+        if auth is not None and auth.enabled:
+            token = dict(context.invocation_metadata() or ()).get(PAIR_AUTH_KEY)
+            try:
+                nonce = auth.check_request(token, request.prefill.worker_id)
+            except AuthError as e:
+                log.warning("Pair from %s (%s): %s", context.peer(), request.prefill.worker_id[:64], e)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         try:
-            return await self.w.pair(request.prefill)
+            resp = await self.w.pair(request.prefill)
         except ValueError as e:  # PairingError included
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        if nonce:
+            context.set_trailing_metadata(((PAIR_PROOF_KEY, auth.response_proof(nonce, resp.group_name)),))
+        return resp
 
 
 def _chunk(ev: TokenEvent) -> worker_pb2.DecodeChunk:

@@ -16,6 +16,7 @@ import grpc
 import torch
 
 from common.serving.grpc_server import client_channel_options
+from common.transport.auth import PAIR_AUTH_KEY, PAIR_PROOF_KEY, AuthError
 from common.transport.base import PairEndpoint, StatsHook, TransferError, TransportConfig
 from common.transport.handshake import PairingError, check_compatible
 from common.transport.sender import KVSender
@@ -64,16 +65,28 @@ class SenderPool:
             return sender
 
     def _pair(self, address: str) -> PairEndpoint:
-        """Runs on the sender thread (blocking gRPC, bounded)."""
+        """Runs on the sender thread (blocking gRPC, bounded). With a cluster secret the call carries
+        our proof and the decode worker must prove it back (common/transport/auth.py)."""
+        auth = self.config.auth
+        metadata, nonce = (), ""
+        if auth is not None and auth.enabled:
+            token, nonce = auth.request_token(self.info.worker_id)
+            metadata = ((PAIR_AUTH_KEY, token),)
         with grpc.insecure_channel(address, options=client_channel_options()) as ch:
             try:
-                resp = worker_pb2_grpc.DecodeWorkerStub(ch).Pair(worker_pb2.PairRequest(prefill=self.info),
-                                                                 timeout=self.rpc_timeout)
+                resp, call = worker_pb2_grpc.DecodeWorkerStub(ch).Pair.with_call(
+                    worker_pb2.PairRequest(prefill=self.info), timeout=self.rpc_timeout, metadata=metadata)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED):
                     raise PairingError(e.details()) from None
                 raise TransferError(f"Pair RPC to decode worker {address} failed: {e.code().name}: "
                                     f"{e.details()}") from None
+        if nonce:
+            proof = dict(call.trailing_metadata() or ()).get(PAIR_PROOF_KEY)
+            try:
+                auth.check_response(proof, nonce, resp.group_name)
+            except AuthError as e:
+                raise PairingError(f"decode worker {address}: {e}") from None
         return PairEndpoint(resp.store_host, resp.store_port, resp.group_name, resp.bulk_backend,
                             resp.ipc_payload)
 

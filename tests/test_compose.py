@@ -13,7 +13,7 @@ from common.worker.args import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
-SERVICES = COMPOSE["services"]
+SERVICES = {n: s for n, s in COMPOSE["services"].items() if n != "cluster-secret"}  # the serving roles
 
 
 def parser_for(role: str):
@@ -79,3 +79,14 @@ def test_workers_reserve_a_gpu_and_keep_nvlink_multicast_off(name):
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["NVSHMEM_DISABLE_NVLS"] == "1"
     assert any(v.endswith(":/model:ro") for v in svc["volumes"])
+
+
+def test_workers_read_the_generated_cluster_secret():
+    init = COMPOSE["services"]["cluster-secret"]
+    assert init["command"][:2] == ["glmserve", "cluster-secret"]
+    path = init["command"][2]
+    for name in ("prefill", "decode"):
+        cmd = SERVICES[name]["command"]
+        assert cmd[cmd.index("--cluster-secret-file") + 1] == path
+        assert SERVICES[name]["depends_on"]["cluster-secret"]["condition"] == "service_completed_successfully"
+    assert "cluster-secret" not in str(SERVICES["gateway"].get("volumes")), "the gateway needs no secret"

@@ -72,6 +72,24 @@ def _generate(argv: Sequence[str]) -> int:
     return main(list(argv))
 
 
+def _cluster_secret(argv: Sequence[str]) -> int:
+    """Write a fresh cluster secret to FILE (mode 0600) unless FILE already holds one."""
+    import os
+    import secrets
+
+    p = argparse.ArgumentParser(prog="glmserve cluster-secret", description=_cluster_secret.__doc__)
+    p.add_argument("file", help="where the workers' --cluster-secret-file points")
+    path = p.parse_args(list(argv)).file
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        print(f"{path}: kept the existing secret")
+        return 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    print(f"{path}: wrote a new secret")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "serve": (_serve, "SGLang's launch line: gateway + prefill + decode on this machine, OpenAI API on --port"),
     "local": (_local, "the same as serve (gateway + prefill + decode processes on this machine)"),
@@ -81,6 +99,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "make-tiny-model": (_make_tiny_model, "write the built-in tiny test model"),
     "generate": (_generate, "single-process reference generation (no servers)"),
     "health": (_health, "grpc.health.v1 check of a running process (exit 0 = SERVING)"),
+    "cluster-secret": (_cluster_secret, "write a cluster secret file for the workers' --cluster-secret-file"),
 }
 
 

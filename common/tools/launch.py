@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ from typing import IO
 from common.serving.launch_flags import COMMON, DECODE, GATEWAY, PREFILL, WORKER, HelpFormatter, split_flags
 
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+CLUSTER_SECRET_ENV = "GLMSERVE_CLUSTER_SECRET"  # common/transport/auth.py reads it in each worker
 DEFAULT_HTTP_PORT = 30000
 DEFAULT_GRPC_PORT = 30010
 TAIL_LINES = 30  # lines of a child's output kept to report a failed start
@@ -176,6 +178,9 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
                       http_port=None if http_port is None else (http_port or free_port()), host=host,
                       log_dir=Path(log_dir) if log_dir is not None else None)
     child_env = dict(os.environ, **NCCL_SAFE_ENV, **(env or {}))
+    given = {a.split("=", 1)[0] for a in extra_worker_args or []}
+    if not child_env.get(CLUSTER_SECRET_ENV) and not given & {"--cluster-secret", "--cluster-secret-file"}:
+        child_env[CLUSTER_SECRET_ENV] = secrets.token_hex(32)  # this deployment's own; never on a command line
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     exe = [sys.executable, "-m", "common.tools.cli"]
     worker = ["--model-path", str(model_path), *(["--device", device] if device else []),

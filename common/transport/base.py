@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class TransportConfig:
     max_chunk_bytes: the sender splits larger chunks (bounds decode staging memory).
     ipc_ring_bytes: size of the decode-side staging ring for same-GPU (CUDA IPC) pairs.
     bind_host: local address for the gloo sockets (None: resolve this host's name).
+    auth: the worker's auth.PairAuth (None or disabled: the store hello carries no proof).
     """
 
     op_timeout_s: float = 30.0
@@ -73,6 +74,7 @@ class TransportConfig:
     max_aux_bytes: int = 16 << 20
     ipc_ring_bytes: int = 512 << 20
     bind_host: str | None = None
+    auth: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("op_timeout_s", "peer_timeout_s", "heartbeat_s", "transfer_timeout_s", "pair_timeout_s"):

@@ -20,6 +20,7 @@ each pair opens its own client.
 from __future__ import annotations
 
 import datetime
+import hmac
 import logging
 import socket
 import time
@@ -204,8 +205,9 @@ def open_pair(endpoint: PairEndpoint, rank: int, config: TransportConfig, device
         raise PairBroken(f"pair {endpoint.group_name}: store {endpoint.store_host}:{endpoint.store_port} "
                          f"unreachable: {e}") from e
     key = endpoint.group_name + "/hello"
+    hello = hello_bytes() + (config.auth.hello_proof(endpoint.group_name) if config.auth is not None else b"")
     if rank == PREFILL_RANK:
-        store.set(key, hello_bytes())
+        store.set(key, hello)
     else:
         while True:
             try:
@@ -216,8 +218,12 @@ def open_pair(endpoint: PairEndpoint, rank: int, config: TransportConfig, device
                     raise PairBroken(f"pair {endpoint.group_name}: prefill did not arrive within "
                                      f"{config.pair_timeout_s}s") from e
         got = store.get(key)
-        if got != hello_bytes():
-            raise ProtocolError(f"pair {endpoint.group_name}: peer speaks {got!r}, we speak {hello_bytes()!r}")
+        if not hmac.compare_digest(got, hello):
+            theirs = got.split(b" glmserve-auth")[0][:64]  # never the proof itself
+            if theirs != hello_bytes():
+                raise ProtocolError(f"pair {endpoint.group_name}: peer speaks {theirs!r}, we speak {hello_bytes()!r}")
+            raise ProtocolError(f"pair {endpoint.group_name}: the peer's hello carries no valid cluster-secret "
+                                "proof; no group is built")
     try:
         ctrl = build_gloo(store, endpoint.group_name, rank, config)
     except RuntimeError as e:

@@ -45,6 +45,7 @@ from common.transport.base import (
     TransportConfig,
     safe_call,
 )
+from common.transport.handshake import PairingError
 from common.transport.pair import PREFILL_RANK, PairChannels, open_pair
 from common.transport.wire import ChunkHeader, Kind, split_chunk
 
@@ -257,7 +258,9 @@ class KVSender:
                 self._connect()
             except Exception as e:  # noqa: BLE001 - pairing errors fail this transfer only
                 log.warning("KV pairing failed: %s", e)
-                self._book.finish(c.transfer_id, TransferError(f"pairing with decode failed: {e}"))
+                # a refused pair (incompatible, or no cluster secret) is the caller's to see as such
+                self._book.finish(c.transfer_id, e if isinstance(e, PairingError)
+                                  else TransferError(f"pairing with decode failed: {e}"))
                 return
         try:
             self._send_chunk(tx, c)

@@ -7,11 +7,12 @@ import argparse
 import socket
 import uuid
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.model.config import SpecConfig, validate_spec_config
 from common.serving.launch_flags import foreign_flags_given
 from common.serving.model_files import resolve_model_path
+from common.transport.auth import load_secret
 
 SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
 
@@ -61,6 +62,13 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
                    help="draft tokens verified per step (default with EAGLE: 4)")
     p.add_argument("--speculative-draft-model-path", default=None,
                    help="draft checkpoint (default: the target's own MTP layer)")
+    p.add_argument("--cluster-secret-file", default=None,
+                   help="file holding the secret every worker of this deployment shares; KV pairing is "
+                        "refused to a peer without it (default: $GLMSERVE_CLUSTER_SECRET; none: pairing "
+                        "is unauthenticated)")
+    p.add_argument("--cluster-secret", default=None,
+                   help="the cluster secret itself (visible in the process list: prefer the file or the "
+                        "environment variable)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -87,6 +95,7 @@ class WorkerConfig:
     enable_custom_logit_processor: bool
     spec: SpecConfig
     draft_model_path: str | None
+    cluster_secret: bytes | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -138,6 +147,10 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     dtype = ns.dtype
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "bfloat16"
+    secret = load_secret(ns.cluster_secret, ns.cluster_secret_file)  # ValueError: too short
+    if secret is None:
+        warnings.append("no cluster secret (--cluster-secret-file or $GLMSERVE_CLUSTER_SECRET): KV pairing "
+                        "is unauthenticated")
     advertise = ns.advertise_host or (ns.host if ns.host not in ("0.0.0.0", "::") else socket.gethostname())
     cfg = WorkerConfig(
         role=role, model_path=model_path, host=ns.host, port=ns.port, advertise_host=advertise,
@@ -146,7 +159,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
         enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,
-        draft_model_path=ns.speculative_draft_model_path,
+        draft_model_path=ns.speculative_draft_model_path, cluster_secret=secret,
     )
     return cfg, warnings
 

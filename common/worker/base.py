@@ -10,6 +10,7 @@ import torch
 
 from common.model.config import CacheConfig
 from common.runtime.runner import ModelRunner
+from common.transport.auth import PairAuth
 from common.transport.base import TransportConfig
 from common.transport.handshake import PairingInfo
 from common.worker.args import WorkerConfig
@@ -95,7 +96,7 @@ def transport_config(cfg: WorkerConfig) -> TransportConfig:
     sockets of a pair listen on the address peers reach this worker by, not on every interface."""
     op = max(1.0, min(30.0, cfg.transfer_timeout / 2))
     return TransportConfig(op_timeout_s=op, peer_timeout_s=op * 2 + 5, transfer_timeout_s=cfg.transfer_timeout,
-                           bind_host=cfg.advertise_host)
+                           bind_host=cfg.advertise_host, auth=PairAuth(cfg.cluster_secret))
 
 
 def load_proto(load: WorkerLoadFigures, draining: bool) -> worker_pb2.WorkerLoad:

@@ -1,5 +1,6 @@
 """Hardening of a default local deployment, on one shared cluster of real processes: nothing listens
-beyond the configured address (gRPC, HTTP, /metrics, the KV-pairing store, the gloo pair sockets)."""
+beyond the configured address (gRPC, HTTP, /metrics, the KV-pairing store, the gloo pair sockets),
+pairing needs the cluster secret."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from common.tools.launch import Cluster, start_cluster
+from common.transport.auth import PAIR_AUTH_KEY, PairAuth
+from protos import worker_pb2, worker_pb2_grpc
 from tests.e2e.conftest import _dump_logs, gateway, generate
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
@@ -71,3 +75,31 @@ def test_nothing_listens_beyond_the_configured_address(cluster: Cluster) -> None
     assert len(seen["decode0"]) >= 3 and len(seen["gateway"]) >= 3, seen
     stray = {name: sorted(a for a in socks if a[0] != "127.0.0.1") for name, socks in seen.items()}
     assert not any(stray.values()), f"listening beyond 127.0.0.1: {stray}"
+
+
+def test_pair_without_the_secret_is_unauthenticated(cluster: Cluster) -> None:
+    stub = worker_pb2_grpc.DecodeWorkerStub(grpc.insecure_channel(f"127.0.0.1:{cluster.decode_ports[0]}"))
+    intruder = worker_pb2.WorkerInfo(worker_id="intruder")
+    forged = PairAuth(b"not-the-cluster-secret-0123456789").request_token("intruder")[0]
+    for metadata in ((), ((PAIR_AUTH_KEY, forged),), ((PAIR_AUTH_KEY, "1.2.3"),)):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Pair(worker_pb2.PairRequest(prefill=intruder), metadata=metadata, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+        assert "pairing refused" in err.value.details()
+    assert generate(gateway(cluster), [5, 6, 7], max_tokens=3, temperature=0.0, ignore_eos=True).finish == "length"
+
+
+def test_worker_with_the_wrong_secret_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    good, bad = "a" * 32, "b" * 32
+    c = start_cluster(tiny_model_dir, log_dir=tmp_path, http_port=None, extra_decode_args=["--cluster-secret", good],
+                      extra_prefill_args=["--cluster-secret", bad])
+    try:
+        c.wait_ready(90)
+        with pytest.raises(grpc.RpcError) as err:
+            generate(gateway(c), [5, 6, 7], max_tokens=3, temperature=0.0)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value
+        assert "cluster secret" in err.value.details()
+        logs = "".join(f.read_text() for f in tmp_path.glob("*.log"))
+        assert good not in err.value.details() + logs and bad not in err.value.details() + logs
+    finally:
+        c.stop()
