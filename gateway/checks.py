@@ -87,6 +87,24 @@ def history_tool_call(tc: Any, where: str) -> dict[str, Any]:
     return {"id": tc.get("id") or "", "type": "function", "function": {"name": name, "arguments": args}}
 
 
+def check_parameters_schema(schema: Any, field: str) -> None:
+    """A function's `parameters` must be a JSON schema of an object: {"type": "object"} (type may be
+    left out), `properties` an object of schemas, `required` a list of property names. The model
+    is shown the schema and the tool parser reads arguments against it, so a malformed one fails
+    here, naming the tool, rather than later or never."""
+    if not isinstance(schema, Mapping):
+        raise invalid(field, "must be a JSON schema object")
+    if schema.get("type", "object") != "object":
+        raise invalid(f"{field}.type", f"must be \"object\" (a function takes named arguments), "
+                                       f"got {schema.get('type')!r}")
+    props = schema.get("properties", {})
+    if not isinstance(props, Mapping) or not all(isinstance(v, (Mapping, bool)) for v in props.values()):
+        raise invalid(f"{field}.properties", "must be an object mapping each argument name to a JSON schema")
+    required = schema.get("required", [])
+    if not isinstance(required, (list, tuple)) or not all(isinstance(r, str) for r in required):
+        raise invalid(f"{field}.required", "must be a list of argument names")
+
+
 def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
     """OpenAI tool objects, in the client's key order; `parameters` defaults to an empty object schema."""
     out = []
@@ -105,8 +123,8 @@ def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
         names.add(name)
         if fn.get("parameters") is None:
             fn["parameters"] = {"type": "object", "properties": {}}
-        elif not isinstance(fn["parameters"], Mapping):
-            raise invalid(f"tools[{i}].function.parameters", "must be a JSON schema object")
+        else:
+            check_parameters_schema(fn["parameters"], f"tools[{i}].function.parameters")
         out.append({**t, "type": "function", "function": fn})
     return out
 

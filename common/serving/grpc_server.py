@@ -1,6 +1,7 @@
 """Torch-free grpc.aio helpers shared by the gateway and the workers.
 
-make_server   grpc.aio server with message-size limits and keepalive pings accepted
+make_server   grpc.aio server with message-size limits, keepalive pings accepted, and malformed
+              requests answered INVALID_ARGUMENT (MalformedRequests)
 add_health    grpc.health.v1 (aio): "" = liveness, each full service name = readiness
 add_reflection
 serve_until_signal   SIGTERM/SIGINT -> readiness NOT_SERVING -> drain callback -> stop(grace)
@@ -10,9 +11,10 @@ install_uvloop / run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import TypeVar
 
 import grpc
@@ -54,11 +56,93 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
     ]
 
 
+class _Malformed:
+    """What a request that does not parse deserializes to; the handler answers INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object]:
+    def run(data: bytes) -> object:
+        try:
+            return deserialize(data) if deserialize is not None else data
+        except Exception as e:  # noqa: BLE001 - DecodeError (bad wire data, bad UTF-8) and its kin
+            return _Malformed(f"{type(e).__name__}: {str(e)[:200]}")
+    return run
+
+
+async def _refuse(method: str, context: grpc.aio.ServicerContext, bad: _Malformed) -> None:
+    log.warning("%s from %s: malformed request refused (%s)", method, context.peer(), bad.reason)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: cannot parse {method}'s "
+                        f"request message ({bad.reason})")
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Every method's request is parsed by a wrapper that never raises: gRPC parses requests before
+    any servicer code runs, and a parse error there reaches the client as UNKNOWN with a traceback
+    in the log. A request that does not parse (corrupt or truncated wire data, invalid UTF-8 in a
+    string field) is answered INVALID_ARGUMENT with one log line instead, for every service of the
+    process (health and reflection included), without touching the generated servicers."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        fields = {"request_deserializer": _safe_deserializer(handler.request_deserializer)}
+        if handler.unary_unary is not None:
+            fields["unary_unary"] = _unary(method, handler.unary_unary)
+        elif handler.unary_stream is not None:
+            fields["unary_stream"] = _unary_stream(method, handler.unary_stream)
+        elif handler.stream_unary is not None:
+            fields["stream_unary"] = _unary(method, handler.stream_unary, streamed=True)
+        else:
+            fields["stream_stream"] = _unary_stream(method, handler.stream_stream, streamed=True)
+        return handler._replace(**fields)
+
+
+async def _checked(method: str, requests: AsyncIterator[object], context: grpc.aio.ServicerContext):
+    async for r in requests:
+        if isinstance(r, _Malformed):
+            await _refuse(method, context, r)
+        yield r
+
+
+def _unary(method: str, behaviour: Callable, streamed: bool = False) -> Callable:
+    async def run(request: object, context: grpc.aio.ServicerContext) -> object:
+        if streamed:
+            return await behaviour(_checked(method, request, context), context)
+        if isinstance(request, _Malformed):
+            await _refuse(method, context, request)
+        return await behaviour(request, context)
+    return run
+
+
+def _unary_stream(method: str, behaviour: Callable, streamed: bool = False) -> Callable:
+    async def run(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        if streamed:
+            request = _checked(method, request, context)
+        elif isinstance(request, _Malformed):
+            await _refuse(method, context, request)
+        result = behaviour(request, context)
+        if hasattr(result, "__aiter__"):
+            async with contextlib.aclosing(result):
+                async for item in result:
+                    yield item
+        else:  # a handler that writes with context.write() and returns a coroutine
+            await result
+    return run
+
+
 def make_server(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> grpc.aio.Server:
     """A grpc.aio server. Requests above `max_message_bytes` are refused with RESOURCE_EXHAUSTED
-    by gRPC itself; client keepalive pings (client_channel_options) are accepted. Workers must
-    build their servers with this (or server_options) too."""
-    return grpc.aio.server(options=server_options(max_message_bytes))
+    by gRPC itself (before any parsing); requests that do not parse get INVALID_ARGUMENT
+    (MalformedRequests); client keepalive pings (client_channel_options) are accepted. Workers
+    must build their servers with this too."""
+    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=[MalformedRequests()])
 
 
 class Health:

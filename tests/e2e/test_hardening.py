@@ -1,19 +1,23 @@
 """Hardening of a default local deployment, on one shared cluster of real processes: nothing listens
 beyond the configured address (gRPC, HTTP, /metrics, the KV-pairing store, the gloo pair sockets),
-pairing needs the cluster secret."""
+pairing needs the cluster secret, malformed wire messages are INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from common.tools.launch import Cluster, start_cluster
 from common.transport.auth import PAIR_AUTH_KEY, PairAuth
-from protos import worker_pb2, worker_pb2_grpc
+from protos import gateway_pb2, worker_pb2, worker_pb2_grpc
 from tests.e2e.conftest import _dump_logs, gateway, generate
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
@@ -103,3 +107,69 @@ def test_worker_with_the_wrong_secret_is_refused(tiny_model_dir: Path, tmp_path:
         assert good not in err.value.details() + logs and bad not in err.value.details() + logs
     finally:
         c.stop()
+
+
+def _corpus(valid: bytes, text: bytes) -> dict[str, bytes]:
+    """Malformed variants of a valid serialized request whose bytes contain the UTF-8 string `text`."""
+    i = valid.index(text)
+    bad_utf8 = valid[:i] + b"\xc3\x28" + valid[i + 2:]  # an invalid 2-byte sequence, same length
+    return {"truncated": valid[:-3], "garbage": b"\xff\xff\xff\xff\xff", "bad_utf8": bad_utf8,
+            "bad_length": b"\x0a\x7f" + valid[:4], "bad_wire_type": b"\x0f\x01"}
+
+
+def _methods() -> list[tuple[str, str, bytes, bytes]]:
+    """(process, full method, valid request bytes, a UTF-8 string inside them) per service."""
+    chat = gateway_pb2.ChatRequest(messages=[gateway_pb2.ChatMessage(role="user", content="hé")])
+    gen = gateway_pb2.GenerateRequest(text="hé")
+    dec = worker_pb2.DecodeRequest(request_id="hé")
+    pre = worker_pb2.PrefillRequest(request_id="hé")
+    abort = worker_pb2.AbortRequest(request_id="hé")
+    return [("gateway", "/glmserve.v1.Gateway/Chat", chat.SerializeToString(), "hé".encode()),
+            ("gateway", "/glmserve.v1.Gateway/Generate", gen.SerializeToString(), "hé".encode()),
+            ("decode0", "/glmserve.worker.v1.DecodeWorker/Generate", dec.SerializeToString(), "hé".encode()),
+            ("decode0", "/glmserve.worker.v1.DecodeWorker/Abort", abort.SerializeToString(), "hé".encode()),
+            ("prefill0", "/glmserve.worker.v1.PrefillWorker/Prefill", pre.SerializeToString(), "hé".encode()),
+            ("prefill0", "/grpc.health.v1.Health/Check",
+             health_pb2.HealthCheckRequest(service="hé").SerializeToString(), "hé".encode())]
+
+
+def test_malformed_wire_messages_are_invalid_argument(cluster: Cluster, reference) -> None:
+    ports = {"gateway": cluster.gateway_port, "decode0": cluster.decode_ports[0], "prefill0": cluster.prefill_ports[0]}
+    refused = 0
+    for proc, method, valid, text in _methods():
+        with grpc.insecure_channel(f"127.0.0.1:{ports[proc]}") as ch:
+            for kind, data in _corpus(valid, text).items():
+                stream = method.endswith(("Generate", "Chat"))
+                call = (ch.unary_stream if stream else ch.unary_unary)(method)
+                with pytest.raises(grpc.RpcError) as err:
+                    out = call(data, timeout=10)
+                    if stream:
+                        list(out)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, kind, err.value)
+                assert "malformed request" in err.value.details(), (method, kind)
+                refused += 1
+    assert refused == 30
+    for f in Path(cluster.log_dir).glob("*.log"):
+        assert "Traceback" not in f.read_text(), f"{f.name} logged a traceback"
+    ids = [5, 6, 7, 8]
+    got = generate(gateway(cluster), ids, max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert got.tokens == reference.greedy(ids, 6)
+
+
+@pytest.mark.parametrize("params", [{"type": "string"}, {"type": "object", "properties": 5},
+                                    {"type": "object", "required": "city"}])
+def test_tool_parameters_must_be_an_object_schema(cluster: Cluster, params: dict) -> None:
+    req = gateway_pb2.ChatRequest(messages=[gateway_pb2.ChatMessage(role="user", content="hi")])
+    tool = req.tools.add(type="function")
+    tool.function.name = "f"
+    tool.function.parameters.update(params)
+    with pytest.raises(grpc.RpcError) as err:
+        list(gateway(cluster).Chat(req, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools[0]" in err.value.details(), err.value
+    body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}],
+                       "tools": [{"type": "function", "function": {"name": "f", "parameters": params}}]}).encode()
+    http = urllib.request.Request(cluster.http_base_url + "/chat/completions", data=body,
+                                  headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as herr:
+        urllib.request.urlopen(http, timeout=10)
+    assert herr.value.code == 400 and "tools[0]" in herr.value.read().decode()
