@@ -41,6 +41,7 @@ NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 CLUSTER_SECRET_ENV = "GLMSERVE_CLUSTER_SECRET"  # common/transport/auth.py reads it in each worker
 DEFAULT_HTTP_PORT = 30000
 DEFAULT_GRPC_PORT = 30010
+RESTART_BACKOFF_S, RESTART_BACKOFF_MAX_S, RESTART_RESET_S = 0.5, 30.0, 60.0
 TAIL_LINES = 30  # lines of a child's output kept to report a failed start
 # flags the launcher sets on the children itself (ports, addresses, model)
 LAUNCHER_FLAGS = {"--model-path", "--host", "--port", "--prefill", "--decode", "--http-host", "--http-port",
@@ -57,11 +58,11 @@ class ChildOutput:
     """Reads one child's output: into its log file, to the terminal with a role prefix (optional),
     and the last lines in memory for a failure report."""
 
-    def __init__(self, name: str, stream: IO[bytes], log_file: Path | None, echo: bool) -> None:
+    def __init__(self, name: str, stream: IO[bytes], log_file: Path | None, echo: bool, append: bool = False) -> None:
         self.name = name
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._stream = stream
-        self._file = open(log_file, "w", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
+        self._file = open(log_file, "a" if append else "w", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
         self._echo = echo
         self._thread = threading.Thread(target=self._pump, name=f"output-{name}", daemon=True)
         self._thread.start()
@@ -94,6 +95,51 @@ class Cluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     outputs: dict[str, ChildOutput] = field(default_factory=dict)
     log_dir: Path | None = None  # each process's output, one file per process
+    commands: dict[str, list[str]] = field(default_factory=dict)  # name -> argv, to restart it
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    echo: bool = False
+    restarts: dict[str, int] = field(default_factory=dict)
+    _restart_at: dict[str, float] = field(default_factory=dict, repr=False)
+    _started: dict[str, float] = field(default_factory=dict, repr=False)  # restarted children, when
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        """Start (or restart) child `name`; its output goes on to the same log file."""
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.commands[name] = argv
+        self.procs[name] = proc
+        log_file = self.log_dir / f"{name}.log" if self.log_dir is not None else None
+        self.outputs[name] = ChildOutput(name, proc.stdout, log_file, self.echo, append=name in self.restarts)
+
+    def supervise(self, log: IO[str], now: float | None = None) -> str | None:
+        """One supervision pass: a worker that exited is restarted on its own port after a bounded
+        exponential backoff (RESTART_BACKOFF_S doubling per restart, at most RESTART_BACKOFF_MAX_S;
+        the count resets once it has run RESTART_RESET_S), and the gateway takes it back when its
+        health says SERVING. Returns the failure report of a dead gateway (then the cluster stops)."""
+        now = time.monotonic() if now is None else now
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            if name == "gateway":
+                return self.failure_report(name)
+            if name not in self._restart_at:
+                n = self.restarts.get(name, 0)
+                delay = min(RESTART_BACKOFF_S * 2 ** n, RESTART_BACKOFF_MAX_S)
+                self._restart_at[name] = now + delay
+                print(f"{self.failure_report(name)}\nrestarting {name} in {delay:.1f}s (restart {n + 1})",
+                      file=log, flush=True)
+            elif now >= self._restart_at[name]:
+                del self._restart_at[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._started[name] = now
+                self.spawn(name, self.commands[name])
+        for name, started in list(self._started.items()):
+            if now - started > RESTART_RESET_S and self.procs[name].poll() is None:
+                self.restarts[name] = 0
+                del self._started[name]
+        return None
 
     @property
     def gateway_address(self) -> str:
@@ -182,18 +228,13 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
     if not child_env.get(CLUSTER_SECRET_ENV) and not given & {"--cluster-secret", "--cluster-secret-file"}:
         child_env[CLUSTER_SECRET_ENV] = secrets.token_hex(32)  # this deployment's own; never on a command line
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    cluster.env, cluster.echo = child_env, echo
     exe = [sys.executable, "-m", "common.tools.cli"]
     worker = ["--model-path", str(model_path), *(["--device", device] if device else []),
               *(extra_worker_args or [])]
-    if cluster.log_dir is not None:
-        cluster.log_dir.mkdir(parents=True, exist_ok=True)
 
     def spawn(name: str, args: list[str]) -> None:
-        proc = subprocess.Popen(exe + args, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        cluster.procs[name] = proc
-        cluster.outputs[name] = ChildOutput(name, proc.stdout, cluster.log_dir / f"{name}.log"
-                                            if cluster.log_dir is not None else None, echo)
+        cluster.spawn(name, exe + args)
 
     for i, port in enumerate(cluster.decode_ports):
         spawn(f"decode{i}", ["decode", *worker, "--port", str(port), "--worker-id", f"decode{i}",
@@ -380,12 +421,11 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         while not stop[0]:
-            dead = [n for n, pr in cluster.procs.items() if pr.poll() is not None]
-            if dead:
-                print(f"{prog}: " + "\n".join(cluster.failure_report(n) for n in dead) + "\nshutting down",
-                      file=sys.stderr)
+            fatal = cluster.supervise(sys.stderr)
+            if fatal is not None:
+                print(f"{prog}: {fatal}\nshutting down", file=sys.stderr)
                 return 1
-            time.sleep(0.5)
+            time.sleep(0.2)
         return 0
     finally:
         cluster.stop()
