@@ -20,6 +20,7 @@ from common.kvcache.allocator import PageAllocator
 from common.kvcache.pool import KVPool
 from common.model import Glm4MoeForCausalLM, load_model
 from common.model.config import ModelConfig
+from common.model.layers import SINGLE_RANK, kv_head_block
 from common.runtime.cuda_graphs import (
     SPEC_FORWARDS,
     Forward,
@@ -29,6 +30,7 @@ from common.runtime.cuda_graphs import (
     capture_decode_graphs,
     capture_spec_graphs,
 )
+from common.runtime.distributed import TPGroup
 from common.runtime.draft import draft_topk
 
 
@@ -46,11 +48,13 @@ class ModelRunner:
         model: Glm4MoeForCausalLM | None = None,
         quantize: str | None = None,
         fp8_compute: str = "auto",
+        tp: TPGroup | None = None,
     ) -> None:
         """num_pages <= 0 sizes the KV pool: on CUDA from `mem_fraction` of the device memory
         left after the weights; on CPU a fixed 2048 pages. `model` (benchmarks): an already built
         model (its `.config` is used and `model_dir` is ignored). `quantize`, `fp8_compute`: how FP8
-        is loaded (common.model.load_model)."""
+        is loaded (common.model.load_model). `tp`: this rank's tensor-parallel group: the model holds
+        the rank's shard, the pool its kv heads, and every rank agrees on the number of pages."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # compare equal to tensors' devices
@@ -60,15 +64,21 @@ class ModelRunner:
             self.config, self.model = model.config, model
         else:
             self.config = ModelConfig.from_hf(model_dir)
-            self.model = load_model(model_dir, self.device, dtype, with_mtp, quantize, fp8_compute)
+            self.model = load_model(model_dir, self.device, dtype, with_mtp, quantize, fp8_compute,
+                                    tp if tp is not None else SINGLE_RANK)
+        self.tp = tp
         self.numerics = f"quantize={quantize},fp8_compute={fp8_compute}"
         self.with_mtp = with_mtp
         # pool layer num_hidden_layers is the MTP layer's own KV
         num_layers = self.config.num_hidden_layers + (1 if with_mtp else 0)
+        self.kv_heads = kv_head_block(self.config.num_key_value_heads, tp.size, tp.rank) if tp else (
+            0, self.config.num_key_value_heads)  # (first global head, count) this rank stores
         if num_pages <= 0:
             num_pages = self.pages_that_fit(num_layers, mem_fraction)
-        self.kv_pool = KVPool(num_layers, num_pages, page_size, self.config.num_key_value_heads,
-                              self.config.head_dim, dtype, self.device)
+        if tp is not None:
+            num_pages = tp.min_int(num_pages)  # page ids mean the same slots on every rank
+        self.kv_pool = KVPool(num_layers, num_pages, page_size, self.kv_heads[1], self.config.head_dim, dtype,
+                              self.device)
         self.allocator = PageAllocator(num_pages)
         self.graphs: dict[Forward, GraphSet] = {}  # the captured CUDA graphs of each forward (none on CPU)
 
@@ -187,7 +197,7 @@ class ModelRunner:
 
     def pages_that_fit(self, num_layers: int, mem_fraction: float) -> int:
         cfg = self.config
-        page_bytes = (num_layers * 2 * self.page_size * cfg.num_key_value_heads * cfg.head_dim
+        page_bytes = (num_layers * 2 * self.page_size * self.kv_heads[1] * cfg.head_dim
                       * torch.tensor([], dtype=self.dtype).element_size())
         if self.device.type != "cuda":
             return 2048
