@@ -18,6 +18,7 @@ from common.transport.receiver import PairAcceptor
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
     build_runner,
+    exit_when_broken,
     load_proto,
     open_worker_server,
     pairing_info,
@@ -44,7 +45,7 @@ class DecodeWorkerApp:
         overlap: launch each plain decode step before committing the previous one (CUDA only: on CPU
         the launched step runs synchronously, so overlapping would only delay every token)."""
         self.cfg = cfg
-        self.runner = build_runner(cfg)
+        self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
         ids = SpecialIds.from_model_dir(cfg.model_path)
         sampler = TokenSampler(ids)
@@ -70,10 +71,10 @@ class DecodeWorkerApp:
         self.draining = False
 
     def _capture_graphs(self, max_bs: int) -> None:
-        from common.runtime.cuda_graphs import Forward, graphs_supported
+        from common.runtime.cuda_graphs import Forward
 
-        if not graphs_supported(self.runner.device):
-            log.info("CUDA graphs off: device %s has no graph-safe attention", self.runner.device)
+        if not self.runner.graphs_supported:
+            log.info("CUDA graphs off: device %s has no graph-safe attention or TP collectives", self.runner.device)
             return
         start = time.monotonic()
         spec = self.cfg.spec
@@ -118,6 +119,13 @@ class DecodeWorkerApp:
         self.engine.stop()
         self.runner.release_graphs()  # graphs go before the NCCL communicators
         self.acceptor.close()
+        if self.ranks is not None:
+            self.ranks.stop()
+
+    def abort_all(self, message: str) -> None:
+        """Fail every Generate call in progress with UNAVAILABLE (event loop)."""
+        for rid in {req.request_id for req in self.streams}:
+            self.engine.abort(rid, "UNAVAILABLE", message)
 
 
 async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs: int = 0,
@@ -126,6 +134,7 @@ async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs
     server = make_server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
     health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
+    exit_when_broken(app.ranks, health, app.abort_all)
     log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s, overlap schedule %s)",
              cfg.worker_id, cfg.host, bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec,
              "on" if app.engine.overlap else "off")
