@@ -2,9 +2,10 @@
 CUDA-event timing, relative error by norm, and the $OUT directory results are written to.
 
 Ceilings: device copy (bytes read + written over time), pure read (a Triton streaming-sum kernel),
-bf16 GEMM 8192^3 on random data. Kernel times: median of CUDA-event-timed replays of a CUDA graph
-that runs the call once per input set (no Python launch gaps; rotation defeats the 50 MB L2);
-torch references that sync the host are timed eagerly with triton.testing.do_bench (median).
+bf16 GEMM 8192^3 on random data (`fp8_gemm_tflops`: the FP8 one). Kernel times: median of
+CUDA-event-timed replays of a CUDA graph that runs the call once per input set (no Python launch
+gaps; rotation defeats the 50 MB L2); torch references that sync the host are timed eagerly with
+triton.testing.do_bench (median).
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def _gemm_tflops(size: int = 8192) -> float:
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     t_mm = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
     return 2 * size**3 / t_mm / 1e9
+
+
+def fp8_gemm_tflops(size: int = 8192) -> dict:
+    """FP8 GEMM rate on random E4M3 size^3 through torch._scaled_mm with row-wise scales and a bf16
+    output (the channel FP8 linear's call): {"fp8_tflops": fp32 accumulation, "fp8_fast_tflops":
+    Hopper's fast accumulation}; the larger is the FP8 peak a kernel is held to."""
+    a = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(size, size, device="cuda").to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(size, 1, device="cuda"), torch.ones(1, size, device="cuda")
+    out = {}
+    for key, fast in (("fp8_tflops", False), ("fp8_fast_tflops", True)):
+        t_mm = triton.testing.do_bench(
+            lambda fast=fast: torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                               use_fast_accum=fast),
+            warmup=100, rep=500, return_mode="median")
+        out[key] = 2 * size**3 / t_mm / 1e9
+    return out
 
 
 def measure_ceilings(cache: Path | None = None) -> dict:

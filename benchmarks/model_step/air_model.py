@@ -1,13 +1,28 @@
-"""The 4-layer GLM-4.5-Air-shaped model the step benchmarks run: Air's widths (H 4096, 96/8 heads of
-128, 128 experts top-8 of I_e 1408, dense I 10944, vocab 151552), 1 dense + 3 MoE layers and the MTP
-layer, random weights (norms 1, biases N(0, 0.02), projections N(0, 1/fan_in))."""
+"""GLM-4.5-Air-shaped random models for the step benchmarks.
+
+`AIR` is the 4-layer slice most benchmarks run: Air's widths (H 4096, 96/8 heads of 128, 128 experts
+top-8 of I_e 1408, dense I 10944, vocab 151552), 1 dense + 3 MoE layers and the MTP layer.
+`AIR_FULL` is the whole GLM-4.5-Air: 46 layers (1 dense + 45 MoE) plus the MTP layer, 131072
+positions. Random weights: norms 1, biases N(0, 0.02), projections N(0, 1/fan_in).
+
+`random_model(..., fp8=True)` builds the model in the FP8 checkpoints' layout (every module that
+`fp8_capable` lists holds E4M3 weights with one fp32 scale per output row; embedding, lm_head, norms
+and biases in the model dtype, routers fp32) straight on the device: built on meta, switched to FP8,
+materialised uninitialised, then filled a chunk of rows at a time (Gaussian rows quantised per row),
+so no high-precision copy of a big stack ever exists.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from common.model import build_model
+from common import ops
+from common.model import Glm4MoeForCausalLM, build_model
 from common.model.config import ModelConfig
+from common.model.layers import RMSNorm
+from common.model.loader import fp8_capable
+from common.model.moe import MoE
 
 AIR = {
     "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", "vocab_size": 151552, "hidden_size": 4096,
@@ -18,21 +33,98 @@ AIR = {
     "routed_scaling_factor": 1.0, "norm_topk_prob": True, "max_position_embeddings": 16384,
     "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
 }
+AIR_FULL = dict(AIR, num_hidden_layers=46, max_position_embeddings=131072)
 TINY_WIDTHS = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "n_routed_experts": 16}
+_CHUNK = 1 << 26  # elements of one Gaussian chunk while filling an FP8 stack (128 MiB in bf16)
 
 
-def random_model(fields: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """build_model(fields) with the MTP layer and seeded random weights."""
-    config = ModelConfig.from_dict(fields)
-    model = build_model(config, device, dtype, with_mtp=True)
-    gen = torch.Generator(device=device).manual_seed(0)
+def random_model(fields: dict, device: torch.device | str, dtype: torch.dtype, fp8: bool = False,
+                 seed: int = 0) -> Glm4MoeForCausalLM:
+    """build_model(fields) with the MTP layer and seeded random weights; `fp8`: in the FP8 layout."""
+    model = build_model(ModelConfig.from_dict(fields), "meta", dtype, with_mtp=True)
+    if fp8:
+        for name in fp8_capable(model):
+            model.get_submodule(name).use_fp8(0)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "norm" in name.split(".")[-2]:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.02, generator=gen)
-            else:
-                p.normal_(0.0, (1.0 / p.shape[-1]) ** 0.5, generator=gen)
-    return model
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                _fill(module, name, p, gen)
+    return model.eval()
+
+
+def _fill(module: nn.Module, name: str, p: torch.Tensor, gen: torch.Generator) -> None:
+    """Parameter `name` of `module` (an FP8 weight together with its scale)."""
+    if p.dtype == torch.float8_e4m3fn:
+        _fill_fp8(p, getattr(module, name + "_scale"), p.shape[-1] ** -0.5, gen)
+    elif name.endswith("_scale") and getattr(module, name.removesuffix("_scale")).dtype == torch.float8_e4m3fn:
+        return  # filled with its weight
+    elif isinstance(module, RMSNorm):
+        p.fill_(1.0)
+    elif name.endswith("bias"):
+        p.normal_(0.0, 0.02, generator=gen)
+    else:
+        p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
+
+
+def _fill_fp8(weight: torch.Tensor, scale: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """weight [..., K] e4m3 and scale [..., 1] fp32: rows of N(0, std^2) quantised per row, a chunk of
+    rows at a time (the quantised codes do not depend on std; the scale carries it)."""
+    rows, scales = weight.view(-1, weight.shape[-1]), scale.view(-1, 1)  # [R,K], [R,1]
+    step = max(1, _CHUNK // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        n = min(step, rows.shape[0] - start)
+        x = torch.randn(n, rows.shape[1], generator=gen, device=weight.device, dtype=torch.bfloat16)
+        q, s = ops.quant_fp8_per_token(x)
+        rows[start:start + n].copy_(q)
+        scales[start:start + n].copy_(s * std)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters (a shared one counted once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def weight_bytes_at(fields: dict, layers: int, dtype: torch.dtype, fp8: bool) -> int:
+    """Parameter bytes of random_model(fields with `layers` layers) without building it (meta)."""
+    model = build_model(ModelConfig.from_dict(dict(fields, num_hidden_layers=layers)), "meta", dtype, with_mtp=True)
+    if fp8:
+        for name in fp8_capable(model):
+            model.get_submodule(name).use_fp8(0)
+    return parameter_bytes(model)
+
+
+def make_agreeing(model: Glm4MoeForCausalLM) -> None:
+    """Turn the model into one whose MTP draft always predicts the target's next (greedy) token, in place
+    (common/tools/agreeing_draft.py's construction, made exact under FP8 activations too).
+
+    Every residual branch is zeroed (o_proj, dense and expert down projections, main and MTP layers),
+    so the target's last hidden is RMSNorm(embed(t); w_norm): its next token is f(t). The MTP layer
+    gets enorm 1, hnorm 0 and eh_proj = [I, 0], and shared_head.norm = w_norm. Embedding rows are
+    +-1: then enorm(e) is exactly +-1 in bf16, its per-token FP8 quantisation is exact (amax 1 ->
+    codes +-448) with the hidden half all zero, so eh_proj returns +-1 = e exactly and the draft
+    computes the same f. Kernel costs do not change: the same shapes and bytes run."""
+    h = model.config.hidden_size
+    layers = [*model.model.layers, model.mtp.decoder]
+    with torch.no_grad():
+        for layer in layers:
+            _zero(layer.self_attn.o_proj.weight)
+            mlp = layer.mlp
+            _zero(mlp.experts.w2 if isinstance(mlp, MoE) else mlp.down_proj.weight)
+        emb = model.model.embed_tokens.weight
+        emb.sign_().add_(0.5).sign_()  # -1, 0, 1 -> -1, 1, 1
+        mtp = model.mtp
+        mtp.enorm.weight.fill_(1.0)
+        mtp.hnorm.weight.zero_()
+        mtp.shared_head_norm.weight.copy_(model.model.norm.weight)
+        eye = torch.zeros(h, 2 * h, device=emb.device)
+        eye[:, :h] = torch.eye(h, device=emb.device)
+        mtp.eh_proj.weight.copy_(eye.to(mtp.eh_proj.weight.dtype))
+        if mtp.eh_proj.fp8_block is not None:
+            mtp.eh_proj.weight_scale.fill_(1.0)
+
+
+def _zero(p: torch.Tensor) -> None:
+    (p.view(torch.uint8) if p.dtype == torch.float8_e4m3fn else p).zero_()

@@ -14,6 +14,7 @@ from common.forward.context import get_forward_context
 from common.model.config import ModelConfig
 from common.model.layers import (
     Embedding,
+    Fp8Activation,
     GatedMLP,
     PagedAttention,
     QKVLinear,
@@ -44,13 +45,13 @@ class Glm4MoeAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
         self.attn = PagedAttention(layer_id, scale=config.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # positions [T] int64, x [T,H] -> [T,H]
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        # positions [T] int64, x [T,H] (or quantised for an FP8 qkv_proj) -> [T,H]
         q, k, v = self.qkv_proj.forward_parts(x)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T,Hq,D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
-        cos_sin = rope_cos_sin(self.rotary_dim, self.rope_theta, self.max_positions, x.device)
+        cos_sin = rope_cos_sin(self.rotary_dim, self.rope_theta, self.max_positions, positions.device)
         o = self.attn(q, k, v, positions, cos_sin, self.rotary_dim,  # norm + RoPE + K/V store, attention
                       self.q_norm.weight if self.q_norm is not None else None,
                       self.k_norm.weight if self.k_norm is not None else None, self.eps)  # [T,Hq,D]
@@ -74,12 +75,14 @@ class Glm4MoeDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # an FP8 consumer gets its input quantised by the norm that produces it (one kernel)
+        qkv_quant = self.self_attn.qkv_proj.fp8_block
         if residual is None:
-            residual, h = x, self.input_layernorm(x)
+            residual, h = x, self.input_layernorm(x, qkv_quant)
         else:
-            h, residual = self.input_layernorm.add_and_norm(x, residual)
+            h, residual = self.input_layernorm.add_and_norm(x, residual, qkv_quant)
         h = self.self_attn(positions, h)
-        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual, self.mlp.input_fp8_block)
         return self.mlp(h), residual
 
 

@@ -150,29 +150,6 @@ def cut_blocks(what: str, full: int, start: int, local: int, block: int) -> str 
     return f"{what}: {full} -> {local} per rank, not a multiple of {block}"
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)  # [size]
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
-
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual)"""
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
-
-
-class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)  # [V,H]
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)  # [T,H]
-
-
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -194,6 +171,38 @@ def quantize_activation(x: torch.Tensor, block: int) -> Fp8Activation:
     """Dynamic FP8 quantisation of x [T,K]: one scale per token (block 0) or per 1 x block group."""
     q, scale = ops.quant_fp8_per_token(x) if block == 0 else ops.quant_fp8_per_group(x, block)
     return Fp8Activation(q, scale, x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)  # [size]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, quant: int | None = None) -> torch.Tensor | Fp8Activation:
+        """norm(x); with `quant` (the FP8 block of the consuming linear, 0 = per token) the norm's output
+        comes quantised for that linear, in the same kernel."""
+        if quant is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        q, scale = ops.rms_norm_quant_fp8(x, self.weight, self.eps, quant)
+        return Fp8Activation(q, scale, x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                     quant: int | None = None) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+        """(norm(x + residual), x + residual); the norm quantised for its consumer as in `forward`."""
+        if quant is None:
+            return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        q, scale, residual, _ = ops.fused_add_rms_norm_quant_fp8(x, residual, self.weight, self.eps, quant)
+        return Fp8Activation(q, scale, x.dtype), residual
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)  # [V,H]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)  # [T,H]
 
 
 class Linear(nn.Linear):
@@ -366,9 +375,18 @@ class GatedMLP(nn.Module):
                                                        "up_proj": intermediate_size}, bias=False)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate_up [T,2I/tp] -> [T,I/tp] -> [T,H] (all-reduced)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    @property
+    def input_fp8_block(self) -> int | None:
+        """What the producer of this MLP's input should quantise for (None: nothing)."""
+        return self.gate_up_proj.fp8_block
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T,2I/tp]
+        block = self.down_proj.fp8_block
+        if block is None:
+            return self.down_proj(ops.silu_and_mul(gate_up))  # [T,I/tp] -> [T,H] (all-reduced)
+        q, scale = ops.silu_and_mul_quant_fp8(gate_up, block)  # SiLU·mul quantised for down in one kernel
+        return self.down_proj(Fp8Activation(q, scale, gate_up.dtype))
 
 
 @functools.lru_cache(maxsize=8)

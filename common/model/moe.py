@@ -121,6 +121,8 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_routed_experts + self.num_shared, config.hidden_size,
                                config.moe_intermediate_size)
 
+    input_fp8_block = None  # the router needs x in the model dtype; the fused MoE quantises it itself
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T,H]
         logits = self.gate(x)  # [T,E] fp32

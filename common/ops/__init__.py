@@ -1,7 +1,7 @@
 """Custom ops with backend dispatch: the torch reference everywhere, Triton twins on CUDA.
 
 Every op has the signature pinned in docs/CONTRACTS.md. On CUDA tensors the CUDA twin (Triton, from
-`common/ops/triton_*.py`; the FP8 GEMM, from `cublas_fp8.py`) is used when that module imports
+`common/ops/triton_*.py`; the channel FP8 GEMM, from `cublas_fp8.py`) is used when that module imports
 (lazily, once) and defines the op; otherwise, and always on CPU or inside `use_reference()`, the
 pure-torch twin in `reference.py`.
 """
@@ -30,10 +30,15 @@ _TRITON_MODULE = {
     "router_logits": "triton_moe",
     "silu_and_mul": "triton_norm",
     "fused_moe": "triton_moe",
+    "fused_moe_fp8": "triton_moe_fp8",
     "store_kv": "triton_kv",
     "quant_fp8_per_token": "triton_fp8",
     "quant_fp8_per_group": "triton_fp8",
+    "rms_norm_quant_fp8": "triton_fp8",
+    "fused_add_rms_norm_quant_fp8": "triton_fp8",
+    "silu_and_mul_quant_fp8": "triton_fp8",
     "fp8_linear": "cublas_fp8",
+    "fp8_block_linear": "triton_fp8_gemm",
 }
 
 _backend = "auto"
@@ -152,6 +157,19 @@ def fused_moe(
     return resolve("fused_moe", x.device)(x, w13, w2, weights, ids)
 
 
+def fused_moe_fp8(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    block: int = 0,
+) -> torch.Tensor:
+    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block)
+
+
 def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
@@ -178,8 +196,38 @@ def fp8_linear(
     return resolve("fp8_linear", x_q.device)(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 
+def rms_norm_quant_fp8(
+    x: torch.Tensor, w: torch.Tensor, eps: float, group: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("rms_norm_quant_fp8", x.device)(x, w, eps, group)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, eps: float, group: int = 0, keep_normed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return resolve("fused_add_rms_norm_quant_fp8", x.device)(x, residual, w, eps, group, keep_normed)
+
+
+def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("silu_and_mul_quant_fp8", gate_up.device)(gate_up, group)
+
+
+def fp8_block_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """On CUDA, triton_fp8_gemm.fp8_block_linear decides per call between cuBLAS and its Triton kernel."""
+    return resolve("fp8_block_linear", x_q.device)(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+
+
 __all__ = [
-    "fp8_linear", "fused_add_rms_norm", "fused_moe", "get_backend", "grouped_topk", "qk_norm_rope",
-    "qk_norm_rope_store", "quant_fp8_per_group", "quant_fp8_per_token", "resolve", "rms_norm", "router_logits",
-    "set_backend", "silu_and_mul", "store_kv", "use_reference",
+    "fp8_block_linear", "fp8_linear", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8", "fused_moe",
+    "fused_moe_fp8", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "quant_fp8_per_group",
+    "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "set_backend",
+    "silu_and_mul", "silu_and_mul_quant_fp8", "store_kv", "use_reference",
 ]

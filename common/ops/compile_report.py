@@ -1,5 +1,7 @@
 """The fused MoE's kernels compiled for sm_90 on any machine (no GPU): PTX for order checks, and
-warps, registers, spills, shared memory and the SASS instruction mix of a grouped-GEMM config.
+warps, registers, spills, shared memory and the SASS instruction mix of a grouped-GEMM config
+(bf16: triton_moe; FP8: triton_moe_fp8, whose tensor-core ops show as QGMMA, or HMMA after an
+upcast).
 
 tests/common/test_moe_pdl_order.py reads the PTX; benchmarks/kernels/kernel_resources.py prints the
 resources of the shipped tables' entries.
@@ -25,7 +27,13 @@ GEMM_ARGS = ("a_ptr", "w_ptr", "w_desc", "out_ptr", "sorted_ptr", "block_expert_
 GEMM_TYPES = ("*bf16", "*bf16", "constexpr", "*bf16", "*i32", "*i32", "*fp32") + ("i32",) * 8
 GEMM_ALIGNED = ("a_ptr", "w_ptr", "out_ptr", "sorted_ptr", "block_expert_ptr", "topw_ptr", "N", "K", "stride_am",
                 "stride_we", "stride_wn", "stride_om")
-SASS_OPS = ("HGMMA", "UTMALDG", "LDGSTS", "LDG", "STG")
+# _moe_fp8_gemm_kernel's runtime arguments (types by fp8_gemm_signature)
+FP8_GEMM_ARGS = ("a_ptr", "as_ptr", "w_ptr", "w_desc", "ws_ptr", "out_ptr", "os_ptr", "sorted_ptr", "block_expert_ptr",
+                 "topw_ptr", "NUMEL", "N", "K", "MAX_BLOCKS", "stride_am", "stride_as", "stride_we", "stride_wn",
+                 "stride_wse", "stride_wsn", "stride_om", "stride_os")
+FP8_GEMM_ALIGNED = ("a_ptr", "as_ptr", "w_ptr", "ws_ptr", "out_ptr", "os_ptr", "sorted_ptr", "block_expert_ptr",
+                    "topw_ptr", "N", "K", "stride_am", "stride_we", "stride_wn", "stride_om")
+SASS_OPS = ("HGMMA", "QGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDG", "STG")
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -53,6 +61,25 @@ def gemm_signature(gated: bool, direct: bool, bm: int, bn: int, bk: int, group_m
     return sig, consts
 
 
+def fp8_gemm_signature(gated: bool, direct: bool, bm: int, bn: int, bk: int, block: int = 0, quant: bool = False,
+                       swap: bool = False, tma: bool = False, even_k: bool = True) -> tuple[dict, dict]:
+    """(sig, consts) of one _moe_fp8_gemm_kernel specialisation: bf16 intermediate, PDL on, A_DIV 9
+    for gate_up; block 0: per-channel scales; quant: gate_up writes e4m3 codes and their scales."""
+    import triton.language as tl
+
+    out = "*fp8e4nv" if gated and quant else "*bf16" if gated else "*fp32"
+    types = ("*fp8e4nv", "*fp32", "*fp8e4nv", "constexpr", "*fp32", out, "*fp32", "*i32", "*i32", "*fp32") + ("i32",) * 12
+    sig = dict(zip(FP8_GEMM_ARGS, types, strict=True))
+    consts = {"w_desc": None, "A_DIV": 9 if gated else 1, "GATED": gated, "QUANT": gated and quant,
+              "ACT": tl.bfloat16, "BLOCKWISE": block > 0, "GROUP": max(block, 1), "EVEN_K": even_k, "BM": bm, "BN": bn,
+              "BK": bk, "GROUP_M": 1 if direct else 8, "TMA": tma, "DIRECT": direct, "SWAP": swap, "PDL": True,
+              "QMAX": 448.0, "FLOOR": 2.0**-30}
+    if tma:
+        sig["w_desc"] = f"tensordesc<fp8e4nv[{bn}, {bk}]>"
+        del consts["w_desc"]
+    return sig, consts
+
+
 def resources(kernel: Any) -> dict:
     """Warps, shared KB, registers / stack / local bytes per thread and SASS op counts of a compiled
     kernel (the cuobjdump bundled with Triton)."""
@@ -73,4 +100,5 @@ def _cuobjdump(flag: str, path: str) -> str:
     return subprocess.run([str(_BIN / "cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
 
 
-__all__ = ["GEMM_ALIGNED", "GEMM_ARGS", "GEMM_TYPES", "SASS_OPS", "compile_sm90", "gemm_signature", "resources"]
+__all__ = ["FP8_GEMM_ALIGNED", "FP8_GEMM_ARGS", "GEMM_ALIGNED", "GEMM_ARGS", "GEMM_TYPES", "SASS_OPS", "compile_sm90",
+           "fp8_gemm_signature", "gemm_signature", "resources"]

@@ -8,6 +8,10 @@ sm_90 or newer, E4M3 operands, fp32 scales shaped [T,1] and [N,1], a bf16 output
 row-wise scaling serves), a bf16 bias or none, K and N multiples of 16, row-major operands on
 16-byte boundaries. Every other call runs the reference twin, so results never depend on whether
 the fast path was taken beyond accumulation order and the output's rounding.
+
+Block FP8 (1 x 128 activation groups, 128 x 128 weight blocks) goes through the same call where
+cuBLAS serves it (12.9+, sm_90: `block_scaled_mm_fits`); `triton_fp8_gemm.fp8_block_linear` asks
+that rule first and runs its Triton kernel otherwise.
 """
 
 from __future__ import annotations
@@ -73,4 +77,57 @@ def fp8_linear(
                             out_dtype=out_dtype, use_fast_accum=False)
 
 
-__all__ = ["fp8_linear", "scaled_mm_fits"]
+_CUBLAS_BLOCK = 128  # the only block size cuBLAS's block scaling takes
+_BLOCK_K_ALIGN = 4 * _CUBLAS_BLOCK  # K/128 a multiple of 4: the weight-scale row stride every torch version accepts
+
+
+@functools.cache
+def block_scaled_mm_available(device_index: int) -> bool:
+    """cuBLAS block scaling for FP8 (128 x 128 weight blocks): CUDA 12.9+, served on sm_90 only."""
+    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+    return cuda >= (12, 9) and torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def block_scaled_mm_fits(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,K/128] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [ceil(N/128), K/128] fp32
+    bias: torch.Tensor | None,  # [N]
+    out_dtype: torch.dtype,
+    block: int,
+) -> bool:
+    """Whether `torch._scaled_mm` with block scales can run this call: the conditions of
+    `scaled_mm_fits` with scales per 1 x 128 group of x and per 128 x 128 block of w (row-major as
+    the checkpoint stores them), b = 128, K a multiple of 512, and no bias (the Triton kernel adds
+    one in its epilogue; cuBLAS's bias epilogue under block scaling is not relied on)."""
+    if x_q.device.type != "cuda" or block != _CUBLAS_BLOCK or not block_scaled_mm_available(x_q.device.index or 0):
+        return False
+    (n_tok, k), n_out = x_q.shape, w_q.shape[0]
+    k_blocks = k // block
+    return (
+        x_q.dtype == w_q.dtype == torch.float8_e4m3fn
+        and out_dtype == torch.bfloat16 and bias is None
+        and n_tok > 0 and k % _BLOCK_K_ALIGN == 0 and n_out % _ALIGN == 0
+        and _aligned_rows(x_q) and _aligned_rows(w_q)
+        and x_scale.dtype == w_scale.dtype == torch.float32
+        and tuple(x_scale.shape) == (n_tok, k_blocks)
+        and tuple(w_scale.shape) == (-(-n_out // block), k_blocks) and w_scale.is_contiguous()
+    )
+
+
+def block_scaled_mm(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,K/128] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [ceil(N/128), K/128] fp32
+) -> torch.Tensor:
+    """y[T,N] bf16 of the block-scaled FP8 GEMM through cuBLAS; call only where block_scaled_mm_fits."""
+    # cuBLAS takes the group scales token-major ([T,K/128] with stride (1, T)): a copy of T*K/128
+    # floats; the block scales as stored ([N/128,K/128] row-major, passed transposed like w_q)
+    x_scale_t = x_scale.t().contiguous().t()
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale_t, scale_b=w_scale.t(), out_dtype=torch.bfloat16,
+                            use_fast_accum=False)
+
+
+__all__ = ["block_scaled_mm", "block_scaled_mm_available", "block_scaled_mm_fits", "fp8_linear", "scaled_mm_fits"]

@@ -9,11 +9,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The RMSNorm statistic is exact up to one documented truncation, so that every backend gets the
+# same bits whatever its reduction order (the Triton kernels on the GPU and on the interpreter, this
+# twin on either device): each x^2 is scaled by a power of two chosen from the row's amax (2^e >
+# amax), truncated to an integer below 2^RMS_SUM_BITS and summed in int64, where addition is
+# associative; a term loses less than 2^-(RMS_SUM_BITS-2) of amax^2, so the sum is exact to
+# H * 2^-44 relative, far below fp32 rounding. The tail (mean, + eps, sqrt, reciprocal) is one IEEE
+# fp64 operation each, rounded once to fp32; eps is taken in fp32.
+RMS_SUM_BITS = 46  # H * 2^46 < 2^63: rows up to 2^17 wide
+
+
+def _fp32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+def inv_rms(xf: torch.Tensor, eps: float) -> torch.Tensor:
+    """xf [..., H] fp32 -> 1 / sqrt(mean(xf^2) + eps) [..., 1] fp32, bit-reproducible (see above)."""
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    e = (((amax.view(torch.int32) >> 23) & 0xFF) - 126).clamp(-100, 129)  # amax < 2^e
+    y = xf * ((150 - e) << 23).view(torch.float32)  # xf * 2^(23-e): |y| < 2^23, exact where |y| >= 1
+    total = (y * y).long().sum(dim=-1, keepdim=True)  # terms < 2^46, truncated; exact integer sum
+    unit = ((2 * e.long() - RMS_SUM_BITS + 1023) << 52).view(torch.float64)  # 2^(2e - 46)
+    mean = total.double() * unit / xf.shape[-1]
+    return torch.sqrt(mean + _fp32(eps)).reciprocal().float()
+
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x[T,H] normalised over the last dim in fp32, cast back to x.dtype, then scaled by w[H]."""
+    """x[T,H] times inv_rms in fp32, cast back to x.dtype, then scaled by w[H] in x.dtype."""
     xf = x.float()
-    u = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    u = xf * inv_rms(xf, eps)
     return w.to(x.dtype) * u.to(x.dtype)
 
 
@@ -207,6 +231,169 @@ def fp8_linear(
 ) -> torch.Tensor:
     """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias): both operands dequantised, fp32 matmul."""
     y = (x_q.float() * x_scale) @ (w_q.float() * w_scale).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def fp8_moe_scale_shapes(num_experts: int, inter: int, hidden: int, block: int) -> tuple[tuple, tuple]:
+    """(s13 shape, s2 shape) of fused_moe_fp8: one scale per output row (block 0, the official GLM
+    FP8 "channel" format) or one per block x block weight tile (block FP8's weight_scale_inv)."""
+    if block == 0:
+        return (num_experts, 2 * inter, 1), (num_experts, hidden, 1)
+    return (num_experts, 2 * inter // block, hidden // block), (num_experts, hidden // block, inter // block)
+
+
+def check_fused_moe_fp8(
+    x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+    weights: torch.Tensor, ids: torch.Tensor, block: int,
+) -> None:
+    """Raise ValueError, naming the argument, unless the operands fit fused_moe_fp8's contract."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"fused_moe_fp8: {msg}")
+
+    if x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise bad(f"x must be [T,H] bf16, fp16 or fp32; got {tuple(x.shape)} {x.dtype}")
+    n_tok, hidden = x.shape
+    if w13.dim() != 3 or w13.dtype != torch.float8_e4m3fn or w13.shape[2] != hidden or w13.shape[1] % 2:
+        raise bad(f"w13 must be [E,2I,H={hidden}] float8_e4m3fn; got {tuple(w13.shape)} {w13.dtype}")
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    if w2.dtype != torch.float8_e4m3fn or tuple(w2.shape) != (num_experts, hidden, inter):
+        raise bad(f"w2 must be [E={num_experts},H={hidden},I={inter}] float8_e4m3fn; got {tuple(w2.shape)} {w2.dtype}")
+    if block < 0 or (block and (hidden % block or inter % block)):
+        raise bad(f"block={block} must be 0 (per-channel scales) or divide H={hidden} and I={inter}")
+    want13, want2 = fp8_moe_scale_shapes(num_experts, inter, hidden, block)
+    for name, s, want in (("s13", s13, want13), ("s2", s2, want2)):
+        if s.dtype != torch.float32 or tuple(s.shape) != want:
+            raise bad(f"{name} must be {list(want)} float32 for block={block}; got {tuple(s.shape)} {s.dtype}")
+    if weights.dim() != 2 or weights.shape[0] != n_tok or not weights.is_floating_point():
+        raise bad(f"weights must be [T={n_tok},k] float; got {tuple(weights.shape)} {weights.dtype}")
+    if tuple(ids.shape) != tuple(weights.shape) or ids.dtype not in (torch.int32, torch.int64):
+        raise bad(f"ids must be [T,k]={tuple(weights.shape)} int32 or int64; got {tuple(ids.shape)} {ids.dtype}")
+
+
+def _dequant_rows(q: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """q[R,K] e4m3 with scale[R,1] (block 0) or [R,K/block] -> fp32 [R,K]."""
+    return q.float() * (scale.repeat_interleave(block, dim=1) if block else scale)
+
+
+def _dequant_weight(w: torch.Tensor, scale: torch.Tensor, block: int) -> torch.Tensor:
+    """w[N,K] e4m3 with scale[N,1] (block 0) or [N/block, K/block] -> fp32 [N,K]."""
+    if block:
+        scale = scale.repeat_interleave(block, dim=0).repeat_interleave(block, dim=1)
+    return w.float() * scale
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T,H] bf16 | fp16 | fp32
+    w13: torch.Tensor,  # [E,2I,H] e4m3: gate rows then up rows
+    s13: torch.Tensor,  # fp32 [E,2I,1] (block 0) | [E,2I/b,H/b]
+    w2: torch.Tensor,  # [E,H,I] e4m3
+    s2: torch.Tensor,  # fp32 [E,H,1] (block 0) | [E,H/b,I/b]
+    weights: torch.Tensor,  # [T,k] fp32
+    ids: torch.Tensor,  # [T,k] int32
+    block: int = 0,
+) -> torch.Tensor:  # [T,H] x.dtype
+    """The W8A8 fused MoE: sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j], with
+    FP8 weights and activations. Exactly (block 0: per token / per row; block b: per 1 x b group
+    along K, weight scales per b x b tile, so w13 row n has scale row n // b):
+    1. x_q, s_x = quant_fp8_per_token(x) | quant_fp8_per_group(x, b): once per token row.
+    2. per assignment: gate_up = deq(x_q) @ deq(w13[e])^T in fp32 (dequantised operands).
+    3. h = silu(gate) * up in fp32, then rounded to x.dtype (the intermediate's storage dtype).
+    4. h_q, s_h = the same quantiser over the assignment row's I columns (per row | per group).
+    5. y = deq(h_q) @ deq(w2[e])^T in fp32, times the routing weight (fp32).
+    6. out[t] = sum_j y[t,j] in fp32, cast once to x.dtype.
+    Loops over the experts present, not the tokens, so it serves a whole model on the CPU."""
+    check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
+    inter = w2.shape[-1]
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T,H]
+    if x.shape[0] == 0:
+        return out.to(x.dtype)
+
+    def quant(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quant_fp8_per_group(v, block) if block else quant_fp8_per_token(v)
+
+    x_deq = _dequant_rows(*quant(x), block)  # [T,H] fp32
+    flat_ids = ids.long().reshape(-1)  # [T*k]
+    flat_tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])  # [T*k]
+    flat_w = weights.float().reshape(-1)  # [T*k]
+    for e in torch.unique(flat_ids).tolist():
+        sel = (flat_ids == e).nonzero(as_tuple=True)[0]
+        tok = flat_tok[sel]
+        gate_up = x_deq[tok] @ _dequant_weight(w13[e], s13[e], block).T  # [n,2I] fp32
+        h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)  # [n,I]
+        y = _dequant_rows(*quant(h), block) @ _dequant_weight(w2[e], s2[e], block).T  # [n,H] fp32
+        out.index_add_(0, tok, y * flat_w[sel, None])
+    return out.to(x.dtype)
+def quant_fp8_weight_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w[N,K] -> (q[N,K] e4m3, scale[ceil(N/b), K/b] fp32): per_token on each b x b block, the layout
+    of block-FP8 checkpoints (`weight_scale_inv`); N may end in a partial block, K may not."""
+    n_out, k = w.shape
+    if k % block:
+        raise ValueError(f"quant_fp8_weight_blocks: K={k} is not a multiple of block={block}")
+    rows = -(-n_out // block)
+    padded = torch.zeros(rows * block, k, dtype=w.dtype, device=w.device)
+    padded[:n_out] = w
+    blocks = padded.view(rows, block, k // block, block).transpose(1, 2)  # [N/b, K/b, b, b]
+    q, scale = _quant_fp8_last_dim(blocks.reshape(rows, k // block, block * block))
+    q = q.view(rows, k // block, block, block).transpose(1, 2).reshape(rows * block, k)[:n_out]
+    return q, scale.squeeze(-1)
+
+
+# Producers fused with the quantiser. Each quantises the activation exactly as the unfused pair
+# would: the producer's output rounded to its dtype (bf16 in serving), then quant_fp8_per_token
+# (group 0) or quant_fp8_per_group; so the unfused ops are a bit-equal fallback.
+def _quant_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant_fp8_per_token(x) if group == 0 else quant_fp8_per_group(x, group)
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+    group: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q[T,H] e4m3, scale[T,1] or [T,H/group] fp32) of rms_norm(x, w, eps) as rounded to x.dtype."""
+    return _quant_fp8(rms_norm(x, w, eps), group)
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T,H]
+    residual: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+    group: int = 0,
+    keep_normed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q, scale, x + residual, normed or None): fused_add_rms_norm, then the normed value (in the
+    activation dtype; returned too when keep_normed, for a consumer that wants it unquantised) quantised."""
+    normed, new_residual = fused_add_rms_norm(x, residual, w, eps)
+    q, scale = _quant_fp8(normed, group)
+    return q, scale, new_residual, normed if keep_normed else None
+
+
+def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [T,2I] -> (q[T,I] e4m3, scale[T,1] or [T,I/group] fp32) of silu_and_mul(gate_up)."""
+    return _quant_fp8(silu_and_mul(gate_up), group)
+
+
+def fp8_block_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,K/b] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [ceil(N/b), K/b] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """y[T,N] for 1 x b activation groups and b x b weight blocks: both dequantised, fp32 matmul.
+    K must be a multiple of b (whole activation groups); N may end in a partial block."""
+    n_out, k = w_q.shape
+    if k % block:
+        raise ValueError(f"fp8_block_linear: K={k} is not a multiple of block={block}")
+    x = x_q.float() * x_scale.repeat_interleave(block, dim=1)  # [T,K]
+    w = w_q.float() * w_scale.repeat_interleave(block, dim=0)[:n_out].repeat_interleave(block, dim=1)  # [N,K]
+    y = x @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)

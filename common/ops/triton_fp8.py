@@ -1,11 +1,16 @@
-"""Triton twins of `reference.quant_fp8_per_token` and `reference.quant_fp8_per_group`.
+"""Triton twins of the FP8 activation quantisers in `reference.py`: quant_fp8_per_token,
+quant_fp8_per_group, and the producers fused with them: rms_norm_quant_fp8,
+fused_add_rms_norm_quant_fp8, silu_and_mul_quant_fp8 (one read of the producer's input and one
+write of codes and scales, instead of a round trip of the activation through memory).
 
 Bit-equal to the twins (codes and scales): the math is fp32 with IEEE division (`div_rn`), and the
 round to E4M3 is done in fp32 by `_round_e4m3` before a cast that is then exact. That keeps the
 result independent of how a backend converts fp32 to fp8 (the CPU interpreter's conversion drops
 the carry into the next binade, e.g. 31.99 -> 16); on sm_90 the hardware conversion would give the
-same codes. Rows must have a contiguous last dim (others are copied first); loads along it are
-contiguous, so they vectorise.
+same codes. The fused kernels run the producer with the unfused kernel's own code
+(`triton_norm._inv_rms`, `triton_norm._silu_mul`), round it to the activation dtype and quantise
+that, so they are bit-equal to the unfused pair too. Rows must have a contiguous last dim (others
+are copied first); loads along it are contiguous, so they vectorise.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import triton
 import triton.language as tl
 
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
+from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to an integer, ties to even
 
@@ -114,4 +120,170 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
     return q, scale
 
 
-__all__ = ["quant_fp8_per_group", "quant_fp8_per_token"]
+@triton.jit
+def _quant_store(v, cols, m, g, n_groups, q_row, s_row, QMAX: tl.constexpr, FLOOR: tl.constexpr,
+                 PER_GROUP: tl.constexpr):
+    """Quantise the fp32 tile v [NG, GB] (row r of the tile = group g[r]; padding lanes 0) and store
+    codes at q_row + cols (mask m) and scales at s_row: one per group, or one for the whole tile."""
+    if PER_GROUP:
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1), FLOOR), QMAX)  # [NG]
+        q = _quant_code(v, scale[:, None], QMAX)
+        tl.store(s_row + g, scale, mask=g < n_groups)
+    else:
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v)), FLOOR), QMAX)
+        q = _quant_code(v, scale, QMAX)
+        tl.store(s_row, scale)
+    tl.store(q_row + cols, q.to(q_row.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _norm_quant_kernel(
+    x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, normed_ptr,
+    H, n_groups, stride_x, stride_r, stride_q, stride_s, stride_ro, stride_n, eps,
+    HAS_RES: tl.constexpr, KEEP: tl.constexpr, PER_GROUP: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr,
+):
+    """One row per program, held as an [NG, GB] tile (GB = the group when PER_GROUP): s = x
+    (+ residual, rounded to the activation dtype and stored), normed = w * (s * inv_rms(s)) in the
+    activation dtype (stored when KEEP), then normed quantised to FP8."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.arange(0, NG)
+    cols = g[:, None] * GB + tl.arange(0, GB)[None, :]  # [NG, GB]
+    m = cols < H
+    dt = res_out_ptr.dtype.element_ty  # the activation dtype (x's own when there is no residual)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
+    if HAS_RES:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0)
+        x = (x + r).to(dt)  # rounded like the reference's sum
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=m)
+    xf = x.to(tl.float32)
+    inv = _inv_rms(xf, H, eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(dt)
+    normed = (xf * inv).to(dt) * w
+    if KEEP:
+        tl.store(normed_ptr + row * stride_n + cols, normed, mask=m)
+    _quant_store(normed.to(tl.float32), cols, m, g, n_groups, q_ptr + row * stride_q, s_ptr + row * stride_s,
+                 QMAX, FLOOR, PER_GROUP)
+
+
+def _check_group(name: str, width: int, group: int) -> None:
+    if group < 0 or group & (group - 1) or (group and width % group):
+        raise ValueError(f"{name}: group={group} must be 0 (per token) or a power of two dividing {width}")
+
+
+def _quant_out(n_tok: int, width: int, group: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.empty(n_tok, width, dtype=torch.float8_e4m3fn, device=device)
+    scale = torch.empty(n_tok, width // group if group else 1, dtype=torch.float32, device=device)
+    return q, scale
+
+
+def _norm_quant(
+    x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, group: int, keep_normed: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launcher of _norm_quant_kernel: (q, scale, x + residual or None, normed or None)."""
+    x = _rows(x)
+    n_tok, h = x.shape
+    _check_group("rms_norm_quant_fp8", h, group)
+    dt = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    q, scale = _quant_out(n_tok, h, group, x.device)
+    new_res = torch.empty(n_tok, h, dtype=dt, device=x.device) if residual is not None else None
+    normed = torch.empty(n_tok, h, dtype=dt, device=x.device) if keep_normed else None
+    if n_tok == 0:
+        return q, scale, new_res, normed
+    r = _rows(residual) if residual is not None else x
+    gb = group or min(128, triton.next_power_of_2(h))
+    ng = triton.next_power_of_2(triton.cdiv(h, gb))
+    res_out = new_res if new_res is not None else x  # also carries the activation dtype
+    normed_out = normed if normed is not None else res_out
+    _norm_quant_kernel[(n_tok,)](
+        x, r, w, q, scale, res_out, normed_out, h, triton.cdiv(h, gb),
+        x.stride(0), r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0), normed_out.stride(0), eps,
+        HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
+        NG=ng, GB=gb, num_warps=_row_warps(ng * gb),
+    )
+    return q, scale, new_res, normed
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+    group: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q[T,H] e4m3, scale[T,1] or [T,H/group] fp32); see reference.rms_norm_quant_fp8."""
+    q, scale, _, _ = _norm_quant(x, None, w, eps, group, False)
+    return q, scale
+
+
+def fused_add_rms_norm_quant_fp8(
+    x: torch.Tensor,  # [T,H]
+    residual: torch.Tensor,  # [T,H]
+    w: torch.Tensor,  # [H]
+    eps: float,
+    group: int = 0,
+    keep_normed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(q, scale, x + residual, normed or None) in one pass; see reference.fused_add_rms_norm_quant_fp8."""
+    q, scale, new_res, normed = _norm_quant(x, residual, w, eps, group, keep_normed)
+    assert new_res is not None
+    return q, scale, new_res, normed
+
+
+@triton.jit
+def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+    """grid (T,): one row; pass 1 takes the amax of silu(gate) * up over I in BLOCK chunks, pass 2
+    recomputes the same values and writes their codes."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, I, BLOCK):
+        v = _silu_mul(x_row, I, i0 + cols, i0 + cols < I).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
+    for i0 in range(0, I, BLOCK):
+        m = i0 + cols < I
+        q = _quant_code(_silu_mul(x_row, I, i0 + cols, m).to(tl.float32), scale, QMAX)
+        tl.store(q_ptr + row * stride_q + i0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _silu_quant_group_kernel(x_ptr, q_ptr, s_ptr, I, n_groups, stride_x, stride_q, stride_s,
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr):
+    """grid (T, cdiv(G, BG)): groups [g0, g0+BG) of one row as a [BG, GROUP] tile, in one pass."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BG + tl.arange(0, BG)  # [BG]
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BG, GROUP]
+    m = (g < n_groups)[:, None] & (cols < I)
+    v = _silu_mul(x_ptr + row * stride_x, I, cols, m).to(tl.float32)
+    _quant_store(v, cols, m, g, n_groups, q_ptr + row * stride_q, s_ptr + row * stride_s, QMAX, FLOOR, True)
+
+
+def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [T,2I] -> (q[T,I] e4m3, scale[T,1] or [T,I/group] fp32); see reference.silu_and_mul_quant_fp8."""
+    x = _rows(gate_up)
+    n_tok, width = x.shape
+    inter = width // 2
+    _check_group("silu_and_mul_quant_fp8", inter, group)
+    q, scale = _quant_out(n_tok, inter, group, x.device)
+    if n_tok == 0:
+        return q, scale
+    if group == 0:
+        block = min(4096, triton.next_power_of_2(inter))
+        _silu_quant_token_kernel[(n_tok,)](x, q, scale, inter, x.stride(0), q.stride(0),
+                                           QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block,
+                                           num_warps=_row_warps(block))
+    else:
+        n_groups = inter // group
+        bg = max(1, min(triton.next_power_of_2(n_groups), 2048 // group))
+        _silu_quant_group_kernel[(n_tok, triton.cdiv(n_groups, bg))](
+            x, q, scale, inter, n_groups, x.stride(0), q.stride(0), scale.stride(0),
+            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4,
+        )
+    return q, scale
+
+
+__all__ = ["fused_add_rms_norm_quant_fp8", "quant_fp8_per_group", "quant_fp8_per_token", "rms_norm_quant_fp8",
+           "silu_and_mul_quant_fp8"]

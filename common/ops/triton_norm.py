@@ -2,8 +2,10 @@
 qk_norm_rope_store (the same plus the paged K/V write, one launch), silu_and_mul.
 
 Same signatures and the same cast order as the reference (fp32 statistics, cast to the activation
-dtype, then the weight multiply and the RoPE arithmetic in the activation dtype), so results agree
-to the last bit in most elements and to one ulp elsewhere. Every kernel is dtype-generic (the
+dtype, then the weight multiply and the RoPE arithmetic in the activation dtype). rms_norm and
+fused_add_rms_norm take the RMS statistic exactly as `reference.inv_rms` does (`_inv_rms`), so they
+are bit-equal to their twins; the per-head norm of qk_norm_rope sums in fp32 and agrees to the last
+bit in most elements and to one ulp elsewhere. Every kernel is dtype-generic (the
 output dtype is read off the pointers); the CPU interpreter cannot do bf16 arithmetic, so the
 interpreter tests run fp16 and fp32 while the GPU tests run bf16.
 
@@ -17,10 +19,28 @@ import torch
 import triton
 import triton.language as tl
 
+from common.ops.reference import RMS_SUM_BITS
+
+_SUM_BITS = tl.constexpr(RMS_SUM_BITS)
+
 
 def _row_warps(block: int) -> int:
     # 16-byte vectors: 8 bf16 per thread per load; aim for ~4 vectors per thread
     return max(1, min(16, block // 256))
+
+
+@triton.jit
+def _inv_rms(xf, n, eps):
+    """1 / sqrt(mean(xf^2) + eps) over every element of the fp32 tile xf (padding lanes 0; n real
+    elements), bit-equal to `reference.inv_rms`: int64 sum of truncated scaled squares, IEEE fp64 tail."""
+    amax = tl.max(tl.abs(xf))
+    e = tl.minimum(tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, -100), 129)  # amax < 2^e
+    y = xf * ((150 - e) << 23).to(tl.float32, bitcast=True)  # xf * 2^(23-e)
+    total = tl.sum((y * y).to(tl.int64))
+    unit = ((2 * e.to(tl.int64) - _SUM_BITS + 1023) << 52).to(tl.float64, bitcast=True)  # 2^(2e - 46)
+    mean = total.to(tl.float64) * unit / n
+    eps64 = tl.cast(eps, tl.float32).to(tl.float64)  # eps is taken in fp32
+    return (1.0 / tl.sqrt(mean + eps64)).to(tl.float32)  # fp64 "/" and sqrt are IEEE
 
 
 @triton.jit
@@ -39,7 +59,7 @@ def _rms_norm_kernel(
         x = (x + r).to(res_out_ptr.dtype.element_ty)  # the sum is rounded like the reference's
         tl.store(res_out_ptr + row * stride_ro + offs, x, mask=m)
     xf = x.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    inv = _inv_rms(xf, H, eps)
     dt = out_ptr.dtype.element_ty
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(dt)
     tl.store(out_ptr + row * stride_o + offs, (xf * inv).to(dt) * w, mask=m)
@@ -247,17 +267,23 @@ def qk_norm_rope(
 
 
 @triton.jit
+def _silu_mul(x_row, I, i, m):
+    """silu(gate) * up at columns i (mask m) of one gate_up row, in its dtype (each product rounded
+    to it, as the reference's two torch ops round); shared by silu_and_mul and its FP8 fusion."""
+    dt = x_row.dtype.element_ty
+    g = tl.load(x_row + i, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_row + I + i, mask=m, other=0.0)
+    act = (g * tl.sigmoid(g)).to(dt)
+    return (act * u).to(dt)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
-    """grid (T, cdiv(I, BLOCK)): out[t] = silu(gate) * up, each rounded to the activation dtype
-    as the reference's two torch ops round."""
+    """grid (T, cdiv(I, BLOCK)): out[t] = silu(gate) * up."""
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = i < I
-    dt = out_ptr.dtype.element_ty
-    g = tl.load(x_ptr + t * stride_x + i, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + t * stride_x + I + i, mask=m, other=0.0)
-    act = (g * tl.sigmoid(g)).to(dt)
-    tl.store(out_ptr + t * stride_o + i, (act * u).to(dt), mask=m)
+    tl.store(out_ptr + t * stride_o + i, _silu_mul(x_ptr + t * stride_x, I, i, m), mask=m)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

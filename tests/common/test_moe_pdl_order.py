@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 
 from common.ops import triton_moe as tm
-from common.ops.compile_report import GEMM_ALIGNED, compile_sm90, gemm_signature
+from common.ops import triton_moe_fp8 as tf8
+from common.ops.compile_report import (
+    FP8_GEMM_ALIGNED,
+    GEMM_ALIGNED,
+    compile_sm90,
+    fp8_gemm_signature,
+    gemm_signature,
+)
 
 READS = ("ld.global", "cp.async", "prefetch.global")  # cp.async also matches the TMA bulk copies
 
@@ -42,6 +49,20 @@ def _gemm_ptx(gated: bool, direct: bool, tma: bool, even_k: bool) -> list[str]:
     bm, bn, bk = (16, 64, 128) if direct else (64, 64, 128)
     sig, consts = gemm_signature(gated, direct, bm, bn, bk, 1 if direct else 8, tma, even_k)
     return _ptx(tm._moe_gemm_kernel, sig, consts, GEMM_ALIGNED)
+
+
+@pytest.mark.parametrize(("gated", "direct", "block", "quant", "swap", "tma", "even_k"), [
+    (True, True, 0, False, False, False, True),  # decode gate_up, intermediate quantised by triton_fp8
+    (False, True, 0, False, True, True, False),  # decode down, swapped operands, TMA weights, K tail
+    (True, False, 0, True, True, False, False),  # TP-8 gate_up holding the whole row: quantised in its epilogue
+    (True, False, 128, True, False, True, True),  # block scales, per-group quantisation in the epilogue
+    (False, False, 128, False, False, False, True),  # block-scaled down
+])
+def test_fp8_gemm_reads_nothing_before_the_wait(gated: bool, direct: bool, block: int, quant: bool, swap: bool,
+                                                tma: bool, even_k: bool) -> None:
+    bm, bn, bk = (16, 64, 128) if direct else (64, 128 if block else 256, 128)
+    sig, consts = fp8_gemm_signature(gated, direct, bm, bn, bk, block, quant, swap, tma, even_k)
+    _check_order(_ptx(tf8._moe_fp8_gemm_kernel, sig, consts, FP8_GEMM_ALIGNED), triggers=True)
 
 
 def test_combine_reads_nothing_before_the_wait() -> None:

@@ -15,16 +15,28 @@ import torch
 CONFIG_DIR = Path(__file__).parent
 
 
-def config_name(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> str:
-    """File name of a tuned table; n = w13 rows (2*I), device_name as torch reports it."""
-    dt = str(dtype).replace("torch.", "")
+def table_dtype(dtype: torch.dtype, fp8_block: int | None = None) -> str:
+    """The dtype field of a table's name: the activation dtype for bf16 weights (triton_moe); for FP8
+    weights (triton_moe_fp8) "fp8_w8a8" with per-channel scales (fp8_block 0) or "fp8_w8a8_block{b}"
+    with b x b block scales."""
+    if fp8_block is None:
+        return str(dtype).replace("torch.", "")
+    return "fp8_w8a8" if fp8_block == 0 else f"fp8_w8a8_block{fp8_block}"
+
+
+def config_name(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str,
+                fp8_block: int | None = None) -> str:
+    """File name of a tuned table; n = w13 rows (2*I), device_name as torch reports it, fp8_block as
+    in table_dtype (None: the bf16 kernel)."""
+    dt = table_dtype(dtype, fp8_block)
     return f"E={num_experts},N={n},H={hidden},dtype={dt},device={device_name.replace(' ', '_')}.json"
 
 
 @functools.lru_cache(maxsize=64)
-def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str) -> dict | None:
-    exact = CONFIG_DIR / config_name(num_experts, n, hidden, dtype, device_name)
-    pattern = config_name(num_experts, n, hidden, dtype, "*")
+def _load_table(num_experts: int, n: int, hidden: int, dtype: torch.dtype, device_name: str,
+                fp8_block: int | None) -> dict | None:
+    exact = CONFIG_DIR / config_name(num_experts, n, hidden, dtype, device_name, fp8_block)
+    pattern = config_name(num_experts, n, hidden, dtype, "*", fp8_block)
     for path in [exact, *sorted(CONFIG_DIR.glob(pattern))]:  # same shape from another device next
         if path.is_file():
             return {int(m): cfg for m, cfg in json.loads(path.read_text()).items() if m.isdigit()}
@@ -53,6 +65,18 @@ def default_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, nu
             "down": {"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}}
 
 
+def default_config_fp8(m: int, num_experts: int, n: int, hidden: int, top_k: int, block: int,
+                       num_sms: int = 132) -> dict:
+    """Heuristic for the FP8 kernel when no tuned table exists: default_config's tiles with the K step
+    widened to the same bytes per weight-tile row (at decode up to 256 elements: a half-size element
+    moves half the bytes); block scales fix BLOCK_K to the block."""
+    cfg = default_config(m, num_experts, n, hidden, top_k, num_sms)
+    decode = cfg["BLOCK_M"] == 16
+    for part in ("up", "down"):
+        cfg[part] = dict(cfg[part], BLOCK_K=block or (min(2 * cfg[part]["BLOCK_K"], 256) if decode else 128))
+    return cfg
+
+
 @functools.lru_cache(maxsize=8)
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -65,13 +89,16 @@ def num_sms(device: torch.device) -> int:
 
 
 def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
-               device: torch.device) -> dict:
-    """The tuned entry nearest to m for this shape and device (any device's table for the shape
-    next), else default_config()."""
-    table = _load_table(num_experts, n, hidden, dtype, _device_name(device))
+               device: torch.device, fp8_block: int | None = None) -> dict:
+    """The tuned entry nearest to m for this shape, weight format and device (any device's table for
+    the shape next), else default_config() (default_config_fp8() for FP8 weights)."""
+    table = _load_table(num_experts, n, hidden, dtype, _device_name(device), fp8_block)
     if table:
         return table[min(table, key=lambda key: (abs(key - m), key))]
-    return default_config(m, num_experts, n, hidden, top_k, num_sms(device))
+    if fp8_block is None:
+        return default_config(m, num_experts, n, hidden, top_k, num_sms(device))
+    return default_config_fp8(m, num_experts, n, hidden, top_k, fp8_block, num_sms(device))
 
 
-__all__ = ["CONFIG_DIR", "config_name", "default_config", "get_config", "num_sms"]
+__all__ = ["CONFIG_DIR", "config_name", "default_config", "default_config_fp8", "get_config", "num_sms",
+           "table_dtype"]

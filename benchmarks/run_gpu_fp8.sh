@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# FP8 serving in one GPU call (< 9 minutes on one H200): the FP8 GPU tests, the FP8 kernel benchmarks
+# (those in this checkout), then the full-depth GLM-4.5-Air benchmark (the loader on a real FP8
+# checkpoint, FP8 at 46 layers + MTP, bf16 at the depth that fits, FP8 at that depth). On an H100 the
+# full-depth benchmark picks the depths that fit and says which.
+#     OUT=/some/dir bash benchmarks/run_gpu_fp8.sh
+#     STAGES=tests OUT=... bash benchmarks/run_gpu_fp8.sh      # the GPU tests only (first compile included)
+#     STAGES=bench OUT=... bash benchmarks/run_gpu_fp8.sh      # the benchmarks only
+# Results: $OUT/FP8.md (summary, with the full-depth tables and verdicts) and $OUT/results.tar (every log,
+# table and JSON).
+OUT="${OUT:-/tmp/glmserve_gpu_fp8}"
+SUMMARY=FP8.md
+STAGES="${STAGES:-tests,bench}"
+source "$(dirname "$0")/gpu_run.sh"
+gpu_header "glmserve FP8 run"
+FP8_TESTS=(tests/gpu/*fp8*.py)
+if has tests; then
+  stage gpu_fp8_tests "${TESTS_LIMIT:-300}" $PY -m pytest "${FP8_TESTS[@]}" -m gpu -q -p no:cacheprovider \
+    -o addopts="" -rfE
+fi
+if ! has bench; then
+  :
+elif [[ -f benchmarks/kernels/bench_fp8_linear.py ]]; then  # Air's projection shapes, full width
+  stage bench_fp8_linear 80 $PY -m benchmarks.kernels.bench_fp8_linear --models air --tp 1 --budget-s 70 \
+    --out "$OUT/bench_fp8_linear.json"
+else
+  echo "=== bench_fp8_linear: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
+fi
+if has bench; then
+  stage bench_moe_fp8 80 $PY -m benchmarks.kernels.bench_moe_fp8
+  stage bench_full_depth 330 $PY -m benchmarks.model_step.bench_full_depth
+fi
+{
+  echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20
+  echo; cat "$OUT/bench_full_depth.md" 2>/dev/null || echo "(bench_full_depth.md missing: see bench_full_depth.log)"
+  echo "total $(( $(date +%s) - T0 ))s"
+} >> "$OUT/$SUMMARY" 2>&1
+pack_results
+cat "$OUT/$SUMMARY"

@@ -1,0 +1,173 @@
+"""Triton FP8 GEMMs: the CUDA twin of `reference.fp8_block_linear`, and a channel-scaled twin of
+`reference.fp8_linear` that the benchmark sets against cuBLAS (it also takes K that cuBLAS cannot).
+
+One kernel, two scale layouts. Both operands are E4M3 with K contiguous: x [M,K] and the weight
+[N,K] as stored, read as the K-major B operand Hopper's FP8 MMA wants (no transposed copy). The
+accumulator is fp32.
+- block (DeepSeek-V3 style): x has one scale per 1 x b group, the weight one per b x b block, and
+  BLOCK_K = b, so each K step's partial product is scaled by x_scale[m, k/b] * w_scale[n/b, k/b] as
+  it is added to the accumulator;
+- channel: x has one scale per row, the weight one per output channel; they factor out of the K sum
+  and are applied once in the epilogue (K may end in a partial tile).
+Tiles (`default_config`): few-token calls (decode) take BLOCK_M 16-64 and N tiles narrow enough
+for the grid to cover every SM (a GEMV is bound by the weight bytes in flight); many-token calls
+take 128 x 128 tiles in grouped order for L2 reuse. Results match the twins to fp32 accumulation
+order and the output rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from common.ops import cublas_fp8
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int  # == the scale block in block mode
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
+    stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
+    BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN),), grouped."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]  # [BM,BK]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]  # [BK,BN]: B^T, K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_SCALES:  # K % BLOCK_K == 0; scale column k0 / BLOCK_K
+        as_ptrs = as_ptr + offs_m * stride_asm  # [BM]
+        bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn  # [BN]
+        for kb in range(tl.cdiv(K, BLOCK_K)):
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            sa = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
+            sb = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(m: int, n: int, block_k: int, device: torch.device) -> GemmConfig:
+    """Tiles by token count, each the largest that still gives every SM a program: up to 64 tokens
+    one BLOCK_M 16/32/64 row of tiles with N tiles of 128 down to 16 (4 warps, 4 stages: a GEMV is
+    bound by the weight bytes in flight); more tokens 128 x 128 (8 warps), else 64 x 128, 64 x 64."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        bn = next((bn for bn in (128, 64, 32) if triton.cdiv(n, bn) >= sms), 16)
+        return GemmConfig(bm, bn, block_k, 1, 4, 4)
+    for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4)):
+        if triton.cdiv(m, bm) * triton.cdiv(n, bn) >= sms:
+            return GemmConfig(bm, bn, block_k, 8, warps, stages)
+    return GemmConfig(64, 64, block_k, 8, 4, 4)
+
+
+def fp8_gemm(
+    x_q: torch.Tensor,  # [M,K] e4m3
+    x_scale: torch.Tensor,  # block: [M,K/b]; channel: [M,1] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # block: [ceil(N/b), K/b]; channel: [N,1] fp32
+    bias: torch.Tensor | None,  # [N]
+    out_dtype: torch.dtype,
+    block: int,  # 0: channel scales
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """The launcher both ops share (the benchmark passes its own `config`)."""
+    x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
+    w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    (m, k), n = x_q.shape, w_q.shape[0]
+    if block and (k % block or block & (block - 1) or block < 32):
+        raise ValueError(f"fp8_block_linear: block={block} must be a power of two >= 32 dividing K={k}")
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or default_config(m, n, block or 128, x_q.device)
+    if block and cfg.block_k != block:
+        raise ValueError(f"fp8_block_linear: BLOCK_K={cfg.block_k} must equal the scale block {block}")
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _fp8_gemm_kernel[grid](
+        x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+        x_q.stride(0), w_q.stride(0), out.stride(0), x_scale.stride(0), x_scale.stride(1),
+        w_scale.stride(0), w_scale.stride(1),
+        BLOCK_SCALES=block > 0, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def fp8_block_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,K/b] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [ceil(N/b), K/b] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 128,
+) -> torch.Tensor:
+    """y[T,N] for 1 x b activation groups and b x b weight blocks: cuBLAS where
+    `cublas_fp8.block_scaled_mm_fits` allows, else the Triton kernel; see reference.fp8_block_linear."""
+    if cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype, block):
+        return cublas_fp8.block_scaled_mm(x_q, x_scale, w_q, w_scale)
+    return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+
+
+def fp8_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,1] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [N,1] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The channel-scaled FP8 GEMM in Triton (any K, any float output); see reference.fp8_linear."""
+    return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, 0)
+
+
+__all__ = ["GemmConfig", "default_config", "fp8_block_linear", "fp8_gemm", "fp8_linear"]

@@ -1,0 +1,280 @@
+"""Triton fused MoE with FP8 (E4M3) expert weights and activations: the CUDA twin of
+`reference.fused_moe_fp8`, on the FP8 tensor cores (fp8 x fp8 -> fp32).
+
+The pipeline of triton_moe.fused_moe (its expert alignment and fp32 combine are reused; the shared
+expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA-graph safe), with:
+1. x quantised once per token before the row gather (triton_fp8: per token, or per 1 x b group for
+   block scales).
+2. gate_up: x_q rows times w13[e]^T. Channel scales (block 0) apply once after the K loop,
+   acc * s_x[token] * s13[e, n]; block scales per K step (BLOCK_K == b),
+   acc += dot * s_x[token, kb] * s13[e, n // b, kb]. Epilogue silu(gate) * up in fp32, rounded to
+   x.dtype, then quantised per assignment row (over its I columns, or per b columns). When a program
+   holds whole quantisation groups (channel: BLOCK_N >= I; block: BLOCK_N a multiple of b) that is
+   done in this epilogue (codes and scales stored); otherwise the rounded intermediate is stored and
+   triton_fp8 quantises it in one more launch.
+3. down: act_q rows times w2[e]^T with the same scale rules, times the routing weight -> y [T*k, H]
+   in fp32, so that 4. the combine sums fp32 and casts once.
+A config's "swap" computes a GEMM tile as W A^T ([BLOCK_N, BLOCK_M]): with few rows per expert
+(decode) the weight rows then fill the tensor cores' 64-row side; the tile is transposed once in the
+epilogue. Weights are [N, K] row-major, the K-major operand FP8 MMAs need. Block configs: tables
+named by moe_configs.table_dtype (written by benchmarks/kernels/tune_moe.py --dtype fp8|fp8-block),
+else moe_configs.default_config_fp8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from common.ops import triton_moe as tm
+from common.ops.moe_configs import get_config
+from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, check_fused_moe_fp8
+from common.ops.triton_fp8 import _quant_code, quant_fp8_per_group, quant_fp8_per_token
+
+_ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _dot(a, b, acc, SWAP: tl.constexpr):
+    """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]."""
+    if SWAP:
+        out = tl.dot(b, a.T, acc)
+    else:
+        out = tl.dot(a, b.T, acc)
+    return out
+
+
+@triton.jit
+def _scaled_dot(a, b, sa, sb, SWAP: tl.constexpr):
+    """(a b^T) * sa[row] * sb[col] in the orientation of _dot (a fresh accumulator: one K block)."""
+    if SWAP:
+        out = tl.dot(b, a.T) * sb[:, None] * sa[None, :]
+    else:
+        out = tl.dot(a, b.T) * sa[:, None] * sb[None, :]
+    return out
+
+
+@triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
+def _moe_fp8_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, w_desc, ws_ptr, out_ptr, os_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
+    NUMEL, N, K, MAX_BLOCKS, stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
+    stride_os,
+    A_DIV: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr, ACT: tl.constexpr, BLOCKWISE: tl.constexpr,
+    GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GROUP_M: tl.constexpr, TMA: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr,
+):
+    """One [BM, BN] output tile of expert-sorted rows, FP8 operands, fp32 accumulation.
+    A (a_ptr, e4m3): row = sorted assignment // A_DIV (token for gate_up, assignment for down), its
+    scales as_ptr [rows, 1 | K/GROUP]. W (e4m3) [E, rows, K], its scales ws_ptr [E, rows/GROUP, 1 |
+    K/GROUP] (GROUP 1: per row). BLOCKWISE: scales per K step of BK == GROUP columns, else once.
+    GATED: h = silu(A Wg^T) * (A Wu^T), Wu = rows N.. of the expert, rounded to ACT; QUANT: h
+    quantised per row (per GROUP columns when BLOCKWISE) into codes at out_ptr and scales at os_ptr
+    (the program holds whole groups), else stored rounded. Not GATED: out = A W^T * routing weight.
+    TMA, DIRECT, GROUP_M, PDL, the wrapped column offsets: as triton_moe._moe_gemm_kernel."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BN)
+    in_group = GROUP_M * num_n
+    first_m = pid // in_group * GROUP_M
+    group = tl.minimum(MAX_BLOCKS - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group
+    pid_n = (pid % in_group) // group
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    if DIRECT:
+        rows = tl.where(tl.arange(0, BM) == 0, pid_m, NUMEL)  # [BM] int32
+    else:
+        rows = tl.load(sorted_ptr + pid_m * BM + tl.arange(0, BM))  # [BM] int32
+    rmask = rows < NUMEL
+    a_rows = (rows // A_DIV).to(tl.int64)  # [BM]
+    offs_n = (pid_n * BN + tl.arange(0, BN)) % N  # wrap: loads need no mask, the store does
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]  # [BM,BK]
+    w_ptrs = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]  # [BN,BK]
+    sa_ptrs = as_ptr + a_rows * stride_as  # [BM]
+    sw_ptrs = ws_ptr + expert * stride_wse + (offs_n // GROUP) * stride_wsn  # [BN]
+    sw2_ptrs = ws_ptr + expert * stride_wse + ((offs_n + N) // GROUP) * stride_wsn  # [BN] (up rows)
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros_like(acc)
+    w_row = (expert * (stride_we // stride_wn) + pid_n * BN).to(tl.int32)  # TMA: first weight row of the tile
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            km = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+        if TMA:
+            b = w_desc.load([w_row, k0])
+        elif EVEN_K:
+            b = tl.load(w_ptrs)
+        else:
+            b = tl.load(w_ptrs, mask=km[None, :], other=0.0)
+        if BLOCKWISE:
+            sa = tl.load(sa_ptrs + k0 // BK, mask=rmask, other=0.0)
+            acc += _scaled_dot(a, b, sa, tl.load(sw_ptrs + k0 // BK), SWAP)
+        else:
+            acc = _dot(a, b, acc, SWAP)
+        if GATED:
+            if TMA:
+                b2 = w_desc.load([w_row + N, k0])
+            elif EVEN_K:
+                b2 = tl.load(w_ptrs + N * stride_wn)
+            else:
+                b2 = tl.load(w_ptrs + N * stride_wn, mask=km[None, :], other=0.0)
+            if BLOCKWISE:
+                acc2 += _scaled_dot(a, b2, sa, tl.load(sw2_ptrs + k0 // BK), SWAP)
+            else:
+                acc2 = _dot(a, b2, acc2, SWAP)
+        a_ptrs += BK
+        w_ptrs += BK
+    if SWAP:
+        acc = acc.T
+        acc2 = acc2.T
+    if not BLOCKWISE:
+        sa = tl.load(sa_ptrs, mask=rmask, other=0.0)
+        acc = acc * sa[:, None] * tl.load(sw_ptrs)[None, :]
+        if GATED:
+            acc2 = acc2 * sa[:, None] * tl.load(sw2_ptrs)[None, :]
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    if GATED:
+        res = (acc * tl.sigmoid(acc) * acc2).to(ACT).to(tl.float32)
+        if QUANT:
+            res = tl.where(cmask[None, :], res, 0.0)  # wrapped columns repeat real ones: not in the amax
+            if BLOCKWISE:
+                hg = tl.reshape(res, (BM, BN // GROUP, GROUP))
+                scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(hg), axis=2), FLOOR), QMAX)  # [BM, BN/GROUP]
+                res = tl.reshape(_quant_code(hg, scale[:, :, None], QMAX), (BM, BN))
+                g = pid_n * (BN // GROUP) + tl.arange(0, BN // GROUP)
+                tl.store(os_ptr + rows.to(tl.int64)[:, None] * stride_os + g[None, :], scale,
+                         mask=rmask[:, None] & (g < N // GROUP)[None, :])
+            else:  # one program holds the whole row (BN >= N)
+                scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(res), axis=1), FLOOR), QMAX)  # [BM]
+                res = _quant_code(res, scale[:, None], QMAX)
+                tl.store(os_ptr + rows.to(tl.int64) * stride_os, scale, mask=rmask)
+    else:
+        res = acc * tl.load(topw_ptr + rows, mask=rmask, other=0.0)[:, None]
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def fuses_quant(inter: int, block: int, block_n: int) -> bool:
+    """Whether gate_up quantises the intermediate in its epilogue: each program holds whole groups."""
+    return block_n % block == 0 if block else block_n >= inter
+
+
+def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
+          out_scale: torch.Tensor | None, sorted_ids: torch.Tensor | None, block_expert: torch.Tensor,
+          topw: torch.Tensor | None, numel: int, n: int, k: int, a_div: int, gated: bool, block: int, act: torch.dtype,
+          block_m: int, cfg: dict, pdl: bool) -> None:
+    """One grouped FP8 GEMM launch (gate_up when gated, else down); out_scale given: gate_up
+    quantises its output (out e4m3). sorted_ids None: the one-token path; topw None: gate_up."""
+    max_blocks = block_expert.shape[0]
+    bn, bk = cfg["BLOCK_N"], block or cfg["BLOCK_K"]
+    tma = (bool(cfg.get("tma")) and tm.tma_supported(w.device) and w.is_contiguous()
+           and (w.shape[-1] * w.element_size()) % 16 == 0)
+    desc = tm._weight_descriptor(w, bn, bk) if tma else None
+    scale_out = out if out_scale is None else out_scale  # (unused without QUANT)
+    _moe_fp8_gemm_kernel[(max_blocks * triton.cdiv(n, bn),)](
+        a, a_scale, w, desc, w_scale, out, scale_out, sorted_ids, block_expert, a_scale if topw is None else topw, numel, n, k, max_blocks,
+        a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        out.stride(0), scale_out.stride(0),
+        A_DIV=a_div, GATED=gated, QUANT=out_scale is not None, ACT=_ACT[act], BLOCKWISE=block > 0,
+        GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
+        DIRECT=sorted_ids is None, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+    )
+
+
+def quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[R,K] -> (codes[R,K] e4m3, scales[R, 1 | K/block] fp32): per row, or per 1 x block group."""
+    return quant_fp8_per_group(x, block) if block else quant_fp8_per_token(x)
+
+
+def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
+            sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, top_k: int, block: int, act: torch.dtype,
+            block_m: int, cfg: dict, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate_up GEMM and the intermediate's quantisation (in its epilogue or one more launch):
+    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32)."""
+    numel, inter = x_q.shape[0] * top_k, w13.shape[1] // 2
+    if fuses_quant(inter, block, cfg["BLOCK_N"]):
+        act_q = torch.empty((numel, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
+        act_s = torch.empty((numel, inter // block if block else 1), dtype=torch.float32, device=x_q.device)
+        _gemm(x_q, x_s, w13, s13, act_q, act_s, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k,
+              True, block, act, block_m, cfg, pdl)
+        return act_q, act_s
+    act_h = torch.empty((numel, inter), dtype=act, device=x_q.device)  # [T*k, I]
+    _gemm(x_q, x_s, w13, s13, act_h, None, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k, True,
+          block, act, block_m, cfg, pdl)
+    return quantize(act_h, block)
+
+
+def down(act_q: torch.Tensor, act_s: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, y: torch.Tensor,
+         sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, topw: torch.Tensor, block: int,
+         block_m: int, cfg: dict, pdl: bool) -> None:
+    """The down GEMM times the routing weight into y [T*k, H] fp32."""
+    numel, hidden = y.shape
+    _gemm(act_q, act_s, w2, s2, y, None, sorted_ids, block_expert, topw, numel, hidden, w2.shape[2], 1, False,
+          block, y.dtype, block_m, cfg, pdl)
+
+
+def fused_moe_fp8(
+    x: torch.Tensor,  # [T,H] bf16 | fp16 | fp32
+    w13: torch.Tensor,  # [E,2I,H] e4m3
+    s13: torch.Tensor,  # fp32 [E,2I,1] | [E,2I/b,H/b]
+    w2: torch.Tensor,  # [E,H,I] e4m3
+    s2: torch.Tensor,  # fp32 [E,H,1] | [E,H/b,I/b]
+    weights: torch.Tensor,  # [T,k] fp32
+    ids: torch.Tensor,  # [T,k] int32
+    block: int = 0,
+) -> torch.Tensor:  # [T,H] x.dtype
+    """reference.fused_moe_fp8 on the FP8 tensor cores; tuned/heuristic config."""
+    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None)
+
+
+def fused_moe_fp8_with_config(
+    x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+    weights: torch.Tensor, ids: torch.Tensor, block: int,
+    config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
+) -> torch.Tensor:
+    check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
+    if block & (block - 1) or 0 < block < 16:
+        raise ValueError(f"fused_moe_fp8: the kernel's K step is the block: block={block} must be a power of two >= 16")
+    for name, t in (("w13", w13), ("w2", w2)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"fused_moe_fp8: {name} needs a contiguous last dim")
+    n_tok, hidden = x.shape
+    num_experts, n2, _ = w13.shape
+    top_k = ids.shape[1]
+    out = torch.empty((n_tok, hidden), dtype=x.dtype, device=x.device)
+    if n_tok == 0:
+        return out
+    cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device, fp8_block=block)
+    bm = cfg["BLOCK_M"]
+    s13, s2 = s13.contiguous(), s2.contiguous()
+    if n_tok == 1:  # the k assignments are k distinct experts: one block each, no sort needed
+        sorted_ids, block_expert = None, ids.reshape(-1).to(torch.int32)
+    else:
+        sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), num_experts, bm)
+    topw = weights.reshape(-1).float().contiguous()
+    y = torch.empty((n_tok * top_k, hidden), dtype=torch.float32, device=x.device)  # [T*k, H]
+    x_q, x_s = quantize(x, block)  # the launch right before gate_up (PDL: its programmatic predecessor)
+    pdl = tm.USE_PDL and tm.pdl_supported(x.device)
+    act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl)
+    down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
+    bh = min(1024, triton.next_power_of_2(hidden))
+    tm._combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl, num_warps=4,
+                                                         launch_pdl=pdl)
+    return out
+
+
+__all__ = ["down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant", "gate_up", "quantize"]

@@ -1,0 +1,226 @@
+"""The fused FP8 producers and the FP8 GEMMs on CUDA at GLM shapes, on fresh random bf16 data.
+
+Fused producers (RMSNorm / add+RMSNorm / silu·mul, each with the FP8 quantiser): codes and scales
+bit-equal to the torch twins run on the same GPU, and to the unfused Triton pair; the bf16 side
+outputs (new residual, normed) bit-equal too. Block-FP8 GEMM (1 x 128 activation groups, 128 x 128
+weight blocks), through every path that exists here (Triton always; cuBLAS where
+`block_scaled_mm_fits`): against the twin on the same FP8 operands (they differ by fp32 accumulation
+order and the bf16 output rounding: < 1e-2 by norm) and, for the whole quantise-then-GEMM pipeline,
+against the dequantised weights times the exact activations (<= 0.04 by norm up to K = 12288; the
+measured value is printed). The Triton channel-scaled GEMM likewise against `fp8_linear`'s twin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.gpu.numerics import fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEV = "cuda"
+TOKENS = [1, 3, 17, 255, 4096]
+TWIN_TOL = 1e-2  # same FP8 operands: accumulation order and the bf16 output rounding
+PIPELINE_TOL = 0.04  # activation quantisation error included (e4m3 keeps 3 mantissa bits)
+
+
+def activations(num_tokens: int, k: int, scale: float = 1.0) -> torch.Tensor:
+    """bf16 Gaussian rows with one outlier column (x50) and, from two rows on, one all-zero row."""
+    x = torch.randn(num_tokens, k, device=DEV) * scale
+    x[:, k // 7] *= 50
+    if num_tokens > 1:
+        x[num_tokens // 2] = 0
+    return x.bfloat16()
+
+
+def assert_same(name: str, got: tuple, want: tuple) -> None:  # type: ignore[type-arg]
+    (q, s), (rq, rs) = got[:2], want[:2]
+    assert q.dtype == rq.dtype == torch.float8_e4m3fn and s.shape == rs.shape, name
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), f"{name}: E4M3 codes differ"
+    assert torch.equal(s, rs), f"{name}: scales differ"
+    for i, (a, b) in enumerate(zip(got[2:], want[2:], strict=True)):
+        assert (a is None and b is None) or torch.equal(a, b), f"{name}: output {2 + i} differs"
+
+
+def quant(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from common.ops import triton_fp8 as tf
+
+    return tf.quant_fp8_per_token(x) if group == 0 else tf.quant_fp8_per_group(x, group)
+
+
+# ------------------------------------------------------------------------------------ fused producers
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("h", [4096, 5120])
+def test_rms_norm_bit_equal(num_tokens: int, h: int) -> None:
+    """The exact statistic makes the Triton norms bit-equal to their twins."""
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    x, r = activations(num_tokens, h), activations(num_tokens, h)
+    w = (1 + 0.1 * torch.randn(h, device=DEV)).bfloat16()
+    assert torch.equal(tn.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+    out, res = tn.fused_add_rms_norm(x, r, w, 1e-5)
+    ro, rr = ref.fused_add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(res, rr) and torch.equal(out, ro)
+
+
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("h", [4096, 5120])
+@pytest.mark.parametrize("group", [0, 128])
+def test_norm_quant_bit_equal(num_tokens: int, h: int, group: int) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_fp8 as tf
+    from common.ops import triton_norm as tn
+
+    x, r = activations(num_tokens, h), activations(num_tokens, h)
+    w = (1 + 0.1 * torch.randn(h, device=DEV)).bfloat16()
+    got = tf.rms_norm_quant_fp8(x, w, 1e-5, group)
+    assert got[1].shape == ((num_tokens, 1) if group == 0 else (num_tokens, h // group))
+    assert_same("rms_norm_quant_fp8 vs twin", got, ref.rms_norm_quant_fp8(x, w, 1e-5, group))
+    assert_same("rms_norm_quant_fp8 vs unfused", got, quant(tn.rms_norm(x, w, 1e-5), group))
+    for keep in (True, False):
+        got4 = tf.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, group, keep)
+        assert_same(f"fused_add_rms_norm_quant_fp8 keep={keep} vs twin", got4,
+                    ref.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, group, keep))
+    normed, new_res = tn.fused_add_rms_norm(x, r, w, 1e-5)
+    assert_same("fused_add_rms_norm_quant_fp8 vs unfused", got4[:3] + (None,),
+                quant(normed, group) + (new_res, None))
+
+
+def test_norm_quant_strided_rows() -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_fp8 as tf
+
+    x = activations(33, 6144)[:, 1024:5120]  # a column slice of a wider activation
+    w = (1 + 0.1 * torch.randn(4096, device=DEV)).bfloat16()
+    for group in (0, 128):
+        assert_same("strided rows", tf.rms_norm_quant_fp8(x, w, 1e-6, group), ref.rms_norm_quant_fp8(x, w, 1e-6, group))
+
+
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("inter", [12288, 10944, 6144, 5472, 1536, 1368])
+def test_silu_quant_bit_equal(num_tokens: int, inter: int) -> None:
+    from common.ops import reference as ref
+    from common.ops import triton_fp8 as tf
+    from common.ops import triton_norm as tn
+
+    gate_up = activations(num_tokens, 2 * inter, 0.5)
+    for group in (0, 128) if inter % 128 == 0 else (0,):
+        got = tf.silu_and_mul_quant_fp8(gate_up, group)
+        assert got[0].shape == (num_tokens, inter)
+        assert_same(f"silu_and_mul_quant_fp8 group={group} vs twin", got, ref.silu_and_mul_quant_fp8(gate_up, group))
+        assert_same(f"silu_and_mul_quant_fp8 group={group} vs unfused", got, quant(tn.silu_and_mul(gate_up), group))
+
+
+def test_fused_ops_in_a_graph() -> None:
+    """Captured once, replayed on new inputs: the same bits as eager."""
+    from common.ops import triton_fp8 as tf
+
+    x, r = activations(64, 5120), activations(64, 5120)
+    gate_up = activations(64, 2 * 1536)
+    w = (1 + 0.1 * torch.randn(5120, device=DEV)).bfloat16()
+
+    def step():  # type: ignore[no-untyped-def]
+        return (tf.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, 0, True), tf.rms_norm_quant_fp8(x, w, 1e-5, 128),
+                tf.silu_and_mul_quant_fp8(gate_up, 0))
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for t in (x, r, gate_up):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    for got, want in zip(out, step(), strict=True):
+        assert_same("graph replay", got, want)
+
+
+# ------------------------------------------------------------------------------------ block GEMM
+BLOCK_SHAPES = [(14336, 5120), (5120, 12288), (1792, 4096), (4096, 1536), (1000, 2048)]  # (N, K); last: N tail
+
+
+def _block_path(path: str):  # type: ignore[no-untyped-def]
+    """The block GEMM `path` names, or a skip when this machine has no such path."""
+    from common import ops
+    from common.ops import cublas_fp8
+    from common.ops import triton_fp8_gemm as tg
+
+    if path == "cublas":
+        if not cublas_fp8.block_scaled_mm_available(torch.cuda.current_device()):
+            pytest.skip(f"no cuBLAS block scaling here (CUDA {torch.version.cuda}, "
+                        f"sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        return lambda x_q, x_s, w_q, w_s, bias, out_dtype: cublas_fp8.block_scaled_mm(x_q, x_s, w_q, w_s)
+    return {"triton": lambda *a: tg.fp8_gemm(*a, 128), "dispatch": lambda *a: ops.fp8_block_linear(*a, 128)}[path]
+
+
+@pytest.mark.parametrize("path", ["triton", "cublas", "dispatch"])
+@pytest.mark.parametrize(("n", "k"), BLOCK_SHAPES)
+def test_block_linear(path: str, n: int, k: int) -> None:
+    from common.ops import cublas_fp8
+    from common.ops import reference as ref
+
+    fn = _block_path(path)
+    w = (torch.randn(n, k, device=DEV) * k**-0.5).bfloat16()
+    w_q, w_scale = ref.quant_fp8_weight_blocks(w, 128)
+    w_deq = w_q.float() * w_scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)  # [N,K]
+    bias = torch.randn(n, device=DEV).bfloat16()
+    for num_tokens in TOKENS:
+        x = activations(num_tokens, k)
+        x_q, x_scale = ref.quant_fp8_per_group(x, 128)
+        if path == "cublas" and not cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, None,
+                                                                    torch.bfloat16, 128):
+            assert k % 512 or n % 16, f"cuBLAS block path refused N={n} K={k} M={num_tokens}"
+            continue
+        for b in (None,) if path == "cublas" else (None, bias):  # a bias always takes the Triton kernel
+            y = fn(x_q, x_scale, w_q, w_scale, b, torch.bfloat16)
+            assert y.dtype == torch.bfloat16 and y.shape == (num_tokens, n)
+            err = rel(y, ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, b, torch.float32))
+            assert err < TWIN_TOL, f"{path} N={n} K={k} M={num_tokens}: rel {err:.2e} vs twin"
+        want = x.float() @ w_deq.T
+        err = rel(fn(x_q, x_scale, w_q, w_scale, None, torch.bfloat16), want)
+        print(f"{path} N={n} K={k} M={num_tokens}: rel {err:.4f} vs dequantised weights x exact activations")
+        assert err <= PIPELINE_TOL
+
+
+def test_block_linear_fp32_output_and_fallback() -> None:
+    """Outputs cuBLAS cannot give and K off its 512 grid run the Triton kernel through the op."""
+    from common import ops
+    from common.ops import cublas_fp8
+    from common.ops import reference as ref
+
+    for k, out_dtype in ((2048, torch.float32), (1152, torch.bfloat16)):
+        x_q, x_scale = ref.quant_fp8_per_group(activations(17, k), 128)
+        w_q, w_scale = ref.quant_fp8_weight_blocks((torch.randn(768, k, device=DEV) * k**-0.5).bfloat16(), 128)
+        assert not cublas_fp8.block_scaled_mm_fits(x_q, x_scale, w_q, w_scale, None, out_dtype, 128)
+        y = ops.fp8_block_linear(x_q, x_scale, w_q, w_scale, None, out_dtype, 128)
+        assert y.dtype == out_dtype
+        assert rel(y, ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, None, torch.float32)) < TWIN_TOL
+
+
+# ------------------------------------------------------------------------------------ channel GEMM (Triton)
+@pytest.mark.parametrize(("n", "k"), [(14336, 5120), (5120, 12288), (4096, 1368), (100, 512)])
+def test_triton_channel_linear(n: int, k: int) -> None:
+    """K = 1368 (Air's dense down at TP 8) and N = 100 are shapes cuBLAS refuses."""
+    from common.ops import reference as ref
+    from common.ops import triton_fp8_gemm as tg
+
+    w_q, w_scale = ref.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16())
+    bias = torch.randn(n, device=DEV).bfloat16()
+    for num_tokens in TOKENS:
+        x_q, x_scale = ref.quant_fp8_per_token(activations(num_tokens, k))
+        y = tg.fp8_linear(x_q, x_scale, w_q, w_scale, bias)
+        assert y.dtype == torch.bfloat16 and y.shape == (num_tokens, n)
+        err = rel(y, ref.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32))
+        assert err < TWIN_TOL, f"N={n} K={k} M={num_tokens}: rel {err:.2e}"
+
+
+def test_dispatch_on_cuda() -> None:
+    from common import ops
+    from common.ops import triton_fp8, triton_fp8_gemm
+
+    dev = torch.device(DEV)
+    for op in ("rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8", "silu_and_mul_quant_fp8"):
+        assert ops.resolve(op, dev) is getattr(triton_fp8, op)
+    assert ops.resolve("fp8_block_linear", dev) is triton_fp8_gemm.fp8_block_linear
