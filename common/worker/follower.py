@@ -40,6 +40,11 @@ class FollowerArgs:
 READY, ERROR = 1, 2  # follower -> leader reports: one byte of kind, then UTF-8 text
 
 
+def joined_key(rank: int) -> str:
+    """The store key a follower sets once it reached its leader's store."""
+    return f"tp/joined/{rank}"
+
+
 def report(pipe: Connection, kind: int, text: str = "") -> None:
     """Send the leader a report through this follower's report pipe."""
     pipe.send_bytes(struct.pack("<B", kind) + text.encode())
@@ -57,6 +62,7 @@ def follower_main(args: FollowerArgs, plans: Connection, reports: Connection) ->
         else:
             torch.cuda.set_device(torch.device(tp_cfg.devices[args.rank]))
         store = connect_store(*tp_cfg.store, tp_cfg.timeout_s)
+        store.set(joined_key(args.rank), b"1")
         tp = TPGroup(tp_cfg, args.rank, store)
         runner = args.spec.build(tp_cfg.devices[args.rank], tp)
         report(reports, READY)

@@ -22,6 +22,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from common.runtime.distributed import TPConfig, TPGroup, host_store, require_multicast_off
 from common.runtime.runner import ModelRunner, RunnerSpec
 from common.runtime.step_plan import Mirror, StopPlan, encode
-from common.worker.follower import ERROR, READY, FollowerArgs, follower_main
+from common.worker.follower import ERROR, READY, FollowerArgs, follower_main, joined_key
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Ranks:
         self.failure: str | None = None  # why the group broke, once it has
         self._stopping = False
         self.mirror = Mirror(tp, plans, self.fail)
+        self._woken, self._wake = mp.Pipe(duplex=False)  # ends the watcher's wait at stop()
         self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
 
     def on_failure(self, callback: Callable[[str], None]) -> None:
@@ -87,8 +89,11 @@ class Ranks:
     def _watch(self) -> None:
         waiting = {p.sentinel: r for r, p in enumerate(self.procs, start=1)}
         waiting.update({pipe: r for r, pipe in enumerate(self.reports, start=1)})
-        while waiting and not self._stopping:
-            for ready in wait(list(waiting), timeout=1.0):
+        while waiting:
+            ready_list = wait([*waiting, self._woken])
+            if self._stopping:
+                return
+            for ready in ready_list:
                 rank = waiting[ready]
                 if isinstance(ready, int):  # a sentinel: the process ended
                     proc = self.procs[rank - 1]
@@ -108,6 +113,9 @@ class Ranks:
         """Tell the followers to exit, wait for them (bounded), end the stragglers."""
         with self._lock:
             self._stopping = True
+        self._wake.send_bytes(b"")
+        if self._watcher.is_alive():
+            self._watcher.join()  # only one thread may reap the followers
         stop = encode(StopPlan())
         for pipe in self.plans:
             try:
@@ -121,6 +129,20 @@ class Ranks:
                 p.kill()
                 p.join(2.0)
         self.tp.close()
+
+
+def _wait_joined(store: Any, procs: list[Any], timeout_s: float) -> None:
+    """Every follower reached the store (`joined_key`), or RuntimeError naming the one that died first
+    (instead of the leader's group construction waiting out its whole timeout)."""
+    deadline = time.monotonic() + timeout_s
+    for rank, proc in enumerate(procs, start=1):
+        while not store.check([joined_key(rank)]):
+            if not proc.is_alive():
+                proc.join(1.0)
+                raise RuntimeError(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while starting")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"TP rank {rank} did not reach the group's store within {timeout_s:.0f} s")
+            time.sleep(0.05)
 
 
 def _parse(data: bytes) -> tuple[int, str]:
@@ -149,6 +171,7 @@ def start_ranks(spec: RunnerSpec, tp: TPConfig, role: str = "worker") -> tuple[M
         plans.append(plan_w)
         reports.append(rep_r)
     try:
+        _wait_joined(store, procs, tp.timeout_s)
         group = TPGroup(tp, 0, store)
         ranks = Ranks(group, procs, plans, reports)
         runner = spec.build(tp.devices[0], group)
