@@ -20,6 +20,7 @@ from common.worker.base import (
     transport_config,
     worker_info,
 )
+from common.worker.tp_kv import InfoPlan
 from prefill_worker.kv_sender import SenderPool
 from prefill_worker.scheduler import PrefillJob, PrefillScheduler
 from prefill_worker.servicer import PrefillServicer
@@ -36,12 +37,14 @@ class PrefillWorkerApp:
         self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
         sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests)
-        self.engine = PrefillEngine(self.runner, sched, TokenSampler(SpecialIds.from_model_dir(cfg.model_path)),
-                                    cfg.spec, layer_group)
-        self._info = worker_info(cfg, self.runner)
+        self._info = worker_info(cfg, self.runner, self.ranks)
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,
-                                  on_stats=self._transfer_stats)
+                                  on_stats=self._transfer_stats, ranks=self.ranks)
+        self.engine = PrefillEngine(self.runner, sched, TokenSampler(SpecialIds.from_model_dir(cfg.model_path)),
+                                    cfg.spec, layer_group, self.senders.fanout if self.ranks is not None else None)
+        if self.ranks is not None:  # the followers pair with this worker's info
+            self.ranks.mirror.publish(InfoPlan(self._info.SerializeToString()))
         self.jobs: dict[int, PrefillJob] = {}  # by transfer id
         self.draining = False
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -38,6 +39,9 @@ class PlanKind(IntEnum):
     CAPTURE = 5  # capture CUDA graphs
     RELEASE = 6  # drop the graphs
     STOP = 7  # the follower exits
+
+
+WORKER_KINDS = 16  # plan kinds from here on are the worker layer's (common/worker/tp_kv.py)
 
 
 class HiddenInput(IntEnum):
@@ -223,22 +227,34 @@ class TPBroken(RuntimeError):
 
 class Mirror:
     """The leader's channel to its followers: `publish` writes a plan to every follower's pipe, then
-    broadcasts its tensors. `fail(reason)` reports a broken group to whoever watches it."""
+    broadcasts its tensors; `publish_to` writes one follower's. Plans without tensors (the KV
+    transport's) may come from any thread: each pipe message is written whole under a lock.
+    `fail(reason)` reports a broken group to whoever watches it."""
 
     def __init__(self, tp: Any, pipes: Sequence[Any], on_fail: Callable[[str], None]) -> None:
         self.tp, self.pipes, self._on_fail = tp, list(pipes), on_fail  # pipes[r - 1]: follower r's
+        self._lock = threading.Lock()
 
     def publish(self, plan: Plan, tensors: Sequence[torch.Tensor] = ()) -> None:
         data = encode(plan)
-        for rank, pipe in enumerate(self.pipes, start=1):
-            try:
-                pipe.send_bytes(data)
-            except OSError as e:
-                reason = f"TP rank {rank} is gone ({e})"
-                self.fail(reason)
-                raise TPBroken(reason) from None
+        with self._lock:
+            for rank in range(1, len(self.pipes) + 1):
+                self._write(rank, data)
         for t in tensors:
             self.tp.broadcast(t)
+
+    def publish_to(self, rank: int, plan: Plan) -> None:
+        data = encode(plan)
+        with self._lock:
+            self._write(rank, data)
+
+    def _write(self, rank: int, data: bytes) -> None:
+        try:
+            self.pipes[rank - 1].send_bytes(data)
+        except OSError as e:
+            reason = f"TP rank {rank} is gone ({e})"
+            self.fail(reason)
+            raise TPBroken(reason) from None
 
     def fail(self, reason: str) -> None:
         self._on_fail(reason)

@@ -35,7 +35,7 @@ def build_runner(cfg: WorkerConfig) -> tuple[ModelRunner, Ranks | None]:
         return spec.build(cfg.device), None
     tp = TPConfig.resolve(cfg.tp_size, cfg.device, cfg.tp_backend, cfg.tp_step_timeout, cfg.base_gpu_id)
     tp = TPConfig(tp.size, tp.devices, tp.backend, tp.timeout_s, cfg.dist_init_addr)
-    return start_ranks(spec, tp, role=cfg.role)
+    return start_ranks(spec, tp, role=cfg.role, kv=transport_config(cfg))
 
 
 def kv_backend(cfg: WorkerConfig, runner: ModelRunner) -> str:
@@ -70,18 +70,20 @@ def model_fingerprint(model_path: str, runner: ModelRunner) -> str:
     return h.hexdigest()[:20]
 
 
-def worker_info(cfg: WorkerConfig, runner: ModelRunner) -> worker_pb2.WorkerInfo:
+def worker_info(cfg: WorkerConfig, runner: ModelRunner, ranks: Ranks | None = None) -> worker_pb2.WorkerInfo:
     spec = cfg.spec
+    uuids = [device_uuid(runner), *(ranks.device_uuids if ranks is not None else [])]
     layers = runner.config.num_hidden_layers + (1 if runner.with_mtp else 0)
     return worker_pb2.WorkerInfo(
         worker_id=cfg.worker_id, role=cfg.role, model_fingerprint=model_fingerprint(cfg.model_path, runner),
         model_name=cfg.model_path, dtype=cfg.dtype, page_size=cfg.page_size, num_layers=layers,
-        tp_size=cfg.tp_size,
+        tp_size=cfg.tp_size, kv_heads=runner.config.num_key_value_heads,
         spec=worker_pb2.SpecLayout(algorithm=spec.algorithm or "", num_steps=spec.num_steps if spec.enabled else 0,
                                    eagle_topk=spec.eagle_topk if spec.enabled else 0,
                                    num_draft_tokens=spec.num_draft_tokens if spec.enabled else 0,
                                    draft_kv=spec.enabled),
-        device_uuid=device_uuid(runner), host=cfg.advertise_host, kv_backend=kv_backend(cfg, runner),
+        device_uuid=uuids[0], host=cfg.advertise_host, kv_backend=kv_backend(cfg, runner),
+        device_uuids=uuids if any(uuids) else [],
     )
 
 

@@ -33,6 +33,7 @@ import torch
 from common.runtime.distributed import TPConfig, TPGroup, host_store, require_multicast_off
 from common.runtime.runner import ModelRunner, RunnerSpec
 from common.runtime.step_plan import Mirror, StopPlan, encode
+from common.transport.base import TransportConfig
 from common.worker.follower import ERROR, READY, FollowerArgs, follower_main, joined_key
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Ranks:
         self._callbacks: list[Callable[[str], None]] = []
         self.failure: str | None = None  # why the group broke, once it has
         self._stopping = False
+        self._handlers: dict[int, Callable[[int, bytes], None]] = {}
+        self.device_uuids: list[str] = []  # followers' GPUs, rank order (from their READY reports)
         self.mirror = Mirror(tp, plans, self.fail)
         self._woken, self._wake = mp.Pipe(duplex=False)  # ends the watcher's wait at stop()
         self._watcher = threading.Thread(target=self._watch, name="tp-watch", daemon=True)
@@ -60,6 +63,11 @@ class Ranks:
             reason = self.failure
         if reason is not None:
             callback(reason)
+
+    def on_report(self, kind: int, handler: Callable[[int, bytes], None]) -> None:
+        """Call handler(rank, payload) for every report of `kind` (on the watcher thread); before the
+        followers can send any (at start-up)."""
+        self._handlers[kind] = handler
 
     def fail(self, reason: str) -> None:
         with self._lock:
@@ -84,6 +92,7 @@ class Ranks:
             kind, text = _parse(pipe.recv_bytes())
             if kind != READY:
                 raise RuntimeError(f"TP rank {rank} failed to start: {text}")
+            self.device_uuids.append(text)
         self._watcher.start()
 
     def _watch(self) -> None:
@@ -102,12 +111,18 @@ class Ranks:
                     waiting.pop(ready)
                     continue
                 try:
-                    kind, text = _parse(ready.recv_bytes())
+                    data = ready.recv_bytes()
                 except (EOFError, OSError):
                     waiting.pop(ready)
                     continue
+                kind, payload = data[0], data[1:]
                 if kind == ERROR:
-                    self.fail(f"TP rank {rank} failed: {text}")
+                    self.fail(f"TP rank {rank} failed: {payload.decode(errors='replace')}")
+                elif kind in self._handlers:
+                    try:
+                        self._handlers[kind](rank, payload)
+                    except Exception:  # a handler's bug must not end the watch
+                        log.exception("TP report handler failed")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Tell the followers to exit, wait for them (bounded), end the stragglers."""
@@ -149,8 +164,10 @@ def _parse(data: bytes) -> tuple[int, str]:
     return data[0], data[1:].decode(errors="replace")
 
 
-def start_ranks(spec: RunnerSpec, tp: TPConfig, role: str = "worker") -> tuple[ModelRunner, Ranks]:
-    """Spawn the followers, build rank 0's groups and runner, wait for the followers' runners."""
+def start_ranks(spec: RunnerSpec, tp: TPConfig, role: str = "worker",
+                kv: TransportConfig | None = None) -> tuple[ModelRunner, Ranks]:
+    """Spawn the followers, build rank 0's groups and runner, wait for the followers' runners. `kv`:
+    the worker's KV transport (the followers move their own heads, common/worker/tp_kv.py)."""
     if tp.backend == "nccl" or tp.devices[0].startswith("cuda"):
         require_multicast_off()  # before spawning: the children inherit the environment
     if tp.devices[0] == "cpu":
@@ -162,7 +179,7 @@ def start_ranks(spec: RunnerSpec, tp: TPConfig, role: str = "worker") -> tuple[M
     for rank in range(1, tp.size):
         plan_r, plan_w = ctx.Pipe(duplex=False)
         rep_r, rep_w = ctx.Pipe(duplex=False)
-        args = FollowerArgs(rank, tp, spec, role, logging.getLogger().getEffectiveLevel())
+        args = FollowerArgs(rank, tp, spec, role, logging.getLogger().getEffectiveLevel(), kv)
         proc = ctx.Process(target=follower_main, args=(args, plan_r, rep_w), name=f"{role}-tp{rank}", daemon=True)
         proc.start()
         plan_r.close()
