@@ -24,6 +24,7 @@ from common.forward.batch import ForwardBatch, SeqSpec
 from common.model.config import SpecConfig
 from common.runtime.draft import draft_states
 from common.runtime.runner import ModelRunner
+from common.runtime.step_plan import TPBroken
 from common.sampling.logit_processors import RowContext
 from common.sampling.token_sampler import TokenSampler
 from common.serving import metrics
@@ -79,10 +80,10 @@ class PrefillEngine(EngineThread[PrefillMsg]):
     def _forward(self, chunks: list[Chunk]) -> None:
         try:
             self._step(chunks)
-        except Exception as e:  # fail the batch, never the process
+        except Exception as e:  # fail the batch, never the process (a broken TP group ends it soon after)
             log.exception("prefill step failed")
             for c in chunks:
-                self._finish(c.job, RuntimeError(f"prefill forward failed: {e}"))
+                self._finish(c.job, e if isinstance(e, TPBroken) else RuntimeError(f"prefill forward failed: {e}"))
 
     def _on_submit(self, msg: Submit) -> None:
         try:

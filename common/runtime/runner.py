@@ -47,6 +47,7 @@ from common.runtime.step_plan import (
     Mirror,
     PlanKind,
     ReleasePlan,
+    TPBroken,
 )
 
 T = TypeVar("T")
@@ -171,7 +172,7 @@ class ModelRunner:
                   fn: Callable[[], T]) -> T:
         """fn(), after publishing `plan` (and the batch's arrays, and a hidden input the followers lack)
         to the followers when this runner leads a TP group. A failure after publishing leaves the group
-        out of step: it is reported as broken before the error propagates."""
+        out of step: it is reported as broken and raised as TPBroken with the group's reason."""
         if self.mirror is None:
             return fn()
         tensors = [BatchMeta.pack(batch)]
@@ -180,9 +181,9 @@ class ModelRunner:
         self.mirror.publish(plan, tensors)
         try:
             return fn()
-        except BaseException as e:
-            self.mirror.fail(f"rank 0 failed in a {plan.kind.name.lower()} forward its followers also run: {e!r}")
-            raise
+        except Exception as e:
+            raise TPBroken(self.mirror.fail(f"rank 0 failed in a {plan.kind.name.lower()} forward its followers "
+                                            f"also run: {e!r}")) from e
 
     def _hidden_mode(self, hidden_in: torch.Tensor | None) -> HiddenInput:
         if hidden_in is None:

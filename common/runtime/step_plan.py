@@ -229,9 +229,10 @@ class Mirror:
     """The leader's channel to its followers: `publish` writes a plan to every follower's pipe, then
     broadcasts its tensors; `publish_to` writes one follower's. Plans without tensors (the KV
     transport's) may come from any thread: each pipe message is written whole under a lock.
-    `fail(reason)` reports a broken group to whoever watches it."""
+    `fail(reason)` reports a broken group to whoever watches it and returns the group's failure as
+    they know it (a rank's death, when that is what broke it)."""
 
-    def __init__(self, tp: Any, pipes: Sequence[Any], on_fail: Callable[[str], None]) -> None:
+    def __init__(self, tp: Any, pipes: Sequence[Any], on_fail: Callable[[str], str]) -> None:
         self.tp, self.pipes, self._on_fail = tp, list(pipes), on_fail  # pipes[r - 1]: follower r's
         self._lock = threading.Lock()
 
@@ -252,9 +253,7 @@ class Mirror:
         try:
             self.pipes[rank - 1].send_bytes(data)
         except OSError as e:
-            reason = f"TP rank {rank} is gone ({e})"
-            self.fail(reason)
-            raise TPBroken(reason) from None
+            raise TPBroken(self.fail(f"TP rank {rank} is gone ({e})")) from None
 
-    def fail(self, reason: str) -> None:
-        self._on_fail(reason)
+    def fail(self, reason: str) -> str:
+        return self._on_fail(reason)

@@ -1,7 +1,9 @@
 """`glmserve local`: gateway + prefill + decode workers as separate processes on this machine.
 
 Each role is its own `glmserve <role>` process (the same entry points `compose.yaml` uses), so a
-local run exercises the real gRPC hops and the real KV transport. The launcher waits for every
+local run exercises the real gRPC hops and the real KV transport; a worker of TP size N
+(`--prefill-tp-size`, `--decode-tp-size`, or `--tp-size` for both) starts its N-1 follower ranks
+itself. The launcher waits for every
 process to report SERVING on grpc.health.v1, then either serves until SIGTERM/SIGINT (forwarded
 to the children, which drain) or, with `--demo`, sends one Chat request, prints the stream and
 shuts everything down.
@@ -178,6 +180,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--decode", type=int, default=1, help="number of decode workers")
     p.add_argument("--device", default=None, help="worker device (default: cuda if present, else cpu)")
     p.add_argument("--speculative-algorithm", default=None, help="EAGLE / NEXTN for every worker")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks of every worker")
+    p.add_argument("--prefill-tp-size", type=int, default=None, help="TP ranks of each prefill worker (default --tp-size)")
+    p.add_argument("--decode-tp-size", type=int, default=None, help="TP ranks of each decode worker (default --tp-size)")
     p.add_argument("--demo", nargs="?", const="Hello! What can you do?", default=None, metavar="TEXT",
                    help="send one chat request, print the streamed answer, then shut down")
     p.add_argument("--max-tokens", type=int, default=32, help="max tokens of the --demo request")
@@ -187,12 +192,15 @@ def main(argv: list[str]) -> int:
 
     model = Path(args.model_path) if args.model_path else ensure_tiny_model()
     extra = ["--speculative-algorithm", args.speculative_algorithm] if args.speculative_algorithm else []
+    prefill_tp = args.prefill_tp_size or args.tp_size
+    decode_tp = args.decode_tp_size or args.tp_size
     cluster = start_cluster(model, prefill=args.prefill, decode=args.decode, device=args.device,
-                            extra_worker_args=extra, log_dir=args.log_dir)
+                            extra_worker_args=extra, extra_prefill_args=["--tp-size", str(prefill_tp)],
+                            extra_decode_args=["--tp-size", str(decode_tp)], log_dir=args.log_dir)
     try:
         cluster.wait_ready()
-        print(f"glmserve local: gateway on {cluster.gateway_address} "
-              f"({args.prefill} prefill, {args.decode} decode), model {model}", flush=True)
+        print(f"glmserve local: gateway on {cluster.gateway_address} ({args.prefill} prefill of TP {prefill_tp}, "
+              f"{args.decode} decode of TP {decode_tp}), model {model}", flush=True)
         if args.demo is not None:
             demo_chat(cluster.gateway_address, args.demo, args.max_tokens)
             return 0

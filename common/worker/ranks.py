@@ -39,6 +39,7 @@ from common.worker.follower import ERROR, READY, FollowerArgs, follower_main, jo
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0  # after the leader's own runner is built (every follower has loaded by then)
+DEATH_REPORT_S = 2.0  # how long a failed step waits for the watcher to name a dead follower
 
 
 class Ranks:
@@ -49,6 +50,7 @@ class Ranks:
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[str], None]] = []
         self.failure: str | None = None  # why the group broke, once it has
+        self._failed = threading.Event()
         self._stopping = False
         self._handlers: dict[int, Callable[[int, bytes], None]] = {}
         self.device_uuids: list[str] = []  # followers' GPUs, rank order (from their READY reports)
@@ -69,11 +71,20 @@ class Ranks:
         followers can send any (at start-up)."""
         self._handlers[kind] = handler
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> str:
+        """Break the group with `reason` (once: a later call returns the first reason). A step that
+        failed because a follower died says so: when a follower's process has ended, the watcher's
+        report of it (which names the rank and its exit code) is waited for briefly and wins."""
+        if self.failure is None and any(wait([p.sentinel], 0) for p in self.procs):
+            self._failed.wait(DEATH_REPORT_S)
+        return self._break(reason)
+
+    def _break(self, reason: str) -> str:
         with self._lock:
             if self.failure is not None or self._stopping:
-                return
+                return self.failure or reason
             self.failure = reason
+            self._failed.set()
             callbacks = list(self._callbacks)
         log.error("tensor-parallel group broken: %s", reason)
         for cb in callbacks:
@@ -81,6 +92,7 @@ class Ranks:
                 cb(reason)
             except Exception:  # every callback gets its turn
                 log.exception("TP failure callback failed")
+        return reason
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Every follower reported its runner built; RuntimeError naming the rank otherwise."""
@@ -107,7 +119,7 @@ class Ranks:
                 if isinstance(ready, int):  # a sentinel: the process ended
                     proc = self.procs[rank - 1]
                     proc.join(1.0)  # reap it: its exit code
-                    self.fail(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+                    self._break(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
                     waiting.pop(ready)
                     continue
                 try:
@@ -117,7 +129,7 @@ class Ranks:
                     continue
                 kind, payload = data[0], data[1:]
                 if kind == ERROR:
-                    self.fail(f"TP rank {rank} failed: {payload.decode(errors='replace')}")
+                    self._break(f"TP rank {rank} failed: {payload.decode(errors='replace')}")
                 elif kind in self._handlers:
                     try:
                         self._handlers[kind](rank, payload)
