@@ -27,8 +27,8 @@ else
   echo "=== bench_fp8_linear: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
 fi
 if has bench; then
-  stage bench_moe_fp8 80 $PY -m benchmarks.kernels.bench_moe_fp8
-  stage bench_full_depth 330 $PY -m benchmarks.model_step.bench_full_depth
+  stage bench_moe_fp8 80 $PY -m benchmarks.kernels.bench_moe_fp8 --tp 1,8 --budget-s 70 --out "$OUT/bench_moe_fp8.json"
+  stage bench_full_depth "${FULL_DEPTH_S:-330}" $PY -m benchmarks.model_step.bench_full_depth
 fi
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20

@@ -82,7 +82,8 @@ class Glm4MoeDecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual, qkv_quant)
         h = self.self_attn(positions, h)
-        h, residual = self.post_attention_layernorm.add_and_norm(h, residual, self.mlp.input_fp8_block)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual, self.mlp.input_fp8_block,
+                                                                 self.mlp.input_needs_normed)
         return self.mlp(h), residual
 
 

@@ -155,11 +155,13 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 class Fp8Activation(NamedTuple):
     """An activation already quantised for an FP8 linear: q [T,K] e4m3 and its fp32 scales
-    ([T,1] per token, or [T,K/b] per 1 x b group); `dtype` is the dtype the linear returns."""
+    ([T,1] per token, or [T,K/b] per 1 x b group); `dtype` is the dtype the linear returns;
+    `normed` the value itself in that dtype when a consumer needs both (the MoE's router)."""
 
     q: torch.Tensor
     scale: torch.Tensor
     dtype: torch.dtype
+    normed: torch.Tensor | None = None
 
 
 def fp8_scale_shape(rows: int, cols: int, block: int) -> tuple[int, int]:
@@ -187,13 +189,15 @@ class RMSNorm(nn.Module):
         q, scale = ops.rms_norm_quant_fp8(x, self.weight, self.eps, quant)
         return Fp8Activation(q, scale, x.dtype)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor,
-                     quant: int | None = None) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
-        """(norm(x + residual), x + residual); the norm quantised for its consumer as in `forward`."""
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor, quant: int | None = None,
+                     keep_normed: bool = False) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
+        """(norm(x + residual), x + residual); the norm quantised for its consumer as in `forward`,
+        with the unquantised norm kept alongside when `keep_normed`."""
         if quant is None:
             return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
-        q, scale, residual, _ = ops.fused_add_rms_norm_quant_fp8(x, residual, self.weight, self.eps, quant)
-        return Fp8Activation(q, scale, x.dtype), residual
+        q, scale, residual, normed = ops.fused_add_rms_norm_quant_fp8(x, residual, self.weight, self.eps, quant,
+                                                                     keep_normed)
+        return Fp8Activation(q, scale, x.dtype, normed), residual
 
 
 class Embedding(nn.Module):
@@ -374,6 +378,8 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden_size, {"gate_proj": intermediate_size,
                                                        "up_proj": intermediate_size}, bias=False)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
+
+    input_needs_normed = False
 
     @property
     def input_fp8_block(self) -> int | None:

@@ -19,7 +19,16 @@ from torch import nn
 
 from common import ops
 from common.model.config import ModelConfig
-from common.model.layers import FP8_DTYPE, WHOLE, Shard, current_tp, cut_blocks, fp8_scale_shape, shard_range
+from common.model.layers import (
+    FP8_DTYPE,
+    WHOLE,
+    Fp8Activation,
+    Shard,
+    current_tp,
+    cut_blocks,
+    fp8_scale_shape,
+    shard_range,
+)
 
 
 class Router(nn.Module):
@@ -100,11 +109,13 @@ class Experts(nn.Module):
             return rows
         return slice(rows.start // self.fp8_block, -(-rows.stop // self.fp8_block))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.fp8_block is None:
             y = ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
         else:
-            y = ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block)
+            y = ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block,
+                                  x_quant)
         return y if self.tp.size == 1 else self.tp.all_reduce(y)  # routed + shared partials summed
 
 
@@ -121,11 +132,19 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_routed_experts + self.num_shared, config.hidden_size,
                                config.moe_intermediate_size)
 
-    input_fp8_block = None  # the router needs x in the model dtype; the fused MoE quantises it itself
+    input_needs_normed = True  # the router reads x in the model dtype, the FP8 experts its quantisation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x [T,H]
+    @property
+    def input_fp8_block(self) -> int | None:
+        """What the producer of x should quantise for (None: nothing)."""
+        return self.experts.fp8_block
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        # x [T,H], or quantised for the FP8 experts with the unquantised value in x.normed
+        x_quant = None
+        if isinstance(x, Fp8Activation):
+            x, x_quant = x.normed, (x.q, x.scale)
         logits = self.gate(x)  # [T,E] fp32
         weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
                                         self.topk_group, self.renormalize, self.scaling, self.num_shared)
-        return self.experts(x, weights, ids)  # [T,H]: routed (scaled by s) + shared (weight 1)
+        return self.experts(x, weights, ids, x_quant)  # [T,H]: routed (scaled by s) + shared (weight 1)

@@ -166,8 +166,9 @@ def fused_moe_fp8(
     weights: torch.Tensor,
     ids: torch.Tensor,
     block: int = 0,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block)
+    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block, x_quant)
 
 
 def store_kv(

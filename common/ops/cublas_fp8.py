@@ -83,9 +83,10 @@ _BLOCK_K_ALIGN = 4 * _CUBLAS_BLOCK  # K/128 a multiple of 4: the weight-scale ro
 
 @functools.cache
 def block_scaled_mm_available(device_index: int) -> bool:
-    """cuBLAS block scaling for FP8 (128 x 128 weight blocks): CUDA 12.9+, served on sm_90 only."""
-    cuda = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-    return cuda >= (12, 9) and torch.cuda.get_device_capability(device_index)[0] == 9
+    """cuBLAS block scaling for FP8 (128 x 128 weight blocks). Off: on an H100 with torch 2.11 (CUDA 13)
+    cuBLASLt answered CUBLAS_STATUS_NOT_SUPPORTED for every GLM shape (measured 2026-12-06), so the
+    Triton kernel serves block FP8."""
+    return False
 
 
 def block_scaled_mm_fits(

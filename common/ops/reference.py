@@ -202,7 +202,10 @@ FP8_AMAX_FLOOR = 2.0**-30
 def _quant_fp8_last_dim(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise x[..., n] with one scale per leading index: (q[..., n] e4m3, scale[..., 1] fp32)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR) / FP8_MAX
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(FP8_AMAX_FLOOR)
+    # divide by a tensor, not a Python number: CUDA divides by a scalar as a multiply by its rounded
+    # reciprocal, which is not IEEE division and would make this twin differ between devices
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)  # round to nearest even
     return q, scale
 
@@ -293,6 +296,7 @@ def fused_moe_fp8(
     weights: torch.Tensor,  # [T,k] fp32
     ids: torch.Tensor,  # [T,k] int32
     block: int = 0,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # step 1 already done by x's producer
 ) -> torch.Tensor:  # [T,H] x.dtype
     """The W8A8 fused MoE: sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j], with
     FP8 weights and activations. Exactly (block 0: per token / per row; block b: per 1 x b group
@@ -303,6 +307,8 @@ def fused_moe_fp8(
     4. h_q, s_h = the same quantiser over the assignment row's I columns (per row | per group).
     5. y = deq(h_q) @ deq(w2[e])^T in fp32, times the routing weight (fp32).
     6. out[t] = sum_j y[t,j] in fp32, cast once to x.dtype.
+    `x_quant` = (x_q, s_x) of step 1 when the producer of x quantised it already (a norm fused with the
+    quantiser, bit-equal to step 1); x then only gives the shape and dtype.
     Loops over the experts present, not the tokens, so it serves a whole model on the CPU."""
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     inter = w2.shape[-1]
@@ -313,7 +319,7 @@ def fused_moe_fp8(
     def quant(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quant_fp8_per_group(v, block) if block else quant_fp8_per_token(v)
 
-    x_deq = _dequant_rows(*quant(x), block)  # [T,H] fp32
+    x_deq = _dequant_rows(*(x_quant or quant(x)), block)  # [T,H] fp32
     flat_ids = ids.long().reshape(-1)  # [T*k]
     flat_tok = torch.arange(x.shape[0], device=x.device).repeat_interleave(ids.shape[1])  # [T*k]
     flat_w = weights.float().reshape(-1)  # [T*k]

@@ -6,8 +6,9 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
 1. x quantised once per token before the row gather (triton_fp8: per token, or per 1 x b group for
    block scales).
 2. gate_up: x_q rows times w13[e]^T. Channel scales (block 0) apply once after the K loop,
-   acc * s_x[token] * s13[e, n]; block scales per K step (BLOCK_K == b),
-   acc += dot * s_x[token, kb] * s13[e, n // b, kb]. Epilogue silu(gate) * up in fp32, rounded to
+   acc * s_x[token] * s13[e, n] (the sm_90 FP8 MMAs then accumulate the whole loop, in their own
+   reduced precision: Triton's default for FP8 dots); block scales per K step (BLOCK_K == b),
+   acc += dot * s_x[token, kb] * s13[e, n // b, kb] (an fp32 add per step). Epilogue silu(gate) * up in fp32, rounded to
    x.dtype, then quantised per assignment row (over its I columns, or per b columns). When a program
    holds whole quantisation groups (channel: BLOCK_N >= I; block: BLOCK_N a multiple of b) that is
    done in this epilogue (codes and scales stored); otherwise the rounded intermediate is stored and
@@ -16,7 +17,7 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
    in fp32, so that 4. the combine sums fp32 and casts once.
 A config's "swap" computes a GEMM tile as W A^T ([BLOCK_N, BLOCK_M]): with few rows per expert
 (decode) the weight rows then fill the tensor cores' 64-row side; the tile is transposed once in the
-epilogue. Weights are [N, K] row-major, the K-major operand FP8 MMAs need. Block configs: tables
+epilogue. Weights are [N, K] row-major, the K-major operand FP8 MMAs need. Tile configs: tables
 named by moe_configs.table_dtype (written by benchmarks/kernels/tune_moe.py --dtype fp8|fp8-block),
 else moe_configs.default_config_fp8.
 """
@@ -38,7 +39,8 @@ _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: t
 
 @triton.jit
 def _dot(a, b, acc, SWAP: tl.constexpr):
-    """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]."""
+    """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]. (One
+    return: compiled, a return inside a constexpr branch does not end the function.)"""
     if SWAP:
         out = tl.dot(b, a.T, acc)
     else:
@@ -236,15 +238,17 @@ def fused_moe_fp8(
     weights: torch.Tensor,  # [T,k] fp32
     ids: torch.Tensor,  # [T,k] int32
     block: int = 0,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # (x_q, s_x) from x's producer
 ) -> torch.Tensor:  # [T,H] x.dtype
     """reference.fused_moe_fp8 on the FP8 tensor cores; tuned/heuristic config."""
-    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None)
+    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant)
 
 
 def fused_moe_fp8_with_config(
     x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
     weights: torch.Tensor, ids: torch.Tensor, block: int,
     config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     if block & (block - 1) or 0 < block < 16:
@@ -267,7 +271,8 @@ def fused_moe_fp8_with_config(
         sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), num_experts, bm)
     topw = weights.reshape(-1).float().contiguous()
     y = torch.empty((n_tok * top_k, hidden), dtype=torch.float32, device=x.device)  # [T*k, H]
-    x_q, x_s = quantize(x, block)  # the launch right before gate_up (PDL: its programmatic predecessor)
+    # the launch right before gate_up (PDL: its programmatic predecessor), unless x's producer quantised it
+    x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
     pdl = tm.USE_PDL and tm.pdl_supported(x.device)
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)

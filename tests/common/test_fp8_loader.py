@@ -138,3 +138,17 @@ def test_refusals_name_file_and_tensor(tmp_path: Path, edit, match: str) -> None
     with pytest.raises(LoadError, match=match) as info:
         load_model(d, "cpu", torch.float32)
     assert "model.safetensors" in str(info.value)
+
+
+def test_moe_takes_its_input_quantised_by_the_norm(channel_dir: Path) -> None:
+    """The post-attention norm hands the MoE both its normed value (router) and that value quantised
+    (experts): the MoE output is bit-equal to quantising inside the fused MoE."""
+    from common import ops
+
+    layer = load_model(channel_dir, "cpu", torch.float32).model.layers[1]
+    x, residual = torch.randn(2, 5, layer.mlp.gate.weight.shape[1]).unbind(0)
+    norm = layer.post_attention_layernorm
+    quantised, _ = norm.add_and_norm(x, residual, layer.mlp.input_fp8_block, layer.mlp.input_needs_normed)
+    plain, _ = ops.fused_add_rms_norm(x, residual, norm.weight, norm.eps)
+    assert torch.equal(quantised.normed, plain)
+    assert torch.equal(layer.mlp(quantised), layer.mlp(plain))

@@ -214,6 +214,20 @@ def test_triton_wrapper_refuses_what_the_kernel_cannot_run() -> None:
         tf8.fused_moe_fp8(x, w13.float(), s13, w2, s2, weights, ids)
 
 
+def test_fp8_tables_are_named_apart_from_bf16() -> None:
+    from common.ops import moe_configs as mc
+
+    names = {mc.config_name(129, 2816, 4096, torch.bfloat16, "NVIDIA H100", b) for b in (None, 0, 128)}
+    assert names == {"E=129,N=2816,H=4096,dtype=bfloat16,device=NVIDIA_H100.json",
+                     "E=129,N=2816,H=4096,dtype=fp8_w8a8,device=NVIDIA_H100.json",
+                     "E=129,N=2816,H=4096,dtype=fp8_w8a8_block128,device=NVIDIA_H100.json"}
+    cpu = torch.device("cpu")
+    for m in (1, 64, 4096):  # no FP8 table ships for this shape: the FP8 heuristic, not a bf16 table
+        assert mc.get_config(m, 7, 64, 32, 9, torch.bfloat16, cpu, 0) == mc.default_config_fp8(m, 7, 64, 32, 9, 0, 4)
+        block = mc.get_config(m, 7, 64, 32, 9, torch.bfloat16, cpu, 128)
+        assert block["up"]["BLOCK_K"] == block["down"]["BLOCK_K"] == 128
+
+
 def test_triton_interpreted() -> None:
     pytest.importorskip("triton")
     from tests.common.test_triton_interpret import run_interpreted
