@@ -25,7 +25,7 @@ from common.kvcache.allocator import PageAllocator
 from common.kvcache.pool import KVPool
 from common.model import Glm4MoeForCausalLM, load_model
 from common.model.config import ModelConfig
-from common.model.layers import SINGLE_RANK, kv_head_block
+from common.model.layers import SINGLE_RANK
 from common.runtime.cuda_graphs import (
     SPEC_FORWARDS,
     Forward,
@@ -91,8 +91,8 @@ class ModelRunner:
         self.with_mtp = with_mtp
         # pool layer num_hidden_layers is the MTP layer's own KV
         num_layers = self.config.num_hidden_layers + (1 if with_mtp else 0)
-        self.kv_heads = kv_head_block(self.config.num_key_value_heads, tp.size, tp.rank) if tp else (
-            0, self.config.num_key_value_heads)  # (first global head, count) this rank stores
+        qkv = self.model.model.layers[0].self_attn.qkv_proj  # this rank's kv heads: what its pool stores
+        self.kv_heads = (qkv.sources["k_proj"].start // self.config.head_dim, qkv.num_kv_heads)  # (first, count)
         if num_pages <= 0:
             num_pages = self.pages_that_fit(num_layers, mem_fraction)
         if tp is not None:
