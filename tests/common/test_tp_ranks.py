@@ -2,7 +2,8 @@
 encoding; a leader in this process with a spawned follower runs every forward kind (eager, graphable
 with a hidden input sent or reused, KV slot copies) and gets one device's logits; `glmserve generate
 --tp-size 2` prints one device's tokens; a follower killed mid-run breaks the group with a reason
-naming the rank within seconds, and the leader's next forward fails instead of hanging."""
+naming the rank within seconds, and the leader's next forward fails instead of hanging; a killed
+leader's followers exit on their own."""
 
 from __future__ import annotations
 
@@ -149,3 +150,41 @@ def test_tp_layouts_that_cannot_run_are_refused() -> None:
         TPConfig.resolve(2, "cpu", "nccl")
     assert TPConfig.resolve(4, "cpu") == TPConfig(4, ("cpu",) * 4, "gloo", 60.0)
     assert list(Forward)[2] is Forward.DRAFT_STEP  # RUN plans name forwards by position
+
+
+LEADER = """
+import sys, time
+from common.runtime.distributed import TPConfig
+from common.runtime.runner import RunnerSpec
+from common.worker.ranks import start_ranks
+if __name__ == "__main__":
+    runner, ranks = start_ranks(RunnerSpec(sys.argv[1], "float32", 4, 16), TPConfig.resolve(2, "cpu"))
+    print(ranks.procs[0].pid, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_followers_exit_when_their_leader_is_killed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "leader.py"
+    script.write_text(LEADER)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    leader = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        follower = int(leader.stdout.readline())
+        leader.kill()
+        leader.wait(10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and Path(f"/proc/{follower}").exists() and _state(follower) != "Z":
+            time.sleep(0.05)
+        assert not Path(f"/proc/{follower}").exists() or _state(follower) == "Z"
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        leader.kill()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
