@@ -15,5 +15,5 @@ COPY prefill_worker ./prefill_worker
 COPY decode_worker ./decode_worker
 RUN pip install ".[gpu]"
 
-EXPOSE 30000 30001 30002
+EXPOSE 30000 30001 30002 30010
 CMD ["glmserve", "--help"]

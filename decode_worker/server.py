@@ -14,6 +14,7 @@ import time
 
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.grpc_server import make_server, serve_until_signal
+from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
 from common.transport.base import PairEndpoint
 from common.transport.handshake import check_compatible, choose_bulk_backend
 from common.transport.receiver import PairAcceptor
@@ -202,9 +203,12 @@ def _rank_uuid(info: worker_pb2.WorkerInfo, rank: int) -> str:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glmserve decode", description="Decode worker: continuous batching + EAGLE.")
+    p = argparse.ArgumentParser(
+        prog="glmserve decode", formatter_class=HelpFormatter, usage="%(prog)s [options]",
+        description="Decode worker: reserves KV pages, receives the prefilled KV, and runs continuous batching "
+                    "with EAGLE speculative decoding, sampling and the logit processors.")
     add_worker_args(p, default_port=30002)
-    p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together at most")
     p.add_argument("--cuda-graph-max-bs", type=int, default=64,
                    help="capture CUDA graphs of the decode step (with EAGLE: verify and draft steps) up to this "
                         "batch size "
@@ -214,6 +218,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="commit each plain decode step's tokens before launching the next (by default, on "
                         "CUDA, the next step is launched first so host work overlaps the forward)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
+    accept_foreign_flags(p, "decode")
     return p
 
 

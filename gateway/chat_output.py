@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gateway.calls import ChatCall
 from gateway.config import GatewayConfig
-from gateway.convert import ChatInput
 from gateway.parsers import (
     ChatDelta,
     ContentDelta,
@@ -102,7 +102,7 @@ class ChatOutput(TextOutput):
         self._ids = {t: tokenizer.token_id(t) for t in ("<think>", "</think>", "<tool_call>") if t in keep}
 
     @classmethod
-    def for_request(cls, tokenizer: Tokenizer, config: GatewayConfig, chat: ChatInput,
+    def for_request(cls, tokenizer: Tokenizer, config: GatewayConfig, chat: ChatCall,
                     prompt_ids: Sequence[int], stops: Sequence[str]) -> ChatOutput:
         force = chat.template_kwargs.get("enable_thinking") is not False
         reasoning_name = config.reasoning_parser if chat.separate_reasoning else None

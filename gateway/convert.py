@@ -1,41 +1,26 @@
-"""Public request protos -> validated internal values and resolved WorkerSampling.
+"""gRPC request protos (gateway.proto) -> the Pipeline's request values (calls.py).
 
-Sampling is resolved and validated by SamplingParams (common/serving/sampling_params.py), the same
-code the workers check the wire with: an absent field takes the model default (generation_config.json,
-else the server default), a present value is taken literally (temperature 0 = greedy). Every
-validation error is INVALID_ARGUMENT naming the field ("sampling.top_p must be in (0, 1], got 2").
+Only the proto side lives here: presence (`HasField`), Struct -> dict, enums. The rules a request
+must follow are in checks.py, shared with the OpenAI HTTP adapter; sampling is resolved and
+validated by SamplingParams (common/serving/sampling_params.py), the same code the workers check
+the wire with: an absent field takes the model default, a present value is taken literally
+(temperature 0 = greedy).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from google.protobuf import json_format, struct_pb2
 
-from common.serving.custom_processor import CustomProcessorError, resolve_custom_processor
-from common.serving.sampling_params import INT32_MAX, SamplingError, SamplingParams, ServerSampling
-from gateway.errors import GatewayError, invalid
-from protos import gateway_pb2, worker_pb2
+from common.serving.sampling_params import given_fields
+from gateway import checks
+from gateway.calls import ChatCall, GenerateCall, Sampling
+from gateway.errors import invalid
+from protos import gateway_pb2
 
-ROLES = ("system", "user", "assistant", "tool")
-
-
-@dataclass(frozen=True)
-class ChatInput:
-    """What the chat template and the parsers need from a ChatRequest."""
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None  # shown to the model (None: no tools in the prompt)
-    parse_tools: bool                   # run the tool-call parser on the output
-    template_kwargs: dict[str, Any]
-    separate_reasoning: bool
-    stream: bool
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat request
+_MODES = {gateway_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "auto", gateway_pb2.TOOL_CHOICE_AUTO: "auto",
+          gateway_pb2.TOOL_CHOICE_NONE: "none", gateway_pb2.TOOL_CHOICE_REQUIRED: "required"}
 
 
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
@@ -54,158 +39,80 @@ def _ints(v: Any) -> Any:
     return v
 
 
+def _opt(msg: Any, name: str) -> Any:
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
 def chat_messages(req: gateway_pb2.ChatRequest) -> list[dict[str, Any]]:
-    if not req.messages:
-        raise invalid("messages", "must not be empty")
-    out = []
-    for i, m in enumerate(req.messages):
-        where = f"messages[{i}]"
-        role = m.role.strip().lower()
-        if role not in ROLES:
-            raise invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {m.role!r}")
-        msg: dict[str, Any] = {"role": role, "content": m.content}
+    msgs = []
+    for m in req.messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content, "tool_call_id": m.tool_call_id, "name": m.name,
+                             "tool_calls": [{"id": tc.id, "type": tc.type, "function": {
+                                 "name": tc.function.name, "arguments": tc.function.arguments}}
+                                 for tc in m.tool_calls]}
         if m.HasField("reasoning_content"):
-            if role != "assistant":
-                raise invalid(f"{where}.reasoning_content", "is only allowed on assistant messages")
-            msg["reasoning_content"] = m.reasoning_content
-        if m.tool_calls:
-            if role != "assistant":
-                raise invalid(f"{where}.tool_calls", "are only allowed on assistant messages")
-            msg["tool_calls"] = [_history_tool_call(tc, f"{where}.tool_calls[{j}]")
-                                 for j, tc in enumerate(m.tool_calls)]
-        if role == "tool":
-            msg["tool_call_id"] = m.tool_call_id
-        if m.name:
-            msg["name"] = m.name
-        out.append(msg)
-    return out
+            d["reasoning_content"] = m.reasoning_content
+        msgs.append(d)
+    return checks.chat_messages(msgs)
 
 
-def _history_tool_call(tc: gateway_pb2.ToolCall, where: str) -> dict[str, Any]:
-    if tc.type not in ("", "function"):
-        raise invalid(f"{where}.type", f"must be \"function\", got {tc.type!r}")
-    if not tc.function.name:
-        raise invalid(f"{where}.function.name", "must not be empty")
-    try:
-        args = json.loads(tc.function.arguments or "{}")
-    except json.JSONDecodeError as e:
-        raise invalid(f"{where}.function.arguments", f"must be valid JSON: {e}") from None
-    if not isinstance(args, dict):
-        raise invalid(f"{where}.function.arguments", "must be a JSON object")
-    return {"id": tc.id, "type": "function", "function": {"name": tc.function.name, "arguments": args}}
-
-
-def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | None, bool]:
-    """(tools for the template, whether to parse tool calls) after tool_choice."""
+def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | None, bool, str]:
+    """(tools for the template, whether to parse tool calls, ChatCall.tool_choice) after tool_choice."""
     tools = []
-    names = set()
-    for i, t in enumerate(req.tools):
-        if t.type not in ("", "function"):
-            raise invalid(f"tools[{i}].type", f"must be \"function\", got {t.type!r}")
-        f = t.function
-        if not f.name:
-            raise invalid(f"tools[{i}].function.name", "must not be empty")
-        if f.name in names:
-            raise invalid(f"tools[{i}].function.name", f"{f.name!r} is declared twice")
-        names.add(f.name)
-        fn: dict[str, Any] = {"name": f.name}
-        if f.description:
-            fn["description"] = f.description
-        fn["parameters"] = struct_to_dict(f.parameters) if f.HasField("parameters") else \
-            {"type": "object", "properties": {}}
-        if f.HasField("strict"):
-            fn["strict"] = f.strict
-        tools.append({"type": "function", "function": fn})
+    for t in req.tools:
+        fn: dict[str, Any] = {"name": t.function.name}
+        if t.function.description:
+            fn["description"] = t.function.description
+        if t.function.HasField("parameters"):
+            fn["parameters"] = struct_to_dict(t.function.parameters)
+        if t.function.HasField("strict"):
+            fn["strict"] = t.function.strict
+        tools.append({"type": t.type or "function", "function": fn})
+    tools = checks.check_tools(tools)
     choice = req.tool_choice
     which = choice.WhichOneof("choice") if req.HasField("tool_choice") else None
-    if which == "mode" and choice.mode == gateway_pb2.TOOL_CHOICE_NONE:
-        return None, False
-    if which == "function":
-        chosen = [t for t in tools if t["function"]["name"] == choice.function.name]
-        if not chosen:
-            raise invalid("tool_choice.function.name", f"{choice.function.name!r} is not in tools")
-        tools = chosen
-    elif which == "mode" and choice.mode == gateway_pb2.TOOL_CHOICE_REQUIRED and not tools:
-        raise invalid("tool_choice", "is REQUIRED but no tools were given")
-    return (tools or None), bool(tools)
+    mode = _MODES.get(choice.mode, "auto") if which == "mode" else "auto"
+    name = choice.function.name if which == "function" else None
+    shown, parse = checks.select_tools(tools, mode, name)
+    return shown, parse, checks.tool_choice_kind(mode, name, parse)
 
 
 def template_kwargs(req: gateway_pb2.ChatRequest) -> dict[str, Any]:
     kwargs = struct_to_dict(req.chat_template_kwargs) if req.HasField("chat_template_kwargs") else {}
     if req.HasField("thinking") and req.thinking.HasField("enabled"):
-        given = kwargs.get("enable_thinking")
-        if given is not None and bool(given) != req.thinking.enabled:
-            raise invalid("thinking.enabled", "conflicts with chat_template_kwargs.enable_thinking")
-        kwargs["enable_thinking"] = req.thinking.enabled
+        kwargs = checks.set_thinking(kwargs, req.thinking.enabled, "thinking.enabled")
     return kwargs
 
 
-def chat_input(req: gateway_pb2.ChatRequest) -> ChatInput:
-    tools, parse_tools = chat_tools(req)
-    return ChatInput(
-        messages=chat_messages(req),
-        tools=tools,
-        parse_tools=parse_tools,
-        template_kwargs=template_kwargs(req),
+def sampling(params: gateway_pb2.SamplingParams, req: Any, thinking_budget: int | None) -> Sampling:
+    """The Sampling of a ChatRequest or GenerateRequest (both carry the same optional fields)."""
+    return Sampling(
+        given=given_fields(params), stop=checks.stop_strings(params.stop),
+        logprobs=bool(_opt(req, "logprobs")), top_logprobs=_opt(req, "top_logprobs") or 0,
+        thinking_budget=thinking_budget, custom_logit_processor=_opt(req, "custom_logit_processor"),
+        custom_params=struct_to_dict(req.custom_params) if req.HasField("custom_params") else None)
+
+
+def chat_call(req: gateway_pb2.ChatRequest) -> ChatCall:
+    tools, parse_tools, tool_choice = chat_tools(req)
+    budget = req.thinking.budget if req.HasField("thinking") and req.thinking.HasField("budget") else None
+    return ChatCall(
+        messages=chat_messages(req), tools=tools, parse_tools=parse_tools, template_kwargs=template_kwargs(req),
+        sampling=sampling(req.sampling, req, budget),
         separate_reasoning=req.separate_reasoning if req.HasField("separate_reasoning") else True,
+        tool_choice=tool_choice, stream=req.stream if req.HasField("stream") else True,
+        model=req.model, request_id=_opt(req, "request_id") or None)
+
+
+def generate_call(req: gateway_pb2.GenerateRequest) -> GenerateCall:
+    which = req.WhichOneof("input")
+    if which is None:
+        raise invalid("input", "must be set: text or tokens")
+    return GenerateCall(
+        sampling=sampling(req.sampling, req, None),
+        text=req.text if which == "text" else None,
+        token_ids=tuple(req.tokens.ids) if which == "tokens" else None,
+        input_field="text" if which == "text" else "tokens.ids",
+        skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else True,
         stream=req.stream if req.HasField("stream") else True,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Thinking budget
-
-
-def thinking_budget(requested: int | None, processor: str | None, custom_params: struct_pb2.Struct | None,
-                    enable_custom_logit_processor: bool) -> int | None:
-    """The request's own budget: native `thinking.budget`, or SGLang's custom processor with
-    custom_params.thinking_budget (the smaller when both are given); None when it sets none, and then
-    the server's --default-thinking-budget applies (SamplingParams.from_request). Bounds are checked
-    there too; here only what SamplingParams cannot see: the processor gate and the Struct value."""
-    budgets = [] if requested is None else [requested]
-    if processor:
-        try:  # read without unpickling; the only built-in processor is the thinking budget
-            resolve_custom_processor(processor, enable_custom_logit_processor)
-        except CustomProcessorError as e:
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        params = struct_to_dict(custom_params) if custom_params is not None else {}
-        value = params.get("thinking_budget")
-        if value is not None:  # SGLang: a missing budget makes the processor a no-op
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise invalid("custom_params.thinking_budget", f"must be an integer >= 0, got {value!r}")
-            if value > INT32_MAX:
-                raise invalid("custom_params.thinking_budget", f"must be < 2**31, got {value!r}")
-            budgets.append(value)
-    return min(budgets) if budgets else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-
-
-def check_prompt_length(prompt_len: int, context_length: int, field: str) -> None:
-    if prompt_len == 0:
-        raise invalid(field, "renders to an empty prompt")
-    if prompt_len >= context_length:
-        raise invalid(field, f"is {prompt_len} tokens; the maximum context length is "
-                             f"{context_length} (prompt + at least one new token)")
-
-
-def stop_strings(params: gateway_pb2.SamplingParams, prefix: str = "sampling") -> tuple[str, ...]:
-    for i, s in enumerate(params.stop):
-        if not s:
-            raise invalid(f"{prefix}.stop[{i}]", "must not be empty")
-    return tuple(dict.fromkeys(params.stop))
-
-
-def worker_sampling(params: gateway_pb2.SamplingParams, server: ServerSampling, *, prompt_len: int,
-                    logprobs: bool = False, top_logprobs: int = 0,
-                    thinking_budget: int | None = None) -> worker_pb2.WorkerSampling:
-    """Validate the request's sampling once (SamplingParams, the workers' own check) and resolve
-    every default; the workers apply the result as is."""
-    try:
-        resolved = SamplingParams.from_request(params, server, prompt_len=prompt_len, logprobs=logprobs,
-                                               top_logprobs=top_logprobs, thinking_budget=thinking_budget)
-    except SamplingError as e:
-        raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-    return resolved.to_wire()
+        model=req.model, request_id=_opt(req, "request_id") or None)

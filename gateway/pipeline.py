@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,18 +21,20 @@ import grpc
 from common.serving import metrics
 from common.serving.ids import new_request_id, new_transfer_id
 from common.serving.sampling_params import ServerSampling
-from gateway import convert
+from gateway import checks
+from gateway.calls import ChatCall, GenerateCall, Sampling
 from gateway.chat_output import ChatOutput, TextOutput, apply_finish
 from gateway.chat_template import ChatTemplate, ChatTemplateError
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from gateway.model_info import ModelInfo
 from gateway.router import Router
-from gateway.tokenizer import Tokenizer
+from gateway.tokenizer import Tokenizer, TokenizerError
 from gateway.worker_client import Dispatch, LegError, LegRequest
 from protos import gateway_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
+Finished = gateway_pb2.ChatResponse | gateway_pb2.GenerateResponse  # a response's last message (finish, usage)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class _Progress:
     """What the dispatch loop learned, for usage and metrics."""
     start: float = field(default_factory=time.monotonic)
     last_chunk: float | None = None
+    first_chunk: float | None = None
     prefill: worker_pb2.PrefillResult | None = None
     last: worker_pb2.DecodeChunk | None = None
 
@@ -56,6 +60,7 @@ class Pipeline:
             vocab_size=model.vocab_size, eos_token_ids=model.eos_token_ids,
             context_length=model.context_length, max_tokens_limit=config.max_tokens_limit)
         self.created = int(time.time())
+        self.inflight: set[str] = set()  # request ids running now
         self._background: set[asyncio.Task] = set()
 
     @classmethod
@@ -73,89 +78,77 @@ class Pipeline:
 
     # -- RPCs ---------------------------------------------------------------------------------
 
-    async def chat(self, req: gateway_pb2.ChatRequest, client_deadline: float | None
+    async def chat(self, call: ChatCall, client_deadline: float | None
                    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
         progress = _Progress()
-        self._check_model(req.model)
-        request_id = req.request_id if req.HasField("request_id") and req.request_id else new_request_id()
-        chat = convert.chat_input(req)
+        self._check_model(call.model)
+        request_id = call.request_id or new_request_id()
         try:
-            prompt = self.template.render(chat.messages, chat.tools, chat_template_kwargs=chat.template_kwargs)
+            prompt = self.template.render(call.messages, call.tools, chat_template_kwargs=call.template_kwargs)
         except ChatTemplateError as e:
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e), _template_field(e)) from None
         input_ids = self.tokenizer.encode(prompt)
-        convert.check_prompt_length(len(input_ids), self.model.context_length, "messages")
-        budget = convert.thinking_budget(
-            req.thinking.budget if req.HasField("thinking") and req.thinking.HasField("budget") else None,
-            req.custom_logit_processor if req.HasField("custom_logit_processor") else None,
-            req.custom_params if req.HasField("custom_params") else None, self.config.enable_custom_logit_processor)
-        sampling = convert.worker_sampling(
-            req.sampling, self.sampling, prompt_len=len(input_ids), logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs, thinking_budget=budget)
-        out = ChatOutput.for_request(self.tokenizer, self.config, chat, input_ids,
-                                     stops=convert.stop_strings(req.sampling))
+        checks.check_prompt_length(len(input_ids), self.model.context_length, "messages")
+        sampling = self._sampling(call.sampling, len(input_ids), self._forced_prefix(call),
+                                  reasoning_first=call.template_kwargs.get("enable_thinking") is not False)
+        out = ChatOutput.for_request(self.tokenizer, self.config, call, input_ids, stops=call.sampling.stop)
         head = gateway_pb2.ChatResponse(id=request_id, model=self.config.model_name, created=int(time.time()))
         collected = gateway_pb2.ChatResponse()  # stream=false: everything goes into one message
-        async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
-            for msg in out.messages(chunk):
-                if chat.stream:
-                    yield _headed(head, msg)
-                else:
+        async with self._request(request_id, "chat", input_ids, sampling, progress) as finished:
+            async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
+                for msg in out.messages(chunk):
+                    if call.stream:
+                        yield _headed(head, msg)
+                    else:
+                        out.merge_into(collected, msg)
+            tail = out.final_messages()
+            if not call.stream:
+                for msg in tail:
                     out.merge_into(collected, msg)
-        tail = out.final_messages()
-        if not chat.stream:
+                tail = [collected]
+            tail = tail or [gateway_pb2.ChatResponse()]
+            apply_finish(tail[-1], out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
+            finished(tail[-1])
             for msg in tail:
-                out.merge_into(collected, msg)
-            tail = [collected]
-        tail = tail or [gateway_pb2.ChatResponse()]
-        apply_finish(tail[-1], out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
-        self._observe_finish(progress)
-        for msg in tail:
-            yield _headed(head, msg)
+                yield _headed(head, msg)
 
-    async def generate(self, req: gateway_pb2.GenerateRequest, client_deadline: float | None
+    async def generate(self, call: GenerateCall, client_deadline: float | None
                        ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         progress = _Progress()
-        self._check_model(req.model)
-        request_id = req.request_id if req.HasField("request_id") and req.request_id else new_request_id("cmpl-")
-        which = req.WhichOneof("input")
-        if which == "text":
-            input_ids, field_name = self.tokenizer.encode(req.text), "text"
-        elif which == "tokens":
-            input_ids, field_name = list(req.tokens.ids), "tokens.ids"
+        self._check_model(call.model)
+        request_id = call.request_id or new_request_id("cmpl-")
+        if call.token_ids is not None:
+            input_ids = list(call.token_ids)
             for i, t in enumerate(input_ids):
-                if t >= self.model.vocab_size:
-                    raise invalid(f"tokens.ids[{i}]", f"must be < vocab size {self.model.vocab_size}, got {t}")
+                if t >= self.model.vocab_size or t < 0:
+                    raise invalid(f"{call.input_field}[{i}]", f"must be < vocab size {self.model.vocab_size} "
+                                                              f"and >= 0, got {t}")
+        elif call.text is not None:
+            input_ids = self.tokenizer.encode(call.text)
         else:
-            raise invalid("input", "must be set: text or tokens")
-        convert.check_prompt_length(len(input_ids), self.model.context_length, field_name)
-        budget = convert.thinking_budget(
-            None, req.custom_logit_processor if req.HasField("custom_logit_processor") else None,
-            req.custom_params if req.HasField("custom_params") else None, self.config.enable_custom_logit_processor)
-        sampling = convert.worker_sampling(
-            req.sampling, self.sampling, prompt_len=len(input_ids), logprobs=req.logprobs,
-            top_logprobs=req.top_logprobs, thinking_budget=budget)
-        skip = req.skip_special_tokens if req.HasField("skip_special_tokens") else True
-        out = TextOutput(self.tokenizer, input_ids, convert.stop_strings(req.sampling), skip_special_tokens=skip)
-        stream = req.stream if req.HasField("stream") else True
+            raise invalid(call.input_field, "must be set")
+        checks.check_prompt_length(len(input_ids), self.model.context_length, call.input_field)
+        sampling = self._sampling(call.sampling, len(input_ids))
+        out = TextOutput(self.tokenizer, input_ids, call.sampling.stop, skip_special_tokens=call.skip_special_tokens)
         collected = gateway_pb2.GenerateResponse(id=request_id, model=self.config.model_name)
-        async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
-            msg = out.generate_message(chunk)
-            if msg is None:
-                continue
-            if stream:
-                msg.id, msg.model = request_id, self.config.model_name
-                yield msg
-            else:
-                collected.token_ids.extend(msg.token_ids)
-                collected.text += msg.text
-                collected.logprobs.extend(msg.logprobs)
-        final = collected if not stream else gateway_pb2.GenerateResponse(id=request_id, model=self.config.model_name)
-        tail = out.flush()
-        final.text += tail
-        apply_finish(final, out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
-        self._observe_finish(progress)
-        yield final
+        async with self._request(request_id, "generate", input_ids, sampling, progress) as finished:
+            async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
+                msg = out.generate_message(chunk)
+                if msg is None:
+                    continue
+                if call.stream:
+                    msg.id, msg.model = request_id, self.config.model_name
+                    yield msg
+                else:
+                    collected.token_ids.extend(msg.token_ids)
+                    collected.text += msg.text
+                    collected.logprobs.extend(msg.logprobs)
+            final = collected if not call.stream else \
+                gateway_pb2.GenerateResponse(id=request_id, model=self.config.model_name)
+            final.text += out.flush()
+            apply_finish(final, out, progress.last, progress.prefill, prompt_tokens=len(input_ids))
+            finished(final)
+            yield final
 
     def model_info(self) -> gateway_pb2.GetModelInfoResponse:
         resp = gateway_pb2.GetModelInfoResponse(
@@ -182,7 +175,54 @@ class Pipeline:
     def _check_model(self, model: str) -> None:
         if model and model != self.config.model_name:
             raise GatewayError(grpc.StatusCode.NOT_FOUND,
-                               f"model {model!r} is not served here (ListModels: {self.config.model_name!r})")
+                               f"model {model!r} is not served here (ListModels: {self.config.model_name!r})",
+                               "model", "model_not_found")
+
+    def _sampling(self, s: Sampling, prompt_len: int, forced_prefix: tuple[int, ...] = (), *,
+                  reasoning_first: bool = False) -> worker_pb2.WorkerSampling:
+        budget = checks.thinking_budget(s, self.config.enable_custom_logit_processor)
+        return checks.worker_sampling(s, self.sampling, prompt_len=prompt_len, thinking_budget=budget,
+                                      forced_prefix=forced_prefix, reasoning_first=reasoning_first)
+
+    def _forced_prefix(self, call: ChatCall) -> tuple[int, ...]:
+        """tool_choice "required": the answer after reasoning begins with <tool_call>; a named tool:
+        with <tool_call> and its name. Decoding enforces it (common.sampling ForcedPrefix)."""
+        if call.tool_choice not in ("required", "named"):
+            return ()
+        try:
+            start = self.tokenizer.token_id("<tool_call>")
+        except TokenizerError:
+            raise invalid("tool_choice", "cannot be enforced: the tokenizer has no <tool_call> token") from None
+        if call.tool_choice == "required":
+            return (start,)
+        return (start, *self.tokenizer.encode(call.tools[0]["function"]["name"]))
+
+    @asynccontextmanager
+    async def _request(self, request_id: str, kind: str, input_ids: list[int], sampling: worker_pb2.WorkerSampling,
+                       progress: _Progress) -> AsyncIterator[Callable[[Finished], None]]:
+        """One in-flight request: its id is unique while it runs (ALREADY_EXISTS otherwise); a
+        DEBUG line when it starts and one INFO line when it ends (id, tokens, TTFT, duration, finish)."""
+        if request_id in self.inflight:
+            raise GatewayError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id {request_id!r} is already in flight", "request_id")
+        self.inflight.add(request_id)
+        log.debug("request %s: %s, %d prompt tokens, max_tokens %d, temperature %g", request_id, kind,
+                  len(input_ids), sampling.max_tokens, sampling.temperature)
+        result: list[Finished] = []
+        outcome = "failed"
+        try:
+            yield result.append
+            outcome = "done"
+        except (asyncio.CancelledError, GeneratorExit):  # the client left (or closed the stream early)
+            outcome = "cancelled"
+            raise
+        except GatewayError as e:
+            outcome = f"failed {e.code.name}"
+            raise
+        finally:
+            self.inflight.discard(request_id)
+            self._observe_finish(progress)
+            _log_request(request_id, len(input_ids), progress, result[0] if result else None, outcome)
 
     def _deadline(self, client_deadline: float | None) -> float:
         own = time.monotonic() + self.config.request_timeout
@@ -229,6 +269,7 @@ class Pipeline:
     def _observe_chunk(self, progress: _Progress, chunk: worker_pb2.DecodeChunk) -> None:
         now = time.monotonic()
         if progress.last_chunk is None:
+            progress.first_chunk = now
             metrics.ttft_seconds().observe(now - progress.start)
         elif chunk.token_ids:
             metrics.inter_token_latency_seconds().observe((now - progress.last_chunk) / len(chunk.token_ids))
@@ -238,6 +279,24 @@ class Pipeline:
         last = progress.last
         if last is not None and last.spec_verify_steps:
             metrics.spec_accept_length().observe(1 + last.spec_accepted_drafts / last.spec_verify_steps)
+
+
+def _template_field(e: ChatTemplateError) -> str:
+    return e.field if e.message_index is None else f"messages[{e.message_index}].{e.field}".rstrip(".")
+
+
+def _log_request(request_id: str, prompt_tokens: int, progress: _Progress, final: Finished | None,
+                 outcome: str) -> None:
+    now = time.monotonic()
+    ttft = "-" if progress.first_chunk is None else f"{progress.first_chunk - progress.start:.3f}s"
+    if final is None:
+        log.info("request %s %s: prompt %d tokens, ttft %s, %.3fs", request_id, outcome, prompt_tokens, ttft,
+                 now - progress.start)
+        return
+    u = final.usage
+    log.info("request %s finished: prompt %d tokens (%d cached), output %d tokens (%d reasoning), ttft %s, "
+             "%.3fs, finish %s", request_id, u.prompt_tokens, u.cached_tokens, u.completion_tokens,
+             u.reasoning_tokens, ttft, now - progress.start, final.finish.finish_reason)
 
 
 def _headed(head: gateway_pb2.ChatResponse, msg: gateway_pb2.ChatResponse) -> gateway_pb2.ChatResponse:

@@ -1,12 +1,15 @@
-"""Gateway process assembly: servicer + health (aio) + reflection + metrics, and ordered shutdown.
+"""Gateway process assembly: gRPC servicer + health (aio) + reflection, the OpenAI HTTP server on the
+same event loop, metrics, and ordered shutdown.
 
-Readiness ("glmserve.v1.Gateway") is SERVING once the tokenizer and template are loaded and at
-least one prefill and one decode worker answer; it follows the router's view afterwards and turns
-NOT_SERVING first on SIGTERM, before in-flight requests get `shutdown_grace` seconds to finish.
+Readiness ("glmserve.v1.Gateway", and HTTP /health) is SERVING once the tokenizer and template are
+loaded and at least one prefill and one decode worker answer; it follows the router's view
+afterwards and turns NOT_SERVING first on SIGTERM, before in-flight requests of both surfaces get
+`shutdown_grace` seconds to finish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +18,7 @@ import grpc
 from common.serving import metrics
 from common.serving.grpc_server import Health, add_health, add_reflection, make_server, serve_until_signal
 from gateway.config import GatewayConfig
+from gateway.http_server import HttpServer
 from gateway.pipeline import Pipeline
 from gateway.router import Router
 from gateway.servicer import GatewayServicer
@@ -33,6 +37,11 @@ class GatewayServer:
     pipeline: Pipeline
     port: int
     metrics_port: int | None
+    http: HttpServer | None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @classmethod
     async def start(cls, config: GatewayConfig) -> GatewayServer:
@@ -53,27 +62,47 @@ class GatewayServer:
         if port == 0:
             raise RuntimeError(f"could not bind {config.listen}")
         await server.start()
+        http = None
+        if config.http_port != -1:
+            http = HttpServer(config, pipeline, router, health, port)
+            await http.start()
         metrics_port = metrics.start_metrics_server(config.metrics_port)
         await router.start()  # first health round; readiness follows it
+        host = config.http_host or config.host
         log.info("gateway serving %s on port %d (%s), metrics %s, prefill %s, decode %s",
                  config.model_name, port, "ready" if router.ready else "waiting for workers",
                  metrics_port, list(config.prefill), list(config.decode))
-        return cls(config, server, health, router, pipeline, port, metrics_port)
+        log.info("OpenAI API: %s; gRPC API: %s:%d (glmserve.v1.Gateway)",
+                 f"http://{host}:{http.port}/v1" if http is not None else "off", config.host, port)
+        return cls(config, server, health, router, pipeline, port, metrics_port, http)
 
     async def drain(self) -> None:
         await self.health.set_draining()
 
     async def stop(self, grace: float | None = None) -> None:
         await self.health.set_draining()
-        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+        await asyncio.gather(self.server.stop(self.config.shutdown_grace if grace is None else grace),
+                             self.stop_http())
         await self.pipeline.close()
         await self.router.close()
+
+    async def stop_http(self) -> None:
+        """Stop accepting HTTP; in-flight HTTP requests get shutdown_grace, then are cancelled."""
+        if self.http is not None:
+            await self.http.stop()
 
 
 async def serve(config: GatewayConfig) -> None:
     gw = await GatewayServer.start(config)
+    http_stopped: list[asyncio.Task] = []
+
+    async def drain() -> None:  # HTTP drains while gRPC does (serve_until_signal's stop(grace))
+        http_stopped.append(asyncio.ensure_future(gw.stop_http()))
+
     try:
-        await serve_until_signal(gw.server, gw.health, grace=config.shutdown_grace)
+        await serve_until_signal(gw.server, gw.health, on_drain=drain, grace=config.shutdown_grace)
+        await asyncio.gather(*http_stopped)
     finally:
+        await gw.stop_http()
         await gw.pipeline.close()
         await gw.router.close()

@@ -1,4 +1,5 @@
-"""GatewayServicer: one short method per RPC; proto in, proto out; errors via context.abort.
+"""GatewayServicer: one short method per RPC; proto in (convert.py -> the Pipeline's request
+values), proto out; errors via context.abort.
 
 The pipeline raises GatewayError (a status code and a message naming the field); anything else
 is a bug: logged with its traceback and returned as INTERNAL, and the process keeps serving.
@@ -16,6 +17,7 @@ from typing import TypeVar
 import grpc
 
 from common.serving import metrics
+from gateway import convert
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from protos import gateway_pb2, gateway_pb2_grpc
@@ -36,12 +38,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Chat(self, request: gateway_pb2.ChatRequest,
                    context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.ChatResponse]:
-        async for msg in self._stream(self.pipeline.chat(request, deadline_of(context)), context):
+        async for msg in self._stream(self._chat(request, deadline_of(context)), context):
             yield msg
 
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        async for msg in self._stream(self.pipeline.generate(request, deadline_of(context)), context):
+        async for msg in self._stream(self._generate(request, deadline_of(context)), context):
+            yield msg
+
+    async def _chat(self, request: gateway_pb2.ChatRequest, deadline: float | None
+                    ) -> AsyncIterator[gateway_pb2.ChatResponse]:
+        async for msg in self.pipeline.chat(convert.chat_call(request), deadline):
+            yield msg
+
+    async def _generate(self, request: gateway_pb2.GenerateRequest, deadline: float | None
+                        ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        async for msg in self.pipeline.generate(convert.generate_call(request), deadline):
             yield msg
 
     async def GetModelInfo(self, request: gateway_pb2.GetModelInfoRequest,

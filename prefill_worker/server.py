@@ -10,6 +10,7 @@ import time
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving import metrics
 from common.serving.grpc_server import make_server, serve_until_signal
+from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
 from common.transport.base import TransferError, TransferStats
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
@@ -108,12 +109,16 @@ async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: f
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glmserve prefill", description="Prefill worker: prompt KV -> decode.")
+    p = argparse.ArgumentParser(
+        prog="glmserve prefill", formatter_class=HelpFormatter, usage="%(prog)s [options]",
+        description="Prefill worker: chunked prefill of each prompt (and the MTP draft layer), the first token, and "
+                    "the KV cache streamed to the decode worker the gateway chose.")
     add_worker_args(p, default_port=30001)
     p.add_argument("--chunked-prefill-size", type=int, default=8192, help="token budget of one prefill forward")
     p.add_argument("--disagg-layer-group-size", type=int, default=4,
                    help="layers per KV chunk streamed while later layers compute")
-    p.add_argument("--shutdown-grace", type=float, default=30.0)
+    p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
+    accept_foreign_flags(p, "prefill")
     return p
 
 

@@ -118,7 +118,8 @@ def test_the_serving_layer_is_torch_free() -> None:
 def test_the_cli_finds_every_role_through_entry_points() -> None:
     from importlib.metadata import entry_points
 
-    from common.tools.cli import ROLE_GROUP, run_role  # noqa: F401 (the public resolver)
+    from common.tools.cli import run_role  # noqa: F401 (the public resolver)
+    from common.tools.roles import ROLE_GROUP
 
     roles = {ep.name: ep.value for ep in entry_points(group=ROLE_GROUP)}
     assert roles == {"gateway": "gateway.__main__:main", "prefill": "prefill_worker.__main__:main",

@@ -40,7 +40,11 @@ _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: t
 @triton.jit
 def _dot(a, b, acc, SWAP: tl.constexpr):
     """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]. (One
-    return: compiled, a return inside a constexpr branch does not end the function.)"""
+    return: compiled, a return inside a constexpr branch does not end the function.)
+    Triton's sm_90 default accumulates the FP8 MMAs of the whole K loop without promotion (what SGLang's
+    and vLLM's FP8 MoE run). Measured on an H100 (2026-12-06): 1.5e-2 relative error against the twin
+    at M >= 64; promoting after every K block (max_num_imprecise_acc=BK) cut that to 6e-3 but cost
+    2.6x at M = 2048 with the tables tuned for this kernel, and left the model-level error unchanged."""
     if SWAP:
         out = tl.dot(b, a.T, acc)
     else:

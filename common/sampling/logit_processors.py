@@ -1,4 +1,4 @@
-"""Logit processors: thinking budget, penalties, logit bias, min_tokens.
+"""Logit processors: thinking budget, forced tool-call prefix, penalties, logit bias, min_tokens.
 
 Every processor works per *row* with that row's own history (`RowContext`). For an EAGLE verify
 row the caller puts into `output_ids` the committed output (which ends with the bonus token, the tree
@@ -17,7 +17,9 @@ Order inside `apply_processors` (each step only touches rows that use it):
   3. logit_bias (additive);
   4. min_tokens: while len(output) < min_tokens mask `stop_token_ids`, and the EOS ids unless
      `ignore_eos` (an ignored EOS does not finish the request, so it needs no mask);
-  5. thinking budget last, so a forced token always wins: every logit -inf, the forced one 0.
+  5. thinking budget, so a forced token always wins: every logit -inf, the forced one 0;
+  6. forced prefix (tool_choice "required" / named), which only acts once reasoning is over, where
+     the budget no longer does: every logit -inf but the allowed ones, which keep their values.
 """
 
 from __future__ import annotations
@@ -118,12 +120,55 @@ class ThinkingBudget:
         return logits
 
 
+class ForcedPrefix:
+    """tool_choice "required" / a named tool without a grammar (params.forced_prefix, e.g.
+    "<tool_call>" + the name's tokens): once the reasoning is over, the answer must begin with the
+    prefix, one newline allowed before it. The reasoning is over at once unless `reasoning_first`;
+    then at the first `</think>` of the output, or where the output itself starts the prefix (GLM's
+    parser also ends reasoning at "<tool_call>"). After the prefix the row is free again."""
+
+    def __init__(self, think_end_id: int | None, newline_id: int | None) -> None:
+        self.think_end_id = think_end_id
+        self.newline_id = newline_id
+
+    def allowed(self, row: RowContext) -> tuple[int, ...]:
+        """The tokens the row may sample now (() = no constraint)."""
+        prefix = row.params.forced_prefix
+        if not prefix:
+            return ()
+        out = _as_list(row.output_ids)
+        if row.params.reasoning_first:
+            ends = [i for i in (_first_index(out, self.think_end_id), _first_index(out, prefix[0])) if i >= 0]
+            if not ends:
+                return ()  # still reasoning
+            end = min(ends)
+            out = out[end + 1:] if out[end] == self.think_end_id else out[end:]
+        newline_used = bool(out) and out[0] == self.newline_id
+        answer = out[1:] if newline_used else out
+        if len(answer) >= len(prefix) or answer != list(prefix[:len(answer)]):
+            return ()  # the prefix is complete (or, never when enforced, left behind)
+        nxt = prefix[len(answer)]
+        return (nxt,) if answer or newline_used or self.newline_id is None else (nxt, self.newline_id)
+
+    def apply(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
+        """logits: [R, V]; constrained rows keep only their allowed tokens' logits (in place)."""
+        for i, row in enumerate(rows):
+            allowed = self.allowed(row)
+            if allowed:
+                keep = torch.tensor(allowed, dtype=torch.long).to(logits.device)
+                kept = logits[i, keep].clone()
+                logits[i] = float("-inf")
+                logits[i, keep] = kept
+        return logits
+
+
 def apply_processors(
     logits: torch.Tensor,  # [R, V] fp32, modified in place
     rows: Sequence[RowContext],
     budget: ThinkingBudget | None,
     *,
     eos_token_ids: Sequence[int] = (),
+    forced: ForcedPrefix | None = None,
 ) -> torch.Tensor:
     """Apply every processor of every row; returns `logits` (modified in place)."""
     assert logits.dim() == 2 and logits.shape[0] == len(rows), "one RowContext per logits row"
@@ -132,6 +177,8 @@ def apply_processors(
     apply_min_tokens(logits, rows, eos_token_ids)
     if budget is not None:
         budget.apply(logits, rows)
+    if forced is not None:
+        forced.apply(logits, rows)
     return logits
 
 
@@ -211,6 +258,14 @@ def _as_list(seq: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(seq, torch.Tensor):
         return seq.reshape(-1).tolist()
     return seq if isinstance(seq, list) else list(seq)
+
+
+def _first_index(seq: list[int], value: int | None) -> int:
+    """Index of the first occurrence of value in seq, -1 if absent (or value is None)."""
+    try:
+        return seq.index(value) if value is not None else -1
+    except ValueError:
+        return -1
 
 
 def _last_index(seq: list[int], value: int) -> int:

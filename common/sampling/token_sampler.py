@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common.sampling.logit_processors import RowContext, ThinkingBudget, ThinkState, apply_processors
+from common.sampling.logit_processors import (
+    ForcedPrefix,
+    RowContext,
+    ThinkingBudget,
+    ThinkState,
+    apply_processors,
+)
 from common.sampling.sampler import SamplingTensors, sample, target_probs, uses_filter
 from common.serving.sampling_params import SamplingParams
 
@@ -55,12 +61,15 @@ class TokenSampler:
     def __init__(self, ids: SpecialIds, seed: int = 0) -> None:
         self.ids = ids
         self.budget = ids.thinking_budget()
+        self.forced = ForcedPrefix(ids.think_end, ids.newline)
         self.generator = torch.Generator().manual_seed(seed)
 
     def process(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
         """Apply every row's processors in place; logits [R, V] fp32."""
         needs_budget = any(r.params.thinking_budget is not None for r in rows)
-        return apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos)
+        needs_forced = any(r.params.forced_prefix for r in rows)
+        return apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos,
+                                forced=self.forced if needs_forced else None)
 
     def sample(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> list[SampledRow]:
         """Process then sample one token per row (seeded rows use (seed, output position))."""
@@ -78,11 +87,12 @@ class TokenSampler:
     def processors_active(self, params: SamplingParams, step: int,
                           think: tuple[ThinkState, int] | None = None) -> bool:
         """Whether any logit processor may change a row at output position `step` (output tokens
-        before it) or later: penalties, logit bias, min_tokens not yet reached, the thinking budget.
-        The budget counts only where it may force a token: `think` = (the request's ThinkState over
-        what the host has seen, prompt length) lets a row far from its budget skip it; without it, it
-        always counts."""
-        if params.has_penalties or params.logit_bias or step < params.min_tokens:
+        before it) or later: penalties, logit bias, min_tokens not yet reached, a forced tool-call
+        prefix (reads the history until its answer began; counted for the whole request), the thinking
+        budget. The budget counts only where it may force a token: `think` = (the request's ThinkState
+        over what the host has seen, prompt length) lets a row far from its budget skip it; without
+        it, it always counts."""
+        if params.has_penalties or params.logit_bias or step < params.min_tokens or params.forced_prefix:
             return True
         if params.thinking_budget is None or self.budget is None:
             return False

@@ -9,6 +9,10 @@ name one whitelisted global (module + qualified name). Any opcode that could cal
 import something else (REDUCE, BUILD, INST, OBJ, NEWOBJ, EXT*, PERSID, ...) is refused by name.
 
 Torch-free: the gateway may call it during request conversion; errors map to INVALID_ARGUMENT.
+
+Clients without sglang installed use `Glm4MoeThinkingBudgetLogitProcessor` below in place of
+SGLang's class: `to_str()` gives the very string SGLang's does, so the same client code works
+against SGLang servers and glmserve.
 """
 
 from __future__ import annotations
@@ -78,6 +82,28 @@ def _from_sglang_string(value: str) -> BuiltinProcessor:
             f"custom_logit_processor {module}.{name} is not supported; supported: "
             + ", ".join(f"{m}.{n}" for m, n in _PICKLED_CLASSES)
         ) from None
+
+
+class Glm4MoeThinkingBudgetLogitProcessor:
+    """Client-side stand-in for `sglang.srt.sampling.custom_logit_processor.Glm4MoeThinkingBudgetLogitProcessor`:
+
+        extra_body={"custom_logit_processor": Glm4MoeThinkingBudgetLogitProcessor().to_str(),
+                    "custom_params": {"thinking_budget": 512}}
+
+    `to_str()` is SGLang's serialisation of its class (a pickle protocol 4 reference to it, as dill
+    writes it), which an SGLang server unpickles to its own processor and glmserve recognises without
+    unpickling. Nothing here runs on the server."""
+
+    MODULE = "sglang.srt.sampling.custom_logit_processor"
+    NAME = "Glm4MoeThinkingBudgetLogitProcessor"
+
+    @classmethod
+    def to_str(cls) -> str:
+        module, name = cls.MODULE.encode(), cls.NAME.encode()
+        body = (b"\x8c" + bytes([len(module)]) + module + b"\x94" + b"\x8c" + bytes([len(name)]) + name
+                + b"\x94\x93\x94.")  # SHORT_BINUNICODE, MEMOIZE, ..., STACK_GLOBAL, MEMOIZE, STOP
+        frame = b"\x95" + len(body).to_bytes(8, "little")
+        return json.dumps({"callable": (b"\x80\x04" + frame + body).hex()})
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.serving.launch_flags import HelpFormatter
+
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="glmserve health", description=__doc__)
+    p = argparse.ArgumentParser(prog="glmserve health", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("service", nargs="?", default="", help="full service name (readiness); empty = liveness")
-    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     args = p.parse_args(argv)
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -79,6 +79,12 @@ def errors_total() -> Counter:
     return _get_or_create(Counter, "glmserve_errors_total", "Errors by gRPC status code", ["code"])
 
 
+def http_slow_client_aborts_total() -> Counter:
+    """HTTP streams cut off because the client stopped reading (--max-pending-stream-bytes)."""
+    return _get_or_create(Counter, "glmserve_http_slow_client_aborts_total",
+                          "HTTP streams aborted because the client stopped reading")
+
+
 def spec_accept_length() -> Histogram:
     return _get_or_create(Histogram, "glmserve_spec_accept_length",
                           "Tokens produced per speculative verify step (per request)",

@@ -1,10 +1,13 @@
 """Torch-free reads of an HF model directory's small JSON files, shared by the gateway and the
-workers (so both agree on, e.g., which ids end generation)."""
+workers (so both agree on, e.g., which ids end generation), and `resolve_model_path`: a
+--model-path that is a Hugging Face repo id becomes the local snapshot directory."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +35,40 @@ def eos_token_ids(model_dir: str | Path, token_to_id: Callable[[str], int | None
         text = text.get("content")
     tid = token_to_id(text) if isinstance(text, str) and token_to_id is not None else None
     return (tid,) if tid is not None else ()
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what the gateway reads (no weights): configs, tokenizer, chat template
+GATEWAY_FILES = ("*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken")
+
+
+def is_repo_id(value: str) -> bool:
+    """`org/name` that is not an existing path: a Hugging Face repo id."""
+    return bool(_REPO_ID.match(value)) and not os.path.exists(value)
+
+
+def resolve_model_path(value: str, *, flag: str = "--model-path", files: Sequence[str] | None = None) -> str:
+    """A local model directory for `value`: the directory itself, or the Hugging Face snapshot of a
+    repo id (from the cache under $HF_HOME; downloaded when the network allows it and HF_HUB_OFFLINE
+    is unset, as SGLang does). `files`: glob patterns to fetch (None: the whole repo). Raises
+    ValueError with one line naming the flag, where it looked and how to fetch the model."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return str(path)
+    if not is_repo_id(value):
+        raise ValueError(f"{flag} {value!r} is not a directory (nor a Hugging Face repo id like org/name)")
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:  # pragma: no cover - a dependency of the package
+        raise ValueError(f"{flag} {value!r}: resolving a repo id needs huggingface_hub (pip install "
+                         "huggingface_hub), or pass a local directory") from None
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return snapshot_download(value, allow_patterns=list(files) if files else None, local_files_only=offline)
+    except Exception as e:  # noqa: BLE001 (any hub, auth or network failure gets the same one-line advice)
+        reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        why = "HF_HUB_OFFLINE is set" if offline else "it could not be downloaded"
+        hint = "" if offline else " (check the network and HF_TOKEN)"
+        raise ValueError(f"{flag} {value!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why} "
+                         f"[{type(e).__name__}: {reason}]. Fetch it first with `hf download {value}`{hint}, "
+                         "or pass a local model directory") from None

@@ -21,6 +21,10 @@ Conventions (defaults match SGLang/OpenAI):
   temperature / top-k / top-p / min-p (see `common.sampling.sampler`).
 - `thinking_budget`: None = no budget; otherwise at most that many thinking tokens, then
   "\\n</think>" is forced (docs/parsers.md rule 7; `common.sampling.logit_processors`).
+- `forced_prefix` / `reasoning_first`: tool_choice "required" or a named tool. Once the reasoning
+  is over (at once unless `reasoning_first`), the answer must begin with `forced_prefix`
+  ("<tool_call>" and, for a named tool, its name), one newline allowed before it
+  (`common.sampling.logit_processors.ForcedPrefix`).
 
 Every error is a SamplingError whose message starts with the field's public name
 ("sampling.top_p must be in (0, 1], got 2"); the gateway and the workers map it to INVALID_ARGUMENT.
@@ -43,7 +47,11 @@ MAX_PENALTY = 2.0  # OpenAI's and SGLang's bound on frequency / presence / repet
 INT32_MAX = 2**31 - 1  # top_k and thinking_budget travel as int32
 UINT32_MAX = 2**32 - 1  # min_tokens and max_tokens travel as uint32
 # the public name of a field that does not sit in the request's `sampling` message
-_PUBLIC_NAMES = {"top_logprobs": "top_logprobs", "thinking_budget": "thinking.budget"}
+_PUBLIC_NAMES = {"top_logprobs": "top_logprobs", "logprobs": "logprobs", "thinking_budget": "thinking.budget"}
+# the sampling fields a public request may set (gateway.proto SamplingParams, minus the stop strings)
+REQUEST_FIELDS = frozenset({
+    "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "stop_token_ids", "seed",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos", "logit_bias"})
 
 
 class SamplingError(ValueError):
@@ -72,6 +80,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     thinking_budget: int | None = None
+    forced_prefix: tuple[int, ...] = ()
+    reasoning_first: bool = False
 
     @property
     def is_greedy(self) -> bool:
@@ -102,28 +112,42 @@ class SamplingParams:
         )
 
     @classmethod
-    def from_request(cls, msg: gateway_pb2.SamplingParams, server: ServerSampling, *, prompt_len: int,
-                     logprobs: bool = False, top_logprobs: int = 0,
-                     thinking_budget: int | None = None) -> SamplingParams:
-        """Resolve and validate the public request's sampling. An absent field (and an absent
-        `thinking_budget`) takes `server.defaults`; the model's EOS ids stop unless ignore_eos.
+    def from_request(cls, given: Mapping[str, Any], server: ServerSampling, *, prompt_len: int,
+                     logprobs: bool = False, top_logprobs: int = 0, thinking_budget: int | None = None,
+                     forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False) -> SamplingParams:
+        """Resolve and validate a public request's sampling. `given` holds exactly the fields the
+        client set (REQUEST_FIELDS names; `given_fields` reads them from the gRPC message, the HTTP
+        adapter from JSON), so both surfaces share these defaults and bounds. An absent field (and an
+        absent `thinking_budget`) takes `server.defaults`; the model's EOS ids stop unless ignore_eos.
         Floats are rounded to the wire's float32 here, so the workers see exactly these values."""
+        unknown = sorted(set(given) - REQUEST_FIELDS)
+        if unknown:
+            raise SamplingError(_public(unknown[0]), "is not a sampling field")
         d = server.defaults
 
         def get(name: str) -> Any:
-            return getattr(msg, name) if msg.HasField(name) else getattr(d, name)
+            value = given.get(name)
+            return getattr(d, name) if value is None else value
 
         ignore_eos = get("ignore_eos")
+        stop_ids = given.get("stop_token_ids") or ()
+        if not isinstance(stop_ids, (list, tuple)):
+            raise SamplingError(_public("stop_token_ids"), "must be a list of token ids")
+        bias = given.get("logit_bias") or {}
+        if not isinstance(bias, Mapping):
+            raise SamplingError(_public("logit_bias"), "must be an object of token id -> bias")
         params = cls(
             temperature=_f32(get("temperature")), top_p=_f32(get("top_p")), top_k=_top_k(get("top_k")),
             min_p=_f32(get("min_p")), seed=get("seed"),
             frequency_penalty=_f32(get("frequency_penalty")), presence_penalty=_f32(get("presence_penalty")),
-            repetition_penalty=_f32(get("repetition_penalty")), logit_bias=dict(msg.logit_bias),
+            repetition_penalty=_f32(get("repetition_penalty")),
+            logit_bias={k: _f32(v) for k, v in bias.items()},
             min_tokens=get("min_tokens"),
-            max_tokens=server.max_tokens(msg.max_tokens if msg.HasField("max_tokens") else None, prompt_len),
-            stop_token_ids=_with_eos(msg.stop_token_ids, () if ignore_eos else server.eos_token_ids),
+            max_tokens=server.max_tokens(given.get("max_tokens"), prompt_len),
+            stop_token_ids=_with_eos(stop_ids, () if ignore_eos is True else server.eos_token_ids),
             ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
             thinking_budget=d.thinking_budget if thinking_budget is None else thinking_budget,
+            forced_prefix=tuple(forced_prefix), reasoning_first=reasoning_first,
         )
         params.validate(server.vocab_size)
         return params
@@ -138,6 +162,7 @@ class SamplingParams:
             repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias),
             min_tokens=self.min_tokens, max_tokens=self.max_tokens, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            forced_prefix=self.forced_prefix, reasoning_first=self.reasoning_first,
         )
         if self.seed is not None:
             ws.seed = self.seed
@@ -156,6 +181,7 @@ class SamplingParams:
             min_tokens=msg.min_tokens, max_tokens=msg.max_tokens, stop_token_ids=tuple(msg.stop_token_ids),
             ignore_eos=msg.ignore_eos, logprobs=msg.logprobs, top_logprobs=msg.top_logprobs,
             thinking_budget=msg.thinking_budget if msg.HasField("thinking_budget") else None,
+            forced_prefix=tuple(msg.forced_prefix), reasoning_first=msg.reasoning_first,
         )
         params.validate(vocab_size)
         return params
@@ -184,11 +210,16 @@ class SamplingParams:
                    "must be >= 0" if self.max_tokens is None else f"must be in [0, max_tokens={high}]")
         for i, tok in enumerate(self.stop_token_ids):
             _check_int(f"stop_token_ids[{i}]", tok, 0, vocab_size - 1, f"must be < vocab size {vocab_size}")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise SamplingError(_public(name), f"must be true or false, got {_show(getattr(self, name))}")
         _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs and not self.logprobs:
             raise SamplingError(_public("top_logprobs"), "needs logprobs: true")
         if self.thinking_budget is not None:
             _check_int("thinking_budget", self.thinking_budget, 0, INT32_MAX, "must be in [0, 2**31)")
+        for i, tok in enumerate(self.forced_prefix):
+            _check_int(f"forced_prefix[{i}]", tok, 0, vocab_size - 1, f"must be < vocab size {vocab_size}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +248,17 @@ class ServerSampling:
                                                        f"the maximum context length {self.context_length}")
         return requested
 
+
+
+def given_fields(msg: gateway_pb2.SamplingParams) -> dict[str, Any]:
+    """The sampling fields a gRPC request set (proto3 presence), for `SamplingParams.from_request`."""
+    given: dict[str, Any] = {name: getattr(msg, name) for name in REQUEST_FIELDS - {"stop_token_ids", "logit_bias"}
+                             if msg.HasField(name)}
+    if msg.stop_token_ids:
+        given["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.logit_bias:
+        given["logit_bias"] = dict(msg.logit_bias)
+    return given
 
 
 def _public(name: str) -> str:
@@ -253,8 +295,11 @@ def _top_k(k: int) -> int:
     return TOP_K_OFF if k in (0, -1) else k
 
 
-def _f32(x: float) -> float:
-    """`x` as the float32 the protos carry (out of float32 range: infinite, so validation refuses it)."""
+def _f32(x: object) -> object:
+    """`x` as the float32 the protos carry (out of float32 range: infinite, so validation refuses it);
+    a value that is no number is returned as is, for validation to name."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return x
     try:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:

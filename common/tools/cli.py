@@ -10,22 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+
+from common.serving.launch_flags import HelpFormatter
+from common.tools.roles import role_main
 
 DEFAULT_TINY_DIR = "~/.cache/glmserve/tiny-glm45"
 
 
-ROLE_GROUP = "glmserve.roles"
-
-
 def run_role(name: str, argv: Sequence[str]) -> int:
     """Run the `main(argv)` that entry point `name` of group glmserve.roles names."""
-    found = entry_points(group=ROLE_GROUP, name=name)
-    if not found:
-        raise SystemExit(f"glmserve: role {name!r} is not installed (no {ROLE_GROUP} entry point; "
-                         "reinstall the package: pip install -e .)")
-    main = next(iter(found)).load()
-    return int(main(list(argv)) or 0)
+    return int(role_main(name)(list(argv)) or 0)
 
 
 def _role(name: str) -> Callable[[Sequence[str]], int]:
@@ -35,16 +29,23 @@ def _role(name: str) -> Callable[[Sequence[str]], int]:
 def _local(argv: Sequence[str]) -> int:
     from common.tools.launch import main
 
-    return main(list(argv))
+    return main(list(argv), prog="glmserve local")
+
+
+def _serve(argv: Sequence[str]) -> int:
+    from common.tools.launch import main
+
+    return main(list(argv), prog="glmserve serve")
 
 
 def _make_tiny_model(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="glmserve make-tiny-model",
-                                description="Write a complete tiny HF-format GLM-4 MoE model directory.")
+    p = argparse.ArgumentParser(prog="glmserve make-tiny-model", formatter_class=HelpFormatter,
+                                description="Write a complete tiny HF-format GLM-4 MoE model directory (random "
+                                            "weights: it answers with random text; for tests and demos).")
     p.add_argument("dir", help="output directory")
     p.add_argument("--template", choices=("glm45", "glm47"), default="glm45",
                    help="chat template format (GLM-4.5/4.6 or GLM-4.7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--num-layers", type=int, default=3, help="main decoder layers (MTP layer extra)")
     p.add_argument("--shards", type=int, default=1, help="number of safetensors shards")
     p.add_argument("--quantization", choices=("none", "fp8-channel", "fp8-block"), default="none",
@@ -72,10 +73,11 @@ def _generate(argv: Sequence[str]) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
-    "gateway": (_role("gateway"), "public gRPC gateway (chat template, tokenizer, parsers, routing)"),
+    "serve": (_serve, "SGLang's launch line: gateway + prefill + decode on this machine, OpenAI API on --port"),
+    "local": (_local, "the same as serve (gateway + prefill + decode processes on this machine)"),
+    "gateway": (_role("gateway"), "public gateway: OpenAI HTTP + gRPC (chat template, tokenizer, parsers, routing)"),
     "prefill": (_role("prefill"), "prefill worker (prompt KV + first token, streams KV to decode)"),
     "decode": (_role("decode"), "decode worker (continuous batching, EAGLE, streams tokens)"),
-    "local": (_local, "gateway + prefill + decode processes on this machine"),
     "make-tiny-model": (_make_tiny_model, "write the built-in tiny test model"),
     "generate": (_generate, "single-process reference generation (no servers)"),
     "health": (_health, "grpc.health.v1 check of a running process (exit 0 = SERVING)"),
@@ -83,8 +85,10 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-4.5/4.6/4.7 MoE models over gRPC.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p = argparse.ArgumentParser(prog="glmserve", description="Serve GLM-4.5/4.6/4.7 MoE models (OpenAI-compatible "
+                                "HTTP and gRPC) with prefill/decode disaggregation. `glmserve COMMAND --help` "
+                                "describes each command.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", help="the process or tool to run")
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p

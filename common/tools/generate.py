@@ -21,6 +21,7 @@ from common.runtime.distributed import BACKENDS, TPConfig
 from common.runtime.runner import ModelRunner, RunnerSpec
 from common.sampling.logit_processors import RowContext
 from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving.launch_flags import HelpFormatter
 from common.serving.sampling_params import SamplingParams
 from common.worker.ranks import start_ranks
 
@@ -63,14 +64,14 @@ def ensure_tiny_model(path: Path = DEFAULT_TINY_DIR, template: str = "glm45") ->
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="glmserve generate", description=__doc__)
+    p = argparse.ArgumentParser(prog="glmserve generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model-path", default=None, help="model directory (default: the built-in tiny model)")
     p.add_argument("--prompt", default="[gMASK]<sop><|user|>\nHello, who are you?<|assistant|>",
                    help="raw prompt text (already in chat format)")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
+    p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes)")
     p.add_argument("--tp-backend", default="auto", choices=BACKENDS,
                    help="auto: NCCL across GPUs, gloo on the CPU or when ranks share a GPU")

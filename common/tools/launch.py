@@ -1,27 +1,49 @@
-"""`glmserve local`: gateway + prefill + decode workers as separate processes on this machine.
+"""`glmserve serve` / `glmserve local`: gateway + prefill + decode workers as processes on this machine,
+started from SGLang's launch line.
 
-Each role is its own `glmserve <role>` process (the same entry points `compose.yaml` uses), so a
-local run exercises the real gRPC hops and the real KV transport; a worker of TP size N
-(`--prefill-tp-size`, `--decode-tp-size`, or `--tp-size` for both) starts its N-1 follower ranks
-itself. The launcher waits for every
-process to report SERVING on grpc.health.v1, then either serves until SIGTERM/SIGINT (forwarded
-to the children, which drain) or, with `--demo`, sends one Chat request, prints the stream and
-shuts everything down.
+    glmserve serve --model-path zai-org/GLM-4.6-FP8 --tp-size 8 --tool-call-parser glm45 \\
+        --reasoning-parser glm45 --speculative-algorithm EAGLE --speculative-num-steps 3 \\
+        --speculative-eagle-topk 1 --speculative-num-draft-tokens 4 --mem-fraction-static 0.9 \\
+        --served-model-name glm-4.6-fp8 --enable-custom-logit-processor --host 0.0.0.0 --port 30000
+
+The OpenAI API is served on --port (SGLang's 30000), the gRPC API on --grpc-port (30010). Every
+other flag goes to the roles that use it (common/serving/launch_flags.py): gateway flags to the
+gateway, worker flags to both workers, --log-level and --enable-custom-logit-processor to all. A
+Hugging Face repo id as --model-path is resolved once, here. Each role is its own `glmserve <role>`
+process (the same entry points compose.yaml uses), so a local run exercises the real gRPC hops and
+the real KV transport; a worker of --tp-size N starts its N-1 other ranks itself, and
+--prefill-tp-size / --decode-tp-size give the two roles different TP sizes. Children's output is written to one file per process (--log-dir, default a
+fresh directory) and, when serving, also shown with a role prefix; a child that fails to start is
+reported with its own last lines. Without --demo it serves until SIGTERM/SIGINT (forwarded; the
+children drain); with --demo it sends one chat request, prints the stream and shuts down.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+
+from common.serving.launch_flags import COMMON, DECODE, GATEWAY, PREFILL, WORKER, HelpFormatter, split_flags
 
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+DEFAULT_HTTP_PORT = 30000
+DEFAULT_GRPC_PORT = 30010
+TAIL_LINES = 30  # lines of a child's output kept to report a failed start
+# flags the launcher sets on the children itself (ports, addresses, model)
+LAUNCHER_FLAGS = {"--model-path", "--host", "--port", "--prefill", "--decode", "--http-host", "--http-port",
+                  "--advertise-host", "--worker-id"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,19 +52,65 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class ChildOutput:
+    """Reads one child's output: into its log file, to the terminal with a role prefix (optional),
+    and the last lines in memory for a failure report."""
+
+    def __init__(self, name: str, stream: IO[bytes], log_file: Path | None, echo: bool) -> None:
+        self.name = name
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._stream = stream
+        self._file = open(log_file, "w", encoding="utf-8") if log_file is not None else None  # noqa: SIM115
+        self._echo = echo
+        self._thread = threading.Thread(target=self._pump, name=f"output-{name}", daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        for raw in iter(self._stream.readline, b""):
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line.rstrip("\n"))
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
+            if self._echo:
+                sys.stderr.write(f"[{self.name}] {line}")
+        if self._file is not None:
+            self._file.close()
+
+    def join(self, timeout: float = 2.0) -> None:
+        self._thread.join(timeout)
+
+
 @dataclass
 class Cluster:
     """Handles to the processes of one local deployment."""
 
-    gateway_port: int
+    gateway_port: int  # gRPC
     prefill_ports: list[int]
     decode_ports: list[int]
+    http_port: int | None = None  # OpenAI HTTP (None: off)
+    host: str = "127.0.0.1"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    log_dir: Path | None = None  # each process's output, when start_cluster was given one
+    outputs: dict[str, ChildOutput] = field(default_factory=dict)
+    log_dir: Path | None = None  # each process's output, one file per process
 
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def http_base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1"
+
+    def failure_report(self, name: str) -> str:
+        """The exit status and last output lines of child `name`."""
+        proc = self.procs[name]
+        out = self.outputs.get(name)
+        if out is not None:
+            out.join()
+        lines = "\n".join(f"    {line}" for line in (out.tail if out is not None else ()))
+        where = f" (full log: {self.log_dir / (name + '.log')})" if self.log_dir is not None else ""
+        return f"{name} exited with status {proc.returncode}{where}; its last lines:\n{lines}"
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         import grpc
@@ -56,9 +124,10 @@ class Cluster:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = health_pb2_grpc.HealthStub(ch)
                 while True:
-                    dead = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+                    dead = [n for n, p in self.procs.items() if p.poll() is not None]
                     if dead:
-                        raise RuntimeError(f"exited during startup: {dead}")
+                        raise RuntimeError("exited during startup: "
+                                           + "\n".join(self.failure_report(n) for n in dead))
                     try:
                         # readiness of the whole process: every service it serves
                         reply = stub.Check(health_pb2.HealthCheckRequest(service=_service_of(name)), timeout=1.0)
@@ -67,7 +136,8 @@ class Cluster:
                     except grpc.RpcError:
                         pass
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"{name} not SERVING after {timeout:.0f}s")
+                        raise TimeoutError(f"{name} not SERVING after {timeout:.0f}s"
+                                           + (f" (logs in {self.log_dir})" if self.log_dir else ""))
                     time.sleep(0.1)
 
     def stop(self, timeout: float = 20.0) -> dict[str, int]:
@@ -82,6 +152,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 codes[name] = proc.wait()
+        for out in self.outputs.values():
+            out.join()
         return codes
 
 
@@ -94,23 +166,30 @@ def _service_of(name: str) -> str:
 def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, device: str | None = None,
                   extra_worker_args: list[str] | None = None, extra_prefill_args: list[str] | None = None,
                   extra_decode_args: list[str] | None = None, extra_gateway_args: list[str] | None = None,
-                  log_dir: str | Path | None = None, env: dict[str, str] | None = None) -> Cluster:
-    """Start the processes (not waiting for readiness: call `wait_ready`)."""
-    cluster = Cluster(free_port(), [free_port() for _ in range(prefill)], [free_port() for _ in range(decode)],
+                  log_dir: str | Path | None = None, env: dict[str, str] | None = None,
+                  http_port: int | None = 0, grpc_port: int = 0, host: str = "127.0.0.1",
+                  echo: bool = False) -> Cluster:
+    """Start the processes (not waiting for readiness: call `wait_ready`). Ports 0 are picked free;
+    `http_port` None turns HTTP off. Output goes to `log_dir` (one file per process) and, with
+    `echo`, to this process's stderr with a role prefix."""
+    cluster = Cluster(grpc_port or free_port(), [free_port() for _ in range(prefill)],
+                      [free_port() for _ in range(decode)],
+                      http_port=None if http_port is None else (http_port or free_port()), host=host,
                       log_dir=Path(log_dir) if log_dir is not None else None)
     child_env = dict(os.environ, **NCCL_SAFE_ENV, **(env or {}))
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     exe = [sys.executable, "-m", "common.tools.cli"]
     worker = ["--model-path", str(model_path), *(["--device", device] if device else []),
               *(extra_worker_args or [])]
+    if cluster.log_dir is not None:
+        cluster.log_dir.mkdir(parents=True, exist_ok=True)
 
     def spawn(name: str, args: list[str]) -> None:
-        out = subprocess.DEVNULL
-        if log_dir is not None:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            out = open(Path(log_dir) / f"{name}.log", "w")  # noqa: SIM115 (owned by the child)
-        cluster.procs[name] = subprocess.Popen(exe + args, env=child_env, stdout=out, stderr=subprocess.STDOUT,
-                                               start_new_session=True)
+        proc = subprocess.Popen(exe + args, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        cluster.procs[name] = proc
+        cluster.outputs[name] = ChildOutput(name, proc.stdout, cluster.log_dir / f"{name}.log"
+                                            if cluster.log_dir is not None else None, echo)
 
     for i, port in enumerate(cluster.decode_ports):
         spawn(f"decode{i}", ["decode", *worker, "--port", str(port), "--worker-id", f"decode{i}",
@@ -118,7 +197,8 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
     for i, port in enumerate(cluster.prefill_ports):
         spawn(f"prefill{i}", ["prefill", *worker, "--port", str(port), "--worker-id", f"prefill{i}",
                               *(extra_prefill_args or [])])
-    gw = ["gateway", "--model-path", str(model_path), "--host", "127.0.0.1", "--port", str(cluster.gateway_port),
+    gw = ["gateway", "--model-path", str(model_path), "--host", host, "--port", str(cluster.gateway_port),
+          "--http-port", str(cluster.http_port if cluster.http_port is not None else -1),
           *default_parser_args(model_path, extra_gateway_args or [])]
     for port in cluster.prefill_ports:
         gw += ["--prefill", f"127.0.0.1:{port}"]
@@ -132,14 +212,31 @@ def default_parser_args(model_path: str | Path, given: list[str]) -> list[str]:
     """--reasoning-parser glm45 and the tool parser matching the chat template (GLM-4.7's template
     concatenates '<tool_call>' with the call name; GLM-4.5/4.6's puts a newline after it), unless given."""
     args: list[str] = []
-    if "--reasoning-parser" not in given:
+    names = {a.split("=", 1)[0] for a in given}
+    if "--reasoning-parser" not in names:
         args += ["--reasoning-parser", "glm45"]
-    if "--tool-call-parser" not in given:
+    if "--tool-call-parser" not in names:
         path = Path(model_path) / "chat_template.jinja"
-        text = path.read_text() if path.exists() else (Path(model_path) / "tokenizer_config.json").read_text()
+        config = Path(model_path) / "tokenizer_config.json"
+        text = path.read_text() if path.exists() else (config.read_text() if config.exists() else "")
         glm47 = "'<tool_call>' ~ " in text or "'<tool_call>' + " in text
         args += ["--tool-call-parser", "glm47" if glm47 else "glm45"]
     return args
+
+
+def route_flags(argv: Sequence[str]) -> dict[str, list[str]]:
+    """The launch line's flags per role: gateway flags to the gateway, worker flags to both workers,
+    prefill / decode flags to that worker, the shared ones (log level, custom processor gate, shutdown
+    grace) to all; --metrics-port to the gateway only (one port per machine)."""
+    shared = {k: v for k, v in COMMON.items() if k not in LAUNCHER_FLAGS and k != "--metrics-port"}
+    gateway, rest = split_flags(argv, {**GATEWAY, "--metrics-port": True})
+    common, rest = split_flags(rest, shared)
+    workers, rest = split_flags(rest, WORKER)
+    prefill, rest = split_flags(rest, PREFILL)
+    decode, rest = split_flags(rest, DECODE)
+    if rest:
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    return {"gateway": gateway + common, "worker": workers + common, "prefill": prefill, "decode": decode}
 
 
 def demo_chat(address: str, text: str, max_tokens: int) -> None:
@@ -172,35 +269,109 @@ def demo_chat(address: str, text: str, max_tokens: int) -> None:
                   f"reasoning={usage.reasoning_tokens}")
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="glmserve local", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", default=None, help="model directory (default: the built-in tiny model)")
-    p.add_argument("--prefill", type=int, default=1, help="number of prefill workers")
-    p.add_argument("--decode", type=int, default=1, help="number of decode workers")
-    p.add_argument("--device", default=None, help="worker device (default: cuda if present, else cpu)")
-    p.add_argument("--speculative-algorithm", default=None, help="EAGLE / NEXTN for every worker")
-    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks of every worker")
-    p.add_argument("--prefill-tp-size", type=int, default=None, help="TP ranks of each prefill worker (default --tp-size)")
-    p.add_argument("--decode-tp-size", type=int, default=None, help="TP ranks of each decode worker (default --tp-size)")
+def build_arg_parser(prog: str, roles: dict[str, argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
+    """The launcher's own flags, plus every role flag (routed by route_flags) listed by role. With
+    `roles` (each role's own parser; loaded for --help only, the workers' import torch) each role
+    flag shows its role's help text and default."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter,
+                                usage="%(prog)s [options]", allow_abbrev=False)
+    p.add_argument("--model-path", default=None,
+                   help="model directory or Hugging Face repo id (default: the built-in tiny random model, "
+                        "which answers with random text)")
+    p.add_argument("--host", default="127.0.0.1", help="address of the OpenAI HTTP and gRPC APIs")
+    p.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT,
+                   help="OpenAI HTTP port, where SGLang users point base_url (0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT,
+                   help="gRPC port of the gateway (glmserve.v1.Gateway; 0: any free port)")
+    p.add_argument("--prefill", type=int, default=1, metavar="N", help="number of prefill worker processes")
+    p.add_argument("--decode", type=int, default=1, metavar="N", help="number of decode worker processes")
+    p.add_argument("--prefill-tp-size", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks of each prefill worker (default: --tp-size)")
+    p.add_argument("--decode-tp-size", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks of each decode worker (default: --tp-size)")
     p.add_argument("--demo", nargs="?", const="Hello! What can you do?", default=None, metavar="TEXT",
                    help="send one chat request, print the streamed answer, then shut down")
     p.add_argument("--max-tokens", type=int, default=32, help="max tokens of the --demo request")
-    p.add_argument("--log-dir", default=None, help="write each process's log here")
-    args = p.parse_args(argv)
-    from common.tools.generate import ensure_tiny_model
+    p.add_argument("--log-dir", default=None,
+                   help="write each process's output to DIR/<role>.log (default: a new directory under "
+                        f"{tempfile.gettempdir()})")
+    p.add_argument("--startup-timeout", type=float, default=1800.0,
+                   help="seconds the processes may take to load the model and report ready")
+    owners = {"gateway flags": ("gateway",), "worker flags": ("prefill", "decode"), "prefill flags": ("prefill",),
+              "decode flags": ("decode",), "flags of every role": ("gateway", "prefill", "decode")}
+    for title, flags, users in (("gateway flags", GATEWAY, "the gateway"),
+                                ("worker flags", WORKER, "both workers"),
+                                ("prefill flags", PREFILL, "the prefill workers"),
+                                ("decode flags", DECODE, "the decode workers"),
+                                ("flags of every role", COMMON, "every process")):
+        group = p.add_argument_group(title, f"passed to {users}" + (
+            "" if roles else "; `glmserve serve --help` (or `glmserve <role> --help`) shows each one's meaning "
+                             "and default"))
+        for flag, takes_value in flags.items():
+            if flag in LAUNCHER_FLAGS:
+                continue
+            who = "the gateway" if flag == "--metrics-port" else users
+            dest = "pass_" + flag.lstrip("-").replace("-", "_")
+            own = _role_action(roles, owners[title], flag)
+            text = f"{own.help} [{who}]" if own is not None and own.help else f"passed to {who}"
+            if own is not None and own.default is not None and own.default is not False:
+                text += f" (default: {own.default})"  # the role's own default, applied there
+            if takes_value:
+                group.add_argument(flag, metavar="VALUE", dest=dest, help=text)
+            else:
+                group.add_argument(flag, action="store_true", dest=dest, help=text)
+    return p
 
-    model = Path(args.model_path) if args.model_path else ensure_tiny_model()
-    extra = ["--speculative-algorithm", args.speculative_algorithm] if args.speculative_algorithm else []
-    prefill_tp = args.prefill_tp_size or args.tp_size
-    decode_tp = args.decode_tp_size or args.tp_size
-    cluster = start_cluster(model, prefill=args.prefill, decode=args.decode, device=args.device,
-                            extra_worker_args=extra, extra_prefill_args=["--tp-size", str(prefill_tp)],
-                            extra_decode_args=["--tp-size", str(decode_tp)], log_dir=args.log_dir)
+
+def _role_action(roles: dict[str, argparse.ArgumentParser] | None, names: Sequence[str],
+                 flag: str) -> argparse.Action | None:
+    for name in names:
+        parser = (roles or {}).get(name)
+        for action in parser._actions if parser is not None else ():
+            if flag in action.option_strings:
+                return action
+    return None
+
+
+def main(argv: list[str], prog: str = "glmserve local") -> int:
+    roles = None
+    if "-h" in argv or "--help" in argv:
+        from common.tools.roles import role_parser
+
+        roles = {name: role_parser(name) for name in ("gateway", "prefill", "decode")}
+    parser = build_arg_parser(prog, roles)
+    args = parser.parse_args(argv)  # every flag checked here; values are checked by the role that uses them
+    own = {a.option_strings[0]: a.nargs != 0 for a in parser._actions
+           if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
+    _, passed = split_flags(argv, own)
     try:
-        cluster.wait_ready()
-        print(f"glmserve local: gateway on {cluster.gateway_address} ({args.prefill} prefill of TP {prefill_tp}, "
-              f"{args.decode} decode of TP {decode_tp}), model {model}", flush=True)
+        routed = route_flags(passed)
+        model, served = _model(args.model_path)
+    except ValueError as e:
+        parser.error(str(e))
+    gateway_args = routed["gateway"]
+    if served is not None and "--served-model-name" not in gateway_args:
+        gateway_args = ["--served-model-name", served, *gateway_args]
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="glmserve-logs-"))
+    per_role = {role: ["--tp-size", str(n)] if n else []
+                for role, n in (("prefill", args.prefill_tp_size), ("decode", args.decode_tp_size))}
+    cluster = start_cluster(model, prefill=args.prefill, decode=args.decode, extra_worker_args=routed["worker"],
+                            extra_prefill_args=routed["prefill"] + per_role["prefill"],
+                            extra_decode_args=routed["decode"] + per_role["decode"],
+                            extra_gateway_args=gateway_args, log_dir=log_dir, host=args.host,
+                            http_port=args.port, grpc_port=args.grpc_port, echo=args.demo is None)
+    print(f"{prog}: starting gateway, {args.prefill} prefill and {args.decode} decode workers on {model} "
+          f"(logs in {log_dir})", flush=True)
+    try:
+        try:
+            cluster.wait_ready(args.startup_timeout)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"{prog}: {e}", file=sys.stderr)
+            return 1
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        print(f"{prog}: ready. OpenAI API http://{shown}:{cluster.http_port}/v1, gRPC {shown}:{cluster.gateway_port}"
+              + ("" if args.model_path else " (the built-in tiny model is random: it answers with random text)"),
+              flush=True)
         if args.demo is not None:
             demo_chat(cluster.gateway_address, args.demo, args.max_tokens)
             return 0
@@ -214,9 +385,21 @@ def main(argv: list[str]) -> int:
         while not stop[0]:
             dead = [n for n, pr in cluster.procs.items() if pr.poll() is not None]
             if dead:
-                print(f"glmserve local: {', '.join(dead)} exited; shutting down", file=sys.stderr)
+                print(f"{prog}: " + "\n".join(cluster.failure_report(n) for n in dead) + "\nshutting down",
+                      file=sys.stderr)
                 return 1
             time.sleep(0.5)
         return 0
     finally:
         cluster.stop()
+
+
+def _model(given: str | None) -> tuple[Path, str | None]:
+    """(local model directory, the served name a repo id implies)."""
+    from common.serving.model_files import is_repo_id, resolve_model_path
+
+    if given is None:
+        from common.tools.generate import ensure_tiny_model
+
+        return ensure_tiny_model(), None
+    return Path(resolve_model_path(given)), (given if is_repo_id(given) else None)

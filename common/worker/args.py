@@ -4,24 +4,26 @@ validation into frozen configs. Built once at the edge; nothing reads argv after
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 from common.model.config import SpecConfig, validate_spec_config
+from common.serving.launch_flags import foreign_flags_given
+from common.serving.model_files import resolve_model_path
 
 SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
-MOVED_THINKING_BUDGET = (
-    "--default-thinking-budget is a gateway flag (python -m gateway --default-thinking-budget N): the "
-    "gateway puts each request's thinking budget on the wire and the workers apply exactly that")
 
 
 def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
-    p.add_argument("--model-path", required=True, help="HF-format model directory")
+    """The flags both workers take. Each role adds its own, then accepts the other roles' flags
+    (common.serving.launch_flags.accept_foreign_flags) so one SGLang launch line can start it."""
+    p.add_argument("--model-path", required=True,
+                   help="HF-format model directory, or a Hugging Face repo id (resolved from the HF cache, "
+                        "downloaded when the network allows)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve gRPC on")
-    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--port", type=int, default=default_port, help="gRPC port (0: any free port)")
     p.add_argument("--advertise-host", default=None,
                    help="address peers use to reach this worker (default: --host, or the hostname)")
     p.add_argument("--worker-id", default=None, help="stable id of this worker (default: random)")
@@ -51,7 +53,8 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
                    help="KV pages (0: size the pool from --mem-fraction-static)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="fraction of GPU memory for weights + KV pool (CUDA only)")
-    p.add_argument("--max-queued-requests", type=int, default=256)
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting for admission before new ones are refused (RESOURCE_EXHAUSTED)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
     p.add_argument("--transfer-timeout", type=float, default=60.0,
                    help="seconds a KV transfer may stall before it is failed")
@@ -59,16 +62,17 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
                    help="bulk KV channel (auto: gloo on CPU, CUDA IPC on one GPU, NCCL across GPUs)")
     p.add_argument("--enable-custom-logit-processor", action="store_true",
                    help="accept custom_logit_processor (only the GLM thinking budget is recognised)")
-    # a gateway flag: kept here only to refuse it with a message that says where it went
-    p.add_argument("--default-thinking-budget", default=None, help=argparse.SUPPRESS)
     p.add_argument("--speculative-algorithm", default=None, type=str.upper,
                    help="EAGLE (alias NEXTN): the checkpoint's MTP layer drafts")
-    p.add_argument("--speculative-num-steps", type=int, default=None)
-    p.add_argument("--speculative-eagle-topk", type=int, default=None)
-    p.add_argument("--speculative-num-draft-tokens", type=int, default=None)
+    p.add_argument("--speculative-num-steps", type=int, default=None,
+                   help="draft steps per verify (default with EAGLE: 3; give all three or none)")
+    p.add_argument("--speculative-eagle-topk", type=int, default=None,
+                   help="draft branches per step (default with EAGLE: 1)")
+    p.add_argument("--speculative-num-draft-tokens", type=int, default=None,
+                   help="draft tokens verified per step (default with EAGLE: 4)")
     p.add_argument("--speculative-draft-model-path", default=None,
                    help="draft checkpoint (default: the target's own MTP layer)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
 @dataclass(frozen=True)
@@ -147,13 +151,10 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         if not host or not port.isdigit():
             raise ValueError(f"--dist-init-addr {ns.dist_init_addr!r}: expected host:port")
         store = (host, int(port))
-    if not os.path.isdir(ns.model_path):
-        raise ValueError(f"--model-path {ns.model_path!r} is not a directory")
-    if ns.speculative_draft_model_path not in (None, ns.model_path):
+    model_path = resolve_model_path(ns.model_path)  # ValueError names the flag, where it looked, how to fetch
+    if ns.speculative_draft_model_path not in (None, ns.model_path, model_path):
         raise ValueError("--speculative-draft-model-path: only the target's own MTP layer is supported "
                          "(leave it unset or pass the target path)")
-    if ns.default_thinking_budget is not None:
-        raise ValueError(MOVED_THINKING_BUDGET)
     device = ns.device
     if device is None:
         import torch
@@ -164,7 +165,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         dtype = "float32" if device == "cpu" else "bfloat16"
     advertise = ns.advertise_host or (ns.host if ns.host not in ("0.0.0.0", "::") else socket.gethostname())
     cfg = WorkerConfig(
-        role=role, model_path=ns.model_path, host=ns.host, port=ns.port, advertise_host=advertise,
+        role=role, model_path=model_path, host=ns.host, port=ns.port, advertise_host=advertise,
         worker_id=ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}", device=device, dtype=dtype,
         tp_size=ns.tp_size, base_gpu_id=ns.base_gpu_id, tp_backend=ns.tp_backend, tp_step_timeout=ns.tp_step_timeout,
         dist_init_addr=store, quantization=ns.quantization, fp8_compute=ns.fp8_compute, page_size=ns.page_size, num_pages=ns.num_pages,
@@ -196,5 +197,8 @@ def worker_main(parser: argparse.ArgumentParser, role: str, argv: list[str],
         parser.error(problem)
     for w in warnings:
         logging.getLogger(role).warning(w)
+    given = foreign_flags_given(ns)
+    if given:
+        logging.getLogger(role).info("flags of other roles, not used by the %s worker: %s", role, " ".join(given))
     run(serve(cfg, ns))
     return 0

@@ -3,6 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.sampling.logit_processors import (
+    ForcedPrefix,
     RowContext,
     ThinkingBudget,
     ThinkState,
@@ -217,3 +218,44 @@ def test_may_force_is_never_wrong_about_no_force(known, split, unknown, budget):
         assert all(f is None for f in forced)
     if not unknown:
         assert verdict == (forced[0] is not None)
+
+
+TC, NAME1, NAME2 = 20, 21, 22  # "<tool_call>" and a named tool's two name tokens
+FORCED = ForcedPrefix(E, NL)
+
+
+def _allowed(output, prefix=(TC,), reasoning_first=True, **kw):
+    """The finite logits after every processor (None: the row is left free), values kept."""
+    row = RowContext(SamplingParams(forced_prefix=prefix, reasoning_first=reasoning_first, **kw), [USER, S],
+                     list(output))
+    logits = torch.randn(1, V)
+    before = logits.clone()
+    apply_processors(logits, [row], None, forced=FORCED)
+    finite = torch.isfinite(logits[0]).nonzero().flatten().tolist()
+    if len(finite) == V:
+        assert torch.equal(logits, before)
+        return None
+    if not kw:
+        assert torch.equal(logits[0, finite], before[0, finite])  # allowed tokens keep their logits
+    return finite
+
+
+def test_forced_tool_call_waits_for_the_reasoning_then_opens_the_call():
+    assert _allowed([T, T]) is None                         # still reasoning: free
+    assert _allowed([T, E]) == [NL, TC]                     # reasoning over: one newline or <tool_call>
+    assert _allowed([T, E, NL]) == [TC]                     # the newline was used
+    assert _allowed([T, E, TC]) is None                     # the call is open: free again
+    assert _allowed([], reasoning_first=False) == [NL, TC]  # thinking off: from the first token
+    assert _allowed([T, TC, T]) is None                     # <tool_call> while reasoning ends it (GLM parser)
+
+
+def test_named_tool_forces_its_name_then_frees_the_row():
+    named = (TC, NAME1, NAME2)
+    assert _allowed([E], named) == [NL, TC]
+    assert _allowed([E, TC], named) == [NAME1]
+    assert _allowed([E, NL, TC, NAME1], named) == [NAME2]
+    assert _allowed([E, TC, NAME1, NAME2], named) is None
+    assert _allowed([E, TC, NAME1, NAME2, T, TC], named) is None  # a second call is the model's choice
+    # the forced token survives a bias against it; other rows are untouched
+    assert _allowed([E, TC], named, logit_bias={NAME1: -100.0}) == [NAME1]
+    assert _allowed([T], ()) is None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from common.serving.sampling_params import SamplingParams, ServerSampling
-from gateway import convert
+from common.serving.sampling_params import SamplingParams, ServerSampling, given_fields
+from gateway import checks, convert
+from gateway.calls import Sampling
 from gateway.errors import GatewayError
 from protos import gateway_pb2
 
@@ -16,7 +17,13 @@ SERVER = ServerSampling(defaults=DEFAULTS, vocab_size=1000, eos_token_ids=(7, 8)
 
 
 def resolve(prompt_len: int = 10, server: ServerSampling = SERVER, **fields):
-    return convert.worker_sampling(gateway_pb2.SamplingParams(**fields), server, prompt_len=prompt_len)
+    return checks.worker_sampling(Sampling(given_fields(gateway_pb2.SamplingParams(**fields))), server,
+                                  prompt_len=prompt_len)
+
+
+def budget(requested, processor, params, enabled):
+    return checks.thinking_budget(Sampling(thinking_budget=requested, custom_logit_processor=processor,
+                                           custom_params=params), enabled)
 
 
 def error(fn, *a, **kw) -> GatewayError:
@@ -68,14 +75,13 @@ def test_validation_names_the_field(fields, prompt_len, message) -> None:
 
 def test_prompt_length_and_logprobs() -> None:
     assert "messages is 100 tokens; the maximum context length is 100" in \
-        error(convert.check_prompt_length, 100, 100, "messages").message
-    convert.check_prompt_length(99, 100, "messages")
-    empty = gateway_pb2.SamplingParams()
-    e = error(convert.worker_sampling, empty, SERVER, prompt_len=1, logprobs=True, top_logprobs=21)
+        error(checks.check_prompt_length, 100, 100, "messages").message
+    checks.check_prompt_length(99, 100, "messages")
+    e = error(checks.worker_sampling, Sampling(logprobs=True, top_logprobs=21), SERVER, prompt_len=1)
     assert e.message.startswith("top_logprobs must be in [0, 20]")
-    assert error(convert.worker_sampling, empty, SERVER, prompt_len=1, top_logprobs=2).message == \
+    assert error(checks.worker_sampling, Sampling(top_logprobs=2), SERVER, prompt_len=1).message == \
         "top_logprobs needs logprobs: true"
-    ws = convert.worker_sampling(empty, SERVER, prompt_len=1, logprobs=True, top_logprobs=5, thinking_budget=0)
+    ws = checks.worker_sampling(Sampling(logprobs=True, top_logprobs=5), SERVER, prompt_len=1, thinking_budget=0)
     assert ws.logprobs and ws.top_logprobs == 5 and ws.HasField("thinking_budget") and ws.thinking_budget == 0
 
 
@@ -105,47 +111,45 @@ def test_tools_tool_choice_and_struct_numbers() -> None:
     t1.function.parameters.update({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}})
     t2 = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="b", description="B"))
     msg = gateway_pb2.ChatMessage(role="user", content="x")
-    tools, parse = convert.chat_tools(_req(msg, tools=[t1, t2]))
-    assert parse and [t["function"]["name"] for t in tools] == ["a", "b"]
+    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2]))
+    assert parse and choice == "auto" and [t["function"]["name"] for t in tools] == ["a", "b"]
     # Struct stores numbers as doubles; schema integers must render as 1, not 1.0
     assert tools[0]["function"]["parameters"]["properties"]["n"]["minimum"] == 1
     assert isinstance(tools[0]["function"]["parameters"]["properties"]["n"]["minimum"], int)
     assert tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}
     none = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_NONE)
-    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none)) == (None, False)
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none)) == (None, False, "none")
     named = gateway_pb2.ToolChoice(function=gateway_pb2.NamedFunction(name="b"))
-    tools, parse = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named))
-    assert [t["function"]["name"] for t in tools] == ["b"] and parse
-    assert convert.chat_tools(_req(msg)) == (None, False)
+    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named))
+    assert [t["function"]["name"] for t in tools] == ["b"] and parse and choice == "named"
+    required = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_REQUIRED)
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=required))[2] == "required"
+    assert convert.chat_tools(_req(msg)) == (None, False, "auto")
     assert "tools[1].function.name 'a' is declared twice" in error(convert.chat_tools, _req(msg, tools=[t1, t1])).message
 
 
 def test_thinking_budget_is_the_requests_own() -> None:
-    params = gateway_pb2.ChatRequest().custom_params
-    params.update({"thinking_budget": 300})
-    assert convert.thinking_budget(None, None, None, True) is None          # none set: the default applies later
-    assert convert.thinking_budget(50, None, None, True) == 50
-    assert convert.thinking_budget(None, "glm4_moe_thinking_budget", params, True) == 300
-    assert convert.thinking_budget(500, "glm4_moe_thinking_budget", params, True) == 300  # both: the smaller
-    e = error(convert.thinking_budget, None, '{"callable": "80"}', None, True)
+    params = {"thinking_budget": 300}
+    assert budget(None, None, None, True) is None          # none set: the default applies later
+    assert budget(50, None, None, True) == 50
+    assert budget(None, "glm4_moe_thinking_budget", params, True) == 300
+    assert budget(500, "glm4_moe_thinking_budget", params, True) == 300  # both: the smaller
+    e = error(budget, None, '{"callable": "80"}', None, True)
     assert "custom_logit_processor" in e.message
-    assert "--enable-custom-logit-processor" in error(
-        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, False).message
-    params.update({"thinking_budget": -1})
+    assert "--enable-custom-logit-processor" in error(budget, None, "glm4_moe_thinking_budget", params, False).message
     assert "custom_params.thinking_budget must be an integer >= 0" in error(
-        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, True).message
-    params.update({"thinking_budget": 2**31})
+        budget, None, "glm4_moe_thinking_budget", {"thinking_budget": -1}, True).message
     assert "custom_params.thinking_budget must be < 2**31" in error(
-        convert.thinking_budget, None, "glm4_moe_thinking_budget", params, True).message
+        budget, None, "glm4_moe_thinking_budget", {"thinking_budget": 2**31}, True).message
 
 
 def test_default_thinking_budget_applies_only_when_the_request_sets_none() -> None:
     server = ServerSampling(defaults=SamplingParams(thinking_budget=100), vocab_size=1000, eos_token_ids=(7,),
                             context_length=100)
-    empty = gateway_pb2.SamplingParams()
-    assert convert.worker_sampling(empty, server, prompt_len=1).thinking_budget == 100
-    assert convert.worker_sampling(empty, server, prompt_len=1, thinking_budget=300).thinking_budget == 300
-    assert convert.worker_sampling(empty, server, prompt_len=1, thinking_budget=0).thinking_budget == 0
-    assert not convert.worker_sampling(empty, SERVER, prompt_len=1).HasField("thinking_budget")
-    assert error(convert.worker_sampling, empty, server, prompt_len=1, thinking_budget=-1).message == \
+    empty = Sampling()
+    assert checks.worker_sampling(empty, server, prompt_len=1).thinking_budget == 100
+    assert checks.worker_sampling(empty, server, prompt_len=1, thinking_budget=300).thinking_budget == 300
+    assert checks.worker_sampling(empty, server, prompt_len=1, thinking_budget=0).thinking_budget == 0
+    assert not checks.worker_sampling(empty, SERVER, prompt_len=1).HasField("thinking_budget")
+    assert error(checks.worker_sampling, empty, server, prompt_len=1, thinking_budget=-1).message == \
         "thinking.budget must be in [0, 2**31), got -1"

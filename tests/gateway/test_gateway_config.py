@@ -28,7 +28,22 @@ def test_defaults_and_none_parsers() -> None:
     c = GatewayConfig.from_args(["--model-path", "/m", "--prefill", "p:1", "--decode", "d:1",
                                  "--tool-call-parser", "none", "--served-model-name", "glm"])
     assert c.tool_call_parser is None and c.reasoning_parser is None and c.model_name == "glm"
-    assert c.metrics_port is None and not c.enable_custom_logit_processor and c.port == 30000
+    assert c.metrics_port is None and not c.enable_custom_logit_processor
+    assert (c.port, c.http_port) == (30010, 30000)  # gRPC beside SGLang's OpenAI port
+
+
+def test_worker_flags_of_a_shared_launch_line_are_accepted_and_not_used() -> None:
+    from common.serving.launch_flags import foreign_flags_given
+    from gateway.config import build_arg_parser
+
+    argv = ["--model-path", "/m", "--prefill", "p:1", "--decode", "d:1", "--tp-size", "8",
+            "--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+            "--speculative-num-draft-tokens", "4", "--mem-fraction-static", "0.9", "--disable-cuda-graph"]
+    ns = build_arg_parser().parse_args(argv)
+    assert GatewayConfig.from_namespace(ns).prefill == ("p:1",)
+    assert foreign_flags_given(ns) == ["--disable-cuda-graph", "--mem-fraction-static", "--speculative-algorithm",
+                                       "--speculative-eagle-topk", "--speculative-num-draft-tokens",
+                                       "--speculative-num-steps", "--tp-size"]
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -12,8 +12,15 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from common.serving.sampling_params import INT32_MAX, SamplingError, SamplingParams, ServerSampling
-from gateway import convert
+from common.serving.sampling_params import (
+    INT32_MAX,
+    SamplingError,
+    SamplingParams,
+    ServerSampling,
+    given_fields,
+)
+from gateway import checks
+from gateway.calls import Sampling
 from gateway.errors import GatewayError
 from protos import gateway_pb2, worker_pb2
 
@@ -87,7 +94,8 @@ def test_what_the_gateway_accepts_a_worker_accepts_as_is(data: st.DataObject) ->
     extra = {"logprobs": logprobs, "top_logprobs": top_logprobs,
              "thinking_budget": data.draw(st.none() | st.integers(0, 64) | (INT32 if wild else st.nothing()))}
     try:
-        wire = convert.worker_sampling(msg, server, prompt_len=prompt_len, **extra)
+        wire = checks.worker_sampling(Sampling(given=given_fields(msg), logprobs=logprobs, top_logprobs=top_logprobs),
+                                      server, prompt_len=prompt_len, thinking_budget=extra["thinking_budget"])
     except GatewayError as e:  # refused: the message starts with a field the client sets
         assert e.code == grpc.StatusCode.INVALID_ARGUMENT
         named = FIELD.match(e.message)
@@ -96,7 +104,7 @@ def test_what_the_gateway_accepts_a_worker_accepts_as_is(data: st.DataObject) ->
         event(f"refused: {named.group(2) or named.group(1)}")
         return
     event("accepted")
-    gateway_params = SamplingParams.from_request(msg, server, prompt_len=prompt_len, **extra)
+    gateway_params = SamplingParams.from_request(given_fields(msg), server, prompt_len=prompt_len, **extra)
     received = worker_pb2.WorkerSampling.FromString(wire.SerializeToString())  # over the network
     worker_params = SamplingParams.from_wire(received, vocab_size=server.vocab_size)
     assert worker_params == gateway_params
@@ -132,7 +140,8 @@ def test_wire_round_trip_and_no_worker_defaults() -> None:
     params = SamplingParams(temperature=0.5, top_p=0.75, top_k=40, min_p=0.125, seed=2**64 - 1,
                             frequency_penalty=-2.0, presence_penalty=1.5, repetition_penalty=2.0,
                             logit_bias={3: -100.0, 9: 0.25}, min_tokens=2, max_tokens=9, stop_token_ids=(5, 6),
-                            ignore_eos=True, logprobs=True, top_logprobs=20, thinking_budget=0)
+                            ignore_eos=True, logprobs=True, top_logprobs=20, thinking_budget=0,
+                            forced_prefix=(7, 8, 9), reasoning_first=True)
     assert SamplingParams.from_wire(params.to_wire(), vocab_size=10) == params
     off = SamplingParams(max_tokens=1)
     wire = off.to_wire()

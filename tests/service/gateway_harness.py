@@ -46,7 +46,7 @@ class Harness:
 
 def base_config(model_dir: Path, prefill: list[str], decode: list[str]) -> GatewayConfig:
     return GatewayConfig(model_path=str(model_dir), prefill=tuple(prefill), decode=tuple(decode),
-                         host="127.0.0.1", port=0, served_model_name="glm-test", tool_call_parser="glm45",
+                         host="127.0.0.1", port=0, http_port=0, served_model_name="glm-test", tool_call_parser="glm45",
                          reasoning_parser="glm45", context_length=CONTEXT, max_tokens_limit=1024,
                          health_check_interval=0.2, worker_rpc_timeout=1.0, shutdown_grace=0.5)
 

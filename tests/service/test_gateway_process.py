@@ -29,7 +29,7 @@ def test_cli_process_serves_and_exits_cleanly_on_sigterm(model_dir, tok):
     async def scenario():
         cluster = await FakeCluster.start(lambda r: Script(chunks=[ids], finish_token=ids[-1]))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", "0", "--model-path", str(model_dir),
+            sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--model-path", str(model_dir),
             "--served-model-name", "glm-proc", "--prefill", cluster.prefill_addrs[0],
             "--decode", cluster.decode_addrs[0], "--tool-call-parser", "glm45", "--reasoning-parser", "glm45",
             "--context-length", "2048", "--request-timeout", "30", "--metrics-port", "0",

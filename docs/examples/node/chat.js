@@ -1,20 +1,35 @@
-// Chat with the glmserve gateway from Node.js (@grpc/grpc-js + @grpc/proto-loader).
+// Chat with the glmserve gateway's gRPC API from Node.js (@grpc/grpc-js + @grpc/proto-loader).
 //
-//   npm install @grpc/grpc-js @grpc/proto-loader      (anywhere on NODE_PATH)
-//   node docs/examples/node/chat.js [host:port]            (default 127.0.0.1:30000)
+//   npm install @grpc/grpc-js @grpc/proto-loader      (in the current directory, the script's, or NODE_PATH)
+//   node path/to/docs/examples/node/chat.js [host:port]    (default 127.0.0.1:30010, the gateway's gRPC port)
 //
-// Streams the answer: reasoning, content and tool-call fragments as they arrive, then the finish
-// reason and token usage. Set GLMSERVE_PROTO_ROOT if the script is moved out of the repository.
+// Runs from any directory. Streams the answer: reasoning, content and tool-call fragments as they
+// arrive, then the finish reason and token usage. Set GLMSERVE_PROTO_ROOT if the script is moved out
+// of the repository (it reads protos/gateway.proto from there).
 "use strict";
 
 const path = require("path");
-const grpc = require("@grpc/grpc-js");
-const protoLoader = require("@grpc/proto-loader");
+const { createRequire } = require("module");
 
-const address = process.argv[2] || "127.0.0.1:30000";
-const protoRoot = process.env.GLMSERVE_PROTO_ROOT || path.resolve(__dirname, "..", "..");
+// Packages are looked up next to this script (and NODE_PATH), then in the current directory.
+function load(name) {
+  for (const base of [__filename, path.join(process.cwd(), "noop.js")]) {
+    try {
+      return createRequire(base)(name);
+    } catch (err) {
+      if (err.code !== "MODULE_NOT_FOUND") throw err;
+    }
+  }
+  console.error(`cannot find ${name}: run \`npm install @grpc/grpc-js @grpc/proto-loader\` here`);
+  process.exit(1);
+}
+const grpc = load("@grpc/grpc-js");
+const protoLoader = load("@grpc/proto-loader");
 
-const definition = protoLoader.loadSync("protos/gateway.proto", {
+const address = process.argv[2] || "127.0.0.1:30010";
+const protoRoot = process.env.GLMSERVE_PROTO_ROOT || path.resolve(__dirname, "..", "..", "..");
+
+const definition = protoLoader.loadSync(path.join(protoRoot, "protos", "gateway.proto"), {
   includeDirs: [protoRoot], // imports resolve against the repository root; google/protobuf/* is bundled
   keepCase: true,           // field names exactly as in the .proto (max_tokens, reasoning_content, ...)
   longs: String,

@@ -1,0 +1,53 @@
+"""The request values the Pipeline serves, built by both public surfaces: the gRPC converter
+(convert.py, from gateway.proto messages) and the OpenAI HTTP adapter (openai_request.py, from JSON).
+
+They hold what the client asked for, checked for shape but not yet resolved: sampling fields stay
+"as given" (absent = not in `Sampling.given`) so that `SamplingParams.from_request` alone applies
+defaults and bounds, whichever surface the request came through. Messages and tools are plain dicts
+in the client's key order (the chat template renders tool schemas with `tojson` in that order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A request's sampling as given: `given` has only the fields the client set (names of
+    common.serving.sampling_params.REQUEST_FIELDS), the rest is what SamplingParams needs besides."""
+    given: Mapping[str, Any] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()                  # stop strings, checked non-empty and de-duplicated
+    logprobs: bool = False
+    top_logprobs: int = 0
+    thinking_budget: int | None = None          # the native budget (gRPC thinking.budget, HTTP thinking_token_budget)
+    custom_logit_processor: str | None = None   # SGLang's field; the budget then comes from custom_params
+    custom_params: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None  # shown to the model (None: no tools in the prompt)
+    parse_tools: bool                   # run the tool-call parser on the output
+    template_kwargs: dict[str, Any]
+    sampling: Sampling
+    separate_reasoning: bool = True
+    tool_choice: str = "auto"           # auto | none | required | named (the one tool in `tools`)
+    stream: bool = True                 # False: the Pipeline yields one message with the whole answer
+    model: str = ""                     # "" = the served model, else checked against its name
+    request_id: str | None = None       # None: the Pipeline draws "chatcmpl-<hex>"
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    sampling: Sampling
+    text: str | None = None             # exactly one of text / token_ids
+    token_ids: tuple[int, ...] | None = None
+    input_field: str = "text"           # the public name of the input, for error messages
+    skip_special_tokens: bool = True
+    stream: bool = True
+    model: str = ""
+    request_id: str | None = None       # None: "cmpl-<hex>"
