@@ -6,7 +6,8 @@ control stays with the leaders (rank 0), which own requests and pages:
 - prefill: for every chunk the leader queues on its own streams it publishes a KvSendPlan (decode
   address and TP, transfer, seq, layers, tokens, pages, last); each follower with streams to that
   decode worker gathers the same region of its pool and sends its streams' heads, then reports
-  KV_SENT once per transfer (all its streams done, or the first failed). KvAbortPlan aborts.
+  KV_SENT once per transfer (all its streams done, or the first failed). KvAbortPlan aborts. A
+  follower reads plans between forwards: its chunks leave once the forward that wrote them ended.
 - decode: the leader publishes each reservation (KvExpectPlan, transfer and pages) before it
   answers the prefill side, and its withdrawal; each follower reserves in its own
   ReservationTable, scatters its streams' chunks into its pool and reports KV_LANDED or
