@@ -133,7 +133,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def Pair(self, request: worker_pb2.PairRequest, context) -> worker_pb2.PairResponse:
         try:
-            return await self.w.pair(request.prefill)
+            return await self.w.pair(request.prefill, request.src_rank, request.dst_rank)
         except ValueError as e:  # PairingError included
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
