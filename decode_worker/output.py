@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from common.runtime.step_plan import TPBroken
 from common.serving import metrics
 from common.worker.load import WorkerLoadFigures
 
@@ -102,10 +103,12 @@ class Output:
         metrics.errors_total().labels(code=code).inc()
 
     def step_failed(self, reqs: Iterable[DecodeReq], error: Exception) -> None:
-        """A step raised (call from its except block): fail its batch, never the process."""
+        """A step raised (call from its except block): fail its batch, never the process (a broken
+        tensor-parallel group ends the process soon after: UNAVAILABLE, retry elsewhere)."""
         log.exception("decode step failed")
+        code = "UNAVAILABLE" if isinstance(error, TPBroken) else "INTERNAL"
         for req in reqs:
-            self.fail(req, "INTERNAL", f"decode step failed: {error}")
+            self.fail(req, code, f"decode step failed: {error}")
 
     def _release(self, req: DecodeReq) -> None:
         self.reservations.release(req.transfer_id)

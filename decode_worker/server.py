@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import time
 
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.grpc_server import make_server, serve_until_signal
 from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
+from common.transport.base import PairEndpoint
 from common.transport.handshake import check_compatible, choose_bulk_backend
 from common.transport.receiver import PairAcceptor
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
     build_runner,
+    exit_when_broken,
     load_proto,
     open_worker_server,
     pairing_info,
     transport_config,
     worker_info,
 )
+from common.worker.tp_kv import PAIRED, PairPlan, read_paired
 from decode_worker.commit import StopRules
 from decode_worker.kv_receiver import PageSink
 from decode_worker.scheduler import DecodeReq, Scheduler
@@ -45,7 +49,7 @@ class DecodeWorkerApp:
         overlap: launch each plain decode step before committing the previous one (CUDA only: on CPU
         the launched step runs synchronously, so overlapping would only delay every token)."""
         self.cfg = cfg
-        self.runner = build_runner(cfg)
+        self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
         ids = SpecialIds.from_model_dir(cfg.model_path)
         sampler = TokenSampler(ids)
@@ -61,21 +65,25 @@ class DecodeWorkerApp:
         sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
         overlap = overlap and not spec.enabled and self.runner.device.type == "cuda"
         self.engine = DecodeEngine(sched, stepper, rules, overlap=overlap)
-        self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout)
+        self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout, self.ranks,
+                             self.config.num_key_value_heads)
         self.engine.reservations.sink = self.sink
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.acceptor = PairAcceptor(self.sink.table, transport_config(cfg), advertise_host=cfg.advertise_host,
                                      bind_host=cfg.host,
                                      device=device)
-        self._info = worker_info(cfg, self.runner)
+        self._info = worker_info(cfg, self.runner, self.ranks)
+        self._follower_pairs: dict[str, concurrent.futures.Future[tuple[bytes, str]]] = {}  # pair name -> reply
+        if self.ranks is not None:
+            self.ranks.on_report(PAIRED, self._follower_paired)
         self.streams: set[DecodeReq] = set()  # Generate calls in progress (event loop only)
         self.draining = False
 
     def _capture_graphs(self, max_bs: int) -> None:
-        from common.runtime.cuda_graphs import Forward, graphs_supported
+        from common.runtime.cuda_graphs import Forward
 
-        if not graphs_supported(self.runner.device):
-            log.info("CUDA graphs off: device %s has no graph-safe attention", self.runner.device)
+        if not self.runner.graphs_supported:
+            log.info("CUDA graphs off: device %s has no graph-safe attention or TP collectives", self.runner.device)
             return
         start = time.monotonic()
         spec = self.cfg.spec
@@ -98,15 +106,48 @@ class DecodeWorkerApp:
         """Whether a Generate call for this request is in progress here."""
         return any(req.request_id == request_id for req in self.streams)
 
-    async def pair(self, prefill: worker_pb2.WorkerInfo) -> worker_pb2.PairResponse:
+    async def pair(self, prefill: worker_pb2.WorkerInfo, src_rank: int = 0,
+                   dst_rank: int = 0) -> worker_pb2.PairResponse:
+        """One stream's pair: prefill rank `src_rank` to this worker's rank `dst_rank` (a follower builds
+        its own receiver, told through its plan pipe)."""
         check_compatible(pairing_info(prefill), pairing_info(self._info))
-        backend = choose_bulk_backend(prefill.kv_backend, prefill.device_uuid, self._info.kv_backend,
-                                      self._info.device_uuid)
-        ep = await asyncio.to_thread(self.acceptor.accept, prefill.worker_id, backend)
-        log.info("paired with prefill %s over %s (%s)", prefill.worker_id, backend, ep.group_name)
+        if not 0 <= dst_rank < self.cfg.tp_size or not 0 <= src_rank < max(1, prefill.tp_size):
+            raise ValueError(f"pair from prefill rank {src_rank} of {prefill.tp_size} to decode rank {dst_rank} "
+                             f"of {self.cfg.tp_size}: no such rank")
+        backend = choose_bulk_backend(prefill.kv_backend, _rank_uuid(prefill, src_rank), self._info.kv_backend,
+                                      _rank_uuid(self._info, dst_rank))
+        peer = prefill.worker_id if prefill.tp_size <= 1 else f"{prefill.worker_id}/r{src_rank}"
+        if dst_rank == 0:
+            ep = await asyncio.to_thread(self.acceptor.accept, peer, backend)
+            payload = ep.ipc_payload
+        else:
+            name, payload = await self._follower_pair(dst_rank, peer, backend)
+            ep = PairEndpoint(self.acceptor.advertise_host, self.acceptor.port, name, backend, payload)
+        log.info("paired prefill %s rank %d with rank %d over %s (%s)", prefill.worker_id, src_rank, dst_rank,
+                 backend, ep.group_name)
         return worker_pb2.PairResponse(store_host=ep.store_host, store_port=ep.store_port,
-                                       group_name=ep.group_name, bulk_backend=ep.bulk_backend,
-                                       ipc_payload=ep.ipc_payload)
+                                       group_name=ep.group_name, bulk_backend=ep.bulk_backend, ipc_payload=payload)
+
+    async def _follower_pair(self, rank: int, peer: str, backend: str) -> tuple[str, bytes]:
+        """Follower `rank` builds the receiver of a new pair with `peer`: (the pair's name, its IPC ring)."""
+        name = self.acceptor.new_name(peer)
+        reply: concurrent.futures.Future[tuple[bytes, str]] = concurrent.futures.Future()
+        self._follower_pairs[name] = reply
+        try:
+            self.ranks.mirror.publish_to(rank, PairPlan(peer, name, backend, self.acceptor.advertise_host,
+                                                        self.acceptor.port))
+            payload, error = await asyncio.wait_for(asyncio.wrap_future(reply), self.acceptor.config.pair_timeout_s)
+        finally:
+            self._follower_pairs.pop(name, None)
+        if error:
+            raise RuntimeError(f"decode TP rank {rank} could not build pair {name}: {error}")
+        return name, payload
+
+    def _follower_paired(self, rank: int, data: bytes) -> None:  # the TP watcher thread
+        name, payload, error = read_paired(data)
+        reply = self._follower_pairs.get(name)
+        if reply is not None and not reply.done():
+            reply.set_result((payload, error))
 
     async def drain(self, grace: float) -> None:
         """Finish in-flight requests (bounded by `grace`), then stop the engine and the transport."""
@@ -120,6 +161,13 @@ class DecodeWorkerApp:
         self.engine.stop()
         self.runner.release_graphs()  # graphs go before the NCCL communicators
         self.acceptor.close()
+        if self.ranks is not None:
+            self.ranks.stop()
+
+    def abort_all(self, message: str) -> None:
+        """Fail every Generate call in progress with UNAVAILABLE (event loop)."""
+        for rid in {req.request_id for req in self.streams}:
+            self.engine.abort(rid, "UNAVAILABLE", message)
 
 
 async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs: int = 0,
@@ -128,6 +176,7 @@ async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs
     server = make_server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
     health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
+    exit_when_broken(app.ranks, health, app.abort_all)
     log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s, overlap schedule %s)",
              cfg.worker_id, cfg.host, bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec,
              "on" if app.engine.overlap else "off")
@@ -147,6 +196,11 @@ async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs
         await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)
     finally:
         watcher.cancel()
+
+
+def _rank_uuid(info: worker_pb2.WorkerInfo, rank: int) -> str:
+    """The GPU of TP rank `rank` of a worker ("" on CPU)."""
+    return info.device_uuids[rank] if rank < len(info.device_uuids) else info.device_uuid
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

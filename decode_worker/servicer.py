@@ -143,7 +143,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
                 log.warning("Pair from %s (%s): %s", context.peer(), request.prefill.worker_id[:64], e)
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
         try:
-            resp = await self.w.pair(request.prefill)
+            resp = await self.w.pair(request.prefill, request.src_rank, request.dst_rank)
         except ValueError as e:  # PairingError included
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         if nonce:

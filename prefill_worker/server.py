@@ -15,11 +15,13 @@ from common.transport.base import TransferError, TransferStats
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
     build_runner,
+    exit_when_broken,
     load_proto,
     open_worker_server,
     transport_config,
     worker_info,
 )
+from common.worker.tp_kv import InfoPlan
 from prefill_worker.kv_sender import SenderPool
 from prefill_worker.scheduler import PrefillJob, PrefillScheduler
 from prefill_worker.servicer import PrefillServicer
@@ -33,15 +35,17 @@ SERVICE = "glmserve.worker.v1.PrefillWorker"
 class PrefillWorkerApp:
     def __init__(self, cfg: WorkerConfig, chunk_tokens: int, layer_group: int) -> None:
         self.cfg = cfg
-        self.runner = build_runner(cfg)
+        self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
         sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests)
-        self.engine = PrefillEngine(self.runner, sched, TokenSampler(SpecialIds.from_model_dir(cfg.model_path)),
-                                    cfg.spec, layer_group)
-        self._info = worker_info(cfg, self.runner)
+        self._info = worker_info(cfg, self.runner, self.ranks)
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,
-                                  on_stats=self._transfer_stats)
+                                  on_stats=self._transfer_stats, ranks=self.ranks)
+        self.engine = PrefillEngine(self.runner, sched, TokenSampler(SpecialIds.from_model_dir(cfg.model_path)),
+                                    cfg.spec, layer_group, self.senders.fanout if self.ranks is not None else None)
+        if self.ranks is not None:  # the followers pair with this worker's info
+            self.ranks.mirror.publish(InfoPlan(self._info.SerializeToString()))
         self.jobs: dict[int, PrefillJob] = {}  # by transfer id
         self.draining = False
 
@@ -84,6 +88,13 @@ class PrefillWorkerApp:
             await asyncio.sleep(0.05)
         self.engine.stop()
         await self.senders.close()
+        if self.ranks is not None:
+            self.ranks.stop()
+
+    def abort_all(self, message: str) -> None:
+        """Fail every Prefill call in progress (event loop)."""
+        for job in list(self.jobs.values()):
+            self.cancel(job, message)
 
 
 async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: float) -> None:
@@ -91,6 +102,7 @@ async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: f
     server = make_server()
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(app), server)
     health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
+    exit_when_broken(app.ranks, health, app.abort_all)
     log.info("prefill worker %s serving on %s:%d (%d KV pages, chunk %d tokens, spec %s)", cfg.worker_id,
              cfg.host, bound, app.runner.allocator.num_total, chunk_tokens, cfg.spec)
     await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from common.runtime.step_plan import TPBroken
 from common.serving.sampling_params import SamplingParams
 from common.transport.base import TransferError
 from common.transport.handshake import PairingError
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, TPBroken):  # the worker is going away: retry elsewhere
+        return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, PairingError):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, TransferError):

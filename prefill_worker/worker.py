@@ -7,12 +7,15 @@ KV of one chunk leaves in layer groups: after layer i of a group completes, the 
 the chunk's tokens is gathered on the compute stream and handed to the pair's sender thread with
 a CUDA event, so sending overlaps the remaining layers. The last message of a transfer carries
 the aux record. Pages are freed when the sender reports the transfer confirmed (or failed).
+Under tensor parallelism this process gathers its own kv heads, and `fanout` tells the followers
+to send theirs of the same chunk (prefill_worker/kv_sender.py, common/worker/tp_kv.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ from common.forward.batch import ForwardBatch, SeqSpec
 from common.model.config import SpecConfig
 from common.runtime.draft import draft_states
 from common.runtime.runner import ModelRunner
+from common.runtime.step_plan import TPBroken
 from common.sampling.logit_processors import RowContext
 from common.sampling.token_sampler import TokenSampler
 from common.serving import metrics
@@ -30,12 +34,15 @@ from prefill_worker.messages import Abort, PrefillMsg, Submit, TransferDone
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
 
 log = logging.getLogger(__name__)
+# (job, seq, layers, tokens, is_last): the TP followers' part of a chunk this rank just queued
+Fanout = Callable[[PrefillJob, int, tuple[int, int], tuple[int, int], bool], None]
 
 
 class PrefillEngine(EngineThread[PrefillMsg]):
     def __init__(self, runner: ModelRunner, sched: PrefillScheduler, sampler: TokenSampler, spec: SpecConfig,
-                 layer_group_size: int = 4) -> None:
+                 layer_group_size: int = 4, fanout: Fanout | None = None) -> None:
         super().__init__("prefill-engine", sched)
+        self.fanout = fanout
         self.runner = runner
         self.sched = sched
         self.sampler = sampler
@@ -73,10 +80,10 @@ class PrefillEngine(EngineThread[PrefillMsg]):
     def _forward(self, chunks: list[Chunk]) -> None:
         try:
             self._step(chunks)
-        except Exception as e:  # fail the batch, never the process
+        except Exception as e:  # fail the batch, never the process (a broken TP group ends it soon after)
             log.exception("prefill step failed")
             for c in chunks:
-                self._finish(c.job, RuntimeError(f"prefill forward failed: {e}"))
+                self._finish(c.job, e if isinstance(e, TPBroken) else RuntimeError(f"prefill forward failed: {e}"))
 
     def _on_submit(self, msg: Submit) -> None:
         try:
@@ -184,6 +191,8 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         c.job.kv_bytes += data.numel() * data.element_size()
         c.job.sender.submit(c.job.transfer_id, seq, (layers.start, layers.stop), (c.start, c.end), data, last,
                             aux.pack() if aux is not None else None, event)
+        if self.fanout is not None:
+            self.fanout(c.job, seq, (layers.start, layers.stop), (c.start, c.end), last)
 
     def _report(self) -> None:
         load = self.snapshot.load

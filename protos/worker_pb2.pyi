@@ -173,7 +173,7 @@ class SpecLayout(_message.Message):
     def __init__(self, algorithm: _Optional[str] = ..., num_steps: _Optional[int] = ..., eagle_topk: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., draft_kv: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "model_fingerprint", "model_name", "dtype", "page_size", "num_layers", "tp_size", "spec", "device_uuid", "host", "kv_backend")
+    __slots__ = ("worker_id", "role", "model_fingerprint", "model_name", "dtype", "page_size", "num_layers", "tp_size", "spec", "device_uuid", "host", "kv_backend", "kv_heads", "device_uuids")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,8 @@ class WorkerInfo(_message.Message):
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     KV_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUIDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     model_fingerprint: str
@@ -198,7 +200,9 @@ class WorkerInfo(_message.Message):
     device_uuid: str
     host: str
     kv_backend: str
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., tp_size: _Optional[int] = ..., spec: _Optional[_Union[SpecLayout, _Mapping]] = ..., device_uuid: _Optional[str] = ..., host: _Optional[str] = ..., kv_backend: _Optional[str] = ...) -> None: ...
+    kv_heads: int
+    device_uuids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., page_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., tp_size: _Optional[int] = ..., spec: _Optional[_Union[SpecLayout, _Mapping]] = ..., device_uuid: _Optional[str] = ..., host: _Optional[str] = ..., kv_backend: _Optional[str] = ..., kv_heads: _Optional[int] = ..., device_uuids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ()
@@ -237,10 +241,14 @@ class ReserveReply(_message.Message):
     def __init__(self, reserved: _Optional[bool] = ...) -> None: ...
 
 class PairRequest(_message.Message):
-    __slots__ = ("prefill",)
+    __slots__ = ("prefill", "src_rank", "dst_rank")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
+    SRC_RANK_FIELD_NUMBER: _ClassVar[int]
+    DST_RANK_FIELD_NUMBER: _ClassVar[int]
     prefill: WorkerInfo
-    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
+    src_rank: int
+    dst_rank: int
+    def __init__(self, prefill: _Optional[_Union[WorkerInfo, _Mapping]] = ..., src_rank: _Optional[int] = ..., dst_rank: _Optional[int] = ...) -> None: ...
 
 class PairResponse(_message.Message):
     __slots__ = ("store_host", "store_port", "group_name", "bulk_backend", "ipc_payload")

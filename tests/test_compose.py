@@ -49,9 +49,10 @@ def test_service_command_parses_with_the_real_cli(name):
 def test_workers_agree_on_what_pairing_checks():
     p = parser_for("prefill").parse_args([expand(a) for a in SERVICES["prefill"]["command"][2:]])
     d = parser_for("decode").parse_args([expand(a) for a in SERVICES["decode"]["command"][2:]])
-    for field in ("page_size", "tp_size", "speculative_algorithm", "speculative_num_steps",
+    for field in ("page_size", "speculative_algorithm", "speculative_num_steps",
                   "speculative_eagle_topk", "speculative_num_draft_tokens", "dtype"):
         assert getattr(p, field) == getattr(d, field), field
+    assert (p.tp_size, d.tp_size) == (1, 1)  # TP sizes may differ (PREFILL_TP, DECODE_TP); one GPU each by default
 
 
 def test_gateway_points_at_the_worker_services():

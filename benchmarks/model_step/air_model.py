@@ -20,7 +20,7 @@ from torch import nn
 from common import ops
 from common.model import Glm4MoeForCausalLM, build_model
 from common.model.config import ModelConfig
-from common.model.layers import RMSNorm
+from common.model.layers import SINGLE_RANK, RMSNorm, TPComm
 from common.model.loader import fp8_capable
 from common.model.moe import MoE
 
@@ -34,15 +34,21 @@ AIR = {
     "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
 }
 AIR_FULL = dict(AIR, num_hidden_layers=46, max_position_embeddings=131072)
+# GLM-4.5 / 4.6 / 4.7 widths (H 5120, 96/8 heads, 160 experts of 1536, dense I 12288, QK-norm); the slice
+# keeps Air's 1 dense + 3 MoE layers, the full model has 3 dense + 89 MoE
+GLM45 = dict(AIR, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=160,
+             use_qk_norm=True, routed_scaling_factor=2.5)
+GLM45_FULL = dict(GLM45, num_hidden_layers=92, first_k_dense_replace=3, max_position_embeddings=131072)
 TINY_WIDTHS = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "n_routed_experts": 16}
 _CHUNK = 1 << 26  # elements of one Gaussian chunk while filling an FP8 stack (128 MiB in bf16)
 
 
 def random_model(fields: dict, device: torch.device | str, dtype: torch.dtype, fp8: bool = False,
-                 seed: int = 0) -> Glm4MoeForCausalLM:
-    """build_model(fields) with the MTP layer and seeded random weights; `fp8`: in the FP8 layout."""
-    model = build_model(ModelConfig.from_dict(fields), "meta", dtype, with_mtp=True)
+                 seed: int = 0, tp: TPComm = SINGLE_RANK) -> Glm4MoeForCausalLM:
+    """build_model(fields) with the MTP layer and seeded random weights; `fp8`: in the FP8 layout; `tp`:
+    one rank's shard of a TP group (common/model/layers.py)."""
+    model = build_model(ModelConfig.from_dict(fields), "meta", dtype, with_mtp=True, tp=tp)
     if fp8:
         for name in fp8_capable(model):
             model.get_submodule(name).use_fp8(0)
@@ -87,9 +93,10 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def weight_bytes_at(fields: dict, layers: int, dtype: torch.dtype, fp8: bool) -> int:
+def weight_bytes_at(fields: dict, layers: int, dtype: torch.dtype, fp8: bool, tp: TPComm = SINGLE_RANK) -> int:
     """Parameter bytes of random_model(fields with `layers` layers) without building it (meta)."""
-    model = build_model(ModelConfig.from_dict(dict(fields, num_hidden_layers=layers)), "meta", dtype, with_mtp=True)
+    model = build_model(ModelConfig.from_dict(dict(fields, num_hidden_layers=layers)), "meta", dtype, with_mtp=True,
+                        tp=tp)
     if fp8:
         for name in fp8_capable(model):
             model.get_submodule(name).use_fp8(0)

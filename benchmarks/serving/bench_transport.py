@@ -91,7 +91,7 @@ class _CheckingSink:
         self._jobs[tid] = (torch.empty(air_kv_shape(tokens), dtype=AIR_DTYPE, device=self._dev or "cpu"), seed)
 
     def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
-                 payload: torch.Tensor) -> None:
+                 heads: tuple[int, int], payload: torch.Tensor) -> None:
         dest = self._jobs[tid][0]
         dest[layers[0]:layers[1], :, tokens[0]:tokens[1]].copy_(payload, non_blocking=True)
 

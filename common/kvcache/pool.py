@@ -64,15 +64,22 @@ class KVPool:
         return self._flat()[lo:hi, :, self.slots(pages, token_start, n_tokens)]
 
     def scatter_tokens(
-        self, layer_range: LayerRange, pages: Sequence[int], token_start: int, data: torch.Tensor
+        self, layer_range: LayerRange, pages: Sequence[int], token_start: int, data: torch.Tensor, head_start: int = 0
     ) -> None:
-        """Write data [n_layers,2,n_tok,Hk,D] to logical slots [token_start, token_start + n_tok)."""
+        """Write data [n_layers,2,n_tok,h,D] to logical slots [token_start, token_start + n_tok) of
+        this pool's heads [head_start, head_start + h) (all of them by default)."""
         lo, hi = self._layers(layer_range)
-        expect = (hi - lo, 2, data.shape[2], self.kv_heads, self.head_dim)
-        if tuple(data.shape) != expect:
-            raise ValueError(f"scatter_tokens: data shape {tuple(data.shape)} != {expect}")
+        h = data.shape[3] if data.dim() == 5 else -1
+        expect = (hi - lo, 2, data.shape[2], h, self.head_dim)
+        if tuple(data.shape) != expect or not 0 <= head_start <= self.kv_heads - h:
+            raise ValueError(f"scatter_tokens: data shape {tuple(data.shape)} at head {head_start} does not fit "
+                             f"({hi - lo}, 2, n, <= {self.kv_heads} heads, {self.head_dim})")
         slots = self.slots(pages, token_start, data.shape[2])
-        self._flat()[lo:hi, :, slots] = data.to(device=self.device, dtype=self.dtype)
+        flat = self._flat()[lo:hi]
+        if h == self.kv_heads:
+            flat[:, :, slots] = data.to(device=self.device, dtype=self.dtype)
+        else:
+            flat[:, :, slots, head_start:head_start + h] = data.to(device=self.device, dtype=self.dtype)
 
     def copy_slots(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """kv[:, :, dst[i]] = kv[:, :, src[i]] for every layer (physical flat slots, int64 [n]).

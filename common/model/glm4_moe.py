@@ -16,33 +16,31 @@ from common.model.layers import (
     Embedding,
     Fp8Activation,
     GatedMLP,
-    Linear,
-    MergedLinear,
     PagedAttention,
+    QKVLinear,
     RMSNorm,
+    RowParallelLinear,
+    VocabParallelLinear,
     rope_cos_sin,
 )
 from common.model.moe import MoE
 
 
 class Glm4MoeAttention(nn.Module):
-    """q/k/v projections with bias, optional per-head QK-norm, partial NeoX RoPE, GQA, o_proj."""
+    """q/k/v projections with bias, optional per-head QK-norm, partial NeoX RoPE, GQA, o_proj.
+    Heads are this rank's (all of them on one device): qkv_proj knows which."""
 
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.rotary_dim = config.rotary_dim
         self.rope_theta = config.rope_theta
         self.max_positions = config.max_position_embeddings
         self.eps = config.rms_norm_eps
-        self.qkv_proj = MergedLinear(
-            config.hidden_size,
-            {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
-            bias=config.attention_bias,
-        )
-        self.o_proj = Linear(config.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = QKVLinear(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                  config.head_dim, bias=config.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
         self.attn = PagedAttention(layer_id, scale=config.head_dim**-0.5)
@@ -117,7 +115,7 @@ class Glm4MoeForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Glm4MoeModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabParallelLinear(config.hidden_size, config.vocab_size)
         self.mtp: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,15 @@
 """Building blocks of the GLM-4 MoE model: norms, linears, RoPE table, gated MLP, paged attention.
 
 Modules are built on the meta device and given their dtype by `cast_parameters`; the loader then
-materialises them tensor by tensor on the target device. Single-device for now:
-tensor-parallel sharding, when it comes, lives here and only here.
+materialises them tensor by tensor on the target device.
+
+Tensor parallelism lives here and only here (docs/model.md §5). A model built inside
+`tensor_parallel(comm)` holds one rank's shard: `MergedLinear` (q|k|v by heads, gate|up) and the MoE
+experts are column-parallel, `RowParallelLinear` (o_proj, down) splits its input and all-reduces its
+output, `VocabParallelLinear` (lm_head) holds a block of vocabulary rows and gathers the logits to
+rank 0; everything else is replicated. Each sharded module names the checkpoint region its rank
+reads (`shard_region`), so the loader slices without knowing the rules. Outside any scope the model
+is single-device (`SingleRank`).
 
 FP8: a `Linear` (and the MoE `Experts`, common/model/moe.py) switched by `use_fp8(block)` holds its
 weight in float8_e4m3fn with fp32 scales that multiply back — `weight_scale` [out,1] per output
@@ -14,7 +21,10 @@ quantised the input (a norm fused with the quantiser) passes an `Fp8Activation` 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +44,110 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
             want = torch.float32 if name in keep else dtype
             if param.is_floating_point() and param.dtype != want:
                 setattr(module, name, nn.Parameter(param.to(want), requires_grad=False))
+
+
+# ------------------------------------------------------------------------------------ tensor parallelism
+WHOLE = slice(None)
+
+
+class TPComm(Protocol):
+    """The collectives of one tensor-parallel group that sharded layers call
+    (common/runtime/distributed.py implements them over gloo and NCCL)."""
+
+    rank: int
+    size: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks in a fixed order: every rank gets the same bits (routing must agree)."""
+        ...
+
+    def gather_to_leader(self, x: torch.Tensor) -> torch.Tensor:
+        """Shards [..., n] -> [..., n * size] on rank 0, in rank order (other ranks: any tensor)."""
+        ...
+
+
+class SingleRank:
+    """The group of one device: every collective is the identity."""
+
+    rank = 0
+    size = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_to_leader(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+SINGLE_RANK = SingleRank()
+_build = threading.local()
+
+
+@contextmanager
+def tensor_parallel(comm: TPComm) -> Iterator[TPComm]:
+    """Modules built in this scope hold rank `comm.rank`'s shard of a `comm.size`-way split and call
+    `comm`'s collectives in their forward. Scopes do not nest."""
+    if getattr(_build, "comm", None) is not None:
+        raise RuntimeError("tensor_parallel scopes do not nest")
+    _build.comm = comm
+    try:
+        yield comm
+    finally:
+        _build.comm = None
+
+
+def current_tp() -> TPComm:
+    """The group of the enclosing `tensor_parallel` scope (SINGLE_RANK outside any)."""
+    return getattr(_build, "comm", None) or SINGLE_RANK
+
+
+def shard_range(total: int, tp: TPComm, what: str) -> slice:
+    """Rank tp.rank's contiguous block of `total` rows (or columns, heads); ValueError naming `what`
+    when tp.size does not divide it."""
+    if total % tp.size:
+        raise ValueError(f"--tp-size {tp.size} does not divide {what} ({total})")
+    n = total // tp.size
+    return slice(tp.rank * n, (tp.rank + 1) * n)
+
+
+def kv_head_block(kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
+    """(first, count) of the global kv heads rank `rank` holds: kv_heads / tp_size heads while
+    tp_size <= kv_heads, else one head replicated on tp_size / kv_heads ranks (rank r holds head
+    r // replicas). The KV transfer plans with the same rule (common/transport/handshake.py)."""
+    if kv_heads % tp_size == 0:
+        n = kv_heads // tp_size
+        return rank * n, n
+    if tp_size % kv_heads == 0:
+        return rank // (tp_size // kv_heads), 1
+    raise ValueError(f"--tp-size {tp_size} cannot split {kv_heads} kv heads (one must divide the other)")
+
+
+class Shard(NamedTuple):
+    """What one rank holds of a checkpoint tensor of shape `full`: `region`, one slice per dim."""
+
+    region: tuple[slice, ...]
+    full: tuple[int, ...]
+
+    def bias(self) -> Shard:
+        """The shard of the bias [out] of a weight shard."""
+        return Shard(self.region[:1], self.full[:1])
+
+    def scale(self, block: int) -> Shard:
+        """The shard of the FP8 scales of a weight shard: per output row [out, 1] (block 0) or per
+        block [ceil(out/b), ceil(in/b)] (the region on whole blocks: `splits_fp8_blocks` refused the rest)."""
+        rows, cols = self.region
+        out, inp = self.full
+        if block == 0:
+            return Shard((rows, WHOLE), (out, 1))
+        return Shard(tuple(WHOLE if s == WHOLE else slice(s.start // block, -(-s.stop // block))
+                           for s in (rows, cols)), (-(-out // block), -(-inp // block)))
+
+
+def cut_blocks(what: str, full: int, start: int, local: int, block: int) -> str | None:
+    """Why a shard [start, start + local) of `full` rows or columns cuts b x b FP8 blocks, or None."""
+    if full % block or (start % block == 0 and local % block == 0):
+        return None  # whole blocks (or no whole blocks even unsharded: the loader dequantises then)
+    return f"{what}: {full} -> {local} per rank, not a multiple of {block}"
 
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -130,28 +244,48 @@ class Linear(nn.Linear):
         b = self.fp8_block
         return slice(rows.start // b, -(-rows.stop // b))
 
+    def shard(self, part: str | None = None) -> Shard | None:
+        """What this rank holds of the checkpoint tensor of `part` (None: the whole tensor, replicated)."""
+        return None
+
+    def splits_fp8_blocks(self, block: int) -> str | None:
+        """Why this rank's shard would cut b x b FP8 blocks, or None."""
+        return None
+
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        return self._product(x, self.bias)
+
+    def _product(self, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fp8_block is None:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, bias)
         if not isinstance(x, Fp8Activation):
             lead = x.shape[:-1]
-            return self.forward(quantize_activation(x.reshape(-1, x.shape[-1]), self.fp8_block)).view(*lead, -1)
+            return self._product(quantize_activation(x.reshape(-1, x.shape[-1]), self.fp8_block), bias).view(*lead, -1)
         if self.fp8_block == 0:
-            return ops.fp8_linear(x.q, x.scale, self.weight, self.weight_scale, self.bias, x.dtype)
-        return ops.fp8_block_linear(x.q, x.scale, self.weight, self.weight_scale, self.bias, x.dtype,
-                                    self.fp8_block)
+            return ops.fp8_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype)
+        return ops.fp8_block_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype, self.fp8_block)
 
 
 class MergedLinear(Linear):
-    """Several linears on the same input stacked along the output dim (e.g. q|k|v, gate|up).
+    """Several linears on the same input stacked along the output dim (e.g. q|k|v, gate|up),
+    column-parallel: each part keeps this rank's block of its rows, stacked in part order.
 
-    `parts` maps a part name to its output width, in row order; `rows(part)` is its row slice,
-    which is where the loader writes that part's checkpoint tensor.
+    `parts` maps a part name to its full output width, in row order. `sources` (default: an even
+    split of every part) gives the rows of each part's checkpoint tensor this rank holds. `rows(part)`
+    is the part's row slice in this rank's weight, which is where the loader writes those rows.
     """
 
-    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
-        super().__init__(in_features, sum(parts.values()), bias)
-        self.parts = dict(parts)
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool,
+                 sources: dict[str, slice] | None = None) -> None:
+        tp = current_tp()
+        if sources is None:
+            sources = {name: shard_range(width, tp, f"{name} rows") for name, width in parts.items()}
+        local = {name: src.stop - src.start for name, src in sources.items()}
+        super().__init__(in_features, sum(local.values()), bias)
+        self.parts = local
+        self.full_parts = dict(parts)
+        self.sources = sources
+        self.sharded = tp.size > 1
 
     def rows(self, part: str) -> slice:
         start = 0
@@ -161,12 +295,79 @@ class MergedLinear(Linear):
             start += width
         raise KeyError(f"{part!r} is not a part of this merged linear ({list(self.parts)})")
 
+    def shard(self, part: str | None = None) -> Shard | None:
+        if not self.sharded or part is None:
+            return None
+        return Shard((self.sources[part], WHOLE), (self.full_parts[part], self.in_features))
+
+    def splits_fp8_blocks(self, block: int) -> str | None:
+        if self.in_features % block:
+            return None
+        cuts = [cut_blocks(f"{name} rows", self.full_parts[name], src.start, self.parts[name], block)
+                for name, src in self.sources.items()]
+        return "; ".join(c for c in cuts if c) or None
+
     def fp8_blocks_fit(self, block: int) -> bool:
         """Whether every part and the input width fall on whole b x b blocks (block FP8 computable)."""
         return self.in_features % block == 0 and all(w % block == 0 for w in self.parts.values())
 
     def forward_parts(self, x: torch.Tensor | Fp8Activation) -> tuple[torch.Tensor, ...]:
         return tuple(self(x).split(list(self.parts.values()), dim=-1))
+
+
+class QKVLinear(MergedLinear):
+    """q|k|v projections split by heads: this rank's num_heads / tp query heads and its block of kv
+    heads (`kv_head_block`: one head replicated when tp exceeds the kv heads)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool) -> None:
+        tp = current_tp()
+        q = shard_range(num_heads, tp, "num_attention_heads")
+        first, n = kv_head_block(num_kv_heads, tp.size, tp.rank)
+        kv = slice(first * head_dim, (first + n) * head_dim)
+        super().__init__(hidden_size, {"q_proj": num_heads * head_dim, "k_proj": num_kv_heads * head_dim,
+                                       "v_proj": num_kv_heads * head_dim}, bias,
+                         sources={"q_proj": slice(q.start * head_dim, q.stop * head_dim), "k_proj": kv, "v_proj": kv})
+        self.num_heads, self.num_kv_heads = q.stop - q.start, n  # this rank's
+
+
+class RowParallelLinear(Linear):
+    """y = sum over ranks of x_r W_r^T (+ b): this rank holds its block of the input columns of W
+    and of the input x (the output of a column-parallel layer), the partial products are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        tp = current_tp()
+        source = shard_range(in_features, tp, "input columns")
+        super().__init__(source.stop - source.start, out_features, bias)
+        self.tp, self.source, self.full_in = tp, source, in_features
+
+    def shard(self, part: str | None = None) -> Shard | None:
+        return None if self.tp.size == 1 else Shard((WHOLE, self.source), (self.out_features, self.full_in))
+
+    def splits_fp8_blocks(self, block: int) -> str | None:
+        return cut_blocks("input columns", self.full_in, self.source.start, self.in_features, block)
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self._product(x, self.bias)
+        y = self.tp.all_reduce(self._product(x, None))
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelLinear(Linear):
+    """The LM head over this rank's block of vocabulary rows; the logits [R, V/tp] of every rank are
+    gathered to rank 0 in rank order ([R, V] there, bit-identical to one device's GEMM output)."""
+
+    def __init__(self, in_features: int, vocab_size: int) -> None:
+        tp = current_tp()
+        source = shard_range(vocab_size, tp, "vocab_size")
+        super().__init__(in_features, source.stop - source.start, bias=False)
+        self.tp, self.source, self.full_vocab = tp, source, vocab_size
+
+    def shard(self, part: str | None = None) -> Shard | None:
+        return None if self.tp.size == 1 else Shard((self.source, WHOLE), (self.full_vocab, self.in_features))
+
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        return self.tp.gather_to_leader(self._product(x, None))
 
 
 class GatedMLP(nn.Module):
@@ -176,7 +377,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, {"gate_proj": intermediate_size,
                                                        "up_proj": intermediate_size}, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=False)
 
     input_needs_normed = False
 
@@ -186,10 +387,10 @@ class GatedMLP(nn.Module):
         return self.gate_up_proj.fp8_block
 
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T,2I]
+        gate_up = self.gate_up_proj(x)  # [T,2I/tp]
         block = self.down_proj.fp8_block
         if block is None:
-            return self.down_proj(ops.silu_and_mul(gate_up))  # [T,I] -> [T,H]
+            return self.down_proj(ops.silu_and_mul(gate_up))  # [T,I/tp] -> [T,H] (all-reduced)
         q, scale = ops.silu_and_mul_quant_fp8(gate_up, block)  # SiLU·mul quantised for down in one kernel
         return self.down_proj(Fp8Activation(q, scale, gate_up.dtype))
 

@@ -21,6 +21,14 @@ dequantised on load to the model dtype, with one log line saying which and why; 
 dequantises everything (the numerics reference). `quantize="fp8"` quantises a high-precision
 checkpoint on load, per output channel, the same set of modules the official FP8 releases quantise.
 The router weight and correction bias stay fp32.
+Tensor parallelism (common/model/layers.py): a model built for one rank of a TP group holds that
+rank's shard, and each target carries the `Shard` its module names (rows of a column-parallel
+tensor, columns of a row-parallel one). Only that region is read (safetensors `get_slice`), after
+checking the checkpoint tensor's full shape; FP8 scales follow their rows (per-row scales of a
+row-parallel tensor stay whole; block scales are sliced by whole blocks, and a TP size whose shard
+boundary cuts a block of a module kept in block FP8 is refused naming the sizes); an FP8 tensor
+dequantised on load reads the scales covering its region. The shared experts of a model with
+n_shared_experts > 1 (none released) are read whole and sliced in memory.
 Anything missing, unexpected, mis-shaped or truncated raises LoadError naming file and tensor.
 Shards are read one after another, one tensor at a time (host memory holds at most one checkpoint
 tensor and its scale beyond the page cache), and each finished shard logs one progress line (shards
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import struct
 import time
@@ -44,14 +53,14 @@ from torch import nn
 
 from common import ops
 from common.model.config import ModelConfig
-from common.model.layers import Linear
+from common.model.layers import WHOLE, Linear, Shard
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SCALE_SUFFIXES = ("_scale", "_scale_inv")  # appended to "<linear>.weight"
 _DEFAULT_FP8_BLOCK = (128, 128)
-_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _E4M3_HEADER = "F8_E4M3"  # safetensors' dtype name of float8_e4m3fn
+_FP8_HEADERS = (_E4M3_HEADER, "F8_E5M2")
 _HIGH_PRECISION = ("lm_head",)  # modules computed in the model dtype whatever the checkpoint stores
 FP8_COMPUTE = ("auto", "dequant")
 QUANTIZE = (None, "fp8")
@@ -75,6 +84,15 @@ class Target:
     chunks: int = 0
     chunk_dim: int = 0
     repeat: bool = False  # chunks > 0: every chunk gets the whole tensor (a per-row scale of a column split)
+    shard: Shard | None = None  # what this rank reads of the checkpoint tensor (of each chunk); None: all
+
+    def full_shape(self) -> tuple[int, ...]:
+        """The checkpoint tensor's shape when sharded (a chunked one holds `chunks` shards' worth)."""
+        assert self.shard is not None
+        full = list(self.shard.full)
+        if self.chunks and not self.repeat:
+            full[self.chunk_dim] *= self.chunks
+        return tuple(full)
 
     def arrange(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.chunks and self.repeat:
@@ -103,7 +121,7 @@ def checkpoint_layout(model: nn.Module, config: ModelConfig) -> dict[str, Target
     layout = {
         "model.embed_tokens.weight": Target("model.embed_tokens.weight"),
         "model.norm.weight": Target("model.norm.weight"),
-        "lm_head.weight": Target("lm_head.weight"),
+        "lm_head.weight": Target("lm_head.weight", shard=model.get_submodule("lm_head").shard()),
     }
     for i in range(config.num_hidden_layers):
         layout.update(_layer_layout(model, config, f"model.layers.{i}.", f"model.layers.{i}.", config.is_moe_layer(i)))
@@ -120,10 +138,14 @@ def _layer_layout(model: nn.Module, config: ModelConfig, ckpt: str, ours: str, m
     out: dict[str, Target] = {}
     qkv = model.get_submodule(ours + "self_attn.qkv_proj")
     for part in ("q_proj", "k_proj", "v_proj"):
-        out[f"{ckpt}self_attn.{part}.weight"] = Target(ours + "self_attn.qkv_proj.weight", (qkv.rows(part),))
+        shard = qkv.shard(part)
+        out[f"{ckpt}self_attn.{part}.weight"] = Target(ours + "self_attn.qkv_proj.weight", (qkv.rows(part),),
+                                                       shard=shard)
         if config.attention_bias:
-            out[f"{ckpt}self_attn.{part}.bias"] = Target(ours + "self_attn.qkv_proj.bias", (qkv.rows(part),))
-    out[ckpt + "self_attn.o_proj.weight"] = Target(ours + "self_attn.o_proj.weight")
+            out[f"{ckpt}self_attn.{part}.bias"] = Target(ours + "self_attn.qkv_proj.bias", (qkv.rows(part),),
+                                                         shard=shard.bias() if shard else None)
+    o_proj = model.get_submodule(ours + "self_attn.o_proj")
+    out[ckpt + "self_attn.o_proj.weight"] = Target(ours + "self_attn.o_proj.weight", shard=o_proj.shard())
     if config.use_qk_norm:
         for norm in ("q_norm", "k_norm"):
             out[f"{ckpt}self_attn.{norm}.weight"] = Target(f"{ours}self_attn.{norm}.weight")
@@ -137,24 +159,29 @@ def _layer_layout(model: nn.Module, config: ModelConfig, ckpt: str, ours: str, m
     experts = model.get_submodule(ours + "mlp.experts")
     for e in range(config.n_routed_experts):
         for part in ("gate_proj", "up_proj"):
-            out[f"{ckpt}mlp.experts.{e}.{part}.weight"] = Target(ours + "mlp.experts.w13", (e, experts.rows(part)))
-        out[f"{ckpt}mlp.experts.{e}.down_proj.weight"] = Target(ours + "mlp.experts.w2", (e,))
+            out[f"{ckpt}mlp.experts.{e}.{part}.weight"] = Target(ours + "mlp.experts.w13", (e, experts.rows(part)),
+                                                                 shard=experts.shard(part))
+        out[f"{ckpt}mlp.experts.{e}.down_proj.weight"] = Target(ours + "mlp.experts.w2", (e,),
+                                                                shard=experts.shard("down_proj"))
     first, n = config.n_routed_experts, config.n_shared_experts
     shared = slice(first, first + n)
     for part in ("gate_proj", "up_proj"):
         out[f"{ckpt}mlp.shared_experts.{part}.weight"] = Target(ours + "mlp.experts.w13", (shared, experts.rows(part)),
-                                                                chunks=n, chunk_dim=0)
+                                                                chunks=n, chunk_dim=0, shard=experts.shard(part))
     out[f"{ckpt}mlp.shared_experts.down_proj.weight"] = Target(ours + "mlp.experts.w2", (shared,), chunks=n,
-                                                               chunk_dim=1)
+                                                               chunk_dim=1, shard=experts.shard("down_proj"))
     return out
 
 
 def _mlp_layout(model: nn.Module, ckpt: str, ours: str) -> dict[str, Target]:
     gate_up = model.get_submodule(ours + "gate_up_proj")
+    down = model.get_submodule(ours + "down_proj")
     return {
-        ckpt + "gate_proj.weight": Target(ours + "gate_up_proj.weight", (gate_up.rows("gate_proj"),)),
-        ckpt + "up_proj.weight": Target(ours + "gate_up_proj.weight", (gate_up.rows("up_proj"),)),
-        ckpt + "down_proj.weight": Target(ours + "down_proj.weight"),
+        ckpt + "gate_proj.weight": Target(ours + "gate_up_proj.weight", (gate_up.rows("gate_proj"),),
+                                          shard=gate_up.shard("gate_proj")),
+        ckpt + "up_proj.weight": Target(ours + "gate_up_proj.weight", (gate_up.rows("up_proj"),),
+                                        shard=gate_up.shard("up_proj")),
+        ckpt + "down_proj.weight": Target(ours + "down_proj.weight", shard=down.shard()),
     }
 
 
@@ -225,6 +252,11 @@ def plan_fp8(model: nn.Module, config: ModelConfig, layout: dict[str, Target], d
             chosen[module_name] = 0
         elif kinds == {"block"}:
             module = model.get_submodule(module_name)
+            cut = module.splits_fp8_blocks(block_size)
+            if cut:
+                raise LoadError(f"the tensor-parallel shards of {module_name} would cut its {block_size}x{block_size} "
+                                f"FP8 blocks ({cut}): choose a --tp-size whose shards hold whole blocks, or "
+                                "--fp8-compute dequant")
             if module.fp8_blocks_fit(block_size):
                 chosen[module_name] = block_size
             else:
@@ -257,7 +289,8 @@ def scale_target(model: nn.Module, target: Target, block: int) -> Target:
     if attr in ("weight", "w13") and len(index) == rows_at + 1:
         index = (*index[:rows_at], module.scale_rows(index[rows_at]))
     repeat = block == 0 and target.chunks > 0 and target.chunk_dim == 1
-    return Target(param, index, target.chunks, target.chunk_dim, repeat)
+    shard = target.shard.scale(block) if target.shard is not None else None
+    return Target(param, index, target.chunks, target.chunk_dim, repeat, shard)
 
 
 def fp8_scale_layout(model: nn.Module, layout: dict[str, Target], plan: Fp8Plan) -> dict[str, Target]:
@@ -426,6 +459,31 @@ class _Job:
     def read(self, name: str) -> torch.Tensor:
         return self.progress.read(self.handles[self.where[name]].get_tensor(name))
 
+    def read_region(self, name: str, path: Path, target: Target) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+        """(what is read of checkpoint tensor `name`, the region it is, None: the whole tensor): only
+        the target's shard, after checking the full shape; the whole tensor of a chunked shard."""
+        shard = target.shard
+        if shard is None or target.chunks > 1:  # n_shared > 1: read whole, cut after arranging
+            if shard is not None:
+                self._check_full(name, path, target)
+            return self.read(name), None
+        shape = self._check_full(name, path, target)
+        region = shard.region[:len(shape)]
+        return self.progress.read(self.handles[self.where[name]].get_slice(name)[region]), region
+
+    @staticmethod
+    def arrange(target: Target, tensor: torch.Tensor, region: tuple[slice, ...] | None) -> torch.Tensor:
+        """A tensor from `read_region` laid out for its destination (cut to this rank's shard if it was
+        read whole)."""
+        arranged = target.arrange(tensor)
+        return arranged if region is not None else _cut(target, arranged)
+
+    def _check_full(self, name: str, path: Path, target: Target) -> tuple[int, ...]:
+        shape = tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+        if shape != target.full_shape():
+            raise LoadError(f"{path}: tensor '{name}' has shape {shape}, expected {target.full_shape()}")
+        return shape
+
     def load(self, name: str, path: Path) -> bool:
         """Load checkpoint tensor `name`; False for a scale consumed with its weight (dequantised)."""
         if name in self.scales:
@@ -442,50 +500,65 @@ class _Job:
         target = self.layout.get(name)
         if target is None:
             raise LoadError(f"{path}: unexpected tensor '{name}' (not part of this {self.config.architecture})")
-        tensor = self.read(name)
-        dest = _materialize(self.model, target.param, self.device)[target.index]
-        if tuple(target.arrange(tensor).shape) != tuple(dest.shape):
-            raise LoadError(f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                            f"expected {target.checkpoint_shape(tuple(dest.shape))}")
         fp8_module = target.module in self.plan.modules and name.endswith(".weight")
+        view = self.handles[self.where[name]].get_slice(name)
+        tensor, region = self.read_region(name, path, target)
+        if view.get_dtype() in _FP8_HEADERS and not fp8_module:
+            tensor = _dequantize(name, tensor, self, region)
+        arranged = self.arrange(target, tensor, region)
+        dest = _materialize(self.model, target.param, self.device)[target.index]
+        if tuple(arranged.shape) != tuple(dest.shape):
+            raise LoadError(f"{path}: tensor '{name}' has shape {tuple(view.get_shape())}, "
+                            f"expected {target.checkpoint_shape(tuple(dest.shape))}")
         if fp8_module and self.plan.online:
-            self._quantize_into(name, tensor, target)
-        elif fp8_module:
-            if tensor.dtype != dest.dtype:
-                raise LoadError(f"{path}: tensor '{name}' is {tensor.dtype}, expected {dest.dtype}")
-            dest.copy_(target.arrange(tensor))
-        elif tensor.dtype in _FP8_DTYPES:
-            dest.copy_(target.arrange(_dequantize(name, tensor, self.where, self.handles, self.block, self.progress)))
+            self._quantize_into(tensor, region, target)
+        elif fp8_module and arranged.dtype != dest.dtype:
+            raise LoadError(f"{path}: tensor '{name}' is {arranged.dtype}, expected {dest.dtype}")
         else:
-            dest.copy_(target.arrange(tensor))
+            dest.copy_(arranged)
         return True
 
     def _load_scale(self, name: str, path: Path) -> None:
-        """An FP8 weight's fp32 scales as stored; a per-tensor scale becomes one per row (exact)."""
+        """An FP8 weight's fp32 scales as stored (this rank's rows or blocks of them); a per-tensor
+        scale becomes one per row (exact), a 1-D per-row scale a column. Both of those are read whole
+        (one float per row at most)."""
         target = self.scales[name]
-        scale = self.read(name)
-        stored = tuple(scale.shape)
-        dest = _materialize(self.model, target.param, self.device)[target.index]
+        stored = tuple(self.handles[self.where[name]].get_slice(name).get_shape())
+        if name.endswith("_scale") and (math.prod(stored) == 1 or len(stored) == 1):
+            scale = self.read(name)
+            if scale.numel() == 1:
+                weight = name.removesuffix("_scale")
+                rows = self.handles[self.where[weight]].get_slice(weight).get_shape()[0]
+                scale = scale.reshape(1, 1).expand(rows, 1)
+            else:
+                scale = scale.unsqueeze(1)
+            scale = _cut(target, target.arrange(scale))
+        else:
+            scale = self.arrange(target, *self.read_region(name, path, target))
         if scale.dtype != torch.float32 or not torch.isfinite(scale).all() or (scale < 0).any():
             raise LoadError(f"{path}: scale '{name}' must be finite, non-negative float32 (got {scale.dtype})")
-        if scale.numel() == 1 and name.endswith("_scale"):
-            weight = name.removesuffix("_scale")
-            rows = self.handles[self.where[weight]].get_slice(weight).get_shape()[0]
-            scale = scale.reshape(1, 1).expand(rows, 1)
-        elif scale.dim() == 1 and name.endswith("_scale"):
-            scale = scale.unsqueeze(1)
-        arranged = target.arrange(scale)
-        if tuple(arranged.shape) != tuple(dest.shape):
+        dest = _materialize(self.model, target.param, self.device)[target.index]
+        if tuple(scale.shape) != tuple(dest.shape):
             raise LoadError(f"{path}: scale '{name}' has shape {stored}, "
                             f"expected {target.checkpoint_shape(tuple(dest.shape))}")
-        dest.copy_(arranged)
+        dest.copy_(scale)
 
-    def _quantize_into(self, name: str, tensor: torch.Tensor, target: Target) -> None:
-        """Quantise a high-precision weight per output row on the device; write it and its scales."""
+    def _quantize_into(self, tensor: torch.Tensor, region: tuple[slice, ...] | None, target: Target) -> None:
+        """Quantise a high-precision weight (what `read_region` read) per output row on the device;
+        write it and its scales. A row-parallel shard's rows get the scales of its own columns."""
         q, scale = ops.quant_fp8_per_token(tensor.to(self.device))  # [out,in] e4m3, [out,1] fp32
-        _materialize(self.model, target.param, self.device)[target.index].copy_(target.arrange(q))
+        _materialize(self.model, target.param, self.device)[target.index].copy_(self.arrange(target, q, region))
         st = scale_target(self.model, target, 0)
-        _materialize(self.model, st.param, self.device)[st.index].copy_(st.arrange(scale))
+        scale_region = None if region is None else (region[0], WHOLE)
+        _materialize(self.model, st.param, self.device)[st.index].copy_(self.arrange(st, scale, scale_region))
+
+
+def _cut(target: Target, arranged: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a whole checkpoint tensor already arranged for its target."""
+    if target.shard is None:
+        return arranged
+    region = target.shard.region[:arranged.dim() - (1 if target.chunks else 0)]
+    return arranged[(WHOLE, *region)] if target.chunks else arranged[region]
 
 
 def _materialize(model: nn.Module, param_name: str, device: torch.device) -> torch.Tensor:
@@ -499,24 +572,29 @@ def _materialize(model: nn.Module, param_name: str, device: torch.device) -> tor
     return param.data
 
 
-def _dequantize(
-    name: str, weight: torch.Tensor, where: dict[str, Path], handles: dict[Path, Any], block: tuple[int, ...],
-    progress: _Progress,
-) -> torch.Tensor:
-    """FP8 [out,in] -> fp32 times its scale: channel-wise `weight_scale` [out,1] (or a scalar), or
-    block `weight_scale_inv` [ceil(out/b0), ceil(in/b1)] broadcast over b0 x b1 blocks."""
+def _dequantize(name: str, weight: torch.Tensor, job: _Job, region: tuple[slice, ...] | None = None) -> torch.Tensor:
+    """FP8 weight (or its `region` of rows and columns) -> fp32 times its scale: channel-wise
+    `weight_scale` [out,1] (or a scalar), or block `weight_scale_inv` [ceil(out/b0), ceil(in/b1)]
+    broadcast over b0 x b1 blocks. Only the scales covering the region are read."""
+    where, handles = job.where, job.handles
     scale_name = next((name + s for s in _SCALE_SUFFIXES if name + s in where), None)
     if scale_name is None:
         raise LoadError(f"{where[name]}: FP8 tensor '{name}' has no '{name}_scale' or '{name}_scale_inv'")
-    scale = progress.read(handles[where[scale_name]].get_tensor(scale_name)).float()
+    full = tuple(handles[where[name]].get_slice(name).get_shape())
+    rows, cols = (region + (WHOLE, WHOLE))[:2] if region is not None else (WHOLE, WHOLE)
+    r0, r1, _ = rows.indices(full[0])
+    c0, c1, _ = cols.indices(full[1])
+    view = handles[where[scale_name]].get_slice(scale_name)
+    shape = tuple(view.get_shape())
     w = weight.float()
-    out_f, in_f = w.shape
-    if scale.numel() == 1:
-        return w * scale.reshape(())
-    if tuple(scale.shape) == (out_f, 1):
-        return w * scale
-    b0, b1 = block
-    if tuple(scale.shape) != (-(-out_f // b0), -(-in_f // b1)):
-        raise LoadError(f"{where[scale_name]}: scale '{scale_name}' has shape {tuple(scale.shape)}, which is "
-                        f"neither per-channel nor {b0}x{b1} blocks of weight {tuple(w.shape)}")
-    return w * scale.repeat_interleave(b0, 0)[:out_f].repeat_interleave(b1, 1)[:, :in_f]
+    if math.prod(shape) == 1:
+        return w * job.read(scale_name).float().reshape(())
+    if shape == (full[0], 1):
+        return w * job.progress.read(view[r0:r1]).float()
+    b0, b1 = job.block
+    if shape != (-(-full[0] // b0), -(-full[1] // b1)):
+        raise LoadError(f"{where[scale_name]}: scale '{scale_name}' has shape {shape}, which is "
+                        f"neither per-channel nor {b0}x{b1} blocks of weight {full}")
+    blocks = job.progress.read(view[r0 // b0:-(-r1 // b0), c0 // b1:-(-c1 // b1)]).float()
+    dense = blocks.repeat_interleave(b0, 0).repeat_interleave(b1, 1)
+    return w * dense[r0 - r0 // b0 * b0:, c0 - c0 // b1 * b1:][:r1 - r0, :c1 - c0]

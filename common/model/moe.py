@@ -5,6 +5,11 @@ The shared expert runs inside the fused MoE: its weights are stacked after the E
 (a shared MLP of width n*I is n experts of width I: gate/up rows and down columns split in n),
 and every token's top-k gets n more columns with ids E.. and weight 1. One grouped GEMM pass then
 covers routed and shared, with a single fp32 combine (no separate GEMMs, SiLU, multiply and add).
+
+Under tensor parallelism (common/model/layers.py) every rank holds all E+n experts with its block of
+each expert's intermediate width (gate/up rows, down columns) and one all-reduce after the combine
+sums routed and shared partials; the router is replicated (its fp32 inputs are the same bits on
+every rank, so every rank picks the same experts).
 """
 
 from __future__ import annotations
@@ -14,7 +19,16 @@ from torch import nn
 
 from common import ops
 from common.model.config import ModelConfig
-from common.model.layers import FP8_DTYPE, Fp8Activation, fp8_scale_shape
+from common.model.layers import (
+    FP8_DTYPE,
+    WHOLE,
+    Fp8Activation,
+    Shard,
+    current_tp,
+    cut_blocks,
+    fp8_scale_shape,
+    shard_range,
+)
 
 
 class Router(nn.Module):
@@ -35,7 +49,7 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Experts stacked: w13 [E,2I,H] (gate rows, then up rows), w2 [E,H,I] (down); the routed ones
-    first, then the shared ones.
+    first, then the shared ones. I is this rank's block of the expert width (moe_intermediate_size / tp).
 
     After `use_fp8(block)` both stacks are float8_e4m3fn with fp32 scales that multiply back:
     block 0 (per output channel) `w13_scale` [E,2I,1], `w2_scale` [E,H,1]; block b (per b x b block)
@@ -46,6 +60,10 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
+        self.tp = current_tp()
+        self.source = shard_range(intermediate_size, self.tp, "moe_intermediate_size")
+        self.full_intermediate = intermediate_size
+        intermediate_size = self.source.stop - self.source.start
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
@@ -54,6 +72,20 @@ class Experts(nn.Module):
         """Rows of w13 that hold `gate_proj` or `up_proj` (the loader writes there)."""
         i = self.intermediate_size
         return {"gate_proj": slice(0, i), "up_proj": slice(i, 2 * i)}[part]
+
+    def shard(self, part: str | None = None) -> Shard | None:
+        """What this rank holds of one expert's checkpoint `part` (gate_proj, up_proj [I,H]: rows;
+        down_proj [H,I]: columns); None when unsharded."""
+        if self.tp.size == 1:
+            return None
+        i, h = self.full_intermediate, self.hidden_size
+        return Shard((WHOLE, self.source), (h, i)) if part == "down_proj" else Shard((self.source, WHOLE), (i, h))
+
+    def splits_fp8_blocks(self, block: int) -> str | None:
+        if self.hidden_size % block:
+            return None
+        return cut_blocks("moe_intermediate_size", self.full_intermediate, self.source.start,
+                          self.intermediate_size, block)
 
     def fp8_blocks_fit(self, block: int) -> bool:
         """Whether gate, up and down fall on whole b x b blocks (block FP8 computable)."""
@@ -80,9 +112,11 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.fp8_block is None:
-            return ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
-        return ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block,
-                                 x_quant)
+            y = ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
+        else:
+            y = ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block,
+                                  x_quant)
+        return y if self.tp.size == 1 else self.tp.all_reduce(y)  # routed + shared partials summed
 
 
 class MoE(nn.Module):

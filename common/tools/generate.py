@@ -2,6 +2,8 @@
 
 It is the oracle the disaggregated path must match token for token under greedy decoding (and the
 `glmserve generate` command). Deliberately plain: prompt forward, then one token per forward.
+`--tp-size N` runs the same loop on N tensor-parallel ranks (gloo on the CPU), so TP N can be
+compared with TP 1 from the command line.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from pathlib import Path
 import torch
 
 from common.forward.batch import ForwardBatch, SeqSpec
-from common.runtime.runner import ModelRunner
+from common.runtime.distributed import BACKENDS, TPConfig
+from common.runtime.runner import ModelRunner, RunnerSpec
 from common.sampling.logit_processors import RowContext
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving.launch_flags import HelpFormatter
 from common.serving.sampling_params import SamplingParams
+from common.worker.ranks import start_ranks
 
 DEFAULT_TINY_DIR = Path(os.environ.get("GLMSERVE_TINY_DIR", "~/.cache/glmserve/tiny-glm45")).expanduser()
 
@@ -68,17 +72,33 @@ def main(argv: list[str]) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (default: unseeded)")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes)")
+    p.add_argument("--tp-backend", default="auto", choices=BACKENDS,
+                   help="auto: NCCL across GPUs, gloo on the CPU or when ranks share a GPU")
+    p.add_argument("--base-gpu-id", type=int, default=None, help="GPU of rank 0 (rank r uses base + r)")
     args = p.parse_args(argv)
     model_path = Path(args.model_path) if args.model_path else ensure_tiny_model()
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    runner = ModelRunner(model_path, args.device, dtype, page_size=16, num_pages=256)
+    spec = RunnerSpec(str(model_path), "float32" if args.device == "cpu" else "bfloat16", page_size=16, num_pages=256)
+    ranks = None
+    if args.tp_size > 1:
+        try:
+            tp = TPConfig.resolve(args.tp_size, args.device, args.tp_backend, base_gpu_id=args.base_gpu_id)
+        except ValueError as e:
+            p.error(str(e))
+        runner, ranks = start_ranks(spec, tp, role="generate")
+    else:
+        runner = spec.build(args.device)
     sampler = TokenSampler(SpecialIds.from_model_dir(str(model_path)))
     ids = tok.encode(args.prompt, add_special_tokens=False).ids
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    out = reference_generate(runner, sampler, ids, params)
+    try:
+        out = reference_generate(runner, sampler, ids, params)
+    finally:
+        if ranks is not None:
+            ranks.stop()
     sys.stdout.write(tok.decode(out, skip_special_tokens=False) + "\n")
     print(f"[{len(ids)} prompt tokens, {len(out)} generated: {out}]", file=sys.stderr)
     return 0

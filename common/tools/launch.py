@@ -11,7 +11,8 @@ other flag goes to the roles that use it (common/serving/launch_flags.py): gatew
 gateway, worker flags to both workers, --log-level and --enable-custom-logit-processor to all. A
 Hugging Face repo id as --model-path is resolved once, here. Each role is its own `glmserve <role>`
 process (the same entry points compose.yaml uses), so a local run exercises the real gRPC hops and
-the real KV transport. Children's output is written to one file per process (--log-dir, default a
+the real KV transport; a worker of --tp-size N starts its N-1 other ranks itself, and
+--prefill-tp-size / --decode-tp-size give the two roles different TP sizes. Children's output is written to one file per process (--log-dir, default a
 fresh directory) and, when serving, also shown with a role prefix; a child that fails to start is
 reported with its own last lines. Without --demo it serves until SIGTERM/SIGINT (forwarded; the
 children drain); with --demo it sends one chat request, prints the stream and shuts down.
@@ -330,6 +331,10 @@ def build_arg_parser(prog: str, roles: dict[str, argparse.ArgumentParser] | None
                    help="gRPC port of the gateway (glmserve.v1.Gateway; 0: any free port)")
     p.add_argument("--prefill", type=int, default=1, metavar="N", help="number of prefill worker processes")
     p.add_argument("--decode", type=int, default=1, metavar="N", help="number of decode worker processes")
+    p.add_argument("--prefill-tp-size", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks of each prefill worker (default: --tp-size)")
+    p.add_argument("--decode-tp-size", type=int, default=None, metavar="N",
+                   help="tensor-parallel ranks of each decode worker (default: --tp-size)")
     p.add_argument("--demo", nargs="?", const="Hello! What can you do?", default=None, metavar="TEXT",
                    help="send one chat request, print the streamed answer, then shut down")
     p.add_argument("--max-tokens", type=int, default=32, help="max tokens of the --demo request")
@@ -394,8 +399,11 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
     if served is not None and "--served-model-name" not in gateway_args:
         gateway_args = ["--served-model-name", served, *gateway_args]
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="glmserve-logs-"))
+    per_role = {role: ["--tp-size", str(n)] if n else []
+                for role, n in (("prefill", args.prefill_tp_size), ("decode", args.decode_tp_size))}
     cluster = start_cluster(model, prefill=args.prefill, decode=args.decode, extra_worker_args=routed["worker"],
-                            extra_prefill_args=routed["prefill"], extra_decode_args=routed["decode"],
+                            extra_prefill_args=routed["prefill"] + per_role["prefill"],
+                            extra_decode_args=routed["decode"] + per_role["decode"],
                             extra_gateway_args=gateway_args, log_dir=log_dir, host=args.host,
                             http_port=args.port, grpc_port=args.grpc_port, echo=args.demo is None)
     print(f"{prog}: starting gateway, {args.prefill} prefill and {args.decode} decode workers on {model} "

@@ -65,6 +65,12 @@ class PairAuth:
         self._seen: dict[str, float] = {}  # accepted nonce -> when it may be forgotten
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:  # a TP rank process gets the worker's config pickled
+        return {"_secret": self._secret}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["_secret"])
+
     def __repr__(self) -> str:
         return f"PairAuth(enabled={self.enabled})"
 

@@ -127,7 +127,8 @@ StatsHook = Callable[[TransferStats], None]
 class KVSink(Protocol):
     """Decode-side consumer of received chunks (the decode worker scatters into its KV pages).
 
-    Calls for one transfer come from one receiver thread, in seq order. Exactly one terminal call
+    Calls for one transfer come from one receiver thread per source, in seq order (several sources
+    under tensor parallelism: their calls may interleave). `heads` are the payload's global kv heads. Exactly one terminal call
     per reserved transfer: on_last or on_failed (also for cancel). Never a call after it.
     `payload` is only valid during on_chunk (it is a reused staging buffer or a slot of the IPC
     ring): copy it out on the current stream (the receiver's CUDA stream); the receiver
@@ -135,7 +136,7 @@ class KVSink(Protocol):
     """
 
     def on_chunk(self, transfer_id: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
-                 payload: torch.Tensor) -> None: ...  # [l1-l0, 2, t1-t0, kv_heads, head_dim]
+                 heads: tuple[int, int], payload: torch.Tensor) -> None: ...  # [l1-l0, 2, t1-t0, h1-h0, head_dim]
 
     def on_last(self, transfer_id: int, aux: bytes) -> None: ...
 

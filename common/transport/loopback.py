@@ -52,7 +52,7 @@ class LoopbackSender:
             error = None
             try:
                 if payload is not None and payload.numel():
-                    self._table.sink.on_chunk(transfer_id, hdr.seq, hdr.layers, hdr.tokens, payload)
+                    self._table.sink.on_chunk(transfer_id, hdr.seq, hdr.layers, hdr.tokens, hdr.heads, payload)
             except Exception as e:  # noqa: BLE001 - same as KVReceiver: the transfer fails, not the pair
                 error = f"sink failed on chunk {hdr.seq}: {e!r}"
             self._table.end(hdr, aux=aux or b"", error=error)

@@ -6,6 +6,10 @@ Exactly one of on_last / on_failed reaches the sink per reserved transfer, never
 it, and never while a chunk of that transfer is being written (a cancel during a chunk is
 delivered when the chunk ends) -- so the worker frees pages in on_last/on_failed handling only.
 A watchdog thread fails reservations that see no chunk for transfer_timeout_s.
+Under tensor parallelism a decode rank may receive one transfer from several prefill ranks, one
+pair each (handshake.transfer_plan, from the first chunk's src_tp and this rank's `layout`): each
+source keeps its own chunk order and pair, must send exactly its heads, and the transfer completes
+when every source sent its last chunk (the aux record rides on prefill rank 0's).
 
 KVReceiver thread: build the pair (rank 1), then loop: header (waited up to peer_timeout_s; the
 prefill heartbeats when idle), payload into staging / the IPC ring, aux, then the sink. Chunks of
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +43,7 @@ from common.transport.base import (
     TransportConfig,
     safe_call,
 )
+from common.transport.handshake import transfer_plan
 from common.transport.pair import DECODE_RANK, PairChannels, host_store, open_pair
 from common.transport.wire import ChunkHeader, Kind
 
@@ -52,22 +58,44 @@ class Verdict(enum.Enum):
 
 
 @dataclass
+class _Source:
+    """One prefill rank's stream of a transfer."""
+
+    heads: tuple[int, int] | None  # the global kv heads it must send (None: not checked)
+    next_seq: int = 0
+    owner: Any = None
+    done: bool = False
+
+
+@dataclass
 class _Entry:
     timeout_s: float
     last: float
-    next_seq: int = 0
-    busy: bool = False
-    owner: Any = None
+    sources: dict[int, _Source] | None = None  # by prefill rank; known from the first chunk
+    src_tp: int = 0
+    busy: int = 0  # chunks being written now
     cancel_reason: str | None = None
+    aux: bytes = b""
     bytes: int = 0
     chunks: int = 0
     t_first: float | None = None
 
 
+@dataclass(frozen=True)
+class RankLayout:
+    """This decode rank's place in its worker: the model's kv heads, the worker's TP size, the rank."""
+
+    kv_heads: int
+    tp_size: int
+    rank: int
+
+
 class ReservationTable:
     def __init__(self, sink: KVSink, transfer_timeout_s: float, *, tick_s: float = 0.05,
-                 on_stats: StatsHook | None = None) -> None:
+                 on_stats: StatsHook | None = None, layout: RankLayout | None = None) -> None:
+        """layout None: every transfer comes whole from one prefill rank (TP 1 to TP 1)."""
         self.sink = sink
+        self.layout = layout
         self._timeout, self._on_stats = transfer_timeout_s, on_stats
         self._lock = threading.Lock()
         self._reserved = threading.Condition(self._lock)
@@ -122,31 +150,62 @@ class ReservationTable:
                 if tid not in self._gone:
                     self._bury(tid, f"its KV arrived and found no reservation within {grace_s}s; dropped")
                 return Verdict.UNKNOWN
-            if e.owner is not None and e.owner is not owner:
+            if e.sources is None:
+                e.src_tp, e.sources = hdr.src_tp, self._sources(hdr.src_tp)
+            src = e.sources.get(hdr.src_rank)
+            if hdr.src_tp != e.src_tp:
+                reason = f"chunks arrived from prefill workers of TP {e.src_tp} and {hdr.src_tp}"
+            elif src is None or src.done:
+                reason = f"a chunk from prefill rank {hdr.src_rank} of {hdr.src_tp}, which sends this rank nothing more"
+            elif src.owner is not None and src.owner is not owner:
                 reason = "chunks arrived from two different prefill pairs"
-            elif hdr.seq != e.next_seq:
-                reason = f"chunk seq {hdr.seq} arrived, expected {e.next_seq}"
+            elif hdr.seq != src.next_seq:
+                reason = f"chunk seq {hdr.seq} arrived, expected {src.next_seq}"
+            elif hdr.payload_bytes and src.heads is not None and hdr.heads != src.heads:
+                reason = f"prefill rank {hdr.src_rank} sent kv heads {hdr.heads}, this rank takes {src.heads} from it"
             else:
-                e.busy, e.owner, e.next_seq = True, owner, e.next_seq + 1
+                e.busy += 1
+                src.owner, src.next_seq = owner, src.next_seq + 1
                 if e.t_first is None:
                     e.t_first = time.monotonic()
                 return Verdict.ACCEPT
+            if e.busy:  # another source's chunk is being written: it delivers the failure
+                e.cancel_reason = e.cancel_reason or reason
+                return Verdict.DROP
             del self._entries[hdr.transfer_id]
         self._terminal(hdr.transfer_id, e, reason, None)
         return Verdict.DROP
+
+    def _sources(self, src_tp: int) -> dict[int, _Source]:
+        """The prefill ranks that send this rank a transfer from a prefill worker of TP src_tp."""
+        if self.layout is None:
+            return {0: _Source(None)}
+        lay = self.layout
+        try:
+            plan = transfer_plan(lay.kv_heads, src_tp, lay.tp_size)
+        except ValueError:
+            return {}  # nothing maps: the first chunk is refused (pairing refuses this pair anyway)
+        return {s.src: _Source((s.head_lo, s.head_hi)) for s in plan if s.dst == lay.rank}
 
     def end(self, hdr: ChunkHeader, aux: bytes = b"", error: str | None = None) -> None:
         """After an ACCEPTed chunk: record it and deliver on_last / pending cancel / error."""
         with self._lock:
             e = self._entries[hdr.transfer_id]
-            e.busy, e.last = False, time.monotonic()
+            e.busy, e.last = e.busy - 1, time.monotonic()
             e.chunks += 1
             e.bytes += hdr.payload_bytes if error is None else 0
-            reason = error or e.cancel_reason
-            if reason is None and not hdr.is_last:
+            if aux:
+                e.aux = aux
+            if error is not None:
+                e.cancel_reason = e.cancel_reason or error
+            if hdr.is_last and e.sources is not None:
+                e.sources[hdr.src_rank].done = True
+            reason = e.cancel_reason
+            complete = e.sources is not None and all(s.done for s in e.sources.values())
+            if e.busy or (reason is None and not complete):
                 return
             del self._entries[hdr.transfer_id]
-        self._terminal(hdr.transfer_id, e, reason, aux)
+        self._terminal(hdr.transfer_id, e, reason, e.aux)
 
     def fail(self, transfer_id: int, reason: str) -> bool:
         with self._lock:
@@ -162,7 +221,8 @@ class ReservationTable:
 
     def fail_owned(self, owner: Any, reason: str) -> list[int]:
         with self._lock:
-            tids = [t for t, e in self._entries.items() if e.owner is owner]
+            tids = [t for t, e in self._entries.items()
+                    if e.sources is not None and any(s.owner is owner for s in e.sources.values())]
         return [t for t in tids if self.fail(t, reason)]
 
     def sweep(self) -> list[int]:
@@ -271,7 +331,7 @@ class KVReceiver:
         try:
             if payload is not None:
                 view = payload.view(hdr.dtype).view(hdr.shape)
-                self._table.sink.on_chunk(hdr.transfer_id, hdr.seq, hdr.layers, hdr.tokens, view)
+                self._table.sink.on_chunk(hdr.transfer_id, hdr.seq, hdr.layers, hdr.tokens, hdr.heads, view)
         except Exception as e:
             log.exception("KV sink failed on transfer %d chunk %d", hdr.transfer_id, hdr.seq)
             return f"sink failed on chunk {hdr.seq}: {e!r}"
@@ -301,19 +361,31 @@ class PairAcceptor:
     """
 
     def __init__(self, table: ReservationTable, config: TransportConfig, *, advertise_host: str, port: int = 0,
-                 device: torch.device | None = None, bind_host: str | None = None) -> None:
+                 device: torch.device | None = None, store_port: int | None = None,
+                 bind_host: str | None = None) -> None:
+        """store_port None: host the pairs' TCPStore here, listening on `bind_host` (default
+        advertise_host) only; else pairs rendezvous on the store another process hosts at
+        advertise_host:store_port (a decode TP follower uses its leader's)."""
         self.table, self.config, self.advertise_host, self.device = table, config, advertise_host, device
         self._lock = threading.Lock()
         self._receivers: dict[str, KVReceiver] = {}
         self._rings: dict[str, Any] = {}  # peer -> IpcRing (cuda_ipc pairs only)
         self._gen = 0
-        self._store = host_store(bind_host or advertise_host, port, config.pair_timeout_s)
-        self.port: int = self._store.port
+        self._store = (host_store(bind_host or advertise_host, port, config.pair_timeout_s)
+                       if store_port is None else None)
+        self.port: int = self._store.port if self._store is not None else store_port
 
-    def accept(self, peer: str, bulk_backend: str) -> PairEndpoint:
+    def new_name(self, peer: str) -> str:
+        """A pair generation name unique on this acceptor's store."""
+        with self._lock:
+            self._gen += 1
+            return f"kv/{peer}/g{self._gen}-{secrets.token_hex(8)}"  # unguessable: see auth.py
+
+    def accept(self, peer: str, bulk_backend: str, name: str | None = None) -> PairEndpoint:
         """Blocking for at most heartbeat_s + 1 s (ending the peer's previous receiver): call it off
         the event loop. A same-GPU peer keeps its IPC ring across generations: a ring whose
-        consumer died can never be freed (torch's IPC ref count stays up), so it is reused."""
+        consumer died can never be freed (torch's IPC ref count stays up), so it is reused.
+        `name`: the pair's name when the store's host minted it (`new_name`)."""
         with self._lock:
             old = self._receivers.pop(peer, None)
         if old is not None:
@@ -325,9 +397,8 @@ class PairAcceptor:
             ring = self._rings.get(peer)
             if ring is None or (old is not None and old.alive):
                 ring = self._rings[peer] = IpcRing(self.config.ipc_ring_bytes, self.device)
+        name = name or self.new_name(peer)
         with self._lock:
-            self._gen += 1
-            name = f"kv/{peer}/g{self._gen}"
             ep = PairEndpoint(self.advertise_host, self.port, name, bulk_backend, ring.export() if ring else b"")
             r = KVReceiver(ep, self.table, self.config, device=self.device, ipc_ring=ring, on_closed=self._closed)
             self._receivers[peer] = r

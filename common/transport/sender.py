@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 _RECENT = 4096  # finished transfers remembered for poll() / dropped-chunk bookkeeping
 
 
+@dataclass(frozen=True)
+class SenderStream:
+    """The prefill side of one TP stream (handshake.transfer_plan): the sending rank, its worker's TP
+    size, and the first global kv head of the chunks it is given."""
+
+    src_rank: int = 0
+    src_tp: int = 1
+    head_lo: int = 0
+
+
 @dataclass
 class Chunk:
     transfer_id: int
@@ -156,10 +166,13 @@ class SendBook:
 class KVSender:
     def __init__(self, pair_fn: Callable[[], PairEndpoint], on_done: DoneHook,
                  config: TransportConfig | None = None, *, device: torch.device | None = None,
-                 on_stats: StatsHook | None = None, name: str = "kv-sender") -> None:
+                 on_stats: StatsHook | None = None, name: str = "kv-sender", stream: SenderStream | None = None) -> None:
         """pair_fn: runs on the sender thread whenever a pair is needed; calls the decode worker's
-        Pair RPC (bounded) and returns its PairEndpoint. device: this rank's GPU (None on CPU)."""
+        Pair RPC (bounded) and returns its PairEndpoint. device: this rank's GPU (None on CPU).
+        stream: which prefill rank this is and which global kv heads its chunks hold (TP; default:
+        rank 0 of 1, heads from 0)."""
         self._pair_fn, self._cfg, self._device = pair_fn, config or TransportConfig(), device
+        self._stream = stream or SenderStream()
         self._book = SendBook(on_done, on_stats, self._cfg.max_aux_bytes)
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pair: PairChannels | None = None
@@ -301,8 +314,9 @@ class KVSender:
                 dtype, heads, dim = kv.dtype, kv.shape[3], kv.shape[4]
             off, advance = pair.bulk.stage(flat, deadline) if flat.numel() else (0, 0)
             aux = c.aux if (last and c.aux) else b""
+            st = self._stream
             hdr = ChunkHeader(c.transfer_id, tx.wire_seq, lr, tr, c.is_last and last, len(aux), dtype, heads, dim,
-                              Kind.DATA, off, advance)
+                              Kind.DATA, off, advance, st.head_lo, st.src_rank, st.src_tp)
             try:
                 pair.send_header(hdr, deadline)
                 if flat.numel():

@@ -5,6 +5,9 @@ Per wire chunk, strictly in this order on one pair:
   2. payload uint8[payload_bytes] (if payload_bytes)    over the bulk channel (gloo TAG_PAYLOAD,
                                                         NCCL send/recv, or a slot of the IPC ring)
   3. aux     uint8[aux_len] (if aux_len; last only)     over the gloo control group (TAG_AUX)
+A DATA payload holds the global kv heads [head_lo, head_lo + kv_heads) of the sending prefill rank
+`src_rank` of `src_tp` (common/transport/handshake.py `transfer_plan` says which rank sends which
+heads to which decode rank; with TP 1 on both sides that is every head, from rank 0).
 Control headers (HEARTBEAT, ABORT, BYE) have no payload and no aux. Gloo aborts the *process* when
 a message is longer than the posted buffer, so every size is taken from the header, and the
 header's own size is agreed through the store (`hello_bytes`) before any gloo receive.
@@ -20,7 +23,7 @@ import torch
 from common.transport.base import ProtocolError
 
 MAGIC = 0x474C4D4B56484452  # "GLMKVHDR"
-VERSION = 1
+VERSION = 2
 HEADER_WORDS = 20
 TAG_HEADER, TAG_PAYLOAD, TAG_AUX = 1, 2, 3
 
@@ -63,6 +66,14 @@ class ChunkHeader:
     kind: Kind = Kind.DATA
     bulk_offset: int = 0  # cuda_ipc: byte offset of the payload in the ring
     ring_advance: int = 0  # cuda_ipc: ring bytes decode frees after consuming this chunk
+    head_lo: int = 0  # first global kv head of the payload
+    src_rank: int = 0  # the prefill TP rank that sent it
+    src_tp: int = 1  # the prefill worker's TP size
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """The global kv heads [lo, hi) of the payload."""
+        return self.head_lo, self.head_lo + self.kv_heads
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -83,7 +94,7 @@ class ChunkHeader:
         words = [MAGIC, VERSION, tid_to_i64(self.transfer_id), self.seq, self.layers[0], self.layers[1],
                  self.tokens[0], self.tokens[1], int(self.is_last), self.aux_len, DTYPE_CODES[self.dtype],
                  self.kv_heads, self.head_dim, int(self.kind), self.payload_bytes, self.bulk_offset,
-                 self.ring_advance]
+                 self.ring_advance, self.head_lo, self.src_rank, self.src_tp]
         words += [0] * (HEADER_WORDS - len(words))
         return torch.tensor(words, dtype=torch.int64)
 
@@ -96,9 +107,11 @@ class ChunkHeader:
         if w[10] not in CODE_DTYPES or w[13] not in Kind._value2member_map_:
             raise ProtocolError(f"bad chunk header dtype code {w[10]} or kind {w[13]}")
         h = cls(i64_to_tid(w[2]), w[3], (w[4], w[5]), (w[6], w[7]), bool(w[8]), w[9], CODE_DTYPES[w[10]],
-                w[11], w[12], Kind(w[13]), w[15], w[16])
+                w[11], w[12], Kind(w[13]), w[15], w[16], w[17], w[18], w[19])
         if min(w[3:8]) < 0 or h.layers[0] > h.layers[1] or h.tokens[0] > h.tokens[1] or min(w[9], w[11], w[12]) < 0:
             raise ProtocolError(f"bad chunk header ranges {h}")
+        if h.head_lo < 0 or not 0 <= h.src_rank < h.src_tp:
+            raise ProtocolError(f"bad chunk header heads/ranks {h}")
         if h.payload_bytes != w[14]:
             raise ProtocolError(f"chunk header payload size {w[14]} != shape {h.shape} x {h.dtype}")
         if h.payload_bytes > max_payload or h.aux_len > max_aux:

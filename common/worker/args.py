@@ -31,7 +31,18 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 or cpu (default: cuda if present)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="compute dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel ranks (1, 2, 4, 8): one process per GPU, this one is rank 0")
+    p.add_argument("--base-gpu-id", type=int, default=None,
+                   help="GPU of TP rank 0; rank r uses base + r (default: the --device index, else 0)")
+    p.add_argument("--tp-backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="collectives of the TP group: auto = NCCL across GPUs, gloo on the CPU or when ranks "
+                        "share a GPU (NCCL refuses two ranks on one device)")
+    p.add_argument("--tp-step-timeout", type=float, default=60.0,
+                   help="seconds any TP collective may wait before the worker gives up (a dead rank)")
+    p.add_argument("--dist-init-addr", default=None,
+                   help="host:port of the TP group's store on rank 0 (default: 127.0.0.1, a free port)")
+    p.add_argument("--ep-size", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--quantization", default=None, choices=("fp8",),
                    help="fp8: quantise a bf16 checkpoint's linears and experts to FP8 per output channel on "
                         "load (FP8 checkpoints are served in FP8 without it)")
@@ -83,6 +94,10 @@ class WorkerConfig:
     device: str
     dtype: str
     tp_size: int
+    base_gpu_id: int | None
+    tp_backend: str
+    tp_step_timeout: float
+    dist_init_addr: tuple[str, int]
     quantization: str | None
     fp8_compute: str
     page_size: int
@@ -132,9 +147,19 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     spec, warnings = parse_spec(ns)
     if ns.page_size < 1:
         raise ValueError(f"--page-size must be >= 1, got {ns.page_size}")
-    if ns.tp_size != 1:
-        raise ValueError(f"--tp-size {ns.tp_size}: this build runs each worker on one device (tp 1); "
-                         "tensor parallelism is not implemented yet")
+    if ns.tp_size not in (1, 2, 4, 8):
+        raise ValueError(f"--tp-size {ns.tp_size}: choose 1, 2, 4 or 8")
+    if ns.ep_size != 1:
+        raise ValueError(f"--ep-size {ns.ep_size}: expert parallelism is not supported; with --tp-size every "
+                         "rank holds its slice of every expert (one all-reduce per MoE layer)")
+    if ns.tp_step_timeout <= 0:
+        raise ValueError(f"--tp-step-timeout must be positive, got {ns.tp_step_timeout}")
+    store = ("127.0.0.1", 0)
+    if ns.dist_init_addr is not None:
+        host, _, port = ns.dist_init_addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--dist-init-addr {ns.dist_init_addr!r}: expected host:port")
+        store = (host, int(port))
     model_path = resolve_model_path(ns.model_path)  # ValueError names the flag, where it looked, how to fetch
     if ns.speculative_draft_model_path not in (None, ns.model_path, model_path):
         raise ValueError("--speculative-draft-model-path: only the target's own MTP layer is supported "
@@ -155,7 +180,8 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     cfg = WorkerConfig(
         role=role, model_path=model_path, host=ns.host, port=ns.port, advertise_host=advertise,
         worker_id=ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}", device=device, dtype=dtype,
-        tp_size=ns.tp_size, quantization=ns.quantization, fp8_compute=ns.fp8_compute, page_size=ns.page_size, num_pages=ns.num_pages,
+        tp_size=ns.tp_size, base_gpu_id=ns.base_gpu_id, tp_backend=ns.tp_backend, tp_step_timeout=ns.tp_step_timeout,
+        dist_init_addr=store, quantization=ns.quantization, fp8_compute=ns.fp8_compute, page_size=ns.page_size, num_pages=ns.num_pages,
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
         enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,

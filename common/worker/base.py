@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-
 from common.model.config import CacheConfig
-from common.runtime.runner import ModelRunner
+from common.runtime.distributed import TPConfig
+from common.runtime.runner import ModelRunner, RunnerSpec
 from common.transport.auth import PairAuth
 from common.transport.base import TransportConfig
 from common.transport.handshake import PairingInfo
 from common.worker.args import WorkerConfig
 from common.worker.load import WorkerLoadFigures
+from common.worker.ranks import Ranks, start_ranks
 from protos import worker_pb2
 
 if TYPE_CHECKING:
@@ -24,16 +27,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def build_runner(cfg: WorkerConfig) -> ModelRunner:
-    if cfg.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(cfg.device))
-        torch.backends.cuda.matmul.allow_tf32 = False  # router selections must not flip on near-ties
-    return ModelRunner(cfg.model_path, cfg.device, DTYPES[cfg.dtype], cfg.page_size, cfg.num_pages,
-                       with_mtp=cfg.spec.enabled, mem_fraction=cfg.mem_fraction_static,
-                       quantize=cfg.quantization, fp8_compute=cfg.fp8_compute)
+def build_runner(cfg: WorkerConfig) -> tuple[ModelRunner, Ranks | None]:
+    """This worker's runner; with --tp-size > 1 it is rank 0's and the followers run beside it
+    (common/worker/ranks.py), whose handle comes second."""
+    spec = RunnerSpec(cfg.model_path, cfg.dtype, cfg.page_size, cfg.num_pages, with_mtp=cfg.spec.enabled,
+                      mem_fraction=cfg.mem_fraction_static, quantize=cfg.quantization, fp8_compute=cfg.fp8_compute)
+    if cfg.tp_size == 1:
+        return spec.build(cfg.device), None
+    tp = TPConfig.resolve(cfg.tp_size, cfg.device, cfg.tp_backend, cfg.tp_step_timeout, cfg.base_gpu_id)
+    tp = TPConfig(tp.size, tp.devices, tp.backend, tp.timeout_s, cfg.dist_init_addr)
+    return start_ranks(spec, tp, role=cfg.role, kv=transport_config(cfg))
 
 
 def kv_backend(cfg: WorkerConfig, runner: ModelRunner) -> str:
@@ -68,18 +71,20 @@ def model_fingerprint(model_path: str, runner: ModelRunner) -> str:
     return h.hexdigest()[:20]
 
 
-def worker_info(cfg: WorkerConfig, runner: ModelRunner) -> worker_pb2.WorkerInfo:
+def worker_info(cfg: WorkerConfig, runner: ModelRunner, ranks: Ranks | None = None) -> worker_pb2.WorkerInfo:
     spec = cfg.spec
+    uuids = [device_uuid(runner), *(ranks.device_uuids if ranks is not None else [])]
     layers = runner.config.num_hidden_layers + (1 if runner.with_mtp else 0)
     return worker_pb2.WorkerInfo(
         worker_id=cfg.worker_id, role=cfg.role, model_fingerprint=model_fingerprint(cfg.model_path, runner),
         model_name=cfg.model_path, dtype=cfg.dtype, page_size=cfg.page_size, num_layers=layers,
-        tp_size=cfg.tp_size,
+        tp_size=cfg.tp_size, kv_heads=runner.config.num_key_value_heads,
         spec=worker_pb2.SpecLayout(algorithm=spec.algorithm or "", num_steps=spec.num_steps if spec.enabled else 0,
                                    eagle_topk=spec.eagle_topk if spec.enabled else 0,
                                    num_draft_tokens=spec.num_draft_tokens if spec.enabled else 0,
                                    draft_kv=spec.enabled),
-        device_uuid=device_uuid(runner), host=cfg.advertise_host, kv_backend=kv_backend(cfg, runner),
+        device_uuid=uuids[0], host=cfg.advertise_host, kv_backend=kv_backend(cfg, runner),
+        device_uuids=uuids if any(uuids) else [],
     )
 
 
@@ -103,6 +108,29 @@ def load_proto(load: WorkerLoadFigures, draining: bool) -> worker_pb2.WorkerLoad
     """An engine's published load figures as the GetLoad reply (the same fields for both roles)."""
     return worker_pb2.WorkerLoad(running=load.running, queued=load.queued, waiting_for_kv=load.waiting_for_kv,
                                  free_pages=load.free_pages, total_pages=load.total_pages, draining=draining)
+
+
+TP_BROKEN_EXIT = 3  # exit status of a worker whose tensor-parallel group broke
+
+
+def exit_when_broken(ranks: Ranks | None, health: Health, abort_all: Callable[[str], None],
+                     grace_s: float = 1.5) -> None:
+    """When the TP group breaks (a rank died): readiness turns NOT_SERVING for good, every request in
+    flight fails with `abort_all(message)` naming the rank, and the process exits TP_BROKEN_EXIT after
+    `grace_s` (the gateway routes around it; a supervisor restarts it). Call on the event loop."""
+    if ranks is None:
+        return
+    loop = asyncio.get_running_loop()
+
+    async def shut(reason: str) -> None:
+        await health.set_draining()
+        abort_all(f"tensor-parallel group of this worker broke: {reason}")
+        log.error("tensor-parallel group broke (%s): NOT_SERVING, exiting in %.1f s", reason, grace_s)
+        await asyncio.sleep(grace_s)
+        logging.shutdown()
+        os._exit(TP_BROKEN_EXIT)
+
+    ranks.on_failure(lambda reason: loop.call_soon_threadsafe(lambda: loop.create_task(shut(reason))))
 
 
 class Startable(Protocol):

@@ -234,7 +234,7 @@ class EagleStepper:
         d = torch.arange(w, device=result.accept_index.device)[None, :]
         node = torch.where(d <= result.num_accepted[:, None], result.accept_index, d)  # [B, W]
         src = layout.window_slots.gather(1, node)
-        self.runner.kv_pool.copy_slots(src.reshape(-1), layout.window_slots[:, :w].reshape(-1))
+        self.runner.copy_kv_slots(src.reshape(-1), layout.window_slots[:, :w].reshape(-1))
 
     def _draft_extend(self, layout: TreeLayout, result: VerifyResult, hidden: torch.Tensor) -> DraftBatch:
         """The fixed-shape draft extend (module docstring): W queries per request at slots/positions

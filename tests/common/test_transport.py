@@ -57,7 +57,8 @@ class RecordingSink:
             self.events.append(ev)
             self.cv.notify_all()
 
-    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int], payload: torch.Tensor):
+    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
+                 heads: tuple[int, int], payload: torch.Tensor):
         self._add(("chunk", tid, seq, layers, tokens, payload.clone()))
 
     def on_last(self, tid: int, aux: bytes) -> None:

@@ -16,7 +16,8 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[tuple] = []
 
-    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int], payload: torch.Tensor):
+    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
+                 heads: tuple[int, int], payload: torch.Tensor):
         self.events.append(("chunk", tid, seq, layers, tokens, payload))
 
     def on_last(self, tid: int, aux: bytes) -> None:

@@ -1,10 +1,13 @@
 """Worker flags: a worker accepts the flags of a shared SGLang launch line (the gateway's too) and
-uses only its own; the thinking budget stays the gateway's."""
+uses only its own; the thinking budget stays the gateway's; the tensor-parallel flags, and the
+refusal of what cannot run, by flag."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import pytest
 
 from common.serving.launch_flags import accept_foreign_flags, foreign_flags_given
 from common.worker.args import add_worker_args, build_worker_config
@@ -25,3 +28,22 @@ def test_gateway_flags_are_accepted_and_not_used(tmp_path: Path) -> None:
     assert foreign_flags_given(ns) == ["--default-thinking-budget", "--enable-metrics", "--served-model-name",
                                        "--tool-call-parser"]
     assert "used by gateway" in _parser().format_help()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tp-size", "3"], r"^--tp-size 3: choose 1, 2, 4 or 8$"),
+    (["--ep-size", "2"], r"^--ep-size 2: expert parallelism is not supported"),
+    (["--tp-step-timeout", "0"], r"^--tp-step-timeout must be positive"),
+    (["--dist-init-addr", "nohost"], r"^--dist-init-addr 'nohost': expected host:port$"),
+])
+def test_tensor_parallel_flags_refused_by_name(tmp_path: Path, flags: list[str], message: str) -> None:
+    ns = _parser().parse_args(["--model-path", str(tmp_path), "--device", "cpu", *flags])
+    with pytest.raises(ValueError, match=message):
+        build_worker_config("prefill", ns)
+
+
+def test_tensor_parallel_flags(tmp_path: Path) -> None:
+    ns = _parser().parse_args(["--model-path", str(tmp_path), "--device", "cpu", "--tp-size", "4", "--tp-backend",
+                               "gloo", "--dist-init-addr", "10.0.0.1:29500", "--base-gpu-id", "2"])
+    cfg, _ = build_worker_config("decode", ns)
+    assert (cfg.tp_size, cfg.tp_backend, cfg.dist_init_addr, cfg.base_gpu_id) == (4, "gloo", ("10.0.0.1", 29500), 2)

@@ -65,7 +65,7 @@ class _Sink:
                                      device=self.device)
 
     def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
-                 payload: torch.Tensor) -> None:
+                 heads: tuple[int, int], payload: torch.Tensor) -> None:
         self.dest[tid][layers[0]:layers[1], :, tokens[0]:tokens[1]].copy_(payload)
 
     def on_last(self, tid: int, aux: bytes) -> None:

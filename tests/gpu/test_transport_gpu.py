@@ -86,7 +86,8 @@ class _Sink:
         self.cv = threading.Condition()
         self.dest = torch.zeros(SHAPE, dtype=torch.bfloat16, device="cuda:0")
 
-    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int], payload: torch.Tensor):
+    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
+                 heads: tuple[int, int], payload: torch.Tensor):
         self.dest[layers[0]:layers[1], :, tokens[0]:tokens[1]].copy_(payload)
         self._add(("chunk", tid, seq))
 

@@ -77,7 +77,8 @@ class _Sink:
             self.events.append(e)
             self.cv.notify_all()
 
-    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int], payload: torch.Tensor):
+    def on_chunk(self, tid: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
+                 heads: tuple[int, int], payload: torch.Tensor):
         if tid == 2:
             self.dest[layers[0]:layers[1], :, tokens[0]:tokens[1]].copy_(payload)
         self._add(("chunk", tid, seq))

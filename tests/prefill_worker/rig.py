@@ -75,7 +75,7 @@ class DecodeSide:
         return self.pool.gather_tokens((0, self.pool.num_layers), self.pages[transfer_id], n_tokens)
 
     def on_chunk(self, transfer_id: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
-                 payload: torch.Tensor) -> None:
+                 heads: tuple[int, int], payload: torch.Tensor) -> None:
         self.pool.scatter_tokens(layers, self.pages[transfer_id], tokens[0], payload)
 
     def on_last(self, transfer_id: int, aux: bytes) -> None:

@@ -1,0 +1,108 @@
+"""Tensor parallelism on the one lent GPU (run on the GPU machine).
+
+- TP 2 as two processes on one GPU (NCCL refuses two ranks on one device, so the group's collectives
+  go through gloo and host copies, and CUDA graphs stay off): the Triton kernels run on each rank's
+  shard, and rank 0's bf16 logits match one device's within bf16 rounding.
+- The kernels at the per-rank shapes of GLM-4.5-Air at TP 2, 4 and 8 (48 / 24 / 12 query heads, 4 /
+  2 / 1 kv heads, expert width 704 / 352 / 176): one rank's shard built in one process (its
+  collectives replaced by the identity) runs the Triton kernels and the torch twins on the same
+  inputs, and they agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import ops
+from common.forward.batch import ForwardBatch, SeqSpec
+from common.model import load_model
+from common.runtime.distributed import TPConfig
+from common.runtime.runner import ModelRunner, RunnerSpec
+from common.tools.tiny_model import make_tiny_model
+from common.worker.ranks import start_ranks
+from tests.gpu.numerics import rel
+from tests.gpu.test_model_gpu import AIR_2_LAYERS
+
+pytestmark = pytest.mark.gpu
+PAGE = 16
+
+
+def _forwards(runner: ModelRunner) -> dict[str, torch.Tensor]:
+    """Logits of a chunked prefill of two prompts and of a decode step (every row)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 800, (40,), generator=gen).tolist(), torch.randint(0, 800, (23,), generator=gen).tolist()
+    pa, pb = runner.allocator.alloc(4), runner.allocator.alloc(4)
+    out = {}
+    batch = ForwardBatch.build([SeqSpec(a[:24], range(24), 24, pa, logit_rows=range(24)),
+                                SeqSpec(b, range(23), 23, pb, logit_rows=range(23))], PAGE, "cuda")
+    out["prefill"] = runner.forward(batch)[0].float()
+    batch = ForwardBatch.build([SeqSpec(a[24:], range(24, 40), 40, pa, logit_rows=range(16))], PAGE, "cuda")
+    out["chunk"] = runner.forward(batch)[0].float()
+    out["decode"] = runner.forward(ForwardBatch.decode([5, 9], [40, 23], [pa, pb], PAGE, "cuda"))[0].float()
+    runner.allocator.free(pa)
+    runner.allocator.free(pb)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_tp"), weight_dtype=torch.bfloat16)
+
+
+def test_tp2_as_two_processes_on_one_gpu_matches_one_device(tiny_bf16: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    spec = RunnerSpec(str(tiny_bf16), "bfloat16", PAGE, 64)
+    want = _forwards(spec.build("cuda:0"))
+    tp = TPConfig.resolve(2, "cuda:0")
+    assert tp.devices == ("cuda:0", "cuda:0") and tp.backend == "gloo"
+    runner, ranks = start_ranks(spec, tp, role="gpu-test")
+    try:
+        assert not runner.graphs_supported  # host-copy collectives cannot be captured
+        got = _forwards(runner)
+        assert ranks.failure is None
+    finally:
+        ranks.stop()
+    for key, w in want.items():
+        assert rel(got[key], w) <= 2e-2, key
+        assert (got[key].argmax(-1) == w.argmax(-1)).float().mean() >= 0.9, key
+
+
+class _Rank0:
+    """Rank 0 of a TP t group with its collectives replaced by the identity: the shard's own compute."""
+
+    rank = 0
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def gather_to_leader(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.fixture(scope="module")
+def air_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("air2_tp"), num_layers=2, weight_dtype=torch.bfloat16,
+                           **AIR_2_LAYERS)
+
+
+@pytest.mark.parametrize("size", [2, 4, 8])
+def test_air_rank_shards_run_the_triton_kernels(air_dir: Path, size: int) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = load_model(air_dir, "cuda", torch.bfloat16, tp=_Rank0(size))
+    attn = model.model.layers[0].self_attn
+    assert (attn.num_heads, attn.num_kv_heads) == (96 // size, 8 // size)
+    assert model.model.layers[1].mlp.experts.intermediate_size == 1408 // size
+    shard = ModelRunner("", "cuda", torch.bfloat16, PAGE, 64, model=model)
+    assert shard.kv_pool.kv_heads == 8 // size
+    triton = _forwards(shard)
+    with ops.use_reference():
+        twin = _forwards(shard)
+    for key in triton:
+        assert rel(triton[key], twin[key]) <= 5e-2, key
+        assert (triton[key].argmax(-1) == twin[key].argmax(-1)).float().mean() >= 0.9, key
