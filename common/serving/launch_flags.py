@@ -35,7 +35,7 @@ WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--page-size": True, "--num-pages": True, "--mem-fraction-static": True, "--max-queued-requests": True,
     "--transfer-timeout": True, "--kv-backend": True, "--speculative-algorithm": True,
     "--speculative-num-steps": True, "--speculative-eagle-topk": True, "--speculative-num-draft-tokens": True,
-    "--speculative-draft-model-path": True, "--quantization": True, "--fp8-compute": True,
+    "--speculative-draft-model-path": True,
 }
 PREFILL: Mapping[str, bool] = {"--chunked-prefill-size": True, "--disagg-layer-group-size": True}
 DECODE: Mapping[str, bool] = {
