@@ -94,7 +94,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
         return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
                                         kv_bytes=job.kv_bytes, transfer_seconds=job.transfer_seconds,
-                                        compute_seconds=job.compute_seconds, cached_tokens=0)
+                                        compute_seconds=job.compute_seconds, cached_tokens=job.cached_len)
 
     def _validate(self, request: worker_pb2.PrefillRequest) -> str | None:
         if not request.request_id:

@@ -91,6 +91,34 @@ def spec_accept_length() -> Histogram:
                           buckets=_ACCEPT_BUCKETS)
 
 
+def prefix_cache_query_tokens_total() -> Counter:
+    """Prompt tokens admitted by a prefill worker (the denominator of the token hit rate)."""
+    return _get_or_create(Counter, "glmserve_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache")
+
+
+def prefix_cache_hit_tokens_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_prefix_cache_hit_tokens_total",
+                          "Prompt tokens whose KV came from the prefix cache")
+
+
+def prefix_cache_hit_requests_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_prefix_cache_hit_requests_total",
+                          "Requests that reused at least one cached page")
+
+
+def prefix_cache_evictions_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_prefix_cache_evictions_total", "Cached pages evicted for new allocations")
+
+
+def prefix_cache_pages() -> Gauge:
+    """Prefix-cache pages by state: free, cached (idle, evictable), active (held by a request)."""
+    return _get_or_create(Gauge, "glmserve_prefix_cache_pages", "Prefix-cache pages by state", ["state"])
+
+
+def prefix_cache_indexed_pages() -> Gauge:
+    return _get_or_create(Gauge, "glmserve_prefix_cache_indexed_pages", "Pages findable in the prefix index")
+
+
 def start_metrics_server(port: int | None, addr: str = "0.0.0.0") -> int | None:
     """Serve /metrics over HTTP on `port` (None = off; 0 = any free port). Returns the port."""
     if port is None:
