@@ -32,7 +32,7 @@ from common.sampling.token_sampler import TokenSampler
 from common.serving import metrics
 from common.transport.aux import AuxRecord
 from common.worker.engine import EngineThread
-from prefill_worker.messages import Abort, PrefillMsg, Submit, TransferDone
+from prefill_worker.messages import Abort, Flush, PrefillMsg, Submit, TransferDone
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         self.handle(Submit, self._on_submit)
         self.handle(Abort, self._on_abort)
         self.handle(TransferDone, self._on_transfer_done)
+        self.handle(Flush, lambda msg: msg.reply(self.sched.cache.flush()))
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: PrefillJob) -> None:
@@ -62,6 +63,10 @@ class PrefillEngine(EngineThread[PrefillMsg]):
 
     def abort(self, request_id: str, reason: str = "aborted", only: PrefillJob | None = None) -> None:
         self.post(Abort(request_id, reason, only))
+
+    def flush_cache(self, reply: Callable[[int], None]) -> None:
+        """Forget the prefix cache; reply(pages freed) comes from the engine thread."""
+        self.post(Flush(reply))
 
     def transfer_done(self, job: PrefillJob, error: Exception | None) -> None:
         """Sender thread callback: the decode side confirmed (or the transfer failed)."""

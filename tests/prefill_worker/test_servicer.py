@@ -187,6 +187,14 @@ def test_a_shared_prefix_is_served_from_the_cache_and_decode_gets_the_same_kv(ap
     assert (sched.hit_requests, sched.hit_tokens) == (3, 20)
 
 
+def test_flush_cache_forgets_the_cached_prefixes(app) -> None:
+    ids = prompt(1, 11)  # two whole pages at page size 4
+    call(app, request(tid=30, ids=ids))
+    flushed = asyncio.run(PrefillServicer(app).FlushCache(worker_pb2.FlushCacheRequest(), FakeContext()))
+    assert flushed.pages_freed == 2 and app.engine.sched.cache.num_indexed == 0
+    assert call(app, request(tid=31, ids=ids)).cached_tokens == 0
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"rid": ""}, "request_id must be set"),
     ({"ids": [], "tid": 0}, "input_ids must not be empty"),
