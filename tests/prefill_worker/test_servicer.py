@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from common.runtime.runner import ModelRunner
 from common.sampling.token_sampler import SpecialIds, TokenSampler
@@ -171,6 +172,7 @@ def test_a_shared_prefix_is_served_from_the_cache_and_decode_gets_the_same_kv(ap
     report them as cached, and the decode side still receives every token's KV, equal to an
     uncached run's: a prefix ending inside a page, one ending at a page edge, and a prompt that is
     all cached pages (its last page is recomputed for the logits)."""
+    hits_before = REGISTRY.get_sample_value("glmserve_prefix_cache_hit_tokens_total") or 0.0
     first = prompt(1, 11)
     ref_runner = ModelRunner(tiny_model_dir, "cpu", torch.float32, PAGE, 16)
     sampler = TokenSampler(SpecialIds.from_model_dir(str(tiny_model_dir)))
@@ -185,6 +187,8 @@ def test_a_shared_prefix_is_served_from_the_cache_and_decode_gets_the_same_kv(ap
         torch.testing.assert_close(app.senders.decode.kv(tid, len(ids)), ref_kv, atol=1e-5, rtol=1e-4)
     sched = app.engine.sched
     assert (sched.hit_requests, sched.hit_tokens) == (3, 20)
+    metric = "glmserve_prefix_cache_hit_tokens_total"  # the engine reports it after its step
+    asyncio.run(until(lambda: REGISTRY.get_sample_value(metric) - hits_before == 20))
 
 
 def test_flush_cache_forgets_the_cached_prefixes(app) -> None:
