@@ -8,7 +8,7 @@ the chunk's tokens is gathered on the compute stream and handed to the pair's se
 a CUDA event, so sending overlaps the remaining layers. The last message of a transfer carries
 the aux record. Pages are freed when the sender reports the transfer confirmed (or failed).
 A job that starts from cached prefix pages sends their KV (every layer, the MTP layer included)
-as its first message, before its first forward, so it travels while the suffix is computed.
+as its first messages, before its first forward, so it travels while the suffix is computed.
 Under tensor parallelism this process gathers its own kv heads, and `fanout` tells the followers
 to send theirs of the same chunk (prefill_worker/kv_sender.py, common/worker/tp_kv.py).
 """
@@ -124,7 +124,7 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         t0 = time.perf_counter()
         for c in chunks:
             if c.job.cached_len and c.job.next_seq == 0:  # just admitted with a cache hit
-                self._send_range(c.job, range(runner.kv_pool.num_layers), (0, c.job.cached_len))
+                self._send_cached(c.job)
         seqs = [SeqSpec(c.job.prompt_ids[c.start:c.end], range(c.start, c.end), seq_len=c.end,
                         pages=c.job.pages, logit_rows=[c.end - c.start - 1] if c.is_final else [])
                 for c in chunks]
@@ -186,6 +186,14 @@ class PrefillEngine(EngineThread[PrefillMsg]):
             topk_idx=state.topk_idx.cpu() if state is not None else empty.long(),
             hidden=state.hidden.cpu() if state is not None else empty,
         )
+
+    def _send_cached(self, job: PrefillJob) -> None:
+        """The cached prefix's KV of every layer, in the message sizes of computed chunks (a layer
+        group of at most one chunk's tokens), so no gather is larger than a computed chunk's."""
+        layers, step = self.runner.kv_pool.num_layers, self.sched.chunk_tokens
+        for t0 in range(0, job.cached_len, step):
+            for l0 in range(0, layers, self.group):
+                self._send_range(job, range(l0, min(l0 + self.group, layers)), (t0, min(t0 + step, job.cached_len)))
 
     def _send(self, c: Chunk, layers: range, aux: AuxRecord | None = None) -> None:
         self._send_range(c.job, layers, (c.start, c.end), aux)
