@@ -230,7 +230,8 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         for counter, total in ((metrics.prefix_cache_query_tokens_total, sched.query_tokens),
                                (metrics.prefix_cache_hit_tokens_total, sched.hit_tokens),
                                (metrics.prefix_cache_hit_requests_total, sched.hit_requests),
-                               (metrics.prefix_cache_evictions_total, cache.evictions)):
+                               (metrics.prefix_cache_evictions_total, cache.evictions),
+                               (metrics.prefix_cache_mtp_drops_total, cache.mtp_drops)):
             grown = total - self._reported.get(counter.__name__, 0)
             if grown:
                 counter().inc(grown)

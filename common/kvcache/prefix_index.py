@@ -56,6 +56,7 @@ class PrefixCache:
         self._index: dict[bytes, int] = {}  # key -> page
         self._lru: OrderedDict[int, None] = OrderedDict()  # CACHED pages, least recently used first
         self.evictions = 0  # pages evicted since start
+        self.mtp_drops = 0  # matched pages given up for a different successor since start
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -102,6 +103,7 @@ class PrefixCache:
         if self.check_successor and m.pages and self._records[m.pages[-1]].successor != tokens[len(m.pages) * ps]:
             m.pages.pop()
             m.keys.pop()
+            self.mtp_drops += 1
         for page in m.pages:
             self._take(page)
         return m

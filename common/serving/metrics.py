@@ -110,6 +110,12 @@ def prefix_cache_evictions_total() -> Counter:
     return _get_or_create(Counter, "glmserve_prefix_cache_evictions_total", "Cached pages evicted for new allocations")
 
 
+def prefix_cache_mtp_drops_total() -> Counter:
+    """Matched pages given up because the MTP draft KV of their last slot saw another next token."""
+    return _get_or_create(Counter, "glmserve_prefix_cache_mtp_drops_total",
+                          "Matched prefix pages dropped by the MTP successor rule")
+
+
 def prefix_cache_pages() -> Gauge:
     """Prefix-cache pages by state: free, cached (idle, evictable), active (held by a request)."""
     return _get_or_create(Gauge, "glmserve_prefix_cache_pages", "Prefix-cache pages by state", ["state"])

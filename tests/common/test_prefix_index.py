@@ -52,6 +52,7 @@ def test_with_mtp_a_page_whose_successor_differs_is_dropped() -> None:
     assert cached_len(cache, seq + [5, 6]) == 8
     assert cached_len(cache, seq + [6, 5]) == 4
     assert cached_len(cache, seq[:6] + [0, 0, 0]) == 4  # page 0's successor is seq[4]: kept
+    assert cache.mtp_drops == 1
     cache.release(run_job(cache, [1, 2, 3, 4]))  # ends the sequence: successor unknown
     assert cached_len(cache, [1, 2, 3, 4, 9]) == 0
     cache.check()
