@@ -1,11 +1,12 @@
 """What other threads tell the prefill engine thread (besides common/worker/messages.py's Wake and Stop).
 
-Posted by the gRPC handlers (Submit, Abort) and the KV sender threads (TransferDone); each has one
+Posted by the gRPC handlers (Submit, Abort, Flush) and the KV sender threads (TransferDone); each has one
 handler on prefill_worker.worker.PrefillEngine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefill_worker.scheduler import PrefillJob
@@ -36,6 +37,13 @@ class TransferDone:
     error: Exception | None
 
 
-PrefillMsg = Submit | Abort | TransferDone
+@dataclass(frozen=True)
+class Flush:
+    """Forget the prefix cache; `reply(pages_freed)` is called from the engine thread."""
 
-__all__ = ["Abort", "PrefillMsg", "Submit", "TransferDone"]
+    reply: Callable[[int], None]
+
+
+PrefillMsg = Submit | Abort | TransferDone | Flush
+
+__all__ = ["Abort", "Flush", "PrefillMsg", "Submit", "TransferDone"]

@@ -5,6 +5,10 @@ prompt is split across steps (its later chunks see the earlier ones as cached pr
 the whole prompt are taken when a job is first scheduled, so a job never stalls half-way for
 memory; a job that does not fit waits (FIFO: later jobs wait behind it).
 
+With the prefix cache on, admission first reuses the cached pages of the prompt's longest cached
+prefix (common/kvcache/prefix_index.py): the job starts computing at `cached_len`, and after each
+forward the pages it completed become matchable for later jobs.
+
 Pure Python: unit-testable without a model.
 """
 
@@ -17,6 +21,7 @@ from enum import Enum
 from typing import Any
 
 from common.kvcache.allocator import PageAllocator
+from common.kvcache.prefix_index import PrefixCache
 from common.serving.sampling_params import SamplingParams
 from common.worker.load import WorkerLoadFigures
 
@@ -39,7 +44,9 @@ class PrefillJob:
     deadline: float | None = None
     state: JobState = JobState.QUEUED
     pages: list[int] = field(default_factory=list)
-    done_tokens: int = 0  # prompt tokens whose KV is computed
+    page_keys: list[bytes] = field(default_factory=list)  # keys of the leading pages matched or committed
+    cached_len: int = 0  # prompt tokens whose KV came from the prefix cache (whole pages)
+    done_tokens: int = 0  # prompt tokens whose KV is computed (or cached)
     next_seq: int = 0  # next chunk sequence number on the transfer
     first_token: int | None = None
     first_logprob: float = 0.0
@@ -65,10 +72,16 @@ class Chunk:
 
 
 class PrefillScheduler:
-    def __init__(self, allocator: PageAllocator, page_size: int, chunk_tokens: int, max_queued: int) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int, chunk_tokens: int, max_queued: int,
+                 cache: PrefixCache | None = None) -> None:
+        """cache: the prefix cache over `allocator` (None: none, every prompt computed whole)."""
         if chunk_tokens <= 0:
             raise ValueError("--chunked-prefill-size must be positive")
         self.allocator = allocator
+        self.cache = cache if cache is not None else PrefixCache(allocator, page_size, enabled=False)
+        self.hit_tokens = 0  # prompt tokens admitted from the cache since start
+        self.hit_requests = 0
+        self.query_tokens = 0  # prompt tokens admitted since start
         self.page_size = page_size
         self.chunk_tokens = chunk_tokens
         self.max_queued = max_queued
@@ -101,29 +114,44 @@ class PrefillScheduler:
                 budget -= n
         while budget > 0 and self.queue:
             job = self.queue[0]
-            pages = self.allocator.alloc(self.pages_for(job.prompt_len))
+            hit = self.cache.match(job.prompt_ids)  # referenced first, so allocation cannot evict them
+            pages = self.cache.alloc(self.pages_for(job.prompt_len) - len(hit.pages))
             if pages is None:
+                self.cache.release(hit.pages)
                 break
             self.queue.popleft()
-            job.pages = pages
+            job.pages, job.page_keys = hit.pages + pages, hit.keys
+            job.cached_len = job.done_tokens = len(hit.pages) * self.page_size
+            self._count(job)
             job.state = JobState.PREFILLING
             self.active.append(job)
-            n = min(budget, job.prompt_len)
-            chunks.append(Chunk(job, 0, n))
+            n = min(budget, job.prompt_len - job.cached_len)
+            chunks.append(Chunk(job, job.cached_len, job.cached_len + n))
             budget -= n
         return chunks
 
+    def _count(self, job: PrefillJob) -> None:
+        self.query_tokens += job.prompt_len
+        if job.cached_len:
+            self.hit_tokens += job.cached_len
+            self.hit_requests += 1
+
     def advance(self, chunk: Chunk) -> None:
-        chunk.job.done_tokens = chunk.end
+        """The chunk's forward is done (a final chunk's first token sampled): its whole pages become
+        matchable, the last one with the first token as its successor."""
+        job = chunk.job
+        job.done_tokens = chunk.end
+        seq = job.prompt_ids + [job.first_token] if chunk.is_final and job.first_token is not None else job.prompt_ids
+        self.cache.commit(job.pages, job.page_keys, seq, chunk.end)
         if chunk.is_final:
-            chunk.job.state = JobState.SENDING
+            job.state = JobState.SENDING
 
     def release(self, job: PrefillJob) -> None:
-        """Free the job's pages and forget it (idempotent)."""
+        """Drop the job's page references (cached pages stay for reuse) and forget it (idempotent)."""
         if job.state is JobState.DONE:
             return
         if job.pages:
-            self.allocator.free(job.pages)
+            self.cache.release(job.pages)
             job.pages = []
         if job in self.queue:
             self.queue.remove(job)
@@ -141,4 +169,4 @@ class PrefillScheduler:
         return WorkerLoadFigures(running=sum(1 for j in self.active if j.state is JobState.PREFILLING),
                                  queued=len(self.queue),
                                  waiting_for_kv=sum(1 for j in self.active if j.state is JobState.SENDING),
-                                 free_pages=self.allocator.num_free, total_pages=self.allocator.num_total)
+                                 free_pages=self.cache.num_free, total_pages=self.allocator.num_total)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from common.kvcache.prefix_index import PrefixCache
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving import metrics
 from common.serving.grpc_server import make_server, serve_until_signal
@@ -33,12 +34,15 @@ SERVICE = "glmserve.worker.v1.PrefillWorker"
 
 
 class PrefillWorkerApp:
-    def __init__(self, cfg: WorkerConfig, chunk_tokens: int, layer_group: int) -> None:
+    def __init__(self, cfg: WorkerConfig, chunk_tokens: int, layer_group: int, prefix_cache: bool = True) -> None:
         self.cfg = cfg
         self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
-        sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests)
         self._info = worker_info(cfg, self.runner, self.ranks)
+        info = self._info  # the KV of a page depends on the model and the KV layout besides its tokens
+        cache = PrefixCache(self.runner.allocator, cfg.page_size, enabled=prefix_cache, check_successor=cfg.spec.enabled,
+                            namespace=f"{info.model_fingerprint}/{info.dtype}/{info.page_size}/{info.num_layers}")
+        sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests, cache)
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,
                                   on_stats=self._transfer_stats, ranks=self.ranks)
@@ -97,14 +101,15 @@ class PrefillWorkerApp:
             self.cancel(job, message)
 
 
-async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: float) -> None:
-    app = PrefillWorkerApp(cfg, chunk_tokens, layer_group)
+async def serve(cfg: WorkerConfig, chunk_tokens: int, layer_group: int, grace: float, prefix_cache: bool) -> None:
+    app = PrefillWorkerApp(cfg, chunk_tokens, layer_group, prefix_cache)
     server = make_server()
     worker_pb2_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(app), server)
     health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
     exit_when_broken(app.ranks, health, app.abort_all)
-    log.info("prefill worker %s serving on %s:%d (%d KV pages, chunk %d tokens, spec %s)", cfg.worker_id,
-             cfg.host, bound, app.runner.allocator.num_total, chunk_tokens, cfg.spec)
+    log.info("prefill worker %s serving on %s:%d (%d KV pages, chunk %d tokens, spec %s, prefix cache %s)",
+             cfg.worker_id, cfg.host, bound, app.runner.allocator.num_total, chunk_tokens, cfg.spec,
+             "on" if prefix_cache else "off")
     await serve_until_signal(server, health, on_drain=lambda: app.drain(grace), grace=grace)
 
 
@@ -117,6 +122,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunked-prefill-size", type=int, default=8192, help="token budget of one prefill forward")
     p.add_argument("--disagg-layer-group-size", type=int, default=4,
                    help="layers per KV chunk streamed while later layers compute")
+    p.add_argument("--disable-radix-cache", action="store_true",
+                   help="turn the prefix cache off: every prompt is computed whole (SGLang's flag name; the cache "
+                        "keeps whole pages, not a radix tree)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
     accept_foreign_flags(p, "prefill")
     return p
@@ -125,5 +133,5 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     return worker_main(build_arg_parser(), "prefill", argv,
                        lambda cfg, ns: serve(cfg, ns.chunked_prefill_size, ns.disagg_layer_group_size,
-                                             ns.shutdown_grace),
+                                             ns.shutdown_grace, not ns.disable_radix_cache),
                        lambda ns: "--chunked-prefill-size must be >= 1" if ns.chunked_prefill_size < 1 else None)

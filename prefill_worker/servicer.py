@@ -94,7 +94,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
         return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
                                         kv_bytes=job.kv_bytes, transfer_seconds=job.transfer_seconds,
-                                        compute_seconds=job.compute_seconds, cached_tokens=0)
+                                        compute_seconds=job.compute_seconds, cached_tokens=job.cached_len)
 
     def _validate(self, request: worker_pb2.PrefillRequest) -> str | None:
         if not request.request_id:
@@ -117,6 +117,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         if job is not None:
             self.app.cancel(job, "aborted by the gateway")
         return worker_pb2.AbortResponse(found=job is not None)
+
+    async def FlushCache(self, request: worker_pb2.FlushCacheRequest, context) -> worker_pb2.FlushCacheResponse:
+        loop = asyncio.get_running_loop()
+        freed: asyncio.Future = loop.create_future()
+        self.app.engine.flush_cache(lambda n: loop.call_soon_threadsafe(freed.set_result, n))
+        try:  # rule 2: bounded, though the engine thread answers between two forwards
+            return worker_pb2.FlushCacheResponse(pages_freed=await asyncio.wait_for(freed, self.app.cfg.transfer_timeout))
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill engine did not answer the flush")
 
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
         return self.app.info()

@@ -7,6 +7,8 @@ KV of one chunk leaves in layer groups: after layer i of a group completes, the 
 the chunk's tokens is gathered on the compute stream and handed to the pair's sender thread with
 a CUDA event, so sending overlaps the remaining layers. The last message of a transfer carries
 the aux record. Pages are freed when the sender reports the transfer confirmed (or failed).
+A job that starts from cached prefix pages sends their KV (every layer, the MTP layer included)
+as its first messages, before its first forward, so it travels while the suffix is computed.
 Under tensor parallelism this process gathers its own kv heads, and `fanout` tells the followers
 to send theirs of the same chunk (prefill_worker/kv_sender.py, common/worker/tp_kv.py).
 """
@@ -30,7 +32,7 @@ from common.sampling.token_sampler import TokenSampler
 from common.serving import metrics
 from common.transport.aux import AuxRecord
 from common.worker.engine import EngineThread
-from prefill_worker.messages import Abort, PrefillMsg, Submit, TransferDone
+from prefill_worker.messages import Abort, Flush, PrefillMsg, Submit, TransferDone
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,11 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         self.spec = spec
         self.num_layers = runner.config.num_hidden_layers
         self.group = max(1, layer_group_size)
+        self._reported: dict[str, int] = {}  # prefix-cache counter totals already added to the metrics
         self.handle(Submit, self._on_submit)
         self.handle(Abort, self._on_abort)
         self.handle(TransferDone, self._on_transfer_done)
+        self.handle(Flush, lambda msg: msg.reply(self.sched.cache.flush()))
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: PrefillJob) -> None:
@@ -59,6 +63,10 @@ class PrefillEngine(EngineThread[PrefillMsg]):
 
     def abort(self, request_id: str, reason: str = "aborted", only: PrefillJob | None = None) -> None:
         self.post(Abort(request_id, reason, only))
+
+    def flush_cache(self, reply: Callable[[int], None]) -> None:
+        """Forget the prefix cache; reply(pages freed) comes from the engine thread."""
+        self.post(Flush(reply))
 
     def transfer_done(self, job: PrefillJob, error: Exception | None) -> None:
         """Sender thread callback: the decode side confirmed (or the transfer failed)."""
@@ -114,6 +122,9 @@ class PrefillEngine(EngineThread[PrefillMsg]):
     def _step(self, chunks: list[Chunk]) -> None:
         runner = self.runner
         t0 = time.perf_counter()
+        for c in chunks:
+            if c.job.cached_len and c.job.next_seq == 0:  # just admitted with a cache hit
+                self._send_cached(c.job)
         seqs = [SeqSpec(c.job.prompt_ids[c.start:c.end], range(c.start, c.end), seq_len=c.end,
                         pages=c.job.pages, logit_rows=[c.end - c.start - 1] if c.is_final else [])
                 for c in chunks]
@@ -169,30 +180,41 @@ class PrefillEngine(EngineThread[PrefillMsg]):
     def _aux(self, job: PrefillJob, state: Any) -> AuxRecord:
         empty = torch.zeros(0)
         return AuxRecord(
-            transfer_id=job.transfer_id, prompt_len=job.prompt_len, cached_tokens=0,
+            transfer_id=job.transfer_id, prompt_len=job.prompt_len, cached_tokens=job.cached_len,
             first_token=job.first_token, first_logprob=job.first_logprob,
             topk_p=state.topk_p.cpu() if state is not None else empty,
             topk_idx=state.topk_idx.cpu() if state is not None else empty.long(),
             hidden=state.hidden.cpu() if state is not None else empty,
         )
 
+    def _send_cached(self, job: PrefillJob) -> None:
+        """The cached prefix's KV of every layer, in the message sizes of computed chunks (a layer
+        group of at most one chunk's tokens), so no gather is larger than a computed chunk's."""
+        layers, step = self.runner.kv_pool.num_layers, self.sched.chunk_tokens
+        for t0 in range(0, job.cached_len, step):
+            for l0 in range(0, layers, self.group):
+                self._send_range(job, range(l0, min(l0 + self.group, layers)), (t0, min(t0 + step, job.cached_len)))
+
     def _send(self, c: Chunk, layers: range, aux: AuxRecord | None = None) -> None:
+        self._send_range(c.job, layers, (c.start, c.end), aux)
+
+    def _send_range(self, job: PrefillJob, layers: range, tokens: tuple[int, int], aux: AuxRecord | None = None) -> None:
         if len(layers) == 0 and aux is None:
             return
         pool = self.runner.kv_pool
-        data = pool.gather_tokens((layers.start, layers.stop), c.job.pages, c.end - c.start, token_start=c.start)
+        data = pool.gather_tokens((layers.start, layers.stop), job.pages, tokens[1] - tokens[0], token_start=tokens[0])
         event = None
         if data.is_cuda:
             event = torch.cuda.Event()
             event.record()
         last = aux is not None
-        seq = c.job.next_seq
-        c.job.next_seq += 1
-        c.job.kv_bytes += data.numel() * data.element_size()
-        c.job.sender.submit(c.job.transfer_id, seq, (layers.start, layers.stop), (c.start, c.end), data, last,
-                            aux.pack() if aux is not None else None, event)
+        seq = job.next_seq
+        job.next_seq += 1
+        job.kv_bytes += data.numel() * data.element_size()
+        job.sender.submit(job.transfer_id, seq, (layers.start, layers.stop), tokens, data, last,
+                          aux.pack() if aux is not None else None, event)
         if self.fanout is not None:
-            self.fanout(c.job, seq, (layers.start, layers.stop), (c.start, c.end), last)
+            self.fanout(job, seq, (layers.start, layers.stop), tokens, last)
 
     def _report(self) -> None:
         load = self.snapshot.load
@@ -200,3 +222,22 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         metrics.queue_depth().labels(queue="prefill_sending").set(load.waiting_for_kv)
         metrics.kv_pages().labels(state="free").set(load.free_pages)
         metrics.kv_pages().labels(state="used").set(load.used_pages)
+        self._report_cache()
+
+    def _report_cache(self) -> None:
+        """Prefix-cache gauges, and the counters' growth since the last report."""
+        sched, cache = self.sched, self.sched.cache
+        for counter, total in ((metrics.prefix_cache_query_tokens_total, sched.query_tokens),
+                               (metrics.prefix_cache_hit_tokens_total, sched.hit_tokens),
+                               (metrics.prefix_cache_hit_requests_total, sched.hit_requests),
+                               (metrics.prefix_cache_evictions_total, cache.evictions),
+                               (metrics.prefix_cache_mtp_drops_total, cache.mtp_drops)):
+            grown = total - self._reported.get(counter.__name__, 0)
+            if grown:
+                counter().inc(grown)
+                self._reported[counter.__name__] = total
+        pages = metrics.prefix_cache_pages()
+        pages.labels(state="free").set(cache.allocator.num_free)
+        pages.labels(state="cached").set(cache.num_cached)
+        pages.labels(state="active").set(cache.num_active)
+        metrics.prefix_cache_indexed_pages().set(cache.num_indexed)

@@ -208,6 +208,16 @@ class LoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FlushCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushCacheResponse(_message.Message):
+    __slots__ = ("pages_freed",)
+    PAGES_FREED_FIELD_NUMBER: _ClassVar[int]
+    pages_freed: int
+    def __init__(self, pages_freed: _Optional[int] = ...) -> None: ...
+
 class WorkerLoad(_message.Message):
     __slots__ = ("running", "queued", "waiting_for_kv", "free_pages", "total_pages", "draining", "kv_transfer_gbps")
     RUNNING_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class PrefillWorkerStub:
                 request_serializer=protos_dot_worker__pb2.LoadRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.WorkerLoad.FromString,
                 _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/glmserve.worker.v1.PrefillWorker/FlushCache',
+                request_serializer=protos_dot_worker__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.FlushCacheResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -84,6 +89,14 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlushCache(self, request, context):
+        """Forget the prefix cache: idle cached pages are freed, pages held by requests in flight leave
+        the index (freed when those requests end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +119,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_worker__pb2.LoadRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.WorkerLoad.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=protos_dot_worker__pb2.FlushCacheRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.FlushCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +234,33 @@ class PrefillWorker:
             '/glmserve.worker.v1.PrefillWorker/GetLoad',
             protos_dot_worker__pb2.LoadRequest.SerializeToString,
             protos_dot_worker__pb2.WorkerLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glmserve.worker.v1.PrefillWorker/FlushCache',
+            protos_dot_worker__pb2.FlushCacheRequest.SerializeToString,
+            protos_dot_worker__pb2.FlushCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,8 @@ WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--speculative-draft-model-path": True,
     "--cluster-secret": True, "--cluster-secret-file": True,
 }
-PREFILL: Mapping[str, bool] = {"--chunked-prefill-size": True, "--disagg-layer-group-size": True}
+PREFILL: Mapping[str, bool] = {"--chunked-prefill-size": True, "--disagg-layer-group-size": True,
+                               "--disable-radix-cache": False}
 DECODE: Mapping[str, bool] = {
     "--max-running-requests": True, "--cuda-graph-max-bs": True, "--disable-cuda-graph": False,
     "--disable-overlap-schedule": False,

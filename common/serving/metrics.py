@@ -91,6 +91,40 @@ def spec_accept_length() -> Histogram:
                           buckets=_ACCEPT_BUCKETS)
 
 
+def prefix_cache_query_tokens_total() -> Counter:
+    """Prompt tokens admitted by a prefill worker (the denominator of the token hit rate)."""
+    return _get_or_create(Counter, "glmserve_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache")
+
+
+def prefix_cache_hit_tokens_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_prefix_cache_hit_tokens_total",
+                          "Prompt tokens whose KV came from the prefix cache")
+
+
+def prefix_cache_hit_requests_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_prefix_cache_hit_requests_total",
+                          "Requests that reused at least one cached page")
+
+
+def prefix_cache_evictions_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_prefix_cache_evictions_total", "Cached pages evicted for new allocations")
+
+
+def prefix_cache_mtp_drops_total() -> Counter:
+    """Matched pages given up because the MTP draft KV of their last slot saw another next token."""
+    return _get_or_create(Counter, "glmserve_prefix_cache_mtp_drops_total",
+                          "Matched prefix pages dropped by the MTP successor rule")
+
+
+def prefix_cache_pages() -> Gauge:
+    """Prefix-cache pages by state: free, cached (idle, evictable), active (held by a request)."""
+    return _get_or_create(Gauge, "glmserve_prefix_cache_pages", "Prefix-cache pages by state", ["state"])
+
+
+def prefix_cache_indexed_pages() -> Gauge:
+    return _get_or_create(Gauge, "glmserve_prefix_cache_indexed_pages", "Pages findable in the prefix index")
+
+
 def start_metrics_server(port: int | None, addr: str) -> int | None:
     """Serve /metrics over HTTP on addr:`port` (the process's --host; None = off; 0 = any free
     port). Returns the port."""

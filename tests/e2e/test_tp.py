@@ -1,7 +1,7 @@
 """Tensor-parallel workers through the gateway (real processes, CPU, gloo): greedy outputs of a batch
 of 8 concurrent requests with chunked prefill equal the single-process reference for (prefill TP,
 decode TP) = (2, 1) without EAGLE, (1, 2) with EAGLE (chain), (2, 4) with an EAGLE tree (top-k 2:
-KV slot copies on every rank) and (2, 2) without; then a decode worker whose TP rank 1 is killed
+KV slot copies on every rank) and (2, 2) without, a prompt reusing cached prefix pages included; then a decode worker whose TP rank 1 is killed
 fails its streams with UNAVAILABLE naming the rank within seconds and exits, and the other decode
 worker keeps serving correct tokens."""
 
@@ -46,6 +46,11 @@ def test_greedy_outputs_equal_the_reference(launch, tiny_model_dir, reference, p
                      extra_decode_args=["--tp-size", str(decode_tp)])
     before = free_pages(cluster)
     _batch_matches(cluster, reference, seed=prefill_tp * 10 + decode_tp)
+    # a prompt sharing 2 whole pages with an earlier one: every rank sends its heads of the cached range
+    first = [random.Random(5).randrange(700) for _ in range(40)]
+    generate(gateway(cluster), first, max_tokens=2, temperature=0.0, ignore_eos=True)
+    again = generate(gateway(cluster), first[:37] + [1, 2, 3], max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert again.tokens == reference.greedy(first[:37] + [1, 2, 3], 6) and again.usage.cached_tokens == 32
     assert wait_pages_free(cluster, before) == before, "KV pages leaked"
 
 

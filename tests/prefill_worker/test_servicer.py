@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from common.runtime.runner import ModelRunner
 from common.sampling.token_sampler import SpecialIds, TokenSampler
@@ -115,7 +116,9 @@ def app(tiny_model_dir: Path) -> Iterator[PrefillWorkerApp]:
     yield app
     app.engine.stop()
     decode.table.close()
-    assert app.runner.allocator.num_free == app.runner.allocator.num_total, "KV pages leaked"
+    cache = app.engine.sched.cache
+    cache.check()
+    assert cache.num_active == 0 and cache.num_free == cache.num_total, "KV pages leaked"
     assert not app.jobs and not app.engine.sched.by_id
 
 
@@ -162,6 +165,38 @@ def test_prefill_returns_the_first_token_and_the_decode_side_gets_the_kv(app, ti
     assert decode.aux[1].first_token == want[0] and not decode.failed
     ref_kv = ref_runner.kv_pool.gather_tokens((0, 3), [1, 2, 3], len(ids))  # reference_generate's pages
     torch.testing.assert_close(decode.kv(1, len(ids)), ref_kv, atol=1e-5, rtol=1e-4)
+
+
+def test_a_shared_prefix_is_served_from_the_cache_and_decode_gets_the_same_kv(app, tiny_model_dir: Path) -> None:
+    """Later prompts reuse the whole pages of the first one (8 of its 11 tokens at page size 4),
+    report them as cached, and the decode side still receives every token's KV, equal to an
+    uncached run's: a prefix ending inside a page, one ending at a page edge, and a prompt that is
+    all cached pages (its last page is recomputed for the logits)."""
+    hits_before = REGISTRY.get_sample_value("glmserve_prefix_cache_hit_tokens_total") or 0.0
+    first = prompt(1, 11)
+    ref_runner = ModelRunner(tiny_model_dir, "cpu", torch.float32, PAGE, 16)
+    sampler = TokenSampler(SpecialIds.from_model_dir(str(tiny_model_dir)))
+    cases = [(first, 0), (first[:10] + prompt(2, 5), 8), (first[:8] + prompt(3, 6), 8), (first[:8], 4)]
+    for tid, (ids, cached) in enumerate(cases, start=20):
+        result = call(app, request(tid=tid, ids=ids))
+        want = reference_generate(ref_runner, sampler, ids, SamplingParams(temperature=0.0, max_tokens=1))
+        assert (result.first_token, result.cached_tokens) == (want[0], cached)
+        assert app.senders.decode.aux[tid].cached_tokens == cached
+        assert result.kv_bytes == len(ids) * app.runner.kv_pool.bytes_per_token  # cached pages are sent too
+        ref_kv = ref_runner.kv_pool.gather_tokens((0, 3), list(range(1, 1 + -(-len(ids) // PAGE))), len(ids))
+        torch.testing.assert_close(app.senders.decode.kv(tid, len(ids)), ref_kv, atol=1e-5, rtol=1e-4)
+    sched = app.engine.sched
+    assert (sched.hit_requests, sched.hit_tokens) == (3, 20)
+    metric = "glmserve_prefix_cache_hit_tokens_total"  # the engine reports it after its step
+    asyncio.run(until(lambda: REGISTRY.get_sample_value(metric) - hits_before == 20))
+
+
+def test_flush_cache_forgets_the_cached_prefixes(app) -> None:
+    ids = prompt(1, 11)  # two whole pages at page size 4
+    call(app, request(tid=30, ids=ids))
+    flushed = asyncio.run(PrefillServicer(app).FlushCache(worker_pb2.FlushCacheRequest(), FakeContext()))
+    assert flushed.pages_freed == 2 and app.engine.sched.cache.num_indexed == 0
+    assert call(app, request(tid=31, ids=ids)).cached_tokens == 0
 
 
 @pytest.mark.parametrize(("change", "message"), [

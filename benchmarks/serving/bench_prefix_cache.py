@@ -1,0 +1,160 @@
+"""Prefix-cache serving numbers: cold against warm TTFT through gateway + prefill + decode processes.
+
+    python3 -m benchmarks.serving.bench_prefix_cache [--device cuda:0] [--concurrency 1,16] [--prompt 8192]
+                                                   [--last-page-prompt 10240] [--spec] [--tiny]
+
+On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--tiny`: the 3-layer tiny model, a CPU
+smoke run) it starts one cluster with the prefill worker's prefix cache and one with
+`--disable-radix-cache`, and measures per concurrency level:
+
+- cold: fresh prompts of `--prompt` tokens (nothing cached), on both clusters: the cache's overhead
+  on a miss (target: within 2 % of the cache-off TTFT);
+- warm: each session's next prompt keeps `--warm-fraction` (default 0.92) of its cold prompt and
+  ends in new tokens (target: TTFT <= 0.35x cold at 8K, concurrency 16);
+- last page: a `--last-page-prompt`-token prompt sent again, so all but its last page is cached
+  (target: TTFT <= 0.2x cold of the same length);
+
+with the `cached_tokens` the gateway reported, and the host cost of matching and keying one prompt
+of `--prompt` tokens in the index (target: <= 1 % of that prompt's cold prefill). With OUT set,
+writes $OUT/bench_prefix_cache.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import torch
+
+from benchmarks import measure
+from benchmarks.serving.bench_e2e import AIR_LAYERS
+from common.kvcache.allocator import PageAllocator
+from common.kvcache.prefix_index import PrefixCache
+from common.tools.launch import start_cluster
+from common.tools.tiny_model import make_tiny_model
+from protos import gateway_pb2, gateway_pb2_grpc
+
+SPEC = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+        "--speculative-num-draft-tokens", "4"]
+
+
+def ttft(stub: gateway_pb2_grpc.GatewayStub, ids: list[int]) -> tuple[float, int]:
+    """(seconds to the first token, cached_tokens) of one 2-token greedy request."""
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids))
+    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = 2, 0.0, True
+    t0 = time.perf_counter()
+    first, cached = None, 0
+    for r in stub.Generate(req, timeout=600):
+        if r.token_ids and first is None:
+            first = time.perf_counter() - t0
+        if r.HasField("usage"):
+            cached = r.usage.cached_tokens
+    return first, cached
+
+
+def batch(stub, prompts: list[list[int]]) -> tuple[float, float]:
+    """Median TTFT (ms) of prompts sent together, and their mean cached fraction."""
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        res = list(pool.map(lambda p: ttft(stub, p), prompts))
+    return statistics.median(t for t, _ in res) * 1e3, statistics.mean(c / len(p) for (_, c), p in zip(res, prompts))
+
+
+def index_cost_ms(n_tokens: int, page_size: int = 16) -> float:
+    """Host time of match + allocate + key + release for one n-token prompt, half of it cached."""
+    cache = PrefixCache(PageAllocator(2 * n_tokens // page_size + 2), page_size)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randint(0, 150000, (n_tokens,), generator=gen).tolist()
+    pages = cache.alloc(-(-n_tokens // page_size))
+    cache.commit(pages, [], base, n_tokens)
+    cache.release(pages)
+    times = []
+    for i in range(20):
+        ids = base[:n_tokens // 2] + torch.randint(0, 150000, (n_tokens - n_tokens // 2,), generator=gen).tolist()
+        t0 = time.perf_counter()
+        hit = cache.match(ids)
+        new = cache.alloc(-(-n_tokens // page_size) - len(hit.pages))
+        pages = hit.pages + new
+        cache.commit(pages, hit.keys, ids, n_tokens)
+        cache.release(pages)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run(args: argparse.Namespace, model: Path, cache_on: bool) -> dict[str, float]:
+    name = "cache_on" if cache_on else "cache_off"
+    shared = ["--mem-fraction-static", "0.4"] if args.device.startswith("cuda") else []
+    cluster = start_cluster(model, prefill=1, decode=1, extra_worker_args=(SPEC if args.spec else []) + shared,
+                            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192",
+                                                *([] if cache_on else ["--disable-radix-cache"])],
+                            extra_decode_args=["--device", args.device, "--max-running-requests", "64"],
+                            log_dir=Path(args.log_dir) / name)
+    gen = torch.Generator().manual_seed(0)
+
+    def fresh(n: int) -> list[int]:
+        return torch.randint(0, args.vocab, (n,), generator=gen).tolist()
+
+    out: dict[str, float] = {}
+    try:
+        cluster.wait_ready(300)
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
+        for conc in args.concurrency:
+            batch(stub, [fresh(args.prompt) for _ in range(conc)])  # unmeasured: kernels for these shapes
+            cold = [fresh(args.prompt) for _ in range(conc)]
+            out[f"cold{conc}"], _ = batch(stub, cold)
+            keep = int(args.prompt * args.warm_fraction)
+            out[f"warm{conc}"], out[f"warm{conc}_cached"] = batch(stub, [p[:keep] + fresh(args.prompt - keep)
+                                                                         for p in cold])
+        long = fresh(args.last_page_prompt)
+        out["long_cold"], _ = batch(stub, [long])
+        out["long_again"], out["long_again_cached"] = batch(stub, [long])
+    finally:
+        cluster.stop()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda:0", help="device of both workers")
+    ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--prompt", type=int, default=8192)
+    ap.add_argument("--warm-fraction", type=float, default=0.92)
+    ap.add_argument("--last-page-prompt", type=int, default=10240)
+    ap.add_argument("--spec", action="store_true", help="both workers run EAGLE (3,1,4)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny 3-layer model (CPU smoke run)")
+    ap.add_argument("--model-dir", default=None, help="reuse a model directory (default: write one)")
+    ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_prefix_cache"))
+    args = ap.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.vocab = 700 if args.tiny else 800
+    default = "glmserve_tiny_model" if args.tiny else "glmserve_air_layers"
+    model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / default
+    if not (model / "config.json").exists():
+        make_tiny_model(model) if args.tiny else make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+    on, off = run(args, model, True), run(args, model, False)
+    rows = ["| measure | cache on (ms) | cache off (ms) | ratio | cached | target |", "|---|---|---|---|---|---|"]
+    for conc in args.concurrency:
+        rows.append(f"| cold, {args.prompt} tokens, concurrency {conc} | {on[f'cold{conc}']:.1f} | "
+                    f"{off[f'cold{conc}']:.1f} | {on[f'cold{conc}'] / off[f'cold{conc}']:.3f} | 0 | 0.98-1.02 |")
+        rows.append(f"| warm, {args.prompt} tokens, concurrency {conc} | {on[f'warm{conc}']:.1f} | "
+                    f"{off[f'warm{conc}']:.1f} | {on[f'warm{conc}'] / on[f'cold{conc}']:.3f} of cold | "
+                    f"{on[f'warm{conc}_cached']:.1%} | <= 0.35 at concurrency 16 |")
+    rows.append(f"| {args.last_page_prompt} tokens sent again (all but the last page cached) | "
+                f"{on['long_again']:.1f} | {off['long_again']:.1f} | {on['long_again'] / on['long_cold']:.3f} of cold | "
+                f"{on['long_again_cached']:.1%} | <= 0.2 |")
+    cost = index_cost_ms(args.prompt)
+    rows.append(f"| index match + key, {args.prompt} tokens (host) | {cost:.2f} | | "
+                f"{cost / on[f'cold{args.concurrency[0]}']:.4f} of cold TTFT | | <= 0.01 |")
+    text = "\n".join(rows)
+    print(text, flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    measure.write_out("bench_prefix_cache.md", f"device: {args.device} ({device}); spec {args.spec}\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()

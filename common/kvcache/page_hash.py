@@ -1,0 +1,28 @@
+"""Chained page keys of the prefix cache (torch-free, so the gateway can compute the same keys).
+
+Page i of a token sequence is keyed by `h_i = BLAKE2b-128(h_{i-1} || its page_size token ids as
+little-endian uint32)`, with `h_{-1}` a root that names what the KV depends on besides the tokens
+(model, KV layout, salt). Equal keys mean equal prefixes up to a hash collision, which the prefix
+index rules out by comparing the stored token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+DIGEST_BYTES = 16
+
+
+def root_key(namespace: str, salt: str = "") -> bytes:
+    """The key before page 0: different namespaces or salts never share a page."""
+    return hashlib.blake2b(f"glmserve-kv-v1\0{namespace}\0{salt}".encode(), digest_size=DIGEST_BYTES).digest()
+
+
+def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """The key of one full page whose predecessor's key is `parent`."""
+    h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
+    return h.digest()
+

@@ -1,0 +1,197 @@
+"""PrefixCache: pages of finished prompt prefixes kept for reuse, on top of the PageAllocator.
+
+Every handed-out page is in one of three states (pure Python, property-tested):
+
+    FREE    in the allocator's free list, no content
+    ACTIVE  refs >= 1: some job reads or writes it; keyed once its content is final
+    CACHED  refs == 0 and keyed: content valid, in LRU order, evicted when allocation runs short
+
+Keys are the chained page keys of common/kvcache/page_hash.py; each record keeps its page's token
+ids, so a lookup only returns a page whose tokens (and, through the chain, whose whole prefix)
+equal the request's. A job's pages are released tail first, so a sequence's deepest pages are
+evicted before its shared head.
+
+The successor of a page is the token that followed it when its KV was computed (the next prompt
+token, or the first sampled token for the page that ends a prompt). With the MTP draft layer the
+draft KV of a page's last slot was computed from that token, so a match whose next token differs
+gives up its last page (`check_successor`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from common.kvcache.allocator import PageAllocator
+from common.kvcache.page_hash import page_key, root_key
+
+
+@dataclass
+class PageRecord:
+    refs: int = 0
+    key: bytes | None = None  # None: not (or no longer) in the index
+    tokens: tuple[int, ...] = ()
+    successor: int | None = None
+
+
+@dataclass
+class Match:
+    """Pages whose KV a request reuses (a reference taken on each) and their keys."""
+
+    pages: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+
+
+class PrefixCache:
+    def __init__(self, allocator: PageAllocator, page_size: int, *, enabled: bool = True,
+                 check_successor: bool = False, namespace: str = "") -> None:
+        """check_successor: the worker runs the MTP draft layer (see the module doc)."""
+        self.allocator = allocator
+        self.page_size = page_size
+        self.enabled = enabled
+        self.check_successor = check_successor
+        self.root = root_key(namespace)
+        self._records: dict[int, PageRecord] = {}  # every ACTIVE or CACHED page
+        self._index: dict[bytes, int] = {}  # key -> page
+        self._lru: OrderedDict[int, None] = OrderedDict()  # CACHED pages, least recently used first
+        self.evictions = 0  # pages evicted since start
+        self.mtp_drops = 0  # matched pages given up for a different successor since start
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_total(self) -> int:
+        return self.allocator.num_total
+
+    @property
+    def num_free(self) -> int:
+        """Pages an allocation can get: FREE plus evictable CACHED."""
+        return self.allocator.num_free + len(self._lru)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._lru)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._records) - len(self._lru)
+
+    @property
+    def num_indexed(self) -> int:
+        return len(self._index)
+
+    def refs(self, page: int) -> int:
+        rec = self._records.get(page)
+        return rec.refs if rec is not None else 0
+
+    # ------------------------------------------------------------------ operations
+    def match(self, tokens: Sequence[int]) -> Match:
+        """The longest reusable prefix of whole pages, leaving at least one token to compute."""
+        m = Match()
+        if not self.enabled:
+            return m
+        ps, parent = self.page_size, self.root
+        for i in range((len(tokens) - 1) // ps):  # never the page holding the last token
+            part = tuple(tokens[i * ps:(i + 1) * ps])
+            key = page_key(parent, part)
+            page = self._index.get(key)
+            if page is None or self._records[page].tokens != part:
+                break
+            m.pages.append(page)
+            m.keys.append(key)
+            parent = key
+        if self.check_successor and m.pages and self._records[m.pages[-1]].successor != tokens[len(m.pages) * ps]:
+            m.pages.pop()
+            m.keys.pop()
+            self.mtp_drops += 1
+        for page in m.pages:
+            self._take(page)
+        return m
+
+    def alloc(self, n: int) -> list[int] | None:
+        """n new ACTIVE pages (refs 1), evicting least recently used CACHED pages if needed;
+        None (changing nothing) when FREE + CACHED is short."""
+        if n > self.num_free:
+            return None
+        short = n - self.allocator.num_free
+        if short > 0:
+            victims = [self._lru.popitem(last=False)[0] for _ in range(short)]
+            for page in victims:
+                del self._index[self._records.pop(page).key]
+            self.allocator.free(victims)
+            self.evictions += short
+        pages = self.allocator.alloc(n)
+        assert pages is not None
+        for page in pages:
+            self._records[page] = PageRecord(refs=1)
+        return pages
+
+    def commit(self, pages: Sequence[int], keys: list[bytes], seq: Sequence[int], upto: int) -> None:
+        """Key the job's pages lying wholly in seq[:upto] (their KV is now final). `keys` holds the
+        keys of the leading pages already keyed or matched and is extended in place; seq may run
+        past `upto` (the token after a page is its successor)."""
+        if not self.enabled:
+            return
+        ps = self.page_size
+        for i in range(len(keys), upto // ps):
+            part = tuple(seq[i * ps:(i + 1) * ps])
+            key = page_key(keys[-1] if keys else self.root, part)
+            keys.append(key)
+            if key in self._index:  # computed twice concurrently: the first copy stays the cached one
+                continue
+            rec = self._records[pages[i]]
+            if rec.key is None:
+                rec.key, rec.tokens = key, part
+                rec.successor = seq[(i + 1) * ps] if (i + 1) * ps < len(seq) else None
+                self._index[key] = pages[i]
+
+    def release(self, pages: Sequence[int]) -> None:
+        """Drop one reference on each page, tail first; a page nobody holds becomes CACHED if keyed,
+        else FREE."""
+        freed = []
+        for page in reversed(pages):
+            rec = self._records[page]
+            if rec.refs <= 0:
+                raise ValueError(f"page {page} released more often than taken")
+            rec.refs -= 1
+            if rec.refs:
+                continue
+            if rec.key is None:
+                del self._records[page]
+                freed.append(page)
+            else:
+                self._lru[page] = None
+        if freed:
+            self.allocator.free(freed)
+
+    def flush(self) -> int:
+        """Forget every cached prefix: CACHED pages become FREE, ACTIVE ones leave the index (they
+        become FREE on release). Returns the number of pages freed."""
+        victims = list(self._lru)
+        self._lru.clear()
+        for page in victims:
+            del self._records[page]
+        for rec in self._records.values():
+            rec.key = None
+        self._index.clear()
+        self.allocator.free(victims)
+        return len(victims)
+
+    def _take(self, page: int) -> None:
+        rec = self._records[page]
+        if rec.refs == 0:
+            del self._lru[page]
+        rec.refs += 1
+
+    # ------------------------------------------------------------------ tests
+    def check(self) -> None:
+        """Assert the state invariants (tests call it after every operation)."""
+        assert self.allocator.num_free + len(self._records) == self.allocator.num_total
+        assert self.allocator.num_used == len(self._records)
+        for page, rec in self._records.items():
+            assert rec.refs >= 0
+            assert (rec.refs == 0) == (page in self._lru), page
+            assert rec.refs > 0 or rec.key is not None, page
+            assert rec.key is None or self._index.get(rec.key) == page, page
+        for key, page in self._index.items():
+            assert self._records[page].key == key
