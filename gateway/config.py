@@ -55,6 +55,8 @@ class GatewayConfig:
     max_tools_bytes: int = 1024 * 1024
     max_prompt_chars: int | None = None     # None: 16 x the context length
     shutdown_grace: float = 10.0
+    ssl_certfile: str | None = None         # PEM certificate chain: TLS on the gRPC and HTTP ports
+    ssl_keyfile: str | None = None          # its PEM private key (both or neither)
     log_level: str = "INFO"
     api_key: str | None = None              # HTTP: required as "Authorization: Bearer KEY" on /v1/*
     strict_model_name: bool = False         # HTTP: 404 for a request naming another model
@@ -90,6 +92,8 @@ class GatewayConfig:
         for name in ("max_stop_strings", "max_stop_string_chars", "max_tools", "max_tools_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together (TLS needs both)")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
             raise ValueError("--max-prompt-chars must be >= 1")
         if self.http_port < -1:
@@ -137,7 +141,8 @@ class GatewayConfig:
             max_message_bytes=a.max_message_bytes, max_concurrent_requests=a.max_concurrent_requests,
             max_stop_strings=a.max_stop_strings, max_stop_string_chars=a.max_stop_string_chars,
             max_tools=a.max_tools, max_tools_bytes=a.max_tools_bytes, max_prompt_chars=a.max_prompt_chars,
-            shutdown_grace=a.shutdown_grace, log_level=a.log_level,
+            shutdown_grace=a.shutdown_grace, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
+            log_level=a.log_level,
             api_key=a.api_key, strict_model_name=a.strict_model_name,
             strict_request_fields=a.strict_request_fields, max_n=a.max_n, reasoning_field=a.reasoning_field,
             stream_commit_timeout=a.stream_commit_timeout, sse_keepalive=a.sse_keepalive,
@@ -201,6 +206,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="worker pairs tried for a request before its first token")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest gRPC message and HTTP body")
+    p.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                   help="certificate chain: serve the gRPC and HTTP ports over TLS (with --ssl-keyfile; "
+                        "default: plaintext)")
+    p.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="private key of --ssl-certfile")
     limits = p.add_argument_group("limits (per request, both APIs; over one: INVALID_ARGUMENT / HTTP 400)")
     limits.add_argument("--max-concurrent-requests", type=int, default=1024,
                         help="sequences the gateway runs at once, gRPC and HTTP together (an HTTP request counts "

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from common.serving import metrics
 from common.serving.grpc_server import Health
-from gateway import openai_request
+from gateway import openai_request, tls
 from gateway.calls import GenerateCall, Sampling
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -202,7 +202,8 @@ class HttpServer:
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=self.config.shutdown_grace)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.http_host or self.config.host, self.config.http_port)
+        site = web.TCPSite(runner, self.config.http_host or self.config.host, self.config.http_port,
+                           ssl_context=tls.http_context(self.config))
         await site.start()
         self._runner = runner
         self.port = runner.addresses[0][1]

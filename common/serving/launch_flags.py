@@ -28,7 +28,7 @@ GATEWAY: Mapping[str, bool] = {
     "--stream-commit-timeout": True, "--sse-keepalive": True, "--max-pending-stream-bytes": True,
     "--enable-metrics": False, "--default-thinking-budget": True, "--max-concurrent-requests": True,
     "--max-stop-strings": True, "--max-stop-string-chars": True, "--max-tools": True, "--max-tools-bytes": True,
-    "--max-prompt-chars": True,
+    "--max-prompt-chars": True, "--ssl-certfile": True, "--ssl-keyfile": True,
 }
 WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--advertise-host": True, "--worker-id": True, "--device": True, "--dtype": True, "--tp-size": True,
