@@ -15,6 +15,18 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """Per-request caps both surfaces apply through checks.py, so a request too big for the process is
+    refused (INVALID_ARGUMENT / HTTP 400, naming the field and the flag) before it costs much. Values
+    are GatewayConfig flags (docs/client_usage.md §Limits)."""
+    max_stop_strings: int = 64               # stop strings of one request
+    max_stop_string_chars: int = 1024        # characters of one stop string
+    max_tools: int = 256                     # tool definitions of one request
+    max_tools_bytes: int = 1024 * 1024       # all tool definitions as compact UTF-8 JSON
+    max_prompt_chars: int | None = None      # prompt characters before tokenising (None: 16 x the context length)
+
+
+@dataclass(frozen=True)
 class Sampling:
     """A request's sampling as given: `given` has only the fields the client set (names of
     common.serving.sampling_params.REQUEST_FIELDS), the rest is what SamplingParams needs besides."""

@@ -16,13 +16,14 @@ import grpc
 
 from common.serving.custom_processor import CustomProcessorError, resolve_custom_processor
 from common.serving.sampling_params import INT32_MAX, SamplingError, SamplingParams, ServerSampling
-from gateway.calls import Sampling
+from gateway.calls import RequestLimits, Sampling
 from gateway.errors import GatewayError, invalid
 from protos import worker_pb2
 
 ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 TOOL_CHOICE_MODES = ("auto", "none", "required")
+PROMPT_CHARS_PER_TOKEN = 16  # default --max-prompt-chars = this x the context length: far above real text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +106,11 @@ def check_parameters_schema(schema: Any, field: str) -> None:
         raise invalid(f"{field}.required", "must be a list of argument names")
 
 
-def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
-    """OpenAI tool objects, in the client's key order; `parameters` defaults to an empty object schema."""
+def check_tools(tools: Sequence[Any], limits: RequestLimits) -> list[dict[str, Any]]:
+    """OpenAI tool objects, in the client's key order; `parameters` defaults to an empty object schema.
+    The count is checked before any tool is looked at, the total size after each is known to be JSON."""
+    if len(tools) > limits.max_tools:
+        raise invalid("tools", f"has {len(tools)} tools; at most {limits.max_tools} are accepted (--max-tools)")
     out = []
     names: set[str] = set()
     for i, t in enumerate(tools):
@@ -126,6 +130,14 @@ def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
         else:
             check_parameters_schema(fn["parameters"], f"tools[{i}].function.parameters")
         out.append({**t, "type": "function", "function": fn})
+    if out:
+        try:
+            size = len(json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+        except (TypeError, ValueError) as e:  # only from a hand-built dict; JSON and Struct always dump
+            raise invalid("tools", f"must be JSON: {e}") from None
+        if size > limits.max_tools_bytes:
+            raise invalid("tools", f"are {size} bytes as JSON; at most {limits.max_tools_bytes} are accepted "
+                                   f"(--max-tools-bytes)")
     return out
 
 
@@ -188,6 +200,14 @@ def thinking_budget(s: Sampling, enable_custom_logit_processor: bool) -> int | N
     return min(budgets) if budgets else None
 
 
+def check_prompt_chars(chars: int, limit: int, field: str) -> None:
+    """The prompt's size before tokenising: the tokenizer's time and memory grow with the text, and
+    a text far longer than the context can only be refused after paying for it."""
+    if chars > limit:
+        raise invalid(field, f"is {chars} characters; at most {limit} are accepted before tokenising "
+                             f"(--max-prompt-chars)")
+
+
 def check_prompt_length(prompt_len: int, context_length: int, field: str) -> None:
     if prompt_len == 0:
         raise invalid(field, "renders to an empty prompt")
@@ -196,10 +216,18 @@ def check_prompt_length(prompt_len: int, context_length: int, field: str) -> Non
                              f"{context_length} (prompt + at least one new token)")
 
 
-def stop_strings(stops: Sequence[Any], field: str = "sampling.stop") -> tuple[str, ...]:
+def stop_strings(stops: Sequence[Any], limits: RequestLimits, field: str = "sampling.stop") -> tuple[str, ...]:
+    """Every stop string is matched against the text after each token, so their number and length
+    bound the per-token work of the whole request."""
+    if len(stops) > limits.max_stop_strings:
+        raise invalid(field, f"has {len(stops)} strings; at most {limits.max_stop_strings} are accepted "
+                             f"(--max-stop-strings)")
     for i, s in enumerate(stops):
         if not isinstance(s, str) or not s:
             raise invalid(f"{field}[{i}]", "must not be empty" if s == "" else "must be a string")
+        if len(s) > limits.max_stop_string_chars:
+            raise invalid(f"{field}[{i}]", f"is {len(s)} characters; at most {limits.max_stop_string_chars} are "
+                                           f"accepted (--max-stop-string-chars)")
     return tuple(dict.fromkeys(stops))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from common.serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
 from common.serving.sampling_params import INT32_MAX
+from gateway.calls import RequestLimits
 
 TOOL_CALL_PARSERS = ("glm45", "glm47")
 REASONING_PARSERS = ("glm45",)
@@ -47,7 +48,15 @@ class GatewayConfig:
     health_check_interval: float = 2.0      # GetLoad polling period of every worker
     max_dispatch_attempts: int = 3          # pairs tried before the first token
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_requests: int = 1024     # sequences running at once, both APIs (0: no cap)
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 1024
+    max_tools: int = 256
+    max_tools_bytes: int = 1024 * 1024
+    max_prompt_chars: int | None = None     # None: 16 x the context length
     shutdown_grace: float = 10.0
+    ssl_certfile: str | None = None         # PEM certificate chain: TLS on the gRPC and HTTP ports
+    ssl_keyfile: str | None = None          # its PEM private key (both or neither)
     log_level: str = "INFO"
     api_key: str | None = None              # HTTP: required as "Authorization: Bearer KEY" on /v1/*
     strict_model_name: bool = False         # HTTP: 404 for a request naming another model
@@ -78,6 +87,15 @@ class GatewayConfig:
             raise ValueError("--max-dispatch-attempts must be >= 1")
         if self.max_n < 1:
             raise ValueError("--max-n must be >= 1")
+        if self.max_concurrent_requests < 0:
+            raise ValueError("--max-concurrent-requests must be >= 0 (0: no cap)")
+        for name in ("max_stop_strings", "max_stop_string_chars", "max_tools", "max_tools_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together (TLS needs both)")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError("--max-prompt-chars must be >= 1")
         if self.http_port < -1:
             raise ValueError("--http-port must be a port, 0 (any free port) or -1 (off)")
         if self.reasoning_field not in REASONING_FIELDS:
@@ -88,6 +106,12 @@ class GatewayConfig:
     @property
     def listen(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_stop_strings=self.max_stop_strings, max_stop_string_chars=self.max_stop_string_chars,
+                             max_tools=self.max_tools, max_tools_bytes=self.max_tools_bytes,
+                             max_prompt_chars=self.max_prompt_chars)
 
     @property
     def model_name(self) -> str:
@@ -114,7 +138,11 @@ class GatewayConfig:
             default_thinking_budget=a.default_thinking_budget, metrics_port=a.metrics_port,
             request_timeout=a.request_timeout, worker_rpc_timeout=a.worker_rpc_timeout,
             health_check_interval=a.health_check_interval, max_dispatch_attempts=a.max_dispatch_attempts,
-            max_message_bytes=a.max_message_bytes, shutdown_grace=a.shutdown_grace, log_level=a.log_level,
+            max_message_bytes=a.max_message_bytes, max_concurrent_requests=a.max_concurrent_requests,
+            max_stop_strings=a.max_stop_strings, max_stop_string_chars=a.max_stop_string_chars,
+            max_tools=a.max_tools, max_tools_bytes=a.max_tools_bytes, max_prompt_chars=a.max_prompt_chars,
+            shutdown_grace=a.shutdown_grace, ssl_certfile=a.ssl_certfile, ssl_keyfile=a.ssl_keyfile,
+            log_level=a.log_level,
             api_key=a.api_key, strict_model_name=a.strict_model_name,
             strict_request_fields=a.strict_request_fields, max_n=a.max_n, reasoning_field=a.reasoning_field,
             stream_commit_timeout=a.stream_commit_timeout, sse_keepalive=a.sse_keepalive,
@@ -178,6 +206,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="worker pairs tried for a request before its first token")
     p.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help="largest gRPC message and HTTP body")
+    p.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                   help="certificate chain: serve the gRPC and HTTP ports over TLS (with --ssl-keyfile; "
+                        "default: plaintext)")
+    p.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="private key of --ssl-certfile")
+    limits = p.add_argument_group("limits (per request, both APIs; over one: INVALID_ARGUMENT / HTTP 400)")
+    limits.add_argument("--max-concurrent-requests", type=int, default=1024,
+                        help="sequences the gateway runs at once, gRPC and HTTP together (an HTTP request counts "
+                             "one per choice); one more is refused with RESOURCE_EXHAUSTED / HTTP 429. 0: no cap")
+    limits.add_argument("--max-stop-strings", type=int, default=64, help="stop strings of one request")
+    limits.add_argument("--max-stop-string-chars", type=int, default=1024, help="characters of one stop string")
+    limits.add_argument("--max-tools", type=int, default=256, help="tool definitions of one request")
+    limits.add_argument("--max-tools-bytes", type=int, default=1024 * 1024,
+                        help="size of all tool definitions of one request as compact UTF-8 JSON")
+    limits.add_argument("--max-prompt-chars", type=int, default=None,
+                        help="characters of a prompt (the rendered chat prompt, or the text of Generate / "
+                             "/v1/completions), checked before tokenising (default: 16 x the context length)")
     p.add_argument("--shutdown-grace", type=float, default=10.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--log-level", default="INFO",

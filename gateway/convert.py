@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2
 
 from common.serving.sampling_params import given_fields
 from gateway import checks
-from gateway.calls import ChatCall, GenerateCall, Sampling
+from gateway.calls import ChatCall, GenerateCall, RequestLimits, Sampling
 from gateway.errors import invalid
 from protos import gateway_pb2
 
@@ -56,7 +56,7 @@ def chat_messages(req: gateway_pb2.ChatRequest) -> list[dict[str, Any]]:
     return checks.chat_messages(msgs)
 
 
-def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | None, bool, str]:
+def chat_tools(req: gateway_pb2.ChatRequest, limits: RequestLimits) -> tuple[list[dict[str, Any]] | None, bool, str]:
     """(tools for the template, whether to parse tool calls, ChatCall.tool_choice) after tool_choice."""
     tools = []
     for t in req.tools:
@@ -68,7 +68,7 @@ def chat_tools(req: gateway_pb2.ChatRequest) -> tuple[list[dict[str, Any]] | Non
         if t.function.HasField("strict"):
             fn["strict"] = t.function.strict
         tools.append({"type": t.type or "function", "function": fn})
-    tools = checks.check_tools(tools)
+    tools = checks.check_tools(tools, limits)
     choice = req.tool_choice
     which = choice.WhichOneof("choice") if req.HasField("tool_choice") else None
     mode = _MODES.get(choice.mode, "auto") if which == "mode" else "auto"
@@ -84,32 +84,33 @@ def template_kwargs(req: gateway_pb2.ChatRequest) -> dict[str, Any]:
     return kwargs
 
 
-def sampling(params: gateway_pb2.SamplingParams, req: Any, thinking_budget: int | None) -> Sampling:
+def sampling(params: gateway_pb2.SamplingParams, req: Any, thinking_budget: int | None,
+             limits: RequestLimits) -> Sampling:
     """The Sampling of a ChatRequest or GenerateRequest (both carry the same optional fields)."""
     return Sampling(
-        given=given_fields(params), stop=checks.stop_strings(params.stop),
+        given=given_fields(params), stop=checks.stop_strings(params.stop, limits),
         logprobs=bool(_opt(req, "logprobs")), top_logprobs=_opt(req, "top_logprobs") or 0,
         thinking_budget=thinking_budget, custom_logit_processor=_opt(req, "custom_logit_processor"),
         custom_params=struct_to_dict(req.custom_params) if req.HasField("custom_params") else None)
 
 
-def chat_call(req: gateway_pb2.ChatRequest) -> ChatCall:
-    tools, parse_tools, tool_choice = chat_tools(req)
+def chat_call(req: gateway_pb2.ChatRequest, limits: RequestLimits) -> ChatCall:
+    tools, parse_tools, tool_choice = chat_tools(req, limits)
     budget = req.thinking.budget if req.HasField("thinking") and req.thinking.HasField("budget") else None
     return ChatCall(
         messages=chat_messages(req), tools=tools, parse_tools=parse_tools, template_kwargs=template_kwargs(req),
-        sampling=sampling(req.sampling, req, budget),
+        sampling=sampling(req.sampling, req, budget, limits),
         separate_reasoning=req.separate_reasoning if req.HasField("separate_reasoning") else True,
         tool_choice=tool_choice, stream=req.stream if req.HasField("stream") else True,
         model=req.model, request_id=_opt(req, "request_id") or None)
 
 
-def generate_call(req: gateway_pb2.GenerateRequest) -> GenerateCall:
+def generate_call(req: gateway_pb2.GenerateRequest, limits: RequestLimits) -> GenerateCall:
     which = req.WhichOneof("input")
     if which is None:
         raise invalid("input", "must be set: text or tokens")
     return GenerateCall(
-        sampling=sampling(req.sampling, req, None),
+        sampling=sampling(req.sampling, req, None, limits),
         text=req.text if which == "text" else None,
         token_ids=tuple(req.tokens.ids) if which == "tokens" else None,
         input_field="text" if which == "text" else "tokens.ids",

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from common.serving import metrics
 from common.serving.grpc_server import Health
-from gateway import openai_request
+from gateway import openai_request, tls
 from gateway.calls import GenerateCall, Sampling
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError
@@ -176,7 +176,8 @@ class HttpServer:
         self.router = router
         self.health = health
         self.limits = Limits(max_n=config.max_n, strict_fields=config.strict_request_fields,
-                             strict_model=config.strict_model_name, served_name=config.model_name)
+                             strict_model=config.strict_model_name, served_name=config.model_name,
+                             max_concurrent=config.max_concurrent_requests, request=pipeline.limits)
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: dict[str, asyncio.Task] = {}  # request id -> handler task (/abort_request)
@@ -201,7 +202,8 @@ class HttpServer:
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
                                shutdown_timeout=self.config.shutdown_grace)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.http_host or self.config.host, self.config.http_port)
+        site = web.TCPSite(runner, self.config.http_host or self.config.host, self.config.http_port,
+                           ssl_context=tls.http_context(self.config))
         await site.start()
         self._runner = runner
         self.port = runner.addresses[0][1]
@@ -280,17 +282,18 @@ class HttpServer:
             headers = {IGNORED_HEADER: ", ".join(req.ignored)} if req.ignored else {}
             if req.ignored:
                 log.debug("request %s: ignored fields %s", req.request_id, ", ".join(req.ignored))
-            fmt, gens = answer(req)  # HTTP clients send no deadline: the Pipeline's --request-timeout
-            events = merged(gens)
-            try:
-                if req.stream:
-                    return await self._stream(request, req, fmt, events, headers)
-                finals: list = [None] * len(req.calls)
-                async for i, msg in events:
-                    finals[i] = msg
-                return _json(200, fmt.body(finals), headers)
-            finally:
-                await events.aclose()
+            with self.pipeline.admission.slots(len(req.calls)):
+                fmt, gens = answer(req)  # HTTP clients send no deadline: the Pipeline's --request-timeout
+                events = merged(gens)
+                try:
+                    if req.stream:
+                        return await self._stream(request, req, fmt, events, headers)
+                    finals: list = [None] * len(req.calls)
+                    async for i, msg in events:
+                        finals[i] = msg
+                    return _json(200, fmt.body(finals), headers)
+                finally:
+                    await events.aclose()
         except GatewayError as e:
             status = e.code
             s, body, headers = from_gateway_error(e)

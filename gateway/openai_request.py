@@ -13,14 +13,14 @@ means "absent" everywhere. Messages and tool schemas keep the client's key order
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 
 from common.serving.ids import new_request_id
 from gateway import checks
-from gateway.calls import ChatCall, GenerateCall, Sampling
+from gateway.calls import ChatCall, GenerateCall, RequestLimits, Sampling
 from gateway.errors import GatewayError, invalid, unsupported
 
 # Sampling fields that keep their name (common.serving.sampling_params.REQUEST_FIELDS minus max_tokens).
@@ -101,6 +101,8 @@ class Limits:
     strict_fields: bool = False
     strict_model: bool = False
     served_name: str = ""
+    max_concurrent: int = 0          # --max-concurrent-requests: a request running more sequences never fits
+    request: RequestLimits = field(default_factory=RequestLimits)  # the caps gRPC requests have too
 
 
 def chat_request(body: Any, limits: Limits) -> HttpRequest:
@@ -109,7 +111,7 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
     _response_format(body.get("response_format"))
     messages = _list(body, "messages", required=True)
     messages = [_reasoning_alias(m) for m in messages]
-    tools = checks.check_tools(_list(body, "tools") or [])
+    tools = checks.check_tools(_list(body, "tools") or [], limits.request)
     mode, name = _tool_choice(body.get("tool_choice"))
     tools_shown, parse_tools = checks.select_tools(tools, mode, name)
     kwargs = dict(_dict(body, "chat_template_kwargs") or {})
@@ -120,10 +122,11 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     logprobs = _bool(body, "logprobs", False)
-    sampling = _sampling(body, max_tokens, logprobs=logprobs, top_logprobs=_int(body, "top_logprobs") or 0)
+    sampling = _sampling(body, max_tokens, limits, logprobs=logprobs, top_logprobs=_int(body, "top_logprobs") or 0)
     rid = _str(body, "rid")
     request_id = rid or new_request_id()
     n = _n(body, limits)
+    _fits(n, "n", limits)
     stream, include_usage, more_ignored = _stream(body)
     base = ChatCall(messages=checks.chat_messages(messages), tools=tools_shown, parse_tools=parse_tools,
                     template_kwargs=kwargs, sampling=sampling,
@@ -142,6 +145,7 @@ def completion_request(body: Any, limits: Limits) -> HttpRequest:
     ignored = _classify(body, COMPLETION_SUPPORTED, IGNORED, limits)
     prompts = _prompts(body.get("prompt"))
     n = _n(body, limits)
+    _fits(len(prompts) * n, "n" if len(prompts) == 1 else "prompt", limits)
     best_of = _int(body, "best_of")
     if best_of is not None and best_of != n:
         raise unsupported("best_of", "only best_of == n (or unset) is served")
@@ -152,7 +156,7 @@ def completion_request(body: Any, limits: Limits) -> HttpRequest:
     if echo and logprobs is not None:
         raise unsupported("echo", "prompt logprobs are not computed; leave out logprobs with echo")
     max_tokens = body.get("max_tokens")
-    sampling = _sampling(body, 16 if max_tokens is None else max_tokens, logprobs=logprobs is not None,
+    sampling = _sampling(body, 16 if max_tokens is None else max_tokens, limits, logprobs=logprobs is not None,
                          top_logprobs=logprobs or 0)
     rid = _str(body, "rid")
     request_id = rid or new_request_id("cmpl-")
@@ -244,7 +248,8 @@ def _thinking(body: Mapping[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]
     return kwargs
 
 
-def _sampling(body: Mapping[str, Any], max_tokens: Any, *, logprobs: bool, top_logprobs: int) -> Sampling:
+def _sampling(body: Mapping[str, Any], max_tokens: Any, limits: Limits, *, logprobs: bool,
+              top_logprobs: int) -> Sampling:
     given = {name: body[name] for name in SAMPLING if body.get(name) is not None}
     if max_tokens is not None:
         given["max_tokens"] = max_tokens
@@ -255,7 +260,7 @@ def _sampling(body: Mapping[str, Any], max_tokens: Any, *, logprobs: bool, top_l
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, (str, list)):
         raise invalid("stop", "must be a string or a list of strings")
-    stops = checks.stop_strings([stop] if isinstance(stop, str) else (stop or []), "stop")
+    stops = checks.stop_strings([stop] if isinstance(stop, str) else (stop or []), limits.request, "stop")
     budget = _int(body, "thinking_token_budget")
     if budget is not None and budget < 0:
         raise invalid("thinking_token_budget", f"must be >= 0, got {budget}")
@@ -308,6 +313,14 @@ def _n(body: Mapping[str, Any], limits: Limits) -> int:
     if not 1 <= n <= limits.max_n:
         raise invalid("n", f"must be in [1, {limits.max_n}] (--max-n), got {n}")
     return n
+
+
+def _fits(sequences: int, where: str, limits: Limits) -> None:
+    """A request runs one sequence per prompt and choice; more than the gateway runs at once could
+    never be admitted, so it is refused as too big (400), not as busy (429)."""
+    if limits.max_concurrent and sequences > limits.max_concurrent:
+        raise invalid(where, f"asks for {sequences} sequences (prompts x n); the gateway runs at most "
+                             f"{limits.max_concurrent} at once (--max-concurrent-requests)")
 
 
 def _model(body: Mapping[str, Any], limits: Limits) -> str:

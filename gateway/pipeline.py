@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -47,6 +47,29 @@ class _Progress:
     last: worker_pb2.DecodeChunk | None = None
 
 
+class Admission:
+    """The gateway-wide cap on sequences running at once (--max-concurrent-requests; 0: none), one
+    count for both APIs. A public request takes its slots before any work and gives them back when
+    it ends, however it ends (finished, refused, failed, cancelled, client gone): `slots` is a
+    context manager around the whole response. Over the cap: RESOURCE_EXHAUSTED (HTTP 429)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0  # one event loop: no lock
+
+    @contextmanager
+    def slots(self, count: int = 1) -> Iterator[None]:
+        if self.limit and self.running + count > self.limit:
+            raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the gateway is running its maximum of {self.limit} concurrent requests "
+                               f"(--max-concurrent-requests); retry later", None, "server_overloaded")
+        self.running += count
+        try:
+            yield
+        finally:
+            self.running -= count
+
+
 class Pipeline:
     def __init__(self, config: GatewayConfig, router: Router, tokenizer: Tokenizer, template: ChatTemplate,
                  model: ModelInfo) -> None:
@@ -59,6 +82,9 @@ class Pipeline:
             defaults=replace(model.defaults, thinking_budget=config.default_thinking_budget),
             vocab_size=model.vocab_size, eos_token_ids=model.eos_token_ids,
             context_length=model.context_length, max_tokens_limit=config.max_tokens_limit)
+        self.limits = replace(config.request_limits, max_prompt_chars=config.max_prompt_chars
+                              or checks.PROMPT_CHARS_PER_TOKEN * model.context_length)
+        self.admission = Admission(config.max_concurrent_requests)
         self.created = int(time.time())
         self.inflight: set[str] = set()  # request ids running now
         self._background: set[asyncio.Task] = set()
@@ -87,6 +113,7 @@ class Pipeline:
             prompt = self.template.render(call.messages, call.tools, chat_template_kwargs=call.template_kwargs)
         except ChatTemplateError as e:
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e), _template_field(e)) from None
+        checks.check_prompt_chars(len(prompt), self.limits.max_prompt_chars, "messages")
         input_ids = self.tokenizer.encode(prompt)
         checks.check_prompt_length(len(input_ids), self.model.context_length, "messages")
         sampling = self._sampling(call.sampling, len(input_ids), self._forced_prefix(call),
@@ -119,11 +146,13 @@ class Pipeline:
         request_id = call.request_id or new_request_id("cmpl-")
         if call.token_ids is not None:
             input_ids = list(call.token_ids)
+            checks.check_prompt_length(len(input_ids), self.model.context_length, call.input_field)
             for i, t in enumerate(input_ids):
                 if t >= self.model.vocab_size or t < 0:
                     raise invalid(f"{call.input_field}[{i}]", f"must be < vocab size {self.model.vocab_size} "
                                                               f"and >= 0, got {t}")
         elif call.text is not None:
+            checks.check_prompt_chars(len(call.text), self.limits.max_prompt_chars, call.input_field)
             input_ids = self.tokenizer.encode(call.text)
         else:
             raise invalid(call.input_field, "must be set")

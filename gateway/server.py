@@ -17,6 +17,7 @@ import grpc
 
 from common.serving import metrics
 from common.serving.grpc_server import Health, add_health, add_reflection, make_server, serve_until_signal
+from gateway import tls
 from gateway.config import GatewayConfig
 from gateway.http_server import HttpServer
 from gateway.pipeline import Pipeline
@@ -58,7 +59,11 @@ class GatewayServer:
                         on_readiness=on_readiness)
         pipeline = Pipeline.from_config(config, router)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline), server)
-        port = server.add_insecure_port(config.listen)
+        creds = tls.grpc_credentials(config)
+        if creds is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, creds)
         if port == 0:
             raise RuntimeError(f"could not bind {config.listen}")
         await server.start()
@@ -72,8 +77,10 @@ class GatewayServer:
         log.info("gateway serving %s on port %d (%s), metrics %s, prefill %s, decode %s",
                  config.model_name, port, "ready" if router.ready else "waiting for workers",
                  metrics_port, list(config.prefill), list(config.decode))
-        log.info("OpenAI API: %s; gRPC API: %s:%d (glmserve.v1.Gateway)",
-                 f"http://{host}:{http.port}/v1" if http is not None else "off", config.host, port)
+        scheme = "http" if creds is None else "https"
+        log.info("OpenAI API: %s; gRPC API: %s:%d (glmserve.v1.Gateway%s)",
+                 f"{scheme}://{host}:{http.port}/v1" if http is not None else "off", config.host, port,
+                 "" if creds is None else ", TLS")
         return cls(config, server, health, router, pipeline, port, metrics_port, http)
 
     async def drain(self) -> None:

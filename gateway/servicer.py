@@ -48,12 +48,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _chat(self, request: gateway_pb2.ChatRequest, deadline: float | None
                     ) -> AsyncIterator[gateway_pb2.ChatResponse]:
-        async for msg in self.pipeline.chat(convert.chat_call(request), deadline):
+        async for msg in self.pipeline.chat(convert.chat_call(request, self.pipeline.limits), deadline):
             yield msg
 
     async def _generate(self, request: gateway_pb2.GenerateRequest, deadline: float | None
                         ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        async for msg in self.pipeline.generate(convert.generate_call(request), deadline):
+        async for msg in self.pipeline.generate(convert.generate_call(request, self.pipeline.limits), deadline):
             yield msg
 
     async def GetModelInfo(self, request: gateway_pb2.GetModelInfoRequest,
@@ -69,8 +69,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         inflight = metrics.queue_depth().labels(queue="gateway_inflight")
         inflight.inc()
         try:
-            async for msg in messages:
-                yield msg
+            with self.pipeline.admission.slots():
+                async for msg in messages:
+                    yield msg
         except GatewayError as e:
             status = e.code
             await context.abort(e.code, e.message)

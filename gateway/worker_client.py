@@ -25,6 +25,7 @@ from protos import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 
+PEER_FAILURE_GRACE_S = 0.25  # how long a failed prefill leg waits for its decode leg to fail too
 # Worker statuses after which another (prefill, decode) pair may succeed, before the first token.
 RETRYABLE = {Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.ABORTED, Code.FAILED_PRECONDITION}
 # Statuses passed to the client unchanged (the worker's message says what to fix).
@@ -177,6 +178,7 @@ class Dispatch:
                 if not prefill_task.done():
                     await asyncio.wait({read_task, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
                     if prefill_task.done():
+                        await self._blame_a_dead_decode(prefill_task, read_task, timeout)
                         self._take_prefill_result(prefill_task, timeout)  # raises if the prefill leg failed
                 try:
                     msg = await read_task
@@ -214,6 +216,21 @@ class Dispatch:
                 self._abort(self.prefill)
             for w in (self.prefill, self.decode):
                 w.inflight -= 1
+
+    async def _blame_a_dead_decode(self, prefill_task: asyncio.Future, read_task: asyncio.Future,
+                                   timeout: float | None) -> None:
+        """A decode worker that dies also fails the prefill leg (it cannot reach its peer: UNAVAILABLE
+        or ABORTED from a healthy prefill worker). Before blaming the prefill worker -- benching it,
+        and retrying without it -- give the decode leg a moment to fail on its own; if it does with
+        UNAVAILABLE, the decode worker is the one that is down."""
+        error = prefill_task.exception() if not prefill_task.cancelled() else None
+        if not isinstance(error, grpc.aio.AioRpcError) or error.code() not in (Code.UNAVAILABLE, Code.ABORTED):
+            return
+        await asyncio.wait({read_task}, timeout=PEER_FAILURE_GRACE_S)
+        if read_task.done() and not read_task.cancelled():
+            peer = read_task.exception()
+            if isinstance(peer, grpc.aio.AioRpcError) and peer.code() == Code.UNAVAILABLE:
+                raise leg_error(self.decode, peer, timeout) from None
 
     def _take_prefill_result(self, task: asyncio.Future, timeout: float | None) -> None:
         try:

@@ -83,3 +83,11 @@ def test_serve_routes_each_flag_to_the_roles_that_use_it():
         launch.route_flags(["--bogus", "1"])
     # the launcher's own parser knows the whole line (a typo fails before any process starts)
     launch.build_arg_parser("glmserve serve").parse_args(SGLANG_LINE)
+
+
+def test_the_launcher_refuses_tls_it_could_not_check(capsys):
+    with pytest.raises(SystemExit) as ei:
+        launch.main(["--model-path", "/m", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"], "glmserve serve")
+    assert ei.value.code == 2
+    assert "is served by `glmserve gateway`; glmserve serve waits for its gateway over plaintext" in \
+        capsys.readouterr().err

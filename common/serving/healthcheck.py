@@ -14,12 +14,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("service", nargs="?", default="", help="full service name (readiness); empty = liveness")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    p.add_argument("--ca-file", default=None, metavar="PEM",
+                   help="connect over TLS, trusting these root certificates (a gateway started with "
+                        "--ssl-certfile; for a self-signed certificate, the certificate itself)")
     args = p.parse_args(argv)
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(args.address) as ch:
+        if args.ca_file is None:
+            channel = grpc.insecure_channel(args.address)
+        else:
+            with open(args.ca_file, "rb") as f:
+                channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(f.read()))
+        with channel as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                          timeout=args.timeout)
     except grpc.RpcError as e:

@@ -26,7 +26,9 @@ GATEWAY: Mapping[str, bool] = {
     "--max-message-bytes": True, "--http-host": True, "--http-port": True, "--api-key": True,
     "--strict-model-name": False, "--strict-request-fields": False, "--max-n": True, "--reasoning-field": True,
     "--stream-commit-timeout": True, "--sse-keepalive": True, "--max-pending-stream-bytes": True,
-    "--enable-metrics": False, "--default-thinking-budget": True,
+    "--enable-metrics": False, "--default-thinking-budget": True, "--max-concurrent-requests": True,
+    "--max-stop-strings": True, "--max-stop-string-chars": True, "--max-tools": True, "--max-tools-bytes": True,
+    "--max-prompt-chars": True, "--ssl-certfile": True, "--ssl-keyfile": True,
 }
 WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--advertise-host": True, "--worker-id": True, "--device": True, "--dtype": True, "--tp-size": True,

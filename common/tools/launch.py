@@ -392,6 +392,12 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
     _, passed = split_flags(argv, own)
     try:
         routed = route_flags(passed)
+    except ValueError as e:
+        parser.error(str(e))
+    if any(flag.split("=", 1)[0] in ("--ssl-certfile", "--ssl-keyfile") for flag in routed["gateway"]):
+        parser.error("TLS (--ssl-certfile / --ssl-keyfile) is served by `glmserve gateway`; "
+                     f"{prog} waits for its gateway over plaintext")
+    try:
         model, served = _model(args.model_path)
     except ValueError as e:
         parser.error(str(e))

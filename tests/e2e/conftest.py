@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,3 +136,23 @@ def proc_stats(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/status") as f:
         threads = int(next(line.split()[1] for line in f if line.startswith("Threads:")))
     return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextmanager
+def supervised(cluster: Cluster) -> Iterator[io.StringIO]:
+    """Run `cluster.supervise` every 0.1 s in a thread (as `glmserve local` does) while the block
+    runs; yields the supervisor's log."""
+    out, stop = io.StringIO(), threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            assert cluster.supervise(out) is None, "the gateway died"
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join(5)

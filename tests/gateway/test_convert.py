@@ -7,13 +7,14 @@ import pytest
 
 from common.serving.sampling_params import SamplingParams, ServerSampling, given_fields
 from gateway import checks, convert
-from gateway.calls import Sampling
+from gateway.calls import RequestLimits, Sampling
 from gateway.errors import GatewayError
 from protos import gateway_pb2
 
 DEFAULTS = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
 SERVER = ServerSampling(defaults=DEFAULTS, vocab_size=1000, eos_token_ids=(7, 8), context_length=100,
                         max_tokens_limit=50)
+LIMITS = RequestLimits()
 
 
 def resolve(prompt_len: int = 10, server: ServerSampling = SERVER, **fields):
@@ -111,21 +112,21 @@ def test_tools_tool_choice_and_struct_numbers() -> None:
     t1.function.parameters.update({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}})
     t2 = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="b", description="B"))
     msg = gateway_pb2.ChatMessage(role="user", content="x")
-    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2]))
+    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2]), LIMITS)
     assert parse and choice == "auto" and [t["function"]["name"] for t in tools] == ["a", "b"]
     # Struct stores numbers as doubles; schema integers must render as 1, not 1.0
     assert tools[0]["function"]["parameters"]["properties"]["n"]["minimum"] == 1
     assert isinstance(tools[0]["function"]["parameters"]["properties"]["n"]["minimum"], int)
     assert tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}
     none = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_NONE)
-    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none)) == (None, False, "none")
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=none), LIMITS) == (None, False, "none")
     named = gateway_pb2.ToolChoice(function=gateway_pb2.NamedFunction(name="b"))
-    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named))
+    tools, parse, choice = convert.chat_tools(_req(msg, tools=[t1, t2], tool_choice=named), LIMITS)
     assert [t["function"]["name"] for t in tools] == ["b"] and parse and choice == "named"
     required = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_REQUIRED)
-    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=required))[2] == "required"
-    assert convert.chat_tools(_req(msg)) == (None, False, "auto")
-    assert "tools[1].function.name 'a' is declared twice" in error(convert.chat_tools, _req(msg, tools=[t1, t1])).message
+    assert convert.chat_tools(_req(msg, tools=[t1], tool_choice=required), LIMITS)[2] == "required"
+    assert convert.chat_tools(_req(msg), LIMITS) == (None, False, "auto")
+    assert "tools[1].function.name 'a' is declared twice" in error(convert.chat_tools, _req(msg, tools=[t1, t1]), LIMITS).message
 
 
 def test_thinking_budget_is_the_requests_own() -> None:

@@ -171,6 +171,28 @@ def test_unavailable_before_first_token_retries_on_another_pair(model_dir, tok):
     assert d0.requests[0].request_id == d1.requests[0].request_id
 
 
+def test_a_dead_decode_failing_the_prefill_leg_first_is_blamed_on_the_decode(model_dir, tok):
+    """The prefill worker cannot reach a decode worker that died and fails its leg first: the decode
+    worker, not the healthy prefill worker, leaves the rotation, and the retry on the other decode
+    worker answers (with one prefill worker, benching it would fail every request for a while)."""
+    ids = tok.encode("retried fine") + [tok.token_id("<|endoftext|>")]
+    good = Script(chunks=[ids], finish_token=ids[-1])
+
+    async def scenario():
+        async with gateway_with_fakes(model_dir, lambda r: good, n_decode=2, health_check_interval=30) as h:
+            dead = h.cluster.decode_addrs[0]
+            h.cluster.decodes[0].script_for = lambda r: Script(decode_error="UNAVAILABLE", decode_error_delay=0.05)
+            h.cluster.prefills[0].script_for = lambda r: Script(prefill_error="UNAVAILABLE") \
+                if r.decode_address == dead else good
+            answers = [(await collect(h.stub.Chat(chat_request(thinking=NO_THINK))))[1] for _ in range(3)]
+            return answers, h.cluster, h.gateway.router
+
+    answers, cluster, router = run(scenario())
+    assert [a["content"] for a in answers] == ["retried fine"] * 3
+    assert len(cluster.decodes[0].requests) == 1 and len(cluster.decodes[1].requests) == 3
+    assert router.prefill[0].healthy and not router.decode[0].healthy and router.decode[1].healthy
+
+
 def test_least_loaded_routing_and_round_robin_on_ties(model_dir, tok):
     ids = tok.encode("x") + [tok.token_id("<|endoftext|>")]
     script = Script(chunks=[ids], finish_token=ids[-1])
