@@ -50,9 +50,20 @@ LAUNCHER_FLAGS = {"--model-path", "--host", "--port", "--prefill", "--decode", "
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked (ports picked one at a
+    time may repeat, since a released port can be handed out again at once)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class ChildOutput:
@@ -220,9 +231,11 @@ def start_cluster(model_path: str | Path, *, prefill: int = 1, decode: int = 1, 
     """Start the processes (not waiting for readiness: call `wait_ready`). Ports 0 are picked free;
     `http_port` None turns HTTP off. Output goes to `log_dir` (one file per process) and, with
     `echo`, to this process's stderr with a role prefix."""
-    cluster = Cluster(grpc_port or free_port(), [free_port() for _ in range(prefill)],
-                      [free_port() for _ in range(decode)],
-                      http_port=None if http_port is None else (http_port or free_port()), host=host,
+    given = {p for p in (grpc_port, http_port) if p}  # a given port may have just been picked free elsewhere
+    picked = iter([p for p in free_ports(2 + prefill + decode + len(given)) if p not in given])
+    cluster = Cluster(grpc_port or next(picked), [next(picked) for _ in range(prefill)],
+                      [next(picked) for _ in range(decode)],
+                      http_port=None if http_port is None else (http_port or next(picked)), host=host,
                       log_dir=Path(log_dir) if log_dir is not None else None)
     child_env = dict(os.environ, **NCCL_SAFE_ENV, **(env or {}))
     given = {a.split("=", 1)[0] for a in extra_worker_args or []}

@@ -20,7 +20,7 @@ import grpc
 import openai
 import pytest
 
-from common.tools.launch import free_port
+from common.tools.launch import free_ports
 from gateway.tokenizer import Tokenizer
 from protos import gateway_pb2, gateway_pb2_grpc
 from tests.e2e.conftest import load_of, wait_pages_free
@@ -44,7 +44,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    http, grpc_port = free_port(), free_port()
+    http, grpc_port = free_ports(2)
     log_dir = tmp_path_factory.mktemp("serve_logs")
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.tools.cli", "serve", "--model-path", str(tiny_model_dir),
