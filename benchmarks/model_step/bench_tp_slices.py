@@ -47,7 +47,7 @@ from benchmarks.model_step.air_model import (
 from benchmarks.model_step.roofline import Ceilings, Shape, expected_distinct, target_parts
 from common.forward.batch import ForwardBatch
 from common.model.config import ModelConfig
-from common.model.layers import kv_head_block
+from common.model.layers import LocalRank, kv_head_block
 from common.runtime.runner import ModelRunner
 
 PAGE = 16
@@ -57,21 +57,6 @@ MODELS = {"glm45": (GLM45, GLM45_FULL), "air": (AIR, AIR_FULL)}
 NCCL_US = ((16 << 10, 20.7), (64 << 10, 23.0), (256 << 10, 24.8), (512 << 10, 25.2), (1 << 20, 32.0))
 CUSTOM_US = ((32 << 10, 7.8), (256 << 10, 16.7), (512 << 10, 22.1), (1 << 20, 33.8))
 BUS_GBS = 361.0  # NCCL bus bandwidth at 1 GiB, 8 x H100, NVLS off
-
-
-class Rank0:
-    """Rank 0 of a TP t group with its collectives replaced by the identity: the rank's own compute."""
-
-    rank = 0
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def gather_to_leader(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 def latency_us(nbytes: float, table: tuple[tuple[int, float], ...], tp: int) -> float:
@@ -105,7 +90,7 @@ def memory_table(models: list[str], sizes: list[int]) -> list[dict]:
         for fp8 in (False, True):
             one = weight_bytes_at(full, layers, torch.bfloat16, fp8)
             for t in [1, *sizes]:
-                b = one if t == 1 else weight_bytes_at(full, layers, torch.bfloat16, fp8, tp=Rank0(t))
+                b = one if t == 1 else weight_bytes_at(full, layers, torch.bfloat16, fp8, tp=LocalRank(0, t))
                 kv = (layers + 1) * 2 * kv_head_block(full["num_key_value_heads"], t, 0)[1] * full["head_dim"] * 2
                 rows.append({"model": name, "dtype": "fp8" if fp8 else "bf16", "tp": t, "weights_gb": b / 1e9,
                              "of_tp1": b / one, "kv_kib_per_token": kv / 1024})
@@ -126,7 +111,7 @@ def loader_table(tmp: Path, tiny: bool) -> list[dict]:
     rows = []
     for t in (1, 2, 4):
         for r in range(t):
-            comm = Rank0(t)
+            comm = LocalRank(0, t)
             comm.rank = r
             model = build_model(config, "meta", torch.bfloat16, with_mtp=True, tp=comm)
             stats = load_weights(model, config, d, "cpu")
@@ -142,7 +127,7 @@ def step_rows(name: str, tp: int, fp8: bool, batches: list[int], context: int, d
     if tiny:
         fields, full = dict(fields, **TINY_WIDTHS), dict(full, **TINY_WIDTHS)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = random_model(fields, device, dtype, fp8=fp8, tp=Rank0(tp))
+    model = random_model(fields, device, dtype, fp8=fp8, tp=LocalRank(0, tp))
     pages_per_req = -(-(context + 2) // PAGE)
     runner = ModelRunner("", device, dtype, PAGE, 1 + max(batches) * pages_per_req, with_mtp=True, model=model)
     cuda = runner.device.type == "cuda"

@@ -9,7 +9,7 @@ experts are column-parallel, `RowParallelLinear` (o_proj, down) splits its input
 output, `VocabParallelLinear` (lm_head) holds a block of vocabulary rows and gathers the logits to
 rank 0; everything else is replicated. Each sharded module names the checkpoint region its rank
 reads (`shard_region`), so the loader slices without knowing the rules. Outside any scope the model
-is single-device (`SingleRank`).
+is single-device (`SINGLE_RANK`).
 
 FP8: a `Linear` (and the MoE `Experts`, common/model/moe.py) switched by `use_fp8(block)` holds its
 weight in float8_e4m3fn with fp32 scales that multiply back — `weight_scale` [out,1] per output
@@ -66,11 +66,13 @@ class TPComm(Protocol):
         ...
 
 
-class SingleRank:
-    """The group of one device: every collective is the identity."""
+class LocalRank:
+    """Rank `rank` of a group of `size` whose collectives are the identity. Size 1 is the group of
+    one device; a larger size builds and runs one rank's shard alone on one device (its own compute
+    and memory, for measuring and testing a shard without its peers)."""
 
-    rank = 0
-    size = 1
+    def __init__(self, rank: int = 0, size: int = 1) -> None:
+        self.rank, self.size = rank, size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -79,7 +81,7 @@ class SingleRank:
         return x
 
 
-SINGLE_RANK = SingleRank()
+SINGLE_RANK = LocalRank()
 _build = threading.local()
 
 

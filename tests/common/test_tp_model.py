@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.model import LoadError, load_model
-from common.model.layers import kv_head_block
+from common.model.layers import LocalRank, kv_head_block
 from common.runtime.distributed import TPConfig, TPGroup, connect_store, host_store
 from common.runtime.runner import ModelRunner
 from common.tools.tiny_model import make_tiny_model
@@ -193,31 +193,14 @@ def test_shards_put_together_are_the_one_device_parameters(ranks, single, model:
 
 
 def test_tp_sizes_that_do_not_split_the_model_are_refused(dirs: dict[str, Path]) -> None:
-    class Three:
-        rank, size = 0, 3
-
-        def all_reduce(self, x):
-            return x
-
-        def gather_to_leader(self, x):
-            return x
-
     with pytest.raises(LoadError, match=r"--tp-size 3 does not divide num_attention_heads \(4\)"):
-        load_model(dirs["fp32"], "meta", torch.float32, tp=Three())
+        load_model(dirs["fp32"], "meta", torch.float32, tp=LocalRank(0, 3))
 
 
 def test_block_fp8_cut_by_a_shard_is_refused_naming_the_sizes(dirs: dict[str, Path]) -> None:
-    class Four:  # intermediate_size 96 -> 24 per rank: cuts the 16-wide blocks below
-        rank, size = 1, 4
-
-        def all_reduce(self, x):
-            return x
-
-        def gather_to_leader(self, x):
-            return x
-
+    four = LocalRank(1, 4)  # intermediate_size 96 -> 24 per rank: cuts the 16-wide blocks below
     d = make_tiny_model(dirs["fp32"].parent / "block16", quantization="fp8-block", fp8_block=16)
     with pytest.raises(LoadError, match=r"shards of model\.layers\.0\.mlp\.gate_up_proj would cut its 16x16 FP8 "
                                         r"blocks \(gate_proj rows: 96 -> 24 per rank, not a multiple of 16; up_proj"):
-        load_model(d, "cpu", torch.float32, with_mtp=True, tp=Four())
-    load_model(d, "cpu", torch.float32, with_mtp=True, tp=Four(), fp8_compute="dequant")  # dequantised: any split
+        load_model(d, "cpu", torch.float32, with_mtp=True, tp=four)
+    load_model(d, "cpu", torch.float32, with_mtp=True, tp=four, fp8_compute="dequant")  # dequantised: any split

@@ -52,6 +52,20 @@ def generate(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], timeout: float 
     return out
 
 
+def generate_after_failover(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], max_tokens: int,
+                            within: float = 6.0) -> Result:
+    """A greedy request retried while it gets UNAVAILABLE, for at most `within` seconds: after a worker
+    died, the gateway may route to it until its next health poll."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return generate(stub, ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True, timeout=30)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 class Reference:
     """The single-process oracle on the same model directory (fp32, CPU)."""
 

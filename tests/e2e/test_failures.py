@@ -14,7 +14,15 @@ import pytest
 
 from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2
-from tests.e2e.conftest import free_pages, gateway, generate, load_of, proc_stats, wait_pages_free
+from tests.e2e.conftest import (
+    free_pages,
+    gateway,
+    generate,
+    generate_after_failover,
+    load_of,
+    proc_stats,
+    wait_pages_free,
+)
 
 
 def _stream(stub, ids, max_tokens, timeout=60.0):
@@ -79,18 +87,9 @@ def test_decode_killed_mid_stream_fails_fast_and_others_continue(launch, tiny_mo
     assert max(unavailable) < 10.0, "clients of the dead worker waited too long"
     # new requests route around the dead worker and are still correct; a client may see
     # UNAVAILABLE for at most one health-check interval while the gateway re-polls its workers
-    deadline = time.monotonic() + 6.0
     for i in range(3):
         ids = [20 + i, 21, 22]
-        while True:
-            try:
-                got = generate(stub, ids, max_tokens=5, temperature=0.0, ignore_eos=True, timeout=30)
-                break
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        assert got.tokens == reference.greedy(ids, 5)
+        assert generate_after_failover(stub, ids, 5).tokens == reference.greedy(ids, 5)
 
 
 def test_prefill_killed_mid_transfer_frees_decode_pages(launch, tiny_model_dir):

@@ -19,6 +19,7 @@ import torch
 from common import ops
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.model import load_model
+from common.model.layers import LocalRank
 from common.runtime.distributed import TPConfig
 from common.runtime.runner import ModelRunner, RunnerSpec
 from common.tools.tiny_model import make_tiny_model
@@ -70,21 +71,6 @@ def test_tp2_as_two_processes_on_one_gpu_matches_one_device(tiny_bf16: Path) -> 
         assert (got[key].argmax(-1) == w.argmax(-1)).float().mean() >= 0.9, key
 
 
-class _Rank0:
-    """Rank 0 of a TP t group with its collectives replaced by the identity: the shard's own compute."""
-
-    rank = 0
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def gather_to_leader(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 @pytest.fixture(scope="module")
 def air_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("air2_tp"), num_layers=2, weight_dtype=torch.bfloat16,
@@ -94,7 +80,7 @@ def air_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("size", [2, 4, 8])
 def test_air_rank_shards_run_the_triton_kernels(air_dir: Path, size: int) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = load_model(air_dir, "cuda", torch.bfloat16, tp=_Rank0(size))
+    model = load_model(air_dir, "cuda", torch.bfloat16, tp=LocalRank(0, size))
     attn = model.model.layers[0].self_attn
     assert (attn.num_heads, attn.num_kv_heads) == (96 // size, 8 // size)
     assert model.model.layers[1].mlp.experts.intermediate_size == 1408 // size
