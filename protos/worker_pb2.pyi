@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerSampling(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "max_tokens", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "thinking_budget", "forced_prefix", "reasoning_first")
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_tokens", "max_tokens", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs", "thinking_budget", "forced_prefix", "reasoning_first", "grammar")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class WorkerSampling(_message.Message):
     THINKING_BUDGET_FIELD_NUMBER: _ClassVar[int]
     FORCED_PREFIX_FIELD_NUMBER: _ClassVar[int]
     REASONING_FIRST_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -52,7 +53,22 @@ class WorkerSampling(_message.Message):
     thinking_budget: int
     forced_prefix: _containers.RepeatedScalarFieldContainer[int]
     reasoning_first: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., thinking_budget: _Optional[int] = ..., forced_prefix: _Optional[_Iterable[int]] = ..., reasoning_first: _Optional[bool] = ...) -> None: ...
+    grammar: GrammarSpec
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., frequency_penalty: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., min_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., thinking_budget: _Optional[int] = ..., forced_prefix: _Optional[_Iterable[int]] = ..., reasoning_first: _Optional[bool] = ..., grammar: _Optional[_Union[GrammarSpec, _Mapping]] = ...) -> None: ...
+
+class GrammarSpec(_message.Message):
+    __slots__ = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    EBNF_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURAL_TAG_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    json_object: bool
+    regex: str
+    ebnf: str
+    structural_tag: str
+    def __init__(self, json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., ebnf: _Optional[str] = ..., structural_tag: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "decode_address", "decode_worker_id", "deadline_unix")
@@ -73,20 +89,22 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., decode_address: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
-    __slots__ = ("first_token", "first_logprob", "kv_bytes", "transfer_seconds", "compute_seconds", "cached_tokens")
+    __slots__ = ("first_token", "first_logprob", "kv_bytes", "transfer_seconds", "compute_seconds", "cached_tokens", "grammar_applied")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_APPLIED_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     first_logprob: float
     kv_bytes: int
     transfer_seconds: float
     compute_seconds: float
     cached_tokens: int
-    def __init__(self, first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    grammar_applied: bool
+    def __init__(self, first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., grammar_applied: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "prefill_worker_id", "deadline_unix")
@@ -125,20 +143,22 @@ class Finish(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., token_id: _Optional[int] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "finish", "completion_tokens", "spec_verify_steps", "spec_accepted_drafts")
+    __slots__ = ("token_ids", "logprobs", "finish", "completion_tokens", "spec_verify_steps", "spec_accepted_drafts", "grammar_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISH_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPEC_VERIFY_STEPS_FIELD_NUMBER: _ClassVar[int]
     SPEC_ACCEPTED_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     finish: Finish
     completion_tokens: int
     spec_verify_steps: int
     spec_accepted_drafts: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., spec_verify_steps: _Optional[int] = ..., spec_accepted_drafts: _Optional[int] = ...) -> None: ...
+    grammar_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., finish: _Optional[_Union[Finish, _Mapping]] = ..., completion_tokens: _Optional[int] = ..., spec_verify_steps: _Optional[int] = ..., spec_accepted_drafts: _Optional[int] = ..., grammar_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "transfer_id")

@@ -25,6 +25,9 @@ Conventions (defaults match SGLang/OpenAI):
   is over (at once unless `reasoning_first`), the answer must begin with `forced_prefix`
   ("<tool_call>" and, for a named tool, its name), one newline allowed before it
   (`common.sampling.logit_processors.ForcedPrefix`).
+- `grammar`: structured output. The answer (after the reasoning when `reasoning_first`) must match
+  this constraint, in the source form the client gave it (`Grammar`); the worker compiles it with
+  its grammar backend and masks every sampled token with it. None = unconstrained.
 
 Every error is a SamplingError whose message starts with the field's public name
 ("sampling.top_p must be in (0, 1], got 2"); the gateway and the workers map it to INVALID_ARGUMENT.
@@ -52,6 +55,36 @@ _PUBLIC_NAMES = {"top_logprobs": "top_logprobs", "logprobs": "logprobs", "thinki
 REQUEST_FIELDS = frozenset({
     "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "stop_token_ids", "seed",
     "frequency_penalty", "presence_penalty", "repetition_penalty", "ignore_eos", "logit_bias"})
+
+
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """One structured-output constraint: `kind` (GRAMMAR_KINDS) and its source text ("" for
+    json_object). Hashable: the compile caches key on it."""
+
+    kind: str
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise SamplingError("grammar", f"kind must be one of {', '.join(GRAMMAR_KINDS)}, got {self.kind!r}")
+        if self.kind != "json_object" and not self.source:
+            raise SamplingError(self.kind, "must not be empty")
+
+    def to_wire(self) -> worker_pb2.GrammarSpec:
+        if self.kind == "json_object":
+            return worker_pb2.GrammarSpec(json_object=True)
+        return worker_pb2.GrammarSpec(**{self.kind: self.source})
+
+    @classmethod
+    def from_wire(cls, msg: worker_pb2.GrammarSpec) -> Grammar:
+        kind = msg.WhichOneof("kind")
+        if kind is None:
+            raise SamplingError("grammar", "names no constraint kind")
+        return cls(kind, "" if kind == "json_object" else getattr(msg, kind))
 
 
 class SamplingError(ValueError):
@@ -82,6 +115,7 @@ class SamplingParams:
     thinking_budget: int | None = None
     forced_prefix: tuple[int, ...] = ()
     reasoning_first: bool = False
+    grammar: Grammar | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -114,7 +148,8 @@ class SamplingParams:
     @classmethod
     def from_request(cls, given: Mapping[str, Any], server: ServerSampling, *, prompt_len: int,
                      logprobs: bool = False, top_logprobs: int = 0, thinking_budget: int | None = None,
-                     forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False) -> SamplingParams:
+                     forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False,
+                     grammar: Grammar | None = None) -> SamplingParams:
         """Resolve and validate a public request's sampling. `given` holds exactly the fields the
         client set (REQUEST_FIELDS names; `given_fields` reads them from the gRPC message, the HTTP
         adapter from JSON), so both surfaces share these defaults and bounds. An absent field (and an
@@ -147,7 +182,7 @@ class SamplingParams:
             stop_token_ids=_with_eos(stop_ids, () if ignore_eos is True else server.eos_token_ids),
             ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
             thinking_budget=d.thinking_budget if thinking_budget is None else thinking_budget,
-            forced_prefix=tuple(forced_prefix), reasoning_first=reasoning_first,
+            forced_prefix=tuple(forced_prefix), reasoning_first=reasoning_first, grammar=grammar,
         )
         params.validate(server.vocab_size)
         return params
@@ -168,6 +203,8 @@ class SamplingParams:
             ws.seed = self.seed
         if self.thinking_budget is not None:
             ws.thinking_budget = self.thinking_budget
+        if self.grammar is not None:
+            ws.grammar.CopyFrom(self.grammar.to_wire())
         return ws
 
     @classmethod
@@ -182,6 +219,7 @@ class SamplingParams:
             ignore_eos=msg.ignore_eos, logprobs=msg.logprobs, top_logprobs=msg.top_logprobs,
             thinking_budget=msg.thinking_budget if msg.HasField("thinking_budget") else None,
             forced_prefix=tuple(msg.forced_prefix), reasoning_first=msg.reasoning_first,
+            grammar=Grammar.from_wire(msg.grammar) if msg.HasField("grammar") else None,
         )
         params.validate(vocab_size)
         return params
