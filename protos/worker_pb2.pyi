@@ -107,20 +107,22 @@ class PrefillResult(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., grammar_applied: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "prefill_worker_id", "deadline_unix")
+    __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "prefill_worker_id", "deadline_unix", "local_prefill")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: WorkerSampling
     prefill_worker_id: str
     deadline_unix: float
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+    local_prefill: bool
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs")
@@ -232,6 +234,24 @@ class FlushCacheRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class WatchCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CacheEvent(_message.Message):
+    __slots__ = ("reset", "stored", "removed", "page_size", "namespace")
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    stored: _containers.RepeatedScalarFieldContainer[bytes]
+    removed: _containers.RepeatedScalarFieldContainer[bytes]
+    page_size: int
+    namespace: str
+    def __init__(self, reset: _Optional[bool] = ..., stored: _Optional[_Iterable[bytes]] = ..., removed: _Optional[_Iterable[bytes]] = ..., page_size: _Optional[int] = ..., namespace: _Optional[str] = ...) -> None: ...
+
 class FlushCacheResponse(_message.Message):
     __slots__ = ("pages_freed",)
     PAGES_FREED_FIELD_NUMBER: _ClassVar[int]
@@ -265,10 +285,14 @@ class ReserveQuery(_message.Message):
     def __init__(self, transfer_id: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
-    __slots__ = ("reserved",)
+    __slots__ = ("reserved", "cached_tokens", "decode_computes")
     RESERVED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_COMPUTES_FIELD_NUMBER: _ClassVar[int]
     reserved: bool
-    def __init__(self, reserved: _Optional[bool] = ...) -> None: ...
+    cached_tokens: int
+    decode_computes: bool
+    def __init__(self, reserved: _Optional[bool] = ..., cached_tokens: _Optional[int] = ..., decode_computes: _Optional[bool] = ...) -> None: ...
 
 class PairRequest(_message.Message):
     __slots__ = ("prefill", "src_rank", "dst_rank")

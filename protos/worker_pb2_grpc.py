@@ -60,6 +60,11 @@ class PrefillWorkerStub:
                 request_serializer=protos_dot_worker__pb2.FlushCacheRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.FlushCacheResponse.FromString,
                 _registered_method=True)
+        self.WatchCache = channel.unary_stream(
+                '/glmserve.worker.v1.PrefillWorker/WatchCache',
+                request_serializer=protos_dot_worker__pb2.WatchCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.CacheEvent.FromString,
+                _registered_method=True)
 
 
 class PrefillWorkerServicer:
@@ -97,6 +102,12 @@ class PrefillWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +135,11 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
                     servicer.FlushCache,
                     request_deserializer=protos_dot_worker__pb2.FlushCacheRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.FlushCacheResponse.SerializeToString,
+            ),
+            'WatchCache': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCache,
+                    request_deserializer=protos_dot_worker__pb2.WatchCacheRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.CacheEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -271,6 +287,33 @@ class PrefillWorker:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def WatchCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/glmserve.worker.v1.PrefillWorker/WatchCache',
+            protos_dot_worker__pb2.WatchCacheRequest.SerializeToString,
+            protos_dot_worker__pb2.CacheEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeWorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -310,6 +353,16 @@ class DecodeWorkerStub:
                 '/glmserve.worker.v1.DecodeWorker/AwaitReserved',
                 request_serializer=protos_dot_worker__pb2.ReserveQuery.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.ReserveReply.FromString,
+                _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/glmserve.worker.v1.DecodeWorker/FlushCache',
+                request_serializer=protos_dot_worker__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.FlushCacheResponse.FromString,
+                _registered_method=True)
+        self.WatchCache = channel.unary_stream(
+                '/glmserve.worker.v1.DecodeWorker/WatchCache',
+                request_serializer=protos_dot_worker__pb2.WatchCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.CacheEvent.FromString,
                 _registered_method=True)
 
 
@@ -354,6 +407,19 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlushCache(self, request, context):
+        """The decode-side prefix cache (prompt and output pages), as on the prefill worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -386,6 +452,16 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.AwaitReserved,
                     request_deserializer=protos_dot_worker__pb2.ReserveQuery.FromString,
                     response_serializer=protos_dot_worker__pb2.ReserveReply.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=protos_dot_worker__pb2.FlushCacheRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.FlushCacheResponse.SerializeToString,
+            ),
+            'WatchCache': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCache,
+                    request_deserializer=protos_dot_worker__pb2.WatchCacheRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.CacheEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -550,6 +626,60 @@ class DecodeWorker:
             '/glmserve.worker.v1.DecodeWorker/AwaitReserved',
             protos_dot_worker__pb2.ReserveQuery.SerializeToString,
             protos_dot_worker__pb2.ReserveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/glmserve.worker.v1.DecodeWorker/FlushCache',
+            protos_dot_worker__pb2.FlushCacheRequest.SerializeToString,
+            protos_dot_worker__pb2.FlushCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/glmserve.worker.v1.DecodeWorker/WatchCache',
+            protos_dot_worker__pb2.WatchCacheRequest.SerializeToString,
+            protos_dot_worker__pb2.CacheEvent.FromString,
             options,
             channel_credentials,
             insecure,
