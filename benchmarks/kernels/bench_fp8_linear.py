@@ -10,15 +10,20 @@ Prints GPU, driver and the measured ceilings (device copy, pure read, bf16 GEMM 
 then per projection shape and token count M the median time (CUDA-graph replays, inputs and weights
 rotated past L2) of:
   bf16      F.linear of bf16 x and W (cuBLAS), what the bf16 model runs;
-  ch        ops.fp8_linear on pre-quantised x (cuBLAS row-wise; `ref` marks the reference fallback
-            where cuBLAS cannot take the shape), ch+q the same with the per-token quant of x;
-  chT       the Triton channel-scaled GEMM (triton_fp8_gemm.fp8_linear);
+  ch        cuBLAS row-wise on pre-quantised x (cublas_fp8.scaled_mm_linear; `ref` marks the reference
+            fallback where cuBLAS cannot take the shape), ch+q the same with the per-token quant of x;
+  chT       the Triton channel-scaled GEMM (triton_fp8_gemm.fp8_linear, split-K at M <= 64);
+  op        ops.fp8_linear, what the model calls (Triton at M <= cublas_fp8.SMALL_M, else cuBLAS);
   blk       ops.fp8_block_linear on pre-quantised x (the Triton block GEMM), blk+q with the
             per-128-group quant of x. Shapes whose K is not a multiple of 128 have no block path.
 For each: weight GB/s and its fraction of the read bandwidth, TFLOP/s and its fraction of the bf16 or
 FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. The issue's targets:
 the faster channel FP8 GEMM (quantised activations in hand, as the fused producers leave them) at
 >= 1.7x bf16 for M <= 64 and >= 1.5x for M >= 2048, PASS/FAIL per point and in the summary.
+
+Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid of tiles (BLOCK_N 32 /
+64 / 128, split-K 1-8, 3-6 stages) at each projection shape, its best configuration against
+`default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
 
 Fused section, at T tokens: rms_norm + quant_fp8_per_token (or per 128 group) against
 rms_norm_quant_fp8, fused_add_rms_norm + quant against fused_add_rms_norm_quant_fp8, silu_and_mul +
@@ -82,6 +87,7 @@ class Report:
         self.info, self.ceil, self.deadline, self.out_json = info, ceil, time.time() + budget_s, out_json
         self.linear: list[dict] = []
         self.fused: list[dict] = []
+        self.sweep: list[dict] = []
         self.errors: list[str] = []
 
     def over_budget(self) -> bool:
@@ -89,7 +95,7 @@ class Report:
 
     def result(self) -> dict:
         return {"device": self.info, "ceilings": self.ceil, "summary": summary(self.linear), "linear": self.linear,
-                "fused": self.fused, "errors": self.errors}
+                "fused": self.fused, "sweep": self.sweep, "errors": self.errors}
 
     def save(self) -> None:
         text = json.dumps(self.result(), indent=1) + "\n"
@@ -118,9 +124,9 @@ class Report:
 
 
 # ------------------------------------------------------------------------------------ linear
-LINEAR_HEADER = ("| shape | M | bf16 us | ch us (x) | ch+q us (x) | chT us (x) | blk us (x) | blk+q us (x) | "
+LINEAR_HEADER = ("| shape | M | bf16 us | ch us (x) | ch+q us (x) | chT us (x) | op us (x) | blk us (x) | blk+q us (x) | "
                  "best ch GB/s (%rd) | best ch TFLOP/s (%fp8) | bf16 TFLOP/s (%bf16) | "
-                 "rel err ch/chT/blk | target |\n|" + "---|" * 13)
+                 "rel err ch/chT/blk | target |\n|" + "---|" * 14)
 
 
 class Weights:
@@ -156,7 +162,7 @@ def _linear_point(rep: Report, model: str, proj: str, tp: int, shape: str, wts: 
     n, k, sets = wts.n, wts.k, wts.sets
     xs = [torch.randn(m, k, device=DEV).to(BF) for _ in range(sets)]
     xq = [ops.quant_fp8_per_token(x) for x in xs]
-    t: dict[str, float | None] = dict.fromkeys(("bf16", "ch", "ch+q", "chT", "blk", "blk+q"))
+    t: dict[str, float | None] = dict.fromkeys(("bf16", "ch", "ch+q", "chT", "op", "blk", "blk+q"))
 
     def timed(key: str, call: Callable[[int], object]) -> None:
         try:
@@ -165,9 +171,10 @@ def _linear_point(rep: Report, model: str, proj: str, tp: int, shape: str, wts: 
             rep.fail(f"{shape} M={m} {key}", exc)
 
     timed("bf16", lambda i: F.linear(xs[i], wts.bf16[i]))
-    timed("ch", lambda i: ops.fp8_linear(*xq[i], *wts.channel[i]))
-    timed("ch+q", lambda i: ops.fp8_linear(*ops.quant_fp8_per_token(xs[i]), *wts.channel[i]))
+    timed("ch", lambda i: cublas_fp8.scaled_mm_linear(*xq[i], *wts.channel[i]))
+    timed("ch+q", lambda i: cublas_fp8.scaled_mm_linear(*ops.quant_fp8_per_token(xs[i]), *wts.channel[i]))
     timed("chT", lambda i: tg.fp8_linear(*xq[i], *wts.channel[i]))
+    timed("op", lambda i: ops.fp8_linear(*xq[i], *wts.channel[i]))
     ch_fits = cublas_fp8.scaled_mm_fits(*xq[0], *wts.channel[0], None, BF)
     if wts.block is not None:
         xg = [ops.quant_fp8_per_group(x, BLOCK) for x in xs]
@@ -187,7 +194,7 @@ def _errors(rep: Report, shape: str, x: torch.Tensor, wts: Weights) -> dict[str,
     try:
         x_q, x_s = ops.quant_fp8_per_token(x)
         want = ref.fp8_linear(x_q, x_s, *wts.channel[0], None, torch.float32)
-        errs["ch"] = measure.rel_err(ops.fp8_linear(x_q, x_s, *wts.channel[0]), want)
+        errs["ch"] = measure.rel_err(cublas_fp8.scaled_mm_linear(x_q, x_s, *wts.channel[0]), want)
         errs["chT"] = measure.rel_err(tg.fp8_linear(x_q, x_s, *wts.channel[0]), want)
         if wts.block is not None:
             g_q, g_s = ops.quant_fp8_per_group(x, BLOCK)
@@ -203,7 +210,8 @@ def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int,
     ceil = rep.ceil
     flops = 2.0 * m * n * k
     t_bf = t["bf16"]
-    best_key = min(("ch", "chT"), key=lambda key: t[key] or float("inf"))
+    # judged on what the model runs (ops.fp8_linear); the faster of the two GEMMs where it failed
+    best_key = "op" if t["op"] else min(("ch", "chT"), key=lambda key: t[key] or float("inf"))
     best = t[best_key]
     assert t_bf is not None and best is not None  # checked by the caller
     speedup = t_bf / best
@@ -233,10 +241,65 @@ def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int,
     fp8_peak = max(ceil["fp8_tflops"], ceil["fp8_fast_tflops"])
     err = "/".join(f"{errs[key]:.1e}" if key in errs else "-" for key in ("ch", "chT", "blk")) if errs else ""
     rep.emit("FP8 linear", LINEAR_HEADER, (
-        f"| {shape} | {m} | {t_bf:.1f} | {cell('ch')} | {cell('ch+q')} | {cell('chT')} | {cell('blk')} | "
+        f"| {shape} | {m} | {t_bf:.1f} | {cell('ch')} | {cell('ch+q')} | {cell('chT')} | {cell('op')} | {cell('blk')} | "
         f"{cell('blk+q')} | {row['best_ch_gbs']:.0f} ({row['best_ch_gbs'] / ceil['read_gbs']:.0%}) | "
         f"{row['best_ch_tflops']:.0f} ({row['best_ch_tflops'] / fp8_peak:.0%}) | "
         f"{row['bf16_tflops']:.0f} ({row['bf16_tflops'] / ceil['gemm_tflops']:.0%}) | {err} | {verdict} |"))
+
+
+# ------------------------------------------------------------------------------------ few-token sweep
+SWEEP_HEADER = ("| shape | M | cuBLAS us | default cfg | default us | best cfg | best us | best / default |\n|"
+                + "---|" * 8)
+
+
+def _sweep_configs(m: int, k: int) -> Iterator[tg.GemmConfig]:
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    for bn in (32, 64, 128):
+        for split in (1, 2, 4, 8):
+            if split > 1 and k // split < 4 * BLOCK:
+                continue
+            for stages in (3, 4, 6):
+                yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, stages, split)
+
+
+def bench_sweep(rep: Report, models: list[str], tps: list[int], ms: list[int]) -> None:
+    for model, proj, tp, n, k in projection_shapes(models, tps):
+        if rep.over_budget():
+            rep.errors.append(f"sweep: budget spent before {model} {proj} tp={tp}")
+            return
+        shape = f"{model} {proj} tp={tp} N={n} K={k}"
+        try:
+            sets = measure.rotations(n * k + max(ms) * k)
+            ws = [ops.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).to(BF)) for _ in range(sets)]
+            for m in ms:
+                xq = [ops.quant_fp8_per_token(torch.randn(m, k, device=DEV).to(BF)) for _ in range(sets)]
+
+                def run(cfg: tg.GemmConfig | None, xq=xq) -> float:  # noqa: ANN001 - bound per M
+                    return measure.time_graph([lambda i=i: tg.fp8_gemm(*xq[i], *ws[i], None, BF, 0, cfg)
+                                               for i in range(sets)])
+
+                default = tg.default_config(m, n, BLOCK, torch.device(DEV), k)
+                t_default = run(default)
+                t_cublas = measure.time_graph([lambda i=i: cublas_fp8.fp8_linear(*xq[i], *ws[i]) for i in range(sets)])
+                timed = []
+                for cfg in _sweep_configs(m, k):
+                    try:
+                        timed.append((run(cfg), cfg))
+                    except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
+                        rep.errors.append(f"sweep {shape} M={m} {cfg}: {type(exc).__name__}")
+                t_best, best = min(timed, key=lambda p: p[0])
+                rep.sweep.append({"model": model, "proj": proj, "tp": tp, "n": n, "k": k, "m": m,
+                                  "cublas_us": round(t_cublas, 2), "default": list(default),
+                                  "default_us": round(t_default, 2), "best": list(best), "best_us": round(t_best, 2),
+                                  "all": [[list(c), round(v, 2)] for v, c in timed]})
+                name = lambda c: f"bn{c.block_n} s{c.split_k} st{c.num_stages}"  # noqa: E731
+                rep.emit("Few-token sweep", SWEEP_HEADER, (
+                    f"| {shape} | {m} | {t_cublas:.1f} | {name(default)} | {t_default:.1f} | {name(best)} | "
+                    f"{t_best:.1f} | {t_best / t_default:.2f} |"))
+            del ws
+        except Exception as exc:  # noqa: BLE001 - keep measuring the rest
+            rep.fail(f"sweep {shape}", exc)
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------ fused producers
@@ -351,6 +414,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "linear" in sections:
         bench_linear(rep, args.models.split(","), _ints(args.tp), _ints(args.m))
+    if "sweep" in sections:
+        bench_sweep(rep, args.models.split(","), _ints(args.tp), [m for m in _ints(args.m) if m <= 64])
     if "fused" in sections:
         bench_fused(rep, _ints(args.fused_t))
     rep.save()

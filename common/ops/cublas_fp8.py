@@ -1,4 +1,5 @@
-"""CUDA twin of `reference.fp8_linear`: the FP8 GEMM through cuBLAS (`torch._scaled_mm`).
+"""CUDA twin of `reference.fp8_linear`: cuBLAS (`torch._scaled_mm`) for many tokens, the Triton
+split-K GEMM of `triton_fp8_gemm.py` for few.
 
 Why cuBLAS rather than a kernel of our own: `torch._scaled_mm` with row-wise scales (one per token
 of x, one per output channel of w) is a maintained library GEMM that reaches Hopper's FP8 tensor
@@ -8,6 +9,11 @@ sm_90 or newer, E4M3 operands, fp32 scales shaped [T,1] and [N,1], a bf16 output
 row-wise scaling serves), a bf16 bias or none, K and N multiples of 16, row-major operands on
 16-byte boundaries. Every other call runs the reference twin, so results never depend on whether
 the fast path was taken beyond accumulation order and the output's rounding.
+
+Few tokens (M <= SMALL_M, decode and verify steps) go to the Triton channel GEMM instead: there the
+call is a weight-bandwidth GEMV, and cuBLAS's kernels reached only 44-47 % of the read bandwidth at
+K = 11-12K (o_proj, down_proj) on the H100, where the Triton kernel splits K to keep about two
+programs per SM streaming weights (`docs/performance.md` §7 has both, shape by shape).
 
 Block FP8 (1 x 128 activation groups, 128 x 128 weight blocks) runs on the Triton kernel of
 `triton_fp8_gemm.py`: cuBLAS's block scaling through `torch._scaled_mm` answered
@@ -23,6 +29,7 @@ import torch
 from common.ops import reference
 
 _ALIGN = 16  # elements (1-byte E4M3) and bytes
+SMALL_M = 64  # up to this many tokens the Triton split-K GEMM serves the call
 
 
 @functools.cache
@@ -70,6 +77,28 @@ def fp8_linear(
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias); fp32 accumulation, no fast accumulation."""
+    if x_q.shape[0] <= SMALL_M and _triton_fits(x_q, x_scale, w_q, w_scale):
+        from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
+
+        return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return scaled_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def _triton_fits(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    return (x_q.device.type == "cuda" and _has_fp8_tensor_cores(x_q.device.index or 0)
+            and x_q.dtype == w_q.dtype == torch.float8_e4m3fn
+            and _row_scale(x_scale, x_q.shape[0]) and _row_scale(w_scale, w_q.shape[0]))
+
+
+def scaled_mm_linear(
+    x_q: torch.Tensor,  # [T,K] e4m3
+    x_scale: torch.Tensor,  # [T,1] fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # [N,1] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The cuBLAS path alone (the reference twin where `scaled_mm_fits` says cuBLAS cannot run it)."""
     if not scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype):
         return reference.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     # w_q.t() is the column-major [K,N] operand cuBLAS wants, without a copy; w_scale.t() is [1,N]
@@ -77,4 +106,4 @@ def fp8_linear(
                             out_dtype=out_dtype, use_fast_accum=False)
 
 
-__all__ = ["fp8_linear", "scaled_mm_fits"]
+__all__ = ["SMALL_M", "fp8_linear", "scaled_mm_fits", "scaled_mm_linear"]

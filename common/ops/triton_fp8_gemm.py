@@ -32,17 +32,21 @@ class GemmConfig(NamedTuple):
     group_m: int
     num_warps: int
     num_stages: int
+    split_k: int = 1  # K slices summed by `_split_k_reduce` (few-token calls: more programs in flight)
 
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
+    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, k_per_split,
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
-    BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN),), grouped."""
+    """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
+    grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
+    writes its scaled fp32 partial to c[s] ([SPLIT_K, M, N]); `_split_k_reduce` adds them up."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * grid_n
@@ -55,13 +59,15 @@ def _fp8_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]  # [BM,BK]
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]  # [BK,BN]: B^T, K-major
+    k_lo = pid_k * k_per_split  # a multiple of BLOCK_K
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :]  # [BM,BK]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_lo + offs_k)[:, None]  # [BK,BN]: B^T, K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BLOCK_SCALES:  # K % BLOCK_K == 0; scale column k0 / BLOCK_K
         as_ptrs = as_ptr + offs_m * stride_asm  # [BM]
         bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn  # [BN]
-        for kb in range(tl.cdiv(K, BLOCK_K)):
+        for kb in range(k_lo // BLOCK_K, tl.cdiv(k_hi, BLOCK_K)):
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
             sa = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
@@ -70,8 +76,8 @@ def _fp8_gemm_kernel(
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     else:
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            mask_k = offs_k < k_hi - k0
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
@@ -80,10 +86,30 @@ def _fp8_gemm_kernel(
         sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        c_ptrs = c_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(c_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _split_k_reduce(part_ptr, bias_ptr, c_ptr, M, N, stride_cm,
+                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """c[m, n] = sum_s part[s, m, n] (+ bias[n]), the splits added in order (deterministic)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(part_ptr + (s * M + row) * N + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptr + row * stride_cm + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -91,15 +117,18 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_config(m: int, n: int, block_k: int, device: torch.device) -> GemmConfig:
-    """Tiles by token count, each the largest that still gives every SM a program: up to 64 tokens
-    one BLOCK_M 16/32/64 row of tiles with N tiles of 128 down to 16 (4 warps, 4 stages: a GEMV is
-    bound by the weight bytes in flight); more tokens 128 x 128 (8 warps), else 64 x 128, 64 x 64."""
+def default_config(m: int, n: int, block_k: int, device: torch.device, k: int = 0) -> GemmConfig:
+    """Tiles by token count. Up to 64 tokens the call is a GEMV bound by the weight bytes in flight:
+    one BLOCK_M 16/32/64 row of 64- or 128-wide N tiles (4 stages of BLOCK_K x BLOCK_N = 32-64 KiB in
+    flight per program) and K split so that about two programs run per SM (`k` given: each slice at
+    least 4 K steps, at most 8 slices). More tokens take 128 x 128 tiles (8 warps), else 64 x 128,
+    64 x 64, in grouped order for L2 reuse."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 132
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        bn = next((bn for bn in (128, 64, 32) if triton.cdiv(n, bn) >= sms), 16)
-        return GemmConfig(bm, bn, block_k, 1, 4, 4)
+        bn = 128 if triton.cdiv(n, 128) >= 2 * sms else 64
+        split = max(1, min(8, k // (4 * block_k), triton.cdiv(2 * sms, triton.cdiv(n, bn))))
+        return GemmConfig(bm, bn, block_k, 1, 4, 4, split)
     for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4)):
         if triton.cdiv(m, bm) * triton.cdiv(n, bn) >= sms:
             return GemmConfig(bm, bn, block_k, 8, warps, stages)
@@ -125,18 +154,27 @@ def fp8_gemm(
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or default_config(m, n, block or 128, x_q.device)
+    cfg = config or default_config(m, n, block or 128, x_q.device, k)
     if block and cfg.block_k != block:
         raise ValueError(f"fp8_block_linear: BLOCK_K={cfg.block_k} must equal the scale block {block}")
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(k, k_per_split)  # no empty slice
+    has_bias = bias is not None
+    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x_q.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     _fp8_gemm_kernel[grid](
-        x_q, x_scale, w_q, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+        x_q, x_scale, w_q, w_scale, bias if has_bias else w_scale, dest, m, n, k, k_per_split,
         x_q.stride(0), w_q.stride(0), out.stride(0), x_scale.stride(0), x_scale.stride(1),
         w_scale.stride(0), w_scale.stride(1),
-        BLOCK_SCALES=block > 0, HAS_BIAS=bias is not None,
+        BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if split > 1:
+        reduce_block = 1024
+        _split_k_reduce[(m, triton.cdiv(n, reduce_block))](
+            dest, bias if has_bias else dest, out, m, n, out.stride(0),
+            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=reduce_block, num_warps=4)
     return out
 
 

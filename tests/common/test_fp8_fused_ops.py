@@ -221,6 +221,27 @@ def _group_fused() -> None:
             err = _rel(y, ref.fp8_linear(c_q, c_scale, wc_q, wc_scale, None, torch.float32))
             assert err < 1e-6, f"fp8_linear (Triton) T={t} N={n} K={kc}: rel {err:.2e}"
             print(f"fp8_linear (Triton) T={t} N={n} K={kc}: rel {err:.2e}")
+    # split K: slices of whole K steps (the last may be short or hold a K tail), partials summed in order
+    # by the reduce kernel, bias added once; both scale layouts
+    for t, n, k, split, block in ((3, 48, 500, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128)):
+        x = activations(t, k, torch.float32)
+        if block:
+            x_q, x_scale = ref.quant_fp8_per_group(x, block)
+            w_q, w_scale = ref.quant_fp8_weight_blocks(torch.randn(n, k) * 0.05, block)
+        else:
+            x_q, x_scale = ref.quant_fp8_per_token(x)
+            w_q, w_scale = ref.quant_fp8_per_token(torch.randn(n, k) * 0.05)
+        bias = torch.randn(n)
+        cfg = tg.GemmConfig(16, 32, block or 64, 1, 4, 2, split)
+        want = (ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32, block) if block
+                else ref.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32))
+        err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, cfg), want)
+        assert err < 1e-6, f"split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
+    # the few-token heuristic splits K only where every slice keeps >= 4 K steps
+    cpu = torch.device("cpu")
+    assert tg.default_config(1, 4096, 128, cpu, 12288).split_k > 1
+    assert tg.default_config(1, 4096, 128, cpu, 256).split_k == 1
+    assert tg.default_config(256, 4096, 128, cpu, 12288).split_k == 1
 
 
 if __name__ == "__main__":
