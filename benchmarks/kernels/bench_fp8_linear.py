@@ -267,39 +267,45 @@ def bench_sweep(rep: Report, models: list[str], tps: list[int], ms: list[int]) -
         if rep.over_budget():
             rep.errors.append(f"sweep: budget spent before {model} {proj} tp={tp}")
             return
-        shape = f"{model} {proj} tp={tp} N={n} K={k}"
         try:
-            sets = measure.rotations(n * k + max(ms) * k)
-            ws = [ops.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).to(BF)) for _ in range(sets)]
-            for m in ms:
-                xq = [ops.quant_fp8_per_token(torch.randn(m, k, device=DEV).to(BF)) for _ in range(sets)]
-
-                def run(cfg: tg.GemmConfig | None, xq=xq) -> float:  # noqa: ANN001 - bound per M
-                    return measure.time_graph([lambda i=i: tg.fp8_gemm(*xq[i], *ws[i], None, BF, 0, cfg)
-                                               for i in range(sets)])
-
-                default = tg.default_config(m, n, BLOCK, torch.device(DEV), k)
-                t_default = run(default)
-                t_cublas = measure.time_graph([lambda i=i: cublas_fp8.fp8_linear(*xq[i], *ws[i]) for i in range(sets)])
-                timed = []
-                for cfg in _sweep_configs(m, k):
-                    try:
-                        timed.append((run(cfg), cfg))
-                    except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
-                        rep.errors.append(f"sweep {shape} M={m} {cfg}: {type(exc).__name__}")
-                t_best, best = min(timed, key=lambda p: p[0])
-                rep.sweep.append({"model": model, "proj": proj, "tp": tp, "n": n, "k": k, "m": m,
-                                  "cublas_us": round(t_cublas, 2), "default": list(default),
-                                  "default_us": round(t_default, 2), "best": list(best), "best_us": round(t_best, 2),
-                                  "all": [[list(c), round(v, 2)] for v, c in timed]})
-                name = lambda c: f"bn{c.block_n} s{c.split_k} st{c.num_stages}"  # noqa: E731
-                rep.emit("Few-token sweep", SWEEP_HEADER, (
-                    f"| {shape} | {m} | {t_cublas:.1f} | {name(default)} | {t_default:.1f} | {name(best)} | "
-                    f"{t_best:.1f} | {t_best / t_default:.2f} |"))
-            del ws
+            _sweep_shape(rep, (model, proj, tp), n, k, ms)
         except Exception as exc:  # noqa: BLE001 - keep measuring the rest
-            rep.fail(f"sweep {shape}", exc)
+            rep.fail(f"sweep {model} {proj} tp={tp}", exc)
         torch.cuda.empty_cache()
+
+
+def _cfg_name(c: tg.GemmConfig) -> str:
+    return f"bn{c.block_n} s{c.split_k} st{c.num_stages}"
+
+
+def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: list[int]) -> None:
+    model, proj, tp = where
+    shape = f"{model} {proj} tp={tp} N={n} K={k}"
+    sets = measure.rotations(n * k + max(ms) * k)
+    ws = [ops.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).to(BF)) for _ in range(sets)]
+    for m in ms:
+        xq = [ops.quant_fp8_per_token(torch.randn(m, k, device=DEV).to(BF)) for _ in range(sets)]
+
+        def run(cfg: tg.GemmConfig | None, xq: list = xq) -> float:  # type: ignore[type-arg]
+            return measure.time_graph([lambda i=i: tg.fp8_gemm(*xq[i], *ws[i], None, BF, 0, cfg) for i in range(sets)])
+
+        default = tg.default_config(m, n, BLOCK, torch.device(DEV), k)
+        t_default = run(default)
+        t_cublas = measure.time_graph([lambda i=i: cublas_fp8.scaled_mm_linear(*xq[i], *ws[i]) for i in range(sets)])
+        timed = []
+        for cfg in _sweep_configs(m, k):
+            try:
+                timed.append((run(cfg), cfg))
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
+                rep.errors.append(f"sweep {shape} M={m} {cfg}: {type(exc).__name__}")
+        t_best, best = min(timed, key=lambda p: p[0])
+        rep.sweep.append({"model": model, "proj": proj, "tp": tp, "n": n, "k": k, "m": m,
+                          "cublas_us": round(t_cublas, 2), "default": list(default),
+                          "default_us": round(t_default, 2), "best": list(best), "best_us": round(t_best, 2),
+                          "all": [[list(c), round(v, 2)] for v, c in timed]})
+        rep.emit("Few-token sweep", SWEEP_HEADER, (
+            f"| {shape} | {m} | {t_cublas:.1f} | {_cfg_name(default)} | {t_default:.1f} | {_cfg_name(best)} | "
+            f"{t_best:.1f} | {t_best / t_default:.2f} |"))
 
 
 # ------------------------------------------------------------------------------------ fused producers
