@@ -291,7 +291,7 @@ def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: l
 
         default = tg.default_config(m, n, BLOCK, torch.device(DEV), k)
         t_default = run(default)
-        t_cublas = measure.time_graph([lambda i=i: cublas_fp8.scaled_mm_linear(*xq[i], *ws[i]) for i in range(sets)])
+        t_cublas = measure.time_graph([lambda i=i, xq=xq: cublas_fp8.scaled_mm_linear(*xq[i], *ws[i]) for i in range(sets)])
         timed = []
         for cfg in _sweep_configs(m, k):
             try:
