@@ -24,7 +24,7 @@ from common.runtime.distributed import TPConfig
 from common.runtime.runner import ModelRunner, RunnerSpec
 from common.tools.tiny_model import make_tiny_model
 from common.worker.ranks import start_ranks
-from tests.gpu.numerics import rel
+from tests.gpu.numerics import assert_clear_argmax_equal, rel
 from tests.gpu.test_model_gpu import AIR_2_LAYERS
 
 pytestmark = pytest.mark.gpu
@@ -68,7 +68,7 @@ def test_tp2_as_two_processes_on_one_gpu_matches_one_device(tiny_bf16: Path) -> 
         ranks.stop()
     for key, w in want.items():
         assert rel(got[key], w) <= 2e-2, key
-        assert (got[key].argmax(-1) == w.argmax(-1)).float().mean() >= 0.9, key
+        assert_clear_argmax_equal(got[key], w, key)
 
 
 @pytest.fixture(scope="module")
@@ -91,4 +91,4 @@ def test_air_rank_shards_run_the_triton_kernels(air_dir: Path, size: int) -> Non
         twin = _forwards(shard)
     for key in triton:
         assert rel(triton[key], twin[key]) <= 5e-2, key
-        assert (triton[key].argmax(-1) == twin[key].argmax(-1)).float().mean() >= 0.9, key
+        assert_clear_argmax_equal(triton[key], twin[key], key)
