@@ -142,6 +142,24 @@ def test_block_linear_matches_fp64(n: int, k: int, block: int) -> None:
         ref.fp8_block_linear(x_q[:, :100], x_scale, w_q[:, :100], w_scale, None, torch.float32, block)
 
 
+def test_fp8_gemm_tuned_table_is_well_formed() -> None:
+    """Every tuned entry names a bucket the lookup uses and tiles the kernel takes (power-of-two N
+    tiles, whole K steps per slice)."""
+    import json
+
+    from common.ops import triton_fp8_gemm as tg
+
+    tables = json.loads(tg.TUNED_PATH.read_text())["tables"]
+    assert tables
+    for shapes in tables.values():
+        for shape, buckets in shapes.items():
+            n, k = map(int, shape.split(","))
+            assert set(buckets) <= {"1", "64"} and n > 0
+            for entry in buckets.values():
+                assert entry["block_n"] in (16, 32, 64, 128) and 1 <= entry["split_k"] <= 8
+                assert k // entry["split_k"] >= 128 and entry["num_stages"] >= 2
+
+
 def test_fused_interpreted() -> None:
     pytest.importorskip("triton")
     from tests.common.test_triton_interpret import run_interpreted
@@ -240,6 +258,7 @@ def _group_fused() -> None:
     # the few-token heuristic splits K only where every slice keeps >= 4 K steps
     cpu = torch.device("cpu")
     assert tg.default_config(1, 4096, 128, cpu, 12288).split_k > 1
+    assert tg.tuned_config(1, 4096, 12288, cpu) is None  # CPU: no table
     assert tg.default_config(1, 4096, 128, cpu, 256).split_k == 1
     assert tg.default_config(256, 4096, 128, cpu, 12288).split_k == 1
 
