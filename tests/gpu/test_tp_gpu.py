@@ -54,13 +54,16 @@ def tiny_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_tp2_as_two_processes_on_one_gpu_matches_one_device(tiny_bf16: Path) -> None:
-    """TP 2 in bf16 is as close to the fp32 model as TP 1 in bf16 is: the all-reduce adds one bf16
-    rounding of each rank's partial sum per layer (TP 2 was 0.055 from TP 1 on an H100), so the bound is
-    the bf16 model's own distance from fp32, not a constant."""
+    """TP 2 in bf16 is about as close to the fp32 model as TP 1 in bf16 is, row by row: each rank's
+    partial o_proj / MLP output is rounded to bf16 before the all-reduce (two more roundings per layer),
+    and a row whose expert choice is a near-tie may route differently. Measured on an H100 (2026-12-06):
+    median row error 0.016 (TP 2) against 0.010 (TP 1); one of 47 prefill rows 0.33 (a routing flip),
+    the rest <= 0.08. The bounds are relative to TP 1's own distance from fp32."""
     torch.backends.cuda.matmul.allow_tf32 = False
     spec = RunnerSpec(str(tiny_bf16), "bfloat16", PAGE, 64)
     want = _forwards(spec.build("cuda:0"))
-    exact = _forwards(RunnerSpec(str(tiny_bf16), "float32", PAGE, 64).build("cuda:0"))
+    with ops.use_reference():  # the Triton kernels' tiles are sized for 16-bit activations
+        exact = _forwards(RunnerSpec(str(tiny_bf16), "float32", PAGE, 64).build("cuda:0"))
     tp = TPConfig.resolve(2, "cuda:0")
     assert tp.devices == ("cuda:0", "cuda:0") and tp.backend == "gloo"
     runner, ranks = start_ranks(spec, tp, role="gpu-test")
@@ -71,11 +74,18 @@ def test_tp2_as_two_processes_on_one_gpu_matches_one_device(tiny_bf16: Path) -> 
     finally:
         ranks.stop()
     for key, w in want.items():
-        noise = rel(w, exact[key])
-        print(f"{key}: TP2 vs TP1 {rel(got[key], w):.4f}, TP2 vs fp32 {rel(got[key], exact[key]):.4f}, "
-              f"TP1 vs fp32 {noise:.4f}")
-        assert rel(got[key], exact[key]) <= 2 * noise + 1e-3, key
+        tp2 = _row_rel(got[key], exact[key])
+        tp1 = _row_rel(w, exact[key])
+        print(f"{key}: row error vs fp32, median TP 2 {tp2.median():.4f} / TP 1 {tp1.median():.4f}, "
+              f"worst TP 2 {tp2.max():.3f} / TP 1 {tp1.max():.3f}")
+        assert tp2.median() <= 2.5 * tp1.median() + 1e-3, key
+        # a row whose MoE routing meets a near-tie may pick another expert after a one-ulp change
+        assert (tp2 > 10 * tp1.median() + 1e-3).float().mean() <= 0.1, key
         assert_clear_argmax_equal(got[key], exact[key], key)
+
+
+def _row_rel(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (out.double() - ref.double()).norm(dim=-1) / ref.double().norm(dim=-1)
 
 
 @pytest.fixture(scope="module")
