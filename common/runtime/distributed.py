@@ -11,7 +11,9 @@ Every collective waits at most `timeout_s` (the groups' own timeout), so a dead 
 error, never a hang.
 
 What the model relies on (common/model/layers.py TPComm): `all_reduce` gives every rank the same bits
-(NCCL's ring and tree results are identical on all ranks; the gloo path all-gathers the partials and
+(the peer-memory one-/two-shot all-reduce of common/runtime/symm_allreduce.py serves the small
+messages between GPUs that can reach each other, NCCL the rest; both add the same values in the same
+order on every rank; NCCL's ring and tree results are identical on all ranks; the gloo path all-gathers the partials and
 every rank adds them in rank order in fp32), so routing and every replicated op agree across ranks
 without further checks; `gather_to_leader` concatenates the last dim in rank order on rank 0 (NCCL:
 an all-gather, which a CUDA graph can capture; gloo: a gather).
@@ -29,6 +31,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._C import _distributed_c10d as _c10d
+
+from common.runtime.symm_allreduce import NCCL, SymmAllReduce, try_create
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +61,11 @@ class TPConfig:
     backend: str
     timeout_s: float
     store: tuple[str, int] = ("127.0.0.1", 0)
+    custom_all_reduce: bool = True  # peer-memory one-/two-shot all-reduce where the GPUs allow it
 
     @classmethod
     def resolve(cls, size: int, device: str, backend: str = "auto", timeout_s: float = 60.0,
-                base_gpu_id: int | None = None) -> TPConfig:
+                base_gpu_id: int | None = None, custom_all_reduce: bool = True) -> TPConfig:
         """Rank r on GPU base + r (SGLang's --base-gpu-id; default: the index in `device`, else 0), or
         every rank on the CPU. Ranks share the last GPUs when there are fewer than `size` (gloo then).
         ValueError naming the flag for what cannot run."""
@@ -82,7 +88,7 @@ class TPConfig:
             raise ValueError(f"--tp-backend nccl: {size} ranks from GPU {base} need {size} GPUs, {count - base} "
                              "available (NCCL refuses two ranks on one GPU; --tp-backend gloo runs them)")
         resolved = "gloo" if shared or backend == "gloo" else "nccl"
-        return cls(size, devices, resolved, timeout_s)
+        return cls(size, devices, resolved, timeout_s, custom_all_reduce=custom_all_reduce)
 
 
 class TPGroup:
@@ -105,6 +111,13 @@ class TPGroup:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
             self.dev = dist.ProcessGroupNCCL(dist.PrefixStore(f"{name}/nccl", store), rank, self.size, opts)
+        self.custom: SymmAllReduce | None = None
+        self._group_name = ""
+        if not self.on_host and cfg.custom_all_reduce and self.size > 1:
+            self._group_name = f"glmserve/{name}/{cfg.store[1]}"
+            group = named_group(self.dev, self._group_name, dist.PrefixStore(f"{name}/symm", store), rank, self.size,
+                                torch.device("cuda"), dist.ProcessGroup.BackendType.NCCL)
+            self.custom = try_create(group, self._group_name, self.device)
         self._store = store  # the groups keep their own references; this one keeps the leader's server alive
 
     @property
@@ -121,6 +134,8 @@ class TPGroup:
         if self.size == 1:
             return x
         if not self.on_host:
+            if self.custom is not None and self.custom.path(x) != NCCL:
+                return self.custom(x)
             self.dev.allreduce([x]).wait()
             return x
         parts = self._all_gather_host(x)
@@ -179,11 +194,33 @@ class TPGroup:
 
     def close(self) -> None:
         """Drop the groups (after the CUDA graphs that captured them)."""
+        self.custom = None
+        if self._group_name:
+            unregister_group(self._group_name)
         for pg in (self.dev, self.cpu):
             try:
                 pg.abort() if hasattr(pg, "abort") else None
             except Exception as e:  # noqa: BLE001 - teardown must not raise
                 log.debug("TP group teardown: %s", e)
+
+
+def named_group(backend: Any, name: str, store: Any, rank: int, size: int, device: torch.device,
+                kind: Any) -> dist.ProcessGroup:
+    """A ProcessGroup around `backend` registered under `name`, so ops that find their group by name
+    (PyTorch's symmetric-memory all-reduces) can use a group built without torch's default group."""
+    group = dist.ProcessGroup(store, rank, size)
+    group._set_default_backend(kind)
+    group._register_backend(device, kind, backend)
+    group._set_group_name(name)
+    _c10d._register_process_group(name, group)
+    return group
+
+
+def unregister_group(name: str) -> None:
+    try:
+        _c10d._unregister_process_group(name)
+    except Exception as e:  # noqa: BLE001 - teardown must not raise
+        log.debug("unregister %s: %s", name, e)
 
 
 def _gloo(store: Any, rank: int, size: int, timeout: datetime.timedelta, host: str) -> Any:

@@ -32,7 +32,7 @@ GATEWAY: Mapping[str, bool] = {
 }
 WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--advertise-host": True, "--worker-id": True, "--device": True, "--dtype": True, "--tp-size": True,
-    "--base-gpu-id": True, "--tp-backend": True, "--tp-step-timeout": True, "--dist-init-addr": True,
+    "--base-gpu-id": True, "--tp-backend": True, "--tp-step-timeout": True, "--disable-custom-all-reduce": False, "--dist-init-addr": True,
     "--ep-size": True, "--quantization": True, "--fp8-compute": True,
     "--page-size": True, "--num-pages": True, "--mem-fraction-static": True, "--max-queued-requests": True,
     "--transfer-timeout": True, "--kv-backend": True, "--speculative-algorithm": True,

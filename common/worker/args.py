@@ -38,6 +38,9 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument("--tp-backend", default="auto", choices=("auto", "nccl", "gloo"),
                    help="collectives of the TP group: auto = NCCL across GPUs, gloo on the CPU or when ranks "
                         "share a GPU (NCCL refuses two ranks on one device)")
+    p.add_argument("--disable-custom-all-reduce", action="store_true",
+                   help="NCCL for every TP all-reduce (default: small ones on the peer-memory one-/two-shot "
+                        "all-reduce where the GPUs can reach each other)")
     p.add_argument("--tp-step-timeout", type=float, default=60.0,
                    help="seconds any TP collective may wait before the worker gives up (a dead rank)")
     p.add_argument("--dist-init-addr", default=None,
@@ -97,6 +100,7 @@ class WorkerConfig:
     base_gpu_id: int | None
     tp_backend: str
     tp_step_timeout: float
+    disable_custom_all_reduce: bool
     dist_init_addr: tuple[str, int]
     quantization: str | None
     fp8_compute: str
@@ -181,6 +185,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         role=role, model_path=model_path, host=ns.host, port=ns.port, advertise_host=advertise,
         worker_id=ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}", device=device, dtype=dtype,
         tp_size=ns.tp_size, base_gpu_id=ns.base_gpu_id, tp_backend=ns.tp_backend, tp_step_timeout=ns.tp_step_timeout,
+        disable_custom_all_reduce=ns.disable_custom_all_reduce,
         dist_init_addr=store, quantization=ns.quantization, fp8_compute=ns.fp8_compute, page_size=ns.page_size, num_pages=ns.num_pages,
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -34,8 +35,9 @@ def build_runner(cfg: WorkerConfig) -> tuple[ModelRunner, Ranks | None]:
                       mem_fraction=cfg.mem_fraction_static, quantize=cfg.quantization, fp8_compute=cfg.fp8_compute)
     if cfg.tp_size == 1:
         return spec.build(cfg.device), None
-    tp = TPConfig.resolve(cfg.tp_size, cfg.device, cfg.tp_backend, cfg.tp_step_timeout, cfg.base_gpu_id)
-    tp = TPConfig(tp.size, tp.devices, tp.backend, tp.timeout_s, cfg.dist_init_addr)
+    tp = TPConfig.resolve(cfg.tp_size, cfg.device, cfg.tp_backend, cfg.tp_step_timeout, cfg.base_gpu_id,
+                          custom_all_reduce=not cfg.disable_custom_all_reduce)
+    tp = dataclasses.replace(tp, store=cfg.dist_init_addr)
     return start_ranks(spec, tp, role=cfg.role, kv=transport_config(cfg))
 
 

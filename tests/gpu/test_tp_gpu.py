@@ -57,19 +57,40 @@ def test_tp2_as_two_processes_on_one_gpu_matches_one_device(tiny_bf16: Path) -> 
     """TP 2 in bf16 is about as close to the fp32 model as TP 1 in bf16 is, row by row: each rank's
     partial o_proj / MLP output is rounded to bf16 before the all-reduce (two more roundings per layer),
     and a row whose expert choice is a near-tie may route differently. Measured on an H100 (2026-12-06):
-    median row error 0.016 (TP 2) against 0.010 (TP 1); one of 47 prefill rows 0.33 (a routing flip),
-    the rest <= 0.08. The bounds are relative to TP 1's own distance from fp32."""
+    median row error 0.014 (TP 2) against 0.010 (TP 1) on the prefill rows; one of 47 rows 0.33 (a
+    routing flip), the rest <= 0.08. The bounds are relative to TP 1's own distance from fp32."""
+    tp = TPConfig(2, ("cuda:0", "cuda:0"), "gloo", 60.0)  # host-copy collectives: two ranks share the GPU
+    _check_tp2(tiny_bf16, tp, graphs=False)
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_tp2_on_two_gpus_over_nccl_matches_one_device(tiny_bf16: Path) -> None:
+    """The same on two GPUs: NCCL and the peer-memory all-reduce, and the decode CUDA graphs of both
+    ranks replaying the captured collectives."""
+    tp = TPConfig.resolve(2, "cuda:0")
+    assert tp.devices == ("cuda:0", "cuda:1") and tp.backend == "nccl"
+    _check_tp2(tiny_bf16, tp, graphs=True)
+
+
+def _check_tp2(model_dir: Path, tp: TPConfig, graphs: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
-    spec = RunnerSpec(str(tiny_bf16), "bfloat16", PAGE, 64)
+    spec = RunnerSpec(str(model_dir), "bfloat16", PAGE, 64)
     want = _forwards(spec.build("cuda:0"))
     with ops.use_reference():  # the Triton kernels' tiles are sized for 16-bit activations
-        exact = _forwards(RunnerSpec(str(tiny_bf16), "float32", PAGE, 64).build("cuda:0"))
-    tp = TPConfig.resolve(2, "cuda:0")
-    assert tp.devices == ("cuda:0", "cuda:0") and tp.backend == "gloo"
+        exact = _forwards(RunnerSpec(str(model_dir), "float32", PAGE, 64).build("cuda:0"))
     runner, ranks = start_ranks(spec, tp, role="gpu-test")
     try:
-        assert not runner.graphs_supported  # host-copy collectives cannot be captured
+        assert runner.graphs_supported == graphs  # host-copy collectives cannot be captured
         got = _forwards(runner)
+        if graphs:
+            batch = ForwardBatch.decode([5, 9], [40, 23], [runner.allocator.alloc(4), runner.allocator.alloc(4)],
+                                        PAGE, "cuda")
+            eager = runner.decode_logits(batch).float().clone()
+            runner.capture_decode_graphs(4)
+            replayed = runner.decode_logits(batch).float()
+            assert rel(replayed, eager) < 2e-2
+            assert_clear_argmax_equal(replayed, eager, "decode graph")
         assert ranks.failure is None
     finally:
         ranks.stop()
