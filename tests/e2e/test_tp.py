@@ -44,8 +44,9 @@ def _batch_matches(cluster, reference, seed: int) -> None:
         assert got.tokens == reference.greedy(ids, max_tokens), f"prompt of {len(ids)} tokens diverged"
 
 
-@pytest.mark.parametrize(("prefill_tp", "decode_tp", "spec"), [(2, 1, []), (1, 2, SPEC_CHAIN), (2, 4, SPEC_TREE)],
-                         ids=["p2-d1", "p1-d2-eagle", "p2-d4-eagle-tree"])
+@pytest.mark.parametrize(("prefill_tp", "decode_tp", "spec"),
+                         [(2, 1, []), (1, 2, SPEC_CHAIN), (2, 2, []), (2, 4, SPEC_TREE)],
+                         ids=["p2-d1", "p1-d2-eagle", "p2-d2", "p2-d4-eagle-tree"])
 def test_greedy_outputs_equal_the_reference(launch, tiny_model_dir, reference, prefill_tp, decode_tp, spec) -> None:
     # chunks of 16 tokens: prompts up to 44 tokens take up to 3 forwards, several prompts share one
     cluster = launch(tiny_model_dir, extra_worker_args=spec,
