@@ -228,6 +228,18 @@ def test_fp8_tables_are_named_apart_from_bf16() -> None:
         assert block["up"]["BLOCK_K"] == block["down"]["BLOCK_K"] == 128
 
 
+def test_tuned_entries_serve_token_counts_near_them_by_ratio() -> None:
+    """A table tuned at 1, 64 and 4096 tokens: 2048 takes the 4096 entry (not 64's decode tiles, which
+    ran 0.6x bf16 there); a table without prefill entries leaves prefill sizes to the heuristic."""
+    from common.ops import moe_configs as mc
+
+    keys = [1, 64, 4096]
+    assert [mc.nearest_tuned(keys, m) for m in (1, 8, 16, 32, 256, 512, 1024, 2048, 8192, 65536)] == \
+        [1, 1, 64, 64, 64, 64, 4096, 4096, 4096, None]
+    assert mc.nearest_tuned([1, 64], 2048) is None and mc.nearest_tuned([1, 64], 512) == 64
+    assert mc.nearest_tuned([], 8) is None
+
+
 def test_triton_interpreted() -> None:
     pytest.importorskip("triton")
     from tests.common.test_triton_interpret import run_interpreted

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -88,17 +90,33 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+MAX_TUNED_RATIO = 8  # a tuned entry serves token counts within this factor of its own
+
+
+def nearest_tuned(keys: Iterable[int], m: int) -> int | None:
+    """The tuned token count closest to m by ratio (tiles scale with the rows per expert, so 2048 is
+    nearer 4096 than 64), or None when none is within MAX_TUNED_RATIO: a decode entry's tiles run a
+    prefill-sized call several times slower than the heuristic."""
+    m = max(m, 1)
+    best = min(keys, key=lambda k: (abs(math.log(m / k)), k), default=None)
+    if best is None or max(m / best, best / m) > MAX_TUNED_RATIO:
+        return None
+    return best
+
+
 def get_config(m: int, num_experts: int, n: int, hidden: int, top_k: int, dtype: torch.dtype,
                device: torch.device, fp8_block: int | None = None) -> dict:
     """The tuned entry nearest to m for this shape, weight format and device (any device's table for
-    the shape next), else default_config() (default_config_fp8() for FP8 weights)."""
+    the shape next; `nearest_tuned`), else default_config() (default_config_fp8() for FP8 weights)."""
     table = _load_table(num_experts, n, hidden, dtype, _device_name(device), fp8_block)
-    if table:
-        return table[min(table, key=lambda key: (abs(key - m), key))]
+    key = nearest_tuned(table or {}, m)
+    if key is not None:
+        return table[key]
     if fp8_block is None:
         return default_config(m, num_experts, n, hidden, top_k, num_sms(device))
     return default_config_fp8(m, num_experts, n, hidden, top_k, fp8_block, num_sms(device))
 
 
-__all__ = ["CONFIG_DIR", "config_name", "default_config", "default_config_fp8", "get_config", "num_sms",
+__all__ = ["CONFIG_DIR", "MAX_TUNED_RATIO", "config_name", "default_config", "default_config_fp8", "get_config",
+           "nearest_tuned", "num_sms",
            "table_dtype"]
