@@ -266,13 +266,14 @@ class Pipeline:
         last_error: LegError | None = None
         for attempt in range(self.config.max_dispatch_attempts):
             try:
-                prefill, decode = self.router.choose(exclude=failed)
+                route = self.router.route(input_ids, exclude=failed)
             except GatewayError:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            leg = LegRequest(request_id, new_transfer_id(), input_ids, sampling, deadline)
-            dispatch = Dispatch(prefill, decode, leg, self._background, self.config.worker_rpc_timeout)
+            leg = LegRequest(request_id, new_transfer_id(), input_ids, sampling, deadline,
+                             uncached_tokens=len(input_ids) - route.cached_tokens)
+            dispatch = Dispatch(route.prefill, route.decode, leg, self._background, self.config.worker_rpc_timeout)
             chunks = dispatch.chunks()
             try:
                 async for chunk in chunks:
@@ -289,7 +290,8 @@ class Pipeline:
                 if dispatch.chunks_received or not e.retryable or attempt + 1 == self.config.max_dispatch_attempts:
                     raise
                 log.warning("request %s: attempt %d on (%s, %s) failed before the first token: %s; retrying",
-                            request_id, attempt + 1, prefill.address, decode.address, e.message)
+                            request_id, attempt + 1, route.prefill.address if route.prefill else "local prefill",
+                            route.decode.address, e.message)
                 failed.append(e.worker)
                 last_error = e
             finally:

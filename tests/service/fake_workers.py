@@ -23,6 +23,7 @@ import grpc
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from common.serving.cache_events import CacheEvents
 from common.serving.grpc_server import make_server
 from protos import worker_pb2, worker_pb2_grpc
 
@@ -66,6 +67,21 @@ class _Recorder:
         self.aborted: set[int] = set()
         self.load = worker_pb2.WorkerLoad(total_pages=100, free_pages=100)
         self.abort_event = asyncio.Event()
+        self.cache_events: CacheEvents | None = None  # set: WatchCache streams it (else UNIMPLEMENTED)
+        self.flushes = 0
+
+    async def WatchCache(self, request, context):
+        if self.cache_events is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no cache events")
+        async for event in self.cache_events.stream():
+            yield event
+
+    async def FlushCache(self, request, context) -> worker_pb2.FlushCacheResponse:
+        self.flushes += 1
+        if self.cache_events is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no prefix cache")
+        self.cache_events.listener([], [], True)
+        return worker_pb2.FlushCacheResponse(pages_freed=3)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         self.aborts.append(request)
@@ -120,7 +136,7 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
         if s.decode_error and s.error_after is None:
             await asyncio.sleep(s.decode_error_delay)
             await context.abort(_code(s.decode_error), f"scripted decode failure on {self.worker_id}")
-        if self.handoff is not None:
+        if self.handoff is not None and not request.local_prefill:
             try:
                 await asyncio.wait_for(self.handoff.event(request.transfer_id).wait(), self.kv_timeout)
             except TimeoutError:
