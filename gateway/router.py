@@ -34,6 +34,7 @@ from gateway.cache_index import DEFAULT_PAGE_SIZE, CacheIndex, Hit, PromptKeys
 from gateway.cache_watch import CacheWatch
 from gateway.errors import GatewayError
 from gateway.worker_client import WorkerEndpoint
+from protos import worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,24 @@ class Router:
         """The least-loaded (prefill, decode) pair, skipping `exclude`. UNAVAILABLE when none."""
         exclude = list(exclude)
         return self._pick("prefill", self.prefill, exclude), self._pick("decode", self.decode, exclude)
+
+    async def flush_caches(self) -> dict[str, int | str]:
+        """FlushCache on every healthy worker and the gateway's approximate index: address -> pages
+        freed, or "unsupported" (a worker without a prefix cache), or "failed: <status>"."""
+        async def one(w: WorkerEndpoint) -> int | str:
+            try:
+                r = await w.stub.FlushCache(worker_pb2.FlushCacheRequest(), timeout=self.rpc_timeout)
+                return r.pages_freed
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return "unsupported"
+                return f"failed: {e.code().name} {e.details() or ''}".rstrip()
+        workers = [w for w in self.workers if w.healthy]
+        results = await asyncio.gather(*(one(w) for w in workers))
+        if self.index is not None:  # exact entries follow the workers' reset events
+            self.index.clear()
+            self.report_index()
+        return {w.address: r for w, r in zip(workers, results)}
 
     # ------------------------------------------------------------------ cache-aware routing
     def route(self, input_ids: Sequence[int], exclude: Iterable[WorkerEndpoint] = ()) -> Route:

@@ -2,7 +2,8 @@
 
 The prefix cache changes on the engine thread; `listener` keeps a mirror of the findable keys and
 appends each change to every subscriber's queue (under one lock, so a subscriber's first event --
-`reset` with the mirror's keys, the whole index -- and the deltas after it agree). Queues are
+`reset` with the mirror's keys, the whole index -- and the deltas after it agree; a reset is built
+when it is sent, so changes queued behind one are dropped as already covered). Queues are
 bounded: a subscriber that falls `max_pending` events behind loses its backlog and gets one `reset`
 with the whole index instead, so a slow gateway costs the worker one snapshot, never unbounded
 memory. `close()` ends every stream cleanly (a worker calls it when it starts draining, so the
@@ -52,10 +53,12 @@ class CacheEvents:
             self._keys.update(stored)
             event = _RESET if reset else self._event(stored=stored, removed=removed)
             for sub in self._subscribers:
+                if sub.pending and sub.pending[0] is _RESET:
+                    continue  # the snapshot it will send is built at sending time: it covers this change
                 if len(sub.pending) >= self.max_pending:
                     sub.pending.clear()
-                    sub.pending.append(_RESET)
                     self.resyncs += 1
+                    sub.pending.append(_RESET)
                 else:
                     sub.pending.append(event)
                 sub.loop.call_soon_threadsafe(sub.wake.set)
