@@ -25,6 +25,7 @@ if __name__ == "__main__":
 
 from common.serving.cache_events import CacheEvents
 from common.serving.grpc_server import make_server
+from common.serving.page_hash import page_key, root_key
 from protos import worker_pb2, worker_pb2_grpc
 
 
@@ -99,6 +100,19 @@ class _Recorder:
         return self.load
 
 
+FAKE_NAMESPACE = "fake-model/bf16/16/4"
+
+
+def store_prompt(events: CacheEvents, ids: list[int]) -> list[bytes]:
+    """What a real worker's cache reports after computing `ids`: the keys of its full pages."""
+    keys, parent = [], root_key(events.namespace)
+    for i in range(len(ids) // events.page_size):
+        parent = page_key(parent, ids[i * events.page_size:(i + 1) * events.page_size])
+        keys.append(parent)
+    events.listener(keys, [], False)
+    return keys
+
+
 def _code(name: str) -> grpc.StatusCode:
     return grpc.StatusCode[name]
 
@@ -117,6 +131,8 @@ class FakePrefill(_Recorder, worker_pb2_grpc.PrefillWorkerServicer):
         if s.prefill_error:
             await context.abort(_code(s.prefill_error), f"scripted prefill failure on {self.worker_id}")
         self.handoff.event(request.transfer_id).set()
+        if self.cache_events is not None:
+            store_prompt(self.cache_events, list(request.input_ids))
         first = s.chunks[0][0] if s.chunks and s.chunks[0] else 0
         return worker_pb2.PrefillResult(first_token=first, first_logprob=-0.5, kv_bytes=1024,
                                         cached_tokens=s.cached_tokens)
