@@ -56,7 +56,7 @@ def test_a_session_follows_the_prefill_worker_its_events_name(model_dir, tok) ->
                 if k == 3:  # the session's worker is now 5 requests busier than the other: threshold 4
                     hot = router.prefill[placed[0]]
                     fakes[placed[0]].load.running = 5
-                    await _until(lambda: hot.load.running == 5)
+                    await _until(lambda hot=hot: hot.load.running == 5)
                 before = [len(f.requests) for f in fakes]
                 await collect(h.stub.Chat(req))
                 owner = next(i for i, f in enumerate(fakes) if len(f.requests) > before[i])
