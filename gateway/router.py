@@ -13,7 +13,8 @@ many leading prompt tokens each worker holds. Among the prefill workers whose lo
 
     (tokens this gateway has queued there + prompt tokens it does not hold) / its prefill rate
 
-(rate: an EWMA of computed tokens / PrefillResult.compute_seconds). When no worker holds any page
+(rate: an EWMA of computed tokens / PrefillResult.compute_seconds; the mean of the measured ones
+for a worker not measured yet). When no worker holds any page
 of the prompt the index knows nothing useful and the choice is the plain load choice. The decode
 worker is the least loaded, or, where decode workers stream events, the one holding the most of
 the prompt within the load threshold; with `local_prefill_max_tokens`, a decode worker that holds
@@ -231,8 +232,13 @@ class Router:
         return self._pick("decode", self.decode, exclude), Hit(0, False)
 
     def _eta(self, worker: WorkerEndpoint, uncached: int) -> float:
-        rate = worker.prefill_rate or self.routing.default_prefill_rate
-        return (worker.pending_tokens + uncached) / rate
+        return (worker.pending_tokens + uncached) / (worker.prefill_rate or self._typical_rate())
+
+    def _typical_rate(self) -> float:
+        """The rate of a worker not measured yet: the mean of those measured (one fast default against
+        measured CPU-bound rates would send everything to the unmeasured worker), else the default."""
+        rates = [w.prefill_rate for w in self.prefill if w.prefill_rate]
+        return sum(rates) / len(rates) if rates else self.routing.default_prefill_rate
 
     def report_index(self) -> None:
         if self.index is not None:

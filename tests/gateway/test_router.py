@@ -156,8 +156,8 @@ def test_estimated_time_weighs_queued_tokens_against_the_hit() -> None:
         r.prefill[0].pending_tokens = 100
         r.prefill[1].pending_tokens = 30
         a = r.route(PROMPT).prefill  # (100 + 16) vs (30 + 80): prefill[1]
-        r.prefill[1].prefill_rate = 2000.0  # measured slower than the default 8192 tokens/s
-        b = r.route(PROMPT).prefill  # 116 / 8192 vs 110 / 2000: prefill[0]
+        r.prefill[0].prefill_rate, r.prefill[1].prefill_rate = 8000.0, 2000.0  # measured
+        b = r.route(PROMPT).prefill  # 116 / 8000 vs 110 / 2000: prefill[0]
         return a, b, r
 
     a, b, r = _run(body)
@@ -218,3 +218,15 @@ def test_cache_routing_off_is_load_routing() -> None:
         return picks
 
     assert sorted(_run(body)) == ["p0:1", "p0:1", "p1:1", "p1:1"]
+
+
+def test_an_unmeasured_worker_is_assumed_as_fast_as_the_measured_ones() -> None:
+    def body():
+        r = _cache_router(2, 1)
+        _held(r, r.prefill[0], 4)
+        _held(r, r.prefill[1], 0)
+        r.prefill[0].prefill_rate = 200.0  # a slow (CPU) worker: 16 / 200 beats 80 / 200, not 80 / 8192
+        return r.route(PROMPT).prefill, r
+
+    chosen, r = _run(body)
+    assert chosen is r.prefill[0]
