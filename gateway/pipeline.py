@@ -264,9 +264,10 @@ class Pipeline:
         deadline = self._deadline(client_deadline)
         failed = []
         last_error: LegError | None = None
+        allow_local = True
         for attempt in range(self.config.max_dispatch_attempts):
             try:
-                route = self.router.route(input_ids, exclude=failed)
+                route = self.router.route(input_ids, exclude=failed, allow_local=allow_local)
             except GatewayError:
                 if last_error is not None:
                     raise last_error from None
@@ -292,7 +293,10 @@ class Pipeline:
                 log.warning("request %s: attempt %d on (%s, %s) failed before the first token: %s; retrying",
                             request_id, attempt + 1, route.prefill.address if route.prefill else "local prefill",
                             route.decode.address, e.message)
-                failed.append(e.worker)
+                if route.prefill is None and e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    allow_local = False  # the decode worker no longer holds the prefix: the normal PD path
+                else:
+                    failed.append(e.worker)
                 last_error = e
             finally:
                 await chunks.aclose()

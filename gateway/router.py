@@ -173,8 +173,10 @@ class Router:
         return {w.address: r for w, r in zip(workers, results)}
 
     # ------------------------------------------------------------------ cache-aware routing
-    def route(self, input_ids: Sequence[int], exclude: Iterable[WorkerEndpoint] = ()) -> Route:
-        """The pair for a prompt (see the module doc). UNAVAILABLE when no pair is left."""
+    def route(self, input_ids: Sequence[int], exclude: Iterable[WorkerEndpoint] = (), *,
+              allow_local: bool = True) -> Route:
+        """The pair for a prompt (see the module doc); `allow_local` False: always a prefill leg (the
+        retry after a decode worker refused a local prefill). UNAVAILABLE when no pair is left."""
         exclude = list(exclude)
         if self.index is None:
             prefill, decode = self.choose(exclude)
@@ -183,7 +185,7 @@ class Router:
         decode, decode_hit = self._pick_decode(prompt, exclude)
         uncached = len(input_ids) - decode_hit.tokens
         limit = self.routing.local_prefill_max_tokens
-        if limit and decode_hit.exact and decode_hit.tokens and uncached <= limit:
+        if allow_local and limit and decode_hit.exact and decode_hit.tokens and uncached <= limit:
             metrics.router_decisions_total().labels(role="prefill", reason="local").inc()
             return Route(None, decode, "local", decode_hit.tokens)
         prefill, hit = self._pick_prefill(prompt, exclude)

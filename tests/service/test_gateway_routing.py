@@ -107,6 +107,29 @@ def test_local_prefill_skips_the_prefill_leg_when_decode_holds_the_prompt(model_
     assert not second.local_prefill and prefills == 2
 
 
+def test_a_refused_local_prefill_falls_back_to_the_prefill_leg_on_the_same_decode_worker(model_dir, tok) -> None:
+    def script_for(r) -> Script:
+        refused = Script(decode_error="FAILED_PRECONDITION")  # the prefix was evicted meanwhile
+        return refused if getattr(r, "local_prefill", False) else _script(tok)
+
+    async def scenario():
+        async with gateway_with_fakes(model_dir, script_for, local_prefill_max_tokens=32) as h:
+            router, decode = h.gateway.router, h.cluster.decodes[0]
+            decode.cache_events = CacheEvents(16, FAKE_NAMESPACE)
+            await _until(lambda: router.index.is_live(router.decode[0].address))
+            req = _turns(1)[0]
+            await collect(h.stub.Chat(req))
+            ids = list(decode.requests[-1].input_ids)
+            store_prompt(decode.cache_events, ids)
+            await _until(lambda: router.index.hit(router.decode[0].address, PromptKeys(ids), 16).tokens > 0)
+            _, again = await collect(h.stub.Chat(req))
+            return [r.local_prefill for r in decode.requests], len(h.cluster.prefills[0].requests), again
+
+    locals_, prefills, again = run(scenario())
+    assert locals_ == [False, True, False] and prefills == 2
+    assert again["content"] == "fine" and again["finish"].finish_reason == "stop"
+
+
 def test_flush_cache_over_http_reaches_every_worker_and_the_index(model_dir, tok) -> None:
     async def scenario():
         async with gateway_with_fakes(model_dir, lambda r: _script(tok), api_key="sekret") as h:
