@@ -1,6 +1,6 @@
 """CacheWatch: one WatchCache stream per worker, feeding the gateway's CacheIndex.
 
-A stream is opened while the worker is healthy; its events go into the index as they come. When it
+A stream is opened as soon as the worker is healthy (`WorkerEndpoint.up`); its events go into the index as they come. When it
 ends or fails the worker's exact entries are forgotten (the approximate index covers the worker
 until the stream is back, which starts with a reset). A worker that does not stream events
 (UNIMPLEMENTED: no prefix cache on that role yet; FAILED_PRECONDITION: its cache is off) is asked
@@ -47,9 +47,7 @@ class CacheWatch:
 
     async def _follow(self, worker: WorkerEndpoint) -> None:
         while True:
-            if not worker.healthy:
-                await asyncio.sleep(self.interval)
-                continue
+            await worker.up.wait()
             wait = self.interval
             call = worker.stub.WatchCache(worker_pb2.WatchCacheRequest())
             try:

@@ -190,6 +190,10 @@ class Router:
             return Route(None, decode, "local", decode_hit.tokens)
         prefill, hit = self._pick_prefill(prompt, exclude)
         reason = "load" if not hit.tokens else "cache" if hit.exact else "approx"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("route %d tokens -> %s (%s, %d held); prefill workers %s", len(input_ids), prefill.address,
+                      reason, hit.tokens, [(w.address, self.index.hit(w.address, prompt, _page_size(w)).tokens,
+                                            w.score, w.pending_tokens) for w in self.prefill])
         metrics.router_decisions_total().labels(role="prefill", reason=reason).inc()
         self.index.routed(prefill.address, prompt, _page_size(prefill))
         self.report_index()

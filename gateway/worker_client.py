@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 
 RATE_EWMA = 0.3  # weight of the newest measurement in a prefill worker's rate
+RATE_MIN_TOKENS = 256  # prefill legs computing fewer tokens do not measure the rate
 PEER_FAILURE_GRACE_S = 0.25  # how long a failed prefill leg waits for its decode leg to fail too
 # Worker statuses after which another (prefill, decode) pair may succeed, before the first token.
 RETRYABLE = {Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.ABORTED, Code.FAILED_PRECONDITION}
@@ -45,6 +46,7 @@ class WorkerEndpoint:
         stub_cls = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         self.stub = stub_cls(self.channel)
         self.healthy = False
+        self.up = asyncio.Event()  # set while healthy (the cache event stream waits on it)
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.WorkerLoad | None = None
         self.dispatched_since_poll = 0  # requests sent since `load` was read
@@ -76,15 +78,20 @@ class WorkerEndpoint:
             if not self.healthy:
                 log.info("%s is up (worker_id=%s)", self, self.worker_id)
             self.healthy = True
+            self.up.set()
         except grpc.aio.AioRpcError as e:
             if self.healthy:
                 log.warning("%s is down: %s %s", self, e.code().name, e.details())
             self.healthy = False
+            self.up.clear()
         return self.healthy
 
     def observe_prefill(self, computed_tokens: int, seconds: float) -> None:
-        """One finished prefill leg: fold its rate into the EWMA (weight RATE_EWMA of the newest)."""
-        if computed_tokens > 0 and seconds > 0:
+        """One finished prefill leg: fold its rate into the EWMA (weight RATE_EWMA of the newest).
+        Legs that computed fewer than RATE_MIN_TOKENS tokens are not measured: their time is mostly
+        fixed per-forward cost, and counting them would make a worker serving cache hits (few
+        tokens computed) look slow and push its sessions away."""
+        if computed_tokens >= RATE_MIN_TOKENS and seconds > 0:
             rate = computed_tokens / seconds
             self.prefill_rate = rate if self.prefill_rate is None else \
                 RATE_EWMA * rate + (1 - RATE_EWMA) * self.prefill_rate
@@ -93,6 +100,7 @@ class WorkerEndpoint:
         if self.healthy:
             log.warning("%s taken out of rotation: %s", self, why)
         self.healthy = False
+        self.up.clear()
 
     async def abort(self, request_id: str, transfer_id: int, timeout: float) -> bool:
         try:
