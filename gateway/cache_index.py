@@ -59,7 +59,7 @@ class PromptKeys:
 
 
 class CacheIndex:
-    def __init__(self, ttl: float, max_approx_pages: int = 1 << 20,
+    def __init__(self, ttl: float, max_approx_pages: int = 1 << 18,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.max_approx_pages = max_approx_pages

@@ -46,6 +46,7 @@ class CacheWatch:
         self._tasks = []
 
     async def _follow(self, worker: WorkerEndpoint) -> None:
+        said_no_events = False
         while True:
             await worker.up.wait()
             wait = self.interval
@@ -57,9 +58,10 @@ class CacheWatch:
                 log.info("%s ended its cache event stream", worker)
             except grpc.aio.AioRpcError as e:
                 if e.code() in NO_EVENTS:
-                    log.info("%s streams no cache events (%s): routing to it uses the approximate index",
-                             worker, e.details())
-                    wait = NO_EVENTS_RETRY_S
+                    log.log(logging.DEBUG if said_no_events else logging.INFO,
+                            "%s streams no cache events (%s): routing to it uses the approximate index",
+                            worker, e.details())
+                    said_no_events, wait = True, NO_EVENTS_RETRY_S
                 else:
                     log.debug("cache event stream of %s failed: %s", worker, e.code().name)
             except Exception:  # one bad event must not end the watch

@@ -141,13 +141,20 @@ def test_flush_cache_over_http_reaches_every_worker_and_the_index(model_dir, tok
             approx_before = router.index.approx_pages
             url = f"http://127.0.0.1:{h.gateway.http_port}/flush_cache"
             async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{h.gateway.http_port}/metrics") as r:
+                    exposition = await r.text()
                 async with s.post(url) as r:
                     refused = r.status
                 async with s.post(url, headers={"Authorization": "Bearer sekret"}) as r:
                     status, body = r.status, await r.json()
             await _until(lambda: router.index.exact_pages == 0)  # the worker's reset event
-            return refused, status, body, approx_before, router.index.approx_pages, h.cluster
-    refused, status, body, approx_before, approx_after, cluster = run(scenario())
+            return refused, status, body, approx_before, router.index.approx_pages, h.cluster, exposition
+    refused, status, body, approx_before, approx_after, cluster, exposition = run(scenario())
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in exposition.splitlines()
+               if line.startswith("glmserve_router_")}
+    assert samples['glmserve_router_decisions_total{reason="load",role="prefill"}'] >= 1
+    assert samples['glmserve_router_index_pages{kind="approx"}'] == approx_before
+    assert samples["glmserve_router_cache_events_total"] >= 2  # the reset and the stored pages
     assert refused == 401
     assert status == 200 and body == {"flushed": True, "workers": {
         cluster.prefill_addrs[0]: 3, cluster.decode_addrs[0]: "unsupported"}}
