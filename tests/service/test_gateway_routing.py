@@ -160,3 +160,20 @@ def test_flush_cache_over_http_reaches_every_worker_and_the_index(model_dir, tok
         cluster.prefill_addrs[0]: 3, cluster.decode_addrs[0]: "unsupported"}}
     assert cluster.prefills[0].flushes == 1 and cluster.decodes[0].flushes == 1
     assert approx_before > 0 and approx_after == 0
+
+
+def test_a_stream_that_ends_drops_the_workers_exact_entries(model_dir, tok) -> None:
+    async def scenario():
+        async with gateway_with_fakes(model_dir, lambda r: _script(tok)) as h:
+            router, prefill = h.gateway.router, h.cluster.prefills[0]
+            prefill.cache_events = CacheEvents(16, FAKE_NAMESPACE)
+            address = router.prefill[0].address
+            await _until(lambda: router.index.is_live(address))
+            await collect(h.stub.Chat(_turns(1)[0]))
+            await _until(lambda: router.index.exact_pages > 0)
+            prefill.cache_events.close()  # as a draining worker does
+            await _until(lambda: not router.index.is_live(address))
+            return router.index.exact_pages, router.index.hit(address, PromptKeys(prefill.requests[0].input_ids), 16)
+
+    exact, hit = run(scenario())
+    assert exact == 0 and not hit.exact and hit.tokens > 0  # the approximate entry of the routed prompt remains
