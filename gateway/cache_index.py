@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from common.serving.page_hash import page_key, root_key
+from common.serving.page_hash import chain, root_key
 from protos import worker_pb2
 
 APPROX_NAMESPACE = "glmserve-gateway-approx"
@@ -50,10 +50,7 @@ class PromptKeys:
         """Keys of the pages a worker could reuse: never the page holding the last token."""
         found = self._chains.get((namespace, page_size))
         if found is None:
-            found, parent = [], root_key(namespace)
-            for i in range((len(self.tokens) - 1) // page_size):
-                parent = page_key(parent, self.tokens[i * page_size:(i + 1) * page_size])
-                found.append(parent)
+            found = chain(root_key(namespace), self.tokens, page_size, (len(self.tokens) - 1) // page_size)
             self._chains[(namespace, page_size)] = found
         return found
 
