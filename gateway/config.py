@@ -66,6 +66,10 @@ class GatewayConfig:
     stream_commit_timeout: float = 30.0     # HTTP: commit a stream (200 + role chunk) after this long anyway
     sse_keepalive: float = 15.0             # HTTP: ": keep-alive" comment after this long without a chunk
     max_pending_stream_bytes: int = 4 * 1024 * 1024  # HTTP: unsent bytes of a stream before it is cut off
+    disable_radix_cache: bool = False       # routing by load only: no cache index, no event streams
+    approx_cache_ttl: float = 120.0         # seconds a routed prompt counts as held by a worker without events
+    routing_load_threshold: int = 8         # requests above the least loaded that rule a worker out for its cache
+    local_prefill_max_tokens: int = 0       # decode computes an uncached suffix up to this long itself (0: never)
 
     def __post_init__(self) -> None:
         if not self.prefill or not self.decode:
@@ -102,6 +106,12 @@ class GatewayConfig:
             raise ValueError(f"--reasoning-field must be one of {', '.join(REASONING_FIELDS)}")
         if self.max_pending_stream_bytes < 1024:
             raise ValueError("--max-pending-stream-bytes must be >= 1024")
+        if self.approx_cache_ttl <= 0:
+            raise ValueError("--approx-cache-ttl must be > 0")
+        if self.routing_load_threshold < 0:
+            raise ValueError("--routing-load-threshold must be >= 0")
+        if self.local_prefill_max_tokens < 0:
+            raise ValueError("--local-prefill-max-tokens must be >= 0 (0: never)")
 
     @property
     def listen(self) -> str:
@@ -147,6 +157,8 @@ class GatewayConfig:
             strict_request_fields=a.strict_request_fields, max_n=a.max_n, reasoning_field=a.reasoning_field,
             stream_commit_timeout=a.stream_commit_timeout, sse_keepalive=a.sse_keepalive,
             max_pending_stream_bytes=a.max_pending_stream_bytes,
+            disable_radix_cache=a.disable_radix_cache, approx_cache_ttl=a.approx_cache_ttl,
+            routing_load_threshold=a.routing_load_threshold, local_prefill_max_tokens=a.local_prefill_max_tokens,
         )
 
 
@@ -244,5 +256,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="seconds without a chunk before a ': keep-alive' comment is sent")
     http.add_argument("--max-pending-stream-bytes", type=int, default=4 * 1024 * 1024,
                       help="unsent bytes of a stream after which a client that stopped reading is cut off")
+    routing = p.add_argument_group("cache-aware routing")
+    routing.add_argument("--disable-radix-cache", action="store_true",
+                         help="route by load only: no prefix-cache index, no event streams (the workers' flag of "
+                              "the same name turns their cache off)")
+    routing.add_argument("--approx-cache-ttl", type=float, default=120.0,
+                         help="seconds a prompt this gateway routed counts as cached on a worker that streams no "
+                              "cache events")
+    routing.add_argument("--routing-load-threshold", type=int, default=8, metavar="REQUESTS",
+                         help="a worker this many requests above the least loaded one is not chosen for its cache")
+    routing.add_argument("--local-prefill-max-tokens", type=int, default=0, metavar="TOKENS",
+                         help="skip the prefill leg when the chosen decode worker's cache events show it holds all "
+                              "but at most this many prompt tokens (0: never; needs decode-side caching)")
     accept_foreign_flags(p, "gateway")
     return p

@@ -25,17 +25,20 @@ _MODES = {gateway_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "auto", gateway_pb2.TOOL_CHO
 
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
     """Struct -> dict, with integral numbers back to int (Struct stores every number as a double,
-    and a JSON schema's `"minimum": 1` must not render as `1.0` in the prompt)."""
-    return _ints(json_format.MessageToDict(s))
+    and a JSON schema's `"minimum": 1` must not render as `1.0` in the prompt) and keys sorted at
+    every level: a Struct keeps no key order (a serialize/parse round trip, or another language's
+    map, reorders it), so sorted is the one order that renders the same prompt -- and the same
+    cacheable prefix -- every time (docs/openai_http.md, "Prefix caching")."""
+    return _plain(json_format.MessageToDict(s))
 
 
-def _ints(v: Any) -> Any:
+def _plain(v: Any) -> Any:
     if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
         return int(v)
     if isinstance(v, dict):
-        return {k: _ints(x) for k, x in v.items()}
+        return {k: _plain(v[k]) for k in sorted(v)}
     if isinstance(v, list):
-        return [_ints(x) for x in v]
+        return [_plain(x) for x in v]
     return v
 
 

@@ -196,6 +196,7 @@ class HttpServer:
         app.router.add_get("/get_server_info", self.server_info)
         app.router.add_get("/version", self.version)
         app.router.add_post("/abort_request", self.abort_request)
+        app.router.add_post("/flush_cache", self.flush_cache)
         self.app = app
 
     async def start(self) -> int:
@@ -423,6 +424,17 @@ class HttpServer:
         if task is not None:
             task.cancel()
         return _json(200, {"found": task is not None})
+
+
+    async def flush_cache(self, request: web.Request) -> web.Response:
+        """SGLang's endpoint: forget every worker's prefix cache and the gateway's routing index.
+        200 with each worker's pages freed (or "unsupported"); 503 when a worker could not flush."""
+        results = await self.router.flush_caches()
+        failed = sorted(a for a, r in results.items() if isinstance(r, str) and r.startswith("failed"))
+        if failed:
+            return _error(Code.UNAVAILABLE, "cache not flushed on " + ", ".join(f"{a} ({results[a]})" for a in failed),
+                          code="cache_not_flushed")
+        return _json(200, {"flushed": True, "workers": results})
 
 
 def _version() -> str:

@@ -264,15 +264,17 @@ class Pipeline:
         deadline = self._deadline(client_deadline)
         failed = []
         last_error: LegError | None = None
+        allow_local = True
         for attempt in range(self.config.max_dispatch_attempts):
             try:
-                prefill, decode = self.router.choose(exclude=failed)
+                route = self.router.route(input_ids, exclude=failed, allow_local=allow_local)
             except GatewayError:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            leg = LegRequest(request_id, new_transfer_id(), input_ids, sampling, deadline)
-            dispatch = Dispatch(prefill, decode, leg, self._background, self.config.worker_rpc_timeout)
+            leg = LegRequest(request_id, new_transfer_id(), input_ids, sampling, deadline,
+                             uncached_tokens=len(input_ids) - route.cached_tokens)
+            dispatch = Dispatch(route.prefill, route.decode, leg, self._background, self.config.worker_rpc_timeout)
             chunks = dispatch.chunks()
             try:
                 async for chunk in chunks:
@@ -289,8 +291,12 @@ class Pipeline:
                 if dispatch.chunks_received or not e.retryable or attempt + 1 == self.config.max_dispatch_attempts:
                     raise
                 log.warning("request %s: attempt %d on (%s, %s) failed before the first token: %s; retrying",
-                            request_id, attempt + 1, prefill.address, decode.address, e.message)
-                failed.append(e.worker)
+                            request_id, attempt + 1, route.prefill.address if route.prefill else "local prefill",
+                            route.decode.address, e.message)
+                if route.prefill is None and e.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    allow_local = False  # the decode worker no longer holds the prefix: the normal PD path
+                else:
+                    failed.append(e.worker)
                 last_error = e
             finally:
                 await chunks.aclose()

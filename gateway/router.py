@@ -1,34 +1,74 @@
 """Choose the (prefill, decode) pair of each request and keep the worker lists healthy.
 
-Least-loaded by the workers' own GetLoad (running + queued + waiting_for_kv) plus what this
-gateway dispatched since that reading; round-robin among equals. A health loop polls every
-worker each `interval` seconds: a worker that fails GetLoad, or a call with UNAVAILABLE, leaves
-the rotation; one that answers again comes back (its WorkerInfo is read again: it may have
-restarted with a new worker_id). Draining workers get no new requests.
+Load: the workers' own GetLoad (running + queued + waiting_for_kv) plus what this gateway
+dispatched since that reading; round-robin among equals. A health loop polls every worker each
+`interval` seconds: a worker that fails GetLoad, or a call with UNAVAILABLE, leaves the rotation;
+one that answers again comes back (its WorkerInfo is read again: it may have restarted with a new
+worker_id). Draining workers get no new requests.
+
+Cache-aware routing (`route`, unless RoutingConfig.cache_aware is off): the gateway's CacheIndex
+(gateway/cache_index.py, fed by every worker's WatchCache stream; gateway/cache_watch.py) says how
+many leading prompt tokens each worker holds. Among the prefill workers whose load is within
+`load_threshold` of the least loaded, the one with the smallest estimated prefill time wins:
+
+    (tokens this gateway has queued there + prompt tokens it does not hold) / its prefill rate
+
+(rate: an EWMA of computed tokens / PrefillResult.compute_seconds; the mean of the measured ones
+for a worker not measured yet). When no worker holds any page
+of the prompt the index knows nothing useful and the choice is the plain load choice. The decode
+worker is the least loaded, or, where decode workers stream events, the one holding the most of
+the prompt within the load threshold; with `local_prefill_max_tokens`, a decode worker that holds
+all but at most that many prompt tokens computes the rest itself and no prefill leg runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import grpc
 
+from common.serving import metrics
+from gateway.cache_index import DEFAULT_PAGE_SIZE, CacheIndex, Hit, PromptKeys
+from gateway.cache_watch import CacheWatch
 from gateway.errors import GatewayError
 from gateway.worker_client import WorkerEndpoint
+from protos import worker_pb2
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    cache_aware: bool = True            # off (--disable-radix-cache): no index, plain load routing
+    approx_ttl: float = 120.0           # seconds a routed prompt counts as held by a worker without events
+    load_threshold: int = 8             # requests above the least-loaded worker that rule a worker out
+    local_prefill_max_tokens: int = 0   # decode computes an uncached suffix up to this long itself (0: never)
+    default_prefill_rate: float = 8192.0  # prompt tokens/s assumed before a worker's rate is measured
+
+
+@dataclass
+class Route:
+    prefill: WorkerEndpoint | None  # None: the decode worker computes the uncached suffix (local prefill)
+    decode: WorkerEndpoint
+    reason: str                     # "cache" | "approx" | "load" | "local"
+    cached_tokens: int = 0          # predicted: prompt tokens the chosen worker holds
 
 
 class Router:
     def __init__(self, prefill: Iterable[str], decode: Iterable[str], *, rpc_timeout: float, interval: float,
                  max_message_bytes: int,
-                 on_readiness: Callable[[bool], Awaitable[None]] | None = None) -> None:
+                 on_readiness: Callable[[bool], Awaitable[None]] | None = None,
+                 routing: RoutingConfig | None = None) -> None:
         self.prefill = [WorkerEndpoint("prefill", a, max_message_bytes) for a in dict.fromkeys(prefill)]
         self.decode = [WorkerEndpoint("decode", a, max_message_bytes) for a in dict.fromkeys(decode)]
         self.rpc_timeout = rpc_timeout
         self.interval = interval
+        self.routing = routing or RoutingConfig()
+        self.index = CacheIndex(self.routing.approx_ttl) if self.routing.cache_aware else None
+        self._watch = CacheWatch(self.index, self.workers, interval) if self.index is not None else None
         self._on_readiness = on_readiness
         self._ready: bool | None = None
         self._rr = {"prefill": 0, "decode": 0}
@@ -46,8 +86,12 @@ class Router:
     async def start(self) -> None:
         await self.poll_once()
         self._task = asyncio.get_running_loop().create_task(self._health_loop())
+        if self._watch is not None:
+            self._watch.start()
 
     async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.close()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -109,3 +153,105 @@ class Router:
         """The least-loaded (prefill, decode) pair, skipping `exclude`. UNAVAILABLE when none."""
         exclude = list(exclude)
         return self._pick("prefill", self.prefill, exclude), self._pick("decode", self.decode, exclude)
+
+    async def flush_caches(self) -> dict[str, int | str]:
+        """FlushCache on every healthy worker and the gateway's approximate index: address -> pages
+        freed, or "unsupported" (a worker without a prefix cache), or "failed: <status>"."""
+        async def one(w: WorkerEndpoint) -> int | str:
+            try:
+                r = await w.stub.FlushCache(worker_pb2.FlushCacheRequest(), timeout=self.rpc_timeout)
+                return r.pages_freed
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return "unsupported"
+                return f"failed: {e.code().name} {e.details() or ''}".rstrip()
+        workers = [w for w in self.workers if w.healthy]
+        results = await asyncio.gather(*(one(w) for w in workers))
+        if self.index is not None:  # exact entries follow the workers' reset events
+            self.index.clear()
+            self.report_index()
+        return {w.address: r for w, r in zip(workers, results)}
+
+    # ------------------------------------------------------------------ cache-aware routing
+    def route(self, input_ids: Sequence[int], exclude: Iterable[WorkerEndpoint] = (), *,
+              allow_local: bool = True) -> Route:
+        """The pair for a prompt (see the module doc); `allow_local` False: always a prefill leg (the
+        retry after a decode worker refused a local prefill). UNAVAILABLE when no pair is left."""
+        exclude = list(exclude)
+        if self.index is None:
+            prefill, decode = self.choose(exclude)
+            return Route(prefill, decode, "load")
+        prompt = PromptKeys(input_ids)
+        decode, decode_hit = self._pick_decode(prompt, exclude)
+        uncached = len(input_ids) - decode_hit.tokens
+        limit = self.routing.local_prefill_max_tokens
+        if allow_local and limit and decode_hit.exact and decode_hit.tokens and uncached <= limit:
+            metrics.router_decisions_total().labels(role="prefill", reason="local").inc()
+            return Route(None, decode, "local", decode_hit.tokens)
+        prefill, hit = self._pick_prefill(prompt, exclude)
+        reason = "load" if not hit.tokens else "cache" if hit.exact else "approx"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("route %d tokens -> %s (%s, %d held); prefill workers %s", len(input_ids), prefill.address,
+                      reason, hit.tokens, [(w.address, self.index.hit(w.address, prompt, _page_size(w)).tokens,
+                                            w.score, w.pending_tokens) for w in self.prefill])
+        metrics.router_decisions_total().labels(role="prefill", reason=reason).inc()
+        self.index.routed(prefill.address, prompt, _page_size(prefill))
+        self.report_index()
+        return Route(prefill, decode, reason, hit.tokens)
+
+    def _hits(self, workers: list[WorkerEndpoint], prompt: PromptKeys) -> list[Hit]:
+        assert self.index is not None
+        return [self.index.hit(w.address, prompt, _page_size(w)) for w in workers]
+
+    def _near_least_loaded(self, workers: list[WorkerEndpoint]) -> list[bool]:
+        least = min(w.score for w in workers)
+        return [w.score <= least + self.routing.load_threshold for w in workers]
+
+    def _pick_prefill(self, prompt: PromptKeys, exclude: list[WorkerEndpoint]) -> tuple[WorkerEndpoint, Hit]:
+        candidates = self._available(self.prefill, exclude)
+        hits = self._hits(candidates, prompt)
+        if not any(h.tokens for h in hits):  # the index knows nothing about this prompt: load decides
+            return self._pick("prefill", self.prefill, exclude), Hit(0, False)
+        n = len(prompt.tokens)
+        options = [(self._eta(w, n - h.tokens), w.score, i)
+                   for i, (w, h, ok) in enumerate(zip(candidates, hits, self._near_least_loaded(candidates))) if ok]
+        best = min(o[:2] for o in options)
+        tied = [i for *key, i in options if tuple(key) == best]
+        i = tied[self._rr["prefill"] % len(tied)]
+        self._rr["prefill"] += 1
+        return candidates[i], hits[i]
+
+    def _pick_decode(self, prompt: PromptKeys, exclude: list[WorkerEndpoint]) -> tuple[WorkerEndpoint, Hit]:
+        assert self.index is not None
+        candidates = self._available(self.decode, exclude)
+        live = [w for w in candidates if self.index.is_live(w.address)]
+        if live:  # only exact decode hits count: the gateway cannot guess what decode keeps of a request
+            hits = self._hits(live, prompt)
+            near = self._near_least_loaded(candidates)
+            ok = {id(w) for w, fine in zip(candidates, near) if fine}
+            scored = [(h.tokens, -w.score, i) for i, (w, h) in enumerate(zip(live, hits)) if id(w) in ok and h.tokens]
+            if scored:
+                *_, i = max(scored)
+                metrics.router_decisions_total().labels(role="decode", reason="cache").inc()
+                return live[i], hits[i]
+        metrics.router_decisions_total().labels(role="decode", reason="load").inc()
+        return self._pick("decode", self.decode, exclude), Hit(0, False)
+
+    def _eta(self, worker: WorkerEndpoint, uncached: int) -> float:
+        return (worker.pending_tokens + uncached) / (worker.prefill_rate or self._typical_rate())
+
+    def _typical_rate(self) -> float:
+        """The rate of a worker not measured yet: the mean of those measured (one fast default against
+        measured CPU-bound rates would send everything to the unmeasured worker), else the default."""
+        rates = [w.prefill_rate for w in self.prefill if w.prefill_rate]
+        return sum(rates) / len(rates) if rates else self.routing.default_prefill_rate
+
+    def report_index(self) -> None:
+        if self.index is not None:
+            size = metrics.router_index_pages()
+            size.labels(kind="exact").set(self.index.exact_pages)
+            size.labels(kind="approx").set(self.index.approx_pages)
+
+
+def _page_size(worker: WorkerEndpoint) -> int:
+    return worker.info.page_size if worker.info is not None and worker.info.page_size else DEFAULT_PAGE_SIZE

@@ -21,7 +21,7 @@ from gateway import tls
 from gateway.config import GatewayConfig
 from gateway.http_server import HttpServer
 from gateway.pipeline import Pipeline
-from gateway.router import Router
+from gateway.router import Router, RoutingConfig
 from gateway.servicer import GatewayServicer
 from protos import gateway_pb2, gateway_pb2_grpc
 
@@ -56,7 +56,10 @@ class GatewayServer:
 
         router = Router(config.prefill, config.decode, rpc_timeout=config.worker_rpc_timeout,
                         interval=config.health_check_interval, max_message_bytes=config.max_message_bytes,
-                        on_readiness=on_readiness)
+                        on_readiness=on_readiness, routing=RoutingConfig(
+                            cache_aware=not config.disable_radix_cache, approx_ttl=config.approx_cache_ttl,
+                            load_threshold=config.routing_load_threshold,
+                            local_prefill_max_tokens=config.local_prefill_max_tokens))
         pipeline = Pipeline.from_config(config, router)
         gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(pipeline), server)
         creds = tls.grpc_credentials(config)

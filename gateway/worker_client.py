@@ -25,6 +25,8 @@ from protos import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode
 
+RATE_EWMA = 0.3  # weight of the newest measurement in a prefill worker's rate
+RATE_MIN_TOKENS = 256  # prefill legs computing fewer tokens do not measure the rate
 PEER_FAILURE_GRACE_S = 0.25  # how long a failed prefill leg waits for its decode leg to fail too
 # Worker statuses after which another (prefill, decode) pair may succeed, before the first token.
 RETRYABLE = {Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.ABORTED, Code.FAILED_PRECONDITION}
@@ -44,10 +46,13 @@ class WorkerEndpoint:
         stub_cls = worker_pb2_grpc.PrefillWorkerStub if role == "prefill" else worker_pb2_grpc.DecodeWorkerStub
         self.stub = stub_cls(self.channel)
         self.healthy = False
+        self.up = asyncio.Event()  # set while healthy (the cache event stream waits on it)
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.WorkerLoad | None = None
         self.dispatched_since_poll = 0  # requests sent since `load` was read
         self.inflight = 0               # requests of this gateway currently on the worker
+        self.pending_tokens = 0         # prefill: prompt tokens this gateway expects it to compute, not done yet
+        self.prefill_rate: float | None = None  # prefill: EWMA of computed prompt tokens per compute second
 
     def __repr__(self) -> str:
         return f"{self.role} worker {self.address}"
@@ -73,16 +78,29 @@ class WorkerEndpoint:
             if not self.healthy:
                 log.info("%s is up (worker_id=%s)", self, self.worker_id)
             self.healthy = True
+            self.up.set()
         except grpc.aio.AioRpcError as e:
             if self.healthy:
                 log.warning("%s is down: %s %s", self, e.code().name, e.details())
             self.healthy = False
+            self.up.clear()
         return self.healthy
+
+    def observe_prefill(self, computed_tokens: int, seconds: float) -> None:
+        """One finished prefill leg: fold its rate into the EWMA (weight RATE_EWMA of the newest).
+        Legs that computed fewer than RATE_MIN_TOKENS tokens are not measured: their time is mostly
+        fixed per-forward cost, and counting them would make a worker serving cache hits (few
+        tokens computed) look slow and push its sessions away."""
+        if computed_tokens >= RATE_MIN_TOKENS and seconds > 0:
+            rate = computed_tokens / seconds
+            self.prefill_rate = rate if self.prefill_rate is None else \
+                RATE_EWMA * rate + (1 - RATE_EWMA) * self.prefill_rate
 
     def mark_failed(self, why: str) -> None:
         if self.healthy:
             log.warning("%s taken out of rotation: %s", self, why)
         self.healthy = False
+        self.up.clear()
 
     async def abort(self, request_id: str, transfer_id: int, timeout: float) -> bool:
         try:
@@ -134,12 +152,14 @@ class LegRequest:
     input_ids: list[int]
     sampling: worker_pb2.WorkerSampling
     deadline: float | None  # time.monotonic() deadline, None = none
+    uncached_tokens: int = 0  # the router's estimate of the prompt tokens the prefill worker computes
 
 
 class Dispatch:
-    """One attempt of one request on one (prefill, decode) pair."""
+    """One attempt of one request on one (prefill, decode) pair; with no prefill worker (local
+    prefill) only the decode leg runs, with DecodeRequest.local_prefill set."""
 
-    def __init__(self, prefill: WorkerEndpoint, decode: WorkerEndpoint, req: LegRequest,
+    def __init__(self, prefill: WorkerEndpoint | None, decode: WorkerEndpoint, req: LegRequest,
                  background: set[asyncio.Task], abort_timeout: float) -> None:
         self.prefill = prefill
         self.decode = decode
@@ -159,17 +179,27 @@ class Dispatch:
     async def chunks(self) -> AsyncIterator[worker_pb2.DecodeChunk]:
         r = self.req
         timeout, deadline_unix = self._timeout()
+        local = self.prefill is None
         decode_call = self.decode.stub.Generate(worker_pb2.DecodeRequest(
             request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
-            prefill_worker_id=self.prefill.worker_id, deadline_unix=deadline_unix), timeout=timeout)
-        prefill_call = self.prefill.stub.Prefill(worker_pb2.PrefillRequest(
-            request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
-            decode_address=self.decode.address, decode_worker_id=self.decode.worker_id,
-            deadline_unix=deadline_unix), timeout=timeout)
-        prefill_task: asyncio.Future = asyncio.ensure_future(prefill_call)
-        prefill_task.add_done_callback(_consume_exception)
+            prefill_worker_id="" if local else self.prefill.worker_id, deadline_unix=deadline_unix,
+            local_prefill=local), timeout=timeout)
+        prefill_call = None
+        if local:  # no prefill leg: its "result" is what the decode worker already held
+            prefill_task: asyncio.Future = asyncio.get_running_loop().create_future()
+            prefill_task.set_result(worker_pb2.PrefillResult(cached_tokens=len(r.input_ids) - r.uncached_tokens))
+        else:
+            prefill_call = self.prefill.stub.Prefill(worker_pb2.PrefillRequest(
+                request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
+                decode_address=self.decode.address, decode_worker_id=self.decode.worker_id,
+                deadline_unix=deadline_unix), timeout=timeout)
+            prefill_task = asyncio.ensure_future(prefill_call)
+            prefill_task.add_done_callback(_consume_exception)
+            prefill_task.add_done_callback(self._prefill_leg_done)
+            self.prefill.pending_tokens += r.uncached_tokens
         read_task: asyncio.Future | None = None
-        for w in (self.prefill, self.decode):
+        legs = [w for w in (self.prefill, self.decode) if w is not None]
+        for w in legs:
             w.inflight += 1
             w.dispatched_since_poll += 1
         try:
@@ -207,15 +237,24 @@ class Dispatch:
                 read_task.cancel()
             if not self._finished:  # failed, or the consumer stopped early: free both legs
                 decode_call.cancel()
-                prefill_call.cancel()
+                if prefill_call is not None:
+                    prefill_call.cancel()
                 prefill_task.cancel()
-                self._abort(self.prefill, self.decode)
+                self._abort(*legs)
             elif not prefill_task.done():
                 prefill_call.cancel()
                 prefill_task.cancel()
                 self._abort(self.prefill)
-            for w in (self.prefill, self.decode):
+            for w in legs:
                 w.inflight -= 1
+
+    def _prefill_leg_done(self, task: asyncio.Future) -> None:
+        """The prefill worker no longer has this prompt queued; a success measures its rate."""
+        r, worker = self.req, self.prefill
+        worker.pending_tokens -= r.uncached_tokens
+        if not task.cancelled() and task.exception() is None:
+            result = task.result()
+            worker.observe_prefill(len(r.input_ids) - result.cached_tokens, result.compute_seconds)
 
     async def _blame_a_dead_decode(self, prefill_task: asyncio.Future, read_task: asyncio.Future,
                                    timeout: float | None) -> None:

@@ -10,6 +10,7 @@ import time
 from common.kvcache.prefix_index import PrefixCache
 from common.sampling.token_sampler import SpecialIds, TokenSampler
 from common.serving import metrics
+from common.serving.cache_events import CacheEvents
 from common.serving.grpc_server import make_server, serve_until_signal
 from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
 from common.transport.base import TransferError, TransferStats
@@ -40,8 +41,11 @@ class PrefillWorkerApp:
         self.config = self.runner.config
         self._info = worker_info(cfg, self.runner, self.ranks)
         info = self._info  # the KV of a page depends on the model and the KV layout besides its tokens
+        namespace = f"{info.model_fingerprint}/{info.dtype}/{info.page_size}/{info.num_layers}"
         cache = PrefixCache(self.runner.allocator, cfg.page_size, enabled=prefix_cache, check_successor=cfg.spec.enabled,
-                            namespace=f"{info.model_fingerprint}/{info.dtype}/{info.page_size}/{info.num_layers}")
+                            namespace=namespace)
+        self.cache_events = CacheEvents(cfg.page_size, namespace) if prefix_cache else None  # WatchCache
+        cache.listener = self.cache_events.listener if self.cache_events is not None else None
         sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests, cache)
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,
@@ -87,6 +91,8 @@ class PrefillWorkerApp:
 
     async def drain(self, grace: float) -> None:
         self.draining = True
+        if self.cache_events is not None:  # end the WatchCache streams: the server's stop waits for open calls
+            self.cache_events.close()
         deadline = time.monotonic() + grace
         while self.jobs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

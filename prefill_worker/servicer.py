@@ -127,6 +127,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         except TimeoutError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill engine did not answer the flush")
 
+    async def WatchCache(self, request: worker_pb2.WatchCacheRequest, context):
+        """The prefix cache's page keys: a reset with the whole index, then what is stored and removed."""
+        events = self.app.cache_events
+        if events is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the prefix cache is off on this worker (--disable-radix-cache)")
+        async for event in events.stream():
+            yield event
+
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
         return self.app.info()
 

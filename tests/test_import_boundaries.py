@@ -21,7 +21,7 @@ HEAVY = ("torch", "triton", "numpy", "safetensors")
 # folder -> the other common folders its modules may import (lower layers only)
 COMMON_FOLDERS: dict[str, set[str]] = {
     "serving": set(),                                   # torch-free service layer
-    "kvcache": set(),
+    "kvcache": {"serving"},                             # page keys: common/serving/page_hash.py, shared with the gateway
     "ops": set(),
     "transport": set(),
     "forward": {"kvcache"},                             # one forward's description and context

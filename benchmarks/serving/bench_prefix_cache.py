@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.serving.bench_prefix_cache [--device cuda:0] [--concurrency 1,16] [--prompt 8192]
                                                    [--last-page-prompt 10240] [--spec] [--tiny]
+    python3 -m benchmarks.serving.bench_prefix_cache --routing 4 [--sessions 16] [--turns 4] [--tiny]
 
 On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--tiny`: the 3-layer tiny model, a CPU
 smoke run) it starts one cluster with the prefill worker's prefix cache and one with
@@ -17,15 +18,26 @@ smoke run) it starts one cluster with the prefill worker's prefix cache and one 
 with the `cached_tokens` the gateway reported, and the host cost of matching and keying one prompt
 of `--prompt` tokens in the index (target: <= 1 % of that prompt's cold prefill). With OUT set,
 writes $OUT/bench_prefix_cache.md.
+
+`--routing N` instead compares the gateway's routing on N prefill workers (prefix caches on) and one
+decode worker: `--sessions` conversations run at once, each `--turns` turns long, each turn's prompt
+the previous prompt + its `--output` tokens + `--turn-tokens` new ones (SGLang's multi-turn
+shape), first with cache-aware routing, then with the gateway's `--disable-radix-cache` (least
+loaded). Reported per mode: token hit rate (cached / prompt tokens), share of requests with a hit,
+mean TTFT (targets: hit rate >= 3x least loaded, mean TTFT <= 0.5x). Writes
+$OUT/bench_prefix_cache_routing.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import random
 import statistics
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,6 +130,86 @@ def run(args: argparse.Namespace, model: Path, cache_on: bool) -> dict[str, floa
     return out
 
 
+def turn(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], max_tokens: int) -> tuple[float, int, list[int]]:
+    """(seconds to the first token, cached_tokens, output ids) of one greedy request."""
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids))
+    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = max_tokens, 0.0, True
+    t0 = time.perf_counter()
+    first, cached, out = None, 0, []
+    for r in stub.Generate(req, timeout=600):
+        if r.token_ids and first is None:
+            first = time.perf_counter() - t0
+        out += list(r.token_ids)
+        if r.HasField("usage"):
+            cached = r.usage.cached_tokens
+    return first, cached, out
+
+
+def wait_all_healthy(cluster, timeout: float = 120.0) -> None:
+    """The gateway is ready with one worker of each role; a routing comparison needs all of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_port}/get_server_info", timeout=5) as r:
+            if all(w["healthy"] for w in json.loads(r.read())["workers"]):
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError("not every worker became healthy")
+        time.sleep(0.2)
+
+
+def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool) -> dict[str, float]:
+    """Multi-turn sessions at once on --routing prefill workers; hit rate and TTFT of one routing mode."""
+    name = "cache_aware" if cache_aware else "least_loaded"
+    shared = ["--mem-fraction-static", str(0.8 / (args.routing + 1))] if args.device.startswith("cuda") else []
+    cluster = start_cluster(model, prefill=args.routing, decode=1, extra_worker_args=shared,
+                            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
+                            extra_decode_args=["--device", args.device, "--max-running-requests", "64"],
+                            extra_gateway_args=[] if cache_aware else ["--disable-radix-cache"],
+                            log_dir=Path(args.log_dir) / name)
+
+    def session(seed: int) -> list[tuple[float, int, int]]:
+        rng = random.Random(seed)
+
+        def fresh(n: int) -> list[int]:
+            return [rng.randrange(args.vocab) for _ in range(n)]
+
+        ids, stats = fresh(args.prompt), []
+        for _ in range(args.turns):
+            first, cached, out = turn(stub, ids, args.output)
+            stats.append((first, cached, len(ids)))
+            ids = ids + out + fresh(args.turn_tokens)
+        return stats
+
+    try:
+        cluster.wait_ready(300)
+        wait_all_healthy(cluster)
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
+        turn(stub, [1] * args.prompt, 2)  # unmeasured: kernels for these shapes
+        with ThreadPoolExecutor(args.sessions) as pool:
+            stats = [s for per in pool.map(session, range(args.sessions)) for s in per]
+    finally:
+        cluster.stop()
+    return {"hit_rate": sum(c for _, c, _ in stats) / sum(n for _, _, n in stats),
+            "hit_requests": sum(c > 0 for _, c, _ in stats) / len(stats),
+            "ttft_ms": statistics.mean(t for t, _, _ in stats) * 1e3}
+
+
+def routing_main(args: argparse.Namespace, model: Path) -> None:
+    aware, load = run_routing(args, model, True), run_routing(args, model, False)
+    rows = [(f"{args.routing} prefill workers, {args.sessions} sessions x {args.turns} turns, first prompt "
+             f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn"), "",
+            "| routing | token hit rate | requests with a hit | mean TTFT (ms) |", "|---|---|---|---|"]
+    for name, r in (("cache-aware", aware), ("least loaded", load)):
+        rows.append(f"| {name} | {r['hit_rate']:.1%} | {r['hit_requests']:.1%} | {r['ttft_ms']:.1f} |")
+    ratio = aware["hit_rate"] / load["hit_rate"] if load["hit_rate"] else float("inf")
+    rows.append(f"| cache-aware / least loaded | {ratio:.2f}x (target >= 3) | | "
+                f"{aware['ttft_ms'] / load['ttft_ms']:.2f}x (target <= 0.5) |")
+    text = "\n".join(rows)
+    print(text, flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    measure.write_out("bench_prefix_cache_routing.md", f"device: {args.device} ({device})\n\n{text}\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda:0", help="device of both workers")
@@ -129,6 +221,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="the tiny 3-layer model (CPU smoke run)")
     ap.add_argument("--model-dir", default=None, help="reuse a model directory (default: write one)")
     ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_prefix_cache"))
+    ap.add_argument("--routing", type=int, default=0, metavar="N",
+                    help="compare cache-aware and least-loaded routing on N prefill workers (see above)")
+    ap.add_argument("--sessions", type=int, default=16, help="--routing: conversations at once")
+    ap.add_argument("--turns", type=int, default=4, help="--routing: turns per conversation")
+    ap.add_argument("--output", type=int, default=64, help="--routing: output tokens per turn")
+    ap.add_argument("--turn-tokens", type=int, default=256, help="--routing: new prompt tokens per turn")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.vocab = 700 if args.tiny else 800
@@ -136,6 +234,9 @@ def main() -> None:
     model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / default
     if not (model / "config.json").exists():
         make_tiny_model(model) if args.tiny else make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+    if args.routing:
+        routing_main(args, model)
+        return
     on, off = run(args, model, True), run(args, model, False)
     rows = ["| measure | cache on (ms) | cache off (ms) | ratio | cached | target |", "|---|---|---|---|---|---|"]
     for conc in args.concurrency:

@@ -6,7 +6,7 @@ Every handed-out page is in one of three states (pure Python, property-tested):
     ACTIVE  refs >= 1: some job reads or writes it; keyed once its content is final
     CACHED  refs == 0 and keyed: content valid, in LRU order, evicted when allocation runs short
 
-Keys are the chained page keys of common/kvcache/page_hash.py; each record keeps its page's token
+Keys are the chained page keys of common/serving/page_hash.py; each record keeps its page's token
 ids, so a lookup only returns a page whose tokens (and, through the chain, whose whole prefix)
 equal the request's. A job's pages are released tail first, so a sequence's deepest pages are
 evicted before its shared head.
@@ -15,16 +15,22 @@ The successor of a page is the token that followed it when its KV was computed (
 token, or the first sampled token for the page that ends a prompt). With the MTP draft layer the
 draft KV of a page's last slot was computed from that token, so a match whose next token differs
 gives up its last page (`check_successor`).
+
+`listener(stored, removed, reset)`, when set, hears every change of the index, on the thread that
+made it: keys that became findable, keys that left it, and `reset` after a flush (nothing is
+findable any more). The workers' WatchCache streams are fed from it (common/serving/cache_events.py).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.kvcache.allocator import PageAllocator
-from common.kvcache.page_hash import page_key, root_key
+from common.serving.page_hash import page_key, root_key
+
+Listener = Callable[[list[bytes], list[bytes], bool], None]  # (stored, removed, reset)
 
 
 @dataclass
@@ -57,6 +63,7 @@ class PrefixCache:
         self._lru: OrderedDict[int, None] = OrderedDict()  # CACHED pages, least recently used first
         self.evictions = 0  # pages evicted since start
         self.mtp_drops = 0  # matched pages given up for a different successor since start
+        self.listener: Listener | None = None
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -116,10 +123,13 @@ class PrefixCache:
         short = n - self.allocator.num_free
         if short > 0:
             victims = [self._lru.popitem(last=False)[0] for _ in range(short)]
-            for page in victims:
-                del self._index[self._records.pop(page).key]
+            removed = [self._records.pop(page).key for page in victims]
+            for key in removed:
+                del self._index[key]
             self.allocator.free(victims)
             self.evictions += short
+            if self.listener is not None:
+                self.listener([], removed, False)
         pages = self.allocator.alloc(n)
         assert pages is not None
         for page in pages:
@@ -133,6 +143,7 @@ class PrefixCache:
         if not self.enabled:
             return
         ps = self.page_size
+        stored = []
         for i in range(len(keys), upto // ps):
             part = tuple(seq[i * ps:(i + 1) * ps])
             key = page_key(keys[-1] if keys else self.root, part)
@@ -144,6 +155,9 @@ class PrefixCache:
                 rec.key, rec.tokens = key, part
                 rec.successor = seq[(i + 1) * ps] if (i + 1) * ps < len(seq) else None
                 self._index[key] = pages[i]
+                stored.append(key)
+        if stored and self.listener is not None:
+            self.listener(stored, [], False)
 
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference on each page, tail first; a page nobody holds becomes CACHED if keyed,
@@ -175,6 +189,8 @@ class PrefixCache:
             rec.key = None
         self._index.clear()
         self.allocator.free(victims)
+        if self.listener is not None:
+            self.listener([], [], True)
         return len(victims)
 
     def _take(self, page: int) -> None:

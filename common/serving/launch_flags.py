@@ -29,6 +29,8 @@ GATEWAY: Mapping[str, bool] = {
     "--enable-metrics": False, "--default-thinking-budget": True, "--max-concurrent-requests": True,
     "--max-stop-strings": True, "--max-stop-string-chars": True, "--max-tools": True, "--max-tools-bytes": True,
     "--max-prompt-chars": True, "--ssl-certfile": True, "--ssl-keyfile": True,
+    "--approx-cache-ttl": True, "--routing-load-threshold": True, "--local-prefill-max-tokens": True,
+    "--disable-radix-cache": False,
 }
 WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--advertise-host": True, "--worker-id": True, "--device": True, "--dtype": True, "--tp-size": True,

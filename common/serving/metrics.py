@@ -125,6 +125,24 @@ def prefix_cache_indexed_pages() -> Gauge:
     return _get_or_create(Gauge, "glmserve_prefix_cache_indexed_pages", "Pages findable in the prefix index")
 
 
+def router_decisions_total() -> Counter:
+    """Gateway routing choices by role and reason: cache (a worker's events say it holds >= 1 page of
+    the prompt), approx (the gateway routed that prefix there recently), load (no worker holds any),
+    local (the decode worker computes the short uncached suffix itself)."""
+    return _get_or_create(Counter, "glmserve_router_decisions_total", "Routing decisions by role and reason",
+                          ["role", "reason"])
+
+
+def router_index_pages() -> Gauge:
+    return _get_or_create(Gauge, "glmserve_router_index_pages",
+                          "Pages in the gateway's routing index: exact (from worker events) or approx (routed)",
+                          ["kind"])
+
+
+def router_cache_events_total() -> Counter:
+    return _get_or_create(Counter, "glmserve_router_cache_events_total", "Cache events received from workers")
+
+
 def start_metrics_server(port: int | None, addr: str) -> int | None:
     """Serve /metrics over HTTP on addr:`port` (the process's --host; None = off; 0 = any free
     port). Returns the port."""

@@ -286,7 +286,8 @@ def default_parser_args(model_path: str | Path, given: list[str]) -> list[str]:
 def route_flags(argv: Sequence[str]) -> dict[str, list[str]]:
     """The launch line's flags per role: gateway flags to the gateway, worker flags to both workers,
     prefill / decode flags to that worker, the shared ones (log level, custom processor gate, shutdown
-    grace) to all; --metrics-port to the gateway only (one port per machine)."""
+    grace) to all; --metrics-port to the gateway only (one port per machine); --disable-radix-cache to
+    the gateway (load routing) and the prefill workers (no cache)."""
     shared = {k: v for k, v in COMMON.items() if k not in LAUNCHER_FLAGS and k != "--metrics-port"}
     gateway, rest = split_flags(argv, {**GATEWAY, "--metrics-port": True})
     common, rest = split_flags(rest, shared)
@@ -295,6 +296,7 @@ def route_flags(argv: Sequence[str]) -> dict[str, list[str]]:
     decode, rest = split_flags(rest, DECODE)
     if rest:
         raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
+    prefill += [a for a in gateway if a in PREFILL]  # switches of both (--disable-radix-cache) go to both
     return {"gateway": gateway + common, "worker": workers + common, "prefill": prefill, "decode": decode}
 
 
@@ -358,18 +360,22 @@ def build_arg_parser(prog: str, roles: dict[str, argparse.ArgumentParser] | None
                    help="seconds the processes may take to load the model and report ready")
     owners = {"gateway flags": ("gateway",), "worker flags": ("prefill", "decode"), "prefill flags": ("prefill",),
               "decode flags": ("decode",), "flags of every role": ("gateway", "prefill", "decode")}
-    for title, flags, users in (("gateway flags", GATEWAY, "the gateway"),
-                                ("worker flags", WORKER, "both workers"),
-                                ("prefill flags", PREFILL, "the prefill workers"),
-                                ("decode flags", DECODE, "the decode workers"),
-                                ("flags of every role", COMMON, "every process")):
+    table = (("gateway flags", GATEWAY, "the gateway"),
+             ("worker flags", WORKER, "both workers"),
+             ("prefill flags", PREFILL, "the prefill workers"),
+             ("decode flags", DECODE, "the decode workers"),
+             ("flags of every role", COMMON, "every process"))
+    listed: set[str] = set()  # a flag of two roles (--disable-radix-cache) is listed once, naming both
+    for title, flags, users in table:
         group = p.add_argument_group(title, f"passed to {users}" + (
             "" if roles else "; `glmserve serve --help` (or `glmserve <role> --help`) shows each one's meaning "
                              "and default"))
         for flag, takes_value in flags.items():
-            if flag in LAUNCHER_FLAGS:
+            if flag in LAUNCHER_FLAGS or flag in listed:
                 continue
-            who = "the gateway" if flag == "--metrics-port" else users
+            listed.add(flag)
+            who = " and ".join(u for _, f, u in table if flag in f)
+            who = "the gateway" if flag == "--metrics-port" else who
             dest = "pass_" + flag.lstrip("-").replace("-", "_")
             own = _role_action(roles, owners[title], flag)
             text = f"{own.help} [{who}]" if own is not None and own.help else f"passed to {who}"

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 
+import grpc
 import openai
 import pytest
 
-from tests.e2e.conftest import free_pages, gateway, generate, wait_pages_free
+from protos import worker_pb2
+from tests.e2e.conftest import free_pages, gateway, generate, wait_pages_free, worker_stub
 from tests.e2e.test_speculative import spec_args
 
 PAGE = 16  # the workers' default page size
@@ -27,6 +29,14 @@ def test_multi_turn_reuses_the_prompt_pages_and_matches_the_reference(launch, ti
     stub = gateway(cluster)
     before = free_pages(cluster)
     rng = random.Random(20)
+    events = worker_stub(cluster.prefill_ports[0], "prefill").WatchCache(worker_pb2.WatchCacheRequest(), timeout=30)
+    if cache:  # the stream opens with the (empty) index
+        assert next(events).reset
+        events.cancel()
+    else:  # no cache, no events: the gateway falls back to its approximate index
+        with pytest.raises(grpc.RpcError) as refused:
+            next(events)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     def words(n: int) -> list[int]:
         return [rng.randrange(700) for _ in range(n)]

@@ -1,4 +1,5 @@
-"""Router: least-loaded choice, round-robin on ties, exclusions, draining, health flags."""
+"""Router: least-loaded choice, round-robin on ties, exclusions, draining, health flags; cache-aware
+pair choice (session affinity, load threshold, estimated time, local prefill)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import asyncio
 import grpc
 import pytest
 
+from gateway.cache_index import CacheIndex, PromptKeys
 from gateway.errors import GatewayError
-from gateway.router import Router
+from gateway.router import Router, RoutingConfig
 from protos import worker_pb2
 
 
@@ -82,3 +84,149 @@ def test_readiness_callback_on_worker_failure() -> None:
 
     seen, ready = asyncio.run(body())
     assert seen == [False] and ready is False
+
+
+# -- cache-aware routing ---------------------------------------------------------------------------
+
+PROMPT = list(range(100, 180))  # 80 tokens: 4 reusable pages of 16
+NS = "model/bf16/16/5"
+
+
+def _cache_router(n_prefill: int, n_decode: int, **routing) -> Router:
+    r = _router(n_prefill, n_decode)
+    r.routing = RoutingConfig(**routing)
+    r.index = CacheIndex(r.routing.approx_ttl)
+    return r
+
+
+def _held(r: Router, worker, pages: int) -> None:
+    """`worker` streams events and holds the first `pages` pages of PROMPT."""
+    keys = PromptKeys(PROMPT).chain(NS, 16)[:pages]
+    r.index.apply(worker.address, worker_pb2.CacheEvent(reset=True, stored=keys, page_size=16, namespace=NS))
+
+
+def _dispatched(route) -> None:
+    for w in (route.prefill, route.decode):
+        if w is not None:
+            w.dispatched_since_poll += 1
+
+
+def test_a_session_stays_on_the_prefill_worker_that_holds_it() -> None:
+    def body():
+        r = _cache_router(3, 1)
+        first = r.route(PROMPT)
+        _dispatched(first)
+        turn2 = [*PROMPT, *range(600, 640)]
+        later = []
+        for _ in range(4):
+            route = r.route(turn2)
+            _dispatched(route)
+            later.append((route.prefill.address, route.reason, route.cached_tokens))
+        return first, later
+
+    first, later = _run(body)
+    assert first.reason == "load" and first.cached_tokens == 0
+    # approximate (no events): the gateway remembers where it sent the prefix; load (1..4 above the
+    # others, threshold 8) does not move the session
+    assert later[0] == (first.prefill.address, "approx", 64)
+    assert {p for p, _, _ in later} == {first.prefill.address}
+    assert [c for _, _, c in later[1:]] == [112] * 3  # turn 2's own pages count from its second request on
+
+
+def test_the_load_threshold_moves_a_session_off_a_hot_worker() -> None:
+    def body():
+        r = _cache_router(2, 1, load_threshold=8)
+        _held(r, r.prefill[0], 4)
+        _held(r, r.prefill[1], 0)
+        near = r.route(PROMPT)
+        r.prefill[0].load.running = 9  # 9 above the other: ruled out
+        far = r.route(PROMPT)
+        return near, far, r
+
+    near, far, r = _run(body)
+    assert (near.prefill, near.reason, near.cached_tokens) == (r.prefill[0], "cache", 64)
+    assert (far.prefill, far.reason, far.cached_tokens) == (r.prefill[1], "load", 0)
+
+
+def test_estimated_time_weighs_queued_tokens_against_the_hit() -> None:
+    def body():
+        r = _cache_router(2, 1)
+        _held(r, r.prefill[0], 4)  # 16 uncached tokens there, 80 on prefill[1]
+        _held(r, r.prefill[1], 0)
+        r.prefill[0].pending_tokens = 100
+        r.prefill[1].pending_tokens = 30
+        a = r.route(PROMPT).prefill  # (100 + 16) vs (30 + 80): prefill[1]
+        r.prefill[0].prefill_rate, r.prefill[1].prefill_rate = 8000.0, 2000.0  # measured
+        b = r.route(PROMPT).prefill  # 116 / 8000 vs 110 / 2000: prefill[0]
+        return a, b, r
+
+    a, b, r = _run(body)
+    assert a is r.prefill[1] and b is r.prefill[0]
+
+
+def test_no_hit_anywhere_is_the_plain_load_choice() -> None:
+    def body():
+        r = _cache_router(2, 2)
+        r.prefill[0].load.queued = 3
+        routes = [r.route(list(range(i * 100, i * 100 + 40))) for i in range(3)]
+        return routes, r
+
+    routes, r = _run(body)
+    assert [x.prefill for x in routes] == [r.prefill[1]] * 3 and {x.reason for x in routes} == {"load"}
+
+
+def test_prefill_rate_is_an_ewma_of_computed_tokens_per_second() -> None:
+    def body():
+        w = _router(1, 1).prefill[0]
+        w.observe_prefill(1000, 0.5)
+        first = w.prefill_rate
+        w.observe_prefill(1000, 1.0)
+        w.observe_prefill(100, 1.0)  # a mostly cached prompt: fixed per-forward cost, no measurement
+        return first, w.prefill_rate
+
+    first, second = _run(body)
+    assert first == 2000.0 and second == 0.3 * 1000 + 0.7 * 2000
+
+
+def test_local_prefill_when_decode_holds_all_but_a_short_suffix() -> None:
+    def body():
+        r = _cache_router(1, 2, local_prefill_max_tokens=32)
+        _held(r, r.decode[1], 4)  # 16 tokens uncached
+        local = r.route(PROMPT)
+        short = r.route([*PROMPT, *range(700, 740)])  # 56 uncached: a prefill leg, decode still by its hit
+        r.routing = RoutingConfig(local_prefill_max_tokens=0)
+        off = r.route(PROMPT)
+        return local, short, off, r
+
+    local, short, off, r = _run(body)
+    assert local.prefill is None and local.decode is r.decode[1] and local.reason == "local"
+    assert local.cached_tokens == 64
+    assert short.prefill is r.prefill[0] and short.decode is r.decode[1]
+    assert off.prefill is r.prefill[0] and off.decode is r.decode[1]
+
+
+def test_cache_routing_off_is_load_routing() -> None:
+    def body():
+        r = _router(2, 1)
+        r.routing = RoutingConfig(cache_aware=False)
+        r.index = None
+        picks = []
+        for _ in range(4):
+            route = r.route(PROMPT)
+            _dispatched(route)
+            picks.append(route.prefill.address)
+        return picks
+
+    assert sorted(_run(body)) == ["p0:1", "p0:1", "p1:1", "p1:1"]
+
+
+def test_an_unmeasured_worker_is_assumed_as_fast_as_the_measured_ones() -> None:
+    def body():
+        r = _cache_router(2, 1)
+        _held(r, r.prefill[0], 4)
+        _held(r, r.prefill[1], 0)
+        r.prefill[0].prefill_rate = 200.0  # a slow (CPU) worker: 16 / 200 beats 80 / 200, not 80 / 8192
+        return r.route(PROMPT).prefill, r
+
+    chosen, r = _run(body)
+    assert chosen is r.prefill[0]

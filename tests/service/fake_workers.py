@@ -23,7 +23,9 @@ import grpc
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from common.serving.cache_events import CacheEvents
 from common.serving.grpc_server import make_server
+from common.serving.page_hash import page_key, root_key
 from protos import worker_pb2, worker_pb2_grpc
 
 
@@ -66,6 +68,21 @@ class _Recorder:
         self.aborted: set[int] = set()
         self.load = worker_pb2.WorkerLoad(total_pages=100, free_pages=100)
         self.abort_event = asyncio.Event()
+        self.cache_events: CacheEvents | None = None  # set: WatchCache streams it (else UNIMPLEMENTED)
+        self.flushes = 0
+
+    async def WatchCache(self, request, context):
+        if self.cache_events is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no cache events")
+        async for event in self.cache_events.stream():
+            yield event
+
+    async def FlushCache(self, request, context) -> worker_pb2.FlushCacheResponse:
+        self.flushes += 1
+        if self.cache_events is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no prefix cache")
+        self.cache_events.listener([], [], True)
+        return worker_pb2.FlushCacheResponse(pages_freed=3)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
         self.aborts.append(request)
@@ -81,6 +98,19 @@ class _Recorder:
 
     async def GetLoad(self, request, context) -> worker_pb2.WorkerLoad:
         return self.load
+
+
+FAKE_NAMESPACE = "fake-model/bf16/16/4"
+
+
+def store_prompt(events: CacheEvents, ids: list[int]) -> list[bytes]:
+    """What a real worker's cache reports after computing `ids`: the keys of its full pages."""
+    keys, parent = [], root_key(events.namespace)
+    for i in range(len(ids) // events.page_size):
+        parent = page_key(parent, ids[i * events.page_size:(i + 1) * events.page_size])
+        keys.append(parent)
+    events.listener(keys, [], False)
+    return keys
 
 
 def _code(name: str) -> grpc.StatusCode:
@@ -101,6 +131,8 @@ class FakePrefill(_Recorder, worker_pb2_grpc.PrefillWorkerServicer):
         if s.prefill_error:
             await context.abort(_code(s.prefill_error), f"scripted prefill failure on {self.worker_id}")
         self.handoff.event(request.transfer_id).set()
+        if self.cache_events is not None:
+            store_prompt(self.cache_events, list(request.input_ids))
         first = s.chunks[0][0] if s.chunks and s.chunks[0] else 0
         return worker_pb2.PrefillResult(first_token=first, first_logprob=-0.5, kv_bytes=1024,
                                         cached_tokens=s.cached_tokens)
@@ -120,7 +152,7 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
         if s.decode_error and s.error_after is None:
             await asyncio.sleep(s.decode_error_delay)
             await context.abort(_code(s.decode_error), f"scripted decode failure on {self.worker_id}")
-        if self.handoff is not None:
+        if self.handoff is not None and not request.local_prefill:
             try:
                 await asyncio.wait_for(self.handoff.event(request.transfer_id).wait(), self.kv_timeout)
             except TimeoutError:

@@ -198,8 +198,9 @@ def test_least_loaded_routing_and_round_robin_on_ties(model_dir, tok):
     script = Script(chunks=[ids], finish_token=ids[-1])
 
     async def scenario():
+        # the same prompt each time: load routing only (cache-aware routing is tests/service/test_gateway_routing.py)
         async with gateway_with_fakes(model_dir, lambda r: script, n_prefill=2, n_decode=3,
-                                      health_check_interval=0.05) as h:
+                                      health_check_interval=0.05, disable_radix_cache=True) as h:
             for _ in range(6):
                 await collect(h.stub.Chat(chat_request(thinking=NO_THINK)))
             tie = [len(d.requests) for d in h.cluster.decodes]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 
 DIGEST_BYTES = 16
@@ -26,3 +28,18 @@ def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     h.update(struct.pack(f"<{len(tokens)}I", *tokens))
     return h.digest()
 
+
+
+def chain(parent: bytes, tokens: Sequence[int], page_size: int, pages: int) -> list[bytes]:
+    """The keys of the first `pages` full pages of `tokens` after `parent` (the same keys as
+    page_key one page at a time, with the tokens packed once)."""
+    data = array("I", tokens[:pages * page_size])
+    if sys.byteorder != "little":
+        data.byteswap()
+    raw, step, keys = memoryview(data.tobytes()), 4 * page_size, []
+    for i in range(pages):
+        h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
+        h.update(raw[i * step:(i + 1) * step])
+        parent = h.digest()
+        keys.append(parent)
+    return keys

@@ -1,0 +1,94 @@
+"""CacheEvents: a worker's WatchCache streams, fed by its prefix cache's listener.
+
+The prefix cache changes on the engine thread; `listener` keeps a mirror of the findable keys and
+appends each change to every subscriber's queue (under one lock, so a subscriber's first event --
+`reset` with the mirror's keys, the whole index -- and the deltas after it agree; a reset is built
+when it is sent, so changes queued behind one are dropped as already covered). Queues are
+bounded: a subscriber that falls `max_pending` events behind loses its backlog and gets one `reset`
+with the whole index instead, so a slow gateway costs the worker one snapshot, never unbounded
+memory. `close()` ends every stream cleanly (a worker calls it when it starts draining, so the
+server's graceful stop is not held up by streams that never end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+
+from protos import worker_pb2
+
+_RESET = None  # a queued reset: the snapshot is built when it is sent
+
+
+class _Subscriber:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: deque[worker_pb2.CacheEvent | None] = deque([_RESET])
+        self.wake = asyncio.Event()
+
+
+class CacheEvents:
+    def __init__(self, page_size: int, namespace: str, max_pending: int = 4096) -> None:
+        self.page_size = page_size
+        self.namespace = namespace
+        self.max_pending = max_pending
+        self.resyncs = 0  # snapshots sent to subscribers that fell behind
+        self._keys: set[bytes] = set()  # every findable key
+        self._subscribers: set[_Subscriber] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def listener(self, stored: list[bytes], removed: list[bytes], reset: bool) -> None:
+        """PrefixCache.listener (engine thread)."""
+        with self._lock:
+            if reset:
+                self._keys.clear()
+            self._keys.difference_update(removed)
+            self._keys.update(stored)
+            event = _RESET if reset else self._event(stored=stored, removed=removed)
+            for sub in self._subscribers:
+                if sub.pending and sub.pending[0] is _RESET:
+                    continue  # the snapshot it will send is built at sending time: it covers this change
+                if len(sub.pending) >= self.max_pending:
+                    sub.pending.clear()
+                    self.resyncs += 1
+                    sub.pending.append(_RESET)
+                else:
+                    sub.pending.append(event)
+                sub.loop.call_soon_threadsafe(sub.wake.set)
+
+    def _event(self, **fields: object) -> worker_pb2.CacheEvent:
+        return worker_pb2.CacheEvent(page_size=self.page_size, namespace=self.namespace, **fields)
+
+    async def stream(self) -> AsyncIterator[worker_pb2.CacheEvent]:
+        """The events of one WatchCache call: a reset with the whole index, then deltas, until close()."""
+        sub = _Subscriber(asyncio.get_running_loop())
+        with self._lock:
+            self._subscribers.add(sub)
+        try:
+            while not self._closed:
+                with self._lock:
+                    batch = list(sub.pending)
+                    sub.pending.clear()
+                    batch = [e if e is not _RESET else self._event(reset=True, stored=list(self._keys)) for e in batch]
+                for event in batch:
+                    yield event
+                if not self._closed:
+                    await sub.wake.wait()
+                    sub.wake.clear()
+        finally:
+            with self._lock:
+                self._subscribers.discard(sub)
+
+    def close(self) -> None:
+        """End every stream (any thread)."""
+        with self._lock:
+            self._closed = True
+            for sub in self._subscribers:
+                sub.loop.call_soon_threadsafe(sub.wake.set)
