@@ -42,6 +42,7 @@ class Script:
     cached_tokens: int = 0
     spec_steps_per_chunk: int = 0       # verify steps reported per chunk (0 = no speculation)
     logprobs: bool = False
+    grammar_reports: bool = True        # report a request's grammar as applied (a worker that drops it: False)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -102,8 +103,9 @@ class FakePrefill(_Recorder, worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(_code(s.prefill_error), f"scripted prefill failure on {self.worker_id}")
         self.handoff.event(request.transfer_id).set()
         first = s.chunks[0][0] if s.chunks and s.chunks[0] else 0
-        return worker_pb2.PrefillResult(first_token=first, first_logprob=-0.5, kv_bytes=1024,
-                                        cached_tokens=s.cached_tokens)
+        return worker_pb2.PrefillResult(
+            first_token=first, first_logprob=-0.5, kv_bytes=1024, cached_tokens=s.cached_tokens,
+            grammar_applied=s.grammar_reports and request.sampling.HasField("grammar"))
 
 
 class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
@@ -139,6 +141,8 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
             steps += s.spec_steps_per_chunk
             chunk = worker_pb2.DecodeChunk(token_ids=ids, completion_tokens=done, spec_verify_steps=steps,
                                            spec_accepted_drafts=max(done - 1 - steps, 0) if steps else 0)
+            if s.grammar_reports and request.sampling.HasField("grammar"):
+                chunk.grammar_tokens = done  # the scripted tokens stand for tokens sampled under the mask
             if s.logprobs:
                 for t in ids:
                     chunk.logprobs.add(token_id=t, logprob=-0.25, top_ids=[t, t + 1], top_logprobs=[-0.25, -2.0])
