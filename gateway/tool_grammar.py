@@ -43,7 +43,7 @@ _JSON_RULES = {
     "json_char": r'[^"\\<\x00-\x1f] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
     "json_string": r'"\"" json_char* "\""',
     "json_integer": r'"-"? ("0" | [1-9] [0-9]{0,15})',
-    "json_number": r'json_integer ("." [0-9]{1,15})? ([eE] [+-]? [0-9]{1,3})?',
+    "json_number": r'json_integer ("." [0-9]{1,15})? ([eE] [+-]? [0-9]{1,2})?',  # finite: at most ~1e115
     "json_value": r'json_object | json_array | json_string | json_number | "true" | "false" | "null"',
     "json_member": r'json_string ":" " "? json_value',
     "json_object": r'"{" (json_member ("," " "? json_member)*)? "}"',
