@@ -35,6 +35,7 @@ class Script:
     chunk_delay: float = 0.0            # seconds before each chunk
     decode_error: str | None = None     # status code name raised before the first chunk
     decode_error_delay: float = 0.0     # seconds before that error
+    decode_error_message: str = ""      # its details ("" = a generic scripted message)
     error_after: int | None = None      # raise decode_error after this many chunks instead
     die_after: int | None = None        # os._exit after this many chunks (process mode)
     prefill_error: str | None = None    # status code name raised by Prefill
@@ -121,7 +122,8 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
         s = self.script_for(request)
         if s.decode_error and s.error_after is None:
             await asyncio.sleep(s.decode_error_delay)
-            await context.abort(_code(s.decode_error), f"scripted decode failure on {self.worker_id}")
+            await context.abort(_code(s.decode_error),
+                                s.decode_error_message or f"scripted decode failure on {self.worker_id}")
         if self.handoff is not None:
             try:
                 await asyncio.wait_for(self.handoff.event(request.transfer_id).wait(), self.kv_timeout)
