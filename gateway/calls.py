@@ -60,6 +60,7 @@ class ChatCall:
     sampling: Sampling
     separate_reasoning: bool = True
     tool_choice: str = "auto"           # auto | none | required | named (the one tool in `tools`)
+    parallel_tool_calls: bool = True    # False: tool_choice "required" allows exactly one call
     stream: bool = True                 # False: the Pipeline yields one message with the whole answer
     model: str = ""                     # "" = the served model, else checked against its name
     request_id: str | None = None       # None: the Pipeline draws "chatcmpl-<hex>"

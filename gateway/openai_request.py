@@ -33,7 +33,7 @@ _COMMON = ("model", "stream", "stream_options", "stop", "n", "no_stop_trim", "ri
 
 CHAT_SUPPORTED = frozenset({
     *_COMMON, "messages", "max_completion_tokens", "tools", "tool_choice", "logprobs", "top_logprobs",
-    "reasoning_effort", "chat_template_kwargs", "thinking", "separate_reasoning",
+    "reasoning_effort", "chat_template_kwargs", "parallel_tool_calls", "thinking", "separate_reasoning",
     "stream_reasoning"})
 COMPLETION_SUPPORTED = frozenset({*_COMMON, "prompt", "logprobs", "echo", "best_of",
                                   "skip_special_tokens"})
@@ -49,7 +49,6 @@ IGNORED: dict[str, str] = {
     "priority": "no priority scheduling yet",
     "extra_key": "no prefix cache yet",
     "custom_labels": "metrics carry no per-request labels",
-    "parallel_tool_calls": "not enforced: the model decides how many calls it makes",
     "return_cached_tokens_details": "usage always carries prompt_tokens_details.cached_tokens",
 }
 CHAT_IGNORED = {**IGNORED, "skip_special_tokens": "chat output always drops special tokens except the GLM "
@@ -132,7 +131,8 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
     base = ChatCall(messages=checks.chat_messages(messages), tools=tools_shown, parse_tools=parse_tools,
                     template_kwargs=kwargs, sampling=sampling,
                     separate_reasoning=_bool(body, "separate_reasoning", True),
-                    tool_choice=tool_choice, stream=stream,
+                    tool_choice=tool_choice, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+                    stream=stream,
                     model=_model(body, limits), request_id=request_id)
     calls = tuple(replace(base, request_id=_choice_id(request_id, i, n), sampling=_seeded(sampling, i))
                   for i in range(n))

@@ -232,7 +232,8 @@ class Pipeline:
         if call.tool_choice not in ("required", "named") or family not in LAYOUTS or not call.tools:
             return None
         try:
-            source = tool_call_grammar(call.tools, family, single=call.tool_choice == "named")
+            single = call.tool_choice == "named" or not call.parallel_tool_calls
+            source = tool_call_grammar(call.tools, family, single=single)
         except ToolGrammarError as e:
             name = call.tools[e.index or 0]["function"]["name"]
             raise invalid(f"tools[{name}].function.parameters{e.path}", f"{e.problem} (strict tools are held to "

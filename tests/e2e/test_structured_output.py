@@ -126,7 +126,7 @@ def test_tool_calls_under_a_grammar_return_schema_valid_typed_arguments(cluster)
     # thinking on: the reasoning stays free (ended by a small thinking budget), then the call is constrained
     required = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "Weather?"}], tools=[GET_WEATHER], max_tokens=MAX_TOKENS,
-        seed=2, tool_choice="required", extra_body={"thinking_token_budget": 4})
+        seed=2, tool_choice="required", parallel_tool_calls=False, extra_body={"thinking_token_budget": 4})
     for r, name in ((named, "set_mode"), (required, "get_weather")):
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls", choice

@@ -69,7 +69,7 @@ def test_every_field_has_a_class_and_refusals_name_the_field():
     assert not set(CHAT_SUPPORTED) & set(CHAT_IGNORED) and not set(CHAT_SUPPORTED) & set(REFUSED)
     r = chat(user="u", metadata={"a": "b"}, store=False, parallel_tool_calls=False, frobnicate=1,
              stream_options={"continuous_usage_stats": True})
-    assert r.ignored == ("user", "metadata", "store", "parallel_tool_calls", "frobnicate",
+    assert r.ignored == ("user", "metadata", "store", "frobnicate",
                          "stream_options.continuous_usage_stats")
     for name in REFUSED:
         if name == "suffix":

@@ -138,14 +138,17 @@ def test_openai_client_response_format_and_tool_grammars(model_dir, tok):
             named = await c.chat.completions.create(
                 model="m", messages=USER, tools=[loose],
                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+            one = await c.chat.completions.create(model="m", messages=USER, tools=[loose], tool_choice="required",
+                                                  parallel_tool_calls=False)
+            many = await c.chat.completions.create(model="m", messages=USER, tools=[loose], tool_choice="required")
             with pytest.raises(openai.BadRequestError) as refused:
                 await c.chat.completions.create(model="m", messages=USER, tools=[strict], tool_choice="required")
             with pytest.raises(openai.BadRequestError) as both:
                 await c.chat.completions.create(model="m", messages=USER, tools=[loose], tool_choice="required",
                                                 response_format={"type": "json_object"})
-            return fmt, named, refused.value, both.value, h.cluster.decodes[0].requests
+            return fmt, named, one, many, refused.value, both.value, h.cluster.decodes[0].requests
 
-    fmt, named, refused, both, sent = run(scenario())
+    fmt, named, one, many, refused, both, sent = run(scenario())
     assert json.loads(fmt.choices[0].message.content) == {"answer": "yes"}
     (tc,) = named.choices[0].message.tool_calls
     assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris", "days": 2}
@@ -155,4 +158,10 @@ def test_openai_client_response_format_and_tool_grammars(model_dir, tok):
     assert refused.status_code == 400
     assert refused.body["param"] == "tools[get_weather].function.parameters.properties.days.minimum"
     assert both.status_code == 400 and both.body["param"] == "response_format.type"
-    assert len(sent) == 2  # the refused requests never reached a worker
+    # parallel_tool_calls false: exactly one call, as for a named tool; otherwise one or more
+    roots = [s.sampling.grammar.ebnf.splitlines()[0] for s in sent[1:4]]
+    assert roots[0] == roots[1] and roots[0].startswith("root ::=") and not roots[0].endswith("*")
+    assert roots[2].endswith(")*")
+    assert all(json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
+               for r in (one, many))
+    assert len(sent) == 4  # the refused requests never reached a worker
