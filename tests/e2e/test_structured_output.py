@@ -94,16 +94,18 @@ def test_constrained_outputs_parse_and_validate(cluster):
     client = _openai(cluster)
     stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
     before = _applied(cluster)
-    for i, schema in enumerate(SCHEMAS):
-        if i % 2 == 0:  # HTTP chat response_format
+    for i, schema in enumerate(SCHEMAS):  # each request path in turn
+        if i % 3 == 0:  # HTTP chat response_format
             r = client.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": f"Answer as JSON ({i})."}], max_tokens=MAX_TOKENS,
                 seed=i, response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}},
                 extra_body=NO_THINKING)
             text, finish = r.choices[0].message.content, r.choices[0].finish_reason
-        else:  # gRPC Generate sampling.json_schema
+        elif i % 3 == 1:  # gRPC Generate sampling.json_schema
             text, finish = _generate(stub, f"JSON {i}:", gateway_pb2.SamplingParams(
                 json_schema=json.dumps(schema), max_tokens=MAX_TOKENS, seed=i))
+        else:  # gRPC Chat response_format
+            text, finish = _chat(stub, f"Answer as JSON ({i}).", schema, i)
         assert finish == "stop", (i, text)
         jsonschema.validate(json.loads(text), schema)
     for i, pattern in enumerate(REGEXES):
@@ -135,6 +137,17 @@ def test_tool_calls_under_a_grammar_return_schema_valid_typed_arguments(cluster)
             assert call.function.name == name
             jsonschema.validate(json.loads(call.function.arguments), schemas[name])
     assert _applied(cluster) == before + 2
+
+
+def _chat(stub: gateway_pb2_grpc.GatewayStub, text: str, schema: dict, seed: int) -> tuple[str, str]:
+    req = gateway_pb2.ChatRequest(messages=[gateway_pb2.ChatMessage(role="user", content=text)], stream=False,
+                                  sampling=gateway_pb2.SamplingParams(max_tokens=MAX_TOKENS, seed=seed),
+                                  response_format=gateway_pb2.ResponseFormat(type="json_schema"))
+    req.response_format.json_schema.name = "answer"
+    req.response_format.json_schema.schema.update(schema)
+    req.chat_template_kwargs.update(NO_THINKING["chat_template_kwargs"])
+    (msg,) = list(stub.Chat(req, timeout=120))
+    return msg.delta.content, msg.finish.finish_reason
 
 
 def _generate(stub: gateway_pb2_grpc.GatewayStub, text: str, sampling: gateway_pb2.SamplingParams) -> tuple[str, str]:
