@@ -206,8 +206,10 @@ class _Builder:
     def value(self, node: Any, path: str, strict: bool) -> str:
         if node is True or (isinstance(node, Mapping) and not set(node) - ANNOTATIONS):
             return self.shared("json_value")
-        if not isinstance(node, Mapping):
-            raise ToolGrammarError(path, "must be a JSON schema object")  # false: no value is valid
+        if not isinstance(node, Mapping):  # false (no value is valid) or not a schema at all
+            if strict:
+                raise ToolGrammarError(path, "must be a JSON schema object")
+            return self.shared("json_value")
         if "const" in node:
             return literal(json_text(node["const"]))
         if isinstance(node.get("enum"), list) and node["enum"]:
@@ -239,7 +241,9 @@ class _Builder:
             return self.array(node, path, strict)
         if kind == "object":
             return self.object(node, path, strict)
-        raise ToolGrammarError(f"{path}.type", f"names an unknown type {kind!r}")
+        if strict:
+            raise ToolGrammarError(f"{path}.type", f"names an unknown type {kind!r}")
+        return self.shared("json_value")
 
     def array(self, node: Mapping[str, Any], path: str, strict: bool) -> str:
         item = self.value(node.get("items", True), f"{path}.items", strict)

@@ -202,3 +202,9 @@ def test_non_strict_tools_keep_their_types_and_leave_other_keywords_unenforced(c
     ebnf = tool_call_grammar([tool], "glm45", single=True)
     assert accepts(compiler, ebnf, call("glm45", "f", ("n", "3"), ("r", "17"), ("s", "bcd")))
     assert not accepts(compiler, ebnf, call("glm45", "f", ("n", "three")))  # the type still holds
+    odd = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {
+        "a": False, "b": {"type": "decimal"}, "c": {"type": "array", "maxItems": "2"},
+        "d": {"type": "object", "properties": {"x": {"type": "decimal"}, "y": False}}}, "required": ["ghost"]}}}
+    ebnf = tool_call_grammar([odd], "glm47", single=True)  # best effort, never a refusal without strict
+    assert accepts(compiler, ebnf, call("glm47", "g", ("a", "1"), ("b", '"x"'), ("c", "[1,2,3]"),
+                                           ("d", '{"x": [true], "y": 0}')))
