@@ -165,3 +165,21 @@ def test_openai_client_response_format_and_tool_grammars(model_dir, tok):
     assert all(json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
                for r in (one, many))
     assert len(sent) == 4  # the refused requests never reached a worker
+
+
+def test_streamed_answer_with_thinking_keeps_the_reasoning_free(model_dir, tok):
+    async def scenario():
+        async with gateway_with_fakes(model_dir, lambda r: _script(tok, "<think>hmm</think>" + JSON_ANSWER)) as h, \
+                client(h) as c:
+            stream = await c.chat.completions.create(model="m", messages=USER, stream=True,
+                                                     response_format={"type": "json_object"})
+            reasoning, content = "", ""
+            async for chunk in stream:
+                delta = chunk.choices[0].delta if chunk.choices else None
+                reasoning += (getattr(delta, "reasoning_content", None) or "") if delta else ""
+                content += (delta.content or "") if delta else ""
+            return reasoning, content, h.cluster.decodes[0].requests[0].sampling
+
+    reasoning, content, sent = run(scenario())
+    assert reasoning == "hmm" and json.loads(content) == {"answer": "yes"}
+    assert sent.reasoning_first and sent.grammar.json_object
