@@ -30,7 +30,7 @@ from gateway.errors import GatewayError, invalid
 from gateway.model_info import ModelInfo
 from gateway.router import Router
 from gateway.tokenizer import Tokenizer, TokenizerError
-from gateway.tool_grammar import LAYOUTS, ToolGrammarError, tool_call_grammar
+from gateway.tool_grammar import LAYOUTS, ToolGrammarError, tool_call_grammar, tool_call_structural_tag
 from gateway.worker_client import Dispatch, LegError, LegRequest
 from protos import gateway_pb2, worker_pb2
 
@@ -225,21 +225,28 @@ class Pipeline:
                                       grammar=None if constraint is None else constraint.grammar)
 
     def _tool_grammar(self, call: ChatCall) -> Constraint | None:
-        """tool_choice "required" / a named tool with a GLM tool-call parser: the answer is GLM's tool-call
-        text with schema-valid arguments (gateway/tool_grammar.py). A strict tool whose schema the
-        grammar cannot enforce is refused, naming the keyword."""
+        """With a GLM tool-call parser: tool_choice "required" / a named tool make the answer GLM's
+        tool-call text with schema-valid arguments (an EBNF); "auto" with a strict tool leaves the text
+        free and holds each call the model opens to its tool's schema (a structural tag). A strict
+        tool whose schema the grammar cannot enforce is refused, naming the keyword
+        (gateway/tool_grammar.py)."""
         family = self.config.tool_call_parser
-        if call.tool_choice not in ("required", "named") or family not in LAYOUTS or not call.tools:
+        if family not in LAYOUTS or not call.tools or not call.parse_tools:
             return None
         try:
-            single = call.tool_choice == "named" or not call.parallel_tool_calls
-            source = tool_call_grammar(call.tools, family, single=single)
+            if call.tool_choice in ("required", "named"):
+                single = call.tool_choice == "named" or not call.parallel_tool_calls
+                grammar = Grammar("ebnf", tool_call_grammar(call.tools, family, single=single))
+            elif any(t["function"].get("strict") is True for t in call.tools):
+                grammar = Grammar("structural_tag", tool_call_structural_tag(call.tools, family))
+            else:
+                return None
         except ToolGrammarError as e:
             name = call.tools[e.index or 0]["function"]["name"]
             raise invalid(f"tools[{name}].function.parameters{e.path}", f"{e.problem} (strict tools are held to "
                                                                         f"the grammar subset of docs/structured_output.md)"
                           ) from None
-        return Constraint(Grammar("ebnf", source), None)
+        return Constraint(grammar, None)
 
     def _check_constraint_applied(self, request_id: str, constraint: Constraint | None, progress: _Progress,
                                   reasoning_tokens: int, answer_known: bool) -> None:

@@ -3,7 +3,9 @@ GLM's native tool-call text with arguments that satisfy each tool's parameter sc
 
 Used for tool_choice "required" (one or more calls of the shown tools) and a named tool (exactly one
 call of it); the worker applies it after the reasoning (`reasoning_first`), so the reasoning stays
-free text. The layout is the chat template's (docs/parsers.md §2, §3.1):
+free text. Under tool_choice "auto" with a strict tool, the same per-tool argument grammars go in an
+xgrammar structural tag (`tool_call_structural_tag`): free text until `<tool_call>`, then one of the
+tools' calls, then free text again. The layout is the chat template's (docs/parsers.md §2, §3.1):
 
     glm45: "\\n"? "<tool_call>" NAME "\\n" ("<arg_key>" K "</arg_key>\\n<arg_value>" V "</arg_value>\\n")* "</tool_call>"
     glm47: "\\n"? "<tool_call>" NAME ("<arg_key>" K "</arg_key><arg_value>" V "</arg_value>")* "</tool_call>"
@@ -30,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.parsers.base import CALL_END, CALL_START
 from gateway.parsers.schema import ToolSchemas
 
 KEYWORDS = frozenset({"type", "enum", "const", "properties", "required", "additionalProperties", "items",
@@ -114,6 +117,29 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], family: str, *, single
     return builder.text(root)
 
 
+def tool_call_structural_tag(tools: Sequence[Mapping[str, Any]], family: str) -> str:
+    """tool_choice "auto" with strict tools: xgrammar's structural tag (JSON) that leaves the text free
+    until `<tool_call>`, then holds the call to one of `tools` (each tool's name and arguments as in
+    `tool_call_grammar`), then frees the text again. Every tool gets a tag, strict or not, so that a
+    call of a non-strict tool is still possible."""
+    layout = LAYOUTS[family]
+    schemas = ToolSchemas(tools)
+    tags = []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        builder = _Builder(schemas)
+        try:
+            args = builder.arguments(fn, layout, strict=fn.get("strict") is True)
+        except ToolGrammarError as e:
+            e.index = i
+            raise
+        tags.append({"type": "tag", "begin": CALL_START + fn["name"] + layout.after_name,
+                     "content": {"type": "grammar", "grammar": builder.text(args)}, "end": CALL_END})
+    return json.dumps({"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": [CALL_START], "tags": tags, "at_least_one": False,
+        "stop_after_first": False}}, ensure_ascii=False)
+
+
 def _types(node: Mapping[str, Any]) -> list[str]:
     declared = node.get("type")
     if isinstance(declared, str):
@@ -155,19 +181,24 @@ class _Builder:
     # -- one call ------------------------------------------------------------------------------
 
     def call(self, fn: Mapping[str, Any], layout: Layout, *, strict: bool) -> str:
+        body = [literal(CALL_START + fn["name"] + layout.after_name), self.arguments(fn, layout, strict=strict),
+                literal(CALL_END)]
+        return self.rule(f"call_{fn['name']}", " ".join(body))
+
+    def arguments(self, fn: Mapping[str, Any], layout: Layout, *, strict: bool) -> str:
+        """The text between the name and `</tool_call>`: each argument's key and value."""
         name = fn["name"]
         params = fn.get("parameters") or {}
         self.check(params, "", strict, top=True)
         props = params.get("properties") or {}
         required = params.get("required") or []
-        parts = [literal("<tool_call>" + name + layout.after_name)]
+        parts = ['""']
         for key, sub in props.items():
             value = self.argument(name, key, sub, f".properties.{key}", strict)
             arg = (f'{literal("<arg_key>" + key + "</arg_key>" + layout.after_key + "<arg_value>")} {value} '
                    f'{literal("</arg_value>" + layout.after_value)}')
             parts.append(arg if key in required else f"({arg})?")
-        parts.append(literal("</tool_call>"))
-        return self.rule(f"call_{name}", " ".join(parts))
+        return self.rule(f"args_{name}", " ".join(parts))
 
     def argument(self, tool: str, key: str, node: Any, path: str, strict: bool) -> str:
         """The value text of one argument, as the parser decodes it (values.decode_value)."""

@@ -16,7 +16,7 @@ import xgrammar as xgr
 
 from gateway.parsers.glm45_tool import Glm45ToolParser
 from gateway.parsers.glm47_tool import Glm47ToolParser
-from gateway.tool_grammar import ToolGrammarError, tool_call_grammar
+from gateway.tool_grammar import ToolGrammarError, tool_call_grammar, tool_call_structural_tag
 
 PARSERS = {"glm45": Glm45ToolParser, "glm47": Glm47ToolParser}
 SEP = {"glm45": "\n", "glm47": ""}
@@ -208,3 +208,37 @@ def test_non_strict_tools_keep_their_types_and_leave_other_keywords_unenforced(c
     ebnf = tool_call_grammar([odd], "glm47", single=True)  # best effort, never a refusal without strict
     assert accepts(compiler, ebnf, call("glm47", "g", ("a", "1"), ("b", '"x"'), ("c", "[1,2,3]"),
                                            ("d", '{"x": [true], "y": 0}')))
+
+
+@pytest.mark.parametrize("family", ["glm45", "glm47"])
+def test_auto_choice_structural_tag_frees_the_text_and_holds_each_call(compiler, family):
+    """tool_choice auto with a strict tool: text is free, and any call the model opens is held to its
+    tool's schema (the non-strict tool's call stays possible, with its types)."""
+    tools = [WEATHER, NOARGS, {"type": "function", "function": {"name": "get", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}]
+    tag = json.loads(tool_call_structural_tag(tools, family))
+    assert [t["begin"] for t in tag["format"]["tags"]] == [f"<tool_call>{n}{SEP[family]}"
+                                                          for n in ("get_weather", "now", "get")]
+    m_compiled = compiler.compile_grammar(xgr.Grammar.from_structural_tag(json.dumps(tag)))
+
+    def ok(text: str) -> bool:
+        m = xgr.GrammarMatcher(m_compiled)
+        return m.accept_string(text) and m.is_completed()
+
+    weather = call(family, "get_weather", ("city", "Oslo"), ("days", "2"))
+    assert ok("No tool needed, it is sunny.")
+    assert ok("Let me check.\n" + weather + "\nDone " + call(family, "get", ("n", "7")))
+    assert ok(call(family, "now"))
+    assert not ok(call(family, "get_weather", ("city", "Oslo"), ("days", "two")))
+    assert not ok(call(family, "get", ("n", "x")))
+    assert not ok(call(family, "delete_all"))
+    _, calls = PARSERS[family](tools).parse("Let me check.\n" + weather)
+    assert [c.name for c in calls] == ["get_weather"] and json.loads(calls[0].arguments) == {"city": "Oslo", "days": 2}
+
+
+def test_structural_tag_refuses_a_strict_tool_outside_the_subset():
+    tool = {"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}}}}
+    with pytest.raises(ToolGrammarError) as e:
+        tool_call_structural_tag([NOARGS, tool], "glm45")
+    assert (e.value.index, e.value.path) == (1, ".properties.n.minimum")

@@ -121,7 +121,8 @@ def test_openai_client_response_format_and_tool_grammars(model_dir, tok):
                  "<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>")
 
     def script_for(r):
-        return _script(tok, "<think>ok</think>" + call_text if r.sampling.grammar.ebnf else JSON_ANSWER)
+        tools = r.sampling.grammar.ebnf or r.sampling.grammar.structural_tag
+        return _script(tok, "<think>ok</think>" + call_text if tools else JSON_ANSWER)
 
     strict = {"type": "function", "function": {"name": "get_weather", "strict": True, "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
@@ -141,14 +142,18 @@ def test_openai_client_response_format_and_tool_grammars(model_dir, tok):
             one = await c.chat.completions.create(model="m", messages=USER, tools=[loose], tool_choice="required",
                                                   parallel_tool_calls=False)
             many = await c.chat.completions.create(model="m", messages=USER, tools=[loose], tool_choice="required")
+            strict_ok = json.loads(json.dumps(strict))
+            del strict_ok["function"]["parameters"]["properties"]["days"]["minimum"]
+            auto_strict = await c.chat.completions.create(model="m", messages=USER, tools=[strict_ok, relaxed_time()])
+            await c.chat.completions.create(model="m", messages=USER, tools=[loose])  # auto, nothing strict
             with pytest.raises(openai.BadRequestError) as refused:
                 await c.chat.completions.create(model="m", messages=USER, tools=[strict], tool_choice="required")
             with pytest.raises(openai.BadRequestError) as both:
                 await c.chat.completions.create(model="m", messages=USER, tools=[loose], tool_choice="required",
                                                 response_format={"type": "json_object"})
-            return fmt, named, one, many, refused.value, both.value, h.cluster.decodes[0].requests
+            return fmt, named, one, many, refused.value, both.value, h.cluster.decodes[0].requests, auto_strict
 
-    fmt, named, one, many, refused, both, sent = run(scenario())
+    fmt, named, one, many, refused, both, sent, auto_strict = run(scenario())
     assert json.loads(fmt.choices[0].message.content) == {"answer": "yes"}
     (tc,) = named.choices[0].message.tool_calls
     assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris", "days": 2}
@@ -164,7 +169,16 @@ def test_openai_client_response_format_and_tool_grammars(model_dir, tok):
     assert roots[2].endswith(")*")
     assert all(json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris", "days": 2}
                for r in (one, many))
-    assert len(sent) == 4  # the refused requests never reached a worker
+    # auto: a strict tool makes a structural tag (free text, held calls); without one, nothing is sent
+    tag = json.loads(sent[4].sampling.grammar.structural_tag)
+    assert [t["begin"] for t in tag["format"]["tags"]] == ["<tool_call>get_weather\n", "<tool_call>get_time\n"]
+    assert not sent[5].sampling.HasField("grammar")
+    assert auto_strict.choices[0].message.tool_calls[0].function.name == "get_weather"
+    assert len(sent) == 6  # the refused requests never reached a worker
+
+
+def relaxed_time() -> dict:
+    return {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
 def test_streamed_answer_with_thinking_keeps_the_reasoning_free(model_dir, tok):
