@@ -20,9 +20,12 @@ import grpc
 import jsonschema
 from jsonschema.exceptions import SchemaError
 
+from common.serving import metrics
 from common.serving.sampling_params import Grammar
-from gateway.calls import Constraint
+from gateway.calls import ChatCall, Constraint
 from gateway.errors import GatewayError, invalid
+from gateway.tool_grammar import LAYOUTS, ToolGrammarError, tool_call_grammar, tool_call_structural_tag
+from protos import worker_pb2
 
 MAX_SOURCE_CHARS = 256 * 1024  # one constraint's source text (a schema as compact JSON)
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -106,6 +109,53 @@ def check_with_tools(constraint: Constraint | None, tool_choice: str) -> None:
     if constraint is not None and tool_choice in ("required", "named"):
         raise invalid(constraint.field, "cannot be combined with tool_choice \"required\" or a named tool: "
                                         "the answer is then constrained to tool calls")
+
+
+def tool_constraint(call: ChatCall, family: str | None) -> Constraint | None:
+    """With a GLM tool-call parser (`family`): tool_choice "required" / a named tool make the answer
+    GLM's tool-call text with schema-valid arguments (an EBNF); "auto" with a strict tool leaves the
+    text free and holds each call the model opens to its tool's schema (a structural tag). A strict
+    tool whose schema the grammar cannot enforce is refused, naming the keyword (tool_grammar.py)."""
+    if family not in LAYOUTS or not call.tools or not call.parse_tools:
+        return None
+    try:
+        if call.tool_choice in ("required", "named"):
+            single = call.tool_choice == "named" or not call.parallel_tool_calls
+            grammar = Grammar("ebnf", tool_call_grammar(call.tools, family, single=single))
+        elif any(t["function"].get("strict") is True for t in call.tools):
+            grammar = Grammar("structural_tag", tool_call_structural_tag(call.tools, family))
+        else:
+            return None
+    except ToolGrammarError as e:
+        name = call.tools[e.index or 0]["function"]["name"]
+        raise invalid(f"tools[{name}].function.parameters{e.path}",
+                      f"{e.problem} (strict tools are held to the grammar subset of docs/structured_output.md)"
+                      ) from None
+    return Constraint(grammar, None)
+
+
+def check_applied(constraint: Constraint, last: worker_pb2.DecodeChunk | None,
+                  prefill: worker_pb2.PrefillResult | None, answer_tokens: int, answer_known: bool) -> str:
+    """A constrained answer must have been sampled under the grammar: the workers report it
+    (PrefillResult.grammar_applied for the first token, DecodeChunk.grammar_tokens for the rest).
+    Returns the outcome counted in glmserve_grammar_requests_total; answer tokens with no such report
+    mean a worker dropped the constraint: INTERNAL, never a silently unconstrained answer.
+    `answer_tokens` excludes the reasoning, which `answer_known` says could be counted."""
+    if (last is not None and last.grammar_tokens) or (prefill is not None and prefill.grammar_applied):
+        outcome = "applied"
+    elif answer_tokens <= 0:
+        outcome = "not_reached"  # the reasoning used every token: the grammar had nothing to constrain
+    elif not answer_known:
+        outcome = "unverified"   # thinking on without a reasoning parser: answer tokens are not counted
+    else:
+        outcome = "dropped"
+    metrics.grammar_requests_total().labels(outcome).inc()
+    if outcome == "dropped":
+        raise GatewayError(grpc.StatusCode.INTERNAL,
+                           f"the workers returned {answer_tokens} answer tokens without applying the "
+                           f"{constraint.grammar.kind} constraint (a worker without grammar support?); "
+                           f"the answer was withheld")
+    return outcome
 
 
 def worker_refusal(e: GatewayError, constraint: Constraint | None) -> GatewayError:

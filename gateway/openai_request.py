@@ -57,7 +57,8 @@ CHAT_IGNORED = {**IGNORED, "skip_special_tokens": "chat output always drops spec
 # refused unless empty / false / the default: field -> why
 REFUSED: dict[str, str] = {
     "stop_regex": "not built yet: use stop strings",
-    "structural_tag": "not accepted from clients: tool_choice \"required\" or a named tool constrains tool calls",
+    "structural_tag": "not accepted from clients: tool_choice required / named, or a strict tool, constrains "
+                      "tool calls",
     "modalities": "GLM-4.5/4.6/4.7 are text models", "audio": "GLM-4.5/4.6/4.7 are text models",
     "prediction": "predicted outputs are not supported", "web_search_options": "no web search",
     "functions": "deprecated: use tools", "function_call": "deprecated: use tool_choice",

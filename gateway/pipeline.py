@@ -20,7 +20,7 @@ import grpc
 
 from common.serving import metrics
 from common.serving.ids import new_request_id, new_transfer_id
-from common.serving.sampling_params import Grammar, ServerSampling
+from common.serving.sampling_params import ServerSampling
 from gateway import checks, constraints
 from gateway.calls import ChatCall, Constraint, GenerateCall, Sampling
 from gateway.chat_output import ChatOutput, TextOutput, apply_finish
@@ -30,7 +30,6 @@ from gateway.errors import GatewayError, invalid
 from gateway.model_info import ModelInfo
 from gateway.router import Router
 from gateway.tokenizer import Tokenizer, TokenizerError
-from gateway.tool_grammar import LAYOUTS, ToolGrammarError, tool_call_grammar, tool_call_structural_tag
 from gateway.worker_client import Dispatch, LegError, LegRequest
 from protos import gateway_pb2, worker_pb2
 
@@ -118,7 +117,7 @@ class Pipeline:
         input_ids = self.tokenizer.encode(prompt)
         checks.check_prompt_length(len(input_ids), self.model.context_length, "messages")
         reasoning_first = call.template_kwargs.get("enable_thinking") is not False
-        constraint = call.sampling.constraint or self._tool_grammar(call)
+        constraint = call.sampling.constraint or constraints.tool_constraint(call, self.config.tool_call_parser)
         forced = self._forced_prefix(call) if constraint is None else ()
         sampling = self._sampling(call.sampling, len(input_ids), forced, reasoning_first=reasoning_first,
                                   constraint=constraint)
@@ -224,54 +223,17 @@ class Pipeline:
                                       forced_prefix=forced_prefix, reasoning_first=reasoning_first,
                                       grammar=None if constraint is None else constraint.grammar)
 
-    def _tool_grammar(self, call: ChatCall) -> Constraint | None:
-        """With a GLM tool-call parser: tool_choice "required" / a named tool make the answer GLM's
-        tool-call text with schema-valid arguments (an EBNF); "auto" with a strict tool leaves the text
-        free and holds each call the model opens to its tool's schema (a structural tag). A strict
-        tool whose schema the grammar cannot enforce is refused, naming the keyword
-        (gateway/tool_grammar.py)."""
-        family = self.config.tool_call_parser
-        if family not in LAYOUTS or not call.tools or not call.parse_tools:
-            return None
-        try:
-            if call.tool_choice in ("required", "named"):
-                single = call.tool_choice == "named" or not call.parallel_tool_calls
-                grammar = Grammar("ebnf", tool_call_grammar(call.tools, family, single=single))
-            elif any(t["function"].get("strict") is True for t in call.tools):
-                grammar = Grammar("structural_tag", tool_call_structural_tag(call.tools, family))
-            else:
-                return None
-        except ToolGrammarError as e:
-            name = call.tools[e.index or 0]["function"]["name"]
-            raise invalid(f"tools[{name}].function.parameters{e.path}", f"{e.problem} (strict tools are held to "
-                                                                        f"the grammar subset of docs/structured_output.md)"
-                          ) from None
-        return Constraint(grammar, None)
-
     def _check_constraint_applied(self, request_id: str, constraint: Constraint | None, progress: _Progress,
                                   reasoning_tokens: int, answer_known: bool) -> None:
-        """A constrained request's answer must have been sampled under the grammar: the workers report
-        it (PrefillResult.grammar_applied for the first token, DecodeChunk.grammar_tokens for the rest).
-        An answer with no such report means a worker dropped the constraint: INTERNAL, never a silently
-        unconstrained answer. Counted in glmserve_grammar_requests_total{outcome}."""
         if constraint is None:
             return
-        last, prefill = progress.last, progress.prefill
-        answer = (last.completion_tokens if last is not None else 0) - reasoning_tokens
-        if (last is not None and last.grammar_tokens) or (prefill is not None and prefill.grammar_applied):
-            outcome = "applied"
-        elif answer <= 0:
-            outcome = "not_reached"  # the reasoning used every token: the grammar had nothing to constrain
-        elif not answer_known:
-            outcome = "unverified"   # thinking on without a reasoning parser: answer tokens are not counted
-        else:
-            metrics.grammar_requests_total().labels("dropped").inc()
+        answer = (progress.last.completion_tokens if progress.last is not None else 0) - reasoning_tokens
+        try:
+            constraints.check_applied(constraint, progress.last, progress.prefill, answer, answer_known)
+        except GatewayError:
             log.error("request %s: %d answer tokens came back without the %s constraint applied", request_id,
                       answer, constraint.grammar.kind)
-            raise GatewayError(grpc.StatusCode.INTERNAL,
-                               f"the workers returned {answer} answer tokens without applying the {constraint.grammar.kind} "
-                               f"constraint (a worker without grammar support?); the answer was withheld")
-        metrics.grammar_requests_total().labels(outcome).inc()
+            raise
 
     def _forced_prefix(self, call: ChatCall) -> tuple[int, ...]:
         """tool_choice "required" without a tool-call grammar (no GLM tool-call parser configured): the
