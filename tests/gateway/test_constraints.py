@@ -162,3 +162,20 @@ def test_worker_refusals_are_renamed_to_the_public_field():
     tool = constraints.worker_refusal(GatewayError(grpc.StatusCode.INVALID_ARGUMENT, "ebnf: bad rule"),
                                       Constraint(Grammar("ebnf", 'root ::= "a"'), None))
     assert tool.code == grpc.StatusCode.INTERNAL and "tool-call grammar" in tool.message
+
+
+def test_check_applied_outcomes():
+    from protos import worker_pb2
+
+    c = Constraint(Grammar("regex", "a+"), "regex")
+    chunk = worker_pb2.DecodeChunk(completion_tokens=5, grammar_tokens=4)
+    assert constraints.check_applied(c, chunk, None, 5, True) == "applied"
+    first_only = worker_pb2.DecodeChunk(completion_tokens=1)
+    assert constraints.check_applied(c, first_only, worker_pb2.PrefillResult(grammar_applied=True), 1, True) == \
+        "applied"
+    none = worker_pb2.DecodeChunk(completion_tokens=6)
+    assert constraints.check_applied(c, none, worker_pb2.PrefillResult(), 0, True) == "not_reached"
+    assert constraints.check_applied(c, none, None, 6, False) == "unverified"
+    with pytest.raises(GatewayError) as e:
+        constraints.check_applied(c, none, worker_pb2.PrefillResult(), 6, True)
+    assert e.value.code == grpc.StatusCode.INTERNAL and "without applying the regex constraint" in e.value.message
