@@ -27,6 +27,7 @@ from protos import gateway_pb2, gateway_pb2_grpc
 from tests.e2e.conftest import _dump_logs
 
 MAX_TOKENS = 160
+TOOL_MAX_TOKENS = 256  # the markup and names are spelled with any tokens the grammar allows, often single bytes
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4}, "ok": {"type": "boolean"}},
      "required": ["name", "ok"], "additionalProperties": False},
@@ -123,11 +124,11 @@ def test_tool_calls_under_a_grammar_return_schema_valid_typed_arguments(cluster)
     tools = [SET_MODE, GET_WEATHER]
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     named = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Turn it on."}], tools=tools, max_tokens=MAX_TOKENS, seed=1,
+        model="m", messages=[{"role": "user", "content": "Turn it on."}], tools=tools, max_tokens=TOOL_MAX_TOKENS, seed=1,
         tool_choice={"type": "function", "function": {"name": "set_mode"}}, extra_body=NO_THINKING)
     # thinking on: the reasoning stays free (ended by a small thinking budget), then the call is constrained
     required = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Weather?"}], tools=[GET_WEATHER], max_tokens=MAX_TOKENS,
+        model="m", messages=[{"role": "user", "content": "Weather?"}], tools=[GET_WEATHER], max_tokens=TOOL_MAX_TOKENS,
         seed=2, tool_choice="required", parallel_tool_calls=False, extra_body={"thinking_token_budget": 4})
     for r, name in ((named, "set_mode"), (required, "get_weather")):
         choice = r.choices[0]
