@@ -11,8 +11,9 @@ tools' calls, then free text again. The layout is the chat template's (docs/pars
     glm47: "\\n"? "<tool_call>" NAME ("<arg_key>" K "</arg_key><arg_value>" V "</arg_value>")* "</tool_call>"
 
 Each argument's value V is written the way the tool parser reads it back (`parsers/values.py`, by the
-same `ToolSchemas` lookup): an argument whose schema admits only strings is raw text (never `<`);
-any other argument is compact JSON (strings in it never hold a raw `<`: they may use `\\u003c`).
+same `ToolSchemas` lookup): an argument whose schema admits only strings, or strings and
+unconstrained scalars, is raw text (never `<`); any other argument is compact JSON (strings in it
+never hold a raw `<`: they may use `\\u003c`).
 Required arguments always appear, optional ones may, in the schema's order; no undeclared argument.
 
 JSON Schema subset turned into rules: type (one or a list) object / array / string / number /
@@ -208,16 +209,15 @@ class _Builder:
         if spec.types is None and spec.enum is None:
             return self.rule("raw", "[^<]*")
         if spec.enum is None and "string" in spec.types:
-            # Raw text: it reads back as a string, or as a JSON scalar of an admitted type.
-            if not spec.types - {"string"} <= _SCALARS_FOR_RAW:
+            # Raw text reads back as that string, or as the JSON value it spells when that value's
+            # type is admitted too: schema-valid only when every admitted type is unconstrained.
+            if _open_types(node) != spec.types or not spec.types - {"string"} <= _SCALARS_FOR_RAW:
                 if strict:
-                    raise ToolGrammarError(path, "mixes string with object or array types, which the tool-call "
-                                                 "format cannot tell apart under a grammar")
+                    raise ToolGrammarError(path, "mixes string with other types in a way the tool-call format "
+                                                 "cannot enforce (supported: a string, length-bounded or not, "
+                                                 "with unconstrained null / boolean / integer / number types)")
                 return self.rule("raw", "[^<]*")
-            if strict and _has_length_bounds(node):
-                raise ToolGrammarError(path, "bounds the length of a string that shares its argument with "
-                                             "other types; the grammar cannot enforce it")
-            return self.rule("raw", "[^<]*")
+            return self.rule("raw", "[^<]" + _repeat(node, "minLength", "maxLength"))
         return self.value(node, path, strict)
 
     def raw_string(self, node: Any) -> str:
@@ -340,6 +340,24 @@ class _Builder:
             self.check(node["items"], f"{path}.items", strict)
         for i, sub in enumerate(node.get("anyOf") or []):
             self.check(sub, f"{path}.anyOf[{i}]", strict)
+
+
+def _open_types(node: Any) -> frozenset[str] | None:
+    """The types `node` admits when it constrains nothing but them (and, on a type list, the string's
+    length): {"type": ["string", "null"]}, or anyOf of such branches without length bounds; None
+    for any other schema."""
+    if not isinstance(node, Mapping):
+        return None
+    keys = set(node) - ANNOTATIONS
+    branches = node.get("anyOf")
+    if keys == {"anyOf"} and isinstance(branches, list) and branches:
+        parts = [_open_types(b) for b in branches]
+        if any(p is None for p in parts) or any(_has_length_bounds(b) for b in branches):
+            return None
+        return frozenset().union(*parts)
+    if "type" in keys and keys <= {"type", "minLength", "maxLength"}:
+        return frozenset(_types(node))
+    return None
 
 
 def _has_length_bounds(node: Any) -> bool:
