@@ -128,6 +128,7 @@ def chat_call(req: gateway_pb2.ChatRequest, limits: RequestLimits) -> ChatCall:
         sampling=chat_sampling,
         separate_reasoning=req.separate_reasoning if req.HasField("separate_reasoning") else True,
         tool_choice=tool_choice, stream=req.stream if req.HasField("stream") else True,
+        parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
         model=req.model, request_id=_opt(req, "request_id") or None)
 
 

@@ -142,6 +142,14 @@ def test_grpc_bad_constraints_name_the_field(make, field):
     assert _refused(chat_call, make(), RequestLimits()).field == field
 
 
+def test_grpc_parallel_tool_calls():
+    tool = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="f"))
+    required = gateway_pb2.ToolChoice(mode=gateway_pb2.TOOL_CHOICE_REQUIRED)
+    assert chat_call(_grpc_chat(tools=[tool], tool_choice=required), RequestLimits()).parallel_tool_calls
+    assert not chat_call(_grpc_chat(tools=[tool], tool_choice=required, parallel_tool_calls=False),
+                         RequestLimits()).parallel_tool_calls
+
+
 def test_grpc_constraint_with_a_named_tool_is_refused():
     tool = gateway_pb2.Tool(function=gateway_pb2.FunctionDefinition(name="f"))
     req = _grpc_chat(tools=[tool], tool_choice=gateway_pb2.ToolChoice(function=gateway_pb2.NamedFunction(name="f")),
