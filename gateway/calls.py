@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.serving.sampling_params import Grammar
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -27,6 +29,15 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A structured-output constraint and the public field it came from, for error messages
+    ("response_format.json_schema.schema", "sampling.regex"); None for the gateway's own tool-call
+    grammar (gateway/tool_grammar.py)."""
+    grammar: Grammar
+    field: str | None
+
+
+@dataclass(frozen=True)
 class Sampling:
     """A request's sampling as given: `given` has only the fields the client set (names of
     common.serving.sampling_params.REQUEST_FIELDS), the rest is what SamplingParams needs besides."""
@@ -37,6 +48,7 @@ class Sampling:
     thinking_budget: int | None = None          # the native budget (gRPC thinking.budget, HTTP thinking_token_budget)
     custom_logit_processor: str | None = None   # SGLang's field; the budget then comes from custom_params
     custom_params: Mapping[str, Any] | None = None
+    constraint: Constraint | None = None        # structured output (gateway/constraints.py)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class ChatCall:
     sampling: Sampling
     separate_reasoning: bool = True
     tool_choice: str = "auto"           # auto | none | required | named (the one tool in `tools`)
+    parallel_tool_calls: bool = True    # False: tool_choice "required" allows exactly one call
     stream: bool = True                 # False: the Pipeline yields one message with the whole answer
     model: str = ""                     # "" = the served model, else checked against its name
     request_id: str | None = None       # None: the Pipeline draws "chatcmpl-<hex>"

@@ -101,6 +101,11 @@ class ChatOutput(TextOutput):
         self._first_token = True
         self._ids = {t: tokenizer.token_id(t) for t in ("<think>", "</think>", "<tool_call>") if t in keep}
 
+    @property
+    def counts_reasoning(self) -> bool:
+        """Whether `reasoning_tokens` counts the reasoning (a reasoning parser is configured)."""
+        return self._count_reasoning
+
     @classmethod
     def for_request(cls, tokenizer: Tokenizer, config: GatewayConfig, chat: ChatCall,
                     prompt_ids: Sequence[int], stops: Sequence[str]) -> ChatOutput:

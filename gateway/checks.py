@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from common.serving.custom_processor import CustomProcessorError, resolve_custom_processor
-from common.serving.sampling_params import INT32_MAX, SamplingError, SamplingParams, ServerSampling
+from common.serving.sampling_params import INT32_MAX, Grammar, SamplingError, SamplingParams, ServerSampling
 from gateway.calls import RequestLimits, Sampling
 from gateway.errors import GatewayError, invalid
 from protos import worker_pb2
@@ -232,13 +232,15 @@ def stop_strings(stops: Sequence[Any], limits: RequestLimits, field: str = "samp
 
 
 def worker_sampling(s: Sampling, server: ServerSampling, *, prompt_len: int, thinking_budget: int | None = None,
-                    forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False) -> worker_pb2.WorkerSampling:
+                    forced_prefix: tuple[int, ...] = (), reasoning_first: bool = False,
+                    grammar: Grammar | None = None) -> worker_pb2.WorkerSampling:
     """Validate the request's sampling once (SamplingParams, the workers' own check) and resolve
     every default; the workers apply the result as is."""
     try:
         resolved = SamplingParams.from_request(s.given, server, prompt_len=prompt_len, logprobs=s.logprobs,
                                                top_logprobs=s.top_logprobs, thinking_budget=thinking_budget,
-                                               forced_prefix=forced_prefix, reasoning_first=reasoning_first)
+                                               forced_prefix=forced_prefix, reasoning_first=reasoning_first,
+                                               grammar=grammar)
     except SamplingError as e:
         raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.field) from None
     return resolved.to_wire()

@@ -14,8 +14,8 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from common.serving.sampling_params import given_fields
-from gateway import checks
-from gateway.calls import ChatCall, GenerateCall, RequestLimits, Sampling
+from gateway import checks, constraints
+from gateway.calls import ChatCall, Constraint, GenerateCall, RequestLimits, Sampling
 from gateway.errors import invalid
 from protos import gateway_pb2
 
@@ -88,23 +88,50 @@ def template_kwargs(req: gateway_pb2.ChatRequest) -> dict[str, Any]:
 
 
 def sampling(params: gateway_pb2.SamplingParams, req: Any, thinking_budget: int | None,
-             limits: RequestLimits) -> Sampling:
+             limits: RequestLimits, response_format: Constraint | None = None) -> Sampling:
     """The Sampling of a ChatRequest or GenerateRequest (both carry the same optional fields)."""
     return Sampling(
         given=given_fields(params), stop=checks.stop_strings(params.stop, limits),
         logprobs=bool(_opt(req, "logprobs")), top_logprobs=_opt(req, "top_logprobs") or 0,
         thinking_budget=thinking_budget, custom_logit_processor=_opt(req, "custom_logit_processor"),
-        custom_params=struct_to_dict(req.custom_params) if req.HasField("custom_params") else None)
+        custom_params=struct_to_dict(req.custom_params) if req.HasField("custom_params") else None,
+        constraint=constraints.one([response_format, *sampling_constraints(params)]))
+
+
+def sampling_constraints(params: gateway_pb2.SamplingParams) -> list[Constraint]:
+    """SGLang's sampling_params json_schema / regex / ebnf, in that order."""
+    build = {"json_schema": constraints.json_schema, "regex": constraints.regex, "ebnf": constraints.ebnf}
+    return [check(getattr(params, name), f"sampling.{name}") for name, check in build.items()
+            if params.HasField(name)]
+
+
+def response_format(req: gateway_pb2.ChatRequest) -> Constraint | None:
+    if not req.HasField("response_format"):
+        return None
+    rf = req.response_format
+    value: dict[str, Any] = {"type": rf.type}
+    if rf.HasField("json_schema"):
+        js = rf.json_schema
+        spec: dict[str, Any] = {"name": js.name}
+        if js.HasField("schema"):
+            spec["schema"] = struct_to_dict(js.schema)
+        if js.HasField("strict"):
+            spec["strict"] = js.strict
+        value["json_schema"] = spec
+    return constraints.response_format(value)
 
 
 def chat_call(req: gateway_pb2.ChatRequest, limits: RequestLimits) -> ChatCall:
     tools, parse_tools, tool_choice = chat_tools(req, limits)
     budget = req.thinking.budget if req.HasField("thinking") and req.thinking.HasField("budget") else None
+    chat_sampling = sampling(req.sampling, req, budget, limits, response_format(req))
+    constraints.check_with_tools(chat_sampling.constraint, tool_choice)
     return ChatCall(
         messages=chat_messages(req), tools=tools, parse_tools=parse_tools, template_kwargs=template_kwargs(req),
-        sampling=sampling(req.sampling, req, budget, limits),
+        sampling=chat_sampling,
         separate_reasoning=req.separate_reasoning if req.HasField("separate_reasoning") else True,
         tool_choice=tool_choice, stream=req.stream if req.HasField("stream") else True,
+        parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
         model=req.model, request_id=_opt(req, "request_id") or None)
 
 

@@ -19,20 +19,21 @@ from typing import Any
 import grpc
 
 from common.serving.ids import new_request_id
-from gateway import checks
-from gateway.calls import ChatCall, GenerateCall, RequestLimits, Sampling
+from gateway import checks, constraints
+from gateway.calls import ChatCall, Constraint, GenerateCall, RequestLimits, Sampling
 from gateway.errors import GatewayError, invalid, unsupported
 
 # Sampling fields that keep their name (common.serving.sampling_params.REQUEST_FIELDS minus max_tokens).
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty", "presence_penalty",
             "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "logit_bias")
 _BUDGET = ("custom_logit_processor", "custom_params", "thinking_token_budget")
+_CONSTRAINTS = ("response_format", "json_schema", "regex", "ebnf")  # structured output (SGLang's names)
 _COMMON = ("model", "stream", "stream_options", "stop", "n", "no_stop_trim", "rid", "max_tokens", *SAMPLING,
-           *_BUDGET)
+           *_BUDGET, *_CONSTRAINTS)
 
 CHAT_SUPPORTED = frozenset({
     *_COMMON, "messages", "max_completion_tokens", "tools", "tool_choice", "logprobs", "top_logprobs",
-    "response_format", "reasoning_effort", "chat_template_kwargs", "thinking", "separate_reasoning",
+    "reasoning_effort", "chat_template_kwargs", "parallel_tool_calls", "thinking", "separate_reasoning",
     "stream_reasoning"})
 COMPLETION_SUPPORTED = frozenset({*_COMMON, "prompt", "logprobs", "echo", "best_of",
                                   "skip_special_tokens"})
@@ -48,17 +49,16 @@ IGNORED: dict[str, str] = {
     "priority": "no priority scheduling yet",
     "extra_key": "no prefix cache yet",
     "custom_labels": "metrics carry no per-request labels",
-    "parallel_tool_calls": "not enforced: the model decides how many calls it makes",
     "return_cached_tokens_details": "usage always carries prompt_tokens_details.cached_tokens",
 }
 CHAT_IGNORED = {**IGNORED, "skip_special_tokens": "chat output always drops special tokens except the GLM "
                                                   "markup the parsers read"}
 
-_STRUCTURED = "structured output (constrained decoding) is not built yet"
 # refused unless empty / false / the default: field -> why
 REFUSED: dict[str, str] = {
-    "regex": _STRUCTURED, "ebnf": _STRUCTURED, "json_schema": _STRUCTURED, "stop_regex": _STRUCTURED,
-    "structural_tag": _STRUCTURED,
+    "stop_regex": "not built yet: use stop strings",
+    "structural_tag": "not accepted from clients: tool_choice required / named, or a strict tool, constrains "
+                      "tool calls",
     "modalities": "GLM-4.5/4.6/4.7 are text models", "audio": "GLM-4.5/4.6/4.7 are text models",
     "prediction": "predicted outputs are not supported", "web_search_options": "no web search",
     "functions": "deprecated: use tools", "function_call": "deprecated: use tool_choice",
@@ -108,12 +108,12 @@ class Limits:
 def chat_request(body: Any, limits: Limits) -> HttpRequest:
     body = _object(body)
     ignored = _classify(body, CHAT_SUPPORTED, CHAT_IGNORED, limits)
-    _response_format(body.get("response_format"))
     messages = _list(body, "messages", required=True)
     messages = [_reasoning_alias(m) for m in messages]
     tools = checks.check_tools(_list(body, "tools") or [], limits.request)
     mode, name = _tool_choice(body.get("tool_choice"))
     tools_shown, parse_tools = checks.select_tools(tools, mode, name)
+    tool_choice = checks.tool_choice_kind(mode, name, parse_tools)
     kwargs = dict(_dict(body, "chat_template_kwargs") or {})
     if "chat_template" in kwargs:
         raise unsupported("chat_template_kwargs.chat_template", "a request may not replace the chat template")
@@ -123,6 +123,7 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
         max_tokens = body.get("max_tokens")
     logprobs = _bool(body, "logprobs", False)
     sampling = _sampling(body, max_tokens, limits, logprobs=logprobs, top_logprobs=_int(body, "top_logprobs") or 0)
+    constraints.check_with_tools(sampling.constraint, tool_choice)
     rid = _str(body, "rid")
     request_id = rid or new_request_id()
     n = _n(body, limits)
@@ -131,7 +132,8 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
     base = ChatCall(messages=checks.chat_messages(messages), tools=tools_shown, parse_tools=parse_tools,
                     template_kwargs=kwargs, sampling=sampling,
                     separate_reasoning=_bool(body, "separate_reasoning", True),
-                    tool_choice=checks.tool_choice_kind(mode, name, parse_tools), stream=stream,
+                    tool_choice=tool_choice, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
+                    stream=stream,
                     model=_model(body, limits), request_id=request_id)
     calls = tuple(replace(base, request_id=_choice_id(request_id, i, n), sampling=_seeded(sampling, i))
                   for i in range(n))
@@ -197,12 +199,13 @@ def _classify(body: Mapping[str, Any], supported: frozenset[str], ignored: Mappi
     return tuple(no_effect)
 
 
-def _response_format(value: Any) -> None:
-    if value is None:
-        return
-    kind = value.get("type") if isinstance(value, Mapping) else None
-    if kind != "text":
-        raise unsupported("response_format", f"{kind or value!r}: {_STRUCTURED}; only {{\"type\": \"text\"}}")
+def _constraint(body: Mapping[str, Any]) -> Constraint | None:
+    """response_format, json_schema, regex, ebnf: at most one (gateway/constraints.py)."""
+    found = [constraints.response_format(body["response_format"]) if body.get("response_format") is not None
+             else None]
+    build = {"json_schema": constraints.json_schema, "regex": constraints.regex, "ebnf": constraints.ebnf}
+    found += [check(body[name], name) for name, check in build.items() if body.get(name) is not None]
+    return constraints.one(found)
 
 
 def _reasoning_alias(m: Any) -> Any:
@@ -266,7 +269,7 @@ def _sampling(body: Mapping[str, Any], max_tokens: Any, limits: Limits, *, logpr
         raise invalid("thinking_token_budget", f"must be >= 0, got {budget}")
     return Sampling(given=given, stop=stops, logprobs=logprobs, top_logprobs=top_logprobs, thinking_budget=budget,
                     custom_logit_processor=_str(body, "custom_logit_processor"),
-                    custom_params=_dict(body, "custom_params"))
+                    custom_params=_dict(body, "custom_params"), constraint=_constraint(body))
 
 
 def _logit_bias(value: Any) -> dict[int, Any]:

@@ -21,8 +21,8 @@ import grpc
 from common.serving import metrics
 from common.serving.ids import new_request_id, new_transfer_id
 from common.serving.sampling_params import ServerSampling
-from gateway import checks
-from gateway.calls import ChatCall, GenerateCall, Sampling
+from gateway import checks, constraints
+from gateway.calls import ChatCall, Constraint, GenerateCall, Sampling
 from gateway.chat_output import ChatOutput, TextOutput, apply_finish
 from gateway.chat_template import ChatTemplate, ChatTemplateError
 from gateway.config import GatewayConfig
@@ -116,18 +116,24 @@ class Pipeline:
         checks.check_prompt_chars(len(prompt), self.limits.max_prompt_chars, "messages")
         input_ids = self.tokenizer.encode(prompt)
         checks.check_prompt_length(len(input_ids), self.model.context_length, "messages")
-        sampling = self._sampling(call.sampling, len(input_ids), self._forced_prefix(call),
-                                  reasoning_first=call.template_kwargs.get("enable_thinking") is not False)
+        reasoning_first = call.template_kwargs.get("enable_thinking") is not False
+        constraint = call.sampling.constraint or constraints.tool_constraint(call, self.config.tool_call_parser)
+        forced = self._forced_prefix(call) if constraint is None else ()
+        sampling = self._sampling(call.sampling, len(input_ids), forced, reasoning_first=reasoning_first,
+                                  constraint=constraint)
         out = ChatOutput.for_request(self.tokenizer, self.config, call, input_ids, stops=call.sampling.stop)
         head = gateway_pb2.ChatResponse(id=request_id, model=self.config.model_name, created=int(time.time()))
         collected = gateway_pb2.ChatResponse()  # stream=false: everything goes into one message
         async with self._request(request_id, "chat", input_ids, sampling, progress) as finished:
-            async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
+            async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out,
+                                            constraint):
                 for msg in out.messages(chunk):
                     if call.stream:
                         yield _headed(head, msg)
                     else:
                         out.merge_into(collected, msg)
+            answer_known = not reasoning_first or out.counts_reasoning
+            self._check_constraint_applied(request_id, constraint, progress, out.reasoning_tokens, answer_known)
             tail = out.final_messages()
             if not call.stream:
                 for msg in tail:
@@ -157,11 +163,13 @@ class Pipeline:
         else:
             raise invalid(call.input_field, "must be set")
         checks.check_prompt_length(len(input_ids), self.model.context_length, call.input_field)
-        sampling = self._sampling(call.sampling, len(input_ids))
+        constraint = call.sampling.constraint
+        sampling = self._sampling(call.sampling, len(input_ids), constraint=constraint)
         out = TextOutput(self.tokenizer, input_ids, call.sampling.stop, skip_special_tokens=call.skip_special_tokens)
         collected = gateway_pb2.GenerateResponse(id=request_id, model=self.config.model_name)
         async with self._request(request_id, "generate", input_ids, sampling, progress) as finished:
-            async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out):
+            async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out,
+                                            constraint):
                 msg = out.generate_message(chunk)
                 if msg is None:
                     continue
@@ -172,6 +180,7 @@ class Pipeline:
                     collected.token_ids.extend(msg.token_ids)
                     collected.text += msg.text
                     collected.logprobs.extend(msg.logprobs)
+            self._check_constraint_applied(request_id, constraint, progress, 0, True)
             final = collected if not call.stream else \
                 gateway_pb2.GenerateResponse(id=request_id, model=self.config.model_name)
             final.text += out.flush()
@@ -208,14 +217,28 @@ class Pipeline:
                                "model", "model_not_found")
 
     def _sampling(self, s: Sampling, prompt_len: int, forced_prefix: tuple[int, ...] = (), *,
-                  reasoning_first: bool = False) -> worker_pb2.WorkerSampling:
+                  reasoning_first: bool = False, constraint: Constraint | None = None) -> worker_pb2.WorkerSampling:
         budget = checks.thinking_budget(s, self.config.enable_custom_logit_processor)
         return checks.worker_sampling(s, self.sampling, prompt_len=prompt_len, thinking_budget=budget,
-                                      forced_prefix=forced_prefix, reasoning_first=reasoning_first)
+                                      forced_prefix=forced_prefix, reasoning_first=reasoning_first,
+                                      grammar=None if constraint is None else constraint.grammar)
+
+    def _check_constraint_applied(self, request_id: str, constraint: Constraint | None, progress: _Progress,
+                                  reasoning_tokens: int, answer_known: bool) -> None:
+        if constraint is None:
+            return
+        answer = (progress.last.completion_tokens if progress.last is not None else 0) - reasoning_tokens
+        try:
+            constraints.check_applied(constraint, progress.last, progress.prefill, answer, answer_known)
+        except GatewayError:
+            log.error("request %s: %d answer tokens came back without the %s constraint applied", request_id,
+                      answer, constraint.grammar.kind)
+            raise
 
     def _forced_prefix(self, call: ChatCall) -> tuple[int, ...]:
-        """tool_choice "required": the answer after reasoning begins with <tool_call>; a named tool:
-        with <tool_call> and its name. Decoding enforces it (common.sampling ForcedPrefix)."""
+        """tool_choice "required" without a tool-call grammar (no GLM tool-call parser configured): the
+        answer after reasoning begins with <tool_call>; a named tool: with <tool_call> and its name.
+        Decoding enforces it (common.sampling ForcedPrefix)."""
         if call.tool_choice not in ("required", "named"):
             return ()
         try:
@@ -258,8 +281,21 @@ class Pipeline:
         return own if client_deadline is None else min(own, client_deadline)
 
     async def _tokens(self, request_id: str, input_ids: list[int], sampling: worker_pb2.WorkerSampling,
-                      client_deadline: float | None, progress: _Progress, out: TextOutput
-                      ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+                      client_deadline: float | None, progress: _Progress, out: TextOutput,
+                      constraint: Constraint | None = None) -> AsyncIterator[worker_pb2.DecodeChunk]:
+        """`_attempts`, with a worker's refusal of the grammar renamed to the public field."""
+        try:
+            async for chunk in self._attempts(request_id, input_ids, sampling, client_deadline, progress, out):
+                yield chunk
+        except LegError as e:
+            refusal = constraints.worker_refusal(e, constraint)
+            if refusal is e:
+                raise
+            raise refusal from None
+
+    async def _attempts(self, request_id: str, input_ids: list[int], sampling: worker_pb2.WorkerSampling,
+                        client_deadline: float | None, progress: _Progress, out: TextOutput
+                        ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """Decode chunks of the first attempt that produces a token; stops early on a stop string."""
         deadline = self._deadline(client_deadline)
         failed = []

@@ -85,6 +85,14 @@ def http_slow_client_aborts_total() -> Counter:
                           "HTTP streams aborted because the client stopped reading")
 
 
+def grammar_requests_total() -> Counter:
+    """Gateway: constrained requests by outcome: applied (the workers reported tokens sampled under the
+    grammar), not_reached (the reasoning took every token), unverified (answer tokens not counted),
+    dropped (an answer came back unconstrained: the request failed with INTERNAL)."""
+    return _get_or_create(Counter, "glmserve_grammar_requests_total", "Constrained requests by outcome",
+                          ["outcome"])
+
+
 def spec_accept_length() -> Histogram:
     return _get_or_create(Histogram, "glmserve_spec_accept_length",
                           "Tokens produced per speculative verify step (per request)",

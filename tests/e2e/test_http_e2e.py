@@ -111,13 +111,12 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
     "type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
-def test_required_and_named_tool_choice_are_enforced_while_decoding(served, tiny_model_dir):
-    """The random model never calls a tool by itself; with tool_choice it must open the call."""
-    tok = Tokenizer.from_dir(tiny_model_dir)
+def test_required_and_named_tool_choice_are_enforced_while_decoding(served):
+    """The random model never calls a tool by itself; with tool_choice it must open the call (the
+    tool-call grammar may spell the name with any tokens, so the text is compared)."""
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{served.http}/v1", api_key="EMPTY", max_retries=0)
-    name = [tok.decode([t]) for t in tok.encode("get_weather")]
-    for choice, head in (("auto", None), ("required", ["<tool_call>"]),
-                         ({"type": "function", "function": {"name": "get_weather"}}, ["<tool_call>", *name])):
+    for choice, head in (("auto", None), ("required", "<tool_call>"),
+                         ({"type": "function", "function": {"name": "get_weather"}}, "<tool_call>get_weather")):
         for seed in (1, 2):
             r = client.chat.completions.create(
                 model="glm-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
@@ -128,7 +127,7 @@ def test_required_and_named_tool_choice_are_enforced_while_decoding(served, tiny
             if head is None:
                 assert answer[0] != "<tool_call>"  # the free model: no call (these seeds)
             else:
-                assert answer[:len(head)] == head, tokens
+                assert "".join(answer).startswith(head), tokens
 
 
 def test_disconnect_mid_stream_frees_both_workers(served):

@@ -37,6 +37,7 @@ class Script:
     chunk_delay: float = 0.0            # seconds before each chunk
     decode_error: str | None = None     # status code name raised before the first chunk
     decode_error_delay: float = 0.0     # seconds before that error
+    decode_error_message: str = ""      # its details ("" = a generic scripted message)
     error_after: int | None = None      # raise decode_error after this many chunks instead
     die_after: int | None = None        # os._exit after this many chunks (process mode)
     prefill_error: str | None = None    # status code name raised by Prefill
@@ -44,6 +45,7 @@ class Script:
     cached_tokens: int = 0
     spec_steps_per_chunk: int = 0       # verify steps reported per chunk (0 = no speculation)
     logprobs: bool = False
+    grammar_reports: bool = True        # report a request's grammar as applied (a worker that drops it: False)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -134,8 +136,9 @@ class FakePrefill(_Recorder, worker_pb2_grpc.PrefillWorkerServicer):
         if self.cache_events is not None:
             store_prompt(self.cache_events, list(request.input_ids))
         first = s.chunks[0][0] if s.chunks and s.chunks[0] else 0
-        return worker_pb2.PrefillResult(first_token=first, first_logprob=-0.5, kv_bytes=1024,
-                                        cached_tokens=s.cached_tokens)
+        return worker_pb2.PrefillResult(
+            first_token=first, first_logprob=-0.5, kv_bytes=1024, cached_tokens=s.cached_tokens,
+            grammar_applied=s.grammar_reports and request.sampling.HasField("grammar"))
 
 
 class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
@@ -151,7 +154,8 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
         s = self.script_for(request)
         if s.decode_error and s.error_after is None:
             await asyncio.sleep(s.decode_error_delay)
-            await context.abort(_code(s.decode_error), f"scripted decode failure on {self.worker_id}")
+            await context.abort(_code(s.decode_error),
+                                s.decode_error_message or f"scripted decode failure on {self.worker_id}")
         if self.handoff is not None and not request.local_prefill:
             try:
                 await asyncio.wait_for(self.handoff.event(request.transfer_id).wait(), self.kv_timeout)
@@ -171,6 +175,8 @@ class FakeDecode(_Recorder, worker_pb2_grpc.DecodeWorkerServicer):
             steps += s.spec_steps_per_chunk
             chunk = worker_pb2.DecodeChunk(token_ids=ids, completion_tokens=done, spec_verify_steps=steps,
                                            spec_accepted_drafts=max(done - 1 - steps, 0) if steps else 0)
+            if s.grammar_reports and request.sampling.HasField("grammar"):
+                chunk.grammar_tokens = done  # the scripted tokens stand for tokens sampled under the mask
             if s.logprobs:
                 for t in ids:
                     chunk.logprobs.add(token_id=t, logprob=-0.25, top_ids=[t, t + 1], top_logprobs=[-0.25, -2.0])

@@ -109,10 +109,12 @@ def test_stream_and_non_stream_spell_the_same_answer_with_tool_choice(model_dir,
                 [r.sampling for r in h.cluster.decodes[0].requests]
 
     whole, streamed, required, named, none, prompts, sent = run(scenario())
-    # required / named are enforced while decoding: the answer after the reasoning opens the call
-    call_id = tok.token_id("<tool_call>")
-    assert [list(s.forced_prefix) for s in sent] == [
-        [], [], [call_id], [call_id, *tok.encode("get_weather")], []]
+    # required / named are enforced while decoding by a tool-call grammar applied after the reasoning
+    assert [list(s.forced_prefix) for s in sent] == [[]] * 5
+    kinds = [s.grammar.WhichOneof("kind") if s.HasField("grammar") else None for s in sent]
+    assert kinds == [None, None, "ebnf", "ebnf", None]
+    assert "<tool_call>get_time" in sent[2].grammar.ebnf and "<tool_call>get_weather" in sent[2].grammar.ebnf
+    assert "<tool_call>get_weather" in sent[3].grammar.ebnf and "get_time" not in sent[3].grammar.ebnf
     assert all(s.reasoning_first for s in sent)
     msg = whole.choices[0].message
     assert msg.reasoning_content == "The user wants the weather." and msg.content == "Let me check."
@@ -218,13 +220,13 @@ def test_errors_are_openai_envelopes_with_the_right_status(model_dir, tok):
             seen = {}
             for name, kw in {
                 "top_p": {"top_p": 2},
-                "schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+                "schema": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
                 "role": {"messages": [{"role": "robot", "content": "x"}]},
                 "image": {"messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
                 "too_long": {"messages": [{"role": "user", "content": "word " * 5000}]},
                 "required_no_tools": {"tool_choice": "required"},
-                "regex": {"extra_body": {"regex": "a+"}},
+                "regex": {"extra_body": {"regex": "a("}},
                 "busy": {"messages": [{"role": "user", "content": "busy"}]},
             }.items():
                 kw.setdefault("messages", USER)
@@ -258,8 +260,8 @@ def test_errors_are_openai_envelopes_with_the_right_status(model_dir, tok):
     seen, mid, text, ignored = run(scenario())
     assert seen["top_p"][:2] == (400, {"message": "top_p must be in (0, 1], got 2", "type": "invalid_request_error",
                                        "param": "top_p", "code": "invalid_value"})
-    assert seen["schema"][0] == 400 and seen["schema"][1]["code"] == "unsupported_parameter"
-    assert seen["schema"][1]["param"] == "response_format"
+    assert seen["schema"][0] == 400 and seen["schema"][1]["code"] == "invalid_value"
+    assert seen["schema"][1]["param"] == "response_format.json_schema.schema.type"
     assert seen["role"][0] == 400 and seen["role"][1]["param"] == "messages[0].role"
     assert seen["image"][0] == 400 and seen["image"][1]["param"] == "messages[0].content[0]"
     assert seen["too_long"][0] == 400 and seen["too_long"][1]["code"] == "context_length_exceeded"
