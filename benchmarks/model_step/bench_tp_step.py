@@ -98,8 +98,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     fields = dict(MODELS[args.model], **(TINY_WIDTHS if args.tiny else {}))
-    if args.layers:
-        fields["num_hidden_layers"] = args.layers
+    if args.layers:  # a shallower model keeps at least one MoE layer
+        fields.update(num_hidden_layers=args.layers,
+                      first_k_dense_replace=min(fields["first_k_dense_replace"], args.layers - 1))
     fp8, batches = args.dtype == "fp8", [int(b) for b in args.batches.split(",")]
     spec = tuple(int(x) for x in args.spec.split(",")) if args.spec else None
     device = "cpu" if args.tiny else f"cuda:{args.base_gpu_id}"
