@@ -9,7 +9,8 @@
 #              EAGLE, token for token against the single-GPU reference cluster                          ~5 min
 #   step8      (8 GPUs) bench_tp_step: TP 8, GLM-4.5 full depth FP8 (about 47 GB a GPU)                 ~8 min
 #   glm45      (8 GPUs) run_multi_gpu.py --stages glm45: GLM-4.5 FP8 dummy weights, prefill TP 4 (GPUs
-#              0-3) + decode TP 4 (GPUs 4-7), TTFT / ITL / tok/s at 1/16/64 streams, plain and EAGLE   ~9 min
+#              0-3) + decode TP 4 (GPUs 4-7), TTFT / ITL / tok/s at 1/16/64 streams, plain and EAGLE;
+#              all 92 layers on H200s, 59 on 80 GB H100s (a TP 4 rank of the full model is 91 GB)       ~9 min
 # One call per line (each < 10 minutes):
 #     STAGES=allreduce,tests,step4 OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 4 or 8 GPUs
 #     STAGES=tp,step4g             OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 4 or 8 GPUs

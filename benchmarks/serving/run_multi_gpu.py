@@ -1,6 +1,8 @@
 """Two-GPU disaggregated serving run: prefill worker on device A, decode worker on device B, NCCL KV.
 
     OUT=/some/dir bash benchmarks/run_multi_gpu.sh                      # GPU 0 -> GPU 1 (< 9 minutes)
+    python3 -m benchmarks.serving.run_multi_gpu --stages tp                       # 4+ GPUs (benchmarks/run_multi_gpu_tp.sh)
+    python3 -m benchmarks.serving.run_multi_gpu --devices cpu,cpu,cpu,cpu --stages tp --out /tmp/tp  # on CPU
     python3 -m benchmarks.serving.run_multi_gpu --devices cpu,cpu --out /tmp/mg  # same flow on CPU (gloo)
 
 Every cluster is gateway + prefill + decode as separate `python -m common.tools.cli` processes
@@ -52,6 +54,20 @@ the run goes on; results are rewritten to $OUT after every check):
      group 4 could hide up to ~11/12. When T_xfer is small next to the TTFT spread (NVLink moves an
      8K-token 4-layer KV in about a millisecond), the share is reported with the spread and marked
      as within noise rather than as a number to trust.
+
+6. tp (>= 4 GPUs, or four `cpu` entries in --devices): clusters of one prefill worker of TP p and one
+   decode worker of TP d (`glmserve local --prefill-tp-size p --decode-tp-size d`), (p, d) = (2, 2)
+   and (4, 2): prefill ranks from GPU 0, decode ranks on the GPUs after them (on a 4-GPU host the
+   (4, 2) decode ranks share GPUs 2-3: those rank pairs move KV over CUDA IPC, the rest over NCCL).
+   The tiny model in float32 (TP changes the order of the all-reduce sums; fp32 keeps that far
+   below the logit gaps), plain and EAGLE 3,1,4: tokens and spec statistics equal the single-device
+   reference cluster's.
+7. glm45 (8 GPUs, or eight `cpu` entries with --exercise-all): GLM-4.5 FP8 from a config-only
+   directory with --load-format dummy, prefill TP 4 on GPUs 0-3 + decode TP 4 on GPUs 4-7, TTFT /
+   ITL / output tok/s at 1, 16 and 64 concurrent streams (1024-token prompts, 64 tokens), plain and
+   EAGLE 3,1,4, one cluster at a time. The full 92 layers need 91 GB a rank: on an H100 the stage
+   serves the deepest model that fits (glm45_layers_that_fit) and says so.
+--stages picks stages (default: tiny, bandwidth, air on GPUs; tp and glm45 when the host has the GPUs).
 
 Environment: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are
 set here (for this process and the bench's spawned processes) and by common.tools.launch for every
@@ -766,25 +782,26 @@ def stage_tp(ctx: Ctx, limit: float, deadline: float) -> None:
             ctx.stop(list(refs.values()))
 
 
-def glm45_layers_that_fit(gpu_bytes: int, tp: int, full: dict, headroom: float = 0.8) -> int:
+def glm45_layers_that_fit(gpu_bytes: int, tp: int, full: dict, headroom: float = 0.7) -> int:
     """Decoder layers of the FP8 GLM-4.5 whose TP `tp` rank (+ MTP layer) fits `headroom` of a GPU
-    (the rest is KV pool, graphs and the collectives' buffers): all of them on an H200, fewer on an H100."""
+    (the rest, at --mem-fraction-static 0.9, is a KV pool for 64 streams of 1K tokens, graphs and the
+    collectives' buffers): all 92 on an H200, 59 on an H100.
+    Every MoE layer past the dense ones adds the same bytes: two meta builds give the line."""
     import torch
 
     from benchmarks.model_step.air_model import weight_bytes_at
     from common.model.layers import LocalRank
 
-    layers = full["num_hidden_layers"]
-    while layers > full["first_k_dense_replace"] + 1 and \
-            weight_bytes_at(full, layers, torch.bfloat16, True, tp=LocalRank(0, tp)) > headroom * gpu_bytes:
-        layers -= 1
-    return layers
+    first = full["first_k_dense_replace"] + 1
+    at = [weight_bytes_at(full, n, torch.bfloat16, True, tp=LocalRank(0, tp)) for n in (first, first + 1)]
+    extra = int((headroom * gpu_bytes - at[0]) // (at[1] - at[0]))
+    return max(first, min(full["num_hidden_layers"], first + extra))
 
 
 def stage_glm45(ctx: Ctx, limit: float, deadline: float) -> None:
     """GLM-4.5 (FP8, dummy weights) disaggregated on one host: prefill TP 4 (GPUs 0-3) + decode TP 4
     (GPUs 4-7), TTFT / ITL / throughput at ctx.glm45_levels concurrent streams, plain and EAGLE 3,1,4
-    (one cluster at a time). On the CPU (--exercise-all) the same flow at tiny widths."""
+    (one cluster at a time). On the CPU (--exercise-all) the same flow at tiny widths (real vocabulary)."""
     from benchmarks.model_step.air_model import GLM45_FULL, TINY_WIDTHS
     from common.tools.tiny_model import make_tiny_model
 
@@ -804,10 +821,11 @@ def stage_glm45(ctx: Ctx, limit: float, deadline: float) -> None:
         fields.pop("model_type", None)
         model = make_tiny_model(ctx.work / f"glm45_fp8_{layers}l_config", weights=False, quantization="fp8-channel",
                                 **fields)
-        depth = "full depth" if layers == full else f"{layers} of {full} layers (the full depth does not fit at TP 4)"
+        depth = "full depth" if layers == full else f"{layers} of {full} layers" + (
+            " (the full depth does not fit a TP 4 rank of this GPU)" if ctx.gpu else ", tiny widths, real vocabulary")
         r.stage(f"glm45: GLM-4.5 FP8 dummy weights, {depth}, model dir {model} (config.json + tokenizer only)")
         rows, res = list(CONC_HEAD), []
-        worker = ["--load-format", "dummy", *(["--dtype", "bfloat16"] if ctx.gpu else [])]
+        worker = ["--load-format", "dummy", *(["--dtype", "bfloat16", "--mem-fraction-static", "0.9"] if ctx.gpu else [])]
         for label, extra in (("off", []), ("EAGLE 3,1,4", EAGLE)):
             h = launch_tp(ctx, f"glm45_tp4_tp4_{'eagle' if extra else 'plain'}", model, 4, 4, [*worker, *extra],
                           None if ctx.gpu else 2048)
