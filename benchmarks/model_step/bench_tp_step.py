@@ -11,8 +11,8 @@ multicast off, as benchmarks/model_step/bench_tp_slices.py predicts them).
 
 Measured (benchmarks/model_step/full_depth_steps.py, on rank 0, the followers running each step in
 lockstep): the plain decode step at each --batches (graph replay, isolated and back to back), the
-EAGLE (S,k,N) step at each batch (verify + draft steps + draft extend, graphs), and one prefill of
---prefill tokens in --chunk chunks. Each row shows the rank's roofline floor (bytes/FLOPs of the
+EAGLE (S,k,N) step at each batch (verify + draft steps + draft extend, graphs; its roofline with the
+expected number of distinct experts), and one prefill of --prefill tokens in --chunk chunks. Each row shows the rank's roofline floor (bytes/FLOPs of the
 rank's shard: heads, expert and dense widths and vocabulary rows divided by the TP size), the
 predicted communication (2 all-reduces of [T, H] bf16 per layer and per MTP forward, and the
 [R, V] logits gather), their sum, and measured / sum. The model directory holds config.json only
@@ -35,7 +35,7 @@ from benchmarks import measure
 from benchmarks.model_step import full_depth_steps as steps
 from benchmarks.model_step.air_model import AIR_FULL, GLM45_FULL, TINY_WIDTHS
 from benchmarks.model_step.bench_tp_slices import CUSTOM_US, NCCL_US, latency_us, rank_config
-from benchmarks.model_step.roofline import Ceilings, Shape
+from benchmarks.model_step.roofline import Ceilings, Shape, expected_distinct
 from common.runtime.distributed import TPConfig
 from common.runtime.runner import RunnerSpec
 from common.tools.tiny_model import fp8_quantization_config
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         info["decode"] = [annotate(steps.decode(st, b), comm_us(b, 2 * layers, b, h, v, args.tp)) for b in batches]
         if spec:
             # verify: the target over B*N tokens; S-1 draft steps over B*k; the extend over B*(S+1)
-            info["eagle"] = [annotate(steps.eagle(st, b),
+            info["eagle"] = [annotate(eagle_row(st, b),
                                       _eagle_comm(b, spec, layers, h, v, args.tp)) for b in batches]
         if args.prefill:
             chunks = -(-args.prefill // args.chunk)
@@ -157,6 +157,29 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         runner.release_graphs()
         ranks.stop()
     return info
+
+
+def eagle_row(st: steps.Stage, b: int) -> dict:
+    """full_depth_steps.eagle, but the roofline's distinct experts come from the formula: that function
+    counts them on an eager step with the leader's graphs set aside, while the followers would replay
+    theirs (each rank picks graph or eager on its own), so under TP every step here runs as the worker
+    runs it."""
+    c, (s, k, n) = st.runner.config, st.spec
+
+    def distinct(tokens: int) -> float:
+        return expected_distinct(c.n_routed_experts, c.num_experts_per_tok, tokens)
+
+    moe = c.num_hidden_layers - c.first_k_dense_replace
+    calls = ([("model.layers", distinct(b * n))] * moe + [("mtp.decoder", distinct(b * k))] * (s - 1)
+             + [("mtp.decoder", distinct(b * (s + 1)))])
+    reqs, reset = steps._requests(st, b)
+    t_plain = steps.isolated_us(st, lambda: st.plain.step(reqs), reset)
+    t_eagle = steps.isolated_us(st, lambda: st.eagle.step(reqs), reset)
+    row = {"batch": b, "plain_step_us": t_plain, "eagle_step_us": t_eagle, "eagle_over_plain": t_eagle / t_plain,
+           "plain_tok_s": b / t_plain * 1e6, "eagle_tok_s": {a: b * a / t_eagle * 1e6 for a in range(1, s + 2)}}
+    row.update(st.floors(steps.eagle_parts(st, b, calls)))
+    row["measured_us"] = t_eagle
+    return row
 
 
 def _eagle_comm(b: int, spec: tuple[int, ...], layers: int, h: int, v: int, tp: int) -> dict:

@@ -77,3 +77,20 @@ def test_dummy_builds_agree_and_depend_on_the_seed(tmp_path: Path) -> None:
     assert abs(w.std().item() * w.shape[1] ** 0.5 - 1) < 0.1
     with pytest.raises(ValueError, match="load_format"):
         load_model(model_dir, "cpu", torch.float32, load_format="pt")
+
+
+def test_fingerprint_names_the_load_format_and_ignores_files_dummy_does_not_read(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from common.worker.base import model_fingerprint
+
+    config, model_dir = _config(tmp_path, "none")
+
+    def fingerprint(load_format: str) -> str:
+        runner = SimpleNamespace(config=config, numerics="quantize=None,fp8_compute=auto", load_format=load_format)
+        return model_fingerprint(str(model_dir), runner)
+
+    dummy, auto = fingerprint("dummy"), fingerprint("auto")
+    assert dummy != auto
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 64)  # a stray file: weights dummy never reads
+    assert fingerprint("dummy") == dummy and fingerprint("auto") != auto
