@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tensor parallelism across 4 or 8 GPUs of one host, each call under 10 minutes (hard limits per stage):
 #   allreduce  benchmarks/kernels/bench_allreduce at TP 2/4/8 (one-shot / two-shot / NCCL in graphs)   ~2 min
-#   tests      the multi-GPU pytest files (tests/gpu/*multi_gpu*.py, test_tp_gpu.py -m "gpu or multi_gpu") ~4 min
+#   tests      the multi-GPU pytest files (tests/gpu/*multi_gpu*.py, test_tp_gpu.py, test_dummy_load_gpu.py,
+#              -m "gpu or multi_gpu")                                                                    ~4 min
 #   step4      bench_tp_step: TP 4, GLM-4.5-Air full depth FP8 (dummy weights): decode B=1/32/64,
 #              EAGLE 3,1,4, 8K prefill, against the per-rank roofline + predicted all-reduce           ~3 min
 #   step4g     the same for GLM-4.5 FP8 at TP 4, 40 of 92 layers (the full depth needs 91 GB a GPU)    ~3 min
@@ -37,7 +38,7 @@ if has allreduce; then
   stage bench_allreduce "${ALLREDUCE_S:-120}" $PY -m benchmarks.kernels.bench_allreduce --worlds 2,4,8
 fi
 if has tests; then
-  stage multi_gpu_tests "${TESTS_S:-240}" $PY -m pytest tests/gpu/test_allreduce_multi_gpu.py \
+  stage multi_gpu_tests "${TESTS_S:-240}" $PY -m pytest tests/gpu/test_allreduce_multi_gpu.py tests/gpu/test_dummy_load_gpu.py \
     tests/gpu/test_transport_multi_gpu.py tests/gpu/test_tp_gpu.py -m "gpu or multi_gpu" -q -p no:cacheprovider \
     -o addopts="" -rfE
 fi

@@ -42,24 +42,30 @@ def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
                            pb[name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else pb[name]), name
 
 
-@pytest.mark.parametrize("quantization", ["none", "fp8-channel", "fp8-block"])
-def test_dummy_equals_loading_the_virtual_checkpoint_on_every_rank(tmp_path: Path, quantization: str) -> None:
+def check_dummy_is_the_virtual_checkpoint(tmp_path: Path, quantization: str, device: str) -> None:
+    """Dummy weights of every rank of TP 1 and TP 2 on `device` equal what load_weights reads for that
+    rank from a safetensors file holding the TP 1 virtual checkpoint drawn on `device`."""
     config, model_dir = _config(tmp_path, quantization)
     whole = build_model(config, "meta", torch.float32, with_mtp=True)
-    tensors = dummy_checkpoint(whole, config)
+    tensors = dummy_checkpoint(whole, config, device)
     fp8_names = {n for n, t in tensors.items() if t.dtype == torch.float8_e4m3fn}
     assert bool(fp8_names) == (quantization != "none")
     assert "lm_head.weight" not in fp8_names and "model.embed_tokens.weight" not in fp8_names
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(model_dir / "model.safetensors"))
+    save_file({n: t.contiguous().cpu() for n, t in tensors.items()}, str(model_dir / "model.safetensors"))
     sizes = (1,) if quantization == "fp8-block" else (1, 2)  # 32-wide blocks: the tiny experts cannot split
     for size in sizes:
         for rank in range(size):
             tp = LocalRank(rank, size)
             dummy = build_model(config, "meta", torch.float32, with_mtp=True, tp=tp)
-            dummy_weights(dummy, config, "cpu")
+            dummy_weights(dummy, config, device)
             loaded = build_model(config, "meta", torch.float32, with_mtp=True, tp=tp)
-            load_weights(loaded, config, model_dir, "cpu")
+            load_weights(loaded, config, model_dir, device)
             _assert_same(dummy, loaded)
+
+
+@pytest.mark.parametrize("quantization", ["none", "fp8-channel", "fp8-block"])
+def test_dummy_equals_loading_the_virtual_checkpoint_on_every_rank(tmp_path: Path, quantization: str) -> None:
+    check_dummy_is_the_virtual_checkpoint(tmp_path, quantization, "cpu")
 
 
 def test_dummy_builds_agree_and_depend_on_the_seed(tmp_path: Path) -> None:
