@@ -11,12 +11,14 @@
 #   step8      (8 GPUs) bench_tp_step: TP 8, GLM-4.5 full depth FP8 (about 47 GB a GPU)                 ~8 min
 #   glm45      (8 GPUs) run_multi_gpu.py --stages glm45: GLM-4.5 FP8 dummy weights, prefill TP 4 (GPUs
 #              0-3) + decode TP 4 (GPUs 4-7), TTFT / ITL / tok/s at 1/16/64 streams, plain and EAGLE;
-#              all 92 layers on H200s, 59 on 80 GB H100s (a TP 4 rank of the full model is 91 GB)       ~9 min
+#              all 92 layers on H200s, 59 on 80 GB H100s (a TP 4 rank of the full model is 91 GB); glm45 =
+#              plain decode, glm45e = EAGLE 3,1,4 (one deployment each: startup, graphs, 3 levels)     ~6 min each
 # One call per line (each < 10 minutes):
 #     STAGES=allreduce,tests,step4 OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 4 or 8 GPUs
 #     STAGES=tp,step4g             OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 4 or 8 GPUs
 #     STAGES=step8                 OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 8 GPUs
 #     STAGES=glm45                 OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 8 GPUs
+#     STAGES=glm45e                OUT=/some/dir bash benchmarks/run_multi_gpu_tp.sh   # 8 GPUs
 # (default STAGES: the first line). Results: $OUT/MULTI_GPU_TP.md (summary) and $OUT/results.tar.
 # The same flows on the CPU (gloo, tiny widths): bench_tp_step --tiny --tp 4, and
 # run_multi_gpu --devices cpu,cpu,cpu,cpu --stages tp (--devices with 8 cpu --exercise-all --stages glm45).
@@ -59,15 +61,19 @@ if has step8 && need8 step8; then
     --model glm45 --dtype fp8
 fi
 if has glm45 && need8 glm45; then
-  stage serving_glm45 "${GLM45_S:-560}" $PY -m benchmarks.serving.run_multi_gpu --stages glm45 --budget-s 540 \
-    --out "$OUT/serving_glm45" --work-dir /tmp/glmserve_multi_gpu_tp_work
+  stage serving_glm45 "${GLM45_S:-560}" $PY -m benchmarks.serving.run_multi_gpu --stages glm45 --glm45-spec off \
+    --budget-s 540 --out "$OUT/serving_glm45" --work-dir /tmp/glmserve_multi_gpu_tp_work
+fi
+if has glm45e && need8 glm45e; then
+  stage serving_glm45_eagle "${GLM45_S:-560}" $PY -m benchmarks.serving.run_multi_gpu --stages glm45 \
+    --glm45-spec eagle --budget-s 540 --out "$OUT/serving_glm45_eagle" --work-dir /tmp/glmserve_multi_gpu_tp_work
 fi
 pkill -9 -f "[c]ommon[.]tools[.]cli" 2>/dev/null
 {
   echo; echo "## multi-GPU tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/multi_gpu_tests.log" 2>/dev/null | tail -n 20
   echo; cat "$OUT/bench_allreduce.md" 2>/dev/null
   echo; cat "$OUT/bench_tp_step.md" 2>/dev/null
-  for d in serving_tp serving_glm45; do
+  for d in serving_tp serving_glm45 serving_glm45_eagle; do
     [ -f "$OUT/$d/MULTI_GPU.md" ] && { echo; echo "## $d"; cat "$OUT/$d/MULTI_GPU.md"; }
   done
   echo "total $(( $(date +%s) - T0 ))s"

@@ -826,7 +826,9 @@ def stage_glm45(ctx: Ctx, limit: float, deadline: float) -> None:
         r.stage(f"glm45: GLM-4.5 FP8 dummy weights, {depth}, model dir {model} (config.json + tokenizer only)")
         rows, res = list(CONC_HEAD), []
         worker = ["--load-format", "dummy", *(["--dtype", "bfloat16", "--mem-fraction-static", "0.9"] if ctx.gpu else [])]
-        for label, extra in (("off", []), ("EAGLE 3,1,4", EAGLE)):
+        specs = [(label, extra) for key, label, extra in (("off", "off", []), ("eagle", "EAGLE 3,1,4", EAGLE))
+                 if key in ctx.args.glm45_spec.split(",")]
+        for label, extra in specs:
             h = launch_tp(ctx, f"glm45_tp4_tp4_{'eagle' if extra else 'plain'}", model, 4, 4, [*worker, *extra],
                           None if ctx.gpu else 2048)
             try:
@@ -840,7 +842,7 @@ def stage_glm45(ctx: Ctx, limit: float, deadline: float) -> None:
                 f"{'NCCL' if ctx.gpu else 'gloo'}", rows)
         r.put("glm45", {"layers": layers, "full_layers": full, "rows": res})
         r.check("glm45: every concurrency level streamed all its tokens",
-                all(x["tokens"] == x["requests"] * 64 for x in res) and len(res) == 2 * len(ctx.glm45_levels),
+                all(x["tokens"] == x["requests"] * 64 for x in res) and len(res) == len(specs) * len(ctx.glm45_levels),
                 f"{len(res)} levels measured")
 
 
@@ -855,6 +857,8 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/glmserve_multi_gpu_out")
     ap.add_argument("--work-dir", default="/tmp/glmserve_multi_gpu", help="models and process logs")
     ap.add_argument("--air-model-dir", default=None, help="reuse an Air-layer model directory")
+    ap.add_argument("--glm45-spec", default="off,eagle",
+                    help="glm45 stage: the clusters to measure, one after the other (off: plain decode; eagle: EAGLE 3,1,4)")
     ap.add_argument("--budget-s", type=float, default=500.0, help="global deadline for all stages")
     ap.add_argument("--stage-scale", type=float, default=None, help="multiply stage limits (default 1 GPU, 5 CPU)")
     ap.add_argument("--exercise-all", action="store_true",
