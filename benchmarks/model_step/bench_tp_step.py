@@ -150,9 +150,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             info["eagle"] = [annotate(eagle_row(st, b),
                                       _eagle_comm(b, spec, layers, h, v, args.tp)) for b in batches]
         if args.prefill:
-            chunks = -(-args.prefill // args.chunk)
-            info["prefill"] = [annotate(steps.prefill(st, args.prefill, args.chunk),
-                                        comm_us(args.prefill, 2 * layers, 1, h, v, args.tp) | {"chunks": chunks})]
+            spans = [min(args.chunk, args.prefill - s) for s in range(0, args.prefill, args.chunk)]
+            per = [comm_us(t, 2 * layers, 1 if i == len(spans) - 1 else 0, h, v, args.tp) for i, t in enumerate(spans)]
+            comm = {"allreduces": sum(p["allreduces"] for p in per), "allreduce_bytes": per[0]["allreduce_bytes"],
+                    "comm_nccl_us": sum(p["comm_nccl_us"] for p in per),
+                    "comm_custom_us": sum(p["comm_custom_us"] for p in per)}
+            info["prefill"] = [annotate(steps.prefill(st, args.prefill, args.chunk), comm)]
     finally:
         runner.release_graphs()
         ranks.stop()

@@ -23,4 +23,5 @@ def test_tiny_tp2_runs_every_measurement(tmp_path: Path, monkeypatch: pytest.Mon
     # 2 all-reduces per layer; EAGLE 3,1,4 adds 2 per draft forward (2 steps + the extend)
     assert info["decode"][0]["allreduces"] == 4 and info["eagle"][0]["allreduces"] == 4 + 3 * 2
     assert info["prefill"][0]["tokens"] == 40 and info["prefill"][0]["chunks"] == 3
+    assert info["prefill"][0]["allreduces"] == 3 * 4  # chunks of 16, 16, 8 tokens
     assert "## Prefill" in (tmp_path / "bench_tp_step.md").read_text()
