@@ -54,6 +54,8 @@ def load_model(
         raise LoadError(f"{path}: {e}") from None
     if load_format == "dummy":
         stats = dummy_weights(model, config, device, DUMMY_SEED, quantize=quantize, fp8_compute=fp8_compute)
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()  # the whole-tensor draws (the fp32 embedding: GBs) must not hold KV room
         log.info("dummy weights (seed %d)%s drawn in %.1f s", DUMMY_SEED,
                  f" (TP rank {tp.rank} of {tp.size})" if tp.size > 1 else "", stats.seconds)
         return model
