@@ -941,7 +941,7 @@ def main() -> int:
         if "tp" in chosen:
             stage_tp(ctx, 300 * scale, deadline)
         if "glm45" in chosen:
-            stage_glm45(ctx, 420 * scale, deadline)
+            stage_glm45(ctx, 520 * scale, deadline)
     finally:
         ctx.stop(list(ctx.handles))
         if writer is not None and writer.poll() is None:
