@@ -832,7 +832,7 @@ def stage_glm45(ctx: Ctx, limit: float, deadline: float) -> None:
             h = launch_tp(ctx, f"glm45_tp4_tp4_{'eagle' if extra else 'plain'}", model, 4, 4, [*worker, *extra],
                           None if ctx.gpu else 2048)
             try:
-                ctx.wait_ready({0: h}, max(60.0, min(limit, deadline - time.monotonic()) * 0.35))
+                ctx.wait_ready({0: h}, max(60.0, min(limit, deadline - time.monotonic()) * 0.6))
                 got, lines = measure_concurrency(h, label, ctx.glm45_levels, ctx.conc_prompt, timeout=300)
                 res += got
                 rows += lines
