@@ -3,13 +3,14 @@
 `AIR` is the 4-layer slice most benchmarks run: Air's widths (H 4096, 96/8 heads of 128, 128 experts
 top-8 of I_e 1408, dense I 10944, vocab 151552), 1 dense + 3 MoE layers and the MTP layer.
 `AIR_FULL` is the whole GLM-4.5-Air: 46 layers (1 dense + 45 MoE) plus the MTP layer, 131072
-positions. Random weights: norms 1, biases N(0, 0.02), projections N(0, 1/fan_in).
+positions. Random weights (common.model.loader.dummy_weights, one generator per checkpoint tensor): norms 1,
+biases N(0, 0.02), projections N(0, 1/fan_in).
 
 `random_model(..., fp8=True)` builds the model in the FP8 checkpoints' layout (every module that
 `fp8_capable` lists holds E4M3 weights with one fp32 scale per output row; embedding, lm_head, norms
 and biases in the model dtype, routers fp32) straight on the device: built on meta, switched to FP8,
-materialised uninitialised, then filled a chunk of rows at a time (Gaussian rows quantised per row),
-so no high-precision copy of a big stack ever exists.
+each checkpoint tensor drawn and quantised on the device one at a time (an expert's projection at
+most, beside the embedding), so no high-precision copy of a big stack ever exists.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common import ops
 from common.model import Glm4MoeForCausalLM, build_model
 from common.model.config import ModelConfig
-from common.model.layers import SINGLE_RANK, RMSNorm, TPComm
-from common.model.loader import fp8_capable
+from common.model.layers import SINGLE_RANK, TPComm
+from common.model.loader import dummy_weights, fp8_capable
 from common.model.moe import MoE
 
 AIR = {
@@ -41,51 +41,17 @@ GLM45 = dict(AIR, hidden_size=5120, intermediate_size=12288, moe_intermediate_si
 GLM45_FULL = dict(GLM45, num_hidden_layers=92, first_k_dense_replace=3, max_position_embeddings=131072)
 TINY_WIDTHS = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "n_routed_experts": 16}
-_CHUNK = 1 << 26  # elements of one Gaussian chunk while filling an FP8 stack (128 MiB in bf16)
 
 
 def random_model(fields: dict, device: torch.device | str, dtype: torch.dtype, fp8: bool = False,
                  seed: int = 0, tp: TPComm = SINGLE_RANK) -> Glm4MoeForCausalLM:
-    """build_model(fields) with the MTP layer and seeded random weights; `fp8`: in the FP8 layout; `tp`:
-    one rank's shard of a TP group (common/model/layers.py)."""
-    model = build_model(ModelConfig.from_dict(fields), "meta", dtype, with_mtp=True, tp=tp)
-    if fp8:
-        for name in fp8_capable(model):
-            model.get_submodule(name).use_fp8(0)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                _fill(module, name, p, gen)
+    """build_model(fields) with the MTP layer and seeded random weights (what a worker's
+    `--load-format dummy` draws: common.model.loader.dummy_weights); `fp8`: in the FP8 layout; `tp`:
+    one rank's shard of a TP group (common/model/layers.py), the slice of the TP 1 weights."""
+    config = ModelConfig.from_dict(fields)
+    model = build_model(config, "meta", dtype, with_mtp=True, tp=tp)
+    dummy_weights(model, config, device, seed, fp8=fp8)
     return model.eval()
-
-
-def _fill(module: nn.Module, name: str, p: torch.Tensor, gen: torch.Generator) -> None:
-    """Parameter `name` of `module` (an FP8 weight together with its scale)."""
-    if p.dtype == torch.float8_e4m3fn:
-        _fill_fp8(p, getattr(module, name + "_scale"), p.shape[-1] ** -0.5, gen)
-    elif name.endswith("_scale") and getattr(module, name.removesuffix("_scale")).dtype == torch.float8_e4m3fn:
-        return  # filled with its weight
-    elif isinstance(module, RMSNorm):
-        p.fill_(1.0)
-    elif name.endswith("bias"):
-        p.normal_(0.0, 0.02, generator=gen)
-    else:
-        p.normal_(0.0, p.shape[-1] ** -0.5, generator=gen)
-
-
-def _fill_fp8(weight: torch.Tensor, scale: torch.Tensor, std: float, gen: torch.Generator) -> None:
-    """weight [..., K] e4m3 and scale [..., 1] fp32: rows of N(0, std^2) quantised per row, a chunk of
-    rows at a time (the quantised codes do not depend on std; the scale carries it)."""
-    rows, scales = weight.view(-1, weight.shape[-1]), scale.view(-1, 1)  # [R,K], [R,1]
-    step = max(1, _CHUNK // rows.shape[1])
-    for start in range(0, rows.shape[0], step):
-        n = min(step, rows.shape[0] - start)
-        x = torch.randn(n, rows.shape[1], generator=gen, device=weight.device, dtype=torch.bfloat16)
-        q, s = ops.quant_fp8_per_token(x)
-        rows[start:start + n].copy_(q)
-        scales[start:start + n].copy_(s * std)
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -1,6 +1,8 @@
 """Two-GPU disaggregated serving run: prefill worker on device A, decode worker on device B, NCCL KV.
 
     OUT=/some/dir bash benchmarks/run_multi_gpu.sh                      # GPU 0 -> GPU 1 (< 9 minutes)
+    python3 -m benchmarks.serving.run_multi_gpu --stages tp                       # 4+ GPUs (benchmarks/run_multi_gpu_tp.sh)
+    python3 -m benchmarks.serving.run_multi_gpu --devices cpu,cpu,cpu,cpu --stages tp --out /tmp/tp  # on CPU
     python3 -m benchmarks.serving.run_multi_gpu --devices cpu,cpu --out /tmp/mg  # same flow on CPU (gloo)
 
 Every cluster is gateway + prefill + decode as separate `python -m common.tools.cli` processes
@@ -52,6 +54,20 @@ the run goes on; results are rewritten to $OUT after every check):
      group 4 could hide up to ~11/12. When T_xfer is small next to the TTFT spread (NVLink moves an
      8K-token 4-layer KV in about a millisecond), the share is reported with the spread and marked
      as within noise rather than as a number to trust.
+
+6. tp (>= 4 GPUs, or four `cpu` entries in --devices): clusters of one prefill worker of TP p and one
+   decode worker of TP d (`glmserve local --prefill-tp-size p --decode-tp-size d`), (p, d) = (2, 2)
+   and (4, 2): prefill ranks from GPU 0, decode ranks on the GPUs after them (on a 4-GPU host the
+   (4, 2) decode ranks share GPUs 2-3: those rank pairs move KV over CUDA IPC, the rest over NCCL).
+   The tiny model in float32 (TP changes the order of the all-reduce sums; fp32 keeps that far
+   below the logit gaps), plain and EAGLE 3,1,4: tokens and spec statistics equal the single-device
+   reference cluster's.
+7. glm45 (8 GPUs, or eight `cpu` entries with --exercise-all): GLM-4.5 FP8 from a config-only
+   directory with --load-format dummy, prefill TP 4 on GPUs 0-3 + decode TP 4 on GPUs 4-7, TTFT /
+   ITL / output tok/s at 1, 16 and 64 concurrent streams (1024-token prompts, 64 tokens), plain and
+   EAGLE 3,1,4, one cluster at a time. The full 92 layers need 91 GB a rank: on an H100 the stage
+   serves the deepest model that fits (glm45_layers_that_fit) and says so.
+--stages picks stages (default: tiny, bandwidth, air on GPUs; tp and glm45 when the host has the GPUs).
 
 Environment: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 are
 set here (for this process and the bench's spawned processes) and by common.tools.launch for every
@@ -213,6 +229,9 @@ class Ctx:
     conc_prompt: int = 1024
     air_prompts: tuple[int, ...] = (5, 100, 700, 2500, 9000)
     mid_prefill_len: int = 8000
+    ngpu: int = 0  # GPUs on the host (the tp and glm45 stages)
+    tp_prompts: tuple[int, ...] = (3, 17, 64, 200, 600, 1500)
+    glm45_levels: tuple[int, ...] = (1, 16, 64)
 
     def launch(self, name: str, model: Path, *, two_device: bool, worker: list[str] = (), prefill_args: list[str] = (),
                decode_args: list[str] = (), decode: int = 1, pages: int, metrics: bool = False) -> Handle:
@@ -608,27 +627,42 @@ class _Batches:
             return list(pool.map(lambda s: generate(stub, prompt(s, plen), mt, 120), range(first, first + n)))
 
 
+CONC_HEAD = ["| spec | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | output tok/s |",
+             "|---|---|---|---|---|---|---|"]
+
+
+def measure_concurrency(h: Handle, label: str, levels: tuple[int, ...], plen: int, out_tokens: int = 64,
+                        timeout: float = 120.0) -> tuple[list[dict], list[str]]:
+    """TTFT (client side, p50/max), inter-token latency (p50 of each request's (t_last - t_first)/(n - 1))
+    and output tokens/s of `levels` concurrent greedy requests of `plen`-token prompts; one unmeasured
+    round per level first. Returns (records, table rows)."""
+    res, rows = [], []
+    batch = _Batches(h)
+    generate(h.stub, prompt(1, plen), 4, timeout)
+    for conc in levels:
+        batch(conc, plen, 8)  # unmeasured: kernels for these shapes
+        t = time.perf_counter()
+        gens = batch(conc, plen, out_tokens)
+        wall = time.perf_counter() - t
+        ttft = [g.ttft for g in gens]
+        itl = [(g.stamps[-1] - g.stamps[0]) / (len(g.stamps) - 1) for g in gens if len(g.stamps) > 1]
+        toks = sum(len(g.tokens) for g in gens)
+        rec = {"spec": label, "concurrency": conc, "prompt": plen, "ttft_p50_ms": statistics.median(ttft) * 1e3,
+               "ttft_max_ms": max(ttft) * 1e3, "itl_p50_ms": statistics.median(itl) * 1e3 if itl else float("nan"),
+               "tok_s": toks / wall, "tokens": toks, "requests": len(gens)}
+        res.append(rec)
+        rows.append(f"| {label} | {conc} | {plen} | {rec['ttft_p50_ms']:.1f} | {rec['ttft_max_ms']:.1f} | "
+                    f"{rec['itl_p50_ms']:.2f} | {rec['tok_s']:.0f} |")
+        print(rows[-1], flush=True)
+    return res, rows
+
+
 def stage_concurrency(ctx: Ctx, plain: Handle, eagle: Handle) -> None:
-    rows = ["| spec | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | output tok/s |",
-            "|---|---|---|---|---|---|---|"]
-    res = []
+    rows, res = list(CONC_HEAD), []
     for label, h in (("off", plain), ("EAGLE 3,1,4", eagle)):
-        batch = _Batches(h)
-        generate(h.stub, prompt(1, ctx.conc_prompt), 4, 120)
-        for conc in ctx.concurrency:
-            batch(conc, ctx.conc_prompt, 8)  # unmeasured: kernels for these shapes
-            t = time.perf_counter()
-            gens = batch(conc, ctx.conc_prompt, 64)
-            wall = time.perf_counter() - t
-            ttft = [g.ttft for g in gens]
-            itl = [(g.stamps[-1] - g.stamps[0]) / (len(g.stamps) - 1) for g in gens if len(g.stamps) > 1]
-            toks = sum(len(g.tokens) for g in gens)
-            rec = {"spec": label, "concurrency": conc, "ttft_p50_ms": statistics.median(ttft) * 1e3,
-                   "ttft_max_ms": max(ttft) * 1e3, "itl_p50_ms": statistics.median(itl) * 1e3, "tok_s": toks / wall}
-            res.append(rec)
-            rows.append(f"| {label} | {conc} | {ctx.conc_prompt} | {rec['ttft_p50_ms']:.1f} | {rec['ttft_max_ms']:.1f} | "
-                        f"{rec['itl_p50_ms']:.2f} | {rec['tok_s']:.0f} |")
-            print(rows[-1], flush=True)
+        got, lines = measure_concurrency(h, label, ctx.concurrency, ctx.conc_prompt)
+        res += got
+        rows += lines
     ctx.report.table(f"TTFT / inter-token latency (Air-layer model, prefill {ctx.dev_a}, decode {ctx.dev_b}, {'NCCL' if ctx.gpu else 'gloo'})",
                      rows)
     ctx.report.put("concurrency", res)
@@ -680,20 +714,159 @@ def stage_overlap(ctx: Ctx, g1: Handle, g64: Handle) -> None:
                      all(r["kv_bytes"] > 0 and r["transfer_ms"] > 0 for r in res))
 
 
+# ---------------------------------------------------------------------------------------------- tp
+TP_PAIRS = ((2, 2), (4, 2))  # (prefill TP, decode TP)
+
+
+def tp_bases(devices: int, ptp: int, dtp: int) -> tuple[int, int]:
+    """(prefill base GPU, decode base GPU): the decode ranks after the prefill ranks when the host has
+    ptp + dtp GPUs; otherwise on the last dtp GPUs, shared with prefill ranks (those rank pairs move
+    KV over CUDA IPC, the others over NCCL)."""
+    return (0, ptp) if ptp + dtp <= devices else (0, devices - dtp)
+
+
+def launch_tp(ctx: Ctx, name: str, model: Path, ptp: int, dtp: int, worker: list[str], pages: int | None,
+              decode_args: list[str] = ()) -> Handle:
+    """A cluster of one prefill worker of TP ptp and one decode worker of TP dtp (`glmserve local
+    --prefill-tp-size ptp --decode-tp-size dtp`), placed by tp_bases; KV backend auto."""
+    log_dir = ctx.work / "logs" / name
+    if ctx.gpu:
+        pbase, dbase = tp_bases(ctx.ngpu, ptp, dtp)
+        pdev, ddev = (["--device", f"cuda:{pbase}", "--base-gpu-id", str(pbase)],
+                      ["--device", f"cuda:{dbase}", "--base-gpu-id", str(dbase)])
+        where = f"prefill GPUs {pbase}-{pbase + ptp - 1}, decode GPUs {dbase}-{dbase + dtp - 1}"
+    else:
+        pdev, ddev, where = ["--device", "cpu"], ["--device", "cpu"], "CPU (gloo)"
+    wargs = [*(["--num-pages", str(pages)] if pages else []), "--transfer-timeout", "60", "--shutdown-grace", "5",
+             *worker]
+    cluster = start_cluster(model, prefill=1, decode=1, extra_worker_args=wargs,
+                            extra_prefill_args=[*pdev, "--tp-size", str(ptp)],
+                            extra_decode_args=[*ddev, "--tp-size", str(dtp), "--max-running-requests", "64",
+                                               *decode_args],
+                            log_dir=log_dir)
+    h = Handle(name, cluster, log_dir)
+    h.relaunch = lambda: launch_tp(ctx, name, model, ptp, dtp, worker, pages, decode_args)
+    ctx.handles.append(h)
+    print(f"started {name}: prefill TP {ptp}, decode TP {dtp}, {where}, model {model.name}", flush=True)
+    return h
+
+
+def stage_tp(ctx: Ctx, limit: float, deadline: float) -> None:
+    """Greedy outputs of (prefill TP, decode TP) clusters equal the single-device reference cluster's,
+    plain and EAGLE 3,1,4; float32 on both (TP changes the order of the all-reduce sums: in fp32 the
+    difference stays far below the tiny model's logit gaps, in bf16 it would not)."""
+    from common.tools.tiny_model import make_tiny_model
+
+    r = ctx.report
+    with stage(r, "tp: greedy equality of TP clusters", limit, deadline):
+        tiny = make_tiny_model(ctx.work / "tiny_long", max_position_embeddings=65536)
+        fp32 = ["--dtype", "float32"]
+        refs = {"plain": ctx.launch("tp_ref_plain", tiny, two_device=False, worker=fp32, pages=4096),
+                "eagle": ctx.launch("tp_ref_eagle", tiny, two_device=False, worker=[*fp32, *EAGLE], pages=4096)}
+        try:
+            ctx.wait_ready(refs, limit * 0.3)
+            cases = [(prompt(300 + i, n), 32) for i, n in enumerate(ctx.tp_prompts)]
+            for ptp, dtp in TP_PAIRS:
+                if ctx.gpu and ctx.ngpu < ptp:
+                    r.check(f"tp: prefill TP {ptp} + decode TP {dtp} has its GPUs", False, f"{ctx.ngpu} GPUs")
+                    continue
+                hs = {"plain": launch_tp(ctx, f"tp_p{ptp}_d{dtp}_plain", tiny, ptp, dtp, fp32, 4096),
+                      "eagle": launch_tp(ctx, f"tp_p{ptp}_d{dtp}_eagle", tiny, ptp, dtp, [*fp32, *EAGLE], 4096)}
+                try:
+                    ctx.wait_ready(hs, max(30.0, min(limit, deadline - time.monotonic()) * 0.4))
+                    compare(ctx, f"TP {ptp} -> TP {dtp} greedy", hs["plain"], refs["plain"], cases, False, 120)
+                    compare(ctx, f"TP {ptp} -> TP {dtp} EAGLE 3,1,4", hs["eagle"], refs["eagle"], cases, True, 120)
+                finally:
+                    ctx.stop(list(hs.values()))
+        finally:
+            ctx.stop(list(refs.values()))
+
+
+def glm45_layers_that_fit(gpu_bytes: int, tp: int, full: dict, headroom: float = 0.7) -> int:
+    """Decoder layers of the FP8 GLM-4.5 whose TP `tp` rank (+ MTP layer) fits `headroom` of a GPU
+    (the rest, at --mem-fraction-static 0.9, is a KV pool for 64 streams of 1K tokens, graphs and the
+    collectives' buffers): all 92 on an H200, 59 on an H100.
+    Every MoE layer past the dense ones adds the same bytes: two meta builds give the line."""
+    import torch
+
+    from benchmarks.model_step.air_model import weight_bytes_at
+    from common.model.layers import LocalRank
+
+    first = full["first_k_dense_replace"] + 1
+    at = [weight_bytes_at(full, n, torch.bfloat16, True, tp=LocalRank(0, tp)) for n in (first, first + 1)]
+    extra = int((headroom * gpu_bytes - at[0]) // (at[1] - at[0]))
+    return max(first, min(full["num_hidden_layers"], first + extra))
+
+
+def stage_glm45(ctx: Ctx, limit: float, deadline: float) -> None:
+    """GLM-4.5 (FP8, dummy weights) disaggregated on one host: prefill TP 4 (GPUs 0-3) + decode TP 4
+    (GPUs 4-7), TTFT / ITL / throughput at ctx.glm45_levels concurrent streams, plain and EAGLE 3,1,4
+    (one cluster at a time). On the CPU (--exercise-all) the same flow at tiny widths (real vocabulary)."""
+    from benchmarks.model_step.air_model import GLM45_FULL, TINY_WIDTHS
+    from common.tools.tiny_model import make_tiny_model
+
+    r = ctx.report
+    with stage(r, "glm45: TP 4 + TP 4 FP8 dummy-weight deployment", limit, deadline):
+        fields = dict(GLM45_FULL)
+        if ctx.gpu:
+            import torch
+
+            layers = glm45_layers_that_fit(torch.cuda.get_device_properties(0).total_memory, 4, fields)
+        else:
+            fields.update({k: v for k, v in TINY_WIDTHS.items() if k != "vocab_size"})  # the real vocabulary
+            layers = 4
+        full = fields["num_hidden_layers"]
+        fields.update(num_hidden_layers=layers, first_k_dense_replace=min(fields["first_k_dense_replace"], layers - 1))
+        fields.pop("architectures", None)
+        fields.pop("model_type", None)
+        model = make_tiny_model(ctx.work / f"glm45_fp8_{layers}l_config", weights=False, quantization="fp8-channel",
+                                **fields)
+        depth = "full depth" if layers == full else f"{layers} of {full} layers" + (
+            " (the full depth does not fit a TP 4 rank of this GPU)" if ctx.gpu else ", tiny widths, real vocabulary")
+        r.stage(f"glm45: GLM-4.5 FP8 dummy weights, {depth}, model dir {model} (config.json + tokenizer only)")
+        rows, res = list(CONC_HEAD), []
+        worker = ["--load-format", "dummy", *(["--dtype", "bfloat16", "--mem-fraction-static", "0.9"] if ctx.gpu else [])]
+        specs = [(label, extra) for key, label, extra in (("off", "off", []), ("eagle", "EAGLE 3,1,4", EAGLE))
+                 if key in ctx.args.glm45_spec.split(",")]
+        for label, extra in specs:
+            h = launch_tp(ctx, f"glm45_tp4_tp4_{'eagle' if extra else 'plain'}", model, 4, 4, [*worker, *extra],
+                          None if ctx.gpu else 2048)
+            try:
+                ctx.wait_ready({0: h}, max(60.0, min(limit, deadline - time.monotonic()) * 0.6))
+                got, lines = measure_concurrency(h, label, ctx.glm45_levels, ctx.conc_prompt, timeout=300)
+                res += got
+                rows += lines
+            finally:
+                ctx.stop([h])
+        r.table(f"GLM-4.5 FP8 ({depth}, dummy weights): prefill TP 4 + decode TP 4 on one host, "
+                f"{'NCCL' if ctx.gpu else 'gloo'}", rows)
+        r.put("glm45", {"layers": layers, "full_layers": full, "rows": res})
+        r.check("glm45: every concurrency level streamed all its tokens",
+                all(x["tokens"] == x["requests"] * 64 for x in res) and len(res) == len(specs) * len(ctx.glm45_levels),
+                f"{len(res)} levels measured")
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--devices", default="cuda:0,cuda:1", help="prefill device,decode device (cpu,cpu: gloo)")
+    ap.add_argument("--devices", default="cuda:0,cuda:1",
+                    help="prefill device,decode device (cpu,cpu: gloo); four or more cpu entries: the tp stage on the CPU")
+    ap.add_argument("--stages", default="auto",
+                    help="comma list of tiny, bandwidth, air, tp, glm45 (auto: tiny, bandwidth and air on GPUs, tp "
+                         "with >= 4 GPUs (or 4 cpu devices), glm45 with >= 8 GPUs (or 8 cpu devices with --exercise-all))")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/glmserve_multi_gpu_out")
     ap.add_argument("--work-dir", default="/tmp/glmserve_multi_gpu", help="models and process logs")
     ap.add_argument("--air-model-dir", default=None, help="reuse an Air-layer model directory")
+    ap.add_argument("--glm45-spec", default="off,eagle",
+                    help="glm45 stage: the clusters to measure, one after the other (off: plain decode; eagle: EAGLE 3,1,4)")
     ap.add_argument("--budget-s", type=float, default=500.0, help="global deadline for all stages")
     ap.add_argument("--stage-scale", type=float, default=None, help="multiply stage limits (default 1 GPU, 5 CPU)")
     ap.add_argument("--exercise-all", action="store_true",
                     help="CPU only: also run the bandwidth (gloo), Air, concurrency and overlap stages with the tiny "
                          "model in place of the Air-layer model and small sizes (validates the code paths)")
     args = ap.parse_args()
-    dev_a, dev_b = args.devices.split(",")
+    devices = args.devices.split(",")
+    dev_a, dev_b = devices[0], devices[1]
     gpu = dev_a.startswith("cuda")
     out, work = Path(args.out), Path(args.work_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -715,32 +888,60 @@ def main() -> int:
     report = Report(out, header)
     report.write()
     ctx = Ctx(args, report, dev_a, dev_b, gpu, work)
+    if gpu:
+        import torch
+
+        ctx.ngpu = torch.cuda.device_count()
+    else:
+        ctx.ngpu = len(devices)
+        ctx.tp_prompts, ctx.glm45_levels = (3, 17, 64, 200), (1, 2, 4)
     if not gpu and args.exercise_all:
         ctx.bench_tokens, ctx.overlap_sizes, ctx.concurrency = (256, 1024), ((256, 3), (1024, 3), (2048, 2)), (1, 2, 4)
         ctx.conc_prompt, ctx.air_prompts, ctx.mid_prefill_len = 128, (5, 100, 700), 1500
+    if args.stages == "auto":
+        chosen = {"tiny", "bandwidth", "air"} if gpu else {"tiny"} | ({"bandwidth", "air"} if args.exercise_all else set())
+        chosen |= {"tp"} if ctx.ngpu >= 4 else set()
+        chosen |= {"glm45"} if ctx.ngpu >= 8 and (gpu or args.exercise_all) else set()
+    else:
+        chosen = set(args.stages.split(","))
+        unknown = chosen - {"tiny", "bandwidth", "air", "tp", "glm45"}
+        if unknown:
+            ap.error(f"--stages: unknown {sorted(unknown)} (tiny, bandwidth, air, tp, glm45)")
+    report.stage(f"stages: {', '.join(sorted(chosen))}; {ctx.ngpu} {'GPUs' if gpu else 'CPU devices'}")
     if gpu:
         import torch
 
         need = max(int(dev_a.split(":")[1]), int(dev_b.split(":")[1])) + 1
+        if {"tp", "glm45"} & chosen:
+            need = max(need, 4 if "tp" in chosen else 1, 8 if "glm45" in chosen else 1)
         if torch.cuda.device_count() < need or dev_a == dev_b:
-            report.check(f"machine has the two distinct GPUs {dev_a}, {dev_b}", False,
+            report.check(f"machine has the distinct GPUs {dev_a}, {dev_b} (and {need} for the stages asked)", False,
                          f"{torch.cuda.device_count()} visible")
             return 1
-    writer = write_air_model(ctx) if gpu else None
+    writer = write_air_model(ctx) if gpu and "air" in chosen else None
     try:
-        stage_tiny(ctx, 170 * scale, deadline)
+        if "tiny" in chosen:
+            stage_tiny(ctx, 170 * scale, deadline)
         if gpu:
-            stage_bandwidth(ctx, 75, deadline)
-            stage_air(ctx, writer, {"air": 170, "concurrency": 60, "overlap": 60}, deadline)
-        elif args.exercise_all:
+            if "bandwidth" in chosen:
+                stage_bandwidth(ctx, 75, deadline)
+            if "air" in chosen:
+                stage_air(ctx, writer, {"air": 170, "concurrency": 60, "overlap": 60}, deadline)
+        elif {"bandwidth", "air"} & chosen:
             from common.tools.tiny_model import make_tiny_model
 
-            report.stage("CPU --exercise-all: the tiny model stands in for the Air-layer model; sizes shrunk")
+            report.stage("CPU: the tiny model stands in for the Air-layer model; sizes shrunk")
             args.air_model = make_tiny_model(work / "tiny_long", max_position_embeddings=65536)
-            stage_bandwidth(ctx, 200 * scale, deadline)
-            stage_air(ctx, None, {"air": 170 * scale, "concurrency": 60 * scale, "overlap": 60 * scale}, deadline)
+            if "bandwidth" in chosen:
+                stage_bandwidth(ctx, 200 * scale, deadline)
+            if "air" in chosen:
+                stage_air(ctx, None, {"air": 170 * scale, "concurrency": 60 * scale, "overlap": 60 * scale}, deadline)
         else:
             report.stage("CPU mode: Air-layer model, bandwidth, concurrency and overlap stages skipped")
+        if "tp" in chosen:
+            stage_tp(ctx, 300 * scale, deadline)
+        if "glm45" in chosen:
+            stage_glm45(ctx, 520 * scale, deadline)
     finally:
         ctx.stop(list(ctx.handles))
         if writer is not None and writer.poll() is None:

@@ -37,6 +37,7 @@ done, GB read, GB/s, time left at that rate); `load_weights` returns the totals 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -390,25 +391,33 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
     """Fill every parameter of `model` (built on meta) from the checkpoint in `model_dir`, shard by
     shard; FP8 modules are switched first, as `plan_fp8` decides."""
     model_dir = Path(model_dir)
-    device = torch.device(device)
-    with_mtp = getattr(model, "mtp", None) is not None
-    layout = checkpoint_layout(model, config)
     where = checkpoint_files(model_dir)
     headers = {path: _read_header(path) for path in sorted(set(where.values()))}
     for name, path in where.items():
         if name not in headers[path]:
             raise LoadError(f"{path}: tensor '{name}' is listed in {INDEX_FILE} but not in the file")
     dtypes = {name: headers[path][name]["dtype"] for name, path in where.items()}
+    total = sum(path.stat().st_size for path in headers)
+    default = model_dir / (INDEX_FILE if (model_dir / INDEX_FILE).exists() else SINGLE_FILE)
+    return _fill(model, config, where, dtypes, _Shards(), torch.device(device), quantize, fp8_compute,
+                 _Progress(len(headers), total), default)
+
+
+def _fill(model: nn.Module, config: ModelConfig, where: dict[str, Path], dtypes: dict[str, str], handles: Any,
+          device: torch.device, quantize: str | None, fp8_compute: str, progress: _Progress,
+          default: Path) -> LoadStats:
+    """Plan FP8 from the tensors' dtypes, then load every tensor of `where` from `handles` (open
+    safetensors files, or the dummy checkpoint) into the model."""
+    with_mtp = getattr(model, "mtp", None) is not None
+    layout = checkpoint_layout(model, config)
     plan = plan_fp8(model, config, layout, dtypes, quantize, fp8_compute)
     for module_name, block in plan.modules.items():
         model.get_submodule(module_name).use_fp8(block)
     if plan.modules or plan.dequantised:
         log.info("FP8: %s", plan.summary())
     scales = fp8_scale_layout(model, layout, plan)
-    handles = _Shards()
     block = tuple(config.quant.weight_block_size or _DEFAULT_FP8_BLOCK) if config.quant else _DEFAULT_FP8_BLOCK
-    job = _Job(model, config, layout, scales, plan, where, handles, block, device,
-               _Progress(len(headers), sum(path.stat().st_size for path in headers)))
+    job = _Job(model, config, layout, scales, plan, where, handles, block, device, progress)
 
     loaded: set[str] = set()
     by_shard = sorted(where.items(), key=lambda item: str(item[1]))  # stable: index order within a shard
@@ -421,11 +430,10 @@ def load_weights(model: nn.Module, config: ModelConfig, model_dir: str | Path, d
 
     for name in [*layout, *scales]:
         if name not in loaded:
-            source = where.get(name) or (model_dir / (INDEX_FILE if (model_dir / INDEX_FILE).exists() else SINGLE_FILE))
-            raise LoadError(f"{source}: missing tensor '{name}'")
+            raise LoadError(f"{where.get(name) or default}: missing tensor '{name}'")
     for pname, p in model.named_parameters():
         if p.is_meta:
-            raise LoadError(f"{model_dir}: parameter {pname} received no checkpoint tensor")
+            raise LoadError(f"{default.parent}: parameter {pname} received no checkpoint tensor")
     return job.progress.stats()
 
 
@@ -451,7 +459,7 @@ class _Job:
     scales: dict[str, Target]
     plan: Fp8Plan
     where: dict[str, Path]
-    handles: _Shards
+    handles: Any  # _Shards, or a _DummyCheckpoint
     block: tuple[int, ...]
     device: torch.device
     progress: _Progress
@@ -598,3 +606,157 @@ def _dequantize(name: str, weight: torch.Tensor, job: _Job, region: tuple[slice,
     blocks = job.progress.read(view[r0 // b0:-(-r1 // b0), c0 // b1:-(-c1 // b1)]).float()
     dense = blocks.repeat_interleave(b0, 0).repeat_interleave(b1, 1)
     return w * dense[r0 - r0 // b0 * b0:, c0 - c0 // b1 * b1:][:r1 - r0, :c1 - c0]
+
+
+# ------------------------------------------------------------------------------------ dummy weights
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_SEED = 0  # what both workers of a deployment use: their weights, and so their fingerprints, agree
+_DUMMY_FILE = "<dummy>"
+
+
+def dummy_weights(model: nn.Module, config: ModelConfig, device: torch.device | str, seed: int = DUMMY_SEED,
+                  fp8: bool | None = None, quantize: str | None = None, fp8_compute: str = "auto") -> LoadStats:
+    """Fill `model` (built on meta) with seeded random weights, as if loaded from a checkpoint that
+    does not exist on disk (`--load-format dummy`): the same loader runs on a virtual checkpoint
+    whose every tensor is drawn from its own generator, seeded by (`seed`, checkpoint tensor name).
+
+    Values: norms 1, biases N(0, 0.02), every other tensor N(0, 1/fan_in) with fan_in its full last
+    dimension. `fp8` (None: as config.json's quantization_config says): the linears and expert stacks
+    that `fp8_capable` lists are stored E4M3 with fp32 scales, per output row, or per block when the
+    config names a `weight_block_size`; lm_head, embedding, norms, biases and the router stay high
+    precision, and modules named in the config's ignore list too. Each tensor is drawn whole (and
+    quantised whole) before this rank's shard is cut from it, so a TP rank holds exactly its slice of
+    the TP 1 weights, and two builds with one seed hold the same weights. The draws run on `device`:
+    the CPU and CUDA generators give different values. `quantize`, `fp8_compute`: as `load_weights`."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if fp8 is None:
+        fp8 = config.quant is not None
+    block = config.quant.block if fp8 and config.quant is not None else 0
+    ignore = config.quant.ignore if fp8 and config.quant is not None else ()
+    source = _DummyCheckpoint(model, config, fp8, block, ignore, seed, device)
+    path = Path(_DUMMY_FILE)
+    where = {name: path for name in source.shapes}
+    progress = _Progress(1, source.total_bytes())
+    return _fill(model, config, where, source.dtypes, source, device, quantize, fp8_compute, progress, path)
+
+
+def dummy_checkpoint(model: nn.Module, config: ModelConfig, device: torch.device | str = "cpu",
+                     seed: int = DUMMY_SEED, fp8: bool | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the virtual checkpoint `dummy_weights` reads for `model` (built on meta; a TP 1
+    model gives the whole tensors), by checkpoint name: what a safetensors file would have to hold
+    for `load_weights` to load the same weights."""
+    if fp8 is None:
+        fp8 = config.quant is not None
+    block = config.quant.block if fp8 and config.quant is not None else 0
+    ignore = config.quant.ignore if fp8 and config.quant is not None else ()
+    source = _DummyCheckpoint(model, config, fp8, block, ignore, seed, torch.device(device))
+    return {name: source.tensor(name) for name in source.shapes}
+
+
+class _DummyCheckpoint:
+    """A checkpoint that exists only as names, shapes and dtypes; a tensor is drawn when it is read.
+    Behaves like the open safetensors handles `_Job` reads (`handles[path].get_slice(name)[region]`)."""
+
+    def __init__(self, model: nn.Module, config: ModelConfig, fp8: bool, block: int, ignore: tuple[str, ...],
+                 seed: int, device: torch.device) -> None:
+        self.seed, self.device, self.block = seed, device, block
+        layout = checkpoint_layout(model, config)
+        capable = set(fp8_capable(model)) if fp8 else set()
+        self.shapes: dict[str, tuple[int, ...]] = {}  # name -> full checkpoint shape (a scale after its weight)
+        self.dtypes: dict[str, str] = {}
+        self.fp8: set[str] = set()  # weights stored in FP8
+        for name, target in layout.items():
+            shape = target.full_shape() if target.shard is not None else \
+                target.checkpoint_shape(tuple(model.get_parameter(target.param)[target.index].shape))
+            self.shapes[name] = shape
+            stored_fp8 = (target.module in capable and name.endswith(".weight")
+                          and not any(name.startswith(m + ".") or name.removesuffix(".weight") == m for m in ignore))
+            self.dtypes[name] = _E4M3_HEADER if stored_fp8 else "F32"
+            if stored_fp8:
+                self.fp8.add(name)
+                rows, cols = shape
+                scale = (-(-rows // block), -(-cols // block)) if block else (rows, 1)
+                suffix = "_scale_inv" if block else "_scale"
+                self.shapes[name + suffix], self.dtypes[name + suffix] = scale, "F32"
+        self._last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # a weight's (q, scale)
+
+    def total_bytes(self) -> int:
+        return sum(math.prod(shape) * (1 if self.dtypes[n] == _E4M3_HEADER else 4) for n, shape in self.shapes.items())
+
+    # the safetensors handle interface, as _Job uses it
+    def __getitem__(self, path: Path) -> _DummyCheckpoint:
+        return self
+
+    def release(self, path: Path) -> None:
+        self._last = None
+
+    def get_slice(self, name: str) -> _DummyView:
+        return _DummyView(self, name)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensor(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole checkpoint tensor `name` (an FP8 weight's codes, or its scales)."""
+        for suffix in _SCALE_SUFFIXES:
+            weight = name.removesuffix(suffix)
+            if weight != name and weight in self.fp8:
+                return self._quantised(weight)[1]
+        if name in self.fp8:
+            return self._quantised(name)[0]
+        return self._draw(name, torch.float32)
+
+    def _draw(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """N(0, 1) in `dtype` from the tensor's own generator, or the fixed values of norms / N(0, 0.02) of
+        biases (float32)."""
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, device=self.device)
+        digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        gen = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        x = torch.randn(shape, generator=gen, device=self.device, dtype=dtype)
+        if name.endswith("bias"):  # attention biases, the router's e_score_correction_bias
+            return x.mul_(0.02)
+        return x if name in self.fp8 else x.mul_(shape[-1] ** -0.5)
+
+    def _quantised(self, weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E4M3 codes, fp32 scales) of FP8 weight `weight`: N(0, 1) rows quantised per row or per block,
+        the scales times 1/sqrt(fan_in) (the codes do not depend on the std)."""
+        if self._last is not None and self._last[0] == weight:
+            return self._last[1]
+        x = self._draw(weight, torch.bfloat16)
+        rows, cols = x.shape
+        std = cols ** -0.5
+        if self.block:
+            b = self.block
+            pr, pc = -(-rows // b) * b, -(-cols // b) * b
+            padded = torch.zeros(pr, pc, device=x.device, dtype=x.dtype)
+            padded[:rows, :cols] = x
+            blocks = padded.view(pr // b, b, pc // b, b).transpose(1, 2).reshape(pr // b, pc // b, b * b)
+            q, scale = ops.quant_fp8_per_token(blocks.reshape(-1, b * b))
+            q = q.view(pr // b, pc // b, b, b).transpose(1, 2).reshape(pr, pc)[:rows, :cols].contiguous()
+            out = (q, scale.view(pr // b, pc // b) * std)
+        else:
+            q, scale = ops.quant_fp8_per_token(x)
+            out = (q, scale * std)
+        self._last = (weight, out)
+        return out
+
+
+@dataclass(frozen=True)
+class _DummyView:
+    """`get_slice(name)` of the dummy checkpoint: shape, dtype name, and regions of the drawn tensor."""
+
+    source: _DummyCheckpoint
+    name: str
+
+    def get_shape(self) -> list[int]:
+        return list(self.source.shapes[self.name])
+
+    def get_dtype(self) -> str:
+        return self.source.dtypes[self.name]
+
+    def __getitem__(self, region: Any) -> torch.Tensor:
+        return self.source.tensor(self.name)[region]

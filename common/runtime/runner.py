@@ -69,12 +69,14 @@ class ModelRunner:
         quantize: str | None = None,
         fp8_compute: str = "auto",
         tp: TPGroup | None = None,
+        load_format: str = "auto",
     ) -> None:
         """num_pages <= 0 sizes the KV pool: on CUDA from `mem_fraction` of the device memory
         left after the weights; on CPU a fixed 2048 pages. `model` (benchmarks): an already built
         model (its `.config` is used and `model_dir` is ignored). `quantize`, `fp8_compute`: how FP8
         is loaded (common.model.load_model). `tp`: this rank's tensor-parallel group: the model holds
-        the rank's shard, the pool its kv heads, and every rank agrees on the number of pages."""
+        the rank's shard, the pool its kv heads, and every rank agrees on the number of pages.
+        `load_format`: "auto" reads the checkpoint, "dummy" draws seeded random weights from config.json."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # compare equal to tensors' devices
@@ -85,9 +87,10 @@ class ModelRunner:
         else:
             self.config = ModelConfig.from_hf(model_dir)
             self.model = load_model(model_dir, self.device, dtype, with_mtp, quantize, fp8_compute,
-                                    tp if tp is not None else SINGLE_RANK)
+                                    tp if tp is not None else SINGLE_RANK, load_format)
         self.tp = tp
         self.numerics = f"quantize={quantize},fp8_compute={fp8_compute}"
+        self.load_format = load_format
         self.with_mtp = with_mtp
         # pool layer num_hidden_layers is the MTP layer's own KV
         num_layers = self.config.num_hidden_layers + (1 if with_mtp else 0)
@@ -360,6 +363,7 @@ class RunnerSpec:
     mem_fraction: float = 0.85
     quantize: str | None = None
     fp8_compute: str = "auto"
+    load_format: str = "auto"
 
     def build(self, device: str, tp: TPGroup | None = None) -> ModelRunner:
         """The runner on `device` (for CUDA: made current, TF32 off), over `tp`'s rank shard when given."""
@@ -368,4 +372,4 @@ class RunnerSpec:
             torch.backends.cuda.matmul.allow_tf32 = False  # router selections must not flip on near-ties
         return ModelRunner(self.model_dir, device, DTYPES[self.dtype], self.page_size, self.num_pages,
                            with_mtp=self.with_mtp, mem_fraction=self.mem_fraction, quantize=self.quantize,
-                           fp8_compute=self.fp8_compute, tp=tp)
+                           fp8_compute=self.fp8_compute, tp=tp, load_format=self.load_format)

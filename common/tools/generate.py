@@ -76,12 +76,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tp-backend", default="auto", choices=BACKENDS,
                    help="auto: NCCL across GPUs, gloo on the CPU or when ranks share a GPU")
     p.add_argument("--base-gpu-id", type=int, default=None, help="GPU of rank 0 (rank r uses base + r)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: seeded random weights from config.json alone (what a worker with the same flag "
+                        "serves)")
     args = p.parse_args(argv)
     model_path = Path(args.model_path) if args.model_path else ensure_tiny_model()
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-    spec = RunnerSpec(str(model_path), "float32" if args.device == "cpu" else "bfloat16", page_size=16, num_pages=256)
+    spec = RunnerSpec(str(model_path), "float32" if args.device == "cpu" else "bfloat16", page_size=16, num_pages=256,
+                      load_format=args.load_format)
     ranks = None
     if args.tp_size > 1:
         try:

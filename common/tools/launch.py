@@ -416,8 +416,11 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
     if any(flag.split("=", 1)[0] in ("--ssl-certfile", "--ssl-keyfile") for flag in routed["gateway"]):
         parser.error("TLS (--ssl-certfile / --ssl-keyfile) is served by `glmserve gateway`; "
                      f"{prog} waits for its gateway over plaintext")
+    worker_flags = routed["worker"]
+    dummy = any(a == "--load-format=dummy" or (a == "--load-format" and nxt == "dummy")
+                for a, nxt in zip(worker_flags, [*worker_flags[1:], ""]))
     try:
-        model, served = _model(args.model_path)
+        model, served = _model(args.model_path, configs_only=dummy)
     except ValueError as e:
         parser.error(str(e))
     gateway_args = routed["gateway"]
@@ -464,12 +467,14 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
         cluster.stop()
 
 
-def _model(given: str | None) -> tuple[Path, str | None]:
-    """(local model directory, the served name a repo id implies)."""
-    from common.serving.model_files import is_repo_id, resolve_model_path
+def _model(given: str | None, configs_only: bool = False) -> tuple[Path, str | None]:
+    """(local model directory, the served name a repo id implies). `configs_only` (--load-format dummy):
+    a repo id fetches its configs and tokenizer files, not the weights."""
+    from common.serving.model_files import GATEWAY_FILES, is_repo_id, resolve_model_path
 
     if given is None:
         from common.tools.generate import ensure_tiny_model
 
         return ensure_tiny_model(), None
-    return Path(resolve_model_path(given)), (given if is_repo_id(given) else None)
+    return (Path(resolve_model_path(given, files=GATEWAY_FILES if configs_only else None)),
+            (given if is_repo_id(given) else None))

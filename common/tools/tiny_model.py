@@ -80,6 +80,7 @@ def make_tiny_model(
     weight_dtype: torch.dtype = torch.float32,
     quantization: Quantization = "none",
     fp8_block: int = FP8_BLOCK,
+    weights: bool = True,
     **overrides: Any,
 ) -> Path:
     """Write the model directory and return its path. `overrides` replace config.json fields.
@@ -88,7 +89,8 @@ def make_tiny_model(
     which stays fp32 as in the real checkpoints; bf16 halves the size of large test models. With an
     FP8 `quantization` the FP8 linears are quantised from those `weight_dtype` values and every other
     tensor is stored as without quantization (the official checkpoints store them in bf16, which
-    `weight_dtype=torch.bfloat16` reproduces). `fp8_block` is the block edge of "fp8-block"."""
+    `weight_dtype=torch.bfloat16` reproduces). `fp8_block` is the block edge of "fp8-block".
+    `weights=False`: config.json and the tokenizer files only (a model for `--load-format dummy`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = write_tokenizer_files(out, template)
@@ -96,6 +98,11 @@ def make_tiny_model(
     config.update(overrides)
     vocab = max(-(-info.vocab_size // 64) * 64, config.get("vocab_size", 0))
     config.update(vocab_size=vocab, eos_token_id=info.eos_token_ids, pad_token_id=info.pad_token_id)
+    if not weights:
+        if quantization != "none":
+            config["quantization_config"] = fp8_quantization_config(quantization, config, fp8_block)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return out
     tensors = random_weights(config, seed)
     if weight_dtype != torch.float32:
         tensors = {n: t if n.endswith("e_score_correction_bias") else t.to(weight_dtype) for n, t in tensors.items()}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from common.model.config import SpecConfig, validate_spec_config
 from common.serving.launch_flags import foreign_flags_given
-from common.serving.model_files import resolve_model_path
+from common.serving.model_files import GATEWAY_FILES, resolve_model_path
 from common.transport.auth import load_secret
 
 SPEC_ALGORITHMS = {"EAGLE": "EAGLE", "NEXTN": "EAGLE"}  # NEXTN is SGLang's alias
@@ -52,6 +52,10 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument("--fp8-compute", default="auto", choices=("auto", "dequant"),
                    help="auto: FP8 weights stay FP8 and run W8A8 on FP8 tensor cores; dequant: dequantise "
                         "them to --dtype on load (twice the memory; the numerics reference)")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="auto: read the safetensors checkpoint; dummy: build from config.json alone with seeded "
+                        "random weights in the checkpoint's layout (FP8 where its quantization_config says; "
+                        "both workers draw the same), for benchmarks without the weights")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages (0: size the pool from --mem-fraction-static)")
@@ -104,6 +108,7 @@ class WorkerConfig:
     dist_init_addr: tuple[str, int]
     quantization: str | None
     fp8_compute: str
+    load_format: str
     page_size: int
     num_pages: int
     mem_fraction_static: float
@@ -164,7 +169,8 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         if not host or not port.isdigit():
             raise ValueError(f"--dist-init-addr {ns.dist_init_addr!r}: expected host:port")
         store = (host, int(port))
-    model_path = resolve_model_path(ns.model_path)  # ValueError names the flag, where it looked, how to fetch
+    # ValueError names the flag, where it looked, how to fetch; dummy weights need the configs alone
+    model_path = resolve_model_path(ns.model_path, files=GATEWAY_FILES if ns.load_format == "dummy" else None)
     if ns.speculative_draft_model_path not in (None, ns.model_path, model_path):
         raise ValueError("--speculative-draft-model-path: only the target's own MTP layer is supported "
                          "(leave it unset or pass the target path)")
@@ -186,7 +192,8 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         worker_id=ns.worker_id or f"{role}-{uuid.uuid4().hex[:8]}", device=device, dtype=dtype,
         tp_size=ns.tp_size, base_gpu_id=ns.base_gpu_id, tp_backend=ns.tp_backend, tp_step_timeout=ns.tp_step_timeout,
         disable_custom_all_reduce=ns.disable_custom_all_reduce,
-        dist_init_addr=store, quantization=ns.quantization, fp8_compute=ns.fp8_compute, page_size=ns.page_size, num_pages=ns.num_pages,
+        dist_init_addr=store, quantization=ns.quantization, fp8_compute=ns.fp8_compute, load_format=ns.load_format,
+        page_size=ns.page_size, num_pages=ns.num_pages,
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
         enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,

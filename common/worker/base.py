@@ -32,7 +32,8 @@ def build_runner(cfg: WorkerConfig) -> tuple[ModelRunner, Ranks | None]:
     """This worker's runner; with --tp-size > 1 it is rank 0's and the followers run beside it
     (common/worker/ranks.py), whose handle comes second."""
     spec = RunnerSpec(cfg.model_path, cfg.dtype, cfg.page_size, cfg.num_pages, with_mtp=cfg.spec.enabled,
-                      mem_fraction=cfg.mem_fraction_static, quantize=cfg.quantization, fp8_compute=cfg.fp8_compute)
+                      mem_fraction=cfg.mem_fraction_static, quantize=cfg.quantization, fp8_compute=cfg.fp8_compute,
+                      load_format=cfg.load_format)
     if cfg.tp_size == 1:
         return spec.build(cfg.device), None
     tp = TPConfig.resolve(cfg.tp_size, cfg.device, cfg.tp_backend, cfg.tp_step_timeout, cfg.base_gpu_id,
@@ -57,12 +58,18 @@ def device_uuid(runner: ModelRunner) -> str:
 
 def model_fingerprint(model_path: str, runner: ModelRunner) -> str:
     """Config hash plus a sample of every weight file (size, first and last 64 KiB): two
-    checkpoints with the same architecture but other weights get different fingerprints."""
+    checkpoints with the same architecture but other weights get different fingerprints. Dummy
+    weights (--load-format dummy) read no file: the load format and its seed stand for them."""
     import hashlib
     from pathlib import Path
 
     h = hashlib.sha256(runner.config.fingerprint().encode())
     h.update(runner.numerics.encode())  # FP8 kept or dequantised, quantised on load: different activations
+    if runner.load_format == "dummy":
+        from common.model.loader import DUMMY_SEED
+
+        h.update(f"load_format=dummy,seed={DUMMY_SEED}".encode())
+        return h.hexdigest()[:20]
     for f in sorted(Path(model_path).glob("*.safetensors")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.model_step import air_model
 from benchmarks.model_step.air_model import (
     AIR_FULL,
     TINY_WIDTHS,
@@ -68,9 +67,8 @@ def test_random_fp8_model_is_in_the_checkpoint_layout(fp8_model: torch.nn.Module
     assert parameter_bytes(fp8_model) == weight_bytes_at(TINY, 3, torch.bfloat16, fp8=True)
 
 
-def test_fp8_fill_goes_chunk_by_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunks of a few rows give the same layout as one chunk (each row its own scale)."""
-    monkeypatch.setattr(air_model, "_CHUNK", 100)  # one or two rows of 64 at a time
+def test_fp8_rows_are_drawn_per_expert_and_quantised_per_row() -> None:
+    """Each expert's projection is its own draw (no two rows alike), each row its own scale."""
     model = random_model(dict(TINY, num_hidden_layers=2), "cpu", torch.bfloat16, fp8=True)
     w13 = model.model.layers[1].mlp.experts.w13.float()
     assert torch.equal(w13.abs().amax(-1), torch.full(w13.shape[:-1], 448.0))

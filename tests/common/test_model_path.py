@@ -76,3 +76,16 @@ def test_the_gateway_serves_a_cached_repo_id_under_its_name(tmp_path, tiny_model
     assert r.returncode == 0, r.stderr
     name, path = r.stdout.split()
     assert name == "org/tiny-glm" and path.endswith(SHA)
+
+
+def test_dummy_load_format_fetches_configs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`glmserve local --load-format dummy` on a repo id asks for the config and tokenizer files alone
+    (what the gateway reads), never the weights; without it, the whole repo."""
+    from common.serving import model_files
+    from common.tools.launch import _model
+
+    asked: list = []
+    monkeypatch.setattr(model_files, "resolve_model_path", lambda value, files=None: asked.append(files) or "/m")
+    assert _model("zai-org/GLM-4.5-FP8", configs_only=True) == (Path("/m"), "zai-org/GLM-4.5-FP8")
+    _model("zai-org/GLM-4.5-FP8")
+    assert asked == [model_files.GATEWAY_FILES, None]
