@@ -20,16 +20,22 @@ Order inside `apply_processors` (each step only touches rows that use it):
   5. thinking budget, so a forced token always wins: every logit -inf, the forced one 0;
   6. forced prefix (tool_choice "required" / named), which only acts once reasoning is over, where
      the budget no longer does: every logit -inf but the allowed ones, which keep their values.
+Then, last so that nothing (logit_bias included) can revive a token it forbids, the grammar mask
+(`apply_grammar`, structured output): -inf for every token the row's grammar does not allow next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.serving.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from common.grammar.state import GrammarState
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,7 @@ class RowContext:
     prompt_ids: Sequence[int] | torch.Tensor
     output_ids: Sequence[int] | torch.Tensor
     think_state: ThinkState | None = None  # optional cache covering a prefix of prompt + output
+    grammar: GrammarState | None = None  # the request's structured-output state (params.grammar set)
 
 
 class ThinkingBudget:
@@ -180,6 +187,26 @@ def apply_processors(
     if forced is not None:
         forced.apply(logits, rows)
     return logits
+
+
+def apply_grammar(logits: torch.Tensor, rows: Sequence[RowContext]) -> int:
+    """Mask every row whose request has a grammar with the tokens its grammar allows after the row's
+    history (in place); returns how many rows the grammar constrained. A row whose request asks for a
+    grammar but carries no compiled state is an error, never an unconstrained row."""
+    from common import ops
+
+    constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.params.grammar is not None]
+    if not constrained:
+        return 0
+    bitmask = torch.full((len(rows), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
+    n = 0
+    for i, state in constrained:
+        if state is None:
+            raise RuntimeError(f"row {i} asks for a grammar ({rows[i].params.grammar.kind}) but has no grammar state")
+        n += state.fill(bitmask, i, _as_list(rows[i].output_ids))
+    if n:
+        ops.apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
+    return n
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from common.sampling.logit_processors import (
     RowContext,
     ThinkingBudget,
     ThinkState,
+    apply_grammar,
     apply_processors,
 )
 from common.sampling.sampler import SamplingTensors, sample, target_probs, uses_filter
@@ -65,11 +66,13 @@ class TokenSampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def process(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
-        """Apply every row's processors in place; logits [R, V] fp32."""
+        """Apply every row's processors, then its grammar mask, in place; logits [R, V] fp32."""
         needs_budget = any(r.params.thinking_budget is not None for r in rows)
         needs_forced = any(r.params.forced_prefix for r in rows)
-        return apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos,
-                                forced=self.forced if needs_forced else None)
+        apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos,
+                         forced=self.forced if needs_forced else None)
+        apply_grammar(logits, rows)
+        return logits
 
     def sample(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> list[SampledRow]:
         """Process then sample one token per row (seeded rows use (seed, output position))."""
@@ -88,11 +91,12 @@ class TokenSampler:
                           think: tuple[ThinkState, int] | None = None) -> bool:
         """Whether any logit processor may change a row at output position `step` (output tokens
         before it) or later: penalties, logit bias, min_tokens not yet reached, a forced tool-call
-        prefix (reads the history until its answer began; counted for the whole request), the thinking
-        budget. The budget counts only where it may force a token: `think` = (the request's ThinkState
+        prefix (reads the history until its answer began; counted for the whole request), a grammar
+        (its mask is filled on the host from the request's matcher), the thinking budget. The budget counts only where it may force a token: `think` = (the request's ThinkState
         over what the host has seen, prompt length) lets a row far from its budget skip it; without
         it, it always counts."""
-        if params.has_penalties or params.logit_bias or step < params.min_tokens or params.forced_prefix:
+        if (params.has_penalties or params.logit_bias or step < params.min_tokens or params.forced_prefix
+                or params.grammar is not None):
             return True
         if params.thinking_budget is None or self.budget is None:
             return False

@@ -1,0 +1,125 @@
+"""One request's grammar state: the backend matcher, the reasoning gate, and the request's stop ids.
+
+- Gate: with `reasoning_first` the reasoning is free text; the grammar starts after the first
+  `</think>` of the output. Otherwise it starts at the first output token.
+- Stops: the backend allows its end marker (the model's eos ids) exactly when the grammar accepts;
+  `fill` replaces it by the request's stop ids, so a stop id is allowed exactly then, and sampling
+  one ends the request (the matcher is never fed a stop id).
+- Committed tokens are fed by `advance` (decode_worker.commit.commit_tokens); `fill` takes a row's
+  whole history (committed output + an EAGLE draft path beyond it), feeds the uncommitted part
+  temporarily and rolls it back, so every verify row of a draft tree gets the mask of its own path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from common.grammar.backend import CompiledGrammar, GrammarBackend, Matcher, require_backend
+from common.serving.sampling_params import SamplingParams
+
+
+def set_bits(bitmask: torch.Tensor, row: int, ids: Sequence[int], value: bool) -> None:
+    """Set or clear the bits of `ids` in bitmask[row] (int32 words on the CPU)."""
+    for t in ids:
+        word, bit = divmod(int(t), 32)
+        if word >= bitmask.shape[1]:
+            continue
+        w = int(bitmask[row, word]) & 0xFFFFFFFF
+        w = w | (1 << bit) if value else w & ~(1 << bit)
+        bitmask[row, word] = w - (1 << 32) if w >= 1 << 31 else w
+
+
+def get_bit(bitmask: torch.Tensor, row: int, token: int) -> bool:
+    word, bit = divmod(int(token), 32)
+    return bool((int(bitmask[row, word]) >> bit) & 1)
+
+
+class GrammarState:
+    def __init__(self, matcher: Matcher, end_ids: Sequence[int], stop_ids: Sequence[int],
+                 gate_id: int | None) -> None:
+        """end_ids: the backend's end marker; stop_ids: the request's stop ids (its eos included unless
+        ignore_eos); gate_id: the `</think>` id when the output starts inside reasoning, else None."""
+        self.matcher = matcher
+        self.end_ids = tuple(end_ids)
+        self.stop_ids = frozenset(stop_ids)
+        self.gate_id = gate_id
+        self.start: int | None = 0 if gate_id is None else None  # output index where the grammar starts
+        self.fed = 0  # output tokens `advance` has seen
+        self.tokens = 0  # committed output tokens sampled under the grammar
+        self.stopped = False  # a stop id ended it
+        self.violation: str | None = None  # a committed token the grammar refused (never with the mask on)
+
+    @classmethod
+    def create(cls, backend: GrammarBackend, compiled: CompiledGrammar, stop_ids: Sequence[int],
+               reasoning_first: bool, think_end_id: int | None) -> GrammarState:
+        gate = think_end_id if reasoning_first else None
+        return cls(backend.matcher(compiled), backend.vocab.end_ids, stop_ids, gate)
+
+    def active(self) -> bool:
+        """Whether the next token after the committed output is sampled under the grammar."""
+        return self.start is not None and not self.stopped
+
+    def is_terminated(self) -> bool:
+        return self.stopped or self.matcher.is_terminated()
+
+    def advance(self, output_ids: Sequence[int]) -> None:
+        """Feed the committed tokens not seen yet (output_ids[self.fed:])."""
+        for i in range(self.fed, len(output_ids)):
+            tok = int(output_ids[i])
+            if self.start is None:
+                if tok == self.gate_id:
+                    self.start = i + 1
+                continue
+            if self.stopped:
+                continue  # the request finished at the stop id: nothing after it is kept
+            self.tokens += 1
+            if tok in self.stop_ids:
+                self.stopped = True
+            elif not self.matcher.accept_token(tok) and self.violation is None:
+                self.violation = f"output token {tok} at position {i} is outside the grammar"
+        self.fed = len(output_ids)
+
+    def fill(self, bitmask: torch.Tensor, row: int, history: Sequence[int]) -> bool:
+        """Write into bitmask[row] the tokens allowed after `history` (the committed output, then
+        tokens beyond it). False, leaving the row alone, when the grammar does not constrain it: still
+        reasoning, stopped, or the extra tokens leave the grammar (a draft path no verify can accept)."""
+        extra = history[self.fed:]
+        start, accepted, ok = self.start, 0, not self.is_terminated()
+        for j, tok in enumerate(extra):
+            tok = int(tok)
+            if start is None:
+                if tok == self.gate_id:
+                    start = self.fed + j + 1
+                continue
+            if tok in self.stop_ids or not self.matcher.accept_token(tok):
+                ok = False
+                break
+            accepted += 1
+        try:
+            if not ok or start is None:
+                return False
+            self.matcher.fill_bitmask(bitmask, row)
+            self._stop_bits(bitmask, row)
+            return True
+        finally:
+            self.matcher.rollback(accepted)
+
+    def _stop_bits(self, bitmask: torch.Tensor, row: int) -> None:
+        accepting = any(get_bit(bitmask, row, t) for t in self.end_ids)
+        set_bits(bitmask, row, self.end_ids, False)
+        if accepting:  # no stop id of its own (ignore_eos, no stop): the model's end ids still end the grammar
+            set_bits(bitmask, row, sorted(self.stop_ids) or self.end_ids, True)
+
+
+async def grammar_state_for(backend: GrammarBackend | None, params: SamplingParams,
+                            think_end_id: int | None) -> GrammarState | None:
+    """The request's GrammarState, its grammar compiled off the event loop (None without a grammar).
+    Raises SamplingError (INVALID_ARGUMENT naming the field) when the worker has no backend, the
+    grammar does not compile, or it compiles too slowly."""
+    if params.grammar is None:
+        return None
+    b = require_backend(backend, params.grammar)
+    compiled = await b.compile_async(params.grammar)
+    return GrammarState.create(b, compiled, params.stop_token_ids, params.reasoning_first, think_end_id)
