@@ -8,11 +8,15 @@ from typing import Any
 
 import llguidance as llg
 import llguidance.torch as llg_torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
 import torch
 
 from common.grammar.backend import CompiledGrammar, GrammarBackend, GrammarCompileError
 from common.grammar.vocab import GrammarVocab
 from common.serving.sampling_params import Grammar
+
+# JSON laid out as json.dumps does, as with xgrammar: free whitespace lets a model pad forever
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class LLGuidanceMatcher:
@@ -51,13 +55,13 @@ class LLGuidanceBackend(GrammarBackend):
                 json.loads(src)
             except ValueError as e:
                 raise GrammarCompileError(kind, f"is not valid JSON: {e}") from None
-            text = llg.LLMatcher.grammar_from_json_schema(src)
+            text = llg.LLMatcher.grammar_from_json_schema(src, overrides=_JSON_LAYOUT)
         elif kind == "json_object":
-            text = llg.LLMatcher.grammar_from_json_schema({"type": "object"})
+            text = llg.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=_JSON_LAYOUT)
         elif kind == "regex":
             text = llg.LLMatcher.grammar_from_regex(src)
         elif kind == "ebnf":  # the GBNF dialect xgrammar also reads ("root ::= ..."), converted to Lark
-            text = llg.LLMatcher.grammar_from_lark(llg.gbnf_to_lark(src))
+            text = llg.LLMatcher.grammar_from_lark(gbnf_to_lark(src))
         else:
             raise GrammarCompileError(kind, "is not supported by the llguidance backend")
         error = llg.LLMatcher.validate_grammar(text, self.tokenizer)

@@ -62,7 +62,8 @@ class GrammarState:
         return self.start is not None and not self.stopped
 
     def is_terminated(self) -> bool:
-        return self.stopped or self.matcher.is_terminated()
+        """A stop id (or, with no stop id of the request's own, the model's end id) ended the grammar."""
+        return self.stopped
 
     def advance(self, output_ids: Sequence[int]) -> None:
         """Feed the committed tokens not seen yet (output_ids[self.fed:])."""
@@ -75,7 +76,7 @@ class GrammarState:
             if self.stopped:
                 continue  # the request finished at the stop id: nothing after it is kept
             self.tokens += 1
-            if tok in self.stop_ids:
+            if tok in self.stop_ids or tok in self.end_ids:  # never fed to the matcher
                 self.stopped = True
             elif not self.matcher.accept_token(tok) and self.violation is None:
                 self.violation = f"output token {tok} at position {i} is outside the grammar"
@@ -86,14 +87,14 @@ class GrammarState:
         tokens beyond it). False, leaving the row alone, when the grammar does not constrain it: still
         reasoning, stopped, or the extra tokens leave the grammar (a draft path no verify can accept)."""
         extra = history[self.fed:]
-        start, accepted, ok = self.start, 0, not self.is_terminated()
+        start, accepted, ok = self.start, 0, not self.stopped
         for j, tok in enumerate(extra):
             tok = int(tok)
             if start is None:
                 if tok == self.gate_id:
                     start = self.fed + j + 1
                 continue
-            if tok in self.stop_ids or not self.matcher.accept_token(tok):
+            if tok in self.stop_ids or tok in self.end_ids or not self.matcher.accept_token(tok):
                 ok = False
                 break
             accepted += 1

@@ -17,10 +17,13 @@ _VOCAB_TYPE = {"byte_level": xgr.VocabType.BYTE_LEVEL, "byte_fallback": xgr.Voca
 
 
 class XGrammarMatcher:
-    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+    def __init__(self, compiled: xgr.CompiledGrammar, special: frozenset[int]) -> None:
         self.m = xgr.GrammarMatcher(compiled)
+        self.special = special
 
     def accept_token(self, token: int) -> bool:
+        if token in self.special:  # refused anyway; xgrammar would log a warning for each (draft tokens)
+            return False
         return bool(self.m.accept_token(token))
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -43,13 +46,15 @@ class XGrammarBackend(GrammarBackend):
                                  stop_token_ids=list(vocab.end_ids))
         # our own LRU cache sits in front; xgrammar's would only double the memory
         self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self.special = frozenset(info.special_token_ids) - set(vocab.end_ids)
 
     def _compile(self, grammar: Grammar) -> xgr.CompiledGrammar:
         c, src = self.compiler, grammar.source
+        # JSON laid out as json.dumps does (", " and ": "): free whitespace lets a model pad forever
         if grammar.kind == "json_schema":
-            return c.compile_json_schema(src, any_whitespace=True)
-        if grammar.kind == "json_object":
-            return c.compile_builtin_json_grammar()
+            return c.compile_json_schema(src, any_whitespace=False)
+        if grammar.kind == "json_object":  # an object (the builtin JSON grammar also allows arrays and scalars)
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if grammar.kind == "regex":
             return c.compile_regex(src)
         if grammar.kind == "ebnf":
@@ -59,4 +64,4 @@ class XGrammarBackend(GrammarBackend):
         raise GrammarCompileError(grammar.kind, "is not a grammar kind")
 
     def matcher(self, compiled: CompiledGrammar) -> XGrammarMatcher:
-        return XGrammarMatcher(compiled.handle)
+        return XGrammarMatcher(compiled.handle, self.special)
