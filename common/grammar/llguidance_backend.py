@@ -8,8 +8,8 @@ from typing import Any
 
 import llguidance as llg
 import llguidance.torch as llg_torch
-from llguidance.gbnf_to_lark import gbnf_to_lark
 import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from common.grammar.backend import CompiledGrammar, GrammarBackend, GrammarCompileError
 from common.grammar.vocab import GrammarVocab

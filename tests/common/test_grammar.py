@@ -200,11 +200,12 @@ def test_stop_ids_are_allowed_exactly_when_the_grammar_accepts(backend: GrammarB
     digits = tokenizer.encode("4", add_special_tokens=False).ids
     for n in range(3):
         mask = torch.full((1, 26), -1, dtype=torch.int32)
-        assert state.fill(mask, 0, state_history := [digits[0]] * n)
+        history = [digits[0]] * n
+        assert state.fill(mask, 0, history)
         ids = allowed(mask)
         assert not set(ends) & set(ids), "the model's own end ids give way to the request's stop ids"
         assert (7 in ids and 9 in ids) == (n == 2), n
-        state.advance(state_history)
+        state.advance(history)
     state.advance([digits[0]] * 2 + [9])
     assert state.stopped and state.is_terminated() and state.tokens == 3
     assert not state.fill(torch.full((1, 26), -1, dtype=torch.int32), 0, [digits[0]] * 2 + [9])

@@ -95,7 +95,7 @@ def _run(stepper, reqs: list[DecodeReq]) -> list[list[int]]:  # type: ignore[no-
 
 def _cases(tok: Tokenizer, ids: SpecialIds) -> list[Case]:
     eos = ids.eos
-    first = lambda text: tok.encode(text, add_special_tokens=False).ids[0]  # noqa: E731
+    first = lambda text: tok.encode(text, add_special_tokens=False).ids[0]
     code = SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=eos, grammar=Grammar("regex", CODE))
     words = SamplingParams(temperature=0.0, max_tokens=60, stop_token_ids=eos, grammar=Grammar("regex", WORDS))
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
