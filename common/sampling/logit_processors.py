@@ -21,7 +21,8 @@ Order inside `apply_processors` (each step only touches rows that use it):
   6. forced prefix (tool_choice "required" / named), which only acts once reasoning is over, where
      the budget no longer does: every logit -inf but the allowed ones, which keep their values.
 Then, last so that nothing (logit_bias included) can revive a token it forbids, the grammar mask
-(`apply_grammar`, structured output): -inf for every token the row's grammar does not allow next.
+(structured output; `fill_grammar_bitmask`, applied by `TokenSampler.process`): -inf for every token
+the row's grammar does not allow next.
 """
 
 from __future__ import annotations
@@ -189,23 +190,18 @@ def apply_processors(
     return logits
 
 
-def apply_grammar(logits: torch.Tensor, rows: Sequence[RowContext]) -> int:
-    """Mask every row whose request has a grammar with the tokens its grammar allows after the row's
-    history (in place); returns how many rows the grammar constrained. A row whose request asks for a
-    grammar but carries no compiled state is an error, never an unconstrained row."""
-    from common import ops
-
-    constrained = [(i, r.grammar) for i, r in enumerate(rows) if r.params.grammar is not None]
-    if not constrained:
-        return 0
-    bitmask = torch.full((len(rows), (logits.shape[1] + 31) // 32), -1, dtype=torch.int32)
+def fill_grammar_bitmask(bitmask: torch.Tensor, rows: Sequence[RowContext]) -> int:
+    """Write into bitmask[i] (int32 [R, ceil(V/32)] on the CPU, all ones on entry) the tokens row i's
+    grammar allows after the row's history, for every row whose request has a grammar; returns how
+    many rows the grammar constrained. A row whose request asks for a grammar but carries no compiled
+    state is an error, never an unconstrained row."""
     n = 0
-    for i, state in constrained:
-        if state is None:
-            raise RuntimeError(f"row {i} asks for a grammar ({rows[i].params.grammar.kind}) but has no grammar state")
-        n += state.fill(bitmask, i, _as_list(rows[i].output_ids))
-    if n:
-        ops.apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
+    for i, r in enumerate(rows):
+        if r.params.grammar is None:
+            continue
+        if r.grammar is None:
+            raise RuntimeError(f"row {i} asks for a grammar ({r.params.grammar.kind}) but has no grammar state")
+        n += r.grammar.fill(bitmask, i, _as_list(r.output_ids))
     return n
 
 
