@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from common.grammar.vocab import GrammarVocab
+from common.serving import metrics
 from common.serving.sampling_params import Grammar, SamplingError
 
 log = logging.getLogger(__name__)
@@ -94,17 +95,20 @@ class GrammarBackend(ABC):
         start = time.perf_counter()
         try:
             handle = self._compile(grammar)
-        except GrammarCompileError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the backends raise RuntimeError/ValueError with their reason
+        except Exception as e:  # the backends raise RuntimeError/ValueError/Exception with their reason
+            metrics.grammar_compile_seconds().labels(kind=grammar.kind, outcome="error").observe(
+                time.perf_counter() - start)
+            if isinstance(e, GrammarCompileError):
+                raise
             raise GrammarCompileError(grammar.kind, _reason(e)) from None
         compiled = CompiledGrammar(grammar, handle, time.perf_counter() - start)
+        metrics.grammar_compile_seconds().labels(kind=grammar.kind, outcome="ok").observe(compiled.seconds)
         with self._lock:
             self._cache[grammar] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        log.debug("compiled %s grammar (%d chars) in %.1f ms", grammar.kind, len(grammar.source),
-                  compiled.seconds * 1e3)
+        log.log(logging.INFO if compiled.seconds > 1.0 else logging.DEBUG, "%s: compiled %s grammar (%d chars) in %.1f ms",
+                self.name, grammar.kind, len(grammar.source), compiled.seconds * 1e3)
         return compiled
 
     def submit(self, grammar: Grammar) -> concurrent.futures.Future[CompiledGrammar]:
