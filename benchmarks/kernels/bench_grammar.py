@@ -35,7 +35,7 @@ import torch
 from common.grammar.backend import GrammarBackend
 from common.grammar.factory import make_backend
 from common.grammar.state import GrammarState
-from common.grammar.vocab import GrammarVocab
+from common.grammar.vocab import GrammarVocab, byte_level_alphabet
 from common.serving.sampling_params import Grammar
 from common.tools.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS
 
@@ -93,24 +93,11 @@ DEFAULT_STEP_US = {1: 1423.0, 32: 5288.0, 64: 6032.0}  # docs/performance.md §3
 
 
 # ----------------------------------------------------------------------------------- vocabulary
-def _byte_symbols() -> list[str]:
-    """GPT-2's byte -> printable character map (the byte-level BPE alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 def synthetic_model_dir(out: Path, vocab_size: int, seed: int = 0) -> Path:
     """A model directory with a synthetic byte-level BPE tokenizer.json of `vocab_size` ids (the last 64
     padding, GLM's special tokens before them) and a generation_config.json naming the stop ids."""
     rng = random.Random(seed)
-    sym = _byte_symbols()
+    sym = byte_level_alphabet()
     enc = lambda text: "".join(sym[b] for b in text.encode("utf-8"))
     n_special = len(SPECIAL_TOKENS)
     target = vocab_size - 64 - n_special

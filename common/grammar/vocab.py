@@ -40,17 +40,34 @@ class GrammarVocab:
             if idx < vocab_size:
                 tokens[idx] = piece
         by_text = {}
+        kind = _decoder_kind(spec.get("decoder"))
+        symbols = byte_level_alphabet()
         for added in spec.get("added_tokens", []):
             by_text[added["content"]] = added["id"]
             if added["id"] < vocab_size:
-                tokens[added["id"]] = "" if added.get("special", False) else added["content"]
+                piece = added["content"]
+                if kind == "byte_level":  # added tokens hold raw text; the engines read the vocabulary's encoding
+                    piece = "".join(symbols[b] for b in piece.encode("utf-8"))
+                tokens[added["id"]] = "" if added.get("special", False) else piece
         for piece, idx in spec["model"]["vocab"].items():
             by_text.setdefault(piece, idx)
-        kind = _decoder_kind(spec.get("decoder"))
         ends = tuple(t for t in eos_token_ids(str(model_dir), by_text.get) if t < vocab_size)
         if not ends:
             raise ValueError(f"{model_dir}: no end-of-text token id for the grammar backends")
         return cls(tuple(tokens), kind, ends, text)
+
+
+def byte_level_alphabet() -> list[str]:
+    """The byte-level BPE alphabet (GPT-2's): the printable character standing for each byte 0..255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
 
 
 def _decoder_kind(decoder: dict | None) -> str:

@@ -251,3 +251,14 @@ def test_token_bitmask_reference_matches_a_per_token_loop(vocab_size: int) -> No
     got = reference.apply_token_bitmask(logits.clone(), bitmask)
     assert torch.equal(got, want)
     assert torch.equal(ops.apply_token_bitmask(logits.clone(), bitmask), want)  # CPU dispatch: the twin
+
+
+def test_the_vocabulary_encodes_bytes_as_the_tokenizer_does(vocab: GrammarVocab, tokenizer: Tokenizer,
+                                                             tiny_model_dir: Path) -> None:
+    assert vocab.tokenizer_json == (tiny_model_dir / "tokenizer.json").read_text(encoding="utf-8")
+    assert vocab.vocab_size == VOCAB and vocab.kind == "byte_level"
+    assert vocab.tokens[tokenizer.token_to_id("<think>")] == "" and vocab.tokens[VOCAB - 1] == ""
+    assert set(vocab.end_ids) == {tokenizer.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")}
+    space = tokenizer.encode(" the", add_special_tokens=False).ids
+    assert [vocab.tokens[t] for t in space] == [tokenizer.id_to_token(t) for t in space]
+    assert vocab.tokens[tokenizer.encode(" ", add_special_tokens=False).ids[0]] == "Ġ"
