@@ -93,26 +93,51 @@ class GrammarState:
         """Write into bitmask[row] the tokens allowed after `history` (the committed output, then
         tokens beyond it). False, leaving the row alone, when the grammar does not constrain it: still
         reasoning, stopped, or the extra tokens leave the grammar (a draft path no verify can accept)."""
-        extra = history[self.fed:]
-        start, accepted, ok = self.start, 0, not self.stopped
-        for j, tok in enumerate(extra):
-            tok = int(tok)
-            if start is None:
-                if tok == self.gate_id:
-                    start = self.fed + j + 1
-                continue
-            if tok in self.stop_ids or tok in self.end_ids or not self.matcher.accept_token(tok):
-                ok = False
-                break
-            accepted += 1
+        return self.fill_rows(bitmask, [(row, history)]) == 1
+
+    def fill_rows(self, bitmask: torch.Tensor, rows: Sequence[tuple[int, Sequence[int]]]) -> int:
+        """`fill` for several rows of this request (an EAGLE tree's verify rows, parents before
+        children): the matcher walks from one row's path to the next through their common prefix,
+        rolling back only what differs, and back to the committed state at the end. Returns the number
+        of rows constrained."""
+        path: list[int] = []  # grammar tokens the matcher holds beyond the committed state
+        n = 0
         try:
-            if not ok or start is None:
-                return False
-            self.matcher.fill_bitmask(bitmask, row)
-            self._stop_bits(bitmask, row)
-            return True
+            for row, history in rows:
+                want = self._grammar_path(history)
+                if want is None:
+                    continue
+                common = 0
+                while common < min(len(path), len(want)) and path[common] == want[common]:
+                    common += 1
+                if len(path) > common:
+                    self.matcher.rollback(len(path) - common)
+                    del path[common:]
+                ok = True
+                for tok in want[common:]:
+                    if tok in self.stop_ids or tok in self.end_ids or not self.matcher.accept_token(tok):
+                        ok = False
+                        break
+                    path.append(tok)
+                if ok:
+                    self.matcher.fill_bitmask(bitmask, row)
+                    self._stop_bits(bitmask, row)
+                    n += 1
         finally:
-            self.matcher.rollback(accepted)
+            self.matcher.rollback(len(path))
+        return n
+
+    def _grammar_path(self, history: Sequence[int]) -> list[int] | None:
+        """The tokens of `history` past the committed output that the grammar reads (those after the
+        gate when it is crossed there); None when the row is not under the grammar."""
+        if self.stopped:
+            return None
+        extra = [int(t) for t in history[self.fed:]]
+        if self.start is not None:
+            return extra
+        if self.gate_id in extra:
+            return extra[extra.index(self.gate_id) + 1:]
+        return None
 
     def _stop_bits(self, bitmask: torch.Tensor, row: int) -> None:
         words = bitmask.numpy().view(np.uint32)[row]  # one view: torch's scalar indexing is slow

@@ -195,14 +195,15 @@ def fill_grammar_bitmask(bitmask: torch.Tensor, rows: Sequence[RowContext]) -> i
     grammar allows after the row's history, for every row whose request has a grammar; returns how
     many rows the grammar constrained. A row whose request asks for a grammar but carries no compiled
     state is an error, never an unconstrained row."""
-    n = 0
+    by_request: dict[int, tuple[GrammarState, list[tuple[int, list[int]]]]] = {}
     for i, r in enumerate(rows):
         if r.params.grammar is None:
             continue
         if r.grammar is None:
             raise RuntimeError(f"row {i} asks for a grammar ({r.params.grammar.kind}) but has no grammar state")
-        n += r.grammar.fill(bitmask, i, _as_list(r.output_ids))
-    return n
+        by_request.setdefault(id(r.grammar), (r.grammar, []))[1].append((i, _as_list(r.output_ids)))
+    # the rows of one request (EAGLE verify rows) in one walk over their shared path prefixes
+    return sum(state.fill_rows(bitmask, request_rows) for state, request_rows in by_request.values())
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:

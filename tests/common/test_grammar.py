@@ -262,3 +262,33 @@ def test_the_vocabulary_encodes_bytes_as_the_tokenizer_does(vocab: GrammarVocab,
     space = tokenizer.encode(" the", add_special_tokens=False).ids
     assert [vocab.tokens[t] for t in space] == [tokenizer.id_to_token(t) for t in space]
     assert vocab.tokens[tokenizer.encode(" ", add_special_tokens=False).ids[0]] == "Ġ"
+
+
+def test_the_rows_of_a_draft_tree_get_the_masks_of_their_own_paths(backend: GrammarBackend,
+                                                                   tokenizer: Tokenizer) -> None:
+    """fill_rows over a tree (branches, a refused draft, a stop id, a crossed gate) equals one fill per
+    row from a fresh matcher, and leaves the matcher at the committed state."""
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    think_end = tokenizer.token_to_id("</think>")
+    g = Grammar("json_schema", SCHEMA)
+    committed = enc("x") + [think_end] + enc('{"color": "')
+    stop = 7
+    paths = [[], enc("re"), enc("red"), enc("gr"), enc("gree"), enc("x"), enc("re") + [stop]]
+    state = GrammarState.create(backend, backend.compile(g), (stop,), True, think_end)
+    state.advance(committed)
+    got = torch.full((len(paths), 26), -1, dtype=torch.int32)
+    assert state.fill_rows(got, [(i, committed + p) for i, p in enumerate(paths)]) == 5  # "x", stop: left alone
+    for i, p in enumerate(paths):
+        fresh = GrammarState.create(backend, backend.compile(g), (stop,), True, think_end)
+        fresh.advance(committed + p)
+        want = torch.full((1, 26), -1, dtype=torch.int32)
+        if i < 5:
+            assert fresh.fill(want, 0, committed + p)
+        assert torch.equal(got[i], want[0]), i
+    again = torch.full((1, 26), -1, dtype=torch.int32)
+    assert state.fill(again, 0, committed) and torch.equal(again[0], got[0])
+    gate = GrammarState.create(backend, backend.compile(g), (stop,), True, think_end)
+    gate.advance(enc("x"))
+    crossed = torch.full((2, 26), -1, dtype=torch.int32)
+    assert gate.fill_rows(crossed, [(0, enc("x") + enc("y")), (1, enc("x") + [think_end] + enc('{"color": "'))]) == 1
+    assert torch.equal(crossed[0], torch.full((26,), -1, dtype=torch.int32)) and torch.equal(crossed[1], got[0])
