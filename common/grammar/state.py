@@ -17,7 +17,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from common.grammar.backend import CompiledGrammar, GrammarBackend, Matcher, require_backend
+from common.grammar.backend import (
+    CompiledGrammar,
+    GrammarBackend,
+    GrammarCompileError,
+    Matcher,
+    require_backend,
+)
 from common.serving.sampling_params import SamplingParams
 
 
@@ -158,4 +164,7 @@ async def grammar_state_for(backend: GrammarBackend | None, params: SamplingPara
         return None
     b = require_backend(backend, params.grammar)
     compiled = await b.compile_async(params.grammar)
-    return GrammarState.create(b, compiled, params.stop_token_ids, params.reasoning_first, think_end_id)
+    try:
+        return GrammarState.create(b, compiled, params.stop_token_ids, params.reasoning_first, think_end_id)
+    except Exception as e:  # a matcher the engine refuses to build: still the client's grammar
+        raise GrammarCompileError(params.grammar.kind, str(e).strip().splitlines()[0][:500]) from None
