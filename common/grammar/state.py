@@ -166,5 +166,5 @@ async def grammar_state_for(backend: GrammarBackend | None, params: SamplingPara
     compiled = await b.compile_async(params.grammar)
     try:
         return GrammarState.create(b, compiled, params.stop_token_ids, params.reasoning_first, think_end_id)
-    except Exception as e:  # a matcher the engine refuses to build: still the client's grammar
+    except Exception as e:  # noqa: BLE001 - a matcher the engine refuses to build: still the client's grammar
         raise GrammarCompileError(params.grammar.kind, str(e).strip().splitlines()[0][:500]) from None
