@@ -29,7 +29,7 @@ from decode_worker.steps import PlainStepper
 
 PAGE = 4
 CODE = r"[0-9]{3}-[a-z]{2}"
-WORDS = r"[a-z]{2,6}( [a-z]{2,6}){4,8}\."
+WORDS = r"[a-z]{2,6}( [a-z]{2,6}){2,4}\."
 SCHEMA = json.dumps({"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
                                                       "big": {"type": "boolean"}},
                      "required": ["color", "big"], "additionalProperties": False})
