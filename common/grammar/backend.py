@@ -74,10 +74,12 @@ class GrammarBackend(ABC):
                  compile_timeout: float = DEFAULT_COMPILE_TIMEOUT_S, threads: int = 2) -> None:
         self.vocab = vocab
         self.compile_timeout = compile_timeout
-        self._cache: OrderedDict[Grammar, CompiledGrammar] = OrderedDict()
+        # LRU by (kind, source): the compiled grammar, or the error it compiled to (a client repeating a
+        # broken grammar must not cost a compile each time)
+        self._cache: OrderedDict[Grammar, CompiledGrammar | GrammarCompileError] = OrderedDict()
         self._cache_size = cache_size
         self._pending: dict[Grammar, concurrent.futures.Future[CompiledGrammar]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # RLock: a done-callback may run inside `submit`'s critical section
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=f"grammar-{self.name}")
 
     @property
@@ -86,27 +88,22 @@ class GrammarBackend(ABC):
 
     # ------------------------------------------------------------------ compiling
     def compile(self, grammar: Grammar) -> CompiledGrammar:
-        """Compile now on the calling thread (cached); raises GrammarCompileError."""
-        with self._lock:
-            hit = self._cache.get(grammar)
-            if hit is not None:
-                self._cache.move_to_end(grammar)
-                return hit
+        """Compile now on the calling thread (cached, errors too); raises GrammarCompileError."""
+        hit = self._cached(grammar)
+        if hit is not None:
+            return hit
         start = time.perf_counter()
         try:
             handle = self._compile(grammar)
-        except Exception as e:  # the backends raise RuntimeError/ValueError/Exception with their reason
+        except Exception as e:  # noqa: BLE001 - the engines raise RuntimeError/ValueError/Exception with their reason
             metrics.grammar_compile_seconds().labels(kind=grammar.kind, outcome="error").observe(
                 time.perf_counter() - start)
-            if isinstance(e, GrammarCompileError):
-                raise
-            raise GrammarCompileError(grammar.kind, _reason(e)) from None
+            error = e if isinstance(e, GrammarCompileError) else GrammarCompileError(grammar.kind, _reason(e))
+            self._store(grammar, error)
+            raise error from None
         compiled = CompiledGrammar(grammar, handle, time.perf_counter() - start)
         metrics.grammar_compile_seconds().labels(kind=grammar.kind, outcome="ok").observe(compiled.seconds)
-        with self._lock:
-            self._cache[grammar] = compiled
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        self._store(grammar, compiled)
         log.log(logging.INFO if compiled.seconds > 1.0 else logging.DEBUG, "%s: compiled %s grammar (%d chars) in %.1f ms",
                 self.name, grammar.kind, len(grammar.source), compiled.seconds * 1e3)
         return compiled
@@ -114,11 +111,12 @@ class GrammarBackend(ABC):
     def submit(self, grammar: Grammar) -> concurrent.futures.Future[CompiledGrammar]:
         """The compile of `grammar` on the pool (one per distinct grammar in flight; done at once when cached)."""
         with self._lock:
-            hit = self._cache.get(grammar)
-            if hit is not None:
-                self._cache.move_to_end(grammar)
+            if grammar in self._cache:
                 done: concurrent.futures.Future[CompiledGrammar] = concurrent.futures.Future()
-                done.set_result(hit)
+                try:
+                    done.set_result(self._cached(grammar))  # type: ignore[arg-type]
+                except GrammarCompileError as e:
+                    done.set_exception(e)
                 return done
             fut = self._pending.get(grammar)
             if fut is None:
@@ -136,6 +134,22 @@ class GrammarBackend(ABC):
         except TimeoutError:
             raise GrammarCompileError(grammar.kind, f"did not compile within {self.compile_timeout:g} s "
                                                     "(--grammar-compile-timeout)") from None
+
+    def _cached(self, grammar: Grammar) -> CompiledGrammar | None:
+        """The cached compile (refreshed in the LRU order), None when absent; raises a cached error."""
+        with self._lock:
+            hit = self._cache.get(grammar)
+            if hit is not None:
+                self._cache.move_to_end(grammar)
+        if isinstance(hit, GrammarCompileError):
+            raise GrammarCompileError(grammar.kind, str(hit).split(": ", 1)[1]) from None
+        return hit
+
+    def _store(self, grammar: Grammar, value: CompiledGrammar | GrammarCompileError) -> None:
+        with self._lock:
+            self._cache[grammar] = value
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
 
     def _forget(self, grammar: Grammar) -> None:
         with self._lock:

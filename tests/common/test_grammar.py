@@ -292,3 +292,22 @@ def test_the_rows_of_a_draft_tree_get_the_masks_of_their_own_paths(backend: Gram
     crossed = torch.full((2, 26), -1, dtype=torch.int32)
     assert gate.fill_rows(crossed, [(0, enc("x") + enc("y")), (1, enc("x") + [think_end] + enc('{"color": "'))]) == 1
     assert torch.equal(crossed[0], torch.full((26,), -1, dtype=torch.int32)) and torch.equal(crossed[1], got[0])
+
+
+def test_a_broken_grammar_is_cached_as_its_error(vocab: GrammarVocab) -> None:
+    calls = []
+
+    class Counting(_Blocking):
+        def _compile(self, grammar: Grammar) -> str:
+            calls.append(grammar)
+            raise RuntimeError("[06:00:00] /project/cpp/regex_converter.cc:94: Regex parsing error: Unclosed '['")
+
+    b = Counting(vocab)
+    g = Grammar("regex", "[0-9")
+    for _ in range(2):
+        with pytest.raises(GrammarCompileError, match=r"^grammar\.regex: Regex parsing error: Unclosed '\['$"):
+            b.compile(g)
+    with pytest.raises(GrammarCompileError, match=r"^grammar\.regex: Regex parsing error"):
+        asyncio.run(b.compile_async(g))
+    assert calls == [g]
+    b.close()
