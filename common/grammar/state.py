@@ -27,24 +27,6 @@ from common.grammar.backend import (
 from common.serving.sampling_params import SamplingParams
 
 
-def set_bits(bitmask: torch.Tensor, row: int, ids: Sequence[int], value: bool) -> None:
-    """Set or clear the bits of `ids` in bitmask[row] (int32 words on the CPU; through a numpy view,
-    as torch's scalar indexing costs ~30 µs a word)."""
-    words = bitmask.numpy().view(np.uint32)
-    for t in ids:
-        word, bit = divmod(int(t), 32)
-        if word < words.shape[1]:
-            if value:
-                words[row, word] |= np.uint32(1 << bit)
-            else:
-                words[row, word] &= np.uint32(~(1 << bit) & 0xFFFFFFFF)
-
-
-def get_bit(bitmask: torch.Tensor, row: int, token: int) -> bool:
-    word, bit = divmod(int(token), 32)
-    return bool((int(bitmask.numpy().view(np.uint32)[row, word]) >> bit) & 1)
-
-
 class GrammarState:
     def __init__(self, matcher: Matcher, end_ids: Sequence[int], stop_ids: Sequence[int],
                  gate_id: int | None) -> None:
@@ -61,8 +43,8 @@ class GrammarState:
         self.violation: str | None = None  # a committed token the grammar refused (never with the mask on)
         # (word, bit) of the end ids, and of the ids allowed once the grammar accepts: the request's
         # stop ids, or the end ids again when it has none (ignore_eos without stop ids)
-        self._end_bits = [(t // 32, 1 << (t % 32)) for t in self.end_ids]
-        self._stop_bits_on = [(t // 32, 1 << (t % 32)) for t in (sorted(self.stop_ids) or self.end_ids)]
+        self._end_bits = _word_bits(self.end_ids)
+        self._stop_bits_on = _word_bits(sorted(self.stop_ids) or self.end_ids)
 
     @classmethod
     def create(cls, backend: GrammarBackend, compiled: CompiledGrammar, stop_ids: Sequence[int],
@@ -107,6 +89,7 @@ class GrammarState:
         rolling back only what differs, and back to the committed state at the end. Returns the number
         of rows constrained."""
         path: list[int] = []  # grammar tokens the matcher holds beyond the committed state
+        words = bitmask.numpy().view(np.uint32)  # one view for the stop-bit fix-ups (torch scalar indexing is slow)
         n = 0
         try:
             for row, history in rows:
@@ -127,7 +110,7 @@ class GrammarState:
                     path.append(tok)
                 if ok:
                     self.matcher.fill_bitmask(bitmask, row)
-                    self._stop_bits(bitmask, row)
+                    self._stop_bits(memoryview(words[row]))
                     n += 1
         finally:
             self.matcher.rollback(len(path))
@@ -145,14 +128,23 @@ class GrammarState:
             return extra[extra.index(self.gate_id) + 1:]
         return None
 
-    def _stop_bits(self, bitmask: torch.Tensor, row: int) -> None:
-        words = bitmask.numpy().view(np.uint32)[row]  # one view: torch's scalar indexing is slow
-        accepting = any(int(words[w]) & b for w, b in self._end_bits)
+    def _stop_bits(self, words: memoryview) -> None:
+        """One row's words (a uint32 memoryview: plain Python ints, no numpy/torch scalar cost): the
+        end ids give way to the request's stop ids."""
+        accepting = any(words[w] & b for w, b in self._end_bits)
         for w, b in self._end_bits:
-            words[w] &= np.uint32(~b & 0xFFFFFFFF)
+            words[w] &= ~b & 0xFFFFFFFF
         if accepting:
             for w, b in self._stop_bits_on:
-                words[w] |= np.uint32(b)
+                words[w] |= b
+
+
+def _word_bits(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(word, OR of the bits of `ids` in it) for each word the ids fall in."""
+    masks: dict[int, int] = {}
+    for t in ids:
+        masks[int(t) // 32] = masks.get(int(t) // 32, 0) | (1 << (int(t) % 32))
+    return list(masks.items())
 
 
 async def grammar_state_for(backend: GrammarBackend | None, params: SamplingParams,

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from common import ops
 from common.grammar.backend import GrammarBackend, GrammarCompileError, require_backend
 from common.grammar.factory import make_backend
-from common.grammar.state import GrammarState, get_bit, set_bits
+from common.grammar.state import GrammarState
 from common.grammar.vocab import GrammarVocab
 from common.ops import reference
 from common.serving.sampling_params import Grammar, SamplingError
@@ -228,12 +228,34 @@ def test_the_reasoning_gate_leaves_reasoning_free(backend: GrammarBackend, token
     assert state.violation is not None and "outside the grammar" in state.violation
 
 
-def test_bit_helpers_handle_the_sign_bit() -> None:
-    mask = torch.zeros((2, 2), dtype=torch.int32)
-    set_bits(mask, 1, [31, 32, 63], True)
-    assert [get_bit(mask, 1, t) for t in (30, 31, 32, 63)] == [False, True, True, True]
-    set_bits(mask, 1, [31], False)
-    assert not get_bit(mask, 1, 31) and get_bit(mask, 1, 63)
+class _Allowing:
+    """A matcher that allows exactly `ids`."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def accept_token(self, token: int) -> bool:
+        return True
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        bitmask[row] = 0
+        for t in self.ids:
+            bitmask[row, t // 32] |= torch.tensor(1 << (t % 32), dtype=torch.int64).to(torch.int32)
+
+    def rollback(self, n: int) -> None:
+        pass
+
+    def is_terminated(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("accepting", [True, False])
+def test_stop_bits_on_the_sign_bit(accepting: bool) -> None:
+    """End id 31 (an int32 word's sign bit) gives way to stop ids 63 and 40 exactly when allowed."""
+    mask = torch.full((1, 2), -1, dtype=torch.int32)
+    state = GrammarState(_Allowing([5, 31] if accepting else [5]), (31,), (63, 40), None)
+    assert state.fill(mask, 0, [])
+    assert allowed(mask) == ([5, 40, 63] if accepting else [5])
 
 
 @pytest.mark.parametrize("vocab_size", [1, 31, 32, 33, 100])
