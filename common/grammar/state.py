@@ -3,8 +3,8 @@
 - Gate: with `reasoning_first` the reasoning is free text; the grammar starts after the first
   `</think>` of the output. Otherwise it starts at the first output token.
 - Stops: the backend allows its end marker (the model's eos ids) exactly when the grammar accepts;
-  `fill` replaces it by the request's stop ids, so a stop id is allowed exactly then, and sampling
-  one ends the request (the matcher is never fed a stop id).
+  `fill` replaces it by the request's stop ids, so they are allowed whenever the grammar accepts (EOS
+  only then), and sampling one ends the request (the matcher is never fed a stop id).
 - Committed tokens are fed by `advance` (decode_worker.commit.commit_tokens); `fill` takes a row's
   whole history (committed output + an EAGLE draft path beyond it), feeds the uncommitted part
   temporarily and rolls it back, so every verify row of a draft tree gets the mask of its own path.
