@@ -32,7 +32,8 @@ class StopRules:
 
 
 def commit_tokens(req: DecodeReq, tokens: Sequence[int], rules: StopRules) -> int:
-    """Append tokens until one finishes the request; returns how many were committed."""
+    """Append tokens until one finishes the request; returns how many were committed. The request's
+    grammar matcher (if any) advances over the committed tokens."""
     committed = 0
     for tok in tokens:
         req.output_ids.append(int(tok))
@@ -41,6 +42,8 @@ def commit_tokens(req: DecodeReq, tokens: Sequence[int], rules: StopRules) -> in
         if fin is not None:
             req.finish = fin
             break
+    if req.grammar is not None:
+        req.grammar.advance(req.output_ids)
     return committed
 
 

@@ -33,6 +33,7 @@ class TokenEvent:
     completion_tokens: int = 0
     spec_verify_steps: int = 0
     spec_accepted_drafts: int = 0
+    grammar_tokens: int = 0  # cumulative output tokens sampled under the grammar mask
 
 
 @dataclass
@@ -82,12 +83,15 @@ class Output:
     def emit(self, req: DecodeReq) -> None:
         """Send the tokens committed since the last emit (one TokenEvent with the running counters),
         then the finish, if any, releasing the request."""
+        if req.grammar is not None and req.grammar.violation is not None:
+            self.fail(req, "INTERNAL", f"structured output broken: {req.grammar.violation}")
+            return
         new = req.output_ids[req.emitted:]
         if new:
             lps = req.logprobs[req.emitted:] if req.params.logprobs else []
             req.emitted = len(req.output_ids)
-            req.channel.put(TokenEvent(list(new), list(lps), len(req.output_ids),
-                                       req.verify_steps, req.accepted_drafts))
+            req.channel.put(TokenEvent(list(new), list(lps), len(req.output_ids), req.verify_steps,
+                                       req.accepted_drafts, req.grammar.tokens if req.grammar is not None else 0))
         if req.finish is not None:
             req.channel.put(req.finish)
             self._release(req)

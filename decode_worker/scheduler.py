@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from common.grammar.state import GrammarState
 from common.kvcache.allocator import PageAllocator
 from common.runtime.draft import DraftState
 from common.sampling.logit_processors import ThinkState
@@ -63,6 +64,7 @@ class DecodeReq:
     arrival: float = field(default_factory=time.monotonic)
     finish: FinishEvent | None = None
     think_state: ThinkState | None = None  # thinking-budget scan of prompt + committed outputs (a cache)
+    grammar: GrammarState | None = None  # structured output: matcher fed with the committed outputs
 
     @property
     def pending(self) -> int:

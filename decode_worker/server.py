@@ -20,6 +20,7 @@ from common.transport.handshake import check_compatible, choose_bulk_backend
 from common.transport.receiver import PairAcceptor
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
+    build_grammar_backend,
     build_runner,
     exit_when_broken,
     load_proto,
@@ -52,6 +53,8 @@ class DecodeWorkerApp:
         self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
         ids = SpecialIds.from_model_dir(cfg.model_path)
+        self.grammar = build_grammar_backend(cfg, self.config.vocab_size)
+        self.think_end_id = ids.think_end  # the grammar's gate under reasoning_first
         sampler = TokenSampler(ids)
         rules = StopRules(ids.eos)
         spec = cfg.spec

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from common.grammar.state import grammar_state_for
 from common.serving import metrics
 from common.serving.sampling_params import SamplingParams
 from common.transport.auth import PAIR_AUTH_KEY, PAIR_PROOF_KEY, AuthError
@@ -38,6 +39,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, req)
         w.streams.add(req)
         try:
+            try:  # compiled on the grammar pool: neither the event loop nor the engine waits for it
+                req.grammar = await grammar_state_for(w.grammar, req.params, w.think_end_id)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             await self._admit(req, context)
             async with aclosing(self._stream(req, context)) as chunks:  # its finally runs before ours
                 async for chunk in chunks:
@@ -154,7 +159,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
 def _chunk(ev: TokenEvent) -> worker_pb2.DecodeChunk:
     chunk = worker_pb2.DecodeChunk(token_ids=ev.token_ids, completion_tokens=ev.completion_tokens,
                                    spec_verify_steps=ev.spec_verify_steps,
-                                   spec_accepted_drafts=ev.spec_accepted_drafts)
+                                   spec_accepted_drafts=ev.spec_accepted_drafts, grammar_tokens=ev.grammar_tokens)
     for tok, lp, top in ev.logprobs:
         chunk.logprobs.add(token_id=tok, logprob=lp if lp is not None else 0.0,
                            top_ids=[t for t, _ in top], top_logprobs=[v for _, v in top])
@@ -171,4 +176,5 @@ def _finish_chunk(ev: FinishEvent, last: TokenEvent | None) -> worker_pb2.Decode
         return worker_pb2.DecodeChunk(finish=fin)
     return worker_pb2.DecodeChunk(finish=fin, completion_tokens=last.completion_tokens,
                                   spec_verify_steps=last.spec_verify_steps,
-                                  spec_accepted_drafts=last.spec_accepted_drafts)
+                                  spec_accepted_drafts=last.spec_accepted_drafts,
+                                  grammar_tokens=last.grammar_tokens)

@@ -62,7 +62,7 @@ class PlainStepper:
 
     def _row(self, req: DecodeReq) -> RowContext:
         think = self._think(req)  # the cached scan spares the budget a rescan of the whole history
-        return RowContext(req.params, req.prompt_ids, req.output_ids, think[0] if think else None)
+        return RowContext(req.params, req.prompt_ids, req.output_ids, think[0] if think else None, req.grammar)
 
     def _think(self, req: DecodeReq) -> tuple[ThinkState, int] | None:
         """(the request's thinking-budget scan over prompt + committed outputs, prompt length), advanced

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from common.grammar.state import GrammarState
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.prefix_index import PrefixCache
 from common.serving.sampling_params import SamplingParams
@@ -50,6 +51,8 @@ class PrefillJob:
     next_seq: int = 0  # next chunk sequence number on the transfer
     first_token: int | None = None
     first_logprob: float = 0.0
+    grammar: GrammarState | None = None  # structured output: the first token is sampled under its mask
+    grammar_applied: bool = False  # it was (the grammar was in force at output position 0)
     kv_bytes: int = 0
     compute_seconds: float = 0.0
     transfer_seconds: float = 0.0

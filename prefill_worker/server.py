@@ -16,6 +16,7 @@ from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
 from common.transport.base import TransferError, TransferStats
 from common.worker.args import WorkerConfig, add_worker_args, worker_main
 from common.worker.base import (
+    build_grammar_backend,
     build_runner,
     exit_when_broken,
     load_proto,
@@ -50,7 +51,10 @@ class PrefillWorkerApp:
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,
                                   on_stats=self._transfer_stats, ranks=self.ranks)
-        self.engine = PrefillEngine(self.runner, sched, TokenSampler(SpecialIds.from_model_dir(cfg.model_path)),
+        ids = SpecialIds.from_model_dir(cfg.model_path)
+        self.grammar = build_grammar_backend(cfg, self.config.vocab_size)
+        self.think_end_id = ids.think_end  # the grammar's gate under reasoning_first
+        self.engine = PrefillEngine(self.runner, sched, TokenSampler(ids),
                                     cfg.spec, layer_group, self.senders.fanout if self.ranks is not None else None)
         if self.ranks is not None:  # the followers pair with this worker's info
             self.ranks.mirror.publish(InfoPlan(self._info.SerializeToString()))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from common.grammar.state import grammar_state_for
 from common.runtime.step_plan import TPBroken
 from common.serving.sampling_params import SamplingParams
 from common.transport.base import TransferError
@@ -53,6 +54,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             params = SamplingParams.from_wire(request.sampling, vocab_size=app.config.vocab_size)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:  # compiled on the grammar pool: neither the event loop nor the engine waits for it
+            grammar = await grammar_state_for(app.grammar, params, app.think_end_id)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             sender = await app.senders.get(request.decode_address)
         except PairingError as e:
@@ -76,7 +81,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
         job = PrefillJob(request_id=request.request_id, transfer_id=request.transfer_id,
                          prompt_ids=list(request.input_ids), params=params, sender=sender, on_done=on_done,
-                         deadline=request.deadline_unix or None)
+                         deadline=request.deadline_unix or None, grammar=grammar)
         app.track(job)
         app.engine.submit(job)
         try:
@@ -94,7 +99,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
         return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
                                         kv_bytes=job.kv_bytes, transfer_seconds=job.transfer_seconds,
-                                        compute_seconds=job.compute_seconds, cached_tokens=job.cached_len)
+                                        compute_seconds=job.compute_seconds, cached_tokens=job.cached_len,
+                                        grammar_applied=job.grammar_applied)
 
     def _validate(self, request: worker_pb2.PrefillRequest) -> str | None:
         if not request.request_id:

@@ -145,9 +145,11 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         logits, hidden = runner.forward(batch, layer_hook=on_layer)
         finals = [c for c in chunks if c.is_final]
         if finals:
-            rows = self.sampler.sample(logits, [RowContext(c.job.params, c.job.prompt_ids, []) for c in finals])
+            rows = self.sampler.sample(logits, [RowContext(c.job.params, c.job.prompt_ids, [], grammar=c.job.grammar)
+                                                for c in finals])
             for c, row in zip(finals, rows):
                 c.job.first_token, c.job.first_logprob = row.token, (row.logprob or 0.0)
+                c.job.grammar_applied = c.job.grammar is not None and c.job.grammar.active()
         states = self._draft(chunks, batch, hidden) if self.spec.enabled else {}
         for n, c in enumerate(chunks):
             c.job.compute_seconds += time.perf_counter() - t0

@@ -27,9 +27,10 @@ COMMON_FOLDERS: dict[str, set[str]] = {
     "forward": {"kvcache"},                             # one forward's description and context
     "attention": {"forward", "ops"},
     "model": {"forward", "attention", "ops"},
-    "sampling": {"serving", "forward"},
+    "grammar": {"serving"},                             # structured output: backends, matcher state
+    "sampling": {"serving", "forward", "grammar", "ops"},
     "runtime": {"model", "attention", "forward", "kvcache", "ops", "sampling"},
-    "worker": {"serving", "model", "runtime", "transport", "sampling", "kvcache", "forward"},
+    "worker": {"serving", "model", "runtime", "transport", "sampling", "kvcache", "forward", "grammar"},
     "tools": {"serving", "model", "runtime", "sampling", "forward", "kvcache", "worker"},
 }
 

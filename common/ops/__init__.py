@@ -39,6 +39,7 @@ _TRITON_MODULE = {
     "silu_and_mul_quant_fp8": "triton_fp8",
     "fp8_linear": "cublas_fp8",
     "fp8_block_linear": "triton_fp8_gemm",
+    "apply_token_bitmask": "triton_bitmask",
 }
 
 _backend = "auto"
@@ -232,3 +233,7 @@ __all__ = [
     "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "set_backend",
     "silu_and_mul", "silu_and_mul_quant_fp8", "store_kv", "use_reference",
 ]
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    return resolve("apply_token_bitmask", logits.device)(logits, bitmask)

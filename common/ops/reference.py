@@ -403,3 +403,14 @@ def fp8_block_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,  # [R,V] float, modified in place
+    bitmask: torch.Tensor,  # [R,ceil(V/32)] int32: bit (id % 32) of word id // 32 = 1 keeps token id
+) -> torch.Tensor:
+    """Structured output: every logit whose bit is 0 becomes -inf (in place); returns `logits`."""
+    rows, vocab = logits.shape
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    keep = ((bitmask.to(torch.int32)[:, :, None] >> shifts) & 1).reshape(rows, -1)[:, :vocab]  # [R,V]
+    return logits.masked_fill_(keep.to(logits.device) == 0, float("-inf"))

@@ -20,16 +20,23 @@ Order inside `apply_processors` (each step only touches rows that use it):
   5. thinking budget, so a forced token always wins: every logit -inf, the forced one 0;
   6. forced prefix (tool_choice "required" / named), which only acts once reasoning is over, where
      the budget no longer does: every logit -inf but the allowed ones, which keep their values.
+Then, last so that nothing (logit_bias included) can revive a token it forbids, the grammar mask
+(structured output; `fill_grammar_bitmask`, applied by `TokenSampler.process`): -inf for every token
+the row's grammar does not allow next.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.serving.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from common.grammar.state import GrammarState
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,7 @@ class RowContext:
     prompt_ids: Sequence[int] | torch.Tensor
     output_ids: Sequence[int] | torch.Tensor
     think_state: ThinkState | None = None  # optional cache covering a prefix of prompt + output
+    grammar: GrammarState | None = None  # the request's structured-output state (params.grammar set)
 
 
 class ThinkingBudget:
@@ -180,6 +188,22 @@ def apply_processors(
     if forced is not None:
         forced.apply(logits, rows)
     return logits
+
+
+def fill_grammar_bitmask(bitmask: torch.Tensor, rows: Sequence[RowContext]) -> int:
+    """Write into bitmask[i] (int32 [R, ceil(V/32)] on the CPU, all ones on entry) the tokens row i's
+    grammar allows after the row's history, for every row whose request has a grammar; returns how
+    many rows the grammar constrained. A row whose request asks for a grammar but carries no compiled
+    state is an error, never an unconstrained row."""
+    by_request: dict[int, tuple[GrammarState, list[tuple[int, list[int]]]]] = {}
+    for i, r in enumerate(rows):
+        if r.params.grammar is None:
+            continue
+        if r.grammar is None:
+            raise RuntimeError(f"row {i} asks for a grammar ({r.params.grammar.kind}) but has no grammar state")
+        by_request.setdefault(id(r.grammar), (r.grammar, []))[1].append((i, _as_list(r.output_ids)))
+    # the rows of one request (EAGLE verify rows) in one walk over their shared path prefixes
+    return sum(state.fill_rows(bitmask, request_rows) for state, request_rows in by_request.values())
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:

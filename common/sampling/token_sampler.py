@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from common import ops
 from common.sampling.logit_processors import (
     ForcedPrefix,
     RowContext,
     ThinkingBudget,
     ThinkState,
     apply_processors,
+    fill_grammar_bitmask,
 )
 from common.sampling.sampler import SamplingTensors, sample, target_probs, uses_filter
 from common.serving.sampling_params import SamplingParams
@@ -63,13 +65,37 @@ class TokenSampler:
         self.budget = ids.thinking_budget()
         self.forced = ForcedPrefix(ids.think_end, ids.newline)
         self.generator = torch.Generator().manual_seed(seed)
+        self._mask_buf: torch.Tensor | None = None  # host grammar bitmask, reused across steps
 
     def process(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:
-        """Apply every row's processors in place; logits [R, V] fp32."""
+        """Apply every row's processors, then its grammar mask, in place; logits [R, V] fp32.
+
+        The grammar masks are filled on the host first, before anything here waits for the device,
+        so on CUDA the fill overlaps the forward that produces `logits`; the mask is applied last, so
+        nothing (logit_bias included) revives a token the grammar forbids."""
+        bitmask = self._grammar_bitmask(rows, logits.shape[1])
         needs_budget = any(r.params.thinking_budget is not None for r in rows)
         needs_forced = any(r.params.forced_prefix for r in rows)
-        return apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos,
-                                forced=self.forced if needs_forced else None)
+        apply_processors(logits, rows, self.budget if needs_budget else None, eos_token_ids=self.ids.eos,
+                         forced=self.forced if needs_forced else None)
+        if bitmask is not None:
+            ops.apply_token_bitmask(logits, bitmask.to(logits.device, non_blocking=True))
+        return logits
+
+    def _grammar_bitmask(self, rows: Sequence[RowContext], vocab: int) -> torch.Tensor | None:
+        """[R, ceil(V/32)] int32 masks of the rows (all ones where no grammar constrains), None when no
+        row is constrained. On CUDA the buffer is pinned and reused: every step reads its tokens back
+        (a sync) before the next step fills it again, so the previous copy out of it has finished."""
+        if not any(r.params.grammar is not None for r in rows):
+            return None
+        shape = (len(rows), (vocab + 31) // 32)
+        buf = self._mask_buf
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1] != shape[1]:
+            pin = torch.cuda.is_available()
+            buf = self._mask_buf = torch.empty((max(shape[0], 64), shape[1]), dtype=torch.int32, pin_memory=pin)
+        bitmask = buf[:shape[0]]
+        bitmask.fill_(-1)
+        return bitmask if fill_grammar_bitmask(bitmask, rows) else None
 
     def sample(self, logits: torch.Tensor, rows: Sequence[RowContext]) -> list[SampledRow]:
         """Process then sample one token per row (seeded rows use (seed, output position))."""
@@ -88,11 +114,12 @@ class TokenSampler:
                           think: tuple[ThinkState, int] | None = None) -> bool:
         """Whether any logit processor may change a row at output position `step` (output tokens
         before it) or later: penalties, logit bias, min_tokens not yet reached, a forced tool-call
-        prefix (reads the history until its answer began; counted for the whole request), the thinking
-        budget. The budget counts only where it may force a token: `think` = (the request's ThinkState
+        prefix (reads the history until its answer began; counted for the whole request), a grammar
+        (its mask is filled on the host from the request's matcher), the thinking budget. The budget counts only where it may force a token: `think` = (the request's ThinkState
         over what the host has seen, prompt length) lets a row far from its budget skip it; without
         it, it always counts."""
-        if params.has_penalties or params.logit_bias or step < params.min_tokens or params.forced_prefix:
+        if (params.has_penalties or params.logit_bias or step < params.min_tokens or params.forced_prefix
+                or params.grammar is not None):
             return True
         if params.thinking_budget is None or self.budget is None:
             return False

@@ -40,7 +40,8 @@ WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--transfer-timeout": True, "--kv-backend": True, "--speculative-algorithm": True,
     "--speculative-num-steps": True, "--speculative-eagle-topk": True, "--speculative-num-draft-tokens": True,
     "--speculative-draft-model-path": True,
-    "--cluster-secret": True, "--cluster-secret-file": True,
+    "--cluster-secret": True, "--cluster-secret-file": True, "--grammar-backend": True,
+    "--grammar-compile-timeout": True,
 }
 PREFILL: Mapping[str, bool] = {"--chunked-prefill-size": True, "--disagg-layer-group-size": True,
                                "--disable-radix-cache": False}

@@ -99,6 +99,12 @@ def spec_accept_length() -> Histogram:
                           buckets=_ACCEPT_BUCKETS)
 
 
+def grammar_compile_seconds() -> Histogram:
+    """Structured-output compiles (cache misses) by grammar kind and outcome ("ok", "error")."""
+    return _get_or_create(Histogram, "glmserve_grammar_compile_seconds", "Grammar compile time (cache misses)",
+                          ["kind", "outcome"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
 def prefix_cache_query_tokens_total() -> Counter:
     """Prompt tokens admitted by a prefill worker (the denominator of the token hit rate)."""
     return _get_or_create(Counter, "glmserve_prefix_cache_query_tokens_total", "Prompt tokens looked up in the prefix cache")

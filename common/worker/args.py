@@ -87,6 +87,12 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument("--cluster-secret", default=None,
                    help="the cluster secret itself (visible in the process list: prefer the file or the "
                         "environment variable)")
+    p.add_argument("--grammar-backend", default="xgrammar", choices=("xgrammar", "llguidance", "none"),
+                   help="structured-output engine (SGLang's flag); none: a request with a grammar is refused "
+                        "(INVALID_ARGUMENT), never served unconstrained")
+    p.add_argument("--grammar-compile-timeout", type=float, default=10.0,
+                   help="seconds a request waits for its grammar to compile before it fails (INVALID_ARGUMENT "
+                        "naming the grammar field); the compile finishes in the background and is cached")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
@@ -120,6 +126,8 @@ class WorkerConfig:
     spec: SpecConfig
     draft_model_path: str | None
     cluster_secret: bytes | None = field(default=None, repr=False)
+    grammar_backend: str = "xgrammar"  # xgrammar | llguidance | none (common/grammar)
+    grammar_compile_timeout: float = 10.0
 
     @property
     def address(self) -> str:
@@ -186,6 +194,8 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     if secret is None:
         warnings.append("no cluster secret (--cluster-secret-file or $GLMSERVE_CLUSTER_SECRET): KV pairing "
                         "is unauthenticated")
+    if ns.grammar_compile_timeout <= 0:
+        raise ValueError(f"--grammar-compile-timeout must be positive, got {ns.grammar_compile_timeout}")
     advertise = ns.advertise_host or (ns.host if ns.host not in ("0.0.0.0", "::") else socket.gethostname())
     cfg = WorkerConfig(
         role=role, model_path=model_path, host=ns.host, port=ns.port, advertise_host=advertise,
@@ -198,6 +208,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
         enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,
         draft_model_path=ns.speculative_draft_model_path, cluster_secret=secret,
+        grammar_backend=ns.grammar_backend, grammar_compile_timeout=ns.grammar_compile_timeout,
     )
     return cfg, warnings
 

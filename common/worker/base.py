@@ -7,9 +7,13 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from common.grammar.backend import GrammarBackend
+from common.grammar.factory import make_backend
+from common.grammar.vocab import GrammarVocab
 from common.model.config import CacheConfig
 from common.runtime.distributed import TPConfig
 from common.runtime.runner import ModelRunner, RunnerSpec
@@ -27,6 +31,21 @@ if TYPE_CHECKING:
     from common.serving.grpc_server import Health
 
 log = logging.getLogger(__name__)
+
+def build_grammar_backend(cfg: WorkerConfig, vocab_size: int) -> GrammarBackend | None:
+    """The structured-output backend of --grammar-backend over the model's tokenizer, sized to the
+    lm_head (`vocab_size`); None for "none" (constrained requests are then refused)."""
+    if cfg.grammar_backend == "none":
+        log.info("grammar backend: none (requests with a grammar get INVALID_ARGUMENT)")
+        return None
+    start = time.monotonic()
+    vocab = GrammarVocab.from_model_dir(cfg.model_path, vocab_size)
+    backend = make_backend(cfg.grammar_backend, vocab, compile_timeout=cfg.grammar_compile_timeout)
+    log.info("grammar backend: %s over %d tokens (%s vocabulary, end ids %s), ready in %.2f s, compile timeout %g s",
+             backend.name, vocab.vocab_size, vocab.kind, list(vocab.end_ids), time.monotonic() - start,
+             cfg.grammar_compile_timeout)
+    return backend
+
 
 def build_runner(cfg: WorkerConfig) -> tuple[ModelRunner, Ranks | None]:
     """This worker's runner; with --tp-size > 1 it is rank 0's and the followers run beside it

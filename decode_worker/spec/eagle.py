@@ -215,7 +215,7 @@ class EagleStepper:
             for j in range(N):
                 p = parents[j]
                 paths.append([] if p < 0 else paths[p] + [tokens[j]])
-                rows.append(RowContext(req.params, req.prompt_ids, req.output_ids + paths[j]))
+                rows.append(RowContext(req.params, req.prompt_ids, req.output_ids + paths[j], grammar=req.grammar))
         if len(active) == B:
             self.sampler.process(logits, rows)
             return

@@ -47,3 +47,18 @@ def test_tensor_parallel_flags(tmp_path: Path) -> None:
                                "gloo", "--dist-init-addr", "10.0.0.1:29500", "--base-gpu-id", "2"])
     cfg, _ = build_worker_config("decode", ns)
     assert (cfg.tp_size, cfg.tp_backend, cfg.dist_init_addr, cfg.base_gpu_id) == (4, "gloo", ("10.0.0.1", 29500), 2)
+
+
+def test_grammar_flags(tmp_path: Path) -> None:
+    base = ["--model-path", str(tmp_path), "--device", "cpu"]
+    cfg, _ = build_worker_config("decode", _parser().parse_args(base))
+    assert (cfg.grammar_backend, cfg.grammar_compile_timeout) == ("xgrammar", 10.0)
+    cfg, _ = build_worker_config("prefill", _parser().parse_args(
+        [*base, "--grammar-backend", "llguidance", "--grammar-compile-timeout", "2.5"]))
+    assert (cfg.grammar_backend, cfg.grammar_compile_timeout) == ("llguidance", 2.5)
+    cfg, _ = build_worker_config("decode", _parser().parse_args([*base, "--grammar-backend", "none"]))
+    assert cfg.grammar_backend == "none"
+    with pytest.raises(SystemExit):  # argparse refuses an unknown engine
+        _parser().parse_args([*base, "--grammar-backend", "outlines"])
+    with pytest.raises(ValueError, match=r"^--grammar-compile-timeout must be positive, got 0.0$"):
+        build_worker_config("decode", _parser().parse_args([*base, "--grammar-compile-timeout", "0"]))

@@ -1,0 +1,162 @@
+"""One request's grammar state: the backend matcher, the reasoning gate, and the request's stop ids.
+
+- Gate: with `reasoning_first` the reasoning is free text; the grammar starts after the first
+  `</think>` of the output. Otherwise it starts at the first output token.
+- Stops: the backend allows its end marker (the model's eos ids) exactly when the grammar accepts;
+  `fill` replaces it by the request's stop ids, so they are allowed whenever the grammar accepts (EOS
+  only then), and sampling one ends the request (the matcher is never fed a stop id).
+- Committed tokens are fed by `advance` (decode_worker.commit.commit_tokens); `fill` takes a row's
+  whole history (committed output + an EAGLE draft path beyond it), feeds the uncommitted part
+  temporarily and rolls it back, so every verify row of a draft tree gets the mask of its own path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from common.grammar.backend import (
+    CompiledGrammar,
+    GrammarBackend,
+    GrammarCompileError,
+    Matcher,
+    require_backend,
+)
+from common.serving.sampling_params import SamplingParams
+
+
+class GrammarState:
+    def __init__(self, matcher: Matcher, end_ids: Sequence[int], stop_ids: Sequence[int],
+                 gate_id: int | None) -> None:
+        """end_ids: the backend's end marker; stop_ids: the request's stop ids (its eos included unless
+        ignore_eos); gate_id: the `</think>` id when the output starts inside reasoning, else None."""
+        self.matcher = matcher
+        self.end_ids = tuple(end_ids)
+        self.stop_ids = frozenset(stop_ids)
+        self.gate_id = gate_id
+        self.start: int | None = 0 if gate_id is None else None  # output index where the grammar starts
+        self.fed = 0  # output tokens `advance` has seen
+        self.tokens = 0  # committed output tokens sampled under the grammar
+        self.stopped = False  # a stop id ended it
+        self.violation: str | None = None  # a committed token the grammar refused (never with the mask on)
+        # (word, bit) of the end ids, and of the ids allowed once the grammar accepts: the request's
+        # stop ids, or the end ids again when it has none (ignore_eos without stop ids)
+        self._end_bits = _word_bits(self.end_ids)
+        self._stop_bits_on = _word_bits(sorted(self.stop_ids) or self.end_ids)
+
+    @classmethod
+    def create(cls, backend: GrammarBackend, compiled: CompiledGrammar, stop_ids: Sequence[int],
+               reasoning_first: bool, think_end_id: int | None) -> GrammarState:
+        gate = think_end_id if reasoning_first else None
+        return cls(backend.matcher(compiled), backend.vocab.end_ids, stop_ids, gate)
+
+    def active(self) -> bool:
+        """Whether the next token after the committed output is sampled under the grammar."""
+        return self.start is not None and not self.stopped
+
+    def is_terminated(self) -> bool:
+        """A stop id (or, with no stop id of the request's own, the model's end id) ended the grammar."""
+        return self.stopped
+
+    def advance(self, output_ids: Sequence[int]) -> None:
+        """Feed the committed tokens not seen yet (output_ids[self.fed:])."""
+        for i in range(self.fed, len(output_ids)):
+            tok = int(output_ids[i])
+            if self.start is None:
+                if tok == self.gate_id:
+                    self.start = i + 1
+                continue
+            if self.stopped:
+                continue  # the request finished at the stop id: nothing after it is kept
+            self.tokens += 1
+            if tok in self.stop_ids or tok in self.end_ids:  # never fed to the matcher
+                self.stopped = True
+            elif not self.matcher.accept_token(tok) and self.violation is None:
+                self.violation = f"output token {tok} at position {i} is outside the grammar"
+        self.fed = len(output_ids)
+
+    def fill(self, bitmask: torch.Tensor, row: int, history: Sequence[int]) -> bool:
+        """Write into bitmask[row] the tokens allowed after `history` (the committed output, then
+        tokens beyond it). False, leaving the row alone, when the grammar does not constrain it: still
+        reasoning, stopped, or the extra tokens leave the grammar (a draft path no verify can accept)."""
+        return self.fill_rows(bitmask, [(row, history)]) == 1
+
+    def fill_rows(self, bitmask: torch.Tensor, rows: Sequence[tuple[int, Sequence[int]]]) -> int:
+        """`fill` for several rows of this request (an EAGLE tree's verify rows, parents before
+        children): the matcher walks from one row's path to the next through their common prefix,
+        rolling back only what differs, and back to the committed state at the end. Returns the number
+        of rows constrained."""
+        path: list[int] = []  # grammar tokens the matcher holds beyond the committed state
+        words = bitmask.numpy().view(np.uint32)  # one view for the stop-bit fix-ups (torch scalar indexing is slow)
+        n = 0
+        try:
+            for row, history in rows:
+                want = self._grammar_path(history)
+                if want is None:
+                    continue
+                common = 0
+                while common < min(len(path), len(want)) and path[common] == want[common]:
+                    common += 1
+                if len(path) > common:
+                    self.matcher.rollback(len(path) - common)
+                    del path[common:]
+                ok = True
+                for tok in want[common:]:
+                    if tok in self.stop_ids or tok in self.end_ids or not self.matcher.accept_token(tok):
+                        ok = False
+                        break
+                    path.append(tok)
+                if ok:
+                    self.matcher.fill_bitmask(bitmask, row)
+                    self._stop_bits(memoryview(words[row]))
+                    n += 1
+        finally:
+            self.matcher.rollback(len(path))
+        return n
+
+    def _grammar_path(self, history: Sequence[int]) -> list[int] | None:
+        """The tokens of `history` past the committed output that the grammar reads (those after the
+        gate when it is crossed there); None when the row is not under the grammar."""
+        if self.stopped:
+            return None
+        extra = [int(t) for t in history[self.fed:]]
+        if self.start is not None:
+            return extra
+        if self.gate_id in extra:
+            return extra[extra.index(self.gate_id) + 1:]
+        return None
+
+    def _stop_bits(self, words: memoryview) -> None:
+        """One row's words (a uint32 memoryview: plain Python ints, no numpy/torch scalar cost): the
+        end ids give way to the request's stop ids."""
+        accepting = any(words[w] & b for w, b in self._end_bits)
+        for w, b in self._end_bits:
+            words[w] &= ~b & 0xFFFFFFFF
+        if accepting:
+            for w, b in self._stop_bits_on:
+                words[w] |= b
+
+
+def _word_bits(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(word, OR of the bits of `ids` in it) for each word the ids fall in."""
+    masks: dict[int, int] = {}
+    for t in ids:
+        masks[int(t) // 32] = masks.get(int(t) // 32, 0) | (1 << (int(t) % 32))
+    return list(masks.items())
+
+
+async def grammar_state_for(backend: GrammarBackend | None, params: SamplingParams,
+                            think_end_id: int | None) -> GrammarState | None:
+    """The request's GrammarState, its grammar compiled off the event loop (None without a grammar).
+    Raises SamplingError (INVALID_ARGUMENT naming the field) when the worker has no backend, the
+    grammar does not compile, or it compiles too slowly."""
+    if params.grammar is None:
+        return None
+    b = require_backend(backend, params.grammar)
+    compiled = await b.compile_async(params.grammar)
+    try:
+        return GrammarState.create(b, compiled, params.stop_token_ids, params.reasoning_first, think_end_id)
+    except Exception as e:  # noqa: BLE001 - a matcher the engine refuses to build: still the client's grammar
+        raise GrammarCompileError(params.grammar.kind, str(e).strip().splitlines()[0][:500]) from None
