@@ -56,7 +56,7 @@ class Sink:
         self.expected: dict[int, list[int]] = {}
         self.withdrawn: list[int] = []
 
-    def expect(self, transfer_id: int, pages: list[int]) -> None:
+    def expect(self, transfer_id: int, pages: list[int], cached_tokens: int = 0) -> None:
         self.expected[transfer_id] = list(pages)
 
     def withdraw(self, transfer_id: int) -> None:
