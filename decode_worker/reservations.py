@@ -100,4 +100,4 @@ class Reservations:
                 self._waiters.pop(transfer_id, None)
 
 
-__all__ = ["ReservationSink", "Reserved", "Reservations"]
+__all__ = ["ReservationSink", "Reservations", "Reserved"]

@@ -33,7 +33,7 @@ from decode_worker.deadlines import expire_deadlines
 from decode_worker.messages import Abort, DecodeMsg, Flush, KvFailed, KvReady, Submit
 from decode_worker.output import Output, report_load
 from decode_worker.overlap import LaunchedStep, wants_token
-from decode_worker.reservations import Reserved, Reservations
+from decode_worker.reservations import Reservations, Reserved
 from decode_worker.scheduler import DecodeReq, ReqState, Scheduler
 from decode_worker.stepper import LaunchingStepper, Stepper
 

@@ -285,7 +285,7 @@ def test_page_states_under_random_traffic(data, eagle: bool, step_slots: int) ->
             sched.cache.flush()
 
         sched.cache.check()
-        for key, page in sched.cache._index.items():
+        for page in sched.cache._index.values():
             assert tuple(content[page]) == sched.cache._records[page].tokens, "a keyed page holds other KV"
         for r in live:
             assert len(set(r.pages)) == len(r.pages)
@@ -294,7 +294,7 @@ def test_page_states_under_random_traffic(data, eagle: bool, step_slots: int) ->
             for p in range(min(r.kv_len, len(s)) if r.pages else 0):  # a retracted one holds nothing
                 assert content[r.pages[p // PS]][p % PS] == s[p], "a page in use lost its KV"
 
-    for r in list(live):
+    for r in live:
         sched.release(r)
     for f in fences:
         sched.lift_fence(f)

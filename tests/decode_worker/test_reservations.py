@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from decode_worker.reservations import Reserved, Reservations
+from decode_worker.reservations import Reservations, Reserved
 
 
 class Sink:
