@@ -41,6 +41,9 @@ def test_multi_turn_reuses_the_prompt_pages_and_matches_the_reference(launch, ti
         assert got.tokens == reference.greedy(ids, 10), f"a {len(ids)}-token turn diverged"
         assert got.usage.cached_tokens == (cached if cache else 0)
     assert out == reference.greedy(first, 8)
+    # the decode worker now holds 3 pages of `second` and all but 2 tokens: it computes them itself
+    got = generate(stub, second, max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert got.tokens == reference.greedy(second, 4) and got.usage.cached_tokens == (3 * PAGE if cache else 0)
     client = openai.OpenAI(base_url=cluster.http_base_url, api_key="EMPTY", max_retries=0)
     again = client.completions.create(model="glm-tiny", prompt=second, max_tokens=4, temperature=0,
                                       extra_body={"ignore_eos": True})
