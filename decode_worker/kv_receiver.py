@@ -5,7 +5,7 @@ it before it frees those pages. Chunks are scattered under the same lock, so a c
 after an abort is dropped instead of writing into pages that may already belong to someone else.
 The leading pages a reservation took from the prefix cache may be shared with other requests: a
 chunk's tokens before the reservation's `cached_tokens` are cut off, never written (a prefill
-worker sends none; this guards against one that does).
+worker sends none; this guards against one that does). TP followers are told the same count.
 
 Under tensor parallelism this is rank 0's sink: it holds rank 0's kv heads, tells the followers
 each reservation and withdrawal (common/worker/tp_kv.py), and the request's KV is ready only when
@@ -28,7 +28,7 @@ from common.transport.aux import AuxRecord
 from common.transport.base import TransferStats
 from common.transport.receiver import RankLayout, ReservationTable
 from common.worker.ranks import Ranks
-from common.worker.tp_kv import KV_FAILED, KV_LANDED, KvExpectPlan, KvWithdrawPlan, read_landed
+from common.worker.tp_kv import KV_FAILED, KV_LANDED, KvExpectPlan, KvWithdrawPlan, read_landed, skip_held
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class PageSink:
         self.ranks = ranks
         self._lock = threading.Lock()
         self._pages: dict[int, list[int]] = {}
-        self._floor: dict[int, int] = {}  # transfer -> first token it may write (after the cached pages)
+        self._floor: dict[int, int] = {}  # transfer -> its leading cached tokens (never written)
         self._landing: dict[int, _Landing] = {}
         layout = RankLayout(kv_heads, ranks.tp.size if ranks is not None else 1, 0) if kv_heads else None
         # the transport's view of reservations: fails a reserved transfer that sees no chunk in time
@@ -75,7 +75,7 @@ class PageSink:
             if self.ranks is not None:
                 self._landing[transfer_id] = _Landing(set(range(self.ranks.tp.size)))
         if self.ranks is not None:  # before the prefill side may send: the followers reserve too
-            self.ranks.mirror.publish(KvExpectPlan(transfer_id, tuple(pages)))
+            self.ranks.mirror.publish(KvExpectPlan(transfer_id, tuple(pages), cached_tokens))
         self.table.reserve(transfer_id)
 
     def withdraw(self, transfer_id: int) -> None:
@@ -96,12 +96,9 @@ class PageSink:
             if pages is None:
                 log.info("chunk %d of withdrawn transfer %d dropped", seq, transfer_id)
                 return
-            cut = self._floor.get(transfer_id, 0) - tokens[0]
-            if cut >= tokens[1] - tokens[0]:
-                return
-            if cut > 0:  # tokens this worker already holds, in pages it may share
-                payload, tokens = payload[:, :, cut:], (tokens[0] + cut, tokens[1])
-            self.pool.scatter_tokens(layers, pages, tokens[0], payload, heads[0])  # rank 0's heads start at 0
+            rest = skip_held(self._floor.get(transfer_id, 0), tokens, payload)
+            if rest is not None:  # rank 0's heads start at 0
+                self.pool.scatter_tokens(layers, pages, rest[0][0], rest[1], heads[0])  # rank 0's heads start at 0
 
     def on_last(self, transfer_id: int, aux: bytes) -> None:
         with self._lock:

@@ -32,3 +32,13 @@ def test_chunks_never_write_the_tokens_the_reservation_holds_from_the_cache() ->
         assert torch.equal(pool.gather_tokens((0, 2), pages, 12), payload)
     finally:
         sink.table.close()
+
+
+def test_tp_followers_learn_the_cached_tokens_with_the_reservation() -> None:
+    from common.worker.tp_kv import KvExpectPlan, skip_held
+
+    plan = KvExpectPlan(7, (3, 5, 6), cached_tokens=8)
+    assert KvExpectPlan.from_body(plan.kind, plan.body()) == plan
+    payload = torch.zeros(1, 2, 6, 1, 2)
+    assert skip_held(8, (4, 10), payload)[0] == (8, 10) and skip_held(8, (4, 10), payload)[1].shape[2] == 2
+    assert skip_held(8, (2, 8), payload) is None and skip_held(0, (0, 6), payload)[1] is payload
