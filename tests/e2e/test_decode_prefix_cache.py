@@ -1,5 +1,6 @@
 """The decode worker's prefix cache through real processes (EAGLE on, the prefill worker's own cache
-off so every cached token reported is the decode side's).
+off so every cached token reported is the decode side's), and a soak of concurrent conversations
+with cancellations on a decode pool too small for them all.
 
 A conversation whose next prompt is the previous prompt + its output + new text finds the output's
 pages on the decode worker: the prefill worker sends only the KV after them; a short uncached suffix
@@ -10,8 +11,11 @@ it all; every page comes back."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 import urllib.request
+
+import grpc
 
 from common.serving.sampling_params import SamplingParams
 from common.tools.launch import free_ports
@@ -78,4 +82,46 @@ def test_turns_reuse_decode_pages_compute_short_suffixes_there_and_match_the_ref
     freed = worker_stub(cluster.decode_ports[0], "decode").FlushCache(worker_pb2.FlushCacheRequest(), timeout=10)
     assert freed.pages_freed > 0
     turn(second, 4, 0)  # nothing held any more
+    assert wait_pages_free(cluster, before) == before, "KV pages leaked"
+
+
+def test_concurrent_conversations_with_cancellations_on_a_small_pool_leak_nothing(launch, tiny_model_dir,
+                                                                                  reference):
+    """Three conversations of four turns at once on a decode worker of 12 pages (each conversation
+    grows to about 6, a cancelled turn more): requests queue for memory, cached pages are evicted
+    and running ones retracted while others hold theirs; every turn that was not cancelled gives the
+    reference tokens; at the end every page is free or idle in the cache."""
+    (metrics_port,) = free_ports(1)
+    cluster = launch(tiny_model_dir, extra_decode_args=["--num-pages", "13", "--metrics-port", str(metrics_port)])
+    stub = gateway(cluster)
+    before = free_pages(cluster)
+    failures: list[str] = []
+
+    def conversation(seed: int) -> None:
+        rng = random.Random(seed)
+        ids = [rng.randrange(700) for _ in range(20)]
+        for turn in range(4):
+            try:
+                if turn == 1 + seed % 3:  # one turn per conversation is cancelled mid-flight
+                    generate(stub, ids, max_tokens=200, temperature=0.0, ignore_eos=True, timeout=0.3)
+                    continue
+                got = generate(stub, ids, max_tokens=12, temperature=0.0, ignore_eos=True).tokens
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    failures.append(f"conversation {seed} turn {turn}: {e.code()} {e.details()}")
+                continue
+            if got != reference.greedy(ids, 12):
+                failures.append(f"conversation {seed} turn {turn} diverged")
+            ids = ids + got + [rng.randrange(700) for _ in range(6)]
+
+    threads = [threading.Thread(target=conversation, args=(seed,)) for seed in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    def seen(name: str) -> float:
+        return decode_metric(metrics_port, f"glmserve_decode_prefix_cache_{name}_total", -1, timeout=0)
+
+    assert seen("hit_tokens") > 0 and seen("local_prefills") > 0  # evictions depend on the timing
     assert wait_pages_free(cluster, before) == before, "KV pages leaked"
