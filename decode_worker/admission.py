@@ -1,8 +1,12 @@
 """How requests enter the decode engine, and leave it before they run: the handlers of the engine's
 messages (decode_worker/messages.py) and the admission of queued requests into reserved pages.
 
-    Submit -> queued for memory -> admit: pages held, reservation marked -> KvReady: first token
-    committed, ready to batch.    Abort / KvFailed / the deadline fail it at any point.
+    Submit -> queued for memory -> admit: pages held (cached prefix + new), reservation marked
+    -> KvReady: first token committed, ready to batch.    Abort / KvFailed / the deadline fail it
+    at any point.
+    A request whose short uncached suffix is computed here (scheduler `local` queue) is reserved
+    with decode_computes (the prefill worker sends nothing), then `prefill_local` runs its suffix and
+    samples its first token on this engine.
 
 Engine thread only.
 """
@@ -33,8 +37,25 @@ class Admission:
     def admit(self) -> None:
         """Give queued requests their pages (FIFO) and mark their transfers reserved."""
         for req in self.sched.admit():
-            if not req.needs_recompute:  # a resumed request's KV is rebuilt locally
-                self.reservations.reserve(req.transfer_id, req.pages)
+            if req.needs_recompute:  # a resumed request's KV is rebuilt locally
+                continue
+            if req.local_prefill:
+                continue  # no prefill leg: nobody waits for a reservation
+            self.reservations.reserve(req.transfer_id, req.pages, req.cached_len, req.computes_here)
+
+    def prefill_local(self) -> None:
+        """Compute the uncached prompt suffix of every request of the `local` queue and commit its
+        first token (the device must be idle: no launched step in flight)."""
+        while self.sched.local:
+            req = self.sched.local[0]
+            try:
+                self.stepper.prefill_local(req)
+            except Exception as e:  # noqa: BLE001 - logged there: fails this request, not the process
+                self.out.step_failed([req], e)
+                continue
+            self.sched.prefilled_here(req)
+            if req.finish is not None:  # the first token already ended it (eos, max_tokens=1)
+                self.out.emit(req)
 
     def on_submit(self, msg: Submit) -> None:
         try:

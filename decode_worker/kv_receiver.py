@@ -3,6 +3,9 @@
 The engine registers a reservation (transfer id -> pages) when it admits a request and withdraws
 it before it frees those pages. Chunks are scattered under the same lock, so a chunk that arrives
 after an abort is dropped instead of writing into pages that may already belong to someone else.
+The leading pages a reservation took from the prefix cache may be shared with other requests: a
+chunk's tokens before the reservation's `cached_tokens` are cut off, never written (a prefill
+worker sends none; this guards against one that does). TP followers are told the same count.
 
 Under tensor parallelism this is rank 0's sink: it holds rank 0's kv heads, tells the followers
 each reservation and withdrawal (common/worker/tp_kv.py), and the request's KV is ready only when
@@ -25,7 +28,7 @@ from common.transport.aux import AuxRecord
 from common.transport.base import TransferStats
 from common.transport.receiver import RankLayout, ReservationTable
 from common.worker.ranks import Ranks
-from common.worker.tp_kv import KV_FAILED, KV_LANDED, KvExpectPlan, KvWithdrawPlan, read_landed
+from common.worker.tp_kv import KV_FAILED, KV_LANDED, KvExpectPlan, KvWithdrawPlan, read_landed, skip_held
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class PageSink:
         self.ranks = ranks
         self._lock = threading.Lock()
         self._pages: dict[int, list[int]] = {}
+        self._floor: dict[int, int] = {}  # transfer -> its leading cached tokens (never written)
         self._landing: dict[int, _Landing] = {}
         layout = RankLayout(kv_heads, ranks.tp.size if ranks is not None else 1, 0) if kv_heads else None
         # the transport's view of reservations: fails a reserved transfer that sees no chunk in time
@@ -64,18 +68,20 @@ class PageSink:
             ranks.on_report(KV_FAILED, self._follower_failed)
 
     # ------------------------------------------------------------------ engine side
-    def expect(self, transfer_id: int, pages: list[int]) -> None:
+    def expect(self, transfer_id: int, pages: list[int], cached_tokens: int = 0) -> None:
         with self._lock:
             self._pages[transfer_id] = pages
+            self._floor[transfer_id] = cached_tokens
             if self.ranks is not None:
                 self._landing[transfer_id] = _Landing(set(range(self.ranks.tp.size)))
         if self.ranks is not None:  # before the prefill side may send: the followers reserve too
-            self.ranks.mirror.publish(KvExpectPlan(transfer_id, tuple(pages)))
+            self.ranks.mirror.publish(KvExpectPlan(transfer_id, tuple(pages), cached_tokens))
         self.table.reserve(transfer_id)
 
     def withdraw(self, transfer_id: int) -> None:
         with self._lock:
             known = self._pages.pop(transfer_id, None) is not None
+            self._floor.pop(transfer_id, None)
             landing = self._landing.pop(transfer_id, None)
         if self.ranks is not None and (known or landing is not None):
             self.ranks.mirror.publish(KvWithdrawPlan(transfer_id))
@@ -90,11 +96,14 @@ class PageSink:
             if pages is None:
                 log.info("chunk %d of withdrawn transfer %d dropped", seq, transfer_id)
                 return
-            self.pool.scatter_tokens(layers, pages, tokens[0], payload, heads[0])  # rank 0's heads start at 0
+            rest = skip_held(self._floor.get(transfer_id, 0), tokens, payload)
+            if rest is not None:  # rank 0's heads start at 0
+                self.pool.scatter_tokens(layers, pages, rest[0][0], rest[1], heads[0])  # rank 0's heads start at 0
 
     def on_last(self, transfer_id: int, aux: bytes) -> None:
         with self._lock:
             known = self._pages.pop(transfer_id, None) is not None
+            self._floor.pop(transfer_id, None)
         if not known:
             return
         if self.ranks is None:

@@ -1,11 +1,12 @@
 """What other threads tell the decode engine thread (besides common/worker/messages.py's Wake and Stop).
 
-Posted by the gRPC handlers (Submit, Abort) and the KV receiver threads (KvReady, KvFailed); each has
+Posted by the gRPC handlers (Submit, Abort, Flush) and the KV receiver threads (KvReady, KvFailed); each has
 one handler on decode_worker.worker.DecodeEngine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from common.transport.aux import AuxRecord
@@ -46,6 +47,13 @@ class KvFailed:
     reason: str
 
 
-DecodeMsg = Submit | Abort | KvReady | KvFailed
+@dataclass(frozen=True)
+class Flush:
+    """Forget the prefix cache; `reply` gets the number of pages freed (engine thread)."""
 
-__all__ = ["Abort", "DecodeMsg", "KvFailed", "KvReady", "Submit"]
+    reply: Callable[[int], None]
+
+
+DecodeMsg = Submit | Abort | KvReady | KvFailed | Flush
+
+__all__ = ["Abort", "DecodeMsg", "Flush", "KvFailed", "KvReady", "Submit"]

@@ -100,9 +100,10 @@ class Output:
         for req in reqs:
             self.emit(req)
 
-    def fail(self, req: DecodeReq, code: str, message: str) -> None:
-        """End the request with an ErrorEvent; `code` is a grpc.StatusCode name."""
-        self._release(req)
+    def fail(self, req: DecodeReq, code: str, message: str, keep_kv: bool = True) -> None:
+        """End the request with an ErrorEvent; `code` is a grpc.StatusCode name. keep_kv: the KV it
+        wrote is sound (a cancellation, a deadline) and may stay in the prefix cache."""
+        self._release(req, keep_kv)
         req.channel.put(ErrorEvent(code, message))
         metrics.errors_total().labels(code=code).inc()
 
@@ -112,11 +113,11 @@ class Output:
         log.exception("decode step failed")
         code = "UNAVAILABLE" if isinstance(error, TPBroken) else "INTERNAL"
         for req in reqs:
-            self.fail(req, code, f"decode step failed: {error}")
+            self.fail(req, code, f"decode step failed: {error}", keep_kv=False)
 
-    def _release(self, req: DecodeReq) -> None:
+    def _release(self, req: DecodeReq, keep_kv: bool = True) -> None:
         self.reservations.release(req.transfer_id)
-        self.sched.release(req)
+        self.sched.release(req, keep_kv)
 
 
 def report_load(load: WorkerLoadFigures) -> None:

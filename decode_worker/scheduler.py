@@ -1,7 +1,16 @@
 """Decode-side admission and continuous batching.
 
 Life of a request:  WAITING_MEMORY --pages reserved--> WAITING_KV --KV + aux arrived--> RUNNING
-                    --finished/aborted--> DONE (pages freed).
+                    --finished/aborted--> DONE (pages released).
+
+Prefix cache (common/kvcache/prefix_index.py, off with --disable-radix-cache): admission first
+takes the pages of the longest cached prefix of the prompt (`cached_len` tokens, whole pages; the
+prefill worker then sends only the KV after it) and allocates the rest. When a request ends, the
+pages wholly inside the KV it wrote -- prompt and output -- are keyed before its references drop,
+so a later turn that repeats the conversation finds them. A request whose uncached suffix is at
+most `local_prefill_tokens` (or that came with `local_prefill`) computes the suffix here
+(`local` queue) instead of receiving it. Pages of a transfer still arriving are never keyed: a
+request's KV counts only from kv_len, set when the whole transfer (or the local prefill) is in.
 A running request that cannot grow its pages mid-generation is *retracted*: its pages are freed,
 its committed tokens kept, and it waits at the head of the memory queue; on re-admission the
 engine recomputes its KV locally (the decode worker holds the whole model). Nothing another
@@ -25,6 +34,7 @@ from enum import Enum
 
 from common.grammar.state import GrammarState
 from common.kvcache.allocator import PageAllocator
+from common.kvcache.prefix_index import PrefixCache
 from common.runtime.draft import DraftState
 from common.sampling.logit_processors import ThinkState
 from common.serving.sampling_params import SamplingParams
@@ -65,6 +75,10 @@ class DecodeReq:
     finish: FinishEvent | None = None
     think_state: ThinkState | None = None  # thinking-budget scan of prompt + committed outputs (a cache)
     grammar: GrammarState | None = None  # structured output: matcher fed with the committed outputs
+    local_prefill: bool = False  # no prefill leg: this worker computes what its cache lacks
+    page_keys: list[bytes] = field(default_factory=list)  # keys of the leading pages matched or committed
+    cached_len: int = 0  # leading tokens whose KV came from this worker's prefix cache at admission
+    computes_here: bool = False  # the uncached prompt suffix is computed on this worker
 
     @property
     def pending(self) -> int:
@@ -75,11 +89,25 @@ class DecodeReq:
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
+    def history(self) -> list[int]:
+        """The tokens whose KV the request needs before its next step: the prompt, or for a retracted
+        request the prompt and every committed output but the pending one."""
+        return self.prompt_ids + self.output_ids[:-1] if self.needs_recompute else self.prompt_ids
+
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, page_size: int, max_running: int,
-                 max_queued: int, step_slots: int) -> None:
+                 max_queued: int, step_slots: int, cache: PrefixCache | None = None,
+                 local_prefill_tokens: int = 0) -> None:
+        """cache: the prefix cache over `allocator` (None: none); local_prefill_tokens: compute an
+        uncached suffix of at most this many tokens here when some prefix is cached (0: never)."""
         self.allocator = allocator
+        self.cache = cache if cache is not None else PrefixCache(allocator, page_size, enabled=False)
+        self.local_prefill_tokens = local_prefill_tokens
+        self.local: deque[DecodeReq] = deque()  # pages held, prompt suffix to compute here
+        self.query_tokens = 0  # prompt tokens matched against the cache since start
+        self.hit_tokens = 0  # of them, found cached
+        self.local_prefills = 0  # requests whose suffix was computed here since start
         self.page_size = page_size
         self.max_running = max_running
         self.max_queued = max_queued
@@ -113,19 +141,36 @@ class Scheduler:
         admitted = []
         while self.waiting_memory:
             req = self.waiting_memory[0]
-            slots = (req.kv_len if req.needs_recompute else req.prompt_len) + self.step_slots
-            pages = self.allocator.alloc(self.pages_for(slots))
+            history = req.history()
+            hit = self.cache.match(history)  # referenced first, so the allocation cannot evict them
+            pages = self.cache.alloc(self.pages_for(len(history) + self.step_slots) - len(hit.pages))
             if pages is None:
+                self.cache.release(hit.pages)
                 break
             self.waiting_memory.popleft()
-            req.pages = pages
+            req.pages, req.page_keys = hit.pages + pages, hit.keys
+            req.cached_len = len(hit.pages) * self.page_size
             if req.needs_recompute:
                 self.ready.append(req)
             else:
+                self.query_tokens += req.prompt_len
+                self.hit_tokens += req.cached_len
                 req.state = ReqState.WAITING_KV
-                self.waiting_kv[req.transfer_id] = req
+                suffix = req.prompt_len - req.cached_len
+                req.computes_here = req.local_prefill or 0 < req.cached_len and suffix <= self.local_prefill_tokens
+                if req.computes_here:
+                    self.local_prefills += 1
+                    self.local.append(req)
+                else:
+                    self.waiting_kv[req.transfer_id] = req
             admitted.append(req)
         return admitted
+
+    def prefilled_here(self, req: DecodeReq) -> None:
+        """A request of the `local` queue has its prompt KV and first token: ready to batch."""
+        if req in self.local:
+            self.local.remove(req)
+            self.ready.append(req)
 
     def kv_arrived(self, req: DecodeReq) -> None:
         if self.waiting_kv.pop(req.transfer_id, None) is req:
@@ -149,7 +194,7 @@ class Scheduler:
                 continue
             need = self.pages_for(req.kv_len + self.step_slots) - len(req.pages)
             while need > 0:
-                pages = self.allocator.alloc(need)
+                pages = self.cache.alloc(need)
                 if pages is not None:
                     req.pages.extend(pages)
                     break
@@ -163,30 +208,42 @@ class Scheduler:
     def can_grow(self, reqs: Iterable[DecodeReq]) -> bool:
         """Whether grow(reqs) finds every page it needs without retracting anyone."""
         need = sum(max(0, self.pages_for(r.kv_len + self.step_slots) - len(r.pages)) for r in reqs)
-        return need <= self.allocator.num_free
+        return need <= self.cache.num_free
 
     def _retract(self, req: DecodeReq) -> None:
         assert self._fence is None, "retraction while a launched step may still write the pages"
-        self.allocator.free(req.pages)
-        req.pages = []
+        self._keep(req)  # its own pages may come back from the cache on re-admission
+        self.cache.release(req.pages)
+        req.pages, req.page_keys = [], []
         req.draft = None
         req.needs_recompute = True
         req.state = ReqState.WAITING_MEMORY
         self.running.remove(req)
         self.waiting_memory.appendleft(req)
 
-    def release(self, req: DecodeReq) -> None:
-        """Finish or abort: free pages (park them while a fence is up) and forget the request (idempotent)."""
+    def _keep(self, req: DecodeReq) -> None:
+        """Key the request's pages wholly inside the KV it has written (prompt and outputs), each with
+        the token after it as its successor (unknown past the last committed token)."""
+        if req.pages and req.kv_len and not req.needs_recompute:
+            seq = req.prompt_ids + req.output_ids
+            self.cache.commit(req.pages, req.page_keys, seq, min(req.kv_len, len(seq)))
+
+    def release(self, req: DecodeReq, keep: bool = True) -> None:
+        """Finish or abort: key the pages of the KV it wrote (unless `keep` is False: a failed step may
+        have left it wrong), drop its page references (park them while a fence is up) and forget the
+        request (idempotent)."""
         if req.state is ReqState.DONE:
             return
         if req.pages:
+            if keep:
+                self._keep(req)
             if self._fence is not None:
                 self._fence.extend(req.pages)
             else:
-                self.allocator.free(req.pages)
-            req.pages = []
+                self.cache.release(req.pages)
+            req.pages, req.page_keys = [], []
         self.waiting_kv.pop(req.transfer_id, None)
-        for q in (self.waiting_memory, self.ready):
+        for q in (self.waiting_memory, self.ready, self.local):
             if req in q:
                 q.remove(req)
         if req in self.running:
@@ -206,16 +263,16 @@ class Scheduler:
         if no newer step was launched since)."""
         if self._fence is fence:
             self._fence = None
-        self.allocator.free(fence)
+        self.cache.release(fence)
         fence.clear()
 
     # ------------------------------------------------------------------ load report
     @property
     def busy(self) -> bool:
         """Requests with KV in hand: the engine must step them."""
-        return bool(self.running or self.ready)
+        return bool(self.running or self.ready or self.local)
 
     def load(self) -> WorkerLoadFigures:
         return WorkerLoadFigures(running=len(self.running), queued=len(self.waiting_memory),
-                                 waiting_for_kv=len(self.waiting_kv) + len(self.ready),
-                                 free_pages=self.allocator.num_free, total_pages=self.allocator.num_total)
+                                 waiting_for_kv=len(self.waiting_kv) + len(self.ready) + len(self.local),
+                                 free_pages=self.cache.num_free, total_pages=self.allocator.num_total)

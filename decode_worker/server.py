@@ -12,7 +12,9 @@ import concurrent.futures
 import logging
 import time
 
+from common.kvcache.prefix_index import PrefixCache
 from common.sampling.token_sampler import SpecialIds, TokenSampler
+from common.serving.cache_events import CacheEvents
 from common.serving.grpc_server import make_server, serve_until_signal
 from common.serving.launch_flags import HelpFormatter, accept_foreign_flags
 from common.transport.base import PairEndpoint
@@ -42,16 +44,31 @@ from protos import worker_pb2, worker_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE = "glmserve.worker.v1.DecodeWorker"
 STALL_LIMIT_S = 30.0
+# an uncached prompt suffix this short is computed on the decode worker: an extend of a page or two
+# costs about one decode step of the batch (both read every weight once), far less than a prefill
+# round trip and a KV transfer
+LOCAL_PREFILL_TOKENS = 32
 
 
 class DecodeWorkerApp:
-    def __init__(self, cfg: WorkerConfig, max_running: int, cuda_graph_bs: int = 0, overlap: bool = True) -> None:
+    def __init__(self, cfg: WorkerConfig, max_running: int, cuda_graph_bs: int = 0, overlap: bool = True,
+                 prefix_cache: bool = True, local_prefill_tokens: int = LOCAL_PREFILL_TOKENS) -> None:
         """cuda_graph_bs > 0: capture the plain decode step's CUDA graphs up to that batch size.
         overlap: launch each plain decode step before committing the previous one (CUDA only: on CPU
-        the launched step runs synchronously, so overlapping would only delay every token)."""
+        the launched step runs synchronously, so overlapping would only delay every token).
+        prefix_cache: keep finished requests' prompt and output pages for reuse; local_prefill_tokens:
+        compute an uncached prompt suffix up to this long here (0: never; needs the prefix cache)."""
         self.cfg = cfg
         self.runner, self.ranks = build_runner(cfg)
         self.config = self.runner.config
+        self._info = info = worker_info(cfg, self.runner, self.ranks)
+        # the same key chain as the prefill worker's, so both index the same pages under the same keys
+        namespace = f"{info.model_fingerprint}/{info.dtype}/{info.page_size}/{info.num_layers}"
+        self.cache = PrefixCache(self.runner.allocator, cfg.page_size, enabled=prefix_cache,
+                                 check_successor=cfg.spec.enabled, namespace=namespace)
+        self.cache_events = CacheEvents(cfg.page_size, namespace) if prefix_cache else None  # WatchCache
+        if self.cache_events is not None:
+            self.cache.subscribe(self.cache_events.listener)
         ids = SpecialIds.from_model_dir(cfg.model_path)
         self.grammar = build_grammar_backend(cfg, self.config.vocab_size)
         self.think_end_id = ids.think_end  # the grammar's gate under reasoning_first
@@ -65,7 +82,8 @@ class DecodeWorkerApp:
             step_slots, stepper = 1, PlainStepper(self.runner, sampler, rules)
         if cuda_graph_bs > 0:  # plain decode graphs, or EAGLE's verify + draft-step graphs
             self._capture_graphs(cuda_graph_bs)
-        sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots)
+        sched = Scheduler(self.runner.allocator, cfg.page_size, max_running, cfg.max_queued_requests, step_slots,
+                          self.cache, local_prefill_tokens if prefix_cache else 0)
         overlap = overlap and not spec.enabled and self.runner.device.type == "cuda"
         self.engine = DecodeEngine(sched, stepper, rules, overlap=overlap)
         self.sink = PageSink(self.runner.kv_pool, self.engine, cfg.transfer_timeout, self.ranks,
@@ -75,7 +93,6 @@ class DecodeWorkerApp:
         self.acceptor = PairAcceptor(self.sink.table, transport_config(cfg), advertise_host=cfg.advertise_host,
                                      bind_host=cfg.host,
                                      device=device)
-        self._info = worker_info(cfg, self.runner, self.ranks)
         self._follower_pairs: dict[str, concurrent.futures.Future[tuple[bytes, str]]] = {}  # pair name -> reply
         if self.ranks is not None:
             self.ranks.on_report(PAIRED, self._follower_paired)
@@ -155,6 +172,8 @@ class DecodeWorkerApp:
     async def drain(self, grace: float) -> None:
         """Finish in-flight requests (bounded by `grace`), then stop the engine and the transport."""
         self.draining = True
+        if self.cache_events is not None:  # end the WatchCache streams: the server's stop waits for open calls
+            self.cache_events.close()
         deadline = time.monotonic() + grace
         while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -174,15 +193,17 @@ class DecodeWorkerApp:
 
 
 async def serve(cfg: WorkerConfig, max_running: int, grace: float, cuda_graph_bs: int = 0,
-                overlap: bool = True) -> None:
-    app = DecodeWorkerApp(cfg, max_running, cuda_graph_bs, overlap)
+                overlap: bool = True, prefix_cache: bool = True, local_prefill_tokens: int = LOCAL_PREFILL_TOKENS) -> None:
+    app = DecodeWorkerApp(cfg, max_running, cuda_graph_bs, overlap, prefix_cache, local_prefill_tokens)
     server = make_server()
     worker_pb2_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(app), server)
     health, bound = await open_worker_server(server, SERVICE, cfg, app.engine)
     exit_when_broken(app.ranks, health, app.abort_all)
-    log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s, overlap schedule %s)",
+    log.info("decode worker %s serving on %s:%d (%d KV pages of %d tokens, spec %s, overlap schedule %s, "
+             "prefix cache %s, local prefill up to %d tokens)",
              cfg.worker_id, cfg.host, bound, app.runner.allocator.num_total, cfg.page_size, cfg.spec,
-             "on" if app.engine.overlap else "off")
+             "on" if app.engine.overlap else "off", "on" if prefix_cache else "off",
+             local_prefill_tokens if prefix_cache else 0)
 
     async def watch_stall() -> None:
         stalled = False
@@ -221,6 +242,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-overlap-schedule", action="store_true",
                    help="commit each plain decode step's tokens before launching the next (by default, on "
                         "CUDA, the next step is launched first so host work overlaps the forward)")
+    p.add_argument("--disable-radix-cache", action="store_true",
+                   help="turn the decode-side prefix cache off: no prompt or output page is kept for a later "
+                        "request, every prompt's KV comes from the prefill worker (SGLang's flag name)")
+    p.add_argument("--decode-local-prefill-tokens", type=int, default=LOCAL_PREFILL_TOKENS,
+                   help="when this worker holds a prompt's prefix and at most this many prompt tokens are "
+                        "uncached, compute them here instead of receiving them from the prefill worker "
+                        "(0: never)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight requests")
     accept_foreign_flags(p, "decode")
     return p
@@ -234,5 +262,14 @@ def graph_batch_size(ns: argparse.Namespace) -> int:
 def main(argv: list[str]) -> int:
     return worker_main(build_arg_parser(), "decode", argv,
                        lambda cfg, ns: serve(cfg, ns.max_running_requests, ns.shutdown_grace,
-                                             graph_batch_size(ns), not ns.disable_overlap_schedule),
-                       lambda ns: "--max-running-requests must be >= 1" if ns.max_running_requests < 1 else None)
+                                             graph_batch_size(ns), not ns.disable_overlap_schedule,
+                                             not ns.disable_radix_cache, ns.decode_local_prefill_tokens),
+                       _check_args)
+
+
+def _check_args(ns: argparse.Namespace) -> str | None:
+    if ns.max_running_requests < 1:
+        return "--max-running-requests must be >= 1"
+    if ns.decode_local_prefill_tokens < 0:
+        return "--decode-local-prefill-tokens must be >= 0"
+    return None

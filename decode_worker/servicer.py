@@ -114,14 +114,16 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return DecodeReq(
             request_id=request.request_id, transfer_id=request.transfer_id, prompt_ids=list(request.input_ids),
             params=params, channel=OutputChannel(asyncio.get_running_loop()),
-            deadline=request.deadline_unix or None,
+            deadline=request.deadline_unix or None, local_prefill=request.local_prefill,
         )
 
     async def AwaitReserved(self, request: worker_pb2.ReserveQuery,
                             context: grpc.aio.ServicerContext) -> worker_pb2.ReserveReply:
         timeout = min(max(request.timeout_seconds, 0.0), 600.0) or self.w.cfg.transfer_timeout
-        if await self.w.engine.wait_reserved(request.transfer_id, timeout):
-            return worker_pb2.ReserveReply(reserved=True)
+        answer = await self.w.engine.wait_reserved(request.transfer_id, timeout)
+        if answer is not None:
+            return worker_pb2.ReserveReply(reserved=True, cached_tokens=answer.cached_tokens,
+                                           decode_computes=answer.decode_computes)
         await context.abort(grpc.StatusCode.NOT_FOUND,
                             f"transfer {request.transfer_id} has no KV reservation on this decode worker "
                             f"after {timeout:.1f}s (request unknown, queued for memory, or aborted)")
@@ -130,6 +132,25 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         found = self.w.streaming(request.request_id)
         self.w.engine.abort(request.request_id, "CANCELLED", "aborted by the gateway")
         return worker_pb2.AbortResponse(found=found)
+
+    async def FlushCache(self, request: worker_pb2.FlushCacheRequest, context) -> worker_pb2.FlushCacheResponse:
+        loop = asyncio.get_running_loop()
+        freed: asyncio.Future = loop.create_future()
+        self.w.engine.flush_cache(lambda n: loop.call_soon_threadsafe(freed.set_result, n))
+        try:  # bounded, though the engine thread answers between two steps
+            return worker_pb2.FlushCacheResponse(pages_freed=await asyncio.wait_for(freed, self.w.cfg.transfer_timeout))
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the decode engine did not answer the flush")
+
+    async def WatchCache(self, request: worker_pb2.WatchCacheRequest, context):
+        """The prefix cache's page keys (prompt and output pages): a reset with the whole index, then
+        what is stored and removed."""
+        events = self.w.cache_events
+        if events is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the prefix cache is off on this worker (--disable-radix-cache)")
+        async for event in events.stream():
+            yield event
 
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:
         return self.w.info()

@@ -24,19 +24,43 @@ def record_logprob(req: DecodeReq, row) -> None:
         req.logprobs.append((row.token, row.logprob, row.top))
 
 
-def rebuild_kv(runner: ModelRunner, req: DecodeReq, chunk: int = 512) -> tuple[list[int], torch.Tensor]:
-    """Recompute a retracted request's target KV (prompt + committed outputs but the pending one,
-    positions 0..n-1) into its new pages and set kv_len. Returns that history and its post-norm
-    hidden states [n, H] (the MTP draft's input)."""
-    tokens = req.prompt_ids + req.output_ids[:-1]
-    hiddens = []
-    for start in range(0, len(tokens), chunk):
-        end = min(start + chunk, len(tokens))
-        spec = SeqSpec(tokens[start:end], range(start, end), seq_len=end, pages=req.pages, logit_rows=[])
-        _, hidden = runner.forward(ForwardBatch.build([spec], runner.page_size, runner.device))
+def extend_kv(runner: ModelRunner, req: DecodeReq, tokens: list[int], start: int, logits_at_end: bool = False,
+              chunk: int = 512) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Compute the target KV of tokens[start:] (positions start..n-1; [0, start) is in the request's
+    pages already, from its prefix cache) and set kv_len = n. Returns the logits of the last token
+    when asked, and the post-norm hidden states [n - start, H] (the MTP draft's input)."""
+    hiddens, logits = [], None
+    for lo in range(start, len(tokens), chunk):
+        hi = min(lo + chunk, len(tokens))
+        last = logits_at_end and hi == len(tokens)
+        spec = SeqSpec(tokens[lo:hi], range(lo, hi), seq_len=hi, pages=req.pages,
+                       logit_rows=[hi - lo - 1] if last else [])
+        out, hidden = runner.forward(ForwardBatch.build([spec], runner.page_size, runner.device))
         hiddens.append(hidden)
+        if last:
+            logits = out
     req.kv_len = len(tokens)
-    return tokens, torch.cat(hiddens)
+    return logits, torch.cat(hiddens)
+
+
+def rebuild_kv(runner: ModelRunner, req: DecodeReq) -> tuple[list[int], torch.Tensor]:
+    """Recompute a retracted request's target KV (prompt + committed outputs but the pending one,
+    positions cached_len..n-1: its cached prefix came back at re-admission) into its pages and set
+    kv_len. Returns that history and the hidden states [n - cached_len, H] of the positions computed."""
+    tokens = req.history()
+    return tokens, extend_kv(runner, req, tokens, req.cached_len)[1]
+
+
+def prefill_suffix(runner: ModelRunner, sampler: TokenSampler, rules: StopRules, req: DecodeReq) -> torch.Tensor:
+    """The prefill leg on this worker: the prompt's KV after its cached prefix, then the first token,
+    sampled as the prefill worker samples it and committed as its KV record would be. Returns the
+    hidden states of the positions computed."""
+    logits, hidden = extend_kv(runner, req, req.prompt_ids, req.cached_len, logits_at_end=True)
+    row = sampler.sample(logits, [RowContext(req.params, req.prompt_ids, [])])[0]
+    commit_tokens(req, [row.token], rules)
+    if req.params.logprobs:
+        req.logprobs.append((row.token, row.logprob or 0.0, []))
+    return hidden
 
 
 class PlainStepper:
@@ -96,3 +120,6 @@ class PlainStepper:
 
     def recompute(self, req: DecodeReq) -> None:
         rebuild_kv(self.runner, req)
+
+    def prefill_local(self, req: DecodeReq) -> None:
+        prefill_suffix(self.runner, self.sampler, self.rules, req)

@@ -1,6 +1,10 @@
 """The decode engine thread: THE hot loop.
 
-    inbox -> deadlines -> admit (reserve pages) -> batch -> grow/retract -> step (plain or EAGLE) -> emit
+    inbox -> deadlines -> admit (reserve pages) -> local prefills -> batch -> grow/retract
+    -> step (plain or EAGLE) -> emit
+
+A request whose uncached prompt suffix is short is prefilled here (admission.prefill_local) with
+the device idle: the step in flight, if any, is completed first.
 
 With `overlap` (plain decode on CUDA), a step is launched before the previous one's tokens are
 committed, so the host's commit/emit/admission work runs while the device computes:
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from common.serving import metrics
 from common.transport.aux import AuxRecord
@@ -25,10 +30,10 @@ from common.worker.reply import Reply
 from decode_worker.admission import Admission
 from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.deadlines import expire_deadlines
-from decode_worker.messages import Abort, DecodeMsg, KvFailed, KvReady, Submit
+from decode_worker.messages import Abort, DecodeMsg, Flush, KvFailed, KvReady, Submit
 from decode_worker.output import Output, report_load
 from decode_worker.overlap import LaunchedStep, wants_token
-from decode_worker.reservations import Reservations
+from decode_worker.reservations import Reservations, Reserved
 from decode_worker.scheduler import DecodeReq, ReqState, Scheduler
 from decode_worker.stepper import LaunchingStepper, Stepper
 
@@ -50,6 +55,8 @@ class DecodeEngine(EngineThread[DecodeMsg]):
         self.handle(Abort, self.admission.on_abort)
         self.handle(KvReady, self.admission.on_kv_ready)
         self.handle(KvFailed, self.admission.on_kv_failed)
+        self.handle(Flush, lambda msg: msg.reply(self.sched.cache.flush()))
+        self._reported: dict[str, int] = {}  # prefix-cache counter totals already added to the metrics
 
     # ------------------------------------------------------------------ called from other threads
     def submit(self, req: DecodeReq, admitted: asyncio.Future[None]) -> None:
@@ -66,8 +73,12 @@ class DecodeEngine(EngineThread[DecodeMsg]):
     def kv_failed(self, transfer_id: int, reason: str) -> None:
         self.post(KvFailed(transfer_id, reason))
 
-    async def wait_reserved(self, transfer_id: int, timeout: float) -> bool:
+    async def wait_reserved(self, transfer_id: int, timeout: float) -> Reserved | None:
         return await self.reservations.wait(transfer_id, timeout)
+
+    def flush_cache(self, reply: Callable[[int], None]) -> None:
+        """Forget the prefix cache; reply(pages freed) comes from the engine thread."""
+        self.post(Flush(reply))
 
     # ------------------------------------------------------------------ the loop
     def run_once(self) -> None:
@@ -75,6 +86,9 @@ class DecodeEngine(EngineThread[DecodeMsg]):
         self._drain_inbox(block=not self.sched.busy and self.in_flight is None)
         expire_deadlines(self.sched.by_id.values(), self.out)
         self.admission.admit()
+        if self.sched.local:
+            self._finish_in_flight()
+            self.admission.prefill_local()
         self.publish()  # the work in hand before the step: a step that never ends shows as a stall
         if not (self.overlap and self._overlap_step()):
             self._finish_in_flight()
@@ -82,6 +96,12 @@ class DecodeEngine(EngineThread[DecodeMsg]):
         self.last_progress = time.monotonic()
         self.publish()
         report_load(self.snapshot.load)
+        self._report_cache()
+
+    def _report_cache(self) -> None:
+        sched = self.sched
+        metrics.report_decode_prefix_cache(sched.cache, self._reported, query_tokens=sched.query_tokens,
+                                           hit_tokens=sched.hit_tokens, local_prefills=sched.local_prefills)
 
     def _overlap_step(self) -> bool:
         """Launch the next step, then commit the one in flight. False, having done nothing, when the

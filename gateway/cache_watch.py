@@ -3,7 +3,7 @@
 A stream is opened as soon as the worker is healthy (`WorkerEndpoint.up`); its events go into the index as they come. When it
 ends or fails the worker's exact entries are forgotten (the approximate index covers the worker
 until the stream is back, which starts with a reset). A worker that does not stream events
-(UNIMPLEMENTED: no prefix cache on that role yet; FAILED_PRECONDITION: its cache is off) is asked
+(UNIMPLEMENTED: a worker built before the streams existed; FAILED_PRECONDITION: its cache is off) is asked
 again only every NO_EVENTS_RETRY_S seconds.
 """
 

@@ -47,6 +47,7 @@ class PrefillJob:
     pages: list[int] = field(default_factory=list)
     page_keys: list[bytes] = field(default_factory=list)  # keys of the leading pages matched or committed
     cached_len: int = 0  # prompt tokens whose KV came from the prefix cache (whole pages)
+    decode_cached: int = 0  # leading prompt tokens the decode worker holds already: their KV is not sent
     done_tokens: int = 0  # prompt tokens whose KV is computed (or cached)
     next_seq: int = 0  # next chunk sequence number on the transfer
     first_token: int | None = None

@@ -46,7 +46,8 @@ class PrefillWorkerApp:
         cache = PrefixCache(self.runner.allocator, cfg.page_size, enabled=prefix_cache, check_successor=cfg.spec.enabled,
                             namespace=namespace)
         self.cache_events = CacheEvents(cfg.page_size, namespace) if prefix_cache else None  # WatchCache
-        cache.listener = self.cache_events.listener if self.cache_events is not None else None
+        if self.cache_events is not None:
+            cache.subscribe(self.cache_events.listener)
         sched = PrefillScheduler(self.runner.allocator, cfg.page_size, chunk_tokens, cfg.max_queued_requests, cache)
         device = self.runner.device if self.runner.device.type == "cuda" else None
         self.senders = SenderPool(self._info, transport_config(cfg), device, self._transfer_done,

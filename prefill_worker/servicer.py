@@ -38,6 +38,18 @@ def status_of(error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def decode_held(reply: worker_pb2.ReserveReply, prompt_len: int, page_size: int) -> int:
+    """The leading prompt tokens whose KV the decode worker holds (ReserveReply.cached_tokens): whole
+    pages short of the whole prompt, else nothing is skipped (a reply this side cannot honour safely
+    is ignored, and the decode side drops what it already holds)."""
+    n = reply.cached_tokens
+    if n % page_size or n >= prompt_len:
+        log.warning("decode worker reported %d cached tokens of a %d-token prompt (page %d): ignored",
+                    n, prompt_len, page_size)
+        return 0
+    return n
+
+
 class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
     def __init__(self, app: PrefillWorkerApp) -> None:
         self.app = app
@@ -66,13 +78,16 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"decode worker {request.decode_address} unreachable: {e.details()}")
         try:  # docs/disaggregation.md rule 1: no KV byte before decode holds the pages
-            await app.senders.stub(request.decode_address).AwaitReserved(
+            reserved = await app.senders.stub(request.decode_address).AwaitReserved(
                 worker_pb2.ReserveQuery(transfer_id=request.transfer_id, timeout_seconds=app.cfg.transfer_timeout),
                 timeout=app.cfg.transfer_timeout + 5)
         except grpc.aio.AioRpcError as e:
             code = e.code() if e.code() != grpc.StatusCode.NOT_FOUND else grpc.StatusCode.ABORTED
             await context.abort(code, f"decode worker did not reserve KV for transfer {request.transfer_id}: "
                                       f"{e.details()}")
+        held = decode_held(reserved, len(request.input_ids), app.cfg.page_size)
+        if reserved.decode_computes:  # the decode worker holds all but a short suffix and computes it
+            return worker_pb2.PrefillResult(cached_tokens=held)
         loop = asyncio.get_running_loop()
         done: asyncio.Future = loop.create_future()
 
@@ -81,7 +96,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
         job = PrefillJob(request_id=request.request_id, transfer_id=request.transfer_id,
                          prompt_ids=list(request.input_ids), params=params, sender=sender, on_done=on_done,
-                         deadline=request.deadline_unix or None, grammar=grammar)
+                         deadline=request.deadline_unix or None, grammar=grammar, decode_cached=held)
         app.track(job)
         app.engine.submit(job)
         try:
@@ -99,7 +114,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
             await context.abort(status_of(error), f"prefill of {request.request_id} failed: {error}")
         return worker_pb2.PrefillResult(first_token=job.first_token, first_logprob=job.first_logprob,
                                         kv_bytes=job.kv_bytes, transfer_seconds=job.transfer_seconds,
-                                        compute_seconds=job.compute_seconds, cached_tokens=job.cached_len,
+                                        compute_seconds=job.compute_seconds,
+                                        cached_tokens=max(job.cached_len, job.decode_cached),
                                         grammar_applied=job.grammar_applied)
 
     def _validate(self, request: worker_pb2.PrefillRequest) -> str | None:

@@ -9,6 +9,8 @@ a CUDA event, so sending overlaps the remaining layers. The last message of a tr
 the aux record. Pages are freed when the sender reports the transfer confirmed (or failed).
 A job that starts from cached prefix pages sends their KV (every layer, the MTP layer included)
 as its first messages, before its first forward, so it travels while the suffix is computed.
+Tokens the decode worker already holds (its prefix cache, `decode_cached`) are never sent: every
+message's token range starts at or after them, for every layer and every TP stream alike.
 Under tensor parallelism this process gathers its own kv heads, and `fanout` tells the followers
 to send theirs of the same chunk (prefill_worker/kv_sender.py, common/worker/tp_kv.py).
 """
@@ -193,7 +195,7 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         """The cached prefix's KV of every layer, in the message sizes of computed chunks (a layer
         group of at most one chunk's tokens), so no gather is larger than a computed chunk's."""
         layers, step = self.runner.kv_pool.num_layers, self.sched.chunk_tokens
-        for t0 in range(0, job.cached_len, step):
+        for t0 in range(job.decode_cached, job.cached_len, step):
             for l0 in range(0, layers, self.group):
                 self._send_range(job, range(l0, min(l0 + self.group, layers)), (t0, min(t0 + step, job.cached_len)))
 
@@ -202,6 +204,9 @@ class PrefillEngine(EngineThread[PrefillMsg]):
 
     def _send_range(self, job: PrefillJob, layers: range, tokens: tuple[int, int], aux: AuxRecord | None = None) -> None:
         if len(layers) == 0 and aux is None:
+            return
+        tokens = (max(tokens[0], job.decode_cached), tokens[1])  # never the KV the decode side holds
+        if tokens[0] >= tokens[1]:  # never the final chunk: decode_cached < prompt_len
             return
         pool = self.runner.kv_pool
         data = pool.gather_tokens((layers.start, layers.stop), job.pages, tokens[1] - tokens[0], token_start=tokens[0])

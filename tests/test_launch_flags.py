@@ -79,9 +79,9 @@ def test_serve_routes_each_flag_to_the_roles_that_use_it():
     assert launch.route_flags(["--chunked-prefill-size", "64", "--max-running-requests", "2"]) == {
         "gateway": [], "worker": [], "prefill": ["--chunked-prefill-size", "64"],
         "decode": ["--max-running-requests", "2"]}
-    # SGLang's --disable-radix-cache: the prefill workers drop their cache, the gateway routes by load
+    # SGLang's --disable-radix-cache: both workers drop their caches, the gateway routes by load
     assert launch.route_flags(["--disable-radix-cache"]) == {
-        "gateway": ["--disable-radix-cache"], "worker": [], "prefill": ["--disable-radix-cache"], "decode": []}
+        "gateway": ["--disable-radix-cache"], "worker": ["--disable-radix-cache"], "prefill": [], "decode": []}
     with pytest.raises(ValueError, match="unrecognized arguments: --bogus"):
         launch.route_flags(["--bogus", "1"])
     # the launcher's own parser knows the whole line (a typo fails before any process starts)

@@ -16,9 +16,9 @@ token, or the first sampled token for the page that ends a prompt). With the MTP
 draft KV of a page's last slot was computed from that token, so a match whose next token differs
 gives up its last page (`check_successor`).
 
-`listener(stored, removed, reset)`, when set, hears every change of the index, on the thread that
-made it: keys that became findable, keys that left it, and `reset` after a flush (nothing is
-findable any more). The workers' WatchCache streams are fed from it (common/serving/cache_events.py).
+Both roles use it: the prefill worker over prompt pages, the decode worker over the prompt and
+output pages of finished requests. `subscribe` reports every change of the index (keys stored,
+keys removed, everything cleared) to a listener on the engine thread, for the cache-event stream.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 
 from common.kvcache.allocator import PageAllocator
 from common.serving.page_hash import page_key, root_key
-
-Listener = Callable[[list[bytes], list[bytes], bool], None]  # (stored, removed, reset)
 
 
 @dataclass
@@ -49,6 +47,18 @@ class Match:
     keys: list[bytes] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class IndexChange:
+    """One change of the index: `reset` (every earlier key is gone), then `stored`, then `removed`."""
+
+    stored: tuple[bytes, ...] = ()
+    removed: tuple[bytes, ...] = ()
+    reset: bool = False
+
+
+Listener = Callable[[IndexChange], None]
+
+
 class PrefixCache:
     def __init__(self, allocator: PageAllocator, page_size: int, *, enabled: bool = True,
                  check_successor: bool = False, namespace: str = "") -> None:
@@ -63,7 +73,22 @@ class PrefixCache:
         self._lru: OrderedDict[int, None] = OrderedDict()  # CACHED pages, least recently used first
         self.evictions = 0  # pages evicted since start
         self.mtp_drops = 0  # matched pages given up for a different successor since start
-        self.listener: Listener | None = None
+        self._listeners: list[Listener] = []
+
+    # ------------------------------------------------------------------ index changes
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener` with every later change of the index (on the thread that changes it: the
+        engine thread); returns the unsubscribe function. `keys()` is the state to start from."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def keys(self) -> list[bytes]:
+        """Every key findable now."""
+        return list(self._index)
+
+    def _tell(self, change: IndexChange) -> None:
+        for listener in list(self._listeners):
+            listener(change)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -123,13 +148,15 @@ class PrefixCache:
         short = n - self.allocator.num_free
         if short > 0:
             victims = [self._lru.popitem(last=False)[0] for _ in range(short)]
-            removed = [self._records.pop(page).key for page in victims]
-            for key in removed:
+            removed = []
+            for page in victims:
+                key = self._records.pop(page).key
                 del self._index[key]
+                removed.append(key)
             self.allocator.free(victims)
             self.evictions += short
-            if self.listener is not None:
-                self.listener([], removed, False)
+            if self._listeners:
+                self._tell(IndexChange(removed=tuple(removed)))
         pages = self.allocator.alloc(n)
         assert pages is not None
         for page in pages:
@@ -144,7 +171,7 @@ class PrefixCache:
             return
         ps = self.page_size
         stored = []
-        for i in range(len(keys), upto // ps):
+        for i in range(len(keys), min(upto // ps, len(pages))):
             part = tuple(seq[i * ps:(i + 1) * ps])
             key = page_key(keys[-1] if keys else self.root, part)
             keys.append(key)
@@ -156,8 +183,8 @@ class PrefixCache:
                 rec.successor = seq[(i + 1) * ps] if (i + 1) * ps < len(seq) else None
                 self._index[key] = pages[i]
                 stored.append(key)
-        if stored and self.listener is not None:
-            self.listener(stored, [], False)
+        if stored and self._listeners:
+            self._tell(IndexChange(stored=tuple(stored)))
 
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference on each page, tail first; a page nobody holds becomes CACHED if keyed,
@@ -189,8 +216,7 @@ class PrefixCache:
             rec.key = None
         self._index.clear()
         self.allocator.free(victims)
-        if self.listener is not None:
-            self.listener([], [], True)
+        self._tell(IndexChange(reset=True))
         return len(victims)
 
     def _take(self, page: int) -> None:

@@ -1,6 +1,7 @@
-"""CacheEvents: a worker's WatchCache streams, fed by its prefix cache's listener.
+"""CacheEvents: a worker's WatchCache streams, fed by its prefix cache's changes.
 
-The prefix cache changes on the engine thread; `listener` keeps a mirror of the findable keys and
+The prefix cache changes on the engine thread; `listener` (subscribed with PrefixCache.subscribe)
+keeps a mirror of the findable keys and
 appends each change to every subscriber's queue (under one lock, so a subscriber's first event --
 `reset` with the mirror's keys, the whole index -- and the deltas after it agree; a reset is built
 when it is sent, so changes queued behind one are dropped as already covered). Queues are
@@ -16,6 +17,7 @@ import asyncio
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 from protos import worker_pb2
 
@@ -44,8 +46,10 @@ class CacheEvents:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def listener(self, stored: list[bytes], removed: list[bytes], reset: bool) -> None:
-        """PrefixCache.listener (engine thread)."""
+    def listener(self, change: Any) -> None:
+        """One prefix-index change (common/kvcache/prefix_index.py IndexChange: `stored`, `removed`,
+        `reset`), on the engine thread."""
+        stored, removed, reset = list(change.stored), list(change.removed), change.reset
         with self._lock:
             if reset:
                 self._keys.clear()

@@ -41,13 +41,12 @@ WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--speculative-num-steps": True, "--speculative-eagle-topk": True, "--speculative-num-draft-tokens": True,
     "--speculative-draft-model-path": True,
     "--cluster-secret": True, "--cluster-secret-file": True, "--grammar-backend": True,
-    "--grammar-compile-timeout": True,
+    "--grammar-compile-timeout": True, "--disable-radix-cache": False,
 }
-PREFILL: Mapping[str, bool] = {"--chunked-prefill-size": True, "--disagg-layer-group-size": True,
-                               "--disable-radix-cache": False}
+PREFILL: Mapping[str, bool] = {"--chunked-prefill-size": True, "--disagg-layer-group-size": True}
 DECODE: Mapping[str, bool] = {
     "--max-running-requests": True, "--cuda-graph-max-bs": True, "--disable-cuda-graph": False,
-    "--disable-overlap-schedule": False,
+    "--disable-overlap-schedule": False, "--decode-local-prefill-tokens": True,
 }
 OWN: Mapping[str, Mapping[str, bool]] = {
     "gateway": {**COMMON, **GATEWAY},

@@ -157,6 +157,42 @@ def router_cache_events_total() -> Counter:
     return _get_or_create(Counter, "glmserve_router_cache_events_total", "Cache events received from workers")
 
 
+_DECODE_CACHE_COUNTERS = {
+    "query_tokens": "Prompt tokens a decode worker looked up in its prefix cache at reservation",
+    "hit_tokens": "Prompt tokens a decode worker held already (not transferred, not computed)",
+    "evictions": "Decode-side cached pages evicted for new allocations",
+    "mtp_drops": "Decode-side matched pages dropped by the MTP successor rule",
+    "local_prefills": "Requests whose uncached prompt suffix the decode worker computed itself",
+}
+
+
+def decode_prefix_cache_total(what: str) -> Counter:
+    """The decode worker's prefix-cache counters (glmserve_decode_prefix_cache_<what>_total)."""
+    return _get_or_create(Counter, f"glmserve_decode_prefix_cache_{what}_total", _DECODE_CACHE_COUNTERS[what])
+
+
+def decode_prefix_cache_pages() -> Gauge:
+    """Decode-side pages by state: free, cached (idle, evictable), active (held by a request), indexed."""
+    return _get_or_create(Gauge, "glmserve_decode_prefix_cache_pages", "Decode-side prefix-cache pages by state",
+                          ["state"])
+
+
+def report_decode_prefix_cache(cache, reported: dict[str, int], **totals: int) -> None:
+    """Set the decode prefix-cache gauges from `cache` (a PrefixCache) and add the growth of each
+    running total (`totals` and the cache's evictions / mtp_drops) since the last call, kept in `reported`."""
+    totals = {**totals, "evictions": cache.evictions, "mtp_drops": cache.mtp_drops}
+    for what, total in totals.items():
+        grown = total - reported.get(what, 0)
+        if grown:
+            decode_prefix_cache_total(what).inc(grown)
+            reported[what] = total
+    pages = decode_prefix_cache_pages()
+    pages.labels(state="free").set(cache.allocator.num_free)
+    pages.labels(state="cached").set(cache.num_cached)
+    pages.labels(state="active").set(cache.num_active)
+    pages.labels(state="indexed").set(cache.num_indexed)
+
+
 def start_metrics_server(port: int | None, addr: str) -> int | None:
     """Serve /metrics over HTTP on addr:`port` (the process's --host; None = off; 0 = any free
     port). Returns the port."""

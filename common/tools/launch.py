@@ -287,7 +287,7 @@ def route_flags(argv: Sequence[str]) -> dict[str, list[str]]:
     """The launch line's flags per role: gateway flags to the gateway, worker flags to both workers,
     prefill / decode flags to that worker, the shared ones (log level, custom processor gate, shutdown
     grace) to all; --metrics-port to the gateway only (one port per machine); --disable-radix-cache to
-    the gateway (load routing) and the prefill workers (no cache)."""
+    the gateway (load routing) and both workers (no cache)."""
     shared = {k: v for k, v in COMMON.items() if k not in LAUNCHER_FLAGS and k != "--metrics-port"}
     gateway, rest = split_flags(argv, {**GATEWAY, "--metrics-port": True})
     common, rest = split_flags(rest, shared)
@@ -296,7 +296,7 @@ def route_flags(argv: Sequence[str]) -> dict[str, list[str]]:
     decode, rest = split_flags(rest, DECODE)
     if rest:
         raise ValueError(f"unrecognized arguments: {' '.join(rest)}")
-    prefill += [a for a in gateway if a in PREFILL]  # switches of both (--disable-radix-cache) go to both
+    workers += [a for a in gateway if a in WORKER]  # switches of both (--disable-radix-cache) go to both
     return {"gateway": gateway + common, "worker": workers + common, "prefill": prefill, "decode": decode}
 
 

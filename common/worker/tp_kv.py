@@ -151,14 +151,27 @@ class KvExpectPlan:
     kind: ClassVar[int] = WORKER_KINDS + 2
     transfer_id: int
     pages: tuple[int, ...]
+    cached_tokens: int = 0  # leading tokens the pages hold already (prefix cache): never written
 
     def body(self) -> bytes:
-        return _Out().tid(self.transfer_id).seq(self.pages).done()
+        return _Out().tid(self.transfer_id).seq(self.pages).ints(self.cached_tokens).done()
 
     @classmethod
     def from_body(cls, kind: int, body: bytes) -> KvExpectPlan:
         r = _In(body)
-        return cls(r.tid(), r.seq())
+        return cls(r.tid(), r.seq(), r.int())
+
+
+def skip_held(held: int, tokens: tuple[int, int],
+              payload: torch.Tensor) -> tuple[tuple[int, int], torch.Tensor] | None:
+    """A received chunk without the tokens below `held` (a reservation's cached prefix, in pages other
+    requests may share): the rest of it, or None when nothing is left."""
+    cut = held - tokens[0]
+    if cut <= 0:
+        return tokens, payload
+    if cut >= tokens[1] - tokens[0]:
+        return None
+    return (tokens[0] + cut, tokens[1]), payload[:, :, cut:]
 
 
 @dataclass(frozen=True)
@@ -366,21 +379,25 @@ class _FollowerSink:
         self.pool, self.first_head, self.report = runner.kv_pool, runner.kv_heads[0], report
         self._lock = threading.Lock()
         self._pages: dict[int, list[int]] = {}
+        self._held: dict[int, int] = {}  # transfer -> its leading cached tokens
 
-    def expect(self, transfer_id: int, pages: list[int]) -> None:
+    def expect(self, transfer_id: int, pages: list[int], cached_tokens: int = 0) -> None:
         with self._lock:
             self._pages[transfer_id] = pages
+            self._held[transfer_id] = cached_tokens
 
     def withdraw(self, transfer_id: int) -> bool:
         with self._lock:
+            self._held.pop(transfer_id, None)
             return self._pages.pop(transfer_id, None) is not None
 
     def on_chunk(self, transfer_id: int, seq: int, layers: tuple[int, int], tokens: tuple[int, int],
                  heads: tuple[int, int], payload: torch.Tensor) -> None:
         with self._lock:
             pages = self._pages.get(transfer_id)
-            if pages is not None:
-                self.pool.scatter_tokens(layers, pages, tokens[0], payload, heads[0] - self.first_head)
+            rest = skip_held(self._held.get(transfer_id, 0), tokens, payload) if pages is not None else None
+            if rest is not None:
+                self.pool.scatter_tokens(layers, pages, rest[0][0], rest[1], heads[0] - self.first_head)
 
     def on_last(self, transfer_id: int, aux: bytes) -> None:
         with self._lock:
@@ -407,7 +424,7 @@ class DecodeFollowerKv:
 
     def on_plan(self, plan: Any) -> None:
         if isinstance(plan, KvExpectPlan):
-            self.sink.expect(plan.transfer_id, list(plan.pages))
+            self.sink.expect(plan.transfer_id, list(plan.pages), plan.cached_tokens)
             try:
                 self.table.reserve(plan.transfer_id)
             except TransferError as e:

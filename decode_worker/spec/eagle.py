@@ -49,7 +49,7 @@ from decode_worker.commit import StopRules, commit_tokens
 from decode_worker.scheduler import DecodeReq
 from decode_worker.spec.tree import DraftFrontier, VerifyTree, chain_tree, select_tree
 from decode_worker.spec.verify import VerifyResult, verify_greedy, verify_greedy_chain, verify_sampling
-from decode_worker.steps import rebuild_kv
+from decode_worker.steps import prefill_suffix, rebuild_kv
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,15 @@ class EagleStepper:
 
     def recompute(self, req: DecodeReq) -> None:
         history, hidden = rebuild_kv(self.runner, req)
-        req.draft = self._extend_varlen([req], [history[1:] + [req.pending]], [0], hidden)[0]
+        start = req.cached_len
+        req.draft = self._extend_varlen([req], [history[start + 1:] + [req.pending]], [start], hidden)[0]
+
+    def prefill_local(self, req: DecodeReq) -> None:
+        """The prompt suffix and first token (steps.prefill_suffix), then the MTP draft extend over the
+        same positions -- slot p takes (h_p, t_{p+1}), the last one the first token -- as on prefill."""
+        hidden = prefill_suffix(self.runner, self.sampler, self.rules, req)
+        start = req.cached_len
+        req.draft = self._extend_varlen([req], [req.prompt_ids[start + 1:] + [req.pending]], [start], hidden)[0]
 
     # ------------------------------------------------------------------ the step
     def step(self, reqs: list[DecodeReq]) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import threading
 
 from common.kvcache.allocator import PageAllocator
-from common.kvcache.prefix_index import PrefixCache
+from common.kvcache.prefix_index import IndexChange, PrefixCache
 from common.serving.cache_events import CacheEvents
 
 
@@ -16,15 +16,19 @@ def _k(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
+def _ch(stored: list[bytes], removed: list[bytes], reset: bool) -> IndexChange:
+    return IndexChange(tuple(stored), tuple(removed), reset)
+
+
 def test_first_event_is_the_whole_index_then_deltas() -> None:
     async def body():
         ev = CacheEvents(16, "ns")
-        ev.listener([_k(1), _k(2)], [], False)  # before anyone subscribed
+        ev.listener(_ch([_k(1), _k(2)], [], False))  # before anyone subscribed
         stream = ev.stream()
         first = await anext(stream)
-        threading.Thread(target=ev.listener, args=([_k(3)], [_k(1)], False)).start()  # the engine thread
+        threading.Thread(target=ev.listener, args=(_ch([_k(3)], [_k(1)], False),)).start()  # the engine thread
         second = await anext(stream)
-        ev.listener([], [], True)
+        ev.listener(_ch([], [], True))
         third = await anext(stream)
         ev.close()
         rest = [e async for e in stream]
@@ -43,9 +47,9 @@ def test_a_slow_subscriber_gets_one_reset_instead_of_a_backlog() -> None:
         stream = ev.stream()
         await anext(stream)  # the initial (empty) reset
         for i in range(10):  # the subscriber reads nothing meanwhile
-            ev.listener([_k(i)], [], False)
+            ev.listener(_ch([_k(i)], [], False))
         got = await anext(stream)
-        ev.listener([_k(99)], [], False)
+        ev.listener(_ch([_k(99)], [], False))
         after = await anext(stream)
         ev.close()
         return got, after, ev.resyncs
@@ -59,7 +63,7 @@ def test_a_slow_subscriber_gets_one_reset_instead_of_a_backlog() -> None:
 def test_prefix_cache_listener_reports_commits_evictions_and_flushes() -> None:
     seen: list[tuple[list[bytes], list[bytes], bool]] = []
     cache = PrefixCache(PageAllocator(4), 2, namespace="ns")  # 3 pages (page 0 is reserved)
-    cache.listener = lambda s, r, reset: seen.append((s, r, reset))
+    cache.subscribe(lambda c: seen.append((list(c.stored), list(c.removed), c.reset)))
     pages = cache.alloc(3)
     keys: list[bytes] = []
     cache.commit(pages, keys, [1, 2, 3, 4, 5, 6, 7], 6)

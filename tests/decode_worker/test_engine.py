@@ -10,6 +10,7 @@ import time
 import pytest
 
 from common.kvcache.allocator import PageAllocator
+from common.kvcache.prefix_index import PrefixCache
 from common.serving.sampling_params import SamplingParams
 from common.transport.aux import AuxRecord
 from common.worker.dispatch import UnknownMessageError
@@ -50,22 +51,32 @@ class FakeStepper:
     def recompute(self, req: DecodeReq) -> None:
         req.kv_len = req.prompt_len + len(req.output_ids) - 1
 
+    def prefill_local(self, req: DecodeReq) -> None:
+        """The prompt's uncached suffix computed here; the first token is the last prompt token + 1."""
+        self.arrived.append(f"local:{req.request_id}:{req.cached_len}")
+        req.kv_len = req.prompt_len
+        commit_tokens(req, [req.prompt_ids[-1] + 1], self.rules)
+
 
 class Sink:
     def __init__(self) -> None:
         self.expected: dict[int, list[int]] = {}
         self.withdrawn: list[int] = []
 
-    def expect(self, transfer_id: int, pages: list[int]) -> None:
+    def expect(self, transfer_id: int, pages: list[int], cached_tokens: int = 0) -> None:
         self.expected[transfer_id] = list(pages)
 
     def withdraw(self, transfer_id: int) -> None:
         self.withdrawn.append(transfer_id)
 
 
-def make_engine(num_pages: int = 17, max_queued: int = 8) -> tuple[DecodeEngine, Sink, PageAllocator]:
+def make_engine(num_pages: int = 17, max_queued: int = 8, local: int | None = None) -> tuple[DecodeEngine, Sink,
+                                                                                             PageAllocator]:
+    """local: a prefix cache on, computing suffixes up to this long here (None: no cache)."""
     alloc = PageAllocator(num_pages)
-    sched = Scheduler(alloc, PAGE, max_running=4, max_queued=max_queued, step_slots=1)
+    cache = PrefixCache(alloc, PAGE) if local is not None else None
+    sched = Scheduler(alloc, PAGE, max_running=4, max_queued=max_queued, step_slots=1, cache=cache,
+                      local_prefill_tokens=local or 0)
     rules = StopRules([EOS])
     engine = DecodeEngine(sched, FakeStepper(rules), rules)
     sink = Sink()
@@ -241,3 +252,44 @@ def test_an_abort_for_one_call_leaves_another_call_with_the_same_id_alone() -> N
     first, _ = asyncio.run(main())
     assert first.channel.events == [ErrorEvent("CANCELLED", "client cancelled")]
     assert alloc.num_free == alloc.num_total
+
+
+def test_a_cached_prefix_is_answered_and_a_short_suffix_is_computed_here() -> None:
+    engine, sink, alloc = make_engine(local=2)
+    total = alloc.num_total
+
+    def tokens(r: DecodeReq) -> list[int]:
+        return [t for ev in r.channel.events if isinstance(ev, TokenEvent) for t in ev.token_ids]
+
+    async def main() -> None:
+        a = req("a", 1, max_tokens=4)  # prompt 10..15, outputs 40..43: KV of 9 tokens, 2 pages kept
+        await submit(engine, a)
+        engine.kv_ready(1, aux(1, first=40))
+        for _ in range(3):
+            turn(engine)
+        assert tokens(a) == [40, 41, 42, 43] and a.state is ReqState.DONE
+        history = a.prompt_ids + a.output_ids
+        far = DecodeReq("far", 2, history + [7, 8, 9], SamplingParams(max_tokens=2), Channel())  # type: ignore[arg-type]
+        await submit(engine, far)  # 8 cached, 5 uncached (> 2): the prefill worker sends the rest
+        answer = await engine.wait_reserved(2, timeout=1.0)
+        assert (answer.cached_tokens, answer.decode_computes) == (8, False) and sink.expected[2] == far.pages
+        near = DecodeReq("near", 3, history[:9] + [7], SamplingParams(max_tokens=2), Channel())  # type: ignore[arg-type]
+        await submit(engine, near)  # 8 cached, 2 uncached: computed here, no KV expected
+        answer = await engine.wait_reserved(3, timeout=1.0)
+        assert (answer.cached_tokens, answer.decode_computes) == (8, True) and 3 not in sink.expected
+        assert engine.stepper.arrived[-1] == "local:near:8"
+        turn(engine)
+        assert tokens(near) == [8, 9] and near.state is ReqState.DONE  # the first token in the stream
+        alone = DecodeReq("alone", 4, [1, 2, 3], SamplingParams(max_tokens=1), Channel(),  # type: ignore[arg-type]
+                          local_prefill=True)
+        await submit(engine, alone)  # no prefill leg: computed here and finished by its first token
+        assert tokens(alone) == [4] and isinstance(alone.channel.events[-1], FinishEvent)
+        engine.abort("far")
+        turn(engine)
+        assert engine.snapshot.load == WorkerLoadFigures(0, 0, 0, total, total)
+        freed: list[int] = []
+        engine.flush_cache(freed.append)
+        turn(engine)
+        assert freed and freed[0] > 0 and alloc.num_free == total
+
+    asyncio.run(main())

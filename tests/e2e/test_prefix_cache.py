@@ -1,7 +1,7 @@
 """The prefill worker's prefix cache through real processes: a multi-turn conversation gives the
 greedy tokens of the uncached single-process reference, reports the pages it reused as
-`cached_tokens` (gRPC and HTTP), gives every page back, and with --disable-radix-cache reuses
-nothing. With EAGLE a shared prefix ending at a page edge gives up that page (its draft KV saw
+`cached_tokens` (gRPC and HTTP), gives every page back, and with --disable-radix-cache (on both
+workers) reuses nothing. With EAGLE a shared prefix ending at a page edge gives up that page (its draft KV saw
 another next token)."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ PAGE = 16  # the workers' default page size
                          ids=["eagle", "eagle-cache-off", "plain"])
 def test_multi_turn_reuses_the_prompt_pages_and_matches_the_reference(launch, tiny_model_dir, reference,
                                                                       eagle, cache):
-    prefill_args = ["--chunked-prefill-size", "16", *([] if cache else ["--disable-radix-cache"])]
-    cluster = launch(tiny_model_dir, extra_worker_args=spec_args(3, 1, 4) if eagle else [],
-                     extra_prefill_args=prefill_args)
+    worker_args = [*(spec_args(3, 1, 4) if eagle else []), *([] if cache else ["--disable-radix-cache"])]
+    cluster = launch(tiny_model_dir, extra_worker_args=worker_args,  # both workers' caches on or off
+                     extra_prefill_args=["--chunked-prefill-size", "16"])
     stub = gateway(cluster)
     before = free_pages(cluster)
     rng = random.Random(20)
@@ -51,6 +51,9 @@ def test_multi_turn_reuses_the_prompt_pages_and_matches_the_reference(launch, ti
         assert got.tokens == reference.greedy(ids, 10), f"a {len(ids)}-token turn diverged"
         assert got.usage.cached_tokens == (cached if cache else 0)
     assert out == reference.greedy(first, 8)
+    # the decode worker now holds 3 pages of `second` and all but 2 tokens: it computes them itself
+    got = generate(stub, second, max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert got.tokens == reference.greedy(second, 4) and got.usage.cached_tokens == (3 * PAGE if cache else 0)
     client = openai.OpenAI(base_url=cluster.http_base_url, api_key="EMPTY", max_retries=0)
     again = client.completions.create(model="glm-tiny", prompt=second, max_tokens=4, temperature=0,
                                       extra_body={"ignore_eos": True})

@@ -165,3 +165,41 @@ def test_speculative_prefill_sends_the_mtp_layer_last_with_the_draft_state(make_
     assert aux.hidden.shape == (rig.runner.config.hidden_size,)
     check_delivery(rig, tid, 10, topk=2)
     assert rig.runner.allocator.num_free == rig.free_at_start
+
+
+def covered(sent: list, layer: int) -> list[int]:
+    """The token positions of one layer that the decode side received, in order of sending."""
+    return [t for s in sent if s.layers[0] <= layer < s.layers[1] for t in range(*s.tokens)]
+
+
+def test_tokens_the_decode_side_holds_are_never_sent_for_any_layer(make_rig) -> None:
+    from common.kvcache.prefix_index import PrefixCache
+
+    rig = make_rig(group=2, chunk_tokens=6, spec_topk=2)
+    rig.sched.cache = PrefixCache(rig.runner.allocator, 4, check_successor=True)  # the prefill side's own cache
+    ids = prompt(7, 14)
+    job = rig.job("a", ids)
+    job.decode_cached = 8  # AwaitReserved said: the decode worker holds pages 0 and 1
+    tid = rig.submit(job).transfer_id
+    rig.run()
+    layers = rig.runner.kv_pool.num_layers  # the MTP layer included
+    sent = rig.sent(tid)
+    assert all(s.tokens[0] >= 8 for s in sent), [s.tokens for s in sent]
+    assert all(covered(sent, layer) == list(range(8, 14)) for layer in range(layers))
+    assert [s.is_last for s in sent].count(True) == 1 and sent[-1].is_last
+    first, kv, _ = rig.reference(ids, 2)
+    assert rig.decode.aux[tid].first_token == first and job.cached_len == 0
+    torch.testing.assert_close(rig.decode.kv(tid, 14)[:, :, 8:], kv[:, :, 8:], atol=1e-5, rtol=1e-4)
+    assert job.kv_bytes == sum(s.kv.numel() * s.kv.element_size() for s in sent)
+
+    # the prefill side hits 3 pages of its own, the decode side 1: the early send starts at the decode's
+    again = rig.job("b", ids[:12] + [5, 6, 7])
+    again.decode_cached = 4
+    tid = rig.submit(again).transfer_id
+    rig.run()
+    assert again.cached_len == 8  # the MTP rule gave up the third page: its successor differs
+    sent = rig.sent(tid)
+    assert all(covered(sent, layer) == list(range(4, 15)) for layer in range(layers))
+    _, kv, _ = rig.reference(again.prompt_ids, 2)
+    torch.testing.assert_close(rig.decode.kv(tid, 15)[:, :, 4:], kv[:, :, 4:], atol=1e-5, rtol=1e-4)
+    assert rig.runner.allocator.num_used == rig.sched.cache.num_cached  # only idle cached pages left

@@ -80,7 +80,7 @@ class FakeDecodeStub:
             raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND,
                                        details=f"transfer {query.transfer_id} unknown")
         self.senders.decode.reserve(query.transfer_id, 64)
-        return worker_pb2.ReserveReply(reserved=True)
+        return worker_pb2.ReserveReply(reserved=True, **self.senders.answer)
 
 
 class FakeSenders:
@@ -90,6 +90,7 @@ class FakeSenders:
     def __init__(self, app: PrefillWorkerApp, decode: DecodeSide) -> None:
         self.app, self.decode = app, decode
         self.unreserved = False
+        self.answer: dict = {}  # the decode side's cache answer in ReserveReply
         self.get_error: Exception | None = None
         self.ok = HoldingSender(decode.table, app._transfer_done, on_stats=app._transfer_stats)
         self.senders = {"ok": self.ok, "breaks": BreakingSender(decode.table, app._transfer_done)}
@@ -189,6 +190,27 @@ def test_a_shared_prefix_is_served_from_the_cache_and_decode_gets_the_same_kv(ap
     assert (sched.hit_requests, sched.hit_tokens) == (3, 20)
     metric = "glmserve_prefix_cache_hit_tokens_total"  # the engine reports it after its step
     asyncio.run(until(lambda: REGISTRY.get_sample_value(metric) - hits_before == 20))
+
+
+def test_decode_held_tokens_are_not_sent_and_a_decode_computed_request_is_not_prefilled(app,
+                                                                                          tiny_model_dir: Path) -> None:
+    ids = prompt(4, 11)
+    app.senders.answer = {"cached_tokens": 8}  # the decode worker holds pages 0 and 1
+    result = call(app, request(tid=40, ids=ids))
+    assert result.cached_tokens == 8 and result.kv_bytes == 3 * app.runner.kv_pool.bytes_per_token
+    ref_runner = ModelRunner(tiny_model_dir, "cpu", torch.float32, PAGE, 16)
+    want = reference_generate(ref_runner, TokenSampler(SpecialIds.from_model_dir(str(tiny_model_dir))), ids,
+                              SamplingParams(temperature=0.0, max_tokens=1))
+    assert result.first_token == want[0] and app.senders.decode.aux[40].first_token == want[0]
+    ref_kv = ref_runner.kv_pool.gather_tokens((0, 3), [1, 2, 3], len(ids))
+    torch.testing.assert_close(app.senders.decode.kv(40, len(ids))[:, :, 8:], ref_kv[:, :, 8:], atol=1e-5, rtol=1e-4)
+    queried = app.engine.sched.query_tokens
+    app.senders.answer = {"cached_tokens": 8, "decode_computes": True}
+    result = call(app, request(tid=41, ids=ids))
+    assert (result.cached_tokens, result.kv_bytes, result.compute_seconds) == (8, 0, 0.0)
+    assert 41 not in app.senders.decode.aux and app.engine.sched.query_tokens == queried  # never admitted
+    app.senders.answer = {"cached_tokens": 6}  # not whole pages: ignored, everything is sent
+    assert call(app, request(tid=42, ids=ids)).kv_bytes == len(ids) * app.runner.kv_pool.bytes_per_token
 
 
 def test_flush_cache_forgets_the_cached_prefixes(app) -> None:
