@@ -56,7 +56,7 @@ def prefill_suffix(runner: ModelRunner, sampler: TokenSampler, rules: StopRules,
     sampled as the prefill worker samples it and committed as its KV record would be. Returns the
     hidden states of the positions computed."""
     logits, hidden = extend_kv(runner, req, req.prompt_ids, req.cached_len, logits_at_end=True)
-    row = sampler.sample(logits, [RowContext(req.params, req.prompt_ids, [])])[0]
+    row = sampler.sample(logits, [RowContext(req.params, req.prompt_ids, [], grammar=req.grammar)])[0]
     commit_tokens(req, [row.token], rules)
     if req.params.logprobs:
         req.logprobs.append((row.token, row.logprob or 0.0, []))

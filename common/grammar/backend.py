@@ -20,9 +20,10 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from common.grammar.vocab import GrammarVocab
+from common.grammar.vocab import GrammarVocab, control_byte_ids
 from common.serving import metrics
 from common.serving.sampling_params import Grammar, SamplingError
 
@@ -81,10 +82,20 @@ class GrammarBackend(ABC):
         self._pending: dict[Grammar, concurrent.futures.Future[CompiledGrammar]] = {}
         self._lock = threading.RLock()  # RLock: a done-callback may run inside `submit`'s critical section
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix=f"grammar-{self.name}")
+        self._json_safe: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.vocab.vocab_size
+
+    def json_safe_words(self) -> np.ndarray:
+        """uint32 bitmask words (bit i of word i // 32 = id i) of the ids without a control character."""
+        if self._json_safe is None:
+            words = np.full((self.vocab_size + 31) // 32, 0xFFFFFFFF, dtype=np.uint32)
+            for i in control_byte_ids(self.vocab):
+                words[i // 32] &= np.uint32(~(1 << (i % 32)) & 0xFFFFFFFF)
+            self._json_safe = words
+        return self._json_safe
 
     # ------------------------------------------------------------------ compiling
     def compile(self, grammar: Grammar) -> CompiledGrammar:

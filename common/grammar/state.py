@@ -26,13 +26,20 @@ from common.grammar.backend import (
 )
 from common.serving.sampling_params import SamplingParams
 
+# JSON kinds: xgrammar's JSON string rule admits control characters other than CR / LF, which strict
+# JSON parsers (Python's json, JavaScript's JSON.parse) refuse; with the fixed JSON layout no token
+# holding one is ever needed, so they are masked (common/grammar/vocab.py control_byte_ids)
+JSON_KINDS = frozenset({"json_schema", "json_object"})
+
 
 class GrammarState:
     def __init__(self, matcher: Matcher, end_ids: Sequence[int], stop_ids: Sequence[int],
-                 gate_id: int | None) -> None:
+                 gate_id: int | None, allowed_words: np.ndarray | None = None) -> None:
         """end_ids: the backend's end marker; stop_ids: the request's stop ids (its eos included unless
-        ignore_eos); gate_id: the `</think>` id when the output starts inside reasoning, else None."""
+        ignore_eos); gate_id: the `</think>` id when the output starts inside reasoning, else None;
+        allowed_words: a uint32 bitmask every filled row is ANDed with (JSON: no control characters)."""
         self.matcher = matcher
+        self.allowed_words = allowed_words
         self.end_ids = tuple(end_ids)
         self.stop_ids = frozenset(stop_ids)
         self.gate_id = gate_id
@@ -50,7 +57,8 @@ class GrammarState:
     def create(cls, backend: GrammarBackend, compiled: CompiledGrammar, stop_ids: Sequence[int],
                reasoning_first: bool, think_end_id: int | None) -> GrammarState:
         gate = think_end_id if reasoning_first else None
-        return cls(backend.matcher(compiled), backend.vocab.end_ids, stop_ids, gate)
+        allowed = backend.json_safe_words() if compiled.grammar.kind in JSON_KINDS else None
+        return cls(backend.matcher(compiled), backend.vocab.end_ids, stop_ids, gate, allowed)
 
     def active(self) -> bool:
         """Whether the next token after the committed output is sampled under the grammar."""
@@ -110,6 +118,8 @@ class GrammarState:
                     path.append(tok)
                 if ok:
                     self.matcher.fill_bitmask(bitmask, row)
+                    if self.allowed_words is not None:
+                        words[row, : len(self.allowed_words)] &= self.allowed_words
                     self._stop_bits(memoryview(words[row]))
                     n += 1
         finally:

@@ -57,6 +57,22 @@ class GrammarVocab:
         return cls(tuple(tokens), kind, ends, text)
 
 
+def control_byte_ids(vocab: GrammarVocab) -> list[int]:
+    """Ids whose text holds a control character (a byte below 0x20). JSON allows none of them unescaped
+    inside a string (RFC 8259), which xgrammar's JSON string rule admits apart from CR and LF."""
+    if vocab.kind == "byte_level":
+        value = {c: b for b, c in enumerate(byte_level_alphabet())}
+        decode = lambda t: bytes(value.get(c, 0x20) for c in t)
+    elif vocab.kind == "byte_fallback":
+        def decode(t: str) -> bytes:
+            if len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+                return bytes([int(t[3:5], 16)])
+            return t.replace("\u2581", " ").encode("utf-8")
+    else:
+        decode = lambda t: t.encode("utf-8")
+    return [i for i, t in enumerate(vocab.tokens) if t and any(b < 0x20 for b in decode(t))]
+
+
 def byte_level_alphabet() -> list[str]:
     """The byte-level BPE alphabet (GPT-2's): the printable character standing for each byte 0..255."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -96,6 +96,30 @@ def test_each_kind_yields_text_the_constraint_accepts(backend: GrammarBackend, t
     assert re.fullmatch(r"yes|no|maybe [0-9]", tokenizer.decode(out))
 
 
+def test_json_strings_never_hold_a_control_character(backend: GrammarBackend, tokenizer: Tokenizer) -> None:
+    """Inside a length-bounded JSON string xgrammar admits control characters other than CR / LF,
+    which json.loads and JSON.parse refuse: no token holding one is allowed under a JSON kind, while a
+    regex that asks for one still gets it."""
+    from common.grammar.vocab import control_byte_ids
+
+    nul = tokenizer.token_to_id("\u0100")  # the byte-level symbol of byte 0x00
+    assert nul is not None and nul in control_byte_ids(backend.vocab)
+    schema = json.dumps({"type": "object", "properties": {"b": {"type": "string", "maxLength": 3}}, "required": ["b"]})
+    state = GrammarState.create(backend, backend.compile(Grammar("json_schema", schema)), backend.vocab.end_ids,
+                                False, None)
+    prefix = tokenizer.encode('{"b": "', add_special_tokens=False).ids
+    mask = torch.full((1, (VOCAB + 31) // 32), -1, dtype=torch.int32)
+    assert state.fill(mask, 0, prefix)
+    inside = allowed(mask)
+    assert tokenizer.token_to_id("a") in inside  # ordinary string text
+    assert not set(inside) & set(control_byte_ids(backend.vocab))
+    tab = Grammar("regex", "a\tb")
+    state = GrammarState.create(backend, backend.compile(tab), backend.vocab.end_ids, False, None)
+    mask = torch.full((1, (VOCAB + 31) // 32), -1, dtype=torch.int32)
+    assert state.fill(mask, 0, tokenizer.encode("a", add_special_tokens=False).ids)
+    assert set(allowed(mask)) & set(control_byte_ids(backend.vocab))
+
+
 @pytest.mark.parametrize("grammar", [Grammar("regex", "[0-9"), Grammar("json_schema", '{"type": "objec'),
                                      Grammar("ebnf", 'root ::= "a" | b')])
 def test_a_grammar_that_does_not_compile_names_its_field(backend: GrammarBackend, grammar: Grammar) -> None:

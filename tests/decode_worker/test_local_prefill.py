@@ -49,3 +49,33 @@ def test_a_suffix_after_cached_pages_equals_the_whole_prompt_computed_here(tiny_
     torch.testing.assert_close(suffix.draft.topk_p, whole.draft.topk_p, atol=1e-5, rtol=1e-4)
     alone = run(plain, whole)  # the plain stepper samples the same first token, no draft state
     assert alone.output_ids == whole.output_ids and alone.draft is None
+
+
+def test_the_first_token_computed_here_is_sampled_under_the_grammar(tiny_model_dir: Path) -> None:
+    """A request whose prompt the decode worker completes itself gets its first token under its
+    grammar, as the prefill worker would sample it (a regex of digits: the free greedy token is not
+    one), and that token counts as sampled under the grammar."""
+    from common.grammar.factory import make_backend
+    from common.grammar.state import GrammarState
+    from common.grammar.vocab import GrammarVocab
+    from common.serving.sampling_params import Grammar
+
+    runner = ModelRunner(tiny_model_dir, "cpu", torch.float32, PAGE, 64)
+    sampler = TokenSampler(SpecialIds.from_model_dir(str(tiny_model_dir)))
+    plain = PlainStepper(runner, sampler, StopRules(()))
+    backend = make_backend("xgrammar", GrammarVocab.from_model_dir(tiny_model_dir, runner.config.vocab_size))
+    grammar = Grammar("regex", "[0-9]{2}")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, grammar=grammar)
+    prompt = torch.randint(0, 700, (14,), generator=torch.Generator().manual_seed(5)).tolist()
+    digits = {i for i in range(runner.config.vocab_size)
+              if backend.vocab.tokens[i] and backend.vocab.tokens[i].isdigit()}
+    for constrained in (False, True):
+        req = DecodeReq("r", 1, list(prompt), params if constrained else GREEDY, None)  # type: ignore[arg-type]
+        req.pages = runner.allocator.alloc(4)
+        if constrained:
+            req.grammar = GrammarState.create(backend, backend.compile(grammar), (), False, None)
+        with torch.inference_mode():
+            plain.prefill_local(req)
+        runner.allocator.free(req.pages)
+        assert (req.output_ids[0] in digits) == constrained, req.output_ids
+    assert req.grammar.tokens == 1

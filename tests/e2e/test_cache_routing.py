@@ -71,7 +71,10 @@ def chain(namespace: str, ids: list[int]) -> list[bytes]:
 
 
 def test_turns_follow_the_prefill_worker_holding_the_session(launch, tiny_model_dir) -> None:
-    cluster = launch(tiny_model_dir, prefill=2, extra_prefill_args=["--chunked-prefill-size", "32"])
+    # the decode worker's own cache stays on, but it never computes a suffix itself: every turn has a
+    # prefill leg, whose worker choice is what this test watches
+    cluster = launch(tiny_model_dir, prefill=2, extra_prefill_args=["--chunked-prefill-size", "32"],
+                     extra_decode_args=["--decode-local-prefill-tokens", "0"])
     stub = gateway(cluster)
     watches = Watches(cluster.prefill_ports)
     try:
