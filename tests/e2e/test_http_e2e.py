@@ -120,7 +120,7 @@ def test_required_and_named_tool_choice_are_enforced_while_decoding(served):
         for seed in (1, 2):
             r = client.chat.completions.create(
                 model="glm-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
-                tool_choice=choice, max_tokens=12, temperature=1.0, seed=seed, logprobs=True,
+                tool_choice=choice, max_tokens=48, temperature=1.0, seed=seed, logprobs=True,
                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
             tokens = [t.token for t in r.choices[0].logprobs.content]
             answer = tokens[1:] if tokens[0] == "\n" else tokens
