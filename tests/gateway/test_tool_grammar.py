@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import jsonschema
 import pytest
@@ -148,17 +149,8 @@ def test_random_texts_of_the_grammar_parse_back_into_schema_valid_calls(compiler
     finished = 0
     names: set[str] = set()
     for _ in range(150):
-        m = xgr.GrammarMatcher(compiled)
-        ids: list[int] = []
-        while not m.is_terminated() and len(ids) < 400:
-            m.fill_next_token_bitmask(bitmask)
-            words = bitmask[0].tolist()
-            allowed = [i for i in range(len(VOCAB)) if (words[i // 32] >> (i % 32)) & 1]
-            weights = [40 if i == EOS else 20 if len(VOCAB[i]) > 1 else 1 for i in allowed]
-            token = rng.choices(allowed, weights)[0]
-            assert m.accept_token(token)
-            ids.append(token)
-        if not m.is_terminated():
+        ids = _walk(compiled, bitmask, rng, 400)
+        if ids is None:
             continue
         finished += 1
         text = "".join(VOCAB[i] for i in ids[:-1])
@@ -301,17 +293,8 @@ def test_random_strict_schemas_round_trip_through_grammar_and_parser(compiler, f
         built += 1
         compiled = compiler.compile_grammar(ebnf)
         for _ in range(6):
-            m = xgr.GrammarMatcher(compiled)
-            ids: list[int] = []
-            while not m.is_terminated() and len(ids) < 300:
-                m.fill_next_token_bitmask(bitmask)
-                words = bitmask[0].tolist()
-                allowed = [i for i in range(len(VOCAB)) if (words[i // 32] >> (i % 32)) & 1]
-                weights = [40 if i == EOS else 20 if len(VOCAB[i]) > 1 else 1 for i in allowed]
-                token = rng.choices(allowed, weights)[0]
-                assert m.accept_token(token)
-                ids.append(token)
-            if not m.is_terminated():
+            ids = _walk(compiled, bitmask, rng, 300)
+            if ids is None:
                 continue
             walked += 1
             text = "".join(VOCAB[i] for i in ids[:-1])
@@ -319,3 +302,19 @@ def test_random_strict_schemas_round_trip_through_grammar_and_parser(compiler, f
             assert len(calls) == 1 and content == "", text
             jsonschema.validate(json.loads(calls[0].arguments), params)
     assert built >= 25 and walked >= 100
+
+
+def _walk(compiled: xgr.CompiledGrammar, bitmask: Any, rng: random.Random, limit: int) -> list[int] | None:
+    """A random walk over the tokens the grammar allows (longer tokens and the end preferred), up to
+    the end token; None when it did not end within `limit` tokens."""
+    m = xgr.GrammarMatcher(compiled)
+    ids: list[int] = []
+    while not m.is_terminated() and len(ids) < limit:
+        m.fill_next_token_bitmask(bitmask)
+        words = bitmask[0].tolist()
+        allowed = [i for i in range(len(VOCAB)) if (words[i // 32] >> (i % 32)) & 1]
+        weights = [40 if i == EOS else 20 if len(VOCAB[i]) > 1 else 1 for i in allowed]
+        token = rng.choices(allowed, weights)[0]
+        assert m.accept_token(token)
+        ids.append(token)
+    return ids if m.is_terminated() else None
