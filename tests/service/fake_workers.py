@@ -83,7 +83,7 @@ class _Recorder:
         self.flushes += 1
         if self.cache_events is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no prefix cache")
-        self.cache_events.listener([], [], True)
+        self.cache_events.listener(_Change(reset=True))
         return worker_pb2.FlushCacheResponse(pages_freed=3)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context) -> worker_pb2.AbortResponse:
@@ -105,13 +105,22 @@ class _Recorder:
 FAKE_NAMESPACE = "fake-model/bf16/16/4"
 
 
+@dataclass(frozen=True)
+class _Change:
+    """What a worker's PrefixCache hands its CacheEvents (common/kvcache/prefix_index.py IndexChange)."""
+
+    stored: tuple[bytes, ...] = ()
+    removed: tuple[bytes, ...] = ()
+    reset: bool = False
+
+
 def store_prompt(events: CacheEvents, ids: list[int]) -> list[bytes]:
     """What a real worker's cache reports after computing `ids`: the keys of its full pages."""
     keys, parent = [], root_key(events.namespace)
     for i in range(len(ids) // events.page_size):
         parent = page_key(parent, ids[i * events.page_size:(i + 1) * events.page_size])
         keys.append(parent)
-    events.listener(keys, [], False)
+    events.listener(_Change(stored=tuple(keys)))
     return keys
 
 
