@@ -12,7 +12,7 @@ NCCL, NVLink multicast off), then for every size and path:
 - times: one CUDA graph of `calls` back-to-back all-reduces, replayed `reps` times (CUDA events);
   the median per call, on rank 0.
 Prints the table (with the path `choose_path` would take) and writes $OUT/bench_allreduce.{md,json}.
-The issue's target: <= 8 us per all-reduce up to 128 KiB.
+The target: <= 8 us per all-reduce up to 128 KiB.
 """
 
 from __future__ import annotations

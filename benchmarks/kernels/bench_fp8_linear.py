@@ -17,7 +17,7 @@ rotated past L2) of:
   blk       ops.fp8_block_linear on pre-quantised x (the Triton block GEMM), blk+q with the
             per-128-group quant of x. Shapes whose K is not a multiple of 128 have no block path.
 For each: weight GB/s and its fraction of the read bandwidth, TFLOP/s and its fraction of the bf16 or
-FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. The issue's targets:
+FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. The targets:
 the faster channel FP8 GEMM (quantised activations in hand, as the fused producers leave them) at
 >= 1.7x bf16 for M <= 64 and >= 1.5x for M >= 2048, PASS/FAIL per point and in the summary.
 

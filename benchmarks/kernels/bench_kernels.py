@@ -7,7 +7,7 @@ GEMM 8192^3), then per kernel/shape: median time, roofline floor (bytes over the
 bandwidth — read bandwidth when the kernel mostly reads, copy bandwidth otherwise — and FLOPs
 over the measured GEMM rate), floor/time, the torch reference's time and the speedup over it,
 and the relative error vs an fp32 reference on fresh random bf16 data. MoE rows also give the
-issue's targets: M<=64 weight bytes / time vs read bandwidth (>= 90%), M>=1024 FLOP rate vs GEMM
+targets: M<=64 weight bytes / time vs read bandwidth (>= 90%), M>=1024 FLOP rate vs GEMM
 peak (>= 65%); decode attention rows KV bytes / time vs read bandwidth. With OUT set, rows are
 appended to $OUT/bench_kernels.md and $OUT/bench_kernels.jsonl as they finish.
 """

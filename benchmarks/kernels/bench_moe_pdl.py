@@ -8,7 +8,7 @@ plainly, each waits for the previous one to finish and then pays its own launch 
 ramp. With PDL (triton_moe.USE_PDL) the next kernel's programs start on the SMs its predecessor
 frees and wait in-kernel (griddepcontrol.wait) for its results. Each mode is timed by CUDA-graph
 replay (measure.time_graph, two routings per graph), the modes interleaved over --rounds rounds,
-median per mode reported with the issue's measure: weight bytes / time against the read bandwidth
+median per mode reported with the target's measure: weight bytes / time against the read bandwidth
 (M <= 64) or FLOP rate against the bf16 GEMM peak (M >= 1024). At M <= 64 the same number of bytes
 is also read by one plain streaming kernel (the read-bandwidth probe), timed the same way: what a
 single kernel of that size can reach, launch and ramp included. Each mode's output must equal the
@@ -54,7 +54,7 @@ def _point(ceil: dict, w13: torch.Tensor, w2: torch.Tensor, m: int, shared: int,
     w_bytes = used * 3 * inter * h * 2
     flops = 2 * m * (8 + shared) * 3 * inter * h
 
-    def scored(t: float) -> tuple[float, float]:  # (µs, the fraction at this M)
+    def scored(t: float) -> tuple[float, float]:  # (µs, the target's fraction at this M)
         return t, (w_bytes / (t * 1e3) / ceil["read_gbs"]) if m <= 64 else flops / (t * 1e6) / ceil["gemm_tflops"]
 
     row: dict = {"same": same, **{mode: scored(statistics.median(ts)) for mode, ts in times.items()}}

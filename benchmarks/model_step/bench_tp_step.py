@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     measure.write_out(name + ".md", text)
     measure.write_out(name + ".json", json.dumps(info, indent=1, default=str))
     out = measure.out_dir()
-    if out is not None:  # every run of a session, one file
+    if out is not None:  # one file per run
         with open(out / "bench_tp_step.md", "a") as f:
             f.write(text + "\n")
     return 0
