@@ -29,7 +29,7 @@ COMMON_FOLDERS: dict[str, set[str]] = {
     "model": {"forward", "attention", "ops"},
     "grammar": {"serving"},                             # structured output: backends, matcher state
     "sampling": {"serving", "forward", "grammar", "ops"},
-    "runtime": {"model", "attention", "forward", "kvcache", "ops", "sampling"},
+    "runtime": {"model", "attention", "forward", "kvcache", "ops", "sampling", "transport"},  # TP groups' stores
     "worker": {"serving", "model", "runtime", "transport", "sampling", "kvcache", "forward", "grammar"},
     "tools": {"serving", "model", "runtime", "sampling", "forward", "kvcache", "worker"},
 }

@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import traceback
 from typing import Any
 
@@ -37,7 +36,8 @@ def _rank_main(rank: int, world: int, port: int, sizes: list[int], calls: int, r
     for k, v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
         os.environ[k] = v
     from common.runtime import symm_allreduce as sar
-    from common.runtime.distributed import TPConfig, TPGroup, connect_store, host_store
+    from common.runtime.distributed import TPConfig, TPGroup
+    from common.transport.pair import connect_store, host_store
 
     try:
         torch.cuda.set_device(rank)
@@ -82,25 +82,8 @@ def _caller(group: Any, path: str, x: torch.Tensor) -> Any:
 
 
 def _time(call: Any, calls: int, reps: int) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+    """Median µs per all-reduce: `calls` of them back to back in one CUDA graph."""
+    return measure.time_graph([call] * calls, reps)
 
 
 def run_world(world: int, sizes: list[int], calls: int, reps: int) -> dict:

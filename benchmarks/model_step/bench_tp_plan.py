@@ -23,8 +23,9 @@ import torch
 
 from benchmarks import measure
 from common.forward.batch import ForwardBatch
-from common.runtime.distributed import TPConfig, TPGroup, connect_store, host_store
+from common.runtime.distributed import TPConfig, TPGroup
 from common.runtime.step_plan import BatchMeta, ForwardPlan, Mirror, PlanKind, StopPlan, decode, encode
+from common.transport.pair import connect_store, host_store
 
 PAGE = 16
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,26 +228,3 @@ def _gloo(store: Any, rank: int, size: int, timeout: datetime.timedelta, host: s
     opts._timeout = timeout
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(store, rank, size, opts)
-
-
-def host_store(host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> dist.TCPStore:
-    """The leader's store, listening on `host` only (port 0: the OS picks; read `.port`). A TCPStore
-    given a host name still listens on every interface, so the socket is bound here and handed over
-    as `master_listen_fd` (the store owns it)."""
-    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
-        sock.listen(128)
-        store = dist.TCPStore(host, sock.getsockname()[1], None, True, datetime.timedelta(seconds=timeout_s),
-                              wait_for_workers=False, master_listen_fd=sock.fileno())
-    except BaseException:
-        sock.close()
-        raise
-    sock.detach()
-    return store
-
-
-def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
-    return dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))

@@ -58,7 +58,7 @@ def host_store(host: str, port: int = 0, timeout_s: float = 60.0) -> dist.TCPSto
     return store
 
 
-def connect_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+def connect_store(host: str, port: int, timeout_s: float = 60.0) -> dist.TCPStore:
     """A private client connection (one per pair side: a blocking get blocks the whole client)."""
     return dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout_s))
 

@@ -19,10 +19,11 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from common.runtime.distributed import TPConfig, TPGroup, connect_store
+from common.runtime.distributed import TPConfig, TPGroup
 from common.runtime.runner import RunnerSpec
 from common.runtime.step_plan import WORKER_KINDS, StopPlan, decode
 from common.transport.base import TransportConfig
+from common.transport.pair import connect_store
 
 log = logging.getLogger(__name__)
 PARENT_POLL_S = 0.5

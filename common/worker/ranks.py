@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
-from common.runtime.distributed import TPConfig, TPGroup, host_store, require_multicast_off
+from common.runtime.distributed import TPConfig, TPGroup, require_multicast_off
 from common.runtime.runner import ModelRunner, RunnerSpec
 from common.runtime.step_plan import Mirror, StopPlan, encode
 from common.transport.base import TransportConfig
+from common.transport.pair import host_store
 from common.worker.follower import ERROR, READY, FollowerArgs, follower_main, joined_key
 
 log = logging.getLogger(__name__)

@@ -21,9 +21,10 @@ import torch.multiprocessing as mp
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.model import LoadError, load_model
 from common.model.layers import LocalRank, kv_head_block
-from common.runtime.distributed import TPConfig, TPGroup, connect_store, host_store
+from common.runtime.distributed import TPConfig, TPGroup
 from common.runtime.runner import ModelRunner
 from common.tools.tiny_model import make_tiny_model
+from common.transport.pair import connect_store, host_store
 
 PAGE = 4
 MODELS = {"fp32": {}, "fp8-channel": {"quantization": "fp8-channel"},
