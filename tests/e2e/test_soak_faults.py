@@ -123,6 +123,10 @@ def test_soak_with_a_killed_decode_worker(launch, tiny_model_dir: Path, referenc
     try:
         with supervised(cluster) as log, ThreadPoolExecutor(THREADS) as pool:
             list(pool.map(one, range(40)))  # warm-up: lazily made threads, channels and KV pairs exist now
+            deadline = time.monotonic() + 30  # ... every decode worker's KV pair included (load may favour one)
+            while not all("paired prefill" in (cluster.log_dir / f"{n}.log").read_text() for n in ("decode0", "decode1")):
+                assert time.monotonic() < deadline, "the warm-up did not pair the prefill worker with every decode worker"
+                list(pool.map(one, range(40)))
             warm = {n: proc_stats(p.pid) for n, p in cluster.procs.items()}
             start = time.monotonic()
             long = [_long_stream(stub, k) for k in range(2)]  # one on each decode worker (least loaded)
