@@ -41,7 +41,7 @@ class Watches:
                 raise
 
     def next(self) -> tuple[int, worker_pb2.CacheEvent]:
-        return self.events.get(timeout=20)
+        return self.events.get(timeout=60)  # a loaded 2-core machine can take a while per turn
 
     def stored(self, keys: set[bytes]) -> tuple[set[int], set[bytes]]:
         """Read stored events until all of `keys` were seen: (the workers that stored, every key stored)."""
