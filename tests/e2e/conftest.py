@@ -136,6 +136,23 @@ def launch(tmp_path: Path) -> Iterator:
         c.stop()
 
 
+@contextmanager
+def ready_cluster(model_dir: Path, log_dir: Path, **kw) -> Iterator[Cluster]:
+    """A started, ready cluster (its logs printed if it never gets ready), stopped on exit: the body of
+    a module-scoped cluster fixture."""
+    c = start_cluster(model_dir, log_dir=log_dir, **kw)
+    try:
+        c.wait_ready(90)
+    except Exception:
+        _dump_logs(log_dir)
+        c.stop()
+        raise
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
 def _dump_logs(log_dir: Path) -> None:
     for f in sorted(Path(log_dir).glob("*.log")):
         print(f"===== {f.name}\n{f.read_text()[-4000:]}")

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2
 from common.tools.launch import Cluster, start_cluster
 from common.transport.auth import PAIR_AUTH_KEY, PairAuth
 from protos import gateway_pb2, worker_pb2, worker_pb2_grpc
-from tests.e2e.conftest import _dump_logs, gateway, generate
+from tests.e2e.conftest import gateway, generate, ready_cluster
 
 LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
@@ -26,16 +26,9 @@ LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("hardening_logs")
-    c = start_cluster(tiny_model_dir, log_dir=log_dir, extra_worker_args=["--metrics-port", "0"],
-                      extra_gateway_args=["--metrics-port", "0"])
-    try:
-        c.wait_ready(90)
-    except Exception:
-        _dump_logs(log_dir)
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    with ready_cluster(tiny_model_dir, log_dir, extra_worker_args=["--metrics-port", "0"],
+                       extra_gateway_args=["--metrics-port", "0"]) as c:
+        yield c
 
 
 def _addr(hex_addr: str) -> str:

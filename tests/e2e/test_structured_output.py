@@ -22,9 +22,9 @@ import jsonschema
 import openai
 import pytest
 
-from common.tools.launch import Cluster, start_cluster
+from common.tools.launch import Cluster
 from protos import gateway_pb2, gateway_pb2_grpc
-from tests.e2e.conftest import _dump_logs
+from tests.e2e.conftest import ready_cluster
 
 MAX_TOKENS = 160
 TOOL_MAX_TOKENS = 256  # the markup and names are spelled with any tokens the grammar allows, often single bytes
@@ -70,15 +70,8 @@ def cluster(request, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     spec = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2", "--speculative-eagle-topk", "1",
             "--speculative-num-draft-tokens", "3"] if request.param == "pd+eagle" else []
     log_dir = tmp_path_factory.mktemp(f"structured_{request.param.replace('+', '_')}")
-    c = start_cluster(tiny_model_dir, extra_worker_args=spec, log_dir=log_dir)
-    try:
-        c.wait_ready(90)
-    except Exception:
-        _dump_logs(log_dir)
-        c.stop()
-        raise
-    yield c
-    c.stop()
+    with ready_cluster(tiny_model_dir, log_dir, extra_worker_args=spec) as c:
+        yield c
 
 
 def _openai(c: Cluster) -> openai.OpenAI:
