@@ -308,6 +308,22 @@ def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: l
             f"{t_best:.1f} | {t_best / t_default:.2f} |"))
 
 
+def update_table(path: Path, gpu: str, sweep: list[dict]) -> int:
+    """Merge the sweep's fastest tiles into the tuned-tile table `tuned_config` reads: per GPU name,
+    per 'N,K', per token bucket ('1': M <= 16, '64': 17-64; the larger M of a bucket decides)."""
+    table = json.loads(path.read_text())
+    per_gpu = table["tables"].setdefault(gpu, {})
+    n = 0
+    for row in sorted(sweep, key=lambda r: r["m"]):
+        cfg = tg.GemmConfig(*row["best"])
+        per_gpu.setdefault(f"{row['n']},{row['k']}", {})["1" if row["m"] <= 16 else "64"] = {
+            "block_n": cfg.block_n, "split_k": cfg.split_k, "num_stages": cfg.num_stages,
+            "num_warps": cfg.num_warps, "us": row["best_us"], "cublas_us": row["cublas_us"]}
+        n += 1
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return n
+
+
 # ------------------------------------------------------------------------------------ fused producers
 FUSED_HEADER = ("| op | shape | unfused us | fused us | speedup | bytes floor us | fused / floor |\n|"
                 + "---|" * 7)
@@ -411,6 +427,8 @@ def main() -> None:
     ap.add_argument("--fused-t", default="1,64,4096")
     ap.add_argument("--sections", default="linear,fused")
     ap.add_argument("--budget-s", type=float, default=450.0)
+    ap.add_argument("--update-table", type=Path, default=None, metavar="JSON",
+                    help="merge the sweep's winners into this tuned-tile table (common/ops/fp8_gemm_tuned.json)")
     args = ap.parse_args()
     info = measure.device_info()
     ceil = measure.measure_ceilings() | measure.fp8_gemm_tflops()
@@ -425,6 +443,9 @@ def main() -> None:
     if "fused" in sections:
         bench_fused(rep, _ints(args.fused_t))
     rep.save()
+    if args.update_table is not None and rep.sweep:
+        n = update_table(args.update_table, torch.cuda.get_device_name(), rep.sweep)
+        print(f"{n} entries written to {args.update_table}", flush=True)
     print("summary " + json.dumps(rep.result()["summary"]), flush=True)
     for msg in rep.errors:
         print(msg)

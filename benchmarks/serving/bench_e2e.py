@@ -8,7 +8,10 @@ bytes per token and layer as Air; 4 layers; 16 routed experts of I_e 1408 top-8;
 tokenizer's vocabulary) and the MTP layer, starts the three processes (both workers on one GPU:
 the KV moves over CUDA IPC; on two GPUs: NCCL), then measures per concurrency level: TTFT (client side), inter-token latency, output
 tokens/s, and the KV transfer rate the decode worker recorded (bytes / first-to-last-chunk time,
-which includes waiting for the prefill's compute when layer groups stream). The plain decode runs
+which includes waiting for the prefill's compute when layer groups stream). `--constraints none,json`
+measures every level also with each request under a JSON schema (an array of at least 16 objects
+`{"id": integer, "name": string}`, so no answer can end inside `--max-tokens` and every output token
+is sampled under the grammar's mask), in the same processes, side by side. The plain decode runs
 with the overlapped schedule (the worker's default); `--overlap off` passes the decode worker
 `--disable-overlap-schedule`, `--overlap both` measures plain decode both ways. With OUT set, writes
 $OUT/bench_e2e.md.
@@ -17,6 +20,7 @@ $OUT/bench_e2e.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -40,9 +44,17 @@ AIR_LAYERS = {"num_layers": 4, "hidden_size": 4096, "intermediate_size": 10944, 
               "routed_scaling_factor": 1.0, "max_position_embeddings": 40960}
 
 
-def stream(stub, ids: list[int], max_tokens: int) -> tuple[float, list[float], list[int]]:
+# the schema of `--constraints json`: no answer that satisfies it fits in fewer than 16 * 8 tokens
+JSON_SCHEMA = json.dumps({"type": "array", "minItems": 16, "items": {
+    "type": "object", "required": ["id", "name"],
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string"}}}})
+
+
+def stream(stub, ids: list[int], max_tokens: int, constraint: str = "none") -> tuple[float, list[float], list[int]]:
     req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids))
     req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = max_tokens, 0.0, True
+    if constraint == "json":
+        req.sampling.json_schema = JSON_SCHEMA
     t0 = time.perf_counter()
     stamps, toks = [], []
     for r in stub.Generate(req, timeout=600):
@@ -81,28 +93,31 @@ def run(args: argparse.Namespace, model: Path, spec: list[str], overlap: bool = 
         gen = torch.Generator().manual_seed(0)
         prompt = lambda: torch.randint(0, 800, (args.prompt,), generator=gen).tolist()
         stream(stub, prompt(), 4)  # warm-up: pairing, kernels
+        if "json" in args.constraints:
+            stream(stub, prompt(), 4, "json")  # the schema's compile (cached from here on)
         for conc in args.concurrency:
             with ThreadPoolExecutor(conc) as pool:  # unmeasured round: kernels for these shapes compile here
                 list(pool.map(lambda p: stream(stub, p, 8), [prompt() for _ in range(conc)]))
-            before = scrape(mport)
-            prompts = [prompt() for _ in range(conc)]
-            t_start = time.perf_counter()
-            with ThreadPoolExecutor(conc) as pool:
-                res = list(pool.map(lambda p: stream(stub, p, args.max_tokens), prompts))
-            wall = time.perf_counter() - t_start
-            after = scrape(mport)
-            ttft = [s[0] for _, s, _ in res]
-            itl = [(s[-1] - s[0]) / (len(s) - 1) for _, s, _ in res if len(s) > 1]
-            tokens = sum(len(t) for _, _, t in res)
-            nbytes = after["glmserve_kv_transfer_bytes_total"] - before["glmserve_kv_transfer_bytes_total"]
-            secs = after["glmserve_kv_transfer_seconds_sum"] - before["glmserve_kv_transfer_seconds_sum"]
-            schedule = "n/a" if is_spec else "on" if overlap else "off"
-            row = (f"| {'EAGLE 3,1,4' if is_spec else 'off'} | {schedule} | {conc} | {args.prompt} | "
-                   f"{statistics.median(ttft) * 1e3:.1f} | {max(ttft) * 1e3:.1f} | "
-                   f"{statistics.median(itl) * 1e3:.2f} | {tokens / wall:.0f} | "
-                   f"{nbytes / 2**20 / max(1, conc):.1f} | {nbytes / secs / 1e9 if secs else float('nan'):.1f} |")
-            print(row, flush=True)
-            rows.append(row)
+            for constraint in args.constraints:
+                before = scrape(mport)
+                prompts = [prompt() for _ in range(conc)]
+                t_start = time.perf_counter()
+                with ThreadPoolExecutor(conc) as pool:
+                    res = list(pool.map(lambda p: stream(stub, p, args.max_tokens, constraint), prompts))
+                wall = time.perf_counter() - t_start
+                after = scrape(mport)
+                ttft = [s[0] for _, s, _ in res]
+                itl = [(s[-1] - s[0]) / (len(s) - 1) for _, s, _ in res if len(s) > 1]
+                tokens = sum(len(t) for _, _, t in res)
+                nbytes = after["glmserve_kv_transfer_bytes_total"] - before["glmserve_kv_transfer_bytes_total"]
+                secs = after["glmserve_kv_transfer_seconds_sum"] - before["glmserve_kv_transfer_seconds_sum"]
+                schedule = "n/a" if is_spec else "on" if overlap else "off"
+                row = (f"| {'EAGLE 3,1,4' if is_spec else 'off'} | {schedule} | {constraint} | {conc} | {args.prompt} | "
+                       f"{statistics.median(ttft) * 1e3:.1f} | {max(ttft) * 1e3:.1f} | "
+                       f"{statistics.median(itl) * 1e3:.2f} | {tokens / wall:.0f} | "
+                       f"{nbytes / 2**20 / max(1, conc):.1f} | {nbytes / secs / 1e9 if secs else float('nan'):.1f} |")
+                print(row, flush=True)
+                rows.append(row)
     finally:
         cluster.stop()
         out_dir = measure.out_dir()
@@ -121,22 +136,29 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model-dir", default=None, help="reuse a model directory (default: write one)")
+    ap.add_argument("--tiny", action="store_true", help="the tiny 3-layer model (a CPU smoke run)")
     ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_e2e"))
     ap.add_argument("--no-spec", action="store_true")
+    ap.add_argument("--constraints", default="none",
+                    help="comma-separated: none (free output), json (every token under a JSON schema's mask)")
     ap.add_argument("--overlap", default="on", choices=("on", "off", "both"),
                     help="plain decode with the overlapped schedule (on), with --disable-overlap-schedule (off), "
                          "or both, one after the other")
     args = ap.parse_args()
     args.decode_device = args.decode_device or args.device
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / "glmserve_air_layers"
+    args.constraints = args.constraints.split(",")
+    if not set(args.constraints) <= {"none", "json"}:
+        ap.error(f"--constraints: {args.constraints} (each of none, json)")
+    default_dir = "glmserve_tiny_model" if args.tiny else "glmserve_air_layers"
+    model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / default_dir
     if not (model / "config.json").exists():
         t0 = time.time()
-        make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
-        print(f"wrote Air-layer model to {model} in {time.time() - t0:.0f}s", flush=True)
-    header = [("| spec | overlap schedule | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | "
+        make_tiny_model(model, weight_dtype=torch.bfloat16, **({} if args.tiny else AIR_LAYERS))
+        print(f"wrote the model to {model} in {time.time() - t0:.0f}s", flush=True)
+    header = [("| spec | overlap schedule | constraint | concurrency | prompt | TTFT p50 (ms) | TTFT max (ms) | ITL p50 (ms) | "
                "output tok/s | KV MiB/request | KV transfer GB/s (decode side) |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     rows = []
     for overlap in {"on": (True,), "off": (False,), "both": (True, False)}[args.overlap]:

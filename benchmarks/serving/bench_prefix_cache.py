@@ -23,7 +23,9 @@ writes $OUT/bench_prefix_cache.md.
 decode worker: `--sessions` conversations run at once, each `--turns` turns long, each turn's prompt
 the previous prompt + its `--output` tokens + `--turn-tokens` new ones (SGLang's multi-turn
 shape), first with cache-aware routing, then with the gateway's `--disable-radix-cache` (least
-loaded). Reported per mode: token hit rate (cached / prompt tokens), share of requests with a hit,
+loaded). The one decode worker's own cache is off unless `--decode-cache`: it holds every session, so
+with it on both routings hit there and the comparison no longer measures the choice of prefill
+worker. Reported per mode: token hit rate (cached / prompt tokens), share of requests with a hit,
 mean TTFT (targets: hit rate >= 3x least loaded, mean TTFT <= 0.5x). Writes
 $OUT/bench_prefix_cache_routing.md.
 """
@@ -163,7 +165,8 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool) -> dic
     shared = ["--mem-fraction-static", str(0.8 / (args.routing + 1))] if args.device.startswith("cuda") else []
     cluster = start_cluster(model, prefill=args.routing, decode=1, extra_worker_args=shared,
                             extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
-                            extra_decode_args=["--device", args.device, "--max-running-requests", "64"],
+                            extra_decode_args=["--device", args.device, "--max-running-requests", "64",
+                                               *([] if args.decode_cache else ["--disable-radix-cache"])],
                             extra_gateway_args=[] if cache_aware else ["--disable-radix-cache"],
                             log_dir=Path(args.log_dir) / name)
 
@@ -197,7 +200,8 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool) -> dic
 def routing_main(args: argparse.Namespace, model: Path) -> None:
     aware, load = run_routing(args, model, True), run_routing(args, model, False)
     rows = [(f"{args.routing} prefill workers, {args.sessions} sessions x {args.turns} turns, first prompt "
-             f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn"), "",
+             f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn; the decode "
+             f"worker's cache {'on' if args.decode_cache else 'off'}"), "",
             "| routing | token hit rate | requests with a hit | mean TTFT (ms) |", "|---|---|---|---|"]
     for name, r in (("cache-aware", aware), ("least loaded", load)):
         rows.append(f"| {name} | {r['hit_rate']:.1%} | {r['hit_requests']:.1%} | {r['ttft_ms']:.1f} |")
@@ -227,6 +231,8 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=4, help="--routing: turns per conversation")
     ap.add_argument("--output", type=int, default=64, help="--routing: output tokens per turn")
     ap.add_argument("--turn-tokens", type=int, default=256, help="--routing: new prompt tokens per turn")
+    ap.add_argument("--decode-cache", action="store_true",
+                    help="--routing: keep the decode worker's cache on (its hits then come with either routing)")
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.vocab = 700 if args.tiny else 800

@@ -13,7 +13,8 @@ the fast path was taken beyond accumulation order and the output's rounding.
 Few tokens (M <= SMALL_M, decode and verify steps) go to the Triton channel GEMM instead: there the
 call is a weight-bandwidth GEMV, and cuBLAS's kernels reached only 44-47 % of the read bandwidth at
 K = 11-12K (o_proj, down_proj) on the H100, where the Triton kernel splits K to keep about two
-programs per SM streaming weights (`docs/performance.md` §7 has both, shape by shape).
+programs per SM streaming weights (`docs/performance.md` §7 has both, shape by shape). Where the
+sweep that tuned a shape's tiles timed cuBLAS faster still, that shape's bucket stays on cuBLAS.
 
 Block FP8 (1 x 128 activation groups, 128 x 128 weight blocks) runs on the Triton kernel of
 `triton_fp8_gemm.py`: cuBLAS's block scaling through `torch._scaled_mm` answered
@@ -80,7 +81,10 @@ def fp8_linear(
     if x_q.shape[0] <= SMALL_M and _triton_fits(x_q, x_scale, w_q, w_scale):
         from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
 
-        return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        m, (n, k) = x_q.shape[0], w_q.shape
+        if not (triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device)
+                and scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)):
+            return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return scaled_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 

@@ -152,16 +152,27 @@ def _device_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
+def _tuned_entry(m: int, n: int, k: int, device: torch.device) -> dict | None:
+    if device.type != "cuda" or m > 64:
+        return None
+    return _tuned_tables().get(_device_name(device.index or 0), {}).get(f"{n},{k}", {}).get("1" if m <= 16 else "64")
+
+
 def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig | None:
     """The measured best few-token tiles of the channel GEMM for this GPU and projection shape
     (fp8_gemm_tuned.json: bucket '1' serves M <= 16, '64' serves 17-64), or None."""
-    if device.type != "cuda" or m > 64:
-        return None
-    entry = _tuned_tables().get(_device_name(device.index or 0), {}).get(f"{n},{k}", {}).get("1" if m <= 16 else "64")
+    entry = _tuned_entry(m, n, k, device)
     if entry is None:
         return None
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     return GemmConfig(bm, entry["block_n"], 128, 1, entry["num_warps"], entry["num_stages"], entry["split_k"])
+
+
+def cublas_measured_faster(m: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether the sweep that tuned this shape's few-token bucket timed cuBLAS below its best tiles
+    (then the caller runs cuBLAS: the faster of the two per shape, as measured)."""
+    entry = _tuned_entry(m, n, k, device)
+    return entry is not None and entry["cublas_us"] < entry["us"]
 
 
 def fp8_gemm(
@@ -235,4 +246,4 @@ def fp8_linear(
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, 0)
 
 
-__all__ = ["TUNED_PATH", "GemmConfig", "default_config", "fp8_block_linear", "fp8_gemm", "fp8_linear", "tuned_config"]
+__all__ = ["TUNED_PATH", "GemmConfig", "cublas_measured_faster", "default_config", "fp8_block_linear", "fp8_gemm", "fp8_linear", "tuned_config"]

@@ -160,6 +160,34 @@ def test_fp8_gemm_tuned_table_is_well_formed() -> None:
                 assert k // entry["split_k"] >= 128 and entry["num_stages"] >= 2
 
 
+def test_tuned_table_round_trip_and_the_faster_library(tmp_path, monkeypatch) -> None:
+    """The sweep's winners written by the benchmark are what the lookup returns, bucket by bucket,
+    and a bucket whose sweep timed cuBLAS faster than its best tiles is sent to cuBLAS."""
+    import json
+
+    pytest.importorskip("triton")
+    from benchmarks.kernels.bench_fp8_linear import update_table
+    from common.ops import triton_fp8_gemm as tg
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"_doc": "test", "tables": {}}))
+    sweep = [{"n": 512, "k": 1024, "m": 1, "best": list(tg.GemmConfig(16, 32, 128, 1, 4, 6, 4)), "best_us": 5.0,
+              "cublas_us": 9.0},
+             {"n": 512, "k": 1024, "m": 64, "best": list(tg.GemmConfig(64, 64, 128, 1, 4, 4, 2)), "best_us": 8.0,
+              "cublas_us": 7.5}]
+    assert update_table(path, "GPU X", sweep) == 2
+    monkeypatch.setattr(tg, "_tuned_tables", lambda: json.loads(path.read_text())["tables"])
+    monkeypatch.setattr(tg, "_device_name", lambda index: "GPU X")
+    cuda = torch.device("cuda", 0)
+    assert tg.tuned_config(1, 512, 1024, cuda) == tg.GemmConfig(16, 32, 128, 1, 4, 6, 4)
+    assert tg.tuned_config(40, 512, 1024, cuda) == tg.GemmConfig(64, 64, 128, 1, 4, 4, 2)
+    assert not tg.cublas_measured_faster(8, 512, 1024, cuda)
+    assert tg.cublas_measured_faster(64, 512, 1024, cuda)
+    assert not tg.cublas_measured_faster(65, 512, 1024, cuda) and tg.tuned_config(65, 512, 1024, cuda) is None
+    assert not tg.cublas_measured_faster(64, 512, 2048, cuda)  # a shape never swept
+    assert not tg.cublas_measured_faster(64, 512, 1024, torch.device("cpu"))
+
+
 def test_fused_interpreted() -> None:
     pytest.importorskip("triton")
     from tests.common.test_triton_interpret import run_interpreted
