@@ -9,6 +9,12 @@ export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
+# the servers start their roles through the package's entry points: register them where the checkout
+# was copied without being installed (no dependencies fetched; the build backend already there)
+if ! $PY -c "import importlib.metadata as m, sys; sys.exit(0 if m.entry_points(group='glmserve.roles') else 1)"; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+    || echo "pip install -e . failed (roles not registered): see $OUT/install.log"
+fi
 
 stage() {  # stage NAME TIMEOUT_S CMD... : run with a hard limit, log to $OUT/NAME.log, never abort the run
   local name="$1" limit="$2"

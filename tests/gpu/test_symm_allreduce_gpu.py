@@ -1,6 +1,8 @@
 """The peer-memory all-reduce's plumbing on one GPU: a NCCL group built without torch's default group,
-registered by name, a symmetric buffer, both PyTorch kernels, inside a CUDA graph. With one rank the
-sum is the input itself; the multi-GPU test (test_allreduce_multi_gpu.py) checks real sums."""
+registered by name, a symmetric buffer, PyTorch's one-shot kernel, inside a CUDA graph. With one rank
+the sum is the input itself. The two-shot kernel exists only for two ranks or more (PyTorch refuses
+one: "Not implemented for world_size=1"; `choose_path` never picks it there), so it and real sums are
+the multi-GPU test's (test_allreduce_multi_gpu.py)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ def test_one_rank_symmetric_all_reduce_in_a_graph() -> None:
     try:
         ar = sar.SymmAllReduce(group, name, torch.device("cuda:0"))
         x = torch.randn(4, 4096, device="cuda").bfloat16()
-        for path in (sar.ONE_SHOT, sar.TWO_SHOT):
-            assert torch.equal(ar.reduce(x, path), x), path
+        assert torch.equal(ar.reduce(x, sar.ONE_SHOT), x)
+        assert sar.choose_path(x.numel() * 2, x.numel(), 1, ar.limits) == sar.NCCL  # one rank: never a kernel
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
