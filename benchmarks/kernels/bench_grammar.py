@@ -13,10 +13,12 @@ fix-up) and of one token advance. Medians and p99 over all steps of the corpus.
 
 GPU part (when CUDA is there): the mask application (common.ops.apply_token_bitmask, Triton) on
 [B, V] bf16 logits at B = 1, 32, 64 (CUDA-graph replays, plus the pinned host->device copy of the
-bitmask), and the whole per-step grammar cost = B host fills (measured above, serial on one thread) +
-copy + kernel, as a fraction of the decode step (`--step-us`, default: the graphed 4-layer
+bitmask), and the whole per-step grammar cost = one step's host fills of B requests under a JSON
+schema (`fill_states`, the batched call the decode step makes; measured on the CPU part's
+vocabulary) + copy + kernel, as a fraction of the decode step (`--step-us`, default: the graphed 4-layer
 GLM-4.5-Air-shaped decode step of docs/performance.md §3; a full-depth model's step is longer, so
-the fraction there is smaller). With OUT set, the tables also go to $OUT/bench_grammar.md.
+the fraction there is smaller; the decode step also runs its fills while the forward is still on the
+GPU, so only what outlasts the forward shows). With OUT set, the tables also go to $OUT/bench_grammar.md.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 from common.grammar.backend import GrammarBackend
 from common.grammar.factory import make_backend
-from common.grammar.state import GrammarState
+from common.grammar.state import GrammarState, fill_states
 from common.grammar.vocab import GrammarVocab, byte_level_alphabet
 from common.serving.sampling_params import Grammar
 from common.tools.tiny_tokenizer import SPECIAL_TOKENS, STOP_TOKENS
@@ -218,13 +220,50 @@ def cpu_part(model_dir: Path, vocab_size: int, steps: int) -> tuple[list[str], d
     return lines, fill_p50
 
 
-def gpu_part(vocab_size: int, fill_s: dict[str, float], step_us: dict[int, float]) -> list[str]:
+def batched_fills(model_dir: Path, vocab_size: int, sizes: tuple[int, ...] = (1, 32, 64),
+                  reps: int = 30) -> dict[int, float]:
+    """Seconds of one decode step's host fills with B requests under xgrammar (a JSON schema each,
+    each some tokens into its answer): `fill_states`, the batched call the decode step makes."""
+    backend = make_backend("xgrammar", GrammarVocab.from_model_dir(model_dir, vocab_size))
+    grammar = next(g for lbl, g in CORPUS if lbl == "json: tool call")
+    compiled = backend.compile(grammar)
+    words = (vocab_size + 31) // 32
+    bits = torch.arange(32, dtype=torch.int32)
+    rng = random.Random(2)
+    out: dict[int, float] = {}
+    for b in sizes:
+        bitmask = torch.full((b, words), -1, dtype=torch.int32)
+        work = []
+        for i in range(b):
+            state = GrammarState.create(backend, compiled, backend.vocab.end_ids, False, None)
+            hist: list[int] = []
+            for _ in range(rng.randrange(1, 12)):  # each request somewhere else in its answer
+                state.fill(bitmask, i, hist)
+                allowed = ((bitmask[i, :, None] >> bits) & 1).reshape(-1)[:vocab_size].nonzero().reshape(-1).tolist()
+                text = [t for t in allowed if t not in backend.vocab.end_ids]
+                if not text:
+                    break
+                hist.append(rng.choice(text))
+                state.advance(hist)
+            work.append((state, [(i, hist)]))
+        times = []
+        for _ in range(reps):
+            bitmask.fill_(-1)
+            t0 = time.perf_counter()
+            fill_states(bitmask, work)
+            times.append(time.perf_counter() - t0)
+        out[b] = statistics.median(times)
+    backend.close()
+    return out
+
+
+def gpu_part(vocab_size: int, fill_s: dict[int, float], step_us: dict[int, float]) -> list[str]:
     from benchmarks import measure
     from common.ops import apply_token_bitmask
 
     info = measure.device_info()
     lines = ["", f"GPU {info['gpu']} | torch {info['torch']} | triton {info['triton']}", "",
-             "| B | apply kernel µs | H2D copy µs | host fills µs (xgrammar) | total µs | decode step µs | fraction |",
+             "| B | apply kernel µs | H2D copy µs | host fills µs (xgrammar, batched) | total µs | decode step µs | fraction |",
              "|---|---|---|---|---|---|---|"]
     words = (vocab_size + 31) // 32
     for b in (1, 32, 64):
@@ -234,7 +273,7 @@ def gpu_part(vocab_size: int, fill_s: dict[str, float], step_us: dict[int, float
         t_apply = measure.time_graph([lambda x=x, m=m: apply_token_bitmask(x, m) for x, m in zip(logits, masks)])
         host = torch.empty((b, words), dtype=torch.int32, pin_memory=True)
         t_copy = measure.median_event_us(lambda h=host, m=masks[0]: m.copy_(h, non_blocking=True), 50)
-        fills = b * fill_s["xgrammar"] * 1e6
+        fills = fill_s[b] * 1e6
         total = t_apply + t_copy + fills
         step = step_us.get(b, float("nan"))
         lines.append(f"| {b} | {t_apply:.1f} | {t_copy:.1f} | {fills:.0f} | {total:.0f} | {step:.0f} | "
@@ -259,7 +298,10 @@ def main() -> None:
             t0 = time.perf_counter()
             model_dir = synthetic_model_dir(Path(tmp) / "vocab", args.vocab)
             source = f"synthetic byte-level BPE vocabulary (built in {time.perf_counter() - t0:.1f} s)"
-        lines, fill_s = cpu_part(model_dir, args.vocab, args.tokens)
+        lines, _ = cpu_part(model_dir, args.vocab, args.tokens)
+        fill_s = batched_fills(model_dir, args.vocab)
+        lines += ["", "One decode step's host fills, B requests under a JSON schema (`fill_states`, batched): "
+                  + ", ".join(f"B = {b}: {v * 1e6:.0f} µs" for b, v in fill_s.items())]
     lines = [head, source, *lines]
     if torch.cuda.is_available():
         steps = dict(DEFAULT_STEP_US)

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, model: Path, spec: list[str], overlap: bool = 
                 prompts = [prompt() for _ in range(conc)]
                 t_start = time.perf_counter()
                 with ThreadPoolExecutor(conc) as pool:
-                    res = list(pool.map(lambda p: stream(stub, p, args.max_tokens, constraint), prompts))
+                    res = list(pool.map(lambda p, c=constraint: stream(stub, p, args.max_tokens, c), prompts))
                 wall = time.perf_counter() - t_start
                 after = scrape(mport)
                 ttft = [s[0] for _, s, _ in res]

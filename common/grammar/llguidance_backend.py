@@ -4,6 +4,7 @@ precompute, so compiles are near-instant and each mask is computed on demand."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import llguidance as llg
@@ -32,12 +33,31 @@ class LLGuidanceMatcher:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         llg_torch.fill_next_token_bitmask(self.m, bitmask, row)
 
+    @staticmethod
+    def fill_many(pairs: list[tuple[LLGuidanceMatcher, int]], bitmask: torch.Tensor) -> None:
+        """Fill bitmask[row] of each (matcher, row): one call, spread over llguidance's own threads."""
+        if len(pairs) == 1:
+            pairs[0][0].fill_bitmask(bitmask, pairs[0][1])
+            return
+        llg_torch.fill_next_token_bitmask_par(_executor(), [(m.m, row) for m, row in pairs], bitmask)
+
     def rollback(self, n: int) -> None:
         if n > 0 and not self.m.rollback(n):
             raise RuntimeError(f"llguidance could not roll back {n} tokens: {self.m.get_error()}")
 
     def is_terminated(self) -> bool:
         return bool(self.m.is_stopped())
+
+
+_EXECUTOR: llg.LLExecutor | None = None
+
+
+def _executor() -> llg.LLExecutor:
+    """The process's batched filler: up to 8 threads, half the cores."""
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = llg.LLExecutor(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    return _EXECUTOR
 
 
 class LLGuidanceBackend(GrammarBackend):

@@ -96,35 +96,22 @@ class GrammarState:
         children): the matcher walks from one row's path to the next through their common prefix,
         rolling back only what differs, and back to the committed state at the end. Returns the number
         of rows constrained."""
-        path: list[int] = []  # grammar tokens the matcher holds beyond the committed state
-        words = bitmask.numpy().view(np.uint32)  # one view for the stop-bit fix-ups (torch scalar indexing is slow)
-        n = 0
-        try:
-            for row, history in rows:
-                want = self._grammar_path(history)
-                if want is None:
-                    continue
-                common = 0
-                while common < min(len(path), len(want)) and path[common] == want[common]:
-                    common += 1
-                if len(path) > common:
-                    self.matcher.rollback(len(path) - common)
-                    del path[common:]
-                ok = True
-                for tok in want[common:]:
-                    if tok in self.stop_ids or tok in self.end_ids or not self.matcher.accept_token(tok):
-                        ok = False
-                        break
-                    path.append(tok)
-                if ok:
-                    self.matcher.fill_bitmask(bitmask, row)
-                    if self.allowed_words is not None:
-                        words[row, : len(self.allowed_words)] &= self.allowed_words
-                    self._stop_bits(memoryview(words[row]))
-                    n += 1
-        finally:
-            self.matcher.rollback(len(path))
-        return n
+        return fill_states(bitmask, [(self, rows)])
+
+    def _walk(self, path: list[int], want: list[int]) -> bool:
+        """Move the matcher from `path` (grammar tokens it holds beyond the committed state, updated
+        in place) to `want` through their common prefix; False when `want` leaves the grammar."""
+        common = 0
+        while common < min(len(path), len(want)) and path[common] == want[common]:
+            common += 1
+        if len(path) > common:
+            self.matcher.rollback(len(path) - common)
+            del path[common:]
+        for tok in want[common:]:
+            if tok in self.stop_ids or tok in self.end_ids or not self.matcher.accept_token(tok):
+                return False
+            path.append(tok)
+        return True
 
     def _grammar_path(self, history: Sequence[int]) -> list[int] | None:
         """The tokens of `history` past the committed output that the grammar reads (those after the
@@ -147,6 +134,56 @@ class GrammarState:
         if accepting:
             for w, b in self._stop_bits_on:
                 words[w] |= b
+
+
+def fill_states(bitmask: torch.Tensor, work: Sequence[tuple[GrammarState, Sequence[tuple[int, Sequence[int]]]]]) -> int:
+    """`GrammarState.fill_rows` for many requests at once: in rounds, each taking the next row of
+    every request (its matcher walked there), the round's rows filled by one batched call of their
+    backend (xgrammar's and llguidance's run on their own threads, without the GIL), then each
+    row's fix-ups (the JSON kinds' control-character words, the stop ids). A plain
+    decode step is one round; an EAGLE chain of n verify rows, n rounds. Every matcher is back at its
+    committed state at the end. Returns the number of rows constrained."""
+    words = bitmask.numpy().view(np.uint32)  # one view for the fix-ups (torch scalar indexing is slow)
+    walks = []  # [state, rows left as (row, grammar path), path the matcher holds]
+    for state, rows in work:
+        left = [(row, want) for row, history in rows if (want := state._grammar_path(history)) is not None]
+        if left:
+            left.reverse()  # popped from the end: parents before children
+            walks.append((state, left, []))
+    every_walk, n = list(walks), 0
+    try:
+        while walks:
+            ready: list[GrammarState] = []
+            rows: list[int] = []
+            for state, left, path in walks:
+                while left:
+                    row, want = left.pop()
+                    if state._walk(path, want):
+                        ready.append(state)
+                        rows.append(row)
+                        break
+            walks = [w for w in walks if w[1]]
+            if not ready:
+                continue
+            by_kind: dict[type, list[tuple[Matcher, int]]] = {}
+            for state, row in zip(ready, rows):
+                by_kind.setdefault(type(state.matcher), []).append((state.matcher, row))
+            for kind, pairs in by_kind.items():
+                fill_many = getattr(kind, "fill_many", None)
+                if fill_many is not None:
+                    fill_many(pairs, bitmask)
+                else:
+                    for matcher, row in pairs:
+                        matcher.fill_bitmask(bitmask, row)
+            for state, row in zip(ready, rows):
+                if state.allowed_words is not None:  # in place on the row's view (a gather would copy)
+                    words[row, : len(state.allowed_words)] &= state.allowed_words
+                state._stop_bits(memoryview(words[row]))
+            n += len(rows)
+    finally:
+        for state, _left, path in every_walk:
+            state.matcher.rollback(len(path))
+    return n
 
 
 def _word_bits(ids: Sequence[int]) -> list[tuple[int, int]]:

@@ -28,14 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.kvcache.allocator import PageAllocator
-from common.serving.page_hash import page_key, root_key
+from common.serving.page_hash import pack, packed_key, root_key
 
 
 @dataclass
 class PageRecord:
     refs: int = 0
     key: bytes | None = None  # None: not (or no longer) in the index
-    tokens: tuple[int, ...] = ()
+    tokens: bytes = b""  # the page's token ids as page_hash.pack writes them (compared on a key hit)
     successor: int | None = None
 
 
@@ -123,9 +123,11 @@ class PrefixCache:
         if not self.enabled:
             return m
         ps, parent = self.page_size, self.root
-        for i in range((len(tokens) - 1) // ps):  # never the page holding the last token
-            part = tuple(tokens[i * ps:(i + 1) * ps])
-            key = page_key(parent, part)
+        n = (len(tokens) - 1) // ps  # never the page holding the last token
+        raw, step = pack(tokens[:n * ps]), 4 * ps
+        for i in range(n):
+            part = raw[i * step:(i + 1) * step]
+            key = packed_key(parent, part)
             page = self._index.get(key)
             if page is None or self._records[page].tokens != part:
                 break
@@ -169,11 +171,13 @@ class PrefixCache:
         past `upto` (the token after a page is its successor)."""
         if not self.enabled:
             return
-        ps = self.page_size
+        ps, first = self.page_size, len(keys)
         stored = []
-        for i in range(len(keys), min(upto // ps, len(pages))):
-            part = tuple(seq[i * ps:(i + 1) * ps])
-            key = page_key(keys[-1] if keys else self.root, part)
+        last = min(upto // ps, len(pages))
+        raw, step = pack(seq[first * ps:last * ps]), 4 * ps
+        for i in range(first, last):
+            part = bytes(raw[(i - first) * step:(i - first + 1) * step])
+            key = packed_key(keys[-1] if keys else self.root, part)
             keys.append(key)
             if key in self._index:  # computed twice concurrently: the first copy stays the cached one
                 continue

@@ -202,8 +202,11 @@ def fill_grammar_bitmask(bitmask: torch.Tensor, rows: Sequence[RowContext]) -> i
         if r.grammar is None:
             raise RuntimeError(f"row {i} asks for a grammar ({r.params.grammar.kind}) but has no grammar state")
         by_request.setdefault(id(r.grammar), (r.grammar, []))[1].append((i, _as_list(r.output_ids)))
-    # the rows of one request (EAGLE verify rows) in one walk over their shared path prefixes
-    return sum(state.fill_rows(bitmask, request_rows) for state, request_rows in by_request.values())
+    from common.grammar.state import fill_states  # only where a row has a grammar
+
+    # the rows of one request (EAGLE verify rows) in one walk over their shared path prefixes, the
+    # requests' walks side by side so each round's masks are filled in one batched call
+    return fill_states(bitmask, list(by_request.values()))
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[RowContext]) -> torch.Tensor:

@@ -24,8 +24,22 @@ def root_key(namespace: str, salt: str = "") -> bytes:
 
 def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     """The key of one full page whose predecessor's key is `parent`."""
+    return packed_key(parent, struct.pack(f"<{len(tokens)}I", *tokens))
+
+
+def pack(tokens: Sequence[int]) -> memoryview:
+    """Token ids as the little-endian uint32 bytes the keys hash (4 bytes a token), packed once for
+    every page of a sequence."""
+    data = array("I", tokens)
+    if sys.byteorder != "little":
+        data.byteswap()
+    return memoryview(data.tobytes())
+
+
+def packed_key(parent: bytes, page: bytes | memoryview) -> bytes:
+    """page_key of one page already packed (`pack(tokens)[i * 4 * page_size:(i + 1) * 4 * page_size]`)."""
     h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
-    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
+    h.update(page)
     return h.digest()
 
 
@@ -33,13 +47,8 @@ def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
 def chain(parent: bytes, tokens: Sequence[int], page_size: int, pages: int) -> list[bytes]:
     """The keys of the first `pages` full pages of `tokens` after `parent` (the same keys as
     page_key one page at a time, with the tokens packed once)."""
-    data = array("I", tokens[:pages * page_size])
-    if sys.byteorder != "little":
-        data.byteswap()
-    raw, step, keys = memoryview(data.tobytes()), 4 * page_size, []
+    raw, step, keys = pack(tokens[:pages * page_size]), 4 * page_size, []
     for i in range(pages):
-        h = hashlib.blake2b(parent, digest_size=DIGEST_BYTES)
-        h.update(raw[i * step:(i + 1) * step])
-        parent = h.digest()
+        parent = packed_key(parent, raw[i * step:(i + 1) * step])
         keys.append(parent)
     return keys

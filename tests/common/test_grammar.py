@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from common import ops
 from common.grammar.backend import GrammarBackend, GrammarCompileError, require_backend
 from common.grammar.factory import make_backend
-from common.grammar.state import GrammarState
+from common.grammar.state import GrammarState, fill_states
 from common.grammar.vocab import GrammarVocab
 from common.ops import reference
 from common.serving.sampling_params import Grammar, SamplingError
@@ -216,6 +216,39 @@ def test_state_fill_over_a_path_equals_the_state_after_committing_it(backend: Gr
         assert b.fill(mb, 0, path[:cut])
         assert torch.equal(ma, mb), cut
     assert a.fed == 0 and b.fed == len(path) and b.tokens == len(path)
+
+
+def test_batched_fill_of_many_requests_equals_one_row_at_a_time(backend: GrammarBackend,
+                                                                  tokenizer: Tokenizer) -> None:
+    """fill_states over several requests (plain rows, EAGLE-like chains with a path that leaves the
+    grammar, a JSON and a regex grammar, one request past its stop id) writes exactly the masks that
+    filling each row alone writes, constrains the same rows, and leaves every matcher committed."""
+    enc = lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+    g_json, g_re = Grammar("json_schema", SCHEMA), Grammar("regex", "[a-z]{1,6}[0-9]{2}")
+    committed = [('{"color": "', g_json), ("", g_json), ('{"color": "red", "n": ', g_json), ("ab", g_re), ("", g_re)]
+    states = []
+    for text, g in committed:
+        st = GrammarState.create(backend, backend.compile(g), (5,), False, None)
+        st.advance(enc(text))
+        states.append(st)
+    stopped = GrammarState.create(backend, backend.compile(g_re), (5,), False, None)
+    stopped.advance([5])  # its stop id: no row of it is constrained
+    work, row = [], 0
+    for st, (text, _), extra in zip(states, committed, ["gre", "", "12", "c7", "xyz!"]):  # "xyz!" leaves at '!'
+        base, ext = enc(text), enc(extra)
+        rows = [(row + k, base + ext[:k]) for k in range(len(ext) + 1)]  # an EAGLE chain's verify rows
+        row += len(rows)
+        work.append((st, rows))
+    work.append((stopped, [(row, [5])]))
+    row += 1
+    together = torch.full((row, 26), -1, dtype=torch.int32)
+    n_together = fill_states(together, work)
+    alone = torch.full((row, 26), -1, dtype=torch.int32)
+    n_alone = sum(st.fill(alone, r, h) for st, rows in work for r, h in rows)
+    assert n_together == n_alone and 0 < n_alone < row
+    assert torch.equal(together, alone)
+    again = torch.full((row, 26), -1, dtype=torch.int32)
+    assert fill_states(again, work) == n_together and torch.equal(again, together)  # matchers back where they were
 
 
 def test_stop_ids_are_allowed_exactly_when_the_grammar_accepts(backend: GrammarBackend, tokenizer: Tokenizer) -> None:

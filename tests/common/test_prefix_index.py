@@ -59,7 +59,7 @@ def test_with_mtp_a_page_whose_successor_differs_is_dropped() -> None:
 
 
 def test_a_hash_collision_is_caught_by_the_token_ids(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prefix_index, "page_key", lambda parent, tokens: b"same")
+    monkeypatch.setattr(prefix_index, "packed_key", lambda parent, page: b"same")
     cache = PrefixCache(PageAllocator(32), PAGE)
     cache.release(run_job(cache, [1, 2, 3, 4, 5]))
     assert cached_len(cache, [1, 2, 3, 4, 5]) == 4
