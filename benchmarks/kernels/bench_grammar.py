@@ -14,7 +14,7 @@ fix-up) and of one token advance. Medians and p99 over all steps of the corpus.
 GPU part (when CUDA is there): the mask application (common.ops.apply_token_bitmask, Triton) on
 [B, V] bf16 logits at B = 1, 32, 64 (CUDA-graph replays, plus the pinned host->device copy of the
 bitmask), and the whole per-step grammar cost = one step's host fills of B requests under a JSON
-schema (`fill_states`, the batched call the decode step makes; measured on the CPU part's
+schema (`fill_states`, the call the decode step makes; measured on the CPU part's
 vocabulary) + copy + kernel, as a fraction of the decode step (`--step-us`, default: the graphed 4-layer
 GLM-4.5-Air-shaped decode step of docs/performance.md §3; a full-depth model's step is longer, so
 the fraction there is smaller; the decode step also runs its fills while the forward is still on the
@@ -220,11 +220,11 @@ def cpu_part(model_dir: Path, vocab_size: int, steps: int) -> tuple[list[str], d
     return lines, fill_p50
 
 
-def batched_fills(model_dir: Path, vocab_size: int, sizes: tuple[int, ...] = (1, 32, 64),
+def batched_fills(model_dir: Path, vocab_size: int, name: str, sizes: tuple[int, ...] = (1, 32, 64),
                   reps: int = 30) -> dict[int, float]:
-    """Seconds of one decode step's host fills with B requests under xgrammar (a JSON schema each,
-    each some tokens into its answer): `fill_states`, the batched call the decode step makes."""
-    backend = make_backend("xgrammar", GrammarVocab.from_model_dir(model_dir, vocab_size))
+    """Seconds of one decode step's host fills with B requests under backend `name` (a JSON schema
+    each, each some tokens into its answer): `fill_states`, the call the decode step makes."""
+    backend = make_backend(name, GrammarVocab.from_model_dir(model_dir, vocab_size))
     grammar = next(g for lbl, g in CORPUS if lbl == "json: tool call")
     compiled = backend.compile(grammar)
     words = (vocab_size + 31) // 32
@@ -263,7 +263,7 @@ def gpu_part(vocab_size: int, fill_s: dict[int, float], step_us: dict[int, float
 
     info = measure.device_info()
     lines = ["", f"GPU {info['gpu']} | torch {info['torch']} | triton {info['triton']}", "",
-             "| B | apply kernel µs | H2D copy µs | host fills µs (xgrammar, batched) | total µs | decode step µs | fraction |",
+             "| B | apply kernel µs | H2D copy µs | host fills µs (xgrammar) | total µs | decode step µs | fraction |",
              "|---|---|---|---|---|---|---|"]
     words = (vocab_size + 31) // 32
     for b in (1, 32, 64):
@@ -299,9 +299,10 @@ def main() -> None:
             model_dir = synthetic_model_dir(Path(tmp) / "vocab", args.vocab)
             source = f"synthetic byte-level BPE vocabulary (built in {time.perf_counter() - t0:.1f} s)"
         lines, _ = cpu_part(model_dir, args.vocab, args.tokens)
-        fill_s = batched_fills(model_dir, args.vocab)
-        lines += ["", "One decode step's host fills, B requests under a JSON schema (`fill_states`, batched): "
-                  + ", ".join(f"B = {b}: {v * 1e6:.0f} µs" for b, v in fill_s.items())]
+        fills = {name: batched_fills(model_dir, args.vocab, name) for name in ("xgrammar", "llguidance")}
+        fill_s = fills["xgrammar"]
+        lines += [""] + [f"One decode step's host fills with {name}, B requests under a JSON schema (`fill_states`): "
+                         + ", ".join(f"B = {b}: {v * 1e6:.0f} µs" for b, v in f.items()) for name, f in fills.items()]
     lines = [head, source, *lines]
     if torch.cuda.is_available():
         steps = dict(DEFAULT_STEP_US)

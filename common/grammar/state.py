@@ -139,7 +139,7 @@ class GrammarState:
 def fill_states(bitmask: torch.Tensor, work: Sequence[tuple[GrammarState, Sequence[tuple[int, Sequence[int]]]]]) -> int:
     """`GrammarState.fill_rows` for many requests at once: in rounds, each taking the next row of
     every request (its matcher walked there), the round's rows filled by one batched call of their
-    backend (xgrammar's and llguidance's run on their own threads, without the GIL), then each
+    backend where it has one (llguidance: its own threads, without the GIL; xgrammar: row by row), then each
     row's fix-ups (the JSON kinds' control-character words, the stop ids). A plain
     decode step is one round; an EAGLE chain of n verify rows, n rounds. Every matcher is back at its
     committed state at the end. Returns the number of rows constrained."""

@@ -3,7 +3,6 @@ fill is mostly a lookup (docs/structured_output.md has the measurements behind t
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -18,6 +17,8 @@ _VOCAB_TYPE = {"byte_level": xgr.VocabType.BYTE_LEVEL, "byte_fallback": xgr.Voca
 
 
 class XGrammarMatcher:
+    # no batched fill: xgrammar's BatchGrammarMatcher (8 threads) took ~3.9 ms for 32 or 64 rows on a
+    # 16-core host where one thread fills 32 rows in ~1.2 ms (docs/performance.md §7c)
     def __init__(self, compiled: xgr.CompiledGrammar, special: frozenset[int]) -> None:
         self.m = xgr.GrammarMatcher(compiled)
         self.special = special
@@ -30,32 +31,12 @@ class XGrammarMatcher:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self.m.fill_next_token_bitmask(bitmask, row)
 
-    @staticmethod
-    def fill_many(pairs: list[tuple[XGrammarMatcher, int]], bitmask: torch.Tensor) -> None:
-        """Fill bitmask[row] of each (matcher, row): one call, spread over xgrammar's own threads."""
-        if len(pairs) == 1:
-            pairs[0][0].fill_bitmask(bitmask, pairs[0][1])
-            return
-        _batch().batch_fill_next_token_bitmask([m.m for m, _ in pairs], bitmask, [row for _, row in pairs])
-
     def rollback(self, n: int) -> None:
         if n > 0:
             self.m.rollback(n)
 
     def is_terminated(self) -> bool:
         return bool(self.m.is_terminated())
-
-
-_BATCH: xgr.BatchGrammarMatcher | None = None
-
-
-def _batch() -> xgr.BatchGrammarMatcher:
-    """The process's batched filler: up to 8 threads, half the cores (the engine and the event loop
-    keep the rest)."""
-    global _BATCH
-    if _BATCH is None:
-        _BATCH = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
-    return _BATCH
 
 
 class XGrammarBackend(GrammarBackend):
