@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from common.serving.page_hash import chain, root_key
@@ -40,7 +40,8 @@ class Hit:
 
 
 class PromptKeys:
-    """One prompt's page keys under each (namespace, page size) asked for, computed once each."""
+    """One prompt's page keys under each (namespace, page size) asked for, each computed once and
+    only as far as a lookup walked (a prompt nobody holds costs one key per worker, not its chain)."""
 
     def __init__(self, tokens: Sequence[int]) -> None:
         self.tokens = tokens
@@ -48,11 +49,21 @@ class PromptKeys:
 
     def chain(self, namespace: str, page_size: int) -> list[bytes]:
         """Keys of the pages a worker could reuse: never the page holding the last token."""
-        found = self._chains.get((namespace, page_size))
-        if found is None:
-            found = chain(root_key(namespace), self.tokens, page_size, (len(self.tokens) - 1) // page_size)
-            self._chains[(namespace, page_size)] = found
-        return found
+        return list(self.walk(namespace, page_size))
+
+    def walk(self, namespace: str, page_size: int) -> Iterator[bytes]:
+        """`chain`'s keys one by one, computing (and keeping) only those the caller reaches."""
+        done = self._chains.setdefault((namespace, page_size), [])
+        yield from done
+        pages = (len(self.tokens) - 1) // page_size
+        step = 32  # keys computed at a time past those kept
+        while len(done) < pages:
+            start = len(done)
+            parent = done[-1] if done else root_key(namespace)
+            more = chain(parent, self.tokens[start * page_size:], page_size, min(step, pages - start))
+            done.extend(more)
+            yield from more
+            step *= 4
 
 
 class CacheIndex:
@@ -103,7 +114,11 @@ class CacheIndex:
 
     # ------------------------------------------------------------------ approximate
     def routed(self, worker: str, prompt: PromptKeys, page_size: int) -> None:
-        """This gateway sent `prompt` to `worker`: remember its pages there for `ttl` seconds."""
+        """This gateway sent `prompt` to `worker`: remember its pages there for `ttl` seconds, unless
+        the worker's own events are live (they say exactly what it keeps; hashing the whole prompt
+        for entries nobody reads was ~1 ms of the gateway's loop per 8K prompt)."""
+        if worker in self._live:
+            return
         expiry = self.clock() + self.ttl
         for key in prompt.chain(APPROX_NAMESPACE, page_size):
             entry = (worker, key)
@@ -126,14 +141,14 @@ class CacheIndex:
         live = self._live.get(worker)
         if live is not None:
             n = 0
-            for key in prompt.chain(live.namespace, live.page_size):
+            for key in prompt.walk(live.namespace, live.page_size):
                 if worker not in self.holders.get(key, ()):
                     break
                 n += 1
             return Hit(n * live.page_size, True)
         self.expire()
         n = 0
-        for key in prompt.chain(APPROX_NAMESPACE, page_size):
+        for key in prompt.walk(APPROX_NAMESPACE, page_size):
             if (worker, key) not in self._approx:
                 break
             n += 1

@@ -155,12 +155,16 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         states = self._draft(chunks, batch, hidden) if self.spec.enabled else {}
         for n, c in enumerate(chunks):
             c.job.compute_seconds += time.perf_counter() - t0
-            self.sched.advance(c)
             if self.spec.enabled:
                 aux = self._aux(c.job, states.get(id(c))) if c.is_final else None
                 self._send(c, range(self.num_layers, self.num_layers + 1), aux)
             elif c.is_final:
                 self._send(c, range(sent_upto[n], self.num_layers), self._aux(c.job, None))
+        # keying the chunks' pages for the prefix cache (host hashing, ~2 ms for 8K tokens) after every
+        # first token is on its way: a confirmation that would release the pages is handled on this
+        # thread, after this step, so no page is released before it is keyed
+        for c in chunks:
+            self.sched.advance(c)
 
     def _draft(self, chunks: list[Chunk], batch: ForwardBatch, hidden: torch.Tensor) -> dict[int, Any]:
         """MTP draft extend over every chunk: slot p takes (h_p, t_{p+1}); a final chunk's last

@@ -96,3 +96,25 @@ def test_live_workers_ignore_approximate_entries() -> None:
     idx.apply("a", event(reset=True))  # events say it holds nothing: they win
     assert idx.hit("a", PromptKeys(PROMPT), PS).tokens == 0
     assert APPROX_NAMESPACE != NS
+
+
+def test_keys_are_computed_only_as_far_as_a_lookup_walks() -> None:
+    """A miss on the first page hashes a few pages, not the prompt; a later full walk returns the
+    same chain as the worker's, the computed head reused."""
+    long = list(range(2000, 2000 + 16 * 400 + 3))  # 400 reusable pages
+    idx = CacheIndex(ttl=120)
+    idx.apply("a", event(stored=keys(PROMPT), reset=True))
+    p = PromptKeys(long)
+    assert idx.hit("a", p, PS).tokens == 0
+    assert len(p._chains[(NS, PS)]) <= 32
+    assert p.chain(NS, PS) == keys(long)[:400]
+    assert len(p._chains[(NS, PS)]) == 400
+
+
+def test_routing_to_a_live_worker_adds_no_approximate_entries() -> None:
+    idx = CacheIndex(ttl=120)
+    idx.apply("a", event(reset=True))
+    idx.routed("a", PromptKeys(PROMPT), PS)  # its events will say what it keeps
+    idx.routed("b", PromptKeys(PROMPT), PS)  # no events from b: remembered for the TTL
+    assert idx.approx_pages == 4
+    assert idx.hit("b", PromptKeys(PROMPT), PS).tokens == 64
