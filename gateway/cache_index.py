@@ -114,11 +114,8 @@ class CacheIndex:
 
     # ------------------------------------------------------------------ approximate
     def routed(self, worker: str, prompt: PromptKeys, page_size: int) -> None:
-        """This gateway sent `prompt` to `worker`: remember its pages there for `ttl` seconds, unless
-        the worker's own events are live (they say exactly what it keeps; hashing the whole prompt
-        for entries nobody reads was ~1 ms of the gateway's loop per 8K prompt)."""
-        if worker in self._live:
-            return
+        """This gateway sent `prompt` to `worker`: remember its pages there for `ttl` seconds (also
+        for a worker whose events are live: they are what is left if its stream ends)."""
         expiry = self.clock() + self.ttl
         for key in prompt.chain(APPROX_NAMESPACE, page_size):
             entry = (worker, key)

@@ -109,12 +109,3 @@ def test_keys_are_computed_only_as_far_as_a_lookup_walks() -> None:
     assert len(p._chains[(NS, PS)]) <= 32
     assert p.chain(NS, PS) == keys(long)[:400]
     assert len(p._chains[(NS, PS)]) == 400
-
-
-def test_routing_to_a_live_worker_adds_no_approximate_entries() -> None:
-    idx = CacheIndex(ttl=120)
-    idx.apply("a", event(reset=True))
-    idx.routed("a", PromptKeys(PROMPT), PS)  # its events will say what it keeps
-    idx.routed("b", PromptKeys(PROMPT), PS)  # no events from b: remembered for the TTL
-    assert idx.approx_pages == 4
-    assert idx.hit("b", PromptKeys(PROMPT), PS).tokens == 64
