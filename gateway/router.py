@@ -11,10 +11,12 @@ Cache-aware routing (`route`, unless RoutingConfig.cache_aware is off): the gate
 many leading prompt tokens each worker holds. Among the prefill workers whose load is within
 `load_threshold` of the least loaded, the one with the smallest estimated prefill time wins:
 
-    (tokens this gateway has queued there + prompt tokens it does not hold) / its prefill rate
+    compute this gateway has queued there + prompt tokens it does not hold / its prefill rate
 
 (rate: an EWMA of computed tokens / PrefillResult.compute_seconds; the mean of the measured ones
-for a worker not measured yet). When no worker holds any page
+for a worker not measured yet; queued compute: each routed request's uncached tokens over the rate
+then, drained with time — a leg whose compute is done but whose KV is still on its way no longer
+counts, as it did when the queue was the tokens of the legs not yet completed). When no worker holds any page
 of the prompt the index knows nothing useful and the choice is the plain load choice. The decode
 worker is the least loaded, or, where decode workers stream events, the one holding the most of
 the prompt within the load threshold; with `local_prefill_max_tokens`, a decode worker that holds
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -193,8 +196,9 @@ class Router:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("route %d tokens -> %s (%s, %d held); prefill workers %s", len(input_ids), prefill.address,
                       reason, hit.tokens, [(w.address, self.index.hit(w.address, prompt, _page_size(w)).tokens,
-                                            w.score, w.pending_tokens) for w in self.prefill])
+                                            w.score, round(w.queued_seconds(time.monotonic()), 4)) for w in self.prefill])
         metrics.router_decisions_total().labels(role="prefill", reason=reason).inc()
+        prefill.queue_prefill(len(input_ids) - hit.tokens, self._rate(prefill), time.monotonic())
         self._remember(prefill, prompt)
         return Route(prefill, decode, reason, hit.tokens)
 
@@ -254,8 +258,11 @@ class Router:
         metrics.router_decisions_total().labels(role="decode", reason="load").inc()
         return self._pick("decode", self.decode, exclude), Hit(0, False)
 
+    def _rate(self, worker: WorkerEndpoint) -> float:
+        return worker.prefill_rate or self._typical_rate()
+
     def _eta(self, worker: WorkerEndpoint, uncached: int) -> float:
-        return (worker.pending_tokens + uncached) / (worker.prefill_rate or self._typical_rate())
+        return worker.queued_seconds(time.monotonic()) + uncached / self._rate(worker)
 
     def _typical_rate(self) -> float:
         """The rate of a worker not measured yet: the mean of those measured (one fast default against

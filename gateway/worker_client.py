@@ -53,6 +53,10 @@ class WorkerEndpoint:
         self.inflight = 0               # requests of this gateway currently on the worker
         self.pending_tokens = 0         # prefill: prompt tokens this gateway expects it to compute, not done yet
         self.prefill_rate: float | None = None  # prefill: EWMA of computed prompt tokens per compute second
+        # prefill: when the prompt tokens this gateway queued there should all be computed (monotonic
+        # seconds), each request's uncached tokens over the rate when it was sent. Unlike
+        # pending_tokens it drains while a leg's KV is still being sent, which is not prefill work.
+        self.busy_until = 0.0
 
     def __repr__(self) -> str:
         return f"{self.role} worker {self.address}"
@@ -85,6 +89,14 @@ class WorkerEndpoint:
             self.healthy = False
             self.up.clear()
         return self.healthy
+
+    def queue_prefill(self, tokens: int, rate: float, now: float) -> None:
+        """`tokens` more prompt tokens to compute here, at `rate` tokens/s, after what is queued."""
+        self.busy_until = max(self.busy_until, now) + tokens / rate
+
+    def queued_seconds(self, now: float) -> float:
+        """Estimated compute still queued here from this gateway's requests."""
+        return max(0.0, self.busy_until - now)
 
     def observe_prefill(self, computed_tokens: int, seconds: float) -> None:
         """One finished prefill leg: fold its rate into the EWMA (weight RATE_EWMA of the newest).
@@ -252,6 +264,8 @@ class Dispatch:
         """The prefill worker no longer has this prompt queued; a success measures its rate."""
         r, worker = self.req, self.prefill
         worker.pending_tokens -= r.uncached_tokens
+        if worker.pending_tokens <= 0:  # nothing of this gateway's left there: whatever was estimated, it is idle
+            worker.busy_until = min(worker.busy_until, time.monotonic())
         if not task.cancelled() and task.exception() is None:
             result = task.result()
             worker.observe_prefill(len(r.input_ids) - result.cached_tokens, result.compute_seconds)

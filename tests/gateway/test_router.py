@@ -4,6 +4,7 @@ pair choice (session affinity, load threshold, estimated time, local prefill).""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -106,9 +107,13 @@ def _held(r: Router, worker, pages: int) -> None:
 
 
 def _dispatched(route) -> None:
+    """The route's request was sent, and (a session's next turn comes after its answer) its prefill
+    compute is done."""
     for w in (route.prefill, route.decode):
         if w is not None:
             w.dispatched_since_poll += 1
+    if route.prefill is not None:
+        route.prefill.busy_until = 0.0
 
 
 def test_a_session_stays_on_the_prefill_worker_that_holds_it() -> None:
@@ -153,15 +158,34 @@ def test_estimated_time_weighs_queued_tokens_against_the_hit() -> None:
         r = _cache_router(2, 1)
         _held(r, r.prefill[0], 4)  # 16 uncached tokens there, 80 on prefill[1]
         _held(r, r.prefill[1], 0)
-        r.prefill[0].pending_tokens = 100
-        r.prefill[1].pending_tokens = 30
-        a = r.route(PROMPT).prefill  # (100 + 16) vs (30 + 80): prefill[1]
+        rate, now = r.routing.default_prefill_rate, time.monotonic() + 60  # queues that stay put for the test
+        r.prefill[0].queue_prefill(100, rate, now)
+        r.prefill[1].queue_prefill(30, rate, now)
+        a = r.route(PROMPT).prefill  # (100 + 16) vs (30 + 80) tokens at one rate: prefill[1]
+        queued_1 = r.prefill[1].queued_seconds(now)  # its 80 uncached tokens are queued there now
         r.prefill[0].prefill_rate, r.prefill[1].prefill_rate = 8000.0, 2000.0  # measured
-        b = r.route(PROMPT).prefill  # 116 / 8000 vs 110 / 2000: prefill[0]
-        return a, b, r
+        b = r.route(PROMPT).prefill  # 100 / rate + 16 / 8000 vs 110 / rate + 80 / 2000: prefill[0]
+        return a, b, queued_1, r
 
-    a, b, r = _run(body)
+    a, b, queued_1, r = _run(body)
     assert a is r.prefill[1] and b is r.prefill[0]
+    assert abs(queued_1 - 110 / r.routing.default_prefill_rate) < 1e-9
+
+
+def test_queued_compute_drains_with_time_and_ends_with_the_last_leg() -> None:
+    """The estimate of what is queued on a worker falls as its compute should be done (a leg still
+    sending KV is no prefill work), and a worker none of whose legs is left is idle, whatever was
+    estimated."""
+    def body():
+        w = _cache_router(1, 1).prefill[0]
+        w.queue_prefill(1000, 1000.0, 50.0)  # one second of compute from t = 50
+        w.queue_prefill(500, 1000.0, 50.2)  # behind it: until t = 51.5
+        seen = (w.queued_seconds(50.5), w.queued_seconds(52.0))
+        w.queue_prefill(100, 1000.0, 60.0)  # an idle worker's queue starts now, not at 51.5
+        return seen, w.busy_until
+
+    (at_50_5, at_52), until = _run(body)
+    assert at_50_5 == pytest.approx(1.0) and at_52 == 0.0 and until == pytest.approx(60.1)
 
 
 def test_no_hit_anywhere_is_the_plain_load_choice() -> None:

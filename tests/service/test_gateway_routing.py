@@ -6,6 +6,7 @@ and POST /flush_cache reaches every worker and the index."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -177,3 +178,17 @@ def test_a_stream_that_ends_drops_the_workers_exact_entries(model_dir, tok) -> N
 
     exact, hit = run(scenario())
     assert exact == 0 and not hit.exact and hit.tokens > 0  # the approximate entry of the routed prompt remains
+
+
+def test_a_finished_prefill_leg_leaves_no_queued_compute(model_dir, tok) -> None:
+    """The routing estimate's queue on a worker ends with the last leg this gateway sent there, however
+    slow the estimate said it would be."""
+    async def scenario():
+        async with gateway_with_fakes(model_dir, lambda r: _script(tok)) as h:
+            w = h.gateway.router.prefill[0]
+            w.prefill_rate = 1.0  # one token a second: the prompt "queues" for many seconds
+            await collect(h.stub.Chat(_turns(1)[0]))
+            await _until(lambda: w.pending_tokens == 0)
+            return w.queued_seconds(time.monotonic())
+
+    assert run(scenario()) == 0.0
