@@ -87,19 +87,26 @@ def test_without_events_the_approximate_index_keeps_a_session_in_place(model_dir
     assert counts == [2, 2] and index is None
 
 
+async def _again_once_decode_holds_it(h) -> tuple[dict, list[int]]:
+    """One chat turn, then the decode worker's events say it holds that prompt (as a decode-side cache
+    would after the request), then the same turn again: (the second answer, the prompt's ids)."""
+    router, decode = h.gateway.router, h.cluster.decodes[0]
+    decode.cache_events = CacheEvents(16, FAKE_NAMESPACE)
+    await _until(lambda: router.index.is_live(router.decode[0].address))
+    req = _turns(1)[0]
+    await collect(h.stub.Chat(req))
+    ids = list(decode.requests[-1].input_ids)
+    store_prompt(decode.cache_events, ids)
+    await _until(lambda: router.index.hit(router.decode[0].address, PromptKeys(ids), 16).tokens > 0)
+    _, again = await collect(h.stub.Chat(req))
+    return again, ids
+
+
 def test_local_prefill_skips_the_prefill_leg_when_decode_holds_the_prompt(model_dir, tok) -> None:
     async def scenario(limit: int):
         async with gateway_with_fakes(model_dir, lambda r: _script(tok), local_prefill_max_tokens=limit) as h:
-            router, decode = h.gateway.router, h.cluster.decodes[0]
-            decode.cache_events = CacheEvents(16, FAKE_NAMESPACE)
-            await _until(lambda: router.index.is_live(router.decode[0].address))
-            req = _turns(1)[0]
-            await collect(h.stub.Chat(req))
-            ids = list(decode.requests[-1].input_ids)
-            store_prompt(decode.cache_events, ids)  # as a decode-side cache would after the request
-            await _until(lambda: router.index.hit(router.decode[0].address, PromptKeys(ids), 16).tokens > 0)
-            _, again = await collect(h.stub.Chat(req))
-            return decode.requests[-1], len(h.cluster.prefills[0].requests), again["usage"], len(ids)
+            again, ids = await _again_once_decode_holds_it(h)
+            return h.cluster.decodes[0].requests[-1], len(h.cluster.prefills[0].requests), again["usage"], len(ids)
 
     second, prefills, usage, n = run(scenario(32))
     assert second.local_prefill and second.prefill_worker_id == "" and prefills == 1
@@ -115,16 +122,8 @@ def test_a_refused_local_prefill_falls_back_to_the_prefill_leg_on_the_same_decod
 
     async def scenario():
         async with gateway_with_fakes(model_dir, script_for, local_prefill_max_tokens=32) as h:
-            router, decode = h.gateway.router, h.cluster.decodes[0]
-            decode.cache_events = CacheEvents(16, FAKE_NAMESPACE)
-            await _until(lambda: router.index.is_live(router.decode[0].address))
-            req = _turns(1)[0]
-            await collect(h.stub.Chat(req))
-            ids = list(decode.requests[-1].input_ids)
-            store_prompt(decode.cache_events, ids)
-            await _until(lambda: router.index.hit(router.decode[0].address, PromptKeys(ids), 16).tokens > 0)
-            _, again = await collect(h.stub.Chat(req))
-            return [r.local_prefill for r in decode.requests], len(h.cluster.prefills[0].requests), again
+            again, _ = await _again_once_decode_holds_it(h)
+            return [r.local_prefill for r in h.cluster.decodes[0].requests], len(h.cluster.prefills[0].requests), again
 
     locals_, prefills, again = run(scenario())
     assert locals_ == [False, True, False] and prefills == 2
