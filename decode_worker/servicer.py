@@ -13,6 +13,7 @@ import grpc
 
 from common.grammar.state import grammar_state_for
 from common.serving import metrics
+from common.serving.cache_events import flush_cache, watch_cache
 from common.serving.sampling_params import SamplingParams
 from common.transport.auth import PAIR_AUTH_KEY, PAIR_PROOF_KEY, AuthError
 from decode_worker.output import ErrorEvent, FinishEvent, OutputChannel, TokenEvent
@@ -134,22 +135,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         return worker_pb2.AbortResponse(found=found)
 
     async def FlushCache(self, request: worker_pb2.FlushCacheRequest, context) -> worker_pb2.FlushCacheResponse:
-        loop = asyncio.get_running_loop()
-        freed: asyncio.Future = loop.create_future()
-        self.w.engine.flush_cache(lambda n: loop.call_soon_threadsafe(freed.set_result, n))
-        try:  # bounded, though the engine thread answers between two steps
-            return worker_pb2.FlushCacheResponse(pages_freed=await asyncio.wait_for(freed, self.w.cfg.transfer_timeout))
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the decode engine did not answer the flush")
+        return await flush_cache(self.w.engine.flush_cache, self.w.cfg.transfer_timeout, context, "decode")
 
     async def WatchCache(self, request: worker_pb2.WatchCacheRequest, context):
-        """The prefix cache's page keys (prompt and output pages): a reset with the whole index, then
-        what is stored and removed."""
-        events = self.w.cache_events
-        if events is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the prefix cache is off on this worker (--disable-radix-cache)")
-        async for event in events.stream():
+        async for event in watch_cache(self.w.cache_events, context):
             yield event
 
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:

@@ -10,6 +10,7 @@ import grpc
 
 from common.grammar.state import grammar_state_for
 from common.runtime.step_plan import TPBroken
+from common.serving.cache_events import flush_cache, watch_cache
 from common.serving.sampling_params import SamplingParams
 from common.transport.base import TransferError
 from common.transport.handshake import PairingError
@@ -141,21 +142,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
         return worker_pb2.AbortResponse(found=job is not None)
 
     async def FlushCache(self, request: worker_pb2.FlushCacheRequest, context) -> worker_pb2.FlushCacheResponse:
-        loop = asyncio.get_running_loop()
-        freed: asyncio.Future = loop.create_future()
-        self.app.engine.flush_cache(lambda n: loop.call_soon_threadsafe(freed.set_result, n))
-        try:  # rule 2: bounded, though the engine thread answers between two forwards
-            return worker_pb2.FlushCacheResponse(pages_freed=await asyncio.wait_for(freed, self.app.cfg.transfer_timeout))
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill engine did not answer the flush")
+        return await flush_cache(self.app.engine.flush_cache, self.app.cfg.transfer_timeout, context, "prefill")
 
     async def WatchCache(self, request: worker_pb2.WatchCacheRequest, context):
-        """The prefix cache's page keys: a reset with the whole index, then what is stored and removed."""
-        events = self.app.cache_events
-        if events is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "the prefix cache is off on this worker (--disable-radix-cache)")
-        async for event in events.stream():
+        async for event in watch_cache(self.app.cache_events, context):
             yield event
 
     async def GetInfo(self, request, context) -> worker_pb2.WorkerInfo:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+
+import grpc
 
 from protos import worker_pb2
 
@@ -96,3 +98,28 @@ class CacheEvents:
             self._closed = True
             for sub in self._subscribers:
                 sub.loop.call_soon_threadsafe(sub.wake.set)
+
+
+# ------------------------------------------------------------------ the two cache RPCs of a worker
+async def watch_cache(events: CacheEvents | None, context: Any) -> AsyncIterator[worker_pb2.CacheEvent]:
+    """WatchCache of either worker: a reset with the whole index, then what is stored and removed;
+    FAILED_PRECONDITION where the prefix cache is off."""
+    if events is None:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                            "the prefix cache is off on this worker (--disable-radix-cache)")
+    async for event in events.stream():
+        yield event
+
+
+async def flush_cache(flush: Callable[[Callable[[int], None]], None], timeout: float, context: Any,
+                      engine: str) -> worker_pb2.FlushCacheResponse:
+    """FlushCache of either worker: `flush(reply)` asks its engine thread to forget the prefix cache
+    and to call reply(pages freed) from that thread; bounded by `timeout`, though the engine answers
+    between two steps (UNAVAILABLE naming `engine` past it)."""
+    loop = asyncio.get_running_loop()
+    freed: asyncio.Future = loop.create_future()
+    flush(lambda n: loop.call_soon_threadsafe(freed.set_result, n))
+    try:
+        return worker_pb2.FlushCacheResponse(pages_freed=await asyncio.wait_for(freed, timeout))
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"the {engine} engine did not answer the flush")
