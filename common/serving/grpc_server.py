@@ -35,8 +35,13 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def client_channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Channel options for calls between our processes: a dead peer is noticed within seconds."""
+    """Channel options for calls between our processes: a dead peer is noticed within seconds, and a
+    peer that comes (back) up within about a second: gRPC's default reconnect backoff grows to two
+    minutes, so a worker that took a while to start or restart would sit unseen long after it serves."""
     return message_size_options(max_message_bytes) + [
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
         ("grpc.keepalive_time_ms", 5_000),
         ("grpc.keepalive_timeout_ms", 3_000),
         ("grpc.http2.max_pings_without_data", 0),

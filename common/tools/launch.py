@@ -198,6 +198,28 @@ class Cluster:
                         raise TimeoutError(f"{name} not SERVING after {timeout:.0f}s"
                                            + (f" (logs in {self.log_dir})" if self.log_dir else ""))
                     time.sleep(0.1)
+        if self.http_port is not None:
+            self._wait_gateway_sees_all(deadline)
+
+    def _wait_gateway_sees_all(self, deadline: float) -> None:
+        """Wait until the gateway's own health rounds count every worker healthy (its SERVING needs
+        only one of each role), so that requests spread over all of them from the start."""
+        import json
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.http_port}/get_server_info"
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2.0) as reply:
+                    workers = json.load(reply)["workers"]
+                down = [w["address"] for w in workers if not w["healthy"]]
+            except OSError as e:
+                down = [f"gateway HTTP: {e}"]
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gateway does not count these workers healthy: {', '.join(down)}")
+            time.sleep(0.1)
 
     def stop(self, timeout: float = 20.0) -> dict[str, int]:
         for proc in self.procs.values():

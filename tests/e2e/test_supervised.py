@@ -37,7 +37,7 @@ def _recovered(stub, ids, want, deadline):
 
 
 def test_killed_workers_are_restarted_and_served_again(tiny_model_dir: Path, tmp_path: Path, reference) -> None:
-    cluster = start_cluster(tiny_model_dir, prefill=1, decode=2, log_dir=tmp_path, http_port=None)
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=2, log_dir=tmp_path)
     out, stop = io.StringIO(), threading.Event()
 
     def supervise() -> None:
