@@ -79,6 +79,7 @@ class DecodeReq:
     page_keys: list[bytes] = field(default_factory=list)  # keys of the leading pages matched or committed
     cached_len: int = 0  # leading tokens whose KV came from this worker's prefix cache at admission
     computes_here: bool = False  # the uncached prompt suffix is computed on this worker
+    cache_salt: str = ""  # prefix-cache pages are shared only with requests of the same salt
 
     @property
     def pending(self) -> int:
@@ -142,7 +143,8 @@ class Scheduler:
         while self.waiting_memory:
             req = self.waiting_memory[0]
             history = req.history()
-            hit = self.cache.match(history)  # referenced first, so the allocation cannot evict them
+            # referenced first, so the allocation cannot evict them
+            hit = self.cache.match(history, self.cache.root_for(req.cache_salt))
             pages = self.cache.alloc(self.pages_for(len(history) + self.step_slots) - len(hit.pages))
             if pages is None:
                 self.cache.release(hit.pages)
@@ -226,7 +228,8 @@ class Scheduler:
         the token after it as its successor (unknown past the last committed token)."""
         if req.pages and req.kv_len and not req.needs_recompute:
             seq = req.prompt_ids + req.output_ids
-            self.cache.commit(req.pages, req.page_keys, seq, min(req.kv_len, len(seq)))
+            self.cache.commit(req.pages, req.page_keys, seq, min(req.kv_len, len(seq)),
+                              self.cache.root_for(req.cache_salt))
 
     def release(self, req: DecodeReq, keep: bool = True) -> None:
         """Finish or abort: key the pages of the KV it wrote (unless `keep` is False: a failed step may

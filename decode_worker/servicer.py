@@ -116,6 +116,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
             request_id=request.request_id, transfer_id=request.transfer_id, prompt_ids=list(request.input_ids),
             params=params, channel=OutputChannel(asyncio.get_running_loop()),
             deadline=request.deadline_unix or None, local_prefill=request.local_prefill,
+            cache_salt=request.cache_salt,
         )
 
     async def AwaitReserved(self, request: worker_pb2.ReserveQuery,

@@ -41,10 +41,12 @@ class Hit:
 
 class PromptKeys:
     """One prompt's page keys under each (namespace, page size) asked for, each computed once and
-    only as far as a lookup walked (a prompt nobody holds costs one key per worker, not its chain)."""
+    only as far as a lookup walked (a prompt nobody holds costs one key per worker, not its chain).
+    `salt` is the request's cache salt: its chains start where the workers' chains of that salt do."""
 
-    def __init__(self, tokens: Sequence[int]) -> None:
+    def __init__(self, tokens: Sequence[int], salt: str = "") -> None:
         self.tokens = tokens
+        self.salt = salt
         self._chains: dict[tuple[str, int], list[bytes]] = {}
 
     def chain(self, namespace: str, page_size: int) -> list[bytes]:
@@ -59,7 +61,7 @@ class PromptKeys:
         step = 32  # keys computed at a time past those kept
         while len(done) < pages:
             start = len(done)
-            parent = done[-1] if done else root_key(namespace)
+            parent = done[-1] if done else root_key(namespace, self.salt)
             more = chain(parent, self.tokens[start * page_size:], page_size, min(step, pages - start))
             done.extend(more)
             yield from more

@@ -52,6 +52,15 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class PromptCache:
+    """How a request meets the prefix cache: `routing_key` keeps requests that share it on the same
+    workers until the cache index knows where their prompt is; `salt` isolates its cached pages
+    (only requests with the same salt share them; "" = the common pool)."""
+    routing_key: str | None = None
+    salt: str = ""
+
+
+@dataclass(frozen=True)
 class ChatCall:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None  # shown to the model (None: no tools in the prompt)
@@ -64,6 +73,7 @@ class ChatCall:
     stream: bool = True                 # False: the Pipeline yields one message with the whole answer
     model: str = ""                     # "" = the served model, else checked against its name
     request_id: str | None = None       # None: the Pipeline draws "chatcmpl-<hex>"
+    prompt_cache: PromptCache = PromptCache()
 
 
 @dataclass(frozen=True)
@@ -76,3 +86,4 @@ class GenerateCall:
     stream: bool = True
     model: str = ""
     request_id: str | None = None       # None: "cmpl-<hex>"
+    prompt_cache: PromptCache = PromptCache()

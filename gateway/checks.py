@@ -16,7 +16,7 @@ import grpc
 
 from common.serving.custom_processor import CustomProcessorError, resolve_custom_processor
 from common.serving.sampling_params import INT32_MAX, Grammar, SamplingError, SamplingParams, ServerSampling
-from gateway.calls import RequestLimits, Sampling
+from gateway.calls import PromptCache, RequestLimits, Sampling
 from gateway.errors import GatewayError, invalid
 from protos import worker_pb2
 
@@ -198,6 +198,22 @@ def thinking_budget(s: Sampling, enable_custom_logit_processor: bool) -> int | N
                 raise invalid("custom_params.thinking_budget", f"must be < 2**31, got {value!r}")
             budgets.append(value)
     return min(budgets) if budgets else None
+
+
+MAX_PROMPT_CACHE_CHARS = 256
+
+
+def prompt_cache(routing_key: Any, salt: Any, routing_field: str, salt_field: str) -> PromptCache:
+    """A request's routing key and cache salt (each None when absent): strings of at most
+    MAX_PROMPT_CACHE_CHARS characters; an empty key counts as none."""
+    for value, field in ((routing_key, routing_field), (salt, salt_field)):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise invalid(field, f"must be a string, got {type(value).__name__}")
+        if len(value) > MAX_PROMPT_CACHE_CHARS:
+            raise invalid(field, f"must be at most {MAX_PROMPT_CACHE_CHARS} characters, got {len(value)}")
+    return PromptCache(routing_key or None, salt or "")
 
 
 def check_prompt_chars(chars: int, limit: int, field: str) -> None:

@@ -15,7 +15,7 @@ from google.protobuf import json_format, struct_pb2
 
 from common.serving.sampling_params import given_fields
 from gateway import checks, constraints
-from gateway.calls import ChatCall, Constraint, GenerateCall, RequestLimits, Sampling
+from gateway.calls import ChatCall, Constraint, GenerateCall, PromptCache, RequestLimits, Sampling
 from gateway.errors import invalid
 from protos import gateway_pb2
 
@@ -132,7 +132,13 @@ def chat_call(req: gateway_pb2.ChatRequest, limits: RequestLimits) -> ChatCall:
         separate_reasoning=req.separate_reasoning if req.HasField("separate_reasoning") else True,
         tool_choice=tool_choice, stream=req.stream if req.HasField("stream") else True,
         parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
-        model=req.model, request_id=_opt(req, "request_id") or None)
+        model=req.model, request_id=_opt(req, "request_id") or None, prompt_cache=prompt_cache(req))
+
+
+def prompt_cache(req: gateway_pb2.ChatRequest | gateway_pb2.GenerateRequest) -> PromptCache:
+    pc = req.prompt_cache
+    return checks.prompt_cache(_opt(pc, "routing_key"), _opt(pc, "cache_salt"),
+                               "prompt_cache.routing_key", "prompt_cache.cache_salt")
 
 
 def generate_call(req: gateway_pb2.GenerateRequest, limits: RequestLimits) -> GenerateCall:
@@ -146,4 +152,4 @@ def generate_call(req: gateway_pb2.GenerateRequest, limits: RequestLimits) -> Ge
         input_field="text" if which == "text" else "tokens.ids",
         skip_special_tokens=req.skip_special_tokens if req.HasField("skip_special_tokens") else True,
         stream=req.stream if req.HasField("stream") else True,
-        model=req.model, request_id=_opt(req, "request_id") or None)
+        model=req.model, request_id=_opt(req, "request_id") or None, prompt_cache=prompt_cache(req))

@@ -20,7 +20,7 @@ import grpc
 
 from common.serving.ids import new_request_id
 from gateway import checks, constraints
-from gateway.calls import ChatCall, Constraint, GenerateCall, RequestLimits, Sampling
+from gateway.calls import ChatCall, Constraint, GenerateCall, PromptCache, RequestLimits, Sampling
 from gateway.errors import GatewayError, invalid, unsupported
 
 # Sampling fields that keep their name (common.serving.sampling_params.REQUEST_FIELDS minus max_tokens).
@@ -28,8 +28,9 @@ SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty
             "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "logit_bias")
 _BUDGET = ("custom_logit_processor", "custom_params", "thinking_token_budget")
 _CONSTRAINTS = ("response_format", "json_schema", "regex", "ebnf")  # structured output (SGLang's names)
+_PROMPT_CACHE = ("prompt_cache_key", "cache_salt", "extra_key")  # OpenAI's, vLLM's and SGLang's names
 _COMMON = ("model", "stream", "stream_options", "stop", "n", "no_stop_trim", "rid", "max_tokens", *SAMPLING,
-           *_BUDGET, *_CONSTRAINTS)
+           *_BUDGET, *_CONSTRAINTS, *_PROMPT_CACHE)
 
 CHAT_SUPPORTED = frozenset({
     *_COMMON, "messages", "max_completion_tokens", "tools", "tool_choice", "logprobs", "top_logprobs",
@@ -44,10 +45,7 @@ IGNORED: dict[str, str] = {
     "metadata": "no stored completions",
     "store": "no stored completions",
     "service_tier": "one service tier",
-    "prompt_cache_key": "no prefix cache yet; routing is least-loaded",
-    "cache_salt": "no prefix cache yet",
     "priority": "no priority scheduling yet",
-    "extra_key": "no prefix cache yet",
     "custom_labels": "metrics carry no per-request labels",
     "return_cached_tokens_details": "usage always carries prompt_tokens_details.cached_tokens",
 }
@@ -133,8 +131,8 @@ def chat_request(body: Any, limits: Limits) -> HttpRequest:
                     template_kwargs=kwargs, sampling=sampling,
                     separate_reasoning=_bool(body, "separate_reasoning", True),
                     tool_choice=tool_choice, parallel_tool_calls=_bool(body, "parallel_tool_calls", True),
-                    stream=stream,
-                    model=_model(body, limits), request_id=request_id)
+                    stream=stream, model=_model(body, limits), request_id=request_id,
+                    prompt_cache=_prompt_cache(body))
     calls = tuple(replace(base, request_id=_choice_id(request_id, i, n), sampling=_seeded(sampling, i))
                   for i in range(n))
     return HttpRequest(calls=calls, request_id=request_id, model=_echo_model(body, limits), stream=stream,
@@ -172,7 +170,8 @@ def completion_request(body: Any, limits: Limits) -> HttpRequest:
                 sampling=_seeded(sampling, i), text=text, token_ids=ids,
                 input_field="prompt" if len(prompts) == 1 else f"prompt[{p}]",
                 skip_special_tokens=_bool(body, "skip_special_tokens", True), stream=stream,
-                model=_model(body, limits), request_id=_choice_id(request_id, k, len(prompts) * n)))
+                model=_model(body, limits), request_id=_choice_id(request_id, k, len(prompts) * n),
+                prompt_cache=_prompt_cache(body)))
     return HttpRequest(calls=tuple(calls), request_id=request_id, model=_echo_model(body, limits),
                        stream=stream, include_usage=include_usage, no_stop_trim=_bool(body, "no_stop_trim", False),
                        echo=echo, logprobs=logprobs, per_prompt=n, ignored=ignored + more_ignored)
@@ -180,6 +179,15 @@ def completion_request(body: Any, limits: Limits) -> HttpRequest:
 
 # ---------------------------------------------------------------------------------------------
 # fields
+
+
+def _prompt_cache(body: Mapping[str, Any]) -> PromptCache:
+    """prompt_cache_key routes; cache_salt (or SGLang's extra_key, the same thing) isolates."""
+    salt, extra = body.get("cache_salt"), body.get("extra_key")
+    if salt is not None and extra is not None and salt != extra:
+        raise invalid("extra_key", "names the cache salt as cache_salt does: give one of them (or the same value)")
+    return checks.prompt_cache(body.get("prompt_cache_key"), salt if salt is not None else extra,
+                               "prompt_cache_key", "cache_salt" if salt is not None else "extra_key")
 
 
 def _classify(body: Mapping[str, Any], supported: frozenset[str], ignored: Mapping[str, str],

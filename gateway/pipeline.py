@@ -22,7 +22,7 @@ from common.serving import metrics
 from common.serving.ids import new_request_id, new_transfer_id
 from common.serving.sampling_params import ServerSampling
 from gateway import checks, constraints
-from gateway.calls import ChatCall, Constraint, GenerateCall, Sampling
+from gateway.calls import ChatCall, Constraint, GenerateCall, PromptCache, Sampling
 from gateway.chat_output import ChatOutput, TextOutput, apply_finish
 from gateway.chat_template import ChatTemplate, ChatTemplateError
 from gateway.config import GatewayConfig
@@ -126,7 +126,7 @@ class Pipeline:
         collected = gateway_pb2.ChatResponse()  # stream=false: everything goes into one message
         async with self._request(request_id, "chat", input_ids, sampling, progress) as finished:
             async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out,
-                                            constraint):
+                                            constraint, call.prompt_cache):
                 for msg in out.messages(chunk):
                     if call.stream:
                         yield _headed(head, msg)
@@ -169,7 +169,7 @@ class Pipeline:
         collected = gateway_pb2.GenerateResponse(id=request_id, model=self.config.model_name)
         async with self._request(request_id, "generate", input_ids, sampling, progress) as finished:
             async for chunk in self._tokens(request_id, input_ids, sampling, client_deadline, progress, out,
-                                            constraint):
+                                            constraint, call.prompt_cache):
                 msg = out.generate_message(chunk)
                 if msg is None:
                     continue
@@ -282,10 +282,12 @@ class Pipeline:
 
     async def _tokens(self, request_id: str, input_ids: list[int], sampling: worker_pb2.WorkerSampling,
                       client_deadline: float | None, progress: _Progress, out: TextOutput,
-                      constraint: Constraint | None = None) -> AsyncIterator[worker_pb2.DecodeChunk]:
+                      constraint: Constraint | None, prompt_cache: PromptCache
+                      ) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """`_attempts`, with a worker's refusal of the grammar renamed to the public field."""
         try:
-            async for chunk in self._attempts(request_id, input_ids, sampling, client_deadline, progress, out):
+            async for chunk in self._attempts(request_id, input_ids, sampling, client_deadline, progress, out,
+                                              prompt_cache):
                 yield chunk
         except LegError as e:
             refusal = constraints.worker_refusal(e, constraint)
@@ -294,8 +296,8 @@ class Pipeline:
             raise refusal from None
 
     async def _attempts(self, request_id: str, input_ids: list[int], sampling: worker_pb2.WorkerSampling,
-                        client_deadline: float | None, progress: _Progress, out: TextOutput
-                        ) -> AsyncIterator[worker_pb2.DecodeChunk]:
+                        client_deadline: float | None, progress: _Progress, out: TextOutput,
+                        prompt_cache: PromptCache) -> AsyncIterator[worker_pb2.DecodeChunk]:
         """Decode chunks of the first attempt that produces a token; stops early on a stop string."""
         deadline = self._deadline(client_deadline)
         failed = []
@@ -303,13 +305,14 @@ class Pipeline:
         allow_local = True
         for attempt in range(self.config.max_dispatch_attempts):
             try:
-                route = self.router.route(input_ids, exclude=failed, allow_local=allow_local)
+                route = self.router.route(input_ids, exclude=failed, allow_local=allow_local,
+                                          routing_key=prompt_cache.routing_key, salt=prompt_cache.salt)
             except GatewayError:
                 if last_error is not None:
                     raise last_error from None
                 raise
             leg = LegRequest(request_id, new_transfer_id(), input_ids, sampling, deadline,
-                             uncached_tokens=len(input_ids) - route.cached_tokens)
+                             uncached_tokens=len(input_ids) - route.cached_tokens, cache_salt=prompt_cache.salt)
             dispatch = Dispatch(route.prefill, route.decode, leg, self._background, self.config.worker_rpc_timeout)
             chunks = dispatch.chunks()
             try:

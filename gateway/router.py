@@ -17,15 +17,22 @@ many leading prompt tokens each worker holds. Among the prefill workers whose lo
 for a worker not measured yet; queued compute: each routed request's uncached tokens over the rate
 then, drained with time — a leg whose compute is done but whose KV is still on its way no longer
 counts, as it did when the queue was the tokens of the legs not yet completed). When no worker holds any page
-of the prompt the index knows nothing useful and the choice is the plain load choice. The decode
+of the prompt the index knows nothing useful and the choice is the routing key's or the plain load
+choice. The decode
 worker is the least loaded, or, where decode workers stream events, the one holding the most of
 the prompt within the load threshold; with `local_prefill_max_tokens`, a decode worker that holds
 all but at most that many prompt tokens computes the rest itself and no prefill leg runs.
+
+A request's routing key (OpenAI's `prompt_cache_key`) decides where the index knows nothing: among
+the workers within the load threshold, the one that ranks first for the key by rendezvous hashing
+(so the first turn of a conversation lands where the next turn will look, and a key moves only when
+its worker leaves or gets busy). A cache salt gives the prompt's keys the chain root of that salt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -56,7 +63,7 @@ class RoutingConfig:
 class Route:
     prefill: WorkerEndpoint | None  # None: the decode worker computes the uncached suffix (local prefill)
     decode: WorkerEndpoint
-    reason: str                     # "cache" | "approx" | "load" | "local"
+    reason: str                     # "cache" | "approx" | "key" | "load" | "local"
     cached_tokens: int = 0          # predicted: prompt tokens the chosen worker holds
 
 
@@ -177,22 +184,21 @@ class Router:
 
     # ------------------------------------------------------------------ cache-aware routing
     def route(self, input_ids: Sequence[int], exclude: Iterable[WorkerEndpoint] = (), *,
-              allow_local: bool = True) -> Route:
+              allow_local: bool = True, routing_key: str | None = None, salt: str = "") -> Route:
         """The pair for a prompt (see the module doc); `allow_local` False: always a prefill leg (the
         retry after a decode worker refused a local prefill). UNAVAILABLE when no pair is left."""
         exclude = list(exclude)
         if self.index is None:
             prefill, decode = self.choose(exclude)
             return Route(prefill, decode, "load")
-        prompt = PromptKeys(input_ids)
-        decode, decode_hit = self._pick_decode(prompt, exclude)
+        prompt = PromptKeys(input_ids, salt)
+        decode, decode_hit = self._pick_decode(prompt, exclude, routing_key)
         uncached = len(input_ids) - decode_hit.tokens
         limit = self.routing.local_prefill_max_tokens
         if allow_local and limit and decode_hit.exact and decode_hit.tokens and uncached <= limit:
             metrics.router_decisions_total().labels(role="prefill", reason="local").inc()
             return Route(None, decode, "local", decode_hit.tokens)
-        prefill, hit = self._pick_prefill(prompt, exclude)
-        reason = "load" if not hit.tokens else "cache" if hit.exact else "approx"
+        prefill, hit, reason = self._pick_prefill(prompt, exclude, routing_key)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("route %d tokens -> %s (%s, %d held); prefill workers %s", len(input_ids), prefill.address,
                       reason, hit.tokens, [(w.address, self.index.hit(w.address, prompt, _page_size(w)).tokens,
@@ -228,11 +234,20 @@ class Router:
         least = min(w.score for w in workers)
         return [w.score <= least + self.routing.load_threshold for w in workers]
 
-    def _pick_prefill(self, prompt: PromptKeys, exclude: list[WorkerEndpoint]) -> tuple[WorkerEndpoint, Hit]:
+    def _by_key(self, workers: list[WorkerEndpoint], routing_key: str) -> WorkerEndpoint:
+        """The key's worker among those within the load threshold (rendezvous hashing on addresses)."""
+        near = [w for w, ok in zip(workers, self._near_least_loaded(workers)) if ok]
+        return max(near, key=lambda w: hashlib.blake2b(f"{routing_key}\0{w.address}".encode(), digest_size=8).digest())
+
+    def _pick_prefill(self, prompt: PromptKeys, exclude: list[WorkerEndpoint],
+                      routing_key: str | None = None) -> tuple[WorkerEndpoint, Hit, str]:
+        """The prefill worker, what it holds of the prompt, and why ("cache", "approx", "key", "load")."""
         candidates = self._available(self.prefill, exclude)
         hits = self._hits(candidates, prompt)
-        if not any(h.tokens for h in hits):  # the index knows nothing about this prompt: load decides
-            return self._pick("prefill", self.prefill, exclude), Hit(0, False)
+        if not any(h.tokens for h in hits):  # the index knows nothing about this prompt: the key or load decides
+            if routing_key and candidates:
+                return self._by_key(candidates, routing_key), Hit(0, False), "key"
+            return self._pick("prefill", self.prefill, exclude), Hit(0, False), "load"
         n = len(prompt.tokens)
         options = [(self._eta(w, n - h.tokens), w.score, i)
                    for i, (w, h, ok) in enumerate(zip(candidates, hits, self._near_least_loaded(candidates))) if ok]
@@ -240,9 +255,11 @@ class Router:
         tied = [i for *key, i in options if tuple(key) == best]
         i = tied[self._rr["prefill"] % len(tied)]
         self._rr["prefill"] += 1
-        return candidates[i], hits[i]
+        hit = hits[i]
+        return candidates[i], hit, "load" if not hit.tokens else "cache" if hit.exact else "approx"
 
-    def _pick_decode(self, prompt: PromptKeys, exclude: list[WorkerEndpoint]) -> tuple[WorkerEndpoint, Hit]:
+    def _pick_decode(self, prompt: PromptKeys, exclude: list[WorkerEndpoint],
+                     routing_key: str | None = None) -> tuple[WorkerEndpoint, Hit]:
         assert self.index is not None
         candidates = self._available(self.decode, exclude)
         live = [w for w in candidates if self.index.is_live(w.address)]
@@ -255,6 +272,9 @@ class Router:
                 *_, i = max(scored)
                 metrics.router_decisions_total().labels(role="decode", reason="cache").inc()
                 return live[i], hits[i]
+        if routing_key and candidates:
+            metrics.router_decisions_total().labels(role="decode", reason="key").inc()
+            return self._by_key(candidates, routing_key), Hit(0, False)
         metrics.router_decisions_total().labels(role="decode", reason="load").inc()
         return self._pick("decode", self.decode, exclude), Hit(0, False)
 

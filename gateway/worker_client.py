@@ -165,6 +165,7 @@ class LegRequest:
     sampling: worker_pb2.WorkerSampling
     deadline: float | None  # time.monotonic() deadline, None = none
     uncached_tokens: int = 0  # the router's estimate of the prompt tokens the prefill worker computes
+    cache_salt: str = ""  # the request's prefix-cache salt (calls.PromptCache)
 
 
 class Dispatch:
@@ -195,7 +196,7 @@ class Dispatch:
         decode_call = self.decode.stub.Generate(worker_pb2.DecodeRequest(
             request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
             prefill_worker_id="" if local else self.prefill.worker_id, deadline_unix=deadline_unix,
-            local_prefill=local), timeout=timeout)
+            local_prefill=local, cache_salt=r.cache_salt), timeout=timeout)
         prefill_call = None
         if local:  # no prefill leg: its "result" is what the decode worker already held
             prefill_task: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -204,7 +205,7 @@ class Dispatch:
             prefill_call = self.prefill.stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=r.request_id, transfer_id=r.transfer_id, input_ids=r.input_ids, sampling=r.sampling,
                 decode_address=self.decode.address, decode_worker_id=self.decode.worker_id,
-                deadline_unix=deadline_unix), timeout=timeout)
+                deadline_unix=deadline_unix, cache_salt=r.cache_salt), timeout=timeout)
             prefill_task = asyncio.ensure_future(prefill_call)
             prefill_task.add_done_callback(_consume_exception)
             prefill_task.add_done_callback(self._prefill_leg_done)

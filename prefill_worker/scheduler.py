@@ -48,6 +48,7 @@ class PrefillJob:
     page_keys: list[bytes] = field(default_factory=list)  # keys of the leading pages matched or committed
     cached_len: int = 0  # prompt tokens whose KV came from the prefix cache (whole pages)
     decode_cached: int = 0  # leading prompt tokens the decode worker holds already: their KV is not sent
+    cache_salt: str = ""  # prefix-cache pages are shared only with requests of the same salt
     done_tokens: int = 0  # prompt tokens whose KV is computed (or cached)
     next_seq: int = 0  # next chunk sequence number on the transfer
     first_token: int | None = None
@@ -118,7 +119,8 @@ class PrefillScheduler:
                 budget -= n
         while budget > 0 and self.queue:
             job = self.queue[0]
-            hit = self.cache.match(job.prompt_ids)  # referenced first, so allocation cannot evict them
+            root = self.cache.root_for(job.cache_salt)
+            hit = self.cache.match(job.prompt_ids, root)  # referenced first, so allocation cannot evict them
             pages = self.cache.alloc(self.pages_for(job.prompt_len) - len(hit.pages))
             if pages is None:
                 self.cache.release(hit.pages)
@@ -146,7 +148,7 @@ class PrefillScheduler:
         job = chunk.job
         job.done_tokens = chunk.end
         seq = job.prompt_ids + [job.first_token] if chunk.is_final and job.first_token is not None else job.prompt_ids
-        self.cache.commit(job.pages, job.page_keys, seq, chunk.end)
+        self.cache.commit(job.pages, job.page_keys, seq, chunk.end, self.cache.root_for(job.cache_salt))
         if chunk.is_final:
             job.state = JobState.SENDING
 

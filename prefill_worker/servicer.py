@@ -97,7 +97,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillWorkerServicer):
 
         job = PrefillJob(request_id=request.request_id, transfer_id=request.transfer_id,
                          prompt_ids=list(request.input_ids), params=params, sender=sender, on_done=on_done,
-                         deadline=request.deadline_unix or None, grammar=grammar, decode_cached=held)
+                         deadline=request.deadline_unix or None, grammar=grammar, decode_cached=held,
+                         cache_salt=request.cache_salt)
         app.track(job)
         app.engine.submit(job)
         try:

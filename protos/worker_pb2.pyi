@@ -71,7 +71,7 @@ class GrammarSpec(_message.Message):
     def __init__(self, json_schema: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., ebnf: _Optional[str] = ..., structural_tag: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "decode_address", "decode_worker_id", "deadline_unix")
+    __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "decode_address", "decode_worker_id", "deadline_unix", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class PrefillRequest(_message.Message):
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -86,7 +87,8 @@ class PrefillRequest(_message.Message):
     decode_address: str
     decode_worker_id: str
     deadline_unix: float
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., decode_address: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., decode_address: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class PrefillResult(_message.Message):
     __slots__ = ("first_token", "first_logprob", "kv_bytes", "transfer_seconds", "compute_seconds", "cached_tokens", "grammar_applied")
@@ -107,7 +109,7 @@ class PrefillResult(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., first_logprob: _Optional[float] = ..., kv_bytes: _Optional[int] = ..., transfer_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., grammar_applied: _Optional[bool] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "prefill_worker_id", "deadline_unix", "local_prefill")
+    __slots__ = ("request_id", "transfer_id", "input_ids", "sampling", "prefill_worker_id", "deadline_unix", "local_prefill", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +117,7 @@ class DecodeRequest(_message.Message):
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     transfer_id: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -122,7 +125,8 @@ class DecodeRequest(_message.Message):
     prefill_worker_id: str
     deadline_unix: float
     local_prefill: bool
-    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[WorkerSampling, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., local_prefill: _Optional[bool] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs")

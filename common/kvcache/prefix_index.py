@@ -67,6 +67,7 @@ class PrefixCache:
         self.page_size = page_size
         self.enabled = enabled
         self.check_successor = check_successor
+        self.namespace = namespace
         self.root = root_key(namespace)
         self._records: dict[int, PageRecord] = {}  # every ACTIVE or CACHED page
         self._index: dict[bytes, int] = {}  # key -> page
@@ -116,13 +117,19 @@ class PrefixCache:
         rec = self._records.get(page)
         return rec.refs if rec is not None else 0
 
+    def root_for(self, salt: str) -> bytes:
+        """The chain root of requests with cache salt `salt` ("" = the shared root): pages keyed under
+        one salt never match a request with another."""
+        return root_key(self.namespace, salt) if salt else self.root
+
     # ------------------------------------------------------------------ operations
-    def match(self, tokens: Sequence[int]) -> Match:
-        """The longest reusable prefix of whole pages, leaving at least one token to compute."""
+    def match(self, tokens: Sequence[int], root: bytes | None = None) -> Match:
+        """The longest reusable prefix of whole pages, leaving at least one token to compute; `root`
+        from root_for (None: the shared root)."""
         m = Match()
         if not self.enabled:
             return m
-        ps, parent = self.page_size, self.root
+        ps, parent = self.page_size, root or self.root
         n = (len(tokens) - 1) // ps  # never the page holding the last token
         raw, step = pack(tokens[:n * ps]), 4 * ps
         for i in range(n):
@@ -165,10 +172,11 @@ class PrefixCache:
             self._records[page] = PageRecord(refs=1)
         return pages
 
-    def commit(self, pages: Sequence[int], keys: list[bytes], seq: Sequence[int], upto: int) -> None:
+    def commit(self, pages: Sequence[int], keys: list[bytes], seq: Sequence[int], upto: int,
+               root: bytes | None = None) -> None:
         """Key the job's pages lying wholly in seq[:upto] (their KV is now final). `keys` holds the
         keys of the leading pages already keyed or matched and is extended in place; seq may run
-        past `upto` (the token after a page is its successor)."""
+        past `upto` (the token after a page is its successor); `root` as in match."""
         if not self.enabled:
             return
         ps, first = self.page_size, len(keys)
@@ -177,7 +185,7 @@ class PrefixCache:
         raw, step = pack(seq[first * ps:last * ps]), 4 * ps
         for i in range(first, last):
             part = bytes(raw[(i - first) * step:(i - first + 1) * step])
-            key = packed_key(keys[-1] if keys else self.root, part)
+            key = packed_key(keys[-1] if keys else root or self.root, part)
             keys.append(key)
             if key in self._index:  # computed twice concurrently: the first copy stays the cached one
                 continue

@@ -58,6 +58,29 @@ def test_with_mtp_a_page_whose_successor_differs_is_dropped() -> None:
     cache.check()
 
 
+def test_a_cache_salt_shares_pages_only_with_the_same_salt() -> None:
+    cache = PrefixCache(PageAllocator(32), PAGE, namespace="m")
+    seq = list(range(100, 109))
+    salted = cache.root_for("tenant-a")
+    hit = cache.match(seq, salted)
+    pages = hit.pages + cache.alloc(3)
+    keys: list[bytes] = []
+    cache.commit(pages, keys, seq, len(seq), salted)
+    cache.release(pages)
+    assert cache.root_for("") == cache.root and salted not in (cache.root, cache.root_for("tenant-b"))
+
+    def held(root: bytes | None) -> int:
+        m = cache.match(seq, root)
+        cache.release(m.pages)
+        return len(m.pages) * PAGE
+
+    assert held(salted) == 8 and held(cache.root_for("tenant-a")) == 8
+    assert held(None) == 0 and held(cache.root_for("tenant-b")) == 0
+    cache.release(run_job(cache, seq))  # unsalted pages of the same tokens are a separate chain
+    assert held(None) == 8 and cache.num_cached == 4  # 2 keyed pages each (the third holds the last token)
+    cache.check()
+
+
 def test_a_hash_collision_is_caught_by_the_token_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefix_index, "packed_key", lambda parent, page: b"same")
     cache = PrefixCache(PageAllocator(32), PAGE)

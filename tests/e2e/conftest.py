@@ -29,8 +29,10 @@ class Result:
 
 
 def generate(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], timeout: float = 60.0,
-             skip_special_tokens: bool = False, **sampling) -> Result:
-    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids), skip_special_tokens=skip_special_tokens)
+             skip_special_tokens: bool = False, prompt_cache: gateway_pb2.PromptCache | None = None,
+             **sampling) -> Result:
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids), skip_special_tokens=skip_special_tokens,
+                                      prompt_cache=prompt_cache)
     for k, v in sampling.items():
         if k == "logit_bias":
             for tok, b in v.items():

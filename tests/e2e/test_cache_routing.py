@@ -1,7 +1,7 @@
 """Cache-aware routing through real processes: two prefill workers stream their prefix-cache events
 (a reset with the whole index, then the keys each prompt stores, page_hash chains under the
 namespace the event names); a conversation's later turns land on the prefill worker holding its
-history and report cached_tokens; POST /flush_cache empties every worker (a reset on the stream)
+history and report cached_tokens; fresh prompts with one routing key land on one worker; POST /flush_cache empties every worker (a reset on the stream)
 and the next turn computes everything again."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import urllib.request
 import grpc
 
 from common.serving.page_hash import page_key, root_key
-from protos import worker_pb2, worker_pb2_grpc
+from protos import gateway_pb2, worker_pb2, worker_pb2_grpc
 from tests.e2e.conftest import gateway, generate
 
 PAGE = 16
@@ -99,6 +99,15 @@ def test_turns_follow_the_prefill_worker_holding_the_session(launch, tiny_model_
             assert workers == owners, "a later turn was computed by the worker without the history"
             pages |= set(chain(namespace, ids))
         assert cached == [2 * PAGE, 3 * PAGE, 4 * PAGE]  # every page of the previous turn's prompt
+        # a routing key: fresh prompts nobody holds go to the key's worker (without one: round robin)
+        for key in ("conversation-a", "conversation-b", "conversation-c"):
+            where = set()
+            for _ in range(2):
+                fresh = [rng.randrange(700) for _ in range(40)]
+                generate(stub, fresh, max_tokens=2, temperature=0.0, ignore_eos=True,
+                         prompt_cache=gateway_pb2.PromptCache(routing_key=key))
+                where |= watches.stored(set(chain(namespace, fresh)))[0]
+            assert len(where) == 1, f"{key}'s first prompts went to workers {where}"
 
         with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{cluster.http_port}/flush_cache",
                                                            method="POST"), timeout=10) as r:

@@ -1,6 +1,6 @@
 """The prefill worker's prefix cache through real processes: a multi-turn conversation gives the
 greedy tokens of the uncached single-process reference, reports the pages it reused as
-`cached_tokens` (gRPC and HTTP), gives every page back, and with --disable-radix-cache (on both
+`cached_tokens` (gRPC and HTTP), shares pages only under the same cache salt, gives every page back, and with --disable-radix-cache (on both
 workers) reuses nothing. With EAGLE a shared prefix ending at a page edge gives up that page (its draft KV saw
 another next token)."""
 
@@ -59,4 +59,10 @@ def test_multi_turn_reuses_the_prompt_pages_and_matches_the_reference(launch, ti
                                       extra_body={"ignore_eos": True})
     # the second turn's third page is cached now too, its successor being the prompt's next token
     assert again.usage.prompt_tokens_details.cached_tokens == (3 * PAGE if cache else 0)
+    # a cache salt: none of the unsalted pages, then its own; another salt shares nothing with it
+    salted = [client.completions.create(model="glm-tiny", prompt=second, max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True, "cache_salt": salt})
+              for salt in ("tenant-a", "tenant-a", "tenant-b")]
+    assert [s.usage.prompt_tokens_details.cached_tokens for s in salted] == [0, 3 * PAGE if cache else 0, 0]
+    assert all(s.choices[0].text == again.choices[0].text for s in salted)
     assert wait_pages_free(cluster, before) == before, "KV pages leaked"

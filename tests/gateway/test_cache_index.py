@@ -32,6 +32,8 @@ def test_prompt_keys_match_the_worker_chain_and_skip_the_last_page() -> None:
     assert PromptKeys([*PROMPT, 7]).chain(NS, PS) == keys(PROMPT)  # one token past 5 pages: all 5 reusable
     assert p.chain(NS, 32) == keys(PROMPT, NS, 32)[:2]
     assert p.chain("other", PS) != p.chain(NS, PS)
+    salted = PromptKeys(PROMPT, salt="tenant-a").chain(NS, PS)
+    assert salted[0] == page_key(root_key(NS, "tenant-a"), PROMPT[:PS]) and salted != p.chain(NS, PS)
 
 
 def test_events_give_exact_leading_matches_per_worker() -> None:

@@ -154,3 +154,17 @@ def test_default_thinking_budget_applies_only_when_the_request_sets_none() -> No
     assert not checks.worker_sampling(empty, SERVER, prompt_len=1).HasField("thinking_budget")
     assert error(checks.worker_sampling, empty, server, prompt_len=1, thinking_budget=-1).message == \
         "thinking.budget must be in [0, 2**31), got -1"
+
+
+def test_prompt_cache_routing_key_and_salt() -> None:
+    from gateway.calls import PromptCache
+
+    pc = gateway_pb2.PromptCache(routing_key="conv-1", cache_salt="tenant")
+    assert convert.chat_call(_req(gateway_pb2.ChatMessage(role="user", content="hi"), prompt_cache=pc),
+                             LIMITS).prompt_cache == PromptCache("conv-1", "tenant")
+    gen = gateway_pb2.GenerateRequest(text="x", prompt_cache=gateway_pb2.PromptCache(cache_salt="t"))
+    assert convert.generate_call(gen, LIMITS).prompt_cache == PromptCache(None, "t")
+    assert convert.generate_call(gateway_pb2.GenerateRequest(text="x"), LIMITS).prompt_cache == PromptCache()
+    long = gateway_pb2.GenerateRequest(text="x", prompt_cache=gateway_pb2.PromptCache(routing_key="k" * 300))
+    assert error(convert.generate_call, long, LIMITS).message == \
+        "prompt_cache.routing_key must be at most 256 characters, got 300"

@@ -114,9 +114,24 @@ def test_the_field_tables_are_documented():
      "thinking.type"),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": True}, "reasoning_effort": "none"},
      "reasoning_effort"),
+    ({"messages": USER, "prompt_cache_key": 7}, "prompt_cache_key"),
+    ({"messages": USER, "cache_salt": "s" * 257}, "cache_salt"),
+    ({"messages": USER, "extra_key": ["x"]}, "extra_key"),
+    ({"messages": USER, "cache_salt": "a", "extra_key": "b"}, "extra_key"),
 ])
 def test_bad_chat_fields_are_named(body, field):
     assert refused(chat_request, body).field == field
+
+
+def test_prompt_cache_fields():
+    from gateway.calls import PromptCache
+
+    assert chat().calls[0].prompt_cache == PromptCache()
+    r = chat(prompt_cache_key="conv-7", cache_salt="tenant-a", n=2)
+    assert [c.prompt_cache for c in r.calls] == [PromptCache("conv-7", "tenant-a")] * 2 and r.ignored == ()
+    assert chat(extra_key="t", cache_salt="t", prompt_cache_key="").calls[0].prompt_cache == PromptCache(None, "t")
+    (call,) = completion_request({"model": "m", "prompt": "x", "extra_key": "t"}, LIMITS).calls
+    assert call.prompt_cache == PromptCache(None, "t")
 
 
 def test_tools_thinking_and_roles():

@@ -199,6 +199,46 @@ def test_no_hit_anywhere_is_the_plain_load_choice() -> None:
     assert [x.prefill for x in routes] == [r.prefill[1]] * 3 and {x.reason for x in routes} == {"load"}
 
 
+def test_a_routing_key_keeps_its_workers_until_the_index_knows_the_prompt() -> None:
+    def body():
+        r = _cache_router(4, 3)
+        firsts = {}
+        for k, key in enumerate(("session-a", "session-b", "session-c")):
+            # different first prompts under one key: the same pair each time, while nobody holds them
+            firsts[key] = {(x.prefill.address, x.decode.address, x.reason)
+                           for x in (r.route(list(range(1000 * k + 100 * i, 1000 * k + 100 * i + 40)), routing_key=key)
+                                     for i in range(3))}
+        spread = {(p, d) for s in firsts.values() for p, d, _ in s}
+        hot = next(iter(firsts["session-a"]))[0]
+        next(w for w in r.prefill if w.address == hot).load.running = 9  # over the load threshold
+        moved = r.route(list(range(5000, 5040)), routing_key="session-a")
+        _held(r, r.prefill[0], 4)
+        _held(r, r.prefill[1], 0)
+        held = r.route(PROMPT, routing_key="session-b")  # the index knows: the hit wins over the key
+        return firsts, spread, hot, moved, held, r
+
+    firsts, spread, hot, moved, held, r = _run(body)
+    assert all(len(s) == 1 for s in firsts.values()), firsts
+    assert {reason for s in firsts.values() for *_, reason in s} == {"key"}
+    assert len(spread) > 1  # keys spread over the workers (3 keys, 4 x 3 pairs)
+    assert moved.prefill.address != hot and moved.reason == "key"
+    assert (held.prefill, held.reason, held.cached_tokens) == (r.prefill[0], "cache", 64)
+
+
+def test_a_salted_prompt_is_held_only_under_its_salt() -> None:
+    def body():
+        r = _cache_router(2, 1)
+        keys = PromptKeys(PROMPT, salt="tenant-a").chain(NS, 16)
+        r.index.apply(r.prefill[1].address, worker_pb2.CacheEvent(reset=True, stored=keys, page_size=16, namespace=NS))
+        _held(r, r.prefill[0], 4)  # the same tokens without a salt
+        return r.route(PROMPT, salt="tenant-a"), r.route(PROMPT), r.route(PROMPT, salt="tenant-b"), r
+
+    a, plain, b, r = _run(body)
+    assert (a.prefill, a.cached_tokens) == (r.prefill[1], 64)
+    assert (plain.prefill, plain.cached_tokens) == (r.prefill[0], 64)
+    assert b.cached_tokens == 0 and b.reason == "load"
+
+
 def test_prefill_rate_is_an_ewma_of_computed_tokens_per_second() -> None:
     def body():
         w = _router(1, 1).prefill[0]
