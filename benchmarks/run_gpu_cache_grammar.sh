@@ -18,7 +18,7 @@ if has tests; then
 fi
 has grammar && stage bench_grammar "${GRAMMAR_S:-70}" $PY -m benchmarks.kernels.bench_grammar
 has cache && stage bench_prefix_cache "${CACHE_S:-190}" $PY -m benchmarks.serving.bench_prefix_cache
-has routing && stage bench_routing "${ROUTING_S:-150}" $PY -m benchmarks.serving.bench_prefix_cache --routing 4
+has routing && stage bench_routing "${ROUTING_S:-150}" $PY -m benchmarks.serving.bench_prefix_cache --routing 4 --routing-keys
 has e2e && stage bench_e2e "${E2E_S:-220}" $PY -m benchmarks.serving.bench_e2e --concurrency 1,32,64 --prompt 512 \
   --max-tokens 128 --constraints none,json
 {

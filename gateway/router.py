@@ -209,22 +209,16 @@ class Router:
         return Route(prefill, decode, reason, hit.tokens)
 
     def _remember(self, prefill: WorkerEndpoint, prompt: PromptKeys) -> None:
-        """The approximate entries of a routed prompt (its whole chain: ~1 ms of hashing for 8K
-        tokens). For a worker whose events are live they only stand by in case its stream ends, so
-        they are made on the event loop's next turn, after the request is dispatched; for one
-        without events they are its only entries and are made now."""
-        def remember() -> None:
-            assert self.index is not None
-            self.index.routed(prefill.address, prompt, _page_size(prefill))
-            self.report_index()
+        """The approximate entries of a prompt routed to a worker without live events (its whole
+        chain: ~1 ms of hashing and bookkeeping for 8K tokens on the event loop). A worker whose
+        events are live gets none: its events say what it holds, and if its stream ends the next
+        one starts with a snapshot of its whole index (a worker that restarted holds nothing), so
+        entries made for it would only cost every request that time."""
         assert self.index is not None
         if self.index.is_live(prefill.address):
-            try:
-                asyncio.get_running_loop().call_soon(remember)
-                return
-            except RuntimeError:  # no running loop (a direct call): now
-                pass
-        remember()
+            return
+        self.index.routed(prefill.address, prompt, _page_size(prefill))
+        self.report_index()
 
     def _hits(self, workers: list[WorkerEndpoint], prompt: PromptKeys) -> list[Hit]:
         assert self.index is not None

@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.serving.bench_prefix_cache [--device cuda:0] [--concurrency 1,16] [--prompt 8192]
                                                    [--last-page-prompt 10240] [--spec] [--tiny]
-    python3 -m benchmarks.serving.bench_prefix_cache --routing 4 [--sessions 16] [--turns 4] [--tiny]
+    python3 -m benchmarks.serving.bench_prefix_cache --routing 4 [--sessions 16] [--turns 4] [--routing-keys] [--tiny]
 
 On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--tiny`: the 3-layer tiny model, a CPU
 smoke run) it starts one cluster with every prefix cache on (prefill, decode, the gateway's index)
@@ -20,14 +20,16 @@ the median of `--rounds` rounds that each follow an unmeasured round of the same
 with the `cached_tokens` the gateway reported, where the hits came from (the workers' counters:
 prefill-side and decode-side cached tokens, prompts the decode worker finished itself, KV bytes
 sent), and the host cost of matching and keying one prompt of `--prompt` tokens in the index
-(target: <= 1 % of that prompt's prefill forward; `--prefill-ms` names a full-depth model's). With
-OUT set, writes $OUT/bench_prefix_cache.md.
+(target: <= 1 % of that prompt's prefill forward; `--prefill-ms` names a full-depth model's), and
+what a cold prompt's pages cost one worker's engine thread with the cache on and off (a full pool
+that evicts, a WatchCache stream attached). With OUT set, writes $OUT/bench_prefix_cache.md.
 
 `--routing N` instead compares the gateway's routing on N prefill workers (prefix caches on) and one
 decode worker: `--sessions` conversations run at once, each `--turns` turns long, each turn's prompt
 the previous prompt + its `--output` tokens + `--turn-tokens` new ones (SGLang's multi-turn
 shape), first with cache-aware routing, then with the gateway's `--disable-radix-cache` (least
-loaded). The one decode worker's own cache is off unless `--decode-cache`: it holds every session, so
+loaded), and with `--routing-keys` also cache-aware with each session sending its routing key
+(`prompt_cache_key`). The one decode worker's own cache is off unless `--decode-cache`: it holds every session, so
 with it on both routings hit there and the comparison no longer measures the choice of prefill
 worker. Reported per mode: token hit rate (cached / prompt tokens), share of requests with a hit,
 mean TTFT (targets: hit rate >= 3x least loaded, mean TTFT <= 0.5x). Writes
@@ -37,7 +39,7 @@ $OUT/bench_prefix_cache_routing.md.
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import os
 import random
 import re
@@ -55,6 +57,7 @@ from benchmarks import measure
 from benchmarks.serving.bench_e2e import AIR_LAYERS
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.prefix_index import PrefixCache
+from common.serving.cache_events import CacheEvents
 from common.tools.launch import free_ports, start_cluster
 from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2, gateway_pb2_grpc
@@ -103,6 +106,33 @@ def index_cost_ms(n_tokens: int, page_size: int = 16) -> float:
         cache.release(pages)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def cold_cost_ms(n_tokens: int, enabled: bool, page_size: int = 16) -> float:
+    """Host time one worker's engine thread spends on a cold n-token prompt's pages with its pool
+    full of cached pages (so allocation evicts) and a WatchCache subscriber attached: match +
+    allocate + key + release, the listener's events included; with `enabled` False the same calls
+    on a cache that is off (allocate + release). The difference is what the cache adds to a miss."""
+    n_pages = -(-n_tokens // page_size)
+    cache = PrefixCache(PageAllocator(4 * n_pages), page_size, enabled=enabled, check_successor=True)
+    events = CacheEvents(page_size, "bench")
+    cache.subscribe(events.listener)
+    loop = asyncio.new_event_loop()
+    stream = events.stream()
+    assert loop.run_until_complete(anext(stream)).reset  # one WatchCache stream, open (its queue only grows)
+    gen = torch.Generator().manual_seed(2)
+    times = []
+    for i in range(24):
+        ids = torch.randint(0, 150000, (n_tokens + 1,), generator=gen).tolist()
+        t0 = time.perf_counter()
+        hit = cache.match(ids[:-1])
+        pages = hit.pages + cache.alloc(n_pages - len(hit.pages))
+        cache.commit(pages, hit.keys, ids, n_tokens)
+        cache.release(pages)
+        times.append(time.perf_counter() - t0)
+    loop.run_until_complete(stream.aclose())
+    loop.close()
+    return statistics.median(times[8:]) * 1e3  # the pool is full of cached pages from the fourth on
 
 
 SIDE_COUNTERS = {  # (worker, metric) -> short name, scraped around each measured round
@@ -178,9 +208,11 @@ def run(args: argparse.Namespace, model: Path, cache_on: bool) -> dict[str, floa
     return out
 
 
-def turn(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], max_tokens: int) -> tuple[float, int, list[int]]:
+def turn(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], max_tokens: int,
+         routing_key: str | None = None) -> tuple[float, int, list[int]]:
     """(seconds to the first token, cached_tokens, output ids) of one greedy request."""
-    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids))
+    req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=ids),
+                                      prompt_cache=gateway_pb2.PromptCache(routing_key=routing_key))
     req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = max_tokens, 0.0, True
     t0 = time.perf_counter()
     first, cached, out = None, 0, []
@@ -193,21 +225,10 @@ def turn(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], max_tokens: int) ->
     return first, cached, out
 
 
-def wait_all_healthy(cluster, timeout: float = 120.0) -> None:
-    """The gateway is ready with one worker of each role; a routing comparison needs all of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_port}/get_server_info", timeout=5) as r:
-            if all(w["healthy"] for w in json.loads(r.read())["workers"]):
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError("not every worker became healthy")
-        time.sleep(0.2)
-
-
-def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool) -> dict[str, float]:
-    """Multi-turn sessions at once on --routing prefill workers; hit rate and TTFT of one routing mode."""
-    name = "cache_aware" if cache_aware else "least_loaded"
+def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool, keys: bool = False) -> dict[str, float]:
+    """Multi-turn sessions at once on --routing prefill workers; hit rate and TTFT of one routing mode
+    (`keys`: each session sends its routing key, as clients with prompt_cache_key do)."""
+    name = ("cache_aware_keys" if keys else "cache_aware") if cache_aware else "least_loaded"
     shared = ["--mem-fraction-static", str(0.8 / (args.routing + 1))] if args.device.startswith("cuda") else []
     cluster = start_cluster(model, prefill=args.routing, decode=1, extra_worker_args=shared,
                             extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
@@ -224,14 +245,13 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool) -> dic
 
         ids, stats = fresh(args.prompt), []
         for _ in range(args.turns):
-            first, cached, out = turn(stub, ids, args.output)
+            first, cached, out = turn(stub, ids, args.output, f"session-{seed}" if keys else None)
             stats.append((first, cached, len(ids)))
             ids = ids + out + fresh(args.turn_tokens)
         return stats
 
     try:
-        cluster.wait_ready(300)
-        wait_all_healthy(cluster)
+        cluster.wait_ready(300)  # with HTTP on: until the gateway counts every worker healthy
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
         turn(stub, [1] * args.prompt, 2)  # unmeasured: kernels for these shapes
         with ThreadPoolExecutor(args.sessions) as pool:
@@ -245,11 +265,15 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool) -> dic
 
 def routing_main(args: argparse.Namespace, model: Path) -> None:
     aware, load = run_routing(args, model, True), run_routing(args, model, False)
+    keyed = run_routing(args, model, True, keys=True) if args.routing_keys else None
     rows = [(f"{args.routing} prefill workers, {args.sessions} sessions x {args.turns} turns, first prompt "
              f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn; the decode "
              f"worker's cache {'on' if args.decode_cache else 'off'}"), "",
             "| routing | token hit rate | requests with a hit | mean TTFT (ms) |", "|---|---|---|---|"]
-    for name, r in (("cache-aware", aware), ("least loaded", load)):
+    modes = [("cache-aware", aware), ("least loaded", load)]
+    if keyed is not None:
+        modes.insert(1, ("cache-aware, sessions send routing keys", keyed))
+    for name, r in modes:
         rows.append(f"| {name} | {r['hit_rate']:.1%} | {r['hit_requests']:.1%} | {r['ttft_ms']:.1f} |")
     ratio = aware["hit_rate"] / load["hit_rate"] if load["hit_rate"] else float("inf")
     rows.append(f"| cache-aware / least loaded | {ratio:.2f}x (target >= 3) | | "
@@ -278,6 +302,8 @@ def main() -> None:
                     help="compare cache-aware and least-loaded routing on N prefill workers (see above)")
     ap.add_argument("--sessions", type=int, default=16, help="--routing: conversations at once")
     ap.add_argument("--turns", type=int, default=4, help="--routing: turns per conversation")
+    ap.add_argument("--routing-keys", action="store_true",
+                    help="--routing: also run cache-aware routing with each session sending a routing key")
     ap.add_argument("--output", type=int, default=64, help="--routing: output tokens per turn")
     ap.add_argument("--turn-tokens", type=int, default=256, help="--routing: new prompt tokens per turn")
     ap.add_argument("--decode-cache", action="store_true",
@@ -315,6 +341,9 @@ def main() -> None:
                 f"{cost / off[f'cold{args.concurrency[0]}']:.4f} of this model's cold TTFT"
                 + (f", {cost / args.prefill_ms:.4f} of a {args.prefill_ms:.0f} ms prefill" if args.prefill_ms else "")
                 + " | | | <= 0.01 of the prefill's forward |")
+    cold_on, cold_off = cold_cost_ms(args.prompt, True), cold_cost_ms(args.prompt, False)
+    rows.append(f"| a cold {args.prompt}-token prompt's pages on one worker's engine thread (host: evict, key, "
+                f"events) | {cold_on:.2f} | {cold_off:.2f} | +{cold_on - cold_off:.2f} ms | | | |")
     text = "\n".join(rows)
     print(text, flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

@@ -31,7 +31,7 @@ from common.kvcache.allocator import PageAllocator
 from common.serving.page_hash import pack, packed_key, root_key
 
 
-@dataclass
+@dataclass(slots=True)
 class PageRecord:
     refs: int = 0
     key: bytes | None = None  # None: not (or no longer) in the index
@@ -156,20 +156,18 @@ class PrefixCache:
             return None
         short = n - self.allocator.num_free
         if short > 0:
-            victims = [self._lru.popitem(last=False)[0] for _ in range(short)]
-            removed = []
-            for page in victims:
-                key = self._records.pop(page).key
-                del self._index[key]
-                removed.append(key)
+            pop, records, index = self._lru.popitem, self._records, self._index
+            victims = [pop(last=False)[0] for _ in range(short)]
+            removed = [records.pop(page).key for page in victims]
+            for key in removed:
+                del index[key]
             self.allocator.free(victims)
             self.evictions += short
             if self._listeners:
                 self._tell(IndexChange(removed=tuple(removed)))
         pages = self.allocator.alloc(n)
         assert pages is not None
-        for page in pages:
-            self._records[page] = PageRecord(refs=1)
+        self._records.update({page: PageRecord(1) for page in pages})
         return pages
 
     def commit(self, pages: Sequence[int], keys: list[bytes], seq: Sequence[int], upto: int,
@@ -182,18 +180,22 @@ class PrefixCache:
         ps, first = self.page_size, len(keys)
         stored = []
         last = min(upto // ps, len(pages))
-        raw, step = pack(seq[first * ps:last * ps]), 4 * ps
+        if last <= first:
+            return
+        raw, step = pack(seq[first * ps:last * ps]).tobytes(), 4 * ps
+        index, records, n_seq = self._index, self._records, len(seq)
+        key = keys[-1] if keys else root or self.root
         for i in range(first, last):
-            part = bytes(raw[(i - first) * step:(i - first + 1) * step])
-            key = packed_key(keys[-1] if keys else root or self.root, part)
+            part = raw[(i - first) * step:(i - first + 1) * step]
+            key = packed_key(key, part)
             keys.append(key)
-            if key in self._index:  # computed twice concurrently: the first copy stays the cached one
+            if key in index:  # computed twice concurrently: the first copy stays the cached one
                 continue
-            rec = self._records[pages[i]]
+            rec = records[pages[i]]
             if rec.key is None:
                 rec.key, rec.tokens = key, part
-                rec.successor = seq[(i + 1) * ps] if (i + 1) * ps < len(seq) else None
-                self._index[key] = pages[i]
+                rec.successor = seq[(i + 1) * ps] if (i + 1) * ps < n_seq else None
+                index[key] = pages[i]
                 stored.append(key)
         if stored and self._listeners:
             self._tell(IndexChange(stored=tuple(stored)))
