@@ -24,9 +24,9 @@ the prompt within the load threshold; with `local_prefill_max_tokens`, a decode 
 all but at most that many prompt tokens computes the rest itself and no prefill leg runs.
 
 A request's routing key (OpenAI's `prompt_cache_key`) decides where the index knows nothing: among
-the workers within the load threshold, the one that ranks first for the key by rendezvous hashing
-(so the first turn of a conversation lands where the next turn will look, and a key moves only when
-its worker leaves or gets busy). A cache salt gives the prompt's keys the chain root of that salt.
+the workers within the load threshold, the first in the key's rendezvous-hashing order that stays
+within 1.25x the mean load (so the first turn of a conversation lands where the next turn will look,
+a key moves only when its worker leaves or gets busy, and no worker gets many keys at once). A cache salt gives the prompt's keys the chain root of that salt.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from gateway.worker_client import WorkerEndpoint
 from protos import worker_pb2
 
 log = logging.getLogger(__name__)
+KEY_LOAD_SLACK = 0.25  # a routing key's worker may carry this much more than the mean load
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,14 @@ class Router:
         return [w.score <= least + self.routing.load_threshold for w in workers]
 
     def _by_key(self, workers: list[WorkerEndpoint], routing_key: str) -> WorkerEndpoint:
-        """The key's worker among those within the load threshold (rendezvous hashing on addresses)."""
+        """The key's worker: the first in the key's rendezvous order (BLAKE2b of key and address) whose
+        load stays within 1 + KEY_LOAD_SLACK of the mean after this request (bounded-load consistent
+        hashing: keys stick to their worker, but a few unlucky keys cannot pile onto one)."""
         near = [w for w, ok in zip(workers, self._near_least_loaded(workers)) if ok]
-        return max(near, key=lambda w: hashlib.blake2b(f"{routing_key}\0{w.address}".encode(), digest_size=8).digest())
+        order = sorted(near, key=lambda w: hashlib.blake2b(f"{routing_key}\0{w.address}".encode()).digest(),
+                       reverse=True)
+        cap = math.ceil((1 + KEY_LOAD_SLACK) * (sum(w.score for w in near) + 1) / len(near))
+        return next((w for w in order if w.score + 1 <= cap), order[0])
 
     def _pick_prefill(self, prompt: PromptKeys, exclude: list[WorkerEndpoint],
                       routing_key: str | None = None) -> tuple[WorkerEndpoint, Hit, str]:

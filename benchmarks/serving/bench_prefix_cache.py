@@ -27,12 +27,12 @@ that evicts, a WatchCache stream attached). With OUT set, writes $OUT/bench_pref
 `--routing N` instead compares the gateway's routing on N prefill workers (prefix caches on) and one
 decode worker: `--sessions` conversations run at once, each `--turns` turns long, each turn's prompt
 the previous prompt + its `--output` tokens + `--turn-tokens` new ones (SGLang's multi-turn
-shape), first with cache-aware routing, then with the gateway's `--disable-radix-cache` (least
+shape), after a pause of `--think-ms` on average (a user reading, a tool running), first with cache-aware routing, then with the gateway's `--disable-radix-cache` (least
 loaded), and with `--routing-keys` also cache-aware with each session sending its routing key
 (`prompt_cache_key`). The one decode worker's own cache is off unless `--decode-cache`: it holds every session, so
 with it on both routings hit there and the comparison no longer measures the choice of prefill
-worker. Reported per mode: token hit rate (cached / prompt tokens), share of requests with a hit,
-mean TTFT (targets: hit rate >= 3x least loaded, mean TTFT <= 0.5x). Writes
+worker. Reported per mode: token hit rate (cached / prompt tokens; against the best possible, every
+turn finding its whole history), share of requests with a hit, mean TTFT (targets: hit rate >= 3x least loaded, mean TTFT <= 0.5x). Writes
 $OUT/bench_prefix_cache_routing.md.
 """
 
@@ -62,6 +62,7 @@ from common.tools.launch import free_ports, start_cluster
 from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2, gateway_pb2_grpc
 
+PAGE = 16  # the workers' default page size
 SPEC = ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
         "--speculative-num-draft-tokens", "4"]
 
@@ -237,17 +238,23 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool, keys: 
                             extra_gateway_args=[] if cache_aware else ["--disable-radix-cache"],
                             log_dir=Path(args.log_dir) / name)
 
-    def session(seed: int) -> list[tuple[float, int, int]]:
+    def session(seed: int) -> list[tuple[float, int, int, int]]:
+        """(TTFT, cached tokens, prompt tokens, reusable tokens) of each turn; reusable = the whole
+        pages of the previous turn's prompt (all a prefill worker can hold of it)."""
         rng = random.Random(seed)
+        think = random.Random(seed + 1_000_003)
 
         def fresh(n: int) -> list[int]:
             return [rng.randrange(args.vocab) for _ in range(n)]
 
-        ids, stats = fresh(args.prompt), []
+        ids, stats, before = fresh(args.prompt), [], 0
         for _ in range(args.turns):
             first, cached, out = turn(stub, ids, args.output, f"session-{seed}" if keys else None)
-            stats.append((first, cached, len(ids)))
+            stats.append((first, cached, len(ids), min(before, len(ids) - 1) // PAGE * PAGE))
+            before = len(ids)
             ids = ids + out + fresh(args.turn_tokens)
+            if args.think_ms:  # the user reads, a tool runs: other sessions' turns go first
+                time.sleep(think.expovariate(1e3 / args.think_ms))
         return stats
 
     try:
@@ -258,17 +265,21 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool, keys: 
             stats = [s for per in pool.map(session, range(args.sessions)) for s in per]
     finally:
         cluster.stop()
-    return {"hit_rate": sum(c for _, c, _ in stats) / sum(n for _, _, n in stats),
-            "hit_requests": sum(c > 0 for _, c, _ in stats) / len(stats),
-            "ttft_ms": statistics.mean(t for t, _, _ in stats) * 1e3}
+    prompt_tokens = sum(s[2] for s in stats)
+    return {"hit_rate": sum(s[1] for s in stats) / prompt_tokens,
+            "best_rate": sum(s[3] for s in stats) / prompt_tokens,
+            "hit_requests": sum(s[1] > 0 for s in stats) / len(stats),
+            "ttft_ms": statistics.mean(s[0] for s in stats) * 1e3}
 
 
 def routing_main(args: argparse.Namespace, model: Path) -> None:
     aware, load = run_routing(args, model, True), run_routing(args, model, False)
     keyed = run_routing(args, model, True, keys=True) if args.routing_keys else None
     rows = [(f"{args.routing} prefill workers, {args.sessions} sessions x {args.turns} turns, first prompt "
-             f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn; the decode "
-             f"worker's cache {'on' if args.decode_cache else 'off'}"), "",
+             f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn, think time "
+             f"{args.think_ms:g} ms (mean); the decode worker's cache {'on' if args.decode_cache else 'off'}; "
+             f"best possible token hit rate {aware['best_rate']:.1%} (every turn on the worker holding its "
+             f"history)"), "",
             "| routing | token hit rate | requests with a hit | mean TTFT (ms) |", "|---|---|---|---|"]
     modes = [("cache-aware", aware), ("least loaded", load)]
     if keyed is not None:
@@ -302,6 +313,8 @@ def main() -> None:
                     help="compare cache-aware and least-loaded routing on N prefill workers (see above)")
     ap.add_argument("--sessions", type=int, default=16, help="--routing: conversations at once")
     ap.add_argument("--turns", type=int, default=4, help="--routing: turns per conversation")
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="--routing: mean pause between a session's turns (exponential), 0 = none")
     ap.add_argument("--routing-keys", action="store_true",
                     help="--routing: also run cache-aware routing with each session sending a routing key")
     ap.add_argument("--output", type=int, default=64, help="--routing: output tokens per turn")

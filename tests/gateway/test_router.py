@@ -210,18 +210,23 @@ def test_a_routing_key_keeps_its_workers_until_the_index_knows_the_prompt() -> N
                                      for i in range(3))}
         spread = {(p, d) for s in firsts.values() for p, d, _ in s}
         hot = next(iter(firsts["session-a"]))[0]
-        next(w for w in r.prefill if w.address == hot).load.running = 9  # over the load threshold
-        moved = r.route(list(range(5000, 5040)), routing_key="session-a")
+        hot_worker = next(w for w in r.prefill if w.address == hot)
+        # 4 with this request: within the load threshold (8), past 1.25x the mean (ceil(1.25 * 4 / 4) = 2)
+        hot_worker.load.running = 3
+        elsewhere = r.route(list(range(5000, 5040)), routing_key="session-a")
+        for w in r.prefill:  # everyone busy: 12 with this request, the cap ceil(1.25 * 12 / 4) = 4 fits it
+            w.load.running = 3 if w is hot_worker else 2
+        back = r.route(list(range(6000, 6040)), routing_key="session-a")
         _held(r, r.prefill[0], 4)
         _held(r, r.prefill[1], 0)
         held = r.route(PROMPT, routing_key="session-b")  # the index knows: the hit wins over the key
-        return firsts, spread, hot, moved, held, r
+        return firsts, spread, hot, elsewhere, back, held, r
 
-    firsts, spread, hot, moved, held, r = _run(body)
+    firsts, spread, hot, elsewhere, back, held, r = _run(body)
     assert all(len(s) == 1 for s in firsts.values()), firsts
     assert {reason for s in firsts.values() for *_, reason in s} == {"key"}
     assert len(spread) > 1  # keys spread over the workers (3 keys, 4 x 3 pairs)
-    assert moved.prefill.address != hot and moved.reason == "key"
+    assert elsewhere.prefill.address != hot and back.prefill.address == hot and back.reason == "key"
     assert (held.prefill, held.reason, held.cached_tokens) == (r.prefill[0], "cache", 64)
 
 
