@@ -6,8 +6,9 @@
 
 On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--tiny`: the 3-layer tiny model, a CPU
 smoke run) it starts one cluster with every prefix cache on (prefill, decode, the gateway's index)
-and one with `--disable-radix-cache` on all three processes, and measures per concurrency level, each
-the median of `--rounds` rounds that each follow an unmeasured round of the same kind:
+and one with `--disable-radix-cache` on all three processes, both at once, which take turns on the
+same prompts, and measures per concurrency level, each the median of `--rounds` rounds that each
+follow an unmeasured round of the same kind:
 
 - cold: fresh prompts of `--prompt` tokens (nothing cached), on both clusters: the cache's overhead
   on a miss (target: within 2 % of the cache-off TTFT);
@@ -155,58 +156,81 @@ def scrape(ports: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def run(args: argparse.Namespace, model: Path, cache_on: bool) -> dict[str, float]:
-    """TTFTs of one cluster: every cache on (prefill, decode, gateway index), or every cache off.
-    Each measured round (fresh sessions, `--rounds` of them, the median kept) follows an unmeasured
-    one of the same kind, so no kernel is compiled inside a measurement."""
-    name = "cache_on" if cache_on else "cache_off"
-    shared = ["--mem-fraction-static", "0.4"] if args.device.startswith("cuda") else []
-    off = [] if cache_on else ["--disable-radix-cache"]
-    ports = dict(zip(("prefill", "decode"), free_ports(2)))
-    cluster = start_cluster(model, prefill=1, decode=1, extra_worker_args=(SPEC if args.spec else []) + shared + off,
-                            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192",
-                                                "--metrics-port", str(ports["prefill"])],
-                            extra_decode_args=["--device", args.device, "--max-running-requests", "64",
-                                               "--metrics-port", str(ports["decode"])],
-                            extra_gateway_args=off, log_dir=Path(args.log_dir) / name)
+class Side:
+    """One cluster of the comparison: every cache on (prefill, decode, the gateway's index), or every
+    cache off; `out` collects its measurements."""
+
+    def __init__(self, args: argparse.Namespace, model: Path, cache_on: bool) -> None:
+        name = "cache_on" if cache_on else "cache_off"
+        shared = ["--mem-fraction-static", "0.2"] if args.device.startswith("cuda") else []  # 4 workers, 1 GPU
+        off = [] if cache_on else ["--disable-radix-cache"]
+        self.ports = dict(zip(("prefill", "decode"), free_ports(2)))
+        self.cluster = start_cluster(
+            model, prefill=1, decode=1, extra_worker_args=(SPEC if args.spec else []) + shared + off,
+            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192",
+                                "--metrics-port", str(self.ports["prefill"])],
+            extra_decode_args=["--device", args.device, "--max-running-requests", "64",
+                               "--metrics-port", str(self.ports["decode"])],
+            extra_gateway_args=off, log_dir=Path(args.log_dir) / name)
+        self.out: dict[str, float] = {}
+        self.stub: gateway_pb2_grpc.GatewayStub | None = None
+
+    def ready(self) -> None:
+        self.cluster.wait_ready(300)
+        self.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(self.cluster.gateway_address))
+
+    def measured(self, key: str, prompts: list[list[int]]) -> None:
+        """One round of `prompts`: its median TTFT under `key`, the cached fraction, and where the
+        hits came from (per request: prefill-side and decode-side cached tokens, decode-local
+        prefills, KV MiB sent)."""
+        before = scrape(self.ports)
+        self.out[key], self.out[f"{key}_cached"] = batch(self.stub, prompts)
+        after = scrape(self.ports)
+        for k in before:
+            self.out[f"{key}_{k}"] = (after[k] - before[k]) / len(prompts)
+
+
+def run(args: argparse.Namespace, model: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """TTFTs with every cache on and with every cache off: both clusters run at once and take turns,
+    round by round, on the same prompts (which cluster goes first alternates), so drift of the
+    machine and the variance between process starts fall on both alike. Each measured round (fresh
+    sessions, `--rounds` of them, the median kept) follows an unmeasured one of the same kind, so
+    no kernel is compiled inside a measurement."""
+    sides = [Side(args, model, True), Side(args, model, False)]
     gen = torch.Generator().manual_seed(0)
 
     def fresh(n: int) -> list[int]:
         return torch.randint(0, args.vocab, (n,), generator=gen).tolist()
 
-    def measured(key: str, prompts: list[list[int]], base: list[list[int]] | None = None) -> None:
-        """One round of `prompts`: its median TTFT under `key`, the cached fraction, and where the
-        hits came from (per request: prefill-side and decode-side cached tokens, decode-local
-        prefills, KV MiB sent)."""
-        before = scrape(ports)
-        out[key], out[f"{key}_cached"] = batch(stub, prompts)
-        after = scrape(ports)
-        for k in before:
-            out[f"{key}_{k}"] = (after[k] - before[k]) / len(prompts)
-
-    out: dict[str, float] = {}
     try:
-        cluster.wait_ready(300)
-        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(cluster.gateway_address))
+        for side in sides:
+            side.ready()
         keep = int(args.prompt * args.warm_fraction)
+        turn_no = 0
         for conc in args.concurrency:
-            colds, warms = [], []
+            rounds: dict[int, dict[str, list[dict[str, float]]]] = {id(s): {"cold": [], "warm": []} for s in sides}
             for r in range(args.rounds + 1):  # round 0: unmeasured, for the kernels of these shapes
                 cold = [fresh(args.prompt) for _ in range(conc)]
-                measured("x", cold)
-                colds.append(dict(out))
-                measured("x", [p[:keep] + fresh(args.prompt - keep) for p in cold])
-                warms.append(dict(out))
-            for kind, rounds in (("cold", colds[1:]), ("warm", warms[1:])):
-                best = sorted(rounds, key=lambda o: o["x"])[len(rounds) // 2]  # the median round
-                out.update({f"{kind}{conc}{k[1:]}": v for k, v in best.items() if k.startswith("x")})
+                warm = [p[:keep] + fresh(args.prompt - keep) for p in cold]
+                for side in sides[::-1] if turn_no % 2 else sides:
+                    side.measured("x", cold)
+                    rounds[id(side)]["cold"].append(dict(side.out))
+                    side.measured("x", warm)
+                    rounds[id(side)]["warm"].append(dict(side.out))
+                turn_no += 1
+            for side in sides:
+                for kind, done in rounds[id(side)].items():
+                    best = sorted(done[1:], key=lambda o: o["x"])[len(done[1:]) // 2]  # the median round
+                    side.out.update({f"{kind}{conc}{k[1:]}": v for k, v in best.items() if k.startswith("x")})
         for r in range(2):  # the first pair unmeasured
             long = fresh(args.last_page_prompt)
-            measured("long_cold", [long])
-            measured("long_again", [long])
+            for side in sides:
+                side.measured("long_cold", [long])
+                side.measured("long_again", [long])
     finally:
-        cluster.stop()
-    return out
+        for side in sides:
+            side.cluster.stop()
+    return sides[0].out, sides[1].out
 
 
 def turn(stub: gateway_pb2_grpc.GatewayStub, ids: list[int], max_tokens: int,
@@ -331,7 +355,7 @@ def main() -> None:
     if args.routing:
         routing_main(args, model)
         return
-    on, off = run(args, model, True), run(args, model, False)
+    on, off = run(args, model)
 
     def where(key: str) -> str:
         return (f"{on[f'{key}_prefill_hit']:.0f} / {on[f'{key}_decode_hit']:.0f} / {on[f'{key}_local']:.2f} / "
