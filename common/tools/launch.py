@@ -205,14 +205,26 @@ class Cluster:
         """Wait until the gateway's own health rounds count every worker healthy (its SERVING needs
         only one of each role), so that requests spread over all of them from the start."""
         import json
+        import urllib.error
         import urllib.request
 
-        url = f"http://127.0.0.1:{self.http_port}/get_server_info"
+        argv, key = self.commands.get("gateway", []), None
+        for i, arg in enumerate(argv):  # the gateway's --api-key guards this endpoint too
+            if arg == "--api-key" and i + 1 < len(argv):
+                key = argv[i + 1]
+            elif arg.startswith("--api-key="):
+                key = arg.split("=", 1)[1]
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/get_server_info",
+                                         headers={"Authorization": f"Bearer {key}"} if key else {})
         while True:
             try:
-                with urllib.request.urlopen(url, timeout=2.0) as reply:
+                with urllib.request.urlopen(request, timeout=2.0) as reply:
                     workers = json.load(reply)["workers"]
                 down = [w["address"] for w in workers if not w["healthy"]]
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # a key this launcher could not read: gRPC readiness stands
+                    return
+                down = [f"gateway HTTP: {e}"]
             except OSError as e:
                 down = [f"gateway HTTP: {e}"]
             if not down:

@@ -4,10 +4,12 @@ the launcher restarts it, the gateway takes it back by health, and later answers
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -36,8 +38,17 @@ def _recovered(stub, ids, want, deadline):
             time.sleep(0.2)
 
 
+def gateway_counts_healthy(cluster) -> int:
+    req = urllib.request.Request(f"http://127.0.0.1:{cluster.http_port}/get_server_info",
+                                 headers={"Authorization": "Bearer sk-supervised"})
+    with urllib.request.urlopen(req, timeout=5) as reply:
+        return sum(w["healthy"] for w in json.load(reply)["workers"])
+
+
 def test_killed_workers_are_restarted_and_served_again(tiny_model_dir: Path, tmp_path: Path, reference) -> None:
-    cluster = start_cluster(tiny_model_dir, prefill=1, decode=2, log_dir=tmp_path)
+    # HTTP guarded by a key: readiness still waits for the gateway to count every worker healthy
+    cluster = start_cluster(tiny_model_dir, prefill=1, decode=2, log_dir=tmp_path,
+                            extra_gateway_args=["--api-key", "sk-supervised"])
     out, stop = io.StringIO(), threading.Event()
 
     def supervise() -> None:
@@ -48,6 +59,7 @@ def test_killed_workers_are_restarted_and_served_again(tiny_model_dir: Path, tmp
     sup = threading.Thread(target=supervise, daemon=True)
     try:
         cluster.wait_ready(90)
+        assert gateway_counts_healthy(cluster) == 3  # readiness waited for the gateway to see them all
         sup.start()
         stub = gateway(cluster)
         ids = [9, 8, 7, 6]
