@@ -101,6 +101,13 @@ def load_of(port: int, role: str) -> worker_pb2.WorkerLoad:
     return worker_stub(port, role).GetLoad(worker_pb2.LoadRequest(), timeout=5)
 
 
+def streams_on(port: int) -> int:
+    """Requests a decode worker is streaming: running, or with their KV in and first token sent but
+    not yet in a step (they count as waiting_for_kv until they join the batch)."""
+    load = load_of(port, "decode")
+    return load.running + load.waiting_for_kv
+
+
 def wait_pages_free(cluster: Cluster, expected: dict[tuple[str, int], int], timeout: float = 15.0) -> dict:
     """Poll every worker's free page count until it equals `expected` (or time out); returns last seen."""
     deadline = time.monotonic() + timeout

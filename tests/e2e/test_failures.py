@@ -21,6 +21,7 @@ from tests.e2e.conftest import (
     generate_after_failover,
     load_of,
     proc_stats,
+    streams_on,
     wait_pages_free,
 )
 
@@ -59,7 +60,7 @@ def test_decode_killed_mid_stream_fails_fast_and_others_continue(launch, tiny_mo
     iters = [iter(c) for c in calls]
     for it in iters:
         next(it)  # every request is streaming
-    running = {i: load_of(port, "decode").running for i, port in enumerate(cluster.decode_ports)}
+    running = {i: streams_on(port) for i, port in enumerate(cluster.decode_ports)}
     victim = max(running, key=running.get)  # the worker serving most of the streams
     assert running[victim] > 0, running
     outcomes: dict[int, tuple] = {}

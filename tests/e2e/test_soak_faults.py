@@ -22,8 +22,8 @@ from tests.e2e.conftest import (
     free_pages,
     gateway,
     generate,
-    load_of,
     proc_stats,
+    streams_on,
     supervised,
     wait_pages_free,
 )
@@ -133,7 +133,7 @@ def test_soak_with_a_killed_decode_worker(launch, tiny_model_dir: Path, referenc
             phase = [pool.submit(one, i) for i in range(40, 140)]  # before the fault, and it lands among them
             while sum(f.done() for f in phase) < 30:
                 time.sleep(0.01)
-            running = [load_of(p, "decode").running for p in cluster.decode_ports]
+            running = [streams_on(p) for p in cluster.decode_ports]
             victim = f"decode{running.index(max(running))}"
             os.kill(cluster.procs[victim].pid, signal.SIGKILL)
             killed = time.monotonic()

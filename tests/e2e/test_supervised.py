@@ -16,7 +16,7 @@ import grpc
 
 from common.tools.launch import start_cluster
 from protos import gateway_pb2
-from tests.e2e.conftest import _dump_logs, gateway, generate, load_of
+from tests.e2e.conftest import _dump_logs, gateway, generate, streams_on
 
 
 def _stream(stub, ids, max_tokens):
@@ -68,7 +68,7 @@ def test_killed_workers_are_restarted_and_served_again(tiny_model_dir: Path, tmp
         iters = [iter(_stream(stub, [7 + i, 8, 9, 10], 900)) for i in range(4)]
         for it in iters:
             next(it)
-        running = [load_of(p, "decode").running for p in cluster.decode_ports]
+        running = [streams_on(p) for p in cluster.decode_ports]
         victim = f"decode{running.index(max(running))}"
         os.kill(cluster.procs[victim].pid, signal.SIGKILL)
         killed = time.monotonic()

@@ -24,7 +24,7 @@ from tests.e2e.conftest import (
     gateway,
     generate,
     generate_after_failover,
-    load_of,
+    streams_on,
     wait_pages_free,
 )
 
@@ -83,7 +83,7 @@ def test_killed_rank_fails_its_worker_fast_and_the_other_worker_serves(launch, t
     iters = [iter(c) for c in calls]
     for it in iters:
         next(it)  # every request is streaming
-    running = {i: load_of(port, "decode").running for i, port in enumerate(cluster.decode_ports)}
+    running = {i: streams_on(port) for i, port in enumerate(cluster.decode_ports)}
     victim = max(running, key=running.get)
     assert running[victim] > 0, running
     follower = _follower_pid(cluster, f"decode{victim}")
