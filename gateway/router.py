@@ -1,7 +1,9 @@
 """Choose the (prefill, decode) pair of each request and keep the worker lists healthy.
 
 Load: the workers' own GetLoad (running + queued + waiting_for_kv) plus what this gateway
-dispatched since that reading; round-robin among equals. A health loop polls every worker each
+dispatched since that reading and is still running (a request that ended before any reading saw it
+is no load: counting it until the next poll made a worker serving many short requests look up to
+one poll interval's worth of requests busier); round-robin among equals. A health loop polls every worker each
 `interval` seconds: a worker that fails GetLoad, or a call with UNAVAILABLE, leaves the rotation;
 one that answers again comes back (its WorkerInfo is read again: it may have restarted with a new
 worker_id). Draining workers get no new requests.
@@ -217,9 +219,8 @@ class Router:
         one starts with a snapshot of its whole index (a worker that restarted holds nothing), so
         entries made for it would only cost every request that time."""
         assert self.index is not None
-        if self.index.is_live(prefill.address):
-            return
-        self.index.routed(prefill.address, prompt, _page_size(prefill))
+        if not self.index.is_live(prefill.address):
+            self.index.routed(prefill.address, prompt, _page_size(prefill))
         self.report_index()
 
     def _hits(self, workers: list[WorkerEndpoint], prompt: PromptKeys) -> list[Hit]:
@@ -232,13 +233,15 @@ class Router:
 
     def _by_key(self, workers: list[WorkerEndpoint], routing_key: str) -> WorkerEndpoint:
         """The key's worker: the first in the key's rendezvous order (BLAKE2b of key and address) whose
-        load stays within 1 + KEY_LOAD_SLACK of the mean after this request (bounded-load consistent
-        hashing: keys stick to their worker, but a few unlucky keys cannot pile onto one)."""
+        requests in flight from this gateway stay within 1 + KEY_LOAD_SLACK of the mean after this one
+        (bounded-load consistent hashing: keys stick to their worker, but a few unlucky keys cannot
+        pile onto one). In-flight counts, not the load score: the score also counts dispatches since
+        the last health poll that may be long finished, which would move keys back and forth."""
         near = [w for w, ok in zip(workers, self._near_least_loaded(workers)) if ok]
         order = sorted(near, key=lambda w: hashlib.blake2b(f"{routing_key}\0{w.address}".encode()).digest(),
                        reverse=True)
-        cap = math.ceil((1 + KEY_LOAD_SLACK) * (sum(w.score for w in near) + 1) / len(near))
-        return next((w for w in order if w.score + 1 <= cap), order[0])
+        cap = math.ceil((1 + KEY_LOAD_SLACK) * (sum(w.inflight for w in near) + 1) / len(near))
+        return next((w for w in order if w.inflight + 1 <= cap), order[0])
 
     def _pick_prefill(self, prompt: PromptKeys, exclude: list[WorkerEndpoint],
                       routing_key: str | None = None) -> tuple[WorkerEndpoint, Hit, str]:

@@ -49,7 +49,8 @@ class WorkerEndpoint:
         self.up = asyncio.Event()  # set while healthy (the cache event stream waits on it)
         self.info: worker_pb2.WorkerInfo | None = None
         self.load: worker_pb2.WorkerLoad | None = None
-        self.dispatched_since_poll = 0  # requests sent since `load` was read
+        self.dispatched_since_poll = 0  # requests sent since `load` was read and not finished yet
+        self.polls = 0                  # successful load readings so far
         self.inflight = 0               # requests of this gateway currently on the worker
         self.pending_tokens = 0         # prefill: prompt tokens this gateway expects it to compute, not done yet
         self.prefill_rate: float | None = None  # prefill: EWMA of computed prompt tokens per compute second
@@ -79,6 +80,7 @@ class WorkerEndpoint:
                 self.info = await self.stub.GetInfo(worker_pb2.InfoRequest(), timeout=timeout)
             self.load = await self.stub.GetLoad(worker_pb2.LoadRequest(), timeout=timeout)
             self.dispatched_since_poll = 0
+            self.polls += 1
             if not self.healthy:
                 log.info("%s is up (worker_id=%s)", self, self.worker_id)
             self.healthy = True
@@ -212,6 +214,7 @@ class Dispatch:
             self.prefill.pending_tokens += r.uncached_tokens
         read_task: asyncio.Future | None = None
         legs = [w for w in (self.prefill, self.decode) if w is not None]
+        reading = {id(w): w.polls for w in legs}  # a request the next reading sees is in that reading
         for w in legs:
             w.inflight += 1
             w.dispatched_since_poll += 1
@@ -260,6 +263,8 @@ class Dispatch:
                 self._abort(self.prefill)
             for w in legs:
                 w.inflight -= 1
+                if w.polls == reading[id(w)]:  # ended before any reading saw it: no longer load
+                    w.dispatched_since_poll = max(0, w.dispatched_since_poll - 1)
 
     def _prefill_leg_done(self, task: asyncio.Future) -> None:
         """The prefill worker no longer has this prompt queued; a success measures its rate."""

@@ -211,22 +211,29 @@ def test_a_routing_key_keeps_its_workers_until_the_index_knows_the_prompt() -> N
         spread = {(p, d) for s in firsts.values() for p, d, _ in s}
         hot = next(iter(firsts["session-a"]))[0]
         hot_worker = next(w for w in r.prefill if w.address == hot)
-        # 4 with this request: within the load threshold (8), past 1.25x the mean (ceil(1.25 * 4 / 4) = 2)
-        hot_worker.load.running = 3
+        # 4 in flight with this request: within the load threshold (8), past 1.25x the mean
+        # (ceil(1.25 * 4 / 4) = 2)
+        hot_worker.inflight = 3
         elsewhere = r.route(list(range(5000, 5040)), routing_key="session-a")
         for w in r.prefill:  # everyone busy: 12 with this request, the cap ceil(1.25 * 12 / 4) = 4 fits it
-            w.load.running = 3 if w is hot_worker else 2
+            w.inflight = 3 if w is hot_worker else 2
         back = r.route(list(range(6000, 6040)), routing_key="session-a")
+        for w in r.prefill:
+            w.inflight = 0
+        r.prefill[3].load.running = 9  # over the load threshold: never the key's, however idle in flight
+        over = {r.route(list(range(7000 + 100 * i, 7040 + 100 * i)), routing_key="session-a").prefill
+                for i in range(3)}
         _held(r, r.prefill[0], 4)
         _held(r, r.prefill[1], 0)
         held = r.route(PROMPT, routing_key="session-b")  # the index knows: the hit wins over the key
-        return firsts, spread, hot, elsewhere, back, held, r
+        return firsts, spread, hot, elsewhere, back, over, held, r
 
-    firsts, spread, hot, elsewhere, back, held, r = _run(body)
+    firsts, spread, hot, elsewhere, back, over, held, r = _run(body)
     assert all(len(s) == 1 for s in firsts.values()), firsts
     assert {reason for s in firsts.values() for *_, reason in s} == {"key"}
     assert len(spread) > 1  # keys spread over the workers (3 keys, 4 x 3 pairs)
     assert elsewhere.prefill.address != hot and back.prefill.address == hot and back.reason == "key"
+    assert len(over) == 1 and r.prefill[3] not in over
     assert (held.prefill, held.reason, held.cached_tokens) == (r.prefill[0], "cache", 64)
 
 

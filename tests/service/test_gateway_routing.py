@@ -159,7 +159,7 @@ def test_flush_cache_over_http_reaches_every_worker_and_the_index(model_dir, tok
     assert status == 200 and body == {"flushed": True, "workers": {
         cluster.prefill_addrs[0]: 3, cluster.decode_addrs[0]: "unsupported"}}
     assert cluster.prefills[0].flushes == 1 and cluster.decodes[0].flushes == 1
-    assert approx_before > 0 and approx_after == 0
+    assert approx_before == 0 and approx_after == 0  # a worker streaming events gets no approximate entries
 
 
 def test_a_stream_that_ends_drops_the_workers_exact_entries(model_dir, tok) -> None:
@@ -176,7 +176,24 @@ def test_a_stream_that_ends_drops_the_workers_exact_entries(model_dir, tok) -> N
             return router.index.exact_pages, router.index.hit(address, PromptKeys(prefill.requests[0].input_ids), 16)
 
     exact, hit = run(scenario())
-    assert exact == 0 and not hit.exact and hit.tokens > 0  # the approximate entry of the routed prompt remains
+    # its exact entries go with the stream, and none were approximate while it was live: the next
+    # stream starts with its whole index
+    assert exact == 0 and not hit.exact and hit.tokens == 0
+
+
+def test_finished_requests_are_no_load_before_the_next_poll(model_dir, tok) -> None:
+    async def scenario():  # one health round at start, the next in 30 s: none during the requests
+        async with gateway_with_fakes(model_dir, lambda r: _script(tok), health_check_interval=30.0) as h:
+            router = h.gateway.router
+            polls = [w.polls for w in router.workers]
+            for chat in _turns(3):
+                await collect(h.stub.Chat(chat))
+            seen = [(w.dispatched_since_poll, w.score, w.polls) for w in router.workers]
+            return polls, seen
+
+    polls, seen = run(scenario())
+    assert all(p == now for p, (*_, now) in zip(polls, seen)), "a health poll ran inside the test"
+    assert [(d, score) for d, score, _ in seen] == [(0, 0), (0, 0)]
 
 
 def test_a_finished_prefill_leg_leaves_no_queued_compute(model_dir, tok) -> None:
