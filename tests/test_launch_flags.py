@@ -94,3 +94,22 @@ def test_the_launcher_refuses_tls_it_could_not_check(capsys):
     assert ei.value.code == 2
     assert "is served by `glmserve gateway`; glmserve serve waits for its gateway over plaintext" in \
         capsys.readouterr().err
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
+    import socket
+
+    from common.tools import launch
+
+    ports = launch.free_ports(8)
+    assert len(set(ports)) == 8
+    low = launch._ephemeral_low()
+    if low is not None and low > 12000:  # where the kernel says which ports connections take
+        assert all(10000 <= p < low for p in ports), (ports, low)
+    socks = [socket.socket() for _ in ports]
+    try:
+        for s, p in zip(socks, ports):
+            s.bind(("127.0.0.1", p))  # each still free, all at once
+    finally:
+        for s in socks:
+            s.close()

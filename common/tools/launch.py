@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import secrets
 import signal
 import socket
@@ -53,13 +54,39 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def _ephemeral_low() -> int | None:
+    """The lowest port the kernel hands out as a connection's source port (Linux), if known."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """n distinct free ports: every socket stays bound until all are picked (ports picked one at a
-    time may repeat, since a released port can be handed out again at once)."""
-    socks = [socket.socket() for _ in range(n)]
+    time may repeat, since a released port can be handed out again at once). Where the kernel's
+    ephemeral range is known they come from below it: a port bound to 0 comes from that range, and
+    any outgoing connection (another worker's channel, a KV pair's socket) may take it as its source
+    port before the child that was given it binds it."""
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
+        low = _ephemeral_low()
+        if low is not None and low > 12000:
+            rng = random.SystemRandom()
+            tries = 0
+            while len(socks) < n and tries < 200 * n:
+                tries += 1
+                s = socket.socket()
+                try:
+                    s.bind((host, rng.randrange(10000, low)))
+                except OSError:
+                    s.close()
+                    continue
+                socks.append(s)
+        while len(socks) < n:  # no known range, or nothing free below it
+            s = socket.socket()
             s.bind((host, 0))
+            socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
