@@ -3,8 +3,8 @@
 Load: the workers' own GetLoad (running + queued + waiting_for_kv) plus what this gateway
 dispatched since that reading and is still running (a request that ended before any reading saw it
 is no load: counting it until the next poll made a worker serving many short requests look up to
-one poll interval's worth of requests busier); round-robin among equals. A health loop polls every worker each
-`interval` seconds: a worker that fails GetLoad, or a call with UNAVAILABLE, leaves the rotation;
+one poll interval's worth of requests busier); round-robin among equals. A health loop polls every
+worker each `interval` seconds: a worker that fails GetLoad, or a call with UNAVAILABLE, leaves the rotation;
 one that answers again comes back (its WorkerInfo is read again: it may have restarted with a new
 worker_id). Draining workers get no new requests.
 
@@ -18,17 +18,18 @@ many leading prompt tokens each worker holds. Among the prefill workers whose lo
 (rate: an EWMA of computed tokens / PrefillResult.compute_seconds; the mean of the measured ones
 for a worker not measured yet; queued compute: each routed request's uncached tokens over the rate
 then, drained with time — a leg whose compute is done but whose KV is still on its way no longer
-counts, as it did when the queue was the tokens of the legs not yet completed). When no worker holds any page
-of the prompt the index knows nothing useful and the choice is the routing key's or the plain load
-choice. The decode
-worker is the least loaded, or, where decode workers stream events, the one holding the most of
-the prompt within the load threshold; with `local_prefill_max_tokens`, a decode worker that holds
-all but at most that many prompt tokens computes the rest itself and no prefill leg runs.
+counts, as it did when the queue was the tokens of the legs not yet completed). When no worker
+holds any page of the prompt the index knows nothing useful and the choice is the routing key's or
+the plain load choice. The decode worker is the least loaded, or, where decode workers stream
+events, the one holding the most of the prompt within the load threshold; with
+`local_prefill_max_tokens`, a decode worker that holds all but at most that many prompt tokens
+computes the rest itself and no prefill leg runs.
 
 A request's routing key (OpenAI's `prompt_cache_key`) decides where the index knows nothing: among
 the workers within the load threshold, the first in the key's rendezvous-hashing order that stays
-within 1.25x the mean load (so the first turn of a conversation lands where the next turn will look,
-a key moves only when its worker leaves or gets busy, and no worker gets many keys at once). A cache salt gives the prompt's keys the chain root of that salt.
+within 1.25x the mean in flight (so the first turn of a conversation lands where the next turn will look,
+a key moves only when its worker leaves or gets busy, and no worker gets many keys at once). A
+cache salt gives the prompt's keys the chain root of that salt.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from gateway.worker_client import WorkerEndpoint
 from protos import worker_pb2
 
 log = logging.getLogger(__name__)
-KEY_LOAD_SLACK = 0.25  # a routing key's worker may carry this much more than the mean load
+KEY_LOAD_SLACK = 0.25  # a routing key's worker may have this much more in flight than the mean
 
 
 @dataclass(frozen=True)
