@@ -235,12 +235,9 @@ class Cluster:
         import urllib.error
         import urllib.request
 
-        argv, key = self.commands.get("gateway", []), None
-        for i, arg in enumerate(argv):  # the gateway's --api-key guards this endpoint too
-            if arg == "--api-key" and i + 1 < len(argv):
-                key = argv[i + 1]
-            elif arg.startswith("--api-key="):
-                key = arg.split("=", 1)[1]
+        flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # the gateway's --api-key guards this endpoint too
+        flag.add_argument("--api-key")
+        key = flag.parse_known_args(self.commands.get("gateway", []))[0].api_key
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/get_server_info",
                                          headers={"Authorization": f"Bearer {key}"} if key else {})
         while True:
