@@ -178,6 +178,9 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
             for row in info["agreeing"]:
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
+        if args.profile and cuda and not decode_only:
+            info["profile"] = steps.profile(st, args.profile, max(args.prefill), args.chunk)
+            print("\n".join(info["profile"]), flush=True)
     finally:
         runner.release_graphs()
     return info
@@ -335,6 +338,8 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
                         _f(r["plain_tok_s"]), *(_f(r["eagle_tok_s"][a]) for a in accepts),
                         _f(agree.get(r["batch"], {}).get("accept_length"), ".2f"),
                         _f(agree.get(r["batch"], {}).get("tok_s"))] for r in m["eagle"]])
+    if m.get("profile"):
+        out += ["", "### Per-kernel profile", "", *m["profile"]]
     return [*out, ""]
 
 
@@ -353,6 +358,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, help="timed repetitions of an isolated step (default 10; --tiny 1)")
     ap.add_argument("--load-layers", type=int, help="layers of the loader's checkpoint (default 2; 0 skips it)")
     ap.add_argument("--ckpt-dir", default=None, help="where the loader's checkpoint is written (default: temp dir)")
+    ap.add_argument("--profile", default="", help="decode batches to profile per kernel (e.g. 1,32), with the "
+                    "longest prefill; the FP8 model's sections go to the report (GPU only)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
@@ -361,6 +368,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = [int(b) for b in str(args.batches).split(",")]
     args.prefill = [int(n) for n in str(args.prefill).split(",")]
     args.spec = tuple(int(x) for x in args.spec.split(","))
+    args.profile = [int(b) for b in args.profile.split(",") if b]
     return args
 
 

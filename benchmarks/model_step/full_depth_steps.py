@@ -233,6 +233,35 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------ profile
+def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top: int = 30) -> list[str]:
+    """Per-kernel GPU time (torch.profiler) of the decode graph replay at each batch and of an eager
+    prefill of prefill_tokens (0: none), as markdown sections: where the gap to the roofline goes."""
+    from benchmarks.model_step.profile_step import section
+
+    runner, out = st.runner, []
+    for b in batches:
+        batch = ForwardBatch.decode(st.tokens(b), [st.context] * b, st.req_pages[:b], PAGE, runner.device)
+
+        def step(batch: ForwardBatch = batch) -> None:
+            runner.decode_logits(batch)
+
+        out += section(f"decode B={b}, CUDA graph", isolated_us(st, step), step, st.effort.reps, top)
+    if prefill_tokens:
+        ids, n = st.tokens(prefill_tokens), prefill_tokens
+        pages = st.prefill_pages[:-(-n // PAGE)]
+
+        def run() -> None:
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                spec = SeqSpec(ids[s:e], range(s, e), e, pages, logit_rows=None if e == n else [])
+                runner.forward(ForwardBatch.build([spec], PAGE, runner.device))
+
+        reps = max(2, st.effort.reps // 4)
+        out += section(f"prefill 1x{n}, eager", isolated_us(st, run, reps=reps), run, reps, top)
+    return out
+
+
 # ------------------------------------------------------------------------------------ EAGLE
 def _requests(st: Stage, b: int) -> tuple[list[DecodeReq], Callable[[], None]]:
     """b running requests at `context` tokens (greedy) and a reset() back to that state with a random
