@@ -321,10 +321,12 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
     if "prefill" in m:
         out += ["", "### Prefill (one sequence)", ""]
         out += _table(["tokens", "chunks", "FP8 TFLOP", "bf16 TFLOP", "GB", "compute floor us", "bytes floor us",
-                       "per-op floor us", "forward us", "x roofline", "tok/s", "+ MTP extend us"],
+                       "per-op floor us", "forward us", "x roofline", "tok/s", "+ MTP extend us",
+                       "with the Triton attention us"],
                       [[str(r["tokens"]), str(r["chunks"]), _f(r["fp8_tflop"], ".2f"), _f(r["other_tflop"], ".2f"),
                         _f(r["bytes_gb"], ".2f"), _f(r.get("compute_us")), _f(r.get("bytes_us")),
-                        _f(r.get("per_op_us")), _f(r["measured_us"]), _x(r), _f(r["tok_s"]), _f(r["with_draft_us"])]
+                        _f(r.get("per_op_us")), _f(r["measured_us"]), _x(r), _f(r["tok_s"]), _f(r["with_draft_us"]),
+                        _f(r.get("triton_attention_us"))]
                        for r in m["prefill"]])
     if "eagle" in m:
         s, k, n = spec

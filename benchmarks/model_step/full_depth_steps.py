@@ -227,7 +227,15 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
                               1 if e == n else 0)
     reps = max(1, st.effort.reps // 4)
     row = {"tokens": n, "chunks": len(spans), "measured_us": isolated_us(st, lambda: run(False), reps=reps),
-           "with_draft_us": isolated_us(st, lambda: run(True), reps=reps)}
+           "with_draft_us": isolated_us(st, lambda: run(True), reps=reps), "triton_attention_us": None}
+    if st.cuda:  # the same forward with the Triton kernel in place of SDPA for long prefills
+        from common.attention import triton_paged
+
+        saved, triton_paged.USE_SDPA_PREFILL = triton_paged.USE_SDPA_PREFILL, False
+        try:
+            row["triton_attention_us"] = isolated_us(st, lambda: run(False), reps=reps)
+        finally:
+            triton_paged.USE_SDPA_PREFILL = saved
     row.update(st.floors(parts))
     row["tok_s"] = n / row["measured_us"] * 1e6
     return row

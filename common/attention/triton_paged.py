@@ -15,13 +15,28 @@ split each sequence's KV range into NUM_SPLITS equal BLOCK_N-aligned parts; each
 normalised partial and its log-sum-exp (base 2), and a second kernel merges them. NUM_SPLITS is a
 function of (num_seqs, kv heads, max query length, SM count) only, never of sequence lengths, and
 no host value of seq_lens/prefix_lens is read, so decode and verify are CUDA-graph safe.
+
+Long prefills go to cuDNN or FlashAttention through torch's scaled_dot_product_attention instead
+(`sdpa_prefill`): a batch whose every sequence has at least SDPA_MIN_QUERY queries and no mask. Those
+libraries' Hopper kernels (warp-specialised, TMA-fed) run causal attention at head 128 much nearer the
+tensor cores' peak than this kernel's gathered loads do (`benchmarks/kernels/bench_prefill_attention.py`
+measures both). Each sequence's K/V is gathered from its pages into contiguous [1, Hk, S, D] tensors
+(a copy of 2 x S x Hk x D values, small next to the attention's FLOPs), queries attend causally
+aligned to the end of the sequence (a cached prefix is wholly visible), GQA without expanding K/V.
+Only those two backends are allowed (never the math one, which would materialise S x S scores); a
+shape neither takes falls back to this kernel. GLMSERVE_SDPA_PREFILL=0 turns the path off.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from common.forward.batch import ForwardBatch
 from common.ops.moe_configs import num_sms
@@ -163,6 +178,43 @@ def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> 
     return 128, 128, 8, 3, 1  # extend / prefill: compute-bound (benchmarks/kernels/tune_attention.py, H100)
 
 
+USE_SDPA_PREFILL = os.environ.get("GLMSERVE_SDPA_PREFILL", "1") != "0"
+SDPA_MIN_QUERY = 1024  # queries per sequence from which sdpa_prefill serves a prefill batch
+_SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+_sdpa_refused: set[tuple] = set()  # (q_len == seq_len, dtype, head dim, group) no allowed backend took
+
+
+def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                 scale: float) -> torch.Tensor | None:
+    """Causal attention of each sequence's queries through torch SDPA (cuDNN first, then flash), or
+    None when the batch is not a long unmasked prefill or no allowed backend takes the shape."""
+    if (not USE_SDPA_PREFILL or batch.mask is not None or not batch.num_seqs
+            or min(batch.query_lens_host) < SDPA_MIN_QUERY):
+        return None
+    _, hq, d = q.shape
+    page, hk = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    start = 0
+    for b, (q_len, seq_len) in enumerate(zip(batch.query_lens_host, batch.seq_lens_host)):
+        kind = (q_len == seq_len, q.dtype, d, hq // hk)
+        if kind in _sdpa_refused:
+            return None
+        pages = batch.page_table[b, :-(-seq_len // page)]
+        k = k_cache.index_select(0, pages).view(-1, hk, d)[:seq_len].transpose(0, 1).unsqueeze(0)  # [1,Hk,S,D]
+        v = v_cache.index_select(0, pages).view(-1, hk, d)[:seq_len].transpose(0, 1).unsqueeze(0)
+        qs = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1,Hq,q,D]
+        causal = {"is_causal": True} if q_len == seq_len else {"attn_mask": causal_lower_right(q_len, seq_len)}
+        try:
+            with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
+                o = F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=hq != hk, **causal)
+        except RuntimeError:  # no allowed backend for this shape: the Triton kernel serves it from now on
+            _sdpa_refused.add(kind)
+            return None
+        out[start:start + q_len] = o[0].transpose(0, 1)
+        start += q_len
+    return out
+
+
 def paged_attention(
     q: torch.Tensor,  # [T,Hq,D]
     k_cache: torch.Tensor,  # [P,S,Hk,D]
@@ -171,6 +223,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:  # [T,Hq,D]
     """Attention of every query over its visible slots (see module docstring); kernel by batch shape."""
+    out = sdpa_prefill(q, k_cache, v_cache, batch, scale)
+    if out is not None:
+        return out
     return paged_attention_splits(q, k_cache, v_cache, batch, scale, None)
 
 
@@ -218,4 +273,4 @@ def paged_attention_splits(
     return out
 
 
-__all__ = ["paged_attention", "paged_attention_splits", "plan"]
+__all__ = ["paged_attention", "paged_attention_splits", "plan", "sdpa_prefill"]

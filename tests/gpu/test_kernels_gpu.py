@@ -196,6 +196,8 @@ ATTN_CASES = {
     "chunked prefix + causal window": [(300, 2000, 1500, False), (64, 64, 0, False)],
     "verify b4 q4 mask": [(4, 2000 + 37 * i, 1996 + 37 * i, True) for i in range(4)],
     "verify b2 q16 mask": [(16, 900, 884, True), (16, 3000, 2984, True)],
+    "long prefill after a cached prefix": [(1024, 3072, None, False)],
+    "two long prefills": [(1200, 1200, 0, False), (1024, 1536, None, False)],
 }
 
 
@@ -211,6 +213,26 @@ def test_paged_attention(case: str) -> None:
     if batch.max_query_len <= 5:  # forced split counts agree too
         for splits in (1, 7):
             assert rel(tp.paged_attention_splits(q, kc, vc, batch, 128**-0.5, splits), want) < BF16_TOL
+
+
+@pytest.mark.parametrize("case", ["extend 1x2048", "long prefill after a cached prefix", "two long prefills"])
+def test_sdpa_prefill_serves_long_prefills(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long unmasked prefill goes to torch SDPA (cuDNN or flash) and matches the reference and the
+    Triton kernel it replaces; a refused shape would fall back, which this test counts as a failure
+    for the causal no-prefix case every allowed backend supports."""
+    from common.attention import torch_ref
+    from common.attention import triton_paged as tp
+
+    q, kc, vc, batch = _attn_batch(ATTN_CASES[case])
+    want = torch_ref.paged_attention(q.float(), kc.float(), vc.float(), batch, 128**-0.5)
+    via_sdpa = tp.sdpa_prefill(q, kc, vc, batch, 128**-0.5)
+    if case == "extend 1x2048":
+        assert via_sdpa is not None
+    if via_sdpa is not None:
+        assert rel(via_sdpa, want) < BF16_TOL
+    monkeypatch.setattr(tp, "USE_SDPA_PREFILL", False)
+    assert tp.sdpa_prefill(q, kc, vc, batch, 128**-0.5) is None
+    assert rel(tp.paged_attention(q, kc, vc, batch, 128**-0.5), want) < BF16_TOL
 
 
 def test_decode_attention_graph_replay() -> None:
