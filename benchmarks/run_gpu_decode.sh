@@ -24,7 +24,7 @@ if has tune; then
 fi
 if has pdl; then  # fused MoE with / without programmatic dependent launch, kernels and whole steps
   stage bench_moe_pdl 200 $PY -m benchmarks.kernels.bench_moe_pdl --m "${PDL_M:-1,8,64,4096}"
-  stage bench_step_nopdl 200 env GLMSERVE_MOE_PDL=0 $PY -m benchmarks.model_step.bench_decode_step --batches "${BENCH_BATCHES:-1,8}" --prefill 0
+  stage bench_step_nopdl 200 env GLMSERVE_PDL=0 $PY -m benchmarks.model_step.bench_decode_step --batches "${BENCH_BATCHES:-1,8}" --prefill 0
 fi
 if has bench; then
   stage bench_moe 120 $PY -m benchmarks.kernels.bench_kernels --sections moe --moe-m "${BENCH_M:-1,8}" --budget-s 100

@@ -5,7 +5,7 @@
 
 The fused MoE is three kernels (gate_up, down, combine; plus the alignment when T > 1). Launched
 plainly, each waits for the previous one to finish and then pays its own launch and pipeline
-ramp. With PDL (triton_moe.USE_PDL) the next kernel's programs start on the SMs its predecessor
+ramp. With PDL (pdl.ENABLED) the next kernel's programs start on the SMs its predecessor
 frees and wait in-kernel (griddepcontrol.wait) for its results. Each mode is timed by CUDA-graph
 replay (measure.time_graph, two routings per graph), the modes interleaved over --rounds rounds,
 median per mode reported with the target's measure: weight bytes / time against the read bandwidth
@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import measure
 from benchmarks.kernels.bench_kernels import MOE_MODELS as MODELS  # E routed, H, I_e, shared experts
+from common.ops import pdl
 from common.ops import triton_moe as tm
 
 BF = torch.bfloat16
@@ -40,15 +41,15 @@ def _point(ceil: dict, w13: torch.Tensor, w2: torch.Tensor, m: int, shared: int,
     calls = [lambda i=i: tm.fused_moe(xs[i], w13, w2, *routes[i]) for i in range(2)]
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     outs = {}
-    saved = tm.USE_PDL
+    saved = pdl.ENABLED
     try:
         for _ in range(rounds):
             for mode in MODES:
-                tm.USE_PDL = mode == "pdl"
+                pdl.ENABLED = mode == "pdl"
                 times[mode].append(measure.time_graph(calls))
                 outs.setdefault(mode, calls[0]())
     finally:
-        tm.USE_PDL = saved
+        pdl.ENABLED = saved
     same = torch.equal(outs["pdl"], outs["plain"])
     used = torch.unique(routes[0][1]).numel()
     w_bytes = used * 3 * inter * h * 2
@@ -74,7 +75,7 @@ def main() -> None:
     ceil = measure.measure_ceilings()
     print(f"{info['gpu']}, driver {info['driver']}, torch {info['torch']}, triton {info['triton']}")
     print(f"ceilings: read {ceil['read_gbs']:.0f} GB/s, bf16 GEMM {ceil['gemm_tflops']:.0f} TFLOP/s")
-    if not tm.pdl_supported(torch.device("cuda")):
+    if not pdl.supported(torch.device("cuda")):
         raise SystemExit("PDL needs compute capability 9.0 or newer")
     head = ("| shape | M | " + " | ".join(f"{m} µs (frac)" for m in MODES)
             + " | one read kernel over the weight bytes, µs (frac) | outputs equal |")

@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.model_step.bench_full_depth [--model air] [--dtype fp8|bf16|both] [--layers N]
         [--bf16-layers N] [--batches 1,8,32,64] [--prefill 1024,8192] [--context 1024] [--spec 3,1,4]
-        [--load-layers 2] [--tiny]
+        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--tiny]
 
 1. Loader: a scaled-down real FP8 checkpoint (Air widths, --load-layers layers + MTP, official channel
    format; benchmarks/model_step/fp8_checkpoint.py) written to local disk by a child process, loaded
@@ -17,13 +17,17 @@
    routing (the expected count for uniform routing is shown next to it).
 4. Prefill of each --prefill length (one sequence, chunked at --chunk like the prefill worker) against
    max(bytes / read BW, FP8 FLOPs / FP8 GEMM peak + bf16 FLOPs / bf16 GEMM peak); with the MTP draft
-   extend that EAGLE adds on the prefill side as a separate column.
+   extend that EAGLE adds on the prefill side as a separate column, and (GPU) with the Triton attention
+   kernel in place of SDPA for the long prefills (common/attention/triton_paged.py) as another.
 5. EAGLE (S,k,N) step against the plain step (both with the worker's graphs), tokens/s at accept
    lengths 1..S+1 (accept length x batch / step time), the step against its own bytes roofline (verify
    + draft steps + draft extend), and, with the model turned into one whose draft always agrees
    (make_agreeing), EAGLE steps back to back with their measured accept length and tokens/s.
 6. bf16 (--dtype both or bf16): the same at the depth that fits; with both, the FP8 model again at that
    depth (decode) for the FP8 / bf16 decode ratio at equal depth.
+7. GPU, unless --no-pdl-ab: the decode graphs captured again with plain launches (common/ops/pdl.py
+   off) and the decode step timed with them. --profile B,..: each decode graph's kernels (and the
+   longest prefill's) under torch.profiler, grouped by kernel, with the idle time between kernels.
 
 Ceilings are measured on the same GPU (benchmarks/measure.py: streaming read bandwidth, bf16 and FP8
 GEMM 8192^3; the FP8 peak is the faster of fp32 and fast accumulation). Prints PASS/FAIL for the targets (decode <= 1.25x roofline at B=1, <= 1.3x at 32 and 64;
@@ -60,6 +64,7 @@ from benchmarks.model_step.air_model import (
 from benchmarks.model_step.fp8_checkpoint import checkpoint_fields, filesystem, measure_load, write_checkpoint
 from benchmarks.model_step.roofline import Ceilings, Shape
 from common.model.config import eagle_step_slots
+from common.ops import pdl
 from common.runtime.runner import ModelRunner
 
 PAGE = steps.PAGE
@@ -181,6 +186,15 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
         if args.profile and cuda and not decode_only:
             info["profile"] = steps.profile(st, args.profile, max(args.prefill), args.chunk)
             print("\n".join(info["profile"]), flush=True)
+        if args.pdl_ab and cuda and not decode_only:  # the decode graphs again with plain launches
+            runner.release_graphs()
+            saved, pdl.ENABLED = pdl.ENABLED, False
+            try:
+                runner.capture_decode_graphs(max(args.batches))
+                info["decode_plain_launch"] = _each(name, "decode, plain launches",
+                                                    [lambda b=b: steps.decode(st, b) for b in args.batches])
+            finally:
+                pdl.ENABLED = saved
     finally:
         runner.release_graphs()
     return info
@@ -340,6 +354,13 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
                         _f(r["plain_tok_s"]), *(_f(r["eagle_tok_s"][a]) for a in accepts),
                         _f(agree.get(r["batch"], {}).get("accept_length"), ".2f"),
                         _f(agree.get(r["batch"], {}).get("tok_s"))] for r in m["eagle"]])
+    if m.get("decode_plain_launch"):
+        plain = {r["batch"]: r for r in m["decode_plain_launch"]}
+        out += ["", "### Decode step with programmatic dependent launches against plain launches", ""]
+        out += _table(["B", "PDL us", "plain us", "plain / PDL"],
+                      [[str(r["batch"]), _f(r["measured_us"]), _f(plain[r["batch"]]["measured_us"]),
+                        _f(plain[r["batch"]]["measured_us"] / r["measured_us"], ".3f")]
+                       for r in m["decode"] if r["batch"] in plain])
     if m.get("profile"):
         out += ["", "### Per-kernel profile", "", *m["profile"]]
     return [*out, ""]
@@ -362,6 +383,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ckpt-dir", default=None, help="where the loader's checkpoint is written (default: temp dir)")
     ap.add_argument("--profile", default="", help="decode batches to profile per kernel (e.g. 1,32), with the "
                     "longest prefill; the FP8 model's sections go to the report (GPU only)")
+    ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
+                    help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():

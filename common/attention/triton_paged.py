@@ -40,6 +40,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from common.forward.batch import ForwardBatch
 from common.ops.moe_configs import num_sms
+from common.ops.pdl import pdl_kwargs, pdl_start
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -84,10 +85,11 @@ def _paged_attn_kernel(
     qstart_ptr, prefix_ptr, seqlen_ptr, table_ptr, mask_ptr, mstart_ptr, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch, stride_tb, NUM_SPLITS,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (row blocks, B, HK * NUM_SPLITS). NUM_SPLITS is a runtime value (one compiled kernel for
     every batch size); SPLIT = NUM_SPLITS > 1 selects the partial-output epilogue."""
+    pdl_start(PDL)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal ranges first: a shorter tail
     b = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -151,8 +153,9 @@ def _paged_attn_kernel(
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_SPLITS,
-                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """grid (T, HQ): o = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, NS_PAD)
@@ -264,12 +267,12 @@ def paged_attention_splits(
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), batch.page_table.stride(0), splits,
         G=group, PAGE=k_cache.shape[1], D=d, BD=bd, SPLIT=splits > 1, HAS_MASK=has_mask,
-        BM=bm, BN=bn, num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, num_warps=warps, num_stages=stages, **pdl_kwargs(q.device),
     )
     if splits > 1:
         _merge_splits_kernel[(n_tok, hq)](po, plse, out, hq, out.stride(0), out.stride(1), splits,
                                           NS_PAD=triton.next_power_of_2(splits), D=d,
-                                          BD=bd, num_warps=4)
+                                          BD=bd, num_warps=4, **pdl_kwargs(q.device))
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
 
@@ -45,9 +46,10 @@ def _quant_code(x, scale, QMAX: tl.constexpr):
 @triton.jit
 def _quant_per_token_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (T,): one row; pass 1 takes the amax over K in BLOCK chunks, pass 2 writes the codes."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK)
@@ -67,9 +69,10 @@ def _quant_per_token_kernel(
 @triton.jit
 def _quant_per_group_kernel(
     x_ptr, q_ptr, s_ptr, G, stride_x, stride_q, stride_s,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (T, cdiv(G, BG)): groups [g0, g0+BG) of one row as a [BG, GROUP] tile, in one pass."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * BG + tl.arange(0, BG)  # [BG]
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BG, GROUP]
@@ -96,7 +99,7 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  
     block = min(triton.next_power_of_2(k), 2048)
     _quant_per_token_kernel[(n_tok,)](
         x, q, scale, k, x.stride(0), q.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block, num_warps=4,
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block, num_warps=4, **pdl_kwargs(x.device),
     )
     return q, scale
 
@@ -115,7 +118,7 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
     bg = max(1, min(triton.next_power_of_2(n_groups), 2048 // group))
     _quant_per_group_kernel[(n_tok, triton.cdiv(n_groups, bg))](
         x, q, scale, n_groups, x.stride(0), q.stride(0), scale.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4,
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4, **pdl_kwargs(x.device),
     )
     return q, scale
 
@@ -141,11 +144,12 @@ def _norm_quant_kernel(
     x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, normed_ptr,
     H, n_groups, stride_x, stride_r, stride_q, stride_s, stride_ro, stride_n, eps,
     HAS_RES: tl.constexpr, KEEP: tl.constexpr, PER_GROUP: tl.constexpr,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row per program, held as an [NG, GB] tile (GB = the group when PER_GROUP): s = x
     (+ residual, rounded to the activation dtype and stored), normed = w * (s * inv_rms(s)) in the
     activation dtype (stored when KEEP), then normed quantised to FP8."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, NG)
     cols = g[:, None] * GB + tl.arange(0, GB)[None, :]  # [NG, GB]
@@ -199,7 +203,7 @@ def _norm_quant(
         x, r, w, q, scale, res_out, normed_out, h, triton.cdiv(h, gb),
         x.stride(0), r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0), normed_out.stride(0), eps,
         HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
-        NG=ng, GB=gb, num_warps=_row_warps(ng * gb),
+        NG=ng, GB=gb, num_warps=_row_warps(ng * gb), **pdl_kwargs(x.device),
     )
     return q, scale, new_res, normed
 
@@ -231,9 +235,10 @@ def fused_add_rms_norm_quant_fp8(
 
 @triton.jit
 def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
-                             QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """grid (T,): one row; pass 1 takes the amax of silu(gate) * up over I in BLOCK chunks, pass 2
     recomputes the same values and writes their codes."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK)
@@ -251,8 +256,9 @@ def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
 
 @triton.jit
 def _silu_quant_group_kernel(x_ptr, q_ptr, s_ptr, I, n_groups, stride_x, stride_q, stride_s,
-                             QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr):
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr):
     """grid (T, cdiv(G, BG)): groups [g0, g0+BG) of one row as a [BG, GROUP] tile, in one pass."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * BG + tl.arange(0, BG)  # [BG]
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BG, GROUP]
@@ -274,13 +280,13 @@ def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch
         block = min(4096, triton.next_power_of_2(inter))
         _silu_quant_token_kernel[(n_tok,)](x, q, scale, inter, x.stride(0), q.stride(0),
                                            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block,
-                                           num_warps=_row_warps(block))
+                                           num_warps=_row_warps(block), **pdl_kwargs(x.device))
     else:
         n_groups = inter // group
         bg = max(1, min(triton.next_power_of_2(n_groups), 2048 // group))
         _silu_quant_group_kernel[(n_tok, triton.cdiv(n_groups, bg))](
             x, q, scale, inter, n_groups, x.stride(0), q.stride(0), scale.stride(0),
-            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4,
+            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4, **pdl_kwargs(x.device),
         )
     return q, scale
 

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from common.ops.pdl import pdl_kwargs, pdl_start
+
 TUNED_PATH = Path(__file__).with_name("fp8_gemm_tuned.json")
 
 
@@ -44,11 +46,12 @@ def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, k_per_split,
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
     writes its scaled fp32 partial to c[s] ([SPLIT_K, M, N]); `_split_k_reduce` adds them up."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -103,8 +106,9 @@ def _fp8_gemm_kernel(
 
 @triton.jit
 def _split_k_reduce(part_ptr, bias_ptr, c_ptr, M, N, stride_cm,
-                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """c[m, n] = sum_s part[s, m, n] (+ bias[n]), the splits added in order (deterministic)."""
+    pdl_start(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -209,13 +213,13 @@ def fp8_gemm(
         w_scale.stride(0), w_scale.stride(1),
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(x_q.device),
     )
     if split > 1:
         reduce_block = 1024
         _split_k_reduce[(m, triton.cdiv(n, reduce_block))](
             dest, bias if has_bias else dest, out, m, n, out.stride(0),
-            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=reduce_block, num_warps=4)
+            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=reduce_block, num_warps=4, **pdl_kwargs(x_q.device))
     return out
 
 

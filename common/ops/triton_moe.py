@@ -12,8 +12,8 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 4. combine: out[t] = sum_j y[t*k+j] in fp32, cast once (deterministic; no atomics).
 Each GEMM program owns one [BLOCK_M, BLOCK_N] tile of one expert's block. A rows are gathered by
 pointer loads; weight tiles come by pointer loads or, with a table entry's "tma" on Hopper, through
-the tensor memory accelerator. On Hopper gate_up, down and combine are launched as programmatic
-dependents of the kernel before each (PDL): each starts while its predecessor drains and reads
+the tensor memory accelerator. On Hopper every kernel here is launched as a programmatic dependent
+of the kernel before it (PDL, common/ops/pdl.py): each starts while its predecessor drains and reads
 nothing before its in-kernel wait.
 Grid sizes depend only on host-known shapes (T, k, E, config), never on routing, so the whole
 pipeline is CUDA-graph safe; token-count-dependent ints are not specialised (no recompiles as T
@@ -24,14 +24,12 @@ router_logits and fused_moe are in common/ops/reference.py.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_config
+from common.ops.pdl import pdl_enabled, pdl_kwargs, pdl_start
 from common.ops.triton_router import router_logits_mma
 
 _SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
@@ -44,10 +42,11 @@ def _grouped_topk_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
     EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
     RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, SHARED: tl.constexpr,
+    K_PAD: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
 ):
     """BT tokens per program: sigmoid scores, bias-corrected group-limited top-k, weights from
     the unbiased scores (renormalised, scaled); then SHARED columns: ids E.., weight 1."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     e = tl.arange(0, E_PAD)  # [E_PAD]
     tm = t < T
@@ -118,16 +117,17 @@ def grouped_topk(
         logits, correction_bias.float().contiguous(), weights, ids, n_tok, n_exp, logits.stride(0),
         float(scaling), EPG=n_exp // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
         RENORM=renormalize, BT=bt, E_PAD=triton.next_power_of_2(n_exp),
-        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared, num_warps=4,
+        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared, num_warps=4, **pdl_kwargs(logits.device),
     )
     return weights, ids
 
 
 @triton.jit(do_not_specialize=["T"])
 def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
-                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):
+                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """grid (cdiv(E, BE),): logits[t, e] = sum_h fp32(x[t,h]) * w[e,h] for all T (<= BT) tokens;
     each program streams its BE router rows once."""
+    pdl_start(PDL)
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     t = tl.arange(0, BT)
     k = tl.arange(0, BK)
@@ -164,13 +164,14 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # (4 rows x 512-wide steps took 10 us per layer on the H100, latency-bound)
     bk = min(8192, triton.next_power_of_2(hidden))
     _router_kernel[(n_exp,)](x, w, out, n_tok, n_exp, hidden, x.stride(0), w.stride(0), out.stride(0),
-                             BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, num_warps=4 if bk <= 4096 else 8)
+                             BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, num_warps=4 if bk <= 4096 else 8, **pdl_kwargs(x.device))
     return out
 
 
 @triton.jit(do_not_specialize=["NUMEL", "CHUNK"])
-def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr, SUB: tl.constexpr):
+def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr):
     """grid (NC,): count_ptr[pid, e] = how many of assignments [pid*CHUNK, +CHUNK) go to e."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     acc = tl.zeros((E_PAD,), dtype=tl.int32)
     for s in range(0, CHUNK, SUB):
@@ -184,12 +185,13 @@ def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr,
 def _align_scatter_kernel(
     id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS, NC,
     SINGLE: tl.constexpr, NC_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr,
-    SUB: tl.constexpr, BB: tl.constexpr,
+    SUB: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (NC,). Every program derives the padded expert offsets from the counts (NC == 1:
     counts itself), then places its own chunk's assignments (rank by one-hot cumsum), fills the
     padding of experts e % NC == pid with the sentinel NUMEL, and writes its share of
     block_expert."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
     if SINGLE:  # NC == 1
@@ -246,11 +248,11 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     counts = sorted_ids  # unused when nc == 1
     if nc > 1:
         counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
-        _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128)
+        _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128, **pdl_kwargs(ids.device))
     _align_scatter_kernel[(nc,)](
         flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks, nc,
         SINGLE=nc == 1, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,
-        num_warps=4 if nc == 1 else 8,
+        num_warps=4 if nc == 1 else 8, **pdl_kwargs(ids.device),
     )
     return sorted_ids, block_expert
 
@@ -273,9 +275,7 @@ def _moe_gemm_kernel(
     expert ids), so the expert alignment kernel is skipped; row 0 is real, the rest padding.
     PDL (launched as a programmatic dependent of the previous kernel): the program may start while
     the previous kernel drains; it reads nothing before gdc_wait, then lets the next kernel launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -337,8 +337,7 @@ def _moe_gemm_kernel(
 @triton.jit
 def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
     """grid (T, cdiv(H, BH)): out[t] = sum_j y[t*TOPK + j] in fp32."""
-    if PDL:
-        gdc_wait()
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     m = h < H
@@ -369,18 +368,6 @@ def tma_supported(device: torch.device) -> bool:
     if device.type != "cuda":
         return True
     return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-# Programmatic dependent launch (Hopper+): each of the pipeline's kernels is launched while its
-# predecessor drains and waits in-kernel (griddepcontrol.wait) for its results, so the launch
-# latency between them overlaps the previous kernel's tail. benchmarks/kernels/bench_moe_pdl.py times it
-# against plain launches; GLMSERVE_MOE_PDL=0 turns it off for a process.
-USE_PDL = os.environ.get("GLMSERVE_MOE_PDL", "1") != "0"
-
-
-def pdl_supported(device: torch.device) -> bool:
-    """Hopper or newer, on the GPU only (the interpreter has no launch attributes)."""
-    return device.type == "cuda" and tma_supported(device)
 
 
 def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch.Tensor | None,
@@ -441,7 +428,7 @@ def fused_moe_with_config(
     topw = weights.reshape(-1).float().contiguous()
     act = torch.empty((numel, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
     y = torch.empty((numel, hidden), dtype=x.dtype, device=x.device)  # [T*k, H]
-    pdl = USE_PDL and pdl_supported(x.device)
+    pdl = pdl_enabled(x.device)
     _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl)
     _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl)
     bh = min(1024, triton.next_power_of_2(hidden))

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from common.ops import triton_moe as tm
 from common.ops.moe_configs import get_config
+from common.ops.pdl import pdl_enabled, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, check_fused_moe_fp8
 from common.ops.triton_fp8 import _quant_code, quant_fp8_per_group, quant_fp8_per_token
 
@@ -80,9 +80,7 @@ def _moe_fp8_gemm_kernel(
     quantised per row (per GROUP columns when BLOCKWISE) into codes at out_ptr and scales at os_ptr
     (the program holds whole groups), else stored rounded. Not GATED: out = A W^T * routing weight.
     TMA, DIRECT, GROUP_M, PDL, the wrapped column offsets: as triton_moe._moe_gemm_kernel."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -277,7 +275,7 @@ def fused_moe_fp8_with_config(
     y = torch.empty((n_tok * top_k, hidden), dtype=torch.float32, device=x.device)  # [T*k, H]
     # the launch right before gate_up (PDL: its programmatic predecessor), unless x's producer quantised it
     x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
-    pdl = tm.USE_PDL and tm.pdl_supported(x.device)
+    pdl = pdl_enabled(x.device)
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
     bh = min(1024, triton.next_power_of_2(hidden))

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import RMS_SUM_BITS
 
 _SUM_BITS = tl.constexpr(RMS_SUM_BITS)
@@ -47,9 +48,10 @@ def _inv_rms(xf, n, eps):
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
     H, stride_x, stride_r, stride_o, stride_ro, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row per program: out = w * (s / rms(s)) with s = x (+ residual, rounded to x's dtype)."""
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < H
@@ -78,7 +80,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if n:
         block = triton.next_power_of_2(h)
         _rms_norm_kernel[(n,)](x2, x2, w, out, out, h, x2.stride(0), 0, out.stride(0), 0, eps,
-                               HAS_RES=False, BLOCK=block, num_warps=_row_warps(block))
+                               HAS_RES=False, BLOCK=block, num_warps=_row_warps(block), **pdl_kwargs(x.device))
     return out.view(x.shape)
 
 
@@ -98,7 +100,7 @@ def fused_add_rms_norm(
         block = triton.next_power_of_2(h)
         _rms_norm_kernel[(n,)](x2, r2, w, out, new_res, h, x2.stride(0), r2.stride(0), out.stride(0),
                                new_res.stride(0), eps, HAS_RES=True, BLOCK=block,
-                               num_warps=_row_warps(block))
+                               num_warps=_row_warps(block), **pdl_kwargs(x.device))
     return out.view(x.shape), new_res.view(x.shape)
 
 
@@ -159,12 +161,13 @@ def _qk_norm_rope_kernel(
     stride_qot, stride_qoh, stride_dp, stride_ds, stride_dh, stride_cs, eps,
     D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
     HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, PAGED: tl.constexpr,
-    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr,
+    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (T, cdiv(HQ,BH) + cdiv(HK,BH) + PAGED): q head blocks -> qo; k head blocks normed and
     rotated into their destination row: PAGED, the paged cache at slots[t] (a negative slot writes no
     K/V) with a last block copying v into the cache; otherwise row t of ko (kd_ptr, page stride = row
     stride, S = 1)."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     nqb = tl.cdiv(HQ, BH)
@@ -222,7 +225,7 @@ def _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_no
         qo.stride(0), qo.stride(1), stride_dp, stride_ds, stride_dh, cos_sin.stride(0), eps,
         D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None, PAGED=paged,
         BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
-        BD=triton.next_power_of_2(d), num_warps=4,
+        BD=triton.next_power_of_2(d), num_warps=4, **pdl_kwargs(q.device),
     )
     return qo
 
@@ -278,8 +281,9 @@ def _silu_mul(x_row, I, i, m):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """grid (T, cdiv(I, BLOCK)): out[t] = silu(gate) * up."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = i < I
@@ -295,7 +299,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(2048, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(n_tok, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0),
-                                                             BLOCK=block, num_warps=_row_warps(block))
+                                                             BLOCK=block, num_warps=_row_warps(block), **pdl_kwargs(x.device))
     return out
 
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from common.ops.moe_configs import num_sms
+from common.ops.pdl import pdl_kwargs, pdl_start
 
 
 @triton.jit
@@ -48,10 +49,11 @@ def _split3(w):
 @triton.jit(do_not_specialize=["T"])
 def _router_mma_kernel(
     x_ptr, w_ptr, out_ptr, T, E, H, K_SPLIT, stride_x, stride_w, stride_os, stride_ot,
-    BE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+    BE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (cdiv(E, BE), cdiv(T, BT), S): out[s, t, e] = sum of x[t,k] * w[e,k] over split s's
     K_SPLIT-wide slice of H, for a BE x BT tile of (experts, tokens)."""
+    pdl_start(PDL)
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
@@ -134,7 +136,7 @@ def _router_mma(
     grid = (triton.cdiv(n_exp, be), triton.cdiv(n_tok, bt), splits)
     _router_mma_kernel[grid](x, w, out, n_tok, n_exp, hidden, k_split, x.stride(0), w.stride(0),
                              out.stride(0), out.stride(1), BE=be, BT=bt, BK=bk, EVEN_K=hidden % bk == 0,
-                             num_warps=warps, num_stages=stages)
+                             num_warps=warps, num_stages=stages, **pdl_kwargs(x.device))
     return out[0] if splits == 1 else out.sum(0)
 
 

@@ -129,3 +129,17 @@ def test_tiny_fp8_model_kernels_vs_twins(tmp_path: Path, fmt: str) -> None:
     err_bf16, _ = _kernel_vs_twin(make_tiny_model(tmp_path / "bf16", weight_dtype=torch.bfloat16), ids)
     print(f"tiny {fmt}: kernels vs twins rel {err:.4f}; bf16 {err_bf16:.4f}")
     assert err <= 2 * err_bf16 + 0.01, (err, err_bf16)
+
+
+def test_pdl_launches_equal_plain_launches(air_fp8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every Triton kernel of the forward launched as a programmatic dependent (common/ops/pdl.py)
+    gives the logits of plain launches bit for bit: prefill and decode of the FP8 model."""
+    from common.ops import pdl
+
+    if not pdl.supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    ids = _ids(48)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    plain = _run(air_fp8, ids)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert torch.equal(_run(air_fp8, ids), plain)

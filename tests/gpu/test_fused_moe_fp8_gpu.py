@@ -163,18 +163,18 @@ def test_graph_replay_equals_eager(shape: str, block: int, n: int, experts: dict
 @pytest.mark.parametrize("n", [1, 64, 1024])
 def test_pdl_equals_plain_launch(n: int, experts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Programmatic dependent launch changes when kernels start, never what they compute."""
-    from common.ops import triton_moe as tm
+    from common.ops import pdl
     from common.ops import triton_moe_fp8 as tf8
 
-    if not tm.pdl_supported(torch.device(DEV)):
+    if not pdl.supported(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs sm_90+")
     e, h, _ = SHAPES["air"]
     w13, s13, w2, s2 = weights_for(experts, "air", 0)
     x = activations(n, h)
     weights, ids = route(n, e)
-    monkeypatch.setattr(tm, "USE_PDL", False)
+    monkeypatch.setattr(pdl, "ENABLED", False)
     want = tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids)
-    monkeypatch.setattr(tm, "USE_PDL", True)
+    monkeypatch.setattr(pdl, "ENABLED", True)
     assert torch.equal(tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids), want)
 
 

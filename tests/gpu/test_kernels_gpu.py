@@ -285,10 +285,11 @@ def test_moe_pdl_equals_plain_launch(n: int, monkeypatch: pytest.MonkeyPatch) ->
     """With programmatic dependent launch each kernel starts before its predecessor ends and waits
     in-kernel for its results: outputs must equal the plain launch's bit for bit, eagerly and in a
     graph of chained layers (each layer's input is the previous one's output) replayed repeatedly."""
+    from common.ops import pdl
     from common.ops import reference as ref
     from common.ops import triton_moe as tm
 
-    if not tm.pdl_supported(torch.device(DEV)):
+    if not pdl.supported(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs sm_90+")
     e, h, inter = 129, 4096, 1408
     w13 = torch.randn(e, 2 * inter, h, device=DEV, dtype=torch.bfloat16) / h**0.5
@@ -303,9 +304,9 @@ def test_moe_pdl_equals_plain_launch(n: int, monkeypatch: pytest.MonkeyPatch) ->
             y = tm.fused_moe(y, w13, w2, weights, ids) + x  # the add keeps the chain's scale
         return y
 
-    monkeypatch.setattr(tm, "USE_PDL", False)
+    monkeypatch.setattr(pdl, "ENABLED", False)
     want = chain()
-    monkeypatch.setattr(tm, "USE_PDL", True)
+    monkeypatch.setattr(pdl, "ENABLED", True)
     assert torch.equal(chain(), want)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
