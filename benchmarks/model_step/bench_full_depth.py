@@ -27,7 +27,8 @@
    depth (decode) for the FP8 / bf16 decode ratio at equal depth.
 7. GPU, unless --no-pdl-ab: the decode graphs captured again with plain launches (common/ops/pdl.py
    off) and the decode step timed with them. --profile B,..: each decode graph's kernels (and the
-   longest prefill's) under torch.profiler, grouped by kernel, with the idle time between kernels.
+   longest prefill's) under torch.profiler with plain launches, grouped by kernel, with the idle time
+   between kernels.
 
 Ceilings are measured on the same GPU (benchmarks/measure.py: streaming read bandwidth, bf16 and FP8
 GEMM 8192^3; the FP8 peak is the faster of fp32 and fast accumulation). Prints PASS/FAIL for the targets (decode <= 1.25x roofline at B=1, <= 1.3x at 32 and 64;
@@ -183,16 +184,19 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
             for row in info["agreeing"]:
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
-        if args.profile and cuda and not decode_only:
-            info["profile"] = steps.profile(st, args.profile, max(args.prefill), args.chunk)
-            print("\n".join(info["profile"]), flush=True)
-        if args.pdl_ab and cuda and not decode_only:  # the decode graphs again with plain launches
+        if (args.pdl_ab or args.profile) and cuda and not decode_only:
+            # the decode graphs again with plain launches: timed against the PDL ones, and profiled (under
+            # PDL a kernel starts early and waits, so its profiled time would include its predecessor's)
             runner.release_graphs()
             saved, pdl.ENABLED = pdl.ENABLED, False
             try:
                 runner.capture_decode_graphs(max(args.batches))
-                info["decode_plain_launch"] = _each(name, "decode, plain launches",
-                                                    [lambda b=b: steps.decode(st, b) for b in args.batches])
+                if args.pdl_ab:
+                    info["decode_plain_launch"] = _each(name, "decode, plain launches",
+                                                        [lambda b=b: steps.decode(st, b) for b in args.batches])
+                if args.profile:
+                    info["profile"] = steps.profile(st, args.profile, max(args.prefill), args.chunk)
+                    print("\n".join(info["profile"]), flush=True)
             finally:
                 pdl.ENABLED = saved
     finally:
@@ -362,7 +366,7 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
                         _f(plain[r["batch"]]["measured_us"] / r["measured_us"], ".3f")]
                        for r in m["decode"] if r["batch"] in plain])
     if m.get("profile"):
-        out += ["", "### Per-kernel profile", "", *m["profile"]]
+        out += ["", "### Per-kernel profile (plain launches)", "", *m["profile"]]
     return [*out, ""]
 
 
