@@ -16,6 +16,12 @@ if ! $PY -c "import importlib.metadata as m, sys; sys.exit(0 if m.entry_points(g
     || echo "pip install -e . failed (roles not registered): see $OUT/install.log"
 fi
 
+# the serving dependencies a bare GPU machine lacks (it cannot download): wheels carried in .wheels/
+if [[ -d .wheels ]] && ! $PY -c "import grpc_health, grpc_reflection, xgrammar" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps .wheels/*.whl >> "$OUT/install.log" 2>&1 \
+    || echo "installing .wheels failed: see $OUT/install.log"
+fi
+
 stage() {  # stage NAME TIMEOUT_S CMD... : run with a hard limit, log to $OUT/NAME.log, never abort the run
   local name="$1" limit="$2"
   shift 2
