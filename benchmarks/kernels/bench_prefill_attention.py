@@ -6,8 +6,9 @@ One sequence of T prompt tokens, causal, GLM-4.5-Air heads (96 query heads, 8 KV
 Ours reads K/V from the paged pool (page 16) as the prefill worker's forward does; each SDPA backend
 (cuDNN, FlashAttention, memory-efficient) reads contiguous [1, H, T, 128] tensors, with GQA through
 `enable_gqa` and, where a backend refuses that, with K/V expanded to 96 heads (the copy not timed).
-Eager calls from an idle GPU (CUDA-event medians: at these sizes launches are noise). Prints time, TFLOP/s and the fraction of the measured bf16 GEMM peak per backend, and each
-backend's largest difference from ours. With OUT set, writes $OUT/bench_prefill_attention.md.
+Eager calls from an idle GPU (CUDA-event medians: at these sizes launches are noise). Prints time,
+TFLOP/s and the fraction of the measured bf16 GEMM peak per backend, and each backend's largest
+difference from ours. With OUT set, writes $OUT/bench_prefill_attention.md.
 """
 
 from __future__ import annotations

@@ -210,6 +210,8 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         try:
             with sdpa_kernel(_SDPA_BACKENDS, set_priority=True):
                 o = F.scaled_dot_product_attention(qs, k, v, scale=scale, enable_gqa=hq != hk, **causal)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # no allowed backend for this shape: the Triton kernel serves it from now on
             _sdpa_refused.add(kind)
             return None

@@ -256,7 +256,8 @@ def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
 
 @triton.jit
 def _silu_quant_group_kernel(x_ptr, q_ptr, s_ptr, I, n_groups, stride_x, stride_q, stride_s,
-                             QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr):
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
+                             PDL: tl.constexpr):
     """grid (T, cdiv(G, BG)): groups [g0, g0+BG) of one row as a [BG, GROUP] tile, in one pass."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)

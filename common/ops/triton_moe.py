@@ -117,7 +117,8 @@ def grouped_topk(
         logits, correction_bias.float().contiguous(), weights, ids, n_tok, n_exp, logits.stride(0),
         float(scaling), EPG=n_exp // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
         RENORM=renormalize, BT=bt, E_PAD=triton.next_power_of_2(n_exp),
-        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared, num_warps=4, **pdl_kwargs(logits.device),
+        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared, num_warps=4,
+        **pdl_kwargs(logits.device),
     )
     return weights, ids
 
@@ -164,12 +165,14 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     # (4 rows x 512-wide steps took 10 us per layer on the H100, latency-bound)
     bk = min(8192, triton.next_power_of_2(hidden))
     _router_kernel[(n_exp,)](x, w, out, n_tok, n_exp, hidden, x.stride(0), w.stride(0), out.stride(0),
-                             BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, num_warps=4 if bk <= 4096 else 8, **pdl_kwargs(x.device))
+                             BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, num_warps=4 if bk <= 4096 else 8,
+                             **pdl_kwargs(x.device))
     return out
 
 
 @triton.jit(do_not_specialize=["NUMEL", "CHUNK"])
-def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr, SUB: tl.constexpr, PDL: tl.constexpr):
+def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr, SUB: tl.constexpr,
+                        PDL: tl.constexpr):
     """grid (NC,): count_ptr[pid, e] = how many of assignments [pid*CHUNK, +CHUNK) go to e."""
     pdl_start(PDL)
     pid = tl.program_id(0)
@@ -248,7 +251,8 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     counts = sorted_ids  # unused when nc == 1
     if nc > 1:
         counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
-        _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128, **pdl_kwargs(ids.device))
+        _align_count_kernel[(nc,)](flat, counts, numel, chunk, num_experts, E_PAD=e_pad, SUB=128,
+                                   **pdl_kwargs(ids.device))
     _align_scatter_kernel[(nc,)](
         flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks, nc,
         SINGLE=nc == 1, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,

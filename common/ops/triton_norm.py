@@ -299,7 +299,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(2048, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(n_tok, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0),
-                                                             BLOCK=block, num_warps=_row_warps(block), **pdl_kwargs(x.device))
+                                                             BLOCK=block, num_warps=_row_warps(block),
+                                                             **pdl_kwargs(x.device))
     return out
 
 
