@@ -201,10 +201,10 @@ def decode(st: Stage, b: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ prefill
-def prefill(st: Stage, n: int, chunk: int) -> dict:
-    """One sequence of n prompt tokens in chunks of `chunk` (as the prefill worker plans them): the target
-    forwards alone, and with the MTP draft extend the prefill worker adds when EAGLE is on."""
-    runner, c = st.runner, st.runner.config
+def _prefill_forwards(st: Stage, n: int, chunk: int) -> tuple[list[tuple[int, int]], Callable[[bool], None]]:
+    """(chunk spans, run(draft)): one sequence of n random prompt tokens on the prefill pages, forwarded in
+    chunks of `chunk` as the prefill worker plans them, with the MTP draft extend after each when draft."""
+    runner = st.runner
     ids = st.tokens(n + 1)
     spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
     pages = st.prefill_pages[:-(-n // PAGE)]
@@ -218,6 +218,14 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
                 nxt = SeqSpec(ids[s + 1:e + 1], range(s, e), e, pages, logit_rows=None if e == n else [])
                 runner.draft_forward(ForwardBatch.build([nxt], PAGE, runner.device), hidden)
 
+    return spans, run
+
+
+def prefill(st: Stage, n: int, chunk: int) -> dict:
+    """One sequence of n prompt tokens in chunks of `chunk` (as the prefill worker plans them): the target
+    forwards alone, and with the MTP draft extend the prefill worker adds when EAGLE is on."""
+    runner, c = st.runner, st.runner.config
+    spans, run = _prefill_forwards(st, n, chunk)
     distinct = [d for _, d in routed_experts(runner.model, lambda: run(False))]
     n_moe = c.num_hidden_layers - c.first_k_dense_replace
     parts = []
@@ -256,17 +264,13 @@ def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top:
 
         out += section(f"decode B={b}, CUDA graph", isolated_us(st, step), step, st.effort.reps, top)
     if prefill_tokens:
-        ids, n = st.tokens(prefill_tokens), prefill_tokens
-        pages = st.prefill_pages[:-(-n // PAGE)]
+        _, run = _prefill_forwards(st, prefill_tokens, chunk)
 
-        def run() -> None:
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                spec = SeqSpec(ids[s:e], range(s, e), e, pages, logit_rows=None if e == n else [])
-                runner.forward(ForwardBatch.build([spec], PAGE, runner.device))
+        def target() -> None:
+            run(False)
 
         reps = max(2, st.effort.reps // 4)
-        out += section(f"prefill 1x{n}, eager", isolated_us(st, run, reps=reps), run, reps, top)
+        out += section(f"prefill 1x{prefill_tokens}, eager", isolated_us(st, target, reps=reps), target, reps, top)
     return out
 
 
