@@ -23,6 +23,10 @@ from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
 
+# Per-token rows up to this width are read once and quantised from registers (16 warps: 32 values
+# a thread): a decode step's rows are few, and a loop of dependent chunk loads on one SM costs more
+# than the values do (Air's attention output is 12288 wide). Wider rows take two passes.
+ONE_PASS_MAX = 16384
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to an integer, ties to even
 
 
@@ -48,21 +52,28 @@ def _quant_per_token_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """grid (T,): one row; pass 1 takes the amax over K in BLOCK chunks, pass 2 writes the codes."""
+    """grid (T,): one row. A row that fits one BLOCK is loaded once and quantised from registers;
+    a longer one takes pass 1 (the amax over K in BLOCK chunks) and pass 2 (the codes)."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
-    for k0 in range(0, K, BLOCK):
-        m = k0 + cols < K
-        x = tl.load(x_row + k0 + cols, mask=m, other=0.0).to(tl.float32)
-        q = _quant_code(x, scale, QMAX)
-        tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
+    if BLOCK >= K:
+        m = cols < K
+        x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), FLOOR), QMAX)
+        tl.store(q_ptr + row * stride_q + cols, _quant_code(x, scale, QMAX).to(q_ptr.dtype.element_ty), mask=m)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
+        for k0 in range(0, K, BLOCK):
+            m = k0 + cols < K
+            x = tl.load(x_row + k0 + cols, mask=m, other=0.0).to(tl.float32)
+            q = _quant_code(x, scale, QMAX)
+            tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + row, scale)
 
 
@@ -96,10 +107,10 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  
     scale = torch.empty(n_tok, 1, dtype=torch.float32, device=x.device)
     if n_tok == 0:
         return q, scale
-    block = min(triton.next_power_of_2(k), 2048)
+    block = min(triton.next_power_of_2(k), ONE_PASS_MAX)
     _quant_per_token_kernel[(n_tok,)](
         x, q, scale, k, x.stride(0), q.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block, num_warps=4, **pdl_kwargs(x.device),
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block, num_warps=_row_warps(block), **pdl_kwargs(x.device),
     )
     return q, scale
 
@@ -236,21 +247,28 @@ def fused_add_rms_norm_quant_fp8(
 @triton.jit
 def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
                              QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """grid (T,): one row; pass 1 takes the amax of silu(gate) * up over I in BLOCK chunks, pass 2
-    recomputes the same values and writes their codes."""
+    """grid (T,): one row of silu(gate) * up. Up to BLOCK columns it is computed once and quantised
+    from registers; a longer row takes pass 1 (the amax over I in BLOCK chunks) and pass 2 (the
+    same values recomputed, their codes)."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for i0 in range(0, I, BLOCK):
-        v = _silu_mul(x_row, I, i0 + cols, i0 + cols < I).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
-    for i0 in range(0, I, BLOCK):
-        m = i0 + cols < I
-        q = _quant_code(_silu_mul(x_row, I, i0 + cols, m).to(tl.float32), scale, QMAX)
-        tl.store(q_ptr + row * stride_q + i0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
+    if BLOCK >= I:
+        m = cols < I
+        v = _silu_mul(x_row, I, cols, m).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), FLOOR), QMAX)
+        tl.store(q_ptr + row * stride_q + cols, _quant_code(v, scale, QMAX).to(q_ptr.dtype.element_ty), mask=m)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for i0 in range(0, I, BLOCK):
+            v = _silu_mul(x_row, I, i0 + cols, i0 + cols < I).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
+        for i0 in range(0, I, BLOCK):
+            m = i0 + cols < I
+            q = _quant_code(_silu_mul(x_row, I, i0 + cols, m).to(tl.float32), scale, QMAX)
+            tl.store(q_ptr + row * stride_q + i0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + row, scale)
 
 
@@ -278,7 +296,7 @@ def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch
     if n_tok == 0:
         return q, scale
     if group == 0:
-        block = min(4096, triton.next_power_of_2(inter))
+        block = min(ONE_PASS_MAX, triton.next_power_of_2(inter))
         _silu_quant_token_kernel[(n_tok,)](x, q, scale, inter, x.stride(0), q.stride(0),
                                            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block,
                                            num_warps=_row_warps(block), **pdl_kwargs(x.device))

@@ -152,7 +152,9 @@ def _group_fp8() -> None:
         cases = {
             "strided rows, zero row, outlier": activations(6, 200, torch.float32).to(dt)[1:6, :96],
             "binade edges and subnormals": edge,
-            "K over two chunks": activations(3, 4100, torch.float32).to(dt),
+            "one pass, K=4100": activations(3, 4100, torch.float32).to(dt),
+            "one pass, K=12288 (Air's attention output)": activations(1, 12288, torch.float32).to(dt),
+            "two passes, K over two chunks": activations(2, 16400, torch.float32).to(dt),
             "zero rows": torch.zeros(2, 384, dtype=dt),
         }
         for name, x in cases.items():
