@@ -6,8 +6,11 @@ the whole prompt are taken when a job is first scheduled, so a job never stalls 
 memory; a job that does not fit waits (FIFO: later jobs wait behind it).
 
 With the prefix cache on, admission first reuses the cached pages of the prompt's longest cached
-prefix (common/kvcache/prefix_index.py): the job starts computing at `cached_len`, and after each
-forward the pages it completed become matchable for later jobs.
+prefix (common/kvcache/prefix_index.py): the job starts computing at `cached_len`, and the pages a
+forward completed become matchable for later jobs. Keying them (hashing every page in Python, ~1 ms
+for an 8K prompt) is deferred to `key_pages`, which the engine calls once the next forward is on the
+device, so the GPU does not wait for it between steps; a job's pages are keyed before they are
+released, and before a queued job that could share them (same salt and first page) is matched.
 
 Pure Python: unit-testable without a model.
 """
@@ -93,6 +96,7 @@ class PrefillScheduler:
         self.queue: deque[PrefillJob] = deque()
         self.active: list[PrefillJob] = []  # holding pages, prefilling
         self.by_id: dict[str, PrefillJob] = {}
+        self._unkeyed: list[tuple[PrefillJob, list[int], int]] = []  # (job, seq, upto) of advanced chunks
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -119,6 +123,8 @@ class PrefillScheduler:
                 budget -= n
         while budget > 0 and self.queue:
             job = self.queue[0]
+            if self._unkeyed:
+                self._key_sharing(job)
             root = self.cache.root_for(job.cache_salt)
             hit = self.cache.match(job.prompt_ids, root)  # referenced first, so allocation cannot evict them
             pages = self.cache.alloc(self.pages_for(job.prompt_len) - len(hit.pages))
@@ -143,19 +149,50 @@ class PrefillScheduler:
             self.hit_requests += 1
 
     def advance(self, chunk: Chunk) -> None:
-        """The chunk's forward is done (a final chunk's first token sampled): its whole pages become
-        matchable, the last one with the first token as its successor."""
+        """The chunk's forward is done (a final chunk's first token sampled): its whole pages are to
+        be keyed (`key_pages`), the last one with the first token as its successor."""
         job = chunk.job
         job.done_tokens = chunk.end
-        seq = job.prompt_ids + [job.first_token] if chunk.is_final and job.first_token is not None else job.prompt_ids
-        self.cache.commit(job.pages, job.page_keys, seq, chunk.end, self.cache.root_for(job.cache_salt))
+        if self.cache.enabled:
+            seq = (job.prompt_ids + [job.first_token] if chunk.is_final and job.first_token is not None
+                   else job.prompt_ids)
+            self._unkeyed.append((job, seq, chunk.end))
         if chunk.is_final:
             job.state = JobState.SENDING
+
+    def key_pages(self, only: PrefillJob | None = None) -> None:
+        """Make the pages of the chunks advanced so far matchable (all, or `only` that job's), in
+        the order they were computed."""
+        keep = []
+        for entry in self._unkeyed:
+            job, seq, upto = entry
+            if only is not None and job is not only:
+                keep.append(entry)
+            elif job.pages:
+                self.cache.commit(job.pages, job.page_keys, seq, upto, self.cache.root_for(job.cache_salt))
+        self._unkeyed = keep
+
+    def _key_sharing(self, job: PrefillJob) -> None:
+        """Key the unkeyed pages of jobs whose first page `job` could match (same salt, same tokens)."""
+        ps = self.page_size
+        if len(job.prompt_ids) <= ps:
+            return  # no whole page to match before the last token
+        head = job.prompt_ids[:ps]
+        for other in {id(j): j for j, _, _ in self._unkeyed if j.cache_salt == job.cache_salt}.values():
+            if other.prompt_ids[:ps] == head:
+                self.key_pages(other)
+
+    def flush_cache(self) -> int:
+        """Forget the prefix cache (pages not yet keyed stay unkeyed); the number of pages freed."""
+        self._unkeyed = []
+        return self.cache.flush()
 
     def release(self, job: PrefillJob) -> None:
         """Drop the job's page references (cached pages stay for reuse) and forget it (idempotent)."""
         if job.state is JobState.DONE:
             return
+        if self._unkeyed:
+            self.key_pages(job)  # keyed pages become CACHED on release, unkeyed ones FREE
         if job.pages:
             self.cache.release(job.pages)
             job.pages = []

@@ -57,7 +57,7 @@ class PrefillEngine(EngineThread[PrefillMsg]):
         self.handle(Submit, self._on_submit)
         self.handle(Abort, self._on_abort)
         self.handle(TransferDone, self._on_transfer_done)
-        self.handle(Flush, lambda msg: msg.reply(self.sched.cache.flush()))
+        self.handle(Flush, lambda msg: msg.reply(self.sched.flush_cache()))
 
     # ------------------------------------------------------------------ other threads
     def submit(self, job: PrefillJob) -> None:
@@ -145,6 +145,7 @@ class PrefillEngine(EngineThread[PrefillMsg]):
                 sent_upto[n] = i + 1
 
         logits, hidden = runner.forward(batch, layer_hook=on_layer)
+        self.sched.key_pages()  # the earlier steps' pages, while this forward runs on the device
         finals = [c for c in chunks if c.is_final]
         if finals:
             rows = self.sampler.sample(logits, [RowContext(c.job.params, c.job.prompt_ids, [], grammar=c.job.grammar)
@@ -160,9 +161,8 @@ class PrefillEngine(EngineThread[PrefillMsg]):
                 self._send(c, range(self.num_layers, self.num_layers + 1), aux)
             elif c.is_final:
                 self._send(c, range(sent_upto[n], self.num_layers), self._aux(c.job, None))
-        # keying the chunks' pages for the prefix cache (host hashing, ~2 ms for 8K tokens) after every
-        # first token is on its way: a confirmation that would release the pages is handled on this
-        # thread, after this step, so no page is released before it is keyed
+        # the chunks' pages are keyed for the prefix cache during the next forward (scheduler.key_pages),
+        # or before a release or a match that needs them
         for c in chunks:
             self.sched.advance(c)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.kvcache.allocator import PageAllocator
+from common.kvcache.prefix_index import PrefixCache
 from common.serving.sampling_params import SamplingParams
 from common.worker.load import WorkerLoadFigures
 from prefill_worker.scheduler import Chunk, JobState, PrefillJob, PrefillScheduler
@@ -168,3 +169,78 @@ def test_load_counts_each_state() -> None:
     step(sched)  # sent: final; mid: 5 of 30 tokens
     assert sched.load() == WorkerLoadFigures(running=1, queued=2, waiting_for_kv=1, free_pages=64 - 1 - 8,
                       total_pages=64)
+
+
+# --------------------------------------------------------------------------- deferred page keys
+def cached_sched(pages: int = 65, chunk: int = 64) -> PrefillScheduler:
+    alloc = PageAllocator(pages)
+    return PrefillScheduler(alloc, PAGE, chunk_tokens=chunk, max_queued=8, cache=PrefixCache(alloc, PAGE))
+
+
+def with_prompt(rid: str, ids: list[int], salt: str = "") -> PrefillJob:
+    j = job(rid, len(ids))
+    j.prompt_ids, j.cache_salt = list(ids), salt
+    return j
+
+
+def test_pages_are_keyed_when_the_engine_says_not_at_advance() -> None:
+    sched = cached_sched()
+    a = with_prompt("a", list(range(10)))
+    sched.submit(a)
+    step(sched)
+    assert sched.cache.num_indexed == 0  # computed, not yet keyed: no hashing between forwards
+    sched.key_pages()
+    assert sched.cache.num_indexed == 2  # pages [0,4) and [4,8); [8,10) is not whole
+    sched.key_pages()  # nothing left to key
+    assert sched.cache.num_indexed == 2
+
+
+def test_a_queued_job_sharing_the_first_page_sees_the_unkeyed_pages() -> None:
+    sched = cached_sched()
+    a = with_prompt("a", list(range(10)))
+    sched.submit(a)
+    step(sched)
+    other = with_prompt("other", [99] + list(range(1, 12)))  # first page differs: no keying for it
+    sched.submit(other)
+    assert step(sched) == [("other", 0, 12, True)] and sched.cache.num_indexed == 0
+    b = with_prompt("b", list(range(9)) + [50, 51])  # shares a's first two pages
+    sched.submit(b)
+    assert spans(sched.plan()) == [("b", 8, 11, True)]
+    assert b.cached_len == 8 and b.pages[:2] == a.pages[:2] and sched.hit_tokens == 8
+    assert sched.cache.num_indexed == 2  # a's pages only: other's first page differs from b's
+
+
+def test_a_different_salt_does_not_key_for_a_queued_job() -> None:
+    sched = cached_sched()
+    a = with_prompt("a", list(range(10)), salt="tenant-1")
+    sched.submit(a)
+    step(sched)
+    b = with_prompt("b", list(range(10)), salt="tenant-2")
+    sched.submit(b)
+    assert spans(sched.plan()) == [("b", 0, 10, True)] and sched.cache.num_indexed == 0
+
+
+def test_release_keys_the_job_first_so_its_pages_stay_cached() -> None:
+    sched = cached_sched()
+    a, c = with_prompt("a", list(range(10))), with_prompt("c", [7] * 10)
+    sched.submit(a)
+    sched.submit(c)
+    step(sched)
+    sched.release(a)
+    cache = sched.cache
+    assert cache.num_indexed == 2 and cache.num_cached == 2  # a's two whole pages, c's still unkeyed
+    cache.check()
+    sched.release(c)
+    assert cache.num_indexed == 4 and cache.num_active == 0
+    cache.check()
+
+
+def test_flush_drops_keys_not_yet_made() -> None:
+    sched = cached_sched()
+    a = with_prompt("a", list(range(10)))
+    sched.submit(a)
+    step(sched)
+    assert sched.flush_cache() == 0  # nothing cached yet; a still holds its pages
+    sched.key_pages()
+    sched.release(a)
+    assert sched.cache.num_indexed == 0 and sched.cache.num_free == sched.cache.num_total
