@@ -38,21 +38,26 @@ class PageAllocator:
             raise ValueError(f"cannot allocate a negative number of pages ({n})")
         if n > len(self._free):
             return None
-        pages = [self._free.pop() for _ in range(n)]
+        if n == 0:
+            return []
+        pages = self._free[:-n - 1:-1]  # the last n, last first: what n pops would give
+        del self._free[-n:]
         self._used.update(pages)
         return pages
 
     def free(self, pages: Iterable[int]) -> None:
         """Give pages back. Raises ValueError, freeing nothing, if any page is not currently held."""
         pages = [int(p) for p in pages]
-        seen: set[int] = set()
-        for p in pages:
-            if p == 0:
-                raise ValueError("page 0 is the reserved dummy page and is never allocated")
-            if p in seen or p not in self._used:
-                raise ValueError(f"page {p} is not allocated (double free or foreign page)")
-            seen.add(p)
-        self._used.difference_update(pages)
+        distinct = set(pages)
+        if len(distinct) != len(pages) or not distinct <= self._used:  # checked in C; the loop only names the page
+            seen: set[int] = set()
+            for p in pages:
+                if p == 0:
+                    raise ValueError("page 0 is the reserved dummy page and is never allocated")
+                if p in seen or p not in self._used:
+                    raise ValueError(f"page {p} is not allocated (double free or foreign page)")
+                seen.add(p)
+        self._used.difference_update(distinct)
         self._free.extend(reversed(pages))
 
     def __repr__(self) -> str:

@@ -155,20 +155,24 @@ class PrefixCache:
         if n > self.num_free:
             return None
         short = n - self.allocator.num_free
-        if short > 0:
-            pop, records, index = self._lru.popitem, self._records, self._index
-            victims = [pop(last=False)[0] for _ in range(short)]
-            removed = [records.pop(page).key for page in victims]
+        records = self._records
+        pages: list[int] = []
+        if short > 0:  # evicted pages go straight to the new holder (they stay allocated), first
+            pop, index = self._lru.popitem, self._index
+            pages = [pop(last=False)[0] for _ in range(short)]
+            victims = [records[page] for page in pages]
+            removed = [rec.key for rec in victims]
             for key in removed:
                 del index[key]
-            self.allocator.free(victims)
+            for rec in victims:
+                rec.refs, rec.key, rec.tokens, rec.successor = 1, None, b"", None
             self.evictions += short
             if self._listeners:
                 self._tell(IndexChange(removed=tuple(removed)))
-        pages = self.allocator.alloc(n)
-        assert pages is not None
-        self._records.update({page: PageRecord(1) for page in pages})
-        return pages
+        fresh = self.allocator.alloc(n - len(pages))
+        assert fresh is not None
+        records.update({page: PageRecord(1) for page in fresh})
+        return pages + fresh
 
     def commit(self, pages: Sequence[int], keys: list[bytes], seq: Sequence[int], upto: int,
                root: bytes | None = None) -> None:
