@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.kvcache.allocator import PageAllocator
-from common.serving.page_hash import pack, packed_key, root_key
+from common.serving.page_hash import chain_packed, pack, packed_key, root_key
 
 
 @dataclass(slots=True)
@@ -188,16 +188,15 @@ class PrefixCache:
             return
         raw, step = pack(seq[first * ps:last * ps]).tobytes(), 4 * ps
         index, records, n_seq = self._index, self._records, len(seq)
-        key = keys[-1] if keys else root or self.root
-        for i in range(first, last):
-            part = raw[(i - first) * step:(i - first + 1) * step]
-            key = packed_key(key, part)
-            keys.append(key)
+        new = chain_packed(keys[-1] if keys else root or self.root, raw, step)
+        keys.extend(new)
+        for j, key in enumerate(new):
             if key in index:  # computed twice concurrently: the first copy stays the cached one
                 continue
+            i = first + j
             rec = records[pages[i]]
             if rec.key is None:
-                rec.key, rec.tokens = key, part
+                rec.key, rec.tokens = key, raw[j * step:(j + 1) * step]
                 rec.successor = seq[(i + 1) * ps] if (i + 1) * ps < n_seq else None
                 index[key] = pages[i]
                 stored.append(key)

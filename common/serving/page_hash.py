@@ -47,8 +47,16 @@ def packed_key(parent: bytes, page: bytes | memoryview, _blake2b=hashlib.blake2b
 def chain(parent: bytes, tokens: Sequence[int], page_size: int, pages: int) -> list[bytes]:
     """The keys of the first `pages` full pages of `tokens` after `parent` (the same keys as
     page_key one page at a time, with the tokens packed once)."""
-    raw, step, keys = pack(tokens[:pages * page_size]), 4 * page_size, []
-    for i in range(pages):
-        parent = packed_key(parent, raw[i * step:(i + 1) * step])
-        keys.append(parent)
+    return chain_packed(parent, pack(tokens[:pages * page_size]).tobytes(), 4 * page_size)
+
+
+def chain_packed(parent: bytes, raw: bytes, step: int, _blake2b=hashlib.blake2b) -> list[bytes]:
+    """The keys of the consecutive `step`-byte pages of `raw` (packed as `pack` does) after `parent`:
+    packed_key's hash in one loop without a call or a memoryview slice a page (a fifth less time in
+    CPython; the gateway chains every page of a long cached prompt, the workers every computed page)."""
+    keys: list[bytes] = []
+    append = keys.append
+    for i in range(0, len(raw) - step + 1, step):
+        parent = _blake2b(parent + raw[i:i + step]).digest()[:DIGEST_BYTES]
+        append(parent)
     return keys

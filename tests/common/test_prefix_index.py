@@ -83,6 +83,7 @@ def test_a_cache_salt_shares_pages_only_with_the_same_salt() -> None:
 
 def test_a_hash_collision_is_caught_by_the_token_ids(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefix_index, "packed_key", lambda parent, page: b"same")
+    monkeypatch.setattr(prefix_index, "chain_packed", lambda parent, raw, step: [b"same"] * (len(raw) // step))
     cache = PrefixCache(PageAllocator(32), PAGE)
     cache.release(run_job(cache, [1, 2, 3, 4, 5]))
     assert cached_len(cache, [1, 2, 3, 4, 5]) == 4
