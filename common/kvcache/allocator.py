@@ -45,6 +45,10 @@ class PageAllocator:
         self._used.update(pages)
         return pages
 
+    def holds(self, page: int) -> bool:
+        """Whether `page` is handed out."""
+        return page in self._used
+
     def free(self, pages: Iterable[int]) -> None:
         """Give pages back. Raises ValueError, freeing nothing, if any page is not currently held."""
         pages = [int(p) for p in pages]

@@ -107,13 +107,15 @@ class PrefixCache:
 
     @property
     def num_active(self) -> int:
-        return len(self._records) - len(self._lru)
+        return len(self._records) - len(self._lru) if self.enabled else self.allocator.num_used
 
     @property
     def num_indexed(self) -> int:
         return len(self._index)
 
     def refs(self, page: int) -> int:
+        if not self.enabled:
+            return int(self.allocator.holds(page))
         rec = self._records.get(page)
         return rec.refs if rec is not None else 0
 
@@ -151,7 +153,10 @@ class PrefixCache:
 
     def alloc(self, n: int) -> list[int] | None:
         """n new ACTIVE pages (refs 1), evicting least recently used CACHED pages if needed;
-        None (changing nothing) when FREE + CACHED is short."""
+        None (changing nothing) when FREE + CACHED is short. Disabled: the allocator's own call (no
+        page records, so the cache off costs what the plain allocator does)."""
+        if not self.enabled:
+            return self.allocator.alloc(n)
         if n > self.num_free:
             return None
         short = n - self.allocator.num_free
@@ -206,6 +211,9 @@ class PrefixCache:
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference on each page, tail first; a page nobody holds becomes CACHED if keyed,
         else FREE."""
+        if not self.enabled:
+            self.allocator.free(list(reversed(pages)))
+            return
         freed = []
         for page in reversed(pages):
             rec = self._records[page]
@@ -245,6 +253,9 @@ class PrefixCache:
     # ------------------------------------------------------------------ tests
     def check(self) -> None:
         """Assert the state invariants (tests call it after every operation)."""
+        if not self.enabled:
+            assert not self._records and not self._index and not self._lru
+            return
         assert self.allocator.num_free + len(self._records) == self.allocator.num_total
         assert self.allocator.num_used == len(self._records)
         for page, rec in self._records.items():

@@ -95,8 +95,12 @@ def test_disabled_it_is_the_plain_allocator() -> None:
     cache = PrefixCache(alloc, PAGE, enabled=False)
     pages = run_job(cache, list(range(9)))
     assert cached_len(cache, list(range(9))) == 0
+    assert cache.num_active == alloc.num_used == 3 and all(cache.refs(p) == 1 for p in pages)
+    assert not cache._records and cache.num_indexed == 0  # no page bookkeeping beside the allocator's
+    cache.check()
     cache.release(pages)
-    assert alloc.num_free == alloc.num_total and cache.num_cached == 0
+    assert alloc.num_free == alloc.num_total and cache.num_cached == 0 and cache.refs(pages[0]) == 0
+    assert cache.alloc(alloc.num_total + 1) is None
 
 
 def test_allocation_evicts_least_recently_used_tails_first_and_never_held_pages() -> None:
