@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.serving import metrics
-from gateway.cache_index import DEFAULT_PAGE_SIZE, CacheIndex, Hit, PromptKeys
+from gateway.cache_index import DEFAULT_PAGE_SIZE, CacheIndex, ChainMemo, Hit, PromptKeys
 from gateway.cache_watch import CacheWatch
 from gateway.errors import GatewayError
 from gateway.worker_client import WorkerEndpoint
@@ -83,6 +83,7 @@ class Router:
         self.interval = interval
         self.routing = routing or RoutingConfig()
         self.index = CacheIndex(self.routing.approx_ttl) if self.routing.cache_aware else None
+        self.memo = ChainMemo() if self.routing.cache_aware else None  # recent prompts' page keys
         self._watch = CacheWatch(self.index, self.workers, interval) if self.index is not None else None
         self._on_readiness = on_readiness
         self._ready: bool | None = None
@@ -196,12 +197,13 @@ class Router:
         if self.index is None:
             prefill, decode = self.choose(exclude)
             return Route(prefill, decode, "load")
-        prompt = PromptKeys(input_ids, salt)
+        prompt = PromptKeys(input_ids, salt, self.memo)
         decode, decode_hit = self._pick_decode(prompt, exclude, routing_key)
         uncached = len(input_ids) - decode_hit.tokens
         limit = self.routing.local_prefill_max_tokens
         if allow_local and limit and decode_hit.exact and decode_hit.tokens and uncached <= limit:
             metrics.router_decisions_total().labels(role="prefill", reason="local").inc()
+            prompt.remember()
             return Route(None, decode, "local", decode_hit.tokens)
         prefill, hit, reason = self._pick_prefill(prompt, exclude, routing_key)
         if log.isEnabledFor(logging.DEBUG):
@@ -211,6 +213,7 @@ class Router:
         metrics.router_decisions_total().labels(role="prefill", reason=reason).inc()
         prefill.queue_prefill(len(input_ids) - hit.tokens, self._rate(prefill), time.monotonic())
         self._remember(prefill, prompt)
+        prompt.remember()
         return Route(prefill, decode, reason, hit.tokens)
 
     def _remember(self, prefill: WorkerEndpoint, prompt: PromptKeys) -> None:

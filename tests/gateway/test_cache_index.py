@@ -4,7 +4,7 @@ entries from routed prompts (TTL, size bound), and the leading-page match per wo
 from __future__ import annotations
 
 from common.serving.page_hash import page_key, root_key
-from gateway.cache_index import APPROX_NAMESPACE, CacheIndex, PromptKeys
+from gateway.cache_index import APPROX_NAMESPACE, CacheIndex, ChainMemo, PromptKeys, _common_pages
 from protos import worker_pb2
 
 NS, PS = "model/bf16/16/5", 16
@@ -111,3 +111,88 @@ def test_keys_are_computed_only_as_far_as_a_lookup_walks() -> None:
     assert len(p._chains[(NS, PS)]) <= 32
     assert p.chain(NS, PS) == keys(long)[:400]
     assert len(p._chains[(NS, PS)]) == 400
+
+
+# --------------------------------------------------------------------------- the chain memo
+def salted_keys(tokens: list[int], salt: str) -> list[bytes]:
+    out, parent = [], root_key(NS, salt)
+    for i in range(len(tokens) // PS):
+        parent = page_key(parent, tokens[i * PS:(i + 1) * PS])
+        out.append(parent)
+    return out
+
+
+def hashed_pages(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Count the pages PromptKeys hashes through page_hash.chain from now on."""
+    from gateway import cache_index
+
+    counted = [0]
+    real = cache_index.chain
+
+    def counting(parent, tokens, page_size, pages):  # type: ignore[no-untyped-def]
+        counted[0] += pages
+        return real(parent, tokens, page_size, pages)
+
+    monkeypatch.setattr(cache_index, "chain", counting)
+    return counted
+
+
+def test_a_next_turn_hashes_only_its_new_pages(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    memo = ChainMemo()
+    turn1 = list(range(1000, 1000 + 40 * PS + 5))
+    first = PromptKeys(turn1, memo=memo)
+    assert first.chain(NS, PS) == keys(turn1)[:40]
+    first.remember()
+    hashed = hashed_pages(monkeypatch)
+    turn2 = turn1 + list(range(7, 7 + 6 * PS))  # the history again, then the new messages
+    got = PromptKeys(turn2, memo=memo).chain(NS, PS)
+    assert got == keys(turn2)[:len(got)] and len(got) == (len(turn2) - 1) // PS
+    assert hashed[0] == len(got) - 40  # the 40 remembered pages were not hashed again
+
+
+def test_a_prompt_that_diverges_reuses_only_the_pages_before_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    memo = ChainMemo()
+    base = list(range(50, 50 + 20 * PS + 1))
+    p = PromptKeys(base, memo=memo)
+    p.chain(NS, PS)
+    p.remember()
+    hashed = hashed_pages(monkeypatch)
+    edited = list(base)
+    edited[9 * PS + 3] = 999_999  # page 9 differs (an earlier reasoning dropped, an edited message)
+    got = PromptKeys(edited, memo=memo).chain(NS, PS)
+    assert got == keys(edited)[:20]
+    assert hashed[0] == 20 - 9  # pages 0-8 from the memo, 9-19 hashed
+
+
+def test_salts_and_page_sizes_keep_their_own_chains() -> None:
+    memo = ChainMemo()
+    prompt = list(range(300, 300 + 10 * PS + 1))
+    a = PromptKeys(prompt, salt="tenant-a", memo=memo)
+    a.chain(NS, PS)
+    a.remember()
+    assert PromptKeys(prompt, salt="tenant-b", memo=memo).chain(NS, PS) == salted_keys(prompt, "tenant-b")[:10]
+    assert PromptKeys(prompt, memo=memo).chain(NS, 32) == keys(prompt, NS, 32)[:5]
+    assert PromptKeys(prompt, salt="tenant-a", memo=memo).chain(NS, PS) == salted_keys(prompt, "tenant-a")[:10]
+
+
+def test_the_memo_is_bounded() -> None:
+    memo = ChainMemo(max_tokens=30 * PS, per_head=2)
+    for n in range(3):  # three prompts with the same first page: only the two latest stay under it
+        p = PromptKeys(list(range(10 * PS)) + [n] * (5 * PS) + [1], memo=memo)
+        p.chain(NS, PS)
+        p.remember()
+    assert memo._tokens == 2 * 15 * PS and len(memo._heads) == 1
+    other = PromptKeys(list(range(5000, 5000 + 20 * PS + 1)), memo=memo)  # pushes the total past 30 pages
+    other.chain(NS, PS)
+    other.remember()
+    assert memo._tokens <= 30 * PS and len(memo._heads) == 1
+
+
+def test_common_pages() -> None:
+    a = bytes(range(64)) * 4  # 8 pages of 32 bytes
+    assert _common_pages(a, a, 32, 8) == 8 and _common_pages(a, a, 32, 0) == 0
+    for page in range(8):
+        b = bytearray(a)
+        b[page * 32 + 5] ^= 1
+        assert _common_pages(a, bytes(b), 32, 8) == page
+        assert _common_pages(a, bytes(b), 32, page) == page
