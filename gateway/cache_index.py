@@ -46,10 +46,12 @@ class ChainMemo:
     An entry is a prompt's tokens, packed as page_hash.pack does, and the keys computed for it under
     one chain (namespace, page size, salt), found by the key of its first page; the pages it shares
     with a new prompt are found by comparing the packed tokens, so a reused key always belongs to the
-    same tokens. At most `per_head` entries per first page (the most recent), `max_tokens` in all
-    (least recently stored dropped first)."""
+    same tokens. Sessions that share a system prompt share a first page: an entry the new prompt
+    extends whole is found by comparing one page at the entry's end, and only the two most recent
+    entries are bisected for a partial match. At most `per_head` entries per first page (the most
+    recent), `max_tokens` in all (least recently stored dropped first)."""
 
-    def __init__(self, max_tokens: int = 1 << 23, per_head: int = 4) -> None:
+    def __init__(self, max_tokens: int = 1 << 23, per_head: int = 16) -> None:
         self.max_tokens = max_tokens
         self.per_head = per_head
         self._heads: OrderedDict[tuple[str, int, str, bytes], list[tuple[bytes, list[bytes]]]] = OrderedDict()
@@ -65,7 +67,14 @@ class ChainMemo:
             return []
         raw, step = packed(), 4 * chain_id[1]
         best: list[bytes] = []
-        for old_raw, old_keys in entries:
+        for old_raw, old_keys in entries:  # one the prompt extends whole: the longest such
+            n = min(pages, len(old_keys))
+            if n > len(best) and raw[(n - 1) * step:n * step] == old_raw[(n - 1) * step:n * step] \
+                    and raw[:n * step] == old_raw[:n * step]:
+                best = old_keys[:n]
+        if best:
+            return best
+        for old_raw, old_keys in entries[:2]:  # else the longest common part of the latest two
             n = _common_pages(raw, old_raw, step, min(pages, len(old_keys)))
             if n > len(best):
                 best = old_keys[:n]

@@ -196,3 +196,18 @@ def test_common_pages() -> None:
         b[page * 32 + 5] ^= 1
         assert _common_pages(a, bytes(b), 32, 8) == page
         assert _common_pages(a, bytes(b), 32, page) == page
+
+
+def test_sessions_sharing_a_system_prompt_each_find_their_own_history(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    memo = ChainMemo()
+    system = list(range(10_000, 10_000 + 8 * PS))  # 8 pages every session starts with
+    turns = {s: system + [s] * (12 * PS) + [1] for s in range(10)}  # 10 sessions, 20 pages each
+    for prompt in turns.values():
+        p = PromptKeys(prompt, memo=memo)
+        p.chain(NS, PS)
+        p.remember()
+    hashed = hashed_pages(monkeypatch)
+    nxt = turns[0] + [2] * (3 * PS)  # the first session's next turn, nine other sessions stored since
+    got = PromptKeys(nxt, memo=memo).chain(NS, PS)
+    assert got == keys(nxt)[:len(got)] and len(got) == 23
+    assert hashed[0] == 3  # its 20 earlier pages came from the memo, not only the 8 shared ones
