@@ -18,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from common.serving.chain_memo import ChainMemo
 from common.serving.page_hash import chain, pack, packed_key, root_key
 from protos import worker_pb2
 
@@ -37,80 +38,6 @@ class _Live:
 class Hit:
     tokens: int   # leading prompt tokens the worker holds (whole pages, at most len(prompt) - 1)
     exact: bool   # from the worker's events (else from what this gateway routed there)
-
-
-class ChainMemo:
-    """The page keys of recently routed prompts, so that a prompt extending one of them (the next
-    turn of a conversation or an agent loop resends the whole history) hashes only its new pages.
-
-    An entry is a prompt's tokens, packed as page_hash.pack does, and the keys computed for it under
-    one chain (namespace, page size, salt), found by the key of its first page; the pages it shares
-    with a new prompt are found by comparing the packed tokens, so a reused key always belongs to the
-    same tokens. Sessions that share a system prompt share a first page: an entry the new prompt
-    extends whole is found by comparing one page at the entry's end, and only the two most recent
-    entries are bisected for a partial match. At most `per_head` entries per first page (the most
-    recent), `max_tokens` in all (least recently stored dropped first)."""
-
-    def __init__(self, max_tokens: int = 1 << 23, per_head: int = 16) -> None:
-        self.max_tokens = max_tokens
-        self.per_head = per_head
-        self._heads: OrderedDict[tuple[str, int, str, bytes], list[tuple[bytes, list[bytes]]]] = OrderedDict()
-        self._tokens = 0
-
-    def reuse(self, chain_id: tuple[str, int, str], first: bytes, packed: Callable[[], bytes],
-              pages: int) -> list[bytes]:
-        """Keys of the longest run of leading pages (at most `pages`) of a prompt that an entry under
-        the same chain and first-page key (`first`) shares; `packed()` gives the prompt's packed
-        tokens, asked for only when there is an entry to compare with."""
-        entries = self._heads.get((*chain_id, first))
-        if not entries:
-            return []
-        raw, step = packed(), 4 * chain_id[1]
-        best: list[bytes] = []
-        for old_raw, old_keys in entries:  # one the prompt extends whole: the longest such
-            n = min(pages, len(old_keys))
-            if n > len(best) and raw[(n - 1) * step:n * step] == old_raw[(n - 1) * step:n * step] \
-                    and raw[:n * step] == old_raw[:n * step]:
-                best = old_keys[:n]
-        if best:
-            return best
-        for old_raw, old_keys in entries[:2]:  # else the longest common part of the latest two
-            n = _common_pages(raw, old_raw, step, min(pages, len(old_keys)))
-            if n > len(best):
-                best = old_keys[:n]
-        return best
-
-    def store(self, chain_id: tuple[str, int, str], raw: bytes, keys: list[bytes]) -> None:
-        """Remember `keys`, the leading pages' keys of the packed prompt `raw` under `chain_id`."""
-        if len(keys) < 2:
-            return  # one page is one hash: nothing worth keeping
-        head = (*chain_id, keys[0])
-        entries = self._heads.pop(head, [])
-        entries.insert(0, (raw[:len(keys) * 4 * chain_id[1]], keys))
-        for dropped in entries[self.per_head:]:
-            self._tokens -= len(dropped[0]) // 4
-        del entries[self.per_head:]
-        self._heads[head] = entries
-        self._tokens += len(entries[0][0]) // 4
-        while self._tokens > self.max_tokens and self._heads:
-            _, old = self._heads.popitem(last=False)
-            self._tokens -= sum(len(r) // 4 for r, _ in old)
-
-
-def _common_pages(a: bytes, b: bytes, step: int, limit: int) -> int:
-    """How many leading `step`-byte pages a and b share, at most `limit`: one comparison when the
-    whole range is equal (a conversation's next turn), else a bisection that compares each byte at
-    most twice."""
-    if a[:limit * step] == b[:limit * step]:  # bytes slices: a copy and a memcmp (a memoryview compares per item)
-        return limit
-    lo, hi = 0, limit  # pages [0, lo) equal; some page in [lo, hi) differs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo * step:mid * step] == b[lo * step:mid * step]:
-            lo = mid
-        else:
-            hi = mid
-    return lo  # [lo, lo + 1) holds a differing page
 
 
 class PromptKeys:

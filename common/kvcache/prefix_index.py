@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.kvcache.allocator import PageAllocator
+from common.serving.chain_memo import ChainMemo
 from common.serving.page_hash import chain_packed, pack, packed_key, root_key
 
 
@@ -72,6 +73,8 @@ class PrefixCache:
         self._records: dict[int, PageRecord] = {}  # every ACTIVE or CACHED page
         self._index: dict[bytes, int] = {}  # key -> page
         self._lru: OrderedDict[int, None] = OrderedDict()  # CACHED pages, least recently used first
+        # the keys of recently keyed prompts: a next turn's match hashes only the pages it adds
+        self._memo: ChainMemo | None = ChainMemo() if enabled else None
         self.evictions = 0  # pages evicted since start
         self.mtp_drops = 0  # matched pages given up for a different successor since start
         self._listeners: list[Listener] = []
@@ -133,15 +136,20 @@ class PrefixCache:
             return m
         ps, parent = self.page_size, root or self.root
         n = (len(tokens) - 1) // ps  # never the page holding the last token
-        raw, step = pack(tokens[:n * ps]), 4 * ps
+        raw, step = pack(tokens[:n * ps]).tobytes(), 4 * ps
+        known: list[bytes] = []
+        if n > 1 and self._memo is not None:
+            known = self._memo.reuse((parent, ps), packed_key(parent, raw[:step]), lambda: raw, n)
+        lookup, records, add_page, add_key, n_known = (self._index.get, self._records, m.pages.append,
+                                                        m.keys.append, len(known))
         for i in range(n):
             part = raw[i * step:(i + 1) * step]
-            key = packed_key(parent, part)
-            page = self._index.get(key)
-            if page is None or self._records[page].tokens != part:
+            key = known[i] if i < n_known else packed_key(parent, part)
+            page = lookup(key)
+            if page is None or records[page].tokens != part:
                 break
-            m.pages.append(page)
-            m.keys.append(key)
+            add_page(page)
+            add_key(key)
             parent = key
         if self.check_successor and m.pages and self._records[m.pages[-1]].successor != tokens[len(m.pages) * ps]:
             m.pages.pop()
@@ -207,6 +215,9 @@ class PrefixCache:
                 stored.append(key)
         if stored and self._listeners:
             self._tell(IndexChange(stored=tuple(stored)))
+        if self._memo is not None:
+            start = root or self.root
+            self._memo.store((start, ps), raw if first == 0 else pack(seq[:last * ps]).tobytes(), keys)
 
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference on each page, tail first; a page nobody holds becomes CACHED if keyed,

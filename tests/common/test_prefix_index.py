@@ -12,6 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from common.kvcache import prefix_index
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.prefix_index import PrefixCache
+from common.serving.page_hash import chain
 
 PAGE = 4
 
@@ -88,6 +89,31 @@ def test_a_hash_collision_is_caught_by_the_token_ids(monkeypatch: pytest.MonkeyP
     cache.release(run_job(cache, [1, 2, 3, 4, 5]))
     assert cached_len(cache, [1, 2, 3, 4, 5]) == 4
     assert cached_len(cache, [9, 9, 9, 9, 5]) == 0
+
+
+def test_a_next_turn_hashes_only_its_new_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = PrefixCache(PageAllocator(64), PAGE)
+    history = list(range(100, 100 + 10 * PAGE + 2))
+    cache.release(run_job(cache, history))
+    real, calls = prefix_index.packed_key, [0]
+
+    def counting(parent: bytes, page: bytes) -> bytes:
+        calls[0] += 1
+        return real(parent, page)
+
+    monkeypatch.setattr(prefix_index, "packed_key", counting)
+    nxt = history + list(range(7, 7 + 3 * PAGE))  # the history again, then three pages more
+    got = cache.match(nxt)
+    assert got.keys == chain(cache.root, nxt, PAGE, 10) and len(got.pages) == 10  # the history's pages
+    assert calls[0] == 2  # the first page's key (to find the entry) and the first page past the history
+    cache.release(got.pages)
+    edited = list(nxt)
+    edited[5 * PAGE + 1] = 0  # page 5 differs: pages 0-4 reused, page 5 hashed and missed
+    calls[0] = 0
+    hit = cache.match(edited)
+    assert len(hit.pages) == 5 and calls[0] == 2
+    cache.release(hit.pages)
+    cache.check()
 
 
 def test_disabled_it_is_the_plain_allocator() -> None:

@@ -3,8 +3,9 @@ entries from routed prompts (TTL, size bound), and the leading-page match per wo
 
 from __future__ import annotations
 
+from common.serving.chain_memo import ChainMemo, common_pages
 from common.serving.page_hash import page_key, root_key
-from gateway.cache_index import APPROX_NAMESPACE, CacheIndex, ChainMemo, PromptKeys, _common_pages
+from gateway.cache_index import APPROX_NAMESPACE, CacheIndex, PromptKeys
 from protos import worker_pb2
 
 NS, PS = "model/bf16/16/5", 16
@@ -188,14 +189,14 @@ def test_the_memo_is_bounded() -> None:
     assert memo._tokens <= 30 * PS and len(memo._heads) == 1
 
 
-def test_common_pages() -> None:
+def testcommon_pages() -> None:
     a = bytes(range(64)) * 4  # 8 pages of 32 bytes
-    assert _common_pages(a, a, 32, 8) == 8 and _common_pages(a, a, 32, 0) == 0
+    assert common_pages(a, a, 32, 8) == 8 and common_pages(a, a, 32, 0) == 0
     for page in range(8):
         b = bytearray(a)
         b[page * 32 + 5] ^= 1
-        assert _common_pages(a, bytes(b), 32, 8) == page
-        assert _common_pages(a, bytes(b), 32, page) == page
+        assert common_pages(a, bytes(b), 32, 8) == page
+        assert common_pages(a, bytes(b), 32, page) == page
 
 
 def test_sessions_sharing_a_system_prompt_each_find_their_own_history(monkeypatch) -> None:  # type: ignore[no-untyped-def]
