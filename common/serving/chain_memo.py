@@ -59,10 +59,14 @@ class ChainMemo:
         if len(keys) < 2:
             return  # one page is one hash: nothing worth keeping
         head = (*chain_id, keys[0])
-        entries = self._heads.pop(head, [])
-        entries.insert(0, (raw[:len(keys) * 4 * chain_id[1]], list(keys)))  # the caller's list may grow
-        for dropped in entries[self.per_head:]:
-            self._tokens -= len(dropped[0]) // 4
+        raw = raw[:len(keys) * 4 * chain_id[1]]
+        kept, dropped = [], []
+        for entry in self._heads.pop(head, []):  # an entry this one extends (a job's earlier chunk) goes
+            (dropped if raw.startswith(entry[0]) else kept).append(entry)
+        entries = [(raw, list(keys)), *kept]  # a copy of keys: the caller's list may grow
+        dropped += entries[self.per_head:]
+        for old_raw, _ in dropped:
+            self._tokens -= len(old_raw) // 4
         del entries[self.per_head:]
         self._heads[head] = entries
         self._tokens += len(entries[0][0]) // 4

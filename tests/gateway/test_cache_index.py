@@ -187,6 +187,10 @@ def test_the_memo_is_bounded() -> None:
     other.chain(NS, PS)
     other.remember()
     assert memo._tokens <= 30 * PS and len(memo._heads) == 1
+    longer = PromptKeys(list(range(5000, 5000 + 25 * PS + 1)), memo=memo)  # extends `other`: replaces it
+    longer.chain(NS, PS)
+    longer.remember()
+    assert memo._tokens == 25 * PS and len(memo._heads) == 1
 
 
 def testcommon_pages() -> None:
