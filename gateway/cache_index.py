@@ -43,8 +43,8 @@ class Hit:
 class PromptKeys:
     """One prompt's page keys under each (namespace, page size) asked for, each computed once and
     only as far as a lookup walked (a prompt nobody holds costs one key per worker, not its chain);
-    with a `memo`, keys an earlier prompt shared are taken from it rather than hashed again (`done`
-    gives this prompt's keys back to the memo).
+    with a `memo`, keys an earlier prompt shared are taken from it rather than hashed again
+    (`remember` gives this prompt's keys back to it).
     `salt` is the request's cache salt: its chains start where the workers' chains of that salt do."""
 
     def __init__(self, tokens: Sequence[int], salt: str = "", memo: ChainMemo | None = None) -> None:

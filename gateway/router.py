@@ -45,7 +45,8 @@ from dataclasses import dataclass
 import grpc
 
 from common.serving import metrics
-from gateway.cache_index import DEFAULT_PAGE_SIZE, CacheIndex, ChainMemo, Hit, PromptKeys
+from common.serving.chain_memo import ChainMemo
+from gateway.cache_index import DEFAULT_PAGE_SIZE, CacheIndex, Hit, PromptKeys
 from gateway.cache_watch import CacheWatch
 from gateway.errors import GatewayError
 from gateway.worker_client import WorkerEndpoint

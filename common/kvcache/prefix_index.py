@@ -215,9 +215,8 @@ class PrefixCache:
                 stored.append(key)
         if stored and self._listeners:
             self._tell(IndexChange(stored=tuple(stored)))
-        if self._memo is not None:
-            start = root or self.root
-            self._memo.store((start, ps), raw if first == 0 else pack(seq[:last * ps]).tobytes(), keys)
+        if self._memo is not None and upto >= n_seq - 1:  # once per sequence: when its keys reach its end
+            self._memo.store((root or self.root, ps), raw if first == 0 else pack(seq[:last * ps]).tobytes(), keys)
 
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference on each page, tail first; a page nobody holds becomes CACHED if keyed,
