@@ -15,6 +15,9 @@ most, beside the embedding), so no high-precision copy of a big stack ever exist
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -52,6 +55,36 @@ def random_model(fields: dict, device: torch.device | str, dtype: torch.dtype, f
     model = build_model(config, "meta", dtype, with_mtp=True, tp=tp)
     dummy_weights(model, config, device, seed, fp8=fp8)
     return model.eval()
+
+
+def deepen(model: Glm4MoeForCausalLM, layers: int) -> None:
+    """Extend the model to `layers` decoder layers in place: each new layer shares the weights of one of
+    the existing MoE layers, taken in turn, and has its own KV pool layer; the MTP layer moves to pool
+    layer `layers` and the config says `layers`.
+
+    For timing a full-depth step on a GPU that cannot hold every layer's weights: a layer reads its
+    weights from memory all the same (one Air layer reads over 250 MB a step even at batch 1, and the
+    same weights come back only after every other MoE layer has run, far beyond any GPU's L2), so
+    the step's time and bytes are the full-depth model's; its memory footprint and KV capacity are
+    not."""
+    stack = model.model.layers
+    k = len(stack)
+    moe = [layer for layer in stack if hasattr(layer.mlp, "experts")]
+    if layers <= k:
+        return
+    if not moe:
+        raise ValueError("deepen: the model has no MoE layer to repeat")
+    for i in range(k, layers):
+        src = moe[(i - k) % len(moe)]
+        keep: dict[int, object] = {}
+        for m in src.modules():  # every tensor the layer holds is shared, never copied
+            keep.update((id(v), v) for v in vars(m).values() if isinstance(v, torch.Tensor))
+            keep.update((id(t), t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+        layer = copy.deepcopy(src, keep)
+        layer.self_attn.attn.layer_id = i
+        stack.append(layer)
+    model.mtp.decoder.self_attn.attn.layer_id = layers
+    model.config = dataclasses.replace(model.config, num_hidden_layers=layers)
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -58,6 +58,7 @@ from benchmarks.model_step import full_depth_steps as steps
 from benchmarks.model_step.air_model import (
     AIR_FULL,
     TINY_WIDTHS,
+    deepen,
     parameter_bytes,
     random_model,
     weight_bytes_at,
@@ -154,17 +155,25 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
     _sync(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
     start = time.perf_counter()
-    model = random_model(dict(full_fields(args.tiny), num_hidden_layers=layers), device, dtype, fp8=fp8)
+    distinct = min(layers, args.distinct_layers or layers)
+    model = random_model(dict(full_fields(args.tiny), num_hidden_layers=distinct), device, dtype, fp8=fp8)
+    deepen(model, layers)  # layers past `distinct` share the weights of earlier ones
     _sync(device)
-    info = {"dtype": "fp8" if fp8 else "bf16", "layers": layers, "build_s": time.perf_counter() - start,
-            "weights_gb": parameter_bytes(model) / 1e9,
+    info = {"dtype": "fp8" if fp8 else "bf16", "layers": layers, "distinct_layers": distinct,
+            "build_s": time.perf_counter() - start,
+            "weights_gb": weight_bytes_at(full_fields(args.tiny), layers, dtype, fp8) / 1e9,
+            "held_gb": parameter_bytes(model) / 1e9,
             "allocated_gb": (torch.cuda.memory_allocated(device) - base) / 1e9 if cuda else None}
     runner = ModelRunner("", device, dtype, PAGE, 0, with_mtp=True, mem_fraction=MEM_FRACTION, model=model)
     pool = runner.kv_pool
-    info["kv"] = {"mem_fraction": MEM_FRACTION, "pages": pool.num_pages, "tokens": (pool.num_pages - 1) * PAGE,
-                  "gb": pool.kv.numel() * pool.kv.element_size() / 1e9, "bytes_per_token": pool.bytes_per_token}
-    print(f"{name}: built in {info['build_s']:.1f} s, weights {info['weights_gb']:.2f} GB, KV "
-          f"{info['kv']['tokens']} tokens ({info['kv']['gb']:.1f} GB)", flush=True)
+    tokens = (pool.num_pages - 1) * PAGE
+    info["kv"] = {"mem_fraction": MEM_FRACTION, "pages": pool.num_pages, "tokens": tokens,
+                  "gb": pool.kv.numel() * pool.kv.element_size() / 1e9, "bytes_per_token": pool.bytes_per_token,
+                  # the pool sized with every layer's own weights held: what the GPU would keep for KV
+                  "tokens_if_distinct": tokens - round((info["weights_gb"] - info["held_gb"]) * 1e9
+                                                       / pool.bytes_per_token)}
+    print(f"{name}: built in {info['build_s']:.1f} s, weights {info['weights_gb']:.2f} GB ({distinct} distinct "
+          f"layers held: {info['held_gb']:.2f} GB), KV {tokens} tokens ({info['kv']['gb']:.1f} GB)", flush=True)
     shape = Shape(model.config, fp8, dtype.itemsize)
     st = steps.Stage.build(runner, shape, ceil, args.context, args.spec, effort(args), pages_per_request(args),
                            max(args.batches), -(-max(args.prefill) // PAGE))
@@ -325,10 +334,17 @@ def markdown(report: dict) -> str:
 
 def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
     kv = m["kv"]
+    shared = m.get("distinct_layers", m["layers"]) < m["layers"]
+    capacity = (f"{kv['tokens']} tokens ({kv['gb']:.1f} GB, {kv['bytes_per_token'] / 1e3:.0f} KB/token)" if not shared
+                else f"{kv['tokens_if_distinct']} tokens with every layer's weights held "
+                     f"({kv['tokens']} in this run's pool, {kv['bytes_per_token'] / 1e3:.0f} KB/token)")
     summary = (f"weights {m['weights_gb']:.2f} GB (allocated {_f(m['allocated_gb'], '.2f')} GB), built in "
-               f"{m['build_s']:.1f} s; KV at --mem-fraction-static {kv['mem_fraction']}: {kv['tokens']} tokens "
-               f"({kv['gb']:.1f} GB, {kv['bytes_per_token'] / 1e3:.0f} KB/token); graphs captured in "
-               f"{_f(m.get('capture_s'), '.1f')} s")
+               f"{m['build_s']:.1f} s; KV at --mem-fraction-static {kv['mem_fraction']}: {capacity}; graphs "
+               f"captured in {_f(m.get('capture_s'), '.1f')} s")
+    if shared:
+        summary += (f". Layers {m['distinct_layers']}..{m['layers'] - 1} share the weights of the earlier MoE "
+                    f"layers in turn (the GPU holds {m['held_gb']:.2f} GB of them); each reads its weights from "
+                    "memory all the same, so steps and rooflines are the full model's")
     out = [f"## {m['dtype']} model, {m['layers']} layers + MTP", "", summary, ""]
     out += ["### Decode step (graph, back to back)", ""]
     out += _table(["B", "ctx", "experts/layer (routing / uniform)", "GB", "bytes floor us", "compute floor us",
@@ -376,6 +392,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", choices=("air",), default="air")
     ap.add_argument("--dtype", choices=("fp8", "bf16", "both"), default="both")
     ap.add_argument("--layers", type=int, help="FP8 depth (default: 46, or the most that fit)")
+    ap.add_argument("--distinct-layers", type=int, default=0,
+                    help="build this many layers and let the rest of --layers share their weights (a GPU "
+                         "too small for the whole model times its full depth; 0: every layer its own)")
     ap.add_argument("--bf16-layers", type=int, help="bf16 depth (default: the most that fit)")
     ap.add_argument("--batches", help="decode / EAGLE batch sizes (default 1,8,32,64)")
     ap.add_argument("--prefill", help="prefill lengths (default 1024,8192)")

@@ -30,7 +30,9 @@ decode worker: `--sessions` conversations run at once, each `--turns` turns long
 the previous prompt + its `--output` tokens + `--turn-tokens` new ones (SGLang's multi-turn
 shape), after a pause of `--think-ms` on average (a user reading, a tool running), first with cache-aware routing, then with the gateway's `--disable-radix-cache` (least
 loaded), and with `--routing-keys` also cache-aware with each session sending its routing key
-(`prompt_cache_key`). The one decode worker's own cache is off unless `--decode-cache`: it holds every session, so
+(`prompt_cache_key`). `--prefill-pages` bounds each prefill worker's pool below the sessions' working set
+(the regime of many sessions per worker: least-loaded routing spreads every session over all pools,
+cache-aware routing keeps one copy of each). The one decode worker's own cache is off unless `--decode-cache`: it holds every session, so
 with it on both routings hit there and the comparison no longer measures the choice of prefill
 worker. Reported per mode: token hit rate (cached / prompt tokens; against the best possible, every
 turn finding its whole history), share of requests with a hit, mean TTFT (targets: hit rate >= 3x least loaded, mean TTFT <= 0.5x). Writes
@@ -256,7 +258,8 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool, keys: 
     name = ("cache_aware_keys" if keys else "cache_aware") if cache_aware else "least_loaded"
     shared = ["--mem-fraction-static", str(0.8 / (args.routing + 1))] if args.device.startswith("cuda") else []
     cluster = start_cluster(model, prefill=args.routing, decode=1, extra_worker_args=shared,
-                            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192"],
+                            extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192",
+                                                *(["--num-pages", str(args.prefill_pages)] if args.prefill_pages else [])],
                             extra_decode_args=["--device", args.device, "--max-running-requests", "64",
                                                *([] if args.decode_cache else ["--disable-radix-cache"])],
                             extra_gateway_args=[] if cache_aware else ["--disable-radix-cache"],
@@ -298,10 +301,14 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool, keys: 
 
 def routing_main(args: argparse.Namespace, model: Path) -> None:
     aware, load = run_routing(args, model, True), run_routing(args, model, False)
+    final = args.prompt + (args.turns - 1) * (args.output + args.turn_tokens)  # a session's last prompt
+    pool = (f"each prefill worker's pool {args.prefill_pages * PAGE} tokens against a working set of "
+            f"{args.sessions * final} (all sessions' last prompts); " if args.prefill_pages else "")
     keyed = run_routing(args, model, True, keys=True) if args.routing_keys else None
     rows = [(f"{args.routing} prefill workers, {args.sessions} sessions x {args.turns} turns, first prompt "
              f"{args.prompt} tokens, +{args.output} output +{args.turn_tokens} new tokens per turn, think time "
              f"{args.think_ms:g} ms (mean); the decode worker's cache {'on' if args.decode_cache else 'off'}; "
+             f"{pool}"
              f"best possible token hit rate {aware['best_rate']:.1%} (every turn on the worker holding its "
              f"history)"), "",
             "| routing | token hit rate | requests with a hit | mean TTFT (ms) |", "|---|---|---|---|"]
@@ -343,6 +350,9 @@ def main() -> None:
                     help="--routing: also run cache-aware routing with each session sending a routing key")
     ap.add_argument("--output", type=int, default=64, help="--routing: output tokens per turn")
     ap.add_argument("--turn-tokens", type=int, default=256, help="--routing: new prompt tokens per turn")
+    ap.add_argument("--prefill-pages", type=int, default=0,
+                    help="--routing: each prefill worker's KV pool in pages (0: from memory); smaller than the "
+                         "sessions' working set, the cache must choose what to keep, as with many sessions a worker")
     ap.add_argument("--decode-cache", action="store_true",
                     help="--routing: keep the decode worker's cache on (its hits then come with either routing)")
     args = ap.parse_args()

@@ -15,6 +15,7 @@ import torch
 from benchmarks.model_step.air_model import (
     AIR_FULL,
     TINY_WIDTHS,
+    deepen,
     make_agreeing,
     parameter_bytes,
     random_model,
@@ -144,6 +145,31 @@ def test_agreeing_draft_predicts_the_target(fp8: bool) -> None:
     assert torch.equal(d_logits.argmax(-1), target_next[1:])
 
 
+def _logits(model: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    runner = ModelRunner("", "cpu", torch.float32, 16, 64, with_mtp=True, model=model)
+    n = len(tokens)
+    return runner.forward(ForwardBatch.build([SeqSpec(tokens, range(n), n, [1], logit_rows=range(n))], 16, "cpu"))[0]
+
+
+def test_deepened_model_is_the_model_with_repeated_layers() -> None:
+    """deepen(3-layer model, 6) computes what a 6-layer model computes whose layers 3, 4, 5 hold copies
+    of MoE layers 1, 2, 1, while holding no new weight; every layer has its own KV pool layer."""
+    tokens = [5, 77, 300, 12, 9, 401, 3]
+    deep = random_model(TINY, "cpu", torch.float32, fp8=True)
+    held = parameter_bytes(deep)
+    deepen(deep, 6)
+    assert parameter_bytes(deep) == held and deep.config.num_hidden_layers == 6
+    assert [layer.self_attn.attn.layer_id for layer in deep.model.layers] == list(range(6))
+    assert deep.mtp.decoder.self_attn.attn.layer_id == 6
+    assert deep.model.layers[3].mlp.experts.w13 is deep.model.layers[1].mlp.experts.w13
+    full = random_model(dict(TINY, num_hidden_layers=6), "cpu", torch.float32, fp8=True, seed=1)
+    full.load_state_dict({**deep.state_dict()}, strict=True)  # same names, repeated layers' tensors copied
+    assert not torch.equal(full.model.layers[3].mlp.experts.w13.float(), full.model.layers[2].mlp.experts.w13.float())
+    assert torch.equal(_logits(deep, tokens), _logits(full, tokens))
+    shallow = random_model(TINY, "cpu", torch.float32, fp8=True)
+    assert not torch.equal(_logits(shallow, tokens), _logits(deep, tokens))  # the extra layers do compute
+
+
 def test_tiny_flow(tmp_path: Path) -> None:
     args = parse(["--tiny", "--dtype", "both", "--batches", "2", "--prefill", "48", "--chunk", "32",
                   "--context", "20", "--load-layers", "2", "--ckpt-dir", str(tmp_path)])
@@ -164,3 +190,21 @@ def test_tiny_flow(tmp_path: Path) -> None:
     assert report["verdicts"] and all(v.startswith("n/a") for v in report["verdicts"])  # no ceilings on the CPU
     assert "### EAGLE (3,1,4)" in markdown(report)
     json.dumps(report, default=str)
+
+
+def test_tiny_flow_with_shared_layers() -> None:
+    """--distinct-layers: the model at --layers depth holds only the distinct layers' weights; the
+    rooflines count every layer, the KV capacity is given as if every layer's weights were held."""
+    args = parse(["--tiny", "--dtype", "fp8", "--layers", "5", "--distinct-layers", "3", "--batches", "1",
+                  "--prefill", "32", "--chunk", "32", "--context", "16", "--load-layers", "0"])
+    model = run(args)["fp8"]
+    assert model["layers"] == 5 and model["distinct_layers"] == 3
+    # the CPU flow runs fp32 activations, so the high-precision tensors are fp32
+    assert model["held_gb"] * 1e9 == pytest.approx(weight_bytes_at(TINY, 3, torch.float32, fp8=True))
+    assert model["weights_gb"] * 1e9 == pytest.approx(weight_bytes_at(TINY, 5, torch.float32, fp8=True))
+    kv = model["kv"]
+    assert kv["tokens_if_distinct"] < kv["tokens"]
+    deep = run(parse(["--tiny", "--dtype", "fp8", "--layers", "5", "--batches", "1", "--prefill", "32",
+                      "--chunk", "32", "--context", "16", "--load-layers", "0"]))["fp8"]
+    assert model["decode"][0]["bytes_gb"] == deep["decode"][0]["bytes_gb"]  # the same roofline as 5 own layers
+    assert "share the weights" in markdown({"device": "cpu", "date": "", "spec": (3, 1, 4), "fp8": model})
