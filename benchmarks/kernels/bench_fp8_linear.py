@@ -331,6 +331,8 @@ FUSED_HEADER = ("| op | shape | unfused us | fused us | speedup | bytes floor us
 
 def bench_fused(rep: Report, tokens: list[int]) -> None:
     for t_ in tokens:
+        for k in (4096, 12288):  # a hidden row; the attention output of Air and GLM-4.5 (96 heads x 128)
+            _rounding_case(rep, t_, k)
         for h in (4096, 5120):
             for group in (0, BLOCK):
                 _fused_case(rep, t_, h, group)
@@ -372,6 +374,29 @@ def _fused_case(rep: Report, n_tok: int, h: int, group: int) -> None:
                        3 * act + codes + keep * act)
     except Exception as exc:  # noqa: BLE001 - keep measuring the rest
         rep.fail(f"fused norm {shape}", exc)
+
+
+def _rounding_case(rep: Report, n_tok: int, k: int) -> None:
+    """The per-token quantiser with the round to E4M3 done by `_round_e4m3` in fp32 ("unfused" column)
+    against the hardware cast (what runs on sm_89 and newer): the same codes, other instruction counts."""
+    shape = f"T={n_tok} K={k}"
+    try:
+        nbytes = n_tok * k * 3 + n_tok * 4
+        xs = [torch.randn(n_tok, k, device=DEV).to(BF) for _ in range(measure.rotations(nbytes))]
+        hw = measure.time_graph([lambda x=x: tf.quant_fp8_per_token(x) for x in xs])
+        saved, tf.hw_round = tf.hw_round, lambda _device: False
+        try:
+            soft = measure.time_graph([lambda x=x: tf.quant_fp8_per_token(x) for x in xs])
+            q_soft = tf.quant_fp8_per_token(xs[0])
+        finally:
+            tf.hw_round = saved
+        q_hw = tf.quant_fp8_per_token(xs[0])
+        same = torch.equal(q_soft[0].view(torch.uint8), q_hw[0].view(torch.uint8)) and torch.equal(q_soft[1], q_hw[1])
+        if not same:
+            raise AssertionError("hardware and software rounding give different codes")
+        _fused_row(rep, "quant_fp8_per_token: software round (unfused) vs hardware cast", shape, soft, hw, nbytes)
+    except Exception as exc:  # noqa: BLE001 - keep measuring the rest
+        rep.fail(f"rounding {shape}", exc)
 
 
 def _silu_case(rep: Report, n_tok: int, inter: int, group: int) -> None:

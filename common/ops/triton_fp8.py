@@ -4,16 +4,18 @@ fused_add_rms_norm_quant_fp8, silu_and_mul_quant_fp8 (one read of the producer's
 write of codes and scales, instead of a round trip of the activation through memory).
 
 Bit-equal to the twins (codes and scales): the math is fp32 with IEEE division (`div_rn`), and the
-round to E4M3 is done in fp32 by `_round_e4m3` before a cast that is then exact. That keeps the
-result independent of how a backend converts fp32 to fp8 (the CPU interpreter's conversion drops
-the carry into the next binade, e.g. 31.99 -> 16); on sm_90 the hardware conversion would give the
-same codes. The fused kernels run the producer with the unfused kernel's own code
+round to E4M3 is to nearest even. On sm_89 and newer the cast itself does it (`hw_round`: one
+conversion instruction per two values); elsewhere, the CPU interpreter included, `_round_e4m3`
+rounds in fp32 before a cast that is then exact, since the interpreter's conversion drops the carry
+into the next binade (e.g. 31.99 -> 16). The GPU tests hold the hardware path to the same codes. The fused kernels run the producer with the unfused kernel's own code
 (`triton_norm._inv_rms`, `triton_norm._silu_mul`), round it to the activation dtype and quantise
 that, so they are bit-equal to the unfused pair too. Rows must have a contiguous last dim (others
 are copied first); loads along it are contiguous, so they vectorise.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -43,14 +45,26 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _quant_code(x, scale, QMAX: tl.constexpr):
-    return _round_e4m3(tl.clamp(tl.math.div_rn(x, scale), -QMAX, QMAX))
+def _quant_code(x, scale, QMAX: tl.constexpr, HW: tl.constexpr):
+    """x / scale clamped to +-QMAX and rounded to E4M3 (HW: left to the caller's cast, which the
+    hardware rounds to nearest even, as `_round_e4m3` does)."""
+    v = tl.clamp(tl.math.div_rn(x, scale), -QMAX, QMAX)
+    if HW:
+        return v
+    return _round_e4m3(v)
+
+
+@functools.cache
+def hw_round(device: torch.device) -> bool:
+    """Whether the fp32 -> E4M3 cast of `device` rounds to nearest even in hardware (sm_89 and newer:
+    one conversion instruction per two values, against ~14 instructions of `_round_e4m3`)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @triton.jit
 def _quant_per_token_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (T,): one row. A row that fits one BLOCK is loaded once and quantised from registers;
     a longer one takes pass 1 (the amax over K in BLOCK chunks) and pass 2 (the codes)."""
@@ -62,7 +76,7 @@ def _quant_per_token_kernel(
         m = cols < K
         x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), FLOOR), QMAX)
-        tl.store(q_ptr + row * stride_q + cols, _quant_code(x, scale, QMAX).to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(q_ptr + row * stride_q + cols, _quant_code(x, scale, QMAX, HW).to(q_ptr.dtype.element_ty), mask=m)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -72,7 +86,7 @@ def _quant_per_token_kernel(
         for k0 in range(0, K, BLOCK):
             m = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=m, other=0.0).to(tl.float32)
-            q = _quant_code(x, scale, QMAX)
+            q = _quant_code(x, scale, QMAX, HW)
             tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + row, scale)
 
@@ -80,7 +94,7 @@ def _quant_per_token_kernel(
 @triton.jit
 def _quant_per_group_kernel(
     x_ptr, q_ptr, s_ptr, G, stride_x, stride_q, stride_s,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (T, cdiv(G, BG)): groups [g0, g0+BG) of one row as a [BG, GROUP] tile, in one pass."""
     pdl_start(PDL)
@@ -90,7 +104,7 @@ def _quant_per_group_kernel(
     m = (g < G)[:, None]
     x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), FLOOR), QMAX)  # [BG]
-    q = _quant_code(x, scale[:, None], QMAX)
+    q = _quant_code(x, scale[:, None], QMAX, HW)
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + row * stride_s + g, scale, mask=g < G)
 
@@ -110,7 +124,8 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  
     block = min(triton.next_power_of_2(k), ONE_PASS_MAX)
     _quant_per_token_kernel[(n_tok,)](
         x, q, scale, k, x.stride(0), q.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block, num_warps=_row_warps(block), **pdl_kwargs(x.device),
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), BLOCK=block, num_warps=_row_warps(block),
+        **pdl_kwargs(x.device),
     )
     return q, scale
 
@@ -129,23 +144,24 @@ def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor
     bg = max(1, min(triton.next_power_of_2(n_groups), 2048 // group))
     _quant_per_group_kernel[(n_tok, triton.cdiv(n_groups, bg))](
         x, q, scale, n_groups, x.stride(0), q.stride(0), scale.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4, **pdl_kwargs(x.device),
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), GROUP=group, BG=bg, num_warps=4,
+        **pdl_kwargs(x.device),
     )
     return q, scale
 
 
 @triton.jit
-def _quant_store(v, cols, m, g, n_groups, q_row, s_row, QMAX: tl.constexpr, FLOOR: tl.constexpr,
+def _quant_store(v, cols, m, g, n_groups, q_row, s_row, QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr,
                  PER_GROUP: tl.constexpr):
     """Quantise the fp32 tile v [NG, GB] (row r of the tile = group g[r]; padding lanes 0) and store
     codes at q_row + cols (mask m) and scales at s_row: one per group, or one for the whole tile."""
     if PER_GROUP:
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1), FLOOR), QMAX)  # [NG]
-        q = _quant_code(v, scale[:, None], QMAX)
+        q = _quant_code(v, scale[:, None], QMAX, HW)
         tl.store(s_row + g, scale, mask=g < n_groups)
     else:
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v)), FLOOR), QMAX)
-        q = _quant_code(v, scale, QMAX)
+        q = _quant_code(v, scale, QMAX, HW)
         tl.store(s_row, scale)
     tl.store(q_row + cols, q.to(q_row.dtype.element_ty), mask=m)
 
@@ -155,7 +171,7 @@ def _norm_quant_kernel(
     x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, normed_ptr,
     H, n_groups, stride_x, stride_r, stride_q, stride_s, stride_ro, stride_n, eps,
     HAS_RES: tl.constexpr, KEEP: tl.constexpr, PER_GROUP: tl.constexpr,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr, PDL: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row per program, held as an [NG, GB] tile (GB = the group when PER_GROUP): s = x
     (+ residual, rounded to the activation dtype and stored), normed = w * (s * inv_rms(s)) in the
@@ -178,7 +194,7 @@ def _norm_quant_kernel(
     if KEEP:
         tl.store(normed_ptr + row * stride_n + cols, normed, mask=m)
     _quant_store(normed.to(tl.float32), cols, m, g, n_groups, q_ptr + row * stride_q, s_ptr + row * stride_s,
-                 QMAX, FLOOR, PER_GROUP)
+                 QMAX, FLOOR, HW, PER_GROUP)
 
 
 def _check_group(name: str, width: int, group: int) -> None:
@@ -214,6 +230,7 @@ def _norm_quant(
         x, r, w, q, scale, res_out, normed_out, h, triton.cdiv(h, gb),
         x.stride(0), r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0), normed_out.stride(0), eps,
         HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
+        HW=hw_round(x.device),
         NG=ng, GB=gb, num_warps=_row_warps(ng * gb), **pdl_kwargs(x.device),
     )
     return q, scale, new_res, normed
@@ -246,7 +263,8 @@ def fused_add_rms_norm_quant_fp8(
 
 @triton.jit
 def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
-                             QMAX: tl.constexpr, FLOOR: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
     """grid (T,): one row of silu(gate) * up. Up to BLOCK columns it is computed once and quantised
     from registers; a longer row takes pass 1 (the amax over I in BLOCK chunks) and pass 2 (the
     same values recomputed, their codes)."""
@@ -258,7 +276,7 @@ def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
         m = cols < I
         v = _silu_mul(x_row, I, cols, m).to(tl.float32)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), FLOOR), QMAX)
-        tl.store(q_ptr + row * stride_q + cols, _quant_code(v, scale, QMAX).to(q_ptr.dtype.element_ty), mask=m)
+        tl.store(q_ptr + row * stride_q + cols, _quant_code(v, scale, QMAX, HW).to(q_ptr.dtype.element_ty), mask=m)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for i0 in range(0, I, BLOCK):
@@ -267,14 +285,15 @@ def _silu_quant_token_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, stride_q,
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
         for i0 in range(0, I, BLOCK):
             m = i0 + cols < I
-            q = _quant_code(_silu_mul(x_row, I, i0 + cols, m).to(tl.float32), scale, QMAX)
+            q = _quant_code(_silu_mul(x_row, I, i0 + cols, m).to(tl.float32), scale, QMAX, HW)
             tl.store(q_ptr + row * stride_q + i0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
     tl.store(s_ptr + row, scale)
 
 
 @triton.jit
 def _silu_quant_group_kernel(x_ptr, q_ptr, s_ptr, I, n_groups, stride_x, stride_q, stride_s,
-                             QMAX: tl.constexpr, FLOOR: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
+                             QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, GROUP: tl.constexpr,
+                             BG: tl.constexpr,
                              PDL: tl.constexpr):
     """grid (T, cdiv(G, BG)): groups [g0, g0+BG) of one row as a [BG, GROUP] tile, in one pass."""
     pdl_start(PDL)
@@ -283,7 +302,7 @@ def _silu_quant_group_kernel(x_ptr, q_ptr, s_ptr, I, n_groups, stride_x, stride_
     cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BG, GROUP]
     m = (g < n_groups)[:, None] & (cols < I)
     v = _silu_mul(x_ptr + row * stride_x, I, cols, m).to(tl.float32)
-    _quant_store(v, cols, m, g, n_groups, q_ptr + row * stride_q, s_ptr + row * stride_s, QMAX, FLOOR, True)
+    _quant_store(v, cols, m, g, n_groups, q_ptr + row * stride_q, s_ptr + row * stride_s, QMAX, FLOOR, HW, True)
 
 
 def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,14 +317,15 @@ def silu_and_mul_quant_fp8(gate_up: torch.Tensor, group: int = 0) -> tuple[torch
     if group == 0:
         block = min(ONE_PASS_MAX, triton.next_power_of_2(inter))
         _silu_quant_token_kernel[(n_tok,)](x, q, scale, inter, x.stride(0), q.stride(0),
-                                           QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, BLOCK=block,
+                                           QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), BLOCK=block,
                                            num_warps=_row_warps(block), **pdl_kwargs(x.device))
     else:
         n_groups = inter // group
         bg = max(1, min(triton.next_power_of_2(n_groups), 2048 // group))
         _silu_quant_group_kernel[(n_tok, triton.cdiv(n_groups, bg))](
             x, q, scale, inter, n_groups, x.stride(0), q.stride(0), scale.stride(0),
-            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, GROUP=group, BG=bg, num_warps=4, **pdl_kwargs(x.device),
+            QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), GROUP=group, BG=bg, num_warps=4,
+        **pdl_kwargs(x.device),
         )
     return q, scale
 

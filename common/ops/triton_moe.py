@@ -340,10 +340,13 @@ def _moe_gemm_kernel(
 
 @triton.jit
 def _combine_kernel(y_ptr, out_ptr, H, TOPK: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
-    """grid (T, cdiv(H, BH)): out[t] = sum_j y[t*TOPK + j] in fp32."""
+    """grid (T * cdiv(H, BH),): out[t] = sum_j y[t*TOPK + j] in fp32. A token's column blocks are
+    neighbouring programs, so the programs running at once stream whole rows of y."""
     pdl_start(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    n_h = tl.cdiv(H, BH)
+    pid = tl.program_id(0)
+    t = (pid // n_h).to(tl.int64)
+    h = (pid % n_h) * BH + tl.arange(0, BH)
     m = h < H
     acc = tl.zeros((BH,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
@@ -435,10 +438,16 @@ def fused_moe_with_config(
     pdl = pdl_enabled(x.device)
     _gemm(x, w13, act, sorted_ids, block_expert, weights, numel, inter, hidden, top_k, True, bm, cfg["up"], pdl)
     _gemm(act, w2, y, sorted_ids, block_expert, topw, numel, hidden, inter, 1, False, bm, cfg["down"], pdl)
-    bh = min(1024, triton.next_power_of_2(hidden))
-    _combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl,
-                                                      num_warps=4, launch_pdl=pdl)
+    combine(y, out, top_k, pdl)
     return out
+
+
+def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, pdl: bool) -> None:
+    """out[t] = sum of y's rows t*top_k .. t*top_k + top_k - 1 (fp32 sum, one cast)."""
+    n_tok, hidden = out.shape
+    bh = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(n_tok * triton.cdiv(hidden, bh),)](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl,
+                                                         num_warps=4, launch_pdl=pdl)
 
 
 __all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",

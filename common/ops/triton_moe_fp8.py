@@ -32,7 +32,7 @@ from common.ops import triton_moe as tm
 from common.ops.moe_configs import get_config
 from common.ops.pdl import pdl_enabled, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, check_fused_moe_fp8
-from common.ops.triton_fp8 import _quant_code, quant_fp8_per_group, quant_fp8_per_token
+from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token
 
 _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -70,7 +70,7 @@ def _moe_fp8_gemm_kernel(
     A_DIV: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr, ACT: tl.constexpr, BLOCKWISE: tl.constexpr,
     GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr, TMA: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr,
 ):
     """One [BM, BN] output tile of expert-sorted rows, FP8 operands, fp32 accumulation.
     A (a_ptr, e4m3): row = sorted assignment // A_DIV (token for gate_up, assignment for down), its
@@ -157,13 +157,13 @@ def _moe_fp8_gemm_kernel(
             if BLOCKWISE:
                 hg = tl.reshape(res, (BM, BN // GROUP, GROUP))
                 scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(hg), axis=2), FLOOR), QMAX)  # [BM, BN/GROUP]
-                res = tl.reshape(_quant_code(hg, scale[:, :, None], QMAX), (BM, BN))
+                res = tl.reshape(_quant_code(hg, scale[:, :, None], QMAX, HW), (BM, BN))
                 g = pid_n * (BN // GROUP) + tl.arange(0, BN // GROUP)
                 tl.store(os_ptr + rows.to(tl.int64)[:, None] * stride_os + g[None, :], scale,
                          mask=rmask[:, None] & (g < N // GROUP)[None, :])
             else:  # one program holds the whole row (BN >= N)
                 scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(res), axis=1), FLOOR), QMAX)  # [BM]
-                res = _quant_code(res, scale[:, None], QMAX)
+                res = _quant_code(res, scale[:, None], QMAX, HW)
                 tl.store(os_ptr + rows.to(tl.int64) * stride_os, scale, mask=rmask)
     else:
         res = acc * tl.load(topw_ptr + rows, mask=rmask, other=0.0)[:, None]
@@ -195,6 +195,7 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torc
         A_DIV=a_div, GATED=gated, QUANT=out_scale is not None, ACT=_ACT[act], BLOCKWISE=block > 0,
         GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
         DIRECT=sorted_ids is None, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
+        HW=hw_round(a.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
@@ -278,9 +279,7 @@ def fused_moe_fp8_with_config(
     pdl = pdl_enabled(x.device)
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
-    bh = min(1024, triton.next_power_of_2(hidden))
-    tm._combine_kernel[(n_tok, triton.cdiv(hidden, bh))](y, out, hidden, TOPK=top_k, BH=bh, PDL=pdl, num_warps=4,
-                                                         launch_pdl=pdl)
+    tm.combine(y, out, top_k, pdl)
     return out
 
 
