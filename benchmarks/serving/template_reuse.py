@@ -72,26 +72,34 @@ def _words(rng: random.Random, chars: int) -> str:
     return " ".join(out)
 
 
-def agent_turns(seed: int = 0) -> tuple[list[dict[str, Any]], list[int]]:
+def agent_turns(seed: int = 0, system_chars: int = 1000, result_chars: int = 1400, reasoning_chars: int = 1400,
+                steps: tuple[int, ...] = (2, 1)) -> tuple[list[dict[str, Any]], list[int]]:
     """The whole conversation, and the index of each request's last message (a request = the
-    messages up to it; the model answers with the message after it)."""
+    messages up to it; the model answers with the message after it). `steps`: tool calls in each
+    user turn, each followed by its result, then the turn's answer; one more user message ends it."""
     rng = random.Random(seed)
+    n_calls = 0
 
-    def call(i: int) -> dict[str, Any]:
-        return {"role": "assistant", "content": "", "reasoning_content": _words(rng, 1400),
+    def call() -> dict[str, Any]:
+        nonlocal n_calls
+        n_calls += 1
+        return {"role": "assistant", "content": "", "reasoning_content": _words(rng, reasoning_chars),
                 "tool_calls": [{"type": "function", "function": {
-                    "name": "search_code", "arguments": {"pattern": f"def handler_{i}", "path": "src"}}}]}
+                    "name": "search_code", "arguments": {"pattern": f"def handler_{n_calls - 1}", "path": "src"}}}]}
 
     def answer() -> dict[str, Any]:
-        return {"role": "assistant", "content": _words(rng, 300), "reasoning_content": _words(rng, 1400)}
+        return {"role": "assistant", "content": _words(rng, 300), "reasoning_content": _words(rng, reasoning_chars)}
 
     def result() -> dict[str, Any]:
-        return {"role": "tool", "content": _words(rng, 1400)}
+        return {"role": "tool", "content": _words(rng, result_chars)}
 
-    msgs = [{"role": "system", "content": _words(rng, 1000)},
-            {"role": "user", "content": _words(rng, 200)}, call(0), result(), call(1), result(), answer(),
-            {"role": "user", "content": _words(rng, 200)}, call(2), result(), answer(),
-            {"role": "user", "content": _words(rng, 200)}]
+    msgs = [{"role": "system", "content": _words(rng, system_chars)}]
+    for calls in steps:
+        msgs.append({"role": "user", "content": _words(rng, 200)})
+        for _ in range(calls):
+            msgs += [call(), result()]
+        msgs.append(answer())
+    msgs.append({"role": "user", "content": _words(rng, 200)})
     ends = [i for i, m in enumerate(msgs) if m["role"] in ("user", "tool") and
             (i + 1 == len(msgs) or msgs[i + 1]["role"] == "assistant")]
     return msgs, ends

@@ -7,6 +7,7 @@ with the tiny tokenizer, so a template or rendering change that lowers it fails 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -135,3 +136,20 @@ def test_template_reuse_stays_at_its_measured_values(families, variant) -> None:
     got = [(round(100 * r.prompt_only / r.tokens), round(100 * r.with_output / r.tokens))
            for r in measure(template, tok.encode, variant)]
     assert got == RECORDED[variant.name]
+
+
+def test_agent_script_shape_follows_its_steps(families) -> None:
+    """The agent replay's longer scripts: each user turn has its tool calls, each followed by its result,
+    then an answer; a request ends at every user message and tool result; with GLM-4.7 keeping its
+    reasoning, every request's prompt extends the previous one."""
+    msgs, ends = agent_turns(3, system_chars=300, result_chars=200, reasoning_chars=100, steps=(3, 0, 1))
+    roles = [m["role"] for m in msgs]
+    assert roles == ["system", "user", *["assistant", "tool"] * 3, "assistant", "user", "assistant", "user",
+                     "assistant", "tool", "assistant", "user"]
+    assert [roles[e] for e in ends] == ["user", "tool", "tool", "tool", "user", "user", "tool", "user"]
+    assert [m["tool_calls"][0]["function"]["arguments"]["pattern"] for m in msgs if "tool_calls" in m] == \
+        [f"def handler_{i}" for i in range(4)]
+    template, tok = families["glm47"]
+    prompts = [tok.encode(template.render(msgs[:e + 1], TOOLS, chat_template_kwargs={"clear_thinking": False}))
+               for e in ends]
+    assert all(b[:len(a)] == a and len(b) > len(a) for a, b in itertools.pairwise(prompts))
