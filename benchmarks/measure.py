@@ -183,3 +183,11 @@ def write_out(name: str, text: str) -> None:
     out = out_dir()
     if out is not None:
         (out / name).write_text(text)
+
+
+def publish(name: str, device: str, text: str, note: str = "") -> None:
+    """Print a serving benchmark's tables and write them to $OUT/name under a line naming the device
+    (`device` as the workers were given it, "cpu" or "cuda:N") and `note`."""
+    print(text, flush=True)
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    write_out(name, f"device: {device} ({gpu}){note}\n\n{text}\n")

@@ -145,9 +145,7 @@ def main() -> None:
     rows.append(f"| on / off | (target >= 80 %) | | {on['session_ttft_ms'] / off['session_ttft_ms']:.2f}x "
                 "(target <= 0.5) |")
     text = "\n".join(rows)
-    print(text, flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    measure.write_out("bench_agent_replay.md", f"device: {args.device} ({device})\n\n{text}\n")
+    measure.publish("bench_agent_replay.md", args.device, text)
 
 
 if __name__ == "__main__":

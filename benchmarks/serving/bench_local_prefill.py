@@ -189,9 +189,7 @@ def main() -> None:
                     f"{lo['local']:.0f} of {args.probes} | {lo['max_gap_ms']:.1f} / {re_['max_gap_ms']:.1f} | "
                     f"{lo['median_gap_ms']:.1f} / {re_['median_gap_ms']:.1f} |")
     text = "\n".join(rows)
-    print(text, flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    measure.write_out("bench_local_prefill.md", f"device: {args.device} ({device})\n\n{text}\n")
+    measure.publish("bench_local_prefill.md", args.device, text)
 
 
 if __name__ == "__main__":

@@ -321,9 +321,7 @@ def routing_main(args: argparse.Namespace, model: Path) -> None:
     rows.append(f"| cache-aware / least loaded | {ratio:.2f}x (target >= 3) | | "
                 f"{aware['ttft_ms'] / load['ttft_ms']:.2f}x (target <= 0.5) |")
     text = "\n".join(rows)
-    print(text, flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    measure.write_out("bench_prefix_cache_routing.md", f"device: {args.device} ({device})\n\n{text}\n")
+    measure.publish("bench_prefix_cache_routing.md", args.device, text)
 
 
 def main() -> None:
@@ -392,9 +390,7 @@ def main() -> None:
     rows.append(f"| a cold {args.prompt}-token prompt's pages on one worker's engine thread (host: evict, key, "
                 f"events) | {cold_on:.2f} | {cold_off:.2f} | +{cold_on - cold_off:.2f} ms | | | |")
     text = "\n".join(rows)
-    print(text, flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    measure.write_out("bench_prefix_cache.md", f"device: {args.device} ({device}); spec {args.spec}\n\n{text}\n")
+    measure.publish("bench_prefix_cache.md", args.device, text, f"; spec {args.spec}")
 
 
 if __name__ == "__main__":
