@@ -242,7 +242,10 @@ class Mirror:
             for rank in range(1, len(self.pipes) + 1):
                 self._write(rank, data)
         for t in tensors:
-            self.tp.broadcast(t)
+            try:
+                self.tp.broadcast(t)
+            except Exception as e:  # a follower died mid-broadcast (the collective sees it first)
+                raise TPBroken(self.fail(f"broadcasting a {type(plan).__name__}'s tensors failed: {e!r}")) from e
 
     def publish_to(self, rank: int, plan: Plan) -> None:
         data = encode(plan)

@@ -27,6 +27,7 @@ from common.runtime.step_plan import (
     CopySlotsPlan,
     ForwardPlan,
     HiddenInput,
+    Mirror,
     PlanKind,
     ReleasePlan,
     StopPlan,
@@ -90,6 +91,35 @@ def _mirrored_workload(runner: ModelRunner) -> dict[str, torch.Tensor]:
     out["run.extend.p"], out["run.extend.idx"] = p, idx.float()
     out["after.decode"] = runner.decode_logits(ForwardBatch.decode([45], [16], [pages], PAGE))
     return out
+
+
+def test_a_broadcast_that_fails_breaks_the_group() -> None:
+    """A follower that dies while the leader broadcasts a plan's tensors: the collective's error
+    becomes TPBroken with the group's reason (the watcher's report of the death, when it has one),
+    so the step's requests fail UNAVAILABLE (retry elsewhere), not INTERNAL."""
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def send_bytes(self, data: bytes) -> None:
+            self.sent.append(data)
+
+    class DeadPeer:
+        def broadcast(self, t: torch.Tensor) -> None:
+            raise RuntimeError("Connection reset by peer")
+
+    reasons: list[str] = []
+
+    def on_fail(reason: str) -> str:
+        reasons.append(reason)
+        return "TP rank 1 (pid 123) exited with code -9"
+
+    pipe = Pipe()
+    mirror = Mirror(DeadPeer(), [pipe], on_fail)
+    with pytest.raises(TPBroken, match=r"TP rank 1 \(pid 123\) exited with code -9"):
+        mirror.publish(StopPlan(), [torch.zeros(2)])
+    assert len(pipe.sent) == 1 and len(reasons) == 1 and "Connection reset by peer" in reasons[0]
 
 
 def test_leader_with_a_follower_runs_every_forward_like_one_device(tiny_model_dir: Path, restore_threads) -> None:
