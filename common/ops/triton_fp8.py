@@ -7,9 +7,10 @@ Bit-equal to the twins (codes and scales): the math is fp32 with IEEE division (
 round to E4M3 is to nearest even. On sm_89 and newer the cast itself does it (`hw_round`: one
 conversion instruction per two values); elsewhere, the CPU interpreter included, `_round_e4m3`
 rounds in fp32 before a cast that is then exact, since the interpreter's conversion drops the carry
-into the next binade (e.g. 31.99 -> 16). The GPU tests hold the hardware path to the same codes. The fused kernels run the producer with the unfused kernel's own code
-(`triton_norm._inv_rms`, `triton_norm._silu_mul`), round it to the activation dtype and quantise
-that, so they are bit-equal to the unfused pair too. Rows must have a contiguous last dim (others
+into the next binade (e.g. 31.99 -> 16). The GPU tests hold the hardware path to the same codes.
+The fused kernels run the producer with the unfused kernel's own code (`triton_norm._inv_rms`,
+`triton_norm._silu_mul`), round it to the activation dtype and quantise that, so they are bit-equal
+to the unfused pair too. Rows must have a contiguous last dim (others
 are copied first); loads along it are contiguous, so they vectorise.
 """
 
