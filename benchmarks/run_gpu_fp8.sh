@@ -2,7 +2,8 @@
 # FP8 serving in one GPU call (< 9 minutes on one H200): the FP8 GPU tests, the FP8 kernel benchmarks
 # (those in this checkout), then the full-depth GLM-4.5-Air benchmark (the loader on a real FP8
 # checkpoint, FP8 at 46 layers + MTP, bf16 at the depth that fits, FP8 at that depth). On an H100 the
-# full-depth benchmark picks the depths that fit and says which.
+# full-depth benchmark picks the depths that fit and says which, then times the 46 layers with layers
+# past the 14th sharing earlier layers' weights (--distinct-layers; results under $OUT/shared_layers).
 #     OUT=/some/dir bash benchmarks/run_gpu_fp8.sh
 #     STAGES=tests OUT=... bash benchmarks/run_gpu_fp8.sh      # the GPU tests only (first compile included)
 #     STAGES=bench OUT=... bash benchmarks/run_gpu_fp8.sh      # the benchmarks only
@@ -29,10 +30,18 @@ fi
 if has bench; then
   stage bench_moe_fp8 80 $PY -m benchmarks.kernels.bench_moe_fp8 --tp 1,8 --budget-s 70 --out "$OUT/bench_moe_fp8.json"
   stage bench_full_depth "${FULL_DEPTH_S:-330}" $PY -m benchmarks.model_step.bench_full_depth
+  # a GPU that cannot hold Air's 110 GB of FP8 weights times the full depth with layers sharing weights
+  mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
+  if [[ "${mem_mib:-0}" -lt 120000 ]]; then
+    mkdir -p "$OUT/shared_layers"
+    stage bench_full_depth_shared "${SHARED_DEPTH_S:-240}" env OUT="$OUT/shared_layers" $PY -m \
+      benchmarks.model_step.bench_full_depth --dtype fp8 --layers 46 --distinct-layers 14 --load-layers 0 --no-pdl-ab
+  fi
 fi
 {
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20
   echo; cat "$OUT/bench_full_depth.md" 2>/dev/null || echo "(bench_full_depth.md missing: see bench_full_depth.log)"
+  [[ -f "$OUT/shared_layers/bench_full_depth.md" ]] && { echo; cat "$OUT/shared_layers/bench_full_depth.md"; }
   echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
 pack_results
