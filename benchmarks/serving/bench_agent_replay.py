@@ -61,8 +61,8 @@ class Side:
     def __init__(self, args: argparse.Namespace, model: Path, cache_on: bool) -> None:
         self.name = "caches on" if cache_on else "caches off"
         off = [] if cache_on else ["--disable-radix-cache"]
-        if args.device.startswith("cuda"):  # 2 clusters on 1 GPU
-            shared = ["--mem-fraction-static", "0.3"]
+        if args.device.startswith("cuda"):  # 2 clusters of 2 workers on 1 GPU
+            shared = ["--mem-fraction-static", "0.2"]
         else:  # the CPU's default pool (2047 pages) holds one long agent context, not one per session
             shared = ["--num-pages", str(args.sessions * 2048 + 1024)]
         self.cluster = start_cluster(
