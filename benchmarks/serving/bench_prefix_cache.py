@@ -4,8 +4,9 @@
                                                    [--last-page-prompt 10240] [--spec] [--tiny]
     python3 -m benchmarks.serving.bench_prefix_cache --routing 4 [--sessions 16] [--turns 4] [--routing-keys] [--tiny]
 
-On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--tiny`: the 3-layer tiny model, a CPU
-smoke run) it starts one cluster with every prefix cache on (prefill, decode, the gateway's index)
+On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--layers N`: N such layers with dummy
+weights, for a forward of a depth where the per-request fixed costs weigh as they do in serving;
+`--tiny`: the 3-layer tiny model, a CPU smoke run) it starts one cluster with every prefix cache on (prefill, decode, the gateway's index)
 and one with `--disable-radix-cache` on all three processes, both at once, which take turns on the
 same prompts, and measures per concurrency level, each the median of `--rounds` rounds that each
 follow an unmeasured round of the same kind:
@@ -158,6 +159,11 @@ def scrape(ports: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def dummy_weights(args: argparse.Namespace) -> list[str]:
+    """The workers' load flag for a `--layers` model (its directory holds no weights)."""
+    return ["--load-format", "dummy"] if args.layers != AIR_LAYERS["num_layers"] and not args.tiny else []
+
+
 class Side:
     """One cluster of the comparison: every cache on (prefill, decode, the gateway's index), or every
     cache off; `out` collects its measurements."""
@@ -165,6 +171,7 @@ class Side:
     def __init__(self, args: argparse.Namespace, model: Path, cache_on: bool) -> None:
         name = "cache_on" if cache_on else "cache_off"
         shared = ["--mem-fraction-static", "0.2"] if args.device.startswith("cuda") else []  # 4 workers, 1 GPU
+        shared += dummy_weights(args)
         off = [] if cache_on else ["--disable-radix-cache"]
         self.ports = dict(zip(("prefill", "decode"), free_ports(2)))
         self.cluster = start_cluster(
@@ -257,6 +264,7 @@ def run_routing(args: argparse.Namespace, model: Path, cache_aware: bool, keys: 
     (`keys`: each session sends its routing key, as clients with prompt_cache_key do)."""
     name = ("cache_aware_keys" if keys else "cache_aware") if cache_aware else "least_loaded"
     shared = ["--mem-fraction-static", str(0.8 / (args.routing + 1))] if args.device.startswith("cuda") else []
+    shared += dummy_weights(args)
     cluster = start_cluster(model, prefill=args.routing, decode=1, extra_worker_args=shared,
                             extra_prefill_args=["--device", args.device, "--chunked-prefill-size", "8192",
                                                 *(["--num-pages", str(args.prefill_pages)] if args.prefill_pages else [])],
@@ -336,6 +344,8 @@ def main() -> None:
     ap.add_argument("--prefill-ms", type=float, default=None,
                     help="a full-depth model's forward time of a --prompt prefill, to set the index cost against")
     ap.add_argument("--tiny", action="store_true", help="the tiny 3-layer model (CPU smoke run)")
+    ap.add_argument("--layers", type=int, default=AIR_LAYERS["num_layers"],
+                    help="layers of the Air-shaped model (other than 4: dummy weights, no checkpoint written)")
     ap.add_argument("--model-dir", default=None, help="reuse a model directory (default: write one)")
     ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_prefix_cache"))
     ap.add_argument("--routing", type=int, default=0, metavar="N",
@@ -356,10 +366,15 @@ def main() -> None:
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.vocab = 700 if args.tiny else 800
-    default = "glmserve_tiny_model" if args.tiny else "glmserve_air_layers"
+    dummy = bool(dummy_weights(args))
+    default = "glmserve_tiny_model" if args.tiny else f"glmserve_air_layers{args.layers if dummy else ''}"
     model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / default
     if not (model / "config.json").exists():
-        make_tiny_model(model) if args.tiny else make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+        if args.tiny:
+            make_tiny_model(model)
+        else:
+            make_tiny_model(model, weight_dtype=torch.bfloat16, weights=not dummy,
+                            **dict(AIR_LAYERS, num_layers=args.layers))
     if args.routing:
         routing_main(args, model)
         return
