@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0", help="device of both workers")
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=256, help="tokens a stream (shorter rounds vary more)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="the tiny 3-layer model (CPU)")
     ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_cache_off"))
