@@ -6,8 +6,9 @@
 Starts one cluster (gateway + prefill + decode worker) from this checkout with every cache off and
 one from the source tree at `--baseline`, each in a host process of its own whose Python imports
 that tree, and drives both from here with the same client: `--concurrency` streams of `--prompt`
-fresh random token ids, `--max-tokens` tokens each (greedy, EOS ignored), repeated for `--rounds`
-rounds that alternate which cluster goes first, after an unmeasured round each. Reports output
+fresh random token ids, `--max-tokens` tokens each (greedy, EOS ignored): one unmeasured round, then
+`--rounds` measured ones, alternating which cluster goes first, each cluster started afresh per round
+and warmed by one unmeasured pass per level. Reports output
 tokens a second (the round's tokens over its wall time) and mean TTFT, medians over the rounds, and
 the ratio this checkout / baseline, which the prefix-cache design holds to 1 +- 0.02 (a disabled
 cache must cost nothing). The two clusters never run at once. With OUT set, writes
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,6 +76,8 @@ class Host:
                 break
         else:
             raise RuntimeError(f"the cluster from {tree} did not start (logs in {log_dir})")
+        # whatever the host prints later must not fill the pipe and stall it
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
         self.stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(self.address))
 
     def close(self) -> None:
