@@ -7,9 +7,9 @@
 On the GLM-4.5-Air-layer model of bench_e2e (4 layers + MTP; `--layers N`: N such layers with dummy
 weights, for a forward of a depth where the per-request fixed costs weigh as they do in serving;
 `--tiny`: the 3-layer tiny model, a CPU smoke run) it starts one cluster with every prefix cache on
-(prefill, decode, the gateway's index) and one with `--disable-radix-cache` on all three processes, both at once, which take turns on the
-same prompts, and measures per concurrency level, each the median of `--rounds` rounds that each
-follow an unmeasured round of the same kind:
+(prefill, decode, the gateway's index) and one with `--disable-radix-cache` on all three processes,
+both at once, which take turns on the same prompts, and measures per concurrency level, each the
+median of `--rounds` rounds that each follow an unmeasured round of the same kind:
 
 - cold: fresh prompts of `--prompt` tokens (nothing cached), on both clusters: the cache's overhead
   on a miss (target: within 2 % of the cache-off TTFT);
