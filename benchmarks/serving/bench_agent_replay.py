@@ -35,13 +35,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from benchmarks import measure
-from benchmarks.serving.bench_e2e import AIR_LAYERS
+from benchmarks.serving.bench_e2e import AIR_LAYERS, serving_model
 from benchmarks.serving.template_reuse import TOOLS, agent_turns
 from common.tools.launch import start_cluster
-from common.tools.tiny_model import make_tiny_model
 
 
 def chat(base_url: str, model: str, messages: list[dict], kwargs: dict) -> tuple[float, int, int]:
@@ -128,12 +125,9 @@ def main() -> None:
     ap.add_argument("--log-dir", default=os.path.join(tempfile.gettempdir(), "glmserve_bench_agent_replay"))
     args = ap.parse_args()
     args.steps = [int(v) for v in args.steps.split(",")]
-    model = Path(tempfile.gettempdir()) / f"glmserve_agent_{'tiny' if args.tiny else 'air_layers'}_{args.template}"
-    if not (model / "config.json").exists():
-        if args.tiny:  # the default script's last prompt is ~27K tokens (the tiny model's default context is 1K)
-            make_tiny_model(model, template=args.template, max_position_embeddings=AIR_LAYERS["max_position_embeddings"])
-        else:
-            make_tiny_model(model, template=args.template, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+    # the default script's last prompt is ~27K tokens (the tiny model's default context is 1K)
+    model = serving_model(args.tiny, template=args.template,
+                          max_position_embeddings=AIR_LAYERS["max_position_embeddings"])
     on, off = run(args, model)
     what = (f"{args.sessions} agent sessions at once, {args.template} template"
             f"{', clear_thinking false' if args.keep_thinking and args.template == 'glm47' else ''}; system prompt "

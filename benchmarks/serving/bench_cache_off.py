@@ -30,11 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import torch
 
 from benchmarks import measure
-from benchmarks.serving.bench_e2e import AIR_LAYERS
-from common.tools.tiny_model import make_tiny_model
+from benchmarks.serving.bench_e2e import serving_model
 from protos import gateway_pb2, gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,9 +120,7 @@ def main() -> None:
     if not (args.baseline / "common" / "tools" / "launch.py").exists():
         sys.exit(f"--baseline {args.baseline}: not a glmserve source tree (no common/tools/launch.py)")
     levels = [int(c) for c in args.concurrency.split(",")]
-    model = Path(tempfile.gettempdir()) / ("glmserve_tiny_model" if args.tiny else "glmserve_air_layers")
-    if not (model / "config.json").exists():
-        make_tiny_model(model) if args.tiny else make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+    model = serving_model(args.tiny)
     gpu = args.device.startswith("cuda")
     shared = ["--mem-fraction-static", "0.4"] if gpu else []  # prefill and decode on one GPU
     rng = random.Random(0)

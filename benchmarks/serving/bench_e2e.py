@@ -29,6 +29,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -42,6 +43,24 @@ AIR_LAYERS = {"num_layers": 4, "hidden_size": 4096, "intermediate_size": 10944, 
               "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128, "n_routed_experts": 16,
               "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "use_qk_norm": False,
               "routed_scaling_factor": 1.0, "max_position_embeddings": 40960}
+
+
+def serving_model(tiny: bool, *, layers: int = AIR_LAYERS["num_layers"], template: str = "glm45",
+                  model_dir: str | None = None, **overrides: Any) -> Path:
+    """The model directory a serving benchmark starts its workers on, written once per shape under the
+    temp dir (or at `model_dir`): the tiny 3-layer model (`tiny`), else AIR_LAYERS in bf16 with `layers`
+    layers (other than 4: config only, for `--load-format dummy`); `overrides` replace config fields."""
+    dummy = not tiny and layers != AIR_LAYERS["num_layers"]
+    if model_dir:
+        path = Path(model_dir)
+    else:
+        name = ["tiny_model" if tiny else f"air_layers{layers if dummy else ''}"]
+        name += ([template] if template != "glm45" else []) + [f"{k}{v}" for k, v in sorted(overrides.items())]
+        path = Path(tempfile.gettempdir()) / ("glmserve_" + "_".join(name))
+    if not (path / "config.json").exists():
+        shape = {} if tiny else dict(AIR_LAYERS, num_layers=layers, weight_dtype=torch.bfloat16, weights=not dummy)
+        make_tiny_model(path, template=template, **dict(shape, **overrides))
+    return path
 
 
 # the schema of `--constraints json`: no answer that satisfies it fits in fewer than 16 * 8 tokens

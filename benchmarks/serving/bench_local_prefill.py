@@ -38,10 +38,9 @@ import grpc
 import torch
 
 from benchmarks import measure
-from benchmarks.serving.bench_e2e import AIR_LAYERS
+from benchmarks.serving.bench_e2e import serving_model
 from benchmarks.serving.bench_prefix_cache import ttft
 from common.tools.launch import free_ports, start_cluster
-from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2, gateway_pb2_grpc
 
 LOCAL_COUNTER = "glmserve_decode_prefix_cache_local_prefills_total"
@@ -168,9 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     args.suffix = [int(v) for v in args.suffix.split(",")]
     args.vocab = 700 if args.tiny else 800
-    model = Path(tempfile.gettempdir()) / ("glmserve_tiny_model" if args.tiny else "glmserve_air_layers")
-    if not (model / "config.json").exists():
-        make_tiny_model(model) if args.tiny else make_tiny_model(model, weight_dtype=torch.bfloat16, **AIR_LAYERS)
+    model = serving_model(args.tiny)
     results, calm = {}, {}
     for local in (True, False):
         side = Side(args, model, local)

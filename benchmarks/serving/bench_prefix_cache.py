@@ -58,12 +58,11 @@ import grpc
 import torch
 
 from benchmarks import measure
-from benchmarks.serving.bench_e2e import AIR_LAYERS
+from benchmarks.serving.bench_e2e import AIR_LAYERS, serving_model
 from common.kvcache.allocator import PageAllocator
 from common.kvcache.prefix_index import PrefixCache
 from common.serving.cache_events import CacheEvents
 from common.tools.launch import free_ports, start_cluster
-from common.tools.tiny_model import make_tiny_model
 from protos import gateway_pb2, gateway_pb2_grpc
 
 PAGE = 16  # the workers' default page size
@@ -366,15 +365,7 @@ def main() -> None:
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.vocab = 700 if args.tiny else 800
-    dummy = bool(dummy_weights(args))
-    default = "glmserve_tiny_model" if args.tiny else f"glmserve_air_layers{args.layers if dummy else ''}"
-    model = Path(args.model_dir) if args.model_dir else Path(tempfile.gettempdir()) / default
-    if not (model / "config.json").exists():
-        if args.tiny:
-            make_tiny_model(model)
-        else:
-            make_tiny_model(model, weight_dtype=torch.bfloat16, weights=not dummy,
-                            **dict(AIR_LAYERS, num_layers=args.layers))
+    model = serving_model(args.tiny, layers=args.layers, model_dir=args.model_dir)
     if args.routing:
         routing_main(args, model)
         return

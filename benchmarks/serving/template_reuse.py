@@ -21,6 +21,7 @@ Numbers are before page rounding (whole 16-token pages only; one page less with 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import tempfile
 from collections.abc import Callable
@@ -78,14 +79,12 @@ def agent_turns(seed: int = 0, system_chars: int = 1000, result_chars: int = 140
     messages up to it; the model answers with the message after it). `steps`: tool calls in each
     user turn, each followed by its result, then the turn's answer; one more user message ends it."""
     rng = random.Random(seed)
-    n_calls = 0
+    handlers = itertools.count()
 
     def call() -> dict[str, Any]:
-        nonlocal n_calls
-        n_calls += 1
         return {"role": "assistant", "content": "", "reasoning_content": _words(rng, reasoning_chars),
                 "tool_calls": [{"type": "function", "function": {
-                    "name": "search_code", "arguments": {"pattern": f"def handler_{n_calls - 1}", "path": "src"}}}]}
+                    "name": "search_code", "arguments": {"pattern": f"def handler_{next(handlers)}", "path": "src"}}}]}
 
     def answer() -> dict[str, Any]:
         return {"role": "assistant", "content": _words(rng, 300), "reasoning_content": _words(rng, reasoning_chars)}

@@ -10,8 +10,8 @@ rounds in fp32 before a cast that is then exact, since the interpreter's convers
 into the next binade (e.g. 31.99 -> 16). The GPU tests hold the hardware path to the same codes.
 The fused kernels run the producer with the unfused kernel's own code (`triton_norm._inv_rms`,
 `triton_norm._silu_mul`), round it to the activation dtype and quantise that, so they are bit-equal
-to the unfused pair too. Rows must have a contiguous last dim (others
-are copied first); loads along it are contiguous, so they vectorise.
+to the unfused pair too. Rows must have a contiguous last dim (others are copied first); loads
+along it are contiguous, so they vectorise.
 """
 
 from __future__ import annotations
