@@ -28,8 +28,8 @@
 7. GPU, unless --no-pdl-ab: the decode graphs captured again with plain launches (common/ops/pdl.py
    off) and the decode step timed with them. --profile B,..: each decode graph's kernels (and the
    longest prefill's) under torch.profiler with plain launches, grouped by kernel, with the idle time
-   between kernels. --arrival-ab: decode and EAGLE again with the last-arrival epilogues off
-   (common/ops/arrival.py: the row quantisers and the top-k as launches of their own).
+   between kernels. --arrival-ab: decode and EAGLE again with the last-arrival epilogues switched the
+   other way (common/ops/arrival.py: the row quantisers and the top-k fused, or launches of their own).
 
 Ceilings are measured on the same GPU (benchmarks/measure.py: streaming read bandwidth, bf16 and FP8
 GEMM 8192^3; the FP8 peak is the faster of fp32 and fast accumulation). Prints PASS/FAIL for the targets (decode <= 1.25x roofline at B=1, <= 1.3x at 32 and 64;
@@ -195,16 +195,19 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
         if args.arrival_ab and not decode_only:
-            # the graphs again with every group's last step as a launch of its own (common/ops/arrival.py off)
+            # the graphs again with the last-arrival epilogues (common/ops/arrival.py) switched the other way
             runner.release_graphs()
-            saved_arrival, arrival.ENABLED = arrival.ENABLED, False
+            saved_arrival = arrival.ENABLED
+            arrival.ENABLED = not saved_arrival
+            info["arrival_default"] = saved_arrival
+            what = "last-arrival epilogues" if arrival.ENABLED else "separate launches"
             try:
                 if cuda:
                     runner.capture_decode_graphs(max(args.batches))
                     runner.capture_spec_graphs(max(args.batches), *args.spec)
-                info["decode_no_arrival"] = _each(name, "decode, separate launches",
+                info["decode_arrival_ab"] = _each(name, f"decode, {what}",
                                                   [lambda b=b: steps.decode(st, b) for b in args.batches])
-                info["eagle_no_arrival"] = _each(name, "EAGLE, separate launches",
+                info["eagle_arrival_ab"] = _each(name, f"EAGLE, {what}",
                                                  [lambda b=b: steps.eagle(st, b) for b in args.batches])
             finally:
                 arrival.ENABLED = saved_arrival
@@ -396,14 +399,16 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
                       [[str(r["batch"]), _f(r["measured_us"]), _f(plain[r["batch"]]["measured_us"]),
                         _f(plain[r["batch"]]["measured_us"] / r["measured_us"], ".3f")]
                        for r in m["decode"] if r["batch"] in plain])
-    if m.get("decode_no_arrival"):
+    if m.get("decode_arrival_ab"):
         rows = []
-        for kind, key, field in (("decode", "decode_no_arrival", "measured_us"),
-                                 ("EAGLE", "eagle_no_arrival", "eagle_step_us")):
+        for kind, key, field in (("decode", "decode_arrival_ab", "measured_us"),
+                                 ("EAGLE", "eagle_arrival_ab", "eagle_step_us")):
             other = {r["batch"]: r for r in m.get(key, [])}
-            rows += [[kind, str(r["batch"]), _f(r[field]), _f(other[r["batch"]][field]),
-                      _f(other[r["batch"]][field] / r[field], ".3f")]
-                     for r in m.get(kind.lower(), []) if r["batch"] in other]
+            for r in m.get(kind.lower(), []):
+                if r["batch"] in other:
+                    fused, separate = (r, other[r["batch"]]) if m["arrival_default"] else (other[r["batch"]], r)
+                    rows.append([kind, str(r["batch"]), _f(fused[field]), _f(separate[field]),
+                                 _f(separate[field] / fused[field], ".3f")])
         out += ["", "### Last-arrival epilogues against separate launches (common/ops/arrival.py)", ""]
         out += _table(["step", "B", "fused us", "separate us", "separate / fused"], rows)
     if m.get("profile"):
@@ -434,7 +439,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
                     help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")
     ap.add_argument("--arrival-ab", action="store_true",
-                    help="also time decode and EAGLE with every last-arrival epilogue as a launch of its own")
+                    help="also time decode and EAGLE with the last-arrival epilogues switched the other way "
+                         "(common/ops/arrival.py: fused against separate launches)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
