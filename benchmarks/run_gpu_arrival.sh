@@ -25,13 +25,13 @@ if has cache; then
   [[ $big == 1 ]] && layers=20
   stage bench_prefix_cache "${CACHE_S:-300}" $PY -m benchmarks.serving.bench_prefix_cache --layers $layers ${CACHE_ARGS:-}
 fi
-if has depth; then  # DEPTH_ARGS replaces the batches / prefill lengths
+if has depth; then  # DEPTH_ARGS replaces the batches, prefill lengths and profile
   depth=(--layers 46)
   [[ $big == 1 ]] || depth+=(--distinct-layers 14)
   mkdir -p "$OUT/depth"
   stage bench_full_depth "${DEPTH_S:-330}" env OUT="$OUT/depth" $PY -m benchmarks.model_step.bench_full_depth \
-    --dtype fp8 "${depth[@]}" ${DEPTH_ARGS:---batches 1,32,64 --prefill 1024} --load-layers 0 --no-pdl-ab \
-    --arrival-ab --profile 1
+    --dtype fp8 "${depth[@]}" ${DEPTH_ARGS:---batches 1,32,64 --prefill 1024 --profile 1} --load-layers 0 \
+    --no-pdl-ab --arrival-ab
 fi
 {
   for f in depth/bench_full_depth.md bench_prefix_cache.md; do
