@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-# GLMSERVE_LAST_ARRIVAL=0: every group's final step as its own launch again (benchmarks flip this
-# to time both; read at call time)
-ENABLED = os.environ.get("GLMSERVE_LAST_ARRIVAL", "1") != "0"
+# GLMSERVE_LAST_ARRIVAL=1 turns the epilogues on; off, every group's final step is a launch of its
+# own. Off by default: docs/performance.md §7i says where they have run (benchmarks flip this to time
+# both; read at call time).
+ENABLED = os.environ.get("GLMSERVE_LAST_ARRIVAL", "0") == "1"
 COUNTER_SLOTS = 1 << 16
 _counters: dict[tuple[str, int], torch.Tensor] = {}
 

@@ -175,6 +175,7 @@ def _group_moe() -> None:
     # the two launches, counters back at zero; 6 tokens: the two ops
     from common.ops import arrival
 
+    arrival.ENABLED = True  # the epilogues' switch (off by default)
     for n, e, k, g, tg, shared in ((1, 16, 4, 1, 1, 1), (3, 32, 4, 4, 2, 0), (4, 20, 3, 1, 1, 2), (6, 16, 4, 1, 1, 1)):
         x, w, bias = torch.randn(n, 300, dtype=torch.float16), torch.randn(e, 300), torch.randn(e) * 0.1
         got = tm.router_topk(x, w, bias, k, g, tg, True, 2.5, shared)
@@ -290,6 +291,7 @@ def _attention_quant(build, tp) -> None:  # type: ignore[no-untyped-def]
     from common.ops import arrival
     from common.ops import reference as ref
 
+    arrival.ENABLED = True  # the epilogues' switch (off by default)
     specs = [(1, 100, None, False), (1, 70, None, False), (4, 60, 30, True)]
     for dt in (torch.float16, torch.float32):
         for quant, splits in ((0, 3), (32, 3), (0, 1), (16, 2)):  # 16: not the head dim, standalone quantiser

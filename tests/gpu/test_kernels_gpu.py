@@ -237,7 +237,7 @@ def test_sdpa_prefill_serves_long_prefills(case: str, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("case", ["decode b1 8k", "decode b4 mixed", "verify b4 q4 mask"])
 @pytest.mark.parametrize("quant", [0, 128])
-def test_attention_quant_in_merge(case: str, quant: int) -> None:
+def test_attention_quant_in_merge(case: str, quant: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The split-K merge's FP8 output for o_proj (per token: quantised by the last of a token's
     programs to arrive; per 128 group: by each head's program) is bit-equal to the merged output
     followed by the standalone quantiser, 20 launches in a row and across CUDA-graph replays on
@@ -245,6 +245,8 @@ def test_attention_quant_in_merge(case: str, quant: int) -> None:
     from common.attention import triton_paged as tp
     from common.ops import arrival
     from common.ops import triton_fp8 as tf
+
+    monkeypatch.setattr(arrival, "ENABLED", True)
 
     def unfused(q, kc, vc, batch):  # type: ignore[no-untyped-def]
         rows = tp.paged_attention_splits(q, kc, vc, batch, 0.088, None).view(q.shape[0], -1)

@@ -68,13 +68,14 @@ def test_router_logits_mma_cuda_graph() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize(("e", "h", "k"), [(128, 4096, 8), (160, 5120, 8)])
-def test_router_topk_one_launch(n: int, e: int, h: int, k: int) -> None:
+def test_router_topk_one_launch(n: int, e: int, h: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The few-token routing in one launch (top-k by the router kernel's last program to arrive)
     gives the same weights and ids as the router and top-k launches, 20 launches in a row and across
     CUDA-graph replays on new inputs; the arrival counters end at zero."""
     from common.ops import arrival
     from common.ops import triton_moe as tm
 
+    monkeypatch.setattr(arrival, "ENABLED", True)
     x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
     w, bias = torch.randn(e, h, device=DEV) / h**0.5, torch.randn(e, device=DEV) * 0.1
 
