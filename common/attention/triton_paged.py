@@ -13,7 +13,7 @@ KV tiles entirely visible to every row of the program skip the mask arithmetic.
 Split-K (flash decoding): small-query batches (decode, verify, draft) that would not fill the GPU
 split each sequence's KV range into NUM_SPLITS equal BLOCK_N-aligned parts; each writes a
 normalised partial and its log-sum-exp (base 2), and a second kernel merges them. For an FP8
-o_proj the merge also quantises its output (`paged_attention_quant`): per 1 x head_dim group each
+o_proj the merge can also quantise its output (`paged_attention_quant`, with arrival.ENABLED): per 1 x head_dim group each
 program its own head; per token the last of a token's programs to arrive quantises the whole row
 (common/ops/arrival.py), so the quantiser is no launch of its own. NUM_SPLITS is a
 function of (num_seqs, kv heads, max query length, SM count) only, never of sequence lengths, and
@@ -331,7 +331,8 @@ def paged_attention_quant(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [T,Hq,D], codes [T,Hq*D] e4m3, scales fp32 [T,1] | [T,Hq*D/quant]): paged_attention and its
     output quantised for an FP8 linear, per token (quant 0) or per 1 x quant group. Split-K batches
-    (decode, verify, draft) quantise in the merge kernel; others with the standalone quantiser."""
+    (decode, verify, draft) quantise in the merge kernel when the last-arrival epilogues are on
+    (common/ops/arrival.py); others, and all with them off, with the standalone quantiser."""
     out = sdpa_prefill(q, k_cache, v_cache, batch, scale)
     if out is not None:
         return _quantize(out, quant)

@@ -1,8 +1,8 @@
 """Triton fused MoE: router top-k, expert alignment, grouped gate_up+SiLU GEMM, down GEMM, combine.
 
 Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
-0. route: router logits and the grouped top-k (`router_topk`: for a few tokens one launch, the
-   top-k run by the router kernel's last program to arrive).
+0. route: router logits and the grouped top-k (`router_topk`: for a few tokens, with arrival.ENABLED,
+   one launch, the top-k run by the router kernel's last program to arrive).
 1. align: the T*k (token, slot) assignments are bucketed by expert, each expert's bucket padded to
    a multiple of BLOCK_M. `sorted_ids[max_padded]` holds flat assignment indices t*k+j (sentinel
    T*k in padding) and `block_expert[max_blocks]` the expert of each BLOCK_M rows (-1: unused).
@@ -224,8 +224,9 @@ def router_topk(
     x: torch.Tensor, w: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
     renormalize: bool, scaling: float, num_shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grouped_topk(router_logits(x, w), ...): for a few tokens one launch, the top-k run by the
-    router kernel's last program to arrive (common/ops/arrival.py); otherwise the two ops."""
+    """grouped_topk(router_logits(x, w), ...): for a few tokens with the last-arrival epilogues on
+    (common/ops/arrival.py) one launch, the top-k run by the router kernel's last program to arrive;
+    otherwise the two ops."""
     n_tok = x.shape[0]
     if 0 < n_tok <= ROUTER_MAX_TOKENS and w.dtype == torch.float32 and arrival.ENABLED:
         _, weights, ids = _router_few(x, w, (correction_bias, top_k, n_group, topk_group, renormalize, scaling,

@@ -13,7 +13,7 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
    holds whole quantisation groups (channel: BLOCK_N >= I; block: BLOCK_N a multiple of b) that is
    done in this epilogue (codes and scales stored); otherwise the rounded intermediate is stored and
    quantised afterwards. Channel scales at up to LAST_QUANT_MAX_TOKENS tokens (decode, verify,
-   draft): every program of a row block counts itself in once its tile is stored, and the last of
+   draft) with arrival.ENABLED: every program of a row block counts itself in once its tile is stored, and the last of
    the block's cdiv(I, BLOCK_N) programs quantises the block's rows with triton_fp8's per-token
    code (common/ops/arrival.py), saving a launch and its wait; otherwise triton_fp8 quantises the
    intermediate in one more launch. Either way the codes and scales are the same bits.
