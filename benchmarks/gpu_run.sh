@@ -1,6 +1,6 @@
 # Shared set-up of the one-call GPU scripts (sourced, not run). The caller sets OUT's default and
 # SUMMARY (the summary file name under $OUT) first, and STAGES when it has stages. Provides $PY, $T0,
-# `stage`, `has`, `gpu_header` and `pack_results`.
+# `stage`, `has`, `gpu_header`, `finish` and `pack_results`.
 set -u
 pkill -9 -f "[c]ommon[.]tools[.]cli" 2>/dev/null  # stray glmserve servers from earlier runs hold GPU memory
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,6 +47,19 @@ gpu_header() {  # gpu_header TITLE : machine and software versions at the top of
 
 has() {  # has NAME : NAME is one of the comma-separated $STAGES
   [[ ",${STAGES:-}," == *",$1,"* ]]
+}
+
+finish() {  # finish FILE... : append each existing $OUT/FILE and the run's total time to the summary,
+  # pack the rest (pack_results) and print the summary
+  {
+    local f
+    for f in "$@"; do
+      [[ -f "$OUT/$f" ]] && { echo; echo "## $f"; cat "$OUT/$f"; }
+    done
+    echo "total $(( $(date +%s) - T0 ))s"
+  } >> "$OUT/$SUMMARY" 2>&1
+  pack_results
+  cat "$OUT/$SUMMARY"
 }
 
 pack_results() {  # everything under $OUT but the summary and moe_configs.tar into results.tar, then

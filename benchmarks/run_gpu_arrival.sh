@@ -33,11 +33,4 @@ if has depth; then  # DEPTH_ARGS replaces the batches, prefill lengths and profi
     --dtype fp8 "${depth[@]}" ${DEPTH_ARGS:---batches 1,32,64 --prefill 1024 --profile 1} --load-layers 0 \
     --no-pdl-ab --arrival-ab
 fi
-{
-  for f in depth/bench_full_depth.md bench_prefix_cache.md; do
-    [[ -f "$OUT/$f" ]] && { echo; echo "## $f"; cat "$OUT/$f"; }
-  done
-  echo "total $(( $(date +%s) - T0 ))s"
-} >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+finish depth/bench_full_depth.md bench_prefix_cache.md

@@ -25,13 +25,7 @@ has agent && stage bench_agent_replay "${AGENT_S:-240}" $PY -m benchmarks.servin
 has local && stage bench_local_prefill "${LOCAL_S:-200}" $PY -m benchmarks.serving.bench_local_prefill
 has e2e && stage bench_e2e "${E2E_S:-220}" $PY -m benchmarks.serving.bench_e2e --concurrency 1,32,64 --prompt 512 \
   --max-tokens 128 --constraints none,json
-{
-  echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20
-  for f in bench_grammar.md bench_prefix_cache.md bench_prefix_cache_routing.md bench_agent_replay.md \
-           bench_local_prefill.md bench_e2e.md; do
-    [[ -f "$OUT/$f" ]] && { echo; echo "## $f"; cat "$OUT/$f"; }
-  done
-  echo "total $(( $(date +%s) - T0 ))s"
-} >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+{ echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20; } \
+  >> "$OUT/$SUMMARY" 2>&1
+finish bench_grammar.md bench_prefix_cache.md bench_prefix_cache_routing.md bench_agent_replay.md bench_local_prefill.md \
+  bench_e2e.md
