@@ -13,9 +13,9 @@ KV tiles entirely visible to every row of the program skip the mask arithmetic.
 Split-K (flash decoding): small-query batches (decode, verify, draft) that would not fill the GPU
 split each sequence's KV range into NUM_SPLITS equal BLOCK_N-aligned parts; each writes a
 normalised partial and its log-sum-exp (base 2), and a second kernel merges them. For an FP8
-o_proj the merge can also quantise its output (`paged_attention_quant`, with arrival.ENABLED): per 1 x head_dim group each
-program its own head; per token the last of a token's programs to arrive quantises the whole row
-(common/ops/arrival.py), so the quantiser is no launch of its own. NUM_SPLITS is a
+o_proj the merge can also quantise its output (`paged_attention_quant`, with arrival.ENABLED): per
+1 x head_dim group each program its own head; per token the last of a token's programs to arrive
+quantises the whole row (common/ops/arrival.py), so the quantiser is no launch of its own. NUM_SPLITS is a
 function of (num_seqs, kv heads, max query length, SM count) only, never of sequence lengths, and
 no host value of seq_lens/prefix_lens is read, so decode and verify are CUDA-graph safe.
 
@@ -47,7 +47,7 @@ from common.ops.arrival import last_arrival
 from common.ops.moe_configs import num_sms
 from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
-from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token, quant_row
+from common.ops.triton_fp8 import _quant_store, hw_round, quant_fp8_per_group, quant_fp8_per_token, quant_row
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -185,12 +185,9 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_
         if last_arrival(cnt_ptr + t, HQ):
             quant_row(o_ptr + t * stride_ot, q_ptr + t * stride_qt, s_ptr + t * stride_st, HQ * D, QMAX, FLOOR, HW,
                       QBLOCK, True)
-    elif QUANT == 2:
-        v = tl.where(d < D, out.to(tl.float32), 0.0)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), FLOOR), QMAX)
-        codes = _quant_code(v, scale, QMAX, HW)
-        tl.store(q_ptr + t * stride_qt + h * D + d, codes.to(q_ptr.dtype.element_ty), mask=d < D)
-        tl.store(s_ptr + t * stride_st + h, scale)
+    elif QUANT == 2:  # this head's D values are one group: its codes, and its scale s[t, h]
+        _quant_store(tl.where(d < D, out.to(tl.float32), 0.0), d, d < D, d, 1, q_ptr + t * stride_qt + h * D,
+                     s_ptr + t * stride_st + h, QMAX, FLOOR, HW, False)
 
 
 def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, int, int, int, int]:

@@ -62,4 +62,15 @@ def last_arrival(counter_ptr, expected):
     return last
 
 
-__all__ = ["COUNTER_SLOTS", "ENABLED", "counters", "last_arrival"]
+@triton.jit
+def load_parts(ptrs, mask, CG: tl.constexpr):
+    """tl.load(ptrs, mask, other=0) as fp32; CG: through L2 only, for values other programs of the
+    launch stored (read after `last_arrival`)."""
+    if CG:
+        x = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+__all__ = ["COUNTER_SLOTS", "ENABLED", "counters", "last_arrival", "load_parts"]

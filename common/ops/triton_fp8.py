@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from common.ops.arrival import load_parts
 from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
@@ -72,28 +73,17 @@ def quant_row(x_row, q_row, s_ptr, K, QMAX: tl.constexpr, FLOOR: tl.constexpr, H
     cols = tl.arange(0, BLOCK)
     if BLOCK >= K:
         m = cols < K
-        if CG:
-            x = tl.load(x_row + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-        else:
-            x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
+        x = load_parts(x_row + cols, m, CG)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), FLOOR), QMAX)
         tl.store(q_row + cols, _quant_code(x, scale, QMAX, HW).to(q_row.dtype.element_ty), mask=m)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
-            if CG:
-                x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0, cache_modifier=".cg").to(tl.float32)
-            else:
-                x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
+            amax = tl.maximum(amax, tl.abs(load_parts(x_row + k0 + cols, k0 + cols < K, CG)))
         scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
         for k0 in range(0, K, BLOCK):
             m = k0 + cols < K
-            if CG:
-                x = tl.load(x_row + k0 + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-            else:
-                x = tl.load(x_row + k0 + cols, mask=m, other=0.0).to(tl.float32)
-            q = _quant_code(x, scale, QMAX, HW)
+            q = _quant_code(load_parts(x_row + k0 + cols, m, CG), scale, QMAX, HW)
             tl.store(q_row + k0 + cols, q.to(q_row.dtype.element_ty), mask=m)
     tl.store(s_ptr, scale)
 

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from common.ops import arrival
-from common.ops.arrival import last_arrival
+from common.ops.arrival import last_arrival, load_parts
 from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_config
 from common.ops.pdl import pdl_enabled, pdl_kwargs, pdl_start
 from common.ops.triton_router import router_logits_mma
@@ -54,12 +54,8 @@ def _topk_rows(
     e = tl.arange(0, E_PAD)  # [E_PAD]
     tm = t < T
     em = e < E
-    z_ptrs = logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :]
-    if CG:  # logits other programs of this launch wrote (common/ops/arrival.py)
-        z = tl.load(z_ptrs, mask=tm[:, None] & em[None, :], other=0.0, cache_modifier=".cg")
-    else:
-        z = tl.load(z_ptrs, mask=tm[:, None] & em[None, :], other=0.0)
-    s = tl.sigmoid(z.to(tl.float32))  # [BT,E_PAD]
+    z = load_parts(logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :], tm[:, None] & em[None, :], CG)
+    s = tl.sigmoid(z)  # [BT,E_PAD]
     c = s + tl.load(bias_ptr + e, mask=em, other=0.0)[None, :]
     c = tl.where(em[None, :], c, float("-inf"))
     if N_GROUP > 1:

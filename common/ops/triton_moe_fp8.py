@@ -13,9 +13,9 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
    holds whole quantisation groups (channel: BLOCK_N >= I; block: BLOCK_N a multiple of b) that is
    done in this epilogue (codes and scales stored); otherwise the rounded intermediate is stored and
    quantised afterwards. Channel scales at up to LAST_QUANT_MAX_TOKENS tokens (decode, verify,
-   draft) with arrival.ENABLED: every program of a row block counts itself in once its tile is stored, and the last of
-   the block's cdiv(I, BLOCK_N) programs quantises the block's rows with triton_fp8's per-token
-   code (common/ops/arrival.py), saving a launch and its wait; otherwise triton_fp8 quantises the
+   draft) with arrival.ENABLED: every program of a row block counts itself in once its tile is
+   stored, and the last of the block's cdiv(I, BLOCK_N) programs quantises the block's rows with
+   triton_fp8's per-token code (common/ops/arrival.py), saving a launch and its wait; otherwise triton_fp8 quantises the
    intermediate in one more launch. Either way the codes and scales are the same bits.
 3. down: act_q rows times w2[e]^T with the same scale rules, times the routing weight -> y [T*k, H]
    in fp32, so that 4. the combine sums fp32 and casts once.
@@ -189,16 +189,14 @@ def _moe_fp8_gemm_kernel(
     # the last of the block's num_n programs (all of a live block's run; blocks without an expert
     # returned above and never count in) finds every column of the block's rows stored
     if LAST_QUANT and last_arrival(cnt_ptr + pid_m, num_n):
-        if DIRECT:  # row 0 alone is real: assignment pid_m
-            row = pid_m.to(tl.int64)
-            quant_row(out_ptr + row * stride_om, q_ptr + row * N, os_ptr + row * stride_os, N, QMAX, FLOOR, HW, QB,
-                      True)
-        else:
-            for i in range(BM):
+        for i in range(1 if DIRECT else BM):  # DIRECT: row 0 alone is real, assignment pid_m
+            if DIRECT:
+                row = pid_m.to(tl.int64)
+            else:
                 row = tl.load(sorted_ptr + pid_m * BM + i).to(tl.int64)
-                if row < NUMEL:  # not padding
-                    quant_row(out_ptr + row * stride_om, q_ptr + row * N, os_ptr + row * stride_os, N, QMAX, FLOOR,
-                              HW, QB, True)
+            if row < NUMEL:  # not padding
+                quant_row(out_ptr + row * stride_om, q_ptr + row * N, os_ptr + row * stride_os, N, QMAX, FLOOR, HW,
+                          QB, True)
 
 
 def fuses_quant(inter: int, block: int, block_n: int) -> bool:
