@@ -17,7 +17,7 @@ median of `--rounds` rounds that each follow an unmeasured round of the same kin
   ends in new tokens, against the same prompts with the caches off (target: TTFT <= 0.35x at 8K,
   concurrency 16);
 - last page: a `--last-page-prompt`-token prompt sent again, so all but its last page is cached
-  (target: TTFT <= 0.2x the caches-off TTFT);
+  (target: TTFT <= 0.2x the caches-off TTFT; a fresh prompt each of `--rounds` pairs, the median);
 
 with the `cached_tokens` the gateway reported, where the hits came from (the workers' counters:
 prefill-side and decode-side cached tokens, prompts the decode worker finished itself, KV bytes
@@ -198,6 +198,12 @@ class Side:
             self.out[f"{key}_{k}"] = (after[k] - before[k]) / len(prompts)
 
 
+def median_round(done: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The round whose `key` is the median of those after the first (which is unmeasured)."""
+    measured = sorted(done[1:], key=lambda o: o[key])
+    return measured[len(measured) // 2]
+
+
 def run(args: argparse.Namespace, model: Path) -> tuple[dict[str, float], dict[str, float]]:
     """TTFTs with every cache on and with every cache off: both clusters run at once and take turns,
     round by round, on the same prompts (which cluster goes first alternates), so drift of the
@@ -228,13 +234,17 @@ def run(args: argparse.Namespace, model: Path) -> tuple[dict[str, float], dict[s
                 turn_no += 1
             for side in sides:
                 for kind, done in rounds[id(side)].items():
-                    best = sorted(done[1:], key=lambda o: o["x"])[len(done[1:]) // 2]  # the median round
+                    best = median_round(done, "x")
                     side.out.update({f"{kind}{conc}{k[1:]}": v for k, v in best.items() if k.startswith("x")})
-        for r in range(2):  # the first pair unmeasured
+        pairs: dict[int, list[dict[str, float]]] = {id(s): [] for s in sides}
+        for r in range(args.rounds + 1):  # the first pair unmeasured; then the median of --rounds pairs
             long = fresh(args.last_page_prompt)
-            for side in sides:
+            for side in sides[::-1] if r % 2 else sides:
                 side.measured("long_cold", [long])
                 side.measured("long_again", [long])
+                pairs[id(side)].append(dict(side.out))
+        for side in sides:
+            side.out.update({k: v for k, v in median_round(pairs[id(side)], "long_again").items() if k.startswith("long_")})
     finally:
         for side in sides:
             side.cluster.stop()
