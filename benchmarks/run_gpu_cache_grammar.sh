@@ -8,6 +8,8 @@
 # `local` the decode worker's local prefill against the prefill leg (bench_local_prefill).
 #     OUT=/some/dir bash benchmarks/run_gpu_cache_grammar.sh
 #     STAGES=e2e OUT=... bash benchmarks/run_gpu_cache_grammar.sh
+#     STAGES=cache CACHE_ARGS="--layers 10 --concurrency 1 --rounds 2" OUT=... bash benchmarks/run_gpu_cache_grammar.sh
+#       (the cache rows at a serving depth: 10 Air-width layers with dummy weights; 20 fit an H200)
 # Results: $OUT/CACHE_GRAMMAR.md (summary) and $OUT/results.tar (every log and table).
 OUT="${OUT:-/tmp/glmserve_gpu_cache_grammar}"
 SUMMARY=CACHE_GRAMMAR.md
@@ -19,7 +21,7 @@ if has tests; then
     tests/gpu/test_dummy_load_gpu.py -m gpu -q -p no:cacheprovider -o addopts="" -rfE
 fi
 has grammar && stage bench_grammar "${GRAMMAR_S:-70}" $PY -m benchmarks.kernels.bench_grammar
-has cache && stage bench_prefix_cache "${CACHE_S:-190}" $PY -m benchmarks.serving.bench_prefix_cache
+has cache && stage bench_prefix_cache "${CACHE_S:-190}" $PY -m benchmarks.serving.bench_prefix_cache ${CACHE_ARGS:-}
 has routing && stage bench_routing "${ROUTING_S:-150}" $PY -m benchmarks.serving.bench_prefix_cache --routing 4 --routing-keys
 has agent && stage bench_agent_replay "${AGENT_S:-240}" $PY -m benchmarks.serving.bench_agent_replay --sessions 8
 has local && stage bench_local_prefill "${LOCAL_S:-200}" $PY -m benchmarks.serving.bench_local_prefill

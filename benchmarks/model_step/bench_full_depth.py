@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.model_step.bench_full_depth [--model air] [--dtype fp8|bf16|both] [--layers N]
         [--bf16-layers N] [--batches 1,8,32,64] [--prefill 1024,8192] [--context 1024] [--spec 3,1,4]
-        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--arrival-ab] [--tiny]
+        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--tiny]
 
 1. Loader: a scaled-down real FP8 checkpoint (Air widths, --load-layers layers + MTP, official channel
    format; benchmarks/model_step/fp8_checkpoint.py) written to local disk by a child process, loaded
@@ -28,8 +28,7 @@
 7. GPU, unless --no-pdl-ab: the decode graphs captured again with plain launches (common/ops/pdl.py
    off) and the decode step timed with them. --profile B,..: each decode graph's kernels (and the
    longest prefill's) under torch.profiler with plain launches, grouped by kernel, with the idle time
-   between kernels. --arrival-ab: decode and EAGLE again with the last-arrival epilogues switched the
-   other way (common/ops/arrival.py: the row quantisers and the top-k fused, or launches of their own).
+   between kernels.
 
 Ceilings are measured on the same GPU (benchmarks/measure.py: streaming read bandwidth, bf16 and FP8
 GEMM 8192^3; the FP8 peak is the faster of fp32 and fast accumulation). Prints PASS/FAIL for the targets (decode <= 1.25x roofline at B=1, <= 1.3x at 32 and 64;
@@ -67,7 +66,7 @@ from benchmarks.model_step.air_model import (
 from benchmarks.model_step.fp8_checkpoint import checkpoint_fields, filesystem, measure_load, write_checkpoint
 from benchmarks.model_step.roofline import Ceilings, Shape
 from common.model.config import eagle_step_slots
-from common.ops import arrival, pdl
+from common.ops import pdl
 from common.runtime.runner import ModelRunner
 
 PAGE = steps.PAGE
@@ -194,23 +193,6 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
             for row in info["agreeing"]:
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
-        if args.arrival_ab and not decode_only:
-            # the graphs again with the last-arrival epilogues (common/ops/arrival.py) switched the other way
-            runner.release_graphs()
-            saved_arrival = arrival.ENABLED
-            arrival.ENABLED = not saved_arrival
-            info["arrival_default"] = saved_arrival
-            what = "last-arrival epilogues" if arrival.ENABLED else "separate launches"
-            try:
-                if cuda:
-                    runner.capture_decode_graphs(max(args.batches))
-                    runner.capture_spec_graphs(max(args.batches), *args.spec)
-                info["decode_arrival_ab"] = _each(name, f"decode, {what}",
-                                                  [lambda b=b: steps.decode(st, b) for b in args.batches])
-                info["eagle_arrival_ab"] = _each(name, f"EAGLE, {what}",
-                                                 [lambda b=b: steps.eagle(st, b) for b in args.batches])
-            finally:
-                arrival.ENABLED = saved_arrival
         if (args.pdl_ab or args.profile) and cuda and not decode_only:
             # the decode graphs again with plain launches: timed against the PDL ones, and profiled (under
             # PDL a kernel starts early and waits, so its profiled time would include its predecessor's)
@@ -399,18 +381,6 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
                       [[str(r["batch"]), _f(r["measured_us"]), _f(plain[r["batch"]]["measured_us"]),
                         _f(plain[r["batch"]]["measured_us"] / r["measured_us"], ".3f")]
                        for r in m["decode"] if r["batch"] in plain])
-    if m.get("decode_arrival_ab"):
-        rows = []
-        for kind, key, field in (("decode", "decode_arrival_ab", "measured_us"),
-                                 ("EAGLE", "eagle_arrival_ab", "eagle_step_us")):
-            other = {r["batch"]: r for r in m.get(key, [])}
-            for r in m.get(kind.lower(), []):
-                if r["batch"] in other:
-                    fused, separate = (r, other[r["batch"]]) if m["arrival_default"] else (other[r["batch"]], r)
-                    rows.append([kind, str(r["batch"]), _f(fused[field]), _f(separate[field]),
-                                 _f(separate[field] / fused[field], ".3f")])
-        out += ["", "### Last-arrival epilogues against separate launches (common/ops/arrival.py)", ""]
-        out += _table(["step", "B", "fused us", "separate us", "separate / fused"], rows)
     if m.get("profile"):
         out += ["", "### Per-kernel profile (plain launches)", "", *m["profile"]]
     return [*out, ""]
@@ -438,9 +408,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "longest prefill; the FP8 model's sections go to the report (GPU only)")
     ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
                     help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")
-    ap.add_argument("--arrival-ab", action="store_true",
-                    help="also time decode and EAGLE with the last-arrival epilogues switched the other way "
-                         "(common/ops/arrival.py: fused against separate launches)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():

@@ -30,7 +30,6 @@ from benchmarks.model_step.roofline import (
 from common import ops
 from common.forward.batch import ForwardBatch, SeqSpec
 from common.model.config import SpecConfig
-from common.model.layers import Fp8Activation
 from common.model.moe import MoE
 from common.runtime.draft import DraftBatch, DraftState
 from common.runtime.runner import ModelRunner
@@ -153,12 +152,11 @@ def routed_experts(model: torch.nn.Module, fn: Callable[[], object]) -> list[tup
     handles = []
     for name, moe in model.named_modules():
         if isinstance(moe, MoE):
-            def hook(_m, inp, _out, name=name, moe=moe):  # type: ignore[no-untyped-def]
-                x = inp[0].normed if isinstance(inp[0], Fp8Activation) else inp[0]
-                _, ids = ops.router_topk(x, moe.gate.weight, moe.gate.e_score_correction_bias, moe.top_k,
-                                         moe.n_group, moe.topk_group, moe.renormalize, moe.scaling, 0)
+            def hook(_m, _inp, logits, name=name, moe=moe):  # type: ignore[no-untyped-def]
+                _, ids = ops.grouped_topk(logits, moe.gate.e_score_correction_bias, moe.top_k, moe.n_group,
+                                          moe.topk_group, moe.renormalize, moe.scaling, 0)
                 calls.append((name, int(ids.unique().numel())))
-            handles.append(moe.register_forward_hook(hook))
+            handles.append(moe.gate.register_forward_hook(hook))
     try:
         with torch.inference_mode():
             fn()

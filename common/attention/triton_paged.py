@@ -12,10 +12,7 @@ KV tiles entirely visible to every row of the program skip the mask arithmetic.
 
 Split-K (flash decoding): small-query batches (decode, verify, draft) that would not fill the GPU
 split each sequence's KV range into NUM_SPLITS equal BLOCK_N-aligned parts; each writes a
-normalised partial and its log-sum-exp (base 2), and a second kernel merges them. For an FP8
-o_proj the merge can also quantise its output (`paged_attention_quant`, with arrival.ENABLED): per
-1 x head_dim group each program its own head; per token the last of a token's programs to arrive
-quantises the whole row (common/ops/arrival.py), so the quantiser is no launch of its own. NUM_SPLITS is a
+normalised partial and its log-sum-exp (base 2), and a second kernel merges them. NUM_SPLITS is a
 function of (num_seqs, kv heads, max query length, SM count) only, never of sequence lengths, and
 no host value of seq_lens/prefix_lens is read, so decode and verify are CUDA-graph safe.
 
@@ -42,12 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from common.forward.batch import ForwardBatch
-from common.ops import arrival
-from common.ops.arrival import last_arrival
 from common.ops.moe_configs import num_sms
 from common.ops.pdl import pdl_kwargs, pdl_start
-from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
-from common.ops.triton_fp8 import _quant_store, hw_round, quant_fp8_per_group, quant_fp8_per_token, quant_row
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -160,14 +153,8 @@ def _paged_attn_kernel(
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_SPLITS,
-                         q_ptr, s_ptr, cnt_ptr, stride_qt, stride_st,
-                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, QUANT: tl.constexpr,
-                         QBLOCK: tl.constexpr, QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr,
-                         PDL: tl.constexpr):
-    """grid (T, HQ): o = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max), rounded to o's dtype.
-    QUANT 1: the token's row o[t] (HQ * D values, contiguous) also quantised per token for an FP8
-    linear, by the last of its HQ programs to arrive (codes at q_ptr, the scale at s_ptr); QUANT 2:
-    per 1 x D group, each program its own head (codes, and scale s[t, h])."""
+                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    """grid (T, HQ): o = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -179,15 +166,8 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_
     w = tl.exp2(lse - mx)
     po = tl.load(po_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < NUM_SPLITS)[:, None] & (d < D)[None, :],
                  other=0.0)
-    out = (tl.sum(po * w[:, None], axis=0) / tl.sum(w, axis=0)).to(o_ptr.dtype.element_ty)
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out, mask=d < D)
-    if QUANT == 1:
-        if last_arrival(cnt_ptr + t, HQ):
-            quant_row(o_ptr + t * stride_ot, q_ptr + t * stride_qt, s_ptr + t * stride_st, HQ * D, QMAX, FLOOR, HW,
-                      QBLOCK, True)
-    elif QUANT == 2:  # this head's D values are one group: its codes, and its scale s[t, h]
-        _quant_store(tl.where(d < D, out.to(tl.float32), 0.0), d, d < D, d, 1, q_ptr + t * stride_qt + h * D,
-                     s_ptr + t * stride_st + h, QMAX, FLOOR, HW, False)
+    out = tl.sum(po * w[:, None], axis=0) / tl.sum(w, axis=0)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
 def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, int, int, int, int]:
@@ -251,14 +231,13 @@ def paged_attention(
     out = sdpa_prefill(q, k_cache, v_cache, batch, scale)
     if out is not None:
         return out
-    return paged_attention_splits(q, k_cache, v_cache, batch, scale, None)  # type: ignore[return-value]
+    return paged_attention_splits(q, k_cache, v_cache, batch, scale, None)
 
 
 def paged_attention_splits(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
     num_splits: int | None,  # None: plan(); tests and benchmarks force split-K counts
-    quant: int | None = None,  # see paged_attention_quant
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     n_tok, hq, d = q.shape
     hk = k_cache.shape[2]
     if q.stride(-1) != 1:
@@ -268,7 +247,7 @@ def paged_attention_splits(
     group = hq // hk
     out = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
     if n_tok == 0:
-        return out if quant is None else _quantize(out, quant)
+        return out
     num_seqs = batch.num_seqs
     max_q = batch.max_query_len
     bm, bn, warps, stages, splits = plan(num_seqs, hk, group, max_q, num_sms(q.device))
@@ -292,48 +271,11 @@ def paged_attention_splits(
         G=group, PAGE=k_cache.shape[1], D=d, BD=bd, SPLIT=splits > 1, HAS_MASK=has_mask,
         BM=bm, BN=bn, num_warps=warps, num_stages=stages, **pdl_kwargs(q.device),
     )
-    if splits == 1:
-        return out if quant is None else _quantize(out, quant)
-    # the merge quantises for an FP8 o_proj itself: per token (last arrival) or per group == head_dim
-    mode = 0 if quant is None or not arrival.ENABLED else 1 if quant == 0 else 2 if quant == d else 0
-    if mode:
-        codes = torch.empty((n_tok, hq * d), dtype=torch.float8_e4m3fn, device=q.device)
-        scales = torch.empty((n_tok, 1 if mode == 1 else hq), dtype=torch.float32, device=q.device)
-        cnt = arrival.counters(q.device, n_tok) if mode == 1 else scales
-    else:
-        codes = scales = cnt = out
-    _merge_splits_kernel[(n_tok, hq)](po, plse, out, hq, out.stride(0), out.stride(1), splits,
-                                      codes, scales, cnt, codes.stride(0), scales.stride(0),
-                                      NS_PAD=triton.next_power_of_2(splits), D=d, BD=bd, QUANT=mode,
-                                      QBLOCK=min(triton.next_power_of_2(hq * d), MERGE_QUANT_BLOCK),
-                                      QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(q.device),
-                                      num_warps=4, **pdl_kwargs(q.device))
-    if quant is None:
-        return out
-    return (out, codes, scales) if mode else _quantize(out, quant)
+    if splits > 1:
+        _merge_splits_kernel[(n_tok, hq)](po, plse, out, hq, out.stride(0), out.stride(1), splits,
+                                          NS_PAD=triton.next_power_of_2(splits), D=d,
+                                          BD=bd, num_warps=4, **pdl_kwargs(q.device))
+    return out
 
 
-# the merge's last program quantises a token's row in chunks of this many values (4 warps: 32 a thread)
-MERGE_QUANT_BLOCK = 4096
-
-
-def _quantize(out: torch.Tensor, quant: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, codes, scales) with out [T,Hq,D] quantised as rows of Hq * D by the standalone quantisers."""
-    rows = out.view(out.shape[0], -1)
-    return (out, *(quant_fp8_per_token(rows) if quant == 0 else quant_fp8_per_group(rows, quant)))
-
-
-def paged_attention_quant(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float, quant: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [T,Hq,D], codes [T,Hq*D] e4m3, scales fp32 [T,1] | [T,Hq*D/quant]): paged_attention and its
-    output quantised for an FP8 linear, per token (quant 0) or per 1 x quant group. Split-K batches
-    (decode, verify, draft) quantise in the merge kernel when the last-arrival epilogues are on
-    (common/ops/arrival.py); others, and all with them off, with the standalone quantiser."""
-    out = sdpa_prefill(q, k_cache, v_cache, batch, scale)
-    if out is not None:
-        return _quantize(out, quant)
-    return paged_attention_splits(q, k_cache, v_cache, batch, scale, None, quant)  # type: ignore[return-value]
-
-
-__all__ = ["paged_attention", "paged_attention_quant", "paged_attention_splits", "plan", "sdpa_prefill"]
+__all__ = ["paged_attention", "paged_attention_splits", "plan", "sdpa_prefill"]

@@ -54,10 +54,7 @@ class Glm4MoeAttention(nn.Module):
         cos_sin = rope_cos_sin(self.rotary_dim, self.rope_theta, self.max_positions, positions.device)
         o = self.attn(q, k, v, positions, cos_sin, self.rotary_dim,  # norm + RoPE + K/V store, attention
                       self.q_norm.weight if self.q_norm is not None else None,
-                      self.k_norm.weight if self.k_norm is not None else None, self.eps,
-                      self.o_proj.fp8_block)  # [T,Hq,D], or quantised for an FP8 o_proj
-        if isinstance(o, Fp8Activation):
-            return self.o_proj(o)
+                      self.k_norm.weight if self.k_norm is not None else None, self.eps)  # [T,Hq,D]
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import ops
-from common.attention import paged_attention, paged_attention_quant
+from common.attention import paged_attention
 from common.forward.context import get_forward_context
 
 
@@ -423,14 +423,10 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, rotary_dim: int, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
-                eps: float, quant: int | None = None) -> torch.Tensor | Fp8Activation:
-        # q [T,Hq,D], k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]; with `quant` (the FP8 block of
-        # o_proj) the output as rows [T,Hq*D] quantised for it
+                eps: float) -> torch.Tensor:
+        # q [T,Hq,D], k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_pool.k[self.layer_id], ctx.kv_pool.v[self.layer_id]
         q = ops.qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
                                    k_cache, v_cache, ctx.batch.out_slots)
-        if quant is None:
-            return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale)
-        _, codes, scales = paged_attention_quant(q, k_cache, v_cache, ctx.batch, self.scale, quant)
-        return Fp8Activation(codes, scales, q.dtype)
+        return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale)

@@ -144,7 +144,7 @@ class MoE(nn.Module):
         x_quant = None
         if isinstance(x, Fp8Activation):
             x, x_quant = x.normed, (x.q, x.scale)
-        # fp32 router logits [T,E], then the group-limited top-k (one launch for a few tokens on CUDA)
-        weights, ids = ops.router_topk(x, self.gate.weight, self.gate.e_score_correction_bias, self.top_k, self.n_group,
-                                       self.topk_group, self.renormalize, self.scaling, self.num_shared)
+        logits = self.gate(x)  # [T,E] fp32
+        weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
+                                        self.topk_group, self.renormalize, self.scaling, self.num_shared)
         return self.experts(x, weights, ids, x_quant)  # [T,H]: routed (scaled by s) + shared (weight 1)

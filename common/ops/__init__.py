@@ -28,7 +28,6 @@ _TRITON_MODULE = {
     "qk_norm_rope_store": "triton_norm",
     "grouped_topk": "triton_moe",
     "router_logits": "triton_moe",
-    "router_topk": "triton_moe",
     "silu_and_mul": "triton_norm",
     "fused_moe": "triton_moe",
     "fused_moe_fp8": "triton_moe_fp8",
@@ -153,21 +152,6 @@ def grouped_topk(
     )
 
 
-def router_topk(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    correction_bias: torch.Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    renormalize: bool,
-    scaling: float,
-    num_shared: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return resolve("router_topk", x.device)(x, w, correction_bias, top_k, n_group, topk_group, renormalize, scaling,
-                                            num_shared)
-
-
 def fused_moe(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
@@ -246,7 +230,7 @@ def fp8_block_linear(
 __all__ = [
     "fp8_block_linear", "fp8_linear", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8", "fused_moe",
     "fused_moe_fp8", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "quant_fp8_per_group",
-    "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "router_topk", "set_backend",
+    "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "set_backend",
     "silu_and_mul", "silu_and_mul_quant_fp8", "store_kv", "use_reference",
 ]
 

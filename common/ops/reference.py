@@ -156,15 +156,6 @@ def grouped_topk(
     return weights, ids.to(torch.int32)
 
 
-def router_topk(
-    x: torch.Tensor, w: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-    renormalize: bool, scaling: float, num_shared: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grouped_topk of router_logits(x, w): the MoE's routing from its input in one op."""
-    return grouped_topk(router_logits(x, w), correction_bias, top_k, n_group, topk_group, renormalize, scaling,
-                        num_shared)
-
-
 def fused_moe(
     x: torch.Tensor,  # [T,H]
     w13: torch.Tensor,  # [E,2I,H]: gate rows then up rows

@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from common.ops.arrival import load_parts
 from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
@@ -64,39 +63,33 @@ def hw_round(device: torch.device) -> bool:
 
 
 @triton.jit
-def quant_row(x_row, q_row, s_ptr, K, QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr,
-              BLOCK: tl.constexpr, CG: tl.constexpr):
-    """Quantise one row of K values at x_row per token: codes at q_row, the scale at s_ptr. A row that
-    fits one BLOCK is loaded once and quantised from registers; a longer one takes pass 1 (the amax
-    over K in BLOCK chunks) and pass 2 (the codes). CG: load through L2 only (a row other programs
-    of this launch wrote: common/ops/arrival.py)."""
-    cols = tl.arange(0, BLOCK)
-    if BLOCK >= K:
-        m = cols < K
-        x = load_parts(x_row + cols, m, CG)
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), FLOOR), QMAX)
-        tl.store(q_row + cols, _quant_code(x, scale, QMAX, HW).to(q_row.dtype.element_ty), mask=m)
-    else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            amax = tl.maximum(amax, tl.abs(load_parts(x_row + k0 + cols, k0 + cols < K, CG)))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
-        for k0 in range(0, K, BLOCK):
-            m = k0 + cols < K
-            q = _quant_code(load_parts(x_row + k0 + cols, m, CG), scale, QMAX, HW)
-            tl.store(q_row + k0 + cols, q.to(q_row.dtype.element_ty), mask=m)
-    tl.store(s_ptr, scale)
-
-
-@triton.jit
 def _quant_per_token_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """grid (T,): one row (quant_row)."""
+    """grid (T,): one row. A row that fits one BLOCK is loaded once and quantised from registers;
+    a longer one takes pass 1 (the amax over K in BLOCK chunks) and pass 2 (the codes)."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
-    quant_row(x_ptr + row * stride_x, q_ptr + row * stride_q, s_ptr + row, K, QMAX, FLOOR, HW, BLOCK, False)
+    x_row = x_ptr + row * stride_x
+    cols = tl.arange(0, BLOCK)
+    if BLOCK >= K:
+        m = cols < K
+        x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), FLOOR), QMAX)
+        tl.store(q_ptr + row * stride_q + cols, _quant_code(x, scale, QMAX, HW).to(q_ptr.dtype.element_ty), mask=m)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), FLOOR), QMAX)
+        for k0 in range(0, K, BLOCK):
+            m = k0 + cols < K
+            x = tl.load(x_row + k0 + cols, mask=m, other=0.0).to(tl.float32)
+            q = _quant_code(x, scale, QMAX, HW)
+            tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=m)
+    tl.store(s_ptr + row, scale)
 
 
 @triton.jit

@@ -1,8 +1,6 @@
 """Triton fused MoE: router top-k, expert alignment, grouped gate_up+SiLU GEMM, down GEMM, combine.
 
 Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
-0. route: router logits and the grouped top-k (`router_topk`: for a few tokens, with arrival.ENABLED,
-   one launch, the top-k run by the router kernel's last program to arrive).
 1. align: the T*k (token, slot) assignments are bucketed by expert, each expert's bucket padded to
    a multiple of BLOCK_M. `sorted_ids[max_padded]` holds flat assignment indices t*k+j (sentinel
    T*k in padding) and `block_expert[max_blocks]` the expert of each BLOCK_M rows (-1: unused).
@@ -30,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from common.ops import arrival
-from common.ops.arrival import last_arrival, load_parts
 from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_config
 from common.ops.pdl import pdl_enabled, pdl_kwargs, pdl_start
 from common.ops.triton_router import router_logits_mma
@@ -41,21 +37,22 @@ ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (bench
 ALIGN_MAX_CHUNKS = 128
 
 
-@triton.jit
-def _topk_rows(
-    logit_ptr, bias_ptr, w_ptr, id_ptr, t, T, E, stride_l, scaling,
+@triton.jit(do_not_specialize=["T"])
+def _grouped_topk_kernel(
+    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
     EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
     RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, SHARED: tl.constexpr, CG: tl.constexpr,
+    K_PAD: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Tokens t [BT]: sigmoid scores, bias-corrected group-limited top-k, weights from the unbiased
-    scores (renormalised, scaled); then SHARED columns: ids E.., weight 1. CG: read the logits
-    through L2 only."""
+    """BT tokens per program: sigmoid scores, bias-corrected group-limited top-k, weights from
+    the unbiased scores (renormalised, scaled); then SHARED columns: ids E.., weight 1."""
+    pdl_start(PDL)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     e = tl.arange(0, E_PAD)  # [E_PAD]
     tm = t < T
     em = e < E
-    z = load_parts(logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :], tm[:, None] & em[None, :], CG)
-    s = tl.sigmoid(z)  # [BT,E_PAD]
+    z = tl.load(logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :], mask=tm[:, None] & em[None, :], other=0.0)
+    s = tl.sigmoid(z.to(tl.float32))  # [BT,E_PAD]
     c = s + tl.load(bias_ptr + e, mask=em, other=0.0)[None, :]
     c = tl.where(em[None, :], c, float("-inf"))
     if N_GROUP > 1:
@@ -96,21 +93,6 @@ def _topk_rows(
     tl.store(id_ptr + out, ids, mask=om)
 
 
-
-
-@triton.jit(do_not_specialize=["T"])
-def _grouped_topk_kernel(
-    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
-    EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
-    RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
-):
-    """BT tokens per program (_topk_rows)."""
-    pdl_start(PDL)
-    _topk_rows(logit_ptr, bias_ptr, w_ptr, id_ptr, tl.program_id(0) * BT + tl.arange(0, BT), T, E, stride_l, scaling,
-               EPG, N_GROUP, TOPK_GROUP, TOPK, RENORM, BT, E_PAD, G_PAD, K_PAD, SHARED, False)
-
-
 def grouped_topk(
     router_logits: torch.Tensor,  # [T,E] fp32
     correction_bias: torch.Tensor,  # [E] fp32
@@ -143,14 +125,9 @@ def grouped_topk(
 
 @triton.jit(do_not_specialize=["T"])
 def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
-                   cnt_ptr, bias_ptr, tw_ptr, tid_ptr, scaling,
-                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, TOPK_FUSED: tl.constexpr,
-                   EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
-                   RENORM: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
-                   SHARED: tl.constexpr, PDL: tl.constexpr):
+                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """grid (cdiv(E, BE),): logits[t, e] = sum_h fp32(x[t,h]) * w[e,h] for all T (<= BT) tokens;
-    each program streams its BE router rows once. TOPK_FUSED: the last program to arrive also runs
-    the grouped top-k over all T tokens' logits (weights at tw_ptr, ids at tid_ptr)."""
+    each program streams its BE router rows once."""
     pdl_start(PDL)
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     t = tl.arange(0, BT)
@@ -166,10 +143,6 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
             xi = tl.load(x_ptr + i * stride_x + k0 + k, mask=km & (i < T), other=0.0).to(tl.float32)  # [BK]
             acc += tl.where(t[:, None] == i, tl.sum(w * xi[None, :], axis=1)[None, :], 0.0)
     tl.store(out_ptr + t[:, None] * stride_o + e[None, :], acc, mask=tm[:, None] & em[None, :])
-    if TOPK_FUSED:  # noqa: SIM102 (a constexpr branch: no atomics compiled in without it)
-        if last_arrival(cnt_ptr, tl.num_programs(0)):
-            _topk_rows(out_ptr, bias_ptr, tw_ptr, tid_ptr, t, T, E, stride_o, scaling, EPG, N_GROUP, TOPK_GROUP, TOPK,
-                       RENORM, BT, E_PAD, G_PAD, K_PAD, SHARED, True)
 
 
 ROUTER_MAX_TOKENS = 4  # above this: triton_router's tensor-core kernel
@@ -179,57 +152,22 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T,H] (bf16) times the fp32 router weight [E,H]^T -> [T,E] fp32. Few tokens: one Triton
     kernel reading x in its own dtype (no fp32 copy of x, no cuBLAS GEMV + reduce pair); more: the
     exact three-way bf16 split of w on the tensor cores (triton_router; F.linear for other dtypes)."""
-    n_tok = x.shape[0]
+    n_tok, hidden = x.shape
     if n_tok > ROUTER_MAX_TOKENS:
         return router_logits_mma(x, w)
     if w.dtype != torch.float32 or n_tok == 0:
         return torch.nn.functional.linear(x.float(), w)
-    return _router_few(x, w, None)[0]
-
-
-def _router_few(x: torch.Tensor, w: torch.Tensor, topk: tuple | None) -> tuple[torch.Tensor, ...]:  # type: ignore[type-arg]
-    """The few-token router kernel: (logits,), or with `topk` = (correction_bias, top_k, n_group,
-    topk_group, renormalize, scaling, num_shared) (logits, weights, ids), the top-k by its last program."""
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
-    n_tok, hidden = x.shape
     n_exp = w.shape[0]
     out = torch.empty((n_tok, n_exp), dtype=torch.float32, device=x.device)
-    bias, top_k, n_group, topk_group, renormalize, scaling, num_shared = topk or (out, 1, 1, 1, False, 1.0, 0)
-    width = top_k + num_shared
-    if topk is not None:
-        weights = torch.empty((n_tok, width), dtype=torch.float32, device=x.device)
-        ids = torch.empty((n_tok, width), dtype=torch.int32, device=x.device)
-        cnt, bias = arrival.counters(x.device, 1), bias.float().contiguous()
-    else:
-        weights = ids = cnt = out
     # one router row per program, the whole hidden dim in one load: E programs of one latency each
     # (4 rows x 512-wide steps took 10 us per layer on the H100, latency-bound)
     bk = min(8192, triton.next_power_of_2(hidden))
     _router_kernel[(n_exp,)](x, w, out, n_tok, n_exp, hidden, x.stride(0), w.stride(0), out.stride(0),
-                             cnt, bias, weights, ids, float(scaling),
-                             BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, TOPK_FUSED=topk is not None,
-                             EPG=n_exp // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
-                             RENORM=renormalize, E_PAD=triton.next_power_of_2(n_exp),
-                             G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width),
-                             SHARED=num_shared, num_warps=4 if bk <= 4096 else 8, **pdl_kwargs(x.device))
-    return (out,) if topk is None else (out, weights, ids)
-
-
-def router_topk(
-    x: torch.Tensor, w: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
-    renormalize: bool, scaling: float, num_shared: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """grouped_topk(router_logits(x, w), ...): for a few tokens with the last-arrival epilogues on
-    (common/ops/arrival.py) one launch, the top-k run by the router kernel's last program to arrive;
-    otherwise the two ops."""
-    n_tok = x.shape[0]
-    if 0 < n_tok <= ROUTER_MAX_TOKENS and w.dtype == torch.float32 and arrival.ENABLED:
-        _, weights, ids = _router_few(x, w, (correction_bias, top_k, n_group, topk_group, renormalize, scaling,
-                                             num_shared))
-        return weights, ids
-    return grouped_topk(router_logits(x, w), correction_bias, top_k, n_group, topk_group, renormalize, scaling,
-                        num_shared)
+                             BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, num_warps=4 if bk <= 4096 else 8,
+                             **pdl_kwargs(x.device))
+    return out
 
 
 @triton.jit(do_not_specialize=["NUMEL", "CHUNK"])
@@ -513,5 +451,4 @@ def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, pdl: bool) -> None:
 
 
 __all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
-           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "router_topk",
-           "tma_supported"]
+           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "tma_supported"]

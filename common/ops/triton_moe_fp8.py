@@ -12,11 +12,7 @@ expert rides as an extra column; PDL; grids from host-known shapes only, so CUDA
    x.dtype, then quantised per assignment row (over its I columns, or per b columns). When a program
    holds whole quantisation groups (channel: BLOCK_N >= I; block: BLOCK_N a multiple of b) that is
    done in this epilogue (codes and scales stored); otherwise the rounded intermediate is stored and
-   quantised afterwards. Channel scales at up to LAST_QUANT_MAX_TOKENS tokens (decode, verify,
-   draft) with arrival.ENABLED: every program of a row block counts itself in once its tile is
-   stored, and the last of the block's cdiv(I, BLOCK_N) programs quantises the block's rows with
-   triton_fp8's per-token code (common/ops/arrival.py), saving a launch and its wait; otherwise triton_fp8 quantises the
-   intermediate in one more launch. Either way the codes and scales are the same bits.
+   triton_fp8 quantises it in one more launch.
 3. down: act_q rows times w2[e]^T with the same scale rules, times the routing weight -> y [T*k, H]
    in fp32, so that 4. the combine sums fp32 and casts once.
 A config's "swap" computes a GEMM tile as W A^T ([BLOCK_N, BLOCK_M]): with few rows per expert
@@ -32,21 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from common.ops import arrival
 from common.ops import triton_moe as tm
-from common.ops.arrival import last_arrival
 from common.ops.moe_configs import get_config
 from common.ops.pdl import pdl_enabled, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, check_fused_moe_fp8
-from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token, quant_row
+from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token
 
 _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-# Channel-scaled gate_up quantises its intermediate in the launch (last arrival) up to this many
-# tokens: the last program of a row block quantises the block's rows one after another (the shared
-# expert's block holds one row per token), so past a few rows the quantiser's one program per row,
-# in a launch of its own, is faster.
-LAST_QUANT_MAX_TOKENS = 8
-LAST_QUANT_BLOCK = 2048  # columns per step of that quantisation (the GEMM's registers; wider rows: two passes)
 
 
 @triton.jit
@@ -83,7 +71,6 @@ def _moe_fp8_gemm_kernel(
     GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr, TMA: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr,
-    q_ptr=None, cnt_ptr=None, LAST_QUANT: tl.constexpr = False, QB: tl.constexpr = 1,
 ):
     """One [BM, BN] output tile of expert-sorted rows, FP8 operands, fp32 accumulation.
     A (a_ptr, e4m3): row = sorted assignment // A_DIV (token for gate_up, assignment for down), its
@@ -91,11 +78,7 @@ def _moe_fp8_gemm_kernel(
     K/GROUP] (GROUP 1: per row). BLOCKWISE: scales per K step of BK == GROUP columns, else once.
     GATED: h = silu(A Wg^T) * (A Wu^T), Wu = rows N.. of the expert, rounded to ACT; QUANT: h
     quantised per row (per GROUP columns when BLOCKWISE) into codes at out_ptr and scales at os_ptr
-    (the program holds whole groups), else stored rounded. LAST_QUANT (GATED, channel scales): h is
-    stored rounded, then the last of a row block's num_n programs to arrive (counter cnt_ptr[pid_m])
-    quantises the block's rows per token, QB columns a step: codes at q_ptr [NUMEL, N], scales at
-    os_ptr. (These trailing arguments default off, so compile_report's signatures stay valid.)
-    Not GATED: out = A W^T * routing weight.
+    (the program holds whole groups), else stored rounded. Not GATED: out = A W^T * routing weight.
     TMA, DIRECT, GROUP_M, PDL, the wrapped column offsets: as triton_moe._moe_gemm_kernel."""
     pdl_start(PDL)
     pid = tl.program_id(0)
@@ -186,17 +169,6 @@ def _moe_fp8_gemm_kernel(
         res = acc * tl.load(topw_ptr + rows, mask=rmask, other=0.0)[:, None]
     o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-    # the last of the block's num_n programs (all of a live block's run; blocks without an expert
-    # returned above and never count in) finds every column of the block's rows stored
-    if LAST_QUANT and last_arrival(cnt_ptr + pid_m, num_n):
-        for i in range(1 if DIRECT else BM):  # DIRECT: row 0 alone is real, assignment pid_m
-            if DIRECT:
-                row = pid_m.to(tl.int64)
-            else:
-                row = tl.load(sorted_ptr + pid_m * BM + i).to(tl.int64)
-            if row < NUMEL:  # not padding
-                quant_row(out_ptr + row * stride_om, q_ptr + row * N, os_ptr + row * stride_os, N, QMAX, FLOOR, HW,
-                          QB, True)
 
 
 def fuses_quant(inter: int, block: int, block_n: int) -> bool:
@@ -207,13 +179,10 @@ def fuses_quant(inter: int, block: int, block_n: int) -> bool:
 def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
           out_scale: torch.Tensor | None, sorted_ids: torch.Tensor | None, block_expert: torch.Tensor,
           topw: torch.Tensor | None, numel: int, n: int, k: int, a_div: int, gated: bool, block: int, act: torch.dtype,
-          block_m: int, cfg: dict, pdl: bool, out_codes: torch.Tensor | None = None) -> None:
+          block_m: int, cfg: dict, pdl: bool) -> None:
     """One grouped FP8 GEMM launch (gate_up when gated, else down); out_scale given: gate_up
-    quantises its output (out e4m3), or with out_codes too stores it rounded at out and quantises
-    it per token by last arrival (codes at out_codes, contiguous). sorted_ids None: the one-token
-    path; topw None: gate_up."""
+    quantises its output (out e4m3). sorted_ids None: the one-token path; topw None: gate_up."""
     max_blocks = block_expert.shape[0]
-    last = out_codes is not None
     bn, bk = cfg["BLOCK_N"], block or cfg["BLOCK_K"]
     tma = (bool(cfg.get("tma")) and tm.tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
@@ -223,11 +192,10 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torc
         a, a_scale, w, desc, w_scale, out, scale_out, sorted_ids, block_expert, a_scale if topw is None else topw, numel, n, k, max_blocks,
         a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), scale_out.stride(0),
-        A_DIV=a_div, GATED=gated, QUANT=out_scale is not None and not last, ACT=_ACT[act], BLOCKWISE=block > 0,
+        A_DIV=a_div, GATED=gated, QUANT=out_scale is not None, ACT=_ACT[act], BLOCKWISE=block > 0,
         GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
         DIRECT=sorted_ids is None, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
-        HW=hw_round(a.device), q_ptr=out_codes, cnt_ptr=arrival.counters(a.device, max_blocks) if last else None,
-        LAST_QUANT=last, QB=min(triton.next_power_of_2(n), LAST_QUANT_BLOCK),
+        HW=hw_round(a.device),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
@@ -240,8 +208,8 @@ def quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
             sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, top_k: int, block: int, act: torch.dtype,
             block_m: int, cfg: dict, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate_up GEMM and the intermediate's quantisation (in its epilogue, by its last program
-    per row block, or one more launch): (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32)."""
+    """The gate_up GEMM and the intermediate's quantisation (in its epilogue or one more launch):
+    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32)."""
     numel, inter = x_q.shape[0] * top_k, w13.shape[1] // 2
     if fuses_quant(inter, block, cfg["BLOCK_N"]):
         act_q = torch.empty((numel, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
@@ -250,12 +218,6 @@ def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.
               True, block, act, block_m, cfg, pdl)
         return act_q, act_s
     act_h = torch.empty((numel, inter), dtype=act, device=x_q.device)  # [T*k, I]
-    if not block and arrival.ENABLED and x_q.shape[0] <= LAST_QUANT_MAX_TOKENS:
-        act_q = torch.empty((numel, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
-        act_s = torch.empty((numel, 1), dtype=torch.float32, device=x_q.device)
-        _gemm(x_q, x_s, w13, s13, act_h, act_s, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k,
-              True, block, act, block_m, cfg, pdl, act_q)
-        return act_q, act_s
     _gemm(x_q, x_s, w13, s13, act_h, None, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k, True,
           block, act, block_m, cfg, pdl)
     return quantize(act_h, block)
@@ -321,5 +283,4 @@ def fused_moe_fp8_with_config(
     return out
 
 
-__all__ = ["LAST_QUANT_MAX_TOKENS", "down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant", "gate_up",
-           "quantize"]
+__all__ = ["down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant", "gate_up", "quantize"]

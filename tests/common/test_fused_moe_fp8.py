@@ -13,10 +13,7 @@ routing weights). Gaussian operands check the real silu and the quantisation noi
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import torch
@@ -250,13 +247,6 @@ def test_triton_interpreted() -> None:
     run_interpreted(__file__, "moe_fp8", 150)
 
 
-def test_triton_interpreted_last_arrival() -> None:
-    pytest.importorskip("triton")
-    from tests.common.test_triton_interpret import run_interpreted
-
-    run_interpreted(__file__, "moe_fp8_arrival", 150)
-
-
 # --------------------------------------------------------------------------- subprocess side
 def _group_moe_fp8() -> None:
     """The kernel against the twin: exact operands to 1e-5 (fp32 accumulation order only), through
@@ -303,82 +293,9 @@ def _group_moe_fp8() -> None:
         assert err < 2e-2
 
 
-def _group_moe_fp8_arrival() -> None:
-    """gate_up's last-arrival quantisation of the intermediate (channel scales, BLOCK_N < I, few
-    tokens) against its store plus triton_fp8's per-token launch: codes and scales bit for bit, and
-    the whole MoE output, through the one-token path and sorted blocks (padding rows, blocks of
-    several rows, unused blocks), swapped operands, N tails, a row in one step and in two passes
-    (LAST_QUANT_BLOCK 32 < I). Each launch runs twice: the last programs set the counters back to
-    zero, so the second run is the same and the counters end at zero. A prefill size keeps the
-    separate launch."""
-    from common.ops import arrival
-    from common.ops import triton_moe as tm
-    from common.ops import triton_moe_fp8 as tf8
-
-    launches = []  # per-token quantiser launches (gate_up and fused_moe_fp8 look the name up in tf8)
-    per_token = tf8.quant_fp8_per_token
-    tf8.quant_fp8_per_token = lambda x: launches.append(x.shape) or per_token(x)
-    counters = arrival.counters(torch.device("cpu"), 1)
-
-    def run(fn: Callable[[], Any], on: bool, quantiser_launches: int) -> Any:
-        arrival.ENABLED = on
-        del launches[:]
-        out = fn()
-        assert len(launches) == quantiser_launches, f"on={on}: {len(launches)} quantiser launches"
-        assert not counters.any(), "counters left nonzero"
-        return out
-
-    def cfg(bn: int, gm: int, swap: bool) -> dict:
-        part = {"BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": gm, "num_warps": 4, "num_stages": 2, "swap": swap,
-                "tma": False}
-        return {"BLOCK_M": 16, "up": part, "down": dict(part, BLOCK_N=32)}
-
-    cases = [  # (n, e, k, inter, BLOCK_N, GROUP_M, swap, LAST_QUANT_BLOCK); I = 48 with BLOCK_N 32: an N tail
-        (1, 6, 4, 48, 16, 1, False, 2048), (1, 6, 3, 64, 32, 1, True, 32), (3, 6, 3, 48, 16, 1, False, 32),
-        (8, 4, 3, 48, 32, 2, True, 2048), (6, 6, 4, 64, 16, 1, False, 32),
-    ]
-    seen = {"rows": 0, "unused": False}
-    for n, e, k, inter, bn, gm, swap, chunk in cases:
-        config = cfg(bn, gm, swap)
-        tf8.LAST_QUANT_BLOCK = chunk
-        for dt in (torch.float32, torch.float16):
-            x, w13, s13, w2, s2, weights, ids = exact_case(n, e, k, 64, inter, 0)
-            if dt == torch.float16:  # keep silu(g) * up inside fp16's range
-                s13[:, s13.shape[1] // 2 :] /= 2**12
-            x = x.to(dt)
-            if n == 1:
-                sorted_ids, block_expert = None, ids.reshape(-1).to(torch.int32)
-            else:
-                sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), e, 16)
-                seen["rows"] = max(seen["rows"], int((sorted_ids < n * k).reshape(-1, 16).sum(1).max()))
-                seen["unused"] |= bool((block_expert < 0).any())
-            x_q, x_s = tf8.quantize(x, 0)
-            gate_up = functools.partial(tf8.gate_up, x_q, x_s, w13, s13, sorted_ids, block_expert, k, 0, dt, 16,
-                                        config["up"], False)
-            moe = functools.partial(tf8.fused_moe_fp8_with_config, x, w13, s13, w2, s2, weights, ids, 0, config)
-            name = f"T={n} E={e} k={k} I={inter} BN={bn} swap={swap} chunk={chunk} {dt}"
-            want_q, want_s = run(gate_up, False, 1)
-            want = run(moe, False, 2)  # x's quantisation, the intermediate's
-            for again in range(2):
-                q, s = run(gate_up, True, 0)
-                assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), f"{name} run {again}: codes differ"
-                assert torch.equal(s.view(torch.uint8), want_s.view(torch.uint8)), f"{name} run {again}: scales differ"
-                assert torch.equal(run(moe, True, 1), want), f"{name} run {again}: output differs"
-            err = rel(want, ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, 0))
-            print(f"{name:60s} bit-equal, rel {err:.2e} to the twin")
-            assert err < (TIGHT if dt == torch.float32 else 2.0**-10)
-    assert seen["rows"] > 1 and seen["unused"], f"cases must cover blocks of several rows and unused blocks: {seen}"
-    n = tf8.LAST_QUANT_MAX_TOKENS + 1  # a prefill size keeps the quantiser's launch
-    x, w13, s13, w2, s2, weights, ids = exact_case(n, 6, 3, 64, 48, 0)
-    x_q, x_s = tf8.quantize(x, 0)
-    sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), 6, 16)
-    run(lambda: tf8.gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, 3, 0, x.dtype, 16, cfg(16, 1, False)["up"],
-                            False), True, 1)
-
-
 if __name__ == "__main__":
     from tests.common.test_triton_interpret import _setup
 
     _setup()
-    {"moe_fp8": _group_moe_fp8, "moe_fp8_arrival": _group_moe_fp8_arrival}[sys.argv[1]]()
+    {"moe_fp8": _group_moe_fp8}[sys.argv[1]]()
     print(f"OK {sys.argv[1]}")

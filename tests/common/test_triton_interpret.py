@@ -171,18 +171,6 @@ def _group_moe() -> None:
     for n in (1, 3, 6):  # the few-token router kernel (6: the cuBLAS fallback)
         x, w = torch.randn(n, 600, dtype=torch.float16), torch.randn(10, 600)
         _check(f"router_logits T={n}", tm.router_logits(x, w), x.double() @ w.double().T, torch.float32)
-    # routing in one launch (the top-k by the router's last program): the same weights and ids as
-    # the two launches, counters back at zero; 6 tokens: the two ops
-    from common.ops import arrival
-
-    arrival.ENABLED = True  # the epilogues' switch (off by default)
-    for n, e, k, g, tg, shared in ((1, 16, 4, 1, 1, 1), (3, 32, 4, 4, 2, 0), (4, 20, 3, 1, 1, 2), (6, 16, 4, 1, 1, 1)):
-        x, w, bias = torch.randn(n, 300, dtype=torch.float16), torch.randn(e, 300), torch.randn(e) * 0.1
-        got = tm.router_topk(x, w, bias, k, g, tg, True, 2.5, shared)
-        want = tm.grouped_topk(tm.router_logits(x, w), bias, k, g, tg, True, 2.5, shared)
-        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), f"router_topk T={n} E={e} G={g}"
-        print(f"router_topk T={n} E={e} G={g} shared={shared}: equal to router_logits + grouped_topk")
-    assert not arrival.counters(torch.device("cpu"), 1).any(), "arrival counters left non-zero"
     # last three: the count / plan / scatter path (T*k > ALIGN_SMALL); min_bm < bm: tail blocks
     for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (200, 8, 24, 32)):  # last: multi-chunk path
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
@@ -279,32 +267,6 @@ def _group_attention() -> None:
             out = tp.paged_attention_splits(q, kc, vc, batch, d**-0.5, splits)
             want = torch_ref.paged_attention(q.double(), kc.double(), vc.double(), batch, d**-0.5)
             _check(f"paged_attention {name}", out, want, dt)
-    _attention_quant(build, tp)
-
-
-def _attention_quant(build, tp) -> None:  # type: ignore[no-untyped-def]
-    """The output quantised for an FP8 o_proj in the split-K merge (per token by the last program of
-    a token to arrive, per head-wide group by each program) is bit-equal to the output followed by
-    the standalone quantisers, and leaves the arrival counters at zero (a graph can replay it)."""
-    import torch
-
-    from common.ops import arrival
-    from common.ops import reference as ref
-
-    arrival.ENABLED = True  # the epilogues' switch (off by default)
-    specs = [(1, 100, None, False), (1, 70, None, False), (4, 60, 30, True)]
-    for dt in (torch.float16, torch.float32):
-        for quant, splits in ((0, 3), (32, 3), (0, 1), (16, 2)):  # 16: not the head dim, standalone quantiser
-            q, kc, vc, batch = build(specs, 8, 48, 2, 6, 32, dt)
-            out, codes, scales = tp.paged_attention_splits(q, kc, vc, batch, 32**-0.5, splits, quant)
-            plain = tp.paged_attention_splits(q, kc, vc, batch, 32**-0.5, splits)
-            assert torch.equal(out, plain), "the quantising merge changed the output"
-            rows = out.view(out.shape[0], -1)
-            rq, rs = ref.quant_fp8_per_token(rows) if quant == 0 else ref.quant_fp8_per_group(rows, quant)
-            assert torch.equal(codes.view(torch.uint8), rq.view(torch.uint8)), f"codes differ: quant {quant} {dt}"
-            assert torch.equal(scales, rs), f"scales differ: quant {quant} {dt}"
-            print(f"paged_attention quant={quant} splits={splits} {dt}: codes and scales bit-equal")
-    assert not arrival.counters(torch.device("cpu"), 1).any(), "arrival counters left non-zero"
 
 
 def _group_batch() -> None:

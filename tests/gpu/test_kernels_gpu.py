@@ -235,43 +235,6 @@ def test_sdpa_prefill_serves_long_prefills(case: str, monkeypatch: pytest.Monkey
     assert rel(tp.paged_attention(q, kc, vc, batch, 128**-0.5), want) < BF16_TOL
 
 
-@pytest.mark.parametrize("case", ["decode b1 8k", "decode b4 mixed", "verify b4 q4 mask"])
-@pytest.mark.parametrize("quant", [0, 128])
-def test_attention_quant_in_merge(case: str, quant: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The split-K merge's FP8 output for o_proj (per token: quantised by the last of a token's
-    programs to arrive; per 128 group: by each head's program) is bit-equal to the merged output
-    followed by the standalone quantiser, 20 launches in a row and across CUDA-graph replays on
-    new inputs; the arrival counters end at zero."""
-    from common.attention import triton_paged as tp
-    from common.ops import arrival
-    from common.ops import triton_fp8 as tf
-
-    monkeypatch.setattr(arrival, "ENABLED", True)
-
-    def unfused(q, kc, vc, batch):  # type: ignore[no-untyped-def]
-        rows = tp.paged_attention_splits(q, kc, vc, batch, 0.088, None).view(q.shape[0], -1)
-        return tf.quant_fp8_per_token(rows) if quant == 0 else tf.quant_fp8_per_group(rows, quant)
-
-    def same(got, want) -> None:  # type: ignore[no-untyped-def]
-        assert torch.equal(got[1].view(torch.uint8), want[0].view(torch.uint8)), "codes differ"
-        assert torch.equal(got[2], want[1]), "scales differ"
-
-    q, kc, vc, batch = _attn_batch(ATTN_CASES[case])
-    want = unfused(q, kc, vc, batch)
-    for _ in range(20):
-        same(tp.paged_attention_quant(q, kc, vc, batch, 0.088, quant), want)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = tp.paged_attention_quant(q, kc, vc, batch, 0.088, quant)
-    for _ in range(10):
-        q.copy_(torch.randn_like(q) * 3)
-        graph.replay()
-        same(got, unfused(q, kc, vc, batch))
-    torch.cuda.synchronize()
-    assert not arrival.counters(q.device, 1).any()
-
-
 def test_decode_attention_graph_replay() -> None:
     """Capture decode once, change sequence lengths and pages on the device, replay: still right."""
     from common.attention import torch_ref

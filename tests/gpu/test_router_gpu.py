@@ -64,38 +64,3 @@ def test_router_logits_mma_cuda_graph() -> None:
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(out, tr.router_logits_mma(x, w))
-
-
-@pytest.mark.parametrize("n", [1, 2, 4])
-@pytest.mark.parametrize(("e", "h", "k"), [(128, 4096, 8), (160, 5120, 8)])
-def test_router_topk_one_launch(n: int, e: int, h: int, k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The few-token routing in one launch (top-k by the router kernel's last program to arrive)
-    gives the same weights and ids as the router and top-k launches, 20 launches in a row and across
-    CUDA-graph replays on new inputs; the arrival counters end at zero."""
-    from common.ops import arrival
-    from common.ops import triton_moe as tm
-
-    monkeypatch.setattr(arrival, "ENABLED", True)
-    x = torch.randn(n, h, device=DEV, dtype=torch.bfloat16)
-    w, bias = torch.randn(e, h, device=DEV) / h**0.5, torch.randn(e, device=DEV) * 0.1
-
-    def unfused() -> tuple[torch.Tensor, torch.Tensor]:
-        return tm.grouped_topk(tm.router_logits(x, w), bias, k, 1, 1, True, 2.5, 1)
-
-    def same(got: tuple, want: tuple) -> None:  # type: ignore[type-arg]
-        assert torch.equal(got[1], want[1]), "ids differ"
-        assert torch.equal(got[0], want[0]), "weights differ"
-
-    want = unfused()
-    for _ in range(20):
-        same(tm.router_topk(x, w, bias, k, 1, 1, True, 2.5, 1), want)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = tm.router_topk(x, w, bias, k, 1, 1, True, 2.5, 1)
-    for _ in range(10):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        same(got, unfused())
-    torch.cuda.synchronize()
-    assert not arrival.counters(x.device, 1).any()
