@@ -13,7 +13,8 @@ rotated past L2) of:
   ch        cuBLAS row-wise on pre-quantised x (cublas_fp8.scaled_mm_linear; `ref` marks the reference
             fallback where cuBLAS cannot take the shape), ch+q the same with the per-token quant of x;
   chT       the Triton channel-scaled GEMM (triton_fp8_gemm.fp8_linear, split-K at M <= 64);
-  op        ops.fp8_linear, what the model calls (Triton at M <= cublas_fp8.SMALL_M, else cuBLAS);
+  op        ops.fp8_linear, what the model calls (Triton at M <= cublas_fp8.SMALL_M and where cuBLAS
+            cannot run the shape, else cuBLAS);
   blk       ops.fp8_block_linear on pre-quantised x (the Triton block GEMM), blk+q with the
             per-128-group quant of x. Shapes whose K is not a multiple of 128 have no block path.
 For each: weight GB/s and its fraction of the read bandwidth, TFLOP/s and its fraction of the bf16 or

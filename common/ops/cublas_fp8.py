@@ -7,8 +7,9 @@ cores with the scales applied in its epilogue, so the dense FP8 path needs no ke
 up. Its limits decide where it runs, and `scaled_mm_fits` is the one place that says so: CUDA on
 sm_90 or newer, E4M3 operands, fp32 scales shaped [T,1] and [N,1], a bf16 output (the only one
 row-wise scaling serves), a bf16 bias or none, K and N multiples of 16, row-major operands on
-16-byte boundaries. Every other call runs the reference twin, so results never depend on whether
-the fast path was taken beyond accumulation order and the output's rounding.
+16-byte boundaries. Every other call on Hopper runs the Triton channel GEMM (any K and N), and off
+Hopper the reference twin, so results never depend on the path taken beyond accumulation order and
+the output's rounding.
 
 Few tokens (M <= SMALL_M, decode and verify steps) go to the Triton channel GEMM instead: there the
 call is a weight-bandwidth GEMV, and cuBLAS's kernels reached only 44-47 % of the read bandwidth at
@@ -77,13 +78,16 @@ def fp8_linear(
     bias: torch.Tensor | None = None,  # [N]
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias); fp32 accumulation, no fast accumulation."""
-    if x_q.shape[0] <= SMALL_M and _triton_fits(x_q, x_scale, w_q, w_scale):
+    """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias); fp32 accumulation, no fast accumulation.
+    The Triton GEMM takes the few-token calls (unless the sweep timed cuBLAS faster for the shape) and
+    every call cuBLAS cannot run (K or N not a multiple of 16, such as Air's dense down at TP 8 with
+    K = 1368; other output dtypes), cuBLAS the rest; the reference twin only off Hopper."""
+    if _triton_fits(x_q, x_scale, w_q, w_scale):
         from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
 
         m, (n, k) = x_q.shape[0], w_q.shape
-        if not (triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device)
-                and scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)):
+        cublas = scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        if not cublas or (m <= SMALL_M and not triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device)):
             return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return scaled_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 

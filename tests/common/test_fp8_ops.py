@@ -127,6 +127,28 @@ def test_fp8_linear_dispatch_on_cpu() -> None:
     assert scale.shape == (2, 1) and (q.float() == 0).all()
 
 
+@pytest.mark.parametrize(("m", "cublas_runs_it", "cublas_faster", "want"), [
+    (1, True, False, "triton"), (64, True, True, "cublas"), (65, True, False, "cublas"),
+    (4096, False, False, "triton"), (1, False, True, "triton")])
+def test_fp8_linear_path_choice(m: int, cublas_runs_it: bool, cublas_faster: bool, want: str,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Hopper: Triton for few tokens unless the sweep timed cuBLAS faster, cuBLAS for many, and
+    Triton at any size for a call cuBLAS cannot run (Air's dense down at TP 8 has K = 1368)."""
+    pytest.importorskip("triton")
+    from common.ops import triton_fp8_gemm
+
+    taken: list[str] = []
+    monkeypatch.setattr(cublas_fp8, "_triton_fits", lambda *a: True)
+    monkeypatch.setattr(cublas_fp8, "scaled_mm_fits", lambda *a: cublas_runs_it)
+    monkeypatch.setattr(triton_fp8_gemm, "cublas_measured_faster", lambda *a: cublas_faster)
+    monkeypatch.setattr(triton_fp8_gemm, "fp8_linear", lambda *a: taken.append("triton"))
+    monkeypatch.setattr(cublas_fp8, "scaled_mm_linear", lambda *a: taken.append("cublas"))
+    x_q, x_scale = ref.quant_fp8_per_token(torch.randn(m, 64))
+    w_q, w_scale = ref.quant_fp8_per_token(torch.randn(32, 64))
+    cublas_fp8.fp8_linear(x_q, x_scale, w_q, w_scale)
+    assert taken == [want]
+
+
 def test_quant_interpreted() -> None:
     pytest.importorskip("triton")
     from tests.common.test_triton_interpret import run_interpreted
