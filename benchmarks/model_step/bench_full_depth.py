@@ -26,9 +26,9 @@
 6. bf16 (--dtype both or bf16): the same at the depth that fits; with both, the FP8 model again at that
    depth (decode) for the FP8 / bf16 decode ratio at equal depth.
 7. GPU, unless --no-pdl-ab: the decode graphs captured again with plain launches (common/ops/pdl.py
-   off) and the decode step timed with them. --profile B,..: each decode graph's kernels (and the
-   longest prefill's) under torch.profiler with plain launches, grouped by kernel, with the idle time
-   between kernels.
+   off) and the decode step timed with them. --profile B,..: the kernels of each decode graph, of the
+   EAGLE step at that batch and of the longest prefill under torch.profiler with plain launches,
+   grouped by kernel, with the idle time between kernels.
 
 Ceilings are measured on the same GPU (benchmarks/measure.py: streaming read bandwidth, bf16 and FP8
 GEMM 8192^3; the FP8 peak is the faster of fp32 and fast accumulation). Prints PASS/FAIL for the targets (decode <= 1.25x roofline at B=1, <= 1.3x at 32 and 64;
@@ -194,8 +194,9 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
         if (args.pdl_ab or args.profile) and cuda and not decode_only:
-            # the decode graphs again with plain launches: timed against the PDL ones, and profiled (under
-            # PDL a kernel starts early and waits, so its profiled time would include its predecessor's)
+            # the decode graphs (and for the profile the EAGLE ones) again with plain launches: timed against
+            # the PDL ones, and profiled (under PDL a kernel starts early and waits, so its profiled time
+            # would include its predecessor's)
             runner.release_graphs()
             saved, pdl.ENABLED = pdl.ENABLED, False
             try:
@@ -204,7 +205,8 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
                     info["decode_plain_launch"] = _each(name, "decode, plain launches",
                                                         [lambda b=b: steps.decode(st, b) for b in args.batches])
                 if args.profile:
-                    info["profile"] = steps.profile(st, args.profile, max(args.prefill), args.chunk)
+                    runner.capture_spec_graphs(max(args.batches), *args.spec)
+                    info["profile"] = steps.profile(st, args.profile, max(args.prefill), args.chunk, eagle=True)
                     print("\n".join(info["profile"]), flush=True)
             finally:
                 pdl.ENABLED = saved
@@ -404,7 +406,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, help="timed repetitions of an isolated step (default 10; --tiny 1)")
     ap.add_argument("--load-layers", type=int, help="layers of the loader's checkpoint (default 2; 0 skips it)")
     ap.add_argument("--ckpt-dir", default=None, help="where the loader's checkpoint is written (default: temp dir)")
-    ap.add_argument("--profile", default="", help="decode batches to profile per kernel (e.g. 1,32), with the "
+    ap.add_argument("--profile", default="", help="decode and EAGLE batches to profile per kernel (e.g. 1,32), with the "
                     "longest prefill; the FP8 model's sections go to the report (GPU only)")
     ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
                     help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")

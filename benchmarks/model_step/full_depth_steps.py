@@ -250,9 +250,11 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ profile
-def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top: int = 30) -> list[str]:
-    """Per-kernel GPU time (torch.profiler) of the decode graph replay at each batch and of an eager
-    prefill of prefill_tokens (0: none), as markdown sections: where the gap to the roofline goes."""
+def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top: int = 30,
+            eagle: bool = False) -> list[str]:
+    """Per-kernel GPU time (torch.profiler) of the decode graph replay at each batch (and with `eagle`
+    of the EAGLE step there, as the worker runs it) and of an eager prefill of prefill_tokens (0:
+    none), as markdown sections: where the gap to the roofline goes."""
     from benchmarks.model_step.profile_step import section
 
     runner, out = st.runner, []
@@ -263,6 +265,16 @@ def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top:
             runner.decode_logits(batch)
 
         out += section(f"decode B={b}, CUDA graph", isolated_us(st, step), step, st.effort.reps, top)
+        if eagle:
+            reqs, reset = _requests(st, b)
+
+            def spec_step(reqs: list[DecodeReq] = reqs, reset: Callable[[], None] = reset) -> None:
+                reset()  # every profiled step from the same state (host work, outside the kernels' time)
+                st.eagle.step(reqs)
+
+            wall = isolated_us(st, lambda reqs=reqs: st.eagle.step(reqs), reset)
+            out += section(f"EAGLE {','.join(map(str, st.spec))} B={b}, worker graphs", wall, spec_step,
+                           st.effort.reps, top)
     if prefill_tokens:
         _, run = _prefill_forwards(st, prefill_tokens, chunk)
 

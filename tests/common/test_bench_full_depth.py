@@ -208,3 +208,42 @@ def test_tiny_flow_with_shared_layers() -> None:
                       "--chunk", "32", "--context", "16", "--load-layers", "0"]))["fp8"]
     assert model["decode"][0]["bytes_gb"] == deep["decode"][0]["bytes_gb"]  # the same roofline as 5 own layers
     assert "share the weights" in markdown({"device": "cpu", "date": "", "spec": (3, 1, 4), "fp8": model})
+
+
+def test_profile_sections_cover_decode_and_the_eagle_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--profile's flow at tiny widths (the profiler's kernel table needs CUDA, so a stand-in runs each
+    section's step instead): a section per decode batch and one per EAGLE step, every EAGLE call from
+    the same state, and the prefill's."""
+    from benchmarks.model_step import bench_full_depth as bench
+    from benchmarks.model_step import full_depth_steps as steps
+    from benchmarks.model_step import profile_step
+
+    args = parse(["--tiny", "--dtype", "fp8", "--batches", "1,2", "--prefill", "32", "--chunk", "32",
+                  "--context", "16", "--load-layers", "0"])
+    device = torch.device("cpu")
+    dtype = bench.act_dtype(device)
+    model = random_model(dict(TINY), device, dtype, fp8=True)
+    runner = ModelRunner("", device, dtype, bench.PAGE, 0, with_mtp=True, mem_fraction=bench.MEM_FRACTION, model=model)
+    st = steps.Stage.build(runner, Shape(model.config, True, dtype.itemsize), None, args.context, args.spec,
+                           bench.effort(args), bench.pages_per_request(args), max(args.batches), 2)
+    steps_seen: list[tuple[str, int]] = []
+
+    def section(title: str, wall: float, fn, reps: int, top: int) -> list[str]:  # type: ignore[no-untyped-def]
+        assert wall > 0
+        for _ in range(2):
+            fn()
+        return [title]
+
+    monkeypatch.setattr(profile_step, "section", section)
+    real_step = st.eagle.step
+
+    def eagle_step(reqs):  # type: ignore[no-untyped-def]
+        steps_seen.append((reqs[0].request_id, reqs[0].kv_len))
+        return real_step(reqs)
+
+    monkeypatch.setattr(st.eagle, "step", eagle_step)
+    titles = steps.profile(st, [1, 2], 32, 32, eagle=True)
+    assert titles == ["decode B=1, CUDA graph", "EAGLE 3,1,4 B=1, worker graphs",
+                      "decode B=2, CUDA graph", "EAGLE 3,1,4 B=2, worker graphs", "prefill 1x32, eager"]
+    profiled = steps_seen[-2:]  # the stand-in's two calls of the last EAGLE section: the same start
+    assert profiled[0] == profiled[1] == ("r0", args.context)
