@@ -86,8 +86,8 @@ def fp8_linear(
         from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
 
         m, (n, k) = x_q.shape[0], w_q.shape
-        cublas = scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-        if not cublas or (m <= SMALL_M and not triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device)):
+        if ((m <= SMALL_M and not triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device))
+                or not scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)):
             return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return scaled_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
