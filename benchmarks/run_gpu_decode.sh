@@ -36,7 +36,5 @@ fi
   echo; echo "## MoE tuning"; grep -hE "^  (air|glm45)|budget" "$OUT"/tune_moe.log 2>/dev/null
   echo; echo "## MoE kernels"; grep -E "fused_moe" "$OUT/bench_moe.log" 2>/dev/null
   echo; echo "## MoE PDL"; grep -E "^\|" "$OUT/bench_moe_pdl.log" 2>/dev/null
-  echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+finish

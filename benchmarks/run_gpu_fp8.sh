@@ -42,7 +42,5 @@ fi
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_fp8_tests.log" 2>/dev/null | tail -n 20
   echo; cat "$OUT/bench_full_depth.md" 2>/dev/null || echo "(bench_full_depth.md missing: see bench_full_depth.log)"
   [[ -f "$OUT/shared_layers/bench_full_depth.md" ]] && { echo; cat "$OUT/shared_layers/bench_full_depth.md"; }
-  echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+finish

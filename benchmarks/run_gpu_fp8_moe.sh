@@ -32,7 +32,5 @@ fi
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 20
   echo; echo "## FP8 MoE tuning"; grep -hE "^  (air|glm45)|budget|skipping" "$OUT"/tune_fp8*.log 2>/dev/null
   echo; echo "## FP8 MoE against bf16"; grep -E "^(ceilings|\||read_frac)" "$OUT/bench_moe_fp8.log" 2>/dev/null
-  echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+finish

@@ -23,7 +23,5 @@ fi
   echo; echo "## gpu tests"; grep -E "passed|failed|FAILED|ERROR" "$OUT/gpu_tp_tests.log" 2>/dev/null | tail -n 20
   echo; cat "$OUT/bench_tp_slices.md" 2>/dev/null || echo "(bench_tp_slices.md missing: see bench_tp_slices.log)"
   echo; tail -n 20 "$OUT/bench_tp_plan.log" 2>/dev/null
-  echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+finish

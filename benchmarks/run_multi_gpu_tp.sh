@@ -76,7 +76,5 @@ pkill -9 -f "[c]ommon[.]tools[.]cli" 2>/dev/null
   for d in serving_tp serving_glm45 serving_glm45_eagle; do
     [ -f "$OUT/$d/MULTI_GPU.md" ] && { echo; echo "## $d"; cat "$OUT/$d/MULTI_GPU.md"; }
   done
-  echo "total $(( $(date +%s) - T0 ))s"
 } >> "$OUT/$SUMMARY" 2>&1
-pack_results
-cat "$OUT/$SUMMARY"
+finish
