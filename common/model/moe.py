@@ -58,8 +58,9 @@ class Experts(nn.Module):
 
     fp8_block: int | None = None
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, num_shared: int = 0) -> None:
         super().__init__()
+        self.num_shared = num_shared  # the last experts: fused shared experts, in every token's ids
         self.tp = current_tp()
         self.source = shard_range(intermediate_size, self.tp, "moe_intermediate_size")
         self.full_intermediate = intermediate_size
@@ -115,7 +116,7 @@ class Experts(nn.Module):
             y = ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
         else:
             y = ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block,
-                                  x_quant)
+                                  x_quant, self.num_shared)
         return y if self.tp.size == 1 else self.tp.all_reduce(y)  # routed + shared partials summed
 
 
@@ -130,7 +131,7 @@ class MoE(nn.Module):
         self.gate = Router(config.hidden_size, config.n_routed_experts)
         self.num_shared = config.n_shared_experts
         self.experts = Experts(config.n_routed_experts + self.num_shared, config.hidden_size,
-                               config.moe_intermediate_size)
+                               config.moe_intermediate_size, self.num_shared)
 
     input_needs_normed = True  # the router reads x in the model dtype, the FP8 experts its quantisation
 

@@ -168,8 +168,11 @@ def fused_moe_fp8(
     ids: torch.Tensor,
     block: int = 0,
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_shared: int = 0,
 ) -> torch.Tensor:
-    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block, x_quant)
+    """num_shared: the last ids columns are fused shared experts (the last experts of w13 / w2),
+    known before routing; the GPU kernels start on their weights early (same result)."""
+    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block, x_quant, num_shared)
 
 
 def store_kv(

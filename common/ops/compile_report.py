@@ -30,7 +30,7 @@ GEMM_ALIGNED = ("a_ptr", "w_ptr", "out_ptr", "sorted_ptr", "block_expert_ptr", "
 # _moe_fp8_gemm_kernel's runtime arguments (types by fp8_gemm_signature)
 FP8_GEMM_ARGS = ("a_ptr", "as_ptr", "w_ptr", "w_desc", "ws_ptr", "out_ptr", "os_ptr", "sorted_ptr", "block_expert_ptr",
                  "topw_ptr", "NUMEL", "N", "K", "MAX_BLOCKS", "stride_am", "stride_as", "stride_we", "stride_wn",
-                 "stride_wse", "stride_wsn", "stride_om", "stride_os")
+                 "stride_wse", "stride_wsn", "stride_om", "stride_os", "early_programs", "num_experts", "first_slot")
 FP8_GEMM_ALIGNED = ("a_ptr", "as_ptr", "w_ptr", "ws_ptr", "out_ptr", "os_ptr", "sorted_ptr", "block_expert_ptr",
                     "topw_ptr", "N", "K", "stride_am", "stride_we", "stride_wn", "stride_om")
 SASS_OPS = ("HGMMA", "QGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDG", "STG")
@@ -68,12 +68,12 @@ def fp8_gemm_signature(gated: bool, direct: bool, bm: int, bn: int, bk: int, blo
     import triton.language as tl
 
     out = "*fp8e4nv" if gated and quant else "*bf16" if gated else "*fp32"
-    types = ("*fp8e4nv", "*fp32", "*fp8e4nv", "constexpr", "*fp32", out, "*fp32", "*i32", "*i32", "*fp32") + ("i32",) * 12
+    types = ("*fp8e4nv", "*fp32", "*fp8e4nv", "constexpr", "*fp32", out, "*fp32", "*i32", "*i32", "*fp32") + ("i32",) * 15
     sig = dict(zip(FP8_GEMM_ARGS, types, strict=True))
     consts = {"w_desc": None, "A_DIV": 9 if gated else 1, "GATED": gated, "QUANT": gated and quant,
               "ACT": tl.bfloat16, "BLOCKWISE": block > 0, "GROUP": max(block, 1), "EVEN_K": even_k, "BM": bm, "BN": bn,
               "BK": bk, "GROUP_M": 1 if direct else 8, "TMA": tma, "DIRECT": direct, "SWAP": swap, "PDL": True,
-              "QMAX": 448.0, "FLOOR": 2.0**-30}
+              "QMAX": 448.0, "FLOOR": 2.0**-30, "IDS_READY": not gated}
     if tma:
         sig["w_desc"] = f"tensordesc<fp8e4nv[{bn}, {bk}]>"
         del consts["w_desc"]

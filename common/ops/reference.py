@@ -297,6 +297,7 @@ def fused_moe_fp8(
     ids: torch.Tensor,  # [T,k] int32
     block: int = 0,
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # step 1 already done by x's producer
+    num_shared: int = 0,  # a scheduling hint of the GPU kernels; the result does not depend on it
 ) -> torch.Tensor:  # [T,H] x.dtype
     """The W8A8 fused MoE: sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j], with
     FP8 weights and activations. Exactly (block 0: per token / per row; block b: per 1 x b group

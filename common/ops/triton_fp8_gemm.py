@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common.ops.pdl import pdl_kwargs, pdl_start
+from common.ops.pdl import pdl_kwargs, pdl_start, prefetch_programs, prefetch_rows
 
 TUNED_PATH = Path(__file__).with_name("fp8_gemm_tuned.json")
 
@@ -43,15 +43,16 @@ class GemmConfig(NamedTuple):
 
 @triton.jit
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, k_per_split,
+    a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, k_per_split, early_programs,
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
-    writes its scaled fp32 partial to c[s] ([SPLIT_K, M, N]); `_split_k_reduce` adds them up."""
-    pdl_start(PDL)
+    writes its scaled fp32 partial to c[s] ([SPLIT_K, M, N]); `_split_k_reduce` adds them up.
+    PDL: the first early_programs programs in launch order (t fastest) ask L2 for their weight slice
+    before the wait."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -68,6 +69,9 @@ def _fp8_gemm_kernel(
     mask_n = offs_n < N
     k_lo = pid_k * k_per_split  # a multiple of BLOCK_K
     k_hi = tl.minimum(K, k_lo + k_per_split)
+    if PDL and pid_k * tl.num_programs(0) + pid < early_programs:  # weights: no earlier kernel writes them
+        prefetch_rows(b_ptr, tl.minimum(offs_n, N - 1), stride_bn, k_lo, k_hi)
+    pdl_start(PDL)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :]  # [BM,BK]
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_lo + offs_k)[:, None]  # [BK,BN]: B^T, K-major
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -207,13 +211,16 @@ def fp8_gemm(
     has_bias = bias is not None
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x_q.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    launch = pdl_kwargs(x_q.device)
+    # few tokens: the weight stream is the whole cost, so start it behind the previous kernel
+    prefetch = prefetch_programs(k_per_split * cfg.block_n, launch["PDL"] and m <= 64)
     _fp8_gemm_kernel[grid](
-        x_q, x_scale, w_q, w_scale, bias if has_bias else w_scale, dest, m, n, k, k_per_split,
+        x_q, x_scale, w_q, w_scale, bias if has_bias else w_scale, dest, m, n, k, k_per_split, prefetch,
         x_q.stride(0), w_q.stride(0), out.stride(0), x_scale.stride(0), x_scale.stride(1),
         w_scale.stride(0), w_scale.stride(1),
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_kwargs(x_q.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
     if split > 1:
         reduce_block = 1024

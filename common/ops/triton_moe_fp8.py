@@ -30,7 +30,7 @@ import triton.language as tl
 
 from common.ops import triton_moe as tm
 from common.ops.moe_configs import get_config
-from common.ops.pdl import pdl_enabled, pdl_start
+from common.ops.pdl import pdl_enabled, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, check_fused_moe_fp8
 from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token
 
@@ -66,11 +66,11 @@ def _scaled_dot(a, b, sa, sb, SWAP: tl.constexpr):
 def _moe_fp8_gemm_kernel(
     a_ptr, as_ptr, w_ptr, w_desc, ws_ptr, out_ptr, os_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
     NUMEL, N, K, MAX_BLOCKS, stride_am, stride_as, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
-    stride_os,
+    stride_os, early_programs, num_experts, first_slot,
     A_DIV: tl.constexpr, GATED: tl.constexpr, QUANT: tl.constexpr, ACT: tl.constexpr, BLOCKWISE: tl.constexpr,
     GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr, TMA: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, IDS_READY: tl.constexpr,
 ):
     """One [BM, BN] output tile of expert-sorted rows, FP8 operands, fp32 accumulation.
     A (a_ptr, e4m3): row = sorted assignment // A_DIV (token for gate_up, assignment for down), its
@@ -79,8 +79,12 @@ def _moe_fp8_gemm_kernel(
     GATED: h = silu(A Wg^T) * (A Wu^T), Wu = rows N.. of the expert, rounded to ACT; QUANT: h
     quantised per row (per GROUP columns when BLOCKWISE) into codes at out_ptr and scales at os_ptr
     (the program holds whole groups), else stored rounded. Not GATED: out = A W^T * routing weight.
-    TMA, DIRECT, GROUP_M, PDL, the wrapped column offsets: as triton_moe._moe_gemm_kernel."""
-    pdl_start(PDL)
+    TMA, DIRECT, GROUP_M, PDL, the wrapped column offsets: as triton_moe._moe_gemm_kernel.
+    DIRECT launches run block `first_slot` first (the fused shared experts, whose expert is known
+    before the router runs); under PDL their first early_programs programs ask L2 for their weight
+    rows before the wait (`pdl.prefetch_rows`) where the expert is known: blocks >= first_slot (the
+    last MAX_BLOCKS - first_slot of num_experts), or every block when IDS_READY (the ids were written
+    at least two launches back, so they are complete when this launch starts: the down GEMM)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -88,6 +92,20 @@ def _moe_fp8_gemm_kernel(
     group = tl.minimum(MAX_BLOCKS - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group
     pid_n = (pid % in_group) // group
+    if DIRECT:
+        pid_m = (pid_m + first_slot) % MAX_BLOCKS
+        if PDL and pid < early_programs:
+            if IDS_READY:  # at L2 (.cg): nothing stale from an earlier launch's L1
+                early = tl.load(block_expert_ptr + pid_m, cache_modifier=".cg")
+            else:
+                early = tl.where(pid_m >= first_slot, num_experts - MAX_BLOCKS + pid_m, -1)
+            if early >= 0:  # a hint only: any expert id in range is safe to ask for
+                pf_expert = tl.minimum(early, num_experts - 1).to(tl.int64)
+                pf_rows = (pid_n * BN + tl.arange(0, BN)) % N
+                if GATED:
+                    pf_rows = tl.join(pf_rows, pf_rows + N).reshape(2 * BN)
+                prefetch_rows(w_ptr + pf_expert * stride_we, pf_rows, stride_wn, 0, K)
+    pdl_start(PDL)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
@@ -179,11 +197,16 @@ def fuses_quant(inter: int, block: int, block_n: int) -> bool:
 def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
           out_scale: torch.Tensor | None, sorted_ids: torch.Tensor | None, block_expert: torch.Tensor,
           topw: torch.Tensor | None, numel: int, n: int, k: int, a_div: int, gated: bool, block: int, act: torch.dtype,
-          block_m: int, cfg: dict, pdl: bool) -> None:
+          block_m: int, cfg: dict, pdl: bool, shared: int = 0) -> None:
     """One grouped FP8 GEMM launch (gate_up when gated, else down); out_scale given: gate_up
-    quantises its output (out e4m3). sorted_ids None: the one-token path; topw None: gate_up."""
+    quantises its output (out e4m3). sorted_ids None: the one-token path, whose gate_up runs the
+    last `shared` blocks (fused shared experts) first and asks L2 for their weights early, and whose
+    down asks for every block's; topw None: gate_up."""
     max_blocks = block_expert.shape[0]
     bn, bk = cfg["BLOCK_N"], block or cfg["BLOCK_K"]
+    direct = sorted_ids is None
+    first_slot = max_blocks - shared if direct and gated else 0
+    early = prefetch_programs(bn * (2 if gated else 1) * k, pdl and direct and (shared > 0 or not gated))
     tma = (bool(cfg.get("tma")) and tm.tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
     desc = tm._weight_descriptor(w, bn, bk) if tma else None
@@ -191,11 +214,11 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torc
     _moe_fp8_gemm_kernel[(max_blocks * triton.cdiv(n, bn),)](
         a, a_scale, w, desc, w_scale, out, scale_out, sorted_ids, block_expert, a_scale if topw is None else topw, numel, n, k, max_blocks,
         a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
-        out.stride(0), scale_out.stride(0),
+        out.stride(0), scale_out.stride(0), early, w.shape[0], first_slot,
         A_DIV=a_div, GATED=gated, QUANT=out_scale is not None, ACT=_ACT[act], BLOCKWISE=block > 0,
         GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
-        DIRECT=sorted_ids is None, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
-        HW=hw_round(a.device),
+        DIRECT=direct, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
+        HW=hw_round(a.device), IDS_READY=not gated,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
@@ -207,19 +230,19 @@ def quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
             sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, top_k: int, block: int, act: torch.dtype,
-            block_m: int, cfg: dict, pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            block_m: int, cfg: dict, pdl: bool, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate_up GEMM and the intermediate's quantisation (in its epilogue or one more launch):
-    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32)."""
+    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32). shared: as _gemm's."""
     numel, inter = x_q.shape[0] * top_k, w13.shape[1] // 2
     if fuses_quant(inter, block, cfg["BLOCK_N"]):
         act_q = torch.empty((numel, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
         act_s = torch.empty((numel, inter // block if block else 1), dtype=torch.float32, device=x_q.device)
         _gemm(x_q, x_s, w13, s13, act_q, act_s, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k,
-              True, block, act, block_m, cfg, pdl)
+              True, block, act, block_m, cfg, pdl, shared)
         return act_q, act_s
     act_h = torch.empty((numel, inter), dtype=act, device=x_q.device)  # [T*k, I]
     _gemm(x_q, x_s, w13, s13, act_h, None, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k, True,
-          block, act, block_m, cfg, pdl)
+          block, act, block_m, cfg, pdl, shared)
     return quantize(act_h, block)
 
 
@@ -242,9 +265,10 @@ def fused_moe_fp8(
     ids: torch.Tensor,  # [T,k] int32
     block: int = 0,
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # (x_q, s_x) from x's producer
+    num_shared: int = 0,  # the last ids columns: fused shared experts (the last experts)
 ) -> torch.Tensor:  # [T,H] x.dtype
     """reference.fused_moe_fp8 on the FP8 tensor cores; tuned/heuristic config."""
-    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant)
+    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant, num_shared)
 
 
 def fused_moe_fp8_with_config(
@@ -252,6 +276,7 @@ def fused_moe_fp8_with_config(
     weights: torch.Tensor, ids: torch.Tensor, block: int,
     config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_shared: int = 0,
 ) -> torch.Tensor:
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     if block & (block - 1) or 0 < block < 16:
@@ -277,7 +302,8 @@ def fused_moe_fp8_with_config(
     # the launch right before gate_up (PDL: its programmatic predecessor), unless x's producer quantised it
     x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
     pdl = pdl_enabled(x.device)
-    act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl)
+    act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl,
+                           num_shared)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
     tm.combine(y, out, top_k, pdl)
     return out

@@ -1,6 +1,7 @@
-"""Programmatic dependent launch in the fused MoE: its kernels compiled for sm_90 (on the CPU, no GPU
-needed) must read nothing before griddepcontrol.wait (the previous kernel may still be running) and
-let the next kernel launch only after it. The GPU test (tests/gpu/test_kernels_gpu.py::
+"""Programmatic dependent launch in the fused MoE and the FP8 GEMMs: their kernels compiled for sm_90
+(on the CPU, no GPU needed) must read nothing before griddepcontrol.wait (the previous kernel may
+still be running) but their L2 weight prefetches (and, for the one-token down GEMM, the expert ids
+that top-k wrote two launches back), and let the next kernel launch only after it. The GPU test (tests/gpu/test_kernels_gpu.py::
 test_moe_pdl_equals_plain_launch) checks the results bit for bit against plain launches.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from common.ops import triton_fp8_gemm as tfg
 from common.ops import triton_moe as tm
 from common.ops import triton_moe_fp8 as tf8
 from common.ops.compile_report import (
@@ -29,10 +31,16 @@ def _first(lines: list[str], *needles: str) -> int:
     return next((i for i, line in enumerate(lines) if any(n in line for n in needles)), len(lines))
 
 
-def _check_order(ptx: list[str], triggers: bool) -> None:
+def _check_order(ptx: list[str], triggers: bool, early: tuple[str, ...] = ()) -> None:
+    """Nothing read before the wait but the `early` instructions (the weight prefetches, and the
+    expert ids two launches old), each of which must be there."""
     wait = _first(ptx, "griddepcontrol.wait")
     assert wait < len(ptx), "no griddepcontrol.wait"
-    assert _first(ptx, *READS) > wait, "a global read before griddepcontrol.wait"
+    before = [line for line in ptx[:wait] if any(r in line for r in READS)]
+    assert all(line.startswith(early) for line in before) if early else not before, \
+        f"a global read before griddepcontrol.wait: {before}"
+    for kind in early:
+        assert any(line.startswith(kind) for line in before), f"no {kind} before the wait"
     trigger = _first(ptx, "griddepcontrol.launch_dependents")
     assert (trigger > wait) if triggers else trigger == len(ptx)
 
@@ -62,7 +70,23 @@ def test_fp8_gemm_reads_nothing_before_the_wait(gated: bool, direct: bool, block
                                                 tma: bool, even_k: bool) -> None:
     bm, bn, bk = (16, 64, 128) if direct else (64, 128 if block else 256, 128)
     sig, consts = fp8_gemm_signature(gated, direct, bm, bn, bk, block, quant, swap, tma, even_k)
-    _check_order(_ptx(tf8._moe_fp8_gemm_kernel, sig, consts, FP8_GEMM_ALIGNED), triggers=True)
+    # one token: the shared expert's gate_up rows, and every expert's down rows (the ids read at L2
+    # before the wait: written by top-k, two launches back), are asked of L2 early
+    early = (("prefetch.global.L2",) if gated else ("prefetch.global.L2", "ld.global.cg")) if direct else ()
+    _check_order(_ptx(tf8._moe_fp8_gemm_kernel, sig, consts, FP8_GEMM_ALIGNED), triggers=True, early=early)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_fp8_linear_prefetches_its_weights_and_reads_nothing_else_before_the_wait(block: int) -> None:
+    names = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "bias_ptr", "c_ptr", "M", "N", "K", "k_per_split",
+             "early_programs", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_ask", "stride_bsn",
+             "stride_bsk")
+    sig = dict(zip(names, ("*fp8e4nv", "*fp32", "*fp8e4nv", "*fp32", "*fp32", "*fp32") + ("i32",) * 12, strict=True))
+    consts = {"BLOCK_SCALES": block > 0, "HAS_BIAS": False, "SPLIT_K": 2, "BLOCK_M": 16, "BLOCK_N": 64,
+              "BLOCK_K": 128, "GROUP_M": 1, "PDL": True}
+    aligned = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "bias_ptr", "c_ptr", "N", "K", "k_per_split", "stride_am",
+               "stride_bn", "stride_cm")
+    _check_order(_ptx(tfg._fp8_gemm_kernel, sig, consts, aligned), triggers=True, early=("prefetch.global.L2",))
 
 
 def test_combine_reads_nothing_before_the_wait() -> None:

@@ -178,6 +178,44 @@ def test_pdl_equals_plain_launch(n: int, experts: dict, monkeypatch: pytest.Monk
     assert torch.equal(tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids), want)
 
 
+@pytest.mark.parametrize("budget_mb", [0, 8, 1000])  # 1000: every program of both GEMMs prefetches
+def test_weight_prefetch_changes_no_bit(budget_mb: int, experts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token under PDL: gate_up runs the shared expert's block first and asks L2 for its rows
+    before the wait, down reads the ids top-k wrote two launches back and asks for its experts' rows.
+    Eagerly and in a CUDA graph of router -> MoE replayed on new logits, the output equals the plain
+    launch's bit for bit at any prefetch budget."""
+    from common.ops import pdl
+    from common.ops import triton_moe as tm
+    from common.ops import triton_moe_fp8 as tf8
+
+    if not pdl.supported(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    e, h, _ = SHAPES["air"]
+    w13, s13, w2, s2 = weights_for(experts, "air", 0)
+    x = activations(1, h)
+    logits, bias = torch.randn(1, e, device=DEV), 0.1 * torch.randn(e, device=DEV)
+
+    def step() -> torch.Tensor:
+        weights, ids = tm.grouped_topk(logits, bias, TOP_K, 1, 1, True, 2.5, 1)
+        return tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, 0, None, 1)
+
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    want = step()
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "PREFETCH_BYTES", budget_mb * 10**6)
+    assert torch.equal(step(), want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(10):
+        logits.copy_(torch.randn_like(logits))
+        monkeypatch.setattr(pdl, "ENABLED", False)
+        want = step()
+        graph.replay()
+        assert torch.equal(out, want)
+
+
 def test_dispatch_takes_the_kernel_on_cuda() -> None:
     from common import ops
     from common.ops import triton_moe_fp8 as tf8
