@@ -2,7 +2,7 @@
 and GLM-4.5 shapes, full width and the TP 2/4/8 slices, in one run.
 
     python3 -m benchmarks.kernels.bench_moe_fp8 [--models air,glm45] [--tp 1,8,2,4]
-        [--m 1,8,32,64,256,2048,4096] [--budget-s 480] [--out result.json]
+        [--m 1,8,32,64,256,2048,4096] [--budget-s 480] [--out result.json] [--rows-ab]
 
 Shapes are the model's: E routed experts plus the shared one stacked after them, top-8 + the shared
 column per token, I_e / tp (common/model/moe.py). For each shape and token count M, three ops are
@@ -107,8 +107,9 @@ class Shape:
         return per + 4 * scales
 
 
-def point(shape: Shape, m: int, ceil: dict) -> list[dict]:
-    """Every op at M tokens: one row each."""
+def point(shape: Shape, m: int, ceil: dict, ops: tuple[str, ...] = OPS) -> list[dict]:
+    """Every op at M tokens: one row each. fp8-rows32: the per-channel FP8 op with its per-assignment
+    down rows in fp32 instead of bf16 (what the combine reads)."""
     e, h, inter = shape.e, shape.h, shape.inter
     k = TOP_K + SHARED
     sets = min(shape.sets, measure.rotations(min(m * k, e + SHARED) * shape.expert_bytes("fp8")))
@@ -119,17 +120,22 @@ def point(shape: Shape, m: int, ceil: dict) -> list[dict]:
     views = {op: [shape.view(op, s) for s in range(sets)] for op in shape.weights}
     flops = 2 * m * k * 3 * inter * h
     rows, t_bf16 = [], None
-    for op in OPS:
-        if op not in shape.weights:
+    for op in ops:
+        wop = "fp8" if op == "fp8-rows32" else op
+        if wop not in shape.weights:
             continue
         block = BLOCK if op == "fp8-block" else 0
         if op == "bf16":
             calls = [lambda s=s: tm.fused_moe(xs[s], *views["bf16"][s], *routes[s]) for s in range(sets)]
         else:
-            calls = [lambda s=s, op=op, block=block: tf8.fused_moe_fp8(xs[s], *views[op][s], *routes[s], block)
+            calls = [lambda s=s, wop=wop, block=block: tf8.fused_moe_fp8(xs[s], *views[wop][s], *routes[s], block)
                      for s in range(sets)]
-        t = measure.time_graph(calls)
-        read = hit * shape.expert_bytes(op) + m * h * 2
+        tf8.ROWS_DTYPE = torch.float32 if op == "fp8-rows32" else None
+        try:
+            t = measure.time_graph(calls)
+        finally:
+            tf8.ROWS_DTYPE = None
+        read = hit * shape.expert_bytes(wop) + m * h * 2
         peak = ceil["gemm_tflops"] if op == "bf16" else ceil["fp8_tflops"]
         row = {"shape": shape.name, "M": m, "op": op, "us": round(t, 2), "GB/s": round(read / (t * 1e3), 1),
                "read_frac": round(read / (t * 1e3) / ceil["read_gbs"], 3), "TFLOP/s": round(flops / (t * 1e6), 1),
@@ -141,7 +147,7 @@ def point(shape: Shape, m: int, ceil: dict) -> list[dict]:
             row["x_bf16"] = round(t_bf16 / t, 2) if t_bf16 else None
             row["xquant_us"] = round(measure.time_graph([lambda s=s, b=block: tf8.quantize(xs[s], b)
                                                          for s in range(sets)]), 2)
-            w13, s13, w2, s2 = views[op][0]
+            w13, s13, w2, s2 = views[wop][0]
             want = ref.fused_moe_fp8(xs[0], w13, s13, w2, s2, *routes[0], block)
             row["rel_err"] = f"{measure.rel_err(calls[0](), want):.2e}"
             del want
@@ -156,7 +162,10 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,32,64,256,2048,4096")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new points after this")
     ap.add_argument("--out", type=Path, help="write the rows, device and ceilings as JSON here")
+    ap.add_argument("--rows-ab", action="store_true",
+                    help="also time the per-channel FP8 op with fp32 per-assignment rows (op fp8-rows32)")
     args = ap.parse_args()
+    ops = (*OPS, "fp8-rows32") if args.rows_ab else OPS
     deadline = time.time() + args.budget_s
     info = measure.device_info()
     ceil = measure.measure_ceilings() | {"fp8_tflops": fp8_gemm_peak()}
@@ -179,7 +188,7 @@ def main() -> None:
                     print(f"budget reached before {shape.name} M={m}", flush=True)
                     break
                 try:
-                    new = point(shape, m, ceil)
+                    new = point(shape, m, ceil, ops)
                 except Exception:  # noqa: BLE001 - keep measuring the rest
                     print(f"{shape.name} M={m}: ERROR\n{traceback.format_exc()}", flush=True)
                     continue

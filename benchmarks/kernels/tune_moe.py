@@ -128,7 +128,7 @@ def tune_point(e: int, h: int, inter: int, m: int, deadline: float) -> dict | No
     weights, ids = route(m, e)
     numel = m * (TOP_K + SHARED)
     act = torch.randn(numel, inter, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty(numel, h, device="cuda", dtype=torch.bfloat16 if FP8_BLOCK is None else torch.float32)
+    y = torch.empty(numel, h, device="cuda", dtype=torch.bfloat16)
     if FP8_BLOCK is not None:  # the GEMMs' FP8 operands: (codes, scales)
         x, act = tf8.quantize(x, FP8_BLOCK), tf8.quantize(act, FP8_BLOCK)
     topw = weights.reshape(-1).contiguous()

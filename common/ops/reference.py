@@ -306,7 +306,8 @@ def fused_moe_fp8(
     2. per assignment: gate_up = deq(x_q) @ deq(w13[e])^T in fp32 (dequantised operands).
     3. h = silu(gate) * up in fp32, then rounded to x.dtype (the intermediate's storage dtype).
     4. h_q, s_h = the same quantiser over the assignment row's I columns (per row | per group).
-    5. y = deq(h_q) @ deq(w2[e])^T in fp32, times the routing weight (fp32).
+    5. y = deq(h_q) @ deq(w2[e])^T in fp32, times the routing weight (fp32), rounded to x.dtype (the
+       per-assignment rows' storage dtype).
     6. out[t] = sum_j y[t,j] in fp32, cast once to x.dtype.
     `x_quant` = (x_q, s_x) of step 1 when the producer of x quantised it already (a norm fused with the
     quantiser, bit-equal to step 1); x then only gives the shape and dtype.
@@ -330,7 +331,7 @@ def fused_moe_fp8(
         gate_up = x_deq[tok] @ _dequant_weight(w13[e], s13[e], block).T  # [n,2I] fp32
         h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)  # [n,I]
         y = _dequant_rows(*quant(h), block) @ _dequant_weight(w2[e], s2[e], block).T  # [n,H] fp32
-        out.index_add_(0, tok, y * flat_w[sel, None])
+        out.index_add_(0, tok, (y * flat_w[sel, None]).to(x.dtype).float())
     return out.to(x.dtype)
 def quant_fp8_weight_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """w[N,K] -> (q[N,K] e4m3, scale[ceil(N/b), K/b] fp32): per_token on each b x b block, the layout

@@ -189,6 +189,9 @@ def _moe_fp8_gemm_kernel(
     tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+ROWS_DTYPE: torch.dtype | None = None  # the per-assignment down rows' dtype (None: x's); benchmarks set fp32
+
+
 def fuses_quant(inter: int, block: int, block_n: int) -> bool:
     """Whether gate_up quantises the intermediate in its epilogue: each program holds whole groups."""
     return block_n % block == 0 if block else block_n >= inter
@@ -249,7 +252,7 @@ def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.
 def down(act_q: torch.Tensor, act_s: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, y: torch.Tensor,
          sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, topw: torch.Tensor, block: int,
          block_m: int, cfg: dict, pdl: bool) -> None:
-    """The down GEMM times the routing weight into y [T*k, H] fp32."""
+    """The down GEMM times the routing weight (in fp32), rounded into y [T*k, H] (x's dtype)."""
     numel, hidden = y.shape
     _gemm(act_q, act_s, w2, s2, y, None, sorted_ids, block_expert, topw, numel, hidden, w2.shape[2], 1, False,
           block, y.dtype, block_m, cfg, pdl)
@@ -298,7 +301,9 @@ def fused_moe_fp8_with_config(
     else:
         sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), num_experts, bm)
     topw = weights.reshape(-1).float().contiguous()
-    y = torch.empty((n_tok * top_k, hidden), dtype=torch.float32, device=x.device)  # [T*k, H]
+    # per-assignment rows in x's dtype (halves the down GEMM's stores and the combine's reads against
+    # fp32: 1.2 GB a layer at an 8K prefill of Air); the combine sums them in fp32
+    y = torch.empty((n_tok * top_k, hidden), dtype=ROWS_DTYPE or x.dtype, device=x.device)  # [T*k, H]
     # the launch right before gate_up (PDL: its programmatic predecessor), unless x's producer quantised it
     x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
     pdl = pdl_enabled(x.device)
