@@ -28,3 +28,26 @@ def assert_clear_argmax_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -
     clear = (top2[..., 0] - top2[..., 1]) > 2 * (out - ref).abs().amax(-1)
     assert clear.float().mean() >= 0.25, f"{what}: only {int(clear.sum())} of {clear.numel()} rows are clear"
     assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear]), f"{what}: a clear greedy choice differs"
+
+
+def assert_prefetch_equals_plain(step, refresh, budget_mb: int, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                 replays: int = 10) -> None:
+    """step() under programmatic dependent launch with a weight-prefetch budget of budget_mb equals
+    plain launches bit for bit: eagerly, and as a CUDA graph replayed after each refresh() of its inputs."""
+    from common.ops import pdl
+
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    want = step()
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "PREFETCH_BYTES", budget_mb * 10**6)
+    assert torch.equal(step(), want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    for _ in range(replays):
+        refresh()
+        want = step()
+        graph.replay()
+        assert torch.equal(out, want)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.numerics import fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
+from tests.gpu.numerics import assert_prefetch_equals_plain, fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -228,21 +228,7 @@ def test_weight_prefetch_changes_no_bit(budget_mb: int, block: int, monkeypatch:
             y = tg.fp8_gemm(*quantise(y), w_q, w_s, None, torch.bfloat16, block)
         return y
 
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    want = step()
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    monkeypatch.setattr(pdl, "PREFETCH_BYTES", budget_mb * 10**6)
-    assert torch.equal(step(), want)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for _ in range(10):
-        x.copy_(activations(1, k))
-        monkeypatch.setattr(pdl, "ENABLED", False)
-        want = step()
-        graph.replay()
-        assert torch.equal(out, want)
+    assert_prefetch_equals_plain(step, lambda: x.copy_(activations(1, k)), budget_mb, monkeypatch)
 
 
 def _quantised_weight(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

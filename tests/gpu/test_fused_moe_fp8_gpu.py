@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.numerics import fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
+from tests.gpu.numerics import assert_prefetch_equals_plain, fresh_seed, rel  # noqa: F401 (fresh_seed: autouse fixture)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -199,21 +199,7 @@ def test_weight_prefetch_changes_no_bit(budget_mb: int, experts: dict, monkeypat
         weights, ids = tm.grouped_topk(logits, bias, TOP_K, 1, 1, True, 2.5, 1)
         return tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, 0, None, 1)
 
-    monkeypatch.setattr(pdl, "ENABLED", False)
-    want = step()
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    monkeypatch.setattr(pdl, "PREFETCH_BYTES", budget_mb * 10**6)
-    assert torch.equal(step(), want)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for _ in range(10):
-        logits.copy_(torch.randn_like(logits))
-        monkeypatch.setattr(pdl, "ENABLED", False)
-        want = step()
-        graph.replay()
-        assert torch.equal(out, want)
+    assert_prefetch_equals_plain(step, lambda: logits.copy_(torch.randn_like(logits)), budget_mb, monkeypatch)
 
 
 def test_dispatch_takes_the_kernel_on_cuda() -> None:
