@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from benchmarks import measure
 from common import ops
@@ -335,8 +334,6 @@ def bench_fused(rep: Report, tokens: list[int]) -> None:
     for t_ in tokens:
         for k in (4096, 12288):  # a hidden row; the attention output of Air and GLM-4.5 (96 heads x 128)
             _rounding_case(rep, t_, k)
-        for rows, k in ((9 * t_, 1408), (9 * t_, 1536), (t_, 4096)):  # the fused MoE's intermediate rows
-            _rows_case(rep, rows, k)
         for h in (4096, 5120):
             for group in (0, BLOCK):
                 _fused_case(rep, t_, h, group)
@@ -401,28 +398,6 @@ def _rounding_case(rep: Report, n_tok: int, k: int) -> None:
         _fused_row(rep, "quant_fp8_per_token: software round (unfused) vs hardware cast", shape, soft, hw, nbytes)
     except Exception as exc:  # noqa: BLE001 - keep measuring the rest
         rep.fail(f"rounding {shape}", exc)
-
-
-def _rows_case(rep: Report, n_rows: int, k: int) -> None:
-    """The per-token quantiser with one row a program ("unfused" column) against several rows a
-    program where `token_rows` takes them (many short rows): bit-equal, timed."""
-    shape = f"rows={n_rows} K={k} ({tf.token_rows(n_rows, triton.next_power_of_2(k))} a program)"
-    try:
-        nbytes = n_rows * k * 3 + n_rows * 4
-        xs = [torch.randn(n_rows, k, device=DEV).to(BF) for _ in range(measure.rotations(nbytes))]
-        many = measure.time_graph([lambda x=x: tf.quant_fp8_per_token(x) for x in xs])
-        q_many = tf.quant_fp8_per_token(xs[0])
-        saved, tf.ROWS_MAX = tf.ROWS_MAX, 1
-        try:
-            one = measure.time_graph([lambda x=x: tf.quant_fp8_per_token(x) for x in xs])
-            q_one = tf.quant_fp8_per_token(xs[0])
-        finally:
-            tf.ROWS_MAX = saved
-        if not (torch.equal(q_one[0].view(torch.uint8), q_many[0].view(torch.uint8)) and torch.equal(q_one[1], q_many[1])):
-            raise AssertionError("one row and several rows a program give different codes")
-        _fused_row(rep, "quant_fp8_per_token: one row a program (unfused) vs several", shape, one, many, nbytes)
-    except Exception as exc:  # noqa: BLE001 - keep measuring the rest
-        rep.fail(f"rows {shape}", exc)
 
 
 def _silu_case(rep: Report, n_tok: int, inter: int, group: int) -> None:

@@ -30,8 +30,6 @@ from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
 # a thread): a decode step's rows are few, and a loop of dependent chunk loads on one SM costs more
 # than the values do (Air's attention output is 12288 wide). Wider rows take two passes.
 ONE_PASS_MAX = 16384
-ROWS_MAX = 8  # rows a per-token quantiser program may take (1: one each; benchmarks flip it)
-ROWS_MIN_TOKENS = 1024
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to an integer, ties to even
 
 
@@ -66,26 +64,15 @@ def hw_round(device: torch.device) -> bool:
 
 @triton.jit
 def _quant_per_token_kernel(
-    x_ptr, q_ptr, s_ptr, T, K, stride_x, stride_q,
-    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-    PDL: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+    QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """grid (cdiv(T, ROWS),): ROWS rows. A row that fits one BLOCK is loaded once and quantised from
-    registers (ROWS > 1: a [ROWS, BLOCK] tile, each row its own amax); a longer one (ROWS 1) takes
-    pass 1 (the amax over K in BLOCK chunks) and pass 2 (the codes)."""
+    """grid (T,): one row. A row that fits one BLOCK is loaded once and quantised from registers;
+    a longer one takes pass 1 (the amax over K in BLOCK chunks) and pass 2 (the codes)."""
     pdl_start(PDL)
-    cols = tl.arange(0, BLOCK)
-    if ROWS > 1:
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        m = (rows < T)[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        scales = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), FLOOR), QMAX)  # [ROWS]
-        q = _quant_code(x, scales[:, None], QMAX, HW).to(q_ptr.dtype.element_ty)
-        tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q, mask=m)
-        tl.store(s_ptr + rows, scales, mask=rows < T)
-        return
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
+    cols = tl.arange(0, BLOCK)
     if BLOCK >= K:
         m = cols < K
         x = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
@@ -136,22 +123,12 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  
     if n_tok == 0:
         return q, scale
     block = min(triton.next_power_of_2(k), ONE_PASS_MAX)
-    rows = token_rows(n_tok, block)
-    _quant_per_token_kernel[(triton.cdiv(n_tok, rows),)](
-        x, q, scale, n_tok, k, x.stride(0), q.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), BLOCK=block, ROWS=rows,
-        num_warps=_row_warps(rows * block), **pdl_kwargs(x.device),
+    _quant_per_token_kernel[(n_tok,)](
+        x, q, scale, k, x.stride(0), q.stride(0),
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), BLOCK=block, num_warps=_row_warps(block),
+        **pdl_kwargs(x.device),
     )
     return q, scale
-
-
-def token_rows(n_tok: int, block: int) -> int:
-    """Rows a per-token quantiser program takes: one, but for many short rows (the fused MoE's
-    intermediate at a prefill: tokens x 9 rows of 1408) up to ROWS_MAX rows of <= 8192 values in
-    all, so the launch is not tens of thousands of tiny programs."""
-    if n_tok < ROWS_MIN_TOKENS or block > 4096:
-        return 1
-    return max(1, min(ROWS_MAX, 8192 // block))
 
 
 def quant_fp8_per_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:  # x [T,K]
