@@ -48,8 +48,15 @@ class DraftState:
 
 
 def draft_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k draft probabilities [R, k] fp32, their tokens [R, k] int64) of draft logits [R, V]."""
-    return torch.softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    """(top-k draft probabilities [R, k] fp32, their tokens [R, k] int64) of draft logits [R, V].
+    k = 1 (a chain): the largest probability of the softmax is 1 / sum(exp(l - max)), so one max and
+    one sum, with no [R, V] probabilities written and no radix select (~8 launches a call otherwise);
+    ties go to the lowest id, as the target's greedy argmax."""
+    lf = logits.float()
+    if k == 1:
+        top, idx = lf.max(dim=-1, keepdim=True)
+        return torch.exp(lf - top).sum(dim=-1, keepdim=True).reciprocal(), idx
+    return torch.softmax(lf, dim=-1).topk(k, dim=-1)
 
 
 def draft_states(logits: torch.Tensor, hidden: torch.Tensor, k: int) -> list[DraftState]:

@@ -170,7 +170,7 @@ class EagleStepper:
                 # the level's node (position L + level) writes scratch slot L + level
                 batch = ForwardBatch.tree_in(layout, tokens[-1], c.level_depth[level], c.chain_mask[level])
                 logits, hidden = self.runner.draft_step_forward(batch, hidden)  # a graph replay when one fits
-                tokens.append(draft_topk(logits, 1)[1])
+                tokens.append(logits.argmax(dim=-1, keepdim=True))  # the chain's next node (draft_topk's k = 1 id)
             return chain_tree(torch.cat(tokens, dim=1), roots, layout.prefix)
         frontier = DraftFrontier(state.topk_p, state.topk_idx)
         hidden = state.hidden.repeat_interleave(k, dim=0)  # [B*k, H]

@@ -180,3 +180,20 @@ def test_mtp_matches_transformers_mtp_model(tmp_path: Path) -> None:
     assert int(hf_out.logits[0, -1].argmax()) == next_ids[-1]
     assert (out - want).abs().max() <= 1e-4
     assert (logits - want_logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_draft_topk_is_the_softmax_top_k(k: int) -> None:
+    """k = 1 takes max and one sum instead of the softmax and a top-k: the same token and probability
+    (to fp32 rounding) as softmax().topk, ties to the lowest id like the target's greedy argmax."""
+    from common.runtime.draft import draft_topk
+
+    logits = torch.randn(5, 1000) * 4
+    logits[3, [7, 600]] = logits[3].max() + 1  # a tie for the top
+    p, idx = draft_topk(logits, k)
+    want_p, want_idx = torch.softmax(logits, -1).topk(k, dim=-1)
+    assert p.shape == idx.shape == (5, k) and p.dtype == torch.float32 and idx.dtype == torch.int64
+    assert torch.allclose(p, want_p, rtol=1e-6, atol=0)
+    assert torch.equal(idx[:, 0][[0, 1, 2, 4]], want_idx[:, 0][[0, 1, 2, 4]])
+    if k == 1:
+        assert idx[3, 0] == 7 and torch.equal(idx[:, 0], logits.argmax(-1))
