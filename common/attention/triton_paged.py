@@ -202,9 +202,15 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         kind = (q_len == seq_len, q.dtype, d, hq // hk)
         if kind in _sdpa_refused:
             return None
-        pages = batch.page_table[b, :-(-seq_len // page)]
-        k = k_cache.index_select(0, pages).view(-1, hk, d)[:seq_len].transpose(0, 1).unsqueeze(0)  # [1,Hk,S,D]
-        v = v_cache.index_select(0, pages).view(-1, hk, d)[:seq_len].transpose(0, 1).unsqueeze(0)
+        n_pages = -(-seq_len // page)
+        first = batch.run_start_host[b] if batch.run_start_host else -1
+        if first >= 0:  # consecutive pages: the sequence's K/V is one slice of the pool, no copy
+            k, v = k_cache[first:first + n_pages], v_cache[first:first + n_pages]
+        else:
+            pages = batch.page_table[b, :n_pages]
+            k, v = k_cache.index_select(0, pages), v_cache.index_select(0, pages)
+        k = k.reshape(-1, hk, d)[:seq_len].transpose(0, 1).unsqueeze(0)  # [1,Hk,S,D]
+        v = v.reshape(-1, hk, d)[:seq_len].transpose(0, 1).unsqueeze(0)
         qs = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1,Hq,q,D]
         causal = {"is_causal": True} if q_len == seq_len else {"attn_mask": causal_lower_right(q_len, seq_len)}
         try:

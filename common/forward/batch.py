@@ -65,6 +65,9 @@ class ForwardBatch:
     query_lens_host: tuple[int, ...] = ()
     prefix_lens_host: tuple[int, ...] = ()
     seq_lens_host: tuple[int, ...] = ()
+    # build() only: per sequence, its first page when the pages covering [0, seq_len) are consecutive
+    # (then its K/V is one slice of the pool: a view, not a gather), else -1
+    run_start_host: tuple[int, ...] = ()
 
     @property
     def num_seqs(self) -> int:
@@ -181,6 +184,7 @@ class ForwardBatch:
         qstart = [0]
         prefix: list[int] = []
         seqlen: list[int] = []
+        runs: list[int] = []
         rows: list[int] = []
         masks: list[torch.Tensor] = []
         mstart = [0]
@@ -211,6 +215,8 @@ class ForwardBatch:
             qstart.append(qstart[-1] + q)
             prefix.append(p)
             seqlen.append(s.seq_len)
+            used = [int(x) for x in s.pages[: -(-s.seq_len // page_size)]]
+            runs.append(used[0] if used and used == list(range(used[0], used[0] + len(used))) else -1)
             for r in (s.logit_rows if s.logit_rows is not None else (q - 1,)):
                 if not 0 <= r < q:
                     raise ValueError(f"sequence {b}: logit row {r} outside its {q} queries")
@@ -244,6 +250,7 @@ class ForwardBatch:
             query_lens_host=tuple(qstart[i + 1] - qstart[i] for i in range(len(seqs))),
             prefix_lens_host=tuple(prefix),
             seq_lens_host=tuple(seqlen),
+            run_start_host=tuple(runs),
         )
 
 

@@ -17,11 +17,13 @@ from common.forward.batch import ForwardBatch, SeqSpec
 HQ, HK, D, PAGE = 8, 2, 32, 16
 
 
-def _batch(specs: list[tuple[int, int]], masked: bool = False) -> tuple[torch.Tensor, ...]:
-    """(q, k_cache, v_cache, batch) for sequences of (new tokens, sequence length) on scrambled pages."""
+def _batch(specs: list[tuple[int, int]], masked: bool = False, in_order: bool = False) -> tuple[torch.Tensor, ...]:
+    """(q, k_cache, v_cache, batch) for sequences of (new tokens, sequence length) on scrambled pages
+    (in_order: each sequence on consecutive pages)."""
     gen = torch.Generator().manual_seed(3)
     need = sum(-(-s // PAGE) for _, s in specs)
-    perm = (torch.randperm(need, generator=gen) + 1).tolist()
+    perm = (torch.arange(need) if in_order else torch.randperm(need, generator=gen)) + 1
+    perm = perm.tolist()
     seqs, used = [], 0
     for q_len, seq_len in specs:
         n = -(-seq_len // PAGE)
@@ -55,6 +57,22 @@ def test_matches_the_reference_attention(specs: list[tuple[int, int]]) -> None:
     assert out is not None and out.shape == q.shape and out.dtype == q.dtype
     want = torch_ref.paged_attention(q.float(), kc.float(), vc.float(), batch, D**-0.5)
     assert _rel(out, want) < 1e-2
+
+
+def test_consecutive_pages_are_read_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequence whose pages are consecutive (a fresh prompt on a fresh pool) attends over a slice of
+    the pool, without gathering its pages; scrambled pages are gathered. Same result either way."""
+    gathers: list[int] = []
+    index_select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda t, *a: gathers.append(1) or index_select(t, *a))
+    for in_order in (True, False):
+        gathers.clear()
+        q, kc, vc, batch = _batch([(40, 40), (24, 57)], in_order=in_order)
+        assert (min(batch.run_start_host) >= 0) == in_order
+        out = tp.sdpa_prefill(q, kc, vc, batch, D**-0.5)
+        want = torch_ref.paged_attention(q.float(), kc.float(), vc.float(), batch, D**-0.5)
+        assert out is not None and _rel(out, want) < 1e-2
+        assert len(gathers) == (0 if in_order else 4)
 
 
 def test_only_long_unmasked_prefills_take_it() -> None:
