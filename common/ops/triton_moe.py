@@ -237,6 +237,40 @@ def _align_scatter_kernel(
         tl.store(block_expert_ptr + b, owner, mask=b < tl.minimum(pid * per + per, MAX_BLOCKS))
 
 
+@triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
+def _align_sort_kernel(id_ptr, sorted_ptr, block_expert_ptr, NUMEL, E, MAX_BLOCKS, NP: tl.constexpr,
+                       E_PAD: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr):
+    """grid (1,), NUMEL <= NP: the single-chunk alignment without a per-step scan. The assignments
+    are sorted by (expert, index) in one `tl.sort`; the one at sorted position p of expert e goes to
+    row start[e] + p - (assignments of experts below e): the order within an expert is the index
+    order, as `_align_scatter_kernel` places them, so the outputs are the same."""
+    pdl_start(PDL)
+    i = tl.arange(0, NP)
+    valid = i < NUMEL
+    ex = tl.load(id_ptr + i, mask=valid, other=E_PAD)  # past NUMEL: after every real expert
+    tot = tl.histogram(ex, E_PAD, mask=valid)  # [E_PAD]
+    padded = (tot + BM - 1) // BM * BM
+    end = tl.cumsum(padded, axis=0)
+    start = end - padded
+    below = tl.cumsum(tot, axis=0) - tot  # assignments of the experts before e
+    key = tl.sort(ex * NP + i)  # (expert, index) ascending
+    ex_s = tl.minimum(key // NP, E_PAD - 1)
+    row = tl.gather(start, ex_s, 0) + tl.arange(0, NP) - tl.gather(below, ex_s, 0)
+    tl.store(sorted_ptr + row, key % NP, mask=key // NP < E_PAD)
+    c = tl.arange(0, BM)
+    pm = c[None, :] < (padded - tot)[:, None]
+    tl.store(sorted_ptr + (start + tot)[:, None] + c[None, :], NUMEL, mask=pm)
+    total = tl.max(end, axis=0)
+    for b0 in range(0, MAX_BLOCKS, BB):
+        b = b0 + tl.arange(0, BB)
+        owner = tl.sum((end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(b * BM < total, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < MAX_BLOCKS)
+
+
+ALIGN_SORT = False  # small batches through _align_sort_kernel (to be timed against the scatter kernel)
+
+
 def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids[T,k] int32 -> (sorted_ids[max_blocks*BM] int32, block_expert[max_blocks] int32)."""
     numel = ids.numel()
@@ -248,6 +282,11 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     nc = 1 if numel <= 1024 else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
     chunk = triton.cdiv(numel, nc)
     flat = ids.reshape(-1)
+    if nc == 1 and ALIGN_SORT:
+        _align_sort_kernel[(1,)](ids.reshape(-1), sorted_ids, block_expert, numel, num_experts, max_blocks,
+                                 NP=max(16, triton.next_power_of_2(numel)), E_PAD=e_pad, BM=block_m, BB=64,
+                                 num_warps=4, **pdl_kwargs(ids.device))
+        return sorted_ids, block_expert
     counts = sorted_ids  # unused when nc == 1
     if nc > 1:
         counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)

@@ -20,7 +20,7 @@ FORWARD_KERNELS = {
     "common/ops/triton_fp8_gemm.py": ["_fp8_gemm_kernel", "_split_k_reduce"],
     "common/ops/triton_norm.py": ["_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_and_mul_kernel"],
     "common/ops/triton_router.py": ["_router_mma_kernel"],
-    "common/ops/triton_moe.py": ["_grouped_topk_kernel", "_router_kernel", "_align_count_kernel",
+    "common/ops/triton_moe.py": ["_grouped_topk_kernel", "_router_kernel", "_align_count_kernel", "_align_sort_kernel",
                                  "_align_scatter_kernel", "_moe_gemm_kernel", "_combine_kernel"],
     "common/ops/triton_moe_fp8.py": ["_moe_fp8_gemm_kernel"],
     "common/attention/triton_paged.py": ["_paged_attn_kernel", "_merge_splits_kernel"],

@@ -172,7 +172,7 @@ def _group_moe() -> None:
         x, w = torch.randn(n, 600, dtype=torch.float16), torch.randn(10, 600)
         _check(f"router_logits T={n}", tm.router_logits(x, w), x.double() @ w.double().T, torch.float32)
     # last three: the count / plan / scatter path (T*k > ALIGN_SMALL); min_bm < bm: tail blocks
-    for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (200, 8, 24, 32)):  # last: multi-chunk path
+    for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (37, 9, 129, 16), (200, 8, 24, 32)):  # last: multi-chunk
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
         sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
         flat, numel = ids.reshape(-1), n * k
@@ -186,6 +186,15 @@ def _group_moe() -> None:
             assert (flat[real] == ex).all(), "row placed under the wrong expert"
             placed[real] += 1
         assert (placed == 1).all(), "every assignment placed exactly once"
+        if n * k <= 1024:  # the single-program sort path gives the scatter path's outputs exactly
+            tm.ALIGN_SORT = True
+            try:
+                s_ids, s_blocks = tm.align_block_size(ids, e, bm)
+            finally:
+                tm.ALIGN_SORT = False
+            used = int((block_expert >= 0).sum()) * bm
+            assert torch.equal(s_blocks, block_expert) and torch.equal(s_ids[:used], sorted_ids[:used]), \
+                "sorted alignment differs from the scatter kernel's"
         print(f"align_block_size T={n} k={k} E={e} BM={bm} ok")
     big = {"BLOCK_M": 64, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
            "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}

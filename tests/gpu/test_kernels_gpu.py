@@ -146,6 +146,20 @@ def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict) -> None:
     assert rel(out, want) < BF16_TOL
 
 
+@pytest.mark.parametrize("n", [2, 8, 32, 64, 113])
+@pytest.mark.parametrize("e", [129, 161])
+def test_align_sort_equals_scatter(n: int, e: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-program sort alignment (ALIGN_SORT) gives the scatter kernel's block owners and rows."""
+    from common.ops import triton_moe as tm
+
+    _, ids = tm.grouped_topk(torch.randn(n, e - 1, device=DEV), torch.zeros(e - 1, device=DEV), 8, 1, 1, True, 1.0, 1)
+    want_ids, want_blocks = tm.align_block_size(ids, e, 16)
+    monkeypatch.setattr(tm, "ALIGN_SORT", True)
+    got_ids, got_blocks = tm.align_block_size(ids, e, 16)
+    used = int((want_blocks >= 0).sum()) * 16
+    assert torch.equal(got_blocks, want_blocks) and torch.equal(got_ids[:used], want_ids[:used])
+
+
 @pytest.mark.parametrize("n", [1, 3, 4, 64])
 def test_router_logits(n: int) -> None:
     from common.ops import triton_moe as tm
