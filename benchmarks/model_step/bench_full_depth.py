@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.model_step.bench_full_depth [--model air] [--dtype fp8|bf16|both] [--layers N]
         [--bf16-layers N] [--batches 1,8,32,64] [--prefill 1024,8192] [--context 1024] [--spec 3,1,4]
-        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--prefetch-ab 8,16] [--tiny]
+        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--prefetch-ab 0,8] [--tiny]
 
 1. Loader: a scaled-down real FP8 checkpoint (Air widths, --load-layers layers + MTP, official channel
    format; benchmarks/model_step/fp8_checkpoint.py) written to local disk by a child process, loaded
@@ -449,7 +449,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "longest prefill; the FP8 model's sections go to the report (GPU only)")
     ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
                     help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")
-    ap.add_argument("--prefetch-ab", default="", help="weight-prefetch budgets (MB a launch, e.g. 8,16) whose decode "
+    ap.add_argument("--prefetch-ab", default="", help="weight-prefetch budgets (MB a launch, e.g. 0,8) whose decode "
                     "and EAGLE graphs are captured again and timed beside the served budget (GPU only)")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)

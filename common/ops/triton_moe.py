@@ -283,7 +283,7 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     chunk = triton.cdiv(numel, nc)
     flat = ids.reshape(-1)
     if nc == 1 and ALIGN_SORT:
-        _align_sort_kernel[(1,)](ids.reshape(-1), sorted_ids, block_expert, numel, num_experts, max_blocks,
+        _align_sort_kernel[(1,)](flat, sorted_ids, block_expert, numel, num_experts, max_blocks,
                                  NP=max(16, triton.next_power_of_2(numel)), E_PAD=e_pad, BM=block_m, BB=64,
                                  num_warps=4, **pdl_kwargs(ids.device))
         return sorted_ids, block_expert
