@@ -196,7 +196,7 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return None
     _, hq, d = q.shape
     page, hk = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty_like(q) if batch.num_seqs > 1 else q  # (one sequence: `out` is not used)
+    outs = []  # per sequence [q_b,Hq,D]: views of SDPA's token-major outputs
     start = 0
     for b, (q_len, seq_len) in enumerate(zip(batch.query_lens_host, batch.seq_lens_host)):
         kind = (q_len == seq_len, q.dtype, d, hq // hk)
@@ -221,11 +221,10 @@ def sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         except RuntimeError:  # no allowed backend for this shape: the Triton kernel serves it from now on
             _sdpa_refused.add(kind)
             return None
-        if batch.num_seqs == 1:  # no copy: cuDNN and flash lay the output out token-major, [T,Hq,D] as is
-            return o[0].transpose(0, 1)
-        out[start:start + q_len] = o[0].transpose(0, 1)
+        outs.append(o[0].transpose(0, 1))
         start += q_len
-    return out
+    # one sequence (a long prompt): SDPA's output as it is, no copy
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def paged_attention(

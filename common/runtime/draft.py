@@ -50,7 +50,7 @@ class DraftState:
 def draft_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k draft probabilities [R, k] fp32, their tokens [R, k] int64) of draft logits [R, V].
     k = 1 (a chain): the largest probability of the softmax is 1 / sum(exp(l - max)), so one max and
-    one sum, with no [R, V] probabilities written and no radix select (~8 launches a call otherwise);
+    one sum, with no [R, V] probabilities written and no radix select (~14 launches a call otherwise);
     ties go to the lowest id, as the target's greedy argmax."""
     lf = logits.float()
     if k == 1:
