@@ -188,12 +188,13 @@ def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr,
 def _align_scatter_kernel(
     id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS, NC,
     SINGLE: tl.constexpr, NC_PAD: tl.constexpr, E_PAD: tl.constexpr, BM: tl.constexpr,
-    SUB: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr,
+    SUB: tl.constexpr, BB: tl.constexpr, CP: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (NC,). Every program derives the padded expert offsets from the counts (NC == 1:
-    counts itself), then places its own chunk's assignments (rank by one-hot cumsum), fills the
-    padding of experts e % NC == pid with the sentinel NUMEL, and writes its share of
-    block_expert."""
+    counts itself), then places its own chunk's assignments, fills the padding of experts
+    e % NC == pid with the sentinel NUMEL, and writes its share of block_expert. CP > 0 (a power of
+    two >= CHUNK): the chunk is ranked in one `tl.sort` by (expert, index); CP == 0: SUB assignments
+    a step, ranked by a one-hot cumsum. Both keep index order within an expert."""
     pdl_start(PDL)
     pid = tl.program_id(0)
     e = tl.arange(0, E_PAD)
@@ -213,16 +214,27 @@ def _align_scatter_kernel(
     start = end - padded
     base = start + before  # where this chunk's rows of expert e begin
     # place this chunk's assignments
-    for s in range(0, CHUNK, SUB):
-        j = s + tl.arange(0, SUB)
-        i = pid * CHUNK + j
-        m = (i < NUMEL) & (j < CHUNK)
-        ex = tl.load(id_ptr + i, mask=m, other=E_PAD)  # masked rows match no expert
-        oh = (ex[:, None] == e[None, :]).to(tl.int32)  # [SUB,E_PAD]
-        rank = tl.sum(oh * (tl.cumsum(oh, axis=0) - 1), axis=1)
-        pos = tl.sum(oh * base[None, :], axis=1) + rank
-        tl.store(sorted_ptr + pos, i, mask=m)
-        base += tl.sum(oh, axis=0)
+    if CP > 0:
+        j = tl.arange(0, CP)
+        m = (pid * CHUNK + j < NUMEL) & (j < CHUNK)
+        ex = tl.load(id_ptr + pid * CHUNK + j, mask=m, other=E_PAD)  # masked: after every real expert
+        mine = tl.histogram(ex, E_PAD, mask=m)
+        below = tl.cumsum(mine, axis=0) - mine  # this chunk's assignments of the experts before e
+        key = tl.sort(ex * CP + j)
+        ex_s = tl.minimum(key // CP, E_PAD - 1)
+        pos = tl.gather(base, ex_s, 0) + tl.arange(0, CP) - tl.gather(below, ex_s, 0)
+        tl.store(sorted_ptr + pos, pid * CHUNK + key % CP, mask=key // CP < E_PAD)
+    else:
+        for s in range(0, CHUNK, SUB):
+            j = s + tl.arange(0, SUB)
+            i = pid * CHUNK + j
+            m = (i < NUMEL) & (j < CHUNK)
+            ex = tl.load(id_ptr + i, mask=m, other=E_PAD)  # masked rows match no expert
+            oh = (ex[:, None] == e[None, :]).to(tl.int32)  # [SUB,E_PAD]
+            rank = tl.sum(oh * (tl.cumsum(oh, axis=0) - 1), axis=1)
+            pos = tl.sum(oh * base[None, :], axis=1) + rank
+            tl.store(sorted_ptr + pos, i, mask=m)
+            base += tl.sum(oh, axis=0)
     # sentinel in the padding rows of the experts this program owns
     c = tl.arange(0, BM)
     pm = ((e % NC) == pid)[:, None] & (c[None, :] < (padded - tot)[:, None])
@@ -268,7 +280,13 @@ def _align_sort_kernel(id_ptr, sorted_ptr, block_expert_ptr, NUMEL, E, MAX_BLOCK
         tl.store(block_expert_ptr + b, owner, mask=b < MAX_BLOCKS)
 
 
-ALIGN_SORT = False  # small batches through _align_sort_kernel (to be timed against the scatter kernel)
+# up to this many assignments (one chunk), one program aligns them with a sort (_align_sort_kernel);
+# above, count + scatter with each chunk ranked by a sort (0: the scatter kernels always).
+# benchmarks/kernels/bench_align.py --small-only times the three ways: on the H100 at 72 assignments
+# 10.0 us for the one-program sort, 15.3 one-hot; at 288-4,095, 12-15 us for the sort-ranked chunks,
+# 12-80 the one-program sort (it grows past 1,024), 26-83 one-hot.
+ALIGN_SORT_MAX = 256
+ALIGN_RANK_SORT = True  # the multi-chunk scatter ranks each chunk with a sort, not SUB-wide one-hot steps
 
 
 def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,13 +297,15 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts)
-    nc = 1 if numel <= 1024 else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
+    # one-hot ranking: one program up to 1,024 assignments; ranking by a sort: ALIGN_CHUNK a program
+    nc = 1 if numel <= (ALIGN_CHUNK if ALIGN_RANK_SORT else 1024) else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
     chunk = triton.cdiv(numel, nc)
     flat = ids.reshape(-1)
-    if nc == 1 and ALIGN_SORT:
+    if numel <= ALIGN_SORT_MAX:
+        n_pad = max(16, triton.next_power_of_2(numel))
         _align_sort_kernel[(1,)](flat, sorted_ids, block_expert, numel, num_experts, max_blocks,
-                                 NP=max(16, triton.next_power_of_2(numel)), E_PAD=e_pad, BM=block_m, BB=64,
-                                 num_warps=4, **pdl_kwargs(ids.device))
+                                 NP=n_pad, E_PAD=e_pad, BM=block_m, BB=64,
+                                 num_warps=4 if n_pad <= 1024 else 8, **pdl_kwargs(ids.device))
         return sorted_ids, block_expert
     counts = sorted_ids  # unused when nc == 1
     if nc > 1:
@@ -295,6 +315,7 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     _align_scatter_kernel[(nc,)](
         flat, counts, sorted_ids, block_expert, numel, chunk, num_experts, max_blocks, nc,
         SINGLE=nc == 1, NC_PAD=triton.next_power_of_2(nc), E_PAD=e_pad, BM=block_m, SUB=_SUB, BB=64,
+        CP=triton.next_power_of_2(chunk) if ALIGN_RANK_SORT and nc > 1 else 0,
         num_warps=4 if nc == 1 else 8, **pdl_kwargs(ids.device),
     )
     return sorted_ids, block_expert

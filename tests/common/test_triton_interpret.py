@@ -171,10 +171,20 @@ def _group_moe() -> None:
     for n in (1, 3, 6):  # the few-token router kernel (6: the cuBLAS fallback)
         x, w = torch.randn(n, 600, dtype=torch.float16), torch.randn(10, 600)
         _check(f"router_logits T={n}", tm.router_logits(x, w), x.double() @ w.double().T, torch.float32)
-    # last three: the count / plan / scatter path (T*k > ALIGN_SMALL); min_bm < bm: tail blocks
-    for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (37, 9, 129, 16), (200, 8, 24, 32)):  # last: multi-chunk
+    # the scatter kernels (one program, then count + scatter for the last: multi-chunk) against the
+    # one-program sort; min_bm < bm: tail blocks
+    for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (37, 9, 129, 16), (200, 8, 24, 32)):
         ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).int()
-        sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
+        saved = tm.ALIGN_SORT_MAX, tm.ALIGN_RANK_SORT
+        try:
+            tm.ALIGN_SORT_MAX, tm.ALIGN_RANK_SORT = 0, False  # one-hot ranking
+            sorted_ids, block_expert = tm.align_block_size(ids, e, bm)
+            tm.ALIGN_RANK_SORT = True  # multi-chunk: each chunk ranked by a sort
+            r_ids, r_blocks = tm.align_block_size(ids, e, bm)
+            tm.ALIGN_SORT_MAX = n * k  # one program's sort
+            s_ids, s_blocks = tm.align_block_size(ids, e, bm)
+        finally:
+            tm.ALIGN_SORT_MAX, tm.ALIGN_RANK_SORT = saved
         flat, numel = ids.reshape(-1), n * k
         placed = torch.zeros(numel, dtype=torch.int64)
         for blk, ex in enumerate(block_expert.tolist()):
@@ -186,15 +196,10 @@ def _group_moe() -> None:
             assert (flat[real] == ex).all(), "row placed under the wrong expert"
             placed[real] += 1
         assert (placed == 1).all(), "every assignment placed exactly once"
-        if n * k <= 1024:  # the single-program sort path gives the scatter path's outputs exactly
-            tm.ALIGN_SORT = True
-            try:
-                s_ids, s_blocks = tm.align_block_size(ids, e, bm)
-            finally:
-                tm.ALIGN_SORT = False
-            used = int((block_expert >= 0).sum()) * bm
-            assert torch.equal(s_blocks, block_expert) and torch.equal(s_ids[:used], sorted_ids[:used]), \
-                "sorted alignment differs from the scatter kernel's"
+        used = int((block_expert >= 0).sum()) * bm  # the sort gives the scatter kernels' outputs exactly
+        for got_ids, got_blocks in ((r_ids, r_blocks), (s_ids, s_blocks)):
+            assert torch.equal(got_blocks, block_expert) and torch.equal(got_ids[:used], sorted_ids[:used]), \
+                "sorted alignment differs from the one-hot scatter's"
         print(f"align_block_size T={n} k={k} E={e} BM={bm} ok")
     big = {"BLOCK_M": 64, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
            "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}

@@ -146,18 +146,24 @@ def test_fused_moe(shape: str, n: int, mode: str, moe_weights: dict) -> None:
     assert rel(out, want) < BF16_TOL
 
 
-@pytest.mark.parametrize("n", [2, 8, 32, 64, 113])
+@pytest.mark.parametrize("n", [2, 8, 32, 64, 113, 128, 227, 455])
 @pytest.mark.parametrize("e", [129, 161])
 def test_align_sort_equals_scatter(n: int, e: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one-program sort alignment (ALIGN_SORT) gives the scatter kernel's block owners and rows."""
+    """The one-program sort and the chunks ranked by a sort give the one-hot scatter kernels' block
+    owners and rows (up to 455 tokens: 4,095 assignments, past one scatter program's 1,024)."""
     from common.ops import triton_moe as tm
 
     _, ids = tm.grouped_topk(torch.randn(n, e - 1, device=DEV), torch.zeros(e - 1, device=DEV), 8, 1, 1, True, 1.0, 1)
+    monkeypatch.setattr(tm, "ALIGN_SORT_MAX", 0)
+    monkeypatch.setattr(tm, "ALIGN_RANK_SORT", False)
     want_ids, want_blocks = tm.align_block_size(ids, e, 16)
-    monkeypatch.setattr(tm, "ALIGN_SORT", True)
-    got_ids, got_blocks = tm.align_block_size(ids, e, 16)
     used = int((want_blocks >= 0).sum()) * 16
-    assert torch.equal(got_blocks, want_blocks) and torch.equal(got_ids[:used], want_ids[:used])
+    monkeypatch.setattr(tm, "ALIGN_RANK_SORT", True)  # the chunks (past 1,024 assignments) ranked by a sort
+    got = [tm.align_block_size(ids, e, 16)]
+    monkeypatch.setattr(tm, "ALIGN_SORT_MAX", ids.numel())
+    got.append(tm.align_block_size(ids, e, 16))
+    for got_ids, got_blocks in got:
+        assert torch.equal(got_blocks, want_blocks) and torch.equal(got_ids[:used], want_ids[:used])
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 64])
