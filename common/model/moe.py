@@ -43,8 +43,9 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts, dtype=torch.float32),
                                                     requires_grad=False)  # [E]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.router_logits(x, self.weight)  # [T,E] fp32
+    def forward(self, x: torch.Tensor, partial: bool = False) -> torch.Tensor:
+        """[T,E] fp32 logits; partial: [S,T,E] terms summing to them, for grouped_topk to add."""
+        return ops.router_logits(x, self.weight, partial)
 
 
 class Experts(nn.Module):
@@ -145,7 +146,7 @@ class MoE(nn.Module):
         x_quant = None
         if isinstance(x, Fp8Activation):
             x, x_quant = x.normed, (x.q, x.scale)
-        logits = self.gate(x)  # [T,E] fp32
+        logits = self.gate(x, partial=True)  # [S,T,E] fp32 terms: top-k adds them as it loads them
         weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
                                         self.topk_group, self.renormalize, self.scaling, self.num_shared)
         return self.experts(x, weights, ids, x_quant)  # [T,H]: routed (scaled by s) + shared (weight 1)

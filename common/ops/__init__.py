@@ -115,8 +115,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return resolve("silu_and_mul", gate_up.device)(gate_up)
 
 
-def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return resolve("router_logits", x.device)(x, w)
+def router_logits(x: torch.Tensor, w: torch.Tensor, partial: bool = False) -> torch.Tensor:
+    return resolve("router_logits", x.device)(x, w, partial)
 
 
 def qk_norm_rope_store(

@@ -113,13 +113,15 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T,H] (any float dtype) times the fp32 router weight w [E,H]^T -> [T,E] fp32."""
-    return F.linear(x.float(), w)
+def router_logits(x: torch.Tensor, w: torch.Tensor, partial: bool = False) -> torch.Tensor:
+    """x [T,H] (any float dtype) times the fp32 router weight w [E,H]^T -> [T,E] fp32 (partial:
+    as the one term [1,T,E] of a sum, the form grouped_topk also takes)."""
+    out = F.linear(x.float(), w)
+    return out[None] if partial else out
 
 
 def grouped_topk(
-    router_logits: torch.Tensor,  # [T,E] fp32
+    router_logits: torch.Tensor,  # [T,E] fp32, or [S,T,E] terms that sum to them
     correction_bias: torch.Tensor,  # [E] fp32
     top_k: int,
     n_group: int,
@@ -134,6 +136,10 @@ def grouped_topk(
     after the E routed ones, ride along as columns k.. with ids E.. and weight 1 (unscaled).
     Excluded groups are filled with -inf.
     """
+    if router_logits.dim() == 3:  # the terms added in index order, as the kernel adds them
+        terms, router_logits = router_logits.float(), router_logits[0].float()
+        for i in range(1, terms.shape[0]):
+            router_logits = router_logits + terms[i]
     num_tokens, num_experts = router_logits.shape
     scores = router_logits.float().sigmoid()  # [T,E]
     choice = scores + correction_bias.float()  # [T,E], selection only

@@ -39,20 +39,24 @@ ALIGN_MAX_CHUNKS = 128
 
 @triton.jit(do_not_specialize=["T"])
 def _grouped_topk_kernel(
-    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_l, scaling,
+    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_s, stride_l, scaling,
     EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
     RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
+    K_PAD: tl.constexpr, SHARED: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """BT tokens per program: sigmoid scores, bias-corrected group-limited top-k, weights from
-    the unbiased scores (renormalised, scaled); then SHARED columns: ids E.., weight 1."""
+    """BT tokens per program: the logits (the sum of SPLITS partial terms, added in index order),
+    sigmoid scores, bias-corrected group-limited top-k, weights from the unbiased scores
+    (renormalised, scaled); then SHARED columns: ids E.., weight 1."""
     pdl_start(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     e = tl.arange(0, E_PAD)  # [E_PAD]
     tm = t < T
     em = e < E
-    z = tl.load(logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :], mask=tm[:, None] & em[None, :], other=0.0)
-    s = tl.sigmoid(z.to(tl.float32))  # [BT,E_PAD]
+    at = logit_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :]
+    z = tl.load(at, mask=tm[:, None] & em[None, :], other=0.0).to(tl.float32)
+    for i in tl.static_range(1, SPLITS):
+        z += tl.load(at + i * stride_s, mask=tm[:, None] & em[None, :], other=0.0).to(tl.float32)
+    s = tl.sigmoid(z)  # [BT,E_PAD]
     c = s + tl.load(bias_ptr + e, mask=em, other=0.0)[None, :]
     c = tl.where(em[None, :], c, float("-inf"))
     if N_GROUP > 1:
@@ -94,7 +98,7 @@ def _grouped_topk_kernel(
 
 
 def grouped_topk(
-    router_logits: torch.Tensor,  # [T,E] fp32
+    router_logits: torch.Tensor,  # [T,E] fp32, or [S,T,E] partial terms that sum to them
     correction_bias: torch.Tensor,  # [E] fp32
     top_k: int,
     n_group: int,
@@ -105,20 +109,21 @@ def grouped_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights[T,k+s] fp32, ids[T,k+s] int32), routed ids in descending score order, then the s =
     num_shared shared experts (ids E.., weight 1)."""
-    n_tok, n_exp = router_logits.shape
+    logits = router_logits if router_logits.dim() == 3 else router_logits[None]
+    splits, n_tok, n_exp = logits.shape
     width = top_k + num_shared
-    weights = torch.empty((n_tok, width), dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty((n_tok, width), dtype=torch.int32, device=router_logits.device)
+    weights = torch.empty((n_tok, width), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((n_tok, width), dtype=torch.int32, device=logits.device)
     if n_tok == 0:
         return weights, ids
-    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
     bt = 1 if n_group > 1 else 4
     _grouped_topk_kernel[(triton.cdiv(n_tok, bt),)](
-        logits, correction_bias.float().contiguous(), weights, ids, n_tok, n_exp, logits.stride(0),
+        logits, correction_bias.float().contiguous(), weights, ids, n_tok, n_exp, logits.stride(0), logits.stride(1),
         float(scaling), EPG=n_exp // n_group, N_GROUP=n_group, TOPK_GROUP=topk_group, TOPK=top_k,
         RENORM=renormalize, BT=bt, E_PAD=triton.next_power_of_2(n_exp),
-        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared, num_warps=4,
-        **pdl_kwargs(logits.device),
+        G_PAD=triton.next_power_of_2(n_group), K_PAD=triton.next_power_of_2(width), SHARED=num_shared,
+        SPLITS=splits, num_warps=4, **pdl_kwargs(logits.device),
     )
     return weights, ids
 
@@ -148,15 +153,18 @@ def _router_kernel(x_ptr, w_ptr, out_ptr, T, E, H, stride_x, stride_w, stride_o,
 ROUTER_MAX_TOKENS = 4  # above this: triton_router's tensor-core kernel
 
 
-def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def router_logits(x: torch.Tensor, w: torch.Tensor, partial: bool = False) -> torch.Tensor:
     """x [T,H] (bf16) times the fp32 router weight [E,H]^T -> [T,E] fp32. Few tokens: one Triton
     kernel reading x in its own dtype (no fp32 copy of x, no cuBLAS GEMV + reduce pair); more: the
-    exact three-way bf16 split of w on the tensor cores (triton_router; F.linear for other dtypes)."""
+    exact three-way bf16 split of w on the tensor cores (triton_router; F.linear for other dtypes).
+    partial: [S,T,E] terms that sum to the logits (S > 1 only for the split-K tensor-core kernel),
+    which grouped_topk adds as it loads them."""
     n_tok, hidden = x.shape
     if n_tok > ROUTER_MAX_TOKENS:
-        return router_logits_mma(x, w)
+        return router_logits_mma(x, w, partial)
     if w.dtype != torch.float32 or n_tok == 0:
-        return torch.nn.functional.linear(x.float(), w)
+        out = torch.nn.functional.linear(x.float(), w)
+        return out[None] if partial else out
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
     n_exp = w.shape[0]
@@ -167,7 +175,7 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     _router_kernel[(n_exp,)](x, w, out, n_tok, n_exp, hidden, x.stride(0), w.stride(0), out.stride(0),
                              BT=triton.next_power_of_2(n_tok), BE=1, BK=bk, num_warps=4 if bk <= 4096 else 8,
                              **pdl_kwargs(x.device))
-    return out
+    return out[None] if partial else out
 
 
 @triton.jit(do_not_specialize=["NUMEL", "CHUNK"])

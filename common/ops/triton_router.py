@@ -119,13 +119,13 @@ def plan(n_tok: int, n_exp: int, hidden: int, num_sms: int) -> tuple[int, int, i
 
 
 def _router_mma(
-    x: torch.Tensor, w: torch.Tensor, cfg: tuple[int, int, int, int, int, int] | None = None
+    x: torch.Tensor, w: torch.Tensor, cfg: tuple[int, int, int, int, int, int] | None = None, partial: bool = False
 ) -> torch.Tensor:
     """router_logits_mma's kernel path (bf16 x, fp32 w), with an optional plan() override."""
     n_tok, hidden = x.shape
     n_exp = w.shape[0]
     if n_tok == 0:
-        return torch.empty((0, n_exp), dtype=torch.float32, device=x.device)
+        return torch.empty((1, 0, n_exp) if partial else (0, n_exp), dtype=torch.float32, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
     be, bt, bk, splits, warps, stages = cfg or plan(n_tok, n_exp, hidden, num_sms(x.device))
@@ -137,14 +137,19 @@ def _router_mma(
     _router_mma_kernel[grid](x, w, out, n_tok, n_exp, hidden, k_split, x.stride(0), w.stride(0),
                              out.stride(0), out.stride(1), BE=be, BT=bt, BK=bk, EVEN_K=hidden % bk == 0,
                              num_warps=warps, num_stages=stages, **pdl_kwargs(x.device))
+    if partial:
+        return out
     return out[0] if splits == 1 else out.sum(0)
 
 
-def router_logits_mma(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def router_logits_mma(x: torch.Tensor, w: torch.Tensor, partial: bool = False) -> torch.Tensor:
     """x[T,H] bf16 times the fp32 router weight w[E,H]^T -> [T,E] fp32, as accurate as the fp32
     GEMM F.linear(x.float(), w) but on the bf16 tensor cores: three dots of x with the exact bf16
     split of w (hi + mid + lo == w), split-K over H so that any T fills the GPU, partial sums added
-    in a fixed order. Other dtypes (fp16 or fp32 x, non-fp32 w) go to F.linear."""
+    in a fixed order. Other dtypes (fp16 or fp32 x, non-fp32 w) go to F.linear. partial: the
+    split-K partial sums [S,T,E] instead, for a consumer that adds them as it loads them
+    (grouped_topk), one launch fewer."""
     if x.dtype != torch.bfloat16 or w.dtype != torch.float32:
-        return torch.nn.functional.linear(x.float(), w.float())
-    return _router_mma(x, w)
+        out = torch.nn.functional.linear(x.float(), w.float())
+        return out[None] if partial else out
+    return _router_mma(x, w, partial=partial)

@@ -88,6 +88,9 @@ def _group_logits() -> None:
                 print(f"router T={n:2d} E={e:2d} H={h:3d} rel {err:.2e}")
     x, w = torch.randn(37, 200, dtype=torch.bfloat16), torch.randn(16, 200) / 200**0.5
     assert torch.equal(tr.router_logits_mma(x, w), tr._router_mma(x, w))
+    parts = tr._router_mma(x, w, forced[0], partial=True)  # 3 splits kept apart
+    assert parts.shape == (3, 37, 16) and torch.equal(parts.sum(0), tr._router_mma(x, w, forced[0]))
+    assert tr.router_logits_mma(x[:0], w, partial=True).shape == (1, 0, 16)
     f16, f32, bf16 = torch.float16, torch.float32, torch.bfloat16
     for xd, wd in ((f16, f32), (f32, f32), (bf16, bf16)):
         xo, wo = x.to(xd), w.to(wd)

@@ -168,9 +168,19 @@ def _group_moe() -> None:
         sr, orr = ri.sort(1)
         assert torch.equal(si, sr), f"grouped_topk ids differ (E={e}, G={g})"
         _check(f"grouped_topk E={e} G={g} shared={shared}", w.gather(1, oi), rw.gather(1, orr), torch.float32)
+    # logits given as split-K terms: the kernel adds them in index order, exactly as the twin does
+    terms, bias = torch.randn(3, 5, 24), torch.randn(24) * 0.1
+    got, want = tm.grouped_topk(terms, bias, 4, 2, 1, True, 2.5, 1), ref.grouped_topk(terms, bias, 4, 2, 1, True, 2.5, 1)
+    (si, oi), (sr, orr) = got[1].sort(1), want[1].sort(1)
+    assert torch.equal(si, sr), "ids from summed terms"
+    assert torch.equal(want[1], ref.grouped_topk(terms[0] + terms[1] + terms[2], bias, 4, 2, 1, True, 2.5, 1)[1])
+    _check("grouped_topk of 3 terms", got[0].gather(1, oi), want[0].gather(1, orr), torch.float32)
     for n in (1, 3, 6):  # the few-token router kernel (6: the cuBLAS fallback)
         x, w = torch.randn(n, 600, dtype=torch.float16), torch.randn(10, 600)
         _check(f"router_logits T={n}", tm.router_logits(x, w), x.double() @ w.double().T, torch.float32)
+        parts = tm.router_logits(x, w, partial=True)
+        assert parts.dim() == 3 and parts.shape[1:] == (n, 10), "partial: [S,T,E]"
+        _check(f"router_logits T={n} partial", parts.sum(0), x.double() @ w.double().T, torch.float32)
     # the scatter kernels (one program, then count + scatter for the last: multi-chunk) against the
     # one-program sort; min_bm < bm: tail blocks
     for n, k, e, bm in ((3, 4, 16, 16), (40, 8, 16, 16), (37, 9, 129, 16), (200, 8, 24, 32)):

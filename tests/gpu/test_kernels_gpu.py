@@ -166,6 +166,23 @@ def test_align_sort_equals_scatter(n: int, e: int, monkeypatch: pytest.MonkeyPat
         assert torch.equal(got_blocks, want_blocks) and torch.equal(got_ids[:used], want_ids[:used])
 
 
+@pytest.mark.parametrize("n", [3, 128, 2048])
+def test_topk_adds_router_terms(n: int) -> None:
+    """grouped_topk on the router's split-K terms routes as on the summed logits."""
+    from common.ops import triton_moe as tm
+
+    x = torch.randn(n, 4096, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(128, 4096, device=DEV) / 4096**0.5
+    bias = torch.randn(128, device=DEV) * 0.01
+    terms = tm.router_logits(x, w, partial=True)
+    assert n <= tm.ROUTER_MAX_TOKENS or terms.shape[0] > 1, "the tensor-core router splits K at these sizes"
+    got = tm.grouped_topk(terms, bias, 8, 1, 1, True, 2.5, 1)
+    want = tm.grouped_topk(tm.router_logits(x, w), bias, 8, 1, 1, True, 2.5, 1)
+    (gi, go), (wi, wo) = got[1].sort(1), want[1].sort(1)
+    assert torch.equal(gi, wi)
+    assert rel(got[0].gather(1, go), want[0].gather(1, wo)) < 1e-6
+
+
 @pytest.mark.parametrize("n", [1, 3, 4, 64])
 def test_router_logits(n: int) -> None:
     from common.ops import triton_moe as tm
