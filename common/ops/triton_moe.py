@@ -4,8 +4,9 @@ Pipeline of `fused_moe(x[T,H], w13[E,2I,H], w2[E,H,I], weights[T,k], ids[T,k])`:
 1. align: the T*k (token, slot) assignments are bucketed by expert, each expert's bucket padded to
    a multiple of BLOCK_M. `sorted_ids[max_padded]` holds flat assignment indices t*k+j (sentinel
    T*k in padding) and `block_expert[max_blocks]` the expert of each BLOCK_M rows (-1: unused).
-   One kernel when T*k is small (decode); a count kernel plus the scatter kernel otherwise. One
-   token needs no sort (its k experts are distinct): each assignment is its own block (DIRECT).
+   Up to ALIGN_SORT_MAX assignments one kernel sorts them by (expert, index); more take a count
+   kernel, then the scatter kernel, each of whose programs ranks its chunk with one sort. One token
+   needs no alignment (its k experts are distinct): each assignment is its own block (DIRECT).
 2. gate_up: rows x[t] of each block times w13[e]^T, both halves in one program, epilogue
    silu(gate)*up -> act[T*k, I] (row = flat assignment index).
 3. down: act rows times w2[e]^T, scaled by the routing weight -> y[T*k, H].
@@ -32,7 +33,7 @@ from common.ops.moe_configs import CONFIG_DIR, config_name, default_config, get_
 from common.ops.pdl import pdl_enabled, pdl_kwargs, pdl_start
 from common.ops.triton_router import router_logits_mma
 
-_SUB = 32  # assignments ranked per step in the scatter kernel (one-hot [_SUB, E_PAD])
+_SUB = 32  # assignments ranked per step by the scatter kernel's one-hot path (one-hot [_SUB, E_PAD])
 ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (benchmarks/kernels/bench_align.py)
 ALIGN_MAX_CHUNKS = 128
 
