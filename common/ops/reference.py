@@ -137,9 +137,10 @@ def grouped_topk(
     Excluded groups are filled with -inf.
     """
     if router_logits.dim() == 3:  # the terms added in index order, as the kernel adds them
-        terms, router_logits = router_logits.float(), router_logits[0].float()
-        for i in range(1, terms.shape[0]):
-            router_logits = router_logits + terms[i]
+        terms = router_logits.float()
+        router_logits = terms[0]
+        for term in terms[1:]:
+            router_logits = router_logits + term
     num_tokens, num_experts = router_logits.shape
     scores = router_logits.float().sigmoid()  # [T,E]
     choice = scores + correction_bias.float()  # [T,E], selection only

@@ -306,9 +306,6 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     e_pad = triton.next_power_of_2(num_experts)
-    # one-hot ranking: one program up to 1,024 assignments; ranking by a sort: ALIGN_CHUNK a program
-    nc = 1 if numel <= (ALIGN_CHUNK if ALIGN_RANK_SORT else 1024) else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
-    chunk = triton.cdiv(numel, nc)
     flat = ids.reshape(-1)
     if numel <= ALIGN_SORT_MAX:
         n_pad = max(16, triton.next_power_of_2(numel))
@@ -316,6 +313,10 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
                                  NP=n_pad, E_PAD=e_pad, BM=block_m, BB=64,
                                  num_warps=4 if n_pad <= 1024 else 8, **pdl_kwargs(ids.device))
         return sorted_ids, block_expert
+    # one program: up to 1,024 assignments ranked one-hot, or one chunk ranked by a sort
+    one_program = numel <= (ALIGN_CHUNK if ALIGN_RANK_SORT else 1024)
+    nc = 1 if one_program else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
+    chunk = triton.cdiv(numel, nc)
     counts = sorted_ids  # unused when nc == 1
     if nc > 1:
         counts = torch.empty((nc, e_pad), dtype=torch.int32, device=dev)
