@@ -193,6 +193,29 @@ def _align_count_kernel(id_ptr, count_ptr, NUMEL, CHUNK, E, E_PAD: tl.constexpr,
     tl.store(count_ptr + pid * E_PAD + tl.arange(0, E_PAD), acc)
 
 
+@triton.jit
+def _place_by_sort(ex, first, row0, below, sorted_ptr, N: tl.constexpr, E_PAD: tl.constexpr):
+    """Place N consecutive assignments first.. (ex [N]: their experts, E_PAD for none) sorted by
+    (expert, index): the one at sorted position p of expert e goes to row row0[e] + p - below[e]
+    (below: how many of these N belong to experts before e), so index order holds within an expert."""
+    key = tl.sort(ex * N + tl.arange(0, N))
+    ex_s = tl.minimum(key // N, E_PAD - 1)
+    row = tl.gather(row0, ex_s, 0) + tl.arange(0, N) - tl.gather(below, ex_s, 0)
+    tl.store(sorted_ptr + row, first + key % N, mask=key // N < E_PAD)
+
+
+@triton.jit
+def _store_block_owners(block_expert_ptr, end, b_lo, b_hi, BM: tl.constexpr, BB: tl.constexpr):
+    """block_expert[b] for b in [b_lo, b_hi): the number of experts whose padded range (inclusive
+    ends `end`) ends at or before the block, or -1 past the last used block."""
+    total = tl.max(end, axis=0)
+    for b0 in range(b_lo, b_hi, BB):
+        b = b0 + tl.arange(0, BB)
+        owner = tl.sum((end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(b * BM < total, owner, -1)
+        tl.store(block_expert_ptr + b, owner, mask=b < b_hi)
+
+
 @triton.jit(do_not_specialize=["NUMEL", "CHUNK", "MAX_BLOCKS", "NC"])
 def _align_scatter_kernel(
     id_ptr, count_ptr, sorted_ptr, block_expert_ptr, NUMEL, CHUNK, E, MAX_BLOCKS, NC,
@@ -228,11 +251,7 @@ def _align_scatter_kernel(
         m = (pid * CHUNK + j < NUMEL) & (j < CHUNK)
         ex = tl.load(id_ptr + pid * CHUNK + j, mask=m, other=E_PAD)  # masked: after every real expert
         mine = tl.histogram(ex, E_PAD, mask=m)
-        below = tl.cumsum(mine, axis=0) - mine  # this chunk's assignments of the experts before e
-        key = tl.sort(ex * CP + j)
-        ex_s = tl.minimum(key // CP, E_PAD - 1)
-        pos = tl.gather(base, ex_s, 0) + tl.arange(0, CP) - tl.gather(below, ex_s, 0)
-        tl.store(sorted_ptr + pos, pid * CHUNK + key % CP, mask=key // CP < E_PAD)
+        _place_by_sort(ex, pid * CHUNK, base, tl.cumsum(mine, axis=0) - mine, sorted_ptr, CP, E_PAD)
     else:
         for s in range(0, CHUNK, SUB):
             j = s + tl.arange(0, SUB)
@@ -248,14 +267,8 @@ def _align_scatter_kernel(
     c = tl.arange(0, BM)
     pm = ((e % NC) == pid)[:, None] & (c[None, :] < (padded - tot)[:, None])
     tl.store(sorted_ptr + (start + tot)[:, None] + c[None, :], NUMEL, mask=pm)
-    # expert of each block: number of experts whose padded range ends at or before the block
-    total = tl.max(end, axis=0)
     per = tl.cdiv(MAX_BLOCKS, NC)
-    for b0 in range(pid * per, tl.minimum(pid * per + per, MAX_BLOCKS), BB):
-        b = b0 + tl.arange(0, BB)
-        owner = tl.sum((end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
-        owner = tl.where(b * BM < total, owner, -1)
-        tl.store(block_expert_ptr + b, owner, mask=b < tl.minimum(pid * per + per, MAX_BLOCKS))
+    _store_block_owners(block_expert_ptr, end, pid * per, tl.minimum(pid * per + per, MAX_BLOCKS), BM, BB)
 
 
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
@@ -273,20 +286,11 @@ def _align_sort_kernel(id_ptr, sorted_ptr, block_expert_ptr, NUMEL, E, MAX_BLOCK
     padded = (tot + BM - 1) // BM * BM
     end = tl.cumsum(padded, axis=0)
     start = end - padded
-    below = tl.cumsum(tot, axis=0) - tot  # assignments of the experts before e
-    key = tl.sort(ex * NP + i)  # (expert, index) ascending
-    ex_s = tl.minimum(key // NP, E_PAD - 1)
-    row = tl.gather(start, ex_s, 0) + tl.arange(0, NP) - tl.gather(below, ex_s, 0)
-    tl.store(sorted_ptr + row, key % NP, mask=key // NP < E_PAD)
+    _place_by_sort(ex, 0, start, tl.cumsum(tot, axis=0) - tot, sorted_ptr, NP, E_PAD)
     c = tl.arange(0, BM)
     pm = c[None, :] < (padded - tot)[:, None]
     tl.store(sorted_ptr + (start + tot)[:, None] + c[None, :], NUMEL, mask=pm)
-    total = tl.max(end, axis=0)
-    for b0 in range(0, MAX_BLOCKS, BB):
-        b = b0 + tl.arange(0, BB)
-        owner = tl.sum((end[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)
-        owner = tl.where(b * BM < total, owner, -1)
-        tl.store(block_expert_ptr + b, owner, mask=b < MAX_BLOCKS)
+    _store_block_owners(block_expert_ptr, end, 0, MAX_BLOCKS, BM, BB)
 
 
 # up to this many assignments (one chunk), one program aligns them with a sort (_align_sort_kernel);
