@@ -34,6 +34,7 @@ FAILED = "failed"  # a request the killed worker was serving
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
 GATEWAY_HEALTH_INTERVAL_S = 0.5
 THREADS = 8
+LONG_TOKENS = 400  # a long stream's length; the fault comes before either has half of it
 
 
 def _grpc(stub, i: int, want: dict[int, list[int]]) -> str:
@@ -63,16 +64,17 @@ def _grpc(stub, i: int, want: dict[int, list[int]]) -> str:
 def _long_stream(stub, k: int):
     """A greedy stream long enough to be running when the worker dies (its first message read)."""
     req = gateway_pb2.GenerateRequest(tokens=gateway_pb2.TokenIds(ids=[20 + k, 21, 22]))
-    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = 400, 0.0, True
+    req.sampling.max_tokens, req.sampling.temperature, req.sampling.ignore_eos = LONG_TOKENS, 0.0, True
     call = stub.Generate(req, timeout=60)
     next(call)
     return call
 
 
-def _drain(call) -> grpc.StatusCode:
+def _drain(call, got: list[int], k: int) -> grpc.StatusCode:
+    """Read a stream to its end, counting its tokens in got[k] as they come."""
     try:
-        for _ in call:
-            pass
+        for msg in call:
+            got[k] += len(msg.token_ids)
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
@@ -121,7 +123,7 @@ def test_soak_with_a_killed_decode_worker(launch, tiny_model_dir: Path, referenc
         return _http(cluster.http_port, i) if i % 4 == 3 else _grpc(stub, i, want)
 
     try:
-        with supervised(cluster) as log, ThreadPoolExecutor(THREADS) as pool:
+        with supervised(cluster) as log, ThreadPoolExecutor(THREADS) as pool, ThreadPoolExecutor(2) as readers:
             list(pool.map(one, range(40)))  # warm-up: lazily made threads, channels and KV pairs exist now
             deadline = time.monotonic() + 30  # ... every decode worker's KV pair included (load may favour one)
             while not all("paired prefill" in (cluster.log_dir / f"{n}.log").read_text() for n in ("decode0", "decode1")):
@@ -131,15 +133,18 @@ def test_soak_with_a_killed_decode_worker(launch, tiny_model_dir: Path, referenc
             start = time.monotonic()
             long = [_long_stream(stub, k) for k in range(2)]  # on one or both decode workers (least loaded)
             holding = [streams_on(p) for p in cluster.decode_ports]  # only the long streams run now
+            streamed = [0, 0]
+            drains = [readers.submit(_drain, call, streamed, k) for k, call in enumerate(long)]
             phase = [pool.submit(one, i) for i in range(40, 140)]  # before the fault, and it lands among them
-            while sum(f.done() for f in phase) < 30:
+            # ... and while the long streams run: on a slow host they would otherwise end before it
+            while sum(f.done() for f in phase) < 30 and max(streamed) < LONG_TOKENS // 2:
                 time.sleep(0.01)
             # the busiest decode worker among those serving a long stream: at least one stream must end
             running = [streams_on(p) if held else -1 for p, held in zip(cluster.decode_ports, holding)]
             victim = f"decode{running.index(max(running))}"
             os.kill(cluster.procs[victim].pid, signal.SIGKILL)
             killed = time.monotonic()
-            ended = [_drain(call) for call in long]
+            ended = [d.result() for d in drains]
             outcomes = [f.result() for f in phase]
             outcomes += pool.map(one, range(140, 240))  # while the victim is down or restarting
             while not cluster.restarts.get(victim):
