@@ -191,19 +191,16 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, seqs: Sequence[SeqSpec], page_size: int, device: torch.device | str = "cpu") -> ForwardBatch:
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qstart = [0]
-        prefix: list[int] = []
-        seqlen: list[int] = []
-        runs: list[int] = []
-        rows: list[int] = []
+        """Any mix of sequences (module docstring). Token ids, positions, slots, lengths, logit rows and
+        the page table travel in one host->device copy (pinned and non-blocking on CUDA), built by array
+        extends (an 8K-token prompt is a few hundred page runs, not 8K Python ints); masks in a second."""
+        n = len(seqs)
+        ids, pos, slots, rows = array("q"), array("q"), array("q"), array("q")
+        qstart, prefix, seqlen, runs, need = [0], [], [], [], []
         masks: list[torch.Tensor] = []
         mstart = [0]
         any_mask = any(s.mask is not None for s in seqs)
         max_pages = max((len(s.pages) for s in seqs), default=1) or 1
-        table = torch.zeros((len(seqs), max_pages), dtype=torch.int32)
         for b, s in enumerate(seqs):
             q = len(s.input_ids)
             if len(s.positions) != q:
@@ -219,17 +216,14 @@ class ForwardBatch:
             if not 0 <= p <= s.seq_len - q:
                 raise ValueError(f"sequence {b}: prefix_len {p} must be in [0, seq_len - q]")
             base = len(ids)
-            ids.extend(int(t) for t in s.input_ids)
-            pos.extend(int(x) for x in s.positions)
-            for i in range(q):
-                logical = s.seq_len - q + i
-                slots.append(int(s.pages[logical // page_size]) * page_size + logical % page_size)
-            table[b, : len(s.pages)] = torch.tensor(list(s.pages), dtype=torch.int32)
+            _extend_ints(ids, s.input_ids)
+            _extend_ints(pos, s.positions)
+            _extend_slots(slots, s.pages, s.seq_len - q, s.seq_len, page_size)
             qstart.append(qstart[-1] + q)
             prefix.append(p)
             seqlen.append(s.seq_len)
-            used = [int(x) for x in s.pages[: -(-s.seq_len // page_size)]]
-            runs.append(used[0] if used and used == list(range(used[0], used[0] + len(used))) else -1)
+            need.append(len(s.pages))
+            runs.append(_run_start(s.pages, need_pages))
             for r in (s.logit_rows if s.logit_rows is not None else (q - 1,)):
                 if not 0 <= r < q:
                     raise ValueError(f"sequence {b}: logit row {r} outside its {q} queries")
@@ -247,24 +241,73 @@ class ForwardBatch:
                         raise ValueError(f"sequence {b}: mask shape {tuple(m.shape)} != ({q}, {cols})")
                 masks.append(m.reshape(-1))
                 mstart.append(mstart[-1] + q * cols)
+        t, r = len(ids), len(rows)
+        # layout: ids | positions | slots | logit rows | query_start | prefix lens | seq lens | table
+        buf = ids
+        for part in (pos, slots, rows, qstart, prefix, seqlen):
+            buf.extend(part)
+        host = torch.frombuffer(_append_page_rows(buf, [s.pages for s in seqs], need, max_pages), dtype=torch.int64)
         dev = torch.device(device)
+        flat = to_device(host, dev)
+        o = 3 * t + r  # query_start
+        i32 = torch.int32
         return cls(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
-            query_start=torch.tensor(qstart, dtype=torch.int32, device=dev),
-            prefix_lens=torch.tensor(prefix, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seqlen, dtype=torch.int32, device=dev),
-            page_table=table.to(dev),
-            out_slots=torch.tensor(slots, dtype=torch.int64, device=dev),
-            logit_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
+            input_ids=flat[:t],
+            positions=flat[t:2 * t],
+            query_start=flat[o:o + n + 1].to(i32),
+            prefix_lens=flat[o + n + 1:o + 2 * n + 1].to(i32),
+            seq_lens=flat[o + 2 * n + 1:o + 3 * n + 1].to(i32),
+            page_table=flat[o + 3 * n + 1:].view(n, max_pages).to(i32),
+            out_slots=flat[2 * t:3 * t],
+            logit_rows=flat[3 * t:o],
             page_size=page_size,
-            mask=torch.cat(masks).to(dev) if any_mask else None,
-            mask_start=torch.tensor(mstart, dtype=torch.int64, device=dev) if any_mask else None,
-            query_lens_host=tuple(qstart[i + 1] - qstart[i] for i in range(len(seqs))),
+            mask=to_device(torch.cat(masks), dev) if any_mask else None,
+            mask_start=to_device(torch.tensor(mstart, dtype=torch.int64), dev) if any_mask else None,
+            query_lens_host=tuple(qstart[i + 1] - qstart[i] for i in range(n)),
             prefix_lens_host=tuple(prefix),
             seq_lens_host=tuple(seqlen),
             run_start_host=tuple(runs),
         )
+
+
+def _extend_ints(buf: array, values: Sequence[int]) -> None:
+    """buf += values: a C loop for ints and ranges; element by element for other integer types (e.g. a
+    tensor's)."""
+    try:
+        buf.extend(values)
+    except TypeError:
+        buf.extend(int(v) for v in values)
+
+
+_SLOTS_VECTOR_MIN = 256  # query tokens from which a sequence's slots are computed by torch
+
+
+def _extend_slots(buf: array, pages: Sequence[int], first: int, last: int, page_size: int) -> None:
+    """buf += the physical flat slots of logical slots [first, last): one range per page touched, or
+    for a long run (a prompt chunk) every page's slots at once through torch."""
+    if last - first >= _SLOTS_VECTOR_MIN:
+        p0, p1 = first // page_size, (last - 1) // page_size + 1
+        base = torch.as_tensor(pages[p0:p1], dtype=torch.int64)[:, None] * page_size
+        flat = (base + torch.arange(page_size)).reshape(-1)[first - p0 * page_size:last - p0 * page_size]
+        buf.frombytes(flat.numpy().tobytes())
+        return
+    logical = first
+    while logical < last:
+        page, off = divmod(logical, page_size)
+        take = min(page_size - off, last - logical)
+        start = int(pages[page]) * page_size + off
+        buf.extend(range(start, start + take))
+        logical += take
+
+
+def _run_start(pages: Sequence[int], k: int) -> int:
+    """pages[0] when pages[:k] are consecutive (their K/V is one slice of the pool), else -1."""
+    if k == 0:
+        return -1
+    first = int(pages[0])
+    if int(pages[k - 1]) - first != k - 1:
+        return -1
+    return first if all(int(p) == first + i for i, p in enumerate(pages[:k])) else -1
 
 
 @dataclass(frozen=True)
