@@ -26,10 +26,25 @@ from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
 
-# Per-token rows up to this width are read once and quantised from registers (16 warps: 32 values
-# a thread): a decode step's rows are few, and a loop of dependent chunk loads on one SM costs more
-# than the values do (Air's attention output is 12288 wide). Wider rows take two passes.
+# silu·mul rows up to this width are computed once and quantised from registers (16 warps: 32 values
+# a thread); wider ones take two passes.
 ONE_PASS_MAX = 16384
+# The per-token quantiser reads a row in blocks of at most this many values, 8 warps a block: one
+# pass up to 4096 wide, two above (the second read mostly from L2). Measured on an H100
+# (benchmarks/kernels/bench_quant_rows.py): Air's 12288-wide attention output of an 8K prefill 172 ->
+# 108 µs against a whole row in registers with 16 warps (99 µs floor), one token 4.4 -> 3.7 µs; 8K rows
+# of 4096: 41 -> 37 µs.
+# Many short rows (the MoE intermediate of a prefill: 9 rows a token, 1408 wide on Air) go faster in
+# small programs, more of them resident an SM: 73728 rows of 1408, 193 -> 144 µs with blocks of 512 and
+# 2 warps (103 µs floor); a decode step's few rows keep the wide block (9 rows: 2.3 µs against 3.6).
+TOKEN_BLOCK_MAX = 4096
+TOKEN_WARPS_MAX = 8
+MANY_ROWS = 16384  # from this many rows of at most SHORT_ROW values: blocks of 512, 2 warps
+SHORT_ROW = 2048
+# The fused residual add + RMSNorm + quantiser takes at most 8 warps a row from this many rows on (8K
+# rows of 4096: 94.5 -> 85.8 µs, of 5120: 194 -> 148; 256 rows of 4096: 6.1 -> 5.0), and a whole
+# row's 16 warps below it (one row of 4096: 2.7 µs against 3.0 with 8).
+NORM_ROWS_8_WARPS = 32
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (r + M) - M rounds |r| < 2^22 to an integer, ties to even
 
 
@@ -114,6 +129,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _token_launch(n_tok: int, k: int) -> tuple[int, int]:
+    """(row block, warps) of the per-token quantiser for n_tok rows of k values."""
+    if n_tok >= MANY_ROWS and k <= SHORT_ROW:
+        return min(512, triton.next_power_of_2(k)), 2
+    block = min(triton.next_power_of_2(k), TOKEN_BLOCK_MAX)
+    return block, min(TOKEN_WARPS_MAX, _row_warps(block))
+
+
 def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x [T,K]
     """(q[T,K] e4m3, scale[T,1] fp32); see reference.quant_fp8_per_token."""
     x = _rows(x)
@@ -122,10 +145,10 @@ def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  
     scale = torch.empty(n_tok, 1, dtype=torch.float32, device=x.device)
     if n_tok == 0:
         return q, scale
-    block = min(triton.next_power_of_2(k), ONE_PASS_MAX)
+    block, warps = _token_launch(n_tok, k)
     _quant_per_token_kernel[(n_tok,)](
         x, q, scale, k, x.stride(0), q.stride(0),
-        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), BLOCK=block, num_warps=_row_warps(block),
+        QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x.device), BLOCK=block, num_warps=warps,
         **pdl_kwargs(x.device),
     )
     return q, scale
@@ -232,7 +255,8 @@ def _norm_quant(
         x.stride(0), r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0), normed_out.stride(0), eps,
         HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
         HW=hw_round(x.device),
-        NG=ng, GB=gb, num_warps=_row_warps(ng * gb), **pdl_kwargs(x.device),
+        NG=ng, GB=gb, num_warps=_row_warps(ng * gb) if n_tok < NORM_ROWS_8_WARPS else min(8, _row_warps(ng * gb)),
+        **pdl_kwargs(x.device),
     )
     return q, scale, new_res, normed
 

@@ -174,13 +174,23 @@ def _group_fp8() -> None:
         cases = {
             "strided rows, zero row, outlier": activations(6, 200, torch.float32).to(dt)[1:6, :96],
             "binade edges and subnormals": edge,
-            "one pass, K=4100": activations(3, 4100, torch.float32).to(dt),
-            "one pass, K=12288 (Air's attention output)": activations(1, 12288, torch.float32).to(dt),
-            "two passes, K over two chunks": activations(2, 16400, torch.float32).to(dt),
+            "one pass, K=4096": activations(3, 4096, torch.float32).to(dt),
+            "two passes, K=4100 (a 4-value tail block)": activations(3, 4100, torch.float32).to(dt),
+            "two passes, K=12288 (Air's attention output)": activations(1, 12288, torch.float32).to(dt),
+            "two passes, K over five blocks": activations(2, 16400, torch.float32).to(dt),
             "zero rows": torch.zeros(2, 384, dtype=dt),
         }
         for name, x in cases.items():
             _same(f"per_token {name} {dt}", tf.quant_fp8_per_token(x), ref.quant_fp8_per_token(x))
+        saved = tf.MANY_ROWS
+        tf.MANY_ROWS = 2  # the launch of many short rows (blocks of 512, 2 warps) on a few rows
+        try:
+            assert tf._token_launch(3, 1408) == (512, 2) and tf._token_launch(3, 4096)[0] == 4096
+            for k in (1408, 300):  # three blocks of 512 (a tail of 384); one block, masked
+                x = activations(3, k, torch.float32).to(dt)
+                _same(f"per_token many short rows K={k} {dt}", tf.quant_fp8_per_token(x), ref.quant_fp8_per_token(x))
+        finally:
+            tf.MANY_ROWS = saved
         for t, k, group in ((5, 384, 128), (3, 640, 128), (4, 96, 32), (2, 384, 128)):
             x = activations(t, k, torch.float32).to(dt) if t != 2 else torch.zeros(t, k, dtype=dt)
             _same(f"per_group T={t} K={k} group={group} {dt}", tf.quant_fp8_per_group(x, group),
