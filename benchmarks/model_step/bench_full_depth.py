@@ -198,6 +198,8 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
         if args.prefetch_ab and cuda and not decode_only:
             info["prefetch_mb"] = pdl.PREFETCH_BYTES / 1e6
             info["prefetch_ab"] = prefetch_ab(runner, st, args)
+        if args.trace and cuda and not decode_only and measure.out_dir() is not None:
+            info["traces"] = steps.trace(st, args.trace, max(args.prefill), args.chunk, measure.out_dir())
         if (args.pdl_ab or args.profile) and cuda and not decode_only:
             # the decode graphs (and for the profile the EAGLE ones) again with plain launches: timed against
             # the PDL ones, and profiled (under PDL a kernel starts early and waits, so its profiled time
@@ -447,6 +449,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ckpt-dir", default=None, help="where the loader's checkpoint is written (default: temp dir)")
     ap.add_argument("--profile", default="", help="decode and EAGLE batches to profile per kernel (e.g. 1,32), with the "
                     "longest prefill; the FP8 model's sections go to the report (GPU only)")
+    ap.add_argument("--trace", default="", help="EAGLE batches (e.g. 64) whose step, and the longest prefill, are "
+                    "written to $OUT as Chrome traces with host stacks (GPU only)")
     ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
                     help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")
     ap.add_argument("--prefetch-ab", default="", help="weight-prefetch budgets (MB a launch, e.g. 0,8) whose decode "
@@ -460,6 +464,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.prefill = [int(n) for n in str(args.prefill).split(",")]
     args.spec = tuple(int(x) for x in args.spec.split(","))
     args.profile = [int(b) for b in args.profile.split(",") if b]
+    args.trace = [int(b) for b in args.trace.split(",") if b]
     args.prefetch_ab = [float(mb) for mb in args.prefetch_ab.split(",") if mb]
     return args
 

@@ -10,10 +10,13 @@ on the CPU (the --tiny smoke run).
 
 from __future__ import annotations
 
+import gzip
+import shutil
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -284,6 +287,39 @@ def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top:
         reps = max(2, st.effort.reps // 4)
         out += section(f"prefill 1x{prefill_tokens}, eager", isolated_us(st, target, reps=reps), target, reps, top)
     return out
+
+
+def trace(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, out: Path) -> list[str]:
+    """Chrome traces (host ops with their Python stacks, kernels, launch links) of one EAGLE step at each
+    batch (as the worker runs it, after two untraced steps) and of one prefill of prefill_tokens (0:
+    none), gzipped under out: what the host does while the GPU waits. Returns the files' names."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    def write(name: str, fn: Callable[[], object], before: Callable[[], object]) -> str:
+        for _ in range(2):
+            before()
+            fn()
+        before()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            fn()
+            torch.cuda.synchronize()
+        raw = out / f"{name}.json"
+        prof.export_chrome_trace(str(raw))
+        with raw.open("rb") as src, gzip.open(out / f"{name}.json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+        return f"{name}.json.gz"
+
+    names = []
+    for b in batches:
+        reqs, reset = _requests(st, b)
+        names.append(write(f"trace_eagle_b{b}", lambda reqs=reqs: st.eagle.step(reqs), reset))
+    if prefill_tokens:
+        _, run = _prefill_forwards(st, prefill_tokens, chunk)
+        names.append(write(f"trace_prefill_{prefill_tokens}", lambda: run(False), lambda: None))
+    return names
 
 
 # ------------------------------------------------------------------------------------ EAGLE
