@@ -202,6 +202,30 @@ def test_triton_channel_linear(n: int, k: int) -> None:
         assert err < TWIN_TOL, f"N={n} K={k} M={num_tokens}: rel {err:.2e}"
 
 
+def test_tuned_tiles_of_this_gpu() -> None:
+    """Every tuned entry of this GPU's table, at both ends of its token bucket ('1': M 1-16, '64': 17-64),
+    through the Triton GEMM and fp8_linear's dispatch, against the twin."""
+    from common.ops import cublas_fp8
+    from common.ops import reference as ref
+    from common.ops import triton_fp8_gemm as tg
+
+    table = tg._tuned_tables().get(torch.cuda.get_device_name(), {})
+    if not table:  # a GPU without a table: no tuned tiles, the default ones
+        assert tg.tuned_config(1, 4096, 12288, torch.device(DEV)) is None
+    ends = {"1": (1, 16), "64": (17, 64)}
+    for shape, buckets in table.items():
+        n, k = (int(v) for v in shape.split(","))
+        w_q, w_scale = ref.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16())
+        for key in buckets:
+            for m in ends[key]:
+                assert tg.tuned_config(m, n, k, w_q.device) is not None
+                x_q, x_scale = ref.quant_fp8_per_token(activations(m, k))
+                want = ref.fp8_linear(x_q, x_scale, w_q, w_scale, None, torch.float32)
+                for y in (tg.fp8_linear(x_q, x_scale, w_q, w_scale), cublas_fp8.fp8_linear(x_q, x_scale, w_q, w_scale)):
+                    err = rel(y, want)
+                    assert err < TWIN_TOL, f"N={n} K={k} M={m} (bucket {key}): rel {err:.2e}"
+
+
 @pytest.mark.parametrize("budget_mb", [8, 1000])  # 1000: every program prefetches its slice
 @pytest.mark.parametrize("block", [0, 128])
 def test_weight_prefetch_changes_no_bit(budget_mb: int, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
