@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FP8 serving in one GPU call (< 9 minutes on one H200): the FP8 GPU tests, the FP8 kernel benchmarks
+# FP8 serving in one GPU call (< 10 minutes on one H200): the FP8 GPU tests, the FP8 kernel benchmarks
 # (those in this checkout), then the full-depth GLM-4.5-Air benchmark (the loader on a real FP8
 # checkpoint, FP8 at 46 layers + MTP, bf16 at the depth that fits, FP8 at that depth). On an H100 the
 # full-depth benchmark picks the depths that fit and says which, then times the 46 layers with layers
@@ -28,6 +28,7 @@ else
   echo "=== bench_fp8_linear: not in this checkout, skipped" | tee -a "$OUT/$SUMMARY"
 fi
 if has bench; then
+  stage bench_quant_rows 60 $PY -m benchmarks.kernels.bench_quant_rows --out "$OUT/bench_quant_rows.json"
   stage bench_moe_fp8 80 $PY -m benchmarks.kernels.bench_moe_fp8 --tp 1,8 --budget-s 70 --out "$OUT/bench_moe_fp8.json"
   stage bench_full_depth "${FULL_DEPTH_S:-330}" $PY -m benchmarks.model_step.bench_full_depth
   # a GPU that cannot hold Air's 110 GB of FP8 weights times the full depth with layers sharing weights
