@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+_SLOTS_VECTOR_MIN = 256  # query tokens from which ForwardBatch.build computes a sequence's slots by torch
+
 
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """Host -> device without waiting: on CUDA a pinned, non-blocking copy (a plain `.to(cuda)` of
@@ -277,9 +279,6 @@ def _extend_ints(buf: array, values: Sequence[int]) -> None:
         buf.extend(values)
     except TypeError:
         buf.extend(int(v) for v in values)
-
-
-_SLOTS_VECTOR_MIN = 256  # query tokens from which a sequence's slots are computed by torch
 
 
 def _extend_slots(buf: array, pages: Sequence[int], first: int, last: int, page_size: int) -> None:
