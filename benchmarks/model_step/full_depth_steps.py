@@ -10,8 +10,6 @@ on the CPU (the --tiny smoke run).
 
 from __future__ import annotations
 
-import gzip
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -305,11 +303,7 @@ def trace(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, out: P
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
             fn()
             torch.cuda.synchronize()
-        raw = out / f"{name}.json"
-        prof.export_chrome_trace(str(raw))
-        with raw.open("rb") as src, gzip.open(out / f"{name}.json.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
+        prof.export_chrome_trace(str(out / f"{name}.json.gz"))  # gzipped by torch for a .gz path
         return f"{name}.json.gz"
 
     names = []

@@ -198,7 +198,7 @@ class ForwardBatch:
         extends (an 8K-token prompt is a few hundred page runs, not 8K Python ints); masks in a second."""
         n = len(seqs)
         ids, pos, slots, rows = array("q"), array("q"), array("q"), array("q")
-        qstart, prefix, seqlen, runs, need = [0], [], [], [], []
+        qstart, prefix, seqlen, runs, row_pages = [0], [], [], [], []
         masks: list[torch.Tensor] = []
         mstart = [0]
         any_mask = any(s.mask is not None for s in seqs)
@@ -224,7 +224,7 @@ class ForwardBatch:
             qstart.append(qstart[-1] + q)
             prefix.append(p)
             seqlen.append(s.seq_len)
-            need.append(len(s.pages))
+            row_pages.append(len(s.pages))  # the table row holds every page given
             runs.append(_run_start(s.pages, need_pages))
             for r in (s.logit_rows if s.logit_rows is not None else (q - 1,)):
                 if not 0 <= r < q:
@@ -248,7 +248,7 @@ class ForwardBatch:
         buf = ids
         for part in (pos, slots, rows, qstart, prefix, seqlen):
             buf.extend(part)
-        host = torch.frombuffer(_append_page_rows(buf, [s.pages for s in seqs], need, max_pages), dtype=torch.int64)
+        host = torch.frombuffer(_append_page_rows(buf, [s.pages for s in seqs], row_pages, max_pages), dtype=torch.int64)
         dev = torch.device(device)
         flat = to_device(host, dev)
         o = 3 * t + r  # query_start
