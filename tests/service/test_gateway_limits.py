@@ -4,13 +4,11 @@ prompt-size cap refusing before tokenising on both APIs."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import grpc
 
 from protos import gateway_pb2
-from tests.service.gateway_harness import Script, chat_request, chunked, gateway_with_fakes, run
+from tests.service.gateway_harness import Script, chat_request, chunked, gateway_with_fakes, run, until
 
 Code = grpc.StatusCode
 USER = [{"role": "user", "content": "hi"}]
@@ -45,7 +43,7 @@ def test_concurrency_cap_is_shared_and_every_exit_gives_the_slot_back(model_dir,
             seen["http"] = (busy.status, busy.headers.get("Retry-After"), (await busy.json())["error"])
             held.cancel()                                  # a gRPC client cancel
             http_held.close()                              # an HTTP client gone mid-stream
-            await asyncio.sleep(0.3)
+            await until(lambda: gate.running == 0, "both slots back after the cancel and the disconnect")
             seen["after_cancels"] = gate.running
             two = await s.post(url, json={"messages": USER, "n": 2})  # two choices take both slots
             seen["n2"] = (two.status, len((await two.json())["choices"]))

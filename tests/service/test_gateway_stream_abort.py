@@ -20,6 +20,7 @@ from tests.service.gateway_harness import (
     collect,
     gateway_with_fakes,
     run,
+    until,
 )
 
 NO_THINK = gateway_pb2.Thinking(enabled=False)
@@ -206,7 +207,10 @@ def test_least_loaded_routing_and_round_robin_on_ties(model_dir, tok):
             tie = [len(d.requests) for d in h.cluster.decodes]
             h.cluster.decodes[0].load.running = 50  # busy: the router must avoid it
             h.cluster.decodes[1].load.queued = 50
-            await asyncio.sleep(0.3)                # a health round reads the new loads
+            def seen_busy() -> bool:
+                loads = [d.load for d in h.gateway.router.decode if d.load is not None]
+                return any(x.running == 50 for x in loads) and any(x.queued == 50 for x in loads)
+            await until(seen_busy, "a health round reads the new loads")
             for _ in range(4):
                 await collect(h.stub.Chat(chat_request(thinking=NO_THINK)))
             after = [len(d.requests) for d in h.cluster.decodes]

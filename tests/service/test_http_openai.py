@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from common.serving.custom_processor import Glm4MoeThinkingBudgetLogitProcessor
-from tests.service.gateway_harness import Harness, Script, chunked, gateway_with_fakes, run
+from tests.service.gateway_harness import Harness, Script, chunked, gateway_with_fakes, run, until
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather",
@@ -250,7 +250,7 @@ def test_errors_are_openai_envelopes_with_the_right_status(model_dir, tok):
                 seen["route"] = (route.status, (await route.json())["error"], {})
                 ignored = unknown.status, unknown.headers.get("X-Glmserve-Ignored-Fields")
             await h.cluster.stop()  # every worker gone: 503 once the router has noticed
-            await asyncio.sleep(0.6)
+            await until(lambda: not any(w.healthy for w in h.gateway.router.workers), "the router sees every worker gone")
             try:
                 await c.chat.completions.create(model="m", messages=USER)
             except openai.APIStatusError as e:
@@ -303,13 +303,12 @@ def test_client_disconnect_aborts_both_legs(model_dir, tok):
             t0 = time.monotonic()
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in legs)), 2)
             second = time.monotonic() - t0
-            await asyncio.sleep(0.1)  # the gateway's handler unwinds after the abort calls
-            return first, second, p_aborts, h.cluster, h.gateway.pipeline.inflight
+            await until(lambda: not h.gateway.pipeline.inflight, "the aborted requests leave the in-flight set")
+            return first, second, p_aborts, h.cluster
 
-    first, second, p_aborts, cluster, inflight = run(scenario())
+    first, second, p_aborts, cluster = run(scenario())
     assert first < 0.5 and second < 0.5
     assert len(cluster.decodes[0].aborts) == 2 and p_aborts >= 1 and len(cluster.prefills[0].aborts) == 2
-    assert inflight == set()
 
 
 def test_raw_sse_framing(model_dir, tok):
