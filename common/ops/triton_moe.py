@@ -317,7 +317,7 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
                                  NP=n_pad, E_PAD=e_pad, BM=block_m, BB=64,
                                  num_warps=4 if n_pad <= 1024 else 8, **pdl_kwargs(ids.device))
         return sorted_ids, block_expert
-    # one program: up to 1,024 assignments ranked one-hot, or one chunk ranked by a sort
+    # one program ranks up to 1,024 assignments one-hot (up to one chunk where chunks are ranked by a sort)
     one_program = numel <= (ALIGN_CHUNK if ALIGN_RANK_SORT else 1024)
     nc = 1 if one_program else min(ALIGN_MAX_CHUNKS, triton.cdiv(numel, ALIGN_CHUNK))
     chunk = triton.cdiv(numel, nc)
