@@ -26,6 +26,7 @@ from prefill_worker.scheduler import PrefillJob
 from prefill_worker.server import PrefillWorkerApp, build_arg_parser
 from prefill_worker.servicer import PrefillServicer
 from protos import worker_pb2
+from tests.polling import until
 from tests.prefill_worker.rig import PAGE, DecodeSide, prompt
 
 
@@ -143,14 +144,6 @@ def refused(app: PrefillWorkerApp, req: worker_pb2.PrefillRequest) -> Aborted:
     with pytest.raises(Aborted) as info:
         call(app, req)
     return info.value
-
-
-async def until(cond, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def test_prefill_returns_the_first_token_and_the_decode_side_gets_the_kv(app, tiny_model_dir: Path) -> None:

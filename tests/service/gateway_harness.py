@@ -32,16 +32,6 @@ def run(coro: Coroutine[object, object, T], timeout: float = 30.0) -> T:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for a state the gateway reaches on its own (a health round, a handler unwinding): polled,
-    so a slow machine waits longer instead of failing, and a state never reached fails naming `what`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not reached in {timeout} s: {what}")
-        await asyncio.sleep(0.01)
-
-
 @dataclass
 class Harness:
     cluster: FakeCluster

@@ -8,7 +8,8 @@ import aiohttp
 import grpc
 
 from protos import gateway_pb2
-from tests.service.gateway_harness import Script, chat_request, chunked, gateway_with_fakes, run, until
+from tests.polling import until
+from tests.service.gateway_harness import Script, chat_request, chunked, gateway_with_fakes, run
 
 Code = grpc.StatusCode
 USER = [{"role": "user", "content": "hi"}]

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from protos import gateway_pb2
+from tests.polling import until
 from tests.service.gateway_harness import (
     Script,
     chat_request,
@@ -20,7 +21,6 @@ from tests.service.gateway_harness import (
     collect,
     gateway_with_fakes,
     run,
-    until,
 )
 
 NO_THINK = gateway_pb2.Thinking(enabled=False)

@@ -12,7 +12,8 @@ import openai
 import pytest
 
 from common.serving.custom_processor import Glm4MoeThinkingBudgetLogitProcessor
-from tests.service.gateway_harness import Harness, Script, chunked, gateway_with_fakes, run, until
+from tests.polling import until
+from tests.service.gateway_harness import Harness, Script, chunked, gateway_with_fakes, run
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather",
