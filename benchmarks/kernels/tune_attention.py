@@ -1,33 +1,50 @@
-"""Sweep the extend/prefill tiles of the Triton paged attention on this GPU.
+"""Sweep the tiles of the Triton paged attention on this GPU: the extend/prefill tiles, or (--decode)
+the small-query tiles and split-K counts of decode, draft and verify batches.
 
     python3 -m benchmarks.kernels.tune_attention [--budget-s 60]
+    python3 -m benchmarks.kernels.tune_attention --decode [--batches 1,32,64] [--context 1024]
+        [--budget-s 150] [--write tiles.json]
 
-For 1x2048 (no prefix) and 1x2048 after a 4K prefix (96 q heads, 8 KV heads, head 128, page 16),
-times paged_attention with each (BLOCK_M rows, BLOCK_N, num_warps, num_stages) candidate in place
-of triton_paged.plan()'s extend choice (CUDA-graph replays, median), prints each with its
-fraction of the FLOP roofline, and the best. The winner goes into plan() by hand.
+Extend: for 1x2048 (no prefix) and 1x2048 after a 4K prefix (96 q heads, 8 KV heads, head 128, page
+16), times paged_attention with each (BLOCK_M rows, BLOCK_N, num_warps, num_stages) candidate in
+place of triton_paged.plan()'s extend choice (CUDA-graph replays, median), prints each with its
+fraction of the FLOP roofline, and the best.
+
+Decode: for each batch size, B sequences of --context tokens with one query each (decode and the
+chain draft: 12 rows of a KV head) and with four (the EAGLE (3,1,4) verify and draft extend under a
+causal tree mask: 48 rows), times every (BLOCK_M, BLOCK_N, num_warps, num_stages, split count)
+candidate against the K/V bytes floor at the measured read bandwidth; each candidate's output must
+equal plan()'s to within bf16 rounding (else it is reported and dropped). --write saves the best
+per (batch, rows) as JSON, which `bench_full_depth --ab attn-tiles=FILE` serves in place of plan()
+to time the whole step with them. The winners go into plan() by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks import measure
 from benchmarks.kernels.bench_kernels import _attn_sets
 from common.attention import triton_paged as tp
+from common.ops.moe_configs import num_sms
 
 CASES = {"extend 1x2048": [(2048, 2048, 0, False)], "extend 1x2048 after 4K": [(2048, 6144, None, False)]}
+HK, HQ, D = 8, 96, 128
+SPLITS = (1, 2, 4, 8, 16, 33, 64)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget-s", type=float, default=60)
-    args = ap.parse_args()
-    deadline = time.time() + args.budget_s
+def _time(sets: list, kc: torch.Tensor, vc: torch.Tensor) -> float:
+    return measure.time_graph([lambda q=q, b=b: tp.paged_attention(q, kc, vc, b, 0.088) for q, b in sets], reps=10)
+
+
+def extend_sweep(budget_s: float) -> None:
+    deadline = time.time() + budget_s
     ceil = measure.measure_ceilings(None)
     original = tp.plan
     cands = list(itertools.product((128, 64), (64, 128, 32), (8, 4), (2, 3, 4)))
@@ -35,15 +52,14 @@ def main() -> None:
         kc, vc, sets = _attn_sets(spec, 2)
         q_len, seq_len = spec[0][0], spec[0][1]
         prefix = seq_len - q_len
-        flops = 4 * 96 * 128 * (q_len * prefix + q_len * (q_len + 1) / 2)
+        flops = 4 * HQ * D * (q_len * prefix + q_len * (q_len + 1) / 2)
         best = None
         for bm, bn, warps, stages in cands:
             if time.time() > deadline:
                 break
             tp.plan = lambda *a, c=(bm, bn, warps, stages): (*c, 1)  # type: ignore[assignment]
             try:
-                t = measure.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
-                                   for q, b in sets], reps=10)
+                t = _time(sets, kc, vc)
             except Exception as exc:  # noqa: BLE001 - a tile that does not fit
                 print(f"{name}: BM={bm} BN={bn} w={warps} s={stages}: {type(exc).__name__}", flush=True)
                 continue
@@ -54,9 +70,92 @@ def main() -> None:
                   f"({frac:.0%} of peak)", flush=True)
             if best is None or t < best[0]:
                 best = (t, bm, bn, warps, stages)
-        default = measure.time_graph([lambda q=q, b=b, kc=kc, vc=vc: tp.paged_attention(q, kc, vc, b, 0.088)
-                                 for q, b in sets], reps=10)
-        print(f"BEST {name}: {best}; plan() today {default:.1f} us", flush=True)
+        print(f"BEST {name}: {best}; plan() today {_time(sets, kc, vc):.1f} us", flush=True)
+
+
+def decode_candidates(rows: int, programs_per_split: int, sms: int) -> list[tuple[int, int, int, int, int]]:
+    """(BM, BN, warps, stages, splits) to try for `rows` rows a KV head: row blocks of 16 and of the
+    rows' power of two, and split counts that keep the grid within 24 programs an SM."""
+    top = max(16, 1 << (rows - 1).bit_length())
+    bms = sorted({16, top})
+    out = []
+    for bm, bn, warps, stages in itertools.product(bms, (32, 64, 128), (4, 8, 2), (2, 3, 4)):
+        if warps == 2 and bm > 16:
+            continue
+        blocks = -(-rows // bm)
+        for s in SPLITS:
+            if programs_per_split * blocks * s <= 24 * sms:
+                out.append((bm, bn, warps, stages, s))
+    return out
+
+
+def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, deadline: float) -> dict:
+    """Every candidate tile of one (queries, batch) case until `deadline`; the best (plan() if none beats it)."""
+    original = tp.plan
+    rows = queries * HQ // HK
+    name = f"{'decode' if queries == 1 else 'verify q4'} b{b} @{context}"
+    kv_bytes = b * context * HK * D * 2 * 2
+    kc, vc, sets = _attn_sets([(queries, context, None, queries > 1)] * b, measure.rotations(kv_bytes))
+    ref = [tp.paged_attention(q, kc, vc, bt, 0.088) for q, bt in sets]
+    served = original(b, HK, HQ // HK, queries, sms)
+    served_us = _time(sets, kc, vc)
+    floor = kv_bytes / read_gbs / 1e3
+    print(f"{name}: plan() {served} {served_us:.1f} us, K/V floor {floor:.1f} us", flush=True)
+    best = (served_us, served)
+    for cand in decode_candidates(rows, b * HK, sms):
+        if time.time() > deadline:
+            print(f"{name}: budget spent", flush=True)
+            break
+        tp.plan = lambda *a, c=cand: c  # type: ignore[assignment]
+        try:
+            outs = [tp.paged_attention(q, kc, vc, bt, 0.088) for q, bt in sets]
+            err = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, ref))
+            if err > 2e-2:
+                print(f"{name}: {cand}: differs from plan() by {err:.3g}, dropped", flush=True)
+                continue
+            t = _time(sets, kc, vc)
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit
+            print(f"{name}: {cand}: {type(exc).__name__}", flush=True)
+            continue
+        finally:
+            tp.plan = original
+        print(f"{name}: {cand}: {t:.1f} us ({floor / t:.0%} of the read floor)", flush=True)
+        if t < best[0]:
+            best = (t, cand)
+    print(f"BEST {name}: {best[1]} {best[0]:.1f} us; plan() {served} {served_us:.1f} us; floor {floor:.1f} us",
+          flush=True)
+    return {"case": name, "num_seqs": b, "rows": rows, "tile": list(best[1]), "us": best[0],
+            "plan_tile": list(served), "plan_us": served_us, "floor_us": floor}
+
+
+def decode_sweep(batches: list[int], context: int, budget_s: float, write: Path | None) -> list[dict]:
+    deadline = time.time() + budget_s
+    read_gbs = measure.measure_ceilings(None)["read_gbs"]
+    sms = num_sms(torch.device("cuda"))
+    # the largest batches first (they compile the candidates the smaller ones reuse), verify before decode
+    cases = [(queries, b) for b in sorted(batches, reverse=True) for queries in (4, 1)]
+    results = []
+    for n, (queries, b) in enumerate(cases):
+        share = time.time() + (deadline - time.time()) / (len(cases) - n)
+        results.append(decode_case(queries, b, context, read_gbs, sms, share))
+        torch.cuda.empty_cache()
+        if write is not None:  # after each case: a run cut short keeps what it measured
+            write.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=60)
+    ap.add_argument("--decode", action="store_true", help="sweep the decode / verify tiles instead of extend")
+    ap.add_argument("--batches", default="1,32,64")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--write", type=Path, help="(--decode) the best tile per (batch, rows) as JSON")
+    args = ap.parse_args()
+    if args.decode:
+        decode_sweep([int(b) for b in args.batches.split(",")], args.context, args.budget_s, args.write)
+    else:
+        extend_sweep(args.budget_s)
 
 
 if __name__ == "__main__":

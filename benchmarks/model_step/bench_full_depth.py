@@ -2,7 +2,7 @@
 
     python3 -m benchmarks.model_step.bench_full_depth [--model air] [--dtype fp8|bf16|both] [--layers N]
         [--bf16-layers N] [--batches 1,8,32,64] [--prefill 1024,8192] [--context 1024] [--spec 3,1,4]
-        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--prefetch-ab 0,8] [--tiny]
+        [--load-layers 2] [--profile 1,32] [--no-pdl-ab] [--ab prefetch=0,quant-launch-old,...] [--tiny]
 
 1. Loader: a scaled-down real FP8 checkpoint (Air widths, --load-layers layers + MTP, official channel
    format; benchmarks/model_step/fp8_checkpoint.py) written to local disk by a child process, loaded
@@ -28,9 +28,11 @@
 7. GPU, unless --no-pdl-ab: the decode graphs captured again with plain launches (common/ops/pdl.py
    off) and the decode step timed with them. --profile B,..: the kernels of each decode graph, of the
    EAGLE step at that batch and of the longest prefill under torch.profiler with plain launches,
-   grouped by kernel, with the idle time between kernels. --prefetch-ab MB,..: the decode and EAGLE
-   graphs captured again with other weight-prefetch budgets (common/ops/pdl.py; 0 turns it off) and
-   timed beside the served one.
+   grouped by kernel, with the idle time between kernels. --ab NAME,..: for each variant of the served
+   launch choices (benchmarks/model_step/variants.py: another weight-prefetch budget, the quantisers'
+   earlier launches, attention tiles from tune_attention --decode), the decode and EAGLE graphs
+   captured again inside it and timed, with the prefills, beside the served ones; then the served
+   ones again (the spread within the run).
 
 Ceilings are measured on the same GPU (benchmarks/measure.py: streaming read bandwidth, bf16 and FP8
 GEMM 8192^3; the FP8 peak is the faster of fp32 and fast accumulation). Prints PASS/FAIL for the targets (decode <= 1.25x roofline at B=1, <= 1.3x at 32 and 64;
@@ -42,6 +44,7 @@ the CPU at tiny widths (no ceilings, so no verdicts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import shutil
@@ -57,6 +60,7 @@ import torch
 
 from benchmarks import measure
 from benchmarks.model_step import full_depth_steps as steps
+from benchmarks.model_step import variants
 from benchmarks.model_step.air_model import (
     AIR_FULL,
     TINY_WIDTHS,
@@ -195,9 +199,9 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
             for row in info["agreeing"]:
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
-        if args.prefetch_ab and cuda and not decode_only:
+        if args.ab and not decode_only:  # on the CPU (--tiny) the graphs are not captured: eager steps
             info["prefetch_mb"] = pdl.PREFETCH_BYTES / 1e6
-            info["prefetch_ab"] = prefetch_ab(runner, st, args)
+            info["ab"] = ab_stage(runner, st, args)
         if args.trace and cuda and not decode_only and measure.out_dir() is not None:
             info["traces"] = steps.trace(st, args.trace, max(args.prefill), args.chunk, measure.out_dir())
         if (args.pdl_ab or args.profile) and cuda and not decode_only:
@@ -222,22 +226,25 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
     return info
 
 
-def prefetch_ab(runner: ModelRunner, st: steps.Stage, args: argparse.Namespace) -> list[dict]:
-    """The decode and EAGLE graphs captured again at each --prefetch-ab budget (MB a launch that the
-    few-token FP8 GEMMs ask L2 for before their PDL wait; 0: none) and timed as the served ones."""
-    rows, saved = [], pdl.PREFETCH_BYTES
+def ab_stage(runner: ModelRunner, st: steps.Stage, args: argparse.Namespace) -> list[dict]:
+    """Each --ab variant (benchmarks/model_step/variants.py), then the served choices again: the decode
+    and EAGLE graphs captured again inside it and timed as the served ones, and the target forwards of
+    each prefill length (median of 6)."""
+    rows = []
     try:
-        for mb in args.prefetch_ab:
+        for name in [*args.ab, "served again"]:
             runner.release_graphs()
-            pdl.PREFETCH_BYTES = int(mb * 1e6)
-            runner.capture_decode_graphs(max(args.batches))
-            runner.capture_spec_graphs(max(args.batches), *args.spec)
-            what = f"prefetch {mb:g} MB"
-            rows.append({"mb": mb, "decode": _each("", f"decode, {what}", [lambda b=b: steps.decode(st, b)
-                                                                          for b in args.batches]),
-                         "eagle": _each("", f"EAGLE, {what}", [lambda b=b: steps.eagle(st, b) for b in args.batches])})
+            with variants.variant(name) if name != "served again" else contextlib.nullcontext():
+                if st.cuda:
+                    runner.capture_decode_graphs(max(args.batches))
+                    runner.capture_spec_graphs(max(args.batches), *args.spec)
+                rows.append({
+                    "variant": name,
+                    "decode": _each("", f"decode, {name}", [lambda b=b: steps.decode(st, b) for b in args.batches]),
+                    "eagle": _each("", f"EAGLE, {name}", [lambda b=b: steps.eagle(st, b) for b in args.batches]),
+                    "prefill": _each("", f"prefill, {name}", [lambda n=n: steps.prefill_target_us(st, n, args.chunk, 6)
+                                                             for n in args.prefill])})
     finally:
-        pdl.PREFETCH_BYTES = saved
         runner.release_graphs()
     return rows
 
@@ -410,20 +417,19 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
                       [[str(r["batch"]), _f(r["measured_us"]), _f(plain[r["batch"]]["measured_us"]),
                         _f(plain[r["batch"]]["measured_us"] / r["measured_us"], ".3f")]
                        for r in m["decode"] if r["batch"] in plain])
-    if m.get("prefetch_ab"):
-        title = f"### Weight prefetch before the PDL wait: served ({m['prefetch_mb']:g} MB a launch) against others"
-        out += ["", title, ""]
+    if m.get("ab"):
+        out += ["", f"### Served launch choices against variants (prefetch {m['prefetch_mb']:g} MB a launch served)", ""]
         served = {("decode", r["batch"]): r["measured_us"] for r in m["decode"]}
         served |= {("EAGLE", r["batch"]): r["eagle_step_us"] for r in m.get("eagle", [])}
-        variants = m["prefetch_ab"]
+        served |= {("prefill", r["tokens"]): r["measured_us"] for r in m.get("prefill", [])}
+        fields = {"decode": ("decode", "batch", "measured_us"), "EAGLE": ("eagle", "batch", "eagle_step_us"),
+                  "prefill": ("prefill", "tokens", "measured_us")}
         cells = []
-        for (step, b), us in served.items():
-            key = "decode" if step == "decode" else "eagle"
-            field = "measured_us" if step == "decode" else "eagle_step_us"
-            times = [next((r[field] for r in v[key] if r["batch"] == b), None) for v in variants]
-            cells.append([step, str(b), _f(us), *(f"{_f(t)} ({_f(t / us if t else None, '.3f')})" for t in times)])
-        out += _table(["step", "B", f"{m['prefetch_mb']:g} MB us", *(f"{v['mb']:g} MB us (/ served)" for v in variants)],
-                      cells)
+        for (step, n), us in served.items():
+            key, by, field = fields[step]
+            times = [next((r[field] for r in v[key] if r[by] == n), None) for v in m["ab"]]
+            cells.append([step, str(n), _f(us), *(f"{_f(t)} ({_f(t / us if t else None, '.3f')})" for t in times)])
+        out += _table(["step", "B / tokens", "served us", *(f"{v['variant']} us (/ served)" for v in m["ab"])], cells)
     if m.get("profile"):
         out += ["", "### Per-kernel profile (plain launches)", "", *m["profile"]]
     return [*out, ""]
@@ -453,8 +459,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     "written to $OUT as Chrome traces with host stacks (GPU only)")
     ap.add_argument("--no-pdl-ab", dest="pdl_ab", action="store_false",
                     help="skip the decode steps with plain launches (GPU: graphs captured again without PDL)")
-    ap.add_argument("--prefetch-ab", default="", help="weight-prefetch budgets (MB a launch, e.g. 0,8) whose decode "
-                    "and EAGLE graphs are captured again and timed beside the served budget (GPU only)")
+    ap.add_argument("--prefetch-ab", default="", help="weight-prefetch budgets (MB a launch, e.g. 0,8): the same as "
+                    "--ab prefetch=0,prefetch=8")
+    ap.add_argument("--ab", default="", help="variants of the served launch choices (benchmarks/model_step/variants.py: "
+                    "prefetch=MB, quant-launch-old, attn-tiles=FILE) whose decode and EAGLE graphs are captured "
+                    "again and timed, with the prefills, beside the served ones")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
@@ -465,7 +474,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.spec = tuple(int(x) for x in args.spec.split(","))
     args.profile = [int(b) for b in args.profile.split(",") if b]
     args.trace = [int(b) for b in args.trace.split(",") if b]
-    args.prefetch_ab = [float(mb) for mb in args.prefetch_ab.split(",") if mb]
+    args.ab = [f"prefetch={mb}" for mb in args.prefetch_ab.split(",") if mb] + variants.parse(args.ab)
     return args
 
 

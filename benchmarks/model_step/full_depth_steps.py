@@ -250,6 +250,12 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
     return row
 
 
+def prefill_target_us(st: Stage, n: int, chunk: int, reps: int) -> dict:
+    """The target forwards of an n-token prompt alone (as `prefill` times them), median of `reps`."""
+    _, run = _prefill_forwards(st, n, chunk)
+    return {"tokens": n, "measured_us": isolated_us(st, lambda: run(False), reps=reps)}
+
+
 # ------------------------------------------------------------------------------------ profile
 def profile(st: Stage, batches: list[int], prefill_tokens: int, chunk: int, top: int = 30,
             eagle: bool = False) -> list[str]:

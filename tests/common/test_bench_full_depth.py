@@ -247,3 +247,17 @@ def test_profile_sections_cover_decode_and_the_eagle_step(monkeypatch: pytest.Mo
                       "decode B=2, CUDA graph", "EAGLE 3,1,4 B=2, worker graphs", "prefill 1x32, eager"]
     profiled = steps_seen[-2:]  # the stand-in's two calls of the last EAGLE section: the same start
     assert profiled[0] == profiled[1] == ("r0", args.context)
+
+
+def test_tiny_flow_times_each_variant_then_the_served_choices_again() -> None:
+    """--ab: every variant's decode, EAGLE and prefill rows, then the served ones again, in one table."""
+    args = parse(["--tiny", "--dtype", "fp8", "--layers", "2", "--batches", "1", "--prefill", "32", "--chunk", "32",
+                  "--context", "16", "--load-layers", "0", "--ab", "quant-launch-old", "--prefetch-ab", "0"])
+    model = run(args)["fp8"]
+    assert [v["variant"] for v in model["ab"]] == ["prefetch=0", "quant-launch-old", "served again"]
+    for v in model["ab"]:
+        assert v["decode"][0]["measured_us"] > 0 and v["eagle"][0]["eagle_step_us"] > 0
+        assert v["prefill"][0]["tokens"] == 32 and v["prefill"][0]["measured_us"] > 0
+    md = markdown({"device": "cpu", "date": "", "spec": (3, 1, 4), "fp8": model})
+    assert "| step | B / tokens | served us | prefetch=0 us (/ served) | quant-launch-old us (/ served) |" in md
+    assert md.count("| prefill | 32 |") == 1

@@ -1,0 +1,84 @@
+"""Named variants of the served kernels' launch choices, for timing the whole step against them in one
+process (`bench_full_depth --ab NAME,...`).
+
+A variant is a context manager that changes a module-level choice the model's ops read at launch
+(so graphs captured inside it use the variant) and restores it on exit:
+
+- `prefetch=MB`: the weight-prefetch budget of the few-token FP8 GEMMs (common/ops/pdl.py; 0: none);
+- `quant-launch-old`: the per-token quantisers as launched before the blocks of at most 4096 values
+  (a whole row in registers with up to 16 warps, no small programs for many short rows, the norm +
+  quantiser with a whole row's warps at every row count);
+- `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
+  (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
+  keep plan()'s choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from common.attention import triton_paged
+from common.ops import pdl, triton_fp8
+
+
+@contextlib.contextmanager
+def _patched(module: object, **values: object) -> Iterator[None]:
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _prefetch(arg: str) -> contextlib.AbstractContextManager:
+    return _patched(pdl, PREFETCH_BYTES=int(float(arg) * 1e6))
+
+
+def _quant_launch_old(arg: str) -> contextlib.AbstractContextManager:
+    never = 1 << 62
+    return _patched(triton_fp8, TOKEN_BLOCK_MAX=16384, TOKEN_WARPS_MAX=16, MANY_ROWS=never, NORM_ROWS_8_WARPS=never)
+
+
+def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
+    """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
+    entries = json.loads(Path(path).read_text())
+    return {(int(e["num_seqs"]), int(e["rows"])): tuple(int(x) for x in e["tile"]) for e in entries}
+
+
+def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
+    tiles = attention_tiles(arg)
+    served = triton_paged.plan
+
+    def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, ...]:
+        return tiles.get((num_seqs, max_q * group)) or served(num_seqs, kv_heads, group, max_q, num_sms)
+
+    return _patched(triton_paged, plan=plan)
+
+
+VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
+    "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-tiles": _attn_tiles}
+
+
+def parse(spec: str) -> list[str]:
+    """Variant names from 'a,b=x,...', each checked (unknown names fail before any GPU work)."""
+    names = [s for s in spec.split(",") if s]
+    for name in names:
+        key, _, arg = name.partition("=")
+        if key not in VARIANTS:
+            raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
+        if key in ("prefetch", "attn-tiles") and not arg:
+            raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
+        if key == "attn-tiles":
+            attention_tiles(arg)  # readable and well-formed now, not after the model is built
+    return names
+
+
+def variant(name: str) -> contextlib.AbstractContextManager:
+    key, _, arg = name.partition("=")
+    return VARIANTS[key](arg)

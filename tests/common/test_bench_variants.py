@@ -1,0 +1,66 @@
+"""The launch-choice variants the full-depth benchmark times against the served ones: each changes
+what it names inside its block and restores it after, and bad names fail before any GPU work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.kernels.tune_attention import decode_candidates
+from benchmarks.model_step import variants
+from common.attention import triton_paged
+from common.ops import pdl, triton_fp8
+
+
+def test_quant_launch_old_restores_the_whole_row_launch() -> None:
+    served = triton_fp8._token_launch(8192, 12288)
+    assert served == (4096, 8)
+    with variants.variant("quant-launch-old"):
+        assert triton_fp8._token_launch(8192, 12288) == (16384, 16)
+        assert triton_fp8._token_launch(73728, 1408) == (2048, 8)  # no small programs for many short rows
+    assert triton_fp8._token_launch(8192, 12288) == served
+    assert triton_fp8._token_launch(73728, 1408) == (512, 2)
+
+
+def test_prefetch_budget_is_set_and_restored() -> None:
+    served = pdl.PREFETCH_BYTES
+    with variants.variant("prefetch=8"):
+        assert pdl.PREFETCH_BYTES == 8_000_000
+    assert pdl.PREFETCH_BYTES == served
+
+
+def test_attention_tiles_replace_plan_for_their_shapes_only(tmp_path: Path) -> None:
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps([{"num_seqs": 64, "rows": 48, "tile": [16, 128, 4, 2, 2]}]))
+    served = triton_paged.plan
+    with variants.variant(f"attn-tiles={path}"):
+        assert triton_paged.plan(64, 8, 12, 4, 132) == (16, 128, 4, 2, 2)
+        assert triton_paged.plan(64, 8, 12, 1, 132) == served(64, 8, 12, 1, 132)  # decode rows: plan()'s
+        assert triton_paged.plan(32, 8, 12, 4, 132) == served(32, 8, 12, 4, 132)
+    assert triton_paged.plan is served
+
+
+@pytest.mark.parametrize("spec, words", [("nope", "unknown variant 'nope'"), ("prefetch", "prefetch needs a value"),
+                                         ("attn-tiles=/no/such/file.json", "No such file")])
+def test_bad_variants_fail_at_parse(spec: str, words: str) -> None:
+    with pytest.raises((SystemExit, OSError), match=words):
+        variants.parse(spec)
+
+
+def test_parse_keeps_the_order_given() -> None:
+    assert variants.parse("quant-launch-old,prefetch=0") == ["quant-launch-old", "prefetch=0"]
+
+
+def test_decode_candidates_keep_the_grid_within_24_programs_an_sm() -> None:
+    for rows, programs in ((12, 8), (12, 512), (48, 8), (48, 512)):
+        cands = decode_candidates(rows, programs, 132)
+        assert cands
+        top = 16 if rows <= 16 else 64
+        assert {c[0] for c in cands} == {16, top}
+        for bm, _, _, _, splits in cands:
+            assert programs * -(-rows // bm) * splits <= 24 * 132
+    # one sequence's decode may split its KV up to 64 ways; 64 sequences' verify at most 4 ways at BLOCK_M 64
+    assert max(c[4] for c in decode_candidates(12, 8, 132)) == 64
+    assert max(c[4] for c in decode_candidates(48, 512, 132) if c[0] == 64) == 4
