@@ -73,13 +73,17 @@ def extend_sweep(budget_s: float) -> None:
         print(f"BEST {name}: {best}; plan() today {_time(sets, kc, vc):.1f} us", flush=True)
 
 
-def decode_candidates(rows: int, programs_per_split: int, sms: int) -> list[tuple[int, int, int, int, int]]:
+BNS, WARPS, STAGES = (32, 64, 128), (4, 8, 2), (2, 3, 4)
+
+
+def decode_candidates(rows: int, programs_per_split: int, sms: int,
+                      grid: tuple[tuple[int, ...], ...] = (BNS, WARPS, STAGES)) -> list[tuple[int, int, int, int, int]]:
     """(BM, BN, warps, stages, splits) to try for `rows` rows a KV head: row blocks of 16 and of the
     rows' power of two, and split counts that keep the grid within 24 programs an SM."""
     top = max(16, 1 << (rows - 1).bit_length())
     bms = sorted({16, top})
     out = []
-    for bm, bn, warps, stages in itertools.product(bms, (32, 64, 128), (4, 8, 2), (2, 3, 4)):
+    for bm, bn, warps, stages in itertools.product(bms, *grid):
         if warps == 2 and bm > 16:
             continue
         blocks = -(-rows // bm)
@@ -89,7 +93,8 @@ def decode_candidates(rows: int, programs_per_split: int, sms: int) -> list[tupl
     return out
 
 
-def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, deadline: float) -> dict:
+def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, deadline: float,
+                grid: tuple[tuple[int, ...], ...]) -> dict:
     """Every candidate tile of one (queries, batch) case until `deadline`; the best (plan() if none beats it)."""
     original = tp.plan
     rows = queries * HQ // HK
@@ -102,7 +107,7 @@ def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, d
     floor = kv_bytes / read_gbs / 1e3
     print(f"{name}: plan() {served} {served_us:.1f} us, K/V floor {floor:.1f} us", flush=True)
     best = (served_us, served)
-    for cand in decode_candidates(rows, b * HK, sms):
+    for cand in decode_candidates(rows, b * HK, sms, grid):
         if time.time() > deadline:
             print(f"{name}: budget spent", flush=True)
             break
@@ -128,7 +133,8 @@ def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, d
             "plan_tile": list(served), "plan_us": served_us, "floor_us": floor}
 
 
-def decode_sweep(batches: list[int], context: int, budget_s: float, write: Path | None) -> list[dict]:
+def decode_sweep(batches: list[int], context: int, budget_s: float, write: Path | None,
+                 grid: tuple[tuple[int, ...], ...] = (BNS, WARPS, STAGES)) -> list[dict]:
     deadline = time.time() + budget_s
     read_gbs = measure.measure_ceilings(None)["read_gbs"]
     sms = num_sms(torch.device("cuda"))
@@ -137,7 +143,7 @@ def decode_sweep(batches: list[int], context: int, budget_s: float, write: Path 
     results = []
     for n, (queries, b) in enumerate(cases):
         share = time.time() + (deadline - time.time()) / (len(cases) - n)
-        results.append(decode_case(queries, b, context, read_gbs, sms, share))
+        results.append(decode_case(queries, b, context, read_gbs, sms, share, grid))
         torch.cuda.empty_cache()
         if write is not None:  # after each case: a run cut short keeps what it measured
             write.write_text(json.dumps(results, indent=1))
@@ -151,9 +157,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32,64")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--write", type=Path, help="(--decode) the best tile per (batch, rows) as JSON")
+    ap.add_argument("--bn", help="(--decode) BLOCK_N values to try (default 32,64,128)")
+    ap.add_argument("--warps", help="(--decode) warps to try (default 4,8,2; 2 only with 16-row blocks)")
+    ap.add_argument("--stages", help="(--decode) pipeline stages to try (default 2,3,4)")
     args = ap.parse_args()
+    grid = tuple(tuple(int(x) for x in v.split(",")) if v else d
+                 for v, d in ((args.bn, BNS), (args.warps, WARPS), (args.stages, STAGES)))
     if args.decode:
-        decode_sweep([int(b) for b in args.batches.split(",")], args.context, args.budget_s, args.write)
+        decode_sweep([int(b) for b in args.batches.split(",")], args.context, args.budget_s, args.write, grid)
     else:
         extend_sweep(args.budget_s)
 

@@ -229,7 +229,7 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
 def ab_stage(runner: ModelRunner, st: steps.Stage, args: argparse.Namespace) -> list[dict]:
     """Each --ab variant (benchmarks/model_step/variants.py), then the served choices again: the decode
     and EAGLE graphs captured again inside it and timed as the served ones, and the target forwards of
-    each prefill length (median of 6)."""
+    each prefill length."""
     rows = []
     try:
         for name in [*args.ab, "served again"]:
@@ -242,7 +242,7 @@ def ab_stage(runner: ModelRunner, st: steps.Stage, args: argparse.Namespace) -> 
                     "variant": name,
                     "decode": _each("", f"decode, {name}", [lambda b=b: steps.decode(st, b) for b in args.batches]),
                     "eagle": _each("", f"EAGLE, {name}", [lambda b=b: steps.eagle(st, b) for b in args.batches]),
-                    "prefill": _each("", f"prefill, {name}", [lambda n=n: steps.prefill_target_us(st, n, args.chunk, 6)
+                    "prefill": _each("", f"prefill, {name}", [lambda n=n: steps.prefill_target_us(st, n, args.chunk)
                                                              for n in args.prefill])})
     finally:
         runner.release_graphs()

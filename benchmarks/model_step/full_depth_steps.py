@@ -234,7 +234,7 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
         t = e - s
         parts += target_parts(st.shape, t, e, t * s + t * (t + 1) // 2, distinct[i * n_moe:(i + 1) * n_moe],
                               1 if e == n else 0)
-    reps = max(1, st.effort.reps // 4)
+    reps = prefill_reps(st)
     row = {"tokens": n, "chunks": len(spans), "measured_us": isolated_us(st, lambda: run(False), reps=reps),
            "with_draft_us": isolated_us(st, lambda: run(True), reps=reps), "triton_attention_us": None}
     if st.cuda:  # the same forward with the Triton kernel in place of SDPA for long prefills
@@ -250,10 +250,16 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
     return row
 
 
-def prefill_target_us(st: Stage, n: int, chunk: int, reps: int) -> dict:
-    """The target forwards of an n-token prompt alone (as `prefill` times them), median of `reps`."""
+def prefill_reps(st: Stage) -> int:
+    """Timed repetitions of a prefill (an 8K one of the full model takes ~0.4 s; two were too few to
+    settle its median within 4 %)."""
+    return max(1, st.effort.reps // 2)
+
+
+def prefill_target_us(st: Stage, n: int, chunk: int) -> dict:
+    """The target forwards of an n-token prompt alone, as `prefill` times them."""
     _, run = _prefill_forwards(st, n, chunk)
-    return {"tokens": n, "measured_us": isolated_us(st, lambda: run(False), reps=reps)}
+    return {"tokens": n, "measured_us": isolated_us(st, lambda: run(False), reps=prefill_reps(st))}
 
 
 # ------------------------------------------------------------------------------------ profile

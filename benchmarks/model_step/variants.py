@@ -8,6 +8,9 @@ A variant is a context manager that changes a module-level choice the model's op
 - `quant-launch-old`: the per-token quantisers as launched before the blocks of at most 4096 values
   (a whole row in registers with up to 16 warps, no small programs for many short rows, the norm +
   quantiser with a whole row's warps at every row count);
+- `attn-plan-old`: the paged attention's small-query tiles as chosen before the decode sweep (one
+  row block of the rows' power of two, 64-slot tiles, 4 warps, 3 stages, KV split until twice the
+  SMs' count of programs);
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -45,6 +48,19 @@ def _quant_launch_old(arg: str) -> contextlib.AbstractContextManager:
     return _patched(triton_fp8, TOKEN_BLOCK_MAX=16384, TOKEN_WARPS_MAX=16, MANY_ROWS=never, NORM_ROWS_8_WARPS=never)
 
 
+def _attn_plan_old(arg: str) -> contextlib.AbstractContextManager:
+    served = triton_paged.plan
+
+    def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, ...]:
+        rows = max_q * group
+        if rows > 64:
+            return served(num_seqs, kv_heads, group, max_q, num_sms)
+        splits = min(64, max(1, -(-2 * num_sms // (num_seqs * kv_heads))))
+        return max(16, 1 << (rows - 1).bit_length()), 64, 4, 3, splits
+
+    return _patched(triton_paged, plan=plan)
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -62,7 +78,8 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
-    "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-tiles": _attn_tiles}
+    "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
+    "attn-tiles": _attn_tiles}
 
 
 def parse(spec: str) -> list[str]:

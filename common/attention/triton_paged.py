@@ -170,15 +170,28 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_
     tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
 
 
+# Small-query tiles (H100, context 1024, `tune_attention --decode`): a decode row block of 16 with
+# 64-slot K/V tiles, 4 warps and 2 stages; a verify (4 queries x 12 heads = 48 rows) in three 16-row
+# blocks up to VERIFY_ROWS16_MAX sequences (the blocks of one KV head run together and re-read its
+# K/V from L2) and in one 64-row block above; split-K only while a batch has fewer programs than SMs.
+VERIFY_ROWS16_MAX = 32
+
+
 def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, NUM_SPLITS) for a batch shape."""
     rows = max_q * group
-    if rows <= 64:  # decode, draft, verify: memory-bound, split KV to fill the GPU
-        bm = max(16, triton.next_power_of_2(rows))
-        programs = num_seqs * kv_heads
-        splits = min(_MAX_SPLITS, max(1, triton.cdiv(2 * num_sms, programs)))
-        return bm, 64, 4, 3, splits
-    return 128, 128, 8, 3, 1  # extend / prefill: compute-bound (benchmarks/kernels/tune_attention.py, H100)
+    if rows > 64:
+        return 128, 128, 8, 3, 1  # extend / prefill: compute-bound (benchmarks/kernels/tune_attention.py, H100)
+    # decode, draft, verify: memory-bound, split KV to fill the GPU
+    if rows <= 16:
+        bm, bn, warps, stages = 16, 64, 4, 2
+    elif num_seqs <= VERIFY_ROWS16_MAX:
+        bm, bn, warps, stages = 16, 128, 4, 3
+    else:
+        bm, bn, warps, stages = triton.next_power_of_2(rows), 64, 4, 3
+    programs = num_seqs * kv_heads * triton.cdiv(rows, bm)
+    splits = 1 if programs >= num_sms else min(_MAX_SPLITS, triton.cdiv(2 * num_sms, programs))
+    return bm, bn, warps, stages, splits
 
 
 USE_SDPA_PREFILL = os.environ.get("GLMSERVE_SDPA_PREFILL", "1") != "0"

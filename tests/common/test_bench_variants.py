@@ -64,3 +64,13 @@ def test_decode_candidates_keep_the_grid_within_24_programs_an_sm() -> None:
     # one sequence's decode may split its KV up to 64 ways; 64 sequences' verify at most 4 ways at BLOCK_M 64
     assert max(c[4] for c in decode_candidates(12, 8, 132)) == 64
     assert max(c[4] for c in decode_candidates(48, 512, 132) if c[0] == 64) == 4
+
+
+def test_attn_plan_old_gives_the_earlier_small_query_tiles() -> None:
+    served = triton_paged.plan
+    with variants.variant("attn-plan-old"):
+        assert triton_paged.plan(1, 8, 12, 1, 132) == (16, 64, 4, 3, 33)
+        assert triton_paged.plan(32, 8, 12, 4, 132) == (64, 64, 4, 3, 2)
+        assert triton_paged.plan(64, 8, 12, 4, 132) == (64, 64, 4, 3, 1)
+        assert triton_paged.plan(1, 8, 12, 2048, 132) == served(1, 8, 12, 2048, 132)  # extend: unchanged
+    assert triton_paged.plan is served
