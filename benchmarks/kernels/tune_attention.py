@@ -25,7 +25,9 @@ import argparse
 import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -37,6 +39,20 @@ from common.ops.moe_configs import num_sms
 CASES = {"extend 1x2048": [(2048, 2048, 0, False)], "extend 1x2048 after 4K": [(2048, 6144, None, False)]}
 HK, HQ, D = 8, 96, 128
 SPLITS = (1, 2, 4, 8, 16, 33, 64)
+T = TypeVar("T")
+
+
+def _under(tile: tuple[int, ...], fn: Callable[[], T], label: str) -> T | None:
+    """fn() with plan() answering `tile`; None (reported under `label`) where the tile fails to compile or fit."""
+    served = tp.plan
+    tp.plan = lambda *a: tile  # type: ignore[assignment]
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a tile that does not fit
+        print(f"{label}: {type(exc).__name__}", flush=True)
+        return None
+    finally:
+        tp.plan = served
 
 
 def _time(sets: list, kc: torch.Tensor, vc: torch.Tensor) -> float:
@@ -46,7 +62,6 @@ def _time(sets: list, kc: torch.Tensor, vc: torch.Tensor) -> float:
 def extend_sweep(budget_s: float) -> None:
     deadline = time.time() + budget_s
     ceil = measure.measure_ceilings(None)
-    original = tp.plan
     cands = list(itertools.product((128, 64), (64, 128, 32), (8, 4), (2, 3, 4)))
     for name, spec in CASES.items():
         kc, vc, sets = _attn_sets(spec, 2)
@@ -57,14 +72,10 @@ def extend_sweep(budget_s: float) -> None:
         for bm, bn, warps, stages in cands:
             if time.time() > deadline:
                 break
-            tp.plan = lambda *a, c=(bm, bn, warps, stages): (*c, 1)  # type: ignore[assignment]
-            try:
-                t = _time(sets, kc, vc)
-            except Exception as exc:  # noqa: BLE001 - a tile that does not fit
-                print(f"{name}: BM={bm} BN={bn} w={warps} s={stages}: {type(exc).__name__}", flush=True)
+            t = _under((bm, bn, warps, stages, 1), lambda s=sets, k=kc, v=vc: _time(s, k, v),
+                       f"{name}: BM={bm} BN={bn} w={warps} s={stages}")
+            if t is None:
                 continue
-            finally:
-                tp.plan = original
             frac = flops / (t * 1e6) / ceil["gemm_tflops"]
             print(f"{name}: BM={bm} BN={bn} w={warps} s={stages}: {t:.1f} us, {flops / t / 1e6:.0f} TFLOP/s "
                   f"({frac:.0%} of peak)", flush=True)
@@ -96,13 +107,12 @@ def decode_candidates(rows: int, programs_per_split: int, sms: int,
 def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, deadline: float,
                 grid: tuple[tuple[int, ...], ...]) -> dict:
     """Every candidate tile of one (queries, batch) case until `deadline`; the best (plan() if none beats it)."""
-    original = tp.plan
     rows = queries * HQ // HK
     name = f"{'decode' if queries == 1 else 'verify q4'} b{b} @{context}"
     kv_bytes = b * context * HK * D * 2 * 2
     kc, vc, sets = _attn_sets([(queries, context, None, queries > 1)] * b, measure.rotations(kv_bytes))
     ref = [tp.paged_attention(q, kc, vc, bt, 0.088) for q, bt in sets]
-    served = original(b, HK, HQ // HK, queries, sms)
+    served = tp.plan(b, HK, HQ // HK, queries, sms)
     served_us = _time(sets, kc, vc)
     floor = kv_bytes / read_gbs / 1e3
     print(f"{name}: plan() {served} {served_us:.1f} us, K/V floor {floor:.1f} us", flush=True)
@@ -111,19 +121,16 @@ def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, d
         if time.time() > deadline:
             print(f"{name}: budget spent", flush=True)
             break
-        tp.plan = lambda *a, c=cand: c  # type: ignore[assignment]
-        try:
-            outs = [tp.paged_attention(q, kc, vc, bt, 0.088) for q, bt in sets]
-            err = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, ref))
-            if err > 2e-2:
-                print(f"{name}: {cand}: differs from plan() by {err:.3g}, dropped", flush=True)
-                continue
-            t = _time(sets, kc, vc)
-        except Exception as exc:  # noqa: BLE001 - a tile that does not fit
-            print(f"{name}: {cand}: {type(exc).__name__}", flush=True)
+        outs = _under(cand, lambda: [tp.paged_attention(q, kc, vc, bt, 0.088) for q, bt in sets], f"{name}: {cand}")
+        if outs is None:
             continue
-        finally:
-            tp.plan = original
+        err = max(float((o.float() - r.float()).abs().max()) for o, r in zip(outs, ref))
+        if err > 2e-2:
+            print(f"{name}: {cand}: differs from plan() by {err:.3g}, dropped", flush=True)
+            continue
+        t = _under(cand, lambda: _time(sets, kc, vc), f"{name}: {cand}")
+        if t is None:
+            continue
         print(f"{name}: {cand}: {t:.1f} us ({floor / t:.0%} of the read floor)", flush=True)
         if t < best[0]:
             best = (t, cand)
