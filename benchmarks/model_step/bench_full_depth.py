@@ -462,8 +462,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefetch-ab", default="", help="weight-prefetch budgets (MB a launch, e.g. 0,8): the same as "
                     "--ab prefetch=0,prefetch=8")
     ap.add_argument("--ab", default="", help="variants of the served launch choices (benchmarks/model_step/variants.py: "
-                    "prefetch=MB, quant-launch-old, attn-tiles=FILE) whose decode and EAGLE graphs are captured "
-                    "again and timed, with the prefills, beside the served ones")
+                    f"{', '.join(variants.VARIANTS)}) whose decode and EAGLE graphs are captured again and timed, "
+                    "with the prefills, beside the served ones")
     ap.add_argument("--tiny", action="store_true", help="tiny widths on the CPU: the whole flow, no verdicts")
     args = ap.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
@@ -474,7 +474,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.spec = tuple(int(x) for x in args.spec.split(","))
     args.profile = [int(b) for b in args.profile.split(",") if b]
     args.trace = [int(b) for b in args.trace.split(",") if b]
-    args.ab = [f"prefetch={mb}" for mb in args.prefetch_ab.split(",") if mb] + variants.parse(args.ab)
+    args.ab = variants.parse(",".join([f"prefetch={mb}" for mb in args.prefetch_ab.split(",") if mb] + [args.ab]))
     return args
 
 

@@ -20,32 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 from common.attention import triton_paged
 from common.ops import pdl, triton_fp8
 
 
-@contextlib.contextmanager
-def _patched(module: object, **values: object) -> Iterator[None]:
-    saved = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
 def _prefetch(arg: str) -> contextlib.AbstractContextManager:
-    return _patched(pdl, PREFETCH_BYTES=int(float(arg) * 1e6))
+    return mock.patch.multiple(pdl, PREFETCH_BYTES=int(float(arg) * 1e6))
 
 
 def _quant_launch_old(arg: str) -> contextlib.AbstractContextManager:
     never = 1 << 62
-    return _patched(triton_fp8, TOKEN_BLOCK_MAX=16384, TOKEN_WARPS_MAX=16, MANY_ROWS=never, NORM_ROWS_8_WARPS=never)
+    return mock.patch.multiple(triton_fp8, TOKEN_BLOCK_MAX=16384, TOKEN_WARPS_MAX=16, MANY_ROWS=never, NORM_ROWS_8_WARPS=never)
 
 
 def _attn_plan_old(arg: str) -> contextlib.AbstractContextManager:
@@ -58,7 +47,7 @@ def _attn_plan_old(arg: str) -> contextlib.AbstractContextManager:
         splits = min(64, max(1, -(-2 * num_sms // (num_seqs * kv_heads))))
         return max(16, 1 << (rows - 1).bit_length()), 64, 4, 3, splits
 
-    return _patched(triton_paged, plan=plan)
+    return mock.patch.multiple(triton_paged, plan=plan)
 
 
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
@@ -74,7 +63,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
     def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, ...]:
         return tiles.get((num_seqs, max_q * group)) or served(num_seqs, kv_heads, group, max_q, num_sms)
 
-    return _patched(triton_paged, plan=plan)
+    return mock.patch.multiple(triton_paged, plan=plan)
 
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
@@ -83,7 +72,8 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
 
 
 def parse(spec: str) -> list[str]:
-    """Variant names from 'a,b=x,...', each checked (unknown names fail before any GPU work)."""
+    """Variant names from 'a,b=x,...', each built once to check it (a bad name or value fails before any
+    GPU work; building one changes nothing until it is entered)."""
     names = [s for s in spec.split(",") if s]
     for name in names:
         key, _, arg = name.partition("=")
@@ -91,8 +81,10 @@ def parse(spec: str) -> list[str]:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
         if key in ("prefetch", "attn-tiles") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
-        if key == "attn-tiles":
-            attention_tiles(arg)  # readable and well-formed now, not after the model is built
+        try:
+            VARIANTS[key](arg)
+        except ValueError as e:
+            raise SystemExit(f"--ab: {name}: {e}") from e
     return names
 
 
