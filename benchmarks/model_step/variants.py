@@ -11,6 +11,9 @@ A variant is a context manager that changes a module-level choice the model's op
 - `attn-plan-old`: the paged attention's small-query tiles as chosen before the decode sweep (one
   row block of the rows' power of two, 64-slot tiles, 4 warps, 3 stages, KV split until twice the
   SMs' count of programs);
+- `quant-in-gemm-off`: every activation quantised by a launch of its own, as before the few-token
+  GEMMs quantised theirs (o_proj's input up to `triton_fp8_gemm.QUANT_IN_GEMM_ROWS` tokens, the one-token
+  MoE's intermediate in its down GEMM);
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -25,7 +28,7 @@ from pathlib import Path
 from unittest import mock
 
 from common.attention import triton_paged
-from common.ops import pdl, triton_fp8
+from common.ops import pdl, triton_fp8, triton_fp8_gemm, triton_moe_fp8
 
 
 def _prefetch(arg: str) -> contextlib.AbstractContextManager:
@@ -50,6 +53,13 @@ def _attn_plan_old(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_paged, plan=plan)
 
 
+def _quant_in_gemm_off(arg: str) -> contextlib.AbstractContextManager:
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.multiple(triton_fp8_gemm, QUANT_IN_GEMM_ROWS=0))
+    stack.enter_context(mock.patch.multiple(triton_moe_fp8, DOWN_QUANT_TOKENS=0))
+    return stack
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -68,7 +78,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
-    "attn-tiles": _attn_tiles}
+    "attn-tiles": _attn_tiles, "quant-in-gemm-off": _quant_in_gemm_off}
 
 
 def parse(spec: str) -> list[str]:

@@ -171,12 +171,6 @@ def fp8_scale_shape(rows: int, cols: int, block: int) -> tuple[int, int]:
     return (rows, 1) if block == 0 else (-(-rows // block), -(-cols // block))
 
 
-def quantize_activation(x: torch.Tensor, block: int) -> Fp8Activation:
-    """Dynamic FP8 quantisation of x [T,K]: one scale per token (block 0) or per 1 x block group."""
-    q, scale = ops.quant_fp8_per_token(x) if block == 0 else ops.quant_fp8_per_group(x, block)
-    return Fp8Activation(q, scale, x.dtype)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -260,9 +254,11 @@ class Linear(nn.Linear):
     def _product(self, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fp8_block is None:
             return F.linear(x, self.weight, bias)
-        if not isinstance(x, Fp8Activation):
+        if not isinstance(x, Fp8Activation):  # quantised dynamically: inside the GEMM at few tokens
             lead = x.shape[:-1]
-            return self._product(quantize_activation(x.reshape(-1, x.shape[-1]), self.fp8_block), bias).view(*lead, -1)
+            y = ops.fp8_linear_dynamic(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, bias, x.dtype,
+                                       self.fp8_block)
+            return y.view(*lead, -1)
         if self.fp8_block == 0:
             return ops.fp8_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype)
         return ops.fp8_block_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype, self.fp8_block)

@@ -39,6 +39,7 @@ _TRITON_MODULE = {
     "silu_and_mul_quant_fp8": "triton_fp8",
     "fp8_linear": "cublas_fp8",
     "fp8_block_linear": "triton_fp8_gemm",
+    "fp8_linear_dynamic": "triton_fp8_gemm",
     "apply_token_bitmask": "triton_bitmask",
 }
 
@@ -230,8 +231,21 @@ def fp8_block_linear(
     return resolve("fp8_block_linear", x_q.device)(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
 
 
+def fp8_linear_dynamic(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 0,
+) -> torch.Tensor:
+    """On CUDA, triton_fp8_gemm.fp8_linear_dynamic quantises x inside its few-token GEMM where that
+    GEMM serves the call, else through the quantiser and fp8_linear / fp8_block_linear."""
+    return resolve("fp8_linear_dynamic", x.device)(x, w_q, w_scale, bias, out_dtype, block)
+
+
 __all__ = [
-    "fp8_block_linear", "fp8_linear", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8", "fused_moe",
+    "fp8_block_linear", "fp8_linear", "fp8_linear_dynamic", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8", "fused_moe",
     "fused_moe_fp8", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "quant_fp8_per_group",
     "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "set_backend",
     "silu_and_mul", "silu_and_mul_quant_fp8", "store_kv", "use_reference",

@@ -93,9 +93,14 @@ def fp8_linear(
 
 
 def _triton_fits(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
-    return (x_q.device.type == "cuda" and _has_fp8_tensor_cores(x_q.device.index or 0)
-            and x_q.dtype == w_q.dtype == torch.float8_e4m3fn
-            and _row_scale(x_scale, x_q.shape[0]) and _row_scale(w_scale, w_q.shape[0]))
+    return (x_q.dtype == torch.float8_e4m3fn and _row_scale(x_scale, x_q.shape[0])
+            and _triton_fits_weight(w_q, w_scale))
+
+
+def _triton_fits_weight(w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    """The weight side of the Triton channel GEMM's needs: Hopper or newer, E4M3, [N,1] fp32 scales."""
+    return (w_q.device.type == "cuda" and _has_fp8_tensor_cores(w_q.device.index or 0)
+            and w_q.dtype == torch.float8_e4m3fn and _row_scale(w_scale, w_q.shape[0]))
 
 
 def scaled_mm_linear(

@@ -414,6 +414,23 @@ def fp8_block_linear(
     return y.to(out_dtype)
 
 
+def fp8_linear_dynamic(
+    x: torch.Tensor,  # [T,K] bf16 | fp16 | fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # block 0: [N,1]; b: [ceil(N/b), K/b] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 0,
+) -> torch.Tensor:
+    """The W8A8 linear of an unquantised x: x quantised per token (block 0) or per 1 x b group, then
+    `fp8_linear` / `fp8_block_linear` (the GPU twin may quantise inside the GEMM: the same codes)."""
+    if block == 0:
+        x_q, x_scale = quant_fp8_per_token(x)
+        return fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    x_q, x_scale = quant_fp8_per_group(x, block)
+    return fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+
+
 def apply_token_bitmask(
     logits: torch.Tensor,  # [R,V] float, modified in place
     bitmask: torch.Tensor,  # [R,ceil(V/32)] int32: bit (id % 32) of word id // 32 = 1 keeps token id

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from common.ops import cublas_fp8, triton_fp8
 from common.ops.pdl import pdl_kwargs, pdl_start, prefetch_programs, prefetch_rows
+from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
+from common.ops.triton_fp8 import _quant_code, hw_round
 
 TUNED_PATH = Path(__file__).with_name("fp8_gemm_tuned.json")
 
@@ -47,12 +50,18 @@ def _fp8_gemm_kernel(
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
+    A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 1e-12, HW: tl.constexpr = True,
+    ROW_CHUNK: tl.constexpr = 512,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
     writes its scaled fp32 partial to c[s] ([SPLIT_K, M, N]); `_split_k_reduce` adds them up.
     PDL: the first early_programs programs in launch order (t fastest) ask L2 for their weight slice
-    before the wait."""
+    before the wait.
+    A_QUANT: A is the unquantised activation (bf16 / fp16 / fp32) and as_ptr is unused: each A tile is
+    quantised as it is loaded, with the codes and scales `triton_fp8` would give. Block scales: each
+    1 x BLOCK_K group from its own amax. Channel: every program first takes its rows' amax over the
+    whole of K (ROW_CHUNK columns a step: the rows are read once more, from L2), whatever its slice."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -81,20 +90,36 @@ def _fp8_gemm_kernel(
         for kb in range(k_lo // BLOCK_K, tl.cdiv(k_hi, BLOCK_K)):
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            sa = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
+            if A_QUANT:  # the group's scale from its own amax (rows past M: zeros, the floor)
+                af = a.to(tl.float32)
+                sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(af), axis=1), FLOOR), QMAX)
+                a = _quant_code(af, sa[:, None], QMAX, HW).to(b.dtype)
+            else:
+                sa = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
             sb = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
             acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     else:
+        if A_QUANT:  # the row scale needs the whole row's amax, not only this slice's
+            cols = tl.arange(0, ROW_CHUNK)
+            row_ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
+            amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for c0 in range(0, K, ROW_CHUNK):
+                x = tl.load(row_ptrs + c0, mask=mask_m[:, None] & (cols < K - c0)[None, :], other=0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+            sa = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
         for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = offs_k < k_hi - k0
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if A_QUANT:
+                a = _quant_code(a.to(tl.float32), sa[:, None], QMAX, HW).to(b.dtype)
             acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
+        if not A_QUANT:
+            sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -184,8 +209,8 @@ def cublas_measured_faster(m: int, n: int, k: int, device: torch.device) -> bool
 
 
 def fp8_gemm(
-    x_q: torch.Tensor,  # [M,K] e4m3
-    x_scale: torch.Tensor,  # block: [M,K/b]; channel: [M,1] fp32
+    x_q: torch.Tensor,  # [M,K] e4m3, or (x_scale None) the unquantised activation
+    x_scale: torch.Tensor | None,  # block: [M,K/b]; channel: [M,1] fp32; None: x_q quantised in the kernel
     w_q: torch.Tensor,  # [N,K] e4m3
     w_scale: torch.Tensor,  # block: [ceil(N/b), K/b]; channel: [N,1] fp32
     bias: torch.Tensor | None,  # [N]
@@ -193,7 +218,9 @@ def fp8_gemm(
     block: int,  # 0: channel scales
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
-    """The launcher both ops share (the benchmark passes its own `config`)."""
+    """The launcher both ops share (the benchmark passes its own `config`). x_scale None: x_q is
+    bf16 / fp16 / fp32 and the kernel quantises it as it loads it (A_QUANT), dynamically per token
+    (channel) or per 1 x block group, to the codes and scales `triton_fp8` gives."""
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     (m, k), n = x_q.shape, w_q.shape[0]
@@ -214,12 +241,15 @@ def fp8_gemm(
     launch = pdl_kwargs(x_q.device)
     # few tokens: the weight stream is the whole cost, so start it behind the previous kernel
     prefetch = prefetch_programs(k_per_split * cfg.block_n, launch["PDL"] and m <= 64)
+    a_quant = x_scale is None
+    a_scale = w_scale if a_quant else x_scale  # (unused under A_QUANT)
     _fp8_gemm_kernel[grid](
-        x_q, x_scale, w_q, w_scale, bias if has_bias else w_scale, dest, m, n, k, k_per_split, prefetch,
-        x_q.stride(0), w_q.stride(0), out.stride(0), x_scale.stride(0), x_scale.stride(1),
+        x_q, a_scale, w_q, w_scale, bias if has_bias else w_scale, dest, m, n, k, k_per_split, prefetch,
+        x_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), a_scale.stride(1),
         w_scale.stride(0), w_scale.stride(1),
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        A_QUANT=a_quant, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x_q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
     if split > 1:
@@ -257,4 +287,42 @@ def fp8_linear(
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, 0)
 
 
-__all__ = ["TUNED_PATH", "GemmConfig", "cublas_measured_faster", "default_config", "fp8_block_linear", "fp8_gemm", "fp8_linear", "tuned_config"]
+# Up to this many tokens a linear whose input arrives unquantised (o_proj's, after attention) is
+# quantised inside the few-token GEMM (A_QUANT) instead of by one more launch; 0 turns that off.
+QUANT_IN_GEMM_ROWS = 16
+
+
+def _quant_in_gemm(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Tensor, block: int) -> bool:
+    """Whether the fused quantisation serves this call: few tokens, on the Triton GEMM that the
+    quantised call would take (block scales: always; channel: where cublas_fp8.fp8_linear picks it)."""
+    if not 0 < m <= QUANT_IN_GEMM_ROWS or w_q.dtype != torch.float8_e4m3fn:
+        return False
+    if block:
+        return True
+    return (m <= cublas_fp8.SMALL_M and cublas_fp8._triton_fits_weight(w_q, w_scale)
+            and not cublas_measured_faster(m, n, k, w_q.device))
+
+
+def fp8_linear_dynamic(
+    x: torch.Tensor,  # [T,K] bf16 | fp16 | fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # block 0: [N,1]; b: [ceil(N/b), K/b] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 0,
+) -> torch.Tensor:
+    """reference.fp8_linear_dynamic on the GPU: at few tokens the GEMM quantises x as it loads it (one
+    launch, the quantiser's codes and scales); otherwise the quantiser, then fp8_linear (cuBLAS or
+    this file's GEMM, as cublas_fp8 decides) or fp8_block_linear."""
+    m, (n, k) = x.shape[0], w_q.shape
+    if _quant_in_gemm(m, n, k, w_q, w_scale, block):
+        return fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block)
+    if block:
+        x_q, x_scale = triton_fp8.quant_fp8_per_group(x, block)
+        return fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+    x_q, x_scale = triton_fp8.quant_fp8_per_token(x)
+    return cublas_fp8.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+__all__ = ["QUANT_IN_GEMM_ROWS", "TUNED_PATH", "GemmConfig", "cublas_measured_faster", "default_config",
+           "fp8_block_linear", "fp8_gemm", "fp8_linear", "fp8_linear_dynamic", "tuned_config"]

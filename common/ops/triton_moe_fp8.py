@@ -71,6 +71,7 @@ def _moe_fp8_gemm_kernel(
     GROUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GROUP_M: tl.constexpr, TMA: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, IDS_READY: tl.constexpr,
+    A_QUANT: tl.constexpr = False, ROW_CHUNK: tl.constexpr = 512,
 ):
     """One [BM, BN] output tile of expert-sorted rows, FP8 operands, fp32 accumulation.
     A (a_ptr, e4m3): row = sorted assignment // A_DIV (token for gate_up, assignment for down), its
@@ -84,7 +85,10 @@ def _moe_fp8_gemm_kernel(
     before the router runs); under PDL their first early_programs programs ask L2 for their weight
     rows before the wait (`pdl.prefetch_rows`) where the expert is known: blocks >= first_slot (the
     last MAX_BLOCKS - first_slot of num_experts), or every block when IDS_READY (the ids were written
-    at least two launches back, so they are complete when this launch starts: the down GEMM)."""
+    at least two launches back, so they are complete when this launch starts: the down GEMM).
+    A_QUANT (down): A holds the intermediate unquantised (ACT) and as_ptr is unused; each A tile is
+    quantised as it is loaded, to the codes and scales of `triton_fp8` (BLOCKWISE: each group from its
+    own amax; per row: the row's amax over K taken first, ROW_CHUNK columns a step)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -128,6 +132,14 @@ def _moe_fp8_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros_like(acc)
     w_row = (expert * (stride_we // stride_wn) + pid_n * BN).to(tl.int32)  # TMA: first weight row of the tile
+    if A_QUANT and not BLOCKWISE:  # the rows' scales from their whole K
+        cols = tl.arange(0, ROW_CHUNK)
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for c0 in range(0, K, ROW_CHUNK):
+            x = tl.load(a_ptr + a_rows[:, None] * stride_am + (c0 + cols)[None, :],
+                        mask=rmask[:, None] & (cols < K - c0)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        sa_rows = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
     for k0 in range(0, K, BK):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
@@ -141,9 +153,16 @@ def _moe_fp8_gemm_kernel(
         else:
             b = tl.load(w_ptrs, mask=km[None, :], other=0.0)
         if BLOCKWISE:
-            sa = tl.load(sa_ptrs + k0 // BK, mask=rmask, other=0.0)
+            if A_QUANT:
+                af = a.to(tl.float32)
+                sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(af), axis=1), FLOOR), QMAX)
+                a = _quant_code(af, sa[:, None], QMAX, HW).to(b.dtype)
+            else:
+                sa = tl.load(sa_ptrs + k0 // BK, mask=rmask, other=0.0)
             acc += _scaled_dot(a, b, sa, tl.load(sw_ptrs + k0 // BK), SWAP)
         else:
+            if A_QUANT:
+                a = _quant_code(a.to(tl.float32), sa_rows[:, None], QMAX, HW).to(b.dtype)
             acc = _dot(a, b, acc, SWAP)
         if GATED:
             if TMA:
@@ -162,7 +181,10 @@ def _moe_fp8_gemm_kernel(
         acc = acc.T
         acc2 = acc2.T
     if not BLOCKWISE:
-        sa = tl.load(sa_ptrs, mask=rmask, other=0.0)
+        if A_QUANT:
+            sa = sa_rows
+        else:
+            sa = tl.load(sa_ptrs, mask=rmask, other=0.0)
         acc = acc * sa[:, None] * tl.load(sw_ptrs)[None, :]
         if GATED:
             acc2 = acc2 * sa[:, None] * tl.load(sw2_ptrs)[None, :]
@@ -190,6 +212,9 @@ def _moe_fp8_gemm_kernel(
 
 
 ROWS_DTYPE: torch.dtype | None = None  # the per-assignment down rows' dtype (None: x's); benchmarks set fp32
+# Up to this many tokens the down GEMM quantises the intermediate as it loads it, where gate_up's
+# epilogue cannot (one launch fewer); 0 turns that off.
+DOWN_QUANT_TOKENS = 1
 
 
 def fuses_quant(inter: int, block: int, block_n: int) -> bool:
@@ -197,14 +222,15 @@ def fuses_quant(inter: int, block: int, block_n: int) -> bool:
     return block_n % block == 0 if block else block_n >= inter
 
 
-def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
+def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
           out_scale: torch.Tensor | None, sorted_ids: torch.Tensor | None, block_expert: torch.Tensor,
           topw: torch.Tensor | None, numel: int, n: int, k: int, a_div: int, gated: bool, block: int, act: torch.dtype,
           block_m: int, cfg: dict, pdl: bool, shared: int = 0) -> None:
     """One grouped FP8 GEMM launch (gate_up when gated, else down); out_scale given: gate_up
     quantises its output (out e4m3). sorted_ids None: the one-token path, whose gate_up runs the
     last `shared` blocks (fused shared experts) first and asks L2 for their weights early, and whose
-    down asks for every block's; topw None: gate_up."""
+    down asks for every block's; topw None: gate_up; a_scale None (down only): `a` is unquantised and
+    the kernel quantises it as it loads it."""
     max_blocks = block_expert.shape[0]
     bn, bk = cfg["BLOCK_N"], block or cfg["BLOCK_K"]
     direct = sorted_ids is None
@@ -214,14 +240,18 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torc
            and (w.shape[-1] * w.element_size()) % 16 == 0)
     desc = tm._weight_descriptor(w, bn, bk) if tma else None
     scale_out = out if out_scale is None else out_scale  # (unused without QUANT)
+    a_quant = a_scale is None
+    if a_quant and gated:
+        raise ValueError("fused_moe_fp8: gate_up takes its input quantised")
+    a_scale = w_scale if a_quant else a_scale  # (unused under A_QUANT)
     _moe_fp8_gemm_kernel[(max_blocks * triton.cdiv(n, bn),)](
         a, a_scale, w, desc, w_scale, out, scale_out, sorted_ids, block_expert, a_scale if topw is None else topw, numel, n, k, max_blocks,
-        a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
+        a.stride(0), 0 if a_quant else a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), scale_out.stride(0), early, w.shape[0], first_slot,
         A_DIV=a_div, GATED=gated, QUANT=out_scale is not None, ACT=_ACT[act], BLOCKWISE=block > 0,
         GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
         DIRECT=direct, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
-        HW=hw_round(a.device), IDS_READY=not gated,
+        HW=hw_round(a.device), IDS_READY=not gated, A_QUANT=a_quant,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
@@ -233,9 +263,12 @@ def quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
             sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, top_k: int, block: int, act: torch.dtype,
-            block_m: int, cfg: dict, pdl: bool, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+            block_m: int, cfg: dict, pdl: bool, shared: int = 0,
+            down_quantises: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gate_up GEMM and the intermediate's quantisation (in its epilogue or one more launch):
-    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32). shared: as _gemm's."""
+    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32). shared: as _gemm's. down_quantises: where
+    the epilogue cannot quantise, (the intermediate in `act`, None), for the down GEMM to quantise
+    as it loads it (no launch in between)."""
     numel, inter = x_q.shape[0] * top_k, w13.shape[1] // 2
     if fuses_quant(inter, block, cfg["BLOCK_N"]):
         act_q = torch.empty((numel, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
@@ -246,13 +279,14 @@ def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.
     act_h = torch.empty((numel, inter), dtype=act, device=x_q.device)  # [T*k, I]
     _gemm(x_q, x_s, w13, s13, act_h, None, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k, True,
           block, act, block_m, cfg, pdl, shared)
-    return quantize(act_h, block)
+    return (act_h, None) if down_quantises else quantize(act_h, block)
 
 
-def down(act_q: torch.Tensor, act_s: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, y: torch.Tensor,
+def down(act_q: torch.Tensor, act_s: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor, y: torch.Tensor,
          sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, topw: torch.Tensor, block: int,
          block_m: int, cfg: dict, pdl: bool) -> None:
-    """The down GEMM times the routing weight (in fp32), rounded into y [T*k, H] (x's dtype)."""
+    """The down GEMM times the routing weight (in fp32), rounded into y [T*k, H] (x's dtype); act_s
+    None: act_q is the unquantised intermediate, quantised in the GEMM."""
     numel, hidden = y.shape
     _gemm(act_q, act_s, w2, s2, y, None, sorted_ids, block_expert, topw, numel, hidden, w2.shape[2], 1, False,
           block, y.dtype, block_m, cfg, pdl)
@@ -308,10 +342,10 @@ def fused_moe_fp8_with_config(
     x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
     pdl = pdl_enabled(x.device)
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl,
-                           num_shared)
+                           num_shared, n_tok <= DOWN_QUANT_TOKENS)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
     tm.combine(y, out, top_k, pdl)
     return out
 
 
-__all__ = ["down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant", "gate_up", "quantize"]
+__all__ = ["DOWN_QUANT_TOKENS", "down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant", "gate_up", "quantize"]

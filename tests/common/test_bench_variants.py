@@ -11,7 +11,7 @@ import pytest
 from benchmarks.kernels.tune_attention import decode_candidates
 from benchmarks.model_step import variants
 from common.attention import triton_paged
-from common.ops import pdl, triton_fp8
+from common.ops import pdl, triton_fp8, triton_fp8_gemm, triton_moe_fp8
 
 
 def test_quant_launch_old_restores_the_whole_row_launch() -> None:
@@ -74,3 +74,11 @@ def test_attn_plan_old_gives_the_earlier_small_query_tiles() -> None:
         assert triton_paged.plan(64, 8, 12, 4, 132) == (64, 64, 4, 3, 1)
         assert triton_paged.plan(1, 8, 12, 2048, 132) == served(1, 8, 12, 2048, 132)  # extend: unchanged
     assert triton_paged.plan is served
+
+
+def test_quant_in_gemm_off_turns_both_fusions_off_and_back() -> None:
+    served = (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS)
+    assert served[0] > 0 and served[1] > 0
+    with variants.variant("quant-in-gemm-off"):
+        assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == (0, 0)
+    assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == served

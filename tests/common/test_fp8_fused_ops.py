@@ -284,6 +284,32 @@ def _group_fused() -> None:
                 else ref.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32))
         err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, cfg), want)
         assert err < 1e-6, f"split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
+    # x quantised inside the GEMM (x_scale None): the quantisers' codes and scales, so the same bits as
+    # the quantised call; channel with split K (each slice takes the whole row's amax), a K tail and a
+    # row of zeros; block groups; fp8_linear_dynamic's few-token path and its twin
+    for t, n, k, split, block in ((3, 48, 1100, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128), (5, 64, 256, 1, 64)):
+        x = activations(t, k, torch.float32).to(torch.float16)
+        x[t - 1] = 0
+        if block:
+            x_q, x_scale = tf.quant_fp8_per_group(x, block)
+            w_q, w_scale = ref.quant_fp8_weight_blocks(torch.randn(n, k) * 0.05, block)
+        else:
+            x_q, x_scale = tf.quant_fp8_per_token(x)
+            w_q, w_scale = ref.quant_fp8_per_token(torch.randn(n, k) * 0.05)
+        bias = torch.randn(n)
+        cfg = tg.GemmConfig(16, 32, block or 64, 1, 4, 2, split)
+        fused = tg.fp8_gemm(x, None, w_q, w_scale, bias, torch.float32, block, cfg)
+        assert torch.equal(fused, tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, cfg)), \
+            f"quantised in the GEMM T={t} K={k} split={split} block={block}: differs from the quantised call"
+        err = _rel(fused, ref.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block))
+        assert err < 1e-6, f"quantised in the GEMM T={t} K={k} block={block}: rel {err:.2e} against the twin"
+        print(f"quantised in the GEMM T={t} N={n} K={k} split={split} block={block}: bit-equal, rel {err:.2e}")
+        if block:  # the dispatching op takes the in-GEMM path at few tokens (channel needs a GPU to decide)
+            assert tg._quant_in_gemm(t, n, k, w_q, w_scale, block)
+            err = _rel(tg.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block),
+                       ref.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block))
+            assert err < 1e-6, f"fp8_linear_dynamic T={t} block={block}: rel {err:.2e}"
+    assert not tg._quant_in_gemm(tg.QUANT_IN_GEMM_ROWS + 1, 64, 256, w_q, w_scale, 64)
     # the few-token heuristic splits K only where every slice keeps >= 4 K steps
     cpu = torch.device("cpu")
     assert tg.default_config(1, 4096, 128, cpu, 12288).split_k > 1

@@ -202,6 +202,33 @@ def test_weight_prefetch_changes_no_bit(budget_mb: int, experts: dict, monkeypat
     assert_prefetch_equals_plain(step, lambda: logits.copy_(torch.randn_like(logits)), budget_mb, monkeypatch)
 
 
+@pytest.mark.parametrize(("shape", "block"), [("air", 0), ("air", 128), ("glm45", 0)])
+def test_one_token_down_quantises_bit_equal(shape: str, block: int, experts: dict,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token: the down GEMM quantises the intermediate as it loads it (DOWN_QUANT_TOKENS), the
+    same bits as the quantiser's own launch, eagerly and in a graph under PDL."""
+    from common.ops import triton_moe as tm
+    from common.ops import triton_moe_fp8 as tf8
+
+    e, h, _ = SHAPES[shape]
+    w13, s13, w2, s2 = weights_for(experts, shape, block)
+    x = activations(1, h)
+    logits, bias = torch.randn(1, e, device=DEV), 0.1 * torch.randn(e, device=DEV)
+
+    def step() -> torch.Tensor:
+        weights, ids = tm.grouped_topk(logits, bias, TOP_K, 1, 1, True, 2.5, 1)
+        return tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, None, 1)
+
+    cfg = tf8.get_config(1, w13.shape[0], w13.shape[1], h, TOP_K + 1, x.dtype, x.device, fp8_block=block)
+    if block == 0 and shape == "air":  # Air's 1408-wide rows: no one-token tile holds a whole one
+        assert not tf8.fuses_quant(w13.shape[1] // 2, block, cfg["up"]["BLOCK_N"])
+    monkeypatch.setattr(tf8, "DOWN_QUANT_TOKENS", 0)
+    want = step()
+    monkeypatch.setattr(tf8, "DOWN_QUANT_TOKENS", 1)
+    assert torch.equal(step(), want)
+    assert_prefetch_equals_plain(step, lambda: logits.copy_(torch.randn_like(logits)), 16, monkeypatch)
+
+
 def test_dispatch_takes_the_kernel_on_cuda() -> None:
     from common import ops
     from common.ops import triton_moe_fp8 as tf8
