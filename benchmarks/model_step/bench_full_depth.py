@@ -18,7 +18,9 @@
 4. Prefill of each --prefill length (one sequence, chunked at --chunk like the prefill worker) against
    max(bytes / read BW, FP8 FLOPs / FP8 GEMM peak + bf16 FLOPs / bf16 GEMM peak); with the MTP draft
    extend that EAGLE adds on the prefill side as a separate column, and (GPU) with the Triton attention
-   kernel in place of SDPA for the long prefills (common/attention/triton_paged.py) as another.
+   kernel in place of SDPA for the long prefills (common/attention/triton_paged.py) as another. Timed
+   after the decode and EAGLE graphs are released, as in a prefill worker (which captures none), with
+   the caching allocator's retries during it (a forward short of memory beside the KV pool).
 5. EAGLE (S,k,N) step against the plain step (both with the worker's graphs), tokens/s at accept
    lengths 1..S+1 (accept length x batch / step time), the step against its own bytes roofline (verify
    + draft steps + draft extend), and, with the model turned into one whose draft always agrees
@@ -192,17 +194,23 @@ def model_stage(args: argparse.Namespace, device: torch.device, fp8: bool, layer
     try:
         info["decode"] = _each(name, "decode", [lambda b=b: steps.decode(st, b) for b in args.batches])
         if not decode_only:
-            info["prefill"] = _each(name, "prefill", [lambda n=n: steps.prefill(st, n, args.chunk)
-                                                      for n in args.prefill])
             info["eagle"] = _each(name, "EAGLE", [lambda b=b: steps.eagle(st, b) for b in args.batches])
             info["agreeing"] = steps.agreeing_all(st, args.batches)
             for row in info["agreeing"]:
                 print(f"{name} EAGLE agreeing draft B={row['batch']}: accept length {row['accept_length']:.2f}, "
                       f"{row['tok_s']:.0f} tok/s", flush=True)
+            # a prefill worker holds no decode graphs: their memory would leave the prefill's temporaries
+            # short of room beside the KV pool (the allocator's retries show it)
+            runner.release_graphs()
+            info["prefill"] = _each(name, "prefill", [lambda n=n: steps.prefill(st, n, args.chunk)
+                                                      for n in args.prefill])
         if args.ab and not decode_only:  # on the CPU (--tiny) the graphs are not captured: eager steps
             info["prefetch_mb"] = pdl.PREFETCH_BYTES / 1e6
             info["ab"] = ab_stage(runner, st, args)
         if args.trace and cuda and not decode_only and measure.out_dir() is not None:
+            if not runner.graphs:  # released for the prefills: the traced EAGLE step runs the worker's graphs
+                runner.capture_decode_graphs(max(args.batches))
+                runner.capture_spec_graphs(max(args.batches), *args.spec)
             info["traces"] = steps.trace(st, args.trace, max(args.prefill), args.chunk, measure.out_dir())
         if (args.pdl_ab or args.profile) and cuda and not decode_only:
             # the decode graphs (and for the profile the EAGLE ones) again with plain launches: timed against
@@ -238,12 +246,14 @@ def ab_stage(runner: ModelRunner, st: steps.Stage, args: argparse.Namespace) -> 
                 if st.cuda:
                     runner.capture_decode_graphs(max(args.batches))
                     runner.capture_spec_graphs(max(args.batches), *args.spec)
-                rows.append({
+                row = {
                     "variant": name,
                     "decode": _each("", f"decode, {name}", [lambda b=b: steps.decode(st, b) for b in args.batches]),
-                    "eagle": _each("", f"EAGLE, {name}", [lambda b=b: steps.eagle(st, b) for b in args.batches]),
-                    "prefill": _each("", f"prefill, {name}", [lambda n=n: steps.prefill_target_us(st, n, args.chunk)
-                                                             for n in args.prefill])})
+                    "eagle": _each("", f"EAGLE, {name}", [lambda b=b: steps.eagle(st, b) for b in args.batches])}
+                runner.release_graphs()  # as for the served prefill
+                row["prefill"] = _each("", f"prefill, {name}", [lambda n=n: steps.prefill_target_us(st, n, args.chunk)
+                                                               for n in args.prefill])
+                rows.append(row)
     finally:
         runner.release_graphs()
     return rows
@@ -392,12 +402,13 @@ def _model_md(m: dict, spec: tuple[int, int, int]) -> list[str]:
         out += ["", "### Prefill (one sequence)", ""]
         out += _table(["tokens", "chunks", "FP8 TFLOP", "bf16 TFLOP", "GB", "compute floor us", "bytes floor us",
                        "per-op floor us", "forward us", "x roofline", "tok/s", "+ MTP extend us",
-                       "with the Triton attention us"],
+                       "with the Triton attention us", "allocator retries"],
                       [[str(r["tokens"]), str(r["chunks"]), _f(r["fp8_tflop"], ".2f"), _f(r["other_tflop"], ".2f"),
                         _f(r["bytes_gb"], ".2f"), _f(r.get("compute_us")), _f(r.get("bytes_us")),
                         _f(r.get("per_op_us")), _f(r["measured_us"]), _x(r), _f(r["tok_s"]), _f(r["with_draft_us"]),
-                        _f(r.get("triton_attention_us"))]
+                        _f(r.get("triton_attention_us")), str(r.get("alloc_retries", "-"))]
                        for r in m["prefill"]])
+        out += ["", "Timed with the decode graphs released, as a prefill worker holds none."]
     if "eagle" in m:
         s, k, n = spec
         accepts = range(1, s + 2)

@@ -235,8 +235,10 @@ def prefill(st: Stage, n: int, chunk: int) -> dict:
         parts += target_parts(st.shape, t, e, t * s + t * (t + 1) // 2, distinct[i * n_moe:(i + 1) * n_moe],
                               1 if e == n else 0)
     reps = prefill_reps(st)
-    row = {"tokens": n, "chunks": len(spans), "measured_us": isolated_us(st, lambda: run(False), reps=reps),
-           "with_draft_us": isolated_us(st, lambda: run(True), reps=reps), "triton_attention_us": None}
+    retries = _alloc_retries(st)
+    row = {"tokens": n, "chunks": len(spans), "measured_us": isolated_us(st, lambda: run(False), reps=reps)}
+    row["alloc_retries"] = _alloc_retries(st) - retries
+    row |= {"with_draft_us": isolated_us(st, lambda: run(True), reps=reps), "triton_attention_us": None}
     if st.cuda:  # the same forward with the Triton kernel in place of SDPA for long prefills
         from common.attention import triton_paged
 
@@ -259,7 +261,15 @@ def prefill_reps(st: Stage) -> int:
 def prefill_target_us(st: Stage, n: int, chunk: int) -> dict:
     """The target forwards of an n-token prompt alone, as `prefill` times them."""
     _, run = _prefill_forwards(st, n, chunk)
-    return {"tokens": n, "measured_us": isolated_us(st, lambda: run(False), reps=prefill_reps(st))}
+    retries = _alloc_retries(st)
+    us = isolated_us(st, lambda: run(False), reps=prefill_reps(st))
+    return {"tokens": n, "measured_us": us, "alloc_retries": _alloc_retries(st) - retries}
+
+
+def _alloc_retries(st: Stage) -> int:
+    """The caching allocator's count of allocations it could serve only after returning its cached
+    blocks to the driver (each a synchronising cudaFree + cudaMalloc): a forward short of memory."""
+    return torch.cuda.memory_stats(st.runner.device).get("num_alloc_retries", 0) if st.cuda else 0
 
 
 # ------------------------------------------------------------------------------------ profile

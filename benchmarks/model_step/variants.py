@@ -11,9 +11,10 @@ A variant is a context manager that changes a module-level choice the model's op
 - `attn-plan-old`: the paged attention's small-query tiles as chosen before the decode sweep (one
   row block of the rows' power of two, 64-slot tiles, 4 warps, 3 stages, KV split until twice the
   SMs' count of programs);
-- `quant-in-gemm-off`: every activation quantised by a launch of its own, as before the few-token
-  GEMMs quantised theirs (o_proj's input up to `triton_fp8_gemm.QUANT_IN_GEMM_ROWS` tokens, the one-token
-  MoE's intermediate in its down GEMM);
+- `quant-in-gemm=R:T`: the few-token GEMMs quantise their own input up to R tokens (a linear of an
+  unquantised activation, o_proj's: `triton_fp8_gemm.QUANT_IN_GEMM_ROWS`) and the MoE's down GEMM its
+  intermediate up to T tokens (`triton_moe_fp8.DOWN_QUANT_TOKENS`); 0:0 quantises every activation by a
+  launch of its own;
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -53,10 +54,13 @@ def _attn_plan_old(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_paged, plan=plan)
 
 
-def _quant_in_gemm_off(arg: str) -> contextlib.AbstractContextManager:
+def _quant_in_gemm(arg: str) -> contextlib.AbstractContextManager:
+    rows, sep, tokens = arg.partition(":")
+    if not (sep and rows.isdigit() and tokens.isdigit()):
+        raise ValueError(f"quant-in-gemm takes ROWS:TOKENS (two counts, e.g. 0:0), not {arg!r}")
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.multiple(triton_fp8_gemm, QUANT_IN_GEMM_ROWS=0))
-    stack.enter_context(mock.patch.multiple(triton_moe_fp8, DOWN_QUANT_TOKENS=0))
+    stack.enter_context(mock.patch.multiple(triton_fp8_gemm, QUANT_IN_GEMM_ROWS=int(rows)))
+    stack.enter_context(mock.patch.multiple(triton_moe_fp8, DOWN_QUANT_TOKENS=int(tokens)))
     return stack
 
 
@@ -78,7 +82,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
-    "attn-tiles": _attn_tiles, "quant-in-gemm-off": _quant_in_gemm_off}
+    "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm}
 
 
 def parse(spec: str) -> list[str]:
@@ -89,7 +93,7 @@ def parse(spec: str) -> list[str]:
         key, _, arg = name.partition("=")
         if key not in VARIANTS:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
-        if key in ("prefetch", "attn-tiles") and not arg:
+        if key in ("prefetch", "attn-tiles", "quant-in-gemm") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
         try:
             VARIANTS[key](arg)

@@ -288,8 +288,10 @@ def fp8_linear(
 
 
 # Up to this many tokens a linear whose input arrives unquantised (o_proj's, after attention) is
-# quantised inside the few-token GEMM (A_QUANT) instead of by one more launch; 0 turns that off.
-QUANT_IN_GEMM_ROWS = 16
+# quantised inside the few-token GEMM (A_QUANT) instead of by one more launch. Off (0): on Air at full
+# depth on an H100 the one-token decode step did not move and the 4-token EAGLE verify lost ~3 %
+# (each program reads the whole row again for its amax: 12288 values, four times over at 4 tokens).
+QUANT_IN_GEMM_ROWS = 0
 
 
 def _quant_in_gemm(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Tensor, block: int) -> bool:

@@ -76,9 +76,10 @@ def test_attn_plan_old_gives_the_earlier_small_query_tiles() -> None:
     assert triton_paged.plan is served
 
 
-def test_quant_in_gemm_off_turns_both_fusions_off_and_back() -> None:
+def test_quant_in_gemm_sets_both_thresholds_and_restores_them() -> None:
     served = (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS)
-    assert served[0] > 0 and served[1] > 0
-    with variants.variant("quant-in-gemm-off"):
-        assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == (0, 0)
+    with variants.variant("quant-in-gemm=16:4"):
+        assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == (16, 4)
     assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == served
+    with pytest.raises(SystemExit, match="ROWS:TOKENS"):
+        variants.parse("quant-in-gemm=16")

@@ -286,7 +286,8 @@ def _group_fused() -> None:
         assert err < 1e-6, f"split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
     # x quantised inside the GEMM (x_scale None): the quantisers' codes and scales, so the same bits as
     # the quantised call; channel with split K (each slice takes the whole row's amax), a K tail and a
-    # row of zeros; block groups; fp8_linear_dynamic's few-token path and its twin
+    # row of zeros; block groups; fp8_linear_dynamic's few-token path (switched on) and its twin
+    tg.QUANT_IN_GEMM_ROWS = 16
     for t, n, k, split, block in ((3, 48, 1100, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128), (5, 64, 256, 1, 64)):
         x = activations(t, k, torch.float32).to(torch.float16)
         x[t - 1] = 0

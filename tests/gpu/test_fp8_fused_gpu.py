@@ -268,12 +268,15 @@ def _quantised_weight(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize(("n", "k"), [(4096, 12288), (14336, 4096), (5120, 12288), (100, 1368)])
 @pytest.mark.parametrize("block", [0, 128])
-def test_quantised_in_the_gemm_bit_equal(n: int, k: int, block: int) -> None:
-    """A few-token linear of an unquantised bf16 x (o_proj after attention) quantises x inside the GEMM:
+def test_quantised_in_the_gemm_bit_equal(n: int, k: int, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few-token linear of an unquantised bf16 x (o_proj after attention) quantised inside the GEMM:
     with the served tiles (tuned or default, split K included) the output equals the quantiser then
-    the same GEMM bit for bit, and fp8_linear_dynamic takes that path up to QUANT_IN_GEMM_ROWS tokens."""
+    the same GEMM bit for bit, and fp8_linear_dynamic takes that path up to QUANT_IN_GEMM_ROWS tokens
+    (switched on here: off as served)."""
     from common.ops import reference as ref
     from common.ops import triton_fp8_gemm as tg
+
+    monkeypatch.setattr(tg, "QUANT_IN_GEMM_ROWS", 16)
 
     if block and (k % block or n % block):
         pytest.skip("block FP8 needs whole blocks")
@@ -298,6 +301,7 @@ def test_quantised_in_the_gemm_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> No
 
     if not pdl.supported(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs sm_90+")
+    monkeypatch.setattr(tg, "QUANT_IN_GEMM_ROWS", 16)
     weights = [_quantised_weight((torch.randn(r, c, device=DEV) * c**-0.5).bfloat16(), 0)
                for r, c in ((12288, 4096), (4096, 12288))]
     x = activations(1, 4096)
