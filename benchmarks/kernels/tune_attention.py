@@ -88,24 +88,29 @@ BNS, WARPS, STAGES = (32, 64, 128), (4, 8, 2), (2, 3, 4)
 
 
 def decode_candidates(rows: int, programs_per_split: int, sms: int,
-                      grid: tuple[tuple[int, ...], ...] = (BNS, WARPS, STAGES)) -> list[tuple[int, int, int, int, int]]:
-    """(BM, BN, warps, stages, splits) to try for `rows` rows a KV head: row blocks of 16 and of the
-    rows' power of two, and split counts that keep the grid within 24 programs an SM."""
+                      grid: tuple[tuple[int, ...], ...] = (BNS, WARPS, STAGES),
+                      row_blocks: tuple[int, ...] = ()) -> list[tuple[int, int, int, int, int]]:
+    """(BM, BN, warps, stages, splits) to try for `rows` rows a KV head: row blocks of 16, 32 (rows
+    over 16) and the rows' power of two (or those of `row_blocks` that the rows need), and split counts
+    that keep the grid within 24 programs an SM, where the unsplit grid has fewer programs than SMs
+    (with a program an SM, every split measured slower on the H100)."""
     top = max(16, 1 << (rows - 1).bit_length())
-    bms = sorted({16, top})
+    bms = sorted({16, top} | ({32} if rows > 16 else set()))
+    if row_blocks:
+        bms = [bm for bm in bms if bm in row_blocks]
     out = []
     for bm, bn, warps, stages in itertools.product(bms, *grid):
         if warps == 2 and bm > 16:
             continue
         blocks = -(-rows // bm)
         for s in SPLITS:
-            if programs_per_split * blocks * s <= 24 * sms:
+            if s == 1 or (programs_per_split * blocks < sms and programs_per_split * blocks * s <= 24 * sms):
                 out.append((bm, bn, warps, stages, s))
     return out
 
 
 def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, deadline: float,
-                grid: tuple[tuple[int, ...], ...]) -> dict:
+                grid: tuple[tuple[int, ...], ...], row_blocks: tuple[int, ...] = ()) -> dict:
     """Every candidate tile of one (queries, batch) case until `deadline`; the best (plan() if none beats it)."""
     rows = queries * HQ // HK
     name = f"{'decode' if queries == 1 else 'verify q4'} b{b} @{context}"
@@ -117,7 +122,7 @@ def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, d
     floor = kv_bytes / read_gbs / 1e3
     print(f"{name}: plan() {served} {served_us:.1f} us, K/V floor {floor:.1f} us", flush=True)
     best = (served_us, served)
-    for cand in decode_candidates(rows, b * HK, sms, grid):
+    for cand in decode_candidates(rows, b * HK, sms, grid, row_blocks):
         if time.time() > deadline:
             print(f"{name}: budget spent", flush=True)
             break
@@ -141,16 +146,17 @@ def decode_case(queries: int, b: int, context: int, read_gbs: float, sms: int, d
 
 
 def decode_sweep(batches: list[int], context: int, budget_s: float, write: Path | None,
-                 grid: tuple[tuple[int, ...], ...] = (BNS, WARPS, STAGES)) -> list[dict]:
+                 grid: tuple[tuple[int, ...], ...] = (BNS, WARPS, STAGES), row_blocks: tuple[int, ...] = (),
+                 queries: tuple[int, ...] = (4, 1)) -> list[dict]:
     deadline = time.time() + budget_s
     read_gbs = measure.measure_ceilings(None)["read_gbs"]
     sms = num_sms(torch.device("cuda"))
     # the largest batches first (they compile the candidates the smaller ones reuse), verify before decode
-    cases = [(queries, b) for b in sorted(batches, reverse=True) for queries in (4, 1)]
+    cases = [(q, b) for b in sorted(batches, reverse=True) for q in queries]
     results = []
-    for n, (queries, b) in enumerate(cases):
+    for n, (q, b) in enumerate(cases):
         share = time.time() + (deadline - time.time()) / (len(cases) - n)
-        results.append(decode_case(queries, b, context, read_gbs, sms, share, grid))
+        results.append(decode_case(q, b, context, read_gbs, sms, share, grid, row_blocks))
         torch.cuda.empty_cache()
         if write is not None:  # after each case: a run cut short keeps what it measured
             write.write_text(json.dumps(results, indent=1))
@@ -167,11 +173,15 @@ def main() -> None:
     ap.add_argument("--bn", help="(--decode) BLOCK_N values to try (default 32,64,128)")
     ap.add_argument("--warps", help="(--decode) warps to try (default 4,8,2; 2 only with 16-row blocks)")
     ap.add_argument("--stages", help="(--decode) pipeline stages to try (default 2,3,4)")
+    ap.add_argument("--bm", help="(--decode) row blocks to try, of those the rows need (default 16, 32, their power of two)")
+    ap.add_argument("--queries", default="4,1", help="(--decode) queries a sequence: 4 (verify), 1 (decode)")
     args = ap.parse_args()
     grid = tuple(tuple(int(x) for x in v.split(",")) if v else d
                  for v, d in ((args.bn, BNS), (args.warps, WARPS), (args.stages, STAGES)))
     if args.decode:
-        decode_sweep([int(b) for b in args.batches.split(",")], args.context, args.budget_s, args.write, grid)
+        decode_sweep([int(b) for b in args.batches.split(",")], args.context, args.budget_s, args.write, grid,
+                     tuple(int(x) for x in args.bm.split(",")) if args.bm else (),
+                     tuple(int(x) for x in args.queries.split(",")))
     else:
         extend_sweep(args.budget_s)
 

@@ -57,13 +57,13 @@ def test_decode_candidates_keep_the_grid_within_24_programs_an_sm() -> None:
     for rows, programs in ((12, 8), (12, 512), (48, 8), (48, 512)):
         cands = decode_candidates(rows, programs, 132)
         assert cands
-        top = 16 if rows <= 16 else 64
-        assert {c[0] for c in cands} == {16, top}
+        assert {c[0] for c in cands} == ({16} if rows <= 16 else {16, 32, 64})
         for bm, _, _, _, splits in cands:
             assert programs * -(-rows // bm) * splits <= 24 * 132
-    # one sequence's decode may split its KV up to 64 ways; 64 sequences' verify at most 4 ways at BLOCK_M 64
+    # one sequence's decode may split its KV up to 64 ways; a grid with a program an SM is not split
     assert max(c[4] for c in decode_candidates(12, 8, 132)) == 64
-    assert max(c[4] for c in decode_candidates(48, 512, 132) if c[0] == 64) == 4
+    assert {c[4] for c in decode_candidates(48, 512, 132)} == {1}
+    assert {c[0] for c in decode_candidates(48, 512, 132, row_blocks=(32, 64))} == {32, 64}
 
 
 def test_attn_plan_old_gives_the_earlier_small_query_tiles() -> None:
