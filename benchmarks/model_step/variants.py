@@ -12,7 +12,7 @@ A variant is a context manager that changes a module-level choice the model's op
   row block of the rows' power of two, 64-slot tiles, 4 warps, 3 stages, KV split until twice the
   SMs' count of programs);
 - `quant-in-gemm=R:T`: the few-token GEMMs quantise their own input up to R tokens (a linear of an
-  unquantised activation, o_proj's: `triton_fp8_gemm.QUANT_IN_GEMM_ROWS`) and the MoE's down GEMM its
+  unquantised activation, o_proj's: `cublas_fp8.QUANT_IN_GEMM_ROWS`) and the MoE's down GEMM its
   intermediate up to T tokens (`triton_moe_fp8.DOWN_QUANT_TOKENS`); 0:0 quantises every activation by a
   launch of its own;
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
@@ -29,7 +29,7 @@ from pathlib import Path
 from unittest import mock
 
 from common.attention import triton_paged
-from common.ops import pdl, triton_fp8, triton_fp8_gemm, triton_moe_fp8
+from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8
 
 
 def _prefetch(arg: str) -> contextlib.AbstractContextManager:
@@ -59,7 +59,7 @@ def _quant_in_gemm(arg: str) -> contextlib.AbstractContextManager:
     if not (sep and rows.isdigit() and tokens.isdigit()):
         raise ValueError(f"quant-in-gemm takes ROWS:TOKENS (two counts, e.g. 0:0), not {arg!r}")
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.multiple(triton_fp8_gemm, QUANT_IN_GEMM_ROWS=int(rows)))
+    stack.enter_context(mock.patch.multiple(cublas_fp8, QUANT_IN_GEMM_ROWS=int(rows)))
     stack.enter_context(mock.patch.multiple(triton_moe_fp8, DOWN_QUANT_TOKENS=int(tokens)))
     return stack
 

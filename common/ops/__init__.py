@@ -39,7 +39,7 @@ _TRITON_MODULE = {
     "silu_and_mul_quant_fp8": "triton_fp8",
     "fp8_linear": "cublas_fp8",
     "fp8_block_linear": "triton_fp8_gemm",
-    "fp8_linear_dynamic": "triton_fp8_gemm",
+    "fp8_linear_dynamic": "cublas_fp8",
     "apply_token_bitmask": "triton_bitmask",
 }
 
@@ -239,8 +239,8 @@ def fp8_linear_dynamic(
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
 ) -> torch.Tensor:
-    """On CUDA, triton_fp8_gemm.fp8_linear_dynamic quantises x inside its few-token GEMM where that
-    GEMM serves the call, else through the quantiser and fp8_linear / fp8_block_linear."""
+    """On CUDA, cublas_fp8.fp8_linear_dynamic: the quantiser, then fp8_linear / fp8_block_linear's paths
+    (optionally the few-token Triton GEMM quantising x itself)."""
     return resolve("fp8_linear_dynamic", x.device)(x, w_q, w_scale, bias, out_dtype, block)
 
 

@@ -17,6 +17,9 @@ K = 11-12K (o_proj, down_proj) on the H100, where the Triton kernel splits K to 
 programs per SM streaming weights (`docs/performance.md` §7 has both, shape by shape). Where the
 sweep that tuned a shape's tiles timed cuBLAS faster still, that shape's bucket stays on cuBLAS.
 
+`fp8_linear_dynamic` (an activation that arrives unquantised) is the CUDA twin of its reference too:
+the Triton quantiser, then the path above.
+
 Block FP8 (1 x 128 activation groups, 128 x 128 weight blocks) runs on the Triton kernel of
 `triton_fp8_gemm.py`: cuBLAS's block scaling through `torch._scaled_mm` answered
 CUBLAS_STATUS_NOT_SUPPORTED for every GLM shape on the H100 with CUDA 13 (2026-12-06).
@@ -119,4 +122,47 @@ def scaled_mm_linear(
                             out_dtype=out_dtype, use_fast_accum=False)
 
 
-__all__ = ["SMALL_M", "fp8_linear", "scaled_mm_fits", "scaled_mm_linear"]
+# Up to this many tokens a linear whose input arrives unquantised (o_proj's, after attention) is
+# quantised inside the few-token Triton GEMM (its A_QUANT) instead of by one more launch. Off (0): on
+# Air at full depth on an H100 the one-token decode step did not move and the 4-token EAGLE verify
+# lost ~3 % (each program reads the whole row again for its amax: 12288 values, four rows at 4 tokens).
+QUANT_IN_GEMM_ROWS = 0
+
+
+def _quant_in_gemm(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Tensor, block: int) -> bool:
+    """Whether the in-GEMM quantisation serves this call: few tokens, on the Triton GEMM the quantised
+    call would take (block scales: always; channel: where `fp8_linear` picks it)."""
+    if not 0 < m <= QUANT_IN_GEMM_ROWS or w_q.dtype != torch.float8_e4m3fn:
+        return False
+    if block:
+        return True
+    from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
+
+    return (m <= SMALL_M and _triton_fits_weight(w_q, w_scale)
+            and not triton_fp8_gemm.cublas_measured_faster(m, n, k, w_q.device))
+
+
+def fp8_linear_dynamic(
+    x: torch.Tensor,  # [T,K] bf16 | fp16 | fp32
+    w_q: torch.Tensor,  # [N,K] e4m3
+    w_scale: torch.Tensor,  # block 0: [N,1]; b: [ceil(N/b), K/b] fp32
+    bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = 0,
+) -> torch.Tensor:
+    """reference.fp8_linear_dynamic on the GPU: the Triton quantiser, then `fp8_linear` (as above) or
+    the block GEMM; up to QUANT_IN_GEMM_ROWS tokens, the Triton GEMM quantising x as it loads it (the
+    quantiser's codes and scales, one launch)."""
+    from common.ops import triton_fp8, triton_fp8_gemm  # import triton: only where CUDA runs
+
+    m, (n, k) = x.shape[0], w_q.shape
+    if _quant_in_gemm(m, n, k, w_q, w_scale, block):
+        return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block)
+    if block:
+        x_q, x_scale = triton_fp8.quant_fp8_per_group(x, block)
+        return triton_fp8_gemm.fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+    x_q, x_scale = triton_fp8.quant_fp8_per_token(x)
+    return fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+__all__ = ["QUANT_IN_GEMM_ROWS", "SMALL_M", "fp8_linear", "fp8_linear_dynamic", "scaled_mm_fits", "scaled_mm_linear"]

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from common.ops import cublas_fp8, triton_fp8
 from common.ops.pdl import pdl_kwargs, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_fp8 import _quant_code, hw_round
@@ -287,44 +286,5 @@ def fp8_linear(
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, 0)
 
 
-# Up to this many tokens a linear whose input arrives unquantised (o_proj's, after attention) is
-# quantised inside the few-token GEMM (A_QUANT) instead of by one more launch. Off (0): on Air at full
-# depth on an H100 the one-token decode step did not move and the 4-token EAGLE verify lost ~3 %
-# (each program reads the whole row again for its amax: 12288 values, four times over at 4 tokens).
-QUANT_IN_GEMM_ROWS = 0
-
-
-def _quant_in_gemm(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Tensor, block: int) -> bool:
-    """Whether the fused quantisation serves this call: few tokens, on the Triton GEMM that the
-    quantised call would take (block scales: always; channel: where cublas_fp8.fp8_linear picks it)."""
-    if not 0 < m <= QUANT_IN_GEMM_ROWS or w_q.dtype != torch.float8_e4m3fn:
-        return False
-    if block:
-        return True
-    return (m <= cublas_fp8.SMALL_M and cublas_fp8._triton_fits_weight(w_q, w_scale)
-            and not cublas_measured_faster(m, n, k, w_q.device))
-
-
-def fp8_linear_dynamic(
-    x: torch.Tensor,  # [T,K] bf16 | fp16 | fp32
-    w_q: torch.Tensor,  # [N,K] e4m3
-    w_scale: torch.Tensor,  # block 0: [N,1]; b: [ceil(N/b), K/b] fp32
-    bias: torch.Tensor | None = None,  # [N]
-    out_dtype: torch.dtype = torch.bfloat16,
-    block: int = 0,
-) -> torch.Tensor:
-    """reference.fp8_linear_dynamic on the GPU: at few tokens the GEMM quantises x as it loads it (one
-    launch, the quantiser's codes and scales); otherwise the quantiser, then fp8_linear (cuBLAS or
-    this file's GEMM, as cublas_fp8 decides) or fp8_block_linear."""
-    m, (n, k) = x.shape[0], w_q.shape
-    if _quant_in_gemm(m, n, k, w_q, w_scale, block):
-        return fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block)
-    if block:
-        x_q, x_scale = triton_fp8.quant_fp8_per_group(x, block)
-        return fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
-    x_q, x_scale = triton_fp8.quant_fp8_per_token(x)
-    return cublas_fp8.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-
-
-__all__ = ["QUANT_IN_GEMM_ROWS", "TUNED_PATH", "GemmConfig", "cublas_measured_faster", "default_config",
-           "fp8_block_linear", "fp8_gemm", "fp8_linear", "fp8_linear_dynamic", "tuned_config"]
+__all__ = ["TUNED_PATH", "GemmConfig", "cublas_measured_faster", "default_config", "fp8_block_linear", "fp8_gemm",
+           "fp8_linear", "tuned_config"]

@@ -11,7 +11,7 @@ import pytest
 from benchmarks.kernels.tune_attention import decode_candidates
 from benchmarks.model_step import variants
 from common.attention import triton_paged
-from common.ops import pdl, triton_fp8, triton_fp8_gemm, triton_moe_fp8
+from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8
 
 
 def test_quant_launch_old_restores_the_whole_row_launch() -> None:
@@ -77,9 +77,9 @@ def test_attn_plan_old_gives_the_earlier_small_query_tiles() -> None:
 
 
 def test_quant_in_gemm_sets_both_thresholds_and_restores_them() -> None:
-    served = (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS)
+    served = (cublas_fp8.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS)
     with variants.variant("quant-in-gemm=16:4"):
-        assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == (16, 4)
-    assert (triton_fp8_gemm.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == served
+        assert (cublas_fp8.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == (16, 4)
+    assert (cublas_fp8.QUANT_IN_GEMM_ROWS, triton_moe_fp8.DOWN_QUANT_TOKENS) == served
     with pytest.raises(SystemExit, match="ROWS:TOKENS"):
         variants.parse("quant-in-gemm=16")

@@ -216,6 +216,7 @@ def _norm_cases(dt: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _group_fused() -> None:
+    from common.ops import cublas_fp8
     from common.ops import triton_fp8 as tf
     from common.ops import triton_fp8_gemm as tg
     from common.ops import triton_norm as tn
@@ -287,7 +288,7 @@ def _group_fused() -> None:
     # x quantised inside the GEMM (x_scale None): the quantisers' codes and scales, so the same bits as
     # the quantised call; channel with split K (each slice takes the whole row's amax), a K tail and a
     # row of zeros; block groups; fp8_linear_dynamic's few-token path (switched on) and its twin
-    tg.QUANT_IN_GEMM_ROWS = 16
+    cublas_fp8.QUANT_IN_GEMM_ROWS = 16
     for t, n, k, split, block in ((3, 48, 1100, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128), (5, 64, 256, 1, 64)):
         x = activations(t, k, torch.float32).to(torch.float16)
         x[t - 1] = 0
@@ -306,11 +307,11 @@ def _group_fused() -> None:
         assert err < 1e-6, f"quantised in the GEMM T={t} K={k} block={block}: rel {err:.2e} against the twin"
         print(f"quantised in the GEMM T={t} N={n} K={k} split={split} block={block}: bit-equal, rel {err:.2e}")
         if block:  # the dispatching op takes the in-GEMM path at few tokens (channel needs a GPU to decide)
-            assert tg._quant_in_gemm(t, n, k, w_q, w_scale, block)
-            err = _rel(tg.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block),
+            assert cublas_fp8._quant_in_gemm(t, n, k, w_q, w_scale, block)
+            err = _rel(cublas_fp8.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block),
                        ref.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block))
             assert err < 1e-6, f"fp8_linear_dynamic T={t} block={block}: rel {err:.2e}"
-    assert not tg._quant_in_gemm(tg.QUANT_IN_GEMM_ROWS + 1, 64, 256, w_q, w_scale, 64)
+    assert not cublas_fp8._quant_in_gemm(cublas_fp8.QUANT_IN_GEMM_ROWS + 1, 64, 256, w_q, w_scale, 64)
     # the few-token heuristic splits K only where every slice keeps >= 4 K steps
     cpu = torch.device("cpu")
     assert tg.default_config(1, 4096, 128, cpu, 12288).split_k > 1

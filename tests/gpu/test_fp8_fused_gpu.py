@@ -273,10 +273,11 @@ def test_quantised_in_the_gemm_bit_equal(n: int, k: int, block: int, monkeypatch
     with the served tiles (tuned or default, split K included) the output equals the quantiser then
     the same GEMM bit for bit, and fp8_linear_dynamic takes that path up to QUANT_IN_GEMM_ROWS tokens
     (switched on here: off as served)."""
+    from common.ops import cublas_fp8
     from common.ops import reference as ref
     from common.ops import triton_fp8_gemm as tg
 
-    monkeypatch.setattr(tg, "QUANT_IN_GEMM_ROWS", 16)
+    monkeypatch.setattr(cublas_fp8, "QUANT_IN_GEMM_ROWS", 16)
 
     if block and (k % block or n % block):
         pytest.skip("block FP8 needs whole blocks")
@@ -286,9 +287,9 @@ def test_quantised_in_the_gemm_bit_equal(n: int, k: int, block: int, monkeypatch
         x = activations(m, k)
         want = tg.fp8_gemm(*quant(x, block), w_q, w_scale, bias, torch.bfloat16, block)
         assert torch.equal(tg.fp8_gemm(x, None, w_q, w_scale, bias, torch.bfloat16, block), want), f"M={m}"
-        assert tg._quant_in_gemm(m, n, k, w_q, w_scale, block) == (m <= tg.QUANT_IN_GEMM_ROWS) or (
+        assert cublas_fp8._quant_in_gemm(m, n, k, w_q, w_scale, block) == (m <= cublas_fp8.QUANT_IN_GEMM_ROWS) or (
             not block and tg.cublas_measured_faster(m, n, k, w_q.device))
-        y = tg.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.bfloat16, block)
+        y = cublas_fp8.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.bfloat16, block)
         err = rel(y, ref.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block))
         assert err < TWIN_TOL, f"fp8_linear_dynamic N={n} K={k} M={m} block={block}: rel {err:.2e}"
 
@@ -296,12 +297,11 @@ def test_quantised_in_the_gemm_bit_equal(n: int, k: int, block: int, monkeypatch
 def test_quantised_in_the_gemm_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under PDL with prefetch, a graph of GEMM (in-GEMM quantisation) -> GEMM replayed on new inputs
     equals plain launches bit for bit."""
-    from common.ops import pdl
-    from common.ops import triton_fp8_gemm as tg
+    from common.ops import cublas_fp8, pdl
 
     if not pdl.supported(torch.device(DEV)):
         pytest.skip("programmatic dependent launch needs sm_90+")
-    monkeypatch.setattr(tg, "QUANT_IN_GEMM_ROWS", 16)
+    monkeypatch.setattr(cublas_fp8, "QUANT_IN_GEMM_ROWS", 16)
     weights = [_quantised_weight((torch.randn(r, c, device=DEV) * c**-0.5).bfloat16(), 0)
                for r, c in ((12288, 4096), (4096, 12288))]
     x = activations(1, 4096)
@@ -309,7 +309,7 @@ def test_quantised_in_the_gemm_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> No
     def step() -> torch.Tensor:
         y = x
         for w_q, w_s in weights:
-            y = tg.fp8_linear_dynamic(y, w_q, w_s)
+            y = cublas_fp8.fp8_linear_dynamic(y, w_q, w_s)
         return y
 
     assert_prefetch_equals_plain(step, lambda: x.copy_(activations(1, 4096)), 16, monkeypatch)
@@ -317,10 +317,10 @@ def test_quantised_in_the_gemm_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_dispatch_on_cuda() -> None:
     from common import ops
-    from common.ops import triton_fp8, triton_fp8_gemm
+    from common.ops import cublas_fp8, triton_fp8, triton_fp8_gemm
 
     dev = torch.device(DEV)
     for op in ("rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8", "silu_and_mul_quant_fp8"):
         assert ops.resolve(op, dev) is getattr(triton_fp8, op)
     assert ops.resolve("fp8_block_linear", dev) is triton_fp8_gemm.fp8_block_linear
-    assert ops.resolve("fp8_linear_dynamic", dev) is triton_fp8_gemm.fp8_linear_dynamic
+    assert ops.resolve("fp8_linear_dynamic", dev) is cublas_fp8.fp8_linear_dynamic
