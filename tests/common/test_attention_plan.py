@@ -20,7 +20,7 @@ def test_decode_rows_take_one_16_row_block_and_split_only_an_underfilled_grid(se
 
 def test_verify_rows_take_16_row_blocks_up_to_the_threshold_then_one_block() -> None:
     assert plan(VERIFY_ROWS16_MAX, 8, 12, 4, SMS)[:4] == (16, 128, 4, 3)
-    assert plan(VERIFY_ROWS16_MAX + 1, 8, 12, 4, SMS)[:4] == (64, 64, 4, 3)
+    assert plan(VERIFY_ROWS16_MAX + 1, 8, 12, 4, SMS)[:4] == (64, 32, 4, 3)
     # one sequence: 3 row blocks x 8 KV heads = 24 programs, split 11 ways (two waves of SMs' programs)
     assert plan(1, 8, 12, 4, SMS) == (16, 128, 4, 3, 11)
     assert plan(64, 8, 12, 4, SMS)[4] == 1

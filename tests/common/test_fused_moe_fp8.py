@@ -285,16 +285,17 @@ def _group_moe_fp8() -> None:
             tol = TIGHT if dt == torch.float32 else 2.0**-10  # fp16 output: its own rounding
             assert out.dtype == dt and err < tol, f"{name}: rel error {err:.2e} >= {tol}"
             assert (out[(x == 0).all(dim=1)] == 0).all()
-    # one token: the down GEMM quantises the intermediate as it loads it (DOWN_QUANT_TOKENS), where
+    # one token: the down GEMM quantising the intermediate as it loads it (DOWN_QUANT_TOKENS), where
     # gate_up's epilogue cannot (BLOCK_N < I); the quantiser's codes and scales, so the same bits as
     # with the quantiser's own launch. I = 600: the row's amax over two ROW_CHUNKs and a K tail.
+    served = tf8.DOWN_QUANT_TOKENS
     for block, inter in ((0, 64), (32, 64), (0, 600)):
         x, w13, s13, w2, s2, weights, ids = gaussian_case(1, 6, 4, 64, inter, block)
         outs = []
         for tokens in (1, 0):
             tf8.DOWN_QUANT_TOKENS = tokens
             outs.append(tf8.fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, narrow))
-        tf8.DOWN_QUANT_TOKENS = 1
+        tf8.DOWN_QUANT_TOKENS = served
         assert torch.equal(outs[0], outs[1]), f"one token, block={block} I={inter}: quantised in down differs"
         err = rel(outs[0], ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block))
         print(f"one token, intermediate quantised in down, block={block} I={inter}: bit-equal, rel {err:.2e}")

@@ -205,8 +205,8 @@ def test_weight_prefetch_changes_no_bit(budget_mb: int, experts: dict, monkeypat
 @pytest.mark.parametrize(("shape", "block"), [("air", 0), ("air", 128), ("glm45", 0)])
 def test_one_token_down_quantises_bit_equal(shape: str, block: int, experts: dict,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """One token: the down GEMM quantises the intermediate as it loads it (DOWN_QUANT_TOKENS), the
-    same bits as the quantiser's own launch, eagerly and in a graph under PDL."""
+    """One token: the down GEMM quantising the intermediate as it loads it (DOWN_QUANT_TOKENS, off as
+    served) gives the same bits as the quantiser's own launch, eagerly and in a graph under PDL."""
     from common.ops import triton_moe as tm
     from common.ops import triton_moe_fp8 as tf8
 
