@@ -291,6 +291,15 @@ def _group_attention() -> None:
             out = tp.paged_attention_splits(q, kc, vc, batch, d**-0.5, splits)
             want = torch_ref.paged_attention(q.double(), kc.double(), vc.double(), batch, d**-0.5)
             _check(f"paged_attention {name}", out, want, dt)
+    # a verify batch over VERIFY_ROWS16_MAX sequences: 4 queries x 12 heads in one 64-row block of
+    # 32-slot tiles, as plan() serves it
+    specs = [(4, 16 + i % 9, 6 + i % 5, True) for i in range(tp.VERIFY_ROWS16_MAX + 1)]
+    q, kc, vc, batch = build(specs, 4, 220, 2, 24, 16, torch.float32)
+    assert tp.plan(batch.num_seqs, 2, 12, 4, 132)[:4] == (64, 32, 4, 3)
+    for splits in (1, None):
+        out = tp.paged_attention_splits(q, kc, vc, batch, 0.25, splits)
+        want = torch_ref.paged_attention(q.double(), kc.double(), vc.double(), batch, 0.25)
+        _check(f"paged_attention verify x{batch.num_seqs} splits={splits}", out, want, torch.float32)
 
 
 def _group_batch() -> None:
