@@ -49,7 +49,7 @@ def _fp8_gemm_kernel(
     stride_am, stride_bn, stride_cm, stride_asm, stride_ask, stride_bsn, stride_bsk,
     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
-    A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 1e-12, HW: tl.constexpr = True,
+    A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 2.0**-30, HW: tl.constexpr = True,
     ROW_CHUNK: tl.constexpr = 512,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
