@@ -215,6 +215,16 @@ def _norm_cases(dt: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     }
 
 
+def _gemm_operands(quantisers, x: torch.Tensor, n: int, block: int) -> tuple:  # type: ignore[no-untyped-def]
+    """(x_q, x_scale, w_q, w_scale) for an FP8 GEMM of x [T,K] and a random [n,K] weight: x by
+    `quantisers` (the torch twins or the Triton module) per token or per 1 x block group, the weight
+    per channel or per block x block tile."""
+    w = torch.randn(n, x.shape[1]) * 0.05
+    if block:
+        return (*quantisers.quant_fp8_per_group(x, block), *ref.quant_fp8_weight_blocks(w, block))
+    return (*quantisers.quant_fp8_per_token(x), *ref.quant_fp8_per_token(w))
+
+
 def _group_fused() -> None:
     from common.ops import cublas_fp8
     from common.ops import triton_fp8 as tf
@@ -273,12 +283,7 @@ def _group_fused() -> None:
     # by the reduce kernel, bias added once; both scale layouts
     for t, n, k, split, block in ((3, 48, 500, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128)):
         x = activations(t, k, torch.float32)
-        if block:
-            x_q, x_scale = ref.quant_fp8_per_group(x, block)
-            w_q, w_scale = ref.quant_fp8_weight_blocks(torch.randn(n, k) * 0.05, block)
-        else:
-            x_q, x_scale = ref.quant_fp8_per_token(x)
-            w_q, w_scale = ref.quant_fp8_per_token(torch.randn(n, k) * 0.05)
+        x_q, x_scale, w_q, w_scale = _gemm_operands(ref, x, n, block)
         bias = torch.randn(n)
         cfg = tg.GemmConfig(16, 32, block or 64, 1, 4, 2, split)
         want = (ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32, block) if block
@@ -292,12 +297,7 @@ def _group_fused() -> None:
     for t, n, k, split, block in ((3, 48, 1100, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128), (5, 64, 256, 1, 64)):
         x = activations(t, k, torch.float32).to(torch.float16)
         x[t - 1] = 0
-        if block:
-            x_q, x_scale = tf.quant_fp8_per_group(x, block)
-            w_q, w_scale = ref.quant_fp8_weight_blocks(torch.randn(n, k) * 0.05, block)
-        else:
-            x_q, x_scale = tf.quant_fp8_per_token(x)
-            w_q, w_scale = ref.quant_fp8_per_token(torch.randn(n, k) * 0.05)
+        x_q, x_scale, w_q, w_scale = _gemm_operands(tf, x, n, block)
         bias = torch.randn(n)
         cfg = tg.GemmConfig(16, 32, block or 64, 1, 4, 2, split)
         fused = tg.fp8_gemm(x, None, w_q, w_scale, bias, torch.float32, block, cfg)
