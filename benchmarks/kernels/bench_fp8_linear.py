@@ -3,7 +3,8 @@ GLM-4.5-Air (full width and their tensor-parallel slices at TP 2/4/8), and the f
 their unfused pairs.
 
     python3 -m benchmarks.kernels.bench_fp8_linear [--out FILE.json] [--models glm45,air] [--tp 1,2,4,8]
-        [--m 1,8,32,64,256,1024,2048,4096] [--fused-t 1,64,4096] [--sections linear,fused] [--budget-s 450]
+        [--m 1,8,32,64,256,1024,2048,4096] [--fused-t 1,64,4096] [--sections linear,fused,sweep,accum]
+        [--budget-s 450]
 
 Prints GPU, driver and the measured ceilings (device copy, pure read, bf16 GEMM 8192^3, FP8 GEMM
 8192^3 with fp32 and with fast accumulation: the faster is the FP8 peak),
@@ -25,6 +26,10 @@ the faster channel FP8 GEMM (quantised activations in hand, as the fused produce
 Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid of tiles (BLOCK_N 32 /
 64 / 128, split-K 1-8, 3-6 stages) at each projection shape, its best configuration against
 `default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
+
+Accumulation section (--sections accum; --m as given, e.g. 256,2048,8192): cuBLAS row-wise at each
+full-width projection shape with fp32 accumulation and with fast accumulation (`cublas_fp8.FAST_ACCUM`),
+each timed and its relative error against the fp32 twin on the same FP8 operands.
 
 Fused section, at T tokens: rms_norm + quant_fp8_per_token (or per 128 group) against
 rms_norm_quant_fp8, fused_add_rms_norm + quant against fused_add_rms_norm_quant_fp8, silu_and_mul +
@@ -89,6 +94,7 @@ class Report:
         self.linear: list[dict] = []
         self.fused: list[dict] = []
         self.sweep: list[dict] = []
+        self.accum: list[dict] = []
         self.errors: list[str] = []
 
     def over_budget(self) -> bool:
@@ -96,7 +102,7 @@ class Report:
 
     def result(self) -> dict:
         return {"device": self.info, "ceilings": self.ceil, "summary": summary(self.linear), "linear": self.linear,
-                "fused": self.fused, "sweep": self.sweep, "errors": self.errors}
+                "fused": self.fused, "sweep": self.sweep, "accum": self.accum, "errors": self.errors}
 
     def save(self) -> None:
         text = json.dumps(self.result(), indent=1) + "\n"
@@ -246,6 +252,52 @@ def _linear_row(rep: Report, model: str, proj: str, tp: int, shape: str, n: int,
         f"{cell('blk+q')} | {row['best_ch_gbs']:.0f} ({row['best_ch_gbs'] / ceil['read_gbs']:.0%}) | "
         f"{row['best_ch_tflops']:.0f} ({row['best_ch_tflops'] / fp8_peak:.0%}) | "
         f"{row['bf16_tflops']:.0f} ({row['bf16_tflops'] / ceil['gemm_tflops']:.0%}) | {err} | {verdict} |"))
+
+
+# ------------------------------------------------------------------------------------ accumulation
+ACCUM_HEADER = ("| shape | M | fp32 acc. us (TFLOP/s, %fp8) | fast acc. us (TFLOP/s, %fp8) | fp32 / fast | "
+                "rel err fp32 acc. | rel err fast acc. |\n|" + "---|" * 7)
+
+
+def bench_accum(rep: Report, models: list[str], ms: list[int]) -> None:
+    for model, proj, _, n, k in projection_shapes(models, [1]):
+        shape = f"{model} {proj} N={n} K={k}"
+        try:
+            wts = Weights(n, k, measure.rotations(n * k * 3 + max(ms) * k * 2))
+            for m in ms:
+                if rep.over_budget():
+                    rep.errors.append(f"budget spent before {shape} M={m} (accum)")
+                    return
+                _accum_point(rep, model, proj, shape, wts, m)
+            del wts
+        except Exception as exc:  # noqa: BLE001 - keep measuring the rest
+            rep.fail(f"{shape} (accum)", exc)
+        torch.cuda.empty_cache()
+
+
+def _accum_point(rep: Report, model: str, proj: str, shape: str, wts: Weights, m: int) -> None:
+    """cuBLAS (`scaled_mm_linear`, as the model calls it) with FAST_ACCUM off and on."""
+    n, k = wts.n, wts.k
+    xq = [ops.quant_fp8_per_token(torch.randn(m, k, device=DEV).to(BF)) for _ in range(wts.sets)]
+    want = ref.fp8_linear(*xq[0], *wts.channel[0], None, torch.float32)
+    us, err = {}, {}
+    served = cublas_fp8.FAST_ACCUM
+    try:
+        for fast in (False, True):
+            cublas_fp8.FAST_ACCUM = fast  # read at each call, so also while the graph is captured
+            us[fast] = measure.time_graph([lambda i=i: cublas_fp8.scaled_mm_linear(*xq[i], *wts.channel[i])
+                                           for i in range(wts.sets)])
+            err[fast] = measure.rel_err(cublas_fp8.scaled_mm_linear(*xq[0], *wts.channel[0]), want)
+    finally:
+        cublas_fp8.FAST_ACCUM = served
+    fp8_peak = max(rep.ceil["fp8_tflops"], rep.ceil["fp8_fast_tflops"])
+    tflops = {f: 2.0 * m * n * k / us[f] / 1e6 for f in us}
+    rep.accum.append({"model": model, "proj": proj, "n": n, "k": k, "m": m, "us": {"fp32": us[False], "fast": us[True]},
+                      "rel_err": {"fp32": err[False], "fast": err[True]}})
+    rep.emit("cuBLAS accumulation", ACCUM_HEADER, (
+        f"| {shape} | {m} | {us[False]:.1f} ({tflops[False]:.0f}, {tflops[False] / fp8_peak:.0%}) | "
+        f"{us[True]:.1f} ({tflops[True]:.0f}, {tflops[True] / fp8_peak:.0%}) | {us[False] / us[True]:.3f} | "
+        f"{err[False]:.2e} | {err[True]:.2e} |"))
 
 
 # ------------------------------------------------------------------------------------ few-token sweep
@@ -466,6 +518,8 @@ def main() -> None:
         bench_linear(rep, args.models.split(","), _ints(args.tp), _ints(args.m))
     if "sweep" in sections:
         bench_sweep(rep, args.models.split(","), _ints(args.tp), [m for m in _ints(args.m) if m <= 64])
+    if "accum" in sections:
+        bench_accum(rep, args.models.split(","), _ints(args.m))
     if "fused" in sections:
         bench_fused(rep, _ints(args.fused_t))
     rep.save()

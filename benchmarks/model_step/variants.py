@@ -15,6 +15,9 @@ A variant is a context manager that changes a module-level choice the model's op
   unquantised activation, o_proj's: `cublas_fp8.QUANT_IN_GEMM_ROWS`) and the MoE's down GEMM its
   intermediate up to T tokens (`triton_moe_fp8.DOWN_QUANT_TOKENS`); 0:0 quantises every activation by a
   launch of its own;
+- `fast-accum=0|1`: cuBLAS's FP8 projections without (0) or with (1) fast accumulation
+  (`cublas_fp8.FAST_ACCUM`);
+- `rope-copy`: q rotated into a new tensor instead of in place (`triton_norm.ROPE_IN_PLACE` off);
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -29,7 +32,7 @@ from pathlib import Path
 from unittest import mock
 
 from common.attention import triton_paged
-from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8
+from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_norm
 
 
 def _prefetch(arg: str) -> contextlib.AbstractContextManager:
@@ -64,6 +67,16 @@ def _quant_in_gemm(arg: str) -> contextlib.AbstractContextManager:
     return stack
 
 
+def _fast_accum(arg: str) -> contextlib.AbstractContextManager:
+    if arg not in ("0", "1"):
+        raise ValueError(f"fast-accum takes 0 or 1, not {arg!r}")
+    return mock.patch.multiple(cublas_fp8, FAST_ACCUM=arg == "1")
+
+
+def _rope_copy(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(triton_norm, ROPE_IN_PLACE=False)
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -82,7 +95,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
-    "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm}
+    "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy}
 
 
 def parse(spec: str) -> list[str]:
@@ -93,7 +106,7 @@ def parse(spec: str) -> list[str]:
         key, _, arg = name.partition("=")
         if key not in VARIANTS:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
-        if key in ("prefetch", "attn-tiles", "quant-in-gemm") and not arg:
+        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
         try:
             VARIANTS[key](arg)

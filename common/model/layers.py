@@ -420,7 +420,7 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, rotary_dim: int, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                 eps: float) -> torch.Tensor:
-        # q [T,Hq,D], k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]
+        # q [T,Hq,D] (rotated in place), k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_pool.k[self.layer_id], ctx.kv_pool.v[self.layer_id]
         q = ops.qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,

@@ -101,10 +101,11 @@ def qk_norm_rope_store(
     v_cache: torch.Tensor,  # [P,S,Hk,D]
     slots: torch.Tensor,  # [T] int64
 ) -> torch.Tensor:
-    """qk_norm_rope, then store_kv of the normed/rotated k and of v; returns the new q."""
-    q, k = qk_norm_rope(q, k, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps)
+    """qk_norm_rope, then store_kv of the normed/rotated k and of v; the new q is written over q (the
+    input is consumed, as the CUDA twin rotates it in place) and returned."""
+    new_q, k = qk_norm_rope(q, k, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps)
     store_kv(k_cache, v_cache, k, v, slots)
-    return q
+    return q.copy_(new_q)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

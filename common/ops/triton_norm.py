@@ -10,7 +10,10 @@ output dtype is read off the pointers); the CPU interpreter cannot do bf16 arith
 interpreter tests run fp16 and fp32 while the GPU tests run bf16.
 
 Invariants: the last dim of every tensor is contiguous (stride 1; the wrappers copy otherwise);
-rows may be strided (q/k may be views of a fused qkv projection). Outputs are new tensors.
+rows may be strided (q/k may be views of a fused qkv projection). Outputs are new tensors, except
+qk_norm_rope_store's q, which is rotated in place (`ROPE_IN_PLACE`): a prefill's q is the largest
+tensor the op touches, and without a q norm only its rotary half changes, so writing that half back
+into the qkv projection's output halves the op's q bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import RMS_SUM_BITS
 
 _SUM_BITS = tl.constexpr(RMS_SUM_BITS)
+
+# qk_norm_rope_store writes the new q over its input (its reference twin does the same); False keeps
+# the earlier new-tensor output, for timing the two against each other.
+ROPE_IN_PLACE = True
 
 
 def _row_warps(block: int) -> int:
@@ -108,10 +115,11 @@ def fused_add_rms_norm(
 def _norm_rope_heads(
     src, dst, w_ptr, heads, h0, stride_h, stride_dh, cos, sin, eps,
     D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, HAS_W: tl.constexpr,
-    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr,
+    BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, SAME: tl.constexpr,
 ):
     """Heads [h0, h0+BH) of one token: optional per-head RMSNorm over D, then NeoX RoPE on the
-    first 2*HALF dims; dims [2*HALF, D) pass through (normed). src/dst point at the token row."""
+    first 2*HALF dims; dims [2*HALF, D) pass through (normed). src/dst point at the token row; SAME:
+    dst is src (in place), so unnormed pass-through dims are neither read nor written."""
     hs = h0 + tl.arange(0, BH)  # [BH]
     j = tl.arange(0, BHALF)  # [BHALF]
     jr = tl.arange(0, BREST)  # [BREST]
@@ -122,8 +130,9 @@ def _norm_rope_heads(
     pr = src + hs[:, None] * stride_h + 2 * HALF + jr[None, :]
     x1 = tl.load(p1, mask=m1, other=0.0)  # [BH,BHALF]
     x2 = tl.load(p1 + HALF, mask=m1, other=0.0)
-    xr = tl.load(pr, mask=mr, other=0.0)  # [BH,BREST]
     dt = dst.dtype.element_ty
+    if HAS_W or not SAME:
+        xr = tl.load(pr, mask=mr, other=0.0)  # [BH,BREST]
     if HAS_W:
         f1, f2, fr = x1.to(tl.float32), x2.to(tl.float32), xr.to(tl.float32)
         ss = tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1) + tl.sum(fr * fr, axis=1)
@@ -141,7 +150,8 @@ def _norm_rope_heads(
     q1 = dst + hs[:, None] * stride_dh + j[None, :]
     tl.store(q1, o1.to(dt), mask=m1)
     tl.store(q1 + HALF, o2.to(dt), mask=m1)
-    tl.store(dst + hs[:, None] * stride_dh + 2 * HALF + jr[None, :], xr.to(dt), mask=mr)
+    if HAS_W or not SAME:
+        tl.store(dst + hs[:, None] * stride_dh + 2 * HALF + jr[None, :], xr.to(dt), mask=mr)
 
 
 @triton.jit
@@ -160,7 +170,7 @@ def _qk_norm_rope_kernel(
     HQ, HK, S, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_qot, stride_qoh, stride_dp, stride_ds, stride_dh, stride_cs, eps,
     D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
-    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, PAGED: tl.constexpr,
+    HAS_QW: tl.constexpr, HAS_KW: tl.constexpr, PAGED: tl.constexpr, Q_IN_PLACE: tl.constexpr,
     BH: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid (T, cdiv(HQ,BH) + cdiv(HK,BH) + PAGED): q head blocks -> qo; k head blocks normed and
@@ -188,16 +198,17 @@ def _qk_norm_rope_kernel(
         cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cs, qo_ptr.dtype.element_ty, HALF, BHALF)
         if hb < nqb:
             _norm_rope_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, qw_ptr, HQ, hb * BH,
-                             stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST)
+                             stride_qh, stride_qoh, cos, sin, eps, D, HALF, REST, HAS_QW, BH, BHALF, BREST,
+                             Q_IN_PLACE)
         elif slot >= 0:
             _norm_rope_heads(k_ptr + t * stride_kt, kd_ptr + dst_row, kw_ptr, HK, (hb - nqb) * BH,
-                             stride_kh, stride_dh, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST)
+                             stride_kh, stride_dh, cos, sin, eps, D, HALF, REST, HAS_KW, BH, BHALF, BREST, False)
 
 
 def _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,  # type: ignore
-                         k_dst, v_dst, slots):
+                         k_dst, v_dst, slots, in_place=False):
     """Shared launcher. k_dst/v_dst: the paged caches [P,S,Hk,D] with `slots` [T] (v too), or, with
-    slots None, k_dst = the new k [T,Hk,D] and no v. Returns the new q."""
+    slots None, k_dst = the new k [T,Hk,D] and no v. Returns the new q (in_place: q itself, rotated)."""
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if v is not None and v.stride(-1) != 1:
         v = v.contiguous()
@@ -207,7 +218,7 @@ def _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_no
     hk = k.shape[1]
     half = rotary_dim // 2
     rest = d - rotary_dim
-    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
+    qo = q if in_place else torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
     if n_tok == 0:
         return qo
     paged = slots is not None
@@ -224,7 +235,7 @@ def _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_no
         (v if paged else k).stride(0), (v if paged else k).stride(1),
         qo.stride(0), qo.stride(1), stride_dp, stride_ds, stride_dh, cos_sin.stride(0), eps,
         D=d, HALF=half, REST=rest, HAS_QW=q_norm_w is not None, HAS_KW=k_norm_w is not None, PAGED=paged,
-        BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
+        Q_IN_PLACE=in_place, BH=bh, BHALF=triton.next_power_of_2(max(half, 1)), BREST=triton.next_power_of_2(max(rest, 1)),
         BD=triton.next_power_of_2(d), num_warps=4, **pdl_kwargs(q.device),
     )
     return qo
@@ -244,12 +255,13 @@ def qk_norm_rope_store(
     v_cache: torch.Tensor,  # [P,S,Hk,D]
     slots: torch.Tensor,  # [T] int64
 ) -> torch.Tensor:
-    """qk_norm_rope, then store_kv of the new k and v, in one launch; returns the new q."""
+    """qk_norm_rope, then store_kv of the new k and v, in one launch; returns the new q, written over q
+    (a copy first where q's last dim is strided) unless ROPE_IN_PLACE is off."""
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
         raise ValueError("qk_norm_rope_store: k_cache and v_cache need the same strides and a contiguous "
                          "head dim")
     return _qk_norm_rope_launch(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
-                                k_cache, v_cache, slots)
+                                k_cache, v_cache, slots, in_place=ROPE_IN_PLACE)
 
 
 def qk_norm_rope(

@@ -88,6 +88,9 @@ def _check(name: str, out, ref, dtype) -> None:  # type: ignore[no-untyped-def]
 
 
 def _group_norm() -> None:
+    import itertools
+    from unittest import mock
+
     import torch
 
     from common.ops import reference as ref
@@ -115,19 +118,36 @@ def _group_norm() -> None:
             tag = "weights" if qw is not None else "no-norm"
             _check(f"qk_norm_rope.q ({tag})", a, ra, dt)
             _check(f"qk_norm_rope.k ({tag})", b, rb, dt)
-        # the fused norm + RoPE + paged K/V write (a negative slot writes nothing)
         v = qkv[:, (hq + hk) * d :].view(n, hk, d)
-        for qw, kw in ((torch.randn(d, dtype=dt), torch.randn(d, dtype=dt)), (None, None)):
+        # the fused norm + RoPE + paged K/V write (a negative slot writes nothing); q is rotated in place
+        # (ROPE_IN_PLACE) or into a new tensor, and k, v and the rest of the qkv row stay as they were
+        for (qw, kw), in_place in itertools.product(
+                ((torch.randn(d, dtype=dt), torch.randn(d, dtype=dt)), (None, None)), (True, False)):
+            qkv_in = qkv.clone()
+            qi, ki, vi = (qkv_in[:, a * d:b * d].view(n, -1, d) for a, b in ((0, hq), (hq, hq + hk), (hq + hk, hq + 2 * hk)))
             caches = [torch.randn(5, 4, hk, d, dtype=dt) for _ in range(2)]
             want = [c.clone() for c in caches]
             slots = torch.tensor([3, 17, -1, 8])
-            qo = tn.qk_norm_rope_store(q, k, v, pos, cos_sin, rot, qw, kw, 1e-6, *caches, slots)
             rq, rk = ref.qk_norm_rope(q, k, pos, cos_sin, rot, qw, kw, 1e-6)
+            with mock.patch.object(tn, "ROPE_IN_PLACE", in_place):
+                qo = tn.qk_norm_rope_store(qi, ki, vi, pos, cos_sin, rot, qw, kw, 1e-6, *caches, slots)
             keep = slots >= 0
             ref.store_kv(*want, rk[keep], v[keep], slots[keep])
             _check("qk_norm_rope_store.q", qo, rq, dt)
+            assert (qo.data_ptr() == qi.data_ptr()) == in_place
+            if in_place:
+                assert torch.equal(qi, qo)
+                if qw is None:  # unnormed pass-through dims are not rewritten: still the input's bits
+                    assert torch.equal(qi[..., rot:], q[..., rot:])
+            else:
+                assert torch.equal(qi, q), "the out-of-place launch leaves q as it was"
+            assert torch.equal(qkv_in[:, hq * d:], qkv[:, hq * d:]), "k and v are read, never written"
             _check("qk_norm_rope_store.k_cache", caches[0], want[0], dt)
             assert torch.equal(caches[1], want[1]), "v copied bit-exact into its slots, nothing else touched"
+            qr = q.clone()  # the twin writes over its q too
+            assert ref.qk_norm_rope_store(qr, k, v, pos, cos_sin, rot, qw, kw, 1e-6,
+                                          *[c.clone() for c in caches], slots.abs()) is qr
+            assert torch.equal(qr, rq)
         gate_up = torch.randn(7, 2 * 100, dtype=dt)  # I not a power of two
         _check("silu_and_mul", tn.silu_and_mul(gate_up), ref.silu_and_mul(gate_up), dt)
 

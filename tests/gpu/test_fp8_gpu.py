@@ -3,8 +3,9 @@
 The Triton quantisers must be bit-equal to their torch twins (codes and scales). fp8_linear through
 cuBLAS is compared with the reference twin on the same FP8 operands: the exact products are the
 same, so the two differ only by accumulation order in fp32 (~1e-6 relative) and by the bf16 output
-rounding (at most 2^-9 relative per element, ~2e-3 by norm); a 1e-2 bound by norm leaves room for
-both and still catches a wrong scale, layout or operand (those give errors of order 1).
+rounding (at most 2^-9 relative per element, ~2e-3 by norm); fast accumulation (`FAST_ACCUM`) adds
+the tensor cores' own accumulator rounding. A 1e-2 bound by norm leaves room for these and still
+catches a wrong scale, layout or operand (those give errors of order 1).
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ def test_quant_strided_rows() -> None:
 @pytest.mark.parametrize("num_tokens", [1, 3, 17, 255, 1000])
 @pytest.mark.parametrize(("n", "k"), [(4096, 5120), (5120, 12288), (1536, 4096)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fp8_linear_scaled_mm(num_tokens: int, n: int, k: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_fp8_linear_scaled_mm(num_tokens: int, n: int, k: int, with_bias: bool, fast_accum: bool,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuBLAS against the fp32 twin, with and without fast accumulation (both within LINEAR_TOL)."""
     from common.ops import cublas_fp8
     from common.ops import reference as ref
 
+    monkeypatch.setattr(cublas_fp8, "FAST_ACCUM", fast_accum)
     x_q, x_scale = ref.quant_fp8_per_token(activations(num_tokens, k))
     w_q, w_scale = ref.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16())
     bias = torch.randn(n, device=DEV).bfloat16() if with_bias else None

@@ -71,10 +71,12 @@ def test_qk_norm_rope_store(n: int, qk_norm: bool) -> None:
     caches = [torch.full((pages, page, hk, d), float("nan"), device=DEV, dtype=torch.bfloat16) for _ in range(2)]
     want = [c.clone() for c in caches]
     slots = torch.randperm(pages * page, device=DEV)[:n]
-    out = tn.qk_norm_rope_store(q, k, v, pos, cos_sin, 64, qw, kw, 1e-5, *caches, slots)
     wq, wk = tn.qk_norm_rope(q, k, pos, cos_sin, 64, qw, kw, 1e-5)
+    kv_before = qkv[:, hq * d:].clone()
+    out = tn.qk_norm_rope_store(q, k, v, pos, cos_sin, 64, qw, kw, 1e-5, *caches, slots)
     ref.store_kv(*want, wk, v, slots)
-    assert torch.equal(out, wq)
+    assert out.data_ptr() == q.data_ptr() and torch.equal(out, wq)  # rotated in place
+    assert torch.equal(qkv[:, hq * d:], kv_before)
     assert all(torch.equal(c.nan_to_num(3.0), w.nan_to_num(3.0)) for c, w in zip(caches, want))
 
 
