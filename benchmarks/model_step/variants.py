@@ -18,6 +18,8 @@ A variant is a context manager that changes a module-level choice the model's op
 - `fast-accum=0|1`: cuBLAS's FP8 projections without (0) or with (1) fast accumulation
   (`cublas_fp8.FAST_ACCUM`);
 - `rope-copy`: q rotated into a new tensor instead of in place (`triton_norm.ROPE_IN_PLACE` off);
+- `combine-launch`: the FP8 MoE sums its rows by a launch of its own instead of handing them to the
+  next norm (`moe.COMBINE_IN_NORM` off);
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import common.model.moe as moe_block
 from common.attention import triton_paged
 from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_norm
 
@@ -77,6 +80,10 @@ def _rope_copy(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_norm, ROPE_IN_PLACE=False)
 
 
+def _combine_launch(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(moe_block, COMBINE_IN_NORM=False)
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -95,7 +102,8 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
-    "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy}
+    "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
+    "combine-launch": _combine_launch}
 
 
 def parse(spec: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import common.model.moe as moe_block
 from common.forward.context import get_forward_context
 from common.model.config import ModelConfig
 from common.model.layers import (
@@ -62,7 +63,9 @@ class Glm4MoeDecoderLayer(nn.Module):
     """x += Attention(norm1(x)); x += MLP(norm2(x)), MLP dense or MoE.
 
     The residual stream is carried separately so the add fuses into the next norm: the layer
-    takes (delta, residual) and returns (delta, residual), with x = delta + residual.
+    takes (delta, residual) and returns (delta, residual), with x = delta + residual. A MoE layer's
+    delta may be the FP8 MoE's per-assignment rows [T,k,H] (`moe_block.COMBINE_IN_NORM`): the next
+    add_and_norm sums them as it loads them.
     """
 
     def __init__(self, config: ModelConfig, layer_id: int, moe: bool) -> None:
@@ -84,6 +87,8 @@ class Glm4MoeDecoderLayer(nn.Module):
         h = self.self_attn(positions, h)
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual, self.mlp.input_fp8_block,
                                                                  self.mlp.input_needs_normed)
+        if isinstance(self.mlp, MoE):  # its rows may come unsummed: every consumer is an add_and_norm
+            return self.mlp(h, combine=not moe_block.COMBINE_IN_NORM), residual
         return self.mlp(h), residual
 
 

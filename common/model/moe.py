@@ -30,6 +30,11 @@ from common.model.layers import (
     shard_range,
 )
 
+# The FP8 MoE of a single-rank model hands the next norm its per-assignment rows [T,k,H] instead of
+# their sum: the norm adds them as it loads them (the same fp32 sum), so no combine runs between the
+# two. False: the MoE combines them itself (one more launch a layer), for timing the two.
+COMBINE_IN_NORM = True
+
 
 class Router(nn.Module):
     """Router logits in fp32: weight [E,H] and the correction bias [E] are kept in fp32."""
@@ -112,12 +117,14 @@ class Experts(nn.Module):
         return slice(rows.start // self.fp8_block, -(-rows.stop // self.fp8_block))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                x_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                x_quant: tuple[torch.Tensor, torch.Tensor] | None = None, combine: bool = True) -> torch.Tensor:
+        """[T,H]; combine=False may return the FP8 MoE's rows [T,k,H] unsummed (one rank only: the
+        all-reduce needs the sum), for a fused_add_rms_norm to sum."""
         if self.fp8_block is None:
             y = ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [T,H]
         else:
             y = ops.fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids, self.fp8_block,
-                                  x_quant, self.num_shared)
+                                  x_quant, self.num_shared, combine or self.tp.size > 1)
         return y if self.tp.size == 1 else self.tp.all_reduce(y)  # routed + shared partials summed
 
 
@@ -141,12 +148,13 @@ class MoE(nn.Module):
         """What the producer of x should quantise for (None: nothing)."""
         return self.experts.fp8_block
 
-    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
-        # x [T,H], or quantised for the FP8 experts with the unquantised value in x.normed
+    def forward(self, x: torch.Tensor | Fp8Activation, combine: bool = True) -> torch.Tensor:
+        # x [T,H], or quantised for the FP8 experts with the unquantised value in x.normed; -> [T,H], or
+        # with combine=False possibly the rows [T,k,H] (Experts.forward)
         x_quant = None
         if isinstance(x, Fp8Activation):
             x, x_quant = x.normed, (x.q, x.scale)
         logits = self.gate(x, partial=True)  # [S,T,E] fp32 terms: top-k adds them as it loads them
         weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
                                         self.topk_group, self.renormalize, self.scaling, self.num_shared)
-        return self.experts(x, weights, ids, x_quant)  # [T,H]: routed (scaled by s) + shared (weight 1)
+        return self.experts(x, weights, ids, x_quant, combine)  # routed (scaled by s) + shared (weight 1)

@@ -170,10 +170,13 @@ def fused_moe_fp8(
     block: int = 0,
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_shared: int = 0,
+    combine: bool = True,
 ) -> torch.Tensor:
     """num_shared: the last ids columns are fused shared experts (the last experts of w13 / w2),
-    known before routing; the GPU kernels start on their weights early (same result)."""
-    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block, x_quant, num_shared)
+    known before routing; the GPU kernels start on their weights early (same result). combine=False:
+    the per-assignment rows [T,k,H], for the next fused_add_rms_norm(_quant_fp8) to sum."""
+    return resolve("fused_moe_fp8", x.device)(x, w13, s13, w2, s2, weights, ids, block, x_quant, num_shared,
+                                              combine)
 
 
 def store_kv(

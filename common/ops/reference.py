@@ -47,9 +47,22 @@ def fused_add_rms_norm(
     w: torch.Tensor,  # [H]
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (rms_norm(x + residual), x + residual); the sum is taken in the activation dtype."""
+    """Returns (rms_norm(x + residual), x + residual); the sum is taken in the activation dtype.
+    x may be a fused MoE's per-assignment rows [T,k,H] (`fused_moe_fp8(..., combine=False)`): they are
+    combined first (`combine_rows`, to residual's dtype), as the MoE would have."""
+    if x.dim() == 3:
+        x = combine_rows(x, residual.dtype)
     new_residual = x + residual
     return rms_norm(new_residual, w, eps), new_residual
+
+
+def combine_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rows [T,k,H] -> [T,H]: each token's k rows summed in fp32 in index order, cast once to dtype
+    (the fused MoE's last step)."""
+    acc = rows[:, 0].float()
+    for j in range(1, rows.shape[1]):
+        acc = acc + rows[:, j].float()
+    return acc.to(dtype)
 
 
 def _rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -306,6 +319,7 @@ def fused_moe_fp8(
     block: int = 0,
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # step 1 already done by x's producer
     num_shared: int = 0,  # a scheduling hint of the GPU kernels; the result does not depend on it
+    combine: bool = True,  # False: step 6 left to the consumer, rows [T,k,H] returned
 ) -> torch.Tensor:  # [T,H] x.dtype
     """The W8A8 fused MoE: sum_j weights[t,j] * down_e(silu(gate_e x) * up_e x), e = ids[t,j], with
     FP8 weights and activations. Exactly (block 0: per token / per row; block b: per 1 x b group
@@ -316,15 +330,17 @@ def fused_moe_fp8(
     4. h_q, s_h = the same quantiser over the assignment row's I columns (per row | per group).
     5. y = deq(h_q) @ deq(w2[e])^T in fp32, times the routing weight (fp32), rounded to x.dtype (the
        per-assignment rows' storage dtype).
-    6. out[t] = sum_j y[t,j] in fp32, cast once to x.dtype.
+    6. out[t] = sum_j y[t,j] in fp32 in index order, cast once to x.dtype (`combine_rows`). With
+       combine=False the rows y [T,k,H] are returned instead, for a consumer that sums them itself
+       (fused_add_rms_norm and its FP8 form take them as x).
     `x_quant` = (x_q, s_x) of step 1 when the producer of x quantised it already (a norm fused with the
     quantiser, bit-equal to step 1); x then only gives the shape and dtype.
     Loops over the experts present, not the tokens, so it serves a whole model on the CPU."""
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     inter = w2.shape[-1]
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)  # [T,H]
+    rows = torch.zeros(ids.numel(), x.shape[1], dtype=x.dtype, device=x.device)  # [T*k,H]
     if x.shape[0] == 0:
-        return out.to(x.dtype)
+        return rows.view(0, ids.shape[1], x.shape[1]) if not combine else x.new_zeros(x.shape)
 
     def quant(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quant_fp8_per_group(v, block) if block else quant_fp8_per_token(v)
@@ -339,8 +355,9 @@ def fused_moe_fp8(
         gate_up = x_deq[tok] @ _dequant_weight(w13[e], s13[e], block).T  # [n,2I] fp32
         h = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)  # [n,I]
         y = _dequant_rows(*quant(h), block) @ _dequant_weight(w2[e], s2[e], block).T  # [n,H] fp32
-        out.index_add_(0, tok, (y * flat_w[sel, None]).to(x.dtype).float())
-    return out.to(x.dtype)
+        rows[sel] = (y * flat_w[sel, None]).to(x.dtype)
+    rows = rows.view(x.shape[0], ids.shape[1], x.shape[1])
+    return combine_rows(rows, x.dtype) if combine else rows
 def quant_fp8_weight_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """w[N,K] -> (q[N,K] e4m3, scale[ceil(N/b), K/b] fp32): per_token on each b x b block, the layout
     of block-FP8 checkpoints (`weight_scale_inv`); N may end in a partial block, K may not."""

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
-from common.ops.triton_norm import _inv_rms, _row_warps, _silu_mul
+from common.ops.triton_norm import _combined, _inv_rms, _row_warps, _silu_mul
 
 # silu·mul rows up to this width are computed once and quantised from registers (16 warps: 32 values
 # a thread); wider ones take two passes.
@@ -193,20 +193,21 @@ def _quant_store(v, cols, m, g, n_groups, q_row, s_row, QMAX: tl.constexpr, FLOO
 @triton.jit
 def _norm_quant_kernel(
     x_ptr, r_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, normed_ptr,
-    H, n_groups, stride_x, stride_r, stride_q, stride_s, stride_ro, stride_n, eps,
-    HAS_RES: tl.constexpr, KEEP: tl.constexpr, PER_GROUP: tl.constexpr,
+    H, n_groups, stride_x, stride_xk, stride_r, stride_q, stride_s, stride_ro, stride_n, eps,
+    HAS_RES: tl.constexpr, KEEP: tl.constexpr, PER_GROUP: tl.constexpr, ROWS: tl.constexpr,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, NG: tl.constexpr, GB: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row per program, held as an [NG, GB] tile (GB = the group when PER_GROUP): s = x
     (+ residual, rounded to the activation dtype and stored), normed = w * (s * inv_rms(s)) in the
-    activation dtype (stored when KEEP), then normed quantised to FP8."""
+    activation dtype (stored when KEEP), then normed quantised to FP8. ROWS > 0: x is a fused MoE's
+    ROWS rows a token (stride_xk apart), combined first (`_combined`)."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, NG)
     cols = g[:, None] * GB + tl.arange(0, GB)[None, :]  # [NG, GB]
     m = cols < H
     dt = res_out_ptr.dtype.element_ty  # the activation dtype (x's own when there is no residual)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0)
+    x = _combined(x_ptr + row * stride_x, stride_xk, cols, m, dt, ROWS)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + cols, mask=m, other=0.0)
         x = (x + r).to(dt)  # rounded like the reference's sum
@@ -235,11 +236,21 @@ def _quant_out(n_tok: int, width: int, group: int, device: torch.device) -> tupl
 def _norm_quant(
     x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, group: int, keep_normed: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launcher of _norm_quant_kernel: (q, scale, x + residual or None, normed or None)."""
-    x = _rows(x)
-    n_tok, h = x.shape
+    """Launcher of _norm_quant_kernel: (q, scale, x + residual or None, normed or None). x [T,k,H]
+    (with a residual): a fused MoE's rows, combined in the kernel."""
+    rows = 0
+    if residual is None:
+        x = _rows(x)
+        dt = x.dtype
+    elif x.dim() == 3:
+        rows = x.shape[1]
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        dt = residual.dtype  # the combine's output dtype: the activation dtype
+    else:
+        x = _rows(x)
+        dt = torch.promote_types(x.dtype, residual.dtype)
+    n_tok, h = x.shape[0], x.shape[-1]
     _check_group("rms_norm_quant_fp8", h, group)
-    dt = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
     q, scale = _quant_out(n_tok, h, group, x.device)
     new_res = torch.empty(n_tok, h, dtype=dt, device=x.device) if residual is not None else None
     normed = torch.empty(n_tok, h, dtype=dt, device=x.device) if keep_normed else None
@@ -252,8 +263,10 @@ def _norm_quant(
     normed_out = normed if normed is not None else res_out
     _norm_quant_kernel[(n_tok,)](
         x, r, w, q, scale, res_out, normed_out, h, triton.cdiv(h, gb),
-        x.stride(0), r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0), normed_out.stride(0), eps,
-        HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
+        x.stride(0), x.stride(1) if rows else 0, r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0),
+        normed_out.stride(0), eps,
+        HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, ROWS=rows, QMAX=FP8_MAX,
+        FLOOR=FP8_AMAX_FLOOR,
         HW=hw_round(x.device),
         NG=ng, GB=gb, num_warps=_row_warps(ng * gb) if n_tok < NORM_ROWS_8_WARPS else min(8, _row_warps(ng * gb)),
         **pdl_kwargs(x.device),

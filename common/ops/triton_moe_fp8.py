@@ -304,9 +304,10 @@ def fused_moe_fp8(
     block: int = 0,
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,  # (x_q, s_x) from x's producer
     num_shared: int = 0,  # the last ids columns: fused shared experts (the last experts)
+    combine: bool = True,  # False: the rows [T,k,H] for the next norm to sum (no combine launch)
 ) -> torch.Tensor:  # [T,H] x.dtype
     """reference.fused_moe_fp8 on the FP8 tensor cores; tuned/heuristic config."""
-    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant, num_shared)
+    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant, num_shared, combine)
 
 
 def fused_moe_fp8_with_config(
@@ -315,6 +316,7 @@ def fused_moe_fp8_with_config(
     config: dict | None,  # None: get_config(); benchmarks/kernels/tune_moe.py and tests pass candidates
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_shared: int = 0,
+    combine: bool = True,
 ) -> torch.Tensor:
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     if block & (block - 1) or 0 < block < 16:
@@ -325,9 +327,8 @@ def fused_moe_fp8_with_config(
     n_tok, hidden = x.shape
     num_experts, n2, _ = w13.shape
     top_k = ids.shape[1]
-    out = torch.empty((n_tok, hidden), dtype=x.dtype, device=x.device)
     if n_tok == 0:
-        return out
+        return x.new_empty((0, hidden) if combine else (0, top_k, hidden))
     cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device, fp8_block=block)
     bm = cfg["BLOCK_M"]
     s13, s2 = s13.contiguous(), s2.contiguous()
@@ -345,6 +346,9 @@ def fused_moe_fp8_with_config(
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl,
                            num_shared, n_tok <= DOWN_QUANT_TOKENS)
     down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
+    if not combine:
+        return y.view(n_tok, top_k, hidden)
+    out = torch.empty((n_tok, hidden), dtype=x.dtype, device=x.device)
     tm.combine(y, out, top_k, pdl)
     return out
 

@@ -52,17 +52,30 @@ def _inv_rms(xf, n, eps):
 
 
 @triton.jit
+def _combined(x_row, stride_k, cols, m, dt: tl.constexpr, ROWS: tl.constexpr):
+    """Row x at cols; ROWS > 0: the sum of ROWS rows stride_k apart, added in fp32 in index order and
+    cast once to dt, exactly as the fused MoE's combine does (`reference.combine_rows`)."""
+    if ROWS == 0:
+        return tl.load(x_row + cols, mask=m, other=0.0)
+    acc = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
+    for j in tl.static_range(1, ROWS):
+        acc += tl.load(x_row + j * stride_k + cols, mask=m, other=0.0).to(tl.float32)
+    return acc.to(dt)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr,
-    H, stride_x, stride_r, stride_o, stride_ro, eps,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    H, stride_x, stride_xk, stride_r, stride_o, stride_ro, eps,
+    HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One row per program: out = w * (s / rms(s)) with s = x (+ residual, rounded to x's dtype)."""
+    """One row per program: out = w * (s / rms(s)) with s = x (+ residual, rounded to x's dtype).
+    ROWS > 0: x is a fused MoE's ROWS rows a token (stride_xk apart), combined first."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < H
-    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
+    x = _combined(x_ptr + row * stride_x, stride_xk, offs, m, res_out_ptr.dtype.element_ty, ROWS)
     if HAS_RES:
         r = tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0)
         x = (x + r).to(res_out_ptr.dtype.element_ty)  # the sum is rounded like the reference's
@@ -86,8 +99,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     n, h = x2.shape
     if n:
         block = triton.next_power_of_2(h)
-        _rms_norm_kernel[(n,)](x2, x2, w, out, out, h, x2.stride(0), 0, out.stride(0), 0, eps,
-                               HAS_RES=False, BLOCK=block, num_warps=_row_warps(block), **pdl_kwargs(x.device))
+        _rms_norm_kernel[(n,)](x2, x2, w, out, out, h, x2.stride(0), 0, 0, out.stride(0), 0, eps,
+                               HAS_RES=False, ROWS=0, BLOCK=block, num_warps=_row_warps(block),
+                               **pdl_kwargs(x.device))
     return out.view(x.shape)
 
 
@@ -97,18 +111,24 @@ def fused_add_rms_norm(
     w: torch.Tensor,  # [H]
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass; the inputs are not modified."""
-    x2, r2 = _rows(x), _rows(residual)
-    dt = torch.promote_types(x.dtype, residual.dtype)  # as torch's x + residual
-    out = torch.empty(x2.shape, dtype=dt, device=x.device)
-    new_res = torch.empty(x2.shape, dtype=dt, device=x.device)
-    n, h = x2.shape
+    """(rms_norm(x + residual), x + residual) in one pass; the inputs are not modified. x [T,k,H]: a
+    fused MoE's rows, combined in the kernel (to residual's dtype) before the add."""
+    r2 = _rows(residual)
+    if x.dim() == 3:  # [T,k,H] rows
+        rows, x2 = x.shape[1], (x if x.stride(-1) == 1 else x.contiguous())
+        dt, stride_k = residual.dtype, x2.stride(1)
+    else:
+        rows, x2 = 0, _rows(x)
+        dt, stride_k = torch.promote_types(x.dtype, residual.dtype), 0  # as torch's x + residual
+    n, h = r2.shape
+    out = torch.empty((n, h), dtype=dt, device=x.device)
+    new_res = torch.empty((n, h), dtype=dt, device=x.device)
     if n:
         block = triton.next_power_of_2(h)
-        _rms_norm_kernel[(n,)](x2, r2, w, out, new_res, h, x2.stride(0), r2.stride(0), out.stride(0),
-                               new_res.stride(0), eps, HAS_RES=True, BLOCK=block,
+        _rms_norm_kernel[(n,)](x2, r2, w, out, new_res, h, x2.stride(0), stride_k, r2.stride(0), out.stride(0),
+                               new_res.stride(0), eps, HAS_RES=True, ROWS=rows, BLOCK=block,
                                num_warps=_row_warps(block), **pdl_kwargs(x.device))
-    return out.view(x.shape), new_res.view(x.shape)
+    return out.view(residual.shape), new_res.view(residual.shape)
 
 
 @triton.jit

@@ -83,6 +83,44 @@ def test_norm_quant_twins_compose(dtype: torch.dtype, group: int) -> None:
     assert ref.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5, group)[3] is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norms_take_moe_rows(dtype: torch.dtype) -> None:
+    """x as a fused MoE's rows [T,k,H]: summed in fp32 in index order and cast to the residual's dtype
+    (`combine_rows`), then the same add + norm (+ quantiser) as a combined x."""
+    rows, r = activations(4 * 9, 256, dtype).view(4, 9, 256), torch.randn(4, 256).to(dtype)
+    w = (1 + 0.1 * torch.randn(256)).to(dtype)
+    acc = rows[:, 0].float()
+    for j in range(1, 9):
+        acc = acc + rows[:, j].float()
+    x = acc.to(dtype)
+    assert torch.equal(ref.combine_rows(rows, dtype), x)
+    for a, b in zip(ref.fused_add_rms_norm(rows, r, w, 1e-5), ref.fused_add_rms_norm(x, r, w, 1e-5), strict=True):
+        assert torch.equal(a, b)
+    got, want = (ref.fused_add_rms_norm_quant_fp8(v, r, w, 1e-5, 0, True) for v in (rows, x))
+    assert same_bits(got, want) and torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+
+
+@pytest.mark.parametrize("block", [0, 128])
+def test_moe_twin_rows_combine_to_its_output(block: int) -> None:
+    """fused_moe_fp8(combine=False) returns the per-assignment rows whose combine is its output."""
+    torch.manual_seed(5)
+    e, h, i, t, k = 6, 256, 256, 5, 3
+    w13, s13 = _moe_weights(e, 2 * i, h, block)
+    w2, s2 = _moe_weights(e, h, i, block)
+    x = torch.randn(t, h).bfloat16()
+    weights, ids = torch.rand(t, k), torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
+    rows = ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, combine=False)
+    assert rows.shape == (t, k, h) and rows.dtype == x.dtype
+    assert torch.equal(ref.combine_rows(rows, x.dtype), ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block))
+    assert ref.fused_moe_fp8(x[:0], w13, s13, w2, s2, weights[:0], ids[:0], block, combine=False).shape == (0, k, h)
+
+
+def _moe_weights(e: int, n: int, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws = [torch.randn(n, k) * k**-0.5 for _ in range(e)]
+    qs = [ref.quant_fp8_weight_blocks(w, block) if block else ref.quant_fp8_per_token(w) for w in ws]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
 @pytest.mark.parametrize("group", [0, 128])
 def test_silu_quant_twin_composes(group: int) -> None:
     gate_up = activations(5, 2 * 384)
@@ -245,6 +283,17 @@ def _group_fused() -> None:
                     _check_same(f"fused_add_rms_norm_quant_fp8 keep={keep} {tag}",
                                 tf.fused_add_rms_norm_quant_fp8(x, r, w, 1e-6, group, keep),
                                 ref.fused_add_rms_norm_quant_fp8(x, r, w, 1e-6, group, keep))
+        # a fused MoE's rows [T,k,H] as x: combined in the norm kernels as the twin combines them
+        for t, k, h in ((3, 9, 256), (1, 9, 384), (2, 1, 96), (0, 9, 256)):
+            rows = (activations(max(t, 1) * k, h, torch.float32) * 0.3).to(dt)[:t * k].view(t, k, h)
+            r, w = torch.randn(t, h).to(dt), (1 + 0.1 * torch.randn(h)).to(dt)
+            for group in (0, 32):
+                _check_same(f"fused_add_rms_norm_quant_fp8 rows T={t} k={k} H={h} group={group} {dt}",
+                            tf.fused_add_rms_norm_quant_fp8(rows, r, w, 1e-6, group, True),
+                            ref.fused_add_rms_norm_quant_fp8(rows, r, w, 1e-6, group, True))
+            for a, b in zip(tn.fused_add_rms_norm(rows, r, w, 1e-6), ref.fused_add_rms_norm(rows, r, w, 1e-6),
+                            strict=True):
+                assert torch.equal(a, b), f"fused_add_rms_norm rows T={t} k={k} H={h} {dt}"
         # silu: the CPU twin's exp differs from the interpreter's in the last fp32 bit, so the fused
         # kernel is held to the quantiser twin on the unfused Triton silu_and_mul (the fusion adds
         # nothing); that silu against its twin is in test_triton_interpret. On the GPU both are exact.

@@ -232,3 +232,28 @@ def test_bf16_rest_matches_the_official_dtypes(tmp_path: Path, fmt: str) -> None
         else:
             want = torch.bfloat16
         assert tensor.dtype == want, name
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_moe_rows_summed_by_the_next_norm_change_nothing(dirs: dict[str, Path], fmt: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP8 MoE's rows handed unsummed to the next add + norm (every layer's, the final norm's)
+    give the logits of the MoE's own combine bit for bit, and the layer really hands rows on (the
+    block format's tiny experts are not whole blocks, so they run dequantised and combine as before)."""
+    import common.model.moe as moe_block
+
+    seen: list[tuple[bool, int]] = []
+    monkeypatch.setattr(moe_block, "COMBINE_IN_NORM", False)
+    combined = _prompt_logits(dirs[fmt])
+    monkeypatch.setattr(moe_block, "COMBINE_IN_NORM", True)
+    forward = moe_block.MoE.forward
+
+    def spy(self, x, combine=True):  # type: ignore[no-untyped-def]
+        out = forward(self, x, combine)
+        seen.append((self.experts.fp8_block is not None, out.dim()))
+        return out
+
+    monkeypatch.setattr(moe_block.MoE, "forward", spy)
+    assert torch.equal(_prompt_logits(dirs[fmt]), combined)
+    assert seen and all(dim == (3 if fp8 else 2) for fp8, dim in seen)
+    assert any(fp8 for fp8, _ in seen) == (fmt == "fp8-channel")

@@ -104,6 +104,31 @@ def test_fused_moe_fp8(shape: str, block: int, n: int, experts: dict) -> None:
     check(out, ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block), x)
 
 
+@pytest.mark.parametrize("n", [1, 4, 256, 2048])
+def test_rows_summed_by_the_next_norm_equal_the_combine(n: int, experts: dict) -> None:
+    """combine=False hands the rows [T,k,H] to the next add + norm (+ quantiser), which sums them as
+    the combine does: the same bits as combine, then the norm (Air, channel scales)."""
+    from common.ops import triton_fp8 as tf
+    from common.ops import triton_moe_fp8 as tf8
+    from common.ops import triton_norm as tn
+
+    e, h, _ = SHAPES["air"]
+    w13, s13, w2, s2 = weights_for(experts, "air", 0)
+    x, residual = activations(n, h), activations(n, h)
+    norm_w = (1 + 0.1 * torch.randn(h, device=DEV)).bfloat16()
+    weights, ids = route(n, e)
+    rows = tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, 0, combine=False)
+    out = tf8.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, 0)
+    assert rows.shape == (n, TOP_K + 1, h)
+    for got, want in zip(tf.fused_add_rms_norm_quant_fp8(rows, residual, norm_w, 1e-5, 0, True),
+                         tf.fused_add_rms_norm_quant_fp8(out, residual, norm_w, 1e-5, 0, True), strict=True):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
+    for got, want in zip(tn.fused_add_rms_norm(rows, residual, norm_w, 1e-5),
+                         tn.fused_add_rms_norm(out, residual, norm_w, 1e-5), strict=True):
+        assert torch.equal(got, want)
+
+
 def _part(bn: int, bk: int, warps: int, stages: int, swap: bool = False, tma: bool = False, group_m: int = 1) -> dict:
     return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps, "num_stages": stages, "swap": swap,
             "tma": tma}
