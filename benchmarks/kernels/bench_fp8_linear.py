@@ -28,7 +28,7 @@ Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid o
 `default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
 
 Accumulation section (--sections accum; --m as given, e.g. 256,2048,8192): cuBLAS row-wise at each
-full-width projection shape with fp32 accumulation and with fast accumulation (`cublas_fp8.FAST_ACCUM`),
+full-width projection shape with fp32 accumulation and with fast accumulation (`cublas_fp8.FAST_ACCUM_ROWS`),
 each timed and its relative error against the fp32 twin on the same FP8 operands.
 
 Fused section, at T tokens: rms_norm + quant_fp8_per_token (or per 128 group) against
@@ -276,20 +276,20 @@ def bench_accum(rep: Report, models: list[str], ms: list[int]) -> None:
 
 
 def _accum_point(rep: Report, model: str, proj: str, shape: str, wts: Weights, m: int) -> None:
-    """cuBLAS (`scaled_mm_linear`, as the model calls it) with FAST_ACCUM off and on."""
+    """cuBLAS (`scaled_mm_linear`, as the model calls it) with fast accumulation off and on (FAST_ACCUM_ROWS)."""
     n, k = wts.n, wts.k
     xq = [ops.quant_fp8_per_token(torch.randn(m, k, device=DEV).to(BF)) for _ in range(wts.sets)]
     want = ref.fp8_linear(*xq[0], *wts.channel[0], None, torch.float32)
     us, err = {}, {}
-    served = cublas_fp8.FAST_ACCUM
+    served = cublas_fp8.FAST_ACCUM_ROWS
     try:
         for fast in (False, True):
-            cublas_fp8.FAST_ACCUM = fast  # read at each call, so also while the graph is captured
+            cublas_fp8.FAST_ACCUM_ROWS = 0 if fast else 1 << 62  # read at each call, also while captured
             us[fast] = measure.time_graph([lambda i=i: cublas_fp8.scaled_mm_linear(*xq[i], *wts.channel[i])
                                            for i in range(wts.sets)])
             err[fast] = measure.rel_err(cublas_fp8.scaled_mm_linear(*xq[0], *wts.channel[0]), want)
     finally:
-        cublas_fp8.FAST_ACCUM = served
+        cublas_fp8.FAST_ACCUM_ROWS = served
     fp8_peak = max(rep.ceil["fp8_tflops"], rep.ceil["fp8_fast_tflops"])
     tflops = {f: 2.0 * m * n * k / us[f] / 1e6 for f in us}
     rep.accum.append({"model": model, "proj": proj, "n": n, "k": k, "m": m, "us": {"fp32": us[False], "fast": us[True]},

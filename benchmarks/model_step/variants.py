@@ -15,8 +15,8 @@ A variant is a context manager that changes a module-level choice the model's op
   unquantised activation, o_proj's: `cublas_fp8.QUANT_IN_GEMM_ROWS`) and the MoE's down GEMM its
   intermediate up to T tokens (`triton_moe_fp8.DOWN_QUANT_TOKENS`); 0:0 quantises every activation by a
   launch of its own;
-- `fast-accum=0|1`: cuBLAS's FP8 projections without (0) or with (1) fast accumulation
-  (`cublas_fp8.FAST_ACCUM`);
+- `fast-accum=R|never`: cuBLAS's FP8 projections accumulate without fp32 promotion from R tokens
+  (`cublas_fp8.FAST_ACCUM_ROWS`; 0: every call, never: none);
 - `rope-copy`: q rotated into a new tensor instead of in place (`triton_norm.ROPE_IN_PLACE` off);
 - `combine-launch`: the FP8 MoE sums its rows by a launch of its own instead of handing them to the
   next norm (`moe.COMBINE_IN_NORM` off);
@@ -71,9 +71,9 @@ def _quant_in_gemm(arg: str) -> contextlib.AbstractContextManager:
 
 
 def _fast_accum(arg: str) -> contextlib.AbstractContextManager:
-    if arg not in ("0", "1"):
-        raise ValueError(f"fast-accum takes 0 or 1, not {arg!r}")
-    return mock.patch.multiple(cublas_fp8, FAST_ACCUM=arg == "1")
+    if not (arg.isdigit() or arg == "never"):
+        raise ValueError(f"fast-accum takes a token count or 'never', not {arg!r}")
+    return mock.patch.multiple(cublas_fp8, FAST_ACCUM_ROWS=1 << 62 if arg == "never" else int(arg))
 
 
 def _rope_copy(arg: str) -> contextlib.AbstractContextManager:

@@ -20,12 +20,13 @@ sweep that tuned a shape's tiles timed cuBLAS faster still, that shape's bucket 
 `fp8_linear_dynamic` (an activation that arrives unquantised) is the CUDA twin of its reference too:
 the Triton quantiser, then the path above.
 
-Accumulation: `FAST_ACCUM` lets cuBLAS accumulate the FP8 MMAs in the tensor cores' own precision
-without promoting to fp32 every few K steps (`use_fast_accum`). That is what the Triton GEMMs of this
-package do (Triton's sm_90 default, see `triton_moe_fp8._dot`) and what the W8A8 CUTLASS kernels of
-other serving engines run on Hopper (their FP8 schedules are the "FastAccum" ones); it trades a
-little accuracy for the faster main loop, and `docs/performance.md` has both, time and error, at the
-projection shapes.
+Accumulation: from `FAST_ACCUM_ROWS` tokens cuBLAS accumulates the FP8 MMAs in the tensor cores' own
+precision without promoting to fp32 every few K steps (`use_fast_accum`). That is what the Triton
+GEMMs of this package do (Triton's sm_90 default, see `triton_moe_fp8._dot`) and what the W8A8 CUTLASS
+kernels of other serving engines run on Hopper (their FP8 schedules are the "FastAccum" ones). On the
+H100 it made Air's projections 5-32 % faster at 2048-8192 tokens (relative error against the fp32
+twin 2.1e-3-3.1e-3 against 1.7e-3) and the 8K prefill 3.6 % faster, but did not speed up the
+256-token EAGLE verify at full depth, so fewer tokens keep fp32 promotion (`docs/performance.md` §7o).
 
 Block FP8 (1 x 128 activation groups, 128 x 128 weight blocks) runs on the Triton kernel of
 `triton_fp8_gemm.py`: cuBLAS's block scaling through `torch._scaled_mm` answered
@@ -42,7 +43,7 @@ from common.ops import reference
 
 _ALIGN = 16  # elements (1-byte E4M3) and bytes
 SMALL_M = 64  # up to this many tokens the Triton split-K GEMM serves the call
-FAST_ACCUM = False  # True: cuBLAS accumulates without fp32 promotion (module docstring)
+FAST_ACCUM_ROWS = 1024  # from this many tokens cuBLAS accumulates without fp32 promotion (module docstring)
 
 
 @functools.cache
@@ -89,7 +90,7 @@ def fp8_linear(
     bias: torch.Tensor | None = None,  # [N]
     out_dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
-    """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias), accumulated as `FAST_ACCUM` says.
+    """y[T,N] = (x_q * x_scale) @ (w_q * w_scale)^T (+ bias), accumulated as `FAST_ACCUM_ROWS` says.
     The Triton GEMM takes the few-token calls (unless the sweep timed cuBLAS faster for the shape) and
     every call cuBLAS cannot run (K or N not a multiple of 16, such as Air's dense down at TP 8 with
     K = 1368; other output dtypes), cuBLAS the rest; the reference twin only off Hopper."""
@@ -127,7 +128,7 @@ def scaled_mm_linear(
         return reference.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     # w_q.t() is the column-major [K,N] operand cuBLAS wants, without a copy; w_scale.t() is [1,N]
     return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.t(), bias=bias,
-                            out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
+                            out_dtype=out_dtype, use_fast_accum=x_q.shape[0] >= FAST_ACCUM_ROWS)
 
 
 # Up to this many tokens a linear whose input arrives unquantised (o_proj's, after attention) is

@@ -88,10 +88,11 @@ def test_quant_in_gemm_sets_both_thresholds_and_restores_them() -> None:
 def test_fast_accum_rope_copy_and_combine_launch_set_and_restore_their_switches() -> None:
     from common.ops import triton_norm
 
-    served = (cublas_fp8.FAST_ACCUM, triton_norm.ROPE_IN_PLACE)
-    for arg in ("0", "1"):
-        with variants.variant(f"fast-accum={arg}"):
-            assert cublas_fp8.FAST_ACCUM is (arg == "1")
+    served = (cublas_fp8.FAST_ACCUM_ROWS, triton_norm.ROPE_IN_PLACE)
+    with variants.variant("fast-accum=0"):
+        assert cublas_fp8.FAST_ACCUM_ROWS == 0
+    with variants.variant("fast-accum=never"):
+        assert cublas_fp8.FAST_ACCUM_ROWS > 1 << 40
     import common.model.moe as moe_block
 
     with variants.variant("rope-copy"):
@@ -99,6 +100,6 @@ def test_fast_accum_rope_copy_and_combine_launch_set_and_restore_their_switches(
     with variants.variant("combine-launch"):
         assert moe_block.COMBINE_IN_NORM is False
     assert moe_block.COMBINE_IN_NORM is True
-    assert (cublas_fp8.FAST_ACCUM, triton_norm.ROPE_IN_PLACE) == served
-    with pytest.raises(SystemExit, match="fast-accum takes 0 or 1"):
+    assert (cublas_fp8.FAST_ACCUM_ROWS, triton_norm.ROPE_IN_PLACE) == served
+    with pytest.raises(SystemExit, match="fast-accum takes a token count"):
         variants.parse("fast-accum=yes")

@@ -3,7 +3,7 @@
 The Triton quantisers must be bit-equal to their torch twins (codes and scales). fp8_linear through
 cuBLAS is compared with the reference twin on the same FP8 operands: the exact products are the
 same, so the two differ only by accumulation order in fp32 (~1e-6 relative) and by the bf16 output
-rounding (at most 2^-9 relative per element, ~2e-3 by norm); fast accumulation (`FAST_ACCUM`) adds
+rounding (at most 2^-9 relative per element, ~2e-3 by norm); fast accumulation (`FAST_ACCUM_ROWS`) adds
 the tensor cores' own accumulator rounding. A 1e-2 bound by norm leaves room for these and still
 catches a wrong scale, layout or operand (those give errors of order 1).
 """
@@ -67,7 +67,7 @@ def test_fp8_linear_scaled_mm(num_tokens: int, n: int, k: int, with_bias: bool, 
     from common.ops import cublas_fp8
     from common.ops import reference as ref
 
-    monkeypatch.setattr(cublas_fp8, "FAST_ACCUM", fast_accum)
+    monkeypatch.setattr(cublas_fp8, "FAST_ACCUM_ROWS", 0 if fast_accum else 1 << 62)
     x_q, x_scale = ref.quant_fp8_per_token(activations(num_tokens, k))
     w_q, w_scale = ref.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16())
     bias = torch.randn(n, device=DEV).bfloat16() if with_bias else None
