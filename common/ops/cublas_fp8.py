@@ -20,13 +20,13 @@ sweep that tuned a shape's tiles timed cuBLAS faster still, that shape's bucket 
 `fp8_linear_dynamic` (an activation that arrives unquantised) is the CUDA twin of its reference too:
 the Triton quantiser, then the path above.
 
-Accumulation: from `FAST_ACCUM_ROWS` tokens cuBLAS accumulates the FP8 MMAs in the tensor cores' own
-precision without promoting to fp32 every few K steps (`use_fast_accum`). That is what the Triton
-GEMMs of this package do (Triton's sm_90 default, see `triton_moe_fp8._dot`) and what the W8A8 CUTLASS
-kernels of other serving engines run on Hopper (their FP8 schedules are the "FastAccum" ones). On the
-H100 it made Air's projections 5-32 % faster at 2048-8192 tokens (relative error against the fp32
-twin 2.1e-3-3.1e-3 against 1.7e-3) and the 8K prefill 3.6 % faster, but did not speed up the
-256-token EAGLE verify at full depth, so fewer tokens keep fp32 promotion (`docs/performance.md` §7o).
+Accumulation: cuBLAS accumulates the FP8 MMAs in the tensor cores' own precision without promoting
+to fp32 every few K steps (`use_fast_accum`; from `FAST_ACCUM_ROWS` tokens, 0: every call it takes).
+That is what the Triton GEMMs of this package do (Triton's sm_90 default, see `triton_moe_fp8._dot`)
+and what the W8A8 CUTLASS kernels of other serving engines run on Hopper (their FP8 schedules are the
+"FastAccum" ones). On the H100 it made Air's projections 5-32 % faster at 2048-8192 tokens and up to
+11 % at 256 (relative error against the fp32 twin 2.1e-3-3.1e-3, against 1.7e-3 with promotion) and
+the 8K prefill at full depth 3.4-3.6 % faster (`docs/performance.md` §7o).
 
 Block FP8 (1 x 128 activation groups, 128 x 128 weight blocks) runs on the Triton kernel of
 `triton_fp8_gemm.py`: cuBLAS's block scaling through `torch._scaled_mm` answered
@@ -43,7 +43,7 @@ from common.ops import reference
 
 _ALIGN = 16  # elements (1-byte E4M3) and bytes
 SMALL_M = 64  # up to this many tokens the Triton split-K GEMM serves the call
-FAST_ACCUM_ROWS = 1024  # from this many tokens cuBLAS accumulates without fp32 promotion (module docstring)
+FAST_ACCUM_ROWS = 0  # from this many tokens cuBLAS accumulates without fp32 promotion (0: always; docstring)
 
 
 @functools.cache
