@@ -57,10 +57,10 @@ def fused_add_rms_norm(
 
 
 def combine_rows(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """rows [T,k,H] -> [T,H]: each token's k rows summed in fp32 in index order, cast once to dtype
-    (the fused MoE's last step)."""
-    acc = rows[:, 0].float()
-    for j in range(1, rows.shape[1]):
+    """rows [T,k,H] -> [T,H]: each token's k rows added in fp32 in index order to +0.0 (so an all -0.0
+    column sums to +0.0), cast once to dtype (the fused MoE's last step)."""
+    acc = rows.new_zeros(rows.shape[0], rows.shape[2], dtype=torch.float32)
+    for j in range(rows.shape[1]):
         acc = acc + rows[:, j].float()
     return acc.to(dtype)
 

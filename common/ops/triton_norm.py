@@ -53,12 +53,12 @@ def _inv_rms(xf, n, eps):
 
 @triton.jit
 def _combined(x_row, stride_k, cols, m, dt: tl.constexpr, ROWS: tl.constexpr):
-    """Row x at cols; ROWS > 0: the sum of ROWS rows stride_k apart, added in fp32 in index order and
-    cast once to dt, exactly as the fused MoE's combine does (`reference.combine_rows`)."""
+    """Row x at cols; ROWS > 0: the sum of ROWS rows stride_k apart, added in fp32 in index order to
+    +0.0 and cast once to dt, exactly as the fused MoE's combine does (`reference.combine_rows`)."""
     if ROWS == 0:
         return tl.load(x_row + cols, mask=m, other=0.0)
-    acc = tl.load(x_row + cols, mask=m, other=0.0).to(tl.float32)
-    for j in tl.static_range(1, ROWS):
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for j in tl.static_range(ROWS):
         acc += tl.load(x_row + j * stride_k + cols, mask=m, other=0.0).to(tl.float32)
     return acc.to(dt)
 

@@ -88,12 +88,14 @@ def test_norms_take_moe_rows(dtype: torch.dtype) -> None:
     """x as a fused MoE's rows [T,k,H]: summed in fp32 in index order and cast to the residual's dtype
     (`combine_rows`), then the same add + norm (+ quantiser) as a combined x."""
     rows, r = activations(4 * 9, 256, dtype).view(4, 9, 256), torch.randn(4, 256).to(dtype)
+    rows[1, :, :8] = -0.0  # a column of negative zeros sums to +0.0, as the combine kernel's does
     w = (1 + 0.1 * torch.randn(256)).to(dtype)
-    acc = rows[:, 0].float()
-    for j in range(1, 9):
+    acc = torch.zeros(4, 256)
+    for j in range(9):
         acc = acc + rows[:, j].float()
     x = acc.to(dtype)
     assert torch.equal(ref.combine_rows(rows, dtype), x)
+    assert not torch.signbit(ref.combine_rows(rows, dtype)[1, :8]).any()
     for a, b in zip(ref.fused_add_rms_norm(rows, r, w, 1e-5), ref.fused_add_rms_norm(x, r, w, 1e-5), strict=True):
         assert torch.equal(a, b)
     got, want = (ref.fused_add_rms_norm_quant_fp8(v, r, w, 1e-5, 0, True) for v in (rows, x))
@@ -286,6 +288,7 @@ def _group_fused() -> None:
         # a fused MoE's rows [T,k,H] as x: combined in the norm kernels as the twin combines them
         for t, k, h in ((3, 9, 256), (1, 9, 384), (2, 1, 96), (0, 9, 256)):
             rows = (activations(max(t, 1) * k, h, torch.float32) * 0.3).to(dt)[:t * k].view(t, k, h)
+            rows[..., :4] = -0.0  # negative-zero columns: the sum starts from +0.0 in kernel and twin
             r, w = torch.randn(t, h).to(dt), (1 + 0.1 * torch.randn(h)).to(dt)
             for group in (0, 32):
                 _check_same(f"fused_add_rms_norm_quant_fp8 rows T={t} k={k} H={h} group={group} {dt}",
