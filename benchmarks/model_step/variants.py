@@ -20,6 +20,8 @@ A variant is a context manager that changes a module-level choice the model's op
 - `rope-copy`: q rotated into a new tensor instead of in place (`triton_norm.ROPE_IN_PLACE` off);
 - `combine-launch`: the FP8 MoE sums its rows by a launch of its own instead of handing them to the
   next norm (`moe.COMBINE_IN_NORM` off);
+- `split-k-in-norm`: o_proj's few-token split-K GEMM hands its fp32 slices to the next add + norm
+  instead of reducing them by a launch of its own (`layers.SPLIT_K_IN_NORM` on);
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import common.model.layers as model_layers
 import common.model.moe as moe_block
 from common.attention import triton_paged
 from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_norm
@@ -84,6 +87,10 @@ def _combine_launch(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(moe_block, COMBINE_IN_NORM=False)
 
 
+def _split_k_in_norm(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=True)
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -103,7 +110,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
-    "combine-launch": _combine_launch}
+    "combine-launch": _combine_launch, "split-k-in-norm": _split_k_in_norm}
 
 
 def parse(spec: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import common.model.layers as model_layers
 import common.model.moe as moe_block
 from common.forward.context import get_forward_context
 from common.model.config import ModelConfig
@@ -46,8 +47,9 @@ class Glm4MoeAttention(nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.use_qk_norm else None
         self.attn = PagedAttention(layer_id, scale=config.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
-        # positions [T] int64, x [T,H] (or quantised for an FP8 qkv_proj) -> [T,H]
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation, unsummed: bool = False) -> torch.Tensor:
+        # positions [T] int64, x [T,H] (or quantised for an FP8 qkv_proj) -> [T,H], or with unsummed
+        # possibly o_proj's split-K slices [T,S,H] (RowParallelLinear.forward)
         q, k, v = self.qkv_proj.forward_parts(x)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T,Hq,D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
@@ -56,7 +58,7 @@ class Glm4MoeAttention(nn.Module):
         o = self.attn(q, k, v, positions, cos_sin, self.rotary_dim,  # norm + RoPE + K/V store, attention
                       self.q_norm.weight if self.q_norm is not None else None,
                       self.k_norm.weight if self.k_norm is not None else None, self.eps)  # [T,Hq,D]
-        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim), unsummed)
 
 
 class Glm4MoeDecoderLayer(nn.Module):
@@ -84,7 +86,7 @@ class Glm4MoeDecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x, qkv_quant)
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual, qkv_quant)
-        h = self.self_attn(positions, h)
+        h = self.self_attn(positions, h, unsummed=model_layers.SPLIT_K_IN_NORM)  # the norm below adds any slices
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual, self.mlp.input_fp8_block,
                                                                  self.mlp.input_needs_normed)
         if isinstance(self.mlp, MoE):  # its rows may come unsummed: every consumer is an add_and_norm

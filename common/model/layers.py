@@ -171,6 +171,12 @@ def fp8_scale_shape(rows: int, cols: int, block: int) -> tuple[int, int]:
     return (rows, 1) if block == 0 else (-(-rows // block), -(-cols // block))
 
 
+# o_proj's few-token split-K GEMM hands its fp32 slices to the next add + norm, which adds them up as
+# it loads them (the reduce's own arithmetic) instead of a reduce launch between the two. Off: not yet
+# timed at full depth (`bench_full_depth --ab split-k-in-norm`).
+SPLIT_K_IN_NORM = False
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -252,10 +258,15 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         return self._product(x, self.bias)
 
-    def _product(self, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None,
+                 unsummed: bool = False) -> torch.Tensor:
+        """x W^T (+ bias); unsummed (a 2-D unquantised x into FP8 weights): possibly the GEMM's fp32
+        split-K slices [T,S,N] for a fused_add_rms_norm to add up (`ops.fp8_linear_dynamic`)."""
         if self.fp8_block is None:
             return F.linear(x, self.weight, bias)
         if not isinstance(x, Fp8Activation):  # quantised dynamically: inside the GEMM at few tokens
+            if unsummed and x.dim() == 2:
+                return ops.fp8_linear_dynamic(x, self.weight, self.weight_scale, bias, x.dtype, self.fp8_block, True)
             lead = x.shape[:-1]
             y = ops.fp8_linear_dynamic(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, bias, x.dtype,
                                        self.fp8_block)
@@ -345,9 +356,11 @@ class RowParallelLinear(Linear):
     def splits_fp8_blocks(self, block: int) -> str | None:
         return cut_blocks("input columns", self.full_in, self.source.start, self.in_features, block)
 
-    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activation, unsummed: bool = False) -> torch.Tensor:
+        """unsummed: one rank may hand on the split-K slices (`Linear._product`); the all-reduce of
+        several ranks needs the sum."""
         if self.tp.size == 1:
-            return self._product(x, self.bias)
+            return self._product(x, self.bias, unsummed)
         y = self.tp.all_reduce(self._product(x, None))
         return y if self.bias is None else y + self.bias
 

@@ -241,10 +241,11 @@ def fp8_linear_dynamic(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
+    unsummed: bool = False,
 ) -> torch.Tensor:
     """On CUDA, cublas_fp8.fp8_linear_dynamic: the quantiser, then fp8_linear / fp8_block_linear's paths
-    (optionally the few-token Triton GEMM quantising x itself)."""
-    return resolve("fp8_linear_dynamic", x.device)(x, w_q, w_scale, bias, out_dtype, block)
+    (optionally the few-token Triton GEMM quantising x itself). unsummed: see the reference twin."""
+    return resolve("fp8_linear_dynamic", x.device)(x, w_q, w_scale, bias, out_dtype, block, unsummed)
 
 
 __all__ = [

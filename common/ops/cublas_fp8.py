@@ -158,19 +158,25 @@ def fp8_linear_dynamic(
     bias: torch.Tensor | None = None,  # [N]
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
+    unsummed: bool = False,
 ) -> torch.Tensor:
     """reference.fp8_linear_dynamic on the GPU: the Triton quantiser, then `fp8_linear` (as above) or
     the block GEMM; up to QUANT_IN_GEMM_ROWS tokens, the Triton GEMM quantising x as it loads it (the
-    quantiser's codes and scales, one launch)."""
+    quantiser's codes and scales, one launch). unsummed (no bias): a split-K Triton GEMM returns its
+    fp32 slices [T,S,N] without the reduce launch; every other path its [T,N] result."""
     from common.ops import triton_fp8, triton_fp8_gemm  # import triton: only where CUDA runs
 
     m, (n, k) = x.shape[0], w_q.shape
+    unsummed = unsummed and bias is None
     if _quant_in_gemm(m, n, k, w_q, w_scale, block):
-        return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block)
+        return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block, unsummed=unsummed)
     if block:
         x_q, x_scale = triton_fp8.quant_fp8_per_group(x, block)
-        return triton_fp8_gemm.fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+        return triton_fp8_gemm.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, block, unsummed=unsummed)
     x_q, x_scale = triton_fp8.quant_fp8_per_token(x)
+    if unsummed and _triton_fits(x_q, x_scale, w_q, w_scale) and (
+            m <= SMALL_M and not triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device)):
+        return triton_fp8_gemm.fp8_gemm(x_q, x_scale, w_q, w_scale, None, out_dtype, 0, unsummed=True)
     return fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
 

@@ -439,14 +439,19 @@ def fp8_linear_dynamic(
     bias: torch.Tensor | None = None,  # [N]
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
+    unsummed: bool = False,
 ) -> torch.Tensor:
     """The W8A8 linear of an unquantised x: x quantised per token (block 0) or per 1 x b group, then
-    `fp8_linear` / `fp8_block_linear` (the GPU twin may quantise inside the GEMM: the same codes)."""
-    if block == 0:
-        x_q, x_scale = quant_fp8_per_token(x)
-        return fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    x_q, x_scale = quant_fp8_per_group(x, block)
-    return fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, block)
+    `fp8_linear` / `fp8_block_linear` (the GPU twin may quantise inside the GEMM: the same codes).
+    unsummed (no bias): the result may come as fp32 partial products [T,S,N] whose `combine_rows` to
+    out_dtype is the [T,N] result, for the next fused_add_rms_norm to add up (here S = 1: the fp32
+    product itself; the GPU twin hands over its split-K slices)."""
+    x_q, x_scale = quant_fp8_per_token(x) if block == 0 else quant_fp8_per_group(x, block)
+    rows = unsummed and bias is None
+    dtype = torch.float32 if rows else out_dtype
+    y = (fp8_linear(x_q, x_scale, w_q, w_scale, bias, dtype) if block == 0
+         else fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, dtype, block))
+    return y[:, None] if rows else y
 
 
 def apply_token_bitmask(

@@ -216,10 +216,13 @@ def fp8_gemm(
     out_dtype: torch.dtype,
     block: int,  # 0: channel scales
     config: GemmConfig | None = None,
+    unsummed: bool = False,
 ) -> torch.Tensor:
     """The launcher both ops share (the benchmark passes its own `config`). x_scale None: x_q is
     bf16 / fp16 / fp32 and the kernel quantises it as it loads it (A_QUANT), dynamically per token
-    (channel) or per 1 x block group, to the codes and scales `triton_fp8` gives."""
+    (channel) or per 1 x block group, to the codes and scales `triton_fp8` gives. unsummed (no bias):
+    with K split, the fp32 slices as [M, S, N] (a view of [S, M, N]) instead of their reduce, which
+    adds them in the same order to +0.0 (`reference.combine_rows`)."""
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     (m, k), n = x_q.shape, w_q.shape[0]
@@ -251,6 +254,8 @@ def fp8_gemm(
         A_QUANT=a_quant, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x_q.device),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
     )
+    if split > 1 and unsummed and not has_bias:
+        return dest.permute(1, 0, 2)
     if split > 1:
         reduce_block = 1024
         _split_k_reduce[(m, triton.cdiv(n, reduce_block))](

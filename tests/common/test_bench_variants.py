@@ -85,7 +85,7 @@ def test_quant_in_gemm_sets_both_thresholds_and_restores_them() -> None:
         variants.parse("quant-in-gemm=16")
 
 
-def test_fast_accum_rope_copy_and_combine_launch_set_and_restore_their_switches() -> None:
+def test_the_fusion_switches_are_set_and_restored() -> None:
     from common.ops import triton_norm
 
     served = (cublas_fp8.FAST_ACCUM_ROWS, triton_norm.ROPE_IN_PLACE)
@@ -97,9 +97,14 @@ def test_fast_accum_rope_copy_and_combine_launch_set_and_restore_their_switches(
 
     with variants.variant("rope-copy"):
         assert triton_norm.ROPE_IN_PLACE is False
+    import common.model.layers as model_layers
+
     with variants.variant("combine-launch"):
         assert moe_block.COMBINE_IN_NORM is False
     assert moe_block.COMBINE_IN_NORM is True
+    with variants.variant("split-k-in-norm"):
+        assert model_layers.SPLIT_K_IN_NORM is True
+    assert model_layers.SPLIT_K_IN_NORM is False
     assert (cublas_fp8.FAST_ACCUM_ROWS, triton_norm.ROPE_IN_PLACE) == served
     with pytest.raises(SystemExit, match="fast-accum takes a token count"):
         variants.parse("fast-accum=yes")

@@ -123,6 +123,22 @@ def _moe_weights(e: int, n: int, k: int, block: int) -> tuple[torch.Tensor, torc
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
+@pytest.mark.parametrize("block", [0, 128])
+def test_unsummed_linear_twin_adds_up_to_the_linear(block: int) -> None:
+    """fp8_linear_dynamic(unsummed=True) hands fp32 slices [T,S,N] (S = 1 on the CPU) whose combine to
+    the output dtype is the linear's result; with a bias it returns the summed [T,N]."""
+    x = activations(5, 256)
+    w = torch.randn(64, 256) * 0.05
+    w_q, w_s = ref.quant_fp8_weight_blocks(w, block) if block else ref.quant_fp8_per_token(w)
+    want = ref.fp8_linear_dynamic(x, w_q, w_s, None, torch.bfloat16, block)
+    slices = ops.fp8_linear_dynamic(x, w_q, w_s, None, torch.bfloat16, block, True)
+    assert slices.shape == (5, 1, 64) and slices.dtype == torch.float32
+    assert torch.equal(ref.combine_rows(slices, torch.bfloat16), want)
+    bias = torch.randn(64).bfloat16()
+    assert torch.equal(ops.fp8_linear_dynamic(x, w_q, w_s, bias, torch.bfloat16, block, True),
+                       ref.fp8_linear_dynamic(x, w_q, w_s, bias, torch.bfloat16, block))
+
+
 @pytest.mark.parametrize("group", [0, 128])
 def test_silu_quant_twin_composes(group: int) -> None:
     gate_up = activations(5, 2 * 384)
@@ -342,6 +358,18 @@ def _group_fused() -> None:
                 else ref.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32))
         err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, cfg), want)
         assert err < 1e-6, f"split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
+        # unsummed (no bias): the slices [T,S,N], which the next add + norm adds up exactly as the reduce
+        summed = tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float16, block, cfg)
+        slices = tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float16, block, cfg, unsummed=True)
+        assert slices.shape[::2] == (t, n) and 1 < slices.shape[1] <= split and slices.dtype == torch.float32
+        assert torch.equal(ref.combine_rows(slices, torch.float16), summed)
+        r, nw = torch.randn(t, n).half(), (1 + 0.1 * torch.randn(n)).half()
+        _check_same(f"add + norm + quantiser of split-K slices T={t} S={slices.shape[1]} N={n} block={block}",
+                    tf.fused_add_rms_norm_quant_fp8(slices, r, nw, 1e-6, 0, True),
+                    tf.fused_add_rms_norm_quant_fp8(summed, r, nw, 1e-6, 0, True))
+        assert torch.equal(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float16, block, cfg, unsummed=True),
+                           tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float16, block, cfg)), \
+            "with a bias the slices are reduced (the bias is added once, after the sum)"
     # x quantised inside the GEMM (x_scale None): the quantisers' codes and scales, so the same bits as
     # the quantised call; channel with split K (each slice takes the whole row's amax), a K tail and a
     # row of zeros; block groups; fp8_linear_dynamic's few-token path (switched on) and its twin

@@ -257,3 +257,26 @@ def test_moe_rows_summed_by_the_next_norm_change_nothing(dirs: dict[str, Path], 
     assert torch.equal(_prompt_logits(dirs[fmt]), combined)
     assert seen and all(dim == (3 if fp8 else 2) for fp8, dim in seen)
     assert any(fp8 for fp8, _ in seen) == (fmt == "fp8-channel")
+
+
+def test_split_k_slices_summed_by_the_next_norm_change_nothing(dirs: dict[str, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """o_proj handing its (here: one fp32) slices to the next add + norm gives the same logits, and the
+    attention really hands them on."""
+    import common.model.glm4_moe as glm
+    import common.model.layers as model_layers
+
+    monkeypatch.setattr(model_layers, "SPLIT_K_IN_NORM", False)
+    summed = _prompt_logits(dirs["fp8-channel"])
+    monkeypatch.setattr(model_layers, "SPLIT_K_IN_NORM", True)
+    seen: list[int] = []
+    forward = glm.Glm4MoeAttention.forward
+
+    def spy(self, positions, x, unsummed=False):  # type: ignore[no-untyped-def]
+        out = forward(self, positions, x, unsummed)
+        seen.append(out.dim())
+        return out
+
+    monkeypatch.setattr(glm.Glm4MoeAttention, "forward", spy)
+    assert torch.equal(_prompt_logits(dirs["fp8-channel"]), summed)
+    assert seen and set(seen) == {3}

@@ -322,3 +322,24 @@ def test_dispatch_on_cuda() -> None:
         assert ops.resolve(op, dev) is getattr(triton_fp8, op)
     assert ops.resolve("fp8_block_linear", dev) is triton_fp8_gemm.fp8_block_linear
     assert ops.resolve("fp8_linear_dynamic", dev) is cublas_fp8.fp8_linear_dynamic
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 64])
+def test_split_k_slices_summed_by_the_norm_equal_the_reduce(m: int) -> None:
+    """o_proj's few-token GEMM with unsummed=True hands its fp32 split-K slices on; the add + norm +
+    quantiser over them gives the bits of the reduce launch then the norm (Air's o shape)."""
+    from common import ops
+    from common.ops import reference as ref
+    from common.ops import triton_fp8 as tf
+
+    n, k = 4096, 12288
+    x = torch.randn(m, k, device=DEV).bfloat16()
+    w_q, w_s = ref.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16())
+    residual, norm_w = torch.randn(m, n, device=DEV).bfloat16(), (1 + 0.1 * torch.randn(n, device=DEV)).bfloat16()
+    summed = ops.fp8_linear_dynamic(x, w_q, w_s, None, torch.bfloat16, 0)
+    slices = ops.fp8_linear_dynamic(x, w_q, w_s, None, torch.bfloat16, 0, True)
+    assert slices.dim() == 3 and slices.shape[::2] == (m, n)
+    for got, want in zip(tf.fused_add_rms_norm_quant_fp8(slices, residual, norm_w, 1e-5, 0, True),
+                         tf.fused_add_rms_norm_quant_fp8(summed, residual, norm_w, 1e-5, 0, True), strict=True):
+        assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                           want.view(torch.uint8) if want.dtype == torch.float8_e4m3fn else want)
