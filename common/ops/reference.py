@@ -358,6 +358,8 @@ def fused_moe_fp8(
         rows[sel] = (y * flat_w[sel, None]).to(x.dtype)
     rows = rows.view(x.shape[0], ids.shape[1], x.shape[1])
     return combine_rows(rows, x.dtype) if combine else rows
+
+
 def quant_fp8_weight_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """w[N,K] -> (q[N,K] e4m3, scale[ceil(N/b), K/b] fp32): per_token on each b x b block, the layout
     of block-FP8 checkpoints (`weight_scale_inv`); N may end in a partial block, K may not."""
