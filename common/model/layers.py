@@ -194,8 +194,8 @@ class RMSNorm(nn.Module):
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor, quant: int | None = None,
                      keep_normed: bool = False) -> tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
         """(norm(x + residual), x + residual); the norm quantised for its consumer as in `forward`,
-        with the unquantised norm kept alongside when `keep_normed`. x may be a fused MoE's rows
-        [T,k,H], summed first (`reference.combine_rows`)."""
+        with the unquantised norm kept alongside when `keep_normed`. x may be rows [T,k,H] to add up
+        first (`reference.combine_rows`): a fused MoE's rows, o_proj's split-K slices."""
         if quant is None:
             return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         q, scale, residual, normed = ops.fused_add_rms_norm_quant_fp8(x, residual, self.weight, self.eps, quant,

@@ -48,8 +48,9 @@ def fused_add_rms_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual); the sum is taken in the activation dtype.
-    x may be a fused MoE's per-assignment rows [T,k,H] (`fused_moe_fp8(..., combine=False)`): they are
-    combined first (`combine_rows`, to residual's dtype), as the MoE would have."""
+    x may be rows [T,k,H] to add up first (`combine_rows`, to residual's dtype): a fused MoE's
+    per-assignment rows (`fused_moe_fp8(..., combine=False)`) or a linear's fp32 slices
+    (`fp8_linear_dynamic(..., unsummed=True)`), summed as their producer would have."""
     if x.dim() == 3:
         x = combine_rows(x, residual.dtype)
     new_residual = x + residual

@@ -199,8 +199,8 @@ def _norm_quant_kernel(
 ):
     """One row per program, held as an [NG, GB] tile (GB = the group when PER_GROUP): s = x
     (+ residual, rounded to the activation dtype and stored), normed = w * (s * inv_rms(s)) in the
-    activation dtype (stored when KEEP), then normed quantised to FP8. ROWS > 0: x is a fused MoE's
-    ROWS rows a token (stride_xk apart), combined first (`_combined`)."""
+    activation dtype (stored when KEEP), then normed quantised to FP8. ROWS > 0: x is ROWS rows a
+    token (stride_xk apart: a fused MoE's rows, a split-K GEMM's slices), added up first (`_combined`)."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, NG)
@@ -237,7 +237,7 @@ def _norm_quant(
     x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor, eps: float, group: int, keep_normed: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launcher of _norm_quant_kernel: (q, scale, x + residual or None, normed or None). x [T,k,H]
-    (with a residual): a fused MoE's rows, combined in the kernel."""
+    (with a residual): rows to add up first (a fused MoE's rows, a split-K GEMM's slices)."""
     rows = 0
     if residual is None:
         x = _rows(x)

@@ -70,7 +70,8 @@ def _rms_norm_kernel(
     HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row per program: out = w * (s / rms(s)) with s = x (+ residual, rounded to x's dtype).
-    ROWS > 0: x is a fused MoE's ROWS rows a token (stride_xk apart), combined first."""
+    ROWS > 0: x is ROWS rows a token (stride_xk apart: a fused MoE's rows, a split-K GEMM's slices),
+    added up first."""
     pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -111,8 +112,9 @@ def fused_add_rms_norm(
     w: torch.Tensor,  # [H]
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass; the inputs are not modified. x [T,k,H]: a
-    fused MoE's rows, combined in the kernel (to residual's dtype) before the add."""
+    """(rms_norm(x + residual), x + residual) in one pass; the inputs are not modified. x [T,k,H]: rows
+    to add up in the kernel (to residual's dtype) before the add: a fused MoE's rows, a split-K
+    GEMM's slices."""
     r2 = _rows(residual)
     if x.dim() == 3:  # [T,k,H] rows
         rows, x2 = x.shape[1], (x if x.stride(-1) == 1 else x.contiguous())
