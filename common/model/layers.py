@@ -265,12 +265,10 @@ class Linear(nn.Linear):
         if self.fp8_block is None:
             return F.linear(x, self.weight, bias)
         if not isinstance(x, Fp8Activation):  # quantised dynamically: inside the GEMM at few tokens
-            if unsummed and x.dim() == 2:
-                return ops.fp8_linear_dynamic(x, self.weight, self.weight_scale, bias, x.dtype, self.fp8_block, True)
             lead = x.shape[:-1]
             y = ops.fp8_linear_dynamic(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, bias, x.dtype,
-                                       self.fp8_block)
-            return y.view(*lead, -1)
+                                       self.fp8_block, unsummed and x.dim() == 2)
+            return y if y.dim() == 3 else y.view(*lead, -1)
         if self.fp8_block == 0:
             return ops.fp8_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype)
         return ops.fp8_block_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype, self.fp8_block)

@@ -94,14 +94,30 @@ def fp8_linear(
     The Triton GEMM takes the few-token calls (unless the sweep timed cuBLAS faster for the shape) and
     every call cuBLAS cannot run (K or N not a multiple of 16, such as Air's dense down at TP 8 with
     K = 1368; other output dtypes), cuBLAS the rest; the reference twin only off Hopper."""
-    if _triton_fits(x_q, x_scale, w_q, w_scale):
+    return _channel_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def _channel_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, unsummed: bool = False) -> torch.Tensor:
+    """`fp8_linear`'s choice of GEMM; unsummed: the Triton GEMM may hand on its split-K slices."""
+    if _triton_fits(x_q, x_scale, w_q, w_scale) and (
+            _few_token_triton(x_q.shape[0], *w_q.shape, w_q, w_scale)
+            or not scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)):
         from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
 
-        m, (n, k) = x_q.shape[0], w_q.shape
-        if ((m <= SMALL_M and not triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device))
-                or not scaled_mm_fits(x_q, x_scale, w_q, w_scale, bias, out_dtype)):
-            return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        if unsummed:
+            return triton_fp8_gemm.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, 0, unsummed=True)
+        return triton_fp8_gemm.fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
     return scaled_mm_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+
+def _few_token_triton(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    """Few tokens where the sweep did not time cuBLAS faster (the caller checks the Triton GEMM fits)."""
+    if m > SMALL_M:
+        return False
+    from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
+
+    return not triton_fp8_gemm.cublas_measured_faster(m, n, k, w_q.device)
 
 
 def _triton_fits(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
@@ -143,12 +159,7 @@ def _quant_in_gemm(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Ten
     call would take (block scales: always; channel: where `fp8_linear` picks it)."""
     if not 0 < m <= QUANT_IN_GEMM_ROWS or w_q.dtype != torch.float8_e4m3fn:
         return False
-    if block:
-        return True
-    from common.ops import triton_fp8_gemm  # imports triton: only where CUDA runs
-
-    return (m <= SMALL_M and _triton_fits_weight(w_q, w_scale)
-            and not triton_fp8_gemm.cublas_measured_faster(m, n, k, w_q.device))
+    return bool(block) or (_triton_fits_weight(w_q, w_scale) and _few_token_triton(m, n, k, w_q, w_scale))
 
 
 def fp8_linear_dynamic(
@@ -174,10 +185,7 @@ def fp8_linear_dynamic(
         x_q, x_scale = triton_fp8.quant_fp8_per_group(x, block)
         return triton_fp8_gemm.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, block, unsummed=unsummed)
     x_q, x_scale = triton_fp8.quant_fp8_per_token(x)
-    if unsummed and _triton_fits(x_q, x_scale, w_q, w_scale) and (
-            m <= SMALL_M and not triton_fp8_gemm.cublas_measured_faster(m, n, k, x_q.device)):
-        return triton_fp8_gemm.fp8_gemm(x_q, x_scale, w_q, w_scale, None, out_dtype, 0, unsummed=True)
-    return fp8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    return _channel_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, unsummed)
 
 
 __all__ = ["QUANT_IN_GEMM_ROWS", "SMALL_M", "fp8_linear", "fp8_linear_dynamic", "scaled_mm_fits", "scaled_mm_linear"]

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from common.ops.pdl import pdl_kwargs, pdl_start
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
-from common.ops.triton_norm import _combined, _inv_rms, _row_warps, _silu_mul
+from common.ops.triton_norm import _combined, _inv_rms, _row_warps, _silu_mul, _summand
 
 # silu·mul rows up to this width are computed once and quantised from registers (16 warps: 32 values
 # a thread); wider ones take two passes.
@@ -238,17 +238,10 @@ def _norm_quant(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launcher of _norm_quant_kernel: (q, scale, x + residual or None, normed or None). x [T,k,H]
     (with a residual): rows to add up first (a fused MoE's rows, a split-K GEMM's slices)."""
-    rows = 0
     if residual is None:
-        x = _rows(x)
-        dt = x.dtype
-    elif x.dim() == 3:
-        rows = x.shape[1]
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        dt = residual.dtype  # the combine's output dtype: the activation dtype
+        x, rows, stride_k, dt = _rows(x), 0, 0, x.dtype
     else:
-        x = _rows(x)
-        dt = torch.promote_types(x.dtype, residual.dtype)
+        x, rows, stride_k, dt = _summand(x, residual)
     n_tok, h = x.shape[0], x.shape[-1]
     _check_group("rms_norm_quant_fp8", h, group)
     q, scale = _quant_out(n_tok, h, group, x.device)
@@ -263,7 +256,7 @@ def _norm_quant(
     normed_out = normed if normed is not None else res_out
     _norm_quant_kernel[(n_tok,)](
         x, r, w, q, scale, res_out, normed_out, h, triton.cdiv(h, gb),
-        x.stride(0), x.stride(1) if rows else 0, r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0),
+        x.stride(0), stride_k, r.stride(0), q.stride(0), scale.stride(0), res_out.stride(0),
         normed_out.stride(0), eps,
         HAS_RES=residual is not None, KEEP=keep_normed, PER_GROUP=group > 0, ROWS=rows, QMAX=FP8_MAX,
         FLOOR=FP8_AMAX_FLOOR,

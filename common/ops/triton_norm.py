@@ -93,6 +93,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _summand(x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, int, int, torch.dtype]:
+    """x as the add + norm kernels read it, (x, ROWS, stride between rows, dtype of x + residual): a
+    [T,H] x as rows (ROWS 0, torch's promoted dtype), or [T,k,H] rows to add up first (ROWS k, cast to
+    residual's dtype, as their producer would have)."""
+    if x.dim() == 3:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return x, x.shape[1], x.stride(1), residual.dtype
+    x = _rows(x)
+    return x, 0, 0, torch.promote_types(x.dtype, residual.dtype)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """x[T,H] (any leading dims) normalised over H; returns a new [.., H] tensor in x.dtype."""
     x2 = _rows(x)  # [T,H]
@@ -116,12 +127,7 @@ def fused_add_rms_norm(
     to add up in the kernel (to residual's dtype) before the add: a fused MoE's rows, a split-K
     GEMM's slices."""
     r2 = _rows(residual)
-    if x.dim() == 3:  # [T,k,H] rows
-        rows, x2 = x.shape[1], (x if x.stride(-1) == 1 else x.contiguous())
-        dt, stride_k = residual.dtype, x2.stride(1)
-    else:
-        rows, x2 = 0, _rows(x)
-        dt, stride_k = torch.promote_types(x.dtype, residual.dtype), 0  # as torch's x + residual
+    x2, rows, stride_k, dt = _summand(x, residual)
     n, h = r2.shape
     out = torch.empty((n, h), dtype=dt, device=x.device)
     new_res = torch.empty((n, h), dtype=dt, device=x.device)
