@@ -18,6 +18,7 @@ import torch
 from common import ops
 from common.ops import reference as ref
 from tests.common.test_fp8_ops import activations
+from tests.common.test_fused_moe_fp8 import quantize_weights
 
 FP32_EPS = 2.0**-24
 
@@ -107,20 +108,14 @@ def test_moe_twin_rows_combine_to_its_output(block: int) -> None:
     """fused_moe_fp8(combine=False) returns the per-assignment rows whose combine is its output."""
     torch.manual_seed(5)
     e, h, i, t, k = 6, 256, 256, 5, 3
-    w13, s13 = _moe_weights(e, 2 * i, h, block)
-    w2, s2 = _moe_weights(e, h, i, block)
+    w13, s13 = quantize_weights(torch.randn(e, 2 * i, h) * h**-0.5, block)
+    w2, s2 = quantize_weights(torch.randn(e, h, i) * i**-0.5, block)
     x = torch.randn(t, h).bfloat16()
     weights, ids = torch.rand(t, k), torch.stack([torch.randperm(e)[:k] for _ in range(t)]).int()
     rows = ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, combine=False)
     assert rows.shape == (t, k, h) and rows.dtype == x.dtype
     assert torch.equal(ref.combine_rows(rows, x.dtype), ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block))
     assert ref.fused_moe_fp8(x[:0], w13, s13, w2, s2, weights[:0], ids[:0], block, combine=False).shape == (0, k, h)
-
-
-def _moe_weights(e: int, n: int, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ws = [torch.randn(n, k) * k**-0.5 for _ in range(e)]
-    qs = [ref.quant_fp8_weight_blocks(w, block) if block else ref.quant_fp8_per_token(w) for w in ws]
-    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
 @pytest.mark.parametrize("block", [0, 128])
