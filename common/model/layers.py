@@ -200,7 +200,7 @@ class RMSNorm(nn.Module):
             return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         q, scale, residual, normed = ops.fused_add_rms_norm_quant_fp8(x, residual, self.weight, self.eps, quant,
                                                                      keep_normed)
-        return Fp8Activation(q, scale, x.dtype, normed), residual
+        return Fp8Activation(q, scale, residual.dtype, normed), residual  # x may be fp32 slices
 
 
 class Embedding(nn.Module):

@@ -165,8 +165,8 @@ def test_small_block_gives_several_blocks(tmp_path: Path) -> None:
     assert not torch.equal(w, r) and bool(((w - r).abs() <= r.abs().max() * 2.0**-4).all())
 
 
-def _prompt_logits(model_dir: Path) -> torch.Tensor:
-    r = ModelRunner(model_dir, "cpu", torch.float32, page_size=16, num_pages=8)
+def _prompt_logits(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    r = ModelRunner(model_dir, "cpu", dtype, page_size=16, num_pages=8)
     ids = torch.randint(0, 800, (24,), generator=torch.Generator().manual_seed(3)).tolist()
     pages = r.allocator.alloc(2)
     assert pages is not None
@@ -259,15 +259,16 @@ def test_moe_rows_summed_by_the_next_norm_change_nothing(dirs: dict[str, Path], 
     assert any(fp8 for fp8, _ in seen) == (fmt == "fp8-channel")
 
 
-def test_split_k_slices_summed_by_the_next_norm_change_nothing(dirs: dict[str, Path],
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the fp32 slices must not leak
+def test_split_k_slices_summed_by_the_next_norm_change_nothing(dirs: dict[str, Path], dtype: torch.dtype,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """o_proj handing its (here: one fp32) slices to the next add + norm gives the same logits, and the
-    attention really hands them on."""
+    attention really hands them on; the activations after the norm keep the model's dtype."""
     import common.model.glm4_moe as glm
     import common.model.layers as model_layers
 
     monkeypatch.setattr(model_layers, "SPLIT_K_IN_NORM", False)
-    summed = _prompt_logits(dirs["fp8-channel"])
+    summed = _prompt_logits(dirs["fp8-channel"], dtype)
     monkeypatch.setattr(model_layers, "SPLIT_K_IN_NORM", True)
     seen: list[int] = []
     forward = glm.Glm4MoeAttention.forward
@@ -278,5 +279,5 @@ def test_split_k_slices_summed_by_the_next_norm_change_nothing(dirs: dict[str, P
         return out
 
     monkeypatch.setattr(glm.Glm4MoeAttention, "forward", spy)
-    assert torch.equal(_prompt_logits(dirs["fp8-channel"]), summed)
+    assert torch.equal(_prompt_logits(dirs["fp8-channel"], dtype), summed)
     assert seen and set(seen) == {3}
