@@ -5,8 +5,6 @@ A variant is a context manager that changes a module-level choice the model's op
 (so graphs captured inside it use the variant) and restores it on exit:
 
 - `prefetch=MB`: the weight-prefetch budget of the few-token FP8 GEMMs (common/ops/pdl.py; 0: none);
-- `ahead=MB`: o_proj's weight prefetched on a side stream beside a few tokens' attention, MB a layer
-  (common/ops/triton_prefetch.py; 0: none);
 - `quant-launch-old`: the per-token quantisers as launched before the blocks of at most 4096 values
   (a whole row in registers with up to 16 warps, no small programs for many short rows, the norm +
   quantiser with a whole row's warps at every row count);
@@ -40,15 +38,11 @@ from unittest import mock
 import common.model.layers as model_layers
 import common.model.moe as moe_block
 from common.attention import triton_paged
-from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_norm, triton_prefetch
+from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_norm
 
 
 def _prefetch(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(pdl, PREFETCH_BYTES=int(float(arg) * 1e6))
-
-
-def _ahead(arg: str) -> contextlib.AbstractContextManager:
-    return mock.patch.multiple(triton_prefetch, AHEAD_BYTES=int(float(arg) * 1e6))
 
 
 def _quant_launch_old(arg: str) -> contextlib.AbstractContextManager:
@@ -114,7 +108,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 
 
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
-    "prefetch": _prefetch, "ahead": _ahead, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
+    "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-in-norm": _split_k_in_norm}
 
@@ -127,7 +121,7 @@ def parse(spec: str) -> list[str]:
         key, _, arg = name.partition("=")
         if key not in VARIANTS:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
-        if key in ("prefetch", "ahead", "attn-tiles", "quant-in-gemm", "fast-accum") and not arg:
+        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
         try:
             VARIANTS[key](arg)

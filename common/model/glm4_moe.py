@@ -12,7 +12,6 @@ from torch import nn
 
 import common.model.layers as model_layers
 import common.model.moe as moe_block
-from common import ops
 from common.forward.context import get_forward_context
 from common.model.config import ModelConfig
 from common.model.layers import (
@@ -52,9 +51,6 @@ class Glm4MoeAttention(nn.Module):
         # positions [T] int64, x [T,H] (or quantised for an FP8 qkv_proj) -> [T,H], or with unsummed
         # possibly o_proj's split-K slices [T,S,H] (RowParallelLinear.forward)
         q, k, v = self.qkv_proj.forward_parts(x)
-        # a few tokens' attention leaves HBM idle: o_proj's weight starts into L2 beside it (joined at
-        # the end of the forward; common/ops/triton_prefetch.py)
-        ops.prefetch_ahead(self.o_proj.weight, q.shape[0])
         q = q.view(-1, self.num_heads, self.head_dim)  # [T,Hq,D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
@@ -114,9 +110,7 @@ class Glm4MoeModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, residual = layer(positions, x, residual)
             ctx.layer_done(i)
-        out = self.norm.add_and_norm(x, residual)[0]
-        ops.join_ahead(out.device)  # the side stream of prefetch_ahead, if any, joins here
-        return out
+        return self.norm.add_and_norm(x, residual)[0]
 
 
 class Glm4MoeForCausalLM(nn.Module):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common import ops
 from common.model.config import ModelConfig
 from common.model.glm4_moe import Glm4MoeDecoderLayer
 from common.model.layers import Embedding, Linear, RMSNorm
@@ -34,6 +33,4 @@ class Glm4MoeMTP(nn.Module):
         h = self.hnorm(hidden_in)  # [T,H]
         z = self.eh_proj(torch.cat((e, h), dim=-1))  # [T,H]
         z, residual = self.decoder(positions, z, None)
-        out = self.shared_head_norm.add_and_norm(z, residual)[0]
-        ops.join_ahead(out.device)  # the decoder's prefetch_ahead side stream, if any
-        return out
+        return self.shared_head_norm.add_and_norm(z, residual)[0]

@@ -41,8 +41,6 @@ _TRITON_MODULE = {
     "fp8_block_linear": "triton_fp8_gemm",
     "fp8_linear_dynamic": "cublas_fp8",
     "apply_token_bitmask": "triton_bitmask",
-    "prefetch_ahead": "triton_prefetch",
-    "join_ahead": "triton_prefetch",
 }
 
 _backend = "auto"
@@ -187,17 +185,6 @@ def store_kv(
     resolve("store_kv", k.device)(k_cache, v_cache, k, v, slots)
 
 
-def prefetch_ahead(weight: torch.Tensor, tokens: int) -> None:
-    """Ask L2 for part of `weight` on a side stream, ahead of the GEMM that reads it after the kernels
-    launched next (CUDA: triton_prefetch; the torch twin does nothing). Changes no result."""
-    resolve("prefetch_ahead", weight.device)(weight, tokens)
-
-
-def join_ahead(device: torch.device) -> None:
-    """Join any prefetch_ahead side stream back into the current stream (end of a forward)."""
-    resolve("join_ahead", device)(device)
-
-
 def quant_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return resolve("quant_fp8_per_token", x.device)(x)
 
@@ -263,7 +250,7 @@ def fp8_linear_dynamic(
 
 __all__ = [
     "fp8_block_linear", "fp8_linear", "fp8_linear_dynamic", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8", "fused_moe",
-    "fused_moe_fp8", "get_backend", "grouped_topk", "join_ahead", "prefetch_ahead", "qk_norm_rope", "qk_norm_rope_store", "quant_fp8_per_group",
+    "fused_moe_fp8", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "quant_fp8_per_group",
     "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "set_backend",
     "silu_and_mul", "silu_and_mul_quant_fp8", "store_kv", "use_reference",
 ]

@@ -214,14 +214,6 @@ def store_kv(
     v_cache.view(-1, num_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
-def prefetch_ahead(weight: torch.Tensor, tokens: int) -> None:
-    """Nothing: a prefetch only moves weight bytes into a cache, so its twin computes nothing."""
-
-
-def join_ahead(device: torch.device) -> None:
-    """Nothing: no side stream runs here."""
-
-
 # FP8 (E4M3, "fn": no infinities, largest finite 448). Scales are fp32 and multiply back:
 # x ~= q.float() * scale. The amax floor only guards all-zero rows (a finite, nonzero scale and
 # zero codes); it sits far below the amax of any real activation row, so it never coarsens one.

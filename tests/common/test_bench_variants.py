@@ -11,7 +11,7 @@ import pytest
 from benchmarks.kernels.tune_attention import decode_candidates
 from benchmarks.model_step import variants
 from common.attention import triton_paged
-from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_prefetch
+from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8
 
 
 def test_quant_launch_old_restores_the_whole_row_launch() -> None:
@@ -31,13 +31,6 @@ def test_prefetch_budget_is_set_and_restored() -> None:
     assert pdl.PREFETCH_BYTES == served
 
 
-def test_ahead_budget_is_set_and_restored() -> None:
-    served = triton_prefetch.AHEAD_BYTES
-    with variants.variant("ahead=24"):
-        assert triton_prefetch.AHEAD_BYTES == 24_000_000
-    assert triton_prefetch.AHEAD_BYTES == served
-
-
 def test_attention_tiles_replace_plan_for_their_shapes_only(tmp_path: Path) -> None:
     path = tmp_path / "tiles.json"
     path.write_text(json.dumps([{"num_seqs": 64, "rows": 48, "tile": [16, 128, 4, 2, 2]}]))
@@ -50,7 +43,6 @@ def test_attention_tiles_replace_plan_for_their_shapes_only(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("spec, words", [("nope", "unknown variant 'nope'"), ("prefetch", "prefetch needs a value"),
-                                         ("ahead", "ahead needs a value"),
                                          ("attn-tiles=/no/such/file.json", "No such file")])
 def test_bad_variants_fail_at_parse(spec: str, words: str) -> None:
     with pytest.raises((SystemExit, OSError), match=words):

@@ -131,24 +131,3 @@ def test_one_launch_batch_load_equals_twin() -> None:
     got = dirty(g._static_batch(2))
     load_batch(got, batch)
     assert got.input_ids.tolist() == [5, 9] and got.page_table[:, :3].tolist() == [[7, 0, 0], [4, 6, 11]]
-
-
-@torch.inference_mode()
-def test_prefetch_ahead_changes_no_token(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """o_proj's weight asked into L2 on a side stream (triton_prefetch): eager and captured decode steps
-    give the tokens of the forward without it, and the graphs capture (the side stream joins)."""
-    from common.ops import triton_prefetch
-
-    runner = ModelRunner(tiny_model_dir, "cuda", torch.bfloat16, PAGE, 1 + 8 * 16)
-    stepper = PlainStepper(runner, TokenSampler(SpecialIds(None, None, None, ())), StopRules(()))
-    sizes = (1, 2, 4)
-    monkeypatch.setattr(triton_prefetch, "AHEAD_BYTES", 0)
-    plain = {n: _decode(stepper, n) for n in sizes}
-    monkeypatch.setattr(triton_prefetch, "AHEAD_BYTES", 1 << 20)
-    monkeypatch.setattr(triton_prefetch, "AHEAD_MAX_TOKENS", 4)
-    assert {n: _decode(stepper, n) for n in sizes} == plain  # eager, forking
-    runner.capture_decode_graphs(4)
-    for n in sizes:
-        assert _decode(stepper, n) == plain[n], f"batch {n}"
-    assert not triton_prefetch._pending
-    runner.release_graphs()

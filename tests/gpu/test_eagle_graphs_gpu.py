@@ -95,28 +95,6 @@ def test_graph_eagle_steps_give_eager_tokens(tiny_model_dir: Path, s: int, k: in
 
 
 @torch.inference_mode()
-def test_prefetch_ahead_changes_no_eagle_token(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The EAGLE graphs (verify, draft, extend) captured with o_proj's side-stream prefetch on give the
-    tokens of the eager steps without it."""
-    from common.ops import triton_prefetch
-
-    runner = ModelRunner(tiny_model_dir, "cuda", torch.bfloat16, PAGE, 1 + 8 * 16, with_mtp=True)
-    stepper = EagleStepper(runner, TokenSampler(SpecialIds(None, None, None, ())), StopRules(()),
-                           SpecConfig("EAGLE", 3, 1, 4))
-    monkeypatch.setattr(triton_prefetch, "AHEAD_BYTES", 0)
-    plain = {b: _decode(stepper, b) for b in (1, 2)}
-    monkeypatch.setattr(triton_prefetch, "AHEAD_BYTES", 1 << 20)
-    monkeypatch.setattr(triton_prefetch, "AHEAD_MAX_TOKENS", 8)  # the verify of two requests is 8 tokens
-    runner.capture_spec_graphs(2, 3, 1, 4)
-    counts = _count_replays(runner)
-    for b in (1, 2):
-        assert _decode(stepper, b) == plain[b], f"batch {b}"
-    assert counts[0] == 2 * STEPS  # the verify graphs ran
-    assert not triton_prefetch._pending
-    runner.release_graphs()
-
-
-@torch.inference_mode()
 def test_padded_verify_graph_matches_eager_logits(tiny_model_dir: Path) -> None:
     """3 requests replay the verify bucket of 4 (one dummy request on page 0): logits and hidden to bf16
     rounding (the bucket plans its own split-K count), the same argmax where the choice is clear, and
