@@ -20,8 +20,8 @@ A variant is a context manager that changes a module-level choice the model's op
 - `rope-copy`: q rotated into a new tensor instead of in place (`triton_norm.ROPE_IN_PLACE` off);
 - `combine-launch`: the FP8 MoE sums its rows by a launch of its own instead of handing them to the
   next norm (`moe.COMBINE_IN_NORM` off);
-- `split-k-in-norm`: o_proj's few-token split-K GEMM hands its fp32 slices to the next add + norm
-  instead of reducing them by a launch of its own (`layers.SPLIT_K_IN_NORM` on);
+- `split-k-reduce`: o_proj's few-token split-K GEMM reduces its fp32 slices by a launch of its own
+  instead of handing them to the next add + norm (`layers.SPLIT_K_IN_NORM` off);
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -87,8 +87,8 @@ def _combine_launch(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(moe_block, COMBINE_IN_NORM=False)
 
 
-def _split_k_in_norm(arg: str) -> contextlib.AbstractContextManager:
-    return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=True)
+def _split_k_reduce(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=False)
 
 
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
@@ -110,7 +110,7 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
-    "combine-launch": _combine_launch, "split-k-in-norm": _split_k_in_norm}
+    "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce}
 
 
 def parse(spec: str) -> list[str]:

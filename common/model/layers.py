@@ -172,9 +172,10 @@ def fp8_scale_shape(rows: int, cols: int, block: int) -> tuple[int, int]:
 
 
 # o_proj's few-token split-K GEMM hands its fp32 slices to the next add + norm, which adds them up as
-# it loads them (the reduce's own arithmetic) instead of a reduce launch between the two. Off: not yet
-# timed at full depth (`bench_full_depth --ab split-k-in-norm`).
-SPLIT_K_IN_NORM = False
+# it loads them (the reduce's own arithmetic) instead of a reduce launch between the two
+# (docs/performance.md §7p: 0.8-1.3 % off the one-token decode step). False: the reduce launch, for
+# timing the two (`bench_full_depth --ab split-k-reduce`).
+SPLIT_K_IN_NORM = True
 
 
 class RMSNorm(nn.Module):

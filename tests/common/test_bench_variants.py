@@ -102,9 +102,9 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     with variants.variant("combine-launch"):
         assert moe_block.COMBINE_IN_NORM is False
     assert moe_block.COMBINE_IN_NORM is True
-    with variants.variant("split-k-in-norm"):
-        assert model_layers.SPLIT_K_IN_NORM is True
-    assert model_layers.SPLIT_K_IN_NORM is False
+    with variants.variant("split-k-reduce"):
+        assert model_layers.SPLIT_K_IN_NORM is False
+    assert model_layers.SPLIT_K_IN_NORM is True
     assert (cublas_fp8.FAST_ACCUM_ROWS, triton_norm.ROPE_IN_PLACE) == served
     with pytest.raises(SystemExit, match="fast-accum takes a token count"):
         variants.parse("fast-accum=yes")
