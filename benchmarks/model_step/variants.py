@@ -22,6 +22,8 @@ A variant is a context manager that changes a module-level choice the model's op
   next norm (`moe.COMBINE_IN_NORM` off);
 - `split-k-reduce`: o_proj's few-token split-K GEMM reduces its fp32 slices by a launch of its own
   instead of handing them to the next add + norm (`layers.SPLIT_K_IN_NORM` off);
+- `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
+  `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -38,7 +40,7 @@ from unittest import mock
 import common.model.layers as model_layers
 import common.model.moe as moe_block
 from common.attention import triton_paged
-from common.ops import cublas_fp8, pdl, triton_fp8, triton_moe_fp8, triton_norm
+from common.ops import cublas_fp8, pdl, triton_fp8, triton_fp8_gemm, triton_moe_fp8, triton_norm
 
 
 def _prefetch(arg: str) -> contextlib.AbstractContextManager:
@@ -91,6 +93,10 @@ def _split_k_reduce(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=False)
 
 
+def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -110,7 +116,8 @@ def _attn_tiles(arg: str) -> contextlib.AbstractContextManager:
 VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
-    "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce}
+    "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
+    "tiles-rule": _tiles_rule}
 
 
 def parse(spec: str) -> list[str]:

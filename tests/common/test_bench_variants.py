@@ -108,3 +108,19 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     assert (cublas_fp8.FAST_ACCUM_ROWS, triton_norm.ROPE_IN_PLACE) == served
     with pytest.raises(SystemExit, match="fast-accum takes a token count"):
         variants.parse("fast-accum=yes")
+
+
+def test_tiles_rule_hides_the_tuned_table_inside_its_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from common.ops import triton_fp8_gemm
+
+    entry = {"block_n": 64, "split_k": 2, "num_stages": 4, "num_warps": 4, "us": 1.0, "cublas_us": 2.0}
+    monkeypatch.setattr(triton_fp8_gemm, "_tuned_tables", lambda: {"GPU": {"4096,12288": {"1": entry}}})
+    monkeypatch.setattr(triton_fp8_gemm, "_device_name", lambda index: "GPU")
+    dev = torch.device("cuda", 0)  # only its type and index are read
+    assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev).split_k == 2
+    with variants.variant("tiles-rule"):
+        assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev) is None
+        assert not triton_fp8_gemm.cublas_measured_faster(1, 4096, 12288, dev)
+    assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev).block_n == 64
