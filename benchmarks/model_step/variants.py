@@ -22,6 +22,8 @@ A variant is a context manager that changes a module-level choice the model's op
   next norm (`moe.COMBINE_IN_NORM` off);
 - `split-k-reduce`: o_proj's few-token split-K GEMM reduces its fp32 slices by a launch of its own
   instead of handing them to the next add + norm (`layers.SPLIT_K_IN_NORM` off);
+- `route-launch`: one token's FP8 MoE takes grouped_topk's launch before the fused MoE instead of
+  routing inside its gate_up GEMM (`triton_moe_fp8.ROUTE_IN_GATE_UP` off);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
@@ -93,6 +95,10 @@ def _split_k_reduce(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=False)
 
 
+def _route_launch(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(triton_moe_fp8, ROUTE_IN_GATE_UP=False)
+
+
 def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
 
@@ -117,7 +123,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
-    "tiles-rule": _tiles_rule}
+    "tiles-rule": _tiles_rule, "route-launch": _route_launch}
 
 
 def parse(spec: str) -> list[str]:

@@ -29,6 +29,7 @@ from common.model.layers import (
     fp8_scale_shape,
     shard_range,
 )
+from common.ops.reference import Routing
 
 # The FP8 MoE of a single-rank model hands the next norm its per-assignment rows [T,k,H] instead of
 # their sum: the norm adds them as it loads them (the same fp32 sum), so no combine runs between the
@@ -127,6 +128,14 @@ class Experts(nn.Module):
                                   x_quant, self.num_shared, combine or self.tp.size > 1)
         return y if self.tp.size == 1 else self.tp.all_reduce(y)  # routed + shared partials summed
 
+    def forward_routed(self, x: torch.Tensor, logits: torch.Tensor, routing: Routing,
+                       x_quant: tuple[torch.Tensor, torch.Tensor] | None = None, combine: bool = True) -> torch.Tensor:
+        """FP8 experts from the router's logits on (`ops.routed_moe_fp8`: the GPU routes one token inside
+        the fused MoE); as forward otherwise."""
+        y = ops.routed_moe_fp8(x, logits, routing, self.w13, self.w13_scale, self.w2, self.w2_scale, self.fp8_block,
+                               x_quant, combine or self.tp.size > 1)
+        return y if self.tp.size == 1 else self.tp.all_reduce(y)
+
 
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -155,6 +164,9 @@ class MoE(nn.Module):
         if isinstance(x, Fp8Activation):
             x, x_quant = x.normed, (x.q, x.scale)
         logits = self.gate(x, partial=True)  # [S,T,E] fp32 terms: top-k adds them as it loads them
-        weights, ids = ops.grouped_topk(logits, self.gate.e_score_correction_bias, self.top_k, self.n_group,
-                                        self.topk_group, self.renormalize, self.scaling, self.num_shared)
+        routing = Routing(self.gate.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                          self.renormalize, self.scaling, self.num_shared)
+        if self.experts.fp8_block is not None:
+            return self.experts.forward_routed(x, logits, routing, x_quant, combine)
+        weights, ids = ops.grouped_topk(logits, *routing)
         return self.experts(x, weights, ids, x_quant, combine)  # routed (scaled by s) + shared (weight 1)

@@ -31,6 +31,7 @@ _TRITON_MODULE = {
     "silu_and_mul": "triton_norm",
     "fused_moe": "triton_moe",
     "fused_moe_fp8": "triton_moe_fp8",
+    "routed_moe_fp8": "triton_moe_fp8",
     "store_kv": "triton_kv",
     "quant_fp8_per_token": "triton_fp8",
     "quant_fp8_per_group": "triton_fp8",
@@ -179,6 +180,23 @@ def fused_moe_fp8(
                                               combine)
 
 
+def routed_moe_fp8(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    routing: reference.Routing,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    block: int = 0,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    combine: bool = True,
+) -> torch.Tensor:
+    """grouped_topk(router_logits, *routing) then fused_moe_fp8: the FP8 MoE block from the router's
+    logits (the GPU twin routes one token inside the fused MoE, one launch fewer)."""
+    return resolve("routed_moe_fp8", x.device)(x, router_logits, routing, w13, s13, w2, s2, block, x_quant, combine)
+
+
 def store_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
@@ -251,7 +269,7 @@ def fp8_linear_dynamic(
 __all__ = [
     "fp8_block_linear", "fp8_linear", "fp8_linear_dynamic", "fused_add_rms_norm", "fused_add_rms_norm_quant_fp8", "fused_moe",
     "fused_moe_fp8", "get_backend", "grouped_topk", "qk_norm_rope", "qk_norm_rope_store", "quant_fp8_per_group",
-    "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "router_logits", "set_backend",
+    "quant_fp8_per_token", "resolve", "rms_norm", "rms_norm_quant_fp8", "routed_moe_fp8", "router_logits", "set_backend",
     "silu_and_mul", "silu_and_mul_quant_fp8", "store_kv", "use_reference",
 ]
 

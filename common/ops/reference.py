@@ -6,6 +6,8 @@ of the transformers eager path (the numerics reference), so fp32 results agree t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -359,6 +361,33 @@ def fused_moe_fp8(
         rows[sel] = (y * flat_w[sel, None]).to(x.dtype)
     rows = rows.view(x.shape[0], ids.shape[1], x.shape[1])
     return combine_rows(rows, x.dtype) if combine else rows
+
+
+class Routing(NamedTuple):
+    """How a MoE picks each token's experts from its router logits: grouped_topk's arguments after them."""
+
+    correction_bias: torch.Tensor  # [E] fp32
+    top_k: int
+    n_group: int
+    topk_group: int
+    renormalize: bool
+    scaling: float
+    num_shared: int = 0
+
+
+def routed_moe_fp8(
+    x: torch.Tensor,  # [T,H] bf16 | fp16 | fp32
+    router_logits: torch.Tensor,  # [T,E] fp32, or [S,T,E] terms that sum to them
+    routing: Routing,
+    w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,  # as fused_moe_fp8's
+    block: int = 0,
+    x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    combine: bool = True,
+) -> torch.Tensor:
+    """grouped_topk(router_logits, *routing), then fused_moe_fp8 on its weights and ids: the FP8 MoE block
+    from the router's logits on (the GPU twin may route inside the fused MoE, one launch fewer)."""
+    weights, ids = grouped_topk(router_logits, *routing)
+    return fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, x_quant, routing.num_shared, combine)
 
 
 def quant_fp8_weight_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,59 @@ ALIGN_CHUNK = 256  # assignments per program of the multi-chunk alignment (bench
 ALIGN_MAX_CHUNKS = 128
 
 
+@triton.jit
+def _group_limited(c, e, EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, G_PAD: tl.constexpr):
+    """c [BT,E_PAD] bias-corrected scores (-inf past E), e the expert index [E_PAD]: c with -inf outside
+    each token's TOPK_GROUP best groups of EPG experts (a group's score: its two best experts' sum)."""
+    BT: tl.constexpr = c.shape[0]
+    g = tl.arange(0, G_PAD)  # [G_PAD]
+    in_g = (e // EPG)[None, :] == g[:, None]  # [G_PAD,E_PAD]
+    cg = tl.where(in_g[None, :, :], c[:, None, :], float("-inf"))  # [BT,G_PAD,E_PAD]
+    first = tl.argmax(cg, axis=2)  # [BT,G_PAD]
+    m1 = tl.max(cg, axis=2)
+    m2 = tl.max(tl.where(e[None, None, :] == first[:, :, None], float("-inf"), cg), axis=2)
+    gs = tl.where((g < N_GROUP)[None, :], m1 + m2, float("-inf"))  # [BT,G_PAD]
+    keep = tl.zeros((BT, G_PAD), dtype=tl.int32)
+    for _ in tl.static_range(TOPK_GROUP):
+        best = tl.argmax(gs, axis=1)  # [BT]
+        hit = g[None, :] == best[:, None]
+        keep = tl.where(hit, 1, keep)
+        gs = tl.where(hit, float("-inf"), gs)
+    allowed = tl.max((in_g[None, :, :] & (keep[:, :, None] > 0)).to(tl.int32), axis=1)  # [BT,E_PAD]
+    return tl.where(allowed > 0, c, float("-inf"))
+
+
+@triton.jit
+def route_slot(logit_ptr, bias_ptr, stride_s, E, slot, scaling, EPG: tl.constexpr, N_GROUP: tl.constexpr,
+               TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, RENORM: tl.constexpr, E_PAD: tl.constexpr,
+               G_PAD: tl.constexpr, SPLITS: tl.constexpr):
+    """One token's routing as `_grouped_topk_kernel` does it, for one of its slots: (expert id, routing
+    weight) of `slot`; slots from TOPK on are the shared experts E.. with weight 1. The logits are
+    the sum of SPLITS terms (stride_s apart, added in index order). The slot's expert is the one
+    ranked `slot` by bias-corrected score, ties to the lower id as argmax takes them: every expert's
+    rank counts the experts ahead of it, one [E_PAD, E_PAD] comparison and one sum, where the top-k
+    kernel takes TOPK dependent argmax steps. The weight's renormalising sum runs over the selected
+    scores in expert order (the top-k kernel's in rank order: the two may differ in the last bit)."""
+    e = tl.arange(0, E_PAD)  # [E_PAD]
+    em = e < E
+    z = tl.load(logit_ptr + e, mask=em, other=0.0).to(tl.float32)
+    for i in tl.static_range(1, SPLITS):
+        z += tl.load(logit_ptr + i * stride_s + e, mask=em, other=0.0).to(tl.float32)
+    s = tl.sigmoid(z)
+    c = tl.where(em, s + tl.load(bias_ptr + e, mask=em, other=0.0), float("-inf"))
+    if N_GROUP > 1:
+        c = tl.reshape(_group_limited(tl.reshape(c, (1, E_PAD)), e, EPG, N_GROUP, TOPK_GROUP, G_PAD), (E_PAD,))
+    ahead = (c[None, :] > c[:, None]) | ((c[None, :] == c[:, None]) & (e[None, :] < e[:, None]))  # [E_PAD,E_PAD]
+    rank = tl.sum(ahead.to(tl.int32), axis=1)  # [E_PAD]
+    hit = (rank == slot) & em
+    expert = tl.sum(tl.where(hit, e, 0))
+    w = tl.sum(tl.where(hit, s, 0.0))
+    if RENORM:
+        w = w / (tl.sum(tl.where((rank < TOPK) & em, s, 0.0)) + 1e-20)
+    routed = slot < TOPK
+    return tl.where(routed, expert, E + slot - TOPK), tl.where(routed, w * scaling, 1.0)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _grouped_topk_kernel(
     logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_s, stride_l, scaling,
@@ -61,21 +114,7 @@ def _grouped_topk_kernel(
     c = s + tl.load(bias_ptr + e, mask=em, other=0.0)[None, :]
     c = tl.where(em[None, :], c, float("-inf"))
     if N_GROUP > 1:
-        g = tl.arange(0, G_PAD)  # [G_PAD]
-        in_g = (e // EPG)[None, :] == g[:, None]  # [G_PAD,E_PAD]
-        cg = tl.where(in_g[None, :, :], c[:, None, :], float("-inf"))  # [BT,G_PAD,E_PAD]
-        first = tl.argmax(cg, axis=2)  # [BT,G_PAD]
-        m1 = tl.max(cg, axis=2)
-        m2 = tl.max(tl.where(e[None, None, :] == first[:, :, None], float("-inf"), cg), axis=2)
-        gs = tl.where((g < N_GROUP)[None, :], m1 + m2, float("-inf"))  # [BT,G_PAD]
-        keep = tl.zeros((BT, G_PAD), dtype=tl.int32)
-        for _ in tl.static_range(TOPK_GROUP):
-            best = tl.argmax(gs, axis=1)  # [BT]
-            hit = g[None, :] == best[:, None]
-            keep = tl.where(hit, 1, keep)
-            gs = tl.where(hit, float("-inf"), gs)
-        allowed = tl.max((in_g[None, :, :] & (keep[:, :, None] > 0)).to(tl.int32), axis=1)  # [BT,E_PAD]
-        c = tl.where(allowed > 0, c, float("-inf"))
+        c = _group_limited(c, e, EPG, N_GROUP, TOPK_GROUP, G_PAD)
     kk = tl.arange(0, K_PAD)  # [K_PAD]
     ids = tl.zeros((BT, K_PAD), dtype=tl.int32)
     ws = tl.zeros((BT, K_PAD), dtype=tl.float32)

@@ -31,8 +31,9 @@ import triton.language as tl
 from common.ops import triton_moe as tm
 from common.ops.moe_configs import get_config
 from common.ops.pdl import pdl_enabled, pdl_start, prefetch_programs, prefetch_rows
-from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, check_fused_moe_fp8
+from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, Routing, check_fused_moe_fp8
 from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token
+from common.ops.triton_moe import route_slot
 
 _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -72,6 +73,9 @@ def _moe_fp8_gemm_kernel(
     GROUP_M: tl.constexpr, TMA: tl.constexpr, DIRECT: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr,
     QMAX: tl.constexpr, FLOOR: tl.constexpr, HW: tl.constexpr, IDS_READY: tl.constexpr,
     A_QUANT: tl.constexpr = False, ROW_CHUNK: tl.constexpr = 512,
+    logit_ptr=None, bias_ptr=None, stride_ls=0, n_routed=0, route_scaling=1.0, ROUTE: tl.constexpr = False,
+    EPG: tl.constexpr = 1, N_GROUP: tl.constexpr = 1, TOPK_GROUP: tl.constexpr = 1, TOPK: tl.constexpr = 1,
+    RENORM: tl.constexpr = False, E_PAD: tl.constexpr = 1, G_PAD: tl.constexpr = 1, SPLITS: tl.constexpr = 1,
 ):
     """One [BM, BN] output tile of expert-sorted rows, FP8 operands, fp32 accumulation.
     A (a_ptr, e4m3): row = sorted assignment // A_DIV (token for gate_up, assignment for down), its
@@ -88,7 +92,11 @@ def _moe_fp8_gemm_kernel(
     at least two launches back, so they are complete when this launch starts: the down GEMM).
     A_QUANT (down): A holds the intermediate unquantised (ACT) and as_ptr is unused; each A tile is
     quantised as it is loaded, to the codes and scales of `triton_fp8` (BLOCKWISE: each group from its
-    own amax; per row: the row's amax over K taken first, ROW_CHUNK columns a step)."""
+    own amax; per row: the row's amax over K taken first, ROW_CHUNK columns a step).
+    ROUTE (one token's gate_up, DIRECT): no top-k launch ran; each program routes the token itself from
+    the router's logits (`triton_moe.route_slot`: logit_ptr's SPLITS terms, the correction bias, the
+    constexprs as `_grouped_topk_kernel` takes them) for its own slot, and the first program of each
+    slot stores that slot's expert id and routing weight at block_expert_ptr / topw_ptr for down."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BN)
     in_group = GROUP_M * num_n
@@ -110,7 +118,15 @@ def _moe_fp8_gemm_kernel(
                     pf_rows = tl.join(pf_rows, pf_rows + N).reshape(2 * BN)
                 prefetch_rows(w_ptr + pf_expert * stride_we, pf_rows, stride_wn, 0, K)
     pdl_start(PDL)
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if ROUTE:
+        slot_expert, slot_weight = route_slot(logit_ptr, bias_ptr, stride_ls, n_routed, pid_m, route_scaling, EPG,
+                                              N_GROUP, TOPK_GROUP, TOPK, RENORM, E_PAD, G_PAD, SPLITS)
+        if pid_n == 0:
+            tl.store(block_expert_ptr + pid_m, slot_expert)
+            tl.store(topw_ptr + pid_m, slot_weight)
+        expert = slot_expert.to(tl.int64)
+    else:
+        expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
         return
     if DIRECT:
@@ -226,17 +242,21 @@ def fuses_quant(inter: int, block: int, block_n: int) -> bool:
 def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor,
           out_scale: torch.Tensor | None, sorted_ids: torch.Tensor | None, block_expert: torch.Tensor,
           topw: torch.Tensor | None, numel: int, n: int, k: int, a_div: int, gated: bool, block: int, act: torch.dtype,
-          block_m: int, cfg: dict, pdl: bool, shared: int = 0) -> None:
+          block_m: int, cfg: dict, pdl: bool, shared: int = 0, route: tuple | None = None,
+          ids_ready: bool = True) -> None:
     """One grouped FP8 GEMM launch (gate_up when gated, else down); out_scale given: gate_up
     quantises its output (out e4m3). sorted_ids None: the one-token path, whose gate_up runs the
     last `shared` blocks (fused shared experts) first and asks L2 for their weights early, and whose
-    down asks for every block's; topw None: gate_up; a_scale None (down only): `a` is unquantised and
-    the kernel quantises it as it loads it."""
+    down asks for every block's (ids_ready: the ids were written two launches back or earlier);
+    topw None: gate_up; a_scale None (down only): `a` is unquantised and the kernel quantises it as
+    it loads it. route (one token's gate_up): (logits [S,1,E], Routing, weights [k] fp32): the kernel
+    routes the token and writes block_expert and the weights."""
     max_blocks = block_expert.shape[0]
     bn, bk = cfg["BLOCK_N"], block or cfg["BLOCK_K"]
     direct = sorted_ids is None
     first_slot = max_blocks - shared if direct and gated else 0
-    early = prefetch_programs(bn * (2 if gated else 1) * k, pdl and direct and (shared > 0 or not gated))
+    early = prefetch_programs(bn * (2 if gated else 1) * k,
+                              pdl and direct and (shared > 0 or (not gated and ids_ready)))
     tma = (bool(cfg.get("tma")) and tm.tma_supported(w.device) and w.is_contiguous()
            and (w.shape[-1] * w.element_size()) % 16 == 0)
     desc = tm._weight_descriptor(w, bn, bk) if tma else None
@@ -245,6 +265,16 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
     if a_quant and gated:
         raise ValueError("fused_moe_fp8: gate_up takes its input quantised")
     a_scale = w_scale if a_quant else a_scale  # (unused under A_QUANT)
+    route_args: dict = {}
+    if route is not None:
+        logits, routing, topw = route
+        n_routed, n_group = logits.shape[-1], routing.n_group
+        route_args = {
+            "logit_ptr": logits, "bias_ptr": routing.correction_bias, "stride_ls": logits.stride(0),
+            "n_routed": n_routed, "route_scaling": float(routing.scaling), "ROUTE": True, "EPG": n_routed // n_group,
+            "N_GROUP": n_group, "TOPK_GROUP": routing.topk_group, "TOPK": routing.top_k, "RENORM": routing.renormalize,
+            "E_PAD": triton.next_power_of_2(n_routed), "G_PAD": triton.next_power_of_2(n_group),
+            "SPLITS": logits.shape[0]}
     _moe_fp8_gemm_kernel[(max_blocks * triton.cdiv(n, bn),)](
         a, a_scale, w, desc, w_scale, out, scale_out, sorted_ids, block_expert, a_scale if topw is None else topw, numel, n, k, max_blocks,
         a.stride(0), 0 if a_quant else a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
@@ -253,7 +283,7 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
         GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
         DIRECT=direct, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
         HW=hw_round(a.device), IDS_READY=not gated, A_QUANT=a_quant,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl, **route_args,
     )
 
 
@@ -265,32 +295,32 @@ def quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 def gate_up(x_q: torch.Tensor, x_s: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
             sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, top_k: int, block: int, act: torch.dtype,
             block_m: int, cfg: dict, pdl: bool, shared: int = 0,
-            down_quantises: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            down_quantises: bool = False, route: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gate_up GEMM and the intermediate's quantisation (in its epilogue or one more launch):
-    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32). shared: as _gemm's. down_quantises: where
-    the epilogue cannot quantise, (the intermediate in `act`, None), for the down GEMM to quantise
-    as it loads it (no launch in between)."""
+    (act_q [T*k, I] e4m3, act_s [T*k, 1 | I/block] fp32). shared, route: as _gemm's. down_quantises:
+    where the epilogue cannot quantise, (the intermediate in `act`, None), for the down GEMM to
+    quantise as it loads it (no launch in between)."""
     numel, inter = x_q.shape[0] * top_k, w13.shape[1] // 2
     if fuses_quant(inter, block, cfg["BLOCK_N"]):
         act_q = torch.empty((numel, inter), dtype=torch.float8_e4m3fn, device=x_q.device)
         act_s = torch.empty((numel, inter // block if block else 1), dtype=torch.float32, device=x_q.device)
         _gemm(x_q, x_s, w13, s13, act_q, act_s, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k,
-              True, block, act, block_m, cfg, pdl, shared)
+              True, block, act, block_m, cfg, pdl, shared, route)
         return act_q, act_s
     act_h = torch.empty((numel, inter), dtype=act, device=x_q.device)  # [T*k, I]
     _gemm(x_q, x_s, w13, s13, act_h, None, sorted_ids, block_expert, None, numel, inter, w13.shape[2], top_k, True,
-          block, act, block_m, cfg, pdl, shared)
+          block, act, block_m, cfg, pdl, shared, route)
     return (act_h, None) if down_quantises else quantize(act_h, block)
 
 
 def down(act_q: torch.Tensor, act_s: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor, y: torch.Tensor,
          sorted_ids: torch.Tensor | None, block_expert: torch.Tensor, topw: torch.Tensor, block: int,
-         block_m: int, cfg: dict, pdl: bool) -> None:
+         block_m: int, cfg: dict, pdl: bool, ids_ready: bool = True) -> None:
     """The down GEMM times the routing weight (in fp32), rounded into y [T*k, H] (x's dtype); act_s
-    None: act_q is the unquantised intermediate, quantised in the GEMM."""
+    None: act_q is the unquantised intermediate, quantised in the GEMM. ids_ready: as _gemm's."""
     numel, hidden = y.shape
     _gemm(act_q, act_s, w2, s2, y, None, sorted_ids, block_expert, topw, numel, hidden, w2.shape[2], 1, False,
-          block, y.dtype, block_m, cfg, pdl)
+          block, y.dtype, block_m, cfg, pdl, ids_ready=ids_ready)
 
 
 def fused_moe_fp8(
@@ -317,8 +347,11 @@ def fused_moe_fp8_with_config(
     x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_shared: int = 0,
     combine: bool = True,
+    route: tuple[torch.Tensor, Routing] | None = None,  # one token: (logits, routing), weights / ids its outputs
 ) -> torch.Tensor:
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
+    if route is not None and (x.shape[0] != 1 or ids.dtype != torch.int32 or weights.dtype != torch.float32):
+        raise ValueError("fused_moe_fp8: routing inside gate_up takes one token, ids int32 and weights float32")
     if block & (block - 1) or 0 < block < 16:
         raise ValueError(f"fused_moe_fp8: the kernel's K step is the block: block={block} must be a power of two >= 16")
     for name, t in (("w13", w13), ("w2", w2)):
@@ -336,16 +369,21 @@ def fused_moe_fp8_with_config(
         sorted_ids, block_expert = None, ids.reshape(-1).to(torch.int32)
     else:
         sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), num_experts, bm)
-    topw = weights.reshape(-1).float().contiguous()
+    topw = weights.reshape(-1).float().contiguous()  # (routed in gate_up: weights' own storage)
     # per-assignment rows in x's dtype (halves the down GEMM's stores and the combine's reads against
     # fp32: 1.2 GB a layer at an 8K prefill of Air); the combine sums them in fp32
     y = torch.empty((n_tok * top_k, hidden), dtype=ROWS_DTYPE or x.dtype, device=x.device)  # [T*k, H]
     # the launch right before gate_up (PDL: its programmatic predecessor), unless x's producer quantised it
     x_q, x_s = x_quant if x_quant is not None else quantize(x, block)
     pdl = pdl_enabled(x.device)
+    down_quantises = n_tok <= DOWN_QUANT_TOKENS
+    gate_up_route = None if route is None else (*route, topw)
     act_q, act_s = gate_up(x_q, x_s, w13, s13, sorted_ids, block_expert, top_k, block, x.dtype, bm, cfg["up"], pdl,
-                           num_shared, n_tok <= DOWN_QUANT_TOKENS)
-    down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl)
+                           num_shared, down_quantises, gate_up_route)
+    # ids written by gate_up are complete when down starts only with a quantiser launch in between
+    quant_between = not fuses_quant(w2.shape[2], block, cfg["up"]["BLOCK_N"]) and not down_quantises
+    down(act_q, act_s, w2, s2, y, sorted_ids, block_expert, topw, block, bm, cfg["down"], pdl,
+         route is None or quant_between)
     if not combine:
         return y.view(n_tok, top_k, hidden)
     out = torch.empty((n_tok, hidden), dtype=x.dtype, device=x.device)
@@ -353,4 +391,31 @@ def fused_moe_fp8_with_config(
     return out
 
 
-__all__ = ["DOWN_QUANT_TOKENS", "down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant", "gate_up", "quantize"]
+# One token's FP8 MoE routes inside its gate_up GEMM (`routed_moe_fp8`): the top-k launch between the
+# router and gate_up goes. False: grouped_topk's launch, then the fused MoE, for timing the two.
+ROUTE_IN_GATE_UP = True
+
+
+def routed_moe_fp8(
+    x: torch.Tensor, router_logits: torch.Tensor, routing: Routing, w13: torch.Tensor, s13: torch.Tensor,
+    w2: torch.Tensor, s2: torch.Tensor, block: int = 0, x_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+    combine: bool = True,
+) -> torch.Tensor:
+    """reference.routed_moe_fp8: one token (ROUTE_IN_GATE_UP) is routed by the gate_up GEMM's programs,
+    each for its own slot; more tokens take grouped_topk's launch, then fused_moe_fp8."""
+    if x.shape[0] != 1 or not ROUTE_IN_GATE_UP:
+        weights, ids = tm.grouped_topk(router_logits, *routing)
+        return fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, x_quant, routing.num_shared, combine)
+    logits = router_logits if router_logits.dim() == 3 else router_logits[None]
+    if logits.shape[1] != 1 or logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    routing = routing._replace(correction_bias=routing.correction_bias.float().contiguous())
+    width = routing.top_k + routing.num_shared
+    weights = torch.empty((1, width), dtype=torch.float32, device=x.device)
+    ids = torch.empty((1, width), dtype=torch.int32, device=x.device)
+    return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, x_quant, routing.num_shared,
+                                     combine, (logits, routing))
+
+
+__all__ = ["DOWN_QUANT_TOKENS", "ROUTE_IN_GATE_UP", "down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant",
+           "gate_up", "quantize", "routed_moe_fp8"]

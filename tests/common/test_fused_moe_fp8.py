@@ -247,6 +247,22 @@ def test_triton_interpreted() -> None:
     run_interpreted(__file__, "moe_fp8", 150)
 
 
+def test_routed_twin_is_top_k_then_the_fused_moe() -> None:
+    x, w13, s13, w2, s2, _, _ = gaussian_case(3, 7, 4, 64, 32, 0)
+    terms, bias = torch.randn(2, 3, 6), torch.randn(6) / 4
+    routing = ref.Routing(bias, 3, 2, 1, True, 2.5, 1)
+    weights, ids = ref.grouped_topk(terms, *routing)
+    want = ref.fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, 0, None, 1, False)
+    assert torch.equal(ops.routed_moe_fp8(x, terms, routing, w13, s13, w2, s2, 0, None, False), want)
+
+
+def test_triton_routing_in_gate_up_interpreted() -> None:
+    pytest.importorskip("triton")
+    from tests.common.test_triton_interpret import run_interpreted
+
+    run_interpreted(__file__, "moe_fp8_routed", 150)
+
+
 # --------------------------------------------------------------------------- subprocess side
 def _group_moe_fp8() -> None:
     """The kernel against the twin: exact operands to 1e-5 (fp32 accumulation order only), through
@@ -312,9 +328,56 @@ def _group_moe_fp8() -> None:
         assert err < 2e-2
 
 
+def _group_moe_fp8_routed() -> None:
+    """One token routed by the gate_up GEMM's programs (ROUTE) against grouped_topk's kernel then the
+    fused MoE: the same ids in the same (descending) order, the weights to fp32 rounding of their
+    renormalising sum, the output to the twin's bound; with the intermediate quantised apart (a launch
+    between gate_up and down) and in gate_up's epilogue, groups, several logit terms, exact ties
+    (taken by the lower id), the routing switch off."""
+    from common.ops import triton_moe as tm
+    from common.ops import triton_moe_fp8 as tf8
+    from tests.common.test_triton_interpret import poisoned
+
+    part = {"BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 2, "tma": False}
+    narrow = {"BLOCK_M": 16, "up": dict(part, BLOCK_N=16, swap=False), "down": dict(part, BLOCK_N=32, swap=True)}
+    fused = {"BLOCK_M": 16, "up": dict(part, BLOCK_N=64, swap=True), "down": dict(part, BLOCK_N=32, swap=False)}
+    cases = [  # (routed experts, top_k, n_group, topk_group, logit terms, block, config, ties)
+        (6, 3, 1, 1, 1, 0, narrow, False), (6, 3, 1, 1, 3, 32, narrow, False), (8, 4, 4, 2, 2, 0, fused, False),
+        (12, 2, 1, 1, 1, 32, fused, False), (6, 3, 1, 1, 1, 0, narrow, True), (8, 3, 2, 1, 1, 0, narrow, True),
+    ]
+    for e, k, groups, topk_group, splits, block, config, ties in cases:
+        x, w13, s13, w2, s2, _, _ = gaussian_case(1, e + 1, k + 1, 64, 64, block)
+        terms = torch.zeros(splits, 1, e) if ties else torch.randn(splits, 1, e)
+        bias = torch.zeros(e) if ties else torch.randn(e) / 4
+        routing = ref.Routing(bias, k, groups, topk_group, True, 2.5, 1)
+        want_w, want_ids = tm.grouped_topk(terms, *routing)
+        weights, ids = poisoned(torch.empty)((1, k + 1)), poisoned(torch.empty)((1, k + 1), dtype=torch.int32)
+        out = tf8.fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, config, None, 1, True,
+                                            (terms, routing))
+        name = f"E={e} k={k} groups={groups}/{topk_group} terms={splits} block={block} up BN={config['up']['BLOCK_N']}"
+        assert torch.equal(ids, want_ids), f"{name}: ids {ids.tolist()} against grouped_topk's {want_ids.tolist()}"
+        assert torch.allclose(weights, want_w, rtol=1e-6, atol=0), f"{name}: weights {weights} against {want_w}"
+        err = rel(out, ref.fused_moe_fp8(x, w13, s13, w2, s2, want_w, want_ids, block))
+        print(f"routed in gate_up {name}: ids equal, rel {err:.2e}")
+        assert err < 2e-2
+        if ties:  # every score equal: the lowest ids, in the first group
+            assert ids[0].tolist() == [*range(k), e]
+    served = tf8.ROUTE_IN_GATE_UP
+    x, w13, s13, w2, s2, _, _ = gaussian_case(1, 7, 4, 64, 64, 0)
+    terms, routing = torch.randn(2, 1, 6), ref.Routing(torch.randn(6) / 4, 3, 1, 1, True, 2.5, 1)
+    outs = []
+    for on in (True, False):
+        tf8.ROUTE_IN_GATE_UP = on
+        outs.append(tf8.routed_moe_fp8(x, terms, routing, w13, s13, w2, s2, 0, None, False))
+    tf8.ROUTE_IN_GATE_UP = served
+    err = rel(outs[0], outs[1])
+    print(f"routed_moe_fp8 in gate_up against the top-k launch: rows rel {err:.2e}")
+    assert outs[0].shape == (1, 4, 64) and err < 1e-6
+
+
 if __name__ == "__main__":
     from tests.common.test_triton_interpret import _setup
 
     _setup()
-    {"moe_fp8": _group_moe_fp8}[sys.argv[1]]()
+    {"moe_fp8": _group_moe_fp8, "moe_fp8_routed": _group_moe_fp8_routed}[sys.argv[1]]()
     print(f"OK {sys.argv[1]}")

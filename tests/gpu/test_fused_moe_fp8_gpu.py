@@ -254,6 +254,51 @@ def test_one_token_down_quantises_bit_equal(shape: str, block: int, experts: dic
     assert_prefetch_equals_plain(step, lambda: logits.copy_(torch.randn_like(logits)), 16, monkeypatch)
 
 
+@pytest.mark.parametrize(("shape", "block"), [("air", 0), ("air", 128), ("glm45", 0)])
+def test_one_token_routed_in_gate_up(shape: str, block: int, experts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token routed by the gate_up GEMM's programs (no top-k launch) picks grouped_topk's experts in
+    its order with its weights to the last bit, and its rows equal the top-k launch's path to fp32
+    rounding, eagerly and in a CUDA graph of the two under PDL replayed on new logits (down reads the ids
+    gate_up wrote: before its wait only with a quantiser launch in between)."""
+    from common.ops import reference as ref
+    from common.ops import triton_moe as tm
+    from common.ops import triton_moe_fp8 as tf8
+
+    e, h, _ = SHAPES[shape]
+    w13, s13, w2, s2 = weights_for(experts, shape, block)
+    x = activations(1, h)
+    terms, bias = torch.randn(3, 1, e, device=DEV), 0.1 * torch.randn(e, device=DEV)
+    routing = ref.Routing(bias, TOP_K, 1, 1, True, 2.5, 1)
+    weights = torch.empty(1, TOP_K + 1, device=DEV)
+    ids = torch.empty(1, TOP_K + 1, dtype=torch.int32, device=DEV)
+
+    def routed() -> torch.Tensor:
+        return tf8.fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, None, None, 1, False,
+                                             (terms, routing))
+
+    def launched() -> tuple[torch.Tensor, ...]:
+        want_w, want_ids = tm.grouped_topk(terms, *routing)
+        return tf8.fused_moe_fp8(x, w13, s13, w2, s2, want_w, want_ids, block, None, 1, False), want_w, want_ids
+
+    for _ in range(3):
+        out = routed()
+        want, want_w, want_ids = launched()
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights, want_w, rtol=2e-7, atol=0)
+        assert rel(out, want) < 1e-3
+        terms.normal_()
+    monkeypatch.setattr(tf8, "ROUTE_IN_GATE_UP", True)
+    graph = torch.cuda.CUDAGraph()
+    routed()  # compile outside the capture
+    with torch.cuda.graph(graph):
+        y = tf8.routed_moe_fp8(x, terms, routing, w13, s13, w2, s2, block, None, False)
+    for _ in range(3):
+        terms.normal_()
+        graph.replay()
+        want, _, _ = launched()
+        assert rel(y, want) < 1e-3
+
+
 def test_dispatch_takes_the_kernel_on_cuda() -> None:
     from common import ops
     from common.ops import triton_moe_fp8 as tf8
