@@ -22,6 +22,8 @@ A variant is a context manager that changes a module-level choice the model's op
   next norm (`moe.COMBINE_IN_NORM` off);
 - `split-k-reduce`: o_proj's few-token split-K GEMM reduces its fp32 slices by a launch of its own
   instead of handing them to the next add + norm (`layers.SPLIT_K_IN_NORM` off);
+- `amax-launch`: o_proj's input quantised by the quantiser's own launch instead of from the head amaxes
+  the attention's split merge hands over (`layers.AMAX_HANDOFF_ROWS` 0);
 - `route-launch`: one token's FP8 MoE takes grouped_topk's launch before the fused MoE instead of
   routing inside its gate_up GEMM (`triton_moe_fp8.ROUTE_IN_GATE_UP` off);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
@@ -95,6 +97,10 @@ def _split_k_reduce(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=False)
 
 
+def _amax_launch(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(model_layers, AMAX_HANDOFF_ROWS=0)
+
+
 def _route_launch(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_moe_fp8, ROUTE_IN_GATE_UP=False)
 
@@ -123,7 +129,8 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
-    "tiles-rule": _tiles_rule, "route-launch": _route_launch}
+    "tiles-rule": _tiles_rule, "route-launch": _route_launch,
+    "amax-launch": _amax_launch}
 
 
 def parse(spec: str) -> list[str]:

@@ -44,8 +44,11 @@ def paged_attention(
     v_cache: torch.Tensor,  # [P,S,Hk,D]
     batch: ForwardBatch,
     scale: float,
+    amax: torch.Tensor | None = None,  # [T,Hq] fp32: filled with each (token, head)'s max |o|
 ) -> torch.Tensor:  # [T,Hq,D]
-    return resolve(q.device)(q, k_cache, v_cache, batch, scale)
+    """amax, given: each (token, head)'s max |o| as returned, for the per-token quantiser of o's
+    consumer (the Triton backend's split merge writes it as it stores o)."""
+    return resolve(q.device)(q, k_cache, v_cache, batch, scale, amax)
 
 
 __all__ = ["paged_attention", "resolve"]

@@ -23,7 +23,14 @@ class PagedAttentionFn(Protocol):
         v_cache: torch.Tensor,  # [P,S,Hk,D]
         batch: ForwardBatch,
         scale: float,
+        amax: torch.Tensor | None = None,  # [T,Hq] fp32: filled with each (token, head)'s max |o|
     ) -> torch.Tensor: ...  # [T,Hq,D]
+
+
+def head_amax(o: torch.Tensor, amax: torch.Tensor) -> None:
+    """amax [T,Hq] fp32 = max |o| over each head's D values (o [T,Hq,D] as stored): the per-token
+    quantiser's amax of the attention output is the max of a row's."""
+    amax.copy_(o.abs().amax(dim=-1))
 
 
 def visible_slots(batch: ForwardBatch, b: int) -> torch.Tensor:

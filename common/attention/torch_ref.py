@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from common.attention.base import sequence_slots, visible_slots
+from common.attention.base import head_amax, sequence_slots, visible_slots
 from common.forward.batch import ForwardBatch
 
 
@@ -18,6 +18,7 @@ def paged_attention(
     v_cache: torch.Tensor,  # [P,S,Hk,D]
     batch: ForwardBatch,
     scale: float,
+    amax: torch.Tensor | None = None,  # [T,Hq] fp32: filled with each head's max |o|
 ) -> torch.Tensor:  # [T,Hq,D]
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -38,4 +39,6 @@ def paged_attention(
         ob = torch.einsum("hgqn,hnd->hgqd", probs, v)  # [Hk,G,n_q,D]
         out[start : start + n_q] = ob.permute(2, 0, 1, 3).reshape(n_q, num_q_heads, head_dim).to(q.dtype)
         start += n_q
+    if amax is not None:
+        head_amax(out, amax)
     return out

@@ -38,6 +38,7 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from common.attention.base import head_amax
 from common.forward.batch import ForwardBatch
 from common.ops.moe_configs import num_sms
 from common.ops.pdl import pdl_kwargs, pdl_start
@@ -153,8 +154,10 @@ def _paged_attn_kernel(
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_SPLITS,
-                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
-    """grid (T, HQ): o = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max)."""
+                         NS_PAD: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
+                         amax_ptr=None, AMAX: tl.constexpr = False):
+    """grid (T, HQ): o = sum_s 2^(lse_s - max) * o_s / sum_s 2^(lse_s - max). AMAX: also max |o| (as
+    stored, in o's dtype) at amax_ptr [T, HQ] fp32, for the consumer's per-token quantiser."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -166,8 +169,10 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_
     w = tl.exp2(lse - mx)
     po = tl.load(po_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < NUM_SPLITS)[:, None] & (d < D)[None, :],
                  other=0.0)
-    out = tl.sum(po * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty), mask=d < D)
+    out = (tl.sum(po * w[:, None], axis=0) / tl.sum(w, axis=0)).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out, mask=d < D)
+    if AMAX:
+        tl.store(amax_ptr + t * HQ + h, tl.max(tl.where(d < D, tl.abs(out.to(tl.float32)), 0.0), axis=0))
 
 
 # Small-query tiles (H100, context 1024, `tune_attention --decode`): a decode row block of 16 with
@@ -248,17 +253,22 @@ def paged_attention(
     v_cache: torch.Tensor,  # [P,S,Hk,D]
     batch: ForwardBatch,
     scale: float,
+    amax: torch.Tensor | None = None,  # [T,Hq] fp32, filled with each head's max |o|
 ) -> torch.Tensor:  # [T,Hq,D]
-    """Attention of every query over its visible slots (see module docstring); kernel by batch shape."""
+    """Attention of every query over its visible slots (see module docstring); kernel by batch shape.
+    amax: the split merge writes it as it stores o; without a merge, one more launch."""
     out = sdpa_prefill(q, k_cache, v_cache, batch, scale)
-    if out is not None:
-        return out
-    return paged_attention_splits(q, k_cache, v_cache, batch, scale, None)
+    if out is None:
+        out = paged_attention_splits(q, k_cache, v_cache, batch, scale, None, amax)
+    elif amax is not None:
+        head_amax(out, amax)
+    return out
 
 
 def paged_attention_splits(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
     num_splits: int | None,  # None: plan(); tests and benchmarks force split-K counts
+    amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n_tok, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -294,9 +304,12 @@ def paged_attention_splits(
         BM=bm, BN=bn, num_warps=warps, num_stages=stages, **pdl_kwargs(q.device),
     )
     if splits > 1:
+        amax_args = {} if amax is None else {"amax_ptr": amax, "AMAX": True}
         _merge_splits_kernel[(n_tok, hq)](po, plse, out, hq, out.stride(0), out.stride(1), splits,
                                           NS_PAD=triton.next_power_of_2(splits), D=d,
-                                          BD=bd, num_warps=4, **pdl_kwargs(q.device))
+                                          BD=bd, num_warps=4, **pdl_kwargs(q.device), **amax_args)
+    elif amax is not None:
+        head_amax(out, amax)
     return out
 
 

@@ -55,10 +55,13 @@ class Glm4MoeAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T,Hk,D]
         cos_sin = rope_cos_sin(self.rotary_dim, self.rope_theta, self.max_positions, positions.device)
+        amax = None  # each head's max |o| for an FP8 o_proj's quantiser, at few tokens
+        if self.o_proj.fp8_block == 0 and q.shape[0] <= model_layers.AMAX_HANDOFF_ROWS:
+            amax = torch.empty(q.shape[0], self.num_heads, dtype=torch.float32, device=q.device)
         o = self.attn(q, k, v, positions, cos_sin, self.rotary_dim,  # norm + RoPE + K/V store, attention
                       self.q_norm.weight if self.q_norm is not None else None,
-                      self.k_norm.weight if self.k_norm is not None else None, self.eps)  # [T,Hq,D]
-        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim), unsummed)
+                      self.k_norm.weight if self.k_norm is not None else None, self.eps, amax)  # [T,Hq,D]
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim), unsummed, amax)
 
 
 class Glm4MoeDecoderLayer(nn.Module):

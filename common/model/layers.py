@@ -177,6 +177,12 @@ def fp8_scale_shape(rows: int, cols: int, block: int) -> tuple[int, int]:
 # timing the two (`bench_full_depth --ab split-k-reduce`).
 SPLIT_K_IN_NORM = True
 
+# Up to this many tokens the paged attention hands o_proj each head's max |o| (its split merge writes
+# it beside o) and an FP8 o_proj on the few-token GEMM quantises o from them as it loads it: no
+# quantiser launch between attention and o_proj, and no program reads the whole row for its amax
+# (the re-read that made QUANT_IN_GEMM_ROWS lose, docs/performance.md §7n). 0: the quantiser's launch.
+AMAX_HANDOFF_ROWS = 64
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -260,15 +266,16 @@ class Linear(nn.Linear):
         return self._product(x, self.bias)
 
     def _product(self, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None,
-                 unsummed: bool = False) -> torch.Tensor:
+                 unsummed: bool = False, x_amax: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias); unsummed (a 2-D unquantised x into FP8 weights): possibly the GEMM's fp32
-        split-K slices [T,S,N] for a fused_add_rms_norm to add up (`ops.fp8_linear_dynamic`)."""
+        split-K slices [T,S,N] for a fused_add_rms_norm to add up; x_amax: the max |x| of each row as
+        the max over its columns, from x's producer (both `ops.fp8_linear_dynamic`'s)."""
         if self.fp8_block is None:
             return F.linear(x, self.weight, bias)
         if not isinstance(x, Fp8Activation):  # quantised dynamically: inside the GEMM at few tokens
             lead = x.shape[:-1]
             y = ops.fp8_linear_dynamic(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale, bias, x.dtype,
-                                       self.fp8_block, unsummed and x.dim() == 2)
+                                       self.fp8_block, unsummed and x.dim() == 2, x_amax)
             return y if y.dim() == 3 else y.view(*lead, -1)
         if self.fp8_block == 0:
             return ops.fp8_linear(x.q, x.scale, self.weight, self.weight_scale, bias, x.dtype)
@@ -355,12 +362,13 @@ class RowParallelLinear(Linear):
     def splits_fp8_blocks(self, block: int) -> str | None:
         return cut_blocks("input columns", self.full_in, self.source.start, self.in_features, block)
 
-    def forward(self, x: torch.Tensor | Fp8Activation, unsummed: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Activation, unsummed: bool = False,
+                x_amax: torch.Tensor | None = None) -> torch.Tensor:
         """unsummed: one rank may hand on the split-K slices (`Linear._product`); the all-reduce of
-        several ranks needs the sum."""
+        several ranks needs the sum. x_amax: x's partial row amaxes (`ops.fp8_linear_dynamic`)."""
         if self.tp.size == 1:
-            return self._product(x, self.bias, unsummed)
-        y = self.tp.all_reduce(self._product(x, None))
+            return self._product(x, self.bias, unsummed, x_amax)
+        y = self.tp.all_reduce(self._product(x, None, x_amax=x_amax))
         return y if self.bias is None else y + self.bias
 
 
@@ -432,10 +440,11 @@ class PagedAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, rotary_dim: int, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
-                eps: float) -> torch.Tensor:
-        # q [T,Hq,D] (rotated in place), k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]
+                eps: float, amax: torch.Tensor | None = None) -> torch.Tensor:
+        # q [T,Hq,D] (rotated in place), k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]; amax [T,Hq] fp32
+        # given: filled with each head's max |o| (common.attention.paged_attention)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_pool.k[self.layer_id], ctx.kv_pool.v[self.layer_id]
         q = ops.qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
                                    k_cache, v_cache, ctx.batch.out_slots)
-        return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale)
+        return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale, amax)

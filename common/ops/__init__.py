@@ -260,10 +260,11 @@ def fp8_linear_dynamic(
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
     unsummed: bool = False,
+    x_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """On CUDA, cublas_fp8.fp8_linear_dynamic: the quantiser, then fp8_linear / fp8_block_linear's paths
-    (optionally the few-token Triton GEMM quantising x itself). unsummed: see the reference twin."""
-    return resolve("fp8_linear_dynamic", x.device)(x, w_q, w_scale, bias, out_dtype, block, unsummed)
+    (optionally the few-token Triton GEMM quantising x itself). unsummed, x_amax: see the reference twin."""
+    return resolve("fp8_linear_dynamic", x.device)(x, w_q, w_scale, bias, out_dtype, block, unsummed, x_amax)
 
 
 __all__ = [

@@ -170,15 +170,21 @@ def fp8_linear_dynamic(
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
     unsummed: bool = False,
+    x_amax: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """reference.fp8_linear_dynamic on the GPU: the Triton quantiser, then `fp8_linear` (as above) or
     the block GEMM; up to QUANT_IN_GEMM_ROWS tokens, the Triton GEMM quantising x as it loads it (the
-    quantiser's codes and scales, one launch). unsummed (no bias): a split-K Triton GEMM returns its
-    fp32 slices [T,S,N] without the reduce launch; every other path its [T,N] result."""
+    quantiser's codes and scales, one launch); with x's partial row amaxes (x_amax, channel scales)
+    where `fp8_linear` would take the few-token Triton GEMM, that GEMM quantises x from them. unsummed
+    (no bias): a split-K Triton GEMM returns its fp32 slices [T,S,N] without the reduce launch; every
+    other path its [T,N] result."""
     from common.ops import triton_fp8, triton_fp8_gemm  # import triton: only where CUDA runs
 
     m, (n, k) = x.shape[0], w_q.shape
     unsummed = unsummed and bias is None
+    if (x_amax is not None and not block and _triton_fits_weight(w_q, w_scale)
+            and _few_token_triton(m, n, k, w_q, w_scale)):
+        return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, 0, unsummed=unsummed, x_amax=x_amax)
     if _quant_in_gemm(m, n, k, w_q, w_scale, block):
         return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block, unsummed=unsummed)
     if block:

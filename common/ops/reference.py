@@ -472,12 +472,15 @@ def fp8_linear_dynamic(
     out_dtype: torch.dtype = torch.bfloat16,
     block: int = 0,
     unsummed: bool = False,
+    x_amax: torch.Tensor | None = None,  # [T,G] fp32: max |x| over G parts of each row (a hint)
 ) -> torch.Tensor:
     """The W8A8 linear of an unquantised x: x quantised per token (block 0) or per 1 x b group, then
     `fp8_linear` / `fp8_block_linear` (the GPU twin may quantise inside the GEMM: the same codes).
     unsummed (no bias): the result may come as fp32 partial products [T,S,N] whose `combine_rows` to
     out_dtype is the [T,N] result, for the next fused_add_rms_norm to add up (here S = 1: the fp32
-    product itself; the GPU twin hands over its split-K slices)."""
+    product itself; the GPU twin hands over its split-K slices). x_amax, from x's producer: the max
+    over its G columns of each row is the row's max |x| (x as given), which the GPU twin's in-GEMM
+    quantiser takes instead of reading the row again; the result does not depend on it."""
     x_q, x_scale = quant_fp8_per_token(x) if block == 0 else quant_fp8_per_group(x, block)
     rows = unsummed and bias is None
     dtype = torch.float32 if rows else out_dtype

@@ -50,7 +50,8 @@ def _fp8_gemm_kernel(
     BLOCK_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
     A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 2.0**-30, HW: tl.constexpr = True,
-    ROW_CHUNK: tl.constexpr = 512,
+    ROW_CHUNK: tl.constexpr = 512, amax_ptr=None, stride_xm=0, AMAX_PARTS: tl.constexpr = 0,
+    AMAX_PAD: tl.constexpr = 1,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
@@ -60,7 +61,9 @@ def _fp8_gemm_kernel(
     A_QUANT: A is the unquantised activation (bf16 / fp16 / fp32) and as_ptr is unused: each A tile is
     quantised as it is loaded, with the codes and scales `triton_fp8` would give. Block scales: each
     1 x BLOCK_K group from its own amax. Channel: every program first takes its rows' amax over the
-    whole of K (ROW_CHUNK columns a step: the rows are read once more, from L2), whatever its slice."""
+    whole of K (ROW_CHUNK columns a step: the rows are read once more, from L2), whatever its slice;
+    or, AMAX_PARTS > 0, as the max of the AMAX_PARTS partial amaxes its producer wrote per row at
+    amax_ptr (row stride stride_xm): the same value, without the re-read."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -100,7 +103,12 @@ def _fp8_gemm_kernel(
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
     else:
-        if A_QUANT:  # the row scale needs the whole row's amax, not only this slice's
+        if A_QUANT and AMAX_PARTS > 0:  # the producer's partial amaxes of each row
+            parts = tl.arange(0, AMAX_PAD)
+            amax = tl.max(tl.load(amax_ptr + offs_m[:, None] * stride_xm + parts[None, :],
+                                  mask=mask_m[:, None] & (parts < AMAX_PARTS)[None, :], other=0.0), axis=1)
+            sa = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
+        elif A_QUANT:  # the row scale needs the whole row's amax, not only this slice's
             cols = tl.arange(0, ROW_CHUNK)
             row_ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
             amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -217,12 +225,14 @@ def fp8_gemm(
     block: int,  # 0: channel scales
     config: GemmConfig | None = None,
     unsummed: bool = False,
+    x_amax: torch.Tensor | None = None,  # [M,G] fp32 (x_scale None, channel): partial row amaxes of x
 ) -> torch.Tensor:
     """The launcher both ops share (the benchmark passes its own `config`). x_scale None: x_q is
     bf16 / fp16 / fp32 and the kernel quantises it as it loads it (A_QUANT), dynamically per token
     (channel) or per 1 x block group, to the codes and scales `triton_fp8` gives. unsummed (no bias):
     with K split, the fp32 slices as [M, S, N] (a view of [S, M, N]) instead of their reduce, which
-    adds them in the same order to +0.0 (`reference.combine_rows`)."""
+    adds them in the same order to +0.0 (`reference.combine_rows`). x_amax: x's row amax as the max
+    over G parts its producer wrote (the quantiser's amax exactly), so no program re-reads the row."""
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     (m, k), n = x_q.shape, w_q.shape[0]
@@ -245,6 +255,12 @@ def fp8_gemm(
     prefetch = prefetch_programs(k_per_split * cfg.block_n, launch["PDL"] and m <= 64)
     a_quant = x_scale is None
     a_scale = w_scale if a_quant else x_scale  # (unused under A_QUANT)
+    amax_args: dict = {}
+    if x_amax is not None:
+        if not a_quant or block or x_amax.dim() != 2 or x_amax.shape[0] != m or x_amax.stride(-1) != 1:
+            raise ValueError("fp8_gemm: x_amax takes an unquantised x, channel scales and [M,G] contiguous rows")
+        amax_args = {"amax_ptr": x_amax, "stride_xm": x_amax.stride(0), "AMAX_PARTS": x_amax.shape[1],
+                     "AMAX_PAD": triton.next_power_of_2(x_amax.shape[1])}
     _fp8_gemm_kernel[grid](
         x_q, a_scale, w_q, w_scale, bias if has_bias else w_scale, dest, m, n, k, k_per_split, prefetch,
         x_q.stride(0), w_q.stride(0), out.stride(0), a_scale.stride(0), a_scale.stride(1),
@@ -252,7 +268,7 @@ def fp8_gemm(
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_QUANT=a_quant, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x_q.device),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch, **amax_args,
     )
     if split > 1 and unsummed and not has_bias:
         return dest.permute(1, 0, 2)

@@ -387,6 +387,20 @@ def _group_fused() -> None:
                        ref.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block))
             assert err < 1e-6, f"fp8_linear_dynamic T={t} block={block}: rel {err:.2e}"
     assert not cublas_fp8._quant_in_gemm(cublas_fp8.QUANT_IN_GEMM_ROWS + 1, 64, 256, w_q, w_scale, 64)
+    # channel, x's amax handed over by its producer as per-part maxima (attention: per head): the same
+    # scale as the row's own amax, so the same bits; parts with a non-power-of-two count, split K
+    for t, n, k, parts, split in ((1, 40, 640, 5, 2), (4, 48, 768, 6, 3), (3, 32, 256, 1, 1)):
+        x = (torch.randn(t, k) * 3).to(torch.bfloat16)
+        x[1:2] = 0  # a zero row where there are several
+        x_q, x_scale, w_q, w_scale = _gemm_operands(tf, x, n, 0)
+        amax = x.float().abs().view(t, parts, k // parts).amax(-1)  # [T, parts]
+        cfg = tg.GemmConfig(16, 32, 64, 1, 4, 2, split)
+        handed = tg.fp8_gemm(x, None, w_q, w_scale, None, torch.float32, 0, cfg, x_amax=amax)
+        assert torch.equal(handed, tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float32, 0, cfg)), \
+            f"amax handed over T={t} K={k} parts={parts} split={split}: differs from the quantised call"
+        wrong = tg.fp8_gemm(x, None, w_q, w_scale, None, torch.float32, 0, cfg, x_amax=amax * 1.5)
+        assert not torch.equal(wrong, handed), "the handed amax is not what sets the scale"
+        print(f"amax handed over T={t} N={n} K={k} parts={parts} split={split}: bit-equal")
     # the few-token heuristic splits K only where every slice keeps >= 4 K steps
     cpu = torch.device("cpu")
     assert tg.default_config(1, 4096, 128, cpu, 12288).split_k > 1

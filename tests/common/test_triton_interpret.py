@@ -311,6 +311,10 @@ def _group_attention() -> None:
             out = tp.paged_attention_splits(q, kc, vc, batch, d**-0.5, splits)
             want = torch_ref.paged_attention(q.double(), kc.double(), vc.double(), batch, d**-0.5)
             _check(f"paged_attention {name}", out, want, dt)
+            if splits != 1 and specs[0][0] == 1:  # decode: the split merge writes each head's max |o| beside o
+                amax = torch.full((q.shape[0], hq), float("nan"))
+                out = tp.paged_attention_splits(q, kc, vc, batch, d**-0.5, splits, amax)
+                assert torch.equal(amax, out.float().abs().amax(-1)), f"{name}: the merge's head amax"
     # a verify batch over VERIFY_ROWS16_MAX sequences: 4 queries x 12 heads in one 64-row block of
     # 32-slot tiles, as plan() serves it
     specs = [(4, 16 + i % 9, 6 + i % 5, True) for i in range(tp.VERIFY_ROWS16_MAX + 1)]

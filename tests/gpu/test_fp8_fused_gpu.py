@@ -313,6 +313,56 @@ def test_quantised_in_the_gemm_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> No
     assert_prefetch_equals_plain(step, lambda: x.copy_(activations(1, 4096)), 16, monkeypatch)
 
 
+@pytest.mark.parametrize(("n", "k"), [(4096, 12288), (5120, 12288), (4096, 1536)])
+def test_amax_handed_over_bit_equal(n: int, k: int) -> None:
+    """o_proj of the attention output with each head's max |o| handed over (`x_amax`, 128-wide parts):
+    fp8_linear_dynamic's few-token path gives the quantiser-then-GEMM bits, split-K slices included, at
+    1 to 64 tokens, and a graph of the paged attention's merge writing the amax into that GEMM under
+    PDL equals plain launches."""
+    from common.ops import cublas_fp8
+    from common.ops import triton_fp8_gemm as tg
+
+    w_q, w_scale = _quantised_weight((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16(), 0)
+    for m in (1, 4, 16, 64):
+        x = activations(m, k)
+        amax = x.float().abs().view(m, k // 128, 128).amax(-1)
+        want = tg.fp8_gemm(*quant(x, 0), w_q, w_scale, None, torch.bfloat16, 0)
+        got = cublas_fp8.fp8_linear_dynamic(x, w_q, w_scale, None, torch.bfloat16, 0, False, amax)
+        assert torch.equal(got, want), f"N={n} K={k} M={m}"
+        slices = cublas_fp8.fp8_linear_dynamic(x, w_q, w_scale, None, torch.bfloat16, 0, True, amax)
+        plain = cublas_fp8.fp8_linear_dynamic(x, w_q, w_scale, None, torch.bfloat16, 0, True)
+        assert torch.equal(slices, plain), f"N={n} K={k} M={m}: split-K slices"
+
+
+def test_attention_amax_into_o_proj_in_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One decode token of Air's attention (96 query heads, 8 KV heads, 1024-token context, split KV):
+    the merge's head amaxes equal max |o| and o_proj from them equals the quantiser's path, eagerly
+    and in a PDL graph with prefetch replayed on new queries."""
+    from common.attention import triton_paged as tp
+    from common.forward.batch import ForwardBatch
+    from common.ops import cublas_fp8, pdl
+
+    if not pdl.supported(torch.device(DEV)):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    hq, hk, d, page, ctx = 96, 8, 128, 16, 1024
+    kc = torch.randn(ctx // page + 1, page, hk, d, device=DEV).bfloat16()
+    vc = torch.randn_like(kc)
+    batch = ForwardBatch.decode([0], [ctx - 1], [list(range(ctx // page + 1))], page, DEV)
+    q = torch.randn(1, hq, d, device=DEV).bfloat16()
+    w_q, w_s = _quantised_weight((torch.randn(4096, hq * d, device=DEV) * (hq * d) ** -0.5).bfloat16(), 0)
+    amax = torch.empty(1, hq, device=DEV)
+    o = tp.paged_attention(q, kc, vc, batch, d**-0.5, amax)
+    assert torch.equal(amax, o.float().abs().amax(-1))
+    assert torch.equal(cublas_fp8.fp8_linear_dynamic(o.view(1, -1), w_q, w_s, None, torch.bfloat16, 0, False, amax),
+                       cublas_fp8.fp8_linear_dynamic(o.view(1, -1), w_q, w_s))
+
+    def step() -> torch.Tensor:
+        out = tp.paged_attention(q, kc, vc, batch, d**-0.5, amax)
+        return cublas_fp8.fp8_linear_dynamic(out.view(1, -1), w_q, w_s, None, torch.bfloat16, 0, False, amax)
+
+    assert_prefetch_equals_plain(step, lambda: q.copy_(torch.randn_like(q)), 16, monkeypatch)
+
+
 def test_dispatch_on_cuda() -> None:
     from common import ops
     from common.ops import cublas_fp8, triton_fp8, triton_fp8_gemm
