@@ -22,8 +22,8 @@ A variant is a context manager that changes a module-level choice the model's op
   next norm (`moe.COMBINE_IN_NORM` off);
 - `split-k-reduce`: o_proj's few-token split-K GEMM reduces its fp32 slices by a launch of its own
   instead of handing them to the next add + norm (`layers.SPLIT_K_IN_NORM` off);
-- `amax-launch`: o_proj's input quantised by the quantiser's own launch instead of from the head amaxes
-  the attention's split merge hands over (`layers.AMAX_HANDOFF_ROWS` 0);
+- `amax-handoff=R`: up to R tokens o_proj's input is quantised from the head amaxes the attention's
+  split merge hands over instead of by the quantiser's own launch (`layers.AMAX_HANDOFF_ROWS`; 0: none);
 - `route-launch`: one token's FP8 MoE takes grouped_topk's launch before the fused MoE instead of
   routing inside its gate_up GEMM (`triton_moe_fp8.ROUTE_IN_GATE_UP` off);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
@@ -97,8 +97,10 @@ def _split_k_reduce(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(model_layers, SPLIT_K_IN_NORM=False)
 
 
-def _amax_launch(arg: str) -> contextlib.AbstractContextManager:
-    return mock.patch.multiple(model_layers, AMAX_HANDOFF_ROWS=0)
+def _amax_handoff(arg: str) -> contextlib.AbstractContextManager:
+    if not arg.isdigit():
+        raise ValueError(f"amax-handoff takes a token count, not {arg!r}")
+    return mock.patch.multiple(model_layers, AMAX_HANDOFF_ROWS=int(arg))
 
 
 def _route_launch(arg: str) -> contextlib.AbstractContextManager:
@@ -130,7 +132,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
     "tiles-rule": _tiles_rule, "route-launch": _route_launch,
-    "amax-launch": _amax_launch}
+    "amax-handoff": _amax_handoff}
 
 
 def parse(spec: str) -> list[str]:
@@ -141,7 +143,7 @@ def parse(spec: str) -> list[str]:
         key, _, arg = name.partition("=")
         if key not in VARIANTS:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
-        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum") and not arg:
+        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum", "amax-handoff") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
         try:
             VARIANTS[key](arg)

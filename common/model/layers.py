@@ -180,8 +180,9 @@ SPLIT_K_IN_NORM = True
 # Up to this many tokens the paged attention hands o_proj each head's max |o| (its split merge writes
 # it beside o) and an FP8 o_proj on the few-token GEMM quantises o from them as it loads it: no
 # quantiser launch between attention and o_proj, and no program reads the whole row for its amax
-# (the re-read that made QUANT_IN_GEMM_ROWS lose, docs/performance.md §7n). 0: the quantiser's launch.
-AMAX_HANDOFF_ROWS = 64
+# (the re-read that made QUANT_IN_GEMM_ROWS lose, docs/performance.md §7n). Off (0, the quantiser's
+# launch) until it is timed at full depth on a GPU (`bench_full_depth --ab amax-handoff=64`).
+AMAX_HANDOFF_ROWS = 0
 
 
 class RMSNorm(nn.Module):

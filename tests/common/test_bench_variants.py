@@ -105,9 +105,11 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     with variants.variant("split-k-reduce"):
         assert model_layers.SPLIT_K_IN_NORM is False
     assert model_layers.SPLIT_K_IN_NORM is True
-    with variants.variant("amax-launch"):
-        assert model_layers.AMAX_HANDOFF_ROWS == 0
-    assert model_layers.AMAX_HANDOFF_ROWS == 64
+    with variants.variant("amax-handoff=64"):
+        assert model_layers.AMAX_HANDOFF_ROWS == 64
+    assert model_layers.AMAX_HANDOFF_ROWS == 0
+    with pytest.raises(SystemExit, match="amax-handoff takes a token count"):
+        variants.parse("amax-handoff=all")
     with variants.variant("route-launch"):
         assert triton_moe_fp8.ROUTE_IN_GATE_UP is False
     assert triton_moe_fp8.ROUTE_IN_GATE_UP is True

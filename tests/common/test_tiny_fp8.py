@@ -281,3 +281,25 @@ def test_split_k_slices_summed_by_the_next_norm_change_nothing(dirs: dict[str, P
     monkeypatch.setattr(glm.Glm4MoeAttention, "forward", spy)
     assert torch.equal(_prompt_logits(dirs["fp8-channel"], dtype), summed)
     assert seen and set(seen) == {3}
+
+
+def test_head_amax_handed_to_o_proj_changes_nothing(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the attention handing o_proj each head's max |o| (layers.AMAX_HANDOFF_ROWS), the FP8 model's
+    logits are the same, and what reaches o_proj is the head amax of its input."""
+    import common.model.layers as model_layers
+
+    monkeypatch.setattr(model_layers, "AMAX_HANDOFF_ROWS", 0)
+    plain = _prompt_logits(dirs["fp8-channel"])
+    monkeypatch.setattr(model_layers, "AMAX_HANDOFF_ROWS", 1 << 20)
+    seen: list[bool] = []
+    forward = model_layers.RowParallelLinear.forward
+
+    def spy(self, x, unsummed=False, x_amax=None):  # type: ignore[no-untyped-def]
+        if x_amax is not None:
+            heads = x_amax.shape[1]
+            seen.append(torch.equal(x_amax, x.float().abs().view(x.shape[0], heads, -1).amax(-1)))
+        return forward(self, x, unsummed, x_amax)
+
+    monkeypatch.setattr(model_layers.RowParallelLinear, "forward", spy)
+    assert torch.equal(_prompt_logits(dirs["fp8-channel"]), plain)
+    assert seen and all(seen)
