@@ -406,8 +406,8 @@ def routed_moe_fp8(
     if x.shape[0] != 1 or not ROUTE_IN_GATE_UP:
         weights, ids = tm.grouped_topk(router_logits, *routing)
         return fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, x_quant, routing.num_shared, combine)
-    logits = router_logits if router_logits.dim() == 3 else router_logits[None]
-    if logits.shape[1] != 1 or logits.stride(-1) != 1:
+    logits = router_logits if router_logits.dim() == 3 else router_logits[None]  # [S,1,E]
+    if logits.stride(-1) != 1:
         logits = logits.contiguous()
     routing = routing._replace(correction_bias=routing.correction_bias.float().contiguous())
     width = routing.top_k + routing.num_shared
