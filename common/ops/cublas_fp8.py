@@ -159,7 +159,12 @@ def _quant_in_gemm(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Ten
     call would take (block scales: always; channel: where `fp8_linear` picks it)."""
     if not 0 < m <= QUANT_IN_GEMM_ROWS or w_q.dtype != torch.float8_e4m3fn:
         return False
-    return bool(block) or (_triton_fits_weight(w_q, w_scale) and _few_token_triton(m, n, k, w_q, w_scale))
+    return bool(block) or _few_token_channel_triton(m, n, k, w_q, w_scale)
+
+
+def _few_token_channel_triton(m: int, n: int, k: int, w_q: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    """Whether `fp8_linear` would run this channel call of an [N,K] weight on the few-token Triton GEMM."""
+    return _triton_fits_weight(w_q, w_scale) and _few_token_triton(m, n, k, w_q, w_scale)
 
 
 def fp8_linear_dynamic(
@@ -182,8 +187,7 @@ def fp8_linear_dynamic(
 
     m, (n, k) = x.shape[0], w_q.shape
     unsummed = unsummed and bias is None
-    if (x_amax is not None and not block and _triton_fits_weight(w_q, w_scale)
-            and _few_token_triton(m, n, k, w_q, w_scale)):
+    if x_amax is not None and not block and _few_token_channel_triton(m, n, k, w_q, w_scale):
         return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, 0, unsummed=unsummed, x_amax=x_amax)
     if _quant_in_gemm(m, n, k, w_q, w_scale, block):
         return triton_fp8_gemm.fp8_gemm(x, None, w_q, w_scale, bias, out_dtype, block, unsummed=unsummed)
