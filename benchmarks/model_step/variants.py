@@ -28,6 +28,9 @@ A variant is a context manager that changes a module-level choice the model's op
   routing inside its gate_up GEMM (`triton_moe_fp8.ROUTE_IN_GATE_UP` off);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
+- `skip=moe|attn` (timing only; the model's output changes): every MoE block, or every attention block,
+  returns zeros without a launch, so the step's time against the served one is what those
+  blocks cost inside the step, PDL overlap and launch gaps included, to set beside their bytes floor;
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -41,9 +44,13 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
+import torch
+
 import common.model.layers as model_layers
 import common.model.moe as moe_block
 from common.attention import triton_paged
+from common.model.glm4_moe import Glm4MoeAttention
+from common.model.layers import Fp8Activation
 from common.ops import cublas_fp8, pdl, triton_fp8, triton_fp8_gemm, triton_moe_fp8, triton_norm
 
 
@@ -111,6 +118,29 @@ def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
 
 
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros_like_input(*args: object, **kwargs: object) -> torch.Tensor:
+    """A block's forward that returns zeros of its input's shape and dtype (the last tensor argument;
+    one buffer per shape, made on first use: no launch afterwards, and nothing in the step turns NaN)."""
+    x = [a for a in args if isinstance(a, (Fp8Activation, torch.Tensor))][-1]
+    shape, dtype, device = (x.q.shape, x.dtype, x.q.device) if isinstance(x, Fp8Activation) else (x.shape, x.dtype,
+                                                                                                 x.device)
+    key = (tuple(shape), dtype, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return _ZEROS[key]
+
+
+def _skip(arg: str) -> contextlib.AbstractContextManager:
+    blocks = {"moe": (moe_block.MoE, "forward"), "attn": (Glm4MoeAttention, "forward")}
+    if arg not in blocks:
+        raise ValueError(f"skip takes one of {', '.join(blocks)}, not {arg!r}")
+    cls, attr = blocks[arg]
+    return mock.patch.object(cls, attr, lambda self, *a, **k: _zeros_like_input(*a, **k))
+
+
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:
     """{(num_seqs, rows a KV head): (BM, BN, warps, stages, splits)} from a tune_attention --decode file."""
     entries = json.loads(Path(path).read_text())
@@ -132,7 +162,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
     "tiles-rule": _tiles_rule, "route-launch": _route_launch,
-    "amax-handoff": _amax_handoff}
+    "amax-handoff": _amax_handoff, "skip": _skip}
 
 
 def parse(spec: str) -> list[str]:
@@ -143,7 +173,7 @@ def parse(spec: str) -> list[str]:
         key, _, arg = name.partition("=")
         if key not in VARIANTS:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
-        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum", "amax-handoff") and not arg:
+        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum", "amax-handoff", "skip") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
         try:
             VARIANTS[key](arg)

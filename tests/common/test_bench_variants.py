@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.kernels.tune_attention import decode_candidates
 from benchmarks.model_step import variants
@@ -119,8 +120,6 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
 
 
 def test_tiles_rule_hides_the_tuned_table_inside_its_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
     from common.ops import triton_fp8_gemm
 
     entry = {"block_n": 64, "split_k": 2, "num_stages": 4, "num_warps": 4, "us": 1.0, "cublas_us": 2.0}
@@ -132,3 +131,38 @@ def test_tiles_rule_hides_the_tuned_table_inside_its_block(monkeypatch: pytest.M
         assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev) is None
         assert not triton_fp8_gemm.cublas_measured_faster(1, 4096, 12288, dev)
     assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev).block_n == 64
+
+
+@pytest.mark.parametrize("block", ["moe", "attn"])
+def test_skip_returns_zeros_for_every_block_and_restores_it(tmp_path: Path, block: str) -> None:
+    """skip=moe|attn: the named blocks return zeros of their input's shape and dtype (the same buffer
+    each call, so a captured graph launches nothing for them), the step still runs, and the served
+    forwards come back on exit."""
+    import common.model.moe as moe_block
+    from common.model.glm4_moe import Glm4MoeAttention
+    from common.tools.tiny_model import make_tiny_model
+    from tests.common.test_tiny_fp8 import _prompt_logits
+
+    model_dir = make_tiny_model(tmp_path / "fp8", quantization="fp8-channel")
+    cls = moe_block.MoE if block == "moe" else Glm4MoeAttention
+    served = cls.forward
+    outs: list[torch.Tensor] = []
+    plain = _prompt_logits(model_dir)
+    with variants.variant(f"skip={block}"):
+        patched = cls.forward
+
+        def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            outs.append(patched(self, *args, **kwargs))
+            return outs[-1]
+
+        cls.forward = spy
+        try:
+            skipped = _prompt_logits(model_dir)
+        finally:
+            cls.forward = patched
+    assert cls.forward is served
+    assert outs and all(o.shape == (24, outs[0].shape[1]) and not o.any() for o in outs)
+    assert len({o.data_ptr() for o in outs}) == 1
+    assert torch.isfinite(skipped).all() and not torch.equal(skipped, plain)
+    with pytest.raises(SystemExit, match="skip takes one of"):
+        variants.parse("skip=router")
