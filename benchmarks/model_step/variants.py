@@ -26,6 +26,9 @@ A variant is a context manager that changes a module-level choice the model's op
   split merge hands over instead of by the quantiser's own launch (`layers.AMAX_HANDOFF_ROWS`; 0: none);
 - `route-launch`: one token's FP8 MoE takes grouped_topk's launch before the fused MoE instead of
   routing inside its gate_up GEMM (`triton_moe_fp8.ROUTE_IN_GATE_UP` off);
+- `rope-in-attention`: small-query batches norm and rotate the new q and k and store the K/V in the
+  attention launch's prologue instead of by `qk_norm_rope_store`'s launch before it
+  (`triton_paged.ROPE_IN_ATTENTION` on);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
 - `skip=moe|attn` (timing only; the model's output changes): every MoE block, or every attention block,
@@ -114,6 +117,10 @@ def _route_launch(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_moe_fp8, ROUTE_IN_GATE_UP=False)
 
 
+def _rope_in_attention(arg: str) -> contextlib.AbstractContextManager:
+    return mock.patch.multiple(triton_paged, ROPE_IN_ATTENTION=True)
+
+
 def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
 
@@ -161,7 +168,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
-    "tiles-rule": _tiles_rule, "route-launch": _route_launch,
+    "tiles-rule": _tiles_rule, "route-launch": _route_launch, "rope-in-attention": _rope_in_attention,
     "amax-handoff": _amax_handoff, "skip": _skip}
 
 

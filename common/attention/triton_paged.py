@@ -42,6 +42,7 @@ from common.attention.base import head_amax
 from common.forward.batch import ForwardBatch
 from common.ops.moe_configs import num_sms
 from common.ops.pdl import pdl_kwargs, pdl_start
+from common.ops.triton_norm import _cos_sin_row, _norm_rope_heads, qk_norm_rope_store
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -80,6 +81,37 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, tbl_ptr, n0, hi, kv_head, q_pos
     return acc, m_new, l_i
 
 
+@triton.jit
+def _rope_store_prologue(raw_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, q0, i_first,
+                         i_last, q_len, q_off, lo, hi, kv_head, HK, stride_rt, stride_rh, stride_qt, stride_qh,
+                         stride_cp, stride_cs, stride_ch, stride_cos, eps, G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
+                         HALF: tl.constexpr, REST: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
+                         BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr):
+    """The ROPE prologue of _paged_attn_kernel (its docstring): queries i_first..i_last's G heads of this
+    KV head normed and rotated into q_ptr; the new k and v of this KV head stored for the new tokens
+    whose logical slot (q_off + i) lies in [lo, hi); then a barrier."""
+    dt = q_ptr.dtype.element_ty
+    hq = G * HK
+    for i in range(i_first, i_last + 1):
+        t = (q0 + i).to(tl.int64)
+        cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cos, dt, HALF, BHALF)
+        _norm_rope_heads(raw_ptr + t * stride_rt, q_ptr + t * stride_qt, qw_ptr, kv_head * G + G, kv_head * G,
+                         stride_rh, stride_qh, cos, sin, eps, D, HALF, REST, HAS_QW, BG, BHALF, BREST, False)
+    d = tl.arange(0, BD)
+    for i in range(tl.maximum(lo - q_off, 0), tl.minimum(hi - q_off, q_len)):  # new slots this program reads
+        t = (q0 + i).to(tl.int64)
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            dst = (slot // PAGE) * stride_cp + (slot % PAGE) * stride_cs
+            cos, sin = _cos_sin_row(cs_ptr, pos_ptr, t, stride_cos, dt, HALF, BHALF)
+            # heads [kv_head, kv_head + 2) masked to the one: the helper's tiles are at least 2 heads
+            _norm_rope_heads(raw_ptr + t * stride_rt + hq * stride_rh, kc_ptr + dst, kw_ptr, kv_head + 1, kv_head,
+                             stride_rh, stride_ch, cos, sin, eps, D, HALF, REST, HAS_KW, 2, BHALF, BREST, False)
+            v = tl.load(raw_ptr + t * stride_rt + (hq + HK + kv_head) * stride_rh + d, mask=d < D)
+            tl.store(vc_ptr + dst + kv_head * stride_ch + d, v.to(vc_ptr.dtype.element_ty), mask=d < D)
+    tl.debug_barrier()
+
+
 @triton.jit(do_not_specialize=["stride_tb", "NUM_SPLITS"])
 def _paged_attn_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr, po_ptr, plse_ptr,
@@ -87,9 +119,21 @@ def _paged_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cp, stride_cs, stride_ch, stride_tb, NUM_SPLITS,
     G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     SPLIT: tl.constexpr, HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
+    raw_ptr=None, pos_ptr=None, cs_ptr=None, qw_ptr=None, kw_ptr=None, slot_ptr=None, stride_rt=0, stride_rh=0,
+    stride_cos=0, eps=0.0, HK=1, ROPE: tl.constexpr = False, HALF: tl.constexpr = 1, REST: tl.constexpr = 1,
+    BHALF: tl.constexpr = 1, BREST: tl.constexpr = 1, BG: tl.constexpr = 1, HAS_QW: tl.constexpr = False,
+    HAS_KW: tl.constexpr = False,
 ):
     """grid (row blocks, B, HK * NUM_SPLITS). NUM_SPLITS is a runtime value (one compiled kernel for
-    every batch size); SPLIT = NUM_SPLITS > 1 selects the partial-output epilogue."""
+    every batch size); SPLIT = NUM_SPLITS > 1 selects the partial-output epilogue.
+    ROPE: the new tokens' q, k, v come unrotated in one row of raw_ptr each ([T, (HQ + 2 HK) * D], q
+    heads then k then v, row stride stride_rt, head stride stride_rh). Before its loop the program
+    norms and rotates its queries' q heads into q_ptr, and stores the new k (normed, rotated) and v of
+    its KV head into the cache at slot_ptr[t] (a negative slot stores nothing) for each new token in
+    its KV range: every program that reads a new slot has written it itself (copies by other programs
+    are the same bits), so a barrier inside the program orders the stores before its loads. The
+    arithmetic is `triton_norm.qk_norm_rope_store`'s (the same helper), so q, the cache and the
+    output are those of the two launches."""
     pdl_start(PDL)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # longest causal ranges first: a shorter tail
     b = tl.program_id(1)
@@ -111,7 +155,6 @@ def _paged_attn_kernel(
     d = tl.arange(0, BD)
     tok = (q0 + i).to(tl.int64)
     qm = rmask[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
     window = seq_len - prefix
     if HAS_MASK:
         hi = seq_len
@@ -126,6 +169,13 @@ def _paged_attn_kernel(
         span = tl.cdiv(tl.cdiv(hi, NUM_SPLITS), BN) * BN
         lo = split * span
         hi = tl.minimum(hi, lo + span)
+    if ROPE:
+        _rope_store_prologue(raw_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, q0,
+                             (pid_m * BM) // G, i_last, q_len, q_off, lo, hi, kv_head, HK, stride_rt, stride_rh,
+                             stride_qt, stride_qh, stride_cp, stride_cs, stride_ch, stride_cos, eps, G, PAGE, D,
+                             HALF, REST,
+                             HAS_QW, HAS_KW, BHALF, BREST, BD, BG)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
     mid = tl.maximum(lo, lo + (tl.minimum(full, hi) - lo) // BN * BN)
     acc = tl.zeros((BM, BD), dtype=tl.float32)
     m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
@@ -182,12 +232,13 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, HQ, stride_ot, stride_oh, NUM_
 # with 64-slot tiles, 138-216 with 8 warps or 32-row blocks); split-K only while a batch has fewer
 # programs than SMs.
 VERIFY_ROWS16_MAX = 32
+SMALL_QUERY_ROWS = 64  # rows a KV head (queries x group) up to which plan() takes the small-query tiles
 
 
 def plan(num_seqs: int, kv_heads: int, group: int, max_q: int, num_sms: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, NUM_SPLITS) for a batch shape."""
     rows = max_q * group
-    if rows > 64:
+    if rows > SMALL_QUERY_ROWS:
         return 128, 128, 8, 3, 1  # extend / prefill: compute-bound (benchmarks/kernels/tune_attention.py, H100)
     # decode, draft, verify: memory-bound, split KV to fill the GPU
     if rows <= 16:
@@ -265,10 +316,55 @@ def paged_attention(
     return out
 
 
+# Small-query batches (decode, verify, draft steps) may norm and rotate the new tokens' q and k and
+# store their K/V inside the attention launch (`_rope_store_prologue`): one launch fewer a layer.
+# Served off until a full-depth step has timed it (variant rope-in-attention); off, and for larger
+# batches always, `triton_norm.qk_norm_rope_store`'s launch runs first.
+ROPE_IN_ATTENTION = False
+
+
+def _one_qkv_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v are the head-major q | k | v parts of one row per token (the qkv projection's
+    output), which the ROPE prologue indexes as one [T, (Hq + 2 Hk) * D] tensor."""
+    d, es = q.shape[2], q.element_size()
+    return (q.stride(2) == k.stride(2) == v.stride(2) == 1 and q.stride(1) == k.stride(1) == v.stride(1) == d
+            and (q.shape[0] == 1 or q.stride(0) == k.stride(0) == v.stride(0))  # (one token: any row stride)
+            and q.dtype == k.dtype == v.dtype
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * d * es and v.data_ptr() == k.data_ptr() + k.shape[1] * d * es)
+
+
+def rope_store_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # [T,Hq,D], [T,Hk,D] x 2: before norm and RoPE
+    positions: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int, q_norm_w: torch.Tensor | None,
+    k_norm_w: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+    scale: float, amax: torch.Tensor | None = None,
+) -> torch.Tensor:  # [T,Hq,D]
+    """`common.attention.rope_store_attention` (qk_norm_rope_store at batch.out_slots, then
+    paged_attention): with ROPE_IN_ATTENTION, small-query batches whose q, k, v are one qkv row in one
+    attention launch, the new q in a fresh tensor (q itself not written); the rest in two."""
+    n_tok, hq, d = q.shape
+    hk = k.shape[1]
+    if not (ROPE_IN_ATTENTION and n_tok and batch.max_query_len * (hq // hk) <= SMALL_QUERY_ROWS
+            and _one_qkv_row(q, k, v) and cos_sin.stride(-1) == 1):
+        q = qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps, k_cache, v_cache,
+                               batch.out_slots)
+        return paged_attention(q, k_cache, v_cache, batch, scale, amax)
+    half, rest = rotary_dim // 2, d - rotary_dim
+    rope = {"raw_ptr": q, "pos_ptr": positions, "cs_ptr": cos_sin, "slot_ptr": batch.out_slots,
+            "qw_ptr": q if q_norm_w is None else q_norm_w, "kw_ptr": q if k_norm_w is None else k_norm_w,
+            "stride_rt": q.stride(0), "stride_rh": q.stride(1), "stride_cos": cos_sin.stride(0), "eps": eps, "HK": hk,
+            "ROPE": True, "HALF": half, "REST": rest, "BHALF": triton.next_power_of_2(max(half, 1)),
+            "BREST": triton.next_power_of_2(max(rest, 1)), "BG": triton.next_power_of_2(hq // hk),
+            "HAS_QW": q_norm_w is not None, "HAS_KW": k_norm_w is not None}
+    qo = torch.empty((n_tok, hq, d), dtype=q.dtype, device=q.device)
+    return paged_attention_splits(qo, k_cache, v_cache, batch, scale, None, amax, rope)
+
+
 def paged_attention_splits(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch, scale: float,
     num_splits: int | None,  # None: plan(); tests and benchmarks force split-K counts
     amax: torch.Tensor | None = None,
+    rope: dict | None = None,  # rope_store_attention's prologue arguments (q: where the new q goes)
 ) -> torch.Tensor:
     n_tok, hq, d = q.shape
     hk = k_cache.shape[2]
@@ -301,7 +397,7 @@ def paged_attention_splits(
         scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), batch.page_table.stride(0), splits,
         G=group, PAGE=k_cache.shape[1], D=d, BD=bd, SPLIT=splits > 1, HAS_MASK=has_mask,
-        BM=bm, BN=bn, num_warps=warps, num_stages=stages, **pdl_kwargs(q.device),
+        BM=bm, BN=bn, num_warps=warps, num_stages=stages, **pdl_kwargs(q.device), **(rope or {}),
     )
     if splits > 1:
         amax_args = {} if amax is None else {"amax_ptr": amax, "AMAX": True}
@@ -313,4 +409,4 @@ def paged_attention_splits(
     return out
 
 
-__all__ = ["paged_attention", "paged_attention_splits", "plan", "sdpa_prefill"]
+__all__ = ["paged_attention", "paged_attention_splits", "plan", "rope_store_attention", "sdpa_prefill"]

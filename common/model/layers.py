@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import ops
-from common.attention import paged_attention
+from common.attention import rope_store_attention
 from common.forward.context import get_forward_context
 
 
@@ -427,8 +427,9 @@ def rope_cos_sin(rotary_dim: int, theta: float, max_positions: int, device: torc
 
 
 class PagedAttention(nn.Module):
-    """Per-head QK-norm and partial RoPE, this layer's new K/V into the pool (one fused op), then
-    attention over the batch's paged KV.
+    """Per-head QK-norm and partial RoPE, this layer's new K/V into the pool, then attention over the
+    batch's paged KV (`common.attention.rope_store_attention`: one launch for small-query batches on
+    the GPU, two otherwise).
 
     The batch description and pool come from the forward context; `layer_id` selects the pool
     layer (the MTP layer uses index num_hidden_layers).
@@ -442,10 +443,9 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                 cos_sin: torch.Tensor, rotary_dim: int, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                 eps: float, amax: torch.Tensor | None = None) -> torch.Tensor:
-        # q [T,Hq,D] (rotated in place), k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]; amax [T,Hq] fp32
-        # given: filled with each head's max |o| (common.attention.paged_attention)
+        # q [T,Hq,D] (may be rotated in place), k/v [T,Hk,D] before norm and RoPE -> [T,Hq,D]; amax [T,Hq]
+        # fp32 given: filled with each head's max |o| (common.attention.paged_attention)
         ctx = get_forward_context()
         k_cache, v_cache = ctx.kv_pool.k[self.layer_id], ctx.kv_pool.v[self.layer_id]
-        q = ops.qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps,
-                                   k_cache, v_cache, ctx.batch.out_slots)
-        return paged_attention(q, k_cache, v_cache, ctx.batch, self.scale, amax)
+        return rope_store_attention(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps, k_cache,
+                                    v_cache, ctx.batch, self.scale, amax)

@@ -111,6 +111,9 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     assert model_layers.AMAX_HANDOFF_ROWS == 0
     with pytest.raises(SystemExit, match="amax-handoff takes a token count"):
         variants.parse("amax-handoff=all")
+    with variants.variant("rope-in-attention"):
+        assert triton_paged.ROPE_IN_ATTENTION is True
+    assert triton_paged.ROPE_IN_ATTENTION is False
     with variants.variant("route-launch"):
         assert triton_moe_fp8.ROUTE_IN_GATE_UP is False
     assert triton_moe_fp8.ROUTE_IN_GATE_UP is True

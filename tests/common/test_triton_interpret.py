@@ -315,6 +315,7 @@ def _group_attention() -> None:
                 amax = torch.full((q.shape[0], hq), float("nan"))
                 out = tp.paged_attention_splits(q, kc, vc, batch, d**-0.5, splits, amax)
                 assert torch.equal(amax, out.float().abs().amax(-1)), f"{name}: the merge's head amax"
+    _rope_in_attention(build)
     # a verify batch over VERIFY_ROWS16_MAX sequences: 4 queries x 12 heads in one 64-row block of
     # 32-slot tiles, as plan() serves it
     specs = [(4, 16 + i % 9, 6 + i % 5, True) for i in range(tp.VERIFY_ROWS16_MAX + 1)]
@@ -324,6 +325,78 @@ def _group_attention() -> None:
         out = tp.paged_attention_splits(q, kc, vc, batch, 0.25, splits)
         want = torch_ref.paged_attention(q.double(), kc.double(), vc.double(), batch, 0.25)
         _check(f"paged_attention verify x{batch.num_seqs} splits={splits}", out, want, torch.float32)
+
+
+def _rope_in_attention(build) -> None:  # type: ignore[no-untyped-def]
+    """rope_store_attention's one launch (the new tokens' norm, RoPE and K/V store in the attention's
+    prologue) against the two launches it replaces, on the same inputs: the same cache bits, the same
+    output bits, q left as it was; and both within tolerance of the float64 twins."""
+    import itertools
+    from unittest import mock
+
+    import torch
+
+    from common.attention import torch_ref
+    from common.attention import triton_paged as tp
+    from common.ops import reference as ref
+    from common.ops import triton_norm as tn
+
+    served = tp.plan
+    tp.ROPE_IN_ATTENTION = True  # (this subprocess only)
+    cases = [  # (name, specs, page, hk, hq, d, rot, forced plan tile or None)
+        ("decode, plan's split", [(1, 37, None, False), (1, 5, None, False)], 8, 2, 6, 32, 16, None),
+        ("decode split 3", [(1, 100, None, False), (1, 70, None, False)], 8, 2, 6, 32, 32, (16, 16, 4, 2, 3)),
+        ("decode no split, D=24", [(1, 41, None, False)], 4, 4, 8, 24, 8, (16, 16, 4, 2, 1)),
+        ("verify mask, 2 row blocks", [(4, 40, 30, True), (3, 25, 12, True)], 8, 2, 12, 32, 16, None),
+        ("verify mask split 4", [(4, 60, 30, True), (3, 25, 12, False)], 8, 2, 12, 32, 16, (16, 16, 4, 2, 4)),
+        ("verify causal no split", [(4, 60, None, False), (2, 9, None, False)], 4, 2, 12, 32, 16, (16, 16, 4, 2, 1)),
+    ]
+    for (dt, flip), (c, (name, specs, page, hk, hq, d, rot, tile)) in itertools.product(
+            ((torch.float16, 0), (torch.float32, 1)), enumerate(cases)):
+        weights = (c + flip) % 2 == 0  # each case with and without QK-norm, one of them in each dtype
+        q0, kc, vc, batch = build(specs, page, 48, hk, hq, d, dt)
+        n = q0.shape[0]
+        qkv = torch.randn(n, (hq + 2 * hk) * d).to(dt)
+        q, k, v = qkv[:, :hq * d].view(n, hq, d), qkv[:, hq * d:(hq + hk) * d].view(n, hk, d), qkv[:, (hq + hk) * d:].view(n, hk, d)
+        pos = torch.randint(0, 64, (n,))
+        inv = 10000.0 ** (-torch.arange(0, rot, 2).float() / rot)
+        ang = torch.arange(64).float()[:, None] * inv[None]
+        cos_sin = torch.cat((ang.cos(), ang.sin()), -1)
+        qw, kw = (torch.randn(d, dtype=dt), torch.randn(d, dtype=dt)) if weights else (None, None)
+        if name.startswith("decode, plan"):
+            batch.out_slots[1] = -1  # a padding row: nothing stored, in either path
+        plan = served if tile is None else (lambda *a, tile=tile: tile)
+        raw = qkv.clone()
+        caches, twice = (kc.clone(), vc.clone()), (kc.clone(), vc.clone())
+        with mock.patch.object(tp, "plan", plan):
+            assert tp.plan(batch.num_seqs, hk, hq // hk, batch.max_query_len, 132)[0] == 16
+            out = tp.rope_store_attention(q, k, v, pos, cos_sin, rot, qw, kw, 1e-6, *caches, batch, d**-0.5)
+            tag = f"rope in attention {name} ({'qk-norm' if weights else 'no norm'})"
+            assert torch.equal(qkv, raw), f"{tag}: q, k, v are read, never written"
+            q2 = tn.qk_norm_rope_store(q.clone(), k, v, pos, cos_sin, rot, qw, kw, 1e-6, *twice, batch.out_slots)
+            want = tp.paged_attention_splits(q2, *twice, batch, d**-0.5, None)
+        assert torch.equal(caches[0], twice[0]) and torch.equal(caches[1], twice[1]), f"{tag}: cache bits"
+        assert torch.equal(out, want), f"{tag}: output bits"
+        rq, rk = ref.qk_norm_rope(q.double(), k.double(), pos, cos_sin, rot, None if qw is None else qw.double(),
+                                  None if kw is None else kw.double(), 1e-6)
+        rc, keep = (kc.clone().double(), vc.clone().double()), batch.out_slots >= 0
+        ref.store_kv(*rc, rk[keep], v.double()[keep], batch.out_slots[keep])
+        _check(f"{tag} vs twins", out, torch_ref.paged_attention(rq, *rc, batch, d**-0.5), dt)
+        print(f"{tag} {dt} ok")
+    # q, k, v that are not one qkv row take the two launches (same result)
+    q0, kc, vc, batch = build([(1, 37, None, False)], 8, 48, 2, 6, 32, torch.float32)
+    q, k, v = torch.randn(1, 6, 32), torch.randn(1, 2, 32), torch.randn(1, 2, 32)
+    assert not tp._one_qkv_row(q, k, v)
+    qkv = torch.randn(2, 10 * 32)  # two tokens of one qkv row each: the launch with the prologue
+    assert tp._one_qkv_row(qkv[:, :192].view(2, 6, 32), qkv[:, 192:256].view(2, 2, 32), qkv[:, 256:].view(2, 2, 32))
+    assert not tp._one_qkv_row(qkv[:, :192].view(2, 6, 32), qkv[:, 256:].view(2, 2, 32), qkv[:, 192:256].view(2, 2, 32))
+    one = qkv[:1].clone()  # one token: its row stride is whatever view() gives, and it takes the prologue too
+    assert tp._one_qkv_row(one[:, :192].view(1, 6, 32), one[:, 192:256].view(1, 2, 32), one[:, 256:].view(1, 2, 32))
+    out = tp.rope_store_attention(q.clone(), k, v, torch.tensor([3]), cos_sin[:, :32], 32, None, None, 1e-6,
+                                  kc.clone(), vc.clone(), batch, 0.2)
+    q2 = tn.qk_norm_rope_store(q.clone(), k, v, torch.tensor([3]), cos_sin[:, :32], 32, None, None, 1e-6, kc, vc,
+                               batch.out_slots)
+    assert torch.equal(out, tp.paged_attention_splits(q2, kc, vc, batch, 0.2, None))
 
 
 def _group_batch() -> None:

@@ -254,6 +254,50 @@ def test_paged_attention(case: str) -> None:
             assert rel(tp.paged_attention_splits(q, kc, vc, batch, 128**-0.5, splits), want) < BF16_TOL
 
 
+@pytest.mark.parametrize("case", ["decode b1 8k", "decode b32 1k", "decode b4 mixed", "verify b4 q4 mask",
+                                  "verify b2 q16 mask", "decode b64 1k"])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_rope_in_attention_equals_two_launches(case: str, qk_norm: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small-query batches store the new K/V and rotate q inside the attention launch: the same cache
+    bits and output bits as qk_norm_rope_store's launch then paged_attention, eagerly and in a graph
+    replayed on new q, k, v (the prologue's stores are ordered before its loads inside each program)."""
+    from common.attention import triton_paged as tp
+    from common.model.layers import rope_cos_sin
+    from common.ops import triton_norm as tn
+
+    monkeypatch.setattr(tp, "ROPE_IN_ATTENTION", True)
+    specs = ATTN_CASES.get(case) or [(1, 1024 - 5 * i, None, False) for i in range(64)]
+    _, kc, vc, batch = _attn_batch(specs)
+    n, hq, hk, d = batch.num_tokens, 96, 8, 128
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (t.view(n, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=1))
+    pos = torch.randint(0, 8192, (n,), device=DEV)
+    cos_sin = rope_cos_sin(64, 1e6, 8192, torch.device(DEV))
+    qw, kw = ((1 + 0.1 * torch.randn(d, device=DEV)).bfloat16() if qk_norm else None for _ in range(2))
+
+    def fused(caches):  # type: ignore[no-untyped-def]
+        return tp.rope_store_attention(q, k, v, pos, cos_sin, 64, qw, kw, 1e-5, *caches, batch, 128**-0.5)
+
+    def two(caches):  # type: ignore[no-untyped-def]
+        q2 = tn.qk_norm_rope_store(q.clone(), k, v, pos, cos_sin, 64, qw, kw, 1e-5, *caches, batch.out_slots)
+        return tp.paged_attention(q2, *caches, batch, 128**-0.5)
+
+    raw = qkv.clone()
+    a, b = (kc.clone(), vc.clone()), (kc.clone(), vc.clone())
+    out, want = fused(a), two(b)
+    assert torch.equal(qkv, raw), "q, k, v are read, never written"
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(out, want)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused(a)
+    for _ in range(3):
+        qkv.copy_(torch.randn_like(qkv))
+        graph.replay()
+        want = two(b)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(out, want)
+
+
 @pytest.mark.parametrize("case", ["extend 1x2048", "long prefill after a cached prefix", "two long prefills"])
 def test_sdpa_prefill_serves_long_prefills(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A long unmasked prefill goes to torch SDPA (cuDNN or flash) and matches the reference and the
