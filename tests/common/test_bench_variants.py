@@ -114,6 +114,9 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     with variants.variant("rope-in-attention"):
         assert triton_paged.ROPE_IN_ATTENTION is True
     assert triton_paged.ROPE_IN_ATTENTION is False
+    with variants.variant("route-align"):
+        assert triton_moe_fp8.ROUTE_ALIGN is True
+    assert triton_moe_fp8.ROUTE_ALIGN is False
     with variants.variant("route-launch"):
         assert triton_moe_fp8.ROUTE_IN_GATE_UP is False
     assert triton_moe_fp8.ROUTE_IN_GATE_UP is True
