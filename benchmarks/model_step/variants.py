@@ -34,9 +34,10 @@ A variant is a context manager that changes a module-level choice the model's op
   (`triton_moe_fp8.ROUTE_ALIGN` on);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
-- `skip=moe|attn` (timing only; the model's output changes): every MoE block, or every attention block,
-  returns zeros without a launch, so the step's time against the served one is what those
-  blocks cost inside the step, PDL overlap and launch gaps included, to set beside their bytes floor;
+- `skip=experts|attn` (timing only; the model's output changes): every MoE block's experts (all but
+  the router: routing, gate_up, quantiser, down), or every attention block, return zeros without a
+  launch, so the step's time against the served one is what those kernels cost inside the step, PDL
+  overlap and launch gaps included, to set beside their bytes floor;
 - `attn-tiles=FILE`: the paged attention's (BLOCK_M, BLOCK_N, warps, stages, splits) for each
   (batch, rows a KV head) in FILE, as `tune_attention --decode --write FILE` writes it; other shapes
   keep plan()'s choice.
@@ -135,10 +136,9 @@ def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
-def _zeros_like_input(*args: object, **kwargs: object) -> torch.Tensor:
-    """A block's forward that returns zeros of its input's shape and dtype (the last tensor argument;
-    one buffer per shape, made on first use: no launch afterwards, and nothing in the step turns NaN)."""
-    x = [a for a in args if isinstance(a, (Fp8Activation, torch.Tensor))][-1]
+def _zeros_like_input(x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+    """Zeros of x's shape and dtype, for a skipped block to return (one buffer per shape, made on first
+    use: no launch afterwards, and nothing in the step turns NaN)."""
     shape, dtype, device = (x.q.shape, x.dtype, x.q.device) if isinstance(x, Fp8Activation) else (x.shape, x.dtype,
                                                                                                  x.device)
     key = (tuple(shape), dtype, device)
@@ -148,11 +148,16 @@ def _zeros_like_input(*args: object, **kwargs: object) -> torch.Tensor:
 
 
 def _skip(arg: str) -> contextlib.AbstractContextManager:
-    blocks = {"moe": (moe_block.MoE, "forward"), "attn": (Glm4MoeAttention, "forward")}
+    # (class, forwards, index of the input x among their positional arguments)
+    blocks = {"experts": (moe_block.Experts, ("forward", "forward_routed"), 0),
+              "attn": (Glm4MoeAttention, ("forward",), 1)}
     if arg not in blocks:
         raise ValueError(f"skip takes one of {', '.join(blocks)}, not {arg!r}")
-    cls, attr = blocks[arg]
-    return mock.patch.object(cls, attr, lambda self, *a, **k: _zeros_like_input(*a, **k))
+    cls, attrs, at = blocks[arg]
+    stack = contextlib.ExitStack()
+    for attr in attrs:
+        stack.enter_context(mock.patch.object(cls, attr, lambda self, *a, **k: _zeros_like_input(a[at])))
+    return stack
 
 
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:

@@ -455,10 +455,11 @@ def route_align(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_
     sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    # at least 4 token rows: with 2 the H100 build gave other alignments than the interpreter
     _route_align_kernel[(1,)](
         logits, correction_bias.float().contiguous(), weights, ids, sorted_ids, block_expert, n_tok, n_exp,
         logits.stride(0), logits.stride(1), float(scaling), max_blocks, EPG=n_exp // n_group, N_GROUP=n_group,
-        TOPK_GROUP=topk_group, TOPK=top_k, RENORM=renormalize, BT=triton.next_power_of_2(n_tok),
+        TOPK_GROUP=topk_group, TOPK=top_k, RENORM=renormalize, BT=max(4, triton.next_power_of_2(n_tok)),
         E_PAD=triton.next_power_of_2(n_exp), G_PAD=triton.next_power_of_2(n_group),
         K_PAD=triton.next_power_of_2(width), SHARED=num_shared, SPLITS=splits, BM=block_m, BB=64,
         num_warps=4 if n_tok <= 4 else 8, **pdl_kwargs(dev),

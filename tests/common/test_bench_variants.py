@@ -139,9 +139,9 @@ def test_tiles_rule_hides_the_tuned_table_inside_its_block(monkeypatch: pytest.M
     assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev).block_n == 64
 
 
-@pytest.mark.parametrize("block", ["moe", "attn"])
+@pytest.mark.parametrize("block", ["experts", "attn"])
 def test_skip_returns_zeros_for_every_block_and_restores_it(tmp_path: Path, block: str) -> None:
-    """skip=moe|attn: the named blocks return zeros of their input's shape and dtype (the same buffer
+    """skip=experts|attn: the named blocks return zeros of their input's shape and dtype (the same buffer
     each call, so a captured graph launches nothing for them), the step still runs, and the served
     forwards come back on exit."""
     import common.model.moe as moe_block
@@ -150,23 +150,23 @@ def test_skip_returns_zeros_for_every_block_and_restores_it(tmp_path: Path, bloc
     from tests.common.test_tiny_fp8 import _prompt_logits
 
     model_dir = make_tiny_model(tmp_path / "fp8", quantization="fp8-channel")
-    cls = moe_block.MoE if block == "moe" else Glm4MoeAttention
-    served = cls.forward
+    cls, attr = (moe_block.Experts, "forward_routed") if block == "experts" else (Glm4MoeAttention, "forward")
+    served = getattr(cls, attr)
     outs: list[torch.Tensor] = []
     plain = _prompt_logits(model_dir)
     with variants.variant(f"skip={block}"):
-        patched = cls.forward
+        patched = getattr(cls, attr)
 
         def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             outs.append(patched(self, *args, **kwargs))
             return outs[-1]
 
-        cls.forward = spy
+        setattr(cls, attr, spy)
         try:
             skipped = _prompt_logits(model_dir)
         finally:
-            cls.forward = patched
-    assert cls.forward is served
+            setattr(cls, attr, patched)
+    assert getattr(cls, attr) is served
     assert outs and all(o.shape == (24, outs[0].shape[1]) and not o.any() for o in outs)
     assert len({o.data_ptr() for o in outs}) == 1
     assert torch.isfinite(skipped).all() and not torch.equal(skipped, plain)
