@@ -26,9 +26,10 @@ A variant is a context manager that changes a module-level choice the model's op
   split merge hands over instead of by the quantiser's own launch (`layers.AMAX_HANDOFF_ROWS`; 0: none);
 - `route-launch`: one token's FP8 MoE takes grouped_topk's launch before the fused MoE instead of
   routing inside its gate_up GEMM (`triton_moe_fp8.ROUTE_IN_GATE_UP` off);
-- `rope-in-attention`: small-query batches norm and rotate the new q and k and store the K/V in the
-  attention launch's prologue instead of by `qk_norm_rope_store`'s launch before it
-  (`triton_paged.ROPE_IN_ATTENTION` on);
+- `rope-queries=Q`: batches of up to Q queries a sequence on small-query tiles norm and rotate the
+  new q and k and store the K/V in the attention launch's prologue, larger ones by
+  `qk_norm_rope_store`'s launch before it (`triton_paged.ROPE_IN_ATTENTION_QUERIES`; 0: every batch
+  by the launch);
 - `route-align`: 2 .. `triton_moe.ROUTE_ALIGN_TOKENS` tokens' FP8 MoE routes and aligns in one launch
   (`triton_moe.route_align`) instead of grouped_topk's and align_block_size's
   (`triton_moe_fp8.ROUTE_ALIGN` on);
@@ -121,8 +122,10 @@ def _route_launch(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_moe_fp8, ROUTE_IN_GATE_UP=False)
 
 
-def _rope_in_attention(arg: str) -> contextlib.AbstractContextManager:
-    return mock.patch.multiple(triton_paged, ROPE_IN_ATTENTION=True)
+def _rope_queries(arg: str) -> contextlib.AbstractContextManager:
+    if not arg.isdigit():
+        raise ValueError(f"rope-queries takes a query count, not {arg!r}")
+    return mock.patch.multiple(triton_paged, ROPE_IN_ATTENTION_QUERIES=int(arg))
 
 
 def _route_align(arg: str) -> contextlib.AbstractContextManager:
@@ -180,7 +183,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
-    "tiles-rule": _tiles_rule, "route-launch": _route_launch, "rope-in-attention": _rope_in_attention,
+    "tiles-rule": _tiles_rule, "route-launch": _route_launch, "rope-queries": _rope_queries,
     "route-align": _route_align,
     "amax-handoff": _amax_handoff, "skip": _skip}
 
@@ -193,7 +196,8 @@ def parse(spec: str) -> list[str]:
         key, _, arg = name.partition("=")
         if key not in VARIANTS:
             raise SystemExit(f"--ab: unknown variant {key!r} (known: {', '.join(VARIANTS)})")
-        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum", "amax-handoff", "skip") and not arg:
+        if key in ("prefetch", "attn-tiles", "quant-in-gemm", "fast-accum", "amax-handoff", "skip",
+                   "rope-queries") and not arg:
             raise SystemExit(f"--ab: {key} needs a value ({key}=...)")
         try:
             VARIANTS[key](arg)

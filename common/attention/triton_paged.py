@@ -316,11 +316,13 @@ def paged_attention(
     return out
 
 
-# Small-query batches (decode, verify, draft steps) may norm and rotate the new tokens' q and k and
-# store their K/V inside the attention launch (`_rope_store_prologue`): one launch fewer a layer.
-# Served off until a full-depth step has timed it (variant rope-in-attention); off, and for larger
-# batches always, `triton_norm.qk_norm_rope_store`'s launch runs first.
-ROPE_IN_ATTENTION = False
+# Batches of up to this many queries a sequence (and small-query tiles) norm and rotate the new tokens'
+# q and k and store their K/V inside the attention launch (`_rope_store_prologue`): one launch fewer
+# a layer. 1, decode-shaped batches: on Air at full depth on an H100 the one-token decode step took
+# 2.2 % less, 64 tokens 0.2 % less; with the 4-query verify on it too the EAGLE steps came out
+# 1.6-1.7 % slower, inside their spread (docs/performance.md §7r). 0: `triton_norm.qk_norm_rope_store`'s
+# launch first for every batch, as larger ones always take (variant rope-queries=Q).
+ROPE_IN_ATTENTION_QUERIES = 1
 
 
 def _one_qkv_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -340,11 +342,12 @@ def rope_store_attention(
     scale: float, amax: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T,Hq,D]
     """`common.attention.rope_store_attention` (qk_norm_rope_store at batch.out_slots, then
-    paged_attention): with ROPE_IN_ATTENTION, small-query batches whose q, k, v are one qkv row in one
-    attention launch, the new q in a fresh tensor (q itself not written); the rest in two."""
+    paged_attention): batches of up to ROPE_IN_ATTENTION_QUERIES queries a sequence on small-query tiles,
+    whose q, k, v are one qkv row, in one attention launch, the new q in a fresh tensor (q itself not written); the rest in two."""
     n_tok, hq, d = q.shape
     hk = k.shape[1]
-    if not (ROPE_IN_ATTENTION and n_tok and batch.max_query_len * (hq // hk) <= SMALL_QUERY_ROWS
+    if not (n_tok and batch.max_query_len <= ROPE_IN_ATTENTION_QUERIES
+            and batch.max_query_len * (hq // hk) <= SMALL_QUERY_ROWS
             and _one_qkv_row(q, k, v) and cos_sin.stride(-1) == 1):
         q = qk_norm_rope_store(q, k, v, positions, cos_sin, rotary_dim, q_norm_w, k_norm_w, eps, k_cache, v_cache,
                                batch.out_slots)

@@ -111,9 +111,11 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     assert model_layers.AMAX_HANDOFF_ROWS == 0
     with pytest.raises(SystemExit, match="amax-handoff takes a token count"):
         variants.parse("amax-handoff=all")
-    with variants.variant("rope-in-attention"):
-        assert triton_paged.ROPE_IN_ATTENTION is True
-    assert triton_paged.ROPE_IN_ATTENTION is False
+    with variants.variant("rope-queries=0"):
+        assert triton_paged.ROPE_IN_ATTENTION_QUERIES == 0
+    assert triton_paged.ROPE_IN_ATTENTION_QUERIES == 1
+    with pytest.raises(SystemExit, match="rope-queries takes a query count"):
+        variants.parse("rope-queries=all")
     with variants.variant("route-align"):
         assert triton_moe_fp8.ROUTE_ALIGN is True
     assert triton_moe_fp8.ROUTE_ALIGN is False

@@ -357,7 +357,7 @@ def _rope_in_attention(build) -> None:  # type: ignore[no-untyped-def]
     from common.ops import triton_norm as tn
 
     served = tp.plan
-    tp.ROPE_IN_ATTENTION = True  # (this subprocess only)
+    tp.ROPE_IN_ATTENTION_QUERIES = 64  # verify batches too (this subprocess only)
     cases = [  # (name, specs, page, hk, hq, d, rot, forced plan tile or None)
         ("decode, plan's split", [(1, 37, None, False), (1, 5, None, False)], 8, 2, 6, 32, 16, None),
         ("decode split 3", [(1, 100, None, False), (1, 70, None, False)], 8, 2, 6, 32, 32, (16, 16, 4, 2, 3)),

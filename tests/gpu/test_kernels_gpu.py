@@ -265,7 +265,7 @@ def test_rope_in_attention_equals_two_launches(case: str, qk_norm: bool, monkeyp
     from common.model.layers import rope_cos_sin
     from common.ops import triton_norm as tn
 
-    monkeypatch.setattr(tp, "ROPE_IN_ATTENTION", True)
+    monkeypatch.setattr(tp, "ROPE_IN_ATTENTION_QUERIES", 64)  # verify batches too
     specs = ATTN_CASES.get(case) or [(1, 1024 - 5 * i, None, False) for i in range(64)]
     _, kc, vc, batch = _attn_batch(specs)
     n, hq, hk, d = batch.num_tokens, 96, 8, 128
