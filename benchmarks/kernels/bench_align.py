@@ -1,7 +1,6 @@
 """The fused MoE's expert alignment at prefill sizes, per chunking of its count + scatter kernels;
-at decode and verify sizes, the scatter kernels against the one-program sort kernel (used up to
-triton_moe.ALIGN_SORT_MAX assignments); and for a few tokens, routing and alignment in one launch
-(`triton_moe.route_align`) against grouped_topk's and the sort's.
+and at decode and verify sizes, the scatter kernels against the one-program sort kernel (used up to
+triton_moe.ALIGN_SORT_MAX assignments).
 
     python3 -m benchmarks.kernels.bench_align [--small-only]
 
@@ -60,42 +59,13 @@ def small_batches() -> list[str]:
     return lines
 
 
-def few_tokens() -> list[str]:
-    """2 .. ROUTE_ALIGN_TOKENS tokens (verify of one sequence, small decode batches): route_align's one
-    launch against grouped_topk's then the one-program sort's (graph replays of both launches, so
-    the hand-off between them counts); the two must give the same routing and alignment."""
-    lines = ["layout | tokens | top-k + sort µs | route_align µs"]
-    print(lines[0], flush=True)
-    for name, routed in (("air+1", 128), ("glm45+1", 160)):
-        for m in (2, 4, 8):
-            logits, bias = torch.randn(2, m, routed, device="cuda"), 0.1 * torch.randn(routed, device="cuda")
-            routing = (bias, 8, 1, 1, True, 2.5, 1)
-
-            def two(logits=logits, routing=routing, experts=routed + 1) -> tuple:  # type: ignore[no-untyped-def]
-                w, i = tm.grouped_topk(logits, *routing)
-                return (w, i, *tm.align_block_size(i, experts, 16))
-
-            def one(logits=logits, routing=routing, experts=routed + 1) -> tuple:  # type: ignore[no-untyped-def]
-                return tm.route_align(logits, *routing, experts, 16)
-
-            a, b = two(), one()
-            used = int((a[3] >= 0).sum()) * 16
-            if not (all(torch.equal(x, y) for x, y in zip(a[:2] + a[3:], b[:2] + b[3:]))
-                    and torch.equal(a[2][:used], b[2][:used])):
-                raise SystemExit(f"{name} M={m}: route_align differs from grouped_topk + align_block_size")
-            times = [measure.time_graph([fn], reps=50) for fn in (two, one)]
-            lines.append(f"{name} | {m} | " + " | ".join(f"{t:.1f}" for t in times))
-            print(lines[-1], flush=True)
-    return lines
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small-only", action="store_true", help="only the decode-size comparison")
     args = ap.parse_args()
     info = measure.device_info()
     print(f"GPU {info['gpu']} | driver {info['driver']} | torch {info['torch']} | triton {info['triton']}")
-    small = few_tokens() + [""] + small_batches()
+    small = small_batches()
     if args.small_only:
         measure.write_out("bench_align.md", "\n".join(small) + "\n")
         return

@@ -30,9 +30,6 @@ A variant is a context manager that changes a module-level choice the model's op
   new q and k and store the K/V in the attention launch's prologue, larger ones by
   `qk_norm_rope_store`'s launch before it (`triton_paged.ROPE_IN_ATTENTION_QUERIES`; 0: every batch
   by the launch);
-- `route-align`: 2 .. `triton_moe.ROUTE_ALIGN_TOKENS` tokens' FP8 MoE routes and aligns in one launch
-  (`triton_moe.route_align`) instead of grouped_topk's and align_block_size's
-  (`triton_moe_fp8.ROUTE_ALIGN` on);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
 - `skip=experts|attn` (timing only; the model's output changes): every MoE block's experts (all but
@@ -128,10 +125,6 @@ def _rope_queries(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_paged, ROPE_IN_ATTENTION_QUERIES=int(arg))
 
 
-def _route_align(arg: str) -> contextlib.AbstractContextManager:
-    return mock.patch.multiple(triton_moe_fp8, ROUTE_ALIGN=True)
-
-
 def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
 
@@ -184,7 +177,6 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
     "tiles-rule": _tiles_rule, "route-launch": _route_launch, "rope-queries": _rope_queries,
-    "route-align": _route_align,
     "amax-handoff": _amax_handoff, "skip": _skip}
 
 

@@ -91,16 +91,18 @@ def route_slot(logit_ptr, bias_ptr, stride_s, E, slot, scaling, EPG: tl.constexp
     return tl.where(routed, expert, E + slot - TOPK), tl.where(routed, w * scaling, 1.0)
 
 
-@triton.jit
-def _topk_rows(logit_ptr, bias_ptr, t, T, E, stride_s, stride_l, scaling,
-               EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
-               RENORM: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
-               SPLITS: tl.constexpr):
-    """Tokens t [BT]: the logits (the sum of SPLITS partial terms, added in index order), sigmoid
-    scores, bias-corrected group-limited top-k, weights from the unbiased scores (renormalised,
-    scaled); columns from TOPK on are the shared experts (ids E.., weight 1). -> (ids, weights)
-    [BT, K_PAD] int32 / fp32, rank order."""
-    BT: tl.constexpr = t.shape[0]
+@triton.jit(do_not_specialize=["T"])
+def _grouped_topk_kernel(
+    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_s, stride_l, scaling,
+    EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
+    RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, SHARED: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+):
+    """BT tokens per program: the logits (the sum of SPLITS partial terms, added in index order),
+    sigmoid scores, bias-corrected group-limited top-k, weights from the unbiased scores
+    (renormalised, scaled); then SHARED columns: ids E.., weight 1."""
+    pdl_start(PDL)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
     e = tl.arange(0, E_PAD)  # [E_PAD]
     tm = t < T
     em = e < E
@@ -127,24 +129,10 @@ def _topk_rows(logit_ptr, bias_ptr, t, T, E, stride_s, stride_l, scaling,
         ws = ws / (tl.sum(ws, axis=1)[:, None] + 1e-20)
     ws = ws * scaling
     shared = (kk >= TOPK)[None, :]
-    return tl.where(shared, E + kk[None, :] - TOPK, ids), tl.where(shared, 1.0, ws)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _grouped_topk_kernel(
-    logit_ptr, bias_ptr, w_ptr, id_ptr, T, E, stride_s, stride_l, scaling,
-    EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
-    RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr,
-    K_PAD: tl.constexpr, SHARED: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
-):
-    """BT tokens per program (`_topk_rows`), stored [T, TOPK + SHARED]."""
-    pdl_start(PDL)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)  # [BT]
-    ids, ws = _topk_rows(logit_ptr, bias_ptr, t, T, E, stride_s, stride_l, scaling, EPG, N_GROUP, TOPK_GROUP,
-                         TOPK, RENORM, E_PAD, G_PAD, K_PAD, SPLITS)
-    kk = tl.arange(0, K_PAD)
+    ws = tl.where(shared, 1.0, ws)
+    ids = tl.where(shared, E + kk[None, :] - TOPK, ids)
     out = t[:, None] * (TOPK + SHARED) + kk[None, :]
-    om = (t < T)[:, None] & (kk < TOPK + SHARED)[None, :]
+    om = tm[:, None] & (kk < TOPK + SHARED)[None, :]
     tl.store(w_ptr + out, ws, mask=om)
     tl.store(id_ptr + out, ids, mask=om)
 
@@ -386,86 +374,6 @@ def align_block_size(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
     return sorted_ids, block_expert
 
 
-
-@triton.jit(do_not_specialize=["T", "MAX_BLOCKS"])
-def _route_align_kernel(
-    logit_ptr, bias_ptr, w_ptr, id_ptr, sorted_ptr, block_expert_ptr, T, E, stride_s, stride_l, scaling,
-    MAX_BLOCKS, EPG: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr,
-    RENORM: tl.constexpr, BT: tl.constexpr, E_PAD: tl.constexpr, G_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    SHARED: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr,
-):
-    """grid (1,), T <= BT tokens: `_grouped_topk_kernel`'s routing, then `_align_sort_kernel`'s
-    alignment of the T * (TOPK + SHARED) assignments from registers, in one launch. The alignment
-    compares every assignment with every other ([BT * K_PAD]^2, no sort): an assignment's row is its
-    expert's padded start (the padded counts of the experts below it) plus its rank among its
-    expert's assignments in index order, the order the sort gives."""
-    pdl_start(PDL)
-    W: tl.constexpr = TOPK + SHARED
-    NP: tl.constexpr = BT * K_PAD
-    t = tl.arange(0, BT)
-    ids, ws = _topk_rows(logit_ptr, bias_ptr, t, T, E, stride_s, stride_l, scaling, EPG, N_GROUP, TOPK_GROUP,
-                         TOPK, RENORM, E_PAD, G_PAD, K_PAD, SPLITS)
-    kk = tl.arange(0, K_PAD)
-    out = t[:, None] * W + kk[None, :]
-    om = (t < T)[:, None] & (kk < W)[None, :]
-    tl.store(w_ptr + out, ws, mask=om)
-    tl.store(id_ptr + out, ids, mask=om)
-    i = tl.arange(0, NP)  # assignment (i // K_PAD, i % K_PAD): flat index a, increasing with i
-    valid = tl.reshape(om, (NP,))
-    a = tl.reshape(out, (NP,))
-    ex = tl.where(valid, tl.reshape(ids, (NP,)), -1)
-    same = (ex[:, None] == ex[None, :]) & valid[:, None] & valid[None, :]  # [NP,NP]
-    count = tl.sum(same.to(tl.int32), axis=1)
-    rank = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
-    padded = (count + BM - 1) // BM * BM
-    first = valid & (rank == 0)  # one assignment an expert: its expert's padded range
-    start = tl.sum(tl.where(first[None, :] & (ex[None, :] < ex[:, None]), padded[None, :], 0), axis=1)
-    tl.store(sorted_ptr + start + rank, a, mask=valid)
-    c = tl.arange(0, BM)
-    pad = first[:, None] & (c[None, :] < (padded - count)[:, None])
-    tl.store(sorted_ptr + (start + count)[:, None] + c[None, :], T * W, mask=pad)  # sentinel rows
-    total = tl.sum(tl.where(first, padded, 0))
-    for b0 in range(0, MAX_BLOCKS, BB):
-        row = (b0 + tl.arange(0, BB)) * BM  # [BB] first row of each block
-        owns = first[None, :] & (start[None, :] <= row[:, None]) & (row[:, None] < (start + padded)[None, :])
-        owner = tl.where(row < total, tl.sum(tl.where(owns, ex[None, :], 0), axis=1), -1)
-        tl.store(block_expert_ptr + b0 + tl.arange(0, BB), owner, mask=b0 + tl.arange(0, BB) < MAX_BLOCKS)
-
-
-# Up to this many tokens a MoE routes and aligns in one launch (`route_align`) instead of grouped_topk's
-# and align_block_size's.
-ROUTE_ALIGN_TOKENS = 8
-
-
-def route_align(router_logits: torch.Tensor, correction_bias: torch.Tensor, top_k: int, n_group: int,
-                topk_group: int, renormalize: bool, scaling: float, num_shared: int, num_experts: int,
-                block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grouped_topk(router_logits, ...) then align_block_size(ids, num_experts, block_m) in one launch,
-    for up to ROUTE_ALIGN_TOKENS tokens: (weights, ids, sorted_ids, block_expert), the same values."""
-    logits = router_logits if router_logits.dim() == 3 else router_logits[None]
-    splits, n_tok, n_exp = logits.shape
-    if not 0 < n_tok <= ROUTE_ALIGN_TOKENS:
-        raise ValueError(f"route_align takes 1..{ROUTE_ALIGN_TOKENS} tokens, not {n_tok}")
-    width = top_k + num_shared
-    dev = logits.device
-    weights = torch.empty((n_tok, width), dtype=torch.float32, device=dev)
-    ids = torch.empty((n_tok, width), dtype=torch.int32, device=dev)
-    numel = n_tok * width
-    max_blocks = triton.cdiv(numel + min(numel, num_experts) * (block_m - 1), block_m)
-    sorted_ids = torch.empty(max_blocks * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    # at least 4 token rows: with 2 the H100 build gave other alignments than the interpreter
-    _route_align_kernel[(1,)](
-        logits, correction_bias.float().contiguous(), weights, ids, sorted_ids, block_expert, n_tok, n_exp,
-        logits.stride(0), logits.stride(1), float(scaling), max_blocks, EPG=n_exp // n_group, N_GROUP=n_group,
-        TOPK_GROUP=topk_group, TOPK=top_k, RENORM=renormalize, BT=max(4, triton.next_power_of_2(n_tok)),
-        E_PAD=triton.next_power_of_2(n_exp), G_PAD=triton.next_power_of_2(n_group),
-        K_PAD=triton.next_power_of_2(width), SHARED=num_shared, SPLITS=splits, BM=block_m, BB=64,
-        num_warps=4 if n_tok <= 4 else 8, **pdl_kwargs(dev),
-    )
-    return weights, ids, sorted_ids, block_expert
-
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])
 def _moe_gemm_kernel(
     a_ptr, w_ptr, w_desc, out_ptr, sorted_ptr, block_expert_ptr, topw_ptr,
@@ -655,5 +563,5 @@ def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, pdl: bool) -> None:
                                                          num_warps=4, launch_pdl=pdl)
 
 
-__all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "ROUTE_ALIGN_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
-           "fused_moe_with_config", "get_config", "grouped_topk", "route_align", "router_logits", "tma_supported"]
+__all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
+           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "tma_supported"]

@@ -348,7 +348,6 @@ def fused_moe_fp8_with_config(
     num_shared: int = 0,
     combine: bool = True,
     route: tuple[torch.Tensor, Routing] | None = None,  # one token: (logits, routing), weights / ids its outputs
-    aligned: tuple[torch.Tensor, torch.Tensor] | None = None,  # (sorted_ids, block_expert) of ids at cfg's BLOCK_M
 ) -> torch.Tensor:
     check_fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block)
     if route is not None and (x.shape[0] != 1 or ids.dtype != torch.int32 or weights.dtype != torch.float32):
@@ -366,9 +365,7 @@ def fused_moe_fp8_with_config(
     cfg = config or get_config(n_tok, num_experts, n2, hidden, top_k, x.dtype, x.device, fp8_block=block)
     bm = cfg["BLOCK_M"]
     s13, s2 = s13.contiguous(), s2.contiguous()
-    if aligned is not None:
-        sorted_ids, block_expert = aligned
-    elif n_tok == 1:  # the k assignments are k distinct experts: one block each, no sort needed
+    if n_tok == 1:  # the k assignments are k distinct experts: one block each, no sort needed
         sorted_ids, block_expert = None, ids.reshape(-1).to(torch.int32)
     else:
         sorted_ids, block_expert = tm.align_block_size(ids.to(torch.int32), num_experts, bm)
@@ -397,10 +394,6 @@ def fused_moe_fp8_with_config(
 # One token's FP8 MoE routes inside its gate_up GEMM (`routed_moe_fp8`): the top-k launch between the
 # router and gate_up goes. False: grouped_topk's launch, then the fused MoE, for timing the two.
 ROUTE_IN_GATE_UP = True
-# A few tokens (2 .. triton_moe.ROUTE_ALIGN_TOKENS) may route and align in one launch (`tm.route_align`)
-# instead of grouped_topk's and align_block_size's: served off until a full-depth step has timed it
-# (variant route-align).
-ROUTE_ALIGN = False
 
 
 def routed_moe_fp8(
@@ -409,16 +402,8 @@ def routed_moe_fp8(
     combine: bool = True,
 ) -> torch.Tensor:
     """reference.routed_moe_fp8: one token (ROUTE_IN_GATE_UP) is routed by the gate_up GEMM's programs,
-    each for its own slot; a few (ROUTE_ALIGN) are routed and aligned by one launch; more take
-    grouped_topk's launch, then fused_moe_fp8 (which aligns them)."""
-    n_tok = x.shape[0]
-    if ROUTE_ALIGN and 1 < n_tok <= tm.ROUTE_ALIGN_TOKENS:
-        cfg = get_config(n_tok, w13.shape[0], w13.shape[1], x.shape[1], routing.top_k + routing.num_shared, x.dtype,
-                         x.device, fp8_block=block)
-        weights, ids, *aligned = tm.route_align(router_logits, *routing, w13.shape[0], cfg["BLOCK_M"])
-        return fused_moe_fp8_with_config(x, w13, s13, w2, s2, weights, ids, block, cfg, x_quant, routing.num_shared,
-                                         combine, aligned=tuple(aligned))
-    if n_tok != 1 or not ROUTE_IN_GATE_UP:
+    each for its own slot; more tokens take grouped_topk's launch, then fused_moe_fp8."""
+    if x.shape[0] != 1 or not ROUTE_IN_GATE_UP:
         weights, ids = tm.grouped_topk(router_logits, *routing)
         return fused_moe_fp8(x, w13, s13, w2, s2, weights, ids, block, x_quant, routing.num_shared, combine)
     logits = router_logits if router_logits.dim() == 3 else router_logits[None]  # [S,1,E]
@@ -432,5 +417,5 @@ def routed_moe_fp8(
                                      combine, (logits, routing))
 
 
-__all__ = ["DOWN_QUANT_TOKENS", "ROUTE_ALIGN", "ROUTE_IN_GATE_UP", "down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant",
+__all__ = ["DOWN_QUANT_TOKENS", "ROUTE_IN_GATE_UP", "down", "fused_moe_fp8", "fused_moe_fp8_with_config", "fuses_quant",
            "gate_up", "quantize", "routed_moe_fp8"]

@@ -116,9 +116,6 @@ def test_the_fusion_switches_are_set_and_restored() -> None:
     assert triton_paged.ROPE_IN_ATTENTION_QUERIES == 1
     with pytest.raises(SystemExit, match="rope-queries takes a query count"):
         variants.parse("rope-queries=all")
-    with variants.variant("route-align"):
-        assert triton_moe_fp8.ROUTE_ALIGN is True
-    assert triton_moe_fp8.ROUTE_ALIGN is False
     with variants.variant("route-launch"):
         assert triton_moe_fp8.ROUTE_IN_GATE_UP is False
     assert triton_moe_fp8.ROUTE_IN_GATE_UP is True

@@ -231,21 +231,6 @@ def _group_moe() -> None:
             assert torch.equal(got_blocks, block_expert) and torch.equal(got_ids[:used], sorted_ids[:used]), \
                 "sorted alignment differs from the one-hot scatter's"
         print(f"align_block_size T={n} k={k} E={e} BM={bm} ok")
-    # route_align: grouped_topk then align_block_size in one launch, the same values (few tokens; the
-    # router's terms summed; groups; shared experts; a block size above and below the assignments)
-    for n, e, k, g, tg, shared, splits, bm in ((1, 16, 4, 1, 1, 1, 1, 16), (4, 128, 8, 1, 1, 1, 2, 16),
-                                                (3, 32, 4, 4, 2, 0, 1, 2), (8, 24, 6, 2, 1, 2, 3, 16),
-                                                (5, 20, 3, 1, 1, 1, 1, 4)):
-        logits, bias = torch.randn(splits, n, e), torch.randn(e) * 0.1
-        if n == 4:  # tokens that share experts: buckets of several assignments
-            logits[:, 1:] = logits[:, :1]
-        w, i, srt, blocks = tm.route_align(logits, bias, k, g, tg, True, 2.5, shared, e + shared, bm)
-        rw, ri = tm.grouped_topk(logits, bias, k, g, tg, True, 2.5, shared)
-        r_srt, r_blocks = tm.align_block_size(ri, e + shared, bm)
-        used = int((r_blocks >= 0).sum()) * bm
-        assert torch.equal(i, ri) and torch.equal(w, rw), f"route_align T={n} E={e}: routing"
-        assert torch.equal(blocks, r_blocks) and torch.equal(srt[:used], r_srt[:used]), f"route_align T={n} E={e}"
-        print(f"route_align T={n} E={e} k={k} G={g} shared={shared} S={splits} BM={bm} ok")
     big = {"BLOCK_M": 64, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
            "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}
     tma = {"BLOCK_M": 32, "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2, "tma": True},

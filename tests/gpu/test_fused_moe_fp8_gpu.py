@@ -299,43 +299,6 @@ def test_one_token_routed_in_gate_up(shape: str, block: int, experts: dict, monk
         assert rel(y, want) < 1e-3
 
 
-@pytest.mark.parametrize(("shape", "block"), [("air", 0), ("glm45", 0), ("glm45", 128)])
-@pytest.mark.parametrize("n", [2, 4, 8])
-def test_few_tokens_routed_and_aligned_in_one_launch(shape: str, block: int, n: int, experts: dict,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """route_align (grouped_topk then align_block_size in one launch) gives their values, and the FP8 MoE
-    on it the same bits as on the two launches, eagerly and in a PDL graph replayed on new logits."""
-    from common.ops import reference as ref
-    from common.ops import triton_moe as tm
-    from common.ops import triton_moe_fp8 as tf8
-
-    e, h, _ = SHAPES[shape]
-    w13, s13, w2, s2 = weights_for(experts, shape, block)
-    x = activations(n, h)
-    terms, bias = torch.randn(2, n, e, device=DEV), 0.1 * torch.randn(e, device=DEV)
-    terms[:, n // 2:] = terms[:, :1]  # tokens that share their experts: buckets of several rows
-    routing = ref.Routing(bias, TOP_K, 1, 1, True, 2.5, 1)
-    w, i, srt, blocks = tm.route_align(terms, *routing, e + 1, 16)
-    rw, ri = tm.grouped_topk(terms, *routing)
-    r_srt, r_blocks = tm.align_block_size(ri, e + 1, 16)
-    used = int((r_blocks >= 0).sum()) * 16
-    assert torch.equal(i, ri) and torch.equal(w, rw) and torch.equal(blocks, r_blocks)
-    assert torch.equal(srt[:used], r_srt[:used])
-
-    def moe(on: bool) -> torch.Tensor:
-        monkeypatch.setattr(tf8, "ROUTE_ALIGN", on)
-        return tf8.routed_moe_fp8(x, terms, routing, w13, s13, w2, s2, block, None, False)
-
-    assert torch.equal(moe(True), moe(False))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y = moe(True)
-    for _ in range(3):
-        terms.normal_()
-        graph.replay()
-        assert torch.equal(y, moe(False))
-
-
 def test_dispatch_takes_the_kernel_on_cuda() -> None:
     from common import ops
     from common.ops import triton_moe_fp8 as tf8
