@@ -181,7 +181,9 @@ SPLIT_K_IN_NORM = True
 # it beside o) and an FP8 o_proj on the few-token GEMM quantises o from them as it loads it: no
 # quantiser launch between attention and o_proj, and no program reads the whole row for its amax
 # (the re-read that made QUANT_IN_GEMM_ROWS lose, docs/performance.md §7n). Off (0, the quantiser's
-# launch) until it is timed at full depth on a GPU (`bench_full_depth --ab amax-handoff=64`).
+# launch): on Air at full depth on an H100 it made the one-token step 1.72x slower, because the GEMM
+# that quantises its own input ran 3.4x the quantiser + GEMM at o_proj's shape (§7r); variant
+# amax-handoff=R.
 AMAX_HANDOFF_ROWS = 0
 
 
