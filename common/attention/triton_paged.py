@@ -84,9 +84,10 @@ def _attn_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, tbl_ptr, n0, hi, kv_head, q_pos
 @triton.jit
 def _rope_store_prologue(raw_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, q0, i_first,
                          i_last, q_len, q_off, lo, hi, kv_head, HK, stride_rt, stride_rh, stride_qt, stride_qh,
-                         stride_cp, stride_cs, stride_ch, stride_cos, eps, G: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr,
-                         HALF: tl.constexpr, REST: tl.constexpr, HAS_QW: tl.constexpr, HAS_KW: tl.constexpr,
-                         BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr, BG: tl.constexpr):
+                         stride_cp, stride_cs, stride_ch, stride_cos, eps, G: tl.constexpr, PAGE: tl.constexpr,
+                         D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, HAS_QW: tl.constexpr,
+                         HAS_KW: tl.constexpr, BHALF: tl.constexpr, BREST: tl.constexpr, BD: tl.constexpr,
+                         BG: tl.constexpr):
     """The ROPE prologue of _paged_attn_kernel (its docstring): queries i_first..i_last's G heads of this
     KV head normed and rotated into q_ptr; the new k and v of this KV head stored for the new tokens
     whose logical slot (q_off + i) lies in [lo, hi); then a barrier."""
@@ -173,8 +174,7 @@ def _paged_attn_kernel(
         _rope_store_prologue(raw_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, slot_ptr, q0,
                              (pid_m * BM) // G, i_last, q_len, q_off, lo, hi, kv_head, HK, stride_rt, stride_rh,
                              stride_qt, stride_qh, stride_cp, stride_cs, stride_ch, stride_cos, eps, G, PAGE, D,
-                             HALF, REST,
-                             HAS_QW, HAS_KW, BHALF, BREST, BD, BG)
+                             HALF, REST, HAS_QW, HAS_KW, BHALF, BREST, BD, BG)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=qm, other=0.0)
     mid = tl.maximum(lo, lo + (tl.minimum(full, hi) - lo) // BN * BN)
     acc = tl.zeros((BM, BD), dtype=tl.float32)
@@ -332,7 +332,8 @@ def _one_qkv_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (q.stride(2) == k.stride(2) == v.stride(2) == 1 and q.stride(1) == k.stride(1) == v.stride(1) == d
             and (q.shape[0] == 1 or q.stride(0) == k.stride(0) == v.stride(0))  # (one token: any row stride)
             and q.dtype == k.dtype == v.dtype
-            and k.data_ptr() == q.data_ptr() + q.shape[1] * d * es and v.data_ptr() == k.data_ptr() + k.shape[1] * d * es)
+            and k.data_ptr() == q.data_ptr() + q.shape[1] * d * es
+            and v.data_ptr() == k.data_ptr() + k.shape[1] * d * es)
 
 
 def rope_store_attention(
@@ -342,8 +343,9 @@ def rope_store_attention(
     scale: float, amax: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T,Hq,D]
     """`common.attention.rope_store_attention` (qk_norm_rope_store at batch.out_slots, then
-    paged_attention): batches of up to ROPE_IN_ATTENTION_QUERIES queries a sequence on small-query tiles,
-    whose q, k, v are one qkv row, in one attention launch, the new q in a fresh tensor (q itself not written); the rest in two."""
+    paged_attention). Batches of up to ROPE_IN_ATTENTION_QUERIES queries a sequence on small-query
+    tiles whose q, k, v are one qkv row: one attention launch, the new q in a fresh tensor (q itself
+    not written). The rest: the two launches."""
     n_tok, hq, d = q.shape
     hk = k.shape[1]
     if not (n_tok and batch.max_query_len <= ROPE_IN_ATTENTION_QUERIES
