@@ -135,11 +135,10 @@ _ZEROS: dict[tuple, torch.Tensor] = {}
 def _zeros_like_input(x: torch.Tensor | Fp8Activation) -> torch.Tensor:
     """Zeros of x's shape and dtype, for a skipped block to return (one buffer per shape, made on first
     use: no launch afterwards, and nothing in the step turns NaN)."""
-    shape, dtype, device = (x.q.shape, x.dtype, x.q.device) if isinstance(x, Fp8Activation) else (x.shape, x.dtype,
-                                                                                                 x.device)
-    key = (tuple(shape), dtype, device)
+    t = x.q if isinstance(x, Fp8Activation) else x  # (an Fp8Activation's dtype is its consumer's)
+    key = (tuple(t.shape), x.dtype, t.device)
     if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(shape, dtype=dtype, device=device)
+        _ZEROS[key] = torch.zeros(t.shape, dtype=x.dtype, device=t.device)
     return _ZEROS[key]
 
 
