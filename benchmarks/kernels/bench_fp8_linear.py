@@ -95,7 +95,6 @@ class Report:
         self.fused: list[dict] = []
         self.sweep: list[dict] = []
         self.accum: list[dict] = []
-        self.gemv: list[dict] = []
         self.errors: list[str] = []
 
     def over_budget(self) -> bool:
@@ -103,8 +102,7 @@ class Report:
 
     def result(self) -> dict:
         return {"device": self.info, "ceilings": self.ceil, "summary": summary(self.linear), "linear": self.linear,
-                "fused": self.fused, "sweep": self.sweep, "accum": self.accum, "gemv": self.gemv,
-                "errors": self.errors}
+                "fused": self.fused, "sweep": self.sweep, "accum": self.accum, "errors": self.errors}
 
     def save(self) -> None:
         text = json.dumps(self.result(), indent=1) + "\n"
@@ -363,10 +361,9 @@ def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: l
             f"{t_best:.1f} | {t_best / t_default:.2f} |"))
 
 
-def update_table(path: Path, gpu: str, sweep: list[dict], gemv: list[dict] = ()) -> int:  # type: ignore[assignment]
+def update_table(path: Path, gpu: str, sweep: list[dict]) -> int:
     """Merge the sweep's fastest tiles into the tuned-tile table `tuned_config` reads: per GPU name,
-    per 'N,K', per token bucket ('1': M <= 16, '64': 17-64; the larger M of a bucket decides); and
-    the one-token GEMV's best tiles ('gemv', which `gemv_config` reads) where they beat the GEMM."""
+    per 'N,K', per token bucket ('1': M <= 16, '64': 17-64; the larger M of a bucket decides)."""
     table = json.loads(path.read_text())
     per_gpu = table["tables"].setdefault(gpu, {})
     n = 0
@@ -376,73 +373,8 @@ def update_table(path: Path, gpu: str, sweep: list[dict], gemv: list[dict] = ())
             "block_n": cfg.block_n, "split_k": cfg.split_k, "num_stages": cfg.num_stages,
             "num_warps": cfg.num_warps, "us": row["best_us"], "cublas_us": row["cublas_us"]}
         n += 1
-    for row in gemv:  # the one-token GEMV serves a shape only where it measured faster than the GEMM
-        entry = per_gpu.setdefault(f"{row['n']},{row['k']}", {})
-        entry.pop("gemv", None)
-        if row["best_us"] < row["served_us"]:
-            bn, bk, split, warps, _ = row["best"]
-            entry["gemv"] = {"block_n": bn, "block_k": bk, "split_k": split, "num_warps": warps,
-                             "us": row["best_us"], "gemm_us": row["served_us"]}
-        n += 1
     path.write_text(json.dumps(table, indent=1) + "\n")
     return n
-
-
-# ------------------------------------------------------------------------------------ one-token GEMV
-GEMV_HEADER = ("| shape | weight MB | served GEMM cfg | served us (%rd) | best GEMV cfg | GEMV us (%rd) | GEMV / served | "
-               "rel err GEMV / GEMM |\n|" + "---|" * 8)
-GEMV_TILES = ((2, 1024), (4, 256), (4, 512), (4, 1024), (8, 256), (8, 512), (16, 256), (16, 512))
-
-
-def _gemv_configs(k: int) -> Iterator[tg.GemvConfig]:
-    for bn, bk in GEMV_TILES:
-        for split in (1, 2, 4):
-            if k // split < 2 * bk:
-                continue
-            for warps in (4, 8):
-                yield tg.GemvConfig(bn, bk, split, warps, 1)
-
-
-def bench_gemv(rep: Report, models: list[str], tps: list[int]) -> None:
-    """One token: the served channel GEMM (tensor cores, a 16-row tile of which one row is real)
-    against the CUDA-core GEMV over a grid of tiles, each with its split-K reduce."""
-    for model, proj, tp, n, k in projection_shapes(models, tps):
-        if rep.over_budget():
-            rep.errors.append(f"gemv: budget spent before {model} {proj} tp={tp}")
-            return
-        try:
-            _gemv_shape(rep, f"{model} {proj} tp={tp} N={n} K={k}", n, k)
-        except Exception as exc:  # noqa: BLE001 - keep measuring the rest
-            rep.fail(f"gemv {model} {proj} tp={tp}", exc)
-        torch.cuda.empty_cache()
-
-
-def _gemv_shape(rep: Report, shape: str, n: int, k: int) -> None:
-    sets = measure.rotations(n * k)
-    ws = [ops.quant_fp8_per_token((torch.randn(n, k, device=DEV) * k**-0.5).to(BF)) for _ in range(sets)]
-    xq = [ops.quant_fp8_per_token(torch.randn(1, k, device=DEV).to(BF)) for _ in range(sets)]
-    served = tg.tuned_config(1, n, k, torch.device(DEV)) or tg.default_config(1, n, BLOCK, torch.device(DEV), k)
-    t_served = measure.time_graph([lambda i=i: tg.fp8_gemm(*xq[i], *ws[i], None, BF, 0, served) for i in range(sets)])
-    want = tg.fp8_gemm(*xq[0], *ws[0], None, torch.float32, 0, served)
-    timed = []
-    for cfg in _gemv_configs(k):
-        try:
-            got = tg.fp8_gemv(*xq[0], *ws[0], None, torch.float32, cfg)
-            err = ((got - want).abs().max() / want.abs().max()).item()
-            t = measure.time_graph([lambda i=i, c=cfg: tg.fp8_gemv(*xq[i], *ws[i], None, BF, c) for i in range(sets)])
-            timed.append((t, cfg, err))
-        except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
-            rep.errors.append(f"gemv {shape} {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
-    t_best, best, err = min(timed, key=lambda p: p[0])
-    read = rep.ceil["read_gbs"]
-    frac = lambda us: n * k / (us * 1e-6) / (read * 1e9)
-    rep.gemv.append({"shape": shape, "n": n, "k": k, "served": list(served), "served_us": round(t_served, 2),
-                     "best": list(best), "best_us": round(t_best, 2), "rel_err": err,
-                     "all": [[list(c), round(t, 2), e] for t, c, e in timed]})
-    rep.emit("One-token GEMV", GEMV_HEADER, (
-        f"| {shape} | {n * k / 1e6:.1f} | {_cfg_name(served)} | {t_served:.1f} ({frac(t_served):.0%}) | "
-        f"bn{best.block_n} bk{best.block_k} s{best.split_k} w{best.num_warps} | {t_best:.1f} ({frac(t_best):.0%}) | "
-        f"{t_best / t_served:.2f} | {err:.1e} |"))
 
 
 # ------------------------------------------------------------------------------------ fused producers
@@ -586,15 +518,13 @@ def main() -> None:
         bench_linear(rep, args.models.split(","), _ints(args.tp), _ints(args.m))
     if "sweep" in sections:
         bench_sweep(rep, args.models.split(","), _ints(args.tp), [m for m in _ints(args.m) if m <= 64])
-    if "gemv" in sections:
-        bench_gemv(rep, args.models.split(","), _ints(args.tp))
     if "accum" in sections:
         bench_accum(rep, args.models.split(","), _ints(args.m))
     if "fused" in sections:
         bench_fused(rep, _ints(args.fused_t))
     rep.save()
-    if args.update_table is not None and (rep.sweep or rep.gemv):
-        n = update_table(args.update_table, torch.cuda.get_device_name(), rep.sweep, rep.gemv)
+    if args.update_table is not None and rep.sweep:
+        n = update_table(args.update_table, torch.cuda.get_device_name(), rep.sweep)
         print(f"{n} entries written to {args.update_table}", flush=True)
     print("summary " + json.dumps(rep.result()["summary"]), flush=True)
     for msg in rep.errors:

@@ -32,8 +32,6 @@ A variant is a context manager that changes a module-level choice the model's op
   by the launch);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
-- `gemv-off`: one token's FP8 projections on the tensor-core GEMM's tiles even where the table holds
-  a faster CUDA-core GEMV (`triton_fp8_gemm.GEMV_ONE_TOKEN` off);
 - `skip=experts|attn` (timing only; the model's output changes): every MoE block's experts (all but
   the router: routing, gate_up, quantiser, down), or every attention block, return zeros without a
   launch, so the step's time against the served one is what those kernels cost inside the step, PDL
@@ -131,10 +129,6 @@ def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
 
 
-def _gemv_off(arg: str) -> contextlib.AbstractContextManager:
-    return mock.patch.multiple(triton_fp8_gemm, GEMV_ONE_TOKEN=False)
-
-
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
@@ -182,7 +176,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
     "tiles-rule": _tiles_rule, "route-launch": _route_launch, "rope-queries": _rope_queries,
-    "amax-handoff": _amax_handoff, "skip": _skip, "gemv-off": _gemv_off}
+    "amax-handoff": _amax_handoff, "skip": _skip}
 
 
 def parse(spec: str) -> list[str]:

@@ -156,99 +156,6 @@ def _split_k_reduce(part_ptr, bias_ptr, c_ptr, M, N, stride_cm,
     tl.store(c_ptr + row * stride_cm + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-class GemvConfig(NamedTuple):
-    block_n: int  # output channels a program owns
-    block_k: int  # K values a loop step loads per channel
-    split_k: int
-    num_warps: int
-    num_stages: int
-
-
-@triton.jit
-def _fp8_gemv_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, c_ptr, N, K, k_per_split, early_programs, stride_wn, stride_wsn,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """c[N] = (x * x_scale) @ (W * w_scale)^T for one token, on the CUDA cores: no MMA, so no tile of
-    padding rows; each program streams a [BLOCK_N, k_per_split] slab of W and multiplies it by the
-    matching slice of x, element products summed in fp32 across the loop and once over K at the end.
-    grid (cdiv(N, BLOCK_N), SPLIT_K); with SPLIT_K > 1 program (n, s) writes its scaled fp32 partial
-    to c[s] ([SPLIT_K, 1, N]) as `_fp8_gemm_kernel` does."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(K, k_lo + k_per_split)
-    rows = tl.minimum(offs_n, N - 1).to(tl.int64)
-    if PDL and pid_k * tl.num_programs(0) + pid_n < early_programs:
-        prefetch_rows(w_ptr, rows, stride_wn, k_lo, k_hi)
-    pdl_start(PDL)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + (k_lo + offs_k)[None, :]
-    # x as a [BLOCK_N, BLOCK_K] tile (each row the same, from L1): the slab's layout, no conversion a step
-    x_ptrs = x_ptr + (k_lo + offs_k)[None, :] + 0 * rows[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    mask_k = (offs_k < k_hi - k_lo)[None, :]
-    w = tl.load(w_ptrs, mask=mask_k, other=0.0)
-    x = tl.load(x_ptrs, mask=mask_k, other=0.0)
-    for k0 in range(k_lo, k_hi, BLOCK_K):  # the next step's loads issued before this step's products
-        mask_k = (offs_k < k_hi - k0 - BLOCK_K)[None, :]
-        w_next = tl.load(w_ptrs + BLOCK_K, mask=mask_k, other=0.0)
-        x_next = tl.load(x_ptrs + BLOCK_K, mask=mask_k, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)
-        w, x = w_next, x_next
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-    out = tl.sum(acc, axis=1) * tl.load(xs_ptr) * tl.load(ws_ptr + offs_n * stride_wsn, mask=mask_n, other=0.0)
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(c_ptr + offs_n, out.to(c_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.store(c_ptr + pid_k * N + offs_n, out, mask=mask_n)
-
-
-def fp8_gemv(
-    x_q: torch.Tensor,  # [1,K] e4m3
-    x_scale: torch.Tensor,  # [1,1] fp32
-    w_q: torch.Tensor,  # [N,K] e4m3
-    w_scale: torch.Tensor,  # [N,1] fp32
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    config: GemvConfig,
-    unsummed: bool = False,
-) -> torch.Tensor:
-    """One token through the channel-scaled FP8 linear on `_fp8_gemv_kernel`; split K summed as
-    `fp8_gemm` sums it (or left as [1, S, N] slices, `unsummed`)."""
-    x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
-    w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
-    (m, k), n = x_q.shape, w_q.shape[0]
-    if m != 1:
-        raise ValueError(f"fp8_gemv: one token, got M={m}")
-    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    split = triton.cdiv(k, k_per_split)
-    has_bias = bias is not None
-    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x_q.device)
-    launch = pdl_kwargs(x_q.device)
-    prefetch = prefetch_programs(k_per_split * config.block_n, launch["PDL"])
-    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), split)](
-        x_q, x_scale, w_q, w_scale, bias if has_bias else w_scale, dest, n, k, k_per_split, prefetch,
-        w_q.stride(0), w_scale.stride(0),
-        HAS_BIAS=has_bias, SPLIT_K=split, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **launch,
-    )
-    if split > 1 and unsummed and not has_bias:
-        return dest.permute(1, 0, 2)
-    if split > 1:
-        _split_k_reduce[(m, triton.cdiv(n, 1024))](
-            dest, bias if has_bias else dest, out, m, n, out.stride(0),
-            SPLIT_K=split, HAS_BIAS=has_bias, BLOCK=1024, num_warps=4, **pdl_kwargs(x_q.device))
-    return out
-
-
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -301,21 +208,6 @@ def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig | N
     return GemmConfig(bm, entry["block_n"], 128, 1, entry["num_warps"], entry["num_stages"], entry["split_k"])
 
 
-# One token takes the CUDA-core GEMV (`fp8_gemv`) where the sweep timed it faster than the best
-# tensor-core tiles for the shape on this GPU (a "gemv" entry in fp8_gemm_tuned.json).
-GEMV_ONE_TOKEN = True
-
-
-def gemv_config(m: int, n: int, k: int, device: torch.device) -> GemvConfig | None:
-    """The one-token GEMV's measured tiles for this GPU and shape, where it beat the GEMM; else None."""
-    if not GEMV_ONE_TOKEN or m != 1 or device.type != "cuda":
-        return None
-    entry = _tuned_tables().get(_device_name(device.index or 0), {}).get(f"{n},{k}", {}).get("gemv")
-    if entry is None:
-        return None
-    return GemvConfig(entry["block_n"], entry["block_k"], entry["split_k"], entry["num_warps"], 1)
-
-
 def cublas_measured_faster(m: int, n: int, k: int, device: torch.device) -> bool:
     """Whether the sweep that tuned this shape's few-token bucket timed cuBLAS below its best tiles
     (then the caller runs cuBLAS: the faster of the two per shape, as measured)."""
@@ -346,9 +238,6 @@ def fp8_gemm(
     (m, k), n = x_q.shape, w_q.shape[0]
     if block and (k % block or block & (block - 1) or block < 32):
         raise ValueError(f"fp8_block_linear: block={block} must be a power of two >= 32 dividing K={k}")
-    gemv = None if config or block or x_scale is None else gemv_config(m, n, k, x_q.device)
-    if gemv is not None:
-        return fp8_gemv(x_q, x_scale, w_q, w_scale, bias, out_dtype, gemv, unsummed)
     out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
     if m == 0 or n == 0:
         return out
@@ -418,5 +307,5 @@ def fp8_linear(
     return fp8_gemm(x_q, x_scale, w_q, w_scale, bias, out_dtype, 0)
 
 
-__all__ = ["GEMV_ONE_TOKEN", "TUNED_PATH", "GemmConfig", "GemvConfig", "cublas_measured_faster", "default_config",
-           "fp8_block_linear", "fp8_gemm", "fp8_gemv", "fp8_linear", "gemv_config", "tuned_config"]
+__all__ = ["TUNED_PATH", "GemmConfig", "cublas_measured_faster", "default_config", "fp8_block_linear", "fp8_gemm",
+           "fp8_linear", "tuned_config"]

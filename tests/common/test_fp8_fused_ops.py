@@ -205,11 +205,10 @@ def test_fp8_gemm_tuned_table_is_well_formed() -> None:
     for shapes in tables.values():
         for shape, buckets in shapes.items():
             n, k = map(int, shape.split(","))
-            assert set(buckets) <= {"1", "64", "gemv"} and n > 0
-            for bucket, entry in buckets.items():
-                assert entry["block_n"] in ((2, 4, 8, 16) if bucket == "gemv" else (16, 32, 64, 128))
-                assert 1 <= entry["split_k"] <= 8 and k // entry["split_k"] >= 128
-                assert bucket == "gemv" and entry["us"] < entry["gemm_us"] or entry["num_stages"] >= 2
+            assert set(buckets) <= {"1", "64"} and n > 0
+            for entry in buckets.values():
+                assert entry["block_n"] in (16, 32, 64, 128) and 1 <= entry["split_k"] <= 8
+                assert k // entry["split_k"] >= 128 and entry["num_stages"] >= 2
 
 
 def test_tuned_table_round_trip_and_the_faster_library(tmp_path, monkeypatch) -> None:
@@ -238,19 +237,6 @@ def test_tuned_table_round_trip_and_the_faster_library(tmp_path, monkeypatch) ->
     assert not tg.cublas_measured_faster(65, 512, 1024, cuda) and tg.tuned_config(65, 512, 1024, cuda) is None
     assert not tg.cublas_measured_faster(64, 512, 2048, cuda)  # a shape never swept
     assert not tg.cublas_measured_faster(64, 512, 1024, torch.device("cpu"))
-    # the one-token GEMV: written where it beat the GEMM, and then only for one token; a later slower
-    # measurement takes it out again
-    gemv = {"n": 512, "k": 1024, "best": list(tg.GemvConfig(8, 512, 2, 4, 1)), "best_us": 4.0, "served_us": 5.0}
-    assert tg.gemv_config(1, 512, 1024, cuda) is None
-    update_table(path, "GPU X", [], [gemv])
-    assert tg.gemv_config(1, 512, 1024, cuda) == tg.GemvConfig(8, 512, 2, 4, 1)
-    assert tg.gemv_config(2, 512, 1024, cuda) is None and tg.gemv_config(1, 512, 1024, torch.device("cpu")) is None
-    assert tg.tuned_config(1, 512, 1024, cuda) == tg.GemmConfig(16, 32, 128, 1, 4, 6, 4)  # the GEMM's stay
-    monkeypatch.setattr(tg, "GEMV_ONE_TOKEN", False)
-    assert tg.gemv_config(1, 512, 1024, cuda) is None
-    monkeypatch.setattr(tg, "GEMV_ONE_TOKEN", True)
-    update_table(path, "GPU X", [], [gemv | {"best_us": 5.5}])
-    assert tg.gemv_config(1, 512, 1024, cuda) is None
 
 
 def test_fused_interpreted() -> None:
@@ -415,21 +401,6 @@ def _group_fused() -> None:
         wrong = tg.fp8_gemm(x, None, w_q, w_scale, None, torch.float32, 0, cfg, x_amax=amax * 1.5)
         assert not torch.equal(wrong, handed), "the handed amax is not what sets the scale"
         print(f"amax handed over T={t} N={n} K={k} parts={parts} split={split}: bit-equal")
-    # one token on the CUDA-core GEMV: the twin's value (fp32 sums in another order); a K tail inside
-    # the last step, an N tail, split K summed or left as slices, a bias
-    for n, k, cfg in ((40, 640, tg.GemvConfig(16, 128, 1, 4, 1)), (37, 1000, tg.GemvConfig(8, 128, 3, 4, 1)),
-                      (64, 256, tg.GemvConfig(4, 64, 2, 4, 1))):
-        x_q, x_scale, w_q, w_scale = _gemm_operands(tf, activations(3, k, torch.float32)[2:], n, 0)  # row 1: zeros
-        bias = torch.randn(n)
-        for b in (None, bias):
-            err = _rel(tg.fp8_gemv(x_q, x_scale, w_q, w_scale, b, torch.float32, cfg),
-                       ref.fp8_linear(x_q, x_scale, w_q, w_scale, b, torch.float32))
-            assert err < 1e-6, f"fp8_gemv N={n} K={k} {cfg} bias={b is not None}: rel {err:.2e}"
-        slices = tg.fp8_gemv(x_q, x_scale, w_q, w_scale, None, torch.float16, cfg, unsummed=True)
-        summed = tg.fp8_gemv(x_q, x_scale, w_q, w_scale, None, torch.float16, cfg)
-        if cfg.split_k > 1:
-            assert slices.shape[:2] == (1, cfg.split_k) and torch.equal(ref.combine_rows(slices, torch.float16), summed)
-        print(f"fp8_gemv N={n} K={k} {cfg}: rel {err:.2e}")
     # the few-token heuristic splits K only where every slice keeps >= 4 K steps
     cpu = torch.device("cpu")
     assert tg.default_config(1, 4096, 128, cpu, 12288).split_k > 1

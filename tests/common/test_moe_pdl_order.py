@@ -89,15 +89,6 @@ def test_fp8_linear_prefetches_its_weights_and_reads_nothing_else_before_the_wai
     _check_order(_ptx(tfg._fp8_gemm_kernel, sig, consts, aligned), triggers=True, early=("prefetch.global.L2",))
 
 
-def test_fp8_gemv_prefetches_its_weights_and_reads_nothing_else_before_the_wait() -> None:
-    names = ("x_ptr", "xs_ptr", "w_ptr", "ws_ptr", "bias_ptr", "c_ptr", "N", "K", "k_per_split", "early_programs",
-             "stride_wn", "stride_wsn")
-    sig = dict(zip(names, ("*fp8e4nv", "*fp32", "*fp8e4nv", "*fp32", "*fp32", "*fp32") + ("i32",) * 6, strict=True))
-    consts = {"HAS_BIAS": False, "SPLIT_K": 2, "BLOCK_N": 8, "BLOCK_K": 512, "PDL": True}
-    aligned = ("x_ptr", "w_ptr", "c_ptr", "N", "K", "k_per_split", "stride_wn")
-    _check_order(_ptx(tfg._fp8_gemv_kernel, sig, consts, aligned), triggers=True, early=("prefetch.global.L2",))
-
-
 def test_combine_reads_nothing_before_the_wait() -> None:
     sig = {"y_ptr": "*bf16", "out_ptr": "*bf16", "H": "i32"}
     consts = {"TOPK": 9, "BH": 1024, "PDL": True}

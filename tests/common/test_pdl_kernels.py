@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FORWARD_KERNELS = {
     "common/ops/triton_fp8.py": ["_quant_per_token_kernel", "_quant_per_group_kernel", "_norm_quant_kernel",
                                  "_silu_quant_token_kernel", "_silu_quant_group_kernel"],
-    "common/ops/triton_fp8_gemm.py": ["_fp8_gemm_kernel", "_fp8_gemv_kernel", "_split_k_reduce"],
+    "common/ops/triton_fp8_gemm.py": ["_fp8_gemm_kernel", "_split_k_reduce"],
     "common/ops/triton_norm.py": ["_rms_norm_kernel", "_qk_norm_rope_kernel", "_silu_and_mul_kernel"],
     "common/ops/triton_router.py": ["_router_mma_kernel"],
     "common/ops/triton_moe.py": ["_grouped_topk_kernel", "_router_kernel", "_align_count_kernel", "_align_sort_kernel",
@@ -35,7 +35,7 @@ def _kernels(path: str) -> dict[str, ast.FunctionDef]:
 
 # kernels that ask L2 for their weights before the wait: index arithmetic and prefetch_rows only
 # (and the one-token down GEMM's expert ids); test_moe_pdl_order.py checks their compiled order
-PREFETCHING = {"_fp8_gemm_kernel", "_fp8_gemv_kernel", "_moe_fp8_gemm_kernel"}
+PREFETCHING = {"_fp8_gemm_kernel", "_moe_fp8_gemm_kernel"}
 
 
 @pytest.mark.parametrize("path", list(FORWARD_KERNELS))
