@@ -27,6 +27,10 @@ Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid o
 64 / 128, split-K 1-8, 3-6 stages) at each projection shape, its best configuration against
 `default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
 
+Quantised-in-GEMM section (--sections quant-in-gemm; --m up to 64): o_proj's unquantised input through
+the per-token quantiser's launch and the few-token GEMM, against the GEMM quantising it as it loads
+it (from handed-over per-head amaxes, or re-reading the row), with bit-equality checked.
+
 Accumulation section (--sections accum; --m as given, e.g. 256,2048,8192): cuBLAS row-wise at each
 full-width projection shape with fp32 accumulation and with fast accumulation (`cublas_fp8.FAST_ACCUM_ROWS`),
 each timed and its relative error against the fp32 twin on the same FP8 operands.
@@ -95,6 +99,7 @@ class Report:
         self.fused: list[dict] = []
         self.sweep: list[dict] = []
         self.accum: list[dict] = []
+        self.quant_in_gemm: list[dict] = []
         self.errors: list[str] = []
 
     def over_budget(self) -> bool:
@@ -102,7 +107,8 @@ class Report:
 
     def result(self) -> dict:
         return {"device": self.info, "ceilings": self.ceil, "summary": summary(self.linear), "linear": self.linear,
-                "fused": self.fused, "sweep": self.sweep, "accum": self.accum, "errors": self.errors}
+                "fused": self.fused, "sweep": self.sweep, "accum": self.accum,
+                "quant_in_gemm": self.quant_in_gemm, "errors": self.errors}
 
     def save(self) -> None:
         text = json.dumps(self.result(), indent=1) + "\n"
@@ -377,6 +383,44 @@ def update_table(path: Path, gpu: str, sweep: list[dict]) -> int:
     return n
 
 
+# ------------------------------------------------------------------------------------ quantised in the GEMM
+QIG_HEADER = ("| shape | M | quantiser + GEMM us | in-GEMM, handed amax us (x) | in-GEMM, row re-read us (x) | "
+              "bit-equal |\n|" + "---|" * 6)
+
+
+def bench_quant_in_gemm(rep: Report, models: list[str], ms: list[int]) -> None:
+    """o_proj's input (the attention output, bf16) quantised by the per-token quantiser's launch and
+    then the few-token GEMM (served), against the GEMM quantising it as it loads it, from per-head
+    amaxes handed over by the attention (x_amax) or re-reading the row for its amax."""
+    for model in models:
+        h, _, o_in, _ = MODELS[model]
+        sets = measure.rotations(h * o_in)
+        ws = [ops.quant_fp8_per_token((torch.randn(h, o_in, device=DEV) * o_in**-0.5).to(BF)) for _ in range(sets)]
+        for m in ms:
+            _quant_in_gemm_point(rep, model, ws, m)
+        torch.cuda.empty_cache()
+
+
+def _quant_in_gemm_point(rep: Report, model: str, ws: list, m: int) -> None:  # type: ignore[type-arg]
+    sets, (h, o_in) = len(ws), ws[0][0].shape
+    xs = [torch.randn(m, o_in, device=DEV).to(BF) for _ in range(sets)]
+    amax = [x.float().abs().view(m, o_in // 128, 128).amax(-1) for x in xs]
+    served = measure.time_graph([lambda i=i: tg.fp8_gemm(*tf.quant_fp8_per_token(xs[i]), *ws[i], None, BF, 0)
+                                 for i in range(sets)])
+    handed = measure.time_graph([lambda i=i: tg.fp8_gemm(xs[i], None, *ws[i], None, BF, 0, x_amax=amax[i])
+                                 for i in range(sets)])
+    reread = measure.time_graph([lambda i=i: tg.fp8_gemm(xs[i], None, *ws[i], None, BF, 0) for i in range(sets)])
+    want = tg.fp8_gemm(*tf.quant_fp8_per_token(xs[0]), *ws[0], None, torch.float32, 0)
+    same = all(torch.equal(want, got) for got in (
+        tg.fp8_gemm(xs[0], None, *ws[0], None, torch.float32, 0, x_amax=amax[0]),
+        tg.fp8_gemm(xs[0], None, *ws[0], None, torch.float32, 0)))
+    rep.quant_in_gemm.append({"model": model, "n": h, "k": o_in, "m": m, "served_us": round(served, 2),
+                              "handed_us": round(handed, 2), "reread_us": round(reread, 2), "bit_equal": same})
+    rep.emit("Quantised in the GEMM", QIG_HEADER, (
+        f"| {model} o N={h} K={o_in} | {m} | {served:.1f} | {handed:.1f} ({handed / served:.2f}) | "
+        f"{reread:.1f} ({reread / served:.2f}) | {same} |"))
+
+
 # ------------------------------------------------------------------------------------ fused producers
 FUSED_HEADER = ("| op | shape | unfused us | fused us | speedup | bytes floor us | fused / floor |\n|"
                 + "---|" * 7)
@@ -518,6 +562,8 @@ def main() -> None:
         bench_linear(rep, args.models.split(","), _ints(args.tp), _ints(args.m))
     if "sweep" in sections:
         bench_sweep(rep, args.models.split(","), _ints(args.tp), [m for m in _ints(args.m) if m <= 64])
+    if "quant-in-gemm" in sections:
+        bench_quant_in_gemm(rep, args.models.split(","), [m for m in _ints(args.m) if m <= 64])
     if "accum" in sections:
         bench_accum(rep, args.models.split(","), _ints(args.m))
     if "fused" in sections:

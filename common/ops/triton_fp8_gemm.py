@@ -51,7 +51,7 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
     A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 2.0**-30, HW: tl.constexpr = True,
     ROW_CHUNK: tl.constexpr = 512, amax_ptr=None, stride_xm=0, AMAX_PARTS: tl.constexpr = 0,
-    AMAX_PAD: tl.constexpr = 1,
+    AMAX_PAD: tl.constexpr = 1, ONE_ROW: tl.constexpr = False,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
@@ -63,7 +63,10 @@ def _fp8_gemm_kernel(
     1 x BLOCK_K group from its own amax. Channel: every program first takes its rows' amax over the
     whole of K (ROW_CHUNK columns a step: the rows are read once more, from L2), whatever its slice;
     or, AMAX_PARTS > 0, as the max of the AMAX_PARTS partial amaxes its producer wrote per row at
-    amax_ptr (row stride stride_xm): the same value, without the re-read."""
+    amax_ptr (row stride stride_xm): the same value, without the re-read. ONE_ROW (channel, M == 1):
+    only row 0 of the BLOCK_M-row tile is real, so only its BLOCK_K values are quantised a K step (the
+    next step's loaded before this step's MMA) and the tile's other rows are zero codes, instead of
+    dividing the whole padded tile."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -108,6 +111,13 @@ def _fp8_gemm_kernel(
             amax = tl.max(tl.load(amax_ptr + offs_m[:, None] * stride_xm + parts[None, :],
                                   mask=mask_m[:, None] & (parts < AMAX_PARTS)[None, :], other=0.0), axis=1)
             sa = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
+        elif A_QUANT and ONE_ROW:  # row 0's amax over the whole of K
+            cols = tl.arange(0, ROW_CHUNK)
+            amax_cols = tl.zeros((ROW_CHUNK,), dtype=tl.float32)
+            for c0 in range(0, K, ROW_CHUNK):
+                x = tl.load(a_ptr + c0 + cols, mask=cols < K - c0, other=0.0)
+                amax_cols = tl.maximum(amax_cols, tl.abs(x.to(tl.float32)))
+            sa = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.math.div_rn(tl.maximum(tl.max(amax_cols), FLOOR), QMAX)
         elif A_QUANT:  # the row scale needs the whole row's amax, not only this slice's
             cols = tl.arange(0, ROW_CHUNK)
             row_ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]
@@ -116,12 +126,21 @@ def _fp8_gemm_kernel(
                 x = tl.load(row_ptrs + c0, mask=mask_m[:, None] & (cols < K - c0)[None, :], other=0.0)
                 amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
             sa = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
+        if A_QUANT and ONE_ROW:
+            first = (tl.arange(0, BLOCK_M) == 0)[:, None]
+            sa_row = tl.max(sa)  # every entry holds row 0's scale
+            a_next = tl.load(a_ptr + k_lo + offs_k, mask=offs_k < k_hi - k_lo, other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = offs_k < k_hi - k0
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if A_QUANT:
-                a = _quant_code(a.to(tl.float32), sa[:, None], QMAX, HW).to(b.dtype)
+            if A_QUANT and ONE_ROW:
+                q = _quant_code(a_next.to(tl.float32), sa_row, QMAX, HW)
+                a_next = tl.load(a_ptr + k0 + BLOCK_K + offs_k, mask=offs_k < k_hi - k0 - BLOCK_K, other=0.0)
+                a = tl.where(first, q[None, :], 0.0).to(b.dtype)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                if A_QUANT:
+                    a = _quant_code(a.to(tl.float32), sa[:, None], QMAX, HW).to(b.dtype)
             acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
@@ -268,6 +287,7 @@ def fp8_gemm(
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_QUANT=a_quant, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x_q.device),
+        ONE_ROW=a_quant and not block and m == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch, **amax_args,
     )
     if split > 1 and unsummed and not has_bias:

@@ -148,7 +148,20 @@ def _moe_fp8_gemm_kernel(
         acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc2 = tl.zeros_like(acc)
     w_row = (expert * (stride_we // stride_wn) + pid_n * BN).to(tl.int32)  # TMA: first weight row of the tile
-    if A_QUANT and not BLOCKWISE:  # the rows' scales from their whole K
+    # DIRECT blocks hold one real row (row 0): quantised alone, the other rows zero codes
+    one_row: tl.constexpr = A_QUANT and DIRECT and not BLOCKWISE
+    if one_row:  # row 0's scale from its whole K
+        row0 = a_ptr + pid_m.to(tl.int64) // A_DIV * stride_am
+        real = pid_m < NUMEL  # (a block past the assignments stores nothing; it reads nothing either)
+        cols = tl.arange(0, ROW_CHUNK)
+        amax_cols = tl.zeros((ROW_CHUNK,), dtype=tl.float32)
+        for c0 in range(0, K, ROW_CHUNK):
+            x = tl.load(row0 + c0 + cols, mask=(cols < K - c0) & real, other=0.0)
+            amax_cols = tl.maximum(amax_cols, tl.abs(x.to(tl.float32)))
+        sa_row = tl.math.div_rn(tl.maximum(tl.max(amax_cols), FLOOR), QMAX)
+        sa_rows = tl.zeros((BM,), dtype=tl.float32) + sa_row
+        first = (tl.arange(0, BM) == 0)[:, None]
+    elif A_QUANT and not BLOCKWISE:  # the rows' scales from their whole K
         cols = tl.arange(0, ROW_CHUNK)
         amax = tl.zeros((BM,), dtype=tl.float32)
         for c0 in range(0, K, ROW_CHUNK):
@@ -157,10 +170,13 @@ def _moe_fp8_gemm_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         sa_rows = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
     for k0 in range(0, K, BK):
-        if EVEN_K:
+        km = offs_k < K - k0
+        if one_row:
+            q = _quant_code(tl.load(row0 + k0 + offs_k, mask=km & real, other=0.0).to(tl.float32), sa_row, QMAX, HW)
+            a = tl.where(first, q[None, :], 0.0)
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
         else:
-            km = offs_k < K - k0
             a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
         if TMA:
             b = w_desc.load([w_row, k0])
@@ -177,7 +193,9 @@ def _moe_fp8_gemm_kernel(
                 sa = tl.load(sa_ptrs + k0 // BK, mask=rmask, other=0.0)
             acc += _scaled_dot(a, b, sa, tl.load(sw_ptrs + k0 // BK), SWAP)
         else:
-            if A_QUANT:
+            if one_row:
+                a = a.to(b.dtype)
+            elif A_QUANT:
                 a = _quant_code(a.to(tl.float32), sa_rows[:, None], QMAX, HW).to(b.dtype)
             acc = _dot(a, b, acc, SWAP)
         if GATED:

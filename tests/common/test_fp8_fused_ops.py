@@ -387,6 +387,16 @@ def _group_fused() -> None:
                        ref.fp8_linear_dynamic(x, w_q, w_scale, bias, torch.float32, block))
             assert err < 1e-6, f"fp8_linear_dynamic T={t} block={block}: rel {err:.2e}"
     assert not cublas_fp8._quant_in_gemm(cublas_fp8.QUANT_IN_GEMM_ROWS + 1, 64, 256, w_q, w_scale, 64)
+    # one token (ONE_ROW: only row 0 of the padded tile quantised): a row over three ROW_CHUNKs with a
+    # K tail inside the last step, split K, the same bits as the quantised call
+    for k, split in ((1100, 3), (640, 1)):
+        x = (torch.randn(1, k) * 3).to(torch.float16)
+        x_q, x_scale, w_q, w_scale = _gemm_operands(tf, x, 40, 0)
+        cfg = tg.GemmConfig(16, 32, 64, 1, 4, 2, split)
+        assert torch.equal(tg.fp8_gemm(x, None, w_q, w_scale, None, torch.float32, 0, cfg),
+                           tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float32, 0, cfg)), \
+            f"one token quantised in the GEMM K={k} split={split}: differs from the quantised call"
+        print(f"one token quantised in the GEMM K={k} split={split}: bit-equal")
     # channel, x's amax handed over by its producer as per-part maxima (attention: per head): the same
     # scale as the row's own amax, so the same bits; parts with a non-power-of-two count, split K
     for t, n, k, parts, split in ((1, 40, 640, 5, 2), (4, 48, 768, 6, 3), (3, 32, 256, 1, 1)):
