@@ -181,8 +181,9 @@ SPLIT_K_IN_NORM = True
 # it beside o) and an FP8 o_proj on the few-token GEMM quantises o from them as it loads it: no
 # quantiser launch between attention and o_proj, and no program reads the whole row for its amax
 # (the re-read that made QUANT_IN_GEMM_ROWS lose, docs/performance.md §7n). Off (0, the quantiser's
-# launch): on Air at full depth on an H100 it made the one-token step 1.72x slower, because the GEMM
-# that quantises its own input ran 3.4x the quantiser + GEMM at o_proj's shape (§7r); variant
+# launch): at one token that GEMM now quantises only its real row and runs as long as the quantiser +
+# GEMM (25.1 / 25.4 us at o_proj's shape on an H100), and the full-depth step on Air measured the same
+# with and without the hand-off (6228 / 6228 us, §7s); at 4 tokens the GEMM is 3.4x slower; variant
 # amax-handoff=R.
 AMAX_HANDOFF_ROWS = 0
 

@@ -151,8 +151,8 @@ def scaled_mm_linear(
 # quantised inside the few-token Triton GEMM (its A_QUANT) instead of by one more launch. Off (0): on
 # Air at full depth on an H100 the one-token decode step did not move and the 4-token EAGLE verify
 # lost ~3 % (each program reads the whole row again for its amax: 12288 values, four rows at 4 tokens);
-# alone in a graph that GEMM ran 12x the quantiser + GEMM at o_proj's one-token shape (336 / 27.5 us,
-# docs/performance.md §7r).
+# alone in a graph that GEMM runs 1.04x the quantiser + GEMM at o_proj's one-token shape and 11x at 4
+# tokens (docs/performance.md §7s).
 QUANT_IN_GEMM_ROWS = 0
 
 

@@ -248,7 +248,8 @@ def _moe_fp8_gemm_kernel(
 ROWS_DTYPE: torch.dtype | None = None  # the per-assignment down rows' dtype (None: x's); benchmarks set fp32
 # Up to this many tokens the down GEMM quantises the intermediate as it loads it, where gate_up's
 # epilogue cannot (one launch fewer). Off (0): at one token, on Air at full depth on an H100, the
-# decode and EAGLE steps measured the same with and without it (6494 / 6493 us, 14709 / 14648 us).
+# decode and EAGLE steps measured the same with and without it (6494 / 6493 us, 14709 / 14648 us;
+# again with only the one real row quantised, 6219 / 6228 us, docs/performance.md §7s).
 DOWN_QUANT_TOKENS = 0
 
 
