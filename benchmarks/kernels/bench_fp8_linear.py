@@ -3,7 +3,7 @@ GLM-4.5-Air (full width and their tensor-parallel slices at TP 2/4/8), and the f
 their unfused pairs.
 
     python3 -m benchmarks.kernels.bench_fp8_linear [--out FILE.json] [--models glm45,air] [--tp 1,2,4,8]
-        [--m 1,8,32,64,256,1024,2048,4096] [--fused-t 1,64,4096] [--sections linear,fused,sweep,accum]
+        [--m 1,8,32,64,256,1024,2048,4096] [--fused-t 1,64,4096] [--sections linear,fused,sweep,accum,quant-in-gemm]
         [--budget-s 450]
 
 Prints GPU, driver and the measured ceilings (device copy, pure read, bf16 GEMM 8192^3, FP8 GEMM

@@ -128,7 +128,7 @@ def _fp8_gemm_kernel(
             sa = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
         if A_QUANT and ONE_ROW:
             first = (tl.arange(0, BLOCK_M) == 0)[:, None]
-            sa_row = tl.max(sa)  # every entry holds row 0's scale
+            sa_row = tl.max(sa)  # row 0's: padded rows hold the floor's scale, never larger
             a_next = tl.load(a_ptr + k_lo + offs_k, mask=offs_k < k_hi - k_lo, other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = offs_k < k_hi - k0
