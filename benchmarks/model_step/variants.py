@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -148,11 +148,16 @@ def _skip(arg: str) -> contextlib.AbstractContextManager:
               "attn": (Glm4MoeAttention, ("forward",), 1)}
     if arg not in blocks:
         raise ValueError(f"skip takes one of {', '.join(blocks)}, not {arg!r}")
-    cls, attrs, at = blocks[arg]
-    stack = contextlib.ExitStack()
-    for attr in attrs:
-        stack.enter_context(mock.patch.object(cls, attr, lambda self, *a, **k: _zeros_like_input(a[at])))
-    return stack
+    return _skipped(*blocks[arg])
+
+
+@contextlib.contextmanager
+def _skipped(cls: type, attrs: tuple[str, ...], at: int) -> Iterator[None]:
+    """The patches of `_skip`, applied on entry only (`parse` builds every variant to check it)."""
+    with contextlib.ExitStack() as stack:
+        for attr in attrs:
+            stack.enter_context(mock.patch.object(cls, attr, lambda self, *a, **k: _zeros_like_input(a[at])))
+        yield
 
 
 def attention_tiles(path: str) -> dict[tuple[int, int], tuple[int, ...]]:

@@ -171,3 +171,7 @@ def test_skip_returns_zeros_for_every_block_and_restores_it(tmp_path: Path, bloc
     assert torch.isfinite(skipped).all() and not torch.equal(skipped, plain)
     with pytest.raises(SystemExit, match="skip takes one of"):
         variants.parse("skip=router")
+    # checking a spec builds its variants without entering them: the served forwards stay (a skip
+    # applied at parse time would leave every later step of the run without those blocks)
+    assert variants.parse("skip=experts,skip=attn") == ["skip=experts", "skip=attn"]
+    assert getattr(cls, attr) is served
