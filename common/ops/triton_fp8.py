@@ -70,6 +70,18 @@ def _quant_code(x, scale, QMAX: tl.constexpr, HW: tl.constexpr):
     return _round_e4m3(v)
 
 
+@triton.jit
+def _row_scale(row_ptr, K, valid, QMAX: tl.constexpr, FLOOR: tl.constexpr, CHUNK: tl.constexpr):
+    """The per-token scale of one row of K values at row_ptr (read CHUNK at a time; none where not
+    valid): max(amax, FLOOR) / QMAX, as the quantisers take it."""
+    cols = tl.arange(0, CHUNK)
+    amax = tl.zeros((CHUNK,), dtype=tl.float32)
+    for c0 in range(0, K, CHUNK):
+        amax = tl.maximum(amax, tl.abs(tl.load(row_ptr + c0 + cols, mask=(cols < K - c0) & valid, other=0.0)
+                                       .to(tl.float32)))
+    return tl.math.div_rn(tl.maximum(tl.max(amax), FLOOR), QMAX)
+
+
 @functools.cache
 def hw_round(device: torch.device) -> bool:
     """Whether the fp32 -> E4M3 cast of `device` rounds to nearest even in hardware (sm_89 and newer:

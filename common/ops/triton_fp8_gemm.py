@@ -28,7 +28,7 @@ import triton.language as tl
 
 from common.ops.pdl import pdl_kwargs, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
-from common.ops.triton_fp8 import _quant_code, hw_round
+from common.ops.triton_fp8 import _quant_code, _row_scale, hw_round
 
 TUNED_PATH = Path(__file__).with_name("fp8_gemm_tuned.json")
 
@@ -112,12 +112,7 @@ def _fp8_gemm_kernel(
                                   mask=mask_m[:, None] & (parts < AMAX_PARTS)[None, :], other=0.0), axis=1)
             sa = tl.math.div_rn(tl.maximum(amax, FLOOR), QMAX)  # [BM]
         elif A_QUANT and ONE_ROW:  # row 0's amax over the whole of K
-            cols = tl.arange(0, ROW_CHUNK)
-            amax_cols = tl.zeros((ROW_CHUNK,), dtype=tl.float32)
-            for c0 in range(0, K, ROW_CHUNK):
-                x = tl.load(a_ptr + c0 + cols, mask=cols < K - c0, other=0.0)
-                amax_cols = tl.maximum(amax_cols, tl.abs(x.to(tl.float32)))
-            sa = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.math.div_rn(tl.maximum(tl.max(amax_cols), FLOOR), QMAX)
+            sa = tl.zeros((BLOCK_M,), dtype=tl.float32) + _row_scale(a_ptr, K, True, QMAX, FLOOR, ROW_CHUNK)
         elif A_QUANT:  # the row scale needs the whole row's amax, not only this slice's
             cols = tl.arange(0, ROW_CHUNK)
             row_ptrs = a_ptr + offs_m[:, None] * stride_am + cols[None, :]

@@ -32,7 +32,7 @@ from common.ops import triton_moe as tm
 from common.ops.moe_configs import get_config
 from common.ops.pdl import pdl_enabled, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, Routing, check_fused_moe_fp8
-from common.ops.triton_fp8 import _quant_code, hw_round, quant_fp8_per_group, quant_fp8_per_token
+from common.ops.triton_fp8 import _quant_code, _row_scale, hw_round, quant_fp8_per_group, quant_fp8_per_token
 from common.ops.triton_moe import route_slot
 
 _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -153,12 +153,7 @@ def _moe_fp8_gemm_kernel(
     if one_row:  # row 0's scale from its whole K
         row0 = a_ptr + pid_m.to(tl.int64) // A_DIV * stride_am
         real = pid_m < NUMEL  # (a block past the assignments stores nothing; it reads nothing either)
-        cols = tl.arange(0, ROW_CHUNK)
-        amax_cols = tl.zeros((ROW_CHUNK,), dtype=tl.float32)
-        for c0 in range(0, K, ROW_CHUNK):
-            x = tl.load(row0 + c0 + cols, mask=(cols < K - c0) & real, other=0.0)
-            amax_cols = tl.maximum(amax_cols, tl.abs(x.to(tl.float32)))
-        sa_row = tl.math.div_rn(tl.maximum(tl.max(amax_cols), FLOOR), QMAX)
+        sa_row = _row_scale(row0, K, real, QMAX, FLOOR, ROW_CHUNK)
         sa_rows = tl.zeros((BM,), dtype=tl.float32) + sa_row
         first = (tl.arange(0, BM) == 0)[:, None]
     elif A_QUANT and not BLOCKWISE:  # the rows' scales from their whole K
