@@ -318,7 +318,8 @@ def _sweep_configs(m: int, k: int) -> Iterator[tg.GemmConfig]:
             if split > 1 and k // split < 4 * BLOCK:
                 continue
             for stages in (3, 4, 6):
-                yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, stages, split)
+                for swap in (False, True) if bn >= 64 else (False,):  # swapped: BLOCK_N is the MMA's 64-row side
+                    yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, stages, split, swap)
 
 
 def bench_sweep(rep: Report, models: list[str], tps: list[int], ms: list[int]) -> None:
@@ -334,7 +335,7 @@ def bench_sweep(rep: Report, models: list[str], tps: list[int], ms: list[int]) -
 
 
 def _cfg_name(c: tg.GemmConfig) -> str:
-    return f"bn{c.block_n} s{c.split_k} st{c.num_stages}"
+    return f"bn{c.block_n} s{c.split_k} st{c.num_stages}{' swap' if c.swap else ''}"
 
 
 def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: list[int]) -> None:
@@ -377,7 +378,7 @@ def update_table(path: Path, gpu: str, sweep: list[dict]) -> int:
         cfg = tg.GemmConfig(*row["best"])
         per_gpu.setdefault(f"{row['n']},{row['k']}", {})["1" if row["m"] <= 16 else "64"] = {
             "block_n": cfg.block_n, "split_k": cfg.split_k, "num_stages": cfg.num_stages,
-            "num_warps": cfg.num_warps, "us": row["best_us"], "cublas_us": row["cublas_us"]}
+            "num_warps": cfg.num_warps, "swap": cfg.swap, "us": row["best_us"], "cublas_us": row["cublas_us"]}
         n += 1
     path.write_text(json.dumps(table, indent=1) + "\n")
     return n

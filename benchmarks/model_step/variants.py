@@ -32,6 +32,8 @@ A variant is a context manager that changes a module-level choice the model's op
   by the launch);
 - `tiles-rule`: the few-token FP8 GEMMs ignore the tuned-tile table (`fp8_gemm_tuned.json`) and run
   `triton_fp8_gemm.default_config`'s tiles, as a GPU or shape without entries does;
+- `tiles-file=FILE`: the few-token FP8 GEMMs take their tuned tiles from FILE (a copy of
+  `fp8_gemm_tuned.json`, e.g. the one shipped before a sweep rewrote it) instead of the shipped table;
 - `skip=experts|attn` (timing only; the model's output changes): every MoE block's experts (all but
   the router: routing, gate_up, quantiser, down), or every attention block, return zeros without a
   launch, so the step's time against the served one is what those kernels cost inside the step, PDL
@@ -129,6 +131,11 @@ def _tiles_rule(arg: str) -> contextlib.AbstractContextManager:
     return mock.patch.multiple(triton_fp8_gemm, _tuned_entry=lambda m, n, k, device: None)
 
 
+def _tiles_file(arg: str) -> contextlib.AbstractContextManager:
+    tables = json.loads(Path(arg).read_text())["tables"]
+    return mock.patch.multiple(triton_fp8_gemm, _tuned_tables=lambda: tables)
+
+
 _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
@@ -180,7 +187,7 @@ VARIANTS: dict[str, Callable[[str], contextlib.AbstractContextManager]] = {
     "prefetch": _prefetch, "quant-launch-old": _quant_launch_old, "attn-plan-old": _attn_plan_old,
     "attn-tiles": _attn_tiles, "quant-in-gemm": _quant_in_gemm, "fast-accum": _fast_accum, "rope-copy": _rope_copy,
     "combine-launch": _combine_launch, "split-k-reduce": _split_k_reduce,
-    "tiles-rule": _tiles_rule, "route-launch": _route_launch, "rope-queries": _rope_queries,
+    "tiles-rule": _tiles_rule, "tiles-file": _tiles_file, "route-launch": _route_launch, "rope-queries": _rope_queries,
     "amax-handoff": _amax_handoff, "skip": _skip}
 
 

@@ -22,7 +22,7 @@ the Triton quantiser, then the path above.
 
 Accumulation: cuBLAS accumulates the FP8 MMAs in the tensor cores' own precision without promoting
 to fp32 every few K steps (`use_fast_accum`; from `FAST_ACCUM_ROWS` tokens, 0: every call it takes).
-That is what the Triton GEMMs of this package do (Triton's sm_90 default, see `triton_moe_fp8._dot`)
+That is what the Triton GEMMs of this package do (Triton's sm_90 default, see `triton_fp8._dot`)
 and what the W8A8 CUTLASS kernels of other serving engines run on Hopper (their FP8 schedules are the
 "FastAccum" ones). On the H100 it made Air's projections 5-32 % faster at 2048-8192 tokens and up to
 11 % at 256 (relative error against the fp32 twin 2.1e-3-3.1e-3, against 1.7e-3 with promotion) and

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from common.ops.pdl import pdl_kwargs, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
-from common.ops.triton_fp8 import _quant_code, _row_scale, hw_round
+from common.ops.triton_fp8 import _dot, _quant_code, _row_scale, _scaled_dot, hw_round
 
 TUNED_PATH = Path(__file__).with_name("fp8_gemm_tuned.json")
 
@@ -41,6 +41,7 @@ class GemmConfig(NamedTuple):
     num_warps: int
     num_stages: int
     split_k: int = 1  # K slices summed by `_split_k_reduce` (few-token calls: more programs in flight)
+    swap: bool = False  # the tile as W x^T ([BLOCK_N, BLOCK_M]): weight rows on the MMA's 64-row side
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
     A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 2.0**-30, HW: tl.constexpr = True,
     ROW_CHUNK: tl.constexpr = 512, amax_ptr=None, stride_xm=0, AMAX_PARTS: tl.constexpr = 0,
-    AMAX_PAD: tl.constexpr = 1, ONE_ROW: tl.constexpr = False,
+    AMAX_PAD: tl.constexpr = 1, ONE_ROW: tl.constexpr = False, SWAP: tl.constexpr = False,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
@@ -66,7 +67,11 @@ def _fp8_gemm_kernel(
     amax_ptr (row stride stride_xm): the same value, without the re-read. ONE_ROW (channel, M == 1):
     only row 0 of the BLOCK_M-row tile is real, so only its BLOCK_K values are quantised a K step (the
     next step's loaded before this step's MMA) and the tile's other rows are zero codes, instead of
-    dividing the whole padded tile."""
+    dividing the whole padded tile.
+    SWAP: each K step computes the tile's transpose, W x^T ([BLOCK_N, BLOCK_M], `triton_fp8._dot`), so
+    at few tokens the weight rows fill the side of the MMA that needs 64 rows and sm_90 runs it as a
+    warpgroup MMA from shared memory (unswapped, a 16-row tile is an mma.sync on values converted in
+    registers); the accumulator is transposed once before the epilogue."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -87,14 +92,17 @@ def _fp8_gemm_kernel(
         prefetch_rows(b_ptr, tl.minimum(offs_n, N - 1), stride_bn, k_lo, k_hi)
     pdl_start(PDL)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :]  # [BM,BK]
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + (k_lo + offs_k)[:, None]  # [BK,BN]: B^T, K-major
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (k_lo + offs_k)[None, :]  # [BN,BK]: K-major
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BLOCK_SCALES:  # K % BLOCK_K == 0; scale column k0 / BLOCK_K
         as_ptrs = as_ptr + offs_m * stride_asm  # [BM]
         bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn  # [BN]
         for kb in range(k_lo // BLOCK_K, tl.cdiv(k_hi, BLOCK_K)):
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
             if A_QUANT:  # the group's scale from its own amax (rows past M: zeros, the floor)
                 af = a.to(tl.float32)
                 sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(af), axis=1), FLOOR), QMAX)
@@ -102,9 +110,11 @@ def _fp8_gemm_kernel(
             else:
                 sa = tl.load(as_ptrs + kb * stride_ask, mask=mask_m, other=0.0)
             sb = tl.load(bs_ptrs + kb * stride_bsk, mask=mask_n, other=0.0)
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            acc += _scaled_dot(a, b, sa, sb, SWAP)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        if SWAP:
+            acc = acc.T
     else:
         if A_QUANT and AMAX_PARTS > 0:  # the producer's partial amaxes of each row
             parts = tl.arange(0, AMAX_PAD)
@@ -127,7 +137,7 @@ def _fp8_gemm_kernel(
             a_next = tl.load(a_ptr + k_lo + offs_k, mask=offs_k < k_hi - k_lo, other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = offs_k < k_hi - k0
-            b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if A_QUANT and ONE_ROW:
                 q = _quant_code(a_next.to(tl.float32), sa_row, QMAX, HW)
                 a_next = tl.load(a_ptr + k0 + BLOCK_K + offs_k, mask=offs_k < k_hi - k0 - BLOCK_K, other=0.0)
@@ -136,9 +146,11 @@ def _fp8_gemm_kernel(
                 a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 if A_QUANT:
                     a = _quant_code(a.to(tl.float32), sa[:, None], QMAX, HW).to(b.dtype)
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, SWAP)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
+        if SWAP:
+            acc = acc.T
         if not A_QUANT:
             sa = tl.load(as_ptr + offs_m * stride_asm, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptr + offs_n * stride_bsn, mask=mask_n, other=0.0)
@@ -219,7 +231,8 @@ def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig | N
     if entry is None:
         return None
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    return GemmConfig(bm, entry["block_n"], 128, 1, entry["num_warps"], entry["num_stages"], entry["split_k"])
+    return GemmConfig(bm, entry["block_n"], 128, 1, entry["num_warps"], entry["num_stages"], entry["split_k"],
+                      entry.get("swap", False))
 
 
 def cublas_measured_faster(m: int, n: int, k: int, device: torch.device) -> bool:
@@ -282,7 +295,7 @@ def fp8_gemm(
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_QUANT=a_quant, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x_q.device),
-        ONE_ROW=a_quant and not block and m == 1,
+        ONE_ROW=a_quant and not block and m == 1, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch, **amax_args,
     )
     if split > 1 and unsummed and not has_bias:

@@ -32,35 +32,18 @@ from common.ops import triton_moe as tm
 from common.ops.moe_configs import get_config
 from common.ops.pdl import pdl_enabled, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX, Routing, check_fused_moe_fp8
-from common.ops.triton_fp8 import _quant_code, _row_scale, hw_round, quant_fp8_per_group, quant_fp8_per_token
+from common.ops.triton_fp8 import (
+    _dot,
+    _quant_code,
+    _row_scale,
+    _scaled_dot,
+    hw_round,
+    quant_fp8_per_group,
+    quant_fp8_per_token,
+)
 from common.ops.triton_moe import route_slot
 
 _ACT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-@triton.jit
-def _dot(a, b, acc, SWAP: tl.constexpr):
-    """acc + a b^T for a [BM,BK], b [BN,BK]: [BM,BN], or with SWAP its transpose [BN,BM]. (One
-    return: compiled, a return inside a constexpr branch does not end the function.)
-    Triton's sm_90 default accumulates the FP8 MMAs of the whole K loop without promotion (what SGLang's
-    and vLLM's FP8 MoE run). Measured on an H100 (2026-12-06): 1.5e-2 relative error against the twin
-    at M >= 64; promoting after every K block (max_num_imprecise_acc=BK) cut that to 6e-3 but cost
-    2.6x at M = 2048 with the tables tuned for this kernel, and left the model-level error unchanged."""
-    if SWAP:
-        out = tl.dot(b, a.T, acc)
-    else:
-        out = tl.dot(a, b.T, acc)
-    return out
-
-
-@triton.jit
-def _scaled_dot(a, b, sa, sb, SWAP: tl.constexpr):
-    """(a b^T) * sa[row] * sb[col] in the orientation of _dot (a fresh accumulator: one K block)."""
-    if SWAP:
-        out = tl.dot(b, a.T) * sb[:, None] * sa[None, :]
-    else:
-        out = tl.dot(a, b.T) * sa[:, None] * sb[None, :]
-    return out
 
 
 @triton.jit(do_not_specialize=["NUMEL", "MAX_BLOCKS"])

@@ -138,6 +138,21 @@ def test_tiles_rule_hides_the_tuned_table_inside_its_block(monkeypatch: pytest.M
     assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev).block_n == 64
 
 
+def test_tiles_file_serves_another_table_inside_its_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.ops import triton_fp8_gemm
+
+    entry = {"block_n": 64, "split_k": 2, "num_stages": 4, "num_warps": 4, "us": 1.0, "cublas_us": 2.0}
+    monkeypatch.setattr(triton_fp8_gemm, "_tuned_tables", lambda: {"GPU": {"4096,12288": {"1": entry}}})
+    monkeypatch.setattr(triton_fp8_gemm, "_device_name", lambda index: "GPU")
+    path = tmp_path / "before.json"
+    path.write_text(json.dumps({"tables": {"GPU": {"4096,12288": {"1": entry | {"block_n": 128, "swap": True}}}}}))
+    dev = torch.device("cuda", 0)  # only its type and index are read
+    with variants.variant(f"tiles-file={path}"):
+        assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev) == triton_fp8_gemm.GemmConfig(
+            16, 128, 128, 1, 4, 4, 2, True)
+    assert triton_fp8_gemm.tuned_config(1, 4096, 12288, dev) == triton_fp8_gemm.GemmConfig(16, 64, 128, 1, 4, 4, 2)
+
+
 @pytest.mark.parametrize("block", ["experts", "attn"])
 def test_skip_returns_zeros_for_every_block_and_restores_it(tmp_path: Path, block: str) -> None:
     """skip=experts|attn: the named blocks return zeros of their input's shape and dtype (the same buffer

@@ -209,6 +209,7 @@ def test_fp8_gemm_tuned_table_is_well_formed() -> None:
             for entry in buckets.values():
                 assert entry["block_n"] in (16, 32, 64, 128) and 1 <= entry["split_k"] <= 8
                 assert k // entry["split_k"] >= 128 and entry["num_stages"] >= 2
+                assert entry.get("swap", False) in (False, True)
 
 
 def test_tuned_table_round_trip_and_the_faster_library(tmp_path, monkeypatch) -> None:
@@ -224,14 +225,14 @@ def test_tuned_table_round_trip_and_the_faster_library(tmp_path, monkeypatch) ->
     path.write_text(json.dumps({"_doc": "test", "tables": {}}))
     sweep = [{"n": 512, "k": 1024, "m": 1, "best": list(tg.GemmConfig(16, 32, 128, 1, 4, 6, 4)), "best_us": 5.0,
               "cublas_us": 9.0},
-             {"n": 512, "k": 1024, "m": 64, "best": list(tg.GemmConfig(64, 64, 128, 1, 4, 4, 2)), "best_us": 8.0,
+             {"n": 512, "k": 1024, "m": 64, "best": list(tg.GemmConfig(64, 64, 128, 1, 4, 4, 2, True)), "best_us": 8.0,
               "cublas_us": 7.5}]
     assert update_table(path, "GPU X", sweep) == 2
     monkeypatch.setattr(tg, "_tuned_tables", lambda: json.loads(path.read_text())["tables"])
     monkeypatch.setattr(tg, "_device_name", lambda index: "GPU X")
     cuda = torch.device("cuda", 0)
     assert tg.tuned_config(1, 512, 1024, cuda) == tg.GemmConfig(16, 32, 128, 1, 4, 6, 4)
-    assert tg.tuned_config(40, 512, 1024, cuda) == tg.GemmConfig(64, 64, 128, 1, 4, 4, 2)
+    assert tg.tuned_config(40, 512, 1024, cuda) == tg.GemmConfig(64, 64, 128, 1, 4, 4, 2, True)  # swapped tile
     assert not tg.cublas_measured_faster(8, 512, 1024, cuda)
     assert tg.cublas_measured_faster(64, 512, 1024, cuda)
     assert not tg.cublas_measured_faster(65, 512, 1024, cuda) and tg.tuned_config(65, 512, 1024, cuda) is None
@@ -343,7 +344,7 @@ def _group_fused() -> None:
             assert err < 1e-6, f"fp8_linear (Triton) T={t} N={n} K={kc}: rel {err:.2e}"
             print(f"fp8_linear (Triton) T={t} N={n} K={kc}: rel {err:.2e}")
     # split K: slices of whole K steps (the last may be short or hold a K tail), partials summed in order
-    # by the reduce kernel, bias added once; both scale layouts
+    # by the reduce kernel, bias added once; both scale layouts; the swapped tile (W x^T) alike
     for t, n, k, split, block in ((3, 48, 500, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128)):
         x = activations(t, k, torch.float32)
         x_q, x_scale, w_q, w_scale = _gemm_operands(ref, x, n, block)
@@ -353,6 +354,9 @@ def _group_fused() -> None:
                 else ref.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32))
         err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, cfg), want)
         assert err < 1e-6, f"split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
+        swapped = tg.GemmConfig(16, 64, block or 64, 1, 4, 2, split, True)
+        err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, swapped), want)
+        assert err < 1e-6, f"swapped split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
         # unsummed (no bias): the slices [T,S,N], which the next add + norm adds up exactly as the reduce
         summed = tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float16, block, cfg)
         slices = tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float16, block, cfg, unsummed=True)
@@ -392,10 +396,10 @@ def _group_fused() -> None:
     for k, split in ((1100, 3), (640, 1)):
         x = (torch.randn(1, k) * 3).to(torch.float16)
         x_q, x_scale, w_q, w_scale = _gemm_operands(tf, x, 40, 0)
-        cfg = tg.GemmConfig(16, 32, 64, 1, 4, 2, split)
-        assert torch.equal(tg.fp8_gemm(x, None, w_q, w_scale, None, torch.float32, 0, cfg),
-                           tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float32, 0, cfg)), \
-            f"one token quantised in the GEMM K={k} split={split}: differs from the quantised call"
+        for cfg in (tg.GemmConfig(16, 32, 64, 1, 4, 2, split), tg.GemmConfig(16, 64, 64, 1, 4, 2, split, True)):
+            assert torch.equal(tg.fp8_gemm(x, None, w_q, w_scale, None, torch.float32, 0, cfg),
+                               tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float32, 0, cfg)), \
+                f"one token quantised in the GEMM K={k} split={split} swap={cfg.swap}: differs from the quantised call"
         print(f"one token quantised in the GEMM K={k} split={split}: bit-equal")
     # channel, x's amax handed over by its producer as per-part maxima (attention: per head): the same
     # scale as the row's own amax, so the same bits; parts with a non-power-of-two count, split K

@@ -202,6 +202,28 @@ def test_triton_channel_linear(n: int, k: int) -> None:
         assert err < TWIN_TOL, f"N={n} K={k} M={num_tokens}: rel {err:.2e}"
 
 
+@pytest.mark.parametrize("block", [0, 128])
+def test_swapped_tiles(block: int) -> None:
+    """The swapped tile (W x^T: the weight rows on the warpgroup MMA's 64-row side) against the twin,
+    channel and block scales, one to 64 tokens, with and without split K."""
+    from common.ops import reference as ref
+    from common.ops import triton_fp8_gemm as tg
+
+    n, k = 1792, 4096
+    x_full = activations(64, k)
+    w_q, w_scale = _quantised_weight((torch.randn(n, k, device=DEV) * k**-0.5).bfloat16(), block)
+    for m in (1, 5, 16, 40, 64):
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        x = x_full[:m]
+        x_q, x_scale = ref.quant_fp8_per_group(x, block) if block else ref.quant_fp8_per_token(x)
+        want = (ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, None, torch.float32, block) if block
+                else ref.fp8_linear(x_q, x_scale, w_q, w_scale, None, torch.float32))
+        for bn, split, stages in ((64, 1, 4), (128, 4, 6)):
+            cfg = tg.GemmConfig(bm, bn, block or 128, 1, 4, stages, split, True)
+            err = rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.bfloat16, block, cfg), want)
+            assert err < TWIN_TOL, f"swapped BN={bn} split={split} M={m} block={block}: rel {err:.2e}"
+
+
 def test_tuned_tiles_of_this_gpu() -> None:
     """Every tuned entry of this GPU's table, at both ends of its token bucket ('1': M 1-16, '64': 17-64),
     through the Triton GEMM and fp8_linear's dispatch, against the twin."""
