@@ -23,9 +23,10 @@ FP8 peak, speedup over bf16, and the relative error against the twin at M = 64. 
 the faster channel FP8 GEMM (quantised activations in hand, as the fused producers leave them) at
 >= 1.7x bf16 for M <= 64 and >= 1.5x for M >= 2048, PASS/FAIL per point and in the summary.
 
-Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid of tiles (BLOCK_N 32 /
-64 / 128, split-K 1-8, 3-6 stages) at each projection shape, its best configuration against
-`default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
+Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid of tiles at each
+projection shape, in two passes: BLOCK_N 32 / 64 / 128 x split-K 1-8 x the tile plain or swapped (W x^T,
+BLOCK_N >= 64) at 4 stages, then the three fastest of those at 3 and 6 stages; the best configuration
+against `default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
 
 Quantised-in-GEMM section (--sections quant-in-gemm; --m up to 64): o_proj's unquantised input through
 the per-token quantiser's launch and the few-token GEMM, against the GEMM quantising it as it loads
@@ -311,15 +312,28 @@ SWEEP_HEADER = ("| shape | M | cuBLAS us | default cfg | default us | best cfg |
                 + "---|" * 8)
 
 
+SWEEP_STAGES = 4  # the first pass's pipeline depth
+SWEEP_REFINE = (3, (3, 6))  # the first pass's fastest three, again at these depths
+
+
 def _sweep_configs(m: int, k: int) -> Iterator[tg.GemmConfig]:
+    """The first pass: every tile shape and K split at SWEEP_STAGES (a shape's compiles dominate the
+    sweep's time; the depth is refined for the leaders only)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     for bn in (32, 64, 128):
         for split in (1, 2, 4, 8):
             if split > 1 and k // split < 4 * BLOCK:
                 continue
-            for stages in (3, 4, 6):
-                for swap in (False, True) if bn >= 64 else (False,):  # swapped: BLOCK_N is the MMA's 64-row side
-                    yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, stages, split, swap)
+            for swap in (False, True) if bn >= 64 else (False,):  # swapped: BLOCK_N is the MMA's 64-row side
+                yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split, swap)
+
+
+def _refined(timed: list[tuple[float, tg.GemmConfig]]) -> Iterator[tg.GemmConfig]:
+    """The second pass: the first pass's fastest SWEEP_REFINE[0] configurations at the other depths."""
+    count, depths = SWEEP_REFINE
+    for _, cfg in sorted(timed, key=lambda p: p[0])[:count]:
+        for stages in depths:
+            yield cfg._replace(num_stages=stages)
 
 
 def bench_sweep(rep: Report, models: list[str], tps: list[int], ms: list[int]) -> None:
@@ -352,12 +366,13 @@ def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: l
         default = tg.default_config(m, n, BLOCK, torch.device(DEV), k)
         t_default = run(default)
         t_cublas = measure.time_graph([lambda i=i, xq=xq: cublas_fp8.scaled_mm_linear(*xq[i], *ws[i]) for i in range(sets)])
-        timed = []
-        for cfg in _sweep_configs(m, k):
-            try:
-                timed.append((run(cfg), cfg))
-            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
-                rep.errors.append(f"sweep {shape} M={m} {cfg}: {type(exc).__name__}")
+        timed: list[tuple[float, tg.GemmConfig]] = []
+        for first_pass in (True, False):
+            for cfg in list(_sweep_configs(m, k) if first_pass else _refined(timed)):
+                try:
+                    timed.append((run(cfg), cfg))
+                except Exception as exc:  # noqa: BLE001 - a config the compiler refuses is skipped
+                    rep.errors.append(f"sweep {shape} M={m} {cfg}: {type(exc).__name__}")
         t_best, best = min(timed, key=lambda p: p[0])
         rep.sweep.append({"model": model, "proj": proj, "tp": tp, "n": n, "k": k, "m": m,
                           "cublas_us": round(t_cublas, 2), "default": list(default),

@@ -240,6 +240,23 @@ def test_tuned_table_round_trip_and_the_faster_library(tmp_path, monkeypatch) ->
     assert not tg.cublas_measured_faster(64, 512, 1024, torch.device("cpu"))
 
 
+def test_sweep_tries_every_tile_then_refines_the_leaders_depth() -> None:
+    """The few-token sweep's first pass covers every N tile and K split (swapped where the tile can
+    fill the 64-row side) at one depth; the second times only the three fastest at the other depths."""
+    pytest.importorskip("triton")
+    from benchmarks.kernels import bench_fp8_linear as bench
+
+    first = list(bench._sweep_configs(1, 4096))
+    assert {(c.block_n, c.split_k, c.swap) for c in first} == {
+        (bn, s, sw) for bn in (32, 64, 128) for s in (1, 2, 4, 8) for sw in (False, True) if bn >= 64 or not sw}
+    assert {c.num_stages for c in first} == {bench.SWEEP_STAGES} and {c.block_m for c in first} == {16}
+    assert max(c.split_k for c in bench._sweep_configs(64, 1024)) == 2  # each slice keeps >= 4 K steps
+    timed = [(float(len(first) - i), c) for i, c in enumerate(first)]  # the last listed is the fastest
+    refined = list(bench._refined(timed))
+    assert [c._replace(num_stages=bench.SWEEP_STAGES) for c in refined[::2]] == first[:-4:-1]
+    assert {c.num_stages for c in refined} == {3, 6}
+
+
 def test_fused_interpreted() -> None:
     pytest.importorskip("triton")
     from tests.common.test_triton_interpret import run_interpreted
