@@ -25,7 +25,7 @@ the faster channel FP8 GEMM (quantised activations in hand, as the fused produce
 
 Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid of tiles at each
 projection shape, in two passes: BLOCK_N 32 / 64 / 128 x split-K 1-8 x the tile plain or swapped (W x^T,
-BLOCK_N >= 64) at 4 stages, then the three fastest of those at 3 and 6 stages; the best configuration
+BLOCK_N >= 64; its weight tiles by loads or by TMA) at 4 stages, then the three fastest of those at 3 and 6 stages; the best configuration
 against `default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
 
 Quantised-in-GEMM section (--sections quant-in-gemm; --m up to 64): o_proj's unquantised input through
@@ -324,8 +324,10 @@ def _sweep_configs(m: int, k: int) -> Iterator[tg.GemmConfig]:
         for split in (1, 2, 4, 8):
             if split > 1 and k // split < 4 * BLOCK:
                 continue
-            for swap in (False, True) if bn >= 64 else (False,):  # swapped: BLOCK_N is the MMA's 64-row side
-                yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split, swap)
+            yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split)
+            if bn >= 64:  # swapped (BLOCK_N is the MMA's 64-row side), weights by loads or by TMA
+                yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split, True)
+                yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split, True, True)
 
 
 def _refined(timed: list[tuple[float, tg.GemmConfig]]) -> Iterator[tg.GemmConfig]:
@@ -349,7 +351,7 @@ def bench_sweep(rep: Report, models: list[str], tps: list[int], ms: list[int]) -
 
 
 def _cfg_name(c: tg.GemmConfig) -> str:
-    return f"bn{c.block_n} s{c.split_k} st{c.num_stages}{' swap' if c.swap else ''}"
+    return f"bn{c.block_n} s{c.split_k} st{c.num_stages}{' swap' if c.swap else ''}{' tma' if c.tma else ''}"
 
 
 def _sweep_shape(rep: Report, where: tuple[str, str, int], n: int, k: int, ms: list[int]) -> None:
@@ -393,7 +395,7 @@ def update_table(path: Path, gpu: str, sweep: list[dict]) -> int:
         cfg = tg.GemmConfig(*row["best"])
         per_gpu.setdefault(f"{row['n']},{row['k']}", {})["1" if row["m"] <= 16 else "64"] = {
             "block_n": cfg.block_n, "split_k": cfg.split_k, "num_stages": cfg.num_stages,
-            "num_warps": cfg.num_warps, "swap": cfg.swap, "us": row["best_us"], "cublas_us": row["cublas_us"]}
+            "num_warps": cfg.num_warps, "swap": cfg.swap, "tma": cfg.tma, "us": row["best_us"], "cublas_us": row["cublas_us"]}
         n += 1
     path.write_text(json.dumps(table, indent=1) + "\n")
     return n

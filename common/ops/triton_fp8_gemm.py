@@ -29,6 +29,7 @@ import triton.language as tl
 from common.ops.pdl import pdl_kwargs, pdl_start, prefetch_programs, prefetch_rows
 from common.ops.reference import FP8_AMAX_FLOOR, FP8_MAX
 from common.ops.triton_fp8 import _dot, _quant_code, _row_scale, _scaled_dot, hw_round
+from common.ops.triton_moe import weight_descriptor
 
 TUNED_PATH = Path(__file__).with_name("fp8_gemm_tuned.json")
 
@@ -42,6 +43,7 @@ class GemmConfig(NamedTuple):
     num_stages: int
     split_k: int = 1  # K slices summed by `_split_k_reduce` (few-token calls: more programs in flight)
     swap: bool = False  # the tile as W x^T ([BLOCK_N, BLOCK_M]): weight rows on the MMA's 64-row side
+    tma: bool = False  # weight tiles through the tensor memory accelerator (where the layout allows)
 
 
 @triton.jit
@@ -52,7 +54,8 @@ def _fp8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PDL: tl.constexpr,
     A_QUANT: tl.constexpr = False, QMAX: tl.constexpr = 448.0, FLOOR: tl.constexpr = 2.0**-30, HW: tl.constexpr = True,
     ROW_CHUNK: tl.constexpr = 512, amax_ptr=None, stride_xm=0, AMAX_PARTS: tl.constexpr = 0,
-    AMAX_PAD: tl.constexpr = 1, ONE_ROW: tl.constexpr = False, SWAP: tl.constexpr = False,
+    AMAX_PAD: tl.constexpr = 1, ONE_ROW: tl.constexpr = False, SWAP: tl.constexpr = False, b_desc=None,
+    TMA: tl.constexpr = False,
 ):
     """C[M,N] = (A * a_scale) @ (B * b_scale)^T (+ bias); grid (cdiv(M,BM) * cdiv(N,BN), SPLIT_K),
     grouped. With SPLIT_K > 1 program (t, s) sums K in [s * k_per_split, (s+1) * k_per_split) and
@@ -71,7 +74,9 @@ def _fp8_gemm_kernel(
     SWAP: each K step computes the tile's transpose, W x^T ([BLOCK_N, BLOCK_M], `triton_fp8._dot`), so
     at few tokens the weight rows fill the side of the MMA that needs 64 rows and sm_90 runs it as a
     warpgroup MMA from shared memory (unswapped, a 16-row tile is an mma.sync on values converted in
-    registers); the accumulator is transposed once before the epilogue."""
+    registers); the accumulator is transposed once before the epilogue.
+    TMA: the weight tiles come through the bulk-copy engine (b_desc: the weights [N, K] in [BLOCK_N,
+    BLOCK_K] tiles; rows past N and columns past K read as zeros), not through per-thread loads."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -93,6 +98,7 @@ def _fp8_gemm_kernel(
     pdl_start(PDL)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_lo + offs_k)[None, :]  # [BM,BK]
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (k_lo + offs_k)[None, :]  # [BN,BK]: K-major
+    n0 = (pid_n * BLOCK_N).to(tl.int32)  # TMA: the tile's first weight row
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -102,7 +108,10 @@ def _fp8_gemm_kernel(
         bs_ptrs = bs_ptr + (offs_n // BLOCK_K) * stride_bsn  # [BN]
         for kb in range(k_lo // BLOCK_K, tl.cdiv(k_hi, BLOCK_K)):
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
+            if TMA:
+                b = b_desc.load([n0, kb * BLOCK_K])
+            else:
+                b = tl.load(b_ptrs, mask=mask_n[:, None], other=0.0)
             if A_QUANT:  # the group's scale from its own amax (rows past M: zeros, the floor)
                 af = a.to(tl.float32)
                 sa = tl.math.div_rn(tl.maximum(tl.max(tl.abs(af), axis=1), FLOOR), QMAX)
@@ -137,7 +146,10 @@ def _fp8_gemm_kernel(
             a_next = tl.load(a_ptr + k_lo + offs_k, mask=offs_k < k_hi - k_lo, other=0.0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             mask_k = offs_k < k_hi - k0
-            b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if TMA:
+                b = b_desc.load([n0, k0])
+            else:
+                b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             if A_QUANT and ONE_ROW:
                 q = _quant_code(a_next.to(tl.float32), sa_row, QMAX, HW)
                 a_next = tl.load(a_ptr + k0 + BLOCK_K + offs_k, mask=offs_k < k_hi - k0 - BLOCK_K, other=0.0)
@@ -232,7 +244,7 @@ def tuned_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig | N
         return None
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     return GemmConfig(bm, entry["block_n"], 128, 1, entry["num_warps"], entry["num_stages"], entry["split_k"],
-                      entry.get("swap", False))
+                      entry.get("swap", False), entry.get("tma", False))
 
 
 def cublas_measured_faster(m: int, n: int, k: int, device: torch.device) -> bool:
@@ -270,6 +282,7 @@ def fp8_gemm(
         return out
     cfg = config or (None if block else tuned_config(m, n, k, x_q.device)) or default_config(
         m, n, block or 128, x_q.device, k)
+    desc = weight_descriptor(w_q, cfg.block_n, cfg.block_k, cfg.tma)
     if block and cfg.block_k != block:
         raise ValueError(f"fp8_block_linear: BLOCK_K={cfg.block_k} must equal the scale block {block}")
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
@@ -295,7 +308,7 @@ def fp8_gemm(
         BLOCK_SCALES=block > 0, HAS_BIAS=has_bias, SPLIT_K=split,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_QUANT=a_quant, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR, HW=hw_round(x_q.device),
-        ONE_ROW=a_quant and not block and m == 1, SWAP=cfg.swap,
+        ONE_ROW=a_quant and not block and m == 1, SWAP=cfg.swap, b_desc=desc, TMA=desc is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch, **amax_args,
     )
     if split > 1 and unsummed and not has_bias:

@@ -483,6 +483,14 @@ def _weight_descriptor(w: torch.Tensor, bn: int, bk: int):  # type: ignore[no-un
     return desc
 
 
+def weight_descriptor(w: torch.Tensor, bn: int, bk: int, wanted: bool):  # type: ignore[no-untyped-def]
+    """w's TMA descriptor for [bn, bk] tiles where wanted and the hardware and layout allow it (contiguous
+    rows of a multiple of 16 bytes, the bulk-copy engine's stride unit), else None: pointer loads."""
+    if not (wanted and tma_supported(w.device) and w.is_contiguous() and (w.shape[-1] * w.element_size()) % 16 == 0):
+        return None
+    return _weight_descriptor(w, bn, bk)
+
+
 def tma_supported(device: torch.device) -> bool:
     """Hopper or newer (the tensor memory accelerator); the CPU interpreter emulates it."""
     if device.type != "cuda":
@@ -498,14 +506,12 @@ def _gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, sorted_ids: torch
     max_blocks = block_expert.shape[0]
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     grid = (max_blocks * triton.cdiv(n, bn),)
-    tma = (bool(cfg.get("tma")) and tma_supported(w.device) and w.is_contiguous()
-           and (w.shape[-1] * w.element_size()) % 16 == 0)
-    desc = _weight_descriptor(w, bn, bk) if tma else None
+    desc = weight_descriptor(w, bn, bk, bool(cfg.get("tma")))
     _moe_gemm_kernel[grid](
         a, w, desc, out, sorted_ids, block_expert, topw, numel, n, k, max_blocks,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_DIV=a_div, GATED=gated, MUL_W=not gated, EVEN_K=k % bk == 0, BM=block_m,
-        BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma, DIRECT=sorted_ids is None,
+        BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=desc is not None, DIRECT=sorted_ids is None,
         PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
 
@@ -564,4 +570,4 @@ def combine(y: torch.Tensor, out: torch.Tensor, top_k: int, pdl: bool) -> None:
 
 
 __all__ = ["CONFIG_DIR", "ROUTER_MAX_TOKENS", "align_block_size", "config_name", "default_config", "fused_moe",
-           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "tma_supported"]
+           "fused_moe_with_config", "get_config", "grouped_topk", "router_logits", "tma_supported", "weight_descriptor"]

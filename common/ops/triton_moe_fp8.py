@@ -254,9 +254,7 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
     first_slot = max_blocks - shared if direct and gated else 0
     early = prefetch_programs(bn * (2 if gated else 1) * k,
                               pdl and direct and (shared > 0 or (not gated and ids_ready)))
-    tma = (bool(cfg.get("tma")) and tm.tma_supported(w.device) and w.is_contiguous()
-           and (w.shape[-1] * w.element_size()) % 16 == 0)
-    desc = tm._weight_descriptor(w, bn, bk) if tma else None
+    desc = tm.weight_descriptor(w, bn, bk, bool(cfg.get("tma")))
     scale_out = out if out_scale is None else out_scale  # (unused without QUANT)
     a_quant = a_scale is None
     if a_quant and gated:
@@ -277,7 +275,7 @@ def _gemm(a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor, w_scal
         a.stride(0), 0 if a_quant else a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1),
         out.stride(0), scale_out.stride(0), early, w.shape[0], first_slot,
         A_DIV=a_div, GATED=gated, QUANT=out_scale is not None, ACT=_ACT[act], BLOCKWISE=block > 0,
-        GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=tma,
+        GROUP=max(block, 1), EVEN_K=k % bk == 0, BM=block_m, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], TMA=desc is not None,
         DIRECT=direct, SWAP=bool(cfg.get("swap")), PDL=pdl, QMAX=FP8_MAX, FLOOR=FP8_AMAX_FLOOR,
         HW=hw_round(a.device), IDS_READY=not gated, A_QUANT=a_quant,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl, **route_args,

@@ -247,8 +247,9 @@ def test_sweep_tries_every_tile_then_refines_the_leaders_depth() -> None:
     from benchmarks.kernels import bench_fp8_linear as bench
 
     first = list(bench._sweep_configs(1, 4096))
-    assert {(c.block_n, c.split_k, c.swap) for c in first} == {
-        (bn, s, sw) for bn in (32, 64, 128) for s in (1, 2, 4, 8) for sw in (False, True) if bn >= 64 or not sw}
+    assert {(c.block_n, c.split_k, c.swap, c.tma) for c in first} == {
+        (bn, s, sw, tma) for bn in (32, 64, 128) for s in (1, 2, 4, 8) for sw in (False, True) for tma in (False, True)
+        if (bn >= 64 or not sw) and (sw or not tma)}
     assert {c.num_stages for c in first} == {bench.SWEEP_STAGES} and {c.block_m for c in first} == {16}
     assert max(c.split_k for c in bench._sweep_configs(64, 1024)) == 2  # each slice keeps >= 4 K steps
     timed = [(float(len(first) - i), c) for i, c in enumerate(first)]  # the last listed is the fastest
@@ -362,7 +363,7 @@ def _group_fused() -> None:
             print(f"fp8_linear (Triton) T={t} N={n} K={kc}: rel {err:.2e}")
     # split K: slices of whole K steps (the last may be short or hold a K tail), partials summed in order
     # by the reduce kernel, bias added once; both scale layouts; the swapped tile (W x^T) alike
-    for t, n, k, split, block in ((3, 48, 500, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128)):
+    for t, n, k, split, block in ((3, 48, 500, 3, 0), (1, 40, 640, 2, 0), (2, 48, 640, 4, 128), (2, 40, 720, 2, 0)):
         x = activations(t, k, torch.float32)
         x_q, x_scale, w_q, w_scale = _gemm_operands(ref, x, n, block)
         bias = torch.randn(n)
@@ -371,9 +372,10 @@ def _group_fused() -> None:
                 else ref.fp8_linear(x_q, x_scale, w_q, w_scale, bias, torch.float32))
         err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, cfg), want)
         assert err < 1e-6, f"split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
-        swapped = tg.GemmConfig(16, 64, block or 64, 1, 4, 2, split, True)
-        err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, swapped), want)
-        assert err < 1e-6, f"swapped split-K {split} T={t} N={n} K={k} block={block}: rel {err:.2e}"
+        for tma in (False, True):  # (K = 500: rows of 500 bytes, which TMA cannot stride; loads instead)
+            swapped = tg.GemmConfig(16, 64, block or 64, 1, 4, 2, split, True, tma)
+            err = _rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, bias, torch.float32, block, swapped), want)
+            assert err < 1e-6, f"swapped split-K {split} T={t} N={n} K={k} block={block} tma={tma}: rel {err:.2e}"
         # unsummed (no bias): the slices [T,S,N], which the next add + norm adds up exactly as the reduce
         summed = tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float16, block, cfg)
         slices = tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.float16, block, cfg, unsummed=True)

@@ -18,6 +18,7 @@ from common.ops.compile_report import (
     compile_sm90,
     fp8_gemm_signature,
     gemm_signature,
+    resources,
 )
 
 READS = ("ld.global", "cp.async", "prefetch.global")  # cp.async also matches the TMA bulk copies
@@ -76,17 +77,39 @@ def test_fp8_gemm_reads_nothing_before_the_wait(gated: bool, direct: bool, block
     _check_order(_ptx(tf8._moe_fp8_gemm_kernel, sig, consts, FP8_GEMM_ALIGNED), triggers=True, early=early)
 
 
-@pytest.mark.parametrize("block", [0, 128])
-def test_fp8_linear_prefetches_its_weights_and_reads_nothing_else_before_the_wait(block: int) -> None:
+def _fp8_linear_kernel(block: int, swap: bool, tma: bool):  # type: ignore[no-untyped-def]
+    """The few-token channel / block GEMM compiled for sm_90 (split K 2, 16 x 64 tiles)."""
     names = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "bias_ptr", "c_ptr", "M", "N", "K", "k_per_split",
              "early_programs", "stride_am", "stride_bn", "stride_cm", "stride_asm", "stride_ask", "stride_bsn",
              "stride_bsk")
     sig = dict(zip(names, ("*fp8e4nv", "*fp32", "*fp8e4nv", "*fp32", "*fp32", "*fp32") + ("i32",) * 12, strict=True))
     consts = {"BLOCK_SCALES": block > 0, "HAS_BIAS": False, "SPLIT_K": 2, "BLOCK_M": 16, "BLOCK_N": 64,
-              "BLOCK_K": 128, "GROUP_M": 1, "PDL": True}
+              "BLOCK_K": 128, "GROUP_M": 1, "PDL": True, "SWAP": swap, "TMA": tma}
+    if tma:
+        sig["b_desc"] = "tensordesc<fp8e4nv[64, 128]>"
+    else:
+        consts["b_desc"] = None
     aligned = ("a_ptr", "as_ptr", "b_ptr", "bs_ptr", "bias_ptr", "c_ptr", "N", "K", "k_per_split", "stride_am",
                "stride_bn", "stride_cm")
-    _check_order(_ptx(tfg._fp8_gemm_kernel, sig, consts, aligned), triggers=True, early=("prefetch.global.L2",))
+    return compile_sm90(tfg._fp8_gemm_kernel, sig, consts, aligned)
+
+
+@pytest.mark.parametrize("block", [0, 128])
+@pytest.mark.parametrize(("swap", "tma"), [(False, False), (True, False), (True, True)])
+def test_fp8_linear_prefetches_its_weights_and_reads_nothing_else_before_the_wait(block: int, swap: bool,
+                                                                                   tma: bool) -> None:
+    ptx = [line.strip() for line in _fp8_linear_kernel(block, swap, tma).asm["ptx"].splitlines()]
+    _check_order(ptx, triggers=True, early=("prefetch.global.L2",))
+
+
+@pytest.mark.parametrize(("swap", "tma"), [(False, False), (True, False), (True, True)])
+def test_fp8_linear_swapped_tile_is_a_warpgroup_fp8_mma(swap: bool, tma: bool) -> None:
+    """At 16 token rows the plain tile is an mma.sync on values upcast to f16 (HMMA); swapped, the weight
+    rows fill the 64-row side and the MMA is FP8 on the warpgroup (QGMMA); TMA loads the weight tiles
+    in bulk (UTMALDG), leaving per-thread async copies to the activation tile."""
+    res = resources(_fp8_linear_kernel(0, swap, tma))
+    assert (res["QGMMA"] > 0, res["HMMA"] > 0) == ((True, False) if swap else (False, True)), res
+    assert (res["UTMALDG"] > 0) == tma, res
 
 
 def test_combine_reads_nothing_before_the_wait() -> None:

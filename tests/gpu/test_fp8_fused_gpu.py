@@ -205,7 +205,7 @@ def test_triton_channel_linear(n: int, k: int) -> None:
 @pytest.mark.parametrize("block", [0, 128])
 def test_swapped_tiles(block: int) -> None:
     """The swapped tile (W x^T: the weight rows on the warpgroup MMA's 64-row side) against the twin,
-    channel and block scales, one to 64 tokens, with and without split K."""
+    channel and block scales, one to 64 tokens, with and without split K, weights by loads and by TMA."""
     from common.ops import reference as ref
     from common.ops import triton_fp8_gemm as tg
 
@@ -218,10 +218,10 @@ def test_swapped_tiles(block: int) -> None:
         x_q, x_scale = ref.quant_fp8_per_group(x, block) if block else ref.quant_fp8_per_token(x)
         want = (ref.fp8_block_linear(x_q, x_scale, w_q, w_scale, None, torch.float32, block) if block
                 else ref.fp8_linear(x_q, x_scale, w_q, w_scale, None, torch.float32))
-        for bn, split, stages in ((64, 1, 4), (128, 4, 6)):
-            cfg = tg.GemmConfig(bm, bn, block or 128, 1, 4, stages, split, True)
+        for bn, split, stages, tma in ((64, 1, 4, False), (128, 4, 6, False), (64, 2, 4, True), (128, 1, 6, True)):
+            cfg = tg.GemmConfig(bm, bn, block or 128, 1, 4, stages, split, True, tma)
             err = rel(tg.fp8_gemm(x_q, x_scale, w_q, w_scale, None, torch.bfloat16, block, cfg), want)
-            assert err < TWIN_TOL, f"swapped BN={bn} split={split} M={m} block={block}: rel {err:.2e}"
+            assert err < TWIN_TOL, f"swapped BN={bn} split={split} tma={tma} M={m} block={block}: rel {err:.2e}"
 
 
 def test_tuned_tiles_of_this_gpu() -> None:
