@@ -25,8 +25,9 @@ the faster channel FP8 GEMM (quantised activations in hand, as the fused produce
 
 Sweep section (--sections sweep), M <= 64: the Triton channel GEMM over a grid of tiles at each
 projection shape, in two passes: BLOCK_N 32 / 64 / 128 x split-K 1-8 x the tile plain or swapped (W x^T,
-BLOCK_N >= 64; its weight tiles by loads or by TMA) at 4 stages, then the three fastest of those at 3 and 6 stages; the best configuration
-against `default_config`'s choice and cuBLAS, so the few-token heuristic is checked shape by shape.
+for BLOCK_N >= 64 and up to 32 token rows; its weight tiles by loads or by TMA) at 4 stages, then the
+three fastest of those at 3 and 6 stages; the best configuration against `default_config`'s choice
+and cuBLAS, so the few-token heuristic is checked shape by shape.
 
 Quantised-in-GEMM section (--sections quant-in-gemm; --m up to 64): o_proj's unquantised input through
 the per-token quantiser's launch and the few-token GEMM, against the GEMM quantising it as it loads
@@ -325,7 +326,8 @@ def _sweep_configs(m: int, k: int) -> Iterator[tg.GemmConfig]:
             if split > 1 and k // split < 4 * BLOCK:
                 continue
             yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split)
-            if bn >= 64:  # swapped (BLOCK_N is the MMA's 64-row side), weights by loads or by TMA
+            # swapped (BLOCK_N is the MMA's 64-row side; 64 token rows already are), weights by loads or by TMA
+            if bn >= 64 and bm < 64:
                 yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split, True)
                 yield tg.GemmConfig(bm, bn, BLOCK, 1, 4, SWEEP_STAGES, split, True, True)
 

@@ -252,6 +252,7 @@ def test_sweep_tries_every_tile_then_refines_the_leaders_depth() -> None:
         if (bn >= 64 or not sw) and (sw or not tma)}
     assert {c.num_stages for c in first} == {bench.SWEEP_STAGES} and {c.block_m for c in first} == {16}
     assert max(c.split_k for c in bench._sweep_configs(64, 1024)) == 2  # each slice keeps >= 4 K steps
+    assert not any(c.swap for c in bench._sweep_configs(64, 4096))  # a 64-row tile is a warpgroup MMA as it is
     timed = [(float(len(first) - i), c) for i, c in enumerate(first)]  # the last listed is the fastest
     refined = list(bench._refined(timed))
     assert [c._replace(num_stages=bench.SWEEP_STAGES) for c in refined[::2]] == first[:-4:-1]
