@@ -56,6 +56,9 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
                    help="auto: read the safetensors checkpoint; dummy: build from config.json alone with seeded "
                         "random weights in the checkpoint's layout (FP8 where its quantization_config says; "
                         "both workers draw the same), for benchmarks without the weights")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="the KV pool's dtype: auto (the compute --dtype) or that dtype by name; an FP8 KV "
+                        "cache (fp8_e4m3, fp8_e5m2) is not offered")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages (0: size the pool from --mem-fraction-static)")
@@ -160,6 +163,10 @@ def parse_spec(ns: argparse.Namespace) -> tuple[SpecConfig, list[str]]:
     return SpecConfig(algorithm=algo, num_steps=steps, eagle_topk=topk, num_draft_tokens=draft), warnings
 
 
+# the names SGLang's --kv-cache-dtype takes for the compute dtypes
+KV_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
 def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig, list[str]]:
     spec, warnings = parse_spec(ns)
     if ns.page_size < 1:
@@ -190,6 +197,12 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     dtype = ns.dtype
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "bfloat16"
+    kv_dtype = KV_DTYPE_NAMES.get(ns.kv_cache_dtype, ns.kv_cache_dtype)
+    if kv_dtype not in ("auto", dtype):
+        fp8 = kv_dtype.startswith("fp8")
+        raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype}: " + (
+            "an FP8 KV cache is not offered; the KV pool holds the compute dtype" if fp8 else
+            f"the KV pool holds the compute dtype ({dtype}); choose auto or {dtype}"))
     secret = load_secret(ns.cluster_secret, ns.cluster_secret_file)  # ValueError: too short
     if secret is None:
         warnings.append("no cluster secret (--cluster-secret-file or $GLMSERVE_CLUSTER_SECRET): KV pairing "

@@ -42,6 +42,27 @@ def test_tensor_parallel_flags_refused_by_name(tmp_path: Path, flags: list[str],
         build_worker_config("prefill", ns)
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("fp8_e4m3", r"^--kv-cache-dtype fp8_e4m3: an FP8 KV cache is not offered"),
+    ("fp8_e5m2", r"^--kv-cache-dtype fp8_e5m2: an FP8 KV cache is not offered"),
+    ("bf16", r"^--kv-cache-dtype bf16: the KV pool holds the compute dtype \(float32\); choose auto or float32$"),
+])
+def test_kv_cache_dtype_other_than_the_compute_dtype_is_refused(tmp_path: Path, value: str, message: str) -> None:
+    ns = _parser().parse_args(["--model-path", str(tmp_path), "--device", "cpu", "--kv-cache-dtype", value])
+    with pytest.raises(ValueError, match=message):
+        build_worker_config("prefill", ns)
+
+
+@pytest.mark.parametrize(("value", "dtype"), [("auto", "auto"), ("bf16", "bfloat16"), ("bfloat16", "bfloat16"),
+                                              ("float32", "auto")])
+def test_kv_cache_dtype_naming_the_compute_dtype_is_taken(tmp_path: Path, value: str, dtype: str) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    ns = _parser().parse_args(["--model-path", str(tmp_path), "--device", "cpu", "--dtype", dtype,
+                               "--kv-cache-dtype", value, "--load-format", "dummy"])
+    cfg, _ = build_worker_config("prefill", ns)
+    assert cfg.dtype == ("float32" if dtype == "auto" else dtype)
+
+
 def test_tensor_parallel_flags(tmp_path: Path) -> None:
     ns = _parser().parse_args(["--model-path", str(tmp_path), "--device", "cpu", "--tp-size", "4", "--tp-backend",
                                "gloo", "--dist-init-addr", "10.0.0.1:29500", "--base-gpu-id", "2"])
