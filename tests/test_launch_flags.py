@@ -96,6 +96,22 @@ def test_the_launcher_refuses_tls_it_could_not_check(capsys):
         capsys.readouterr().err
 
 
+def test_sglang_switches_with_no_effect_are_reported_and_passed_to_no_role(capsys):
+    # (the TLS refusal stops the launcher after the flags are routed and before any process starts)
+    with pytest.raises(SystemExit):
+        launch.main(["--model-path", "/m", "--trust-remote-code", "--enable-cache-report", "--ssl-certfile", "c.pem",
+                     "--ssl-keyfile", "k.pem"], "glmserve serve")
+    out = capsys.readouterr().out
+    assert "glmserve serve: --trust-remote-code accepted, no effect here: GLM-4.x configs are native" in out
+    assert "--enable-cache-report accepted, no effect here" in out and "--disable-shared-experts-fusion" not in out
+    parser = launch.build_arg_parser("glmserve serve")
+    assert "SGLang flags with no effect here" in parser.format_help()
+    own = {a.option_strings[0]: a.nargs != 0 for a in parser._actions
+           if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
+    _, passed = launch_flags.split_flags([*SGLANG_LINE, *launch_flags.NO_EFFECT], own)
+    assert launch.route_flags(passed) == launch.route_flags(launch_flags.split_flags(list(SGLANG_LINE), own)[1])
+
+
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() -> None:
     import socket
 

@@ -48,6 +48,13 @@ DECODE: Mapping[str, bool] = {
     "--max-running-requests": True, "--cuda-graph-max-bs": True, "--disable-cuda-graph": False,
     "--disable-overlap-schedule": False, "--decode-local-prefill-tokens": True,
 }
+# switches of SGLang launch lines that would change nothing here: `glmserve serve` accepts them, says so
+# once, and passes them to no role
+NO_EFFECT: Mapping[str, str] = {
+    "--trust-remote-code": "GLM-4.x configs are native to transformers; no code from a checkpoint is run",
+    "--enable-cache-report": "cached tokens are always reported (usage.prompt_tokens_details.cached_tokens)",
+    "--disable-shared-experts-fusion": "the shared expert always runs as one more expert of the fused MoE",
+}
 OWN: Mapping[str, Mapping[str, bool]] = {
     "gateway": {**COMMON, **GATEWAY},
     "prefill": {**COMMON, **WORKER, **PREFILL},

@@ -37,7 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from common.serving.launch_flags import COMMON, DECODE, GATEWAY, PREFILL, WORKER, HelpFormatter, split_flags
+from common.serving.launch_flags import (
+    COMMON,
+    DECODE,
+    GATEWAY,
+    NO_EFFECT,
+    PREFILL,
+    WORKER,
+    HelpFormatter,
+    split_flags,
+)
 
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 CLUSTER_SECRET_ENV = "GLMSERVE_CLUSTER_SECRET"  # common/transport/auth.py reads it in each worker
@@ -416,6 +425,10 @@ def build_arg_parser(prog: str, roles: dict[str, argparse.ArgumentParser] | None
                         f"{tempfile.gettempdir()})")
     p.add_argument("--startup-timeout", type=float, default=1800.0,
                    help="seconds the processes may take to load the model and report ready")
+    same = p.add_argument_group("SGLang flags with no effect here", "accepted so that an SGLang launch line runs "
+                                "unchanged; each given is reported once and passed to no process")
+    for flag, why in NO_EFFECT.items():
+        same.add_argument(flag, action="store_true", help=why)
     owners = {"gateway flags": ("gateway",), "worker flags": ("prefill", "decode"), "prefill flags": ("prefill",),
               "decode flags": ("decode",), "flags of every role": ("gateway", "prefill", "decode")}
     table = (("gateway flags", GATEWAY, "the gateway"),
@@ -467,6 +480,9 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
     own = {a.option_strings[0]: a.nargs != 0 for a in parser._actions
            if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
     _, passed = split_flags(argv, own)
+    for flag, why in NO_EFFECT.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            print(f"{prog}: {flag} accepted, no effect here: {why}", flush=True)
     try:
         routed = route_flags(passed)
     except ValueError as e:
