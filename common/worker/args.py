@@ -199,10 +199,8 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         dtype = "float32" if device == "cpu" else "bfloat16"
     kv_dtype = KV_DTYPE_NAMES.get(ns.kv_cache_dtype, ns.kv_cache_dtype)
     if kv_dtype not in ("auto", dtype):
-        fp8 = kv_dtype.startswith("fp8")
-        raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype}: " + (
-            "an FP8 KV cache is not offered; the KV pool holds the compute dtype" if fp8 else
-            f"the KV pool holds the compute dtype ({dtype}); choose auto or {dtype}"))
+        why = "an FP8 KV cache is not offered" if kv_dtype.startswith("fp8") else "the KV pool holds the compute dtype"
+        raise ValueError(f"--kv-cache-dtype {ns.kv_cache_dtype}: {why}; choose auto or {dtype} (the compute dtype)")
     secret = load_secret(ns.cluster_secret, ns.cluster_secret_file)  # ValueError: too short
     if secret is None:
         warnings.append("no cluster secret (--cluster-secret-file or $GLMSERVE_CLUSTER_SECRET): KV pairing "
