@@ -36,7 +36,7 @@ WORKER: Mapping[str, bool] = {  # prefill and decode alike
     "--advertise-host": True, "--worker-id": True, "--device": True, "--dtype": True, "--tp-size": True,
     "--base-gpu-id": True, "--tp-backend": True, "--tp-step-timeout": True, "--disable-custom-all-reduce": False, "--dist-init-addr": True,
     "--ep-size": True, "--quantization": True, "--fp8-compute": True, "--load-format": True,
-    "--kv-cache-dtype": True, "--page-size": True, "--num-pages": True, "--mem-fraction-static": True, "--max-queued-requests": True,
+    "--kv-cache-dtype": True, "--page-size": True, "--num-pages": True, "--max-total-tokens": True, "--mem-fraction-static": True, "--max-queued-requests": True,
     "--transfer-timeout": True, "--kv-backend": True, "--speculative-algorithm": True,
     "--speculative-num-steps": True, "--speculative-eagle-topk": True, "--speculative-num-draft-tokens": True,
     "--speculative-draft-model-path": True,

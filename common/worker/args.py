@@ -62,6 +62,9 @@ def add_worker_args(p: argparse.ArgumentParser, *, default_port: int) -> None:
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--num-pages", type=int, default=0,
                    help="KV pages (0: size the pool from --mem-fraction-static)")
+    p.add_argument("--max-total-tokens", type=int, default=0,
+                   help="SGLang's name for the pool size: tokens of KV, rounded up to whole pages (0: from "
+                        "--num-pages or --mem-fraction-static)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85,
                    help="fraction of GPU memory for weights + KV pool (CUDA only)")
     p.add_argument("--max-queued-requests", type=int, default=256,
@@ -171,6 +174,12 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
     spec, warnings = parse_spec(ns)
     if ns.page_size < 1:
         raise ValueError(f"--page-size must be >= 1, got {ns.page_size}")
+    num_pages = ns.num_pages
+    if ns.max_total_tokens:
+        if ns.max_total_tokens < 0 or ns.num_pages:
+            raise ValueError(f"--max-total-tokens {ns.max_total_tokens}: give a positive token count, and not "
+                             "together with --num-pages (both size the KV pool)")
+        num_pages = -(-ns.max_total_tokens // ns.page_size)
     if ns.tp_size not in (1, 2, 4, 8):
         raise ValueError(f"--tp-size {ns.tp_size}: choose 1, 2, 4 or 8")
     if ns.ep_size != 1:
@@ -214,7 +223,7 @@ def build_worker_config(role: str, ns: argparse.Namespace) -> tuple[WorkerConfig
         tp_size=ns.tp_size, base_gpu_id=ns.base_gpu_id, tp_backend=ns.tp_backend, tp_step_timeout=ns.tp_step_timeout,
         disable_custom_all_reduce=ns.disable_custom_all_reduce,
         dist_init_addr=store, quantization=ns.quantization, fp8_compute=ns.fp8_compute, load_format=ns.load_format,
-        page_size=ns.page_size, num_pages=ns.num_pages,
+        page_size=ns.page_size, num_pages=num_pages,
         mem_fraction_static=ns.mem_fraction_static, max_queued_requests=ns.max_queued_requests,
         metrics_port=ns.metrics_port, transfer_timeout=ns.transfer_timeout, kv_backend=ns.kv_backend,
         enable_custom_logit_processor=ns.enable_custom_logit_processor, spec=spec,

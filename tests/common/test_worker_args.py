@@ -63,6 +63,18 @@ def test_kv_cache_dtype_naming_the_compute_dtype_is_taken(tmp_path: Path, value:
     assert cfg.dtype == ("float32" if dtype == "auto" else dtype)
 
 
+def test_max_total_tokens_sizes_the_pool_in_whole_pages(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--model-path", str(tmp_path), "--device", "cpu", "--load-format", "dummy", "--page-size", "16"]
+    cfg, _ = build_worker_config("decode", _parser().parse_args([*base, "--max-total-tokens", "1000"]))
+    assert cfg.num_pages == 63  # 1000 tokens: 62.5 pages of 16, rounded up
+    cfg, _ = build_worker_config("decode", _parser().parse_args([*base, "--num-pages", "7"]))
+    assert cfg.num_pages == 7
+    for extra in (["--max-total-tokens", "1000", "--num-pages", "7"], ["--max-total-tokens", "-5"]):
+        with pytest.raises(ValueError, match=r"^--max-total-tokens -?\d+: give a positive token count"):
+            build_worker_config("decode", _parser().parse_args([*base, *extra]))
+
+
 def test_tensor_parallel_flags(tmp_path: Path) -> None:
     ns = _parser().parse_args(["--model-path", str(tmp_path), "--device", "cpu", "--tp-size", "4", "--tp-backend",
                                "gloo", "--dist-init-addr", "10.0.0.1:29500", "--base-gpu-id", "2"])
