@@ -106,8 +106,7 @@ def test_sglang_switches_with_no_effect_are_reported_and_passed_to_no_role(capsy
     assert "--enable-cache-report accepted, no effect here" in out and "--disable-shared-experts-fusion" not in out
     parser = launch.build_arg_parser("glmserve serve")
     assert "SGLang flags with no effect here" in parser.format_help()
-    own = {a.option_strings[0]: a.nargs != 0 for a in parser._actions
-           if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
+    own = launch.own_flags(parser)
     _, passed = launch_flags.split_flags([*SGLANG_LINE, *launch_flags.NO_EFFECT], own)
     assert launch.route_flags(passed) == launch.route_flags(launch_flags.split_flags(list(SGLANG_LINE), own)[1])
 

@@ -469,6 +469,12 @@ def _role_action(roles: dict[str, argparse.ArgumentParser] | None, names: Sequen
     return None
 
 
+def own_flags(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """The launcher's own long flags (not the role flags it routes) -> whether each takes a value."""
+    return {a.option_strings[0]: a.nargs != 0 for a in parser._actions
+            if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
+
+
 def main(argv: list[str], prog: str = "glmserve local") -> int:
     roles = None
     if "-h" in argv or "--help" in argv:
@@ -477,9 +483,7 @@ def main(argv: list[str], prog: str = "glmserve local") -> int:
         roles = {name: role_parser(name) for name in ("gateway", "prefill", "decode")}
     parser = build_arg_parser(prog, roles)
     args = parser.parse_args(argv)  # every flag checked here; values are checked by the role that uses them
-    own = {a.option_strings[0]: a.nargs != 0 for a in parser._actions
-           if a.option_strings and not a.dest.startswith("pass_") and a.option_strings[0].startswith("--")}
-    _, passed = split_flags(argv, own)
+    _, passed = split_flags(argv, own_flags(parser))
     for flag, why in NO_EFFECT.items():
         if getattr(args, flag.lstrip("-").replace("-", "_")):
             print(f"{prog}: {flag} accepted, no effect here: {why}", flush=True)
